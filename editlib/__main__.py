@@ -1,0 +1,145 @@
+"""Command line: ``python -m editlib <command> ...`` (``--help`` lists the commands)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _tiny_train(a: argparse.Namespace) -> int:
+    from .tiny import build_tiny, passes_bar
+
+    if (a.world is None) == (not a.counterfact):
+        raise SystemExit("tiny-train: give exactly one of --world N or --counterfact --n N")
+    source, n = ("world", a.world) if a.world is not None else ("counterfact", a.n)
+    overrides = {k: v for k, v in (("max_steps", a.max_steps), ("vocab_size", a.vocab_size)) if v is not None}
+    out = build_tiny(source, n, a.out, seed=a.seed, n_layers=a.layers,
+                     counterfact_path=a.counterfact_path, **overrides)
+    meta = json.loads((out / "editlib_tiny.json").read_text())
+    print(json.dumps({"out": str(out), "train_seconds": meta["train_seconds"], "steps": meta["steps"],
+                      "quality": meta["quality"]}, indent=1))
+    return 0 if passes_bar(meta["quality"]) else 1
+
+
+def _tiny_check(a: argparse.Namespace) -> int:
+    from .models import load_model
+    from .tiny import fact_quality, load_tiny_records, passes_bar
+
+    model, tok = load_model(a.model_dir)
+    q = fact_quality(model, tok, load_tiny_records(a.model_dir, a.counterfact_path))
+    for k, v in q.items():
+        print(f"{k:32s} {v * 100:6.2f} %")
+    ok = passes_bar(q)
+    print("quality bar:", "passed" if ok else "NOT passed")
+    return 0 if ok else 1
+
+
+def _load_eval_records(path: str, n: int | None):
+    """Records from a CounterFact file or a miniature directory; the first ``n`` of the seeded
+    unique-subject ordering (:func:`editlib.counterfact.sample`) when ``n`` is given."""
+    from pathlib import Path
+
+    from .counterfact import load_counterfact, sample
+    from .tiny import load_tiny_records
+
+    p = Path(path)
+    records = load_tiny_records(p) if p.is_dir() else load_counterfact(p)
+    return sample(records, n) if n is not None else records
+
+
+def _write_parquet(df, out: str) -> None:
+    """Write atomically: a temp file in the target directory, then ``os.replace``."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+
+    from .metrics import evaluate_records, format_summary, summarize_cases
+    from .models import load_model
+    from .rs import RSResources
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model(a.model, dtype=a.dtype, device=device)
+    records = _load_eval_records(a.records, a.n)
+    rs = RSResources.from_dir(a.rs_dir) if a.rs_dir else None
+    df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
+                          generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
+                          gen_batch_size=a.gen_batch_size, rs_resources=rs)
+    _write_parquet(df, a.out)
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
+        shown = df if a.show is None or len(df) <= a.show else df.head(a.show)
+        print(shown.to_string(index=False))
+        if len(shown) < len(df):
+            print(f"... {len(df) - len(shown)} more cases in {a.out}")
+        print()
+        print(format_summary(summarize_cases(df)).to_string(index=False))
+    print(f"\n{len(df)} records in {df.attrs['seconds']:.1f} s: {df.attrs['records_per_s']:.2f} records/s "
+          f"(alignment={a.alignment}, generation={'off' if a.no_generation else 'on'}) -> {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny-train", help="train a miniature Llama on the synthetic world or CounterFact")
+    t.add_argument("--world", type=int, metavar="N", help="train on make_world(N, seed)")
+    t.add_argument("--counterfact", action="store_true", help="train on CounterFact (seeded sample)")
+    t.add_argument("--n", type=int, default=2000, help="number of CounterFact records")
+    t.add_argument("--counterfact-path", default=None, help="CounterFact file (else EDITLIB_COUNTERFACT / cache)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--layers", type=int, default=6)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--vocab-size", type=int, default=None)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_tiny_train)
+
+    c = sub.add_parser("tiny-check", help="re-check what a saved miniature knows (quality bar)")
+    c.add_argument("model_dir")
+    c.add_argument("--counterfact-path", default=None)
+    c.set_defaults(func=_tiny_check)
+
+    e = sub.add_parser("evaluate", help="CounterFact metrics of an (unedited) model: ES/PS/NS, GE, S")
+    e.add_argument("--model", required=True, help="model directory or Hugging Face id")
+    e.add_argument("--records", required=True,
+                   help="CounterFact file (.json/.jsonl[.gz]) or a miniature directory (records.json)")
+    e.add_argument("--n", type=int, default=None, help="first N records of the seeded ordering")
+    e.add_argument("--alignment", choices=("correct", "reference"), default="correct",
+                   help="reference = the reference code's Llama-3 BOS shift (SPEC §8.1)")
+    e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
+    e.add_argument("--rs-dir", default=None,
+                   help="directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json (RS)")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--gen-batch-size", type=int, default=64)
+    e.add_argument("--gen-max-len", type=int, default=100, help="total tokens incl. the prompt")
+    e.add_argument("--seed", type=int, default=0, help="generation sampling seed")
+    e.add_argument("--show", type=int, default=20, help="print at most this many per-case rows")
+    e.add_argument("--out", required=True, help="per-case results (.parquet)")
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

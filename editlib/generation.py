@@ -1,0 +1,208 @@
+"""Generation test behind GE (SPEC §6 "Generation test"): seeded top-k sampling + n-gram entropy.
+
+:func:`sample_texts` follows the reference ``generate_fast`` semantics: top-k = 5 sampling from
+the softmax of the last logits, **total** length ``max_len`` tokens including the prompt (a shorter
+prompt gets more new tokens), no stop at EOS, KV cache, right padding. As in the reference, columns
+are fed one at a time from the shortest prompt's length on, and a row whose prompt is longer simply
+keeps reading its own prompt tokens (teacher forcing) until its prompt ends, so no pad token is
+ever fed and no attention mask is needed. Texts include the prompt (paper-time behaviour) and are
+decoded with ``skip_special_tokens=True`` (SPEC §8.3), NFKD-normalised with ``"\\n\\n"`` -> ``" "``.
+
+Randomness is per row: every prompt has a key (default: its index) and its uniforms come from a
+NumPy generator seeded with ``(seed, key)``, so the same seed and keys give identical texts, and a
+text does not depend on the other prompts in its batch except through floating-point differences
+between batch shapes (a different prefill length can move a logit by ~1e-7; a sampled token flips
+only if a uniform falls that close to a top-k cumulative-probability boundary).
+
+:func:`ngram_entropy` is ROME's ``compute_n_gram_entropy`` on :func:`word_tokenize` words; the word
+tokenizer re-implements the Treebank conventions of ``nltk.word_tokenize`` without any downloaded
+data (sentence split: a simple ``[.?!]`` + whitespace rule instead of punkt).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+import unicodedata
+from collections import Counter
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from .tokens import encode
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _row_rng(seed: int, key: Hashable) -> np.random.Generator:
+    """A generator that depends only on ``(seed, key)`` (stable across processes: no ``hash()``)."""
+    digest = hashlib.sha256(repr(key).encode("utf-8")).digest()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int.from_bytes(digest[:8], "little")])
+
+
+def _top_k_draw(logits: torch.Tensor, top_k: int, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row from the renormalised top-k softmax, by inverse CDF at ``u``."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    cdf = top_p.cumsum(-1)
+    pick = (cdf < (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=top_p.shape[-1] - 1)
+    return top_i.gather(1, pick[:, None])[:, 0]
+
+
+def _cache_name(model) -> str:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len: int, top_k: int,
+                  pad_id: int) -> list[list[int]]:
+    """Extend every row to ``max_len`` tokens (rows already longer are returned unchanged)."""
+    device = next(model.parameters()).device
+    lens = [len(s) for s in seqs]
+    width = max(max_len, max(lens))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    ids = ids.to(device)
+    u = torch.as_tensor(uniforms, dtype=torch.float32, device=device)
+    lens_t = torch.as_tensor(lens, device=device)
+    cache_arg = _cache_name(model)
+    past, fed, pos = None, 0, min(lens)
+    while pos < max_len:  # pos: the column sampled at this step
+        out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
+        new = _top_k_draw(out.logits[:, -1], top_k, u[:, pos])
+        ids[:, pos] = torch.where(lens_t <= pos, new, ids[:, pos])  # keep longer prompts' tokens
+        fed, pos = pos, pos + 1
+    ids = ids.cpu()
+    return [ids[b, : max(lens[b], max_len)].tolist() for b in range(len(seqs))]
+
+
+def _clean(text: str) -> str:
+    """The reference's post-processing of generated texts (``generate_fast``)."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
+def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,
+                 seed: int = 0, batch_size: int = 64,
+                 keys: Sequence[Hashable] | None = None) -> list[str]:
+    """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
+
+    ``keys[i]`` names prompt ``i``'s random stream (default ``i``); give keys that identify a prompt
+    independently of the call (e.g. ``(case_id, j)``) to make texts independent of batching.
+    """
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError("keys must have one entry per prompt")
+    if top_k < 1 or max_len < 1 or batch_size < 1:
+        raise ValueError("top_k, max_len and batch_size must be positive")
+    ids = [encode(tok, p) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(max_len, max(len(ids[i]) for i in idx))
+        uniforms = np.stack([_row_rng(seed, keys[i]).random(width) for i in idx])
+        seqs = _sample_batch(model, [ids[i] for i in idx], uniforms, max_len=max_len, top_k=top_k,
+                             pad_id=pad)
+        for i, s in zip(idx, seqs):
+            out[i] = _clean(tok.decode(s, skip_special_tokens=True))
+    return out
+
+
+# --------------------------------------------------------------------------- word tokenizer
+
+def _subs(*rules: tuple[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(p), r) for p, r in rules]
+
+
+# Treebank conventions as in nltk.word_tokenize (NLTKWordTokenizer), applied per sentence.
+_OPENING = _subs(
+    (r"([«“‘„]|`+)", r" \1 "),                     # opening quote characters
+    (r'^"', "``"),                                 # a double quote that starts the sentence
+    (r"(``)", r" \1 "),
+    (r"""([ (\[{<])("|'')""", r"\1 `` "),          # a double quote after space / bracket
+    (r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),  # opening single quote
+)
+_PUNCT = _subs(
+    (r"""([^.])(\.)([\])}>"'»”’ ]*)\s*$""", r"\1 \2 \3 "),  # sentence-final period
+    (r"([:,])([^\d])", r" \1 \2"),                 # , and : except inside numbers (3,36 / 10:30)
+    (r"([:,])$", r" \1 "),
+    (r"\.{2,}", r" \g<0> "),                       # ellipsis
+    (r"[;@#$%&]", r" \g<0> "),
+    (r"[\u2012-\u2015]", r" \g<0> "),              # figure / en / em dashes
+    (r"""([^.])(\.)([\])}>"']*)\s*$""", r"\1 \2\3 "),
+    (r"[?!]", r" \g<0> "),
+    (r"([^'])' ", r"\1 ' "),
+    (r"[*]", r" \g<0> "),
+    (r"[\][(){}<>]", r" \g<0> "),                  # brackets
+    (r"--", r" -- "),
+)
+_CLOSING = _subs(
+    (r"([»”’])", r" \1 "),
+    (r"''", " '' "),
+    (r'"', " '' "),
+    (r"\s+", " "),
+    (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "),                      # clitics 's 'm 'd
+    (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),          # 'll 're 've n't
+)
+_SPLIT_WORDS = [re.compile(p) for p in (
+    r"(?i)\b(can)(not)\b", r"(?i)\b(d)('ye)\b", r"(?i)\b(gim)(me)\b", r"(?i)\b(gon)(na)\b",
+    r"(?i)\b(got)(ta)\b", r"(?i)\b(lem)(me)\b", r"(?i)\b(more)('n)\b", r"(?i)\b(wan)(na)(?=\s)",
+    r"(?i) ('t)(is)\b", r"(?i) ('t)(was)\b",
+)]
+_SENTENCE_END = re.compile(r"""[.?!]+["'”’)\]]*(?=\s)""")
+
+
+def _sentences(text: str) -> list[str]:
+    """Split after ``.``/``?``/``!`` (and closing quotes/brackets) followed by whitespace."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        out.append(text[start:m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return [s.strip() for s in out if s.strip()]
+
+
+def _tokenize_sentence(s: str) -> list[str]:
+    for rules in (_OPENING, _PUNCT):
+        for pat, rep in rules:
+            s = pat.sub(rep, s)
+    s = f" {s} "
+    for pat, rep in _CLOSING:
+        s = pat.sub(rep, s)
+    for pat in _SPLIT_WORDS:
+        s = pat.sub(r" \1 \2 ", s)
+    return s.split()
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Treebank-style words: punctuation split off, ``n't``/``'s``/``'ll`` separated, quotes as
+    ``\\`\\``/``''`` (the conventions of ``nltk.word_tokenize``; no downloaded data needed)."""
+    return [w for s in _sentences(text) for w in _tokenize_sentence(s)]
+
+
+# --------------------------------------------------------------------------- n-gram entropy
+
+def _entropy_bits(counts: Counter) -> float:
+    """Shannon entropy (bits) of an empirical distribution; 0 for an empty one."""
+    if not counts:
+        return 0.0
+    c = np.fromiter(counts.values(), dtype=np.float64)
+    p = c / c.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
+                  weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """Weighted arithmetic mean of the word n-gram entropies, in bits (SPEC §6):
+    mean_n(w_n * H_n), i.e. H2/3 + 2*H3/3 with the defaults. Texts shorter than n give H_n = 0."""
+    if len(ns) != len(weights):
+        raise ValueError("ns and weights must have the same length")
+    words = word_tokenize(text)
+    hs = [_entropy_bits(Counter(zip(*(words[i:] for i in range(n))))) for n in ns]
+    return float(np.mean(np.asarray(hs) * np.asarray(weights, dtype=np.float64)))

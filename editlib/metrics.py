@@ -1,0 +1,196 @@
+"""CounterFact metrics ES / PS / NS (+ magnitudes and accuracies), GE, RS and S (SPEC §6).
+
+Per case (:func:`evaluate_records`), from the teacher-forced mean-token NLLs of ``" " + target_new``
+and ``" " + target_true`` after every prompt (:func:`editlib.scoring.score_targets`):
+
+* ES / PS: share of rewrite prompts / paraphrases with NLL_new < NLL_true (P(new) > P(true));
+  NS: share of neighbourhood prompts with NLL_true < NLL_new (the true target still wins).
+* ``*_mag`` ("diff"): rewrite/paraphrase mean of exp(-NLL_new) - exp(-NLL_true), neighbourhood
+  mean of exp(-NLL_true) - exp(-NLL_new); exp(-mean NLL) is the geometric-mean token probability.
+* ``*_acc``: share of prompts whose expected target (new for rewrite/paraphrase, true for
+  neighbourhood) has every token as the argmax.
+* GE (optional): mean n-gram entropy (bits) of the case's sampled generations; RS (only with
+  user-supplied ROME files): TF-IDF consistency of those generations (:mod:`editlib.rs`).
+
+:func:`summarize_cases` aggregates like the reference ``summarize.py``: mean and population std
+over cases, x100, rounded to 2 decimals, and S = harmonic mean of the ES, PS, NS means.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import hmean
+
+from .generation import ngram_entropy, sample_texts
+from .records import Record
+from .scoring import score_targets
+
+FAMILIES = ("rewrite", "paraphrase", "neighborhood")
+SHORT = {"rewrite": "ES", "paraphrase": "PS", "neighborhood": "NS"}
+PROB_METRICS = ("ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc")
+METRICS = (*PROB_METRICS, "GE", "RS")
+
+
+@dataclass
+class _Prompts:
+    """All probability-test prompts of a record list, flattened, with their owner and family."""
+
+    prefixes: list[str]
+    new: list[str]
+    true: list[str]
+    owner: np.ndarray   # index of the record in the call
+    family: np.ndarray  # index into FAMILIES
+
+
+def _flatten(records: Sequence[Record]) -> _Prompts:
+    prefixes, new, true, owner, family = [], [], [], [], []
+    for i, r in enumerate(records):
+        groups = ((r.rewrite_prompt,), r.paraphrase_prompts, r.neighborhood_prompts)
+        for f, prompts in enumerate(groups):
+            for p in prompts:
+                prefixes.append(p)
+                new.append(r.target_new.str)
+                true.append(r.target_true.str)
+                owner.append(i)
+                family.append(f)
+    return _Prompts(prefixes, new, true, np.asarray(owner, dtype=np.int64), np.asarray(family, dtype=np.int64))
+
+
+def _case_mean(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Per-record mean of per-prompt values (NaN for a record without prompts)."""
+    sums = np.bincount(owner, weights=values.astype(np.float64), minlength=n)
+    counts = np.bincount(owner, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
+                         batch_size: int) -> dict[str, np.ndarray]:
+    """ES/PS/NS, magnitudes and accuracies per case; one scoring call per target kind."""
+    t = _flatten(records)
+    s_new = score_targets(model, tok, t.prefixes, t.new, alignment=alignment, batch_size=batch_size)
+    s_true = score_targets(model, tok, t.prefixes, t.true, alignment=alignment, batch_size=batch_size)
+    new_wins = s_new.nll < s_true.nll
+    true_wins = s_true.nll < s_new.nll
+    p_diff = np.exp(-s_new.nll) - np.exp(-s_true.nll)  # geometric-mean token probabilities (SPEC §6)
+    out: dict[str, np.ndarray] = {}
+    for f, fam in enumerate(FAMILIES):  # filled per family, returned in PROB_METRICS order
+        m, key = t.family == f, SHORT[fam]
+        neighbourhood = fam == "neighborhood"
+        success = true_wins if neighbourhood else new_wins
+        mag = -p_diff if neighbourhood else p_diff
+        acc = s_true.correct if neighbourhood else s_new.correct
+        out[key] = _case_mean(success[m], t.owner[m], len(records))
+        out[f"{key}_mag"] = _case_mean(mag[m], t.owner[m], len(records))
+        out[f"{key}_acc"] = _case_mean(acc[m], t.owner[m], len(records))
+    return {k: out[k] for k in PROB_METRICS}
+
+
+def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max_len: int,
+                        batch_size: int, rs_resources) -> dict[str, np.ndarray]:
+    """GE (and RS) per case from one batched sampling call over all generation prompts."""
+    prompts, owner, keys = [], [], []
+    for i, r in enumerate(records):
+        for j, p in enumerate(r.generation_prompts):
+            prompts.append(p)
+            owner.append(i)
+            keys.append((r.case_id, j))  # per-prompt stream: same text whatever the batching
+    texts = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size, keys=keys)
+    owner_a = np.asarray(owner, dtype=np.int64)
+    ent = np.asarray([ngram_entropy(x) for x in texts], dtype=np.float64)
+    out = {"GE": _case_mean(ent, owner_a, len(records))}
+    if rs_resources is not None:
+        by_case: list[list[str]] = [[] for _ in records]
+        for i, x in zip(owner, texts):
+            by_case[i].append(x)
+        out["RS"] = np.asarray([rs_resources.score(r, g) for r, g in zip(records, by_case)])
+    return out
+
+
+def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = "correct",
+                     batch_size: int = 128, generation: bool = False, gen_seed: int = 0,
+                     gen_max_len: int = 100, gen_batch_size: int = 64,
+                     rs_resources=None) -> pd.DataFrame:
+    """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
+    ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
+    :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``."""
+    if rs_resources is not None and not generation:
+        raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
+    records = list(records)
+    t0 = time.perf_counter()
+    cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
+    if records:
+        cols.update(_probability_columns(model, tok, records, alignment, batch_size))
+        if generation:
+            cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
+                                            batch_size=gen_batch_size, rs_resources=rs_resources))
+    else:
+        names = [*PROB_METRICS, *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
+        cols.update({k: np.zeros(0) for k in names})
+    seconds = time.perf_counter() - t0
+    df = pd.DataFrame(cols)
+    df.attrs.update(seconds=seconds, alignment=alignment,
+                    records_per_s=len(records) / seconds if seconds > 0 else float("inf"))
+    return df
+
+
+# --------------------------------------------------------------------------- summaries
+
+def harmonic_score(es: float, ps: float, ns: float) -> float:
+    """S = harmonic mean of ES, PS, NS (SPEC §6, scipy ``hmean``); 0 when any of them is 0."""
+    vals = [float(es), float(ps), float(ns)]
+    if any(np.isnan(v) for v in vals):
+        return float("nan")
+    if min(vals) <= 0:
+        return 0.0
+    return float(hmean(vals))
+
+
+def _summary_row(g: pd.DataFrame, metrics: Sequence[str], decimals: int | None) -> dict:
+    row: dict = {"n": len(g)}
+    for m in metrics:
+        v = g[m].to_numpy(dtype=np.float64)
+        v = v[~np.isnan(v)]
+        mean, std = (float(np.mean(v)) * 100, float(np.std(v)) * 100) if len(v) else (np.nan, np.nan)
+        if decimals is not None:  # summarize.py rounds x100 values before computing S
+            mean, std = round(mean, decimals), round(std, decimals)
+        row[f"{m}_mean"], row[f"{m}_std"] = mean, std
+    row["S"] = harmonic_score(row["ES_mean"], row["PS_mean"], row["NS_mean"])
+    return row
+
+
+def summarize_cases(df: pd.DataFrame, by: str | Sequence[str] | None = None,
+                    decimals: int | None = 2) -> pd.DataFrame:
+    """Per group (or overall): ``n``, ``S`` and ``<metric>_mean`` / ``<metric>_std`` (x100,
+    population std, as in the reference ``summarize.py``; rounded to ``decimals`` unless None)."""
+    metrics = [m for m in METRICS if m in df.columns]
+    missing = [m for m in ("ES", "PS", "NS") if m not in metrics]
+    if missing:
+        raise ValueError(f"summarize_cases needs columns ES, PS, NS; missing {missing}")
+    if by is None:
+        return pd.DataFrame([_summary_row(df, metrics, decimals)])
+    keys = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, g in df.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(keys, key)), **_summary_row(g, metrics, decimals)})
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """Strings as the paper prints them: ``"98.05(11.34)"`` per metric and ``"94.10"`` for S."""
+    metrics = [m for m in METRICS if f"{m}_mean" in summary.columns]
+    keys = [c for c in summary.columns
+            if c not in ("n", "S") and not c.endswith(("_mean", "_std"))]
+    out = pd.DataFrame(index=summary.index)
+    for k in keys:
+        out[k] = summary[k].astype(str)
+    out["n"] = summary["n"].astype(int).astype(str)
+    out["S"] = summary["S"].map(lambda x: f"{x:.2f}")
+    for m in metrics:
+        out[m] = [f"{a:.2f}({b:.2f})" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+    return out

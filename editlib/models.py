@@ -1,0 +1,176 @@
+"""Loading causal LMs + tokenizers, and a stable model fingerprint.
+
+* :func:`load_model` checks the architecture on the config *before* loading weights
+  (:func:`editlib.arch.arch_for`) and fails fast when working offline and the model is
+  neither a local directory nor in the local Hugging Face cache.
+* :func:`fingerprint` identifies a model by its config and weights (device-independent;
+  changes whenever any edited down-projection weight changes).
+
+transformers 5 takes ``dtype=`` (``torch_dtype=`` is only a deprecated alias) and, by
+default, loads in the checkpoint's dtype ("auto"; bf16 for Llama-3) — SPEC §8.8. We always
+pass an explicit dtype, ``float32`` by default as in the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from editlib.arch import arch_for, edit_weight, n_layers
+from editlib.tokens import prepare_tokenizer
+
+__all__ = ["DTYPES", "ModelNotFound", "fingerprint", "load_model"]
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE", "Y"}
+
+# Config keys that describe how/where a model was loaded rather than what it is.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "architectures",
+        "attn_implementation",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+_SAMPLES_PER_PARAM = 64
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model is neither a local directory nor available (offline) from the HF cache."""
+
+
+def _offline(local_files_only: bool) -> bool:
+    if local_files_only:
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE_VALUES
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for strings that can only be filesystem paths, not hub repo ids."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    if any(sep in name for sep in (os.sep, os.altsep) if sep and sep != "/"):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> str:
+    """Return what to hand to ``from_pretrained``, or raise :class:`ModelNotFound` at once."""
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelNotFound(f"model directory {expanded!r} has no config.json")
+        return expanded
+    if os.path.exists(expanded) or _looks_like_path(name_or_path):
+        what = "is not a directory" if os.path.exists(expanded) else "does not exist"
+        raise ModelNotFound(
+            f"model path {name_or_path!r} {what}; pass a directory written by save_pretrained()"
+        )
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir)
+        if not isinstance(cached, str):
+            raise ModelNotFound(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and hub access is "
+                "off (HF_HUB_OFFLINE / local_files_only). Make it available by downloading it once "
+                f"with internet access (e.g. `hf download {name_or_path}`), or pass a local "
+                "directory containing config.json, the weights and the tokenizer."
+            )
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    *,
+    local_files_only: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``: model in eval mode with all parameters frozen.
+
+    ``dtype`` is one of :data:`DTYPES`. The architecture is validated on the config before
+    any weights are read. Offline (``HF_HUB_OFFLINE`` or ``local_files_only``), a hub id
+    missing from the local cache raises :class:`ModelNotFound` immediately.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    offline = _offline(local_files_only)
+    source = _resolve_source(name_or_path, offline, cache_dir)
+    common: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": offline,
+        "cache_dir": cache_dir,
+    }
+    config = AutoConfig.from_pretrained(source, **common)
+    arch_for(config)  # unsupported architectures fail before the weights are read
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[dtype], **common)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **common))
+    return model, tok
+
+
+def _config_digest_source(model: nn.Module) -> bytes:
+    cfg = json.loads(model.config.to_json_string(use_diff=False))
+    stable = {k: v for k, v in cfg.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    return json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _raw_bytes(weight: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes (native dtype, row-major), copied to CPU; device-independent."""
+    flat = weight.detach().contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.cpu().numpy())
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """Short stable hex id (16 chars of sha256) of a model's config and weights.
+
+    Hashes the config (minus load-time keys), a strided float32 sample of every parameter,
+    and the full bytes of every edited down-projection weight (so any change to one of them
+    changes the digest). Device-independent; about 0.15 s per Llama-3-8B down_proj on CPU.
+    """
+    h = hashlib.sha256()
+    h.update(_config_digest_source(model))
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // _SAMPLES_PER_PARAM)
+        sample = flat[::stride][:_SAMPLES_PER_PARAM].to(torch.float32).cpu().contiguous()
+        h.update(f"{name}:{tuple(param.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    for layer in range(n_layers(model)):
+        weight = edit_weight(model, layer)
+        h.update(f"down{layer}:{weight.dtype}:".encode())
+        h.update(hashlib.sha256(_raw_bytes(weight)).digest())
+    return h.hexdigest()[:16]

@@ -1,0 +1,110 @@
+"""Forward hooks as context managers that always restore the model (the Trace/TraceDict idea of
+the MEMIT codebase's ``util/nethook.py``, written anew).
+
+``Trace(model, "model.layers.3.mlp.down_proj", retain_input=True)`` records the module's input
+and/or output during the ``with`` block; ``edit_output=fn`` replaces the output by ``fn(output)``;
+``stop=True`` raises :class:`StopForward` after the module ran, so a forward pass can end early
+(use :func:`run_until` to swallow it). Hooks are removed when the block exits, also on error.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .arch import get_module
+
+
+class StopForward(Exception):
+    """Raised by a hook with ``stop=True`` to end a forward pass after the traced module."""
+
+
+def _first_tensor(x: Any) -> Any:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hook one module. ``.input`` / ``.output`` hold the first positional input / the output."""
+
+    def __init__(self, model: torch.nn.Module, layer: str, *, retain_input: bool = False,
+                 retain_output: bool = True, detach: bool = True, clone: bool = False,
+                 edit_output: Callable[[Any], Any] | None = None, stop: bool = False):
+        self.layer = layer
+        self.input: torch.Tensor | None = None
+        self.output: Any = None
+        module = get_module(model, layer)
+
+        def hook(mod, inputs, output):
+            if retain_input:
+                self.input = _prep(_first_tensor(inputs), detach, clone)
+            if edit_output is not None:
+                output = edit_output(output)
+            if retain_output:
+                self.output = _prep(output, detach, clone)
+            if stop:
+                raise StopForward()
+            return output
+
+        self._handle = module.register_forward_hook(hook)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is StopForward  # swallow the early stop of this trace
+
+
+def _prep(x: Any, detach: bool, clone: bool) -> Any:
+    if isinstance(x, torch.Tensor):
+        if detach:
+            x = x.detach()
+        if clone:
+            x = x.clone()
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_prep(v, detach, clone) for v in x)
+    return x
+
+
+class TraceDict(contextlib.AbstractContextManager, dict):
+    """Hook several modules at once; ``td[name]`` is that module's :class:`Trace`.
+
+    With ``stop=True`` the forward pass stops after the *last* module of ``layers`` to run
+    (give them in execution order).
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Iterable[str], *, retain_input: bool = False,
+                 retain_output: bool = True, detach: bool = True, clone: bool = False,
+                 edit_output: Callable[[Any, str], Any] | None = None, stop: bool = False):
+        super().__init__()
+        names = list(dict.fromkeys(layers))
+        try:
+            for i, name in enumerate(names):
+                self[name] = Trace(
+                    model, name, retain_input=retain_input, retain_output=retain_output,
+                    detach=detach, clone=clone,
+                    edit_output=(lambda out, n=name: edit_output(out, n)) if edit_output else None,
+                    stop=stop and i == len(names) - 1)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for t in self.values():
+            t.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return exc_type is StopForward
+
+
+def run_until(fn: Callable[[], Any]) -> Any:
+    """Call ``fn`` and swallow a :class:`StopForward` (returns None when the pass was stopped)."""
+    try:
+        return fn()
+    except StopForward:
+        return None

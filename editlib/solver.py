@@ -1,0 +1,230 @@
+"""One closed-form preservation–memorisation solver for ROME, MEMIT and EMMET (SPEC §2–3, §9).
+
+All three methods share (SPEC §2 push-through identity, §3 "Scaling")::
+
+    ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ,   D = Kᵀ C0⁻¹ K   (N×N)
+
+with R ∈ R^{d_out×N} the residuals, K ∈ R^{d_in×N} the keys and C0 = E[k kᵀ]:
+
+* unified ROME (SPEC §1B): N = 1, μ = 0  ⇒ ΔW = r (C0⁻¹k)ᵀ / (kᵀC0⁻¹k);
+* MEMIT: μ = mom2_update_weight (the paper's λ)  ⇒ ΔW = R Kᵀ(λC0 + KKᵀ)⁻¹;
+* EMMET: μ = mom2_update_weight · emmet_lambda; μ = 0 is the equality constraint W'K = WK + R.
+
+Everything runs in float64 and never forms an explicit inverse (SPEC §8.4): C0 is Cholesky-factored
+once per layer (:func:`factor_cov`, reused for every batch of a sequential run, SPEC §9), and the
+N×N system is solved by Cholesky too, with a logged jitter when D + μI is near-singular
+(subjects sharing a last token give near-identical key columns, SPEC §8.5).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "CovFactor",
+    "SolveInfo",
+    "factor_cov",
+    "memit_normal_equations_residual",
+    "mu_for",
+    "solve_delta",
+]
+
+F64 = torch.float64
+_COV_EPS0 = 1e-10  # first C0 jitter, relative to mean(diag C0)
+_D_TAU0 = 1e-8  # first D jitter, relative to trace(D + μI)/N
+_MAX_ATTEMPTS = 12  # jitter retries (×10 each) before giving up
+_SYM_RTOL = 1e-5  # allowed |C0 - C0ᵀ| relative to max|C0| (float32 accumulation rounding)
+
+
+# --------------------------------------------------------------------------- C0 factor
+
+
+@dataclass
+class CovFactor:
+    """Cholesky factor of C0 (float64, lower), computed once per layer and reused (SPEC §9).
+
+    ``jitter`` is what was added to C0's diagonal to make it factorable (0 normally);
+    ``cond`` is C0's condition number from its eigenvalues (``nan`` when not computed).
+    """
+
+    L: torch.Tensor
+    jitter: float = 0.0
+    cond: float = math.nan
+
+    @property
+    def dim(self) -> int:
+        """d_in."""
+        return int(self.L.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.L.device
+
+    def solve(self, K: torch.Tensor) -> torch.Tensor:
+        """C0⁻¹ K (two triangular solves, float64, on the factor's device)."""
+        K = K.to(device=self.L.device, dtype=F64)
+        if K.dim() != 2 or K.shape[0] != self.dim:
+            raise ValueError(f"keys K must be [{self.dim}, N], got shape {tuple(K.shape)}")
+        return torch.cholesky_solve(K, self.L)
+
+
+def _check_cov(C0: torch.Tensor) -> None:
+    if not isinstance(C0, torch.Tensor) or C0.dim() != 2 or C0.shape[0] != C0.shape[1]:
+        shape = tuple(C0.shape) if isinstance(C0, torch.Tensor) else type(C0).__name__
+        raise ValueError(f"C0 must be a square [d_in, d_in] matrix, got {shape}")
+    if not torch.isfinite(C0).all():
+        raise ValueError("C0 contains NaN/Inf")
+    scale = C0.abs().max()
+    asym = (C0 - C0.T).abs().max()
+    if asym > _SYM_RTOL * scale:
+        raise ValueError(f"C0 is not symmetric: max|C0 - C0ᵀ| = {asym.item():.3g} "
+                         f"(max|C0| = {scale.item():.3g})")
+
+
+def _cond_from_eigs(eigs: torch.Tensor, shift: float = 0.0) -> float:
+    """Condition number of a symmetric matrix (+ shift·I) from its eigenvalues; inf if not PD."""
+    lo, hi = eigs.min().item() + shift, eigs.max().item() + shift
+    return hi / lo if lo > 0 else math.inf
+
+
+def factor_cov(C0: torch.Tensor, *, compute_cond: bool = True, device: torch.device | str | None = None
+               ) -> CovFactor:
+    """Validate C0 (square, symmetric, finite), symmetrise it and Cholesky-factor it in float64.
+
+    If the factorisation fails, ε·mean(diag C0)·I is added with ε = 1e-10, ×10 per retry, and
+    recorded as ``jitter``. ``compute_cond=False`` skips the O(d_in³) eigenvalue pass.
+    """
+    _check_cov(C0)
+    C = C0.to(device=device if device is not None else C0.device, dtype=F64)
+    C = (C + C.T) / 2
+    cond = _cond_from_eigs(torch.linalg.eigvalsh(C)) if compute_cond else math.nan
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) == 0:
+        return CovFactor(L=L, jitter=0.0, cond=cond)
+    mean_diag = C.diagonal().mean().item()
+    if not mean_diag > 0:
+        raise ValueError("C0 has a non-positive mean diagonal; it is not a second-moment matrix")
+    eye = torch.eye(C.shape[0], dtype=F64, device=C.device)
+    eps = _COV_EPS0
+    for _ in range(_MAX_ATTEMPTS):
+        jitter = eps * mean_diag
+        L, info = torch.linalg.cholesky_ex(C + jitter * eye)
+        if int(info) == 0:
+            warnings.warn(f"C0 is not positive definite (cond={cond:.3g}); added jitter "
+                          f"{jitter:.3g}·I to factor it", RuntimeWarning, stacklevel=2)
+            return CovFactor(L=L, jitter=jitter, cond=cond)
+        eps *= 10
+    raise ValueError(f"C0 could not be Cholesky-factored even with jitter {jitter:.3g}·I (cond={cond:.3g})")
+
+
+# --------------------------------------------------------------------------- the update
+
+
+@dataclass
+class SolveInfo:
+    """Diagnostics of one :func:`solve_delta` call (SPEC §3 "Diagnostics", §8.5)."""
+
+    n: int  # number of edits N
+    mu: float  # μ added to D
+    cond_D: float  # condition number of D + μI before any jitter
+    jitter: float  # τ added to D + μI (0 when not needed)
+    used_jitter: bool
+    delta_norm: float  # ‖ΔW‖_F
+    cond_solved: float = math.nan  # condition number of the matrix actually factored
+
+
+def mu_for(alg: str, mom2_update_weight: float, emmet_lambda: float = 0.0) -> float:
+    """μ of the shared formula for each method (SPEC §1B, §2, §3)."""
+    alg = alg.lower()
+    if alg == "rome":
+        return 0.0
+    if alg == "memit":
+        return float(mom2_update_weight)
+    if alg == "emmet":
+        return float(mom2_update_weight) * float(emmet_lambda)
+    raise ValueError(f"unknown algorithm {alg!r}; expected 'rome', 'memit' or 'emmet'")
+
+
+def _check_inputs(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float) -> None:
+    if R.dim() != 2 or K.dim() != 2:
+        raise ValueError(f"residual R and keys K must be 2-D, got R {tuple(R.shape)}, K {tuple(K.shape)}")
+    if R.shape[1] != K.shape[1]:
+        raise ValueError(f"residual R {tuple(R.shape)} and keys K {tuple(K.shape)} have different "
+                         "numbers of columns N")
+    if K.shape[0] != cov.dim:
+        raise ValueError(f"keys K {tuple(K.shape)} do not match C0 [{cov.dim}, {cov.dim}]")
+    if K.shape[1] == 0:
+        raise ValueError("no edits: keys K have zero columns")
+    for name, t in (("residual R", R), ("keys K", K)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN/Inf")
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"mu must be finite and >= 0, got {mu}")
+
+
+def _factor_small(M: torch.Tensor, max_cond: float) -> tuple[torch.Tensor, float, float, float]:
+    """Cholesky of the N×N system M = D + μI, adding τ·I when near-singular (SPEC §8.5).
+
+    Returns ``(L, cond_before, tau, cond_after)``; τ starts at 1e-8·trace(M)/N and grows ×10 until
+    the factorisation succeeds and cond ≤ max_cond.
+    """
+    eigs = torch.linalg.eigvalsh(M)
+    cond = _cond_from_eigs(eigs)
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0 and cond <= max_cond:
+        return L, cond, 0.0, cond
+    n = M.shape[0]
+    scale = M.diagonal().sum().item() / n
+    if not scale > 0:
+        raise ValueError("D + μI has a non-positive trace: the keys are all zero")
+    eye = torch.eye(n, dtype=F64, device=M.device)
+    tau = _D_TAU0 * scale
+    for _ in range(_MAX_ATTEMPTS):
+        L, info = torch.linalg.cholesky_ex(M + tau * eye)
+        cond_j = _cond_from_eigs(eigs, shift=tau)
+        if int(info) == 0 and cond_j <= max_cond:
+            return L, cond, tau, cond_j
+        tau *= 10
+    raise ValueError(f"D + μI (cond={cond:.3g}) stays singular even with jitter {tau / 10:.3g}·I")
+
+
+def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
+                max_cond: float = 1e10) -> tuple[torch.Tensor, SolveInfo]:
+    """ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ in float64 (SPEC §2–3); returns ``(ΔW [d_out, d_in], info)``.
+
+    ROME: N = 1, μ = 0. MEMIT: μ = mom2_update_weight. EMMET: μ = mom2_update_weight·emmet_lambda.
+    Computed on ``cov``'s device. Raises ValueError on bad shapes / non-finite inputs and
+    FloatingPointError if the result is not finite.
+    """
+    mu = float(mu)
+    _check_inputs(R, K, cov, mu)
+    R = R.to(device=cov.device, dtype=F64)
+    A = cov.solve(K)  # C0⁻¹K, d_in×N
+    K = K.to(device=cov.device, dtype=F64)
+    n = K.shape[1]
+    M = K.T @ A + mu * torch.eye(n, dtype=F64, device=cov.device)
+    M = (M + M.T) / 2
+    L, cond, tau, cond_after = _factor_small(M, max_cond)
+    if tau > 0:
+        warnings.warn(f"D + μI is near-singular (N={n}, μ={mu:g}, cond={cond:.3g}); added jitter "
+                      f"{tau:.3g}·I (cond now {cond_after:.3g}) — likely keys sharing a subject's "
+                      "last token (SPEC §8.5)", RuntimeWarning, stacklevel=2)
+    X = torch.cholesky_solve(A.T.contiguous(), L)  # (D + μI)⁻¹ (C0⁻¹K)ᵀ, N×d_in
+    delta = R @ X
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={cond:.3g})")
+    info = SolveInfo(n=n, mu=mu, cond_D=cond, jitter=tau, used_jitter=tau > 0,
+                     delta_norm=torch.linalg.matrix_norm(delta).item(), cond_solved=cond_after)
+    return delta, info
+
+
+def memit_normal_equations_residual(delta: torch.Tensor, R: torch.Tensor, K: torch.Tensor,
+                                    C0: torch.Tensor, lam: float) -> float:
+    """‖ΔW(λC0 + KKᵀ) − RKᵀ‖_F / ‖RKᵀ‖_F: how well ΔW solves MEMIT's normal equations (SPEC §2)."""
+    delta, R, K, C0 = (t.to(F64) for t in (delta, R, K, C0))
+    rhs = R @ K.T
+    lhs = delta @ (lam * C0 + K @ K.T)
+    return (torch.linalg.matrix_norm(lhs - rhs) / torch.linalg.matrix_norm(rhs)).item()

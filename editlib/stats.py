@@ -1,0 +1,388 @@
+"""Covariance statistics C0 = E[k kᵀ] of the edited down-projection's input (SPEC §4).
+
+* k is the **input** of ``arch.down_proj(model, layer)`` at every non-padding token; the statistic
+  is the uncentred second moment Σkkᵀ / count (the reference's ``SecondMoment``).
+* One forward pass per batch collects every requested layer at once and stops right after the
+  deepest one (SPEC §9 "all needed layers in one pass"); accumulation is float64 by default
+  (SPEC §8.4: the reference used float32).
+* Corpora (:class:`CorpusSpec`): a Hugging Face dataset (the reference's Wikipedia/wikitext), a
+  UTF-8 text file, or — offline — the record set's own fact sentences
+  (:func:`records_corpus_texts`). A fixed pseudo-random subset of ``n_samples`` texts is drawn as
+  the reference does (``random.Random(1)`` shuffle of all indices, first n).
+* Cache: one safetensors file per (model fingerprint, layer, corpus, sample budget, dtype) holding
+  the raw sum and the token count (the reference's npz layout, SPEC §4), with the full key in the
+  metadata. Never pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import arch
+from .nethook import TraceDict
+from .tokens import encode, pad_right
+
+__all__ = [
+    "CorpusSpec",
+    "CorpusUnavailable",
+    "CovCacheError",
+    "CovStats",
+    "collect_second_moments",
+    "default_max_length",
+    "iter_corpus",
+    "layer_covariance",
+    "records_corpus_texts",
+]
+
+CACHE_FORMAT = "editlib-cov-v1"
+SUBSET_SEED = 1  # the reference's FixedRandomSubsetSampler seed (SPEC §4)
+SENTENCES_PER_DOC = 8
+MAX_LENGTH_CAP = 1024
+LOW_TOKENS_FACTOR = 100  # warn below 100·d_in tokens (SPEC §4 note)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class CorpusUnavailable(RuntimeError):
+    """The covariance corpus could not be loaded (e.g. a HF dataset while offline)."""
+
+
+class CovCacheError(RuntimeError):
+    """A covariance cache file exists but cannot be read; the message names the file."""
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which texts C0 is computed on (SPEC §4 "Data", "Sampling", "Tokenisation").
+
+    ``n_samples``: number of texts (articles) used, a fixed ``random.Random(1)`` subset; None = all.
+    ``max_length``: per-text token truncation; None = min(model max positions, 1024).
+    """
+
+    kind: str
+    name: str | None = None  # hf_dataset, e.g. "wikitext"
+    config: str | None = None  # hf_dataset, e.g. "wikitext-103-raw-v1"
+    split: str = "train"
+    text_field: str = "text"
+    path: str | None = None  # text_file
+    n_samples: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("records", "text_file", "hf_dataset"):
+            raise ValueError(f"corpus kind must be 'records', 'text_file' or 'hf_dataset', got {self.kind!r}")
+        if self.kind == "hf_dataset" and not self.name:
+            raise ValueError("an hf_dataset corpus needs a dataset name (e.g. 'wikitext')")
+        if self.kind == "text_file" and not self.path:
+            raise ValueError("a text_file corpus needs a path")
+        for field_name in ("n_samples", "max_length"):
+            v = getattr(self, field_name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{field_name} must be a positive int or None, got {v!r}")
+
+    def key(self) -> str:
+        """Short stable file-name-safe id of the corpus (without the sample budget)."""
+        if self.kind == "hf_dataset":
+            parts = ["hf", self.name, self.config or "default", self.split]
+            if self.text_field != "text":
+                parts.append(self.text_field)
+        elif self.kind == "text_file":
+            parts = ["file", Path(str(self.path)).stem]
+        else:
+            parts = ["records"]
+        if self.max_length is not None:
+            parts.append(f"len{self.max_length}")
+        key = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(str(p) for p in parts))
+        if len(key) > 80:
+            key = key[:63] + "-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return key
+
+
+def records_corpus_texts(records: Sequence) -> list[str]:
+    """The record set's true-fact sentences (:func:`editlib.tiny.fact_units`) as documents of up to
+    8 sentences joined by ". ", so contexts look like the miniature's training text. Deterministic."""
+    from .tiny import fact_units
+
+    units = fact_units(records)
+    random.Random(0).shuffle(units)
+    return [". ".join(units[i:i + SENTENCES_PER_DOC]) + "."
+            for i in range(0, len(units), SENTENCES_PER_DOC)]
+
+
+def _subset(n_total: int, n_samples: int | None) -> list[int]:
+    """Indices used: all in order, or the reference's fixed random subset (SPEC §4 "Sampling")."""
+    if n_samples is None or n_samples >= n_total:
+        return list(range(n_total))
+    order = list(range(n_total))
+    random.Random(SUBSET_SEED).shuffle(order)
+    return order[:n_samples]
+
+
+def _read_paragraphs(path: str) -> list[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _load_hf_texts(spec: CorpusSpec) -> list[str]:
+    what = f"Hugging Face dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r})"
+    hint = ("Offline, use CorpusSpec(kind='records') (the record set's fact sentences) or "
+            "CorpusSpec(kind='text_file', path=...) instead.")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except Exception as exc:  # offline, missing script support, unknown name, ...
+        raise CorpusUnavailable(f"could not load the {what}: {type(exc).__name__}: {exc}. {hint}") from None
+    if spec.text_field not in ds.column_names:
+        raise CorpusUnavailable(f"the {what} has no column {spec.text_field!r} (columns: {ds.column_names})")
+    idx = _subset(len(ds), spec.n_samples)
+    # Empty texts are kept, as in the reference: they still contribute their BOS token.
+    return [str(t) for t in ds.select(idx)[spec.text_field]]
+
+
+def iter_corpus(spec: CorpusSpec, records: Sequence | None = None) -> list[str]:
+    """The texts of a corpus after the fixed ``n_samples`` subset (SPEC §4)."""
+    if spec.kind == "hf_dataset":
+        return _load_hf_texts(spec)
+    if spec.kind == "text_file":
+        texts = _read_paragraphs(str(spec.path))
+    else:
+        if records is None:
+            raise ValueError("a 'records' corpus needs the records (pass records=...)")
+        texts = records_corpus_texts(records)
+    return [texts[i] for i in _subset(len(texts), spec.n_samples)]
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def default_max_length(model) -> int:
+    """min(model max positions, 1024) — the reference truncates at n_positions (SPEC §4, §8.6)."""
+    cfg = model.config
+    npos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(int(npos), MAX_LENGTH_CAP) if npos else MAX_LENGTH_CAP
+
+
+def _batches(seqs: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
+    """Length-sorted (longest first, so OOM shows at once) batches of ≤ batch_size sequences whose
+    padded size stays ≤ max_batch_tokens (the reference's length_collation idea)."""
+    seqs = sorted(seqs, key=len, reverse=True)
+    out: list[list[list[int]]] = []
+    for s in seqs:
+        cur = out[-1] if out else None
+        width = len(cur[0]) if cur else 0  # longest first ⇒ the first sequence sets the width
+        if cur is not None and len(cur) < batch_size and (
+                max_batch_tokens is None or width * (len(cur) + 1) <= max_batch_tokens):
+            cur.append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[int], *,
+                           batch_size: int = 16, max_length: int | None = None,
+                           max_batch_tokens: int | None = None, dtype: torch.dtype = torch.float64,
+                           progress: bool = True) -> dict[int, tuple[torch.Tensor, int]]:
+    """Σ kkᵀ and the token count of every layer's down-projection input over ``texts``.
+
+    One forward pass per batch serves all ``layers`` (stopped after the deepest); texts are encoded
+    with BOS and truncated to ``max_length``, right-padded, and only attention-mask tokens count.
+    Sums are returned on CPU in ``dtype``.
+    """
+    layers = sorted(set(int(l) for l in layers))
+    if not layers:
+        raise ValueError("no layers requested")
+    spec = arch.arch_for(model)
+    d_in = {l: arch.key_dim(model, l) for l in layers}  # also validates the layer range
+    names = {l: spec.down_name(l) for l in layers}
+    max_length = max_length or default_max_length(model)
+    seqs = [ids for ids in (encode(tok, t)[:max_length] for t in texts) if ids]
+    if not seqs:
+        raise ValueError("the corpus yields no tokens")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = _device(model)
+    sums = {l: torch.zeros(d_in[l], d_in[l], dtype=dtype, device=device) for l in layers}
+    count = 0
+    for batch in tqdm(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
+                      unit="batch", disable=not progress):
+        ids, mask = pad_right(batch, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with TraceDict(model, [names[l] for l in layers], retain_input=True,
+                       retain_output=False, stop=True) as td:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        keep = mask.bool()
+        for l in layers:
+            feats = td[names[l]].input[keep].to(dtype)  # [tokens, d_in], non-padding only
+            sums[l].addmm_(feats.T, feats)
+        count += int(keep.sum())
+    return {l: (sums[l].cpu(), count) for l in layers}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@dataclass
+class CovStats:
+    """C0 of one layer: ``mom2`` = E[kkᵀ] (float64), from ``count`` tokens; ``key`` = cache key."""
+
+    layer: int
+    mom2: torch.Tensor
+    count: int
+    cond: float
+    key: dict
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
+               dtype: str, texts_sha: str) -> dict:
+    """Everything C0 depends on; stored in (and compared against) the file metadata."""
+    return {
+        "format": CACHE_FORMAT,
+        "fingerprint": fp,
+        "layer": str(layer),
+        "module": module,
+        "corpus": corpus.key(),
+        "n_samples": str(corpus.n_samples) if corpus.n_samples else "all",
+        "max_length": str(max_length),
+        "dtype": dtype,
+        "texts_sha256": texts_sha,
+    }
+
+
+def _cache_path(root: Path, key: dict) -> Path:
+    name = f"{key['module']}_{key['dtype']}_{key['corpus']}_n{key['n_samples']}.safetensors"
+    return root / name
+
+
+def _read_cache(path: Path) -> tuple[dict, torch.Tensor, int, float]:
+    """(key, mom2_sum, count, cond) of a cache file; any failure raises :class:`CovCacheError`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            key = json.loads(meta["key"])
+            total = f.get_tensor("mom2_sum")
+            count = int(f.get_tensor("count").reshape(-1)[0])
+        cond = float(meta.get("cond", "nan"))
+    except Exception as exc:
+        raise CovCacheError(f"covariance cache file {path} is unreadable or corrupt "
+                            f"({type(exc).__name__}: {exc}); delete it to recompute") from None
+    if total.dim() != 2 or total.shape[0] != total.shape[1] or count <= 0:
+        raise CovCacheError(f"covariance cache file {path} holds a malformed statistic "
+                            f"(mom2_sum {tuple(total.shape)}, count {count}); delete it to recompute")
+    return key, total, count, cond
+
+
+def _write_cache(path: Path, key: dict, total: torch.Tensor, count: int, cond: float) -> None:
+    """Atomic write (temp file + os.replace) of the raw sum, the count and the key."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"mom2_sum": total.contiguous().cpu(),
+                   "count": torch.tensor([count], dtype=torch.int64)}, tmp,
+                  metadata={"key": json.dumps(key, sort_keys=True), "cond": repr(cond)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cond(mom2: torch.Tensor, device: torch.device) -> float:
+    eig = torch.linalg.eigvalsh(mom2.to(device=device, dtype=torch.float64))
+    lo, hi = eig.min().item(), eig.max().item()
+    return hi / lo if lo > 0 else math.inf
+
+
+def _report(stats: CovStats, d_in: int, source: str, log: Callable[[str], None]) -> None:
+    log(f"C0 layer {stats.layer} ({source}): {stats.count} tokens, d_in={d_in}, cond={stats.cond:.3g}")
+    if stats.count < LOW_TOKENS_FACTOR * d_in:
+        warnings.warn(f"C0 of layer {stats.layer} comes from only {stats.count} tokens "
+                      f"(< {LOW_TOKENS_FACTOR}·d_in = {LOW_TOKENS_FACTOR * d_in}); it may be poorly "
+                      f"estimated / ill-conditioned (cond={stats.cond:.3g}, SPEC §4)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
+                     records: Sequence | None = None, cache_dir: str | os.PathLike | None = None,
+                     dtype: str = "float64", batch_size: int = 16, max_batch_tokens: int | None = None,
+                     progress: bool = True, log: Callable[[str], None] = print) -> dict[int, CovStats]:
+    """C0 for each layer, loaded from the cache or collected (all missing layers in one pass).
+
+    Cache: ``<cache_dir or editlib.counterfact.cache_dir()/stats>/<fingerprint>/<module>_<dtype>_
+    <corpus key>_n<samples>.safetensors``. A file whose metadata key differs is recomputed and
+    atomically overwritten; an unreadable file raises :class:`CovCacheError`.
+    """
+    from .counterfact import cache_dir as default_cache
+    from .models import fingerprint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    layers = sorted(set(int(l) for l in layers))
+    spec = arch.arch_for(model)
+    fp = fingerprint(model)
+    root = (Path(cache_dir) if cache_dir is not None else default_cache() / "stats") / fp
+    max_length = corpus.max_length or default_max_length(model)
+    texts = None if corpus.kind == "hf_dataset" else iter_corpus(corpus, records)
+    texts_sha = _texts_digest(texts) if texts is not None else ""
+    device = _device(model)
+
+    out: dict[int, CovStats] = {}
+    missing: dict[int, tuple[dict, Path]] = {}
+    for l in layers:
+        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha)
+        path = _cache_path(root, key)
+        if path.is_file():
+            stored, total, count, cond = _read_cache(path)
+            if stored == key:
+                mom2 = total.to(torch.float64) / count
+                out[l] = CovStats(l, mom2, count, cond if not math.isnan(cond) else _cond(mom2, device), key)
+                _report(out[l], mom2.shape[0], f"cached {path.name}", log)
+                continue
+            log(f"C0 cache {path} was computed for another key; recomputing")
+        missing[l] = (key, path)
+
+    if missing:
+        if texts is None:
+            texts = iter_corpus(corpus, records)
+        sums = collect_second_moments(model, tok, texts, list(missing), batch_size=batch_size,
+                                      max_length=max_length, max_batch_tokens=max_batch_tokens,
+                                      dtype=DTYPES[dtype], progress=progress)
+        for l, (key, path) in missing.items():
+            total, count = sums[l]
+            mom2 = total.to(torch.float64) / count
+            cond = _cond(mom2, device)
+            _write_cache(path, key, total, count, cond)
+            out[l] = CovStats(l, mom2, count, cond, key)
+            _report(out[l], mom2.shape[0], f"collected from {len(texts)} texts", log)
+    return {l: out[l] for l in layers}

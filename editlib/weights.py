@@ -1,0 +1,74 @@
+"""Writing edits into a model with a way back.
+
+:class:`EditSession` keeps, for every down-projection it touches, the original parameter (bit-exact,
+in its own dtype) and an **fp32 master copy** in [d_out, d_in] layout (SPEC §8.4): updates are
+added to the master and the master is written into the parameter, so sequential edits of a bf16
+model do not lose low-order bits. ``restore()`` puts the originals back bit-identically; used as a
+context manager it restores on exit unless ``keep()`` was called.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .arch import arch_for, edit_weight, to_param_layout, weight_out_in
+
+
+class EditSession(contextlib.AbstractContextManager):
+    def __init__(self, model):
+        self.model = model
+        self.spec = arch_for(model)
+        self._orig: dict[int, torch.Tensor] = {}
+        self._master: dict[int, torch.Tensor] = {}
+        self._keep = False
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._orig)
+
+    def master(self, layer: int) -> torch.Tensor:
+        """fp32 [d_out, d_in] master copy of the edited weight (created on first use)."""
+        if layer not in self._master:
+            p = edit_weight(self.model, layer)
+            self._orig[layer] = p.detach().clone()
+            self._master[layer] = weight_out_in(self.model, layer).detach().float().clone()
+        return self._master[layer]
+
+    @torch.no_grad()
+    def apply(self, layer: int, delta_out_in: torch.Tensor) -> None:
+        """W ← W + ΔW for a [d_out, d_in] update; refuses NaN/Inf before touching the weight."""
+        if not torch.isfinite(delta_out_in).all():
+            raise ValueError(f"refusing to write a non-finite update into layer {layer}")
+        m = self.master(layer)
+        if tuple(delta_out_in.shape) != tuple(m.shape):
+            raise ValueError(f"update shape {tuple(delta_out_in.shape)} does not match the "
+                             f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
+        m.add_(delta_out_in.to(device=m.device, dtype=torch.float32))
+        p = edit_weight(self.model, layer)
+        p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+
+    def distance(self, layer: int) -> tuple[float, float]:
+        """(‖W − W0‖_F, ‖W − W0‖_F / ‖W0‖_F) from the fp32 master."""
+        orig = self._orig[layer].float()
+        w0 = orig.T if self.spec.conv1d else orig
+        diff = float((self.master(layer) - w0).norm())
+        return diff, diff / max(float(w0.norm()), 1e-30)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every original weight back (bit-identical) and forget the masters."""
+        for layer, orig in self._orig.items():
+            edit_weight(self.model, layer).copy_(orig)
+        self._orig.clear()
+        self._master.clear()
+
+    def keep(self) -> "EditSession":
+        """Do not restore on exit (sequential editing keeps the weights)."""
+        self._keep = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._keep:
+            self.restore()
+        return False

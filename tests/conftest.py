@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random Llama models with BOS-adding tokenizers (built in memory, fast)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from editlib.records import Record
+
+WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, bos: int = 1, eos: int = 2,
+                    layers: int = 2) -> transformers.PreTrainedModel:
+    """A random 2-layer Llama (hidden 32) in eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
+                                   bos_token_id=bos, eos_token_id=eos, max_position_embeddings=256)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def make_word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over :data:`WORDS` with <s>/</s>, adding BOS like Llama-3's does."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                               eos_token="</s>", unk_token="<unk>")
+    from editlib.tokens import prepare_tokenizer
+    return prepare_tokenizer(tok)
+
+
+@pytest.fixture(scope="session")
+def word_lm():
+    """(model, tokenizer) over the 18-word vocabulary: handy for hand-built prompts."""
+    tok = make_word_tokenizer()
+    return make_tiny_llama(len(tok), seed=0), tok
+
+
+@pytest.fixture(scope="session")
+def world_records() -> list[Record]:
+    from editlib.world import make_world
+    return make_world(12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def world_lm(world_records):
+    """(model, tokenizer): a random Llama with a byte-level BPE tokenizer (BOS ``<s>`` = id 0, like
+    the miniature's) trained on the world's texts; targets are multi-token."""
+    from editlib.tiny import fact_units, train_tokenizer
+    from editlib.tokens import prepare_tokenizer
+
+    texts = fact_units(world_records) + [p for r in world_records for p in r.generation_prompts]
+    tok = prepare_tokenizer(train_tokenizer(texts, 360))
+    model = make_tiny_llama(len(tok), seed=1, bos=tok.bos_token_id, eos=tok.eos_token_id)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def world_model_dir(world_lm, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, tok = world_lm
+    path = tmp_path_factory.mktemp("world-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

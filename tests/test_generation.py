@@ -1,0 +1,103 @@
+"""editlib.generation: seeded top-k sampling (generate_fast semantics), word tokenizer, n-gram entropy."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from editlib.generation import _row_rng, _top_k_draw, ngram_entropy, sample_texts, word_tokenize
+from editlib.tokens import encode
+
+
+@torch.no_grad()
+def slow_sample(model, tok, prompt: str, key, *, seed: int, max_len: int, top_k: int = 5) -> str:
+    """Reference path for one prompt: a full forward (no cache, no batch) per new token, same
+    per-row uniforms; total length ``max_len`` tokens including the prompt."""
+    ids = encode(tok, prompt)
+    u = torch.as_tensor(_row_rng(seed, key).random(max(max_len, len(ids))), dtype=torch.float32)
+    while len(ids) < max_len:
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        nxt = _top_k_draw(logits[None], top_k, u[len(ids)][None])[0].item()
+        assert nxt in logits.topk(top_k).indices.tolist()
+        ids.append(nxt)
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_sampling_matches_unbatched_reference_and_is_seeded(world_lm, world_records) -> None:
+    model, tok = world_lm
+    prompts = [world_records[0].generation_prompts[0], "The", world_records[1].generation_prompts[1],
+               world_records[2].generation_prompts[4]]
+    assert len({len(encode(tok, p)) for p in prompts}) > 2  # ragged batch
+    texts = sample_texts(model, tok, prompts, max_len=30, seed=5, batch_size=3)
+    for i, (p, t) in enumerate(zip(prompts, texts)):
+        assert t == slow_sample(model, tok, p, i, seed=5, max_len=30)
+        assert t.startswith(p)  # text includes the prompt
+    assert sample_texts(model, tok, prompts, max_len=30, seed=5, batch_size=3) == texts
+    assert sample_texts(model, tok, prompts, max_len=30, seed=6, batch_size=3) != texts
+
+
+def test_texts_independent_of_batching_with_keys(world_lm, world_records) -> None:
+    model, tok = world_lm
+    prompts = [p for r in world_records[:3] for p in r.generation_prompts[:3]]
+    keys = [(r.case_id, j) for r in world_records[:3] for j in range(3)]
+    together = sample_texts(model, tok, prompts, max_len=25, seed=1, batch_size=64, keys=keys)
+    alone = [sample_texts(model, tok, [p], max_len=25, seed=1, keys=[k])[0] for p, k in zip(prompts, keys)]
+    assert together == alone
+    assert len(set(together)) > 1
+
+
+def test_total_length_counts_the_prompt(world_lm) -> None:
+    model, tok = world_lm
+    long_prompt = " ".join(["Vegas Muholm learned to play the"] * 4)
+    n = len(encode(tok, long_prompt))
+    short, same = sample_texts(model, tok, ["The", long_prompt], max_len=n - 2, seed=0)
+    assert same == long_prompt  # already longer than max_len: nothing is generated
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) > 3
+
+
+def test_top_k_draw_inverse_cdf() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]))
+    # top-2 = ids 1 (0.4) and 3 (0.3): cumulative 0.4/0.7 = 0.571...
+    assert _top_k_draw(logits, 2, torch.tensor([0.5]))[0].item() == 1
+    assert _top_k_draw(logits, 2, torch.tensor([0.6]))[0].item() == 3
+    assert _top_k_draw(logits, 1, torch.tensor([0.999]))[0].item() == 1
+
+
+# --------------------------------------------------------------------------- word tokenizer
+
+@pytest.mark.parametrize("text, words", [
+    ("Good muffins cost $3.88\nin New York.  Please buy me\ntwo of them.\nThanks.",
+     ["Good", "muffins", "cost", "$", "3.88", "in", "New", "York", ".", "Please", "buy", "me",
+      "two", "of", "them", ".", "Thanks", "."]),
+    ("Don't you love it? They'll say \"hi\", I'm sure -- cannot (really)",
+     ["Do", "n't", "you", "love", "it", "?", "They", "'ll", "say", "``", "hi", "''", ",", "I", "'m",
+      "sure", "--", "can", "not", "(", "really", ")"]),
+    ("Paris's mayor: 3,000 people; 10:30", ["Paris", "'s", "mayor", ":", "3,000", "people", ";", "10:30"]),
+    ("", []),
+])
+def test_word_tokenize(text: str, words: list[str]) -> None:
+    assert word_tokenize(text) == words
+
+
+# --------------------------------------------------------------------------- n-gram entropy
+
+def test_ngram_entropy_hand_values() -> None:
+    # "a b a b": bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx(h2 / 3 + 2 * 1.0 / 3)
+    # 6 words, 5 distinct bigrams, 4 distinct trigrams
+    assert ngram_entropy("the cat sat on the mat") == pytest.approx(math.log2(5) / 3 + 2 * 2.0 / 3)
+    # punctuation are words: Hello , world . -> 3 bigrams, 2 trigrams
+    assert ngram_entropy("Hello, world.") == pytest.approx(math.log2(3) / 3 + 2 / 3)
+    # weighted arithmetic mean of (2/3 H2, 4/3 H3)
+    assert ngram_entropy("a b c d") == pytest.approx(np.mean([2 / 3 * math.log2(3), 4 / 3 * 1.0]))
+
+
+def test_ngram_entropy_short_and_repetitive() -> None:
+    assert ngram_entropy("") == 0.0
+    assert ngram_entropy("word") == 0.0  # fewer words than n: H_n = 0
+    assert ngram_entropy("a b") == pytest.approx(0.0)  # one bigram, no trigram
+    assert ngram_entropy("go " * 50) == pytest.approx(0.0)  # one distinct n-gram each
+    assert ngram_entropy("x y", ns=(1,), weights=(1.0,)) == pytest.approx(1.0)

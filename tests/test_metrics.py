@@ -1,0 +1,271 @@
+"""editlib.metrics: ES/PS/NS against hand computations from the logits, BOS alignment, S, batching."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import hmean
+
+from editlib.metrics import (PROB_METRICS, evaluate_records, format_summary, harmonic_score,
+                             summarize_cases)
+from editlib.records import Record, Target
+from editlib.rs import RSResources
+from editlib.scoring import score_targets
+from editlib.tokens import encode, target_ids
+
+
+@torch.no_grad()
+def hand_nll(model, tok, prefix: str, target: str, reference: bool = False) -> tuple[float, bool]:
+    """Mean-token NLL and all-argmax flag, straight from one unpadded forward.
+
+    correct: scored ids = target ids (no BOS), token j read at logit ``len(prefix) + j - 1``.
+    reference (SPEC §8.1): scored ids = ``tok(" " + target)`` = [BOS] + target ids, same indexing,
+    so every position is shifted by one.
+    """
+    p, t = encode(tok, prefix), target_ids(tok, target)
+    logits = model(torch.tensor([p + t])).logits[0].double()
+    scored = list(tok(" " + target)["input_ids"]) if reference else t
+    logp = torch.log_softmax(logits, -1)
+    nlls = [-logp[len(p) + j - 1, s].item() for j, s in enumerate(scored)]
+    ok = all(logits[len(p) + j - 1].argmax().item() == s for j, s in enumerate(scored))
+    return float(np.mean(nlls)), ok
+
+
+def hand_case(model, tok, r: Record, reference: bool = False) -> dict[str, float]:
+    """ES/PS/NS, magnitudes and accuracies of one record from :func:`hand_nll` (SPEC §6)."""
+    out = {}
+    fams = {"ES": [r.rewrite_prompt], "PS": list(r.paraphrase_prompts), "NS": list(r.neighborhood_prompts)}
+    for key, prompts in fams.items():
+        succ, mag, acc = [], [], []
+        for p in prompts:
+            nn, okn = hand_nll(model, tok, p, r.target_new.str, reference)
+            nt, okt = hand_nll(model, tok, p, r.target_true.str, reference)
+            if key == "NS":
+                succ.append(nt < nn), mag.append(np.exp(-nt) - np.exp(-nn)), acc.append(okt)
+            else:
+                succ.append(nn < nt), mag.append(np.exp(-nn) - np.exp(-nt)), acc.append(okn)
+        out[key], out[f"{key}_mag"], out[f"{key}_acc"] = np.mean(succ), np.mean(mag), np.mean(acc)
+    return out
+
+
+def word_record(case_id: int, prompt: str, subject: str, new: str, true: str) -> Record:
+    return Record(case_id=case_id, prompt=prompt, subject=subject, relation_id="P1",
+                  target_true=Target(true, "t"), target_new=Target(new, "n"),
+                  paraphrase_prompts=("a dog ran to the", "the cat is capital of"),
+                  neighborhood_prompts=("the dog sat on the", "a cat ran to", "Paris is the"),
+                  generation_prompts=("the cat", "a dog ran"))
+
+
+# --------------------------------------------------------------------------- probability test
+
+def test_score_targets_matches_hand_computation(world_lm, world_records) -> None:
+    model, tok = world_lm
+    r = world_records[0]
+    prefixes = [r.rewrite_prompt, *r.paraphrase_prompts, r.neighborhood_prompts[0]]
+    targets = [r.target_new.str, r.target_true.str, r.target_new.str, r.target_true.str]
+    assert all(len(target_ids(tok, t)) > 1 for t in targets)  # multi-token targets
+    for alignment in ("correct", "reference"):
+        got = score_targets(model, tok, prefixes, targets, alignment=alignment, batch_size=3)
+        want = [hand_nll(model, tok, p, t, alignment == "reference") for p, t in zip(prefixes, targets)]
+        np.testing.assert_allclose(got.nll, [w[0] for w in want], rtol=1e-5)
+        assert list(got.correct) == [w[1] for w in want]
+
+
+def test_multi_token_target_scores_every_token(world_lm, world_records) -> None:
+    model, tok = world_lm
+    r = world_records[1]
+    p, target = r.rewrite_prompt, r.target_new.str
+    t = target_ids(tok, target)
+    assert len(t) >= 3
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([encode(tok, p) + t])).logits[0].double(), -1)
+    per_tok = [-logp[len(encode(tok, p)) + j - 1, s].item() for j, s in enumerate(t)]
+    got = score_targets(model, tok, [p], [target]).nll[0]
+    assert got == pytest.approx(np.mean(per_tok), rel=1e-5)
+    for k in range(1, len(t)):  # no shorter prefix of the target gives the same mean
+        assert got != pytest.approx(np.mean(per_tok[:k]), rel=1e-4)
+
+
+def test_evaluate_records_matches_hand_computation(world_lm, world_records) -> None:
+    model, tok = world_lm
+    recs = world_records[:3]
+    for alignment in ("correct", "reference"):
+        df = evaluate_records(model, tok, recs, alignment=alignment, batch_size=7)
+        assert list(df.columns) == ["case_id", *PROB_METRICS]
+        assert list(df.case_id) == [r.case_id for r in recs]
+        for i, r in enumerate(recs):
+            want = hand_case(model, tok, r, reference=alignment == "reference")
+            for k, v in want.items():
+                assert df.loc[i, k] == pytest.approx(v, abs=1e-6), (alignment, r.case_id, k)
+    assert df.attrs["records_per_s"] > 0 and df.attrs["alignment"] == "reference"
+
+
+def test_correct_mode_never_scores_bos(word_lm) -> None:
+    model, tok = word_lm
+    bos = tok.bos_token_id
+    assert encode(tok, "the cat")[0] == bos  # the tokenizer adds BOS, like Llama-3's
+    prefix, target = "the cat sat on", "a mat"
+    t = target_ids(tok, target)
+    assert bos not in t and len(t) == 2
+    assert list(tok(" " + target)["input_ids"]) == [bos, *t]
+    p = encode(tok, prefix)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p + t])).logits[0].double(), -1)
+    correct = -(logp[len(p) - 1, t[0]] + logp[len(p), t[1]]).item() / 2
+    shifted = -(logp[len(p) - 1, bos] + logp[len(p), t[0]] + logp[len(p) + 1, t[1]]).item() / 3
+    got_c = score_targets(model, tok, [prefix], [target], alignment="correct").nll[0]
+    got_r = score_targets(model, tok, [prefix], [target], alignment="reference").nll[0]
+    assert got_c == pytest.approx(correct, rel=1e-5)
+    assert got_r == pytest.approx(shifted, rel=1e-5)
+    assert got_c != pytest.approx(got_r, rel=1e-3)
+
+
+def test_reference_mode_accuracy_needs_bos_argmax(word_lm) -> None:
+    """SPEC §8.1: with the shift, `*_correct` requires BOS to be the argmax after the prompt."""
+    model, tok = word_lm
+    prefix, target = "the cat sat on", "a"
+    p, t = encode(tok, prefix), target_ids(tok, target)
+    with torch.no_grad():
+        logits = model(torch.tensor([p + t])).logits[0]
+    want = logits[len(p) - 1].argmax().item() == tok.bos_token_id and logits[len(p)].argmax().item() == t[0]
+    got = score_targets(model, tok, [prefix], [target], alignment="reference").correct[0]
+    assert bool(got) == want
+
+
+def test_batch_equals_one_at_a_time(world_lm, world_records) -> None:
+    model, tok = world_lm
+    recs = world_records[:5]
+    kw = dict(generation=True, gen_max_len=24, gen_seed=3)
+    batched = evaluate_records(model, tok, recs, batch_size=64, gen_batch_size=16, **kw)
+    single = pd.concat([evaluate_records(model, tok, [r], batch_size=5, gen_batch_size=3, **kw)
+                        for r in recs], ignore_index=True)
+    assert list(batched.columns) == ["case_id", *PROB_METRICS, "GE"]
+    assert (batched.GE > 0).all()
+    pd.testing.assert_frame_equal(batched, single, check_exact=False, atol=1e-6, rtol=0)
+
+
+def test_word_records_by_hand(word_lm) -> None:
+    model, tok = word_lm
+    recs = [word_record(7, "{} is capital of", "Paris", "France", "a mat"),
+            word_record(9, "the {} sat on", "dog", "a mat", "Paris")]
+    df = evaluate_records(model, tok, recs, batch_size=4)
+    for i, r in enumerate(recs):
+        for k, v in hand_case(model, tok, r).items():
+            assert df.loc[i, k] == pytest.approx(v, abs=1e-6)
+
+
+def test_rs_requires_generation(word_lm) -> None:
+    model, tok = word_lm
+    with pytest.raises(ValueError, match="generation"):
+        evaluate_records(model, tok, [], rs_resources=object())
+
+
+# --------------------------------------------------------------------------- summaries
+
+def toy_cases() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 9
+    df = pd.DataFrame({"case_id": np.arange(n), "ES": rng.random(n), "PS": rng.random(n),
+                       "NS": rng.random(n), "ES_mag": rng.normal(size=n), "GE": 5 + rng.random(n)})
+    df["method"] = ["a", "b", "a"] * 3
+    return df
+
+
+def test_summary_mean_std_and_s() -> None:
+    df = toy_cases()
+    s = summarize_cases(df, decimals=None).iloc[0]
+    for m in ("ES", "PS", "NS", "ES_mag", "GE"):
+        assert s[f"{m}_mean"] == pytest.approx(df[m].mean() * 100)
+        assert s[f"{m}_std"] == pytest.approx(np.sqrt(((df[m] - df[m].mean()) ** 2).mean()) * 100)
+    assert s["S"] == pytest.approx(hmean([s.ES_mean, s.PS_mean, s.NS_mean]))
+    assert s["n"] == len(df)
+    rounded = summarize_cases(df).iloc[0]  # summarize.py: x100, 2 decimals, then S
+    assert rounded["ES_mean"] == round(df.ES.mean() * 100, 2)
+    assert rounded["S"] == pytest.approx(hmean([rounded.ES_mean, rounded.PS_mean, rounded.NS_mean]))
+
+
+def test_summary_grouped_and_formatted() -> None:
+    df = toy_cases()
+    g = summarize_cases(df, by="method")
+    assert list(g["method"]) == ["a", "b"] and list(g["n"]) == [6, 3]
+    sub = df[df.method == "b"]
+    assert g.loc[1, "NS_mean"] == round(sub.NS.mean() * 100, 2)
+    f = format_summary(g)
+    assert list(f.columns) == ["method", "n", "S", "ES", "PS", "NS", "ES_mag", "GE"]
+    assert f.loc[1, "ES"] == f"{g.loc[1, 'ES_mean']:.2f}({g.loc[1, 'ES_std']:.2f})"
+    paper = pd.DataFrame([{"n": 10, "S": 94.1, "ES_mean": 98.05, "ES_std": 11.34, "PS_mean": 90.0,
+                           "PS_std": 0.0, "NS_mean": 95.0, "NS_std": 1.5}])
+    fp = format_summary(paper).iloc[0]
+    assert fp["ES"] == "98.05(11.34)" and fp["S"] == "94.10" and fp["PS"] == "90.00(0.00)"
+
+
+def test_harmonic_score() -> None:
+    assert harmonic_score(90, 80, 70) == pytest.approx(hmean([90, 80, 70]))
+    assert harmonic_score(0, 80, 70) == 0.0
+
+
+# --------------------------------------------------------------------------- RS
+
+def test_rs_tfidf_cosine(tmp_path: Path) -> None:
+    vocab = {"paris": 0, "france": 1, "capital": 2, "city": 3}
+    idf = np.array([1.0, 2.0, 1.5, 3.0])
+    snippets = [{"relation_id": "P36", "target_id": "Q90",
+                 "samples": [{"name": "X", "text": "Paris is the capital."},
+                             {"name": "Y", "text": "Paris, France"}]}]
+    (tmp_path / "attribute_snippets.json").write_text(json.dumps(snippets))
+    (tmp_path / "tfidf_vocab.json").write_text(json.dumps(vocab))
+    np.save(tmp_path / "idf.npy", idf)
+    rs = RSResources.from_dir(tmp_path)
+    rec = Record(case_id=0, prompt="{} is in", subject="S", relation_id="P36",
+                 target_true=Target("Rome", "Q220"), target_new=Target("Paris", "Q90"),
+                 paraphrase_prompts=("p",), neighborhood_prompts=("n",))
+    gens = ["The city of Paris", "a city, a city"]
+    # generations: paris 1, city 3 ; snippets: paris 2, capital 1, france 1 (words of >= 2 chars)
+    a = np.array([1 * 1.0, 0, 0, 3 * 3.0])
+    b = np.array([2 * 1.0, 1 * 2.0, 1 * 1.5, 0])
+    assert rs.score(rec, gens) == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    other = dataclasses.replace(rec, target_new=Target("Lyon", "Q456"))
+    assert np.isnan(rs.score(other, gens))  # no snippets: the reference's 0/0
+    with pytest.raises(FileNotFoundError, match="idf.npy"):
+        RSResources.from_dir(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- miniature + CLI
+
+def test_unedited_miniature_scores_es_0_ns_100() -> None:
+    from editlib.models import load_model
+    from editlib.tiny import COMMITTED_MINIATURE, load_tiny_records
+
+    if not COMMITTED_MINIATURE.is_dir():
+        pytest.skip(f"{COMMITTED_MINIATURE} not built yet (make tiny-world)")
+    model, tok = load_model(str(COMMITTED_MINIATURE))
+    df = evaluate_records(model, tok, load_tiny_records(COMMITTED_MINIATURE)[:100])
+    assert df.ES.mean() < 0.05
+    assert df.NS.mean() > 0.95
+
+
+def test_cli_evaluate(world_model_dir: Path, world_records, tmp_path: Path, capsys,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from editlib.__main__ import main
+    from editlib.counterfact import save_records, sample
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec_path = save_records(world_records, tmp_path / "records.json")
+    out = tmp_path / "res" / "eval.parquet"
+    rc = main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path), "--n", "4",
+               "--gen-max-len", "20", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    df = pd.read_parquet(out)
+    assert list(df.case_id) == [r.case_id for r in sample(world_records, 4)]
+    assert list(df.columns) == ["case_id", *PROB_METRICS, "GE"]
+    printed = capsys.readouterr().out
+    assert "records/s" in printed and "ES" in printed and "S" in printed
+    assert not list(out.parent.glob("*.tmp"))
+    rc = main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path),
+               "--no-generation", "--alignment", "reference", "--device", "cpu", "--out", str(out)])
+    assert rc == 0 and "GE" not in pd.read_parquet(out).columns

@@ -1,0 +1,274 @@
+"""editlib.stats: C0 = E[kkᵀ] of the down-projection input, one pass, safetensors cache (SPEC §4)."""
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from editlib import arch, stats
+from editlib.stats import (CorpusSpec, CorpusUnavailable, CovCacheError, collect_second_moments,
+                           iter_corpus, layer_covariance, records_corpus_texts)
+from editlib.tokens import encode, prepare_tokenizer
+from editlib.world import make_world
+
+from test_models import WORDS, tiny_llama, tiny_tokenizer
+
+F64 = torch.float64
+
+
+def texts_of(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return prepare_tokenizer(tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """Float64 so batched/unbatched forwards agree to rounding (padding must not matter)."""
+    return tiny_llama(seed=0).double().eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    return transformers.AutoModelForCausalLM.from_config(cfg).double().eval()
+
+
+def hand_moment(model, tok, texts: list[str], layer: int, max_length: int = 10**6
+                ) -> tuple[torch.Tensor, int]:
+    """Hook the down-projection by hand, one unpadded text at a time, and average k kᵀ."""
+    keys: list[torch.Tensor] = []
+    handle = arch.down_proj(model, layer).register_forward_hook(
+        lambda mod, inp, out: keys.append(inp[0][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                model(torch.tensor([encode(tok, t)[:max_length]]))
+    finally:
+        handle.remove()
+    K = torch.cat(keys).to(F64).T  # [d_in, n]
+    return K @ K.T / K.shape[1], K.shape[1]
+
+
+@pytest.fixture()
+def forwards(llama):
+    """calls[0] = number of top-level forward passes of the shared tiny Llama during the test."""
+    calls = [0]
+    handle = llama.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    yield calls
+    handle.remove()
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def test_matches_hand_computation(llama, tok) -> None:
+    texts = texts_of(20)
+    got = collect_second_moments(llama, tok, texts, [1], batch_size=6, progress=False)
+    total, count = got[1]
+    expected, n = hand_moment(llama, tok, texts, 1)
+    assert count == n == sum(len(encode(tok, t)) for t in texts)
+    assert total.dtype == F64 and total.shape == (64, 64)
+    assert rel(total / count, expected) < 1e-10
+
+
+def test_gpt2_conv1d_c_proj_input(tok) -> None:
+    model = tiny_gpt2()
+    assert arch.arch_for(model).conv1d and arch.key_dim(model, 0) == 128  # 4·n_embd
+    texts = texts_of(10, seed=1)
+    total, count = collect_second_moments(model, tok, texts, [0], batch_size=4, progress=False)[0]
+    expected, n = hand_moment(model, tok, texts, 0)
+    assert total.shape == (128, 128) and count == n
+    assert rel(total / count, expected) < 1e-10
+
+
+def test_padding_excluded(llama, tok) -> None:
+    texts = texts_of(12, seed=2)
+    batched = collect_second_moments(llama, tok, texts, [0], batch_size=12, progress=False)[0]
+    single = collect_second_moments(llama, tok, texts, [0], batch_size=1, progress=False)[0]
+    assert batched[1] == single[1]
+    assert rel(batched[0], single[0]) < 1e-10
+
+
+def test_one_pass_for_two_layers(llama, tok, forwards) -> None:
+    texts = texts_of(10, seed=3)
+    calls = forwards
+    both = collect_second_moments(llama, tok, texts, [1, 0], batch_size=10, progress=False)
+    assert calls[0] == 1  # one batch ⇒ one forward for both layers
+    for layer in (0, 1):
+        alone = collect_second_moments(llama, tok, texts, [layer], batch_size=10, progress=False)[layer]
+        assert both[layer][1] == alone[1]
+        assert rel(both[layer][0], alone[0]) < 1e-12
+
+
+def test_truncation_and_float32(llama, tok) -> None:
+    texts = texts_of(8, seed=4)
+    total, count = collect_second_moments(llama, tok, texts, [0], max_length=3, dtype=torch.float32,
+                                          progress=False)[0]
+    assert total.dtype == torch.float32
+    assert count == sum(min(3, len(encode(tok, t))) for t in texts)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_corpus_spec_and_subset(tmp_path: Path) -> None:
+    f = tmp_path / "corpus.txt"
+    f.write_text("para one\nline two\n\n\n para two \n\n\n\npara three\n", encoding="utf-8")
+    assert iter_corpus(CorpusSpec("text_file", path=str(f))) == ["para one\nline two", "para two", "para three"]
+    sub = iter_corpus(CorpusSpec("text_file", path=str(f), n_samples=2))
+    order = list(range(3))
+    random.Random(1).shuffle(order)
+    all_paras = iter_corpus(CorpusSpec("text_file", path=str(f)))
+    assert sub == [all_paras[i] for i in order[:2]]
+    assert CorpusSpec("hf_dataset", name="wikitext", config="wikitext-103-raw-v1").key() == \
+        "hf-wikitext-wikitext-103-raw-v1-train"
+    assert CorpusSpec("records", max_length=32).key() == "records-len32"
+    with pytest.raises(ValueError, match="kind"):
+        CorpusSpec("wiki")
+    with pytest.raises(ValueError, match="name"):
+        CorpusSpec("hf_dataset")
+    with pytest.raises(ValueError, match="records"):
+        iter_corpus(CorpusSpec("records"))
+
+
+def test_records_corpus_texts() -> None:
+    records = make_world(6, seed=0)
+    docs = records_corpus_texts(records)
+    assert docs == records_corpus_texts(records)  # deterministic
+    from editlib.tiny import fact_units
+    units = fact_units(records)
+    assert len(docs) == -(-len(units) // 8)
+    assert all(d.endswith(".") for d in docs)
+    assert sum(len(d) for d in docs) == sum(len(u) for u in units) + 2 * len(units) - len(docs)
+    assert all(any(u in d for d in docs) for u in units)
+
+
+def test_hf_dataset_offline_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec = CorpusSpec("hf_dataset", name="editlib-tests/no-such-dataset", config="x")
+    with pytest.raises(CorpusUnavailable, match="no-such-dataset") as exc:
+        iter_corpus(spec)
+    assert "records" in str(exc.value) and "text_file" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@pytest.fixture()
+def world():
+    return make_world(8, seed=0)
+
+
+def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypatch) -> None:
+    spec = CorpusSpec("records", max_length=48)
+    logs: list[str] = []
+    with pytest.warns(RuntimeWarning, match="only"):
+        first = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path,
+                                 progress=False, log=logs.append)
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert files == ["model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
+                     "model.layers.1.mlp.down_proj_float64_records-len48_nall.safetensors"]
+    texts = records_corpus_texts(world)
+    expected, n = hand_moment(llama, tok, texts, 1, max_length=48)
+    assert first[1].count == n and rel(first[1].mom2, expected) < 1e-10
+    assert first[1].cond > 1 and any("cond=" in m for m in logs)
+
+    def boom(*a, **k):
+        raise AssertionError("collected although cached")
+
+    monkeypatch.setattr(stats, "collect_second_moments", boom)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second = layer_covariance(llama, tok, [1, 0], spec, records=world, cache_dir=tmp_path,
+                                  progress=False, log=logs.append)
+    assert list(second) == [0, 1]
+    for layer in (0, 1):
+        assert torch.equal(second[layer].mom2, first[layer].mom2)
+        assert second[layer].count == first[layer].count and second[layer].key == first[layer].key
+        assert second[layer].cond == pytest.approx(first[layer].cond)
+
+
+def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
+    spec = CorpusSpec("records", max_length=48)
+    calls = forwards
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                             log=lambda m: None)
+        n_first = calls[0]
+        other = make_world(8, seed=1)  # same file name, different texts ⇒ metadata mismatch
+        logs: list[str] = []
+        b = layer_covariance(llama, tok, [0], spec, records=other, cache_dir=tmp_path, progress=False,
+                             log=logs.append)
+        assert calls[0] > n_first and any("recomputing" in m for m in logs)
+        assert a[0].key["texts_sha256"] != b[0].key["texts_sha256"]
+        assert not torch.equal(a[0].mom2, b[0].mom2)
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # overwritten in place
+        assert not list(tmp_path.rglob("*.tmp"))
+        n_before = calls[0]
+        c = layer_covariance(llama, tok, [0], CorpusSpec("records", max_length=48, n_samples=3),
+                             records=other, cache_dir=tmp_path, progress=False, log=lambda m: None)
+        assert calls[0] > n_before and c[0].key["n_samples"] == "3"
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_corrupt_cache_raises(llama, tok, world, tmp_path) -> None:
+    spec = CorpusSpec("records", max_length=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                         log=lambda m: None)
+    (path,) = tmp_path.rglob("*.safetensors")
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CovCacheError, match=path.name):
+        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                         log=lambda m: None)
+
+
+def test_no_pickle_and_metadata(llama, tok, world, tmp_path) -> None:
+    from safetensors import safe_open
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer_covariance(llama, tok, [1], CorpusSpec("records", max_length=48), records=world,
+                               cache_dir=tmp_path, dtype="float32", progress=False, log=lambda m: None)
+    (path,) = tmp_path.rglob("*.safetensors")
+    assert path.parent.name == out[1].key["fingerprint"]
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"mom2_sum", "count"}
+        assert json.loads(f.metadata()["key"]) == out[1].key
+        assert f.get_tensor("mom2_sum").dtype == torch.float32
+    assert out[1].mom2.dtype == F64 and out[1].key["dtype"] == "float32"
+
+
+def test_low_token_warning(llama, tok, world, tmp_path) -> None:
+    with pytest.warns(RuntimeWarning, match=r"100·d_in = 6400"):
+        layer_covariance(llama, tok, [0], CorpusSpec("records", n_samples=2), records=world,
+                         cache_dir=tmp_path, progress=False, log=lambda m: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tok) -> None:
+    model = tiny_llama(seed=0).double().eval()
+    texts = texts_of(10, seed=5)
+    cpu = collect_second_moments(model, tok, texts, [0, 1], progress=False)
+    gpu = collect_second_moments(model.to("cuda"), tok, texts, [0, 1], progress=False)
+    for layer in (0, 1):
+        assert gpu[layer][0].device.type == "cpu" and gpu[layer][1] == cpu[layer][1]
+        assert rel(gpu[layer][0], cpu[layer][0]) < 1e-8

@@ -93,6 +93,24 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_NAMES = {"layer-search": "layer_search", "singular": "singular", "batch": "batch",
+              "sequential": "sequential", "sweep": "sweep"}
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .params import resolve
+    from .protocols import RUNNERS, open_study, summarize
+
+    exps = [_RUN_NAMES[e] for e in a.experiments]
+    p = resolve(a.params, overrides=a.set or None)  # validated before any model loads
+    study = open_study(p, which="second_model" if a.second_model else "model", experiments=exps)
+    for e in exps:
+        print(f"== {e} ({p.name}, model {study.label})")
+        cases = RUNNERS[e](study)
+        print(summarize(cases, formatted=True).to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=20, help="print at most this many per-case rows")
     e.add_argument("--out", required=True, help="per-case results (.parquet)")
     e.set_defaults(func=_evaluate)
+    r = sub.add_parser("run", help="run protocols without a notebook (resumable; results/<name>/<experiment>)")
+    r.add_argument("experiments", nargs="+", choices=sorted(_RUN_NAMES), metavar="EXPERIMENT",
+                   help="one or more of: " + ", ".join(sorted(_RUN_NAMES)))
+    r.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a parameter, e.g. --set batch.total=64 (repeatable)")
+    r.add_argument("--second-model", action="store_true", help="run on the params' second_model")
+    r.set_defaults(func=_run)
     return p
 
 

@@ -79,7 +79,22 @@ class EditHParams:
             raise ValueError(f"unknown hyperparameter(s): {unknown}")
         if "layers" in d:
             d["layers"] = tuple(int(x) for x in (d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]))
-        return cls(**d, values=ValueHParams(**vals))
+        return cls(**_coerce(cls, d), values=ValueHParams(**_coerce(ValueHParams, vals)))
+
+
+def _coerce(cls, d: dict) -> dict:
+    """Numbers written as YAML strings (PyYAML reads ``1.0e10`` as a string) become numbers."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    out = {}
+    for k, v in d.items():
+        t = types.get(k, "")
+        if isinstance(v, str) and t.startswith(("float", "int")):
+            try:
+                v = float(v) if t.startswith("float") else int(v)
+            except ValueError:
+                raise ValueError(f"{k} must be a number, got {v!r}") from None
+        out[k] = v
+    return out
 
 
 def paper_llama3(method: str, **over) -> EditHParams:

@@ -47,8 +47,9 @@ def target_ids(tok, target: str) -> list[int]:
     special = set(tok.all_special_ids)
     while ids and ids[0] in special:
         ids = ids[1:]
-    if len(ids) > 1 and tok.decode(ids[:1]).strip() == "":
-        ids = ids[1:]  # sentencepiece: "▁" for the leading space, then "▁Paris"
+    if len(ids) > 1 and tok.decode(ids[:1]).strip() == "" and \
+            str(tok.convert_ids_to_tokens(ids[1])).startswith("\u2581"):
+        ids = ids[1:]  # sentencepiece: a lone "▁" for the leading space, then "▁Paris" carries it again
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
     return ids

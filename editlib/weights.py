@@ -48,6 +48,16 @@ class EditSession(contextlib.AbstractContextManager):
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
 
+    @torch.no_grad()
+    def set_master(self, layer: int, master_out_in: torch.Tensor) -> None:
+        """Replace the fp32 master of ``layer`` (resuming a checkpointed sequential run)."""
+        m = self.master(layer)
+        if tuple(master_out_in.shape) != tuple(m.shape) or not torch.isfinite(master_out_in).all():
+            raise ValueError(f"checkpointed weight for layer {layer} has the wrong shape or non-finite values")
+        m.copy_(master_out_in.to(device=m.device, dtype=torch.float32))
+        p = edit_weight(self.model, layer)
+        p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+
     def distance(self, layer: int) -> tuple[float, float]:
         """(‖W − W0‖_F, ‖W − W0‖_F / ‖W0‖_F) from the fp32 master."""
         orig = self._orig[layer].float()

@@ -1,0 +1,496 @@
+"""The paper's three editing protocols plus the λ sweep and the layer search (paper §3, SPEC §5).
+
+* singular: each fact edited alone on the unedited model, evaluated, restored (values batched:
+  they do not depend on each other);
+* batch: ``total`` facts in batches of B, each applied to the unedited model, evaluated, restored;
+* sequential-batch: batches applied one after another without restoring; C0 fixed (exact for a
+  single edited layer, SPEC §5). Evaluation ``current`` (each fact right after its own batch, the
+  paper's protocol) and ``final`` (all facts on the final model: retention), optionally every k
+  batches on all facts so far (``after_k``: a forgetting curve).
+
+Every protocol writes into an :class:`editlib.store.Experiment` unit by unit and resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import counterfact
+from .arch import n_layers
+from .context import ContextTemplates, make_templates
+from .editing import BatchTargets, EditHParams, apply_edit, prepare_targets
+from .metrics import evaluate_records, format_summary, summarize_cases
+from .models import fingerprint, load_model
+from .params import ModelParams, ParamsError, StudyParams
+from .records import Record
+from .solver import CovFactor, factor_cov
+from .stats import CorpusSpec, layer_covariance
+from .store import Experiment
+from .weights import EditSession
+
+EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
+
+
+# --------------------------------------------------------------------------- the study context
+
+@dataclass
+class Study:
+    """A loaded model with everything the protocols share: facts, C0 factors, context templates."""
+
+    params: StudyParams
+    model: object
+    tok: object
+    model_dir: str
+    label: str
+    records: list[Record]
+    log: Callable = print
+    _covs: dict = field(default_factory=dict)
+    _cov_info: dict = field(default_factory=dict)
+    _contexts: dict = field(default_factory=dict)
+    _fp: str | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return n_layers(self.model)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            self._fp = fingerprint(self.model)
+        return self._fp
+
+    def facts(self, n: int, ordering: int = 0) -> list[Record]:
+        """The first ``n`` facts of seeded unique-subject ordering ``ordering`` (same for every
+        method and batch size)."""
+        return counterfact.sample(self.records, n, ordering, self.params.data.ordering_seed)
+
+    def covs(self, layers: Sequence[int]) -> dict[int, CovFactor]:
+        """Cholesky factors of C0 for ``layers`` (missing ones collected in one pass, disk-cached)."""
+        missing = [l for l in layers if l not in self._covs]
+        if missing:
+            cp = self.params.covariance
+            spec = CorpusSpec(kind=cp.kind, name=cp.name, config=cp.config, split=cp.split,
+                              text_field=cp.text_field, path=cp.path, n_samples=cp.n_samples,
+                              max_length=cp.max_length)
+            stats = layer_covariance(self.model, self.tok, missing, spec, records=self.records,
+                                     dtype=cp.dtype, batch_size=cp.batch_size, log=self.log)
+            for l, st in stats.items():
+                self._covs[l] = factor_cov(st.mom2)
+                self._cov_info[l] = {"tokens": int(st.count), "cond": float(st.cond)}
+        return {l: self._covs[l] for l in layers}
+
+    def contexts(self, style: str) -> ContextTemplates:
+        """Context templates generated once per study with the unedited model (seeded)."""
+        if style not in self._contexts:
+            self._contexts[style] = make_templates(self.model, self.tok, style, seed=0)
+        return self._contexts[style]
+
+    def evaluate(self, records: Sequence[Record]) -> pd.DataFrame:
+        ev = self.params.evaluation
+        return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
+                                batch_size=ev.batch_size, generation=ev.generation,
+                                gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len)
+
+    def provenance(self) -> dict:
+        return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
+                "n_layers": self.n_layers, "n_records_available": len(self.records),
+                "data": _data_provenance(self.params), "covariance": self._cov_info,
+                "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
+
+
+def _data_provenance(p: StudyParams) -> dict:
+    d = {"source": p.data.source}
+    if p.data.source == "counterfact":
+        path = counterfact.resolve_counterfact(p.data.counterfact_path, download=False)
+        d.update(path=str(path), sha256=counterfact.sha256_file(path, uncompressed=True))
+    return d
+
+
+def model_dir_for(mp: ModelParams, log=print) -> str:
+    if mp.tiny:
+        from .tiny import ensure_tiny
+        t = dict(mp.tiny)
+        return str(ensure_tiny(t.pop("source", "world"), int(t.pop("n_records", 1000)), log=log, **t))
+    return mp.id
+
+
+def load_records_for(p: StudyParams, model_dir: str) -> list[Record]:
+    src = p.data.source
+    if src == "model":
+        from .tiny import load_tiny_records
+        return load_tiny_records(model_dir, p.data.counterfact_path)
+    if src == "counterfact":
+        return counterfact.load_counterfact(p.data.counterfact_path)
+    from .world import make_world
+    return make_world(p.data.world_records, p.data.world_seed)
+
+
+def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str = "model") -> None:
+    """Fail fast, before any model is loaded: data present, sizes and layers possible."""
+    mp = p.second_model if which == "second_model" else p.model
+    if mp is None:
+        raise ParamsError(f"params have no {which!r} section")
+    if p.data.source == "counterfact":
+        counterfact.resolve_counterfact(p.data.counterfact_path, download=None)
+    depth = None
+    if mp.id and not mp.tiny and os.path.isdir(mp.id):
+        cfg = json.loads((Path(mp.id) / "config.json").read_text())
+        depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        if p.data.source == "model":
+            from .tiny import load_tiny_records
+            n_avail = len(counterfact.unique_subject_case_ids(load_tiny_records(mp.id, p.data.counterfact_path)))
+            for e in experiments:
+                need = {"layer_search": p.layer_search.n_facts, "singular": p.singular.n_facts,
+                        "sweep": p.sweep.total, "batch": p.batch.total, "sequential": p.sequential.total}.get(e, 0)
+                if need > n_avail:
+                    raise ParamsError(f"{e} needs {need} facts but the model's records have only {n_avail}")
+    elif mp.id and not mp.tiny:
+        from .models import _offline, _resolve_source  # fail fast for missing hub ids offline
+        _resolve_source(mp.id, _offline(False), None)
+    if depth is not None:
+        for e in experiments:
+            sec = getattr(p, e)
+            layers = [sec.layer] if hasattr(sec, "layer") else ([] if sec.layers == "all" else list(sec.layers))
+            bad = [l for l in layers if isinstance(l, int) and not 0 <= l < depth]
+            if bad:
+                raise ParamsError(f"{e}: layer(s) {bad} outside the model's 0..{depth - 1} decoder layers")
+
+
+def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,
+               log=print) -> Study:
+    """Validate, then load the model (``which``: "model" or "second_model") and its facts."""
+    check_before_loading(p, experiments, which)
+    mp = p.second_model if which == "second_model" else p.model
+    mdir = model_dir_for(mp, log)
+    model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
+    records = load_records_for(p, mdir)
+    label = mp.label or Path(str(mdir)).name
+    study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records, log=log)
+    for m, hp in p.hparams.items():  # templates come from the unedited model
+        study.contexts(hp.context_templates)
+    return study
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _slice(tg: BatchTargets, idx: Sequence[int]) -> BatchTargets:
+    i = torch.as_tensor(list(idx))
+    v = replace(tg.values, z=tg.values.z[:, i], h=tg.values.h[:, i],
+                final_loss=tg.values.final_loss[i], steps=tg.values.steps[i],
+                seconds=tg.values.seconds * len(idx) / tg.K.shape[1])
+    return replace(tg, K=tg.K[:, i], R=tg.R[:, i], values=v, seconds_keys=tg.seconds_keys * len(idx) / tg.K.shape[1])
+
+
+def _label(cases: pd.DataFrame, **cols) -> pd.DataFrame:
+    cases = cases.copy()
+    for k, v in reversed(list(cols.items())):
+        cases.insert(1, k, v)
+    return cases
+
+
+def _resolve_layer(study: Study, layer, method: str = "memit") -> int:
+    if isinstance(layer, int):
+        if not 0 <= layer < study.n_layers:
+            raise ParamsError(f"layer {layer} outside the model's 0..{study.n_layers - 1} decoder layers")
+        return layer
+    if layer == "best":
+        return best_layer(study)
+    raise ParamsError(f"layer must be an integer or 'best', got {layer!r}")
+
+
+def best_layer(study: Study) -> int:
+    """The layer with the highest S in this run's layer search (method ``memit`` when present)."""
+    p = study.params
+    path = Path(p.results_dir) / p.name / f"layer_search{_suffix(study)}" / "cases.parquet"
+    if not path.is_file():
+        raise ParamsError(f"layer 'best' needs a finished layer search ({path} is missing): run "
+                          "`python -m editlib run layer-search` first, or give an integer layer")
+    s = summarize_cases(pd.read_parquet(path), by=["method", "layer"])
+    pick = s[s.method == "memit"] if (s.method == "memit").any() else s
+    return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
+
+
+def _suffix(study: Study) -> str:
+    return "" if study.model_dir == str(model_dir_for(study.params.model, lambda *_: None)) else f"-{study.label}"
+
+
+def _exp(study: Study, name: str, spec: dict) -> Experiment:
+    params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
+              "evaluation": asdict(study.params.evaluation), "data": asdict(study.params.data),
+              "covariance": asdict(study.params.covariance)}
+    return Experiment.open(study.params.results_dir, study.params.name, name + _suffix(study),
+                           json.loads(json.dumps(params, default=str)), study.provenance())
+
+
+def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
+    exp.provenance = study.provenance()
+    exp.finish({"seconds": round(time.time() - t0, 2)})
+    return exp.cases()
+
+
+def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTemplates,
+                   tg: BatchTargets, session: EditSession) -> tuple[pd.DataFrame, dict]:
+    stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session, targets=tg)
+    t0 = time.time()
+    cases = study.evaluate(facts)
+    return cases, {**stats.to_dict(), "seconds_eval": time.time() - t0}
+
+
+# --------------------------------------------------------------------------- singular / layer search
+
+def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each fact edited alone at ``layer`` by each method; values computed once per distinct
+    value setting (they do not depend on μ) and batched across facts."""
+    frames, diags = [], []
+    targets: dict[str, BatchTargets] = {}
+    for method in methods:
+        hp = study.params.method_hparams(method, layer)
+        ctx = study.contexts(hp.context_templates)
+        key = json.dumps([asdict(hp.values), hp.context_templates])
+        if key not in targets:
+            targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+        tg = targets[key]
+        study.covs([layer])
+        for i, fact in enumerate(facts):
+            with EditSession(study.model) as s:
+                cases, d = _edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s)
+            frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=i,
+                                 eval="current", **unit_cols))
+            diags.append({"method": method, "layer": layer, "batch_index": i, **unit_cols, **d})
+    return pd.concat(frames, ignore_index=True), pd.DataFrame(diags)
+
+
+def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
+    """Figure 1: singular edits of ``n_facts`` facts at every layer, each method."""
+    log = log or study.log
+    ls = study.params.layer_search
+    layers = list(range(study.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
+    spec = {"n_facts": ls.n_facts, "layers": layers, "methods": list(ls.methods),
+            "hparams": {m: study.params.method_hparams(m, 0).to_dict() for m in ls.methods},
+            "orderings": list(study.params.data.orderings)}
+    exp = _exp(study, "layer_search", spec)
+    if exp.complete:
+        log(f"layer search already complete in {exp.root}: nothing to do")
+        return exp.cases()
+    t0 = time.time()
+    study.covs(layers)
+    for o in study.params.data.orderings:
+        facts = study.facts(ls.n_facts, o)
+        for layer in layers:
+            unit = f"o{o}-L{layer:03d}"
+            if exp.has_unit(unit):
+                continue
+            tl = time.time()
+            cases, diags = _singular_unit(study, facts, ls.methods, layer, unit_cols={"ordering": o})
+            exp.save_unit(unit, cases, diags)
+            log(f"layer {layer}: " + ", ".join(
+                f"{m} S={summarize_cases(cases[cases.method == m]).S.iloc[0]:.1f}" for m in ls.methods)
+                + f" ({time.time() - tl:.1f}s)")
+    return _finish(study, exp, t0)
+
+
+def run_singular(study: Study, *, log=None) -> pd.DataFrame:
+    """Table 1: singular edits at the chosen layer, each method."""
+    log = log or study.log
+    sp = study.params.singular
+    layer = _resolve_layer(study, sp.layer)
+    spec = {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods),
+            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in sp.methods},
+            "orderings": list(study.params.data.orderings)}
+    exp = _exp(study, "singular", spec)
+    if exp.complete:
+        log(f"singular edits already complete in {exp.root}: nothing to do")
+        return exp.cases()
+    t0 = time.time()
+    for o in study.params.data.orderings:
+        unit = f"o{o}"
+        if not exp.has_unit(unit):
+            cases, diags = _singular_unit(study, study.facts(sp.n_facts, o), sp.methods, layer,
+                                          unit_cols={"ordering": o})
+            exp.save_unit(unit, cases, diags)
+    return _finish(study, exp, t0)
+
+
+# --------------------------------------------------------------------------- batch and sweep
+
+def _chunks(n: int, b: int) -> list[range]:
+    return [range(s, min(s + b, n)) for s in range(0, n, b)]
+
+
+def run_batch(study: Study, *, log=None) -> pd.DataFrame:
+    """Figures 2-3: every batch applied to the unedited model, evaluated on its facts, restored."""
+    log = log or study.log
+    bp = study.params.batch
+    layer = _resolve_layer(study, bp.layer)
+    spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer,
+            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in bp.methods},
+            "orderings": list(study.params.data.orderings)}
+    exp = _exp(study, "batch", spec)
+    if exp.complete:
+        log(f"batch editing already complete in {exp.root}: nothing to do")
+        return exp.cases()
+    t0 = time.time()
+    for o in study.params.data.orderings:
+        facts = study.facts(bp.total, o)
+        for method in bp.methods:
+            hp = study.params.method_hparams(method, layer)
+            ctx = study.contexts(hp.context_templates)
+            for B in bp.batch_sizes:
+                for bi, idx in enumerate(_chunks(len(facts), B)):
+                    unit = f"{method}-B{B:05d}-o{o}-b{bi:05d}"
+                    if exp.has_unit(unit):
+                        continue
+                    chunk = [facts[i] for i in idx]
+                    tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+                    with EditSession(study.model) as s:
+                        cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
+                    cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
+                    exp.save_unit(unit, _label(cases, **cols), pd.DataFrame([{**cols, **d}]))
+                log(f"batch {method} B={B}: done")
+    return _finish(study, exp, t0)
+
+
+def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
+    """Tables 3-4: batch editing at one batch size for each λ; keys, values and residuals are
+    computed once per batch and only the solve is repeated (values do not depend on λ)."""
+    log = log or study.log
+    sw = study.params.sweep
+    layer = _resolve_layer(study, sw.layer)
+    grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
+    spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": grids,
+            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in grids},
+            "orderings": list(study.params.data.orderings)}
+    exp = _exp(study, "sweep", spec)
+    if exp.complete:
+        log(f"λ sweep already complete in {exp.root}: nothing to do")
+        return exp.cases()
+    t0 = time.time()
+    for o in study.params.data.orderings:
+        facts = study.facts(sw.total, o)
+        for bi, idx in enumerate(_chunks(len(facts), sw.batch_size)):
+            chunk = [facts[i] for i in idx]
+            targets: dict[str, BatchTargets] = {}
+            for method, lams in grids.items():
+                for lam in lams:
+                    unit = f"{method}-lam{lam:g}-o{o}-b{bi:05d}"
+                    if exp.has_unit(unit):
+                        continue
+                    over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
+                    hp = study.params.method_hparams(method, layer, **over)
+                    ctx = study.contexts(hp.context_templates)
+                    key = json.dumps([asdict(hp.values), hp.context_templates])
+                    if key not in targets:
+                        targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+                    with EditSession(study.model) as s:
+                        cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
+                    cols = dict(method=method, layer=layer, lam=float(lam), batch_size=sw.batch_size,
+                                batch_index=bi, eval="current", ordering=o)
+                    exp.save_unit(unit, _label(cases, **cols), pd.DataFrame([{**cols, **d}]))
+                    log(f"sweep {method} λ={lam:g} batch {bi}: S={summarize_cases(cases).S.iloc[0]:.1f}")
+    return _finish(study, exp, t0)
+
+
+# --------------------------------------------------------------------------- sequential-batch
+
+def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_batch: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({f"master.{l}": session.master(l).contiguous() for l in layers}, str(tmp),
+              metadata={"next_batch": str(next_batch)})
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int]) -> int:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        next_batch = int(f.metadata()["next_batch"])
+    tensors = load_file(str(path))
+    for l in layers:
+        session.set_master(l, tensors[f"master.{l}"])
+    return next_batch
+
+
+def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> pd.DataFrame:
+    """Figures 4-5, Table 2: batches applied one after another on the same model.
+
+    ``fail_after`` (tests) raises after that many batches of a configuration, to exercise resume.
+    """
+    log = log or study.log
+    sq = study.params.sequential
+    layer = _resolve_layer(study, sq.layer)
+    spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
+            "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every,
+            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in sq.methods},
+            "orderings": list(study.params.data.orderings)}
+    exp = _exp(study, "sequential", spec)
+    if exp.complete:
+        log(f"sequential-batch editing already complete in {exp.root}: nothing to do")
+        return exp.cases()
+    t0 = time.time()
+    for o in study.params.data.orderings:
+        facts = study.facts(sq.total, o)
+        for method in sq.methods:
+            hp = study.params.method_hparams(method, layer)
+            ctx = study.contexts(hp.context_templates)
+            for B in sq.batch_sizes:
+                _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_after)
+    return _finish(study, exp, t0)
+
+
+def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_after) -> None:
+    cfg = f"{method}-B{B:05d}-o{o}"
+    chunks = _chunks(len(facts), B)
+    final_unit = f"{cfg}-final"
+    if exp.has_unit(final_unit) or (not sq.eval_final and exp.has_unit(f"{cfg}-b{len(chunks) - 1:05d}")):
+        return
+    ckpt = exp.checkpoint_path(cfg)
+    base = dict(method=method, layer=hp.layers[0], batch_size=B, ordering=o)
+    with EditSession(study.model) as s:
+        start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_file() else 0
+        if start:
+            log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
+        tl = time.time()
+        for bi in range(start, len(chunks)):
+            chunk = [facts[i] for i in chunks[bi]]
+            tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+            cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
+            frames = [_label(cases, **base, batch_index=bi, eval="current")]
+            k = sq.forgetting_every
+            if k and (bi + 1) % k == 0 and bi + 1 < len(chunks):
+                so_far = facts[: chunks[bi].stop]
+                frames.append(_label(study.evaluate(so_far), **base, batch_index=bi, eval=f"after_{bi + 1}"))
+            exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
+                          pd.DataFrame([{**base, "batch_index": bi, **d}]))
+            _save_ckpt(ckpt, s, hp.layers, bi + 1)
+            if fail_after is not None and bi + 1 - start >= fail_after:
+                raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
+        if sq.eval_final:
+            exp.save_unit(final_unit, _label(study.evaluate(facts), **base, batch_index=len(chunks) - 1, eval="final"))
+        log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s)")
+    # the model is restored when the session exits; the checkpoint is no longer needed
+    ckpt.unlink(missing_ok=True)
+
+
+RUNNERS = {"layer_search": run_layer_search, "singular": run_singular, "sweep": run_sweep,
+           "batch": run_batch, "sequential": run_sequential}
+
+
+# --------------------------------------------------------------------------- summaries
+
+def summarize(cases: pd.DataFrame, by: Sequence[str] | None = None, *, formatted: bool = False) -> pd.DataFrame:
+    """The paper's tables from a cases frame: ``mean(std)`` per metric ×100, S, GE per group.
+    Default groups: every labelling column present (method, layer, lam, batch_size, eval)."""
+    if by is None:
+        by = [c for c in ("method", "layer", "lam", "batch_size", "eval") if c in cases.columns
+              and cases[c].nunique(dropna=False) > 1] or None
+    s = summarize_cases(cases, by=by)
+    return format_summary(s) if formatted else s

@@ -111,6 +111,19 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(a: argparse.Namespace) -> int:
+    from .params import ParamsError
+    from .reproduce import ReproduceError, reproduce
+
+    only = [x for part in (a.only or []) for x in part.split(",")] or None
+    try:
+        reproduce(a.params, a.set or None, only=only, runs_dir=a.runs_dir)
+    except (ReproduceError, ParamsError) as e:
+        print(f"reproduce failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a parameter, e.g. --set batch.total=64 (repeatable)")
     r.add_argument("--second-model", action="store_true", help="run on the params' second_model")
     r.set_defaults(func=_run)
+
+    rp = sub.add_parser("reproduce", help="execute notebooks 01-06 with papermill into runs/<name>/, export HTML")
+    rp.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
+    rp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a parameter, e.g. --set batch.total=64 (repeatable)")
+    rp.add_argument("--only", action="append", metavar="NN[,NN...]",
+                    help="run only these notebooks, e.g. --only 01,04 (repeatable)")
+    rp.add_argument("--runs-dir", default=None, help="where runs/<name>/ goes (default: the repo's runs/)")
+    rp.set_defaults(func=_reproduce)
     return p
 
 

@@ -101,7 +101,7 @@ def paper_llama3(method: str, **over) -> EditHParams:
     """SPEC §7.4: layer 1, 25 steps, lr 0.5, clamp 4, wd 1e-3, kl 0.0625; MEMIT λ = 5e4 for
     batches (1 for singular edits), EMMET λ = 0."""
     base = {"rome": {}, "memit": {"mom2_update_weight": 5e4}, "emmet": {"emmet_lambda": 0.0}}[method]
-    return EditHParams(method=method, layers=(1,), **{**base, **over})
+    return EditHParams(**{"method": method, "layers": (1,), **base, **over})
 
 
 @dataclass
@@ -160,6 +160,9 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     if missing:
         raise ValueError(f"no covariance factor for layer(s) {missing}")
     tg = targets or prepare_targets(model, tok, records, hp, contexts, log=log)
+    if tg.layer != min(hp.layers) or tg.K.shape[1] != len(records):
+        raise ValueError(f"targets were prepared for layer {tg.layer} and {tg.K.shape[1]} facts, not "
+                         f"layer {min(hp.layers)} and {len(records)} facts")
     layers = sorted(hp.layers)
     z = tg.values.z
     t_keys, t_solve = tg.seconds_keys, 0.0

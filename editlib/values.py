@@ -172,7 +172,7 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
             if it == 0:  # target_init: block output at the plain prompt (template 0 = "{}")
                 h[...] = hs[plain, lookup[plain]].detach()
             hs = hs.clone()
-            hs[ar, lookup] = hs[ar, lookup] + d_act[seq_slot]
+            hs[ar, lookup] = (hs[ar, lookup] + d_act[seq_slot]).to(hs.dtype)  # bf16 models: δ is fp32
             return hs if isinstance(out, torch.Tensor) else (hs, *out[1:])
 
         with Trace(model, block, retain_output=False, edit_output=add_delta):

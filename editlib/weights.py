@@ -1,9 +1,10 @@
 """Writing edits into a model with a way back.
 
 :class:`EditSession` keeps, for every down-projection it touches, the original parameter (bit-exact,
-in its own dtype) and an **fp32 master copy** in [d_out, d_in] layout (SPEC §8.4): updates are
-added to the master and the master is written into the parameter, so sequential edits of a bf16
-model do not lose low-order bits. ``restore()`` puts the originals back bit-identically; used as a
+in its own dtype) and an **fp32 master copy** in [d_out, d_in] layout (SPEC §8.4; float64 for a
+float64 weight, so the master never has fewer bits than the weight): updates are added to the
+master and the master is written into the parameter, so sequential edits of a bf16 model do not
+lose low-order bits. ``restore()`` puts the originals back bit-identically; used as a
 context manager it restores on exit unless ``keep()`` was called.
 """
 from __future__ import annotations
@@ -28,11 +29,13 @@ class EditSession(contextlib.AbstractContextManager):
         return sorted(self._orig)
 
     def master(self, layer: int) -> torch.Tensor:
-        """fp32 [d_out, d_in] master copy of the edited weight (created on first use)."""
+        """fp32 (float64 for a float64 weight) [d_out, d_in] master copy of the edited weight
+        (created on first use)."""
         if layer not in self._master:
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
-            self._master[layer] = weight_out_in(self.model, layer).detach().float().clone()
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            self._master[layer] = weight_out_in(self.model, layer).detach().to(dtype).clone()
         return self._master[layer]
 
     @torch.no_grad()
@@ -44,23 +47,23 @@ class EditSession(contextlib.AbstractContextManager):
         if tuple(delta_out_in.shape) != tuple(m.shape):
             raise ValueError(f"update shape {tuple(delta_out_in.shape)} does not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
-        m.add_(delta_out_in.to(device=m.device, dtype=torch.float32))
+        m.add_(delta_out_in.to(device=m.device, dtype=m.dtype))
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
 
     @torch.no_grad()
     def set_master(self, layer: int, master_out_in: torch.Tensor) -> None:
-        """Replace the fp32 master of ``layer`` (resuming a checkpointed sequential run)."""
+        """Replace the master of ``layer`` (resuming a checkpointed sequential run)."""
         m = self.master(layer)
         if tuple(master_out_in.shape) != tuple(m.shape) or not torch.isfinite(master_out_in).all():
             raise ValueError(f"checkpointed weight for layer {layer} has the wrong shape or non-finite values")
-        m.copy_(master_out_in.to(device=m.device, dtype=torch.float32))
+        m.copy_(master_out_in.to(device=m.device, dtype=m.dtype))
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
 
     def distance(self, layer: int) -> tuple[float, float]:
-        """(‖W − W0‖_F, ‖W − W0‖_F / ‖W0‖_F) from the fp32 master."""
-        orig = self._orig[layer].float()
+        """(‖W − W0‖_F, ‖W − W0‖_F / ‖W0‖_F) from the master."""
+        orig = self._orig[layer].to(self.master(layer).dtype)
         w0 = orig.T if self.spec.conv1d else orig
         diff = float((self.master(layer) - w0).norm())
         return diff, diff / max(float(w0.norm()), 1e-30)

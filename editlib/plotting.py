@@ -1,0 +1,369 @@
+"""The paper's figures and tables from result frames (no notebook needed).
+
+Figures are built with the object-oriented matplotlib API (``matplotlib.figure.Figure``, no pyplot
+state), styled with seaborn, so they work under any backend (Agg included) and are shown in a
+notebook by ``display(fig)``. Every metric is the case mean ×100 (GE: bits ×100, as the paper
+prints it); bands are the normal-approximation 95% confidence interval of that mean over cases
+(1.96 · sample std / √n). S is the harmonic mean of the ES, PS and NS means, so it has no band.
+
+Tables are DataFrames of the paper's ``"mean(std)"`` strings (:func:`editlib.metrics.format_summary`);
+:func:`paper_reference_tables` holds the paper's own Tables 1, 3 and 4 for comparison.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator
+
+from .metrics import format_summary, summarize_cases
+
+PANELS = ("ES", "PS", "NS", "S")
+NAMES = {"ES": "Efficacy ES", "PS": "Paraphrase PS", "NS": "Neighbourhood NS", "S": "Score S",
+         "GE": "Generation entropy GE"}
+BAND = "95% CI"
+METHOD_ORDER = ("memit", "rome", "emmet")
+_PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("deep", len(METHOD_ORDER))))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _current(cases: pd.DataFrame) -> pd.DataFrame:
+    """Rows evaluated right after their own edit (all rows when there is no ``eval`` column)."""
+    return cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
+
+
+def _of_method(df: pd.DataFrame, method: str) -> pd.DataFrame:
+    out = df[df["method"] == method]
+    if out.empty:
+        raise ValueError(f"no rows for method {method!r} (have {sorted(df['method'].unique())})")
+    return out
+
+
+def _metrics(cases: pd.DataFrame) -> tuple[str, ...]:
+    """The panels to draw: ES, PS, NS, S, and GE when the frame has it."""
+    return PANELS + (("GE",) if "GE" in cases.columns else ())
+
+
+def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Unrounded per-group summary with ``<m>_ci``: half-width of the 95% CI of the mean."""
+    s = summarize_cases(cases, by=list(keys), decimals=None)
+    n = s["n"].to_numpy(dtype=float)
+    for col in [c for c in s.columns if c.endswith("_std")]:
+        # summarize_cases gives the population std; the CI uses the sample std
+        with np.errstate(divide="ignore", invalid="ignore"):
+            half = 1.96 * s[col].to_numpy(dtype=float) / np.sqrt(n - 1)
+        s[col[:-4] + "_ci"] = np.where(n > 1, half, 0.0)
+    return s.sort_values(list(keys)).reset_index(drop=True)
+
+
+def _ylabel(metric: str) -> str:
+    if metric == "S":
+        return "S (harmonic mean of ES, PS, NS)"
+    unit = "bits ×100" if metric == "GE" else "mean ×100"
+    return f"{metric} ({unit}; band: {BAND})"
+
+
+def _figure(n_panels: int, title: str, *, width: float = 3.6, height: float = 3.3) -> tuple[Figure, list]:
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+        axes = list(fig.subplots(1, n_panels, squeeze=False)[0])
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linestyle="-",
+          marker="o") -> None:
+    """One mean line with its CI band (no band for S)."""
+    y = s["S"] if metric == "S" else s[f"{metric}_mean"]
+    (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4)
+    if metric != "S" and f"{metric}_ci" in s:
+        ci = s[f"{metric}_ci"]
+        ax.fill_between(x, y - ci, y + ci, color=ln.get_color(), alpha=0.18, linewidth=0)
+
+
+def _panel_titles(axes, metrics: Sequence[str]) -> None:
+    for ax, m in zip(axes, metrics):
+        ax.set_title(NAMES[m])
+        ax.set_ylabel(_ylabel(m))
+
+
+def _categorical_log_x(ax, values: Sequence[float], base: float = 2) -> None:
+    """Log x axis with ticks (and only ticks) at ``values``."""
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(list(values))
+    ax.set_xticklabels([f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _lambda_axis(ax, lams: Sequence[float]) -> None:
+    """Symlog (when λ = 0 occurs) or log x axis with ticks at the λ values."""
+    pos = [l for l in lams if l > 0]
+    if len(pos) < len(lams):
+        ax.set_xscale("symlog", linthresh=min(pos) if pos else 1.0)
+    else:
+        ax.set_xscale("log")
+    ax.set_xticks(list(lams))
+    ax.set_xticklabels([f"{l:g}" for l in lams], rotation=45, ha="right")
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _methods(df: pd.DataFrame) -> list[str]:
+    have = list(df["method"].unique())
+    return [m for m in METHOD_ORDER if m in have] + sorted(m for m in have if m not in METHOD_ORDER)
+
+
+# --------------------------------------------------------------------------- figures
+
+def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
+    """Figures 1 / 6: ES, PS, NS, S (and GE) per edited layer, one line per method."""
+    cases = _current(cases)
+    metrics = _metrics(cases)
+    s = _stats(cases, ["method", "layer"])
+    fig, axes = _figure(len(metrics), title)
+    for ax, m in zip(axes, metrics):
+        for method in _methods(s):
+            g = s[s["method"] == method]
+            _line(ax, g["layer"], g, m, label=method.upper(), color=_PALETTE.get(method))
+        ax.set_xlabel("edited layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _panel_titles(axes, metrics)
+    axes[0].legend(title="method")
+    return fig
+
+
+def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
+    """Figures 2 / 3: metrics after one batch edit vs batch size (log2 axis)."""
+    c = _current(_of_method(cases, method))
+    metrics = _metrics(c)
+    s = _stats(c, ["batch_size"])
+    fig, axes = _figure(len(metrics), title)
+    for ax, m in zip(axes, metrics):
+        _line(ax, s["batch_size"], s, m, label=method.upper(), color=_PALETTE.get(method))
+        _categorical_log_x(ax, s["batch_size"].tolist())
+        ax.set_xlabel("batch size")
+    _panel_titles(axes, metrics)
+    return fig
+
+
+def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
+    """Figures 4 / 5: each fact scored right after its own batch (solid), and, when ``final`` rows
+    exist, every fact scored on the final model (dashed: retention)."""
+    c = _of_method(cases, method)
+    cur, fin = c[c["eval"] == "current"], c[c["eval"] == "final"]
+    metrics = _metrics(cur)
+    s_cur = _stats(cur, ["batch_size"])
+    s_fin = _stats(fin, ["batch_size"]) if not fin.empty else None
+    color = _PALETTE.get(method)
+    fig, axes = _figure(len(metrics), title)
+    for ax, m in zip(axes, metrics):
+        _line(ax, s_cur["batch_size"], s_cur, m, label="right after its batch", color=color)
+        if s_fin is not None:
+            _line(ax, s_fin["batch_size"], s_fin, m, label="on the final model (retention)",
+                  color=color, linestyle="--", marker="s")
+        _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())))
+        ax.set_xlabel("batch size (sequential batches)")
+    _panel_titles(axes, metrics)
+    axes[0].legend(fontsize="small")
+    return fig
+
+
+def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, *,
+                                x: str = "batch_index") -> Figure:
+    """‖W − W0‖_F/‖W0‖_F and cond(D) after each sequential batch (log y), one line per batch size.
+    ``x``: "batch_index" (0-based) or "edits" (facts edited so far, log2 axis)."""
+    b = _of_method(batches, method)
+    b = b.groupby(["batch_size", "batch_index"], as_index=False)[["w_rel_dist", "cond_D"]].mean()
+    panels = (("w_rel_dist", "‖W − W₀‖_F / ‖W₀‖_F"), ("cond_D", "cond(D)"))
+    fig, axes = _figure(len(panels), title, width=4.6)
+    colors = sns.color_palette("viridis", b["batch_size"].nunique())
+    for ax, (col, label) in zip(axes, panels):
+        for color, (B, g) in zip(colors, b.groupby("batch_size")):
+            xs = g["batch_index"] if x == "batch_index" else (g["batch_index"] + 1) * B
+            ax.plot(xs, g[col], color=color, label=f"B={B}", marker="o" if len(g) <= 40 else None,
+                    markersize=3)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        if x == "batch_index":
+            ax.set_xlabel("batch index")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("facts edited so far")
+    axes[0].legend(title="batch size", fontsize="small")
+    return fig
+
+
+def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
+    """Tables 3 / 4 as a figure: metrics vs λ (symlog axis when λ = 0 is in the grid)."""
+    c = _current(_of_method(cases, method))
+    metrics = _metrics(c)
+    s = _stats(c, ["lam"])
+    fig, axes = _figure(len(metrics), title)
+    for ax, m in zip(axes, metrics):
+        _line(ax, s["lam"], s, m, label=method.upper(), color=_PALETTE.get(method))
+        _lambda_axis(ax, s["lam"].tolist())
+        ax.set_xlabel("λ")
+    _panel_titles(axes, metrics)
+    return fig
+
+
+# --------------------------------------------------------------------------- saving
+
+def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``<stem>.png`` (dpi 150) and ``<stem>.pdf`` into ``out_dir``; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150, metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    return paths
+
+
+def _md_cell(v) -> str:
+    text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame, *, index: bool = False) -> str:
+    """A GitHub-flavoured Markdown table (header, separator, one line per row)."""
+    if index:
+        df = df.reset_index()
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(_md_cell(c) for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def save_table(df: pd.DataFrame, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.csv", out / f"{stem}.md"]
+    df.to_csv(paths[0], index=False)
+    paths[1].write_text(to_markdown(df), encoding="utf-8")
+    return paths
+
+
+# --------------------------------------------------------------------------- tables
+
+def _table_metrics(formatted: pd.DataFrame) -> list[str]:
+    return [m for m in ("ES", "PS", "NS", "GE") if m in formatted.columns] + ["S"]
+
+
+def format_lambda(lam: float) -> str:
+    """λ as the paper writes it: ``0``, ``1``, ``1×10^1``, ``5×10^4``, ``1×10^-2``."""
+    if lam == 0:
+        return "0"
+    mant, exp = f"{lam:.6e}".split("e")
+    mant, exp = f"{float(mant):g}", int(exp)
+    return mant if exp == 0 else f"{mant}×10^{exp}"
+
+
+def table1(cases: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: singular edits at the chosen layer, one row per method (MEMIT first)."""
+    c = _current(cases)
+    f = format_summary(summarize_cases(c, by="method"))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    f = f.iloc[sorted(range(len(f)), key=lambda i: order.get(f["method"].iloc[i], 99))]
+    out = pd.DataFrame({"Algorithm": f["method"].str.upper()})
+    for m in _table_metrics(f):
+        out[m] = f[m]
+    return out.reset_index(drop=True)
+
+
+def sweep_table(cases: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Tables 3 / 4: one row per λ (ascending) with ``Lambda`` as printed and numeric ``lam``."""
+    c = _current(_of_method(cases, method))
+    s = summarize_cases(c, by="lam")
+    f = format_summary(s)
+    out = pd.DataFrame({"Lambda": [format_lambda(l) for l in s["lam"]], "lam": s["lam"].astype(float)})
+    for m in _table_metrics(f):
+        out[m] = f[m].to_numpy()
+    return out
+
+
+def table2(params, batches: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 2: batch size, number of batches and total edits of the sequential-batch runs
+    (``params``: StudyParams). With ``batches`` (the diagnostics frame), also the batches actually
+    run per method."""
+    sq = params.sequential
+    out = pd.DataFrame({"Batch Size": list(sq.batch_sizes),
+                        "Num Batches": [math.ceil(sq.total / b) for b in sq.batch_sizes],
+                        "Total Edits": [sq.total] * len(sq.batch_sizes)})
+    if batches is not None and not batches.empty:
+        done = batches.groupby(["method", "batch_size"])["batch_index"].nunique().unstack(0)
+        for m in done.columns:
+            out[f"run ({m.upper()})"] = [int(done[m].get(b, 0)) if not pd.isna(done[m].get(b, 0)) else 0
+                                         for b in sq.batch_sizes]
+    return out
+
+
+def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
+    """Sequential-batch editing: scores right after each batch (``current``) and on the final model
+    (``final``) per method and batch size."""
+    c = cases[cases["eval"].isin(["current", "final"])]
+    f = format_summary(summarize_cases(c, by=["method", "batch_size", "eval"]))
+    out = pd.DataFrame({"Method": f["method"].str.upper(), "Batch Size": f["batch_size"],
+                        "Evaluated": f["eval"].map({"current": "after its batch", "final": "final model"})})
+    for m in _table_metrics(f):
+        out[m] = f[m]
+    return out.reset_index(drop=True)
+
+
+_PAPER_T1 = [("MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"),
+             ("ROME", "100.0", "98.05", "85.73", "614.42", "94.15")]
+_PAPER_T3 = [
+    ("1", 1, "100.0(0.0)", "98.05(11.34)", "85.61(21.93)", "615.09(32.01)", "94.10"),
+    ("1×10^1", 1e1, "100.0(0.0)", "98.05(10.89)", "85.73(21.87)", "614.42(36.04)", "94.15"),
+    ("1×10^2", 1e2, "92.63(26.13)", "89.79(24.72)", "53.03(32.23)", "541.56(70.60)", "73.55"),
+    ("1×10^3", 1e3, "93.36(24.9)", "89.43(24.49)", "52.86(32.41)", "521.97(84.59)", "73.51"),
+    ("1×10^4", 1e4, "93.51(24.64)", "88.99(25.14)", "53.00(32.30)", "537.32(72.02)", "73.53"),
+    ("5×10^4", 5e4, "97.71(14.97)", "92.7(22.73)", "73.19(29.41)", "611.48(23.34)", "86.49"),
+    ("1×10^5", 1e5, "88.04(32.45)", "81.74(34.71)", "80.15(25.77)", "615.28(21.18)", "83.17"),
+    ("5×10^5", 5e5, "43.6(49.59)", "39.79(44.07)", "87.05(20.45)", "616.78(18.12)", "50.37"),
+    ("1×10^6", 1e6, "33.15(47.08)", "31.18(41.44)", "87.64(20.04)", "617.04(17.98)", "40.73"),
+]
+_PAPER_T4 = [
+    ("0", 0.0, "94.09(23.58)", "90.14(24.06)", "53.5(31.31)", "545.84(68.7)", "74.23"),
+    ("1×10^{-2}", 1e-2, "70.56(45.58)", "68.16(38.93)", "52.56(35.89)", "563.84(58.55)", "62.67"),
+    ("1×10^{-3}", 1e-3, "79.39(40.45)", "76.27(34.24)", "51.39(33.96)", "487.69(93.56)", "66.42"),
+    ("1×10^{-4}", 1e-4, "89.99(30.01)", "85.72(27.64)", "52.08(31.7)", "522.15(77.4)", "71.46"),
+    ("1×10^{-5}", 1e-5, "92.33(26.61)", "86.72(27.19)", "51.86(31.14)", "530.25(75.91)", "72.04"),
+    ("1×10^{-6}", 1e-6, "93.60(24.47)", "90.75(23.46)", "52.08(31.81)", "529.64(80.43)", "73.34"),
+    ("1×10^{-7}", 1e-7, "93.95(23.85)", "90.11(24.13)", "52.05(31.42)", "529.02(82.7)", "73.25"),
+]
+
+
+def paper_reference_tables() -> dict[str, pd.DataFrame]:
+    """The paper's Tables 1, 3, 4 (Llama-3-8B, CounterFact) as printed, strings verbatim; the
+    sweep tables also carry the numeric ``lam``."""
+    cols = ["ES", "PS", "NS", "GE", "S"]
+    return {"table1": pd.DataFrame(_PAPER_T1, columns=["Algorithm", *cols]),
+            "table3": pd.DataFrame(_PAPER_T3, columns=["Lambda", "lam", *cols]),
+            "table4": pd.DataFrame(_PAPER_T4, columns=["Lambda", "lam", *cols])}
+
+
+def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.DataFrame:
+    """Side by side: ``<metric> (ours)`` and ``<metric> (paper)`` for every metric of either table,
+    rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty."""
+    metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
+    a = ours[[on] + [m for m in metrics if m in ours.columns]].rename(columns={m: f"{m} (ours)" for m in metrics})
+    b = paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics})
+    if on == "lam":
+        a = a.assign(lam=a["lam"].astype(float))
+        b = b.assign(lam=b["lam"].astype(float))
+    out = a.merge(b, on=on, how="outer").sort_values(on, kind="stable") if on == "lam" else a.merge(b, on=on, how="outer")
+    if on == "lam":
+        out.insert(0, "Lambda", [format_lambda(l) for l in out["lam"]])
+    cols = [c for c in out.columns if c in ("Lambda", on)]
+    for m in metrics:
+        cols += [c for c in (f"{m} (ours)", f"{m} (paper)") if c in out.columns]
+    return out[cols].fillna("").reset_index(drop=True)

@@ -1,0 +1,277 @@
+"""``python -m editlib reproduce``: run the study notebooks 01-06 with papermill, export them to
+HTML, and time them; plus the stored-results helpers the report notebook uses (no model loads).
+
+Executed notebooks, their HTML and ``timings.json`` go to ``runs/<name>/``; figures and tables to
+``figures/<name>/`` (params ``figures_dir``); results to ``results/<name>/`` (params ``results_dir``).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import yaml
+
+from .params import StudyParams, find_params_file, resolve
+from .paths import REPO_ROOT, anchor_params, repo_path
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+REPORT = "06"
+# the experiment each notebook runs (validated before any notebook starts)
+NOTEBOOK_EXPERIMENTS = {"01": ["layer_search"], "02": ["singular"], "03": ["sweep"], "04": ["batch"],
+                        "05": ["sequential"], "06": []}
+EXPERIMENT_ORDER = ("layer_search", "singular", "sweep", "batch", "sequential")
+
+
+class ReproduceError(RuntimeError):
+    """A notebook failed (the message names the notebook and the cell) or a setup step did."""
+
+
+@dataclass
+class NotebookRun:
+    notebook: str
+    output: Path
+    html: Path | None
+    seconds: float
+    status: str = "ok"
+
+
+# --------------------------------------------------------------------------- stored results
+
+@dataclass
+class StoredResult:
+    """One experiment folder of the store: ``results/<name>/<experiment>/``."""
+
+    experiment: str
+    root: Path
+    cases: pd.DataFrame
+    batches: pd.DataFrame
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        prov = self.manifest.get("provenance", {})
+        return prov.get("model_label") or Path(str(prov.get("model", "model"))).name
+
+
+def results_root(p: StudyParams) -> Path:
+    return repo_path(p.results_dir) / p.name
+
+
+def stored_experiments(p: StudyParams) -> list[str]:
+    """Experiment folders with a consolidated ``cases.parquet``, in the study's order (a second
+    model's layer search, ``layer_search-<label>``, right after the main one)."""
+    root = results_root(p)
+    found = sorted(d.name for d in root.iterdir() if (d / "cases.parquet").is_file()) if root.is_dir() else []
+    rank = {e: i for i, e in enumerate(EXPERIMENT_ORDER)}
+    return sorted(found, key=lambda e: (rank.get(e.split("-", 1)[0], 99), e))
+
+
+def load_stored(p: StudyParams, experiment: str) -> StoredResult:
+    """Cases, batch diagnostics and manifest of a finished experiment (no model is loaded)."""
+    root = results_root(p) / experiment
+    if not (root / "cases.parquet").is_file():
+        raise FileNotFoundError(f"no finished {experiment!r} results in {root} (run its notebook first)")
+    batches = pd.read_parquet(root / "batches.parquet") if (root / "batches.parquet").is_file() else pd.DataFrame()
+    man = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").is_file() else {}
+    return StoredResult(experiment, root, pd.read_parquet(root / "cases.parquet"), batches, man)
+
+
+def is_miniature(p: StudyParams, r: StoredResult) -> bool:
+    """True for the offline miniatures: a ``tiny*`` params name, a ``tiny`` build spec, or a model
+    directory written by :mod:`editlib.tiny`."""
+    model_dir = r.manifest.get("provenance", {}).get("model")
+    return (p.name.startswith("tiny") or p.model.tiny is not None
+            or bool(model_dir and (Path(model_dir) / "editlib_tiny.json").is_file()))
+
+
+_DATA = {"model": "the miniature's own training facts", "counterfact": "CounterFact", "world": "synthetic world"}
+_SIZE_KEYS = (("n_facts", "facts"), ("total", "facts in total"), ("layers", "layers"), ("layer", "layer"),
+              ("batch_size", "batch size"), ("batch_sizes", "batch sizes"), ("methods", "methods"))
+
+
+def _sizes(spec: dict) -> str:
+    parts = [f"{label} {_short(spec[k])}" for k, label in _SIZE_KEYS if k in spec]
+    for m, grid in (spec.get("grids") or {}).items():
+        parts.append(f"{m.upper()} λ ∈ {{{', '.join(f'{x:g}' for x in grid)}}}")
+    return "; ".join(parts)
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x).upper() if isinstance(x, str) else str(x) for x in v)
+    return str(v)
+
+
+def caption(p: StudyParams, r: StoredResult, what: str) -> str:
+    """A Markdown caption: what the item is, model, data, sizes and seeds from the manifest."""
+    man = r.manifest
+    prov, prm = man.get("provenance", {}), man.get("params", {})
+    data, ev = prm.get("data", {}), prm.get("evaluation", {})
+    src = data.get("source", "?")
+    seeds = f"ordering seed {data.get('ordering_seed')}, orderings {_short(data.get('orderings', []))}"
+    if ev.get("generation"):
+        seeds += f", generation seed {ev.get('gen_seed')}"
+    text = (f"**{what}.** Model `{r.label}` ({prov.get('n_layers', '?')} decoder layers, fingerprint "
+            f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {_DATA.get(src, src)} "
+            f"({prov.get('n_records_available', '?')} records available); {_sizes(prm.get('spec', {}))}; "
+            f"seeds: {seeds}. Results: `{r.root}`" + ("" if man.get("complete") else " (incomplete run)") + ".")
+    if is_miniature(p, r):
+        text = (f"*Miniature result (offline model `{r.label}`, params `{p.name}`), not Llama-3-8B: compare trends "
+                f"with the paper, not numbers.* " + text)
+    return text
+
+
+# --------------------------------------------------------------------------- kernel and notebooks
+
+def _runs_here(argv0: str) -> bool:
+    """A kernelspec's argv[0] runs this interpreter (jupyter_client maps bare "python" to it)."""
+    bare = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}
+    return argv0 in bare or Path(argv0) == Path(sys.executable)
+
+
+def ensure_kernel(preferred: str = "python3") -> str:
+    """Name of a kernelspec that runs ``sys.executable``: ``python3`` when it does, else an
+    ``editlib-python`` spec installed into this environment (``sys.prefix``), never the user's."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    fallback = "editlib-python"
+    for name in (preferred, fallback):
+        try:
+            if _runs_here(ksm.get_kernel_spec(name).argv[0]):
+                return name
+        except NoSuchKernel:
+            pass
+    from ipykernel.kernelspec import install
+    install(kernel_name=fallback, display_name=f"Python ({sys.prefix})", prefix=sys.prefix)
+    return fallback
+
+
+def notebooks(only: Sequence[str] | None = None, nb_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The study notebooks ``NN_*.ipynb`` in order, optionally only those whose NN is in ``only``."""
+    found = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise ReproduceError(f"no notebooks in {nb_dir}: run `python notebooks/build_notebooks.py`")
+    if only:
+        want = {o.strip().zfill(2) for o in only if o.strip()}
+        unknown = want - {p.name[:2] for p in found}
+        if unknown:
+            raise ReproduceError(f"--only names unknown notebook(s) {sorted(unknown)}; have "
+                                 f"{[p.name[:2] for p in found]}")
+        found = [p for p in found if p.name[:2] in want]
+    return found
+
+
+def export_html(nb_path: Path, html_path: Path, *, exclude_input: bool = False) -> Path:
+    """nbconvert HTML of an executed notebook (input cells hidden when ``exclude_input``)."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(exclude_input=exclude_input).from_filename(str(nb_path))
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def _failure(nb: Path, out: Path, e: Exception) -> ReproduceError:
+    src = (getattr(e, "source", "") or "").strip().splitlines()
+    return ReproduceError(
+        f"notebook {nb.name} failed in cell {getattr(e, 'cell_index', '?')} (execution count "
+        f"{getattr(e, 'exec_count', '?')}; the count includes papermill's injected-parameters cell): "
+        f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}\n"
+        f"  cell begins: {src[0] if src else '?'}\n  executed copy with the traceback: {out}")
+
+
+def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
+    """Execute ``nb`` into ``out`` (cwd = the notebooks folder); wall seconds."""
+    import papermill as pm
+
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(nb), str(out), parameters=parameters, cwd=str(nb.parent),
+                            kernel_name=kernel, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise _failure(nb, out, e) from None
+    return time.perf_counter() - t0
+
+
+def _overrides(sets: Mapping | Sequence[str] | None) -> dict:
+    """``--set key=value`` strings (values parsed as YAML) or a mapping, as a JSON-able dict."""
+    if not sets:
+        return {}
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise ReproduceError(f"override {s!r} must look like key.sub=value")
+        k, v = s.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> StudyParams:
+    """Resolve the params and run the protocols' pre-load checks for the selected notebooks."""
+    from .protocols import check_before_loading
+
+    p = anchor_params(resolve(params_file, overrides=overrides))
+    exps = [e for nb in nbs for e in NOTEBOOK_EXPERIMENTS.get(nb.name[:2], [])]
+    if exps:
+        check_before_loading(p, exps)
+    return p
+
+
+def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None = None, *,
+              only: Sequence[str] | None = None, runs_dir: str | Path | None = None,
+              log: Callable[[str], None] = print) -> list[NotebookRun]:
+    """Validate the params, execute the notebooks in order into ``<runs_dir>/<name>/`` and export
+    each to HTML (the report without its code). Stops at the first failing cell with a
+    :class:`ReproduceError` naming the notebook and the cell."""
+    params_path = find_params_file(params_file).resolve()
+    over = _overrides(overrides)
+    nbs = notebooks(only)
+    p = validate(params_path, over, nbs)
+    out_dir = repo_path(runs_dir or "runs") / p.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kernel = ensure_kernel()
+    parameters = {"params_file": str(params_path), "overrides": over}
+    log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}")
+    runs: list[NotebookRun] = []
+    try:
+        for nb in nbs:
+            out = out_dir / nb.name
+            log(f"  running {nb.name} ...")
+            try:
+                secs = run_notebook(nb, out, parameters, kernel)
+            except ReproduceError:
+                runs.append(NotebookRun(nb.name, out, _try_html(out), 0.0, "failed"))
+                raise
+            html = export_html(out, out.with_suffix(".html"), exclude_input=nb.name.startswith(REPORT))
+            runs.append(NotebookRun(nb.name, out, html, secs))
+            log(f"  {nb.name}: {secs:6.1f} s  -> {out.name}, {html.name}")
+    finally:
+        _write_timings(out_dir / "timings.json", p, params_path, over, runs)
+    total = sum(r.seconds for r in runs)
+    log(f"done in {total:.1f} s: notebooks and HTML in {out_dir}; figures and tables in "
+        f"{repo_path(p.figures_dir) / p.name}; results in {results_root(p)}; timings in {out_dir / 'timings.json'}")
+    return runs
+
+
+def _try_html(out: Path) -> Path | None:
+    """HTML of a failed notebook when possible (to read the traceback in a browser)."""
+    try:
+        return export_html(out, out.with_suffix(".html")) if out.is_file() else None
+    except Exception:  # noqa: BLE001 - best effort only
+        return None
+
+
+def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, runs: list[NotebookRun]) -> None:
+    path.write_text(json.dumps({
+        "name": p.name, "params_file": str(params_path), "overrides": over,
+        "notebooks": [{"notebook": r.notebook, "seconds": round(r.seconds, 2), "status": r.status,
+                       "output": str(r.output), "html": str(r.html) if r.html else None} for r in runs],
+        "total_seconds": round(sum(r.seconds for r in runs), 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n", encoding="utf-8")

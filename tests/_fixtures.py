@@ -1,0 +1,99 @@
+"""Shared builders for the editing / value tests (a plain module: ``from _fixtures import ...``).
+
+Tiny random models over an 18-word vocabulary, hand-made facts that tokenise with it, explicit
+context templates (no sampling) and C0 collected from the model's own down-projection inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from editlib.arch import arch_for
+from editlib.context import ContextTemplates
+from editlib.nethook import Trace
+from editlib.records import Record, Target
+from editlib.tokens import prepare_tokenizer
+
+WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
+
+#: plain prompt + one type of two "generated" contexts (keys: ½ k_plain + ½ mean of the two)
+CTX = ContextTemplates(groups=(("{}",), ("the cat sat . {}", "a dog ran to . {}")))
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """WordLevel tokenizer over :data:`WORDS`; adds BOS ``<s>`` like Llama-3; pad = EOS."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                               eos_token="</s>", unk_token="<unk>")
+    return prepare_tokenizer(tok)
+
+
+def tiny_llama(vocab_size: int, *, layers: int = 3, seed: int = 0, lm_scale: float = 10.0,
+               dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """Random Llama (hidden 32, intermediate 64). ``lm_scale`` multiplies the LM head so that the
+    value optimisation can move the loss a lot (the init's logits are ≈ 0.1 otherwise)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
+                                   bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_scale)
+    return model.to(dtype)
+
+
+def tiny_gpt2(vocab_size: int, *, layers: int = 3, seed: int = 0, lm_scale: float = 10.0,
+              dtype: torch.dtype = torch.float64) -> transformers.PreTrainedModel:
+    """Random GPT-2 (n_embd 32, c_proj a Conv1D stored [d_in=128, d_out=32]); tied LM head."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=vocab_size,
+                                  n_positions=64, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_scale)
+    return model.to(dtype)
+
+
+def fact(case_id: int, prompt: str, subject: str, new: str, true: str = "cat") -> Record:
+    return Record(case_id=case_id, prompt=prompt, subject=subject, relation_id="P1",
+                  target_true=Target(true, "t"), target_new=Target(new, "n"),
+                  paraphrase_prompts=("x",), neighborhood_prompts=("y",))
+
+
+#: subjects mid-prompt and at the end; one- and multi-token targets; distinct subject last tokens
+FACTS = (
+    fact(0, "{} sat on", "the cat", "mat"),
+    fact(1, "the capital of {}", "France", "Paris"),
+    fact(2, "{} is capital of", "Paris", "France"),
+    fact(3, "a dog ran to {}", "the mat", "cat and dog"),
+)
+
+
+@torch.no_grad()
+def collect_cov(model, layer: int, *, n_seqs: int = 64, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """C0 = E[k kᵀ] (float64) of the down-projection inputs on random word sequences
+    (64·16 = 1024 keys ≥ d_in, so C0 is full rank)."""
+    g = torch.Generator().manual_seed(seed + 1000 * layer)
+    ids = torch.randint(3, model.config.vocab_size, (n_seqs, length), generator=g)
+    ids[:, 0] = 1  # BOS
+    with Trace(model, arch_for(model).down_name(layer), retain_input=True, retain_output=False,
+               stop=True) as t:
+        model(input_ids=ids)
+    k = t.input.reshape(-1, t.input.shape[-1]).to(torch.float64)
+    return k.T @ k / k.shape[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot:
+    import this fixture into a test module to run it single-threaded (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

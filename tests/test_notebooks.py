@@ -1,0 +1,80 @@
+"""The whole study end to end: ``editlib.reproduce`` runs notebooks 01-06 with params/smoke.yaml
+(papermill + nbconvert) into a temporary folder. Slow (about a minute on 2 cores): ``-m "not slow"``
+skips it.
+
+It needs the committed miniature models/tiny-world; ``EDITLIB_SMOKE_MODEL=/path/to/model`` runs it
+on another miniature directory instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from editlib.paths import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+FIGURES = ("fig1_layer_search", "fig_table3_memit_lambda", "fig_table4_emmet_lambda", "fig2_batch_memit",
+           "fig3_batch_emmet", "fig4_sequential_memit", "fig5_sequential_emmet",
+           "fig_sequential_diagnostics_memit", "fig_sequential_diagnostics_emmet")
+TABLES = ("table1_singular", "table3_memit_lambda", "table4_emmet_lambda", "table_batch_summary",
+          "table2_batches", "table_sequential_retention", "table1_vs_paper", "table3_vs_paper",
+          "table4_vs_paper")
+NOTEBOOKS = ("01_layer_search", "02_singular_edits", "03_hparam_sweep", "04_batch_editing",
+             "05_sequential_batch_editing", "06_report")
+
+
+def _model_overrides() -> dict:
+    model = os.environ.get("EDITLIB_SMOKE_MODEL")
+    if model:
+        return {"model.id": model}
+    if not (REPO_ROOT / "models" / "tiny-world" / "config.json").is_file():
+        pytest.skip("models/tiny-world is missing (set EDITLIB_SMOKE_MODEL to a miniature directory)")
+    return {}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from editlib.reproduce import reproduce
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    over = {**_model_overrides(), "results_dir": str(tmp / "results"), "figures_dir": str(tmp / "figures")}
+    runs = reproduce("smoke", over, runs_dir=tmp / "runs", log=lambda *_: None)
+    return tmp, runs
+
+
+def _nonempty(p: Path) -> bool:
+    return p.is_file() and p.stat().st_size > 0
+
+
+def test_every_figure_and_table_written(smoke_run):
+    tmp, _ = smoke_run
+    fig_dir = tmp / "figures" / "smoke"
+    missing = [f"{s}{ext}" for s in FIGURES for ext in (".png", ".pdf") if not _nonempty(fig_dir / f"{s}{ext}")]
+    missing += [f"{s}{ext}" for s in TABLES for ext in (".csv", ".md") if not _nonempty(fig_dir / f"{s}{ext}")]
+    assert not missing, f"missing or empty in {fig_dir}: {missing}"
+    best = json.loads((fig_dir / "best_layer.json").read_text())
+    assert best["best_layer"] in (0, 1, 5)
+    assert "fig6_layer_search_second_model.png" not in {p.name for p in fig_dir.iterdir()}
+
+
+def test_notebooks_html_and_timings(smoke_run):
+    tmp, runs = smoke_run
+    run_dir = tmp / "runs" / "smoke"
+    assert [r.notebook for r in runs] == [f"{n}.ipynb" for n in NOTEBOOKS]
+    for n in NOTEBOOKS:
+        assert _nonempty(run_dir / f"{n}.ipynb") and _nonempty(run_dir / f"{n}.html")
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert [t["status"] for t in timings["notebooks"]] == ["ok"] * len(NOTEBOOKS)
+    report = (run_dir / "06_report.html").read_text()
+    assert "Miniature result" in report and "not Llama-3-8B" in report
+    assert "plotting.save_table" not in report  # the report's code cells are hidden
+
+
+def test_results_stored_outside_the_repo(smoke_run):
+    tmp, _ = smoke_run
+    exps = sorted(p.name for p in (tmp / "results" / "smoke").iterdir())
+    assert exps == ["batch", "layer_search", "singular", "sequential", "sweep"]

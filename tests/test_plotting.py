@@ -1,0 +1,157 @@
+"""editlib.plotting on small synthetic result frames (seeded, no model)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from editlib import plotting
+from editlib.params import resolve
+
+METRIC_COLS = ("ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc")
+
+
+def _cases(rng: np.random.Generator, n: int, ge: bool = False, **cols) -> pd.DataFrame:
+    df = pd.DataFrame({"case_id": np.arange(n), **{k: [v] * n for k, v in cols.items()}})
+    for m in METRIC_COLS:
+        df[m] = rng.uniform(0, 1, n) if not m.endswith("_mag") else rng.uniform(-1, 1, n)
+    df[["ES", "PS", "NS"]] = (df[["ES", "PS", "NS"]] > 0.3).astype(float)
+    if ge:
+        df["GE"] = rng.uniform(5, 6.5, n)
+    return df
+
+
+def _frame(rng, rows: list[dict], n: int = 12, ge: bool = False) -> pd.DataFrame:
+    return pd.concat([_cases(rng, n, ge, **r) for r in rows], ignore_index=True)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _n_lines(fig: Figure) -> list[int]:
+    return [len(ax.lines) for ax in fig.axes]
+
+
+def test_layer_search_panels_and_lines(rng):
+    rows = [dict(method=m, layer=l, batch_size=1, batch_index=0, eval="current", ordering=0)
+            for m in ("rome", "memit") for l in range(4)]
+    fig = plotting.plot_layer_search(_frame(rng, rows), "Figure 1")
+    assert isinstance(fig, Figure)
+    assert _n_lines(fig) == [2, 2, 2, 2]
+    assert "95% CI" in fig.axes[0].get_ylabel()
+    fig_ge = plotting.plot_layer_search(_frame(rng, rows, ge=True), "Figure 1 with GE")
+    assert _n_lines(fig_ge) == [2] * 5
+
+
+def test_batch_and_sweep(rng):
+    rows = [dict(method=m, layer=1, batch_size=b, batch_index=0, eval="current", ordering=0)
+            for m in ("memit", "emmet") for b in (4, 16, 64)]
+    fig = plotting.plot_batch(_frame(rng, rows), "emmet", "Figure 3")
+    assert _n_lines(fig) == [1, 1, 1, 1]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["4", "16", "64"]
+    assert fig.axes[0].get_xscale() == "log"
+
+    rows = [dict(method="emmet", layer=1, lam=l, batch_size=8, batch_index=0, eval="current", ordering=0)
+            for l in (0.0, 1e-4, 1e-2)]
+    fig = plotting.plot_sweep(_frame(rng, rows), "emmet", "Table 4")
+    assert _n_lines(fig) == [1] * 4
+    assert fig.axes[0].get_xscale() == "symlog"
+    rows = [dict(method="memit", layer=1, lam=l, batch_size=8, batch_index=0, eval="current", ordering=0)
+            for l in (1.0, 100.0, 1e4)]
+    assert plotting.plot_sweep(_frame(rng, rows), "memit", "Table 3").axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="rome"):
+        plotting.plot_batch(_frame(rng, rows), "rome", "x")
+
+
+def test_sequential_current_and_final(rng):
+    rows = [dict(method="memit", layer=1, batch_size=b, batch_index=i, eval="current", ordering=0)
+            for b in (2, 8) for i in range(8 // b)]
+    cur = _frame(rng, rows, n=4)
+    assert _n_lines(plotting.plot_sequential(cur, "memit", "Figure 4")) == [1] * 4
+    fin = _frame(rng, [dict(method="memit", layer=1, batch_size=b, batch_index=8 // b - 1, eval="final",
+                            ordering=0) for b in (2, 8)], n=8)
+    both = pd.concat([cur, fin], ignore_index=True)
+    assert _n_lines(plotting.plot_sequential(both, "memit", "Figure 4")) == [2] * 4
+    ret = plotting.retention_table(both)
+    assert set(ret["Evaluated"]) == {"after its batch", "final model"} and len(ret) == 4
+
+
+def test_sequential_diagnostics(rng):
+    rows = [dict(method="memit", layer=1, batch_size=b, batch_index=i, ordering=0, n=b,
+                 w_rel_dist=1e-3 * (i + 1), cond_D=10.0 ** (i + 1))
+            for b in (1, 4, 16) for i in range(16 // b)]
+    fig = plotting.plot_sequential_diagnostics(pd.DataFrame(rows), "memit", "diagnostics")
+    assert _n_lines(fig) == [3, 3]
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    fig = plotting.plot_sequential_diagnostics(pd.DataFrame(rows), "memit", "d", x="edits")
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_save_figure_and_table(rng, tmp_path):
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0)
+            for m in ("rome", "memit")]
+    fig = plotting.plot_layer_search(_frame(rng, rows), "one layer")
+    paths = plotting.save_figure(fig, tmp_path / "figs", "fig1")
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"
+
+    t1 = plotting.table1(_frame(rng, rows, ge=True))
+    csv, md = plotting.save_table(t1, tmp_path / "figs", "table1")
+    assert csv.read_text().startswith("Algorithm,ES,PS,NS,GE,S")
+    lines = md.read_text().splitlines()
+    assert lines[0] == "| Algorithm | ES | PS | NS | GE | S |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    assert len(lines) == 2 + len(t1)
+
+
+def test_markdown_escapes_pipes():
+    md = plotting.to_markdown(pd.DataFrame({"a|b": ["x|y", None]}))
+    assert md.splitlines()[0] == "| a\\|b |" and md.splitlines()[2] == "| x\\|y |"
+    assert md.splitlines()[3] == "|  |"
+
+
+def test_table1_strings(rng):
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0)
+            for m in ("rome", "memit")]
+    t1 = plotting.table1(_frame(rng, rows, n=40))
+    assert list(t1["Algorithm"]) == ["MEMIT", "ROME"]
+    assert list(t1.columns) == ["Algorithm", "ES", "PS", "NS", "S"]
+    for m in ("ES", "PS", "NS"):
+        assert all(re.fullmatch(r"\d{1,3}\.\d\d\(\d{1,3}\.\d\d\)", v) for v in t1[m]), t1[m].tolist()
+    assert all(re.fullmatch(r"\d{1,3}\.\d\d", v) for v in t1["S"])
+
+
+def test_sweep_table_and_comparison(rng):
+    rows = [dict(method="emmet", layer=1, lam=l, batch_size=8, batch_index=0, eval="current", ordering=0)
+            for l in (0.0, 1e-2)]
+    t = plotting.sweep_table(_frame(rng, rows), "emmet")
+    assert list(t["Lambda"]) == ["0", "1×10^-2"] and list(t["lam"]) == [0.0, 0.01]
+    ref = plotting.paper_reference_tables()
+    cmp = plotting.compare_with_paper(t, ref["table4"], on="lam")
+    assert len(cmp) == 7  # the paper's grid; ours fills two rows
+    assert cmp.loc[cmp.lam == 0, "S (paper)"].item() == "74.23"
+    assert cmp.loc[cmp.lam == 1e-3, "S (ours)"].item() == ""
+    assert "GE (paper)" in cmp.columns and "GE (ours)" not in cmp.columns
+
+
+def test_paper_reference_tables():
+    ref = plotting.paper_reference_tables()
+    assert ref["table1"].loc[0].tolist() == ["MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"]
+    assert len(ref["table3"]) == 9 and len(ref["table4"]) == 7
+    assert ref["table3"].loc[5, "Lambda"] == "5×10^4" and ref["table3"].loc[5, "S"] == "86.49"
+    assert ref["table4"].loc[3, "PS"] == "85.72(27.64)"
+    assert [plotting.format_lambda(l) for l in (0, 1, 10, 5e4, 1e-7)] == ["0", "1", "1×10^1", "5×10^4", "1×10^-7"]
+
+
+def test_table2_from_params():
+    p = resolve("tiny", overrides={"sequential.total": 10, "sequential.batch_sizes": [1, 4, 10]})
+    t2 = plotting.table2(p)
+    assert t2.values.tolist() == [[1, 10, 10], [4, 3, 10], [10, 1, 10]]
+    b = pd.DataFrame({"method": ["memit"] * 4, "batch_size": [4, 4, 4, 10], "batch_index": [0, 1, 2, 0]})
+    assert plotting.table2(p, b)["run (MEMIT)"].tolist() == [0, 3, 1]

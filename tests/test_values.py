@@ -1,0 +1,236 @@
+"""editlib.values: batched value optimisation (SPEC §2 compute_z, §9 "Batch the z-optimisation")."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from _fixtures import one_thread  # noqa: F401  (autouse: single-threaded module)
+from _fixtures import CTX, FACTS, tiny_llama, word_tokenizer
+from editlib.arch import arch_for, block_output
+from editlib.context import ContextTemplates
+from editlib.nethook import Trace
+from editlib.reprs import current_values
+from editlib.tokens import filled_ids, in_context, pad_right, target_ids
+from editlib.values import KL_PROMPT, ValueHParams, compute_values
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm32(tok):
+    return tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def lm64(tok):
+    return tiny_llama(len(tok), lm_scale=10.0, dtype=torch.float64).requires_grad_(False)
+
+
+def values(model, tok, **kw):
+    return compute_values(model, tok, FACTS, LAYER, CTX, ValueHParams(**kw))
+
+
+def reference_z(model, tok, record, layer, contexts, hp: ValueHParams):
+    """The reference's per-request loop (MEMIT compute_z, SPEC §2) written plainly: full logits,
+    torch.optim.Adam on one δ, early stop, last-iteration break, clamp after each step.
+    Returns (z, h, steps, final_loss)."""
+    tgt = target_ids(tok, record.target_new.str)
+    seqs, lookups = [], []
+    for c in contexts.flat:
+        ids, idx = filled_ids(tok, in_context(c, record.prompt), record.subject)
+        seqs.append(ids + tgt[:-1])
+        lookups.append(idx)
+    n_rw = len(seqs)
+    ids, idx = filled_ids(tok, KL_PROMPT, record.subject)
+    seqs.append(ids), lookups.append(idx)
+    input_ids, mask = pad_right(seqs, tok.pad_token_id)
+    labels = torch.full(input_ids.shape, -100)
+    for i in range(n_rw):
+        ex_len = int(mask[i].sum())
+        labels[i, ex_len - len(tgt):ex_len] = torch.tensor(tgt)
+
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    state = {"init": None}
+
+    def edit(out):
+        hs = block_output(out).clone()
+        if state["init"] is None:
+            state["init"] = hs[0, lookups[0]].detach().clone()
+        for i, j in enumerate(lookups):
+            hs[i, j] = hs[i, j] + delta
+        return hs
+
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init, steps = None, 0
+    for it in range(hp.v_num_grad_steps):
+        opt.zero_grad()
+        with Trace(model, arch_for(model).layer_name(layer), retain_output=False, edit_output=edit):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        kl_logp = torch.log_softmax(logits[n_rw, lookups[n_rw]], -1)[None]
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()
+        logp = torch.log_softmax(logits[:n_rw], -1)
+        lab = labels[:n_rw]
+        tok_lp = logp.gather(2, torch.where(lab != -100, lab, 0)[..., None])[..., 0]
+        nll = (-(tok_lp * (lab != -100)).sum(1) / len(tgt)).mean()
+        kl = torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+        h = state["init"]
+        loss = nll + hp.kl_factor * kl + hp.v_weight_decay * (delta.norm() / h.norm() ** 2)
+        if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        steps += 1
+        max_norm = hp.clamp_norm_factor * h.norm()
+        if delta.norm() > max_norm:
+            with torch.no_grad():
+                delta[...] = delta * max_norm / delta.norm()
+    h = state["init"].float()
+    return (h + delta.detach()).float(), h, steps, float(loss.detach())
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batched_equals_per_fact_float32(lm32, tok) -> None:
+    """z_batch_size=1 (the reference's per-fact loop) vs 4: same z (atol 1e-4), same steps; the
+    early stop freezes one fact early while the others keep going."""
+    one = values(lm32, tok, z_batch_size=1, early_stop_loss=0.3)
+    four = values(lm32, tok, z_batch_size=4, early_stop_loss=0.3)
+    assert one.z.shape == four.z.shape == (32, 4) and one.z.dtype == torch.float32
+    assert torch.equal(one.steps, four.steps)
+    assert len(set(four.steps.tolist())) > 1, f"steps should differ across facts: {four.steps.tolist()}"
+    assert four.steps.max() == 24  # v_num_grad_steps − 1
+    torch.testing.assert_close(four.z, one.z, rtol=0, atol=1e-4)
+    torch.testing.assert_close(four.h, one.h, rtol=0, atol=1e-6)
+    torch.testing.assert_close(four.final_loss, one.final_loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 4])
+def test_batched_equals_per_fact_float64(tok, chunk: int) -> None:
+    """In a float64 model (no f32 chaos amplification) the batched trajectories are the per-fact ones
+    to ~1e-9, with several different stop iterations and chunks that do not divide N."""
+    lm = tiny_llama(len(tok), lm_scale=30.0, dtype=torch.float64).requires_grad_(False)
+    one = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=1, early_stop_loss=1.0))
+    many = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=chunk, early_stop_loss=1.0))
+    assert torch.equal(one.steps, many.steps)
+    assert len(set(one.steps.tolist())) >= 3, one.steps.tolist()
+    torch.testing.assert_close(many.z, one.z, rtol=0, atol=1e-9)
+    torch.testing.assert_close(many.final_loss, one.final_loss, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kw, atol", [
+    (dict(v_num_grad_steps=10), 1e-6),
+    (dict(), 1e-4),
+    (dict(early_stop_loss=0.3, kl_factor=1.0, v_weight_decay=0.5), 1e-4),
+])
+def test_matches_reference_loop(lm64, tok, kw, atol: float) -> None:
+    """Batched values == a plain re-implementation of the reference's per-request compute_z
+    (torch.optim.Adam, full logits) for every fact: z, steps and final loss. δ and Adam are
+    float32 in both; once δ sits on the clamp boundary (after ~10 steps here) Adam amplifies
+    float32 rounding (≈ ×10 per 3 steps), hence the looser tolerance for 25 steps."""
+    hp = ValueHParams(z_batch_size=4, **kw)
+    res = compute_values(lm64, tok, FACTS, LAYER, CTX, hp)
+    for f, r in enumerate(FACTS):
+        z, h, steps, final = reference_z(lm64, tok, r, LAYER, CTX, hp)
+        assert int(res.steps[f]) == steps, (f, res.steps.tolist(), steps)
+        torch.testing.assert_close(res.h[:, f], h, rtol=0, atol=1e-6)
+        torch.testing.assert_close(res.z[:, f], z, rtol=0, atol=atol)
+        assert float(res.final_loss[f]) == pytest.approx(final, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- stopping rules
+
+
+def test_early_stop_at_iteration_zero(lm32, tok) -> None:
+    res = values(lm32, tok, early_stop_loss=1e9)
+    assert res.steps.tolist() == [0, 0, 0, 0]
+    assert torch.equal(res.z, res.h)
+    init = values(lm32, tok, v_num_grad_steps=1)
+    torch.testing.assert_close(res.final_loss, init.final_loss)
+
+
+def test_single_step_takes_no_adam_step(lm32, tok) -> None:
+    """v_num_grad_steps=1: the last-iteration rule breaks before the first update."""
+    res = values(lm32, tok, v_num_grad_steps=1, early_stop_loss=0.0)
+    assert res.steps.tolist() == [0, 0, 0, 0]
+    assert torch.equal(res.z, res.h)
+    # final_loss is then the initial loss: the plain NLL (δ = 0: KL = 0, weight decay = 0)
+    for f, r in enumerate(FACTS):
+        _, _, steps, loss0 = reference_z(lm32, tok, r, LAYER, CTX, ValueHParams(v_num_grad_steps=1))
+        assert steps == 0 and float(res.final_loss[f]) == pytest.approx(loss0, rel=1e-5)
+
+
+def test_h_is_the_plain_prompt_block_output(lm32, tok) -> None:
+    res = values(lm32, tok, v_num_grad_steps=2)
+    _, h = current_values(lm32, tok, FACTS, LAYER)
+    torch.testing.assert_close(res.h, h, rtol=0, atol=1e-6)
+
+
+def test_loss_decreases(lm32, tok) -> None:
+    init = values(lm32, tok, v_num_grad_steps=1)
+    final = values(lm32, tok, v_lr=0.5, v_num_grad_steps=25, early_stop_loss=0.0)
+    assert final.steps.tolist() == [24] * 4
+    assert (final.final_loss < init.final_loss).all(), (init.final_loss, final.final_loss)
+    assert (final.final_loss < 0.95 * init.final_loss).all()
+    assert final.info["mean_steps"] == 24 and final.seconds > 0
+
+
+@pytest.mark.parametrize("clamp", [0.25, 4.0])
+def test_clamp(lm32, tok, clamp: float) -> None:
+    res = values(lm32, tok, clamp_norm_factor=clamp, v_lr=2.0, early_stop_loss=0.0, v_num_grad_steps=10)
+    dz = (res.z - res.h).norm(dim=0)
+    bound = clamp * res.h.norm(dim=0)
+    assert (dz <= bound + 1e-4).all(), (dz, bound)
+    if clamp < 1:  # a big lr with a small ball: every fact ends on the boundary
+        torch.testing.assert_close(dz, bound, rtol=1e-4, atol=0)
+
+
+def test_bf16_model(tok) -> None:
+    """A bf16 model (transformers 5 loads Llama-3 in bf16): δ stays fp32, the hook writes the
+    block output back in bf16, and the optimisation still lowers the loss."""
+    lm = tiny_llama(len(tok), dtype=torch.bfloat16).requires_grad_(False)
+    init = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(v_num_grad_steps=1))
+    res = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(v_num_grad_steps=10, early_stop_loss=0.0))
+    assert res.z.dtype == torch.float32 and torch.isfinite(res.z).all()
+    assert res.steps.tolist() == [9] * 4
+    assert (res.final_loss < init.final_loss).all()
+
+
+def test_model_untouched(tok) -> None:
+    lm = tiny_llama(len(tok))  # parameters require grad, as after from_config
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    values(lm, tok, v_num_grad_steps=3)
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in lm.parameters())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("bad", [dict(v_num_grad_steps=0), dict(z_batch_size=0), dict(v_lr=0.0),
+                                 dict(clamp_norm_factor=-1.0), dict(kl_factor=-0.1),
+                                 dict(v_weight_decay=-1.0), dict(early_stop_loss=-1.0)])
+def test_hparams_validation(bad) -> None:
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        ValueHParams(**bad)
+
+
+def test_defaults_are_paper_config() -> None:
+    hp = ValueHParams()
+    assert dataclasses.astuple(hp)[:6] == (25, 0.5, 1e-3, 4.0, 0.0625, 5e-2)
+
+
+def test_first_template_must_be_plain(lm32, tok) -> None:
+    ctx = ContextTemplates(groups=(("the cat sat . {}",), ("{}",)))
+    with pytest.raises(ValueError, match="plain prompt"):
+        compute_values(lm32, tok, FACTS, LAYER, ctx, ValueHParams(v_num_grad_steps=1))

@@ -117,7 +117,7 @@ def _reproduce(a: argparse.Namespace) -> int:
 
     only = [x for part in (a.only or []) for x in part.split(",")] or None
     try:
-        reproduce(a.params, a.set or None, only=only, runs_dir=a.runs_dir)
+        reproduce(a.params, a.set or None, only=only, runs_dir=a.runs_dir, threads=a.threads)
     except (ReproduceError, ParamsError) as e:
         print(f"reproduce failed: {e}", file=sys.stderr)
         return 1
@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a parameter, e.g. --set batch.total=64 (repeatable)")
     rp.add_argument("--only", action="append", metavar="NN[,NN...]",
                     help="run only these notebooks, e.g. --only 01,04 (repeatable)")
-    rp.add_argument("--runs-dir", default=None, help="where runs/<name>/ goes (default: the repo's runs/)")
+    rp.add_argument("--runs-dir", default=None, help="folder for <name>/ with the executed notebooks, HTML and timings.json "
+                         "(default: runs; relative paths are relative to the repo root, like results_dir)")
+    rp.add_argument("--threads", type=int, default=None,
+                    help="OMP/MKL threads per notebook kernel (default: inherited; 1 is often fastest on a busy small CPU)")
     rp.set_defaults(func=_reproduce)
     return p
 

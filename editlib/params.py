@@ -208,7 +208,9 @@ def apply_sets(d: dict, sets: list[str] | Mapping[str, Any]) -> dict:
             raise ParamsError(f"unknown params section {parts[0]!r} in override {key!r}; known: {SECTIONS}")
         cur = out
         for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
+            if cur.get(p) is None:  # a missing or nulled section (e.g. `second_model: null`) is created
+                cur[p] = {}
+            cur = cur[p]
             if not isinstance(cur, dict):
                 raise ParamsError(f"override {key!r}: {p!r} is not a section")
         cur[parts[-1]] = val

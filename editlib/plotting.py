@@ -29,6 +29,9 @@ NAMES = {"ES": "Efficacy ES", "PS": "Paraphrase PS", "NS": "Neighbourhood NS", "
 BAND = "95% CI"
 METHOD_ORDER = ("memit", "rome", "emmet")
 _PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("deep", len(METHOD_ORDER))))
+# distinct line styles and markers: ROME and MEMIT singular edits often coincide exactly
+_STYLE = {"memit": ("-", "o"), "rome": ("--", "s"), "emmet": ("-.", "^")}
+_SHARES = ("ES", "PS", "NS")  # metrics that are shares: bands clipped to [0, 100]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,7 +87,10 @@ def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linest
     (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4)
     if metric != "S" and f"{metric}_ci" in s:
         ci = s[f"{metric}_ci"]
-        ax.fill_between(x, y - ci, y + ci, color=ln.get_color(), alpha=0.18, linewidth=0)
+        lo, hi = y - ci, y + ci
+        if metric in _SHARES:
+            lo, hi = lo.clip(lower=0), hi.clip(upper=100)
+        ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=0.18, linewidth=0)
 
 
 def _panel_titles(axes, metrics: Sequence[str]) -> None:
@@ -129,7 +135,8 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
     for ax, m in zip(axes, metrics):
         for method in _methods(s):
             g = s[s["method"] == method]
-            _line(ax, g["layer"], g, m, label=method.upper(), color=_PALETTE.get(method))
+            ls, mk = _STYLE.get(method, ("-", "o"))
+            _line(ax, g["layer"], g, m, label=method.upper(), color=_PALETTE.get(method), linestyle=ls, marker=mk)
         ax.set_xlabel("edited layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_titles(axes, metrics)

@@ -6,7 +6,10 @@ Executed notebooks, their HTML and ``timings.json`` go to ``runs/<name>/``; figu
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -179,8 +182,9 @@ def export_html(nb_path: Path, html_path: Path, *, exclude_input: bool = False) 
 def _failure(nb: Path, out: Path, e: Exception) -> ReproduceError:
     src = (getattr(e, "source", "") or "").strip().splitlines()
     return ReproduceError(
-        f"notebook {nb.name} failed in cell {getattr(e, 'cell_index', '?')} (execution count "
-        f"{getattr(e, 'exec_count', '?')}; the count includes papermill's injected-parameters cell): "
+        f"notebook {nb.name} failed in cell {getattr(e, 'cell_index', '?')} (0-based index in the executed "
+        f"copy, which has papermill's injected-parameters cell after the parameters cell; execution count "
+        f"{getattr(e, 'exec_count', '?')}): "
         f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}\n"
         f"  cell begins: {src[0] if src else '?'}\n  executed copy with the traceback: {out}")
 
@@ -189,12 +193,18 @@ def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
     """Execute ``nb`` into ``out`` (cwd = the notebooks folder); wall seconds."""
     import papermill as pm
 
+    # papermill cannot infer types from the chained `a = b = None` lines of the parameters cell
+    # and says so for every notebook; the parameters are injected all the same
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=parameters, cwd=str(nb.parent),
                             kernel_name=kernel, progress_bar=False)
     except pm.PapermillExecutionError as e:
         raise _failure(nb, out, e) from None
+    except Exception as e:  # kernel died, timed out, could not start ...
+        raise ReproduceError(f"notebook {nb.name} could not run: {type(e).__name__}: {e} "
+                             f"(partial copy: {out})") from e
     return time.perf_counter() - t0
 
 
@@ -224,12 +234,31 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     return p
 
 
+@contextlib.contextmanager
+def kernel_threads(threads: int | None):
+    """Set OMP/MKL thread counts for the kernels started inside (they inherit the environment).
+    On a small shared CPU one thread can be several times faster than oversubscribed OpenMP."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    if threads:
+        os.environ.update({k: str(int(threads)) for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None = None, *,
               only: Sequence[str] | None = None, runs_dir: str | Path | None = None,
-              log: Callable[[str], None] = print) -> list[NotebookRun]:
+              threads: int | None = None, log: Callable[[str], None] = print) -> list[NotebookRun]:
     """Validate the params, execute the notebooks in order into ``<runs_dir>/<name>/`` and export
     each to HTML (the report without its code). Stops at the first failing cell with a
-    :class:`ReproduceError` naming the notebook and the cell."""
+    :class:`ReproduceError` naming the notebook and the cell. ``threads``: OMP/MKL threads of the
+    notebook kernels (default: inherited)."""
     params_path = find_params_file(params_file).resolve()
     over = _overrides(overrides)
     nbs = notebooks(only)
@@ -238,22 +267,26 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
     out_dir.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel()
     parameters = {"params_file": str(params_path), "overrides": over}
-    log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}")
+    log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}"
+        + (f", {threads} thread(s) per kernel" if threads else ""))
     runs: list[NotebookRun] = []
     try:
         for nb in nbs:
             out = out_dir / nb.name
             log(f"  running {nb.name} ...")
+            t0 = time.perf_counter()
             try:
-                secs = run_notebook(nb, out, parameters, kernel)
+                with kernel_threads(threads):
+                    secs = run_notebook(nb, out, parameters, kernel)
             except ReproduceError:
-                runs.append(NotebookRun(nb.name, out, _try_html(out), 0.0, "failed"))
+                runs.append(NotebookRun(nb.name, out, _try_html(out), time.perf_counter() - t0, "failed"))
                 raise
             html = export_html(out, out.with_suffix(".html"), exclude_input=nb.name.startswith(REPORT))
             runs.append(NotebookRun(nb.name, out, html, secs))
             log(f"  {nb.name}: {secs:6.1f} s  -> {out.name}, {html.name}")
     finally:
-        _write_timings(out_dir / "timings.json", p, params_path, over, runs)
+        _write_timings(out_dir / "timings.json", p, params_path, over, runs,
+                       threads or os.environ.get("OMP_NUM_THREADS"))
     total = sum(r.seconds for r in runs)
     log(f"done in {total:.1f} s: notebooks and HTML in {out_dir}; figures and tables in "
         f"{repo_path(p.figures_dir) / p.name}; results in {results_root(p)}; timings in {out_dir / 'timings.json'}")
@@ -268,9 +301,11 @@ def _try_html(out: Path) -> Path | None:
         return None
 
 
-def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, runs: list[NotebookRun]) -> None:
+def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, runs: list[NotebookRun],
+                   threads) -> None:
     path.write_text(json.dumps({
         "name": p.name, "params_file": str(params_path), "overrides": over,
+        "threads_per_kernel": threads,
         "notebooks": [{"notebook": r.notebook, "seconds": round(r.seconds, 2), "status": r.status,
                        "output": str(r.output), "html": str(r.html) if r.html else None} for r in runs],
         "total_seconds": round(sum(r.seconds for r in runs), 2),

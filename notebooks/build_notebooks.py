@@ -45,7 +45,10 @@ FIG_DIR = Path(P.figures_dir) / P.name
 print(f"params: {P.source}\\nrun: {P.name}\\nmodel: {P.model.label or P.model.id}\\n"
       f"results: {Path(P.results_dir) / P.name}\\nfigures: {FIG_DIR}")'''
 
-STUDY_IMPORTS = "from editlib.protocols import best_layer, open_study, summarize"
+
+
+def study_imports(runner: str) -> str:
+    return f"from editlib.protocols import best_layer, open_study, {runner}, summarize"
 
 
 def save_fig(call: str, stem: str) -> str:
@@ -71,7 +74,7 @@ NB01 = [
            "search on the second model; Llama-2-7B in the paper) when `second_model` is set. The best "
            "layer (highest MEMIT S) is recorded in `best_layer.json` and used by notebooks 02-05."),
     ("code", SETUP),
-    ("code", STUDY_IMPORTS + "\nfrom editlib.protocols import run_layer_search"),
+    ("code", study_imports("run_layer_search")),
     ("md", "## Main model"),
     ("code", '''study = open_study(P, experiments=["layer_search"])
 cases = run_layer_search(study)
@@ -103,7 +106,7 @@ NB02 = [
            "Regenerates the paper's **Table 1**: ROME vs MEMIT, each fact edited alone on the unedited "
            "model at the best layer (notebook 01), scores as mean(std) ×100."),
     ("code", SETUP),
-    ("code", STUDY_IMPORTS + "\nfrom editlib.protocols import run_singular"),
+    ("code", study_imports("run_singular")),
     ("code", '''study = open_study(P, experiments=["singular"])
 cases = run_singular(study)
 display(summarize(cases, formatted=True))'''),
@@ -118,7 +121,7 @@ NB03 = [
            "(EMMET λ) — batch editing at one batch size (1024 in the paper) for every λ — with a "
            "figure of each sweep."),
     ("code", SETUP),
-    ("code", STUDY_IMPORTS + "\nfrom editlib.protocols import run_sweep"),
+    ("code", study_imports("run_sweep")),
     ("code", '''study = open_study(P, experiments=["sweep"])
 cases = run_sweep(study)
 display(summarize(cases, by=["method", "lam"], formatted=True))'''),
@@ -138,7 +141,7 @@ NB04 = [
            "batch applied to the unedited model, its facts scored, the model restored; ES, PS, NS, S "
            "vs batch size."),
     ("code", SETUP),
-    ("code", STUDY_IMPORTS + "\nfrom editlib.protocols import run_batch"),
+    ("code", study_imports("run_batch")),
     ("code", '''study = open_study(P, experiments=["batch"])
 cases = run_batch(study)
 display(summarize(cases, by=["method", "batch_size"], formatted=True))'''),
@@ -160,7 +163,7 @@ NB05 = [
            "model (retention, beyond the paper). A diagnostics figure shows ‖W − W₀‖/‖W₀‖ and cond(D) "
            "after each batch."),
     ("code", SETUP),
-    ("code", STUDY_IMPORTS + "\nfrom editlib.protocols import run_sequential\nfrom editlib.reproduce import load_stored"),
+    ("code", study_imports("run_sequential") + "\nfrom editlib.reproduce import load_stored"),
     ("code", '''study = open_study(P, experiments=["sequential"])
 cases = run_sequential(study)
 batches = load_stored(P, "sequential").batches

@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("smoke")
     over = {**_model_overrides(), "results_dir": str(tmp / "results"), "figures_dir": str(tmp / "figures")}
-    runs = reproduce("smoke", over, runs_dir=tmp / "runs", log=lambda *_: None)
+    runs = reproduce("smoke", over, runs_dir=tmp / "runs", threads=1, log=lambda *_: None)
     return tmp, runs
 
 
@@ -77,4 +77,4 @@ def test_notebooks_html_and_timings(smoke_run):
 def test_results_stored_outside_the_repo(smoke_run):
     tmp, _ = smoke_run
     exps = sorted(p.name for p in (tmp / "results" / "smoke").iterdir())
-    assert exps == ["batch", "layer_search", "singular", "sequential", "sweep"]
+    assert exps == ["batch", "layer_search", "sequential", "singular", "sweep"]

@@ -47,6 +47,7 @@ class ValueHParams:
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
     z_batch_size: int = 32  # facts optimised together (1 = the reference's per-fact loop)
+    prefix_cache: bool = True  # reuse the KV of tokens before the subject (they do not depend on δ)
 
     def __post_init__(self):
         if self.v_num_grad_steps < 1:
@@ -133,6 +134,90 @@ def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: 
     return res
 
 
+class _Forward:
+    """Runs the backbone with δ added at block ``layer``'s output at each sequence's subject token.
+
+    With ``prefix_cache`` the tokens *before* the subject's last token are run once per chunk and
+    their keys/values reused: their states do not depend on δ (causal attention, δ is added at the
+    subject position), so only the suffix (subject token onwards) is recomputed every iteration.
+    Positions returned by :meth:`pos` are in the coordinates of the returned hidden states.
+    """
+
+    def __init__(self, model, seq: _Seqs, layer: int, prefix_cache: bool):
+        self.model, self.seq = model, seq
+        self.backbone = model.base_model
+        self.block = arch_for(model).layer_name(layer)
+        self.device = next(model.parameters()).device
+        self.cached = prefix_cache
+        if prefix_cache:
+            self._build_prefix()
+
+    def _build_prefix(self) -> None:
+        from .generation import _cache_name
+        seq, dev = self.seq, self.device
+        p = seq.lookup  # prefix = tokens [0, p)
+        lengths = seq.mask.sum(1)
+        self.p_max = int(p.max())
+        s_max = int((lengths - p).max())
+        n = len(p)
+        ar = torch.arange(max(self.p_max, 1))
+        pre_mask = (ar[None, : self.p_max] < p[:, None]).long()
+        pre_ids = torch.where(pre_mask.bool(), seq.ids[:, : self.p_max], seq.ids.new_tensor(0))
+        idx = (p[:, None] + torch.arange(s_max)[None]).clamp(max=seq.ids.shape[1] - 1)
+        self.suf_mask = (torch.arange(s_max)[None] < (lengths - p)[:, None]).long()
+        self.suf_ids = torch.where(self.suf_mask.bool(), seq.ids.gather(1, idx), seq.ids.new_tensor(0))
+        self.pre_mask = pre_mask
+        self.cache_arg = _cache_name(self.model)
+        self.kv = None
+        if self.p_max > 0:
+            with torch.no_grad():
+                out = self.backbone(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), use_cache=True)
+            cache = getattr(out, self.cache_arg, None) or out.past_key_values
+            self.kv = [(l.keys, l.values) for l in cache.layers]
+        self.n = n
+
+    def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Map absolute positions of sequences ``rows`` to positions in the hidden states."""
+        return positions - self.seq.lookup[rows].to(positions.device) if self.cached else positions
+
+    def __call__(self, rows: torch.Tensor, delta_rows: torch.Tensor, record_h=None, plain=None):
+        """Hidden states [len(rows), T, d]; ``delta_rows`` [len(rows), d] is added at the subject
+        token; when ``record_h`` is given, the block output at the plain rows' subject tokens is
+        written into it (target_init)."""
+        dev = self.device
+        if self.cached:
+            width = int(self.suf_mask[rows].sum(1).max())
+            ids, smask = self.suf_ids[rows, :width].to(dev), self.suf_mask[rows, :width].to(dev)
+            at = torch.zeros(len(rows), dtype=torch.long, device=dev)
+            kw = {"position_ids": self.seq.lookup[rows, None].to(dev) + torch.arange(width, device=dev)[None]}
+            if self.kv is not None:
+                from transformers import DynamicCache
+                r = rows.to(dev)
+                kw[self.cache_arg] = DynamicCache(ddp_cache_data=[(k[r], v[r]) for k, v in self.kv],
+                                                  config=self.model.config)
+                kw["attention_mask"] = torch.cat([self.pre_mask[rows].to(dev), smask], 1)
+                kw["use_cache"] = True
+            else:
+                kw["attention_mask"] = smask
+        else:
+            width = int(self.seq.mask[rows].sum(1).max())
+            ids = self.seq.ids[rows, :width].to(dev)
+            at = self.seq.lookup[rows].to(dev)
+            kw = {"attention_mask": self.seq.mask[rows, :width].to(dev)}
+        ar = torch.arange(len(rows), device=dev)
+
+        def add_delta(out):
+            hs = block_output(out)
+            if record_h is not None:
+                record_h[...] = hs[plain, at[plain]].detach()
+            hs = hs.clone()
+            hs[ar, at] = (hs[ar, at] + delta_rows).to(hs.dtype)  # bf16 models: δ is fp32
+            return hs if isinstance(out, torch.Tensor) else (hs, *out[1:])
+
+        with Trace(self.model, self.block, retain_output=False, edit_output=add_delta):
+            return self.backbone(input_ids=ids, **kw).last_hidden_state
+
+
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
                     hp: ValueHParams) -> ValueResult:
     if contexts.flat[0] != "{}":
@@ -140,8 +225,8 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     device = next(model.parameters()).device
     seq = _build(tok, records, contexts)
     n = len(records)
-    backbone, lm_head = _head(model)
-    block = arch_for(model).layer_name(layer)
+    lm_head = get_module(model, arch_for(model).lm_head)
+    fwd = _Forward(model, seq, layer, hp.prefix_cache)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device)
     m_adam, v_adam = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -153,47 +238,33 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     log_p_init = None  # [n, V] at the KL position, recorded at the first forward
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
     plain = torch.arange(n, device=device) * (len(contexts.flat) + 1)
+    n_seq = seq.ids.shape[0]
     for it in range(hp.v_num_grad_steps):
         facts = active.nonzero()[:, 0]
         rows = torch.isin(seq.owner, facts).nonzero()[:, 0]
-        sub_owner = seq.owner[rows]
-        width = int(seq.mask[rows].sum(1).max())
-        ids, mask = seq.ids[rows, :width].to(device), seq.mask[rows, :width].to(device)
-        lookup = seq.lookup[rows].to(device)
-        d_act = delta[facts].clone().requires_grad_(True)
-        # map fact index (within chunk) -> row of d_act
-        slot = torch.full((n,), -1, dtype=torch.long)
+        slot = torch.full((n,), -1, dtype=torch.long)  # fact index (within chunk) -> row of d_act
         slot[facts] = torch.arange(len(facts))
-        seq_slot = slot[sub_owner].to(device)
-        ar = torch.arange(len(rows), device=device)
-
-        def add_delta(out):
-            hs = block_output(out)
-            if it == 0:  # target_init: block output at the plain prompt (template 0 = "{}")
-                h[...] = hs[plain, lookup[plain]].detach()
-            hs = hs.clone()
-            hs[ar, lookup] = (hs[ar, lookup] + d_act[seq_slot]).to(hs.dtype)  # bf16 models: δ is fp32
-            return hs if isinstance(out, torch.Tensor) else (hs, *out[1:])
-
-        with Trace(model, block, retain_output=False, edit_output=add_delta):
-            hid = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        seq_slot = slot[seq.owner[rows]].to(device)
+        d_act = delta[facts].clone().requires_grad_(True)
+        hid = fwd(rows, d_act[seq_slot], h if it == 0 else None, plain)
         # rewriting NLL at label positions only (SPEC §9: logits only where a loss needs them)
-        row_of_seq = torch.full((seq.ids.shape[0],), -1, dtype=torch.long)
+        row_of_seq = torch.full((n_seq,), -1, dtype=torch.long)
         row_of_seq[rows] = torch.arange(len(rows))
-        lab_keep = row_of_seq[seq.lab_seq] >= 0
-        lr_rows = row_of_seq[seq.lab_seq[lab_keep]].to(device)
-        logits = lm_head(hid[lr_rows, seq.lab_pos[lab_keep].to(device)]).float()
-        tok_nll = -torch.log_softmax(logits, -1).gather(1, seq.lab_tok[lab_keep, None].to(device))[:, 0]
-        fact_slot = seq_slot[lr_rows]
+        keep_lab = row_of_seq[seq.lab_seq] >= 0
+        lab_rows = row_of_seq[seq.lab_seq[keep_lab]]
+        pos = fwd.pos(seq.lab_pos[keep_lab], seq.lab_seq[keep_lab])
+        logits = lm_head(hid[lab_rows.to(device), pos.to(device)]).float()
+        tok_nll = -torch.log_softmax(logits, -1).gather(1, seq.lab_tok[keep_lab, None].to(device))[:, 0]
         nll = torch.zeros(len(facts), device=device).index_add(
-            0, fact_slot, tok_nll * seq.lab_w[lab_keep].to(device))
-        # KL at the subject's last token of the KL prompt
-        kl_rows = seq.is_kl[rows].nonzero()[:, 0].to(device)
-        kl_logp = torch.log_softmax(lm_head(hid[kl_rows, lookup[kl_rows]]).float(), -1)
-        kl_slot = seq_slot[kl_rows]
+            0, seq_slot[lab_rows.to(device)], tok_nll * seq.lab_w[keep_lab].to(device))
+        # KL at the subject's last token of the KL prompt (SPEC §1A step 6)
+        kl_rows = seq.is_kl[rows].nonzero()[:, 0]
+        kl_pos = fwd.pos(seq.lookup[rows[kl_rows]], rows[kl_rows])
+        kl_logp = torch.log_softmax(lm_head(hid[kl_rows.to(device), kl_pos.to(device)]).float(), -1)
+        kl_slot = seq_slot[kl_rows.to(device)]
         if log_p_init is None:
             log_p_init = torch.zeros(n, kl_logp.shape[-1], device=device)
-            log_p_init[facts[kl_slot.cpu()].to(device)] = kl_logp.detach()
+            log_p_init[facts.to(device)[kl_slot]] = kl_logp.detach()
         ref = log_p_init[facts.to(device)][kl_slot]
         kl = torch.zeros(len(facts), device=device).index_add(
             0, kl_slot, (kl_logp.exp() * (kl_logp - ref)).sum(-1))
@@ -206,10 +277,9 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
             break
         keep = ~done
         if not keep.any():
-            active[facts] = False
             break
         grad, = torch.autograd.grad(loss[keep.to(device)].sum(), d_act)
-        upd = facts[keep]
+        upd = facts[keep].to(device)
         g = grad[keep.to(device)]
         t = it + 1  # every active row has taken exactly `it` steps before this one
         m_adam[upd] = beta1 * m_adam[upd] + (1 - beta1) * g
@@ -220,8 +290,7 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         max_norm = hp.clamp_norm_factor * h[upd].norm(dim=1, keepdim=True)
         norm = new.norm(dim=1, keepdim=True)
         delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
-        steps[upd.cpu()] += 1
+        steps[facts[keep]] += 1
         active[facts[done]] = False
     z = (h + delta).T.contiguous().float().cpu()
     return ValueResult(z=z, h=h.T.contiguous().float().cpu(), final_loss=final_loss, steps=steps)
-

@@ -126,6 +126,21 @@ def test_batched_equals_per_fact_float64(tok, chunk: int) -> None:
     torch.testing.assert_close(many.final_loss, one.final_loss, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_prefix_cache_equals_full_forward(tok, chunk: int) -> None:
+    """Reusing the KV of the tokens before the subject (they do not depend on δ) gives the same
+    trajectories as recomputing every position (float64: ~1e-9)."""
+    lm = tiny_llama(len(tok), lm_scale=30.0, dtype=torch.float64).requires_grad_(False)
+    full = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=chunk, early_stop_loss=1.0,
+                                                                  prefix_cache=False))
+    cached = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=chunk, early_stop_loss=1.0,
+                                                                    prefix_cache=True))
+    assert torch.equal(full.steps, cached.steps)
+    torch.testing.assert_close(cached.h, full.h, rtol=0, atol=1e-9)
+    torch.testing.assert_close(cached.z, full.z, rtol=0, atol=1e-8)
+    torch.testing.assert_close(cached.final_loss, full.final_loss, rtol=1e-8, atol=0)
+
+
 @pytest.mark.parametrize("kw, atol", [
     (dict(v_num_grad_steps=10), 1e-6),
     (dict(), 1e-4),

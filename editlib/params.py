@@ -79,6 +79,7 @@ class LayerSearchParams:
     n_facts: int = 100
     layers: Any = "all"
     methods: tuple[str, ...] = ("rome", "memit")
+    hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class SingularParams:
     n_facts: int = 100
     layer: Any = "best"
     methods: tuple[str, ...] = ("rome", "memit")
+    hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class SweepParams:
     layer: Any = "best"
     memit_lambdas: tuple[float, ...] = (1, 10, 100, 1000, 10000, 50000, 100000, 500000, 1000000)
     emmet_lambdas: tuple[float, ...] = (0, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+    hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class BatchParams:
     batch_sizes: tuple[int, ...] = (16, 64, 256)
     methods: tuple[str, ...] = ("memit", "emmet")
     layer: Any = "best"
+    hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class SequentialParams:
     layer: Any = "best"
     eval_final: bool = True
     forgetting_every: int | None = None
+    hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,21 @@ class StudyParams:
         d.pop("source", None)
         return d
 
-    def method_hparams(self, method: str, layer: int, **over) -> EditHParams:
+    def method_hparams(self, method: str, layer: int, section: str | None = None, **over) -> EditHParams:
+        """The method's hyperparameters at ``layer``: ``hparams`` (common + method), then the
+        experiment section's own ``hparams`` overrides (e.g. the paper's MEMIT λ = 1 for singular
+        edits but 5e4 for batches), then ``over``."""
         if method not in self.hparams:
             raise ParamsError(f"hparams has no section for method {method!r}")
         d = self.hparams[method].to_dict()
+        if section is not None:
+            sec = getattr(self, section).hparams or {}
+            d = deep_merge(d, {**(sec.get("common") or {}), **(sec.get(method) or {})})
         d.update(layers=(layer,), **over)
-        return EditHParams.from_dict(d)
+        try:
+            return EditHParams.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ParamsError(f"{section or 'hparams'}.hparams.{method}: {e}") from e
 
 
 # --------------------------------------------------------------------------- loading
@@ -279,6 +293,15 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
     )
     for sec in ("layer_search", "singular", "batch", "sequential"):
         _check_methods(getattr(sp, sec).methods, sec)
+    for sec in ("layer_search", "singular", "sweep", "batch", "sequential"):
+        extra = getattr(sp, sec).hparams or {}
+        if not isinstance(extra, Mapping):
+            raise ParamsError(f"{sec}.hparams must be a mapping of method -> overrides")
+        bad = sorted(set(extra) - set(METHODS) - {"common"})
+        if bad:
+            raise ParamsError(f"unknown method section(s) {bad} in {sec}.hparams")
+        for m in METHODS:
+            sp.method_hparams(m, 0, sec)  # validates every override now, before any model loads
     if sp.evaluation.alignment not in ("correct", "reference"):
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
     if sp.data.source not in ("model", "counterfact", "world"):
@@ -308,4 +331,5 @@ def resolve(params_file: str | os.PathLike, *, overrides: Mapping | list | None 
         d = deep_merge(d, {k: v})
     if overrides:
         d = apply_sets(d, overrides)
-    return from_dict(d, source=str(find_params_file(params_file)))
+    from .paths import anchor_params  # relative paths are relative to the repository root
+    return anchor_params(from_dict(d, source=str(find_params_file(params_file))))

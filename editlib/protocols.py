@@ -247,13 +247,13 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
 
 # --------------------------------------------------------------------------- singular / layer search
 
-def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, section: str = "singular") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each fact edited alone at ``layer`` by each method; values computed once per distinct
     value setting (they do not depend on μ) and batched across facts."""
     frames, diags = [], []
     targets: dict[str, BatchTargets] = {}
     for method in methods:
-        hp = study.params.method_hparams(method, layer)
+        hp = study.params.method_hparams(method, layer, section)
         ctx = study.contexts(hp.context_templates)
         key = json.dumps([asdict(hp.values), hp.context_templates])
         if key not in targets:
@@ -275,7 +275,7 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
     ls = study.params.layer_search
     layers = list(range(study.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
     spec = {"n_facts": ls.n_facts, "layers": layers, "methods": list(ls.methods),
-            "hparams": {m: study.params.method_hparams(m, 0).to_dict() for m in ls.methods},
+            "hparams": {m: study.params.method_hparams(m, 0, "layer_search").to_dict() for m in ls.methods},
             "orderings": list(study.params.data.orderings)}
     exp = _exp(study, "layer_search", spec)
     if exp.complete:
@@ -290,7 +290,8 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
             if exp.has_unit(unit):
                 continue
             tl = time.time()
-            cases, diags = _singular_unit(study, facts, ls.methods, layer, unit_cols={"ordering": o})
+            cases, diags = _singular_unit(study, facts, ls.methods, layer, unit_cols={"ordering": o},
+                                          section="layer_search")
             exp.save_unit(unit, cases, diags)
             log(f"layer {layer}: " + ", ".join(
                 f"{m} S={summarize_cases(cases[cases.method == m]).S.iloc[0]:.1f}" for m in ls.methods)
@@ -304,7 +305,7 @@ def run_singular(study: Study, *, log=None) -> pd.DataFrame:
     sp = study.params.singular
     layer = _resolve_layer(study, sp.layer)
     spec = {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods),
-            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in sp.methods},
+            "hparams": {m: study.params.method_hparams(m, layer, "singular").to_dict() for m in sp.methods},
             "orderings": list(study.params.data.orderings)}
     exp = _exp(study, "singular", spec)
     if exp.complete:
@@ -332,7 +333,7 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
     bp = study.params.batch
     layer = _resolve_layer(study, bp.layer)
     spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer,
-            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in bp.methods},
+            "hparams": {m: study.params.method_hparams(m, layer, "batch").to_dict() for m in bp.methods},
             "orderings": list(study.params.data.orderings)}
     exp = _exp(study, "batch", spec)
     if exp.complete:
@@ -342,7 +343,7 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
     for o in study.params.data.orderings:
         facts = study.facts(bp.total, o)
         for method in bp.methods:
-            hp = study.params.method_hparams(method, layer)
+            hp = study.params.method_hparams(method, layer, "batch")
             ctx = study.contexts(hp.context_templates)
             for B in bp.batch_sizes:
                 for bi, idx in enumerate(_chunks(len(facts), B)):
@@ -367,7 +368,7 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
     layer = _resolve_layer(study, sw.layer)
     grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
     spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": grids,
-            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in grids},
+            "hparams": {m: study.params.method_hparams(m, layer, "sweep").to_dict() for m in grids},
             "orderings": list(study.params.data.orderings)}
     exp = _exp(study, "sweep", spec)
     if exp.complete:
@@ -385,7 +386,7 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
                     if exp.has_unit(unit):
                         continue
                     over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
-                    hp = study.params.method_hparams(method, layer, **over)
+                    hp = study.params.method_hparams(method, layer, "sweep", **over)
                     ctx = study.contexts(hp.context_templates)
                     key = json.dumps([asdict(hp.values), hp.context_templates])
                     if key not in targets:
@@ -429,7 +430,7 @@ def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> 
     layer = _resolve_layer(study, sq.layer)
     spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
             "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every,
-            "hparams": {m: study.params.method_hparams(m, layer).to_dict() for m in sq.methods},
+            "hparams": {m: study.params.method_hparams(m, layer, "sequential").to_dict() for m in sq.methods},
             "orderings": list(study.params.data.orderings)}
     exp = _exp(study, "sequential", spec)
     if exp.complete:
@@ -439,7 +440,7 @@ def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> 
     for o in study.params.data.orderings:
         facts = study.facts(sq.total, o)
         for method in sq.methods:
-            hp = study.params.method_hparams(method, layer)
+            hp = study.params.method_hparams(method, layer, "sequential")
             ctx = study.contexts(hp.context_templates)
             for B in sq.batch_sizes:
                 _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_after)

@@ -314,16 +314,27 @@ def build_tiny(source: str, n_records: int, out: str | os.PathLike, *, seed: int
                      records_mode="full" if source == "world" else "ids")
 
 
+def find_committed(source: str, n_records: int, n_layers: int, seed: int) -> Path | None:
+    """A miniature under the repo's ``models/`` built with exactly these settings, if any."""
+    want_cmd = "--world" if source == "world" else "--counterfact"
+    for meta_file in sorted(REPO_MODELS.glob("*/editlib_tiny.json")):
+        meta = json.loads(meta_file.read_text())
+        c = meta.get("config", {})
+        if (meta.get("n_records") == n_records and c.get("n_layers") == n_layers and c.get("seed") == seed
+                and want_cmd in meta.get("command", "")):
+            return meta_file.parent
+    return None
+
+
 def ensure_tiny(source: str, n_records: int, *, seed: int = 0, n_layers: int = 6,
                 counterfact_path: str | None = None, log=print) -> Path:
     """Path of a cached miniature, training it first when missing (SPEC-free convenience for the
     offline params: e.g. an 8-layer second model for Figure 6, or the CounterFact miniature)."""
     from .counterfact import cache_dir
 
-    if source == "world" and n_layers == 6 and seed == 0 and COMMITTED_MINIATURE.is_dir():
-        meta = json.loads((COMMITTED_MINIATURE / "editlib_tiny.json").read_text())
-        if meta["n_records"] == n_records:
-            return COMMITTED_MINIATURE
+    committed = find_committed(source, n_records, n_layers, seed)
+    if committed is not None:
+        return committed
     out = cache_dir() / "models" / f"tiny-{source}-n{n_records}-L{n_layers}-s{seed}"
     if not (out / "config.json").is_file():
         log(f"building miniature {out.name} (one-off; cached at {out})")

@@ -21,7 +21,7 @@ reproduce: setup
 
 # Rebuild the committed miniature (models/tiny-world) from its seed.
 tiny-world: setup
-	HF_HUB_OFFLINE=1 $(PY) -m editlib tiny-train --world 2000 --seed 0 --layers 6 --out models/tiny-world
+	HF_HUB_OFFLINE=1 $(PY) -m editlib tiny-train --world 1000 --seed 0 --layers 6 --out models/tiny-world
 
 tiny-check: setup
 	HF_HUB_OFFLINE=1 $(PY) -m editlib tiny-check models/tiny-world

@@ -6,13 +6,21 @@ import json
 import sys
 
 
+#: TinyConfig fields settable from ``tiny-train`` (besides --layers/--seed); build_tiny writes every
+#: override into the model card's rebuild command, so each must be accepted here
+_TINY_OVERRIDES = (("max_steps", int), ("vocab_size", int), ("hidden", int), ("intermediate", int),
+                   ("heads", int), ("seq_len", int), ("batch_rows", int), ("lr", float), ("warmup", int),
+                   ("weight_decay", float), ("check_every", int), ("target_rewrite", float),
+                   ("target_other", float))
+
+
 def _tiny_train(a: argparse.Namespace) -> int:
     from .tiny import build_tiny, passes_bar
 
     if (a.world is None) == (not a.counterfact):
         raise SystemExit("tiny-train: give exactly one of --world N or --counterfact --n N")
     source, n = ("world", a.world) if a.world is not None else ("counterfact", a.n)
-    overrides = {k: v for k, v in (("max_steps", a.max_steps), ("vocab_size", a.vocab_size)) if v is not None}
+    overrides = {k: getattr(a, k) for k, _ in _TINY_OVERRIDES if getattr(a, k) is not None}
     out = build_tiny(source, n, a.out, seed=a.seed, n_layers=a.layers,
                      counterfact_path=a.counterfact_path, **overrides)
     meta = json.loads((out / "editlib_tiny.json").read_text())
@@ -98,16 +106,23 @@ _RUN_NAMES = {"layer-search": "layer_search", "singular": "singular", "batch": "
 
 
 def _run(a: argparse.Namespace) -> int:
-    from .params import resolve
+    from .counterfact import DatasetNotFound
+    from .models import ModelNotFound
+    from .params import ParamsError, resolve
     from .protocols import RUNNERS, open_study, summarize
+    from .store import RunConflict
 
     exps = [_RUN_NAMES[e] for e in a.experiments]
-    p = resolve(a.params, overrides=a.set or None)  # validated before any model loads
-    study = open_study(p, which="second_model" if a.second_model else "model", experiments=exps)
-    for e in exps:
-        print(f"== {e} ({p.name}, model {study.label})")
-        cases = RUNNERS[e](study)
-        print(summarize(cases, formatted=True).to_string(index=False))
+    try:
+        p = resolve(a.params, overrides=a.set or None)  # validated before any model loads
+        study = open_study(p, which="second_model" if a.second_model else "model", experiments=exps)
+        for e in exps:
+            print(f"== {e} ({p.name}, model {study.label})")
+            cases = RUNNERS[e](study)
+            print(summarize(cases, formatted=True).to_string(index=False))
+    except (ParamsError, DatasetNotFound, ModelNotFound, RunConflict) as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -135,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--counterfact-path", default=None, help="CounterFact file (else EDITLIB_COUNTERFACT / cache)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--layers", type=int, default=6)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--vocab-size", type=int, default=None)
+    for name, typ in _TINY_OVERRIDES:
+        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"TinyConfig.{name}")
     t.add_argument("--out", required=True)
     t.set_defaults(func=_tiny_train)
 

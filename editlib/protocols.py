@@ -163,6 +163,26 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
             bad = [l for l in layers if isinstance(l, int) and not 0 <= l < depth]
             if bad:
                 raise ParamsError(f"{e}: layer(s) {bad} outside the model's 0..{depth - 1} decoder layers")
+    for i, e in enumerate(experiments):  # layer 'best' reads this run's layer search (best_layer)
+        if getattr(getattr(p, e), "layer", None) == "best" and "layer_search" not in experiments[:i]:
+            path = _layer_search_cases(p, which)
+            if path is not None and not path.is_file():
+                raise ParamsError(f"{e}.layer is 'best', which needs a finished layer search ({path} is "
+                                  "missing): run the layer search first (e.g. `python -m editlib run "
+                                  f"layer-search {e.replace('_', '-')}`), or give an integer layer")
+
+
+def _layer_search_cases(p: StudyParams, which: str) -> Path | None:
+    """Where :func:`best_layer` will look (see :func:`_suffix`); None when that depends on a
+    miniature not built yet."""
+    mp = p.second_model if which == "second_model" else p.model
+    if which == "model" or (mp.id and not mp.tiny and not p.model.tiny and mp.id == p.model.id):
+        suffix = ""
+    elif mp.label or (mp.id and not mp.tiny):
+        suffix = f"-{mp.label or Path(str(mp.id)).name}"
+    else:
+        return None
+    return Path(p.results_dir) / p.name / f"layer_search{suffix}" / "cases.parquet"
 
 
 def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,

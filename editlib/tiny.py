@@ -199,8 +199,8 @@ def train_tiny(records: Sequence[Record], cfg: TinyConfig, *, log=print):
             model.eval()
             q = fact_quality(model, tok, probe)
             model.train()
-            history.append({"step": step + 1, "loss": float(loss), "seconds": time.time() - t0, **q})
-            log(f"step {step + 1:5d}  loss {float(loss):.3f}  rewrite {q['rewrite_true_beats_new']:.3f}/"
+            history.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - t0, **q})
+            log(f"step {step + 1:5d}  loss {loss.item():.3f}  rewrite {q['rewrite_true_beats_new']:.3f}/"
                 f"{q['rewrite_true_top1']:.3f}  para {q['paraphrase_true_top1']:.3f}  "
                 f"neigh {q['neighborhood_true_top1']:.3f}  ({time.time() - t0:.0f}s)")
             if passes_bar(q, cfg.target_rewrite, cfg.target_other):

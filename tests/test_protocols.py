@@ -1,0 +1,397 @@
+"""The editing protocols end to end on the committed miniature ``models/tiny-world`` (6 layers),
+with very small sizes (4 facts, 3 value steps): rows and columns of every protocol, restore
+(order independence, bit-identical weights), sequential = batch for B = total, resume after an
+injected failure, re-runs and parameter conflicts, seeds, fail-fast parameter checks and the
+``python -m editlib run`` command.
+
+The model and C0 are loaded once per module; each test swaps ``study.params`` (its own
+``results_dir`` under ``tmp_path``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from pandas.testing import assert_frame_equal
+
+from _fixtures import one_thread  # noqa: F401  (module-wide single thread)
+from editlib import protocols
+from editlib.__main__ import main
+from editlib.counterfact import DatasetNotFound
+from editlib.params import ParamsError, resolve
+from editlib.paths import REPO_ROOT
+from editlib.store import RunConflict
+
+SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+
+pytestmark = pytest.mark.skipif(not (REPO_ROOT / "models" / "tiny-world" / "config.json").is_file(),
+                                reason="models/tiny-world is missing")
+
+#: every experiment at layer 1 on 4 facts, 3 value-optimisation steps
+SMALL = {
+    "hparams.common.v_num_grad_steps": 3,
+    "layer_search.n_facts": 4, "layer_search.layers": [0, 1], "layer_search.methods": ["rome", "memit"],
+    "singular.n_facts": 4, "singular.layer": 1,
+    "sweep.total": 4, "sweep.batch_size": 2, "sweep.layer": 1,
+    "sweep.memit_lambdas": [1, 10000], "sweep.emmet_lambdas": [0, 1e-3],
+    "batch.total": 4, "batch.batch_sizes": [2, 4], "batch.layer": 1, "batch.methods": ["memit", "emmet"],
+    "sequential.total": 4, "sequential.batch_sizes": [2, 4], "sequential.layer": 1,
+    "sequential.methods": ["memit", "emmet"],
+}
+SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc"]
+COLUMNS = ["case_id", "method", "layer", "batch_size", "batch_index", "eval", *SCORES]
+UNIT = ["method", "lam", "batch_size", "ordering", "eval", "batch_index", "case_id"]
+
+
+def params_for(results_dir: Path, name: str = "t", **over):
+    return resolve(SMOKE, overrides={**SMALL, "results_dir": str(results_dir), "name": name, **over})
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The miniature, its facts, context templates and C0 of layers 0 and 1, loaded once."""
+    p = params_for(tmp_path_factory.mktemp("study"))
+    st = protocols.open_study(p, log=quiet)
+    st.covs([0, 1])
+    return st
+
+
+@pytest.fixture(scope="module")
+def weights0(study):
+    """The unedited weights (clones), taken right after loading."""
+    return {k: v.detach().clone() for k, v in study.model.state_dict().items()}
+
+
+def use(study, p):
+    """The shared study with this test's params (model, C0 and templates shared)."""
+    return dataclasses.replace(study, params=p)
+
+
+def assert_unedited(model, weights0):
+    now = model.state_dict()
+    assert now.keys() == weights0.keys()
+    changed = [k for k in weights0 if not torch.equal(now[k], weights0[k])]
+    assert not changed, f"parameters not restored bit-identically: {changed}"
+
+
+def exp_dir(p, experiment: str) -> Path:
+    return Path(p.results_dir) / p.name / experiment
+
+
+def sort_units(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
+
+
+def check_columns(cases: pd.DataFrame):
+    missing = [c for c in COLUMNS if c not in cases.columns]
+    assert not missing, f"cases lack columns {missing}"
+    assert cases[SCORES].notna().all().all()
+    shares = [c for c in SCORES if not c.endswith("_mag")]  # magnitudes are differences in [-1, 1]
+    assert ((cases[shares] >= 0) & (cases[shares] <= 1)).all().all()
+    assert (cases[["ES_mag", "PS_mag", "NS_mag"]].abs() <= 1).all().all()
+
+
+def check_batches(p, experiment: str, n_batches: int):
+    b = pd.read_parquet(exp_dir(p, experiment) / "batches.parquet")
+    assert len(b) == n_batches
+    cols = ["method", "layer", "batch_index", "n", "mu", "cond_D", "w_rel_dist", "seconds_values"]
+    missing = [c for c in cols + ([] if experiment == "layer_search" else ["batch_size"]) if c not in b.columns]
+    assert not missing, f"batches.parquet lacks {missing}"
+    assert (b.cond_D > 0).all() and (b.w_rel_dist > 0).all() and (b.seconds_values >= 0).all()
+    return b
+
+
+# --------------------------------------------------------------------------- rows and columns
+
+def test_layer_search_rows(study, weights0, tmp_path):
+    p = params_for(tmp_path)
+    cases = protocols.run_layer_search(use(study, p), log=quiet)
+    check_columns(cases)
+    assert len(cases) == 4 * 2 * 2  # n_facts x layers x methods
+    assert (cases["eval"] == "current").all() and (cases.batch_size == 1).all()
+    assert cases.groupby(["method", "layer"]).case_id.nunique().to_dict() == {
+        (m, l): 4 for m in ("memit", "rome") for l in (0, 1)}
+    check_batches(p, "layer_search", 4 * 2 * 2)
+    assert json.loads((exp_dir(p, "layer_search") / "manifest.json").read_text())["complete"]
+    assert_unedited(study.model, weights0)
+
+
+def test_singular_rows(study, weights0, tmp_path):
+    p = params_for(tmp_path)
+    cases = protocols.run_singular(use(study, p), log=quiet)
+    check_columns(cases)
+    assert len(cases) == 4 * 2 and (cases.layer == 1).all() and (cases["eval"] == "current").all()
+    assert sorted(cases.method.unique()) == ["memit", "rome"]
+    assert_unedited(study.model, weights0)
+
+
+def test_batch_rows_and_diagnostics(study, weights0, tmp_path):
+    p = params_for(tmp_path)
+    cases = protocols.run_batch(use(study, p), log=quiet)
+    check_columns(cases)
+    assert cases.groupby(["method", "batch_size"]).size().to_dict() == {
+        (m, b): 4 for m in ("emmet", "memit") for b in (2, 4)}
+    assert (cases["eval"] == "current").all() and (cases.layer == 1).all()
+    assert sorted(cases[cases.batch_size == 2].batch_index.unique()) == [0, 1]
+    b = check_batches(p, "batch", 2 * (2 + 1))  # per method: 2 batches of 2, 1 of 4
+    assert sorted(b[b.method == "memit"].n) == [2, 2, 4]
+    assert_unedited(study.model, weights0)
+
+
+def test_sequential_rows(study, weights0, tmp_path):
+    p = params_for(tmp_path, **{"sequential.forgetting_every": 1})
+    cases = protocols.run_sequential(use(study, p), log=quiet)
+    check_columns(cases)
+    n = cases.groupby(["method", "batch_size", "eval"]).size().to_dict()
+    for m in ("memit", "emmet"):
+        for b in (2, 4):
+            assert n[(m, b, "current")] == 4 and n[(m, b, "final")] == 4
+        assert n[(m, 2, "after_1")] == 2  # forgetting curve: facts so far after batch 1 of 2
+        assert (m, 4, "after_1") not in n
+    final = cases[cases["eval"] == "final"]
+    assert (final.groupby(["method", "batch_size"]).case_id.nunique() == 4).all()
+    b = check_batches(p, "sequential", 2 * (2 + 1))
+    # sequential: the distance to W0 grows from batch to batch
+    seq = b[(b.method == "memit") & (b.batch_size == 2)].sort_values("batch_index")
+    assert seq.w_rel_dist.iloc[1] > seq.w_rel_dist.iloc[0]
+    assert not list((exp_dir(p, "sequential") / "checkpoints").glob("*.safetensors"))
+    assert_unedited(study.model, weights0)
+
+
+def test_sweep_rows(study, weights0, tmp_path):
+    p = params_for(tmp_path)
+    cases = protocols.run_sweep(use(study, p), log=quiet)
+    check_columns(cases)
+    assert cases.groupby(["method", "lam"]).size().to_dict() == {
+        ("memit", 1.0): 4, ("memit", 10000.0): 4, ("emmet", 0.0): 4, ("emmet", 1e-3): 4}
+    b = check_batches(p, "sweep", 4 * 2)  # 4 settings x 2 batches
+    assert sorted(b[b.method == "memit"].mu.unique()) == [1.0, 10000.0]
+    assert sorted(b[b.method == "emmet"].mu.unique()) == [0.0, 1e-3]
+    assert_unedited(study.model, weights0)
+
+
+# --------------------------------------------------------------------------- restore and equivalences
+
+def test_batch_order_does_not_matter(study, weights0, tmp_path):
+    """Every batch is applied to the unedited model: B = [2, 4] and [4, 2] give the same scores."""
+    a = protocols.run_batch(use(study, params_for(tmp_path, "a")), log=quiet)
+    assert_unedited(study.model, weights0)
+    b = protocols.run_batch(use(study, params_for(tmp_path, "b", **{"batch.batch_sizes": [4, 2]})), log=quiet)
+    assert_unedited(study.model, weights0)
+    key = ["method", "batch_size", "case_id"]
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert_frame_equal(a[key + SCORES], b[key + SCORES], check_exact=True)
+
+
+def test_sequential_with_one_batch_equals_batch_mode(study, weights0, tmp_path):
+    over = {"batch.batch_sizes": [4], "sequential.batch_sizes": [4]}
+    st = use(study, params_for(tmp_path, **over))
+    seq = protocols.run_sequential(st, log=quiet)
+    bat = protocols.run_batch(st, log=quiet)
+    key = ["method", "case_id"]
+    cur = seq[seq["eval"] == "current"].sort_values(key).reset_index(drop=True)
+    bat = bat.sort_values(key).reset_index(drop=True)
+    assert len(cur) == len(bat) == 8
+    assert_frame_equal(cur[key], bat[key])
+    assert_frame_equal(cur[SCORES], bat[SCORES], check_exact=False, rtol=0, atol=1e-9)
+    # with one batch, the final evaluation is the current one
+    fin = seq[seq["eval"] == "final"].sort_values(key).reset_index(drop=True)
+    assert_frame_equal(fin[SCORES], cur[SCORES], check_exact=False, rtol=0, atol=1e-9)
+    assert_unedited(study.model, weights0)
+
+
+# --------------------------------------------------------------------------- resume, re-run, conflicts
+
+def test_sequential_resumes_after_a_failure(study, weights0, tmp_path):
+    over = {"sequential.methods": ["memit"], "sequential.total": 6, "sequential.batch_sizes": [2, 6]}
+    p = params_for(tmp_path, "interrupted", **over)
+    st = use(study, p)
+    with pytest.raises(RuntimeError, match="injected failure after batch 0"):
+        protocols.run_sequential(st, log=quiet, fail_after=1)
+    assert_unedited(study.model, weights0)  # the session restored the weights on the way out
+    root = exp_dir(p, "sequential")
+    assert not json.loads((root / "manifest.json").read_text())["complete"]
+    assert len(list((root / "checkpoints").glob("*.safetensors"))) == 1
+    assert len(list((root / "parts").glob("*.cases.parquet"))) == 1
+
+    logged: list[str] = []
+    resumed = protocols.run_sequential(st, log=logged.append)
+    assert any("resuming at batch 1/3" in m for m in logged), logged
+    assert not list((root / "checkpoints").glob("*.safetensors"))
+    assert_unedited(study.model, weights0)
+
+    q = params_for(tmp_path, "uninterrupted", **over)
+    whole = protocols.run_sequential(use(study, q), log=quiet)
+    assert len(whole) == 6 + 6 + 6 + 6  # B=2: current + final, B=6: current + final
+    assert_frame_equal(sort_units(resumed), sort_units(whole), check_exact=True)
+    stored = pd.read_parquet(root / "cases.parquet")
+    assert_frame_equal(sort_units(stored), sort_units(whole), check_exact=True)
+    bs = [pd.read_parquet(exp_dir(x, "sequential") / "batches.parquet") for x in (p, q)]
+    cols = [c for c in bs[0].columns if not c.startswith("seconds")]
+    assert_frame_equal(sort_units(bs[0][cols]), sort_units(bs[1][cols]), check_exact=True)
+
+
+def test_rerun_does_nothing_and_changes_conflict(study, weights0, tmp_path, monkeypatch):
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4]}
+    p = params_for(tmp_path, **over)
+    first = protocols.run_batch(use(study, p), log=quiet)
+    manifest = (exp_dir(p, "batch") / "manifest.json").read_text()
+
+    def no_edits(*a, **k):
+        raise AssertionError("a finished experiment was edited again")
+    monkeypatch.setattr(protocols, "apply_edit", no_edits)
+    monkeypatch.setattr(protocols, "prepare_targets", no_edits)
+    logged: list[str] = []
+    again = protocols.run_batch(use(study, params_for(tmp_path, **over)), log=logged.append)
+    assert len(logged) == 1 and "already complete" in logged[0] and "nothing to do" in logged[0], logged
+    assert_frame_equal(again, first, check_exact=True)
+    assert (exp_dir(p, "batch") / "manifest.json").read_text() == manifest
+
+    for key, val, named in [("hparams.common.v_num_grad_steps", 4, "v_num_grad_steps"),
+                            ("batch.total", 8, "spec.total"), ("batch.layer", 0, "spec.layer"),
+                            ("evaluation.alignment", "reference", "evaluation.alignment")]:
+        with pytest.raises(RunConflict, match=named.replace(".", r"\.")):
+            protocols.run_batch(use(study, params_for(tmp_path, **over, **{key: val})), log=quiet)
+    assert_unedited(study.model, weights0)
+
+
+def test_section_hparams_override_reaches_the_edit(study, weights0, tmp_path):
+    """``batch: {hparams: {memit: {mom2_update_weight: 7}}}`` sets MEMIT's μ in batch mode only
+    (not EMMET's, not another experiment's) and is part of the run's identity."""
+    over = {"batch.batch_sizes": [4], "batch.hparams.memit.mom2_update_weight": 7,
+            "singular.hparams": None}
+    p = params_for(tmp_path, **over)
+    assert p.method_hparams("memit", 1, "singular").mom2_update_weight == p.hparams["memit"].mom2_update_weight != 7
+    protocols.run_batch(use(study, p), log=quiet)
+    b = pd.read_parquet(exp_dir(p, "batch") / "batches.parquet")
+    assert b.set_index("method").mu.to_dict() == {"memit": 7.0, "emmet": 0.0}
+    spec = json.loads((exp_dir(p, "batch") / "manifest.json").read_text())["params"]["spec"]
+    assert spec["hparams"]["memit"]["mom2_update_weight"] == 7
+    with pytest.raises(RunConflict, match="spec.hparams.memit.mom2_update_weight"):
+        protocols.run_batch(use(study, params_for(tmp_path, **{**over, "batch.hparams.memit.mom2_update_weight": 8})),
+                            log=quiet)
+    assert_unedited(study.model, weights0)
+
+
+def test_same_seed_same_scores(study, weights0, tmp_path):
+    """Two runs (a freshly loaded study for the second) with the same seeds, generation on: identical
+    scores and GE. Another ordering seed picks other facts."""
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4], "evaluation.generation": True,
+            "evaluation.gen_max_len": 12, "evaluation.gen_seed": 3}
+    one = protocols.run_batch(use(study, params_for(tmp_path, "one", **over)), log=quiet)
+    assert one.GE.notna().all()
+    q = params_for(tmp_path, "two", **over)
+    two = protocols.run_batch(protocols.open_study(q, experiments=["batch"], log=quiet), log=quiet)
+    assert_frame_equal(one, two, check_exact=True)
+    assert_unedited(study.model, weights0)
+    other = use(study, params_for(tmp_path, **{"data.ordering_seed": 38})).facts(4)
+    assert [r.case_id for r in other] != one.case_id.tolist()
+
+
+# --------------------------------------------------------------------------- bad parameters fail fast
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the parameters were checked")
+    monkeypatch.setattr(protocols, "load_model", boom)
+
+
+def _params_file(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"extends: {SMOKE}\n{text}\n")
+    return f
+
+
+@pytest.mark.parametrize("over, exc, names", [
+    ({"bogus.x": 1}, ParamsError, ["'bogus'"]),
+    ({"batch.bogus": 1}, ParamsError, ["'batch'", "bogus"]),
+    ({"batch.hparams": {"memit": {"bogus": 1}}}, ParamsError, ["batch.hparams.memit", "bogus"]),
+    ({"batch.methods": ["memit", "bogus"]}, ParamsError, ["batch.methods", "bogus"]),
+    ({"batch.layer": 6}, ParamsError, ["batch", "[6]", "0..5"]),
+    ({"sequential.layer": -1}, ParamsError, ["sequential", "[-1]"]),
+    ({"layer_search.layers": [0, 9]}, ParamsError, ["layer_search", "[9]"]),
+    ({"batch.batch_sizes": [2, 8]}, ParamsError, ["batch.batch_sizes", "[8]", "batch.total=4"]),
+    ({"sequential.batch_sizes": [5]}, ParamsError, ["sequential.batch_sizes", "[5]"]),
+    ({"sweep.batch_size": 8}, ParamsError, ["sweep.batch_size=8", "sweep.total=4"]),
+    ({"batch.total": 5000, "batch.batch_sizes": [4]}, ParamsError, ["batch needs 5000 facts"]),
+    ({"data.source": "counterfact"}, DatasetNotFound, ["EDITLIB_COUNTERFACT", "missing-cf.json"]),
+    ({"data.source": "counterfact", "data.counterfact_path": "nowhere/cf.json"}, DatasetNotFound,
+     ["nowhere/cf.json"]),
+    ({"batch.layer": "best"}, ParamsError, ["batch", "best", "layer search"]),
+])
+def test_bad_parameters_fail_before_loading(over, exc, names, tmp_path, monkeypatch, no_model_load):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("EDITLIB_COUNTERFACT", str(tmp_path / "missing-cf.json"))
+    with pytest.raises(exc) as e:
+        protocols.open_study(params_for(tmp_path, **over), experiments=["layer_search", "batch", "sequential"]
+                             if over.get("batch.layer") != "best" else ["batch"], log=quiet)
+    for n in names:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_bad_params_files(tmp_path, no_model_load):
+    with pytest.raises(ParamsError, match="bogus_section"):
+        resolve(_params_file(tmp_path, "bogus_section: {a: 1}"))
+    with pytest.raises(ParamsError, match=r"'batch'.*bogus_key"):
+        resolve(_params_file(tmp_path, "batch: {bogus_key: 1}"))
+    with pytest.raises(ParamsError, match="unknown params section 'bogus'"):
+        resolve(SMOKE, bogus={"a": 1})
+
+
+def test_best_layer_after_the_layer_search(study, weights0, tmp_path):
+    """layer: best passes the check when the layer search runs first, and uses its best layer."""
+    p = params_for(tmp_path, **{"batch.layer": "best", "batch.methods": ["memit"], "batch.batch_sizes": [4],
+                                "layer_search.methods": ["memit"], "layer_search.n_facts": 2})
+    protocols.check_before_loading(p, ["layer_search", "batch"])
+    st = use(study, p)
+    ls = protocols.run_layer_search(st, log=quiet)
+    protocols.check_before_loading(p, ["batch"])  # now finished
+    best = protocols.best_layer(st)
+    assert best in (0, 1)
+    s = ls.groupby("layer")[["ES", "PS", "NS"]].mean()
+    assert best in s.index
+    cases = protocols.run_batch(st, log=quiet)
+    assert (cases.layer == best).all()
+    assert_unedited(study.model, weights0)
+
+
+# --------------------------------------------------------------------------- command line
+
+CLI = ["--params", "params/smoke.yaml", "--set", "batch.total=4", "--set", "batch.batch_sizes=[2,4]",
+       "--set", "hparams.common.v_num_grad_steps=3"]
+
+
+def test_cli_run_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    rc = main(["run", "layer-search", "batch", *CLI, "--set", f"results_dir={tmp_path}",
+               "--set", "layer_search.n_facts=2", "--set", "layer_search.layers=[0,1]",
+               "--set", "layer_search.methods=[memit]"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "== layer_search (smoke" in out and "== batch (smoke" in out
+    table = out.split("== batch (smoke")[1]
+    for word in ("batch_size", "method", "S", "ES", "PS", "NS", "memit", "emmet"):
+        assert word in table, word
+    cases = pd.read_parquet(tmp_path / "smoke" / "batch" / "cases.parquet")
+    assert cases.groupby(["method", "batch_size"]).size().to_dict() == {
+        (m, b): 4 for m in ("emmet", "memit") for b in (2, 4)}
+
+
+def test_cli_errors(tmp_path, monkeypatch, capsys, no_model_load):
+    monkeypatch.chdir(REPO_ROOT)
+    rc = main(["run", "batch", *CLI, "--set", f"results_dir={tmp_path}", "--set", "bogus.x=1"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "'bogus'" in err
+    # smoke.yaml's batch layer is 'best': without a finished layer search, a clear error up front
+    rc = main(["run", "batch", *CLI, "--set", f"results_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "best" in err and "layer search" in err

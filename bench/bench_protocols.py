@@ -52,9 +52,13 @@ def _timed(study, runner, p, label: str, log) -> tuple[float, pd.DataFrame, pd.D
 
 
 def _phase_split(b: pd.DataFrame) -> str:
+    """Summed phase times from batches.parquet. In the layer search both methods share each fact's
+    values (same value settings) and both rows carry its share: counted once here."""
     if b.empty:
         return ""
     s = {k: b[f"seconds_{k}"].sum() for k in ("values", "keys", "solve", "eval") if f"seconds_{k}" in b}
+    if "seconds_values" in b and b.method.nunique() > 1 and "lam" not in b:
+        s["values"] = b.groupby(["layer", "batch_index"]).seconds_values.max().sum()
     return "  [" + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()) + "]"
 
 

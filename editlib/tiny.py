@@ -308,7 +308,8 @@ def build_tiny(source: str, n_records: int, out: str | os.PathLike, *, seed: int
     extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
     src = f"--world {n_records}" if source == "world" else f"--counterfact --n {n_records}"
     command = f"python -m editlib tiny-train {src} --seed {seed} --layers {n_layers}{extra} --out {out}"
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not os.environ.get("OMP_NUM_THREADS"):  # respect a user's thread limit (busy machines)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tok, info = train_tiny(records, cfg, log=log)
     return save_tiny(model, tok, out, records=records, info=info, cfg=cfg, command=command,
                      records_mode="full" if source == "world" else "ids")

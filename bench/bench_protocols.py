@@ -51,13 +51,14 @@ def _timed(study, runner, p, label: str, log) -> tuple[float, pd.DataFrame, pd.D
     return dt, cases, _batches(p, label)
 
 
-def _phase_split(b: pd.DataFrame) -> str:
-    """Summed phase times from batches.parquet. In the layer search both methods share each fact's
-    values (same value settings) and both rows carry its share: counted once here."""
+def _phase_split(b: pd.DataFrame, shared_values: bool = False) -> str:
+    """Summed phase times from batches.parquet. ``shared_values``: the methods share each fact's
+    values (the layer search, same value settings) and every method's row carries its share, so
+    they are counted once."""
     if b.empty:
         return ""
     s = {k: b[f"seconds_{k}"].sum() for k in ("values", "keys", "solve", "eval") if f"seconds_{k}" in b}
-    if "seconds_values" in b and b.method.nunique() > 1 and "lam" not in b:
+    if shared_values and "seconds_values" in b:
         s["values"] = b.groupby(["layer", "batch_index"]).seconds_values.max().sum()
     return "  [" + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()) + "]"
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             edits = n_ls * study.n_layers * 2
             out["layer_search"] = {"seconds": round(dt, 2), "edits": edits}
             print(f"layer search   {n_ls:5d} facts x {study.n_layers} layers x 2 methods = {edits} singular "
-                  f"edits: {dt:8.1f} s  ({edits / dt:.1f} edits/s){_phase_split(b)}")
+                  f"edits: {dt:8.1f} s  ({edits / dt:.1f} edits/s){_phase_split(b, shared_values=True)}")
 
         if "batch" not in skip:
             p = params(**{"batch.total": n, "batch.batch_sizes": [n], "batch.methods": ["memit"],

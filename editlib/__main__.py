@@ -55,24 +55,6 @@ def _load_eval_records(path: str, n: int | None):
     return sample(records, n) if n is not None else records
 
 
-def _write_parquet(df, out: str) -> None:
-    """Write atomically: a temp file in the target directory, then ``os.replace``."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _evaluate(a: argparse.Namespace) -> int:
     import pandas as pd
     import torch
@@ -88,7 +70,11 @@ def _evaluate(a: argparse.Namespace) -> int:
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, rs_resources=rs)
-    _write_parquet(df, a.out)
+    from pathlib import Path
+
+    from .store import atomic_write_parquet
+
+    atomic_write_parquet(Path(a.out), df)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.precision", 4):
         shown = df if a.show is None or len(df) <= a.show else df.head(a.show)
         print(shown.to_string(index=False))

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 .venv/bin/python:
 	python3 -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
-	.venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv/bin/python -m pip install --quiet $(TORCH_SPEC)
 	.venv/bin/python -m pip install --quiet -e ".[dev]"
 
 setup: .venv/bin/python

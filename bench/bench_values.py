@@ -1,7 +1,7 @@
 """Benchmark (a script, not a test): value optimisation for N facts on the miniature with
 z_batch_size 1 (the reference's per-fact loop) vs larger batches. Prints facts/s and the ratio.
 
-    python bench/bench_values.py [--model models/tiny-world] [--n 256] [--layer 1] [--sizes 1 32 128]
+    python bench/bench_values.py [--model models/tiny-world] [--n 256] [--layer 1] [--sizes 1 32 128] [--set KEY=VALUE]
 """
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="params override, e.g. --set hparams.common.v_lr=0.5")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     facts = sample(load_tiny_records(a.model), a.n)
-    hp = resolve(a.params).hparams["memit"].values
+    hp = resolve(a.params, overrides=a.set or None).hparams["memit"].values
     ctx = make_templates(model, tok, "memit", seed=0)
     print(f"model {a.model}  facts {a.n}  layer {a.layer}  threads {torch.get_num_threads()}  "
           f"steps {hp.v_num_grad_steps}  lr {hp.v_lr}")

@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from editlib.records import Record
 
-WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
+from _fixtures import WORDS, word_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, bos: int = 1, eos: int = 2,
@@ -24,16 +23,8 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, bos: int = 1, eos: int = 2,
 
 
 def make_word_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over :data:`WORDS` with <s>/</s>, adding BOS like Llama-3's does."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                               eos_token="</s>", unk_token="<unk>")
-    from editlib.tokens import prepare_tokenizer
-    return prepare_tokenizer(tok)
+    """The shared 18-word BOS tokenizer of :mod:`_fixtures` (one definition for all tests)."""
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="session")

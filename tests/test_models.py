@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from editlib.arch import UnsupportedArchitecture, edit_weight, n_layers, weight_out_in
 from editlib.models import ModelNotFound, fingerprint, load_model
 
-WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
+from _fixtures import WORDS, word_tokenizer  # noqa: E402
 
 
 def tiny_llama(seed: int) -> transformers.PreTrainedModel:
@@ -32,16 +31,10 @@ def tiny_llama(seed: int) -> transformers.PreTrainedModel:
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A WordLevel tokenizer with <s>/</s>, adding BOS like Llama-3's does."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    """The shared 18-word BOS tokenizer (without editlib's padding conventions applied)."""
+    tok = word_tokenizer()
+    tok.pad_token = None
+    return tok
 
 
 @pytest.fixture(scope="module")

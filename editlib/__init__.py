@@ -5,3 +5,10 @@ Modules, one concept each: ``records``/``counterfact``/``world`` (data), ``arch`
 target scores). See the README for the map of the rest.
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import editlib` stays light (no torch) until these are used
+    if name == "summarize":
+        from .protocols import summarize
+        return summarize
+    raise AttributeError(f"module 'editlib' has no attribute {name!r}")

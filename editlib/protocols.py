@@ -53,6 +53,7 @@ class Study:
     label: str
     records: list[Record]
     log: Callable = print
+    suffix: str = ""  # result-folder suffix: "" for the params' main model, "-<label>" otherwise
     _covs: dict = field(default_factory=dict)
     _cov_info: dict = field(default_factory=dict)
     _contexts: dict = field(default_factory=dict)
@@ -67,6 +68,13 @@ class Study:
         if self._fp is None:
             self._fp = fingerprint(self.model)
         return self._fp
+
+    @property
+    def title(self) -> str:
+        """Figure-title name: label and params name, flagged when the model is an editlib
+        miniature (its figures must never pass for Llama-3-8B results)."""
+        mini = (Path(self.model_dir) / "editlib_tiny.json").is_file()
+        return f"{self.label} ({self.params.name})" + (", miniature: not Llama-3-8B" if mini else "")
 
     def facts(self, n: int, ordering: int = 0) -> list[Record]:
         """The first ``n`` facts of seeded unique-subject ordering ``ordering`` (same for every
@@ -173,7 +181,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
 
 
 def _layer_search_cases(p: StudyParams, which: str) -> Path | None:
-    """Where :func:`best_layer` will look (see :func:`_suffix`); None when that depends on a
+    """Where :func:`best_layer` will look (see ``Study.suffix``); None when that depends on a
     miniature not built yet."""
     mp = p.second_model if which == "second_model" else p.model
     if which == "model" or (mp.id and not mp.tiny and not p.model.tiny and mp.id == p.model.id):
@@ -194,7 +202,10 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
     records = load_records_for(p, mdir)
     label = mp.label or Path(str(mdir)).name
-    study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records, log=log)
+    main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
+    suffix = "" if str(mdir) == str(main_dir) else f"-{label}"
+    study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
+                  log=log, suffix=suffix)
     for m, hp in p.hparams.items():  # templates come from the unedited model
         study.contexts(hp.context_templates)
     return study
@@ -208,6 +219,11 @@ def _slice(tg: BatchTargets, idx: Sequence[int]) -> BatchTargets:
                 final_loss=tg.values.final_loss[i], steps=tg.values.steps[i],
                 seconds=tg.values.seconds * len(idx) / tg.K.shape[1])
     return replace(tg, K=tg.K[:, i], R=tg.R[:, i], values=v, seconds_keys=tg.seconds_keys * len(idx) / tg.K.shape[1])
+
+
+def _value_key(hp: EditHParams) -> str:
+    """What a fact's key, value and residual on a given model depend on (not μ, not the batch)."""
+    return json.dumps([asdict(hp.values), hp.context_templates])
 
 
 def _label(cases: pd.DataFrame, **cols) -> pd.DataFrame:
@@ -230,7 +246,7 @@ def _resolve_layer(study: Study, layer, method: str = "memit") -> int:
 def best_layer(study: Study) -> int:
     """The layer with the highest S in this run's layer search (method ``memit`` when present)."""
     p = study.params
-    path = Path(p.results_dir) / p.name / f"layer_search{_suffix(study)}" / "cases.parquet"
+    path = Path(p.results_dir) / p.name / f"layer_search{study.suffix}" / "cases.parquet"
     if not path.is_file():
         raise ParamsError(f"layer 'best' needs a finished layer search ({path} is missing): run "
                           "`python -m editlib run layer-search` first, or give an integer layer")
@@ -239,16 +255,25 @@ def best_layer(study: Study) -> int:
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
 
-def _suffix(study: Study) -> str:
-    return "" if study.model_dir == str(model_dir_for(study.params.model, lambda *_: None)) else f"-{study.label}"
-
-
 def _exp(study: Study, name: str, spec: dict) -> Experiment:
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": asdict(study.params.evaluation), "data": asdict(study.params.data),
               "covariance": asdict(study.params.covariance)}
-    return Experiment.open(study.params.results_dir, study.params.name, name + _suffix(study),
+    return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance())
+
+
+def _open(study: Study, name: str, spec: dict, methods: Sequence[str], layer: int, what: str,
+          log: Callable) -> Experiment:
+    """The experiment folder for ``spec`` plus per-method hparams and orderings; says so when it
+    is already complete (the caller then returns its stored cases)."""
+    p = study.params
+    spec = {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
+            "orderings": list(p.data.orderings)}
+    exp = _exp(study, name, spec)
+    if exp.complete:
+        log(f"{what} already complete in {exp.root}: nothing to do")
+    return exp
 
 
 def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
@@ -275,7 +300,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
     for method in methods:
         hp = study.params.method_hparams(method, layer, section)
         ctx = study.contexts(hp.context_templates)
-        key = json.dumps([asdict(hp.values), hp.context_templates])
+        key = _value_key(hp)
         if key not in targets:
             targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
         tg = targets[key]
@@ -294,12 +319,9 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
     log = log or study.log
     ls = study.params.layer_search
     layers = list(range(study.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
-    spec = {"n_facts": ls.n_facts, "layers": layers, "methods": list(ls.methods),
-            "hparams": {m: study.params.method_hparams(m, 0, "layer_search").to_dict() for m in ls.methods},
-            "orderings": list(study.params.data.orderings)}
-    exp = _exp(study, "layer_search", spec)
+    exp = _open(study, "layer_search", {"n_facts": ls.n_facts, "layers": layers, "methods": list(ls.methods)},
+                ls.methods, 0, "layer search", log)
     if exp.complete:
-        log(f"layer search already complete in {exp.root}: nothing to do")
         return exp.cases()
     t0 = time.time()
     study.covs(layers)
@@ -324,12 +346,9 @@ def run_singular(study: Study, *, log=None) -> pd.DataFrame:
     log = log or study.log
     sp = study.params.singular
     layer = _resolve_layer(study, sp.layer)
-    spec = {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods),
-            "hparams": {m: study.params.method_hparams(m, layer, "singular").to_dict() for m in sp.methods},
-            "orderings": list(study.params.data.orderings)}
-    exp = _exp(study, "singular", spec)
+    exp = _open(study, "singular", {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods)},
+                sp.methods, layer, "singular edits", log)
     if exp.complete:
-        log(f"singular edits already complete in {exp.root}: nothing to do")
         return exp.cases()
     t0 = time.time()
     for o in study.params.data.orderings:
@@ -352,26 +371,30 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
     log = log or study.log
     bp = study.params.batch
     layer = _resolve_layer(study, bp.layer)
-    spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer,
-            "hparams": {m: study.params.method_hparams(m, layer, "batch").to_dict() for m in bp.methods},
-            "orderings": list(study.params.data.orderings)}
-    exp = _exp(study, "batch", spec)
+    spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer}
+    exp = _open(study, "batch", spec, bp.methods, layer, "batch editing", log)
     if exp.complete:
-        log(f"batch editing already complete in {exp.root}: nothing to do")
         return exp.cases()
     t0 = time.time()
     for o in study.params.data.orderings:
         facts = study.facts(bp.total, o)
+        # Every batch starts from the unedited model, so a fact's key, value and residual do not
+        # depend on its batch, its batch size or the method's μ: compute them once per value
+        # setting for all facts and slice (the singular protocol does the same).
+        targets: dict[str, BatchTargets] = {}
         for method in bp.methods:
             hp = study.params.method_hparams(method, layer, "batch")
             ctx = study.contexts(hp.context_templates)
+            key = _value_key(hp)
             for B in bp.batch_sizes:
                 for bi, idx in enumerate(_chunks(len(facts), B)):
                     unit = f"{method}-B{B:05d}-o{o}-b{bi:05d}"
                     if exp.has_unit(unit):
                         continue
                     chunk = [facts[i] for i in idx]
-                    tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+                    if key not in targets:
+                        targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+                    tg = _slice(targets[key], idx)
                     with EditSession(study.model) as s:
                         cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
                     cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
@@ -387,12 +410,9 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
     sw = study.params.sweep
     layer = _resolve_layer(study, sw.layer)
     grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
-    spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": grids,
-            "hparams": {m: study.params.method_hparams(m, layer, "sweep").to_dict() for m in grids},
-            "orderings": list(study.params.data.orderings)}
-    exp = _exp(study, "sweep", spec)
+    spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": grids}
+    exp = _open(study, "sweep", spec, list(grids), layer, "λ sweep", log)
     if exp.complete:
-        log(f"λ sweep already complete in {exp.root}: nothing to do")
         return exp.cases()
     t0 = time.time()
     for o in study.params.data.orderings:
@@ -408,7 +428,7 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
                     over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
                     hp = study.params.method_hparams(method, layer, "sweep", **over)
                     ctx = study.contexts(hp.context_templates)
-                    key = json.dumps([asdict(hp.values), hp.context_templates])
+                    key = _value_key(hp)
                     if key not in targets:
                         targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
                     with EditSession(study.model) as s:
@@ -449,12 +469,9 @@ def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> 
     sq = study.params.sequential
     layer = _resolve_layer(study, sq.layer)
     spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
-            "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every,
-            "hparams": {m: study.params.method_hparams(m, layer, "sequential").to_dict() for m in sq.methods},
-            "orderings": list(study.params.data.orderings)}
-    exp = _exp(study, "sequential", spec)
+            "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
+    exp = _open(study, "sequential", spec, sq.methods, layer, "sequential-batch editing", log)
     if exp.complete:
-        log(f"sequential-batch editing already complete in {exp.root}: nothing to do")
         return exp.cases()
     t0 = time.time()
     for o in study.params.data.orderings:

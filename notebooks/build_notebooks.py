@@ -79,7 +79,7 @@ NB01 = [
     ("code", '''study = open_study(P, experiments=["layer_search"])
 cases = run_layer_search(study)
 display(summarize(cases, by=["method", "layer"], formatted=True))'''),
-    ("code", save_fig('plotting.plot_layer_search(cases, f"Figure 1: layer search, {study.label} ({P.name})")',
+    ("code", save_fig('plotting.plot_layer_search(cases, f"Figure 1: layer search, {study.title}")',
                       "fig1_layer_search")),
     ("code", '''best = {"model_label": study.label, "best_layer": best_layer(study),
         "rule": "highest S of the MEMIT singular edits (ROME when MEMIT is absent)"}
@@ -93,7 +93,7 @@ else:
     study2 = open_study(P, which="second_model", experiments=["layer_search"])
     cases2 = run_layer_search(study2)
     display(summarize(cases2, by=["method", "layer"], formatted=True))
-    ''' + save_fig('plotting.plot_layer_search(cases2, f"Figure 6: layer search, {study2.label} ({P.name})")',
+    ''' + save_fig('plotting.plot_layer_search(cases2, f"Figure 6: layer search, {study2.title}")',
                    "fig6_layer_search_second_model").replace("\n", "\n    ") + '''
     best["second_model"] = {"model_label": study2.label, "best_layer": best_layer(study2)}'''),
     ("code", '''FIG_DIR.mkdir(parents=True, exist_ok=True)
@@ -128,11 +128,11 @@ display(summarize(cases, by=["method", "lam"], formatted=True))'''),
     ("md", "## Table 3 — MEMIT"),
     ("code", save_tab('plotting.sweep_table(cases, "memit")', "table3_memit_lambda", "table3")),
     ("code", save_fig('plotting.plot_sweep(cases, "memit", f"Table 3 sweep: MEMIT λ, batch {P.sweep.batch_size}, '
-                      '{study.label} ({P.name})")', "fig_table3_memit_lambda")),
+                      '{study.title}")', "fig_table3_memit_lambda")),
     ("md", "## Table 4 — EMMET"),
     ("code", save_tab('plotting.sweep_table(cases, "emmet")', "table4_emmet_lambda", "table4")),
     ("code", save_fig('plotting.plot_sweep(cases, "emmet", f"Table 4 sweep: EMMET λ, batch {P.sweep.batch_size}, '
-                      '{study.label} ({P.name})")', "fig_table4_emmet_lambda")),
+                      '{study.title}")', "fig_table4_emmet_lambda")),
 ]
 
 NB04 = [
@@ -150,7 +150,7 @@ display(summarize(cases, by=["method", "batch_size"], formatted=True))'''),
     if method not in P.batch.methods:
         print(f"{method} not in batch.methods: Figure {number} skipped")
         continue
-    fig = plotting.plot_batch(cases, method, f"Figure {number}: batch {method.upper()}, {study.label} ({P.name})")
+    fig = plotting.plot_batch(cases, method, f"Figure {number}: batch {method.upper()}, {study.title}")
     print(*plotting.save_figure(fig, FIG_DIR, stem), sep="\\n")
     display(fig)'''),
 ]
@@ -174,12 +174,12 @@ display(summarize(cases, by=["method", "batch_size", "eval"], formatted=True))''
         print(f"{method} not in sequential.methods: Figure {number} skipped")
         continue
     fig = plotting.plot_sequential(cases, method, f"Figure {number}: sequential-batch {method.upper()}, "
-                                                  f"{study.label} ({P.name})")
+                                                  f"{study.title}")
     print(*plotting.save_figure(fig, FIG_DIR, stem), sep="\\n")
     display(fig)'''),
     ("code", '''for method in P.sequential.methods:
     fig = plotting.plot_sequential_diagnostics(batches, method, f"Sequential-batch {method.upper()}: weight drift "
-                                               f"and cond(D), {study.label} ({P.name})")
+                                               f"and cond(D), {study.title}")
     print(*plotting.save_figure(fig, FIG_DIR, f"fig_sequential_diagnostics_{method}"), sep="\\n")
     display(fig)'''),
     ("code", '''if (cases["eval"] == "final").any():

@@ -191,6 +191,31 @@ def test_batch_order_does_not_matter(study, weights0, tmp_path):
     assert_frame_equal(a[key + SCORES], b[key + SCORES], check_exact=True)
 
 
+def test_batch_mode_computes_targets_once_and_slices_them(study, weights0, tmp_path, monkeypatch):
+    """Batch mode prepares keys/values/residuals once per value setting for all facts (every batch
+    starts from the unedited model), and a slice equals what the chunk alone would give."""
+    calls: list[int] = []
+    real = protocols.prepare_targets
+
+    def counting(model, tok, records, *a, **k):
+        calls.append(len(records))
+        return real(model, tok, records, *a, **k)
+    monkeypatch.setattr(protocols, "prepare_targets", counting)
+    p = params_for(tmp_path)
+    st = use(study, p)
+    cases = protocols.run_batch(st, log=quiet)
+    assert calls == [4], calls  # MEMIT and EMMET share the value setting: one call for 4 facts
+    assert len(cases) == 2 * (4 + 4)
+    hp = p.method_hparams("memit", 1, "batch")
+    facts = st.facts(4)
+    whole = real(st.model, st.tok, facts, hp, st.contexts(hp.context_templates))
+    part = real(st.model, st.tok, facts[2:], hp, st.contexts(hp.context_templates))
+    sl = protocols._slice(whole, [2, 3])
+    torch.testing.assert_close(sl.K, part.K, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sl.R, part.R, rtol=1e-4, atol=1e-5)
+    assert_unedited(study.model, weights0)
+
+
 def test_sequential_with_one_batch_equals_batch_mode(study, weights0, tmp_path):
     over = {"batch.batch_sizes": [4], "sequential.batch_sizes": [4]}
     st = use(study, params_for(tmp_path, **over))
@@ -362,6 +387,23 @@ def test_best_layer_after_the_layer_search(study, weights0, tmp_path):
     cases = protocols.run_batch(st, log=quiet)
     assert (cases.layer == best).all()
     assert_unedited(study.model, weights0)
+
+
+def test_second_model_results_go_to_their_own_folder(study, tmp_path):
+    """The main model's experiments are `<name>/<experiment>`, a second model's get its label
+    appended (Figure 6), and figure titles flag editlib miniatures."""
+    assert study.suffix == ""
+    assert study.title.endswith("miniature: not Llama-3-8B") and study.label in study.title
+    p = params_for(tmp_path, **{"second_model.id": str(REPO_ROOT / "models" / "tiny-world-4l"),
+                                "second_model.tiny": None, "second_model.label": "four",
+                                "layer_search.methods": ["memit"], "layer_search.n_facts": 2,
+                                "layer_search.layers": [0]})
+    st2 = protocols.open_study(p, which="second_model", experiments=["layer_search"], log=quiet)
+    assert st2.n_layers == 4 and st2.suffix == "-four"
+    protocols.run_layer_search(st2, log=quiet)
+    assert (exp_dir(p, "layer_search-four") / "cases.parquet").is_file()
+    assert not exp_dir(p, "layer_search").exists()
+    assert protocols.best_layer(st2) == 0
 
 
 # --------------------------------------------------------------------------- command line

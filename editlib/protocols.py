@@ -111,13 +111,16 @@ class Study:
     def provenance(self) -> dict:
         return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
-                "data": _data_provenance(self.params), "covariance": self._cov_info,
+                "data": _data_provenance(self.params, self.model_dir), "covariance": self._cov_info,
                 "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
 
 
-def _data_provenance(p: StudyParams) -> dict:
+def _data_provenance(p: StudyParams, model_dir: str) -> dict:
+    """Where the facts came from; CounterFact (directly, or through a CounterFact miniature's
+    case_ids) with its file path and sha256."""
     d = {"source": p.data.source}
-    if p.data.source == "counterfact":
+    via_model = p.data.source == "model" and (Path(model_dir) / "case_ids.json").is_file()
+    if p.data.source == "counterfact" or via_model:
         path = counterfact.resolve_counterfact(p.data.counterfact_path, download=False)
         d.update(path=str(path), sha256=counterfact.sha256_file(path, uncompressed=True))
     return d

@@ -119,8 +119,11 @@ def caption(p: StudyParams, r: StoredResult, what: str) -> str:
     seeds = f"ordering seed {data.get('ordering_seed')}, orderings {_short(data.get('orderings', []))}"
     if ev.get("generation"):
         seeds += f", generation seed {ev.get('gen_seed')}"
+    facts = _DATA.get(src, src)
+    if src == "model" and prov.get("data", {}).get("sha256"):  # a CounterFact miniature
+        facts = f"the CounterFact records the miniature was trained on (file sha256 {prov['data']['sha256'][:12]})"
     text = (f"**{what}.** Model `{r.label}` ({prov.get('n_layers', '?')} decoder layers, fingerprint "
-            f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {_DATA.get(src, src)} "
+            f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {facts} "
             f"({prov.get('n_records_available', '?')} records available); {_sizes(prm.get('spec', {}))}; "
             f"seeds: {seeds}. Results: `{r.root}`" + ("" if man.get("complete") else " (incomplete run)") + ".")
     if is_miniature(p, r):

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .arch import arch_for, get_module
 from .tokens import encode, pad_right, target_ids, with_space
 
 ALIGNMENTS = ("correct", "reference")
@@ -56,10 +57,25 @@ class _TokCache:
         return self._scored[s]
 
 
+def _read_plan(cache: _TokCache, prefix: str, target: str) -> tuple[tuple[int, ...], list[int], list[int]]:
+    """(input ids, logit positions, label ids) of one pair. Position j of the scored ids is read
+    from logit ``len(prefix) + j - 1``; the input stops at the last position read (logits there do
+    not depend on later tokens), so a one-token target needs only the prefix itself."""
+    p = cache.prefix(prefix)
+    lab = cache.scored(target)
+    cols = [len(p) + j - 1 for j in range(len(lab))]
+    ids = (p + cache.target(target))[: max(cols) + 1]
+    return tuple(ids), cols, list(lab)
+
+
 @torch.no_grad()
 def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *,
                   alignment: str = "correct", batch_size: int = 128) -> TargetScores:
-    """Mean-token NLL and all-argmax flag of ``targets[i]`` after ``prefixes[i]``, batched."""
+    """Mean-token NLL and all-argmax flag of ``targets[i]`` after ``prefixes[i]``, batched.
+
+    Pairs whose model inputs coincide share one sequence: scoring ``target_new`` and
+    ``target_true`` after the same prompt in one call runs each prompt once when both targets
+    are single tokens. Logits are computed only at the positions read."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
     if len(prefixes) != len(targets):
@@ -70,33 +86,49 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
     if n == 0:
         return TargetScores(nll, correct)
     cache = _TokCache(tok, alignment)
+    plans = [_read_plan(cache, prefixes[i], targets[i]) for i in range(n)]
+    seq_of: dict[tuple[int, ...], int] = {}
+    for ids, _, _ in plans:
+        seq_of.setdefault(ids, len(seq_of))
+    unique = list(seq_of)
+    readers: list[list[int]] = [[] for _ in unique]  # pairs read from each unique sequence
+    for i, (ids, _, _) in enumerate(plans):
+        readers[seq_of[ids]].append(i)
+    backbone, head = _backbone_and_head(model)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # sort by length so batches are tight; results go back to input order
-    order = sorted(range(n), key=lambda i: len(cache.prefix(prefixes[i])) + len(cache.target(targets[i])))
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        seqs, rows, cols, labels, owner = [], [], [], [], []
-        for b, i in enumerate(idx):
-            p = cache.prefix(prefixes[i])
-            seqs.append(p + cache.target(targets[i]))
-            for j, t in enumerate(cache.scored(targets[i])):
-                rows.append(b)
-                cols.append(len(p) + j - 1)
-                labels.append(t)
-                owner.append(b)
-        ids, mask = pad_right(seqs, pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    order = sorted(range(len(unique)), key=lambda u: len(unique[u]))
+    for start in range(0, len(order), batch_size):
+        useqs = order[start:start + batch_size]
+        rows, cols, labels, owner = [], [], [], []
+        pairs = [i for u in useqs for i in readers[u]]
+        slot = {i: k for k, i in enumerate(pairs)}
+        for b, u in enumerate(useqs):
+            for i in readers[u]:
+                _, c, lab = plans[i]
+                rows += [b] * len(c)
+                cols += c
+                labels += lab
+                owner += [slot[i]] * len(c)
+        ids, mask = pad_right([list(unique[u]) for u in useqs], pad)
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         r = torch.as_tensor(rows, device=device)
         c = torch.as_tensor(cols, device=device)
         lab = torch.as_tensor(labels, device=device)
-        picked = logits[r, c].float()
+        picked = head(hidden[r, c]).float()
         tok_nll = -torch.log_softmax(picked, dim=-1).gather(1, lab[:, None])[:, 0]
         tok_ok = picked.argmax(-1) == lab
         own = torch.as_tensor(owner, device=device)
-        sums = torch.zeros(len(idx), device=device, dtype=torch.float32).index_add_(0, own, tok_nll)
-        counts = torch.zeros(len(idx), device=device).index_add_(0, own, torch.ones_like(tok_nll))
-        bad = torch.zeros(len(idx), device=device).index_add_(0, own, (~tok_ok).float())
-        nll[idx] = (sums / counts).double().cpu().numpy()
-        correct[idx] = (bad == 0).cpu().numpy()
+        k = len(pairs)
+        sums = torch.zeros(k, device=device, dtype=torch.float32).index_add_(0, own, tok_nll)
+        counts = torch.zeros(k, device=device).index_add_(0, own, torch.ones_like(tok_nll))
+        bad = torch.zeros(k, device=device).index_add_(0, own, (~tok_ok).float())
+        nll[pairs] = (sums / counts).double().cpu().numpy()
+        correct[pairs] = (bad == 0).cpu().numpy()
     return TargetScores(nll, correct)
+
+
+def _backbone_and_head(model):
+    """(backbone returning final-normed hidden states, output projection), from the arch table."""
+    return model.base_model, get_module(model, arch_for(model).lm_head)

@@ -269,3 +269,24 @@ def test_cli_evaluate(world_model_dir: Path, world_records, tmp_path: Path, caps
     rc = main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path),
                "--no-generation", "--alignment", "reference", "--device", "cpu", "--out", str(out)])
     assert rc == 0 and "GE" not in pd.read_parquet(out).columns
+
+
+def test_shared_inputs_run_once_and_score_the_same(word_lm) -> None:
+    """Scoring new and true after the same prompts in one call: single-token targets share the
+    prompt's forward (inputs stop at the last position read), multi-token ones do not; scores
+    equal separate calls."""
+    model, tok = word_lm
+    prefixes = ["the cat sat on", "a dog ran to", "the cat sat on"]
+    new, true = ["a", "the", "a mat"], ["the", "a", "the mat"]
+    assert [len(target_ids(tok, t)) for t in new + true] == [1, 1, 2, 1, 1, 2]
+    rows: list[int] = []
+    hook = model.base_model.register_forward_hook(lambda m, a, k, out: rows.append(k["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        both = score_targets(model, tok, prefixes * 2, new + true)
+    finally:
+        hook.remove()
+    assert sum(rows) == 4  # "the cat sat on" and "a dog ran to" once each, + the two "… a" / "… the" inputs
+    alone = [score_targets(model, tok, [p], [t]) for p, t in zip(prefixes * 2, new + true)]
+    np.testing.assert_allclose(both.nll, [a.nll[0] for a in alone], rtol=1e-5)
+    assert list(both.correct) == [bool(a.correct[0]) for a in alone]

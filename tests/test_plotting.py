@@ -155,3 +155,28 @@ def test_table2_from_params():
     assert t2.values.tolist() == [[1, 10, 10], [4, 3, 10], [10, 1, 10]]
     b = pd.DataFrame({"method": ["memit"] * 4, "batch_size": [4, 4, 4, 10], "batch_index": [0, 1, 2, 0]})
     assert plotting.table2(p, b)["run (MEMIT)"].tolist() == [0, 3, 1]
+
+
+def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
+    from editlib.reproduce import StoredResult, caption
+
+    def stored(model_dir: str, data: dict) -> StoredResult:
+        man = {"complete": True,
+               "provenance": {"model": model_dir, "model_label": "m-6L", "n_layers": 6,
+                              "model_fingerprint": "abcdef0123456789", "n_records_available": 2000,
+                              "data": data},
+               "params": {"data": {"source": "model", "ordering_seed": 37, "orderings": [0]},
+                          "evaluation": {"generation": False},
+                          "spec": {"total": 512, "batch_sizes": [1, 8], "layer": 0}}}
+        return StoredResult("sequential", tmp_path, _cases(rng, 2), pd.DataFrame(), man)
+
+    mini = tmp_path / "mini"
+    mini.mkdir()
+    (mini / "editlib_tiny.json").write_text("{}")
+    cf = caption(resolve("tiny-counterfact"), stored(str(mini), {"source": "model", "sha256": "2b0adfb888cb45cc"}),
+                 "Figure 4")
+    assert cf.startswith("*Miniature result") and "not Llama-3-8B" in cf
+    assert "CounterFact records the miniature was trained on" in cf and "2b0adfb888cb" in cf
+    assert "m-6L" in cf and "6 decoder layers" in cf and "facts in total 512" in cf and "ordering seed 37" in cf
+    big = caption(resolve("llama3-8b"), stored("meta-llama/Meta-Llama-3-8B", {"source": "counterfact"}), "Figure 4")
+    assert "Miniature" not in big and "not Llama-3-8B" not in big

@@ -73,8 +73,8 @@ class Study:
     def title(self) -> str:
         """Figure-title name: label and params name, flagged when the model is an editlib
         miniature (its figures must never pass for Llama-3-8B results)."""
-        mini = (Path(self.model_dir) / "editlib_tiny.json").is_file()
-        return f"{self.label} ({self.params.name})" + (", miniature: not Llama-3-8B" if mini else "")
+        from .reproduce import figure_title
+        return figure_title(self.params, self.label, self.model_dir)
 
     def facts(self, n: int, ordering: int = 0) -> list[Record]:
         """The first ``n`` facts of seeded unique-subject ordering ``ordering`` (same for every

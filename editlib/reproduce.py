@@ -85,11 +85,29 @@ def load_stored(p: StudyParams, experiment: str) -> StoredResult:
 
 
 def is_miniature(p: StudyParams, r: StoredResult) -> bool:
+    """True for the offline miniatures (see :func:`is_miniature_model`)."""
+    return is_miniature_model(p, r.manifest.get("provenance", {}).get("model"))
+
+
+def is_miniature_model(p: StudyParams, model_dir: str | None) -> bool:
     """True for the offline miniatures: a ``tiny*`` params name, a ``tiny`` build spec, or a model
     directory written by :mod:`editlib.tiny`."""
-    model_dir = r.manifest.get("provenance", {}).get("model")
     return (p.name.startswith("tiny") or p.model.tiny is not None
             or bool(model_dir and (Path(model_dir) / "editlib_tiny.json").is_file()))
+
+
+MINIATURE_FLAG = "miniature: not Llama-3-8B"
+
+
+def figure_title(p: StudyParams, label: str, model_dir: str | None) -> str:
+    """The model part of a figure title: label and params name, flagged for miniatures so that a
+    saved figure never passes for a Llama-3-8B result."""
+    return f"{label} ({p.name})" + (f", {MINIATURE_FLAG}" if is_miniature_model(p, model_dir) else "")
+
+
+def result_title(p: StudyParams, r: StoredResult) -> str:
+    """:func:`figure_title` of a stored result (the report notebook re-plots from the store)."""
+    return figure_title(p, r.label, r.manifest.get("provenance", {}).get("model"))
 
 
 _DATA = {"model": "the miniature's own training facts", "counterfact": "CounterFact", "world": "synthetic world"}

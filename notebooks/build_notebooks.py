@@ -196,7 +196,7 @@ NB06 = [
            "3 and 4 next to the paper's numbers."),
     ("code", SETUP),
     ("code", '''from editlib.protocols import summarize  # a pure function of the stored cases
-from editlib.reproduce import caption, load_stored, stored_experiments
+from editlib.reproduce import caption, load_stored, result_title, stored_experiments
 
 runs = stored_experiments(P)
 display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`{e}`" for e in runs) or "none")))'''),
@@ -204,7 +204,7 @@ display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`
     ("code", '''for exp, stem, number in [(e, "fig1_layer_search", 1) if e == "layer_search" else
                           (e, "fig6_layer_search_second_model", 6) for e in runs if e.startswith("layer_search")]:
     r = load_stored(P, exp)
-    fig = plotting.plot_layer_search(r.cases, f"Figure {number}: layer search, {r.label} ({P.name})")
+    fig = plotting.plot_layer_search(r.cases, f"Figure {number}: layer search, {result_title(P, r)}")
     plotting.save_figure(fig, FIG_DIR, stem)
     display(fig, Markdown(caption(P, r, f"Figure {number}: singular edits at every layer")))'''),
     ("md", "## Singular edits (Table 1)"),
@@ -225,7 +225,7 @@ display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`
             continue
         t = plotting.sweep_table(r.cases, method)
         plotting.save_table(t, FIG_DIR, f"{key}_{method}_lambda")
-        fig = plotting.plot_sweep(r.cases, method, f"Table {number} sweep: {method.upper()} λ, {r.label} ({P.name})")
+        fig = plotting.plot_sweep(r.cases, method, f"Table {number} sweep: {method.upper()} λ, {result_title(P, r)}")
         plotting.save_figure(fig, FIG_DIR, f"fig_{key}_{method}_lambda")
         cmp = plotting.compare_with_paper(t, ref[key], on="lam")
         plotting.save_table(cmp, FIG_DIR, f"{key}_vs_paper")
@@ -236,7 +236,7 @@ display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`
     r = load_stored(P, "batch")
     for method, number in (("memit", 2), ("emmet", 3)):
         if (r.cases["method"] == method).any():
-            fig = plotting.plot_batch(r.cases, method, f"Figure {number}: batch {method.upper()}, {r.label} ({P.name})")
+            fig = plotting.plot_batch(r.cases, method, f"Figure {number}: batch {method.upper()}, {result_title(P, r)}")
             plotting.save_figure(fig, FIG_DIR, f"fig{number}_batch_{method}")
             display(fig, Markdown(caption(P, r, f"Figure {number}: batch {method.upper()}")))
     summary = summarize(r.cases, by=["method", "batch_size"], formatted=True)
@@ -251,12 +251,12 @@ display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`
     for method, number in (("memit", 4), ("emmet", 5)):
         if (r.cases["method"] == method).any():
             fig = plotting.plot_sequential(r.cases, method, f"Figure {number}: sequential-batch {method.upper()}, "
-                                                            f"{r.label} ({P.name})")
+                                                            f"{result_title(P, r)}")
             plotting.save_figure(fig, FIG_DIR, f"fig{number}_sequential_{method}")
             display(fig, Markdown(caption(P, r, f"Figure {number}: sequential-batch {method.upper()} (solid: right "
                                                 "after its batch; dashed: on the final model)")))
             fig = plotting.plot_sequential_diagnostics(r.batches, method, f"Sequential-batch {method.upper()}: "
-                                                       f"weight drift and cond(D), {r.label} ({P.name})")
+                                                       f"weight drift and cond(D), {result_title(P, r)}")
             plotting.save_figure(fig, FIG_DIR, f"fig_sequential_diagnostics_{method}")
             display(fig, Markdown(caption(P, r, f"Diagnostics of sequential-batch {method.upper()}")))
     if (r.cases["eval"] == "final").any():

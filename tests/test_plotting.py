@@ -158,7 +158,7 @@ def test_table2_from_params():
 
 
 def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
-    from editlib.reproduce import StoredResult, caption
+    from editlib.reproduce import StoredResult, caption, result_title
 
     def stored(model_dir: str, data: dict) -> StoredResult:
         man = {"complete": True,
@@ -178,5 +178,10 @@ def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     assert cf.startswith("*Miniature result") and "not Llama-3-8B" in cf
     assert "CounterFact records the miniature was trained on" in cf and "2b0adfb888cb" in cf
     assert "m-6L" in cf and "6 decoder layers" in cf and "facts in total 512" in cf and "ordering seed 37" in cf
-    big = caption(resolve("llama3-8b"), stored("meta-llama/Meta-Llama-3-8B", {"source": "counterfact"}), "Figure 4")
+    big_r = stored("meta-llama/Meta-Llama-3-8B", {"source": "counterfact"})
+    big = caption(resolve("llama3-8b"), big_r, "Figure 4")
     assert "Miniature" not in big and "not Llama-3-8B" not in big
+    # figure titles (notebooks 01-05 via Study.title, the report via result_title) carry the flag
+    assert result_title(resolve("tiny-counterfact"), stored(str(mini), {})) == \
+        "m-6L (tiny-counterfact), miniature: not Llama-3-8B"
+    assert result_title(resolve("llama3-8b"), big_r) == "m-6L (llama3-8b)"

@@ -152,6 +152,12 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise KeyError(f"{type(model).__name__} has no module named {name!r}") from None
 
 
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning final-normed hidden states, output projection): logits computed only
+    at the positions a loss or a score reads (SPEC §9)."""
+    return model.base_model, get_module(model, arch_for(model).lm_head)
+
+
 def _check_layer(model: nn.Module, layer: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
         raise TypeError(f"layer must be an int, got {type(layer).__name__}")

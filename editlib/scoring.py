@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .arch import arch_for, get_module
+from .arch import backbone_and_head
 from .tokens import encode, pad_right, target_ids, with_space
 
 ALIGNMENTS = ("correct", "reference")
@@ -94,7 +94,7 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
     readers: list[list[int]] = [[] for _ in unique]  # pairs read from each unique sequence
     for i, (ids, _, _) in enumerate(plans):
         readers[seq_of[ids]].append(i)
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # sort by length so batches are tight; results go back to input order
@@ -128,7 +128,3 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
         correct[pairs] = (bad == 0).cpu().numpy()
     return TargetScores(nll, correct)
 
-
-def _backbone_and_head(model):
-    """(backbone returning final-normed hidden states, output projection), from the arch table."""
-    return model.base_model, get_module(model, arch_for(model).lm_head)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .arch import arch_for, block_output, get_module
+from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .nethook import Trace
 from .records import Record
@@ -109,12 +109,6 @@ def _build(tok, records: Sequence[Record], contexts: ContextTemplates) -> _Seqs:
     t = torch.as_tensor
     return _Seqs(ids, mask, t(owner), t(lookup), t(is_kl), t(lab_seq), t(lab_pos), t(lab_tok),
                  t(lab_w, dtype=torch.float32))
-
-
-def _head(model):
-    """(backbone returning final-normed hidden states, lm_head) for logits at chosen positions."""
-    spec = arch_for(model)
-    return model.base_model, get_module(model, spec.lm_head)
 
 
 def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
@@ -225,7 +219,7 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     device = next(model.parameters()).device
     seq = _build(tok, records, contexts)
     n = len(records)
-    lm_head = get_module(model, arch_for(model).lm_head)
+    _, lm_head = backbone_and_head(model)
     fwd = _Forward(model, seq, layer, hp.prefix_cache)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device)

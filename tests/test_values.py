@@ -158,7 +158,9 @@ def test_matches_reference_loop(lm64, tok, kw, atol: float) -> None:
         assert int(res.steps[f]) == steps, (f, res.steps.tolist(), steps)
         torch.testing.assert_close(res.h[:, f], h, rtol=0, atol=1e-6)
         torch.testing.assert_close(res.z[:, f], z, rtol=0, atol=atol)
-        assert float(res.final_loss[f]) == pytest.approx(final, rel=1e-5)
+        # the final loss is computed from that δ: the same float32 amplification (measured 1.6e-5
+        # relative on an AMD EPYC for the 25-step case), so its tolerance follows z's regime
+        assert float(res.final_loss[f]) == pytest.approx(final, rel=max(1e-5, atol))
 
 
 # --------------------------------------------------------------------------- stopping rules

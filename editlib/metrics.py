@@ -27,7 +27,7 @@ from scipy.stats import hmean
 
 from .generation import ngram_entropy, sample_texts
 from .records import Record
-from .scoring import TargetScores, score_targets
+from .scoring import score_pairs
 
 FAMILIES = ("rewrite", "paraphrase", "neighborhood")
 SHORT = {"rewrite": "ES", "paraphrase": "PS", "neighborhood": "NS"}
@@ -70,14 +70,10 @@ def _case_mean(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
                          batch_size: int) -> dict[str, np.ndarray]:
-    """ES/PS/NS, magnitudes and accuracies per case; one scoring call per target kind."""
+    """ES/PS/NS, magnitudes and accuracies per case; one scoring call for both targets (SPEC §6)."""
     t = _flatten(records)
-    # one call for both targets: a prompt whose targets are single tokens is run once (SPEC §6)
-    both = score_targets(model, tok, [*t.prefixes, *t.prefixes], [*t.new, *t.true], alignment=alignment,
-                         batch_size=batch_size)
-    k = len(t.prefixes)
-    s_new = TargetScores(both.nll[:k], both.correct[:k])
-    s_true = TargetScores(both.nll[k:], both.correct[k:])
+    s_new, s_true = score_pairs(model, tok, t.prefixes, t.new, t.true, alignment=alignment,
+                                batch_size=batch_size)
     new_wins = s_new.nll < s_true.nll
     true_wins = s_true.nll < s_new.nll
     p_diff = np.exp(-s_new.nll) - np.exp(-s_true.nll)  # geometric-mean token probabilities (SPEC §6)

@@ -57,6 +57,7 @@ class Study:
     _covs: dict = field(default_factory=dict)
     _cov_info: dict = field(default_factory=dict)
     _contexts: dict = field(default_factory=dict)
+    _data: dict = field(default_factory=dict)  # data provenance per data params (hashes CounterFact once)
     _fp: str | None = None
 
     @property
@@ -108,10 +109,16 @@ class Study:
                                 batch_size=ev.batch_size, generation=ev.generation,
                                 gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len)
 
+    def data_provenance(self) -> dict:
+        key = json.dumps([asdict(self.params.data), self.model_dir], default=str)
+        if key not in self._data:
+            self._data[key] = _data_provenance(self.params, self.model_dir)
+        return self._data[key]
+
     def provenance(self) -> dict:
         return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
-                "data": _data_provenance(self.params, self.model_dir), "covariance": self._cov_info,
+                "data": self.data_provenance(), "covariance": self._cov_info,
                 "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
 
 

@@ -68,6 +68,15 @@ def _read_plan(cache: _TokCache, prefix: str, target: str) -> tuple[tuple[int, .
     return tuple(ids), cols, list(lab)
 
 
+def score_pairs(model, tok, prefixes: Sequence[str], targets_a: Sequence[str], targets_b: Sequence[str],
+                **kw) -> tuple[TargetScores, TargetScores]:
+    """Scores of ``targets_a[i]`` and ``targets_b[i]`` after ``prefixes[i]`` in one
+    :func:`score_targets` call, so each prompt with one-token targets runs once."""
+    n = len(prefixes)
+    both = score_targets(model, tok, [*prefixes, *prefixes], [*targets_a, *targets_b], **kw)
+    return (TargetScores(both.nll[:n], both.correct[:n]), TargetScores(both.nll[n:], both.correct[n:]))
+
+
 @torch.no_grad()
 def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *,
                   alignment: str = "correct", batch_size: int = 128) -> TargetScores:

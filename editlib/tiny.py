@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .records import Record
-from .scoring import TargetScores, score_targets
+from .scoring import score_pairs
 from .tokens import with_space
 
 BOS, EOS = "<s>", "</s>"
@@ -147,10 +147,8 @@ def fact_quality(model, tok, records: Sequence[Record], batch_size: int = 256) -
     }
     for fam, pairs in fams.items():
         pre = [p for p, _ in pairs]
-        both = score_targets(model, tok, pre + pre, [r.target_true.str for _, r in pairs]
-                             + [r.target_new.str for _, r in pairs], batch_size=batch_size)
-        true = TargetScores(both.nll[: len(pre)], both.correct[: len(pre)])
-        new = TargetScores(both.nll[len(pre):], both.correct[len(pre):])
+        true, new = score_pairs(model, tok, pre, [r.target_true.str for _, r in pairs],
+                                [r.target_new.str for _, r in pairs], batch_size=batch_size)
         out[f"{fam}_true_beats_new"] = float(np.mean(true.nll < new.nll))
         out[f"{fam}_true_top1"] = float(np.mean(true.correct))
     return out

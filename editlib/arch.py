@@ -53,6 +53,9 @@ class ArchSpec:
     embed: str  # token embedding, e.g. "model.embed_tokens"
     conv1d: bool  # True when `down` is a Conv1D storing its weight as [d_in, d_out]
     n_layers_attr: str  # config attribute holding the depth
+    # Llama-style blocks (input_layernorm → self_attn.{q,k,v,o}_proj with RoPE from this module →
+    # post_attention_layernorm → mlp) that editlib.packed can run on packed tokens; None: it cannot
+    rotary: str | None = None
 
     def layer_name(self, layer: int) -> str:
         """Name of decoder block ``layer``."""
@@ -83,6 +86,7 @@ def _llama_like(model_type: str) -> ArchSpec:
         embed="model.embed_tokens",
         conv1d=False,
         n_layers_attr="num_hidden_layers",
+        rotary="model.rotary_emb",
     )
 
 

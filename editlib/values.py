@@ -30,6 +30,7 @@ import torch
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .nethook import Trace
+from .packed import PackedSuffix, unsupported
 from .records import Record
 from .tokens import filled_ids, in_context, pad_right, target_ids
 
@@ -48,6 +49,7 @@ class ValueHParams:
     early_stop_loss: float = 5e-2
     z_batch_size: int = 32  # facts optimised together (1 = the reference's per-fact loop)
     prefix_cache: bool = True  # reuse the KV of tokens before the subject (they do not depend on δ)
+    packed: bool = True  # run only the blocks above `layer`, on packed tokens (editlib.packed; Llama family)
 
     def __post_init__(self):
         if self.v_num_grad_steps < 1:
@@ -212,6 +214,32 @@ class _Forward:
             return self.backbone(input_ids=ids, **kw).last_hidden_state
 
 
+class _Packed:
+    """:class:`_Forward`'s interface over :class:`editlib.packed.PackedSuffix` (positions are
+    relative to the subject token; only label and KL positions are filled)."""
+
+    def __init__(self, model, seq: _Seqs, layer: int):
+        kl = seq.is_kl.nonzero()[:, 0]
+        self.seq = seq
+        self.run = PackedSuffix(model, seq.ids, seq.mask, seq.lookup, torch.cat([seq.lab_seq, kl]),
+                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer)
+
+    def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return positions - self.seq.lookup[rows].to(positions.device)
+
+    def __call__(self, rows: torch.Tensor, delta_rows: torch.Tensor, record_h=None, plain=None):
+        if record_h is not None:
+            record_h[...] = self.run.h[rows.to(plain.device)[plain]]
+        return self.run(rows, delta_rows)
+
+
+def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
+    """The packed forward when ``hp.packed`` and the model allows it, else the transformers one."""
+    if hp.packed and unsupported(model, seq.ids.shape[1]) is None:
+        return _Packed(model, seq, layer)
+    return _Forward(model, seq, layer, hp.prefix_cache)
+
+
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
                     hp: ValueHParams) -> ValueResult:
     if contexts.flat[0] != "{}":
@@ -220,7 +248,7 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     seq = _build(tok, records, contexts)
     n = len(records)
     _, lm_head = backbone_and_head(model)
-    fwd = _Forward(model, seq, layer, hp.prefix_cache)
+    fwd = _forward_for(model, seq, layer, hp)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device)
     m_adam, v_adam = torch.zeros_like(delta), torch.zeros_like(delta)

@@ -132,13 +132,70 @@ def test_prefix_cache_equals_full_forward(tok, chunk: int) -> None:
     trajectories as recomputing every position (float64: ~1e-9)."""
     lm = tiny_llama(len(tok), lm_scale=30.0, dtype=torch.float64).requires_grad_(False)
     full = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=chunk, early_stop_loss=1.0,
-                                                                  prefix_cache=False))
+                                                                  prefix_cache=False, packed=False))
     cached = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(z_batch_size=chunk, early_stop_loss=1.0,
-                                                                    prefix_cache=True))
+                                                                    prefix_cache=True, packed=False))
     assert torch.equal(full.steps, cached.steps)
     torch.testing.assert_close(cached.h, full.h, rtol=0, atol=1e-9)
     torch.testing.assert_close(cached.z, full.z, rtol=0, atol=1e-8)
     torch.testing.assert_close(cached.final_loss, full.final_loss, rtol=1e-8, atol=0)
+
+
+def _family(model_type: str, vocab: int, **kw) -> torch.nn.Module:
+    """Random float64 model of a Llama-style family with grouped-query attention (4 heads, 2 KV)."""
+    import transformers
+    torch.manual_seed(1)
+    cfg = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[model_type])(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
+        eos_token_id=2, **kw)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(30.0)
+    return m.double()
+
+
+@pytest.mark.parametrize("model_type, kw", [
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}),
+    ("mistral", {}),
+    ("qwen2", {}),
+])
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_packed_equals_transformers_forward(tok, model_type: str, kw: dict, layer: int) -> None:
+    """Running only the blocks above the edited one on packed tokens (editlib.packed) gives the
+    trajectories of the transformers forward: same steps, z to float64 round-off. Covers grouped-
+    query attention, q/k/v biases (qwen2, attention_bias), scaled RoPE and the last layer (no block
+    above it)."""
+    from editlib.packed import unsupported
+    lm = _family(model_type, len(tok), **kw)
+    assert unsupported(lm, 64) is None
+    hp = dict(z_batch_size=3, early_stop_loss=1.0)
+    ref = compute_values(lm, tok, FACTS, layer, CTX, ValueHParams(packed=False, **hp))
+    got = compute_values(lm, tok, FACTS, layer, CTX, ValueHParams(packed=True, **hp))
+    assert torch.equal(ref.steps, got.steps)
+    assert len(set(ref.steps.tolist())) >= 2 or layer == 2, ref.steps.tolist()
+    torch.testing.assert_close(got.h, ref.h, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got.z, ref.z, rtol=0, atol=1e-8)
+    torch.testing.assert_close(got.final_loss, ref.final_loss, rtol=1e-8, atol=0)
+
+
+def test_packed_refuses_what_it_cannot_run(tok) -> None:
+    """GPT-2 blocks are not Llama-style and a sliding window shorter than the sequences changes
+    the attention: both fall back to the transformers forward (same result as packed=False)."""
+    from _fixtures import tiny_gpt2
+    from editlib.packed import PackedSuffix, unsupported
+    gpt = tiny_gpt2(len(tok)).requires_grad_(False)
+    assert "not Llama-style" in unsupported(gpt, 16)
+    mis = _family("mistral", len(tok), sliding_window=4)
+    assert "sliding window" in unsupported(mis, 16)
+    with pytest.raises(ValueError, match="sliding window"):
+        PackedSuffix(mis, torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long),
+                     torch.tensor([2]), torch.tensor([0]), torch.tensor([5]), 0)
+    for m in (gpt, mis):
+        a = compute_values(m, tok, FACTS, 1, CTX, ValueHParams(v_num_grad_steps=3))
+        b = compute_values(m, tok, FACTS, 1, CTX, ValueHParams(v_num_grad_steps=3, packed=False))
+        torch.testing.assert_close(a.z, b.z, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kw, atol", [

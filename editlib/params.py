@@ -26,10 +26,14 @@ class ParamsError(ValueError):
     """A params file or override is invalid (the message names the key)."""
 
 
+#: keys of a ``tiny:`` build spec (editlib.tiny.ensure_tiny); max_steps caps the training steps
+TINY_KEYS = ("source", "n_records", "n_layers", "seed", "max_steps")
+
+
 @dataclass(frozen=True)
 class ModelParams:
     """``id``: HF hub id or local directory. ``tiny``: an on-demand miniature instead (source,
-    n_records, n_layers, seed), built once into the cache."""
+    n_records, n_layers, seed, optional max_steps), built once into the cache."""
     id: str | None = "models/tiny-world"
     label: str | None = None
     dtype: str = "float32"
@@ -315,6 +319,11 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         raise ParamsError(f"sweep.batch_size={sp.sweep.batch_size} is larger than sweep.total={sp.sweep.total}")
     if sp.model.id is None and sp.model.tiny is None:
         raise ParamsError("model needs an 'id' (hub id or directory) or a 'tiny' build spec")
+    for sec in ("model", "second_model"):
+        mp = getattr(sp, sec)
+        bad = sorted(set((mp.tiny or {}) if mp else {}) - set(TINY_KEYS))
+        if bad:
+            raise ParamsError(f"unknown key(s) {bad} in {sec}.tiny; known: {', '.join(TINY_KEYS)}")
     return sp
 
 

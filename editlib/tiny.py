@@ -328,9 +328,10 @@ def find_committed(source: str, n_records: int, n_layers: int, seed: int) -> Pat
 
 
 def ensure_tiny(source: str, n_records: int, *, seed: int = 0, n_layers: int = 6,
-                counterfact_path: str | None = None, log=print) -> Path:
+                max_steps: int | None = None, counterfact_path: str | None = None, log=print) -> Path:
     """Path of a cached miniature, training it first when missing (SPEC-free convenience for the
-    offline params: e.g. an 8-layer second model for Figure 6, or the CounterFact miniature)."""
+    offline params: e.g. an 8-layer second model for Figure 6, or the CounterFact miniature).
+    ``max_steps`` raises the training cap (5,000 CounterFact records needed 5,800 steps)."""
     from .counterfact import cache_dir
 
     committed = find_committed(source, n_records, n_layers, seed)
@@ -340,7 +341,8 @@ def ensure_tiny(source: str, n_records: int, *, seed: int = 0, n_layers: int = 6
     if not (out / "config.json").is_file():
         log(f"building miniature {out.name} (one-off; cached at {out})")
         build_tiny(source, n_records, out, seed=seed, n_layers=n_layers,
-                   counterfact_path=counterfact_path, log=log)
+                   counterfact_path=counterfact_path, log=log,
+                   **({"max_steps": int(max_steps)} if max_steps else {}))
     return out
 
 

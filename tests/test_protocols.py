@@ -352,6 +352,8 @@ def _params_file(tmp_path: Path, text: str) -> Path:
     ({"data.source": "counterfact", "data.counterfact_path": "nowhere/cf.json"}, DatasetNotFound,
      ["nowhere/cf.json"]),
     ({"batch.layer": "best"}, ParamsError, ["batch", "best", "layer search"]),
+    ({"model.tiny": {"source": "world", "n_records": 10, "max_step": 9}}, ParamsError,
+     ["model.tiny", "max_step", "max_steps"]),
 ])
 def test_bad_parameters_fail_before_loading(over, exc, names, tmp_path, monkeypatch, no_model_load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

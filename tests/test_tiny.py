@@ -265,3 +265,14 @@ def test_cli_accepts_every_tiny_config_field() -> None:
         a = parser.parse_args(["tiny-train", "--world", "5", "--out", "x",
                                f"--{f.name.replace('_', '-')}", str(f.default)])
         assert getattr(a, f.name) == f.default, f.name
+
+
+def test_ensure_tiny_passes_max_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A params ``tiny: {..., max_steps: N}`` reaches the training cap; without it the default is kept."""
+    calls = []
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny, "find_committed", lambda *a: None)
+    monkeypatch.setattr(tiny, "build_tiny", lambda *a, **kw: calls.append(kw))
+    tiny.ensure_tiny("counterfact", 5000, max_steps=8000, log=lambda *a: None)
+    tiny.ensure_tiny("counterfact", 5000, log=lambda *a: None)
+    assert calls[0]["max_steps"] == 8000 and "max_steps" not in calls[1]

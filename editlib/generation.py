@@ -56,6 +56,13 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) ``[batch, kv_heads, tokens, head_dim]`` of the cache a
+    ``use_cache=True`` forward returned (under either of :func:`_cache_name`'s names)."""
+    cache = getattr(out, _cache_name(model), None) or out.past_key_values
+    return [(lay.keys, lay.values) for lay in cache.layers]
+
+
 @torch.no_grad()
 def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len: int, top_k: int,
                   pad_id: int) -> list[list[int]]:

@@ -29,6 +29,7 @@ import torch
 
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
+from .generation import _cache_name, returned_kv
 from .nethook import Trace
 from .packed import PackedSuffix, unsupported
 from .records import Record
@@ -149,7 +150,6 @@ class _Forward:
             self._build_prefix()
 
     def _build_prefix(self) -> None:
-        from .generation import _cache_name
         seq, dev = self.seq, self.device
         p = seq.lookup  # prefix = tokens [0, p)
         lengths = seq.mask.sum(1)
@@ -168,8 +168,7 @@ class _Forward:
         if self.p_max > 0:
             with torch.no_grad():
                 out = self.backbone(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), use_cache=True)
-            cache = getattr(out, self.cache_arg, None) or out.past_key_values
-            self.kv = [(l.keys, l.values) for l in cache.layers]
+            self.kv = returned_kv(self.model, out)
         self.n = n
 
     def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Benchmark (a script, not a test): where the packed value optimisation spends its time.
+
+Prints, for N facts of the miniature: the tokens the packed forward runs per block against the
+padded suffix layout, the share of real attention-score entries in the padded attention (and
+with rows grouped by suffix length), and the top operators of one ``compute_values`` call under
+``torch.profiler``.
+
+    python bench/profile_values.py [--model models/tiny-world] [--n 64] [--layer 1] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from editlib.context import make_templates
+from editlib.counterfact import sample
+from editlib.models import load_model
+from editlib.params import resolve
+from editlib.tiny import load_tiny_records
+from editlib.values import _build, compute_values
+
+
+def _entries(w: torch.Tensor, p: torch.Tensor) -> int:
+    """Attention-score entries of rows padded to the longest suffix w and prefix p."""
+    return len(w) * int(w.max()) * (int(p.max()) + int(w.max()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="models/tiny-world")
+    ap.add_argument("--params", default="params/tiny.yaml", help="value hyperparameters come from here (MEMIT)")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--layer", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=3, help="suffix-length groups for the attention estimate")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model)
+    facts = sample(load_tiny_records(a.model), a.n)
+    hp = replace(resolve(a.params).hparams["memit"].values, z_batch_size=a.n, packed=True)
+    ctx = make_templates(model, tok, "memit", seed=0)
+
+    seq = _build(tok, facts, ctx)
+    p = seq.lookup
+    w = seq.mask.sum(1) - p
+    w[seq.is_kl] = 1  # a KL prompt reads its subject token only
+    padded = len(p) * int((seq.mask.sum(1) - p).max())
+    real = int((w * (p + w)).sum())
+    groups = torch.argsort(w * (int(p.max()) + 1) + p).chunk(a.groups)
+    grouped = sum(_entries(w[g], p[g]) for g in groups)
+    print(f"{a.n} facts, {len(p)} sequences, layer {a.layer}, threads {torch.get_num_threads()}")
+    print(f"tokens per block: packed {int(w.sum())}, padded suffix layout {padded}")
+    print(f"attention score entries: real {real / _entries(w, p):.0%} of the padded layout; "
+          f"{a.groups} groups by suffix length would leave {grouped / _entries(w, p):.0%}")
+
+    compute_values(model, tok, facts[:4], a.layer, ctx, hp)  # warm-up
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        res = compute_values(model, tok, facts, a.layer, ctx, hp)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    print(f"compute_values: {res.seconds:.2f} s under the profiler, {float(res.steps.float().mean()):.1f} Adam steps per fact")
+    attn = sum(e.self_cpu_time_total for e in ev if "scaled_dot_product" in e.key)
+    print(f"  attention (scaled_dot_product*, forward + backward): {attn / total:.0%} of self CPU time")
+    for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"  {e.key[:60]:60s} {e.self_cpu_time_total / total:6.1%}  {e.count:7d} calls")
+
+
+if __name__ == "__main__":
+    main()

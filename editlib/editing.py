@@ -37,7 +37,7 @@ class EditHParams:
     mom2_update_weight: float = 1.0   # MEMIT's λ (paper eq. 4-5)
     emmet_lambda: float = 0.0         # EMMET's λ (paper Table 4); μ = mom2_update_weight · emmet_lambda
     context_templates: str = "memit"  # "memit" (6 in 2 types), "rome" (21) or "plain"
-    max_cond: float = 1e10            # cond(D + μI) above which jitter is added (SPEC §8.5)
+    max_cond: float | None = None     # opt-in: regularise D + μI above this cond (default: exact, SPEC §3, §8.5)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -123,7 +123,8 @@ class EditStats:
     layer: int
     mu: float
     cond_D: float
-    jitter: float
+    jitter: float       # τ added to D + μI (0: solved exactly, as the reference)
+    jitter_rel: float   # τ relative to D + μI's mean eigenvalue
     delta_norm: float
     w_dist: float
     w_rel_dist: float
@@ -166,7 +167,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     layers = sorted(hp.layers)
     z = tg.values.z
     t_keys, t_solve = tg.seconds_keys, 0.0
-    total_delta_sq, info = 0.0, None
+    total_delta_sq, info, jit, jit_rel = 0.0, None, 0.0, 0.0
     for i, layer in enumerate(layers):
         if i == 0:
             K, R = tg.K, tg.R
@@ -181,9 +182,10 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
         session.apply(layer, delta)
         t_solve += time.time() - t0
         total_delta_sq += info.delta_norm ** 2
+        jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
     dist, rel = session.distance(layers[0])
     return EditStats(
-        n=len(records), layer=layers[0], mu=hp.mu, cond_D=info.cond_D, jitter=info.jitter,
+        n=len(records), layer=layers[0], mu=hp.mu, cond_D=info.cond_D, jitter=jit, jitter_rel=jit_rel,
         delta_norm=total_delta_sq ** 0.5, w_dist=dist, w_rel_dist=rel,
         mean_resid_norm=float(tg.R.norm(dim=0).mean()), mean_value_steps=float(tg.values.steps.float().mean()),
         seconds_values=tg.values.seconds, seconds_keys=t_keys, seconds_solve=t_solve)

@@ -160,6 +160,10 @@ def _summary_row(g: pd.DataFrame, metrics: Sequence[str], decimals: int | None) 
             mean, std = round(mean, decimals), round(std, decimals)
         row[f"{m}_mean"], row[f"{m}_std"] = mean, std
     row["S"] = harmonic_score(row["ES_mean"], row["PS_mean"], row["NS_mean"])
+    if "solve_jitter" in g.columns:  # cases whose edit needed a regularised solve (SPEC §8.5)
+        jit = g["solve_jitter"].to_numpy(dtype=np.float64)
+        row["n_jittered"] = int((jit > 0).sum())
+        row["max_jitter"] = float(np.nanmax(jit)) if len(jit) and (jit > 0).any() else 0.0
     return row
 
 
@@ -185,7 +189,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Strings as the paper prints them: ``"98.05(11.34)"`` per metric and ``"94.10"`` for S."""
     metrics = [m for m in METRICS if f"{m}_mean" in summary.columns]
     keys = [c for c in summary.columns
-            if c not in ("n", "S") and not c.endswith(("_mean", "_std"))]
+            if c not in ("n", "S", "n_jittered", "max_jitter") and not c.endswith(("_mean", "_std"))]
     out = pd.DataFrame(index=summary.index)
     for k in keys:
         out[k] = summary[k].astype(str)
@@ -193,4 +197,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     out["S"] = summary["S"].map(lambda x: f"{x:.2f}")
     for m in metrics:
         out[m] = [f"{a:.2f}({b:.2f})" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+    if "n_jittered" in summary.columns:  # "0" = every edit solved exactly; else "k (τ ≤ x)"
+        out["jittered"] = [str(int(k)) if k == 0 else f"{int(k)} (τ≤{t:.1g})"
+                           for k, t in zip(summary["n_jittered"], summary["max_jitter"])]
     return out

@@ -3,6 +3,7 @@ the MEMIT codebase's ``util/nethook.py``, written anew).
 
 ``Trace(model, "model.layers.3.mlp.down_proj", retain_input=True)`` records the module's input
 and/or output during the ``with`` block; ``edit_output=fn`` replaces the output by ``fn(output)``;
+``on_input=fn`` hands the input to ``fn`` at once (nothing retained);
 ``stop=True`` raises :class:`StopForward` after the module ran, so a forward pass can end early
 (use :func:`run_until` to swallow it). Hooks are removed when the block exits, also on error.
 """
@@ -29,13 +30,16 @@ class Trace(contextlib.AbstractContextManager):
 
     def __init__(self, model: torch.nn.Module, layer: str, *, retain_input: bool = False,
                  retain_output: bool = True, detach: bool = True, clone: bool = False,
-                 edit_output: Callable[[Any], Any] | None = None, stop: bool = False):
+                 edit_output: Callable[[Any], Any] | None = None, stop: bool = False,
+                 on_input: Callable[[torch.Tensor], None] | None = None):
         self.layer = layer
         self.input: torch.Tensor | None = None
         self.output: Any = None
         module = get_module(model, layer)
 
         def hook(mod, inputs, output):
+            if on_input is not None:  # consume the input now instead of retaining it
+                on_input(_first_tensor(inputs).detach())
             if retain_input:
                 self.input = _prep(_first_tensor(inputs), detach, clone)
             if edit_output is not None:
@@ -79,7 +83,8 @@ class TraceDict(contextlib.AbstractContextManager, dict):
 
     def __init__(self, model: torch.nn.Module, layers: Iterable[str], *, retain_input: bool = False,
                  retain_output: bool = True, detach: bool = True, clone: bool = False,
-                 edit_output: Callable[[Any, str], Any] | None = None, stop: bool = False):
+                 edit_output: Callable[[Any, str], Any] | None = None, stop: bool = False,
+                 on_input: Callable[[torch.Tensor, str], None] | None = None):
         super().__init__()
         names = list(dict.fromkeys(layers))
         try:
@@ -88,7 +93,8 @@ class TraceDict(contextlib.AbstractContextManager, dict):
                     model, name, retain_input=retain_input, retain_output=retain_output,
                     detach=detach, clone=clone,
                     edit_output=(lambda out, n=name: edit_output(out, n)) if edit_output else None,
-                    stop=stop and i == len(names) - 1)
+                    stop=stop and i == len(names) - 1,
+                    on_input=(lambda x, n=name: on_input(x, n)) if on_input else None)
         except Exception:
             self.close()
             raise

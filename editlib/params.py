@@ -67,6 +67,10 @@ class CovParams:
     max_length: int | None = None
     dtype: str = "float64"
     batch_size: int = 16
+    max_batch_tokens: int | None = None  # padded tokens per forward (the reference: 3 × max positions)
+    data_files: str | None = None  # hf_dataset: local files for a generic builder ("parquet", "text")
+    group: str | None = None  # "wikitext_articles": wikitext line rows joined into articles
+    layers_per_pass: int | None = None  # C0 accumulators per pass (null: as many as half the free memory holds)
 
 
 @dataclass(frozen=True)

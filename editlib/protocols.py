@@ -82,19 +82,40 @@ class Study:
         method and batch size)."""
         return counterfact.sample(self.records, n, ordering, self.params.data.ordering_seed)
 
-    def covs(self, layers: Sequence[int]) -> dict[int, CovFactor]:
-        """Cholesky factors of C0 for ``layers`` (missing ones collected in one pass, disk-cached)."""
+    def _stats(self, layers: Sequence[int], *, load: bool):
+        cp = self.params.covariance
+        return layer_covariance(self.model, self.tok, layers, corpus_spec(cp), records=self.records,
+                                dtype=cp.dtype, batch_size=cp.batch_size,
+                                max_batch_tokens=cp.max_batch_tokens, log=self.log,
+                                fingerprint=self.fingerprint, max_layers_per_pass=cp.layers_per_pass,
+                                load=load)
+
+    def prepare_covs(self, layers: Sequence[int]) -> None:
+        """Make sure C0 of every layer is in the disk cache (missing layers collected in as few
+        passes as memory allows) without keeping any of them in memory."""
         missing = [l for l in layers if l not in self._covs]
         if missing:
-            cp = self.params.covariance
-            spec = CorpusSpec(kind=cp.kind, name=cp.name, config=cp.config, split=cp.split,
-                              text_field=cp.text_field, path=cp.path, n_samples=cp.n_samples,
-                              max_length=cp.max_length)
-            stats = layer_covariance(self.model, self.tok, missing, spec, records=self.records,
-                                     dtype=cp.dtype, batch_size=cp.batch_size, log=self.log)
-            for l, st in stats.items():
-                self._covs[l] = factor_cov(st.mom2)
-                self._cov_info[l] = {"tokens": int(st.count), "cond": float(st.cond)}
+            self._stats(missing, load=False)
+
+    def covs(self, layers: Sequence[int]) -> dict[int, CovFactor]:
+        """Cholesky factors of C0 for ``layers``, factored on the model's device (every solve then
+        runs there). Statistics are keyed by the *unedited* model's fingerprint, so a resumed
+        sequential run never recollects them from edited weights; only the factors of the layers
+        asked for last are kept (at d_in = 14336 a float64 factor is 1.6 GB)."""
+        layers = list(dict.fromkeys(int(l) for l in layers))
+        missing = [l for l in layers if l not in self._covs]
+        for l in [l for l in self._covs if l not in layers]:
+            del self._covs[l]
+        if missing:
+            device = next(self.model.parameters()).device
+            for l, st in self._stats(missing, load=True).items():
+                f = factor_cov(st.mom2, device=device)
+                del st.mom2
+                self._covs[l] = f
+                self._cov_info[l] = {"tokens": int(st.count), "cond_estimate": float(f.cond),
+                                     "jitter": float(f.jitter)}
+                self.log(f"C0 layer {l}: factored on {device}, cond ≈ {f.cond:.3g}"
+                         + (f", jitter {f.jitter:.3g}·I" if f.jitter else ""))
         return {l: self._covs[l] for l in layers}
 
     def contexts(self, style: str) -> ContextTemplates:
@@ -120,6 +141,13 @@ class Study:
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
                 "data": self.data_provenance(), "covariance": self._cov_info,
                 "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
+
+
+def corpus_spec(cp) -> CorpusSpec:
+    """The stats module's corpus description from the params' ``covariance`` section."""
+    return CorpusSpec(kind=cp.kind, name=cp.name, config=cp.config, split=cp.split,
+                      text_field=cp.text_field, path=cp.path, n_samples=cp.n_samples,
+                      max_length=cp.max_length, data_files=cp.data_files, group=cp.group)
 
 
 def _data_provenance(p: StudyParams, model_dir: str) -> dict:
@@ -157,6 +185,10 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
         raise ParamsError(f"params have no {which!r} section")
+    if str(mp.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(f"{which}.device is {mp.device!r} but this torch ({torch.__version__}) sees no "
+                          "CUDA device: install a CUDA build of torch or set device: cpu")
+    _check_corpus_offline(p)
     if p.data.source == "counterfact":
         counterfact.resolve_counterfact(p.data.counterfact_path, download=None)
     depth = None
@@ -190,6 +222,28 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                                   f"layer-search {e.replace('_', '-')}`), or give an integer layer")
 
 
+def _check_corpus_offline(p: StudyParams) -> None:
+    """Offline, a Hugging Face C0 corpus must be in the local datasets cache, unless C0 for it is
+    already in editlib's stats cache (then the corpus is never read)."""
+    cp = p.covariance
+    offline = any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EDITLIB_OFFLINE"))
+    if cp.kind != "hf_dataset" or not offline or cp.data_files:
+        return
+    spec = corpus_spec(cp)
+    root = counterfact.cache_dir() / "stats"
+    if root.is_dir() and any(root.glob(f"*/*_{spec.key()}_n*.safetensors")):
+        return
+    try:
+        import datasets
+        datasets.load_dataset_builder(cp.name, cp.config)
+    except Exception as exc:
+        raise ParamsError(f"covariance corpus {cp.name!r} ({cp.config!r}) is not available offline "
+                          f"({type(exc).__name__}) and no C0 computed from it is cached in {root}: "
+                          "download it once online, or use covariance.kind records / text_file, or a "
+                          "local parquet file (kind hf_dataset, name parquet, data_files ...)") from None
+
+
 def _layer_search_cases(p: StudyParams, which: str) -> Path | None:
     """Where :func:`best_layer` will look (see ``Study.suffix``); None when that depends on a
     miniature not built yet."""
@@ -216,6 +270,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
                   log=log, suffix=suffix)
+    study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
     for m, hp in p.hparams.items():  # templates come from the unedited model
         study.contexts(hp.context_templates)
     return study
@@ -297,6 +352,8 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
     stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session, targets=tg)
     t0 = time.time()
     cases = study.evaluate(facts)
+    # τ of the solve that wrote these edits, relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)
+    cases["solve_jitter"] = float(stats.jitter_rel)
     return cases, {**stats.to_dict(), "seconds_eval": time.time() - t0}
 
 
@@ -334,7 +391,7 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
     if exp.complete:
         return exp.cases()
     t0 = time.time()
-    study.covs(layers)
+    study.prepare_covs(layers)
     for o in study.params.data.orderings:
         facts = study.facts(ls.n_facts, o)
         for layer in layers:
@@ -502,30 +559,44 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         return
     ckpt = exp.checkpoint_path(cfg)
     base = dict(method=method, layer=hp.layers[0], batch_size=B, ordering=o)
+    study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
+    own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     with EditSession(study.model) as s:
         start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_file() else 0
         if start:
             log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
+            for bi in range(start):
+                own_jitter[list(chunks[bi])] = exp.load_unit(f"{cfg}-b{bi:05d}")["solve_jitter"].iloc[0]
         tl = time.time()
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
             cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
+            own_jitter[list(chunks[bi])] = d["jitter_rel"]
             frames = [_label(cases, **base, batch_index=bi, eval="current")]
             k = sq.forgetting_every
             if k and (bi + 1) % k == 0 and bi + 1 < len(chunks):
                 so_far = facts[: chunks[bi].stop]
-                frames.append(_label(study.evaluate(so_far), **base, batch_index=bi, eval=f"after_{bi + 1}"))
+                frames.append(_label(_with_jitter(study.evaluate(so_far), own_jitter), **base,
+                                     batch_index=bi, eval=f"after_{bi + 1}"))
             exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
                           pd.DataFrame([{**base, "batch_index": bi, **d}]))
             _save_ckpt(ckpt, s, hp.layers, bi + 1)
             if fail_after is not None and bi + 1 - start >= fail_after:
                 raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
         if sq.eval_final:
-            exp.save_unit(final_unit, _label(study.evaluate(facts), **base, batch_index=len(chunks) - 1, eval="final"))
+            exp.save_unit(final_unit, _label(_with_jitter(study.evaluate(facts), own_jitter), **base,
+                                             batch_index=len(chunks) - 1, eval="final"))
         log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s)")
     # the model is restored when the session exits; the checkpoint is no longer needed
     ckpt.unlink(missing_ok=True)
+
+
+def _with_jitter(cases: pd.DataFrame, own_jitter: np.ndarray) -> pd.DataFrame:
+    """Re-evaluated facts (in fact order) carry the solve jitter of the batch that edited them."""
+    cases = cases.copy()
+    cases["solve_jitter"] = own_jitter[: len(cases)]
+    return cases
 
 
 RUNNERS = {"layer_search": run_layer_search, "singular": run_singular, "sweep": run_sweep,

@@ -9,9 +9,17 @@
   UTF-8 text file, or — offline — the record set's own fact sentences
   (:func:`records_corpus_texts`). A fixed pseudo-random subset of ``n_samples`` texts is drawn as
   the reference does (``random.Random(1)`` shuffle of all indices, first n).
+* Corpora are articles (SPEC §4, §8.7): empty texts are dropped (a BOS-only sequence would
+  over-weight BOS), wikitext's line rows can be regrouped into articles by their `` = Title = ``
+  heading lines (``group: wikitext_articles``), and each text is truncated to the model's maximum
+  positions (8192 for Llama-3), as the reference does, unless ``max_length`` says otherwise.
+* Memory: the requested layers are collected in passes of at most ``layers_per_pass`` layers, sized
+  from free memory (one float64 d_in×d_in accumulator per layer lives on the model's device), and
+  each layer's inputs are accumulated inside the forward hook, so no layer's activations are kept.
 * Cache: one safetensors file per (model fingerprint, layer, corpus, sample budget, dtype) holding
   the raw sum and the token count (the reference's npz layout, SPEC §4), with the full key in the
-  metadata. Never pickled.
+  metadata. Never pickled. The fingerprint is the *unedited* model's (the caller passes it), so a
+  resumed sequential run that reloaded edited weights still finds its statistics.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ __all__ = [
     "default_max_length",
     "iter_corpus",
     "layer_covariance",
+    "group_wikitext_articles",
+    "layers_per_pass",
     "records_corpus_texts",
 ]
 
@@ -81,10 +91,14 @@ class CorpusSpec:
     path: str | None = None  # text_file
     n_samples: int | None = None
     max_length: int | None = None
+    data_files: str | None = None  # hf_dataset: local files of a generic builder (name "parquet", "text", ...)
+    group: str | None = None  # "wikitext_articles": join wikitext line rows into articles
 
     def __post_init__(self) -> None:
         if self.kind not in ("records", "text_file", "hf_dataset"):
             raise ValueError(f"corpus kind must be 'records', 'text_file' or 'hf_dataset', got {self.kind!r}")
+        if self.group not in (None, "wikitext_articles"):
+            raise ValueError(f"corpus group must be null or 'wikitext_articles', got {self.group!r}")
         if self.kind == "hf_dataset" and not self.name:
             raise ValueError("an hf_dataset corpus needs a dataset name (e.g. 'wikitext')")
         if self.kind == "text_file" and not self.path:
@@ -100,6 +114,10 @@ class CorpusSpec:
             parts = ["hf", self.name, self.config or "default", self.split]
             if self.text_field != "text":
                 parts.append(self.text_field)
+            if self.data_files:
+                parts.append(hashlib.sha256(str(self.data_files).encode()).hexdigest()[:8])
+            if self.group:
+                parts.append(self.group)
         elif self.kind == "text_file":
             parts = ["file", Path(str(self.path)).stem]
         else:
@@ -137,33 +155,57 @@ def _read_paragraphs(path: str) -> list[str]:
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-def _load_hf_texts(spec: CorpusSpec) -> list[str]:
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def group_wikitext_articles(lines: Sequence[str]) -> list[str]:
+    """wikitext rows (one line each, headings like `` = Title = `` and `` = = Section = = ``) joined
+    into one text per article; an article starts at each top-level `` = Title = `` line."""
+    articles: list[list[str]] = []
+    for line in lines:
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")):
+            articles.append([])
+        if not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["".join(a) for a in articles]
+
+
+def _load_hf_rows(spec: CorpusSpec) -> list[str]:
     what = f"Hugging Face dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r})"
-    hint = ("Offline, use CorpusSpec(kind='records') (the record set's fact sentences) or "
-            "CorpusSpec(kind='text_file', path=...) instead.")
+    hint = ("Offline, use CorpusSpec(kind='records') (the record set's fact sentences), "
+            "CorpusSpec(kind='text_file', path=...) or a local parquet file "
+            "(kind='hf_dataset', name='parquet', data_files=...) instead.")
     try:
         import datasets
 
-        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        kw = {"data_files": spec.data_files} if spec.data_files else {}
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, **kw)
     except Exception as exc:  # offline, missing script support, unknown name, ...
         raise CorpusUnavailable(f"could not load the {what}: {type(exc).__name__}: {exc}. {hint}") from None
     if spec.text_field not in ds.column_names:
         raise CorpusUnavailable(f"the {what} has no column {spec.text_field!r} (columns: {ds.column_names})")
-    idx = _subset(len(ds), spec.n_samples)
-    # Empty texts are kept, as in the reference: they still contribute their BOS token.
-    return [str(t) for t in ds.select(idx)[spec.text_field]]
+    if spec.group:  # rows are lines: every row is needed to rebuild the articles
+        return [str(t) for t in ds[spec.text_field]]
+    return [str(t) for t in ds.select(_subset(len(ds), spec.n_samples))[spec.text_field]]
 
 
 def iter_corpus(spec: CorpusSpec, records: Sequence | None = None) -> list[str]:
-    """The texts of a corpus after the fixed ``n_samples`` subset (SPEC §4)."""
+    """The texts of a corpus: articles (regrouped when ``group`` says so), the fixed ``n_samples``
+    subset (SPEC §4), empty texts dropped."""
     if spec.kind == "hf_dataset":
-        return _load_hf_texts(spec)
-    if spec.kind == "text_file":
+        texts = _load_hf_rows(spec)
+        if not spec.group:  # already subset by row (= article) index, as the reference samples
+            return [t for t in texts if t.strip()]
+    elif spec.kind == "text_file":
         texts = _read_paragraphs(str(spec.path))
     else:
         if records is None:
             raise ValueError("a 'records' corpus needs the records (pass records=...)")
         texts = records_corpus_texts(records)
+    if spec.group == "wikitext_articles":
+        texts = group_wikitext_articles(texts)
+    texts = [t for t in texts if t.strip()]
     return [texts[i] for i in _subset(len(texts), spec.n_samples)]
 
 
@@ -171,10 +213,11 @@ def iter_corpus(spec: CorpusSpec, records: Sequence | None = None) -> list[str]:
 
 
 def default_max_length(model) -> int:
-    """min(model max positions, 1024) — the reference truncates at n_positions (SPEC §4, §8.6)."""
+    """The model's maximum positions (8192 for Llama-3, 4096 Llama-2, 1024 GPT-2): the reference
+    truncates every article there (SPEC §4 "Tokenisation"); 1024 when the config names none."""
     cfg = model.config
     npos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return min(int(npos), MAX_LENGTH_CAP) if npos else MAX_LENGTH_CAP
+    return int(npos) if npos else MAX_LENGTH_CAP
 
 
 def _batches(seqs: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
@@ -197,6 +240,35 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _free_bytes(device: torch.device) -> int:
+    """Free memory where the accumulators live: the CUDA device's free memory, else the host's
+    available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def layers_per_pass(d_in: int, device: torch.device, dtype: torch.dtype = torch.float64, *,
+                    override: int | None = None, fraction: float = 0.5) -> int:
+    """How many d_in×d_in accumulators fit in ``fraction`` of the free memory (≥ 1), or
+    ``override``. At d_in = 14336 one float64 accumulator is 1.64 GB: 32 of them do not fit beside
+    Llama-3-8B on an 80 GB GPU (SPEC §8.6)."""
+    if override is not None:
+        if override < 1:
+            raise ValueError(f"layers_per_pass must be >= 1, got {override}")
+        return int(override)
+    per = d_in * d_in * torch.tensor([], dtype=dtype).element_size()
+    return max(1, int(_free_bytes(device) * fraction) // per)
+
+
 @torch.no_grad()
 def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[int], *,
                            batch_size: int = 16, max_length: int | None = None,
@@ -204,16 +276,17 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
                            progress: bool = True) -> dict[int, tuple[torch.Tensor, int]]:
     """Σ kkᵀ and the token count of every layer's down-projection input over ``texts``.
 
-    One forward pass per batch serves all ``layers`` (stopped after the deepest); texts are encoded
-    with BOS and truncated to ``max_length``, right-padded, and only attention-mask tokens count.
-    Sums are returned on CPU in ``dtype``.
+    One forward pass per batch serves all ``layers`` (stopped after the deepest); each layer's
+    input is accumulated inside its hook (non-padding tokens only) and then dropped. Texts are
+    encoded with BOS and truncated to ``max_length``, right-padded. Sums are returned on CPU in
+    ``dtype``.
     """
     layers = sorted(set(int(l) for l in layers))
     if not layers:
         raise ValueError("no layers requested")
     spec = arch.arch_for(model)
     d_in = {l: arch.key_dim(model, l) for l in layers}  # also validates the layer range
-    names = {l: spec.down_name(l) for l in layers}
+    names = {spec.down_name(l): l for l in layers}
     max_length = max_length or default_max_length(model)
     seqs = [ids for ids in (encode(tok, t)[:max_length] for t in texts) if ids]
     if not seqs:
@@ -222,17 +295,19 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     device = _device(model)
     sums = {l: torch.zeros(d_in[l], d_in[l], dtype=dtype, device=device) for l in layers}
     count = 0
+    keep: torch.Tensor | None = None
+
+    def accumulate(x: torch.Tensor, name: str) -> None:
+        feats = x[keep].to(dtype)  # [tokens, d_in], non-padding only
+        sums[names[name]].addmm_(feats.T, feats)
+
     for batch in tqdm(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
                       unit="batch", disable=not progress):
         ids, mask = pad_right(batch, pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        with TraceDict(model, [names[l] for l in layers], retain_input=True,
-                       retain_output=False, stop=True) as td:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask.bool()
-        for l in layers:
-            feats = td[names[l]].input[keep].to(dtype)  # [tokens, d_in], non-padding only
-            sums[l].addmm_(feats.T, feats)
+        with TraceDict(model, list(names), retain_output=False, stop=True, on_input=accumulate):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         count += int(keep.sum())
     return {l: (sums[l].cpu(), count) for l in layers}
 
@@ -319,43 +394,57 @@ def _write_cache(path: Path, key: dict, total: torch.Tensor, count: int, cond: f
 
 
 def _cond(mom2: torch.Tensor, device: torch.device) -> float:
+    """Exact condition number from all eigenvalues: O(d_in³), opt-in (``cond=True``)."""
     eig = torch.linalg.eigvalsh(mom2.to(device=device, dtype=torch.float64))
     lo, hi = eig.min().item(), eig.max().item()
     return hi / lo if lo > 0 else math.inf
 
 
 def _report(stats: CovStats, d_in: int, source: str, log: Callable[[str], None]) -> None:
-    log(f"C0 layer {stats.layer} ({source}): {stats.count} tokens, d_in={d_in}, cond={stats.cond:.3g}")
+    cond = "" if math.isnan(stats.cond) else f", cond={stats.cond:.3g}"
+    log(f"C0 layer {stats.layer} ({source}): {stats.count} tokens, d_in={d_in}{cond}")
     if stats.count < LOW_TOKENS_FACTOR * d_in:
         warnings.warn(f"C0 of layer {stats.layer} comes from only {stats.count} tokens "
                       f"(< {LOW_TOKENS_FACTOR}·d_in = {LOW_TOKENS_FACTOR * d_in}); it may be poorly "
-                      f"estimated / ill-conditioned (cond={stats.cond:.3g}, SPEC §4)",
-                      RuntimeWarning, stacklevel=3)
+                      f"estimated / ill-conditioned (SPEC §4)", RuntimeWarning, stacklevel=3)
 
 
 def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
                      records: Sequence | None = None, cache_dir: str | os.PathLike | None = None,
                      dtype: str = "float64", batch_size: int = 16, max_batch_tokens: int | None = None,
-                     progress: bool = True, log: Callable[[str], None] = print) -> dict[int, CovStats]:
-    """C0 for each layer, loaded from the cache or collected (all missing layers in one pass).
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     fingerprint: str | None = None, max_layers_per_pass: int | None = None,
+                     load: bool = True, cond: bool = False) -> dict[int, CovStats]:
+    """C0 for each layer, loaded from the cache or collected (missing layers in as few passes as
+    memory allows, see :func:`layers_per_pass`; ``max_layers_per_pass`` overrides the estimate).
 
     Cache: ``<cache_dir or editlib.counterfact.cache_dir()/stats>/<fingerprint>/<module>_<dtype>_
-    <corpus key>_n<samples>.safetensors``. A file whose metadata key differs is recomputed and
-    atomically overwritten; an unreadable file raises :class:`CovCacheError`.
+    <corpus key>_n<samples>.safetensors``. ``fingerprint`` should be the *unedited* model's (default:
+    the model's current weights). A file whose metadata key differs is recomputed and atomically
+    overwritten; an unreadable file raises :class:`CovCacheError`. ``load=False`` only makes sure
+    every layer is cached and returns {} (nothing kept in memory: a 32-layer search at d_in = 14336
+    would otherwise hold 52 GB). ``cond=True`` adds the exact condition number (O(d_in³) per layer).
     """
     from .counterfact import cache_dir as default_cache
-    from .models import fingerprint
+    from .models import fingerprint as model_fingerprint
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     layers = sorted(set(int(l) for l in layers))
     spec = arch.arch_for(model)
-    fp = fingerprint(model)
+    fp = fingerprint or model_fingerprint(model)
     root = (Path(cache_dir) if cache_dir is not None else default_cache() / "stats") / fp
     max_length = corpus.max_length or default_max_length(model)
     texts = None if corpus.kind == "hf_dataset" else iter_corpus(corpus, records)
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)
+
+    def stats_of(l: int, key: dict, total: torch.Tensor, count: int, stored_cond: float, source: str) -> CovStats:
+        mom2 = total.to(torch.float64) / count
+        c = stored_cond if not math.isnan(stored_cond) else (_cond(mom2, device) if cond else math.nan)
+        st = CovStats(l, mom2, count, c, key)
+        _report(st, mom2.shape[0], source, log)
+        return st
 
     out: dict[int, CovStats] = {}
     missing: dict[int, tuple[dict, Path]] = {}
@@ -363,26 +452,44 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
         key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha)
         path = _cache_path(root, key)
         if path.is_file():
-            stored, total, count, cond = _read_cache(path)
-            if stored == key:
-                mom2 = total.to(torch.float64) / count
-                out[l] = CovStats(l, mom2, count, cond if not math.isnan(cond) else _cond(mom2, device), key)
-                _report(out[l], mom2.shape[0], f"cached {path.name}", log)
-                continue
-            log(f"C0 cache {path} was computed for another key; recomputing")
+            if not load:
+                from safetensors import safe_open
+                try:
+                    with safe_open(str(path), framework="pt", device="cpu") as f:
+                        if json.loads((f.metadata() or {})["key"]) == key:
+                            continue
+                except Exception:
+                    pass  # unreadable: recollect below
+            else:
+                stored, total, count, c = _read_cache(path)
+                if stored == key:
+                    out[l] = stats_of(l, key, total, count, c, f"cached {path.name}")
+                    continue
+            log(f"C0 cache {path} was computed for another key or is unreadable; recomputing")
         missing[l] = (key, path)
 
     if missing:
         if texts is None:
             texts = iter_corpus(corpus, records)
-        sums = collect_second_moments(model, tok, texts, list(missing), batch_size=batch_size,
-                                      max_length=max_length, max_batch_tokens=max_batch_tokens,
-                                      dtype=DTYPES[dtype], progress=progress)
-        for l, (key, path) in missing.items():
-            total, count = sums[l]
-            mom2 = total.to(torch.float64) / count
-            cond = _cond(mom2, device)
-            _write_cache(path, key, total, count, cond)
-            out[l] = CovStats(l, mom2, count, cond, key)
-            _report(out[l], mom2.shape[0], f"collected from {len(texts)} texts", log)
-    return {l: out[l] for l in layers}
+        todo = sorted(missing)
+        per = layers_per_pass(max(arch.key_dim(model, l) for l in todo), device, DTYPES[dtype],
+                              override=max_layers_per_pass)
+        groups = [todo[i:i + per] for i in range(0, len(todo), per)]
+        log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
+            f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
+        for group in groups:
+            sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
+                                          max_length=max_length, max_batch_tokens=max_batch_tokens,
+                                          dtype=DTYPES[dtype], progress=progress)
+            for l in group:
+                key, path = missing[l]
+                total, count = sums.pop(l)
+                c = _cond(total.to(torch.float64) / count, device) if cond else math.nan
+                _write_cache(path, key, total, count, c)
+                if load:
+                    out[l] = stats_of(l, key, total, count, c, f"collected from {len(texts)} texts")
+                else:
+                    log(f"C0 layer {l}: {count} tokens, cached in {path.name}")
+                del total
+    return {l: out[l] for l in layers} if load else {}
+

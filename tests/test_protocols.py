@@ -233,6 +233,41 @@ def test_sequential_with_one_batch_equals_batch_mode(study, weights0, tmp_path):
     assert_unedited(study.model, weights0)
 
 
+def test_sequential_batches_are_prepared_on_the_edited_model(study, weights0, tmp_path, monkeypatch):
+    """Batch r's z, K and R equal prepare_targets run on a model holding only batches < r (SPEC §5:
+    weights are never restored between sequential batches), and differ from the unedited model's."""
+    from editlib.editing import apply_edit, prepare_targets
+    from editlib.weights import EditSession
+
+    recorded = []
+    real = protocols.prepare_targets
+
+    def spy(model, tok, records, hp, ctx, **kw):
+        tg = real(model, tok, records, hp, ctx, **kw)
+        recorded.append(([r.case_id for r in records], hp, ctx, tg))
+        return tg
+
+    monkeypatch.setattr(protocols, "prepare_targets", spy)
+    over = {"sequential.methods": ["memit"], "sequential.total": 6, "sequential.batch_sizes": [2],
+            "sequential.eval_final": False}
+    st = use(study, params_for(tmp_path, **over))
+    protocols.run_sequential(st, log=quiet)
+    assert [ids for ids, *_ in recorded] == [[r.case_id for r in st.facts(6)[i:i + 2]] for i in (0, 2, 4)]
+    by_id = {r.case_id: r for r in st.facts(6)}
+    for r in (1, 2):
+        with EditSession(study.model) as s:
+            for ids, hp, ctx, tg in recorded[:r]:  # the model holding batches < r
+                apply_edit(study.model, study.tok, [by_id[i] for i in ids], hp, study.covs(hp.layers),
+                           ctx, s, targets=tg)
+            ids, hp, ctx, got = recorded[r]
+            want = prepare_targets(study.model, study.tok, [by_id[i] for i in ids], hp, ctx)
+        for name, a, b in (("z", got.values.z, want.values.z), ("K", got.K, want.K), ("R", got.R, want.R)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"batch {r}: {name} differs"
+        fresh = prepare_targets(study.model, study.tok, [by_id[i] for i in ids], hp, ctx)  # unedited
+        assert not torch.allclose(got.R, fresh.R, rtol=1e-3, atol=1e-4), f"batch {r} used the unedited model"
+    assert_unedited(study.model, weights0)
+
+
 # --------------------------------------------------------------------------- resume, re-run, conflicts
 
 def test_sequential_resumes_after_a_failure(study, weights0, tmp_path):

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from editlib.solver import (CovFactor, factor_cov, memit_normal_equations_residual, mu_for,
-                            solve_delta)
+from editlib.solver import (CovFactor, _factor_small, cond_estimate, factor_cov,
+                            memit_normal_equations_residual, mu_for, solve_delta)
 
 D_IN, D_OUT = 64, 32
 F64 = torch.float64
@@ -43,8 +43,20 @@ def test_factor_cov(C0: torch.Tensor, cov: CovFactor) -> None:
     assert cov.L.dtype == F64 and cov.jitter == 0.0
     assert torch.allclose(cov.L @ cov.L.T, C0, rtol=0, atol=1e-12)
     eig = torch.linalg.eigvalsh(C0)
-    assert cov.cond == pytest.approx((eig.max() / eig.min()).item(), rel=1e-8)
+    exact = (eig.max() / eig.min()).item()
+    assert factor_cov(C0, compute_cond=True).cond == pytest.approx(exact, rel=1e-8)
+    # default: the cheap estimate from the factor (a lower bound, close to the truth)
+    assert exact * 0.99 < cov.cond <= exact * (1 + 1e-9)
+    assert math.isnan(factor_cov(C0, compute_cond=False).cond)
     assert 1 < cov.cond < 1e4
+
+
+def test_cond_estimate_on_ill_conditioned() -> None:
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=F64))
+    C = Q @ torch.diag(torch.logspace(-8, 3, 200, dtype=F64)) @ Q.T
+    est = cond_estimate(torch.linalg.cholesky((C + C.T) / 2))
+    assert 0.9e11 < est <= 1.0e11 * (1 + 1e-6)
 
 
 def test_rome_n1_mu0_exact(cov: CovFactor) -> None:
@@ -96,18 +108,69 @@ def test_emmet_n1_is_rome_formula(C0: torch.Tensor, cov: CovFactor) -> None:
     assert rel(delta, rome) < 1e-10
 
 
-def test_duplicate_keys_use_jitter(cov: CovFactor) -> None:
-    _, K, R = data(4)
-    K = torch.cat([K, K[:, :1]], dim=1)  # two identical key columns (shared subject last token)
-    R = torch.cat([R, torch.randn(D_OUT, 1, dtype=F64)], dim=1)  # conflicting targets
-    with pytest.warns(RuntimeWarning, match="near-singular") as rec:
+def _near_duplicate(n: int, eps: float, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys whose last column nearly repeats the first (a subject sharing its last token with
+    another, SPEC §8.5), and conflicting residuals for them."""
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(D_IN, n, generator=g, dtype=F64)
+    K[:, -1] = K[:, 0] + eps * torch.randn(D_IN, generator=g, dtype=F64)
+    R = torch.randn(D_OUT, n, generator=g, dtype=F64)
+    return K, R
+
+
+def _plain_reference(R, K, C0, mu):
+    """The reference's formula, plainly in float64: R (KᵀC0⁻¹K + μI)⁻¹ KᵀC0⁻¹ (SPEC §3)."""
+    C_inv_K = torch.linalg.solve(C0, K)
+    D = K.T @ C_inv_K + mu * torch.eye(K.shape[1], dtype=F64)
+    return R @ torch.linalg.solve(D, C_inv_K.T)
+
+
+@pytest.mark.parametrize("eps", [2e-5, 3e-6, 8e-7])
+def test_ill_conditioned_emmet_is_solved_exactly(C0: torch.Tensor, cov: CovFactor, eps: float) -> None:
+    """cond(D) 1e10-1e13 is invertible in float64: the default solve is exact (the reference's
+    behaviour), where the old opt-in regularisation (max_cond=1e10) misses the constraints."""
+    K, R = _near_duplicate(6, eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact: no jitter, no warning
         delta, info = solve_delta(R, K, cov, mu=0.0)
-    assert len([w for w in rec if "near-singular" in str(w.message)]) == 1
-    assert info.used_jitter and info.jitter > 0
-    assert info.cond_D > 1e10 and info.cond_solved <= 1e10
+    assert 1e10 <= info.cond_D <= 1e13 and not info.used_jitter and info.jitter_reason == ""
+    ref = _plain_reference(R, K, C0, 0.0)
+    # W'K = WK + R holds as well as float64 allows at this cond, at least as well as the plain formula
+    assert rel(delta @ K, R) < 1e-3 and rel(delta @ K, R) <= 10 * rel(ref @ K, R) + 1e-9
+    assert rel(delta, ref) < 1e-3
+    with pytest.warns(RuntimeWarning, match="REGULARISED"):
+        reg, rinfo = solve_delta(R, K, cov, mu=0.0, max_cond=1e10)
+    assert rinfo.used_jitter and rinfo.jitter_reason == "cond > max_cond" and rinfo.jitter_rel > 0
+    assert rel(reg @ K, R) > 1e-2  # what the old default stored
+
+
+def test_ill_conditioned_memit_is_solved_exactly(C0: torch.Tensor, cov: CovFactor) -> None:
+    K, R = _near_duplicate(6, 1e-5)
+    mu = 1e-8  # small enough that D + μI keeps cond > 1e10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delta, info = solve_delta(R, K, cov, mu=mu)
+    assert info.cond_D > 1e10 and not info.used_jitter
+    ref = _plain_reference(R, K, C0, mu)
+    res = memit_normal_equations_residual(delta, R, K, C0, mu)
+    assert res < 1e-5 and res <= 10 * memit_normal_equations_residual(ref, R, K, C0, mu) + 1e-9
+    assert rel(delta, ref) < 1e-3
+
+
+def test_unfactorable_system_is_jittered_loudly() -> None:
+    """Exactly duplicated keys make D singular (pivot exactly 0): the factorisation fails, a jitter
+    is added with a warning and recorded, as the reference falls back to a pseudo-inverse."""
+    eye = factor_cov(torch.eye(D_IN, dtype=F64))
+    K = torch.zeros(D_IN, 2, dtype=F64)
+    K[0, :] = 1.0  # D = [[1, 1], [1, 1]] exactly
+    R = torch.tensor([[1.0, -1.0]] * D_OUT, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="could not be solved exactly.*factorisation failed") as rec:
+        delta, info = solve_delta(R, K, eye, mu=0.0)
+    assert len([w for w in rec if "REGULARISED" in str(w.message)]) == 1
+    assert info.used_jitter and info.jitter > 0 and info.jitter_reason == "factorisation failed"
     assert torch.isfinite(delta).all()
-    # the non-duplicated constraints are still (nearly) met
-    assert rel(delta @ K[:, 1:4], R[:, 1:4]) < 1e-3
+    f = _factor_small(torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64), None)
+    assert f.tau > 0 and f.reason == "factorisation failed"
 
 
 def test_no_warning_when_well_conditioned(cov: CovFactor) -> None:
@@ -147,7 +210,7 @@ def test_factor_cov_jitter_on_singular() -> None:
     C = v @ v.T  # rank 2, not factorable
     with pytest.warns(RuntimeWarning, match="jitter"):
         f = factor_cov(C)
-    assert f.jitter > 0 and (math.isinf(f.cond) or f.cond > 1e12)
+    assert f.jitter > 0 and f.cond > 1e8  # cond of the jittered C0 (estimate)
     assert torch.isfinite(f.L).all()
 
 

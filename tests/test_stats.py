@@ -180,7 +180,7 @@ def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypa
     logs: list[str] = []
     with pytest.warns(RuntimeWarning, match="only"):
         first = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path,
-                                 progress=False, log=logs.append)
+                                 progress=False, log=logs.append, cond=True)
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
     assert files == ["model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
                      "model.layers.1.mlp.down_proj_float64_records-len48_nall.safetensors"]
@@ -272,3 +272,113 @@ def test_cuda_matches_cpu(tok) -> None:
     for layer in (0, 1):
         assert gpu[layer][0].device.type == "cpu" and gpu[layer][1] == cpu[layer][1]
         assert rel(gpu[layer][0], cpu[layer][0]) < 1e-8
+
+
+# --------------------------------------------------------------------------- paper-scale behaviour
+
+
+def test_passes_sized_by_memory_give_the_same_statistic(llama, tok, world, tmp_path, forwards) -> None:
+    """Layers collected one per pass (a memory budget of one accumulator) equal one joint pass."""
+    spec = CorpusSpec("records", max_length=48)
+    logs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "a",
+                                 progress=False, log=logs.append, max_layers_per_pass=1)
+        passes_split = forwards[0]
+        joint = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "b",
+                                 progress=False, log=lambda m: None, max_layers_per_pass=2)
+    assert any("in 2 pass(es) of ≤ 1 layer(s)" in m for m in logs)
+    assert passes_split % 2 == 0 and forwards[0] - passes_split == passes_split // 2  # 2 passes vs 1
+    for l in (0, 1):
+        assert torch.equal(split[l].mom2, joint[l].mom2) and split[l].count == joint[l].count
+
+
+def test_layers_per_pass_from_free_memory(monkeypatch) -> None:
+    monkeypatch.setattr(stats, "_free_bytes", lambda device: 100 * 14336 * 14336 * 8)
+    assert stats.layers_per_pass(14336, torch.device("cpu")) == 50  # half the free memory
+    monkeypatch.setattr(stats, "_free_bytes", lambda device: 10)
+    assert stats.layers_per_pass(14336, torch.device("cpu")) == 1  # never 0
+    assert stats.layers_per_pass(14336, torch.device("cpu"), override=3) == 3
+    with pytest.raises(ValueError, match="layers_per_pass"):
+        stats.layers_per_pass(14336, torch.device("cpu"), override=0)
+
+
+def test_load_false_caches_without_keeping(llama, tok, world, tmp_path, monkeypatch) -> None:
+    spec = CorpusSpec("records", max_length=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path,
+                                progress=False, log=lambda m: None, load=False) == {}
+        monkeypatch.setattr(stats, "collect_second_moments",
+                            lambda *a, **k: (_ for _ in ()).throw(AssertionError("recollected")))
+        assert layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path,
+                                progress=False, log=lambda m: None, load=False) == {}
+        got = layer_covariance(llama, tok, [1], spec, records=world, cache_dir=tmp_path,
+                               progress=False, log=lambda m: None)
+    assert list(got) == [1] and got[1].count > 0
+
+
+def test_given_fingerprint_keys_the_cache(llama, tok, world, tmp_path, monkeypatch) -> None:
+    """A caller-given fingerprint (the unedited model's) finds the statistics even after the
+    weights changed (a resumed sequential run)."""
+    spec = CorpusSpec("records", max_length=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                         log=lambda m: None, fingerprint="base-fp")
+        w = arch.edit_weight(llama, 0)
+        saved = w.detach().clone()
+        monkeypatch.setattr(stats, "collect_second_moments",
+                            lambda *a, **k: (_ for _ in ()).throw(AssertionError("recollected")))
+        try:
+            with torch.no_grad():
+                w.add_(1.0)  # an "edited" model
+            layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path,
+                             progress=False, log=lambda m: None, fingerprint="base-fp")
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+    assert (tmp_path / "base-fp").is_dir()
+
+
+WIKITEXT = [" \n", " = Alpha = \n", " \n", " Alpha is a letter . \n", " = = History = = \n",
+            " It is old . \n", " = Beta = \n", " Beta follows alpha . \n", " \n"]
+
+
+def test_wikitext_lines_regrouped_into_articles() -> None:
+    arts = stats.group_wikitext_articles(WIKITEXT)
+    assert len(arts) == 3 and arts[0] == " \n"  # the leading blank line stands alone (dropped later)
+    assert arts[1].startswith(" = Alpha = ") and "History" in arts[1] and "It is old" in arts[1]
+    assert arts[2].startswith(" = Beta = ") and "Beta follows" in arts[2]
+
+
+def test_local_parquet_corpus_articles_and_empty_texts(tmp_path) -> None:
+    """The paper-scale corpus path (datasets + a parquet dump) on a small local file: empty texts
+    dropped, the fixed Random(1) subset over articles, and wikitext regrouping."""
+    pd = pytest.importorskip("pandas")
+    rows = [f"article {i} " + "word " * i if i % 3 else "" for i in range(30)]
+    f = tmp_path / "wiki.parquet"
+    pd.DataFrame({"text": rows}).to_parquet(f)
+    spec = CorpusSpec("hf_dataset", name="parquet", data_files=str(f))
+    texts = iter_corpus(spec)
+    assert texts == [r for r in rows if r]  # all rows in order, empties dropped
+    sub = iter_corpus(CorpusSpec("hf_dataset", name="parquet", data_files=str(f), n_samples=12))
+    order = list(range(30))
+    random.Random(1).shuffle(order)
+    assert sub == [rows[i] for i in order[:12] if rows[i]]
+    g = tmp_path / "wikitext.parquet"
+    pd.DataFrame({"text": WIKITEXT}).to_parquet(g)
+    arts = iter_corpus(CorpusSpec("hf_dataset", name="parquet", data_files=str(g), group="wikitext_articles"))
+    assert len(arts) == 2 and arts[0].startswith(" = Alpha = ")
+    assert spec.key() != CorpusSpec("hf_dataset", name="parquet", data_files=str(g)).key()
+
+
+def test_default_max_length_is_the_models_positions(llama) -> None:
+    class Cfg:
+        max_position_embeddings = 8192
+
+    class M:
+        config = Cfg()
+
+    assert stats.default_max_length(M()) == 8192  # Llama-3: the reference truncates at 8192

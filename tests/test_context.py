@@ -1,0 +1,78 @@
+"""editlib.context: context templates have the reference's token lengths (SPEC §1A, §2)."""
+from __future__ import annotations
+
+import pytest
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from editlib import context
+from editlib.context import memit_templates, rome_templates, start_of_text
+from editlib.tokens import encode, prepare_tokenizer
+
+from _fixtures import WORDS, one_thread, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: F401
+
+
+def bosless_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """GPT-2-like: no BOS added; ``<|endoftext|>`` is the end-of-text (and pad) token."""
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                               unk_token="<unk>")
+    return prepare_tokenizer(tok)
+
+
+@pytest.fixture(params=["bos", "bosless"])
+def model_tok(request):
+    tok = word_tokenizer() if request.param == "bos" else bosless_tokenizer()
+    make = tiny_llama if request.param == "bos" else tiny_gpt2
+    return make(len(tok), layers=1), tok, request.param
+
+
+def spy(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    real = context.sample_texts
+
+    def wrapped(model, tok, prompts, **kw):
+        calls.append({"prompts": list(prompts), **kw})
+        return real(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(context, "sample_texts", wrapped)
+    return calls
+
+
+def test_memit_templates_count_bos_in_the_length(model_tok, monkeypatch) -> None:
+    """generate_fast(max_out_len=10) counts the prompt and its BOS: 10 tokens in total."""
+    model, tok, kind = model_tok
+    calls = spy(monkeypatch)
+    t = memit_templates(model, tok, length=10)
+    assert calls[0]["max_len"] == 10 and calls[0]["prompts"] == list(context.MEMIT_SEEDS)
+    assert len(t.groups) == 2 and len(t.groups[1]) == 5
+    lengths = [len(encode(tok, x[: -len(". {}")])) for x in t.groups[1]]
+    assert max(lengths) <= 10  # never the old 10 + BOS
+    bos = 1 if kind == "bos" else 0
+    assert all(encode(tok, x[: -len(". {}")])[:bos] == encode(tok, "")[:bos] for x in t.groups[1])
+
+
+def test_rome_templates_start_from_one_start_of_text_token(model_tok, monkeypatch) -> None:
+    model, tok, kind = model_tok
+    start = start_of_text(tok)
+    assert len(encode(tok, start)) == 1  # BOS, or <|endoftext|> for a BOS-less tokenizer: never empty
+    assert start == ("" if kind == "bos" else "<|endoftext|>")
+    calls = spy(monkeypatch)
+    t = rome_templates(model, tok, length_params=((5, 3), (10, 2)))
+    assert [c["max_len"] for c in calls] == [5, 10]
+    assert all(p == start for c in calls for p in c["prompts"])
+    flat = t.flat
+    assert flat[0] == "{}" and len(flat) == 1 + 3 + 2
+    for x, length in zip(flat[1:], [5] * 3 + [10] * 2):
+        body = x[: -len(". {}")]
+        assert "<|endoftext|>" not in body  # decoded with special tokens skipped
+        assert len(encode(tok, body)) <= length - (0 if kind == "bos" else 1)
+
+
+def test_start_of_text_needs_a_single_token() -> None:
+    tok = bosless_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="no BOS"):
+        start_of_text(tok)

@@ -124,6 +124,26 @@ def _methods(df: pd.DataFrame) -> list[str]:
     return [m for m in METHOD_ORDER if m in have] + sorted(m for m in have if m not in METHOD_ORDER)
 
 
+def jitter_note(cases: pd.DataFrame) -> str | None:
+    """One line when any plotted edit was solved with jitter (SPEC §8.5): a figure must never
+    silently mix regularised and exact solves. None when every solve was exact."""
+    if "solve_jitter" not in cases.columns:
+        return None
+    jit = cases["solve_jitter"].to_numpy(dtype=float)
+    k = int((jit > 0).sum())
+    if k == 0:
+        return None
+    return (f"{k} of {len(jit)} edited-fact rows come from solves regularised with jitter "
+            f"(τ ≤ {jit.max():.1g} of D's mean eigenvalue); all others were solved exactly")
+
+
+def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
+    note = jitter_note(cases)
+    if note:
+        fig.supxlabel("⚠ " + note, fontsize="small", color="firebrick")
+    return fig
+
+
 # --------------------------------------------------------------------------- figures
 
 def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
@@ -141,7 +161,7 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_titles(axes, metrics)
     axes[0].legend(title="method")
-    return fig
+    return _note(fig, cases)
 
 
 def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
@@ -155,7 +175,7 @@ def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _categorical_log_x(ax, s["batch_size"].tolist())
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics)
-    return fig
+    return _note(fig, c)
 
 
 def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
@@ -177,7 +197,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics)
     axes[0].legend(fontsize="small")
-    return fig
+    return _note(fig, c)
 
 
 def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, *,
@@ -218,7 +238,7 @@ def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _lambda_axis(ax, s["lam"].tolist())
         ax.set_xlabel("λ")
     _panel_titles(axes, metrics)
-    return fig
+    return _note(fig, c)
 
 
 # --------------------------------------------------------------------------- saving
@@ -283,6 +303,8 @@ def table1(cases: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Algorithm": f["method"].str.upper()})
     for m in _table_metrics(f):
         out[m] = f[m]
+    if "jittered" in f.columns:
+        out["jittered"] = f["jittered"]
     return out.reset_index(drop=True)
 
 
@@ -294,6 +316,8 @@ def sweep_table(cases: pd.DataFrame, method: str) -> pd.DataFrame:
     out = pd.DataFrame({"Lambda": [format_lambda(l) for l in s["lam"]], "lam": s["lam"].astype(float)})
     for m in _table_metrics(f):
         out[m] = f[m].to_numpy()
+    if "jittered" in f.columns:
+        out["jittered"] = f["jittered"].to_numpy()
     return out
 
 
@@ -322,6 +346,8 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
                         "Evaluated": f["eval"].map({"current": "after its batch", "final": "final model"})})
     for m in _table_metrics(f):
         out[m] = f[m]
+    if "jittered" in f.columns:
+        out["jittered"] = f["jittered"]
     return out.reset_index(drop=True)
 
 

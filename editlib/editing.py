@@ -104,6 +104,11 @@ def paper_llama3(method: str, **over) -> EditHParams:
     return EditHParams(**{"method": method, "layers": (1,), **base, **over})
 
 
+class EditFailed(RuntimeError):
+    """No fact of a batch could be edited (every value failed, or the system could not be solved);
+    nothing was written into the model."""
+
+
 @dataclass
 class BatchTargets:
     """What a batch needs before the solve; independent of μ (so λ sweeps re-solve only)."""
@@ -114,6 +119,19 @@ class BatchTargets:
     values: ValueResult
     seconds_keys: float = 0.0
 
+    @property
+    def fail_reason(self) -> list[str]:
+        """Per fact: "" or why it cannot be edited (its value failed, or its key / residual is not
+        finite). Failed facts are left out of the solve and recorded as failed cases."""
+        out = []
+        for f, r in enumerate(self.values.fail_reason):
+            if not r and not bool(torch.isfinite(self.K[:, f]).all()):
+                r = "key is not finite"
+            elif not r and not bool(torch.isfinite(self.R[:, f]).all()):
+                r = "residual z − h is not finite"
+            out.append(r)
+        return out
+
 
 @dataclass
 class EditStats:
@@ -122,6 +140,7 @@ class EditStats:
     n: int
     layer: int
     mu: float
+    n_failed: int        # facts left out of the solve (their value, key or residual failed)
     cond_D: float
     jitter: float       # τ added to D + μI (0: solved exactly, as the reference)
     jitter_rel: float   # τ relative to D + μI's mean eigenvalue
@@ -165,27 +184,40 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
         raise ValueError(f"targets were prepared for layer {tg.layer} and {tg.K.shape[1]} facts, not "
                          f"layer {min(hp.layers)} and {len(records)} facts")
     layers = sorted(hp.layers)
-    z = tg.values.z
+    reasons = tg.fail_reason
+    ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
+    if not ok.any():
+        raise EditFailed(f"all {len(records)} facts failed before the solve: {reasons[0]}")
+    recs = [r for r, k in zip(records, ok.tolist()) if k]
+    z = tg.values.z[:, ok]
     t_keys, t_solve = tg.seconds_keys, 0.0
     total_delta_sq, info, jit, jit_rel = 0.0, None, 0.0, 0.0
-    for i, layer in enumerate(layers):
-        if i == 0:
-            K, R = tg.K, tg.R
-        else:
+    # multi-layer MEMIT writes layer by layer: keep the masters so a failure leaves no half edit
+    saved = {l: session.master(l).clone() for l in layers} if len(layers) > 1 else {}
+    try:
+        for i, layer in enumerate(layers):
+            if i == 0:
+                K, R = tg.K[:, ok], tg.R[:, ok]
+            else:
+                t0 = time.time()
+                K = compute_keys(model, tok, recs, layer, contexts)
+                _, h = current_values(model, tok, recs, layers[-1])
+                R = z - h
+                t_keys += time.time() - t0
             t0 = time.time()
-            K = compute_keys(model, tok, records, layer, contexts)
-            _, h = current_values(model, tok, records, layers[-1])
-            R = z - h
-            t_keys += time.time() - t0
-        t0 = time.time()
-        delta, info = solve_delta(R / (len(layers) - i), K, covs[layer], hp.mu, max_cond=hp.max_cond)
-        session.apply(layer, delta)
-        t_solve += time.time() - t0
-        total_delta_sq += info.delta_norm ** 2
-        jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
+            delta, info = solve_delta(R / (len(layers) - i), K, covs[layer], hp.mu, max_cond=hp.max_cond)
+            session.apply(layer, delta)
+            t_solve += time.time() - t0
+            total_delta_sq += info.delta_norm ** 2
+            jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
+    except (ValueError, FloatingPointError) as e:
+        for l, m in saved.items():
+            session.set_master(l, m)
+        raise EditFailed(f"the closed-form update failed: {e}") from e
     dist, rel = session.distance(layers[0])
     return EditStats(
-        n=len(records), layer=layers[0], mu=hp.mu, cond_D=info.cond_D, jitter=jit, jitter_rel=jit_rel,
+        n=len(records), layer=layers[0], mu=hp.mu, n_failed=int((~ok).sum()), cond_D=info.cond_D, jitter=jit, jitter_rel=jit_rel,
         delta_norm=total_delta_sq ** 0.5, w_dist=dist, w_rel_dist=rel,
-        mean_resid_norm=float(tg.R.norm(dim=0).mean()), mean_value_steps=float(tg.values.steps.float().mean()),
+        mean_resid_norm=float(tg.R[:, ok].norm(dim=0).mean()),
+        mean_value_steps=float(tg.values.steps[ok].float().mean()),
         seconds_values=tg.values.seconds, seconds_keys=t_keys, seconds_solve=t_solve)

@@ -150,10 +150,21 @@ def harmonic_score(es: float, ps: float, ns: float) -> float:
     return float(hmean(vals))
 
 
+def failed_rows(df: pd.DataFrame) -> np.ndarray:
+    """Rows that carry no valid scores: marked ``failed`` by the protocol (a diverged value, an
+    unsolvable system) or with ES, PS or NS missing. They are counted, never averaged in."""
+    bad = np.array(df[["ES", "PS", "NS"]].isna().any(axis=1), dtype=bool)
+    if "failed" in df.columns:
+        bad = bad | np.array(df["failed"].fillna(False), dtype=bool)
+    return bad
+
+
 def _summary_row(g: pd.DataFrame, metrics: Sequence[str], decimals: int | None) -> dict:
-    row: dict = {"n": len(g)}
+    bad = failed_rows(g)
+    row: dict = {"n": len(g), "n_failed": int(bad.sum())}
+    ok = g[~bad]
     for m in metrics:
-        v = g[m].to_numpy(dtype=np.float64)
+        v = ok[m].to_numpy(dtype=np.float64)
         v = v[~np.isnan(v)]
         mean, std = (float(np.mean(v)) * 100, float(np.std(v)) * 100) if len(v) else (np.nan, np.nan)
         if decimals is not None:  # summarize.py rounds x100 values before computing S
@@ -169,8 +180,10 @@ def _summary_row(g: pd.DataFrame, metrics: Sequence[str], decimals: int | None) 
 
 def summarize_cases(df: pd.DataFrame, by: str | Sequence[str] | None = None,
                     decimals: int | None = 2) -> pd.DataFrame:
-    """Per group (or overall): ``n``, ``S`` and ``<metric>_mean`` / ``<metric>_std`` (x100,
-    population std, as in the reference ``summarize.py``; rounded to ``decimals`` unless None)."""
+    """Per group (or overall): ``n`` (all rows), ``n_failed`` (rows without valid scores, left out
+    of the means), ``S`` and ``<metric>_mean`` / ``<metric>_std`` (x100, population std, as in the
+    reference ``summarize.py``; rounded to ``decimals`` unless None), and with a ``solve_jitter``
+    column ``n_jittered`` / ``max_jitter``."""
     metrics = [m for m in METRICS if m in df.columns]
     missing = [m for m in ("ES", "PS", "NS") if m not in metrics]
     if missing:
@@ -189,11 +202,13 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Strings as the paper prints them: ``"98.05(11.34)"`` per metric and ``"94.10"`` for S."""
     metrics = [m for m in METRICS if f"{m}_mean" in summary.columns]
     keys = [c for c in summary.columns
-            if c not in ("n", "S", "n_jittered", "max_jitter") and not c.endswith(("_mean", "_std"))]
+            if c not in ("n", "n_failed", "S", "n_jittered", "max_jitter") and not c.endswith(("_mean", "_std"))]
     out = pd.DataFrame(index=summary.index)
     for k in keys:
         out[k] = summary[k].astype(str)
     out["n"] = summary["n"].astype(int).astype(str)
+    if "n_failed" in summary.columns:  # always shown: "0" says every edit produced scores
+        out["failed"] = summary["n_failed"].astype(int).astype(str)
     out["S"] = summary["S"].map(lambda x: f"{x:.2f}")
     for m in metrics:
         out[m] = [f"{a:.2f}({b:.2f})" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]

@@ -80,6 +80,7 @@ class EvalParams:
     gen_max_len: int = 100
     gen_seed: int = 0
     batch_size: int = 128
+    max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-from .metrics import format_summary, summarize_cases
+from .metrics import failed_rows, format_summary, summarize_cases
 
 PANELS = ("ES", "PS", "NS", "S")
 NAMES = {"ES": "Efficacy ES", "PS": "Paraphrase PS", "NS": "Neighbourhood NS", "S": "Score S",
@@ -137,10 +137,21 @@ def jitter_note(cases: pd.DataFrame) -> str | None:
             f"(τ ≤ {jit.max():.1g} of D's mean eigenvalue); all others were solved exactly")
 
 
+def failure_note(cases: pd.DataFrame) -> str | None:
+    """One line when any plotted case failed (no scores: left out of the means, never a zero)."""
+    if cases.empty or not {"ES", "PS", "NS"} <= set(cases.columns):
+        return None
+    bad = failed_rows(cases)
+    if not bad.any():
+        return None
+    first = cases["fail_reason"][bad].iloc[0] if "fail_reason" in cases.columns else "no scores"
+    return f"{int(bad.sum())} of {len(bad)} cases failed and are left out of the means ({first})"
+
+
 def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
-    note = jitter_note(cases)
-    if note:
-        fig.supxlabel("⚠ " + note, fontsize="small", color="firebrick")
+    notes = [n for n in (failure_note(cases), jitter_note(cases)) if n]
+    if notes:
+        fig.supxlabel("\n".join("⚠ " + n for n in notes), fontsize="small", color="firebrick")
     return fig
 
 
@@ -303,8 +314,9 @@ def table1(cases: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Algorithm": f["method"].str.upper()})
     for m in _table_metrics(f):
         out[m] = f[m]
-    if "jittered" in f.columns:
-        out["jittered"] = f["jittered"]
+    for col in ("failed", "jittered"):
+        if col in f.columns:
+            out[col] = f[col]
     return out.reset_index(drop=True)
 
 
@@ -316,8 +328,9 @@ def sweep_table(cases: pd.DataFrame, method: str) -> pd.DataFrame:
     out = pd.DataFrame({"Lambda": [format_lambda(l) for l in s["lam"]], "lam": s["lam"].astype(float)})
     for m in _table_metrics(f):
         out[m] = f[m].to_numpy()
-    if "jittered" in f.columns:
-        out["jittered"] = f["jittered"].to_numpy()
+    for col in ("failed", "jittered"):
+        if col in f.columns:
+            out[col] = f[col].to_numpy()
     return out
 
 
@@ -346,8 +359,9 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
                         "Evaluated": f["eval"].map({"current": "after its batch", "final": "final model"})})
     for m in _table_metrics(f):
         out[m] = f[m]
-    if "jittered" in f.columns:
-        out["jittered"] = f["jittered"]
+    for col in ("failed", "jittered"):
+        if col in f.columns:
+            out[col] = f[col]
     return out.reset_index(drop=True)
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from . import counterfact
 from .arch import n_layers
 from .context import ContextTemplates, make_templates
-from .editing import BatchTargets, EditHParams, apply_edit, prepare_targets
+from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .metrics import evaluate_records, format_summary, summarize_cases
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
@@ -38,6 +38,40 @@ from .store import Experiment
 from .weights import EditSession
 
 EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
+MIN_EDITS_FOR_FAILURE_CHECK = 16
+
+
+class TooManyFailures(RuntimeError):
+    """More than ``evaluation.max_failed_fraction`` of a configuration's edits failed."""
+
+
+@dataclass
+class _Failures:
+    """Failed edits per configuration: logged as they happen, and a configuration whose failed
+    share exceeds ``limit`` (once it has MIN_EDITS_FOR_FAILURE_CHECK edits) stops the run."""
+
+    limit: float
+    log: Callable
+    counts: dict = field(default_factory=dict)
+
+    def add(self, config: str, cases: pd.DataFrame) -> None:
+        if "failed" not in cases.columns:
+            return
+        cur = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
+        groups = cur.groupby("method") if "method" in cur.columns else [("", cur)]
+        for method, g in groups:
+            name = f"{config} {method}".strip()
+            f = g["failed"].to_numpy(dtype=bool)
+            k, n = self.counts.get(name, (0, 0))
+            k, n = k + int(f.sum()), n + len(f)
+            self.counts[name] = (k, n)
+            if f.any():
+                self.log(f"{name}: {int(f.sum())} of {len(f)} edits failed ({g['fail_reason'][f].iloc[0]})")
+            if n >= MIN_EDITS_FOR_FAILURE_CHECK and k / n > self.limit:
+                raise TooManyFailures(
+                    f"{name}: {k} of {n} edits failed ({k / n:.0%} > evaluation.max_failed_fraction = "
+                    f"{self.limit:g}); first reason: {g['fail_reason'][f].iloc[0] if f.any() else '?'}. "
+                    "Fix the cause (e.g. hparams.common.v_lr) or raise the limit; finished units are kept")
 
 
 # --------------------------------------------------------------------------- the study context
@@ -282,8 +316,22 @@ def _slice(tg: BatchTargets, idx: Sequence[int]) -> BatchTargets:
     i = torch.as_tensor(list(idx))
     v = replace(tg.values, z=tg.values.z[:, i], h=tg.values.h[:, i],
                 final_loss=tg.values.final_loss[i], steps=tg.values.steps[i],
-                seconds=tg.values.seconds * len(idx) / tg.K.shape[1])
+                seconds=tg.values.seconds * len(idx) / tg.K.shape[1],
+                fail_reason=[tg.values.fail_reason[j] for j in idx], stalled=tg.values.stalled[i])
     return replace(tg, K=tg.K[:, i], R=tg.R[:, i], values=v, seconds_keys=tg.seconds_keys * len(idx) / tg.K.shape[1])
+
+
+def _charge(charged: dict, key: str, idx: Sequence[int], d: dict) -> dict:
+    """Shared target preparation is timed once: each fact's share of the value/key time goes to the
+    first row that uses it (later methods, batch sizes or λ reuse it for free), so summing
+    ``seconds_values`` over batches.parquet gives the real time spent. ``shared_targets`` marks rows
+    that reused targets prepared for an earlier row."""
+    seen = charged.setdefault(key, set())
+    new = [i for i in idx if i not in seen]
+    frac = len(new) / max(len(idx), 1)
+    seen.update(new)
+    return {**d, "seconds_values": d.get("seconds_values", 0.0) * frac,
+            "seconds_keys": d.get("seconds_keys", 0.0) * frac, "shared_targets": frac < 1}
 
 
 def _value_key(hp: EditHParams) -> str:
@@ -349,12 +397,29 @@ def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
 
 def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTemplates,
                    tg: BatchTargets, session: EditSession) -> tuple[pd.DataFrame, dict]:
-    stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session, targets=tg)
+    """Edit and evaluate one batch. Facts whose value, key or residual failed are left out of the
+    solve; if nothing can be solved, no weight is written. Either way every fact gets a row:
+    ``failed`` / ``fail_reason`` say which rows carry no scores (NaN), so a failure is counted and
+    shown, never averaged in as a valid zero."""
+    reasons = tg.fail_reason
+    try:
+        stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session,
+                           targets=tg).to_dict()
+    except EditFailed as e:
+        reasons = [r or str(e) for r in reasons]
+        stats = {"n": len(facts), "layer": min(hp.layers), "mu": hp.mu, "n_failed": len(facts),
+                 "jitter_rel": 0.0, "seconds_values": tg.values.seconds, "seconds_keys": tg.seconds_keys}
+        study.log(f"edit failed ({len(facts)} facts): {e}")
     t0 = time.time()
     cases = study.evaluate(facts)
+    failed = np.array([bool(r) for r in reasons])
+    cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
+    cases["failed"] = failed
+    cases["fail_reason"] = reasons
+    cases["value_stalled"] = tg.values.stalled.numpy()  # loss never below its start (not a failure)
     # τ of the solve that wrote these edits, relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)
-    cases["solve_jitter"] = float(stats.jitter_rel)
-    return cases, {**stats.to_dict(), "seconds_eval": time.time() - t0}
+    cases["solve_jitter"] = float(stats["jitter_rel"])
+    return cases, {**stats, "seconds_eval": time.time() - t0}
 
 
 # --------------------------------------------------------------------------- singular / layer search
@@ -364,6 +429,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
     value setting (they do not depend on μ) and batched across facts."""
     frames, diags = [], []
     targets: dict[str, BatchTargets] = {}
+    charged: dict = {}
     for method in methods:
         hp = study.params.method_hparams(method, layer, section)
         ctx = study.contexts(hp.context_templates)
@@ -377,7 +443,8 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
                 cases, d = _edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s)
             frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=i,
                                  eval="current", **unit_cols))
-            diags.append({"method": method, "layer": layer, "batch_index": i, **unit_cols, **d})
+            diags.append({"method": method, "layer": layer, "batch_index": i, **unit_cols,
+                          **_charge(charged, key, [i], d)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(diags)
 
 
@@ -392,6 +459,7 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
         return exp.cases()
     t0 = time.time()
     study.prepare_covs(layers)
+    fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     for o in study.params.data.orderings:
         facts = study.facts(ls.n_facts, o)
         for layer in layers:
@@ -402,6 +470,7 @@ def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
             cases, diags = _singular_unit(study, facts, ls.methods, layer, unit_cols={"ordering": o},
                                           section="layer_search")
             exp.save_unit(unit, cases, diags)
+            fails.add(f"layer search, layer {layer}:", cases)
             log(f"layer {layer}: " + ", ".join(
                 f"{m} S={summarize_cases(cases[cases.method == m]).S.iloc[0]:.1f}" for m in ls.methods)
                 + f" ({time.time() - tl:.1f}s)")
@@ -424,6 +493,7 @@ def run_singular(study: Study, *, log=None) -> pd.DataFrame:
             cases, diags = _singular_unit(study, study.facts(sp.n_facts, o), sp.methods, layer,
                                           unit_cols={"ordering": o})
             exp.save_unit(unit, cases, diags)
+            _Failures(study.params.evaluation.max_failed_fraction, log).add("singular edits:", cases)
     return _finish(study, exp, t0)
 
 
@@ -449,6 +519,8 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
         # depend on its batch, its batch size or the method's μ: compute them once per value
         # setting for all facts and slice (the singular protocol does the same).
         targets: dict[str, BatchTargets] = {}
+        charged: dict = {}
+        fails = _Failures(study.params.evaluation.max_failed_fraction, log)
         for method in bp.methods:
             hp = study.params.method_hparams(method, layer, "batch")
             ctx = study.contexts(hp.context_templates)
@@ -465,7 +537,9 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
                     with EditSession(study.model) as s:
                         cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
                     cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
-                    exp.save_unit(unit, _label(cases, **cols), pd.DataFrame([{**cols, **d}]))
+                    exp.save_unit(unit, _label(cases, **cols),
+                                  pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
+                    fails.add(f"batch B={B}:", _label(cases, **cols))
                 log(f"batch {method} B={B}: done")
     return _finish(study, exp, t0)
 
@@ -482,11 +556,13 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
     if exp.complete:
         return exp.cases()
     t0 = time.time()
+    fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     for o in study.params.data.orderings:
         facts = study.facts(sw.total, o)
         for bi, idx in enumerate(_chunks(len(facts), sw.batch_size)):
             chunk = [facts[i] for i in idx]
             targets: dict[str, BatchTargets] = {}
+            charged: dict = {}
             for method, lams in grids.items():
                 for lam in lams:
                     unit = f"{method}-lam{lam:g}-o{o}-b{bi:05d}"
@@ -502,7 +578,9 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
                         cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
                     cols = dict(method=method, layer=layer, lam=float(lam), batch_size=sw.batch_size,
                                 batch_index=bi, eval="current", ordering=o)
-                    exp.save_unit(unit, _label(cases, **cols), pd.DataFrame([{**cols, **d}]))
+                    exp.save_unit(unit, _label(cases, **cols),
+                                  pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
+                    fails.add(f"sweep λ={lam:g}:", _label(cases, **cols))
                     log(f"sweep {method} λ={lam:g} batch {bi}: S={summarize_cases(cases).S.iloc[0]:.1f}")
     return _finish(study, exp, t0)
 
@@ -561,41 +639,56 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     base = dict(method=method, layer=hp.layers[0], batch_size=B, ordering=o)
     study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
+    own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
+    fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     with EditSession(study.model) as s:
         start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_file() else 0
         if start:
             log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
             for bi in range(start):
-                own_jitter[list(chunks[bi])] = exp.load_unit(f"{cfg}-b{bi:05d}")["solve_jitter"].iloc[0]
+                done = exp.load_unit(f"{cfg}-b{bi:05d}")
+                done = done[done["eval"] == "current"]
+                own_jitter[list(chunks[bi])] = done["solve_jitter"].iloc[0]
+                for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
+                    own_reason[i] = r
         tl = time.time()
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
             cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
             own_jitter[list(chunks[bi])] = d["jitter_rel"]
+            for i, r in zip(chunks[bi], cases["fail_reason"]):
+                own_reason[i] = r
             frames = [_label(cases, **base, batch_index=bi, eval="current")]
             k = sq.forgetting_every
             if k and (bi + 1) % k == 0 and bi + 1 < len(chunks):
                 so_far = facts[: chunks[bi].stop]
-                frames.append(_label(_with_jitter(study.evaluate(so_far), own_jitter), **base,
+                frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
                                      batch_index=bi, eval=f"after_{bi + 1}"))
             exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
                           pd.DataFrame([{**base, "batch_index": bi, **d}]))
+            fails.add(f"sequential B={B}:", frames[0])
             _save_ckpt(ckpt, s, hp.layers, bi + 1)
             if fail_after is not None and bi + 1 - start >= fail_after:
                 raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
         if sq.eval_final:
-            exp.save_unit(final_unit, _label(_with_jitter(study.evaluate(facts), own_jitter), **base,
+            exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason), **base,
                                              batch_index=len(chunks) - 1, eval="final"))
         log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s)")
     # the model is restored when the session exits; the checkpoint is no longer needed
     ckpt.unlink(missing_ok=True)
 
 
-def _with_jitter(cases: pd.DataFrame, own_jitter: np.ndarray) -> pd.DataFrame:
-    """Re-evaluated facts (in fact order) carry the solve jitter of the batch that edited them."""
+def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str]) -> pd.DataFrame:
+    """Re-evaluated facts (in fact order) carry the solve jitter of the batch that edited them, and
+    a fact whose own edit failed stays a failed row (no scores) in every later evaluation."""
     cases = cases.copy()
-    cases["solve_jitter"] = own_jitter[: len(cases)]
+    n = len(cases)
+    failed = np.array([bool(r) for r in own_reason[:n]])
+    cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
+    cases["failed"] = failed
+    cases["fail_reason"] = list(own_reason[:n])
+    cases["solve_jitter"] = own_jitter[:n]
     return cases
 
 

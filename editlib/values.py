@@ -73,6 +73,45 @@ class ValueResult:
     steps: torch.Tensor        # [N] Adam steps taken per fact
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    fail_reason: list[str] = field(default_factory=list)  # per fact: "" or why its value is unusable
+    stalled: torch.Tensor | None = None  # [N] bool: Adam steps taken, loss never below its start
+
+    def __post_init__(self):
+        if not self.fail_reason:
+            self.fail_reason = [""] * int(self.steps.shape[0])
+        if self.stalled is None:
+            self.stalled = torch.zeros(int(self.steps.shape[0]), dtype=torch.bool)
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """[N] bool: facts whose optimisation diverged or degenerated (see :func:`value_failures`)."""
+        return torch.tensor([bool(r) for r in self.fail_reason], dtype=torch.bool)
+
+
+def value_failures(delta: torch.Tensor, steps: torch.Tensor, first_loss: torch.Tensor,
+                   nonfinite: torch.Tensor, overflow: torch.Tensor, had_grad: torch.Tensor) -> list[str]:
+    """Why each fact's value is unusable ("" when it is fine): a non-finite loss, a non-finite δ, an
+    update whose norm overflowed (the clamp then zeroes δ: v_lr = 1e30 did that), or δ exactly
+    zero after Adam steps on a non-zero gradient. Such a value would be stored as a valid edit
+    that does nothing (S = 0), so it is a failed edit instead.
+
+    A loss that merely never went below its start is *not* a failure (see ``ValueResult.stalled``):
+    at the last layer, for one, δ at the subject token cannot reach the target's positions, so an
+    edit there truly does nothing, and the layer search must show that as a score, as the paper's
+    Figure 1 does."""
+    out = []
+    for f in range(delta.shape[0]):
+        if bool(nonfinite[f]) or not math.isfinite(float(first_loss[f])):
+            out.append("value optimisation diverged: non-finite loss")
+        elif not bool(torch.isfinite(delta[f]).all()):
+            out.append("value optimisation diverged: non-finite δ")
+        elif bool(overflow[f]):
+            out.append("value optimisation diverged: the update's norm overflowed (v_lr too large?)")
+        elif int(steps[f]) > 0 and bool(had_grad[f]) and not bool(delta[f].abs().sum() > 0):
+            out.append(f"value optimisation degenerate: δ is exactly zero after {int(steps[f])} steps")
+        else:
+            out.append("")
+    return out
 
 
 @dataclass
@@ -123,7 +162,8 @@ def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: 
     res = ValueResult(
         z=torch.cat([p.z for p in parts], 1), h=torch.cat([p.h for p in parts], 1),
         final_loss=torch.cat([p.final_loss for p in parts]), steps=torch.cat([p.steps for p in parts]),
-        seconds=time.time() - t0)
+        seconds=time.time() - t0, fail_reason=[r for p in parts for r in p.fail_reason],
+        stalled=torch.cat([p.stalled for p in parts]))
     res.info = {"mean_steps": float(res.steps.float().mean()), "mean_final_loss": float(res.final_loss.mean()),
                 "facts_per_s": len(records) / max(res.seconds, 1e-9)}
     if log:
@@ -255,6 +295,11 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     active = torch.ones(n, dtype=torch.bool)
     steps = torch.zeros(n, dtype=torch.long)
     final_loss = torch.zeros(n)
+    first_loss = torch.full((n,), math.nan)
+    best_loss = torch.full((n,), math.inf)
+    nonfinite = torch.zeros(n, dtype=torch.bool)
+    overflow = torch.zeros(n, dtype=torch.bool)
+    had_grad = torch.zeros(n, dtype=torch.bool)
     h = torch.zeros(n, d, device=device)
     log_p_init = None  # [n, V] at the KL position, recorded at the first forward
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
@@ -292,8 +337,15 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         h_act = h[facts.to(device)]
         wd = hp.v_weight_decay * d_act.norm(dim=1) / h_act.norm(dim=1).pow(2)
         loss = nll + hp.kl_factor * kl + wd
-        done = (loss.detach() < hp.early_stop_loss).cpu()
-        final_loss[facts] = loss.detach().float().cpu()
+        lc = loss.detach().float().cpu()
+        bad = ~torch.isfinite(lc)
+        nonfinite[facts[bad]] = True
+        done = (lc < hp.early_stop_loss) | bad  # a diverged fact stops (and is reported failed)
+        final_loss[facts] = lc
+        if it == 0:
+            first_loss[facts] = lc
+        else:
+            best_loss[facts] = torch.minimum(best_loss[facts], torch.where(bad, best_loss[facts], lc))
         if it == hp.v_num_grad_steps - 1:
             break
         keep = ~done
@@ -310,8 +362,13 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         new = delta[upd] - (hp.v_lr / bc1) * m_adam[upd] / denom
         max_norm = hp.clamp_norm_factor * h[upd].norm(dim=1, keepdim=True)
         norm = new.norm(dim=1, keepdim=True)
+        overflow[facts[keep]] |= ~torch.isfinite(norm[:, 0]).cpu()
+        had_grad[facts[keep]] |= (g.abs().sum(1) > 0).cpu()
         delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
         steps[facts[keep]] += 1
         active[facts[done]] = False
     z = (h + delta).T.contiguous().float().cpu()
-    return ValueResult(z=z, h=h.T.contiguous().float().cpu(), final_loss=final_loss, steps=steps)
+    reasons = value_failures(delta.cpu(), steps, first_loss, nonfinite, overflow, had_grad)
+    stalled = (steps > 0) & ~(best_loss < first_loss)
+    return ValueResult(z=z, h=h.T.contiguous().float().cpu(), final_loss=final_loss, steps=steps,
+                       fail_reason=reasons, stalled=stalled)

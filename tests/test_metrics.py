@@ -196,12 +196,34 @@ def test_summary_grouped_and_formatted() -> None:
     sub = df[df.method == "b"]
     assert g.loc[1, "NS_mean"] == round(sub.NS.mean() * 100, 2)
     f = format_summary(g)
-    assert list(f.columns) == ["method", "n", "S", "ES", "PS", "NS", "ES_mag", "GE"]
+    assert list(f.columns) == ["method", "n", "failed", "S", "ES", "PS", "NS", "ES_mag", "GE"]
+    assert list(f["failed"]) == ["0", "0"]
     assert f.loc[1, "ES"] == f"{g.loc[1, 'ES_mean']:.2f}({g.loc[1, 'ES_std']:.2f})"
     paper = pd.DataFrame([{"n": 10, "S": 94.1, "ES_mean": 98.05, "ES_std": 11.34, "PS_mean": 90.0,
                            "PS_std": 0.0, "NS_mean": 95.0, "NS_std": 1.5}])
     fp = format_summary(paper).iloc[0]
     assert fp["ES"] == "98.05(11.34)" and fp["S"] == "94.10" and fp["PS"] == "90.00(0.00)"
+
+
+def test_failed_rows_are_counted_not_averaged() -> None:
+    """A failed case is counted in n and n_failed and left out of every mean: never a valid zero
+    (a NaN score without the flag counts as failed too)."""
+    df = toy_cases()
+    ok = summarize_cases(df, by="method", decimals=None)
+    bad = df.copy()
+    extra = bad[bad.method == "b"].iloc[:2].copy()
+    extra[["ES", "PS", "NS", "ES_mag", "GE"]] = np.nan
+    extra["failed"] = True
+    extra["fail_reason"] = "value optimisation diverged: non-finite loss"
+    bad["failed"], bad["fail_reason"] = False, ""
+    zero = bad[bad.method == "b"].iloc[:1].copy()
+    zero[["ES", "PS", "NS"]] = [0.0, np.nan, 0.0]  # NaN PS without the flag
+    both = pd.concat([bad, extra, zero], ignore_index=True)
+    g = summarize_cases(both, by="method", decimals=None)
+    assert list(g["n"]) == [6, 6] and list(g["n_failed"]) == [0, 3]
+    for m in ("ES_mean", "NS_mean", "S"):
+        assert g.loc[1, m] == pytest.approx(ok.loc[1, m])  # the failed rows changed no mean
+    assert list(format_summary(g)["failed"]) == ["0", "3"]
 
 
 def test_harmonic_score() -> None:

@@ -268,6 +268,77 @@ def test_sequential_batches_are_prepared_on_the_edited_model(study, weights0, tm
     assert_unedited(study.model, weights0)
 
 
+# --------------------------------------------------------------------------- failed edits
+
+def test_diverged_values_are_failed_cases_not_zeros(study, weights0, tmp_path):
+    """v_lr = 1e30 (the value optimisation overflows): every case is a failed row with its reason
+    and no scores, the summary counts them, nothing is written into the model, and the
+    configuration goes on (8 edits, below the failure check's minimum)."""
+    st = use(study, params_for(tmp_path, **{"hparams.common.v_lr": 1e30}))
+    cases = protocols.run_singular(st, log=quiet)
+    assert len(cases) == 8 and cases["failed"].all()
+    assert cases["fail_reason"].str.contains("value optimisation").all()
+    assert cases[SCORES].isna().all().all()
+    s = protocols.summarize(cases, by=["method"])
+    assert list(s["n"]) == [4, 4] and list(s["n_failed"]) == [4, 4]
+    assert list(protocols.summarize(cases, by=["method"], formatted=True)["failed"]) == ["4", "4"]
+    assert_unedited(study.model, weights0)
+
+
+def test_too_many_failures_stop_the_configuration(study, weights0, tmp_path, monkeypatch):
+    monkeypatch.setattr(protocols, "MIN_EDITS_FOR_FAILURE_CHECK", 2)
+    p = params_for(tmp_path, **{"hparams.common.v_lr": 1e30})
+    with pytest.raises(protocols.TooManyFailures, match="max_failed_fraction"):
+        protocols.run_singular(use(study, p), log=quiet)
+    assert (exp_dir(p, "singular") / "parts" / "o0.cases.parquet").is_file()  # the unit is kept
+    assert_unedited(study.model, weights0)
+
+
+def test_one_failed_fact_leaves_the_rest_of_its_batch_edited(study, weights0, tmp_path, monkeypatch):
+    """A fact whose value failed is left out of its batch's solve: its row is failed, the other
+    facts are edited exactly as a batch without it, and batches.parquet counts it."""
+    real = protocols.prepare_targets
+    victim = study.facts(4)[1].case_id
+
+    def sabotage(model, tok, records, hp, ctx, **kw):
+        tg = real(model, tok, records, hp, ctx, **kw)
+        tg.values.fail_reason = ["injected failure" if r.case_id == victim else ""
+                                 for r in records]
+        return tg
+
+    monkeypatch.setattr(protocols, "prepare_targets", sabotage)
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4]}
+    p = params_for(tmp_path, **over)
+    cases = protocols.run_batch(use(study, p), log=quiet)
+    bad = cases[cases.case_id == victim].iloc[0]
+    assert bad["failed"] and bad["fail_reason"] == "injected failure" and pd.isna(bad["ES"])
+    good = cases[cases.case_id != victim]
+    assert not good["failed"].any() and good[SCORES].notna().all().all()
+    b = pd.read_parquet(exp_dir(p, "batch") / "batches.parquet")
+    assert list(b["n_failed"]) == [1] and list(b["n"]) == [4]
+    # the three others were edited exactly as a batch of those three alone
+    monkeypatch.setattr(protocols, "prepare_targets", real)
+    facts3 = [f for f in study.facts(4) if f.case_id != victim]
+    st3 = use(study, params_for(tmp_path / "three", **{**over, "batch.total": 3, "batch.batch_sizes": [3]}))
+    st3.facts = lambda n, o=0: facts3  # same facts in the same order, without the victim
+    three = protocols.run_batch(st3, log=quiet).sort_values("case_id").reset_index(drop=True)
+    good = good.sort_values("case_id").reset_index(drop=True)
+    assert_frame_equal(good[SCORES], three[SCORES], check_exact=False, rtol=0, atol=1e-6)
+    assert_unedited(study.model, weights0)
+
+
+def test_shared_value_time_is_counted_once(study, tmp_path):
+    """Methods (and batch sizes) that reuse the same prepared targets do not charge their time again:
+    summing seconds_values gives the real time."""
+    p = params_for(tmp_path, **{"batch.batch_sizes": [2, 4]})
+    protocols.run_batch(use(study, p), log=quiet)
+    b = pd.read_parquet(exp_dir(p, "batch") / "batches.parquet")
+    first = b[(b.method == "memit") & (b.batch_size == 2)]
+    assert (first["seconds_values"] > 0).all() and not first["shared_targets"].any()
+    again = b[(b.method == "emmet") | (b.batch_size == 4)]
+    assert (again["seconds_values"] == 0).all() and again["shared_targets"].all()
+
+
 # --------------------------------------------------------------------------- resume, re-run, conflicts
 
 def test_sequential_resumes_after_a_failure(study, weights0, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -308,3 +309,44 @@ def test_first_template_must_be_plain(lm32, tok) -> None:
     ctx = ContextTemplates(groups=(("the cat sat . {}",), ("{}",)))
     with pytest.raises(ValueError, match="plain prompt"):
         compute_values(lm32, tok, FACTS, LAYER, ctx, ValueHParams(v_num_grad_steps=1))
+
+
+# --------------------------------------------------------------------------- failed values
+
+def test_overflowing_lr_is_a_failed_value_not_a_zero_edit(lm32, tok) -> None:
+    """v_lr = 1e30 overflows the clamp's norm and zeroes δ: the fact must be reported failed (a
+    zero δ would otherwise be stored as a valid edit that does nothing)."""
+    res = values(lm32, tok, v_lr=1e30, early_stop_loss=0.0, v_num_grad_steps=5)
+    assert res.failed.all(), res.fail_reason
+    assert all("value optimisation" in r for r in res.fail_reason)
+    ok = values(lm32, tok, v_lr=0.5, early_stop_loss=0.0, v_num_grad_steps=5)
+    assert not ok.failed.any() and ok.fail_reason == [""] * 4
+
+
+def test_value_failure_rules() -> None:
+    from editlib.values import value_failures
+    d = torch.ones(6, 3)
+    d[1] = math.nan
+    d[2] = 0.0
+    d[5] = 0.0
+    steps = torch.tensor([3, 3, 3, 3, 0, 3])
+    first = torch.ones(6)
+    nonfinite = torch.zeros(6, dtype=torch.bool)
+    overflow = torch.tensor([False, False, False, True, False, False])
+    had_grad = torch.tensor([True, True, True, True, False, False])
+    r = value_failures(d, steps, first, nonfinite, overflow, had_grad)
+    assert r[0] == "" and "non-finite δ" in r[1] and "exactly zero" in r[2] and "overflowed" in r[3]
+    assert r[4] == ""  # no step taken (early stop at iteration 0): fine
+    assert r[5] == ""  # zero gradient (an edit that cannot act there): not a failure
+    nonfinite[0] = True
+    assert "non-finite loss" in value_failures(d, steps, first, nonfinite, overflow, had_grad)[0]
+
+
+def test_last_layer_stalls_but_does_not_fail(lm32, tok) -> None:
+    """At the last layer δ at the subject token cannot reach the target positions: the loss never
+    decreases, which is flagged ``stalled`` but is a valid (ineffective) edit, not a failure."""
+    res = compute_values(lm32, tok, FACTS, 2, CTX, ValueHParams(v_lr=0.5, early_stop_loss=0.0,
+                                                                 v_num_grad_steps=5))
+    assert not res.failed.any() and res.stalled.any()
+    ok = values(lm32, tok, v_lr=0.5, early_stop_loss=0.0, v_num_grad_steps=5)
+    assert not ok.stalled.any()

@@ -56,6 +56,12 @@ def _cache_name(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _last_logits_kw(model) -> dict:
+    """``logits_to_keep=1`` when the forward accepts it: a prompt's prefill then projects only its
+    last position to the vocabulary (the only one sampled from), not every prompt token."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values) ``[batch, kv_heads, tokens, head_dim]`` of the cache a
     ``use_cache=True`` forward returned (under either of :func:`_cache_name`'s names)."""
@@ -65,7 +71,7 @@ def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len: int, top_k: int,
-                  pad_id: int) -> list[list[int]]:
+                  pad_id: int, deltas=None, rows: Sequence[int] | None = None) -> list[list[int]]:
     """Extend every row to ``max_len`` tokens (rows already longer are returned unchanged)."""
     device = next(model.parameters()).device
     lens = [len(s) for s in seqs]
@@ -77,13 +83,18 @@ def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len
     u = torch.as_tensor(uniforms, dtype=torch.float32, device=device)
     lens_t = torch.as_tensor(lens, device=device)
     cache_arg = _cache_name(model)
+    last_only = _last_logits_kw(model)
+    if deltas is not None:  # each row generates under its own independent edit (editlib.lowrank)
+        deltas.rows = torch.as_tensor(list(rows), dtype=torch.long)
     past, fed, pos = None, 0, min(lens)
     while pos < max_len:  # pos: the column sampled at this step
-        out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past})
+        out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past}, **last_only)
         past = getattr(out, cache_arg)
         new = _top_k_draw(out.logits[:, -1], top_k, u[:, pos])
         ids[:, pos] = torch.where(lens_t <= pos, new, ids[:, pos])  # keep longer prompts' tokens
         fed, pos = pos, pos + 1
+    if deltas is not None:
+        deltas.rows = None
     ids = ids.cpu()
     return [ids[b, : max(lens[b], max_len)].tolist() for b in range(len(seqs))]
 
@@ -95,12 +106,17 @@ def _clean(text: str) -> str:
 
 def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,
                  seed: int = 0, batch_size: int = 64,
-                 keys: Sequence[Hashable] | None = None) -> list[str]:
+                 keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None,
+                 deltas=None) -> list[str]:
     """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
 
     ``keys[i]`` names prompt ``i``'s random stream (default ``i``); give keys that identify a prompt
     independently of the call (e.g. ``(case_id, j)``) to make texts independent of batching.
+    ``groups[i]`` / ``deltas``: prompt i is continued under independent edit ``groups[i]`` of an
+    active :class:`editlib.lowrank.RowDeltas` hook (GE of many edits in one batched generation).
     """
+    if (groups is None) != (deltas is None):
+        raise ValueError("groups and deltas go together")
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError("keys must have one entry per prompt")
@@ -115,7 +131,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
         width = max(max_len, max(len(ids[i]) for i in idx))
         uniforms = np.stack([_row_rng(seed, keys[i]).random(width) for i in idx])
         seqs = _sample_batch(model, [ids[i] for i in idx], uniforms, max_len=max_len, top_k=top_k,
-                             pad_id=pad)
+                             pad_id=pad, deltas=deltas,
+                             rows=None if groups is None else [int(groups[i]) for i in idx])
         for i, s in zip(idx, seqs):
             out[i] = _clean(tok.decode(s, skip_special_tokens=True))
     return out

@@ -69,11 +69,12 @@ def _case_mean(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
-                         batch_size: int) -> dict[str, np.ndarray]:
+                         batch_size: int, groups=None, deltas=None) -> dict[str, np.ndarray]:
     """ES/PS/NS, magnitudes and accuracies per case; one scoring call for both targets (SPEC §6)."""
     t = _flatten(records)
+    g = None if groups is None else np.asarray(groups, dtype=np.int64)[t.owner].tolist()
     s_new, s_true = score_pairs(model, tok, t.prefixes, t.new, t.true, alignment=alignment,
-                                batch_size=batch_size)
+                                batch_size=batch_size, groups=g, deltas=deltas)
     new_wins = s_new.nll < s_true.nll
     true_wins = s_true.nll < s_new.nll
     p_diff = np.exp(-s_new.nll) - np.exp(-s_true.nll)  # geometric-mean token probabilities (SPEC §6)
@@ -91,7 +92,7 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
 
 
 def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max_len: int,
-                        batch_size: int, rs_resources) -> dict[str, np.ndarray]:
+                        batch_size: int, rs_resources, groups=None, deltas=None) -> dict[str, np.ndarray]:
     """GE (and RS) per case from one batched sampling call over all generation prompts."""
     prompts, owner, keys = [], [], []
     for i, r in enumerate(records):
@@ -99,7 +100,10 @@ def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max
             prompts.append(p)
             owner.append(i)
             keys.append((r.case_id, j))  # per-prompt stream: same text whatever the batching
-    texts = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size, keys=keys)
+    extra = {} if groups is None else {"groups": np.asarray(groups, dtype=np.int64)[owner].tolist(),
+                                       "deltas": deltas}
+    texts = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size, keys=keys,
+                         **extra)
     owner_a = np.asarray(owner, dtype=np.int64)
     ent = np.asarray([ngram_entropy(x) for x in texts], dtype=np.float64)
     out = {"GE": _case_mean(ent, owner_a, len(records))}
@@ -114,20 +118,26 @@ def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max
 def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = "correct",
                      batch_size: int = 128, generation: bool = False, gen_seed: int = 0,
                      gen_max_len: int = 100, gen_batch_size: int = 64,
-                     rs_resources=None) -> pd.DataFrame:
+                     rs_resources=None, groups: Sequence[int] | None = None,
+                     deltas=None) -> pd.DataFrame:
     """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
     ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
-    :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``."""
+    :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``.
+
+    ``groups[i]`` / ``deltas``: record i is evaluated under independent edit ``groups[i]`` of an
+    active :class:`editlib.lowrank.RowDeltas` hook, so the records of many edits (each made on the
+    unedited model) are evaluated in one call without writing a weight."""
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
     records = list(records)
     t0 = time.perf_counter()
     cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
     if records:
-        cols.update(_probability_columns(model, tok, records, alignment, batch_size))
+        cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas))
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
-                                            batch_size=gen_batch_size, rs_resources=rs_resources))
+                                            batch_size=gen_batch_size, rs_resources=rs_resources,
+                                            groups=groups, deltas=deltas))
     else:
         names = [*PROB_METRICS, *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})

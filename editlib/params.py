@@ -81,6 +81,7 @@ class EvalParams:
     gen_seed: int = 0
     batch_size: int = 128
     max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
+    batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ from .metrics import evaluate_records, format_summary, summarize_cases
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
-from .solver import CovFactor, factor_cov
+from .arch import weight_out_in
+from .lowrank import LowRankEdits, RowDeltas
+from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
 from .stats import CorpusSpec, layer_covariance
 from .store import Experiment
 from .weights import EditSession
@@ -158,11 +160,12 @@ class Study:
             self._contexts[style] = make_templates(self.model, self.tok, style, seed=0)
         return self._contexts[style]
 
-    def evaluate(self, records: Sequence[Record]) -> pd.DataFrame:
+    def evaluate(self, records: Sequence[Record], **kw) -> pd.DataFrame:
+        """Scores of ``records`` (``groups``/``deltas``: under independent per-row edits)."""
         ev = self.params.evaluation
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
                                 batch_size=ev.batch_size, generation=ev.generation,
-                                gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len)
+                                gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len, **kw)
 
     def data_provenance(self) -> dict:
         key = json.dumps([asdict(self.params.data), self.model_dir], default=str)
@@ -422,6 +425,94 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
     return cases, {**stats, "seconds_eval": time.time() - t0}
 
 
+def _batched(study: Study, hp: EditHParams) -> bool:
+    """Independent edits are evaluated together (editlib.lowrank) unless the params ask for the
+    reference path (edit, evaluate, restore one at a time) or the edit spans several layers."""
+    return bool(study.params.evaluation.batched_edits) and len(hp.layers) == 1
+
+
+def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, tg: BatchTargets,
+                       chunks: Sequence[Sequence[int]]) -> list[tuple[pd.DataFrame, dict]]:
+    """Every chunk of ``facts`` edited on the *unedited* model and evaluated — all in one
+    evaluation pass, with each chunk's update added to its own rows by a hook, never written into
+    the weights (issue #13). Same rows and diagnostics as :func:`_edit_and_eval` per chunk.
+
+    Singular chunks (one fact each) are solved together with one multi-right-hand-side solve."""
+    layer = hp.layers[0]
+    cov = study.covs([layer])[layer]
+    reasons = tg.fail_reason
+    w0 = float(weight_out_in(study.model, layer).detach().double().norm())
+    R_list, X_list, group, diags = [], [], np.full(len(facts), -1), []
+    singular = all(len(c) == 1 for c in chunks)
+    t0 = time.time()
+    if singular:
+        ok = np.array([not reasons[c[0]] for c in chunks])
+        cols = [c[0] for c in chunks]
+        X1, row_of = torch.zeros(0), {}
+        if ok.any():
+            sel = [c for c, k in zip(cols, ok) if k]
+            X1, why = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, hp.mu)
+            row_of = {c: k for k, c in enumerate(sel)}
+            for c, w in zip(sel, why):
+                reasons[c] = reasons[c] or w
+    t_solve = time.time() - t0
+    for idx in chunks:
+        idx = list(idx)
+        t1 = time.time()
+        ok_idx = [i for i in idx if not reasons[i]]
+        d = {"n": len(idx), "layer": layer, "mu": hp.mu, "n_failed": len(idx) - len(ok_idx),
+             "cond_D": np.nan, "jitter": 0.0, "jitter_rel": 0.0, "delta_norm": np.nan,
+             "w_dist": np.nan, "w_rel_dist": np.nan, "mean_resid_norm": np.nan, "mean_value_steps": np.nan,
+             "seconds_values": tg.values.seconds * len(idx) / max(len(facts), 1),
+             "seconds_keys": tg.seconds_keys * len(idx) / max(len(facts), 1), "seconds_solve": 0.0}
+        if singular and ok_idx:
+            X = X1[row_of[idx[0]]:row_of[idx[0]] + 1]
+            R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
+            d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1))
+        elif ok_idx:
+            try:
+                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, hp.mu, max_cond=hp.max_cond)
+                R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
+                d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel)
+            except (ValueError, FloatingPointError) as e:
+                for i in ok_idx:
+                    reasons[i] = f"the closed-form update failed: {e}"
+                study.log(f"edit failed ({len(idx)} facts): {e}")
+                ok_idx = []
+            d["seconds_solve"] = time.time() - t1
+        if ok_idx:
+            e = len(R_list)
+            R_list.append(R)
+            X_list.append(X)
+            group[idx] = e  # failed facts are masked below; their rows need no edit
+            dist = LowRankEdits(layer, [R], [X]).fro_norm(0)
+            d.update(n_failed=len(idx) - len(ok_idx), delta_norm=dist, w_dist=dist, w_rel_dist=dist / max(w0, 1e-30),
+                     mean_resid_norm=float(tg.R[:, ok_idx].norm(dim=0).mean()),
+                     mean_value_steps=float(tg.values.steps[ok_idx].float().mean()))
+        else:
+            d["n_failed"] = len(idx)
+        diags.append(d)
+    t_eval = time.time()
+    if R_list:
+        with RowDeltas(study.model, LowRankEdits(layer, R_list, X_list)) as hook:
+            cases = study.evaluate(facts, groups=group.tolist(), deltas=hook)
+    else:
+        cases = study.evaluate(facts)
+    t_eval = time.time() - t_eval
+    out = []
+    stalled = tg.values.stalled.numpy()
+    for idx, d in zip(chunks, diags):
+        idx = list(idx)
+        c = cases.iloc[idx].reset_index(drop=True).copy()
+        r = [reasons[i] for i in idx]
+        failed = np.array([bool(x) for x in r])
+        c.loc[failed, [k for k in c.columns if k != "case_id"]] = np.nan
+        c["failed"], c["fail_reason"], c["value_stalled"] = failed, r, stalled[idx]
+        c["solve_jitter"] = float(d["jitter_rel"])
+        out.append((c, {**d, "seconds_eval": t_eval * len(idx) / max(len(facts), 1)}))
+    return out
+
+
 # --------------------------------------------------------------------------- singular / layer search
 
 def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, section: str = "singular") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -438,9 +529,14 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
             targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
         tg = targets[key]
         study.covs([layer])
-        for i, fact in enumerate(facts):
-            with EditSession(study.model) as s:
-                cases, d = _edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s)
+        if _batched(study, hp):
+            results = _independent_edits(study, facts, hp, tg, [[i] for i in range(len(facts))])
+        else:
+            results = []
+            for i, fact in enumerate(facts):
+                with EditSession(study.model) as s:
+                    results.append(_edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s))
+        for i, (cases, d) in enumerate(results):
             frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=i,
                                  eval="current", **unit_cols))
             diags.append({"method": method, "layer": layer, "batch_index": i, **unit_cols,
@@ -526,16 +622,26 @@ def run_batch(study: Study, *, log=None) -> pd.DataFrame:
             ctx = study.contexts(hp.context_templates)
             key = _value_key(hp)
             for B in bp.batch_sizes:
-                for bi, idx in enumerate(_chunks(len(facts), B)):
+                todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
+                        if not exp.has_unit(f"{method}-B{B:05d}-o{o}-b{bi:05d}")]
+                if todo and key not in targets:
+                    targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+                if todo and _batched(study, hp):  # all pending batches of this size in one pass
+                    pos = [i for _, idx in todo for i in idx]
+                    sub = _slice(targets[key], pos)
+                    local, k = [], 0
+                    for _, idx in todo:
+                        local.append(list(range(k, k + len(idx))))
+                        k += len(idx)
+                    done = _independent_edits(study, [facts[i] for i in pos], hp, sub, local)
+                else:
+                    done = []
+                    for _, idx in todo:
+                        with EditSession(study.model) as s:
+                            done.append(_edit_and_eval(study, [facts[i] for i in idx], hp, ctx,
+                                                       _slice(targets[key], idx), s))
+                for (bi, idx), (cases, d) in zip(todo, done):
                     unit = f"{method}-B{B:05d}-o{o}-b{bi:05d}"
-                    if exp.has_unit(unit):
-                        continue
-                    chunk = [facts[i] for i in idx]
-                    if key not in targets:
-                        targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
-                    tg = _slice(targets[key], idx)
-                    with EditSession(study.model) as s:
-                        cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
                     cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
                     exp.save_unit(unit, _label(cases, **cols),
                                   pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))

@@ -73,18 +73,25 @@ def score_pairs(model, tok, prefixes: Sequence[str], targets_a: Sequence[str], t
     """Scores of ``targets_a[i]`` and ``targets_b[i]`` after ``prefixes[i]`` in one
     :func:`score_targets` call, so each prompt with one-token targets runs once."""
     n = len(prefixes)
+    if kw.get("groups") is not None:
+        kw["groups"] = [*kw["groups"], *kw["groups"]]
     both = score_targets(model, tok, [*prefixes, *prefixes], [*targets_a, *targets_b], **kw)
     return (TargetScores(both.nll[:n], both.correct[:n]), TargetScores(both.nll[n:], both.correct[n:]))
 
 
 @torch.no_grad()
 def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *,
-                  alignment: str = "correct", batch_size: int = 128) -> TargetScores:
+                  alignment: str = "correct", batch_size: int = 128,
+                  groups: Sequence[int] | None = None, deltas=None) -> TargetScores:
     """Mean-token NLL and all-argmax flag of ``targets[i]`` after ``prefixes[i]``, batched.
 
     Pairs whose model inputs coincide share one sequence: scoring ``target_new`` and
     ``target_true`` after the same prompt in one call runs each prompt once when both targets
-    are single tokens. Logits are computed only at the positions read."""
+    are single tokens. Logits are computed only at the positions read.
+
+    ``groups[i]`` / ``deltas``: pair i is scored under independent edit ``groups[i]`` of an active
+    :class:`editlib.lowrank.RowDeltas` hook (-1: unedited), so many edits are scored in one pass;
+    sequences are shared only within a group."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
     if len(prefixes) != len(targets):
@@ -94,15 +101,21 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
     correct = np.zeros(n, dtype=bool)
     if n == 0:
         return TargetScores(nll, correct)
+    if (groups is None) != (deltas is None):
+        raise ValueError("groups and deltas go together")
+    if groups is not None and len(groups) != n:
+        raise ValueError("groups must have one entry per pair")
+    grp = [-1] * n if groups is None else [int(g) for g in groups]
     cache = _TokCache(tok, alignment)
     plans = [_read_plan(cache, prefixes[i], targets[i]) for i in range(n)]
-    seq_of: dict[tuple[int, ...], int] = {}
-    for ids, _, _ in plans:
-        seq_of.setdefault(ids, len(seq_of))
-    unique = list(seq_of)
+    seq_of: dict[tuple, int] = {}
+    for i, (ids, _, _) in enumerate(plans):
+        seq_of.setdefault((grp[i], ids), len(seq_of))
+    unique = [ids for _, ids in seq_of]
+    unique_group = [g for g, _ in seq_of]
     readers: list[list[int]] = [[] for _ in unique]  # pairs read from each unique sequence
     for i, (ids, _, _) in enumerate(plans):
-        readers[seq_of[ids]].append(i)
+        readers[seq_of[(grp[i], ids)]].append(i)
     backbone, head = backbone_and_head(model)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -121,6 +134,8 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
                 labels += lab
                 owner += [slot[i]] * len(c)
         ids, mask = pad_right([list(unique[u]) for u in useqs], pad)
+        if deltas is not None:
+            deltas.rows = torch.as_tensor([unique_group[u] for u in useqs], dtype=torch.long)
         hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         r = torch.as_tensor(rows, device=device)
         c = torch.as_tensor(cols, device=device)
@@ -135,5 +150,7 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
         bad = torch.zeros(k, device=device).index_add_(0, own, (~tok_ok).float())
         nll[pairs] = (sums / counts).double().cpu().numpy()
         correct[pairs] = (bad == 0).cpu().numpy()
+    if deltas is not None:
+        deltas.rows = None
     return TargetScores(nll, correct)
 

@@ -38,6 +38,8 @@ __all__ = [
     "memit_normal_equations_residual",
     "mu_for",
     "solve_delta",
+    "solve_factors",
+    "solve_rank_one",
 ]
 
 F64 = torch.float64
@@ -246,19 +248,17 @@ def _factor_small(M: torch.Tensor, max_cond: float | None) -> _Factored:
     raise ValueError(f"D + μI (cond={cond:.3g}) stays singular even with jitter {tau / 10:.3g}·I")
 
 
-def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
-                max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
-    """ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ in float64 (SPEC §2–3); returns ``(ΔW [d_out, d_in], info)``.
+def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
+                  max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    """The right factor X = (D + μI)⁻¹ (C0⁻¹K)ᵀ ([N, d_in], float64) of ΔW = R X, without forming
+    the d_out × d_in update (SPEC §2–3). ``info.delta_norm`` is ‖R X‖_F from N×N products.
 
-    ROME: N = 1, μ = 0. MEMIT: μ = mom2_update_weight. EMMET: μ = mom2_update_weight·emmet_lambda.
-    Computed on ``cov``'s device. The N×N system is solved exactly unless it cannot be factored
-    (then jitter, with a warning and ``info.used_jitter``); ``max_cond`` opts into regularising
-    every system whose condition number exceeds it. Raises ValueError on bad shapes / non-finite
-    inputs and FloatingPointError if the result is not finite.
-    """
+    The N×N system is solved exactly unless it cannot be factored (then jitter, with a warning
+    and ``info.used_jitter``); ``max_cond`` opts into regularising every system whose condition
+    number exceeds it. Raises ValueError on bad shapes / non-finite inputs and FloatingPointError
+    if the result is not finite."""
     mu = float(mu)
     _check_inputs(R, K, cov, mu)
-    R = R.to(device=cov.device, dtype=F64)
     A = cov.solve(K)  # C0⁻¹K, d_in×N
     K = K.to(device=cov.device, dtype=F64)
     n = K.shape[1]
@@ -271,14 +271,52 @@ def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
                       f"({f.tau / f.scale:.2g} of its mean eigenvalue; cond now {f.cond_after:.3g}). "
                       "Likely keys sharing a subject's last token (SPEC §8.5). The edit does not "
                       "satisfy the method's equations exactly; the case rows record it.",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     X = torch.cholesky_solve(A.T.contiguous(), f.L)  # (D + μI)⁻¹ (C0⁻¹K)ᵀ, N×d_in
-    delta = R @ X
-    if not torch.isfinite(delta).all():
+    Rd = R.to(device=cov.device, dtype=F64)
+    if not (torch.isfinite(X).all() and torch.isfinite(Rd).all()):
+        raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
+    norm_sq = float(((Rd.T @ Rd) * (X @ X.T)).sum().clamp(min=0))
+    if not math.isfinite(norm_sq):
         raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
     info = SolveInfo(n=n, mu=mu, cond_D=f.cond, jitter=f.tau, used_jitter=f.tau > 0,
-                     delta_norm=torch.linalg.matrix_norm(delta).item(), cond_solved=f.cond_after,
+                     delta_norm=math.sqrt(norm_sq), cond_solved=f.cond_after,
                      jitter_rel=f.tau / f.scale if f.tau > 0 else 0.0, jitter_reason=f.reason)
+    return X, info
+
+
+def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float
+                   ) -> tuple[torch.Tensor, list[str]]:
+    """N independent singular edits at once (SPEC §1B, §2: N = 1 each): one multi-right-hand-side
+    solve A = C0⁻¹K, then x_i = A_iᵀ / (k_iᵀA_i + μ), so ΔW_i = r_i x_i. Returns X [N, d_in]
+    (float64) and per edit "" or why it cannot be solved (k_iᵀC0⁻¹k_i + μ not positive, or a
+    non-finite result: :func:`solve_delta` on that edit alone would raise)."""
+    mu = float(mu)
+    _check_inputs(R, K, cov, mu)
+    A = cov.solve(K)
+    q = (K.to(device=cov.device, dtype=F64) * A).sum(0) + mu
+    X = (A / q).T.contiguous()
+    Rd = R.to(device=cov.device, dtype=F64)
+    finite = torch.isfinite(X).all(1) & torch.isfinite(Rd).all(0)
+    reasons = ["" if (qi > 0 and ok) else
+               ("the closed-form update failed: kᵀC0⁻¹k + μ is not positive" if not qi > 0 else
+                "the closed-form update failed: ΔW is not finite")
+               for qi, ok in zip(q.tolist(), finite.tolist())]
+    return X, reasons
+
+
+def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
+                max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    """ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ in float64 (SPEC §2–3); returns ``(ΔW [d_out, d_in], info)``.
+
+    ROME: N = 1, μ = 0. MEMIT: μ = mom2_update_weight. EMMET: μ = mom2_update_weight·emmet_lambda.
+    Computed on ``cov``'s device (see :func:`solve_factors` for conditioning and errors).
+    """
+    X, info = solve_factors(R, K, cov, mu, max_cond=max_cond)
+    delta = R.to(device=cov.device, dtype=F64) @ X
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError(f"ΔW is not finite (N={info.n}, μ={info.mu:g}, cond(D+μI)={info.cond_D:.3g})")
+    info.delta_norm = torch.linalg.matrix_norm(delta).item()
     return delta, info
 
 

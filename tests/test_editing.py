@@ -11,7 +11,7 @@ from _fixtures import one_thread  # noqa: F401  (autouse: single-threaded module
 from _fixtures import CTX, FACTS, collect_cov, tiny_gpt2, tiny_llama, word_tokenizer
 from editlib.arch import edit_weight, weight_out_in
 from editlib.context import PLAIN
-from editlib.editing import EditHParams, apply_edit, paper_llama3, prepare_targets
+from editlib.editing import EditFailed, EditHParams, apply_edit, paper_llama3, prepare_targets
 from editlib.reprs import compute_keys, current_values
 from editlib.solver import factor_cov, memit_normal_equations_residual, solve_delta
 from editlib.values import ValueHParams
@@ -251,10 +251,28 @@ def test_nan_update_is_refused(lm, tok, covs, targets) -> None:
     R[0, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         solve_delta(R, tg.K, covs[1], 0.0)
+    # a fact with a non-finite residual is left out of the solve (a failed edit), the others are
+    # edited exactly as a batch without it
     nan_tg = dataclasses.replace(tg, R=R)
+    assert nan_tg.fail_reason == ["", "", "residual z − h is not finite", ""]
     with EditSession(lm) as s:
-        with pytest.raises(ValueError, match="NaN"):
-            apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=nan_tg)
+        stats = apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=nan_tg)
+        got = s.master(1).clone()
+    assert stats.n_failed == 1
+    keep = [0, 1, 3]
+    three = dataclasses.replace(tg, K=tg.K[:, keep], R=tg.R[:, keep],
+                                values=dataclasses.replace(tg.values, z=tg.values.z[:, keep], h=tg.values.h[:, keep],
+                                                           final_loss=tg.values.final_loss[keep],
+                                                           steps=tg.values.steps[keep], fail_reason=[""] * 3,
+                                                           stalled=tg.values.stalled[keep]))
+    with EditSession(lm) as s:
+        apply_edit(lm, tok, [FACTS[i] for i in keep], hp_for("emmet"), covs, CTX, s, targets=three)
+        assert torch.equal(s.master(1), got)
+    # nothing solvable: EditFailed, nothing written
+    all_nan = dataclasses.replace(tg, R=torch.full_like(tg.R, float("nan")))
+    with EditSession(lm) as s:
+        with pytest.raises(EditFailed, match="all 4 facts failed"):
+            apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=all_nan)
         _assert_same(lm, snap)
     _assert_same(lm, snap)
 

@@ -103,10 +103,10 @@ def test_save_figure_and_table(rng, tmp_path):
 
     t1 = plotting.table1(_frame(rng, rows, ge=True))
     csv, md = plotting.save_table(t1, tmp_path / "figs", "table1")
-    assert csv.read_text().startswith("Algorithm,ES,PS,NS,GE,S")
+    assert csv.read_text().startswith("Algorithm,ES,PS,NS,GE,S,failed")
     lines = md.read_text().splitlines()
-    assert lines[0] == "| Algorithm | ES | PS | NS | GE | S |"
-    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[0] == "| Algorithm | ES | PS | NS | GE | S | failed |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
     assert len(lines) == 2 + len(t1)
 
 
@@ -121,10 +121,31 @@ def test_table1_strings(rng):
             for m in ("rome", "memit")]
     t1 = plotting.table1(_frame(rng, rows, n=40))
     assert list(t1["Algorithm"]) == ["MEMIT", "ROME"]
-    assert list(t1.columns) == ["Algorithm", "ES", "PS", "NS", "S"]
+    assert list(t1.columns) == ["Algorithm", "ES", "PS", "NS", "S", "failed"]
+    assert list(t1["failed"]) == ["0", "0"]
     for m in ("ES", "PS", "NS"):
         assert all(re.fullmatch(r"\d{1,3}\.\d\d\(\d{1,3}\.\d\d\)", v) for v in t1[m]), t1[m].tolist()
     assert all(re.fullmatch(r"\d{1,3}\.\d\d", v) for v in t1["S"])
+
+
+def test_failures_and_jitter_are_shown(rng):
+    """A table counts failed cases and regularised solves; a figure says so under its plots."""
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0)
+            for m in ("rome", "memit")]
+    c = _frame(rng, rows, n=10)
+    assert plotting.failure_note(c) is None and plotting.jitter_note(c) is None
+    c["failed"], c["fail_reason"], c["solve_jitter"] = False, "", 0.0
+    c.loc[c.index[:3], "failed"] = True
+    c.loc[c.index[:3], "fail_reason"] = "value optimisation diverged: non-finite loss"
+    c.loc[c.index[:3], ["ES", "PS", "NS"]] = np.nan
+    c.loc[c.index[5], "solve_jitter"] = 1e-9
+    t1 = plotting.table1(c)
+    assert sorted(t1["failed"]) == ["0", "3"] or sorted(t1["failed"]) == ["1", "2"]
+    assert "τ≤" in "".join(t1["jittered"])
+    assert "3 of " in plotting.failure_note(c) and "non-finite loss" in plotting.failure_note(c)
+    assert "1 of " in plotting.jitter_note(c)
+    fig = plotting.plot_layer_search(c, "t")
+    assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 
 
 def test_sweep_table_and_comparison(rng):

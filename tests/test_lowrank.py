@@ -1,0 +1,141 @@
+"""Independent edits evaluated together (editlib.lowrank, issue #13): each row's own low-rank
+update added by a hook gives the same scores and generations as writing that edit into the weights,
+on llama, qwen2 and gpt2 miniatures, in float32 (1e-6 relative) and float64 (1e-10)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from _fixtures import WORDS, one_thread, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: F401
+from editlib.arch import weight_out_in
+from editlib.generation import sample_texts
+from editlib.lowrank import LowRankEdits, RowDeltas, rank_one
+from editlib.scoring import score_targets
+from editlib.weights import EditSession
+
+LAYER = 1
+
+
+def tiny_qwen2(vocab_size: int, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                                   bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval().to(dtype)
+
+
+def model_for(kind: str, tok, dtype):
+    if kind == "llama":
+        return tiny_llama(len(tok), dtype=dtype)
+    if kind == "qwen2":
+        return tiny_qwen2(len(tok), dtype=dtype)
+    return tiny_gpt2(len(tok), dtype=dtype)
+
+
+def pairs(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prefixes = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(n)]
+    targets = [" ".join(rng.choice(WORDS, size=rng.integers(1, 3))) for _ in range(n)]
+    return prefixes, targets
+
+
+def random_edits(model, n_edits: int, rank: int, scale: float, seed: int = 0) -> LowRankEdits:
+    g = torch.Generator().manual_seed(seed)
+    W = weight_out_in(model, LAYER)
+    d_out, d_in = W.shape
+    R = [torch.randn(d_out, rank, generator=g, dtype=torch.float64) * scale for _ in range(n_edits)]
+    X = [torch.randn(rank, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5 for _ in range(n_edits)]
+    return LowRankEdits(LAYER, R, X)
+
+
+def logclose(a, b) -> float:
+    """max |a − b| / max(1, |b|)."""
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1.0)))
+
+
+def rel(a, b) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_scores_equal_editing_the_weights(kind, dtype, tol, rank) -> None:
+    tok = word_tokenizer()
+    model = model_for(kind, tok, dtype)
+    edits = random_edits(model, 5, rank, scale=0.5)
+    prefixes, targets = pairs(40)
+    groups = [i % 5 for i in range(40)]
+    groups[3] = -1  # an unedited row in the same pass
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with RowDeltas(model, edits) as hook:
+        got = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook, batch_size=7)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights untouched
+    want = np.zeros(40)
+    for e in [-1, *range(5)]:
+        idx = [i for i in range(40) if groups[i] == e]
+        with EditSession(model) as s:
+            if e >= 0:
+                s.apply(LAYER, edits.delta(e))
+            want[idx] = score_targets(model, tok, [prefixes[i] for i in idx], [targets[i] for i in idx]).nll
+    # log-probabilities (mean-token NLL) to `tol` relative, with an absolute floor of `tol` for
+    # NLLs below 1 (float32 rounds a logit of ~10 to ~1e-6 whichever way the sum is formed)
+    assert logclose(got.nll, want) < tol
+    # the edits do change the scores (the comparison is not vacuous)
+    plain = score_targets(model, tok, prefixes, targets).nll
+    assert logclose(plain, want) > 100 * tol
+
+
+def test_rank_one_stack_equals_general_path() -> None:
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float64)
+    e = random_edits(model, 6, 1, scale=0.5, seed=3)
+    R = torch.cat(e.R, 1)
+    X = torch.cat(e.X, 0)
+    stacked = rank_one(LAYER, R, X)
+    prefixes, targets = pairs(24, seed=2)
+    groups = [i % 6 for i in range(24)]
+    with RowDeltas(model, stacked) as hook:
+        assert hook._stack is not None
+        a = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook).nll
+    general = LowRankEdits(LAYER, [torch.cat([r, torch.zeros_like(r)], 1) for r in e.R],
+                           [torch.cat([x, torch.zeros_like(x)], 0) for x in e.X])  # rank 2 with a zero pair
+    with RowDeltas(model, general) as hook:
+        assert hook._stack is None
+        b = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook).nll
+    assert rel(a, b) < 1e-12
+
+
+def test_generation_equals_editing_the_weights() -> None:
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float64)
+    edits = random_edits(model, 3, 2, scale=2.0, seed=5)
+    prompts, _ = pairs(9, seed=4)
+    groups = [i % 3 for i in range(9)]
+    with RowDeltas(model, edits) as hook:
+        got = sample_texts(model, tok, prompts, max_len=14, seed=1, groups=groups, deltas=hook, batch_size=4)
+    for e in range(3):
+        idx = [i for i in range(9) if groups[i] == e]
+        with EditSession(model) as s:
+            s.apply(LAYER, edits.delta(e))
+            want = sample_texts(model, tok, [prompts[i] for i in idx], max_len=14, seed=1, keys=idx)
+        assert [got[i] for i in idx] == want
+    assert sample_texts(model, tok, prompts, max_len=14, seed=1) != got  # the edits matter
+
+
+def test_bad_factors_and_rows_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="do not form"):
+        LowRankEdits(0, [torch.zeros(4, 2)], [torch.zeros(3, 8)])
+    with pytest.raises(ValueError, match="NaN"):
+        LowRankEdits(0, [torch.full((4, 1), float("nan"))], [torch.zeros(1, 8)])
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok))
+    with RowDeltas(model, random_edits(model, 2, 1, 0.1)) as hook:
+        hook.rows = torch.tensor([0])
+        with pytest.raises(RuntimeError, match="row labels"):
+            model(input_ids=torch.tensor([[1, 3, 4], [1, 5, 6]]))
+    # removed on exit: a forward after the block is the plain model
+    out = model(input_ids=torch.tensor([[1, 3, 4]])).logits
+    assert torch.isfinite(out).all()

@@ -19,7 +19,7 @@ from .arch import n_layers
 from .context import ContextTemplates
 from .records import Record
 from .reprs import compute_keys, current_values
-from .solver import CovFactor, mu_for, solve_delta
+from .solver import CovFactor, mu_for, solve_factors
 from .values import ValueHParams, ValueResult, compute_values
 from .weights import EditSession
 
@@ -205,8 +205,9 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
                 R = z - h
                 t_keys += time.time() - t0
             t0 = time.time()
-            delta, info = solve_delta(R / (len(layers) - i), K, covs[layer], hp.mu, max_cond=hp.max_cond)
-            session.apply(layer, delta)
+            Ri = R / (len(layers) - i)
+            X, info = solve_factors(Ri, K, covs[layer], hp.mu, max_cond=hp.max_cond)
+            session.apply_factors(layer, Ri, X)  # ΔW = R X, never a dense float64 d_out × d_in
             t_solve += time.time() - t0
             total_delta_sq += info.delta_norm ** 2
             jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)

@@ -9,7 +9,7 @@ import torch
 
 from _fixtures import one_thread  # noqa: F401  (autouse: single-threaded module)
 from _fixtures import CTX, FACTS, collect_cov, tiny_gpt2, tiny_llama, word_tokenizer
-from editlib.arch import edit_weight, weight_out_in
+from editlib.arch import arch_for, edit_weight, to_param_layout, weight_out_in
 from editlib.context import PLAIN
 from editlib.editing import EditFailed, EditHParams, apply_edit, paper_llama3, prepare_targets
 from editlib.reprs import compute_keys, current_values
@@ -455,3 +455,30 @@ def test_paper_llama3() -> None:
     assert memit.values == ValueHParams() and memit.context_templates == "memit"
     assert paper_llama3("memit", mom2_update_weight=1.0).mu == 1.0
     assert paper_llama3("emmet", layers=(4,)).layers == (4,)  # overriding the layer
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_apply_factors_equals_the_dense_update(kind) -> None:
+    """R X is added block by block without a dense float64 ΔW; the result equals adding ΔW (Linear
+    and Conv1D layouts), and bad factors are refused before any write."""
+    from _fixtures import tiny_gpt2
+    tok = word_tokenizer()
+    model = (tiny_llama(len(tok)) if kind == "llama" else tiny_gpt2(len(tok), dtype=torch.float32))
+    W = weight_out_in(model, 1)
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(W.shape[0], 3, generator=g, dtype=F64)
+    X = torch.randn(3, W.shape[1], generator=g, dtype=F64) * 1e-2
+    with EditSession(model) as s:
+        s.apply(1, R @ X)
+        dense = s.master(1).clone()
+    with EditSession(model) as s:
+        s.apply_factors(1, R, X, block_rows=5)  # several blocks
+        assert torch.allclose(s.master(1), dense, rtol=0, atol=1e-6)
+        assert torch.equal(edit_weight(model, 1), to_param_layout(arch_for(model), s.master(1)))
+        before = s.master(1).clone()
+        for bad in (torch.full_like(X, float("nan")), X * 1e300):
+            with pytest.raises(ValueError, match="non-finite"):
+                s.apply_factors(1, R, bad)
+            assert torch.equal(s.master(1), before)
+        with pytest.raises(ValueError, match="do not match"):
+            s.apply_factors(1, R, X.T)

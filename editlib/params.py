@@ -40,6 +40,7 @@ class ModelParams:
     device: str = "cpu"
     trust_remote_code: bool = False
     tiny: dict | None = None
+    tf32: bool = False  # CUDA only: TF32 matmuls (faster, ~1e-3 relative); off as in the reference
 
 
 @dataclass(frozen=True)

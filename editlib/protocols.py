@@ -294,12 +294,20 @@ def _layer_search_cases(p: StudyParams, which: str) -> Path | None:
     return Path(p.results_dir) / p.name / f"layer_search{suffix}" / "cases.parquet"
 
 
+def set_tf32(on: bool) -> None:
+    """TF32 matmuls on CUDA (``model.tf32``): off by default, as the reference ran (torch's default
+    since 1.12); on, GEMMs round their inputs to 10-bit mantissas (~1e-3 relative)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    torch.backends.cudnn.allow_tf32 = bool(on)
+
+
 def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,
                log=print) -> Study:
     """Validate, then load the model (``which``: "model" or "second_model") and its facts."""
     check_before_loading(p, experiments, which)
     mp = p.second_model if which == "second_model" else p.model
     mdir = model_dir_for(mp, log)
+    set_tf32(mp.tf32)
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
     records = load_records_for(p, mdir)
     label = mp.label or Path(str(mdir)).name

@@ -579,3 +579,15 @@ def test_cli_errors(tmp_path, monkeypatch, capsys, no_model_load):
     rc = main(["run", "batch", *CLI, "--set", f"results_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc != 0 and "best" in err and "layer search" in err
+
+
+def test_tf32_key(tmp_path):
+    """model.tf32 (default off, as the reference) switches TF32 matmuls for the study's process."""
+    assert params_for(tmp_path).model.tf32 is False
+    assert params_for(tmp_path, **{"model.tf32": True}).model.tf32 is True
+    try:
+        protocols.set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        protocols.set_tf32(False)
+    assert not torch.backends.cuda.matmul.allow_tf32

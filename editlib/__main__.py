@@ -1,9 +1,27 @@
-"""Command line: ``python -m editlib <command> ...`` (``--help`` lists the commands)."""
+"""Command line: ``python -m editlib <command> ...`` (``--help`` lists the commands).
+
+Exit codes: 0 done; 1 done but not all well (an edit failed under ``run``, the quality bar was
+missed under ``tiny-*``, a notebook raised an unexpected error under ``reproduce``) or a bug (a
+Python traceback); 2 bad input or an unusable state (params, records, model files, a locked or
+conflicting results folder), reported as one line naming the culprit — ``--debug`` adds the
+traceback; 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class UsageError(ValueError):
+    """A command-line value or combination that cannot work (exit 2)."""
 
 
 #: TinyConfig fields settable from ``tiny-train`` (besides --layers/--seed); build_tiny writes every
@@ -18,9 +36,12 @@ def _tiny_train(a: argparse.Namespace) -> int:
     from .tiny import build_tiny, passes_bar
 
     if (a.world is None) == (not a.counterfact):
-        raise SystemExit("tiny-train: give exactly one of --world N or --counterfact --n N")
+        raise UsageError("give exactly one of --world N or --counterfact --n N")
     source, n = ("world", a.world) if a.world is not None else ("counterfact", a.n)
+    if n < 1:
+        raise UsageError(f"{'--world' if source == 'world' else '--n'} must be at least 1, got {n}")
     overrides = {k: getattr(a, k) for k, _ in _TINY_OVERRIDES if getattr(a, k) is not None}
+    _check_tiny_sizes({"layers": a.layers, **overrides})
     out = build_tiny(source, n, a.out, seed=a.seed, n_layers=a.layers,
                      counterfact_path=a.counterfact_path, **overrides)
     meta = json.loads((out / "editlib_tiny.json").read_text())
@@ -29,12 +50,33 @@ def _tiny_train(a: argparse.Namespace) -> int:
     return 0 if passes_bar(meta["quality"]) else 1
 
 
+#: tiny-train sizes that may be 0 (the rest must be at least 1)
+_TINY_MAY_BE_ZERO = ("warmup", "weight_decay")
+
+
+def _check_tiny_sizes(sizes: dict) -> None:
+    """Miniature sizes that could not train, before any record is read (one line, exit 2)."""
+    for k, v in sizes.items():
+        low = 0 if k in _TINY_MAY_BE_ZERO else (1e-12 if isinstance(v, float) else 1)
+        if v < low:
+            raise UsageError(f"--{k.replace('_', '-')} must be {'>= 0' if low == 0 else '> 0'}, got {v}")
+    hidden, heads = sizes.get("hidden"), sizes.get("heads")
+    if hidden is not None or heads is not None:
+        from .tiny import TinyConfig
+
+        h, n = hidden or TinyConfig.hidden, heads or TinyConfig.heads
+        if h % n:
+            raise UsageError(f"--hidden {h} must be a multiple of --heads {n}")
+
+
 def _tiny_check(a: argparse.Namespace) -> int:
-    from .models import load_model
+    from .models import load_model, locate_model
     from .tiny import fact_quality, load_tiny_records, passes_bar
 
+    locate_model(a.model_dir)
+    records = load_tiny_records(a.model_dir, a.counterfact_path)  # before the model loads
     model, tok = load_model(a.model_dir)
-    q = fact_quality(model, tok, load_tiny_records(a.model_dir, a.counterfact_path))
+    q = fact_quality(model, tok, records)
     for k, v in q.items():
         print(f"{k:32s} {v * 100:6.2f} %")
     ok = passes_bar(q)
@@ -52,7 +94,16 @@ def _load_eval_records(path: str, n: int | None):
 
     p = Path(path)
     records = load_tiny_records(p) if p.is_dir() else load_counterfact(p)
-    return sample(records, n) if n is not None else records
+    if n is None:
+        return records
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    from .records import RecordError
+
+    try:
+        return sample(records, n)
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}") from None
 
 
 def _evaluate(a: argparse.Namespace) -> int:
@@ -63,10 +114,22 @@ def _evaluate(a: argparse.Namespace) -> int:
     from .models import load_model
     from .rs import RSResources
 
+    from .models import locate_model
+
+    for flag in ("batch_size", "gen_batch_size", "gen_max_len"):
+        if getattr(a, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
+    from .models import DTYPES
+
+    if a.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {a.dtype!r}")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
+    records = _load_eval_records(a.records, a.n)  # every input is checked before the model loads
+    rs = _rs_resources(a.rs_dir) if a.rs_dir else None
+    locate_model(a.model)
     model, tok = load_model(a.model, dtype=a.dtype, device=device)
-    records = _load_eval_records(a.records, a.n)
-    rs = RSResources.from_dir(a.rs_dir) if a.rs_dir else None
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, rs_resources=rs)
@@ -87,49 +150,182 @@ def _evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rs_resources(rs_dir: str):
+    """ROME's RS files, or a UsageError naming the folder."""
+    from .rs import RSResources
+
+    try:
+        return RSResources.from_dir(rs_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--rs-dir {rs_dir}: {e}") from e
+
+
 _RUN_NAMES = {"layer-search": "layer_search", "singular": "singular", "batch": "batch",
               "sequential": "sequential", "sweep": "sweep"}
 
 
+@contextlib.contextmanager
+def _store_env(a: argparse.Namespace):
+    """``--allow-mixed-versions`` / ``--wait`` as the environment variables the store reads, so
+    that notebook kernels started by ``reproduce`` inherit them too (restored afterwards)."""
+    from .store import ENV_ALLOW_MIXED, ENV_LOCK_WAIT
+
+    want = {ENV_ALLOW_MIXED: a.allow_mixed_versions, ENV_LOCK_WAIT: a.wait}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update({k: "1" for k, on in want.items() if on})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+#: columns that identify one edited case (the same case evaluated again, e.g. "final", counts once)
+_CASE_KEYS = ("method", "layer", "lam", "batch_size", "ordering", "case_id")
+_SHOW_REASONS = 3
+
+
+def _failed_cases(cases: "pd.DataFrame") -> "pd.DataFrame":
+    """The cases frame's failed edits, one row per edited case (no ``failed`` column: none)."""
+    if "failed" not in cases.columns:
+        return cases.iloc[0:0]
+    bad = cases[cases["failed"].fillna(False).astype(bool)]
+    keys = [c for c in _CASE_KEYS if c in bad.columns]
+    return bad.drop_duplicates(subset=keys) if keys else bad
+
+
+def _report_failures(experiment: str, cases: "pd.DataFrame") -> int:
+    """Print how many edits of ``experiment`` failed, with the first few reasons; the count."""
+    bad = _failed_cases(cases)
+    if bad.empty:
+        print(f"{experiment}: 0 failed edits")
+        return 0
+    shown = []
+    for _, row in bad.head(_SHOW_REASONS).iterrows():
+        where = ", ".join(f"{k}={row[k]}" for k in ("method", "batch_size", "lam") if k in row and row[k] == row[k])
+        reason = row["fail_reason"] if "fail_reason" in row and isinstance(row["fail_reason"], str) else "no reason recorded"
+        shown.append(f"case_id={row.get('case_id', '?')} ({where}): {reason}")
+    more = f"; ... {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+    print(f"{experiment}: {len(bad)} failed edit(s): " + "; ".join(shown) + more)
+    return len(bad)
+
+
 def _run(a: argparse.Namespace) -> int:
-    from .counterfact import DatasetNotFound
-    from .models import ModelNotFound
-    from .params import ParamsError, resolve
-    from .protocols import RUNNERS, open_study, summarize
-    from .store import RunConflict
+    from .params import resolve
+    from .preflight import check_study
+    from .protocols import RUNNERS, check_before_loading, open_study, summarize
 
     exps = [_RUN_NAMES[e] for e in a.experiments]
-    try:
-        p = resolve(a.params, overrides=a.set or None)  # validated before any model loads
-        study = open_study(p, which="second_model" if a.second_model else "model", experiments=exps)
+    which = "second_model" if a.second_model else "model"
+    p = resolve(a.params, overrides=a.set or None)
+    check_study(p, exps, which)  # model files and facts, before any model loads
+    check_before_loading(p, exps, which)
+    failed: dict[str, int] = {}
+    with _store_env(a):
+        study = open_study(p, which=which, experiments=exps)
         for e in exps:
             print(f"== {e} ({p.name}, model {study.label})")
             cases = RUNNERS[e](study)
             print(summarize(cases, formatted=True).to_string(index=False))
-    except (ParamsError, DatasetNotFound, ModelNotFound, RunConflict) as e:
-        print(f"run failed: {e}", file=sys.stderr)
+            failed[e] = _report_failures(e, cases)
+    if any(failed.values()):
+        print("run: failed edits in " + ", ".join(f"{e} ({n})" for e, n in failed.items() if n)
+              + " (their rows have failed=True and a fail_reason in cases.parquet)", file=sys.stderr)
         return 1
     return 0
 
 
 def _reproduce(a: argparse.Namespace) -> int:
-    from .params import ParamsError
-    from .reproduce import ReproduceError, reproduce
+    from .reproduce import reproduce
 
     only = [x for part in (a.only or []) for x in part.split(",")] or None
-    try:
+    with _store_env(a):
         reproduce(a.params, a.set or None, only=only, runs_dir=a.runs_dir, threads=a.threads)
-    except (ReproduceError, ParamsError) as e:
-        print(f"reproduce failed: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
+def _clean(a: argparse.Namespace) -> int:
+    from .paths import repo_path
+    from .store import clean_run
+
+    done = clean_run(repo_path(a.results_dir), a.run, a.experiment, include_complete=a.include_complete,
+                     dry_run=a.dry_run)
+    for c in done:
+        print(f"{'removed' if c.removed else 'kept'} {c.folder}: {c.why}")
+    if not done:
+        print(f"{repo_path(a.results_dir) / a.run} holds no experiments")
+    return 0
+
+
+# --------------------------------------------------------------------------- errors
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or an unusable state: one line and exit 2. Anything else is
+    a bug and keeps its traceback."""
+    from .arch import UnsupportedArchitecture
+    from .counterfact import DatasetNotFound
+    from .models import ModelLoadError, ModelNotFound
+    from .params import ParamsError
+    from .records import RecordError
+    from .reproduce import ReproduceError
+    from .stats import CorpusUnavailable, CovCacheError
+    from .store import StoreError
+
+    return (UsageError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
+            UnsupportedArchitecture, StoreError, CorpusUnavailable, CovCacheError, ReproduceError)
+
+
+def _stopped() -> tuple[type[BaseException], ...]:
+    """Runs stopped on purpose because too many of a configuration's edits failed: one line, exit 1."""
+    protocols = sys.modules.get("editlib.protocols")  # only a run that got that far imported it
+    found = getattr(protocols, "TooManyFailures", None) if protocols else None
+    return (found,) if isinstance(found, type) else ()
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _exit_code(e: BaseException) -> int:
+    """2 for bad input; a notebook that failed on something other than bad input is 1."""
+    from .reproduce import ReproduceError
+
+    if isinstance(e, ReproduceError) and e.ename is not None:
+        return 2 if e.ename in {t.__name__ for t in _expected()} | {"RunConflict", "ExperimentLocked",
+                                                                   "MixedVersions"} else 1
+    return 2
+
+
+def _store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-mixed-versions", action="store_true",
+                        help="resume experiments whose saved units were written by another editlib version/commit "
+                             "(env EDITLIB_ALLOW_MIXED_VERSIONS=1)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another process working on the same experiment folder instead of "
+                             "failing at once (env EDITLIB_LOCK_WAIT=1)")
+
+
+_DEBUG_HELP = "show the traceback of an error instead of one line"
+
+
+def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand that also takes ``--debug`` after its name (SUPPRESS: it never overrides a
+    ``--debug`` given before the name)."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return sub.add_parser(name, parents=[debug], **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("tiny-train", help="train a miniature Llama on the synthetic world or CounterFact")
+    t = _command(sub, "tiny-train", help="train a miniature Llama on the synthetic world or CounterFact")
     t.add_argument("--world", type=int, metavar="N", help="train on make_world(N, seed)")
     t.add_argument("--counterfact", action="store_true", help="train on CounterFact (seeded sample)")
     t.add_argument("--n", type=int, default=2000, help="number of CounterFact records")
@@ -141,12 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=_tiny_train)
 
-    c = sub.add_parser("tiny-check", help="re-check what a saved miniature knows (quality bar)")
+    c = _command(sub, "tiny-check", help="re-check what a saved miniature knows (quality bar)")
     c.add_argument("model_dir")
     c.add_argument("--counterfact-path", default=None)
     c.set_defaults(func=_tiny_check)
 
-    e = sub.add_parser("evaluate", help="CounterFact metrics of an (unedited) model: ES/PS/NS, GE, S")
+    e = _command(sub, "evaluate", help="CounterFact metrics of an (unedited) model: ES/PS/NS, GE, S")
     e.add_argument("--model", required=True, help="model directory or Hugging Face id")
     e.add_argument("--records", required=True,
                    help="CounterFact file (.json/.jsonl[.gz]) or a miniature directory (records.json)")
@@ -165,16 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=20, help="print at most this many per-case rows")
     e.add_argument("--out", required=True, help="per-case results (.parquet)")
     e.set_defaults(func=_evaluate)
-    r = sub.add_parser("run", help="run protocols without a notebook (resumable; results/<name>/<experiment>)")
+    r = _command(sub, "run", help="run protocols without a notebook (resumable; results/<name>/<experiment>)")
     r.add_argument("experiments", nargs="+", choices=sorted(_RUN_NAMES), metavar="EXPERIMENT",
                    help="one or more of: " + ", ".join(sorted(_RUN_NAMES)))
     r.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set batch.total=64 (repeatable)")
     r.add_argument("--second-model", action="store_true", help="run on the params' second_model")
+    _store_flags(r)
     r.set_defaults(func=_run)
 
-    rp = sub.add_parser("reproduce", help="execute notebooks 01-06 with papermill into runs/<name>/, export HTML")
+    rp = _command(sub, "reproduce", help="execute notebooks 01-06 with papermill into runs/<name>/, export HTML")
     rp.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
     rp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a parameter, e.g. --set batch.total=64 (repeatable)")
@@ -184,13 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: runs; relative paths are relative to the repo root, like results_dir)")
     rp.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL threads per notebook kernel (default: inherited; 1 is often fastest on a busy small CPU)")
+    _store_flags(rp)
     rp.set_defaults(func=_reproduce)
+
+    cl = _command(sub, "clean", help="remove a run's incomplete experiment folders (e.g. left by a crash)")
+    cl.add_argument("run", metavar="RUN", help="run name (the params' name): results/RUN/")
+    cl.add_argument("--results-dir", default="results",
+                    help="folder holding RUN/ (default: results; relative paths are relative to the repo root)")
+    cl.add_argument("--experiment", action="append", metavar="E",
+                    help="only this experiment folder, e.g. layer_search or sequential (repeatable)")
+    cl.add_argument("--include-complete", action="store_true", help="remove complete experiments too")
+    cl.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    cl.set_defaults(func=_clean)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"editlib {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        stopped = isinstance(e, _stopped())
+        if not stopped and not isinstance(e, _expected()):
+            raise  # a bug: Python prints the traceback and exits 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"editlib {args.command}: {'stopped' if stopped else 'error'}: {_one_line(e)}", file=sys.stderr)
+        return 1 if stopped else _exit_code(e)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,16 @@ def read_record_dicts(path: str | os.PathLike) -> list[dict]:
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
-    """Load and validate every record of a file; a malformed record fails the whole load."""
-    return records_from_dicts(read_record_dicts(path))
+    """Load and validate every record of a file; a malformed record or an empty list fails the
+    whole load (nothing could be edited or evaluated, so say so before any model loads)."""
+    raws = read_record_dicts(path)  # its errors name the file already
+    try:
+        records = records_from_dicts(raws)
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}") from None  # which file, besides which record and field
+    if not records:
+        raise RecordError(f"records file {path} holds no records")
+    return records
 
 
 def save_records(records: Iterable[Record], path: str | os.PathLike) -> Path:
@@ -86,10 +94,9 @@ def save_records(records: Iterable[Record], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps([record_to_dict(r) for r in records], indent=1, ensure_ascii=False)
-    with tempfile.NamedTemporaryFile("w", dir=p.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
-        f.write(data)
-        tmp = f.name
-    os.replace(tmp, p)
+    from .store import atomic_write_bytes  # unique temp name, then the user's umask, then rename
+
+    atomic_write_bytes(p, data.encode("utf-8"))
     return p
 
 
@@ -148,9 +155,19 @@ def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool
     return cached
 
 
+_LOADED: dict[tuple, tuple[Record, ...]] = {}  # the last file loaded (pre-load checks read it first)
+
+
 def load_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None) -> list[Record]:
-    """Resolve, load and validate CounterFact; records sorted by case_id."""
-    return sorted(load_records(resolve_counterfact(path, download=download)), key=lambda r: r.case_id)
+    """Resolve, load and validate CounterFact; records sorted by case_id. The last file read is
+    remembered (by path, size and mtime), so checking it before a model loads costs nothing later."""
+    p = resolve_counterfact(path, download=download)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = tuple(sorted(load_records(p), key=lambda r: r.case_id))
+    return list(_LOADED[key])
 
 
 # --------------------------------------------------------------------------- sampling
@@ -190,6 +207,6 @@ def sample(records: Sequence[Record], n: int, ordering: int = 0,
     """The first ``n`` records of ordering ``ordering`` (unique subjects, seeded, see :func:`orderings`)."""
     ids = orderings(records, ordering + 1, seed)[ordering]
     if n > len(ids):
-        raise ValueError(f"asked for {n} facts but only {len(ids)} records with unique subjects are available")
+        raise RecordError(f"asked for {n} facts but only {len(ids)} records with unique subjects are available")
     by_id = {r.case_id: r for r in records}
     return [by_id[i] for i in ids[:n]]

@@ -12,6 +12,7 @@ pass an explicit dtype, ``float32`` by default as in the reference.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ from torch import nn
 from editlib.arch import arch_for, edit_weight, n_layers
 from editlib.tokens import prepare_tokenizer
 
-__all__ = ["DTYPES", "ModelNotFound", "fingerprint", "load_model"]
+__all__ = ["DTYPES", "ModelLoadError", "ModelNotFound", "check_model_dir", "fingerprint", "load_model",
+           "locate_model"]
 
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -58,6 +60,36 @@ class ModelNotFound(FileNotFoundError):
     """The model is neither a local directory nor available (offline) from the HF cache."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model was found but its config, weights or tokenizer cannot be read (the message names
+    the file or directory)."""
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """Cheap checks of a local model directory before anything is loaded: ``config.json`` present
+    and valid JSON, every ``*.safetensors`` file's header readable and covering the whole file (a
+    truncated download fails here, naming the file)."""
+    d = os.path.expanduser(str(path))
+    cfg = os.path.join(d, "config.json")
+    if not os.path.isfile(cfg):
+        raise ModelNotFound(f"model directory {d!r} has no config.json")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model config {cfg} cannot be read: {e}") from None
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(d, name), framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as e:
+                raise ModelLoadError(f"weights file {os.path.join(d, name)} is truncated or corrupt ({e}); "
+                                     "copy or download it again") from None
+
+
 def _offline(local_files_only: bool) -> bool:
     if local_files_only:
         return True
@@ -83,8 +115,7 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> 
     """Return what to hand to ``from_pretrained``, or raise :class:`ModelNotFound` at once."""
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise ModelNotFound(f"model directory {expanded!r} has no config.json")
+        check_model_dir(expanded)
         return expanded
     if os.path.exists(expanded) or _looks_like_path(name_or_path):
         what = "is not a directory" if os.path.exists(expanded) else "does not exist"
@@ -103,6 +134,13 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> 
                 "directory containing config.json, the weights and the tokenizer."
             )
     return name_or_path
+
+
+def locate_model(name_or_path: str, *, local_files_only: bool = False, cache_dir: str | None = None) -> str:
+    """Where :func:`load_model` would load from, checked without reading any weights: a local
+    directory (config and weight files intact) or, offline, a hub id in the local cache.
+    Raises :class:`ModelNotFound` / :class:`ModelLoadError` naming the culprit."""
+    return _resolve_source(name_or_path, _offline(local_files_only), cache_dir)
 
 
 def load_model(
@@ -131,14 +169,32 @@ def load_model(
         "local_files_only": offline,
         "cache_dir": cache_dir,
     }
-    config = AutoConfig.from_pretrained(source, **common)
+    with _load_errors("config", source):
+        config = AutoConfig.from_pretrained(source, **common)
     arch_for(config)  # unsupported architectures fail before the weights are read
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[dtype], **common)
+    with _load_errors("weights", source):
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[dtype], **common)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **common))
+    with _load_errors("tokenizer", source):
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **common))
     return model, tok
+
+
+@contextlib.contextmanager
+def _load_errors(what: str, source: str):
+    """Read errors of ``from_pretrained`` (missing or corrupt files) as one :class:`ModelLoadError`
+    naming the model; programming errors (TypeError, ...) pass through."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        if isinstance(e, ModelNotFound):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"cannot load the {what} of model {source}: {type(e).__name__}: {first}") from e
 
 
 def _config_digest_source(model: nn.Module) -> bytes:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import yaml
 
@@ -215,19 +217,30 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     return d
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_scalar(text: str, key: str = "?") -> Any:
+    """A ``--set`` value parsed as YAML; a syntax error names the key (one line, no YAML dump)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ParamsError(f"override {key}={text!r}: the value is not valid YAML ({why})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` → (key, YAML-parsed value); ParamsError naming the key otherwise."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} must look like key.sub=value")
+    key, val = text.split("=", 1)
+    if not key.strip():
+        raise ParamsError(f"override {text!r} has no key before '='")
+    return key.strip(), _parse_scalar(val, key.strip())
 
 
 def apply_sets(d: dict, sets: list[str] | Mapping[str, Any]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars / lists)."""
     out = copy.deepcopy(d)
-    items = sets.items() if isinstance(sets, Mapping) else [s.split("=", 1) if "=" in s else (s, None) for s in sets]
+    items = sets.items() if isinstance(sets, Mapping) else [parse_override(s) for s in sets]
     for key, val in items:
-        if val is None and not isinstance(sets, Mapping):
-            raise ParamsError(f"override {key!r} must look like key.sub=value")
-        if not isinstance(sets, Mapping):
-            val = _parse_scalar(val)
         parts = key.split(".")
         if parts[0] not in SECTIONS:
             raise ParamsError(f"unknown params section {parts[0]!r} in override {key!r}; known: {SECTIONS}")
@@ -240,6 +253,55 @@ def apply_sets(d: dict, sets: list[str] | Mapping[str, Any]) -> dict:
                 raise ParamsError(f"override {key!r}: {p!r} is not a section")
         cur[parts[-1]] = val
     return out
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          dict: "a mapping", type(None): "null"}
+
+
+def _describe(hint: Any) -> str:
+    """A field's type in words, for messages ("a list of integers or null")."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a dataclass field's annotation (bools are not numbers)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        ok = (int,) if hint is int else (int, float)
+        return isinstance(value, ok) and not isinstance(value, bool)
+    if hint is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _check_types(cls, kw: Mapping, section: str) -> None:
+    """Every given key has its field's type: ``n_facts: abc`` fails here, naming the key."""
+    hints = typing.get_type_hints(cls)
+    for k, v in kw.items():
+        if not _type_ok(v, hints[k]):
+            hint = ("" if not (isinstance(v, tuple) and any(isinstance(x, str) for x in v)) else
+                    " (YAML reads 1e-3 as text: write 1.0e-3)")
+            raise ParamsError(f"{section}.{k} must be {_describe(hints[k])}, got {_show(v)}{hint}")
+
+
+def _show(v: Any) -> str:
+    return repr(list(v) if isinstance(v, tuple) else v)
 
 
 def _build(cls, raw: Any, section: str):
@@ -255,6 +317,7 @@ def _build(cls, raw: Any, section: str):
         if isinstance(v, list):
             v = tuple(v)
         kw[k] = v
+    _check_types(cls, kw, section)
     try:
         return cls(**kw)
     except (TypeError, ValueError) as e:
@@ -265,6 +328,80 @@ def _check_methods(methods, section):
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ParamsError(f"{section}.methods has unknown method(s) {bad}; known: {list(METHODS)}")
+
+
+#: counts that must be at least 1 (0 would load the model and then edit nothing)
+_POSITIVE = (("layer_search", "n_facts"), ("singular", "n_facts"), ("sweep", "total"), ("sweep", "batch_size"),
+             ("batch", "total"), ("sequential", "total"), ("data", "world_records"),
+             ("evaluation", "batch_size"), ("evaluation", "gen_max_len"), ("covariance", "batch_size"))
+_NON_EMPTY = (("layer_search", "methods"), ("singular", "methods"), ("batch", "methods"),
+              ("batch", "batch_sizes"), ("sequential", "methods"), ("sequential", "batch_sizes"),
+              ("data", "orderings"))
+
+
+def _check_sizes(sp: StudyParams) -> None:
+    """Sizes, layers and orderings that no run could use fail here, before any model loads."""
+    for sec, key in _POSITIVE:
+        v = getattr(getattr(sp, sec), key)
+        if v < 1:
+            raise ParamsError(f"{sec}.{key} must be at least 1, got {v}")
+    for sec, key in _NON_EMPTY:
+        if not getattr(getattr(sp, sec), key):
+            raise ParamsError(f"{sec}.{key} must not be empty")
+    if any(o < 0 for o in sp.data.orderings):
+        raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
+    if sp.sequential.forgetting_every is not None and sp.sequential.forgetting_every < 1:
+        raise ParamsError(f"sequential.forgetting_every must be null or at least 1, got {sp.sequential.forgetting_every}")
+    for sec in ("singular", "sweep", "batch", "sequential"):
+        layer = getattr(sp, sec).layer
+        if layer != "best" and not _is_layer(layer):
+            raise ParamsError(f"{sec}.layer: layer(s) [{layer!r}] must be an integer >= 0 or 'best'")
+    _check_covariance(sp.covariance)
+    for sec in ("model", "second_model"):
+        _check_tiny(getattr(sp, sec), sec)
+    layers = sp.layer_search.layers
+    if layers != "all" and (not isinstance(layers, tuple) or not layers):
+        raise ParamsError(f"layer_search.layers must be 'all' or a non-empty list of layers, got {_show(layers)}")
+    bad = [l for l in layers if not _is_layer(l)] if layers != "all" else []
+    if bad:
+        raise ParamsError(f"layer_search.layers: layer(s) {bad} must be integers >= 0")
+
+
+def _is_layer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_covariance(cp: CovParams) -> None:
+    """The C0 corpus as the stats module will build it (kind, sample budget, lengths)."""
+    from .stats import DTYPES, CorpusSpec
+
+    try:
+        CorpusSpec(kind=cp.kind, name=cp.name, config=cp.config, split=cp.split, text_field=cp.text_field,
+                   path=cp.path, n_samples=cp.n_samples, max_length=cp.max_length,
+                   data_files=cp.data_files, group=cp.group)
+    except ValueError as e:
+        raise ParamsError(f"covariance: {e}") from None
+    if cp.dtype not in DTYPES:
+        raise ParamsError(f"covariance.dtype must be one of {', '.join(DTYPES)}, got {cp.dtype!r}")
+    for key in ("max_batch_tokens", "layers_per_pass"):
+        v = getattr(cp, key)
+        if v is not None and v < 1:
+            raise ParamsError(f"covariance.{key} must be null or at least 1, got {v}")
+
+
+def _check_tiny(mp: ModelParams | None, sec: str) -> None:
+    """A ``tiny`` build spec: a known source and positive integer sizes."""
+    if mp is None or not mp.tiny:
+        return
+    if not isinstance(mp.tiny, Mapping):
+        raise ParamsError(f"{sec}.tiny must be a mapping ({', '.join(TINY_KEYS)}) or null")
+    src = mp.tiny.get("source", "world")
+    if src not in ("world", "counterfact"):
+        raise ParamsError(f"{sec}.tiny.source must be 'world' or 'counterfact', got {src!r}")
+    for key in ("n_records", "n_layers", "seed", "max_steps"):
+        v = mp.tiny.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1)):
+            raise ParamsError(f"{sec}.tiny.{key} must be an integer >= {0 if key == 'seed' else 1}, got {v!r}")
 
 
 def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
@@ -302,6 +439,7 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         figures_dir=str(d.get("figures_dir", "figures")),
         source=source,
     )
+    _check_sizes(sp)
     for sec in ("layer_search", "singular", "batch", "sequential"):
         _check_methods(getattr(sp, sec).methods, sec)
     for sec in ("layer_search", "singular", "sweep", "batch", "sequential"):

@@ -219,6 +219,8 @@ def load_records_for(p: StudyParams, model_dir: str) -> list[Record]:
 
 def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str = "model") -> None:
     """Fail fast, before any model is loaded: data present, sizes and layers possible."""
+    from .preflight import check_study
+    check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
         raise ParamsError(f"params have no {which!r} section")

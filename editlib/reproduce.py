@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import pandas as pd
-import yaml
 
 from .params import StudyParams, find_params_file, resolve
 from .paths import REPO_ROOT, anchor_params, repo_path
@@ -31,7 +30,12 @@ EXPERIMENT_ORDER = ("layer_search", "singular", "sweep", "batch", "sequential")
 
 
 class ReproduceError(RuntimeError):
-    """A notebook failed (the message names the notebook and the cell) or a setup step did."""
+    """A notebook failed (the message names the notebook and the cell) or a setup step did.
+    ``ename``: the class name of the notebook's own exception, when one was raised there."""
+
+    def __init__(self, message: str, ename: str | None = None):
+        super().__init__(message)
+        self.ename = ename
 
 
 @dataclass
@@ -207,7 +211,8 @@ def _failure(nb: Path, out: Path, e: Exception) -> ReproduceError:
         f"copy, which has papermill's injected-parameters cell after the parameters cell; execution count "
         f"{getattr(e, 'exec_count', '?')}): "
         f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}\n"
-        f"  cell begins: {src[0] if src else '?'}\n  executed copy with the traceback: {out}")
+        f"  cell begins: {src[0] if src else '?'}\n  executed copy with the traceback: {out}",
+        ename=getattr(e, "ename", None))
 
 
 def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
@@ -235,22 +240,21 @@ def _overrides(sets: Mapping | Sequence[str] | None) -> dict:
         return {}
     if isinstance(sets, Mapping):
         return dict(sets)
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            raise ReproduceError(f"override {s!r} must look like key.sub=value")
-        k, v = s.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
+    from .params import parse_override  # a bad value names its key in one line (ParamsError)
+
+    return dict(parse_override(s) for s in sets)
 
 
 def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> StudyParams:
-    """Resolve the params and run the protocols' pre-load checks for the selected notebooks."""
+    """Resolve the params and run the pre-load checks (model location, facts, then the
+    protocols' own) for the selected notebooks."""
+    from .preflight import check_study
     from .protocols import check_before_loading
 
     p = anchor_params(resolve(params_file, overrides=overrides))
     exps = [e for nb in nbs for e in NOTEBOOK_EXPERIMENTS.get(nb.name[:2], [])]
     if exps:
+        check_study(p, exps)
         check_before_loading(p, exps)
     return p
 

@@ -18,7 +18,8 @@
   each layer's inputs are accumulated inside the forward hook, so no layer's activations are kept.
 * Cache: one safetensors file per (model fingerprint, layer, corpus, sample budget, dtype) holding
   the raw sum and the token count (the reference's npz layout, SPEC §4), with the full key in the
-  metadata. Never pickled. The fingerprint is the *unedited* model's (the caller passes it), so a
+  metadata and the sha256 of the stored bytes (a damaged entry is recomputed with a warning naming
+  the file). Never pickled. The fingerprint is the *unedited* model's (the caller passes it), so a
   resumed sequential run that reloaded edited weights still finds its statistics.
 """
 from __future__ import annotations
@@ -355,8 +356,29 @@ def _cache_path(root: Path, key: dict) -> Path:
     return root / name
 
 
+def _checksum(total: torch.Tensor, count: int) -> str:
+    """sha256 of the stored sum's bytes and the token count (kept in the entry's metadata)."""
+    h = hashlib.sha256(total.detach().contiguous().cpu().numpy().data)
+    h.update(str(int(count)).encode())
+    return h.hexdigest()
+
+
+def _read_key(path: Path) -> dict:
+    """The metadata key of a cache file (header only); :class:`CovCacheError` when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {})["key"])
+    except Exception as exc:  # any damage to the header: the caller recomputes the entry
+        raise CovCacheError(f"covariance cache file {path} is unreadable or corrupt "
+                            f"({type(exc).__name__}: {exc})") from None
+
+
 def _read_cache(path: Path) -> tuple[dict, torch.Tensor, int, float]:
-    """(key, mom2_sum, count, cond) of a cache file; any failure raises :class:`CovCacheError`."""
+    """(key, mom2_sum, count, cond) of a cache file; a file that cannot be read, is malformed or
+    fails its stored sha256 raises :class:`CovCacheError` naming it. Entries written before
+    checksums existed are accepted only when finite."""
     from safetensors import safe_open
 
     try:
@@ -366,12 +388,18 @@ def _read_cache(path: Path) -> tuple[dict, torch.Tensor, int, float]:
             total = f.get_tensor("mom2_sum")
             count = int(f.get_tensor("count").reshape(-1)[0])
         cond = float(meta.get("cond", "nan"))
-    except Exception as exc:
+    except Exception as exc:  # any damage to the file: the caller recomputes the entry
         raise CovCacheError(f"covariance cache file {path} is unreadable or corrupt "
-                            f"({type(exc).__name__}: {exc}); delete it to recompute") from None
+                            f"({type(exc).__name__}: {exc})") from None
     if total.dim() != 2 or total.shape[0] != total.shape[1] or count <= 0:
         raise CovCacheError(f"covariance cache file {path} holds a malformed statistic "
-                            f"(mom2_sum {tuple(total.shape)}, count {count}); delete it to recompute")
+                            f"(mom2_sum {tuple(total.shape)}, count {count})")
+    stored = meta.get("sha256")
+    if stored is not None and stored != _checksum(total, count):
+        raise CovCacheError(f"covariance cache file {path} fails its sha256 check (the file changed "
+                            "after it was written)")
+    if stored is None and not bool(torch.isfinite(total).all()):
+        raise CovCacheError(f"covariance cache file {path} holds NaN/Inf")
     return key, total, count, cond
 
 
@@ -383,9 +411,13 @@ def _write_cache(path: Path, key: dict, total: torch.Tensor, count: int, cond: f
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"mom2_sum": total.contiguous().cpu(),
-                   "count": torch.tensor([count], dtype=torch.int64)}, tmp,
-                  metadata={"key": json.dumps(key, sort_keys=True), "cond": repr(cond)})
+        total = total.contiguous().cpu()
+        save_file({"mom2_sum": total, "count": torch.tensor([count], dtype=torch.int64)}, tmp,
+                  metadata={"key": json.dumps(key, sort_keys=True), "cond": repr(cond),
+                            "sha256": _checksum(total, count)})
+        from .store import apply_umask  # shared caches: the user's umask, not mkstemp's 0600
+
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -421,7 +453,8 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     Cache: ``<cache_dir or editlib.counterfact.cache_dir()/stats>/<fingerprint>/<module>_<dtype>_
     <corpus key>_n<samples>.safetensors``. ``fingerprint`` should be the *unedited* model's (default:
     the model's current weights). A file whose metadata key differs is recomputed and atomically
-    overwritten; an unreadable file raises :class:`CovCacheError`. ``load=False`` only makes sure
+    overwritten; an unreadable or corrupt file (it fails its stored sha256) is recomputed with a
+    warning naming it. ``load=False`` only makes sure
     every layer is cached and returns {} (nothing kept in memory: a 32-layer search at d_in = 14336
     would otherwise hold 52 GB). ``cond=True`` adds the exact condition number (O(d_in³) per layer).
     """
@@ -452,20 +485,18 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
         key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha)
         path = _cache_path(root, key)
         if path.is_file():
-            if not load:
-                from safetensors import safe_open
-                try:
-                    with safe_open(str(path), framework="pt", device="cpu") as f:
-                        if json.loads((f.metadata() or {})["key"]) == key:
-                            continue
-                except Exception:
-                    pass  # unreadable: recollect below
-            else:
-                stored, total, count, c = _read_cache(path)
-                if stored == key:
-                    out[l] = stats_of(l, key, total, count, c, f"cached {path.name}")
+            try:  # load=False checks the key only; the checksum is checked when the entry is loaded
+                if not load and _read_key(path) == key:
                     continue
-            log(f"C0 cache {path} was computed for another key or is unreadable; recomputing")
+                if load:
+                    stored, total, count, c = _read_cache(path)
+                    if stored == key:
+                        out[l] = stats_of(l, key, total, count, c, f"cached {path.name}")
+                        continue
+                log(f"C0 cache {path} was computed for another key; recomputing")
+            except CovCacheError as exc:
+                warnings.warn(f"{exc}: recomputing it", RuntimeWarning, stacklevel=2)
+                log(f"C0 cache {path} is unreadable or corrupt; recomputing")
         missing[l] = (key, path)
 
     if missing:

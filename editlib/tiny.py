@@ -349,7 +349,8 @@ def ensure_tiny(source: str, n_records: int, *, seed: int = 0, n_layers: int = 6
 def load_tiny_records(model_dir: str | os.PathLike, counterfact_path: str | None = None) -> list[Record]:
     """The records a saved miniature was trained on (records.json, or case_ids.json + CounterFact)."""
     d = Path(model_dir)
-    from .counterfact import load_counterfact, load_records
+    from .counterfact import DatasetNotFound, load_counterfact, load_records
+    from .records import RecordError
     if (d / "records.json").is_file():
         return load_records(d / "records.json")
     if (d / "case_ids.json").is_file():
@@ -357,6 +358,7 @@ def load_tiny_records(model_dir: str | os.PathLike, counterfact_path: str | None
         by_id = {r.case_id: r for r in load_counterfact(counterfact_path)}
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise ValueError(f"{len(missing)} case_ids of {d} are not in the CounterFact file (e.g. {missing[:3]})")
+            raise RecordError(f"{len(missing)} case_ids of {d / 'case_ids.json'} are not in the CounterFact file "
+                              f"(e.g. {missing[:3]})")
         return [by_id[i] for i in ids]
-    raise FileNotFoundError(f"{d} has neither records.json nor case_ids.json: not an editlib miniature")
+    raise DatasetNotFound(f"{d} has neither records.json nor case_ids.json: not an editlib miniature")

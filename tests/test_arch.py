@@ -25,17 +25,17 @@ from editlib.arch import (
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 32, 64, 3, 100
 
 
-def tiny_config(model_type: str) -> transformers.PretrainedConfig:
-    """A tiny random config of the given family (hidden 32, MLP 64, 3 layers)."""
+def tiny_config(model_type: str, layers: int = LAYERS) -> transformers.PretrainedConfig:
+    """A tiny random config of the given family (hidden 32, MLP 64, 3 layers by default)."""
     llama_kw = dict(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=VOCAB,
     )
-    gpt_kw = dict(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=4, vocab_size=VOCAB,
+    gpt_kw = dict(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=layers, n_head=4, vocab_size=VOCAB,
                   bos_token_id=0, eos_token_id=0)
     if model_type == "llama":
         return transformers.LlamaConfig(**llama_kw)
@@ -58,9 +58,22 @@ def model(request: pytest.FixtureRequest) -> torch.nn.Module:
 
 
 def test_registry_keys_match_model_type() -> None:
-    assert set(ARCHS) == {"llama", "mistral", "qwen2", "gpt2", "gptj"}
+    """Every registry key is the model_type transformers itself gives that family's config, and a
+    config of that family (built by transformers, not by us) finds its spec."""
     for key, spec in ARCHS.items():
-        assert spec.model_type == key
+        assert transformers.AutoConfig.for_model(key).model_type == key == spec.model_type
+        assert arch_for(tiny_config(key)) is spec
+
+
+def test_depth_attribute_is_the_configs_depth(model: torch.nn.Module) -> None:
+    """``n_layers_attr`` names the config attribute that sets the number of decoder blocks."""
+    spec = arch_for(model)
+    blocks = get_module(model, spec.layers.rsplit(".", 1)[0])
+    assert getattr(model.config, spec.n_layers_attr) == len(blocks) == n_layers(model) == LAYERS
+    cfg = tiny_config(spec.model_type, layers=LAYERS + 2)
+    assert getattr(cfg, spec.n_layers_attr) == n_layers(cfg) == LAYERS + 2
+    deeper = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert len(get_module(deeper, spec.layers.rsplit(".", 1)[0])) == LAYERS + 2
 
 
 def test_arch_for_model_and_config(model: torch.nn.Module) -> None:
@@ -214,7 +227,8 @@ def test_unknown_model_type() -> None:
 
 
 def test_spec_is_frozen() -> None:
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ARCHS["llama"].down = "x"  # type: ignore[misc]
-    assert arch.ARCHS["llama"].n_layers_attr == "num_hidden_layers"
-    assert arch.ARCHS["gpt2"].n_layers_attr == "n_layer"
+    assert arch.ARCHS["llama"].down == "model.layers.{}.mlp.down_proj"

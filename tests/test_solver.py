@@ -214,12 +214,31 @@ def test_factor_cov_jitter_on_singular() -> None:
     assert torch.isfinite(f.L).all()
 
 
-def test_factor_reused_matches_fresh(C0: torch.Tensor, cov: CovFactor) -> None:
-    for seed, n in ((5, 1), (6, 8), (7, 3)):
+def test_factor_reused_matches_fresh() -> None:
+    """SPEC §5: sequential editing keeps the C0 factor of its first batch. C0 is the statistic of
+    the edited down-projection's *input*, which that projection's own weight does not touch, so
+    after a batch's edit at layer L a C0 recomputed on the edited model equals the reused one, and
+    so do the next batches' solves (single-layer editing). The layer above does change: the edit
+    was real."""
+    from _fixtures import collect_cov, tiny_llama, word_tokenizer
+
+    from editlib.arch import weight_out_in
+
+    model = tiny_llama(len(word_tokenizer()), layers=3, dtype=F64)
+    layer = 1
+    before, above_before = collect_cov(model, layer), collect_cov(model, layer + 1)
+    reused = factor_cov(before)
+    _, K, R = data(8, seed=5)
+    delta, _ = solve_delta(R, K, reused, mu=2.0)
+    with torch.no_grad():
+        weight_out_in(model, layer).add_(delta)  # the first sequential batch, written at `layer`
+    assert rel(collect_cov(model, layer + 1), above_before) > 1e-6  # the model state changed
+    after = collect_cov(model, layer)
+    assert torch.equal(after, before)
+    fresh = factor_cov(after)
+    for seed, n in ((6, 1), (7, 8), (8, 3)):  # the next batches
         _, K, R = data(n, seed=seed)
-        reused, _ = solve_delta(R, K, cov, mu=2.0)
-        fresh, _ = solve_delta(R, K, factor_cov(C0), mu=2.0)
-        assert torch.equal(reused, fresh)
+        assert torch.equal(solve_delta(R, K, reused, mu=2.0)[0], solve_delta(R, K, fresh, mu=2.0)[0])
 
 
 def test_float32_inputs_are_promoted(cov: CovFactor) -> None:

@@ -228,17 +228,22 @@ def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
         assert len(list(tmp_path.rglob("*.safetensors"))) == 2
 
 
-def test_corrupt_cache_raises(llama, tok, world, tmp_path) -> None:
+def test_corrupt_cache_is_recomputed(llama, tok, world, tmp_path) -> None:
+    """An unreadable entry no longer stops the run (#12): it is recomputed, with a warning naming it."""
     spec = CorpusSpec("records", max_length=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
-                         log=lambda m: None)
+        first = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
     (path,) = tmp_path.rglob("*.safetensors")
     path.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CovCacheError, match=path.name):
-        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
-                         log=lambda m: None)
+    with pytest.warns(RuntimeWarning, match=f"{path}.*unreadable or corrupt.*recomputing"):
+        again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
+    assert torch.equal(again[0].mom2, first[0].mom2)
+    with pytest.raises(CovCacheError, match=path.name):  # the reader itself still names the file
+        path.write_bytes(b"\x00garbage" * 10)
+        stats._read_cache(path)
 
 
 def test_no_pickle_and_metadata(llama, tok, world, tmp_path) -> None:
@@ -382,3 +387,114 @@ def test_default_max_length_is_the_models_positions(llama) -> None:
         config = Cfg()
 
     assert stats.default_max_length(M()) == 8192  # Llama-3: the reference truncates at 8192
+
+
+# --------------------------------------------------------------------------- cache checksum (#12)
+
+
+def _data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor bytes start (after the 8-byte length and the JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _cached_once(llama, tok, world, tmp_path):
+    spec = CorpusSpec("records", max_length=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                               log=lambda m: None)
+    (path,) = tmp_path.rglob("*.safetensors")
+    return spec, out, path
+
+
+def test_cache_entry_carries_a_checksum(llama, tok, world, tmp_path) -> None:
+    import hashlib
+
+    from safetensors import safe_open
+
+    _, out, path = _cached_once(llama, tok, world, tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, total = f.metadata(), f.get_tensor("mom2_sum")
+    h = hashlib.sha256(total.numpy().tobytes())
+    h.update(str(out[0].count).encode())
+    assert meta["sha256"] == h.hexdigest()
+
+
+def test_flipped_bytes_fail_the_checksum_and_are_recomputed(llama, tok, world, tmp_path, forwards) -> None:
+    """Random bytes inside the tensor data (header intact) used to surface later as "C0 contains
+    NaN/Inf" without the file's name; now the entry fails its sha256 and is recomputed."""
+    spec, first, path = _cached_once(llama, tok, world, tmp_path)
+    data = bytearray(path.read_bytes())
+    at = _data_offset(path) + 64
+    data[at:at + 16] = bytes(random.Random(0).randrange(256) for _ in range(16))
+    path.write_bytes(bytes(data))
+    n_before = forwards[0]
+    with pytest.warns(RuntimeWarning, match=f"{path}.*fails its sha256 check.*recomputing"):
+        again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
+    assert forwards[0] > n_before  # collected again
+    assert torch.equal(again[0].mom2, first[0].mom2) and again[0].count == first[0].count
+    stats._read_cache(path)  # the rewritten entry passes its check
+    n_before = forwards[0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                         log=lambda m: None)
+    assert forwards[0] == n_before and not [w for w in seen if "cache" in str(w.message)]
+
+
+def test_unreadable_entry_recomputed_when_only_ensuring(llama, tok, world, tmp_path, forwards) -> None:
+    spec, _, path = _cached_once(llama, tok, world, tmp_path)
+    path.write_bytes(b"\xff" * 7)
+    n_before = forwards[0]
+    with pytest.warns(RuntimeWarning, match=f"{path}.*recomputing"):
+        assert layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                log=lambda m: None, load=False) == {}
+    assert forwards[0] > n_before
+    stats._read_cache(path)
+
+
+def _rewrite_without_checksum(path: Path, mutate=None) -> None:
+    """An entry as written before checksums existed (optionally with its sum changed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if mutate:
+        mutate(tensors["mom2_sum"])
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_entry_without_checksum_accepted_when_finite(llama, tok, world, tmp_path, monkeypatch) -> None:
+    spec, first, path = _cached_once(llama, tok, world, tmp_path)
+    _rewrite_without_checksum(path)
+    monkeypatch.setattr(stats, "collect_second_moments",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("recollected")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
+    assert torch.equal(again[0].mom2, first[0].mom2)
+
+
+def test_entry_without_checksum_holding_nan_is_recomputed(llama, tok, world, tmp_path) -> None:
+    spec, first, path = _cached_once(llama, tok, world, tmp_path)
+    _rewrite_without_checksum(path, lambda t: t.view(-1).__setitem__(5, float("nan")))
+    with pytest.warns(RuntimeWarning, match=f"{path}.*NaN/Inf.*recomputing"):
+        again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
+    assert torch.equal(again[0].mom2, first[0].mom2)
+
+
+def test_cache_file_honours_the_umask(llama, tok, world, tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _, _, path = _cached_once(llama, tok, world, tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

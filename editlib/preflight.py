@@ -1,0 +1,70 @@
+"""Checks run before any model loads (``python -m editlib run`` and ``reproduce``): the model is
+where the params say (a directory's config and weight files intact), and the facts exist, are
+valid, are not empty and hold enough unique subjects for every experiment asked for.
+
+:func:`editlib.protocols.check_before_loading` (layers, devices, corpora) runs after these; every
+failure is an exception the command line reports in one line (ParamsError, RecordError,
+DatasetNotFound, ModelNotFound, ModelLoadError).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .params import ModelParams, ParamsError, StudyParams
+from .records import Record
+
+
+def facts_needed(p: StudyParams, experiment: str) -> int:
+    """How many unique-subject facts an experiment draws per ordering."""
+    return {"layer_search": p.layer_search.n_facts, "singular": p.singular.n_facts, "sweep": p.sweep.total,
+            "batch": p.batch.total, "sequential": p.sequential.total}.get(experiment, 0)
+
+
+def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model") -> None:
+    """Model location and facts for ``experiments`` on ``which`` ("model" or "second_model")."""
+    mp = p.second_model if which == "second_model" else p.model
+    if mp is None:
+        raise ParamsError(f"params have no {which!r} section")
+    if mp.id and not mp.tiny:
+        from .models import ModelLoadError, ModelNotFound, locate_model
+
+        try:
+            locate_model(mp.id)
+        except (ModelNotFound, ModelLoadError) as e:
+            raise type(e)(f"{which}.id: {e}") from None
+    found = _records(p, mp)
+    if found is None:  # a miniature built on demand: its facts exist once it is built
+        return
+    records, where = found
+    from .counterfact import unique_subject_case_ids
+
+    n = len(unique_subject_case_ids(records))
+    for e in experiments:
+        need = facts_needed(p, e)
+        if need > n:
+            raise ParamsError(f"{e} needs {need} facts but {where} has only {n} records with unique subjects "
+                              f"(lower {_size_key(e)})")
+
+
+def _size_key(experiment: str) -> str:
+    return f"{experiment}.n_facts" if experiment in ("layer_search", "singular") else f"{experiment}.total"
+
+
+def _records(p: StudyParams, mp: ModelParams) -> tuple[list[Record], str] | None:
+    """The records a study will edit, loaded and validated, with a phrase naming where they are."""
+    from . import counterfact
+
+    src = p.data.source
+    if src == "counterfact":
+        path = counterfact.resolve_counterfact(p.data.counterfact_path)
+        return counterfact.load_counterfact(path), f"the CounterFact file {path}"
+    if src == "world":
+        from .world import make_world
+
+        return make_world(p.data.world_records, p.data.world_seed), f"the synthetic world ({p.data.world_records} records)"
+    if mp.tiny or not mp.id or not Path(mp.id).expanduser().is_dir():
+        return None
+    from .tiny import load_tiny_records
+
+    return load_tiny_records(Path(mp.id).expanduser(), p.data.counterfact_path), f"model directory {mp.id}"

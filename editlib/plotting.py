@@ -365,6 +365,35 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def failure_table(cases_by_experiment: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Failed edits and regularised solves per experiment and configuration (method, layer, λ,
+    batch size), counted on the rows scored right after their edit; one row per configuration
+    with any failure or jitter, or one "none" row per experiment — so a report always says."""
+    rows = []
+    keys = ("method", "layer", "lam", "batch_size")
+    for exp, cases in cases_by_experiment.items():
+        c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
+        by = [k for k in keys if k in c.columns]
+        found = False
+        for key, g in (c.groupby(by, sort=True, dropna=False) if by else [((), c)]):
+            key = key if isinstance(key, tuple) else (key,)
+            bad = failed_rows(g)
+            jit = g["solve_jitter"].to_numpy(dtype=float) if "solve_jitter" in g.columns else np.zeros(len(g))
+            if not bad.any() and not (jit > 0).any():
+                continue
+            found = True
+            reason = g["fail_reason"][bad].iloc[0] if bad.any() and "fail_reason" in g.columns else ""
+            rows.append({"experiment": exp,
+                         "configuration": ", ".join(f"{k}={v}" for k, v in zip(by, key)),
+                         "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
+                         "jittered": int((jit > 0).sum()),
+                         "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else ""})
+        if not found:
+            rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,
+                         "first reason": "none", "jittered": 0, "max τ (rel.)": ""})
+    return pd.DataFrame(rows)
+
+
 _PAPER_T1 = [("MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"),
              ("ROME", "100.0", "98.05", "85.73", "614.42", "94.15")]
 _PAPER_T3 = [

@@ -195,6 +195,14 @@ def _data_provenance(p: StudyParams, model_dir: str) -> dict:
     if p.data.source == "counterfact" or via_model:
         path = counterfact.resolve_counterfact(p.data.counterfact_path, download=False)
         d.update(path=str(path), sha256=counterfact.sha256_file(path, uncompressed=True))
+    if via_model:
+        ids = Path(model_dir) / "case_ids.json"
+        d.update(case_ids=str(ids), case_ids_sha256=counterfact.sha256_file(ids))
+    elif p.data.source == "model" and (Path(model_dir) / "records.json").is_file():
+        recs = Path(model_dir) / "records.json"  # the miniature's own records: hashed as well
+        d.update(path=str(recs), sha256=counterfact.sha256_file(recs))
+    elif p.data.source == "world":
+        d.update(world_records=p.data.world_records, world_seed=p.data.world_seed)
     return d
 
 

@@ -142,8 +142,11 @@ def caption(p: StudyParams, r: StoredResult, what: str) -> str:
     if ev.get("generation"):
         seeds += f", generation seed {ev.get('gen_seed')}"
     facts = _DATA.get(src, src)
-    if src == "model" and prov.get("data", {}).get("sha256"):  # a CounterFact miniature
-        facts = f"the CounterFact records the miniature was trained on (file sha256 {prov['data']['sha256'][:12]})"
+    pd_ = prov.get("data", {})
+    if src == "model" and pd_.get("case_ids"):  # a CounterFact miniature
+        facts = f"the CounterFact records the miniature was trained on (file sha256 {pd_['sha256'][:12]})"
+    elif src == "model" and pd_.get("sha256"):  # the miniature's own records.json
+        facts = f"{facts} (records.json sha256 {pd_['sha256'][:12]})"
     text = (f"**{what}.** Model `{r.label}` ({prov.get('n_layers', '?')} decoder layers, fingerprint "
             f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {facts} "
             f"({prov.get('n_records_available', '?')} records available); {_sizes(prm.get('spec', {}))}; "

@@ -263,6 +263,12 @@ display(Markdown(f"**Run `{P.name}`** — stored experiments: " + (", ".join(f"`
         ret = plotting.retention_table(r.cases)
         plotting.save_table(ret, FIG_DIR, "table_sequential_retention")
         display(Markdown(caption(P, r, "Retention: scores right after each batch vs on the final model")), ret)'''),
+    ("md", "## Failed edits and regularised solves\n\n"
+           "Every configuration with a failed edit (no scores: left out of the means) or a solve that "
+           "needed jitter, with the first reason; \"none\" when an experiment had neither."),
+    ("code", "failures = plotting.failure_table({e: load_stored(P, e).cases for e in runs})\n"
+             "plotting.save_table(failures, FIG_DIR, \"table_failures\")\n"
+             "display(failures)"),
     ("code", 'print("figures and tables in", FIG_DIR)'),
 ]
 

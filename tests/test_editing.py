@@ -359,13 +359,25 @@ def test_gpt2_conv1d_orientation(tok, method) -> None:
 
 
 def test_multilayer_memit(lm, tok, covs) -> None:
+    """Multi-layer MEMIT (SPEC §2): layer 1 gets MEMIT's update for R/2 on its keys; layer 2 then
+    gets MEMIT's update for the residual z − h recomputed on the model holding layer 1's edit, on
+    layer-2 keys recomputed there too."""
     snap = _snapshot(lm)
     hp = hp_for("memit", layers=(1, 2), mom2_update_weight=1.0)
+    tg = prepare_targets(lm, tok, FACTS, hp, CTX)
+    w1, w2 = weight_out_in(lm, 1).to(F64).clone(), weight_out_in(lm, 2).to(F64).clone()
     with EditSession(lm) as s:
-        stats = apply_edit(lm, tok, FACTS, hp, covs, CTX, s)
-        assert s.layers == [1, 2]
-        assert s.distance(1)[0] > 0 and s.distance(2)[0] > 0
-        assert stats.layer == 1 and stats.n == 4
+        stats = apply_edit(lm, tok, FACTS, hp, covs, CTX, s, targets=tg)
+        assert s.layers == [1, 2] and stats.layer == 1 and stats.n == 4
+        d1, d2 = s.master(1).to(F64) - w1, s.master(2).to(F64) - w2
+    want1, _ = solve_delta(tg.R / 2, tg.K, covs[1], 1.0)
+    assert rel(d1, want1) < 1e-5
+    with EditSession(lm) as s:
+        s.apply(1, want1)  # the model after the first layer's edit
+        K2 = compute_keys(lm, tok, FACTS, 2, CTX)
+        _, h2 = current_values(lm, tok, FACTS, 2)
+    want2, _ = solve_delta(tg.values.z - h2, K2, covs[2], 1.0)
+    assert rel(d2, want2) < 1e-4
     _assert_same(lm, snap)
 
 

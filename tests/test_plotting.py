@@ -144,6 +144,11 @@ def test_failures_and_jitter_are_shown(rng):
     assert "τ≤" in "".join(t1["jittered"])
     assert "3 of " in plotting.failure_note(c) and "non-finite loss" in plotting.failure_note(c)
     assert "1 of " in plotting.jitter_note(c)
+    ft = plotting.failure_table({"layer_search": c, "batch": _frame(rng, rows, n=4)})
+    bad = ft[ft.experiment == "layer_search"]
+    assert bad["failed"].sum() == 3 and bad["jittered"].sum() == 1
+    assert "non-finite loss" in "".join(bad["first reason"])
+    assert ft[ft.experiment == "batch"].iloc[0]["first reason"] == "none"
     fig = plotting.plot_layer_search(c, "t")
     assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 
@@ -194,8 +199,11 @@ def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     mini = tmp_path / "mini"
     mini.mkdir()
     (mini / "editlib_tiny.json").write_text("{}")
-    cf = caption(resolve("tiny-counterfact"), stored(str(mini), {"source": "model", "sha256": "2b0adfb888cb45cc"}),
+    cf = caption(resolve("tiny-counterfact"), stored(str(mini), {"source": "model", "sha256": "2b0adfb888cb45cc",
+                                                                 "case_ids": str(mini / "case_ids.json")}),
                  "Figure 4")
+    own = caption(resolve("tiny"), stored(str(mini), {"source": "model", "sha256": "9f86d081884c7d65"}), "Figure 1")
+    assert "records.json sha256 9f86d081884c" in own and "CounterFact" not in own
     assert cf.startswith("*Miniature result") and "not Llama-3-8B" in cf
     assert "CounterFact records the miniature was trained on" in cf and "2b0adfb888cb" in cf
     assert "m-6L" in cf and "6 decoder layers" in cf and "facts in total 512" in cf and "ordering seed 37" in cf

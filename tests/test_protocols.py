@@ -523,12 +523,25 @@ def test_best_layer_after_the_layer_search(study, weights0, tmp_path):
     ls = protocols.run_layer_search(st, log=quiet)
     protocols.check_before_loading(p, ["batch"])  # now finished
     best = protocols.best_layer(st)
-    assert best in (0, 1)
-    s = ls.groupby("layer")[["ES", "PS", "NS"]].mean()
-    assert best in s.index
+    s = protocols.summarize(ls, by=["layer"])
+    assert best == int(s.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
     cases = protocols.run_batch(st, log=quiet)
     assert (cases.layer == best).all()
     assert_unedited(study.model, weights0)
+
+
+def test_best_layer_is_the_argmax_of_a_constructed_score_table(study, tmp_path):
+    """best_layer reads the stored layer search: MEMIT's highest S wins (not ROME's), ties go to
+    the lower layer."""
+    p = params_for(tmp_path)
+    root = exp_dir(p, "layer_search")
+    root.mkdir(parents=True)
+    rows = []
+    for layer, memit, rome in ((0, 0.5, 0.99), (1, 0.9, 0.1), (2, 0.9, 0.1), (3, 0.2, 0.2)):
+        for m, v in (("memit", memit), ("rome", rome)):
+            rows += [dict(case_id=i, method=m, layer=layer, ES=v, PS=v, NS=v) for i in range(3)]
+    pd.DataFrame(rows).to_parquet(root / "cases.parquet")
+    assert protocols.best_layer(use(study, p)) == 1
 
 
 def test_second_model_results_go_to_their_own_folder(study, tmp_path):
@@ -539,13 +552,15 @@ def test_second_model_results_go_to_their_own_folder(study, tmp_path):
     p = params_for(tmp_path, **{"second_model.id": str(REPO_ROOT / "models" / "tiny-world-4l"),
                                 "second_model.tiny": None, "second_model.label": "four",
                                 "layer_search.methods": ["memit"], "layer_search.n_facts": 2,
-                                "layer_search.layers": [0]})
+                                "layer_search.layers": [0, 3]})
     st2 = protocols.open_study(p, which="second_model", experiments=["layer_search"], log=quiet)
     assert st2.n_layers == 4 and st2.suffix == "-four"
     protocols.run_layer_search(st2, log=quiet)
     assert (exp_dir(p, "layer_search-four") / "cases.parquet").is_file()
     assert not exp_dir(p, "layer_search").exists()
-    assert protocols.best_layer(st2) == 0
+    ls2 = pd.read_parquet(exp_dir(p, "layer_search-four") / "cases.parquet")
+    s2 = protocols.summarize(ls2[ls2.method == "memit"], by=["layer"])
+    assert protocols.best_layer(st2) == int(s2.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
 
 # --------------------------------------------------------------------------- command line

@@ -194,6 +194,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     total_delta_sq, info, jit, jit_rel = 0.0, None, 0.0, 0.0
     # multi-layer MEMIT writes layer by layer: keep the masters so a failure leaves no half edit
     saved = {l: session.master(l).clone() for l in layers} if len(layers) > 1 else {}
+    n_logged = len(session.factor_log)
     try:
         for i, layer in enumerate(layers):
             if i == 0:
@@ -214,6 +215,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     except (ValueError, FloatingPointError) as e:
         for l, m in saved.items():
             session.set_master(l, m)
+        del session.factor_log[n_logged:]  # rolled back: not part of the model any more
         raise EditFailed(f"the closed-form update failed: {e}") from e
     dist, rel = session.distance(layers[0])
     return EditStats(

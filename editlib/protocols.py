@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -712,21 +713,36 @@ def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
 # --------------------------------------------------------------------------- sequential-batch
 
 def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_batch: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({f"master.{l}": session.master(l).contiguous() for l in layers}, str(tmp),
-              metadata={"next_batch": str(next_batch)})
-    os.replace(tmp, path)
+    """Append batch ``next_batch - 1``'s low-rank updates to the run's checkpoint log: one small
+    file per batch (R and X of each layer written, float64) instead of the whole edited weight
+    (235 MB at 8B: 4,096 rewrites for one B = 1 run would be ~1 TB; the log is ~600 MB in all).
+    Replaying the log with the same arithmetic rebuilds the weights bit for bit."""
+    if not session.log_complete:
+        raise RuntimeError("a dense update was written in this session: the factor log cannot replay it")
+    entries = session.take_log()
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, (layer, R, X) in enumerate(entries):
+        tensors[f"{k:04d}.{layer}.R"] = R.contiguous()
+        tensors[f"{k:04d}.{layer}.X"] = X.contiguous()
+    final = path / f"b{next_batch - 1:06d}.safetensors"
+    tmp = path / f".{final.name}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={"batch": str(next_batch - 1), "entries": str(len(entries))})
+    os.replace(tmp, final)
 
 
 def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int]) -> int:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        next_batch = int(f.metadata()["next_batch"])
-    tensors = load_file(str(path))
-    for l in layers:
-        session.set_master(l, tensors[f"master.{l}"])
-    return next_batch
+    """Replay the consecutive batches of the checkpoint log (0, 1, ...) into ``session``; returns
+    the next batch to run. A gap (a batch whose file is missing) ends the replay there."""
+    n = 0
+    while (f := path / f"b{n:06d}.safetensors").is_file():
+        tensors = load_file(str(f))
+        for k in sorted({name.split(".")[0] for name in tensors}):
+            layer = int(next(name for name in tensors if name.startswith(k + ".")).split(".")[1])
+            session.apply_factors(layer, tensors[f"{k}.{layer}.R"], tensors[f"{k}.{layer}.X"])
+        n += 1
+    session.take_log()  # replayed updates are already on disk
+    return n
 
 
 def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> pd.DataFrame:
@@ -766,7 +782,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     with EditSession(study.model) as s:
-        start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_file() else 0
+        start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_dir() else 0
         if start:
             log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
             for bi in range(start):
@@ -779,6 +795,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+            s.take_log()  # only this batch's updates go into its checkpoint file
             cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
             own_jitter[list(chunks[bi])] = d["jitter_rel"]
             for i, r in zip(chunks[bi], cases["fail_reason"]):
@@ -799,8 +816,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason), **base,
                                              batch_index=len(chunks) - 1, eval="final"))
         log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s)")
-    # the model is restored when the session exits; the checkpoint is no longer needed
-    ckpt.unlink(missing_ok=True)
+    # the model is restored when the session exits; the checkpoint log is no longer needed
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str]) -> pd.DataFrame:

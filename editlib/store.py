@@ -378,7 +378,7 @@ class Experiment:
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
-        return self.root / "checkpoints" / f"{safe}.safetensors"
+        return self.root / "checkpoints" / safe  # a folder: one factor file per batch
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:

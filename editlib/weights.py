@@ -23,6 +23,11 @@ class EditSession(contextlib.AbstractContextManager):
         self._orig: dict[int, torch.Tensor] = {}
         self._master: dict[int, torch.Tensor] = {}
         self._keep = False
+        #: every low-rank update written since the last :meth:`take_log`, as (layer, R, X) in
+        #: float64 on the CPU: replaying them with :meth:`apply_factors` rebuilds the masters
+        #: bit for bit (the sequential protocol's append-only checkpoint)
+        self.factor_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.log_complete = True  # False once a dense update was written (not replayable)
 
     @property
     def layers(self) -> list[int]:
@@ -48,6 +53,7 @@ class EditSession(contextlib.AbstractContextManager):
             raise ValueError(f"update shape {tuple(delta_out_in.shape)} does not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
         m.add_(delta_out_in.to(device=m.device, dtype=m.dtype))
+        self.log_complete = False
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
 
@@ -68,8 +74,14 @@ class EditSession(contextlib.AbstractContextManager):
             raise ValueError(f"refusing to write a non-finite update into layer {layer}")
         for s in range(0, m.shape[0], block_rows):
             m[s:s + block_rows].add_((R[s:s + block_rows] @ X).to(m.dtype))
+        self.factor_log.append((layer, R.cpu(), X.cpu()))
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+
+    def take_log(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The updates written since the last call (and forget them)."""
+        out, self.factor_log = self.factor_log, []
+        return out
 
     @torch.no_grad()
     def set_master(self, layer: int, master_out_in: torch.Tensor) -> None:

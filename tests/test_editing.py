@@ -494,3 +494,19 @@ def test_apply_factors_equals_the_dense_update(kind) -> None:
             assert torch.equal(s.master(1), before)
         with pytest.raises(ValueError, match="do not match"):
             s.apply_factors(1, R, X.T)
+
+
+def test_factor_log_replays_bit_for_bit(lm, tok, covs, targets) -> None:
+    """The updates a session wrote, replayed from their logged factors into a fresh session,
+    rebuild the master exactly (the sequential checkpoint log)."""
+    with EditSession(lm) as s:
+        apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=targets[4, "ctx"])
+        apply_edit(lm, tok, FACTS[:1], hp_for("rome"), covs, CTX, s, targets=targets[1, "ctx"])
+        log, master = s.take_log(), s.master(1).clone()
+        assert len(log) == 2 and s.factor_log == [] and s.log_complete
+    with EditSession(lm) as s:
+        for layer, R, X in log:
+            s.apply_factors(layer, R, X)
+        assert torch.equal(s.master(1), master)
+        s.apply(1, torch.zeros_like(master, dtype=F64))
+        assert not s.log_complete  # a dense write cannot be replayed from factors

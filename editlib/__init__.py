@@ -11,4 +11,10 @@ def __getattr__(name):  # lazy: `import editlib` stays light (no torch) until th
     if name == "summarize":
         from .protocols import summarize
         return summarize
+    if name == "load_model":
+        from .models import load_model
+        return load_model
+    if name in ("edit", "generate"):
+        from . import quick
+        return getattr(quick, name)
     raise AttributeError(f"module 'editlib' has no attribute {name!r}")

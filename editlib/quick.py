@@ -1,0 +1,161 @@
+"""One call to edit facts into a loaded model and ask it — the protocols' own code, without a study.
+
+    import editlib
+    model, tok = editlib.load_model("models/tiny-world")
+    with editlib.edit(model, tok, [{"prompt": "{} plays the", "subject": "Abel Brandt",
+                                    "target_new": "violin"}], method="memit", layer=0) as e:
+        print(editlib.generate(model, tok, "Abel Brandt plays the"))   # edited
+    print(e.stats)                                                     # ‖ΔW‖, cond(D), seconds
+    # weights restored here (keep=True keeps the edit)
+
+Hyperparameters, the C0 corpus and the context-template style come from a params file (``params``:
+default ``tiny`` for an editlib miniature, ``llama3-8b`` otherwise), C0 through the same disk cache
+as the protocols (:func:`editlib.stats.layer_covariance`), templates from
+:func:`editlib.context.make_templates` (seeded), and the edit itself from
+:func:`editlib.editing.apply_edit` inside a restorable :class:`editlib.weights.EditSession`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .records import Record, RecordError, Target
+
+__all__ = ["Edit", "edit", "generate", "request_record"]
+
+
+@dataclass
+class Edit:
+    """What :func:`edit` did: the requests as records, diagnostics, and whether the edit is kept."""
+
+    records: list[Record]
+    method: str
+    layers: tuple[int, ...]
+    stats: dict = field(default_factory=dict)
+    kept: bool = False
+
+
+def request_record(req: Mapping[str, Any], i: int = 0) -> Record:
+    """A request ``{"prompt": "{} plays the", "subject": ..., "target_new": ...}`` (targets may be
+    strings or ``{"str": ...}``; ``target_true`` optional) as a :class:`Record`; one clear error
+    naming the request and field otherwise."""
+    def text(key: str, required: bool = True) -> str:
+        v = req.get(key)
+        if isinstance(v, Mapping):
+            v = v.get("str")
+        if v is None and not required:
+            return "?"
+        if not isinstance(v, str) or not v.strip():
+            raise RecordError(f"edit request {i}: field {key!r} must be a non-empty string, got {v!r}")
+        return v
+
+    if not isinstance(req, Mapping):
+        raise RecordError(f"edit request {i} must be a dict, got {type(req).__name__}")
+    prompt = text("prompt")
+    if prompt.count("{}") != 1:
+        raise RecordError(f"edit request {i}: prompt must contain exactly one '{{}}' for the subject, got {prompt!r}")
+    return Record(case_id=-(i + 1), prompt=prompt, subject=text("subject"), relation_id="request",
+                  target_true=Target(text("target_true", required=False), "true"),
+                  target_new=Target(text("target_new"), "new"), paraphrase_prompts=(), neighborhood_prompts=())
+
+
+def _model_dir(model) -> Path | None:
+    d = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    return d if d.is_dir() else None
+
+
+def _default_params(model) -> str:
+    d = _model_dir(model)
+    return "tiny" if d is not None and ((d / "editlib_tiny.json").is_file() or (d / "records.json").is_file()) \
+        else "llama3-8b"
+
+
+def _corpus_records(model, corpus_kind: str) -> list[Record] | None:
+    if corpus_kind != "records":
+        return None
+    d = _model_dir(model)
+    if d is None:
+        raise ValueError("the params' C0 corpus is the model's own records (kind: records), but the model was "
+                         "not loaded from a miniature's directory; pass params= with another covariance corpus")
+    from .tiny import load_tiny_records
+    return load_tiny_records(d)
+
+
+@contextlib.contextmanager
+def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "memit",
+         layer: int | Sequence[int] | None = None, params: str | None = None, keep: bool = False,
+         hparams: Mapping[str, Any] | None = None, log=None) -> Iterator[Edit]:
+    """Edit ``requests`` into ``model`` for the ``with`` block (restored on exit unless ``keep``).
+
+    ``method``: rome, memit or emmet; ``layer``: the edited layer (a list: multi-layer MEMIT;
+    default: the params' singular layer when it is a number, else 1 as in the paper); ``hparams``:
+    overrides (e.g. ``{"mom2_update_weight": 100}``). ROME edits one fact at a time, so several
+    requests are applied one after another, each on the model holding the previous ones.
+    """
+    from .context import make_templates
+    from .editing import apply_edit
+    from .models import fingerprint
+    from .params import resolve
+    from .protocols import corpus_spec
+    from .solver import factor_cov
+    from .stats import layer_covariance
+    from .weights import EditSession
+
+    log = log or (lambda *a: None)
+    if not requests:
+        raise ValueError("edit() needs at least one request")
+    records = [request_record(r, i) for i, r in enumerate(requests)]
+    p = resolve(params or _default_params(model))
+    if layer is None:
+        layer = p.singular.layer if isinstance(p.singular.layer, int) else 1
+    layers = tuple(int(l) for l in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    section = "singular" if len(records) == 1 else "batch"
+    hp = p.method_hparams(method, layers[0], section, **(hparams or {}))
+    if len(layers) > 1:  # multi-layer MEMIT over the given window
+        hp = type(hp).from_dict({**hp.to_dict(), "layers": list(layers)})
+    hp.check_model(model)
+    t0 = time.time()
+    ctx = make_templates(model, tok, hp.context_templates, seed=0)
+    cp = p.covariance
+    stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
+                             dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
+                             fingerprint=fingerprint(model), max_layers_per_pass=cp.layers_per_pass,
+                             progress=False, log=log)
+    device = next(model.parameters()).device
+    covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
+    session = EditSession(model)
+    result = Edit(records=records, method=method, layers=hp.layers, kept=keep)
+    try:
+        groups = [[r] for r in records] if method == "rome" else [records]
+        parts = [apply_edit(model, tok, g, hp, covs, ctx, session, log=log).to_dict() for g in groups]
+        last = parts[-1]
+        result.stats = {"n": len(records), "method": method, "layers": list(hp.layers), "mu": hp.mu,
+                        "delta_norm": sum(x["delta_norm"] ** 2 for x in parts) ** 0.5,
+                        "w_rel_dist": last["w_rel_dist"], "cond_D": max(x["cond_D"] for x in parts),
+                        "jitter_rel": max(x["jitter_rel"] for x in parts),
+                        "n_failed": sum(x["n_failed"] for x in parts),
+                        "mean_value_steps": sum(x["mean_value_steps"] for x in parts) / len(parts),
+                        "seconds": round(time.time() - t0, 3)}
+        yield result
+    finally:
+        if keep:
+            session.keep()
+        else:
+            session.restore()
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of ``prompt`` (prompt included), to see what the model now says."""
+    from .tokens import encode
+
+    ids = torch.tensor([encode(tok, prompt)], device=next(model.parameters()).device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return tok.decode(out[0], skip_special_tokens=True)

@@ -1,6 +1,6 @@
 """Command line: ``python -m editlib <command> ...`` (``--help`` lists the commands).
 
-Exit codes: 0 done; 1 done but not all well (an edit failed under ``run``, the quality bar was
+Exit codes: 0 done; 1 done but not all well (an edit or a unit of work failed under ``run``, the quality bar was
 missed under ``tiny-*``, a notebook raised an unexpected error under ``reproduce``) or a bug (a
 Python traceback); 2 bad input or an unusable state (params, records, model files, a locked or
 conflicting results folder), reported as one line naming the culprit — ``--debug`` adds the
@@ -220,11 +220,13 @@ def _run(a: argparse.Namespace) -> int:
 
     exps = [_RUN_NAMES[e] for e in a.experiments]
     which = "second_model" if a.second_model else "model"
-    p = resolve(a.params, overrides=a.set or None)
+    p = resolve(a.params, overrides=_with_executor(a))
     check_study(p, exps, which)  # model files and facts, before any model loads
     check_before_loading(p, exps, which)
     failed: dict[str, int] = {}
-    with _store_env(a):
+    from .executor import session
+
+    with _store_env(a), session():  # one Ray connection and pool of workers for all experiments
         study = open_study(p, which=which, experiments=exps)
         for e in exps:
             print(f"== {e} ({p.name}, model {study.label})")
@@ -238,12 +240,18 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _with_executor(a: argparse.Namespace) -> list[str] | None:
+    """``--set`` overrides plus ``--executor`` as ``executor.kind=...`` (notebooks receive it too)."""
+    sets = list(a.set or []) + ([f"executor.kind={a.executor}"] if a.executor else [])
+    return sets or None
+
+
 def _reproduce(a: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
     only = [x for part in (a.only or []) for x in part.split(",")] or None
     with _store_env(a):
-        reproduce(a.params, a.set or None, only=only, runs_dir=a.runs_dir, threads=a.threads)
+        reproduce(a.params, _with_executor(a), only=only, runs_dir=a.runs_dir, threads=a.threads)
     return 0
 
 
@@ -279,10 +287,15 @@ def _expected() -> tuple[type[BaseException], ...]:
 
 
 def _stopped() -> tuple[type[BaseException], ...]:
-    """Runs stopped on purpose because too many of a configuration's edits failed: one line, exit 1."""
-    protocols = sys.modules.get("editlib.protocols")  # only a run that got that far imported it
-    found = getattr(protocols, "TooManyFailures", None) if protocols else None
-    return (found,) if isinstance(found, type) else ()
+    """Runs stopped on purpose because too many of a configuration's edits failed, or that ended
+    with units of work that failed on every try (listed): one line, exit 1."""
+    found = []
+    for module, name in (("editlib.protocols", "TooManyFailures"), ("editlib.executor", "UnitsFailed")):
+        mod = sys.modules.get(module)  # only a run that got that far imported it
+        cls = getattr(mod, name, None) if mod else None
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
 
 
 def _one_line(e: BaseException) -> str:
@@ -297,6 +310,12 @@ def _exit_code(e: BaseException) -> int:
         return 2 if e.ename in {t.__name__ for t in _expected()} | {"RunConflict", "ExperimentLocked",
                                                                    "MixedVersions"} else 1
     return 2
+
+
+def _executor_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray"), default=None,
+                        help="where independent units run: local (this process, the default) or ray "
+                             "(params executor section: address, cpus/gpus per unit; pip install editlib[ray])")
 
 
 def _store_flags(parser: argparse.ArgumentParser) -> None:
@@ -368,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set batch.total=64 (repeatable)")
     r.add_argument("--second-model", action="store_true", help="run on the params' second_model")
+    _executor_flag(r)
     _store_flags(r)
     r.set_defaults(func=_run)
 
@@ -381,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: runs; relative paths are relative to the repo root, like results_dir)")
     rp.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL threads per notebook kernel (default: inherited; 1 is often fastest on a busy small CPU)")
+    _executor_flag(rp)
     _store_flags(rp)
     rp.set_defaults(func=_reproduce)
 

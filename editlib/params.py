@@ -21,7 +21,8 @@ import yaml
 from .editing import METHODS, EditHParams
 
 SECTIONS = ("name", "model", "second_model", "data", "covariance", "evaluation", "hparams",
-            "layer_search", "singular", "sweep", "batch", "sequential", "results_dir", "figures_dir")
+            "layer_search", "singular", "sweep", "batch", "sequential", "executor", "results_dir",
+            "figures_dir")
 
 
 class ParamsError(ValueError):
@@ -133,6 +134,23 @@ class SequentialParams:
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
+#: where the independent units of an experiment run (editlib.executor)
+EXECUTOR_KINDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorParams:
+    """Where an experiment's independent units run: ``local`` (this process, one after another: the
+    default) or ``ray`` (one Ray task per unit, on workers that load the model once; ``pip install
+    editlib[ray]``). Results do not depend on it (it is not part of an experiment's identity)."""
+    kind: str = "local"
+    address: str = "auto"  # ray: auto (the running cluster, else a new local one), local (always a new one), ray://host:port
+    cpus_per_unit: int = 1  # CPU cores (and torch threads) per unit
+    gpus_per_unit: float | None = None  # GPUs per unit (null: 1 when the model's device is cuda, else 0)
+    workers: int | None = None  # at most this many units at once (null: as many as the cluster fits)
+    retries: int = 1  # a failed unit (exception, lost worker) runs again this many times, then is recorded as failed
+
+
 @dataclass(frozen=True)
 class StudyParams:
     name: str
@@ -147,6 +165,7 @@ class StudyParams:
     batch: BatchParams
     sequential: SequentialParams
     second_model: ModelParams | None = None
+    executor: ExecutorParams = field(default_factory=ExecutorParams)
     results_dir: str = "results"
     figures_dir: str = "figures"
     source: str | None = field(default=None, compare=False)
@@ -357,6 +376,7 @@ def _check_sizes(sp: StudyParams) -> None:
         if layer != "best" and not _is_layer(layer):
             raise ParamsError(f"{sec}.layer: layer(s) [{layer!r}] must be an integer >= 0 or 'best'")
     _check_covariance(sp.covariance)
+    _check_executor(sp.executor)
     for sec in ("model", "second_model"):
         _check_tiny(getattr(sp, sec), sec)
     layers = sp.layer_search.layers
@@ -387,6 +407,22 @@ def _check_covariance(cp: CovParams) -> None:
         v = getattr(cp, key)
         if v is not None and v < 1:
             raise ParamsError(f"covariance.{key} must be null or at least 1, got {v}")
+
+
+def _check_executor(ep: ExecutorParams) -> None:
+    """The executor section: a known kind and address form, resources that a unit can hold."""
+    if ep.kind not in EXECUTOR_KINDS:
+        raise ParamsError(f"executor.kind must be one of {', '.join(EXECUTOR_KINDS)}, got {ep.kind!r}")
+    if ep.address not in ("auto", "local") and not ep.address.startswith("ray://") and ":" not in ep.address:
+        raise ParamsError(f"executor.address must be auto, local, ray://host:port or host:port, got {ep.address!r}")
+    if ep.cpus_per_unit < 1:
+        raise ParamsError(f"executor.cpus_per_unit must be at least 1, got {ep.cpus_per_unit}")
+    if ep.gpus_per_unit is not None and ep.gpus_per_unit < 0:
+        raise ParamsError(f"executor.gpus_per_unit must be null or >= 0, got {ep.gpus_per_unit}")
+    if ep.workers is not None and ep.workers < 1:
+        raise ParamsError(f"executor.workers must be null or at least 1, got {ep.workers}")
+    if ep.retries < 0:
+        raise ParamsError(f"executor.retries must be >= 0, got {ep.retries}")
 
 
 def _check_tiny(mp: ModelParams | None, sec: str) -> None:
@@ -435,6 +471,7 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         sweep=_build(SweepParams, d.get("sweep"), "sweep"),
         batch=_build(BatchParams, d.get("batch"), "batch"),
         sequential=_build(SequentialParams, d.get("sequential"), "sequential"),
+        executor=_build(ExecutorParams, d.get("executor"), "executor"),
         results_dir=str(d.get("results_dir", "results")),
         figures_dir=str(d.get("figures_dir", "figures")),
         source=source,

@@ -8,7 +8,10 @@
   paper's protocol) and ``final`` (all facts on the final model: retention), optionally every k
   batches on all facts so far (``after_k``: a forgetting curve).
 
-Every protocol writes into an :class:`editlib.store.Experiment` unit by unit and resumes.
+Every protocol writes into an :class:`editlib.store.Experiment` unit by unit and resumes. Its
+independent units are explicit (:class:`UnitSpec`, :func:`run_unit`): the executor named by the
+params (:mod:`editlib.executor`: ``local`` by default, or ``ray``) runs them; each writes its own
+part files, and the experiment is consolidated once, after all of them.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .arch import weight_out_in
 from .lowrank import LowRankEdits, RowDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
 from .stats import CorpusSpec, layer_covariance
+from .executor import inject_failure, run_units
 from .store import Experiment
 from .weights import EditSession
 
@@ -91,6 +95,7 @@ class Study:
     records: list[Record]
     log: Callable = print
     suffix: str = ""  # result-folder suffix: "" for the params' main model, "-<label>" otherwise
+    which: str = "model"  # the params section the model came from: "model" or "second_model"
     _covs: dict = field(default_factory=dict)
     _cov_info: dict = field(default_factory=dict)
     _contexts: dict = field(default_factory=dict)
@@ -227,8 +232,10 @@ def load_records_for(p: StudyParams, model_dir: str) -> list[Record]:
 
 
 def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str = "model") -> None:
-    """Fail fast, before any model is loaded: data present, sizes and layers possible."""
+    """Fail fast, before any model is loaded: executor usable, data present, sizes and layers possible."""
+    from .executor import check_executor
     from .preflight import check_study
+    check_executor(p)  # kind: ray without Ray installed
     check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
@@ -325,7 +332,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
-                  log=log, suffix=suffix)
+                  log=log, suffix=suffix, which=which)
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
     for m, hp in p.hparams.items():  # templates come from the unedited model
         study.contexts(hp.context_templates)
@@ -390,25 +397,83 @@ def best_layer(study: Study) -> int:
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
 
-def _exp(study: Study, name: str, spec: dict) -> Experiment:
+def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": asdict(study.params.evaluation), "data": asdict(study.params.data),
               "covariance": asdict(study.params.covariance)}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
-                           json.loads(json.dumps(params, default=str)), study.provenance())
+                           json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock)
 
 
-def _open(study: Study, name: str, spec: dict, methods: Sequence[str], layer: int, what: str,
-          log: Callable) -> Experiment:
-    """The experiment folder for ``spec`` plus per-method hparams and orderings; says so when it
-    is already complete (the caller then returns its stored cases)."""
+WHAT = {"layer_search": "layer search", "singular": "singular edits", "sweep": "λ sweep",
+        "batch": "batch editing", "sequential": "sequential-batch editing"}
+
+
+def _search_layers(study: Study) -> list[int]:
+    ls = study.params.layer_search
+    return list(range(study.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
+
+
+def _grids(study: Study) -> dict[str, list]:
+    sw = study.params.sweep
+    return {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
+
+
+def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
+    """What defines experiment ``name``'s results (recorded in and checked against its manifest):
+    sizes, methods, the edited ``layer`` (resolved), per-method hparams and orderings."""
     p = study.params
-    spec = {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
+    if name == "layer_search":
+        ls = p.layer_search
+        spec, methods, layer = {"n_facts": ls.n_facts, "layers": _search_layers(study),
+                                "methods": list(ls.methods)}, ls.methods, 0
+    elif name == "singular":
+        sp = p.singular
+        spec, methods = {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods)}, sp.methods
+    elif name == "sweep":
+        sw = p.sweep
+        spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": _grids(study)}
+        methods = list(spec["grids"])
+    elif name == "batch":
+        bp = p.batch
+        spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer}
+        methods = bp.methods
+    else:
+        sq = p.sequential
+        spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
+                "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
+        methods = sq.methods
+    return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}
-    exp = _exp(study, name, spec)
+
+
+def _open(study: Study, name: str, layer: int | None, log: Callable) -> Experiment:
+    """The experiment folder (locked by this process, the run's driver); says so when it is
+    already complete (the caller then returns its stored cases)."""
+    exp = _exp(study, name, _exp_spec(study, name, layer))
     if exp.complete:
-        log(f"{what} already complete in {exp.root}: nothing to do")
+        log(f"{WHAT[name]} already complete in {exp.root}: nothing to do")
     return exp
+
+
+def open_unit_experiment(study: Study, spec: "UnitSpec") -> Experiment:
+    """The experiment folder an executor worker writes ``spec``'s parts into: same parameters as
+    its driver's (checked), opened without the lock, which the driver holds."""
+    layer = None if spec.experiment == "layer_search" else spec.layer
+    return _exp(study, spec.experiment, _exp_spec(study, spec.experiment, layer), lock=False)
+
+
+def _run_experiment(study: Study, name: str, layer: int | None, log: Callable, *,
+                    before: Callable[[], None] | None = None, fail_after: int | None = None) -> pd.DataFrame:
+    """Open the experiment, run its units not yet done on the params' executor, consolidate once."""
+    exp = _open(study, name, layer, log)
+    if exp.complete:
+        return exp.cases()
+    t0 = time.time()
+    if before is not None:
+        before()
+    run_units(study, exp, experiment_units(study, name, layer), log=log, fail_after=fail_after)
+    return _finish(study, exp, t0)
 
 
 def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
@@ -564,52 +629,39 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
 
 
 def run_layer_search(study: Study, *, log=None) -> pd.DataFrame:
-    """Figure 1: singular edits of ``n_facts`` facts at every layer, each method."""
+    """Figure 1: singular edits of ``n_facts`` facts at every layer, each method. C0 of every layer
+    is collected first, in as few passes as memory allows."""
     log = log or study.log
-    ls = study.params.layer_search
-    layers = list(range(study.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
-    exp = _open(study, "layer_search", {"n_facts": ls.n_facts, "layers": layers, "methods": list(ls.methods)},
-                ls.methods, 0, "layer search", log)
-    if exp.complete:
-        return exp.cases()
-    t0 = time.time()
-    study.prepare_covs(layers)
-    fails = _Failures(study.params.evaluation.max_failed_fraction, log)
-    for o in study.params.data.orderings:
-        facts = study.facts(ls.n_facts, o)
-        for layer in layers:
-            unit = f"o{o}-L{layer:03d}"
-            if exp.has_unit(unit):
-                continue
-            tl = time.time()
-            cases, diags = _singular_unit(study, facts, ls.methods, layer, unit_cols={"ordering": o},
-                                          section="layer_search")
-            exp.save_unit(unit, cases, diags)
-            fails.add(f"layer search, layer {layer}:", cases)
-            log(f"layer {layer}: " + ", ".join(
-                f"{m} S={summarize_cases(cases[cases.method == m]).S.iloc[0]:.1f}" for m in ls.methods)
-                + f" ({time.time() - tl:.1f}s)")
-    return _finish(study, exp, t0)
+    return _run_experiment(study, "layer_search", None, log,
+                           before=lambda: study.prepare_covs(_search_layers(study)))
 
 
 def run_singular(study: Study, *, log=None) -> pd.DataFrame:
     """Table 1: singular edits at the chosen layer, each method."""
     log = log or study.log
+    return _run_experiment(study, "singular", _resolve_layer(study, study.params.singular.layer), log)
+
+
+def _layer_search_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
+    """One layer of the layer search for one ordering: every method's singular edits."""
+    ls = study.params.layer_search
+    tl = time.time()
+    cases, diags = _singular_unit(study, study.facts(ls.n_facts, spec.ordering), ls.methods, spec.layer,
+                                  unit_cols={"ordering": spec.ordering}, section="layer_search")
+    exp.save_unit(spec.name, cases, diags)
+    uc.log(f"layer {spec.layer}: " + ", ".join(
+        f"{m} S={summarize_cases(cases[cases.method == m]).S.iloc[0]:.1f}" for m in ls.methods)
+        + f" ({time.time() - tl:.1f}s)")
+    return UnitResult(spec.name, [("", f"layer search, layer {spec.layer}:", cases)])
+
+
+def _singular_edits_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
+    """Table 1 for one ordering: every method's singular edits at the chosen layer."""
     sp = study.params.singular
-    layer = _resolve_layer(study, sp.layer)
-    exp = _open(study, "singular", {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods)},
-                sp.methods, layer, "singular edits", log)
-    if exp.complete:
-        return exp.cases()
-    t0 = time.time()
-    for o in study.params.data.orderings:
-        unit = f"o{o}"
-        if not exp.has_unit(unit):
-            cases, diags = _singular_unit(study, study.facts(sp.n_facts, o), sp.methods, layer,
-                                          unit_cols={"ordering": o})
-            exp.save_unit(unit, cases, diags)
-            _Failures(study.params.evaluation.max_failed_fraction, log).add("singular edits:", cases)
-    return _finish(study, exp, t0)
+    cases, diags = _singular_unit(study, study.facts(sp.n_facts, spec.ordering), sp.methods, spec.layer,
+                                  unit_cols={"ordering": spec.ordering})
+    exp.save_unit(spec.name, cases, diags)
+    return UnitResult(spec.name, [(f"o{spec.ordering}", "singular edits:", cases)])
 
 
 # --------------------------------------------------------------------------- batch and sweep
@@ -621,93 +673,82 @@ def _chunks(n: int, b: int) -> list[range]:
 def run_batch(study: Study, *, log=None) -> pd.DataFrame:
     """Figures 2-3: every batch applied to the unedited model, evaluated on its facts, restored."""
     log = log or study.log
+    return _run_experiment(study, "batch", _resolve_layer(study, study.params.batch.layer), log)
+
+
+def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
+    """All batches of one size for one method and ordering (those not saved yet), evaluated together."""
     bp = study.params.batch
-    layer = _resolve_layer(study, bp.layer)
-    spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer}
-    exp = _open(study, "batch", spec, bp.methods, layer, "batch editing", log)
-    if exp.complete:
-        return exp.cases()
-    t0 = time.time()
-    for o in study.params.data.orderings:
-        facts = study.facts(bp.total, o)
-        # Every batch starts from the unedited model, so a fact's key, value and residual do not
-        # depend on its batch, its batch size or the method's μ: compute them once per value
-        # setting for all facts and slice (the singular protocol does the same).
-        targets: dict[str, BatchTargets] = {}
-        charged: dict = {}
-        fails = _Failures(study.params.evaluation.max_failed_fraction, log)
-        for method in bp.methods:
-            hp = study.params.method_hparams(method, layer, "batch")
-            ctx = study.contexts(hp.context_templates)
-            key = _value_key(hp)
-            for B in bp.batch_sizes:
-                todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
-                        if not exp.has_unit(f"{method}-B{B:05d}-o{o}-b{bi:05d}")]
-                if todo and key not in targets:
-                    targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
-                if todo and _batched(study, hp):  # all pending batches of this size in one pass
-                    pos = [i for _, idx in todo for i in idx]
-                    sub = _slice(targets[key], pos)
-                    local, k = [], 0
-                    for _, idx in todo:
-                        local.append(list(range(k, k + len(idx))))
-                        k += len(idx)
-                    done = _independent_edits(study, [facts[i] for i in pos], hp, sub, local)
-                else:
-                    done = []
-                    for _, idx in todo:
-                        with EditSession(study.model) as s:
-                            done.append(_edit_and_eval(study, [facts[i] for i in idx], hp, ctx,
-                                                       _slice(targets[key], idx), s))
-                for (bi, idx), (cases, d) in zip(todo, done):
-                    unit = f"{method}-B{B:05d}-o{o}-b{bi:05d}"
-                    cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
-                    exp.save_unit(unit, _label(cases, **cols),
-                                  pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
-                    fails.add(f"batch B={B}:", _label(cases, **cols))
-                log(f"batch {method} B={B}: done")
-    return _finish(study, exp, t0)
+    o, method, B, layer = spec.ordering, spec.method, spec.batch_size, spec.layer
+    facts = study.facts(bp.total, o)
+    # Every batch starts from the unedited model, so a fact's key, value and residual do not
+    # depend on its batch, its batch size or the method's μ: compute them once per value
+    # setting for all facts and slice (the singular protocol does the same). Units of the same
+    # ordering share them within a process (UnitContext.group).
+    shared = uc.group(("batch", o))
+    targets, charged = shared["targets"], shared["charged"]
+    hp = study.params.method_hparams(method, layer, "batch")
+    ctx = study.contexts(hp.context_templates)
+    key = _value_key(hp)
+    todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
+            if not exp.has_unit(f"{spec.name}-b{bi:05d}")]
+    if todo and key not in targets:
+        targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+    if todo and _batched(study, hp):  # all pending batches of this size in one pass
+        pos = [i for _, idx in todo for i in idx]
+        sub = _slice(targets[key], pos)
+        local, k = [], 0
+        for _, idx in todo:
+            local.append(list(range(k, k + len(idx))))
+            k += len(idx)
+        done = _independent_edits(study, [facts[i] for i in pos], hp, sub, local)
+    else:
+        done = []
+        for _, idx in todo:
+            with EditSession(study.model) as s:
+                done.append(_edit_and_eval(study, [facts[i] for i in idx], hp, ctx,
+                                           _slice(targets[key], idx), s))
+    checks = []
+    for (bi, idx), (cases, d) in zip(todo, done):
+        cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
+        exp.save_unit(f"{spec.name}-b{bi:05d}", _label(cases, **cols),
+                      pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
+        checks.append((f"o{o}", f"batch B={B}:", _label(cases, **cols)))
+    uc.log(f"batch {method} B={B}: done")
+    return UnitResult(spec.name, checks)
 
 
 def run_sweep(study: Study, *, log=None) -> pd.DataFrame:
     """Tables 3-4: batch editing at one batch size for each λ; keys, values and residuals are
     computed once per batch and only the solve is repeated (values do not depend on λ)."""
     log = log or study.log
+    return _run_experiment(study, "sweep", _resolve_layer(study, study.params.sweep.layer), log)
+
+
+def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
+    """One method × λ on one batch (chunk) of one ordering; the batch's targets are shared with
+    the other λ and methods of that batch run in the same process (UnitContext.group)."""
     sw = study.params.sweep
-    layer = _resolve_layer(study, sw.layer)
-    grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
-    spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": grids}
-    exp = _open(study, "sweep", spec, list(grids), layer, "λ sweep", log)
-    if exp.complete:
-        return exp.cases()
-    t0 = time.time()
-    fails = _Failures(study.params.evaluation.max_failed_fraction, log)
-    for o in study.params.data.orderings:
-        facts = study.facts(sw.total, o)
-        for bi, idx in enumerate(_chunks(len(facts), sw.batch_size)):
-            chunk = [facts[i] for i in idx]
-            targets: dict[str, BatchTargets] = {}
-            charged: dict = {}
-            for method, lams in grids.items():
-                for lam in lams:
-                    unit = f"{method}-lam{lam:g}-o{o}-b{bi:05d}"
-                    if exp.has_unit(unit):
-                        continue
-                    over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
-                    hp = study.params.method_hparams(method, layer, "sweep", **over)
-                    ctx = study.contexts(hp.context_templates)
-                    key = _value_key(hp)
-                    if key not in targets:
-                        targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
-                    with EditSession(study.model) as s:
-                        cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
-                    cols = dict(method=method, layer=layer, lam=float(lam), batch_size=sw.batch_size,
-                                batch_index=bi, eval="current", ordering=o)
-                    exp.save_unit(unit, _label(cases, **cols),
-                                  pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
-                    fails.add(f"sweep λ={lam:g}:", _label(cases, **cols))
-                    log(f"sweep {method} λ={lam:g} batch {bi}: S={summarize_cases(cases).S.iloc[0]:.1f}")
-    return _finish(study, exp, t0)
+    o, bi, method, lam, layer = spec.ordering, spec.chunk, spec.method, spec.lam, spec.layer
+    facts = study.facts(sw.total, o)
+    idx = _chunks(len(facts), sw.batch_size)[bi]
+    chunk = [facts[i] for i in idx]
+    shared = uc.group(("sweep", o, bi))
+    targets, charged = shared["targets"], shared["charged"]
+    over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
+    hp = study.params.method_hparams(method, layer, "sweep", **over)
+    ctx = study.contexts(hp.context_templates)
+    key = _value_key(hp)
+    if key not in targets:
+        targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+    with EditSession(study.model) as s:
+        cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
+    cols = dict(method=method, layer=layer, lam=float(lam), batch_size=sw.batch_size,
+                batch_index=bi, eval="current", ordering=o)
+    exp.save_unit(spec.name, _label(cases, **cols),
+                  pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
+    uc.log(f"sweep {method} λ={lam:g} batch {bi}: S={summarize_cases(cases).S.iloc[0]:.1f}")
+    return UnitResult(spec.name, [("", f"sweep λ={lam:g}:", _label(cases, **cols))])
 
 
 # --------------------------------------------------------------------------- sequential-batch
@@ -748,25 +789,22 @@ def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int]) -> int:
 def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> pd.DataFrame:
     """Figures 4-5, Table 2: batches applied one after another on the same model.
 
-    ``fail_after`` (tests) raises after that many batches of a configuration, to exercise resume.
+    ``fail_after`` (tests, local executor) raises after that many batches of a configuration, to
+    exercise resume.
     """
     log = log or study.log
+    return _run_experiment(study, "sequential", _resolve_layer(study, study.params.sequential.layer), log,
+                           fail_after=fail_after)
+
+
+def _sequential_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
+    """One method × batch size × ordering: its batches one after another (checkpoint log inside)."""
     sq = study.params.sequential
-    layer = _resolve_layer(study, sq.layer)
-    spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
-            "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
-    exp = _open(study, "sequential", spec, sq.methods, layer, "sequential-batch editing", log)
-    if exp.complete:
-        return exp.cases()
-    t0 = time.time()
-    for o in study.params.data.orderings:
-        facts = study.facts(sq.total, o)
-        for method in sq.methods:
-            hp = study.params.method_hparams(method, layer, "sequential")
-            ctx = study.contexts(hp.context_templates)
-            for B in sq.batch_sizes:
-                _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_after)
-    return _finish(study, exp, t0)
+    hp = study.params.method_hparams(spec.method, spec.layer, "sequential")
+    ctx = study.contexts(hp.context_templates)
+    _sequential_config(study, exp, study.facts(sq.total, spec.ordering), hp, ctx, spec.method, spec.batch_size,
+                       spec.ordering, sq, uc.log, uc.fail_after)
+    return UnitResult(spec.name)
 
 
 def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_after) -> None:
@@ -831,6 +869,112 @@ def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[
     cases["fail_reason"] = list(own_reason[:n])
     cases["solve_jitter"] = own_jitter[:n]
     return cases
+
+
+# --------------------------------------------------------------------------- units of work
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """One independent unit of an experiment (issue #14). It runs with nothing but this spec, the
+    params and the results folder (:func:`run_unit`), and writes its rows through
+    :meth:`Experiment.save_unit`. Units: layer search (ordering, layer); singular (ordering); sweep
+    (ordering, chunk, method, λ); batch (method, batch size, ordering: all its batches evaluated
+    together); sequential (method, batch size, ordering: its batches in order, checkpointed)."""
+
+    experiment: str
+    ordering: int
+    layer: int  # the edited layer (resolved: never 'best')
+    method: str | None = None
+    batch_size: int | None = None
+    lam: float | None = None
+    chunk: int | None = None  # the sweep's batch index
+    which: str = "model"  # the params section of the model: "model" or "second_model"
+
+    @property
+    def name(self) -> str:
+        """The unit's name: its part file's name, or the prefix of its parts (batch, sequential)."""
+        o = self.ordering
+        if self.experiment == "layer_search":
+            return f"o{o}-L{self.layer:03d}"
+        if self.experiment == "singular":
+            return f"o{o}"
+        if self.experiment == "sweep":
+            return f"{self.method}-lam{self.lam:g}-o{o}-b{self.chunk:05d}"
+        return f"{self.method}-B{self.batch_size:05d}-o{o}"
+
+
+@dataclass
+class UnitContext:
+    """What the units of one run share inside one process: the log, the tests' ``fail_after``, and
+    targets prepared for a group of units (one ordering in batch mode, one batch of the sweep) with
+    the accounting that charges their time once. One group is kept at a time, so memory stays that
+    of one group; a worker that meets a group again recomputes it (the same numbers)."""
+
+    log: Callable = print
+    fail_after: int | None = None
+    shared: dict = field(default_factory=dict)
+
+    def group(self, key: tuple) -> dict:
+        if key not in self.shared:
+            self.shared.clear()
+            self.shared[key] = {"targets": {}, "charged": {}}
+        return self.shared[key]
+
+
+@dataclass
+class UnitResult:
+    """What a unit hands back to the driver: ``checks`` (scope, configuration, cases) for the
+    failed-edit limit, which the driver applies across units; the executor adds where and how long
+    it ran, and a worker's log lines and C0 information."""
+
+    unit: str
+    checks: list = field(default_factory=list)
+    log: list = field(default_factory=list)
+    cov_info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    worker: str = ""
+
+
+_UNIT_RUNNERS = {"layer_search": _layer_search_unit, "singular": _singular_edits_unit, "sweep": _sweep_unit,
+                 "batch": _batch_unit, "sequential": _sequential_unit}
+
+
+def run_unit(spec: UnitSpec, study: Study, exp: Experiment, uc: UnitContext) -> UnitResult:
+    """Run one unit on ``study`` into ``exp`` (the same function for every executor)."""
+    inject_failure(spec.name)
+    return _UNIT_RUNNERS[spec.experiment](spec, study, exp, uc)
+
+
+def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
+    """Whether every part ``spec`` writes is saved (a partly saved unit runs again for the rest)."""
+    if spec.experiment == "batch":
+        n = len(_chunks(p.batch.total, spec.batch_size))
+        return all(exp.has_unit(f"{spec.name}-b{bi:05d}") for bi in range(n))
+    if spec.experiment == "sequential":
+        last = len(_chunks(p.sequential.total, spec.batch_size)) - 1
+        return exp.has_unit(f"{spec.name}-final") or (
+            not p.sequential.eval_final and exp.has_unit(f"{spec.name}-b{last:05d}"))
+    return exp.has_unit(spec.name)
+
+
+def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpec]:
+    """Experiment ``name``'s independent units, in the order a serial run takes them."""
+    p, w = study.params, study.which
+    out: list[UnitSpec] = []
+    for o in p.data.orderings:
+        if name == "layer_search":
+            out += [UnitSpec(name, o, l, which=w) for l in _search_layers(study)]
+        elif name == "singular":
+            out.append(UnitSpec(name, o, layer, which=w))
+        elif name == "sweep":
+            out += [UnitSpec(name, o, layer, method=m, lam=lam, batch_size=p.sweep.batch_size, chunk=bi, which=w)
+                    for bi in range(len(_chunks(p.sweep.total, p.sweep.batch_size)))
+                    for m, lams in _grids(study).items() for lam in lams]
+        else:
+            sec = getattr(p, name)
+            out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w)
+                    for m in sec.methods for B in sec.batch_sizes]
+    return out
 
 
 RUNNERS = {"layer_search": run_layer_search, "singular": run_singular, "sweep": run_sweep,

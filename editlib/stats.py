@@ -21,9 +21,14 @@
   metadata and the sha256 of the stored bytes (a damaged entry is recomputed with a warning naming
   the file). Never pickled. The fingerprint is the *unedited* model's (the caller passes it), so a
   resumed sequential run that reloaded edited weights still finds its statistics.
+* Concurrency: an entry is computed under an exclusive ``flock`` on ``<entry>.lock`` next to it, and
+  the cache is checked again once the lock is held, so processes that need the same C0 at the same
+  time (executor workers, issue #14) compute it once: the others wait and read it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -480,47 +485,104 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
         return st
 
     out: dict[int, CovStats] = {}
+
+    def usable(l: int, key: dict, path: Path) -> bool:
+        """Whether layer ``l``'s cache entry can be used (loaded into ``out`` when ``load``)."""
+        if not path.is_file():
+            return False
+        try:  # load=False checks the key only; the checksum is checked when the entry is loaded
+            if not load and _read_key(path) == key:
+                return True
+            if load:
+                stored, total, count, c = _read_cache(path)
+                if stored == key:
+                    out[l] = stats_of(l, key, total, count, c, f"cached {path.name}")
+                    return True
+            log(f"C0 cache {path} was computed for another key; recomputing")
+        except CovCacheError as exc:
+            warnings.warn(f"{exc}: recomputing it", RuntimeWarning, stacklevel=3)
+            log(f"C0 cache {path} is unreadable or corrupt; recomputing")
+        return False
+
     missing: dict[int, tuple[dict, Path]] = {}
+    seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
         key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha)
         path = _cache_path(root, key)
-        if path.is_file():
-            try:  # load=False checks the key only; the checksum is checked when the entry is loaded
-                if not load and _read_key(path) == key:
-                    continue
-                if load:
-                    stored, total, count, c = _read_cache(path)
-                    if stored == key:
-                        out[l] = stats_of(l, key, total, count, c, f"cached {path.name}")
-                        continue
-                log(f"C0 cache {path} was computed for another key; recomputing")
-            except CovCacheError as exc:
-                warnings.warn(f"{exc}: recomputing it", RuntimeWarning, stacklevel=2)
-                log(f"C0 cache {path} is unreadable or corrupt; recomputing")
-        missing[l] = (key, path)
+        seen[l] = _mtime(path)
+        if not usable(l, key, path):
+            missing[l] = (key, path)
+    if not missing:
+        return {l: out[l] for l in layers} if load else {}
 
-    if missing:
-        if texts is None:
-            texts = iter_corpus(corpus, records)
-        todo = sorted(missing)
-        per = layers_per_pass(max(arch.key_dim(model, l) for l in todo), device, DTYPES[dtype],
-                              override=max_layers_per_pass)
-        groups = [todo[i:i + per] for i in range(0, len(todo), per)]
-        log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
-            f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
-        for group in groups:
-            sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
-                                          max_length=max_length, max_batch_tokens=max_batch_tokens,
-                                          dtype=DTYPES[dtype], progress=progress)
-            for l in group:
-                key, path = missing[l]
-                total, count = sums.pop(l)
-                c = _cond(total.to(torch.float64) / count, device) if cond else math.nan
-                _write_cache(path, key, total, count, c)
-                if load:
-                    out[l] = stats_of(l, key, total, count, c, f"collected from {len(texts)} texts")
-                else:
-                    log(f"C0 layer {l}: {count} tokens, cached in {path.name}")
-                del total
+    # One process computes an entry, the others wait for it (a flock per entry, taken in path order),
+    # then use what it wrote: C0 is computed once per (model, layer, corpus) across processes.
+    with _entry_locks([path for _, path in missing.values()], log):
+        missing = {l: (key, path) for l, (key, path) in missing.items()
+                   if _mtime(path) == seen[l] or not usable(l, key, path)}
+        if missing:
+            if texts is None:
+                texts = iter_corpus(corpus, records)
+            _collect_into_cache(model, tok, texts, missing, out, stats_of, log=log, load=load, cond=cond,
+                                device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                                max_batch_tokens=max_batch_tokens, progress=progress,
+                                max_layers_per_pass=max_layers_per_pass)
     return {l: out[l] for l in layers} if load else {}
 
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _entry_locks(paths: Sequence[Path], log: Callable[[str], None]):
+    """Exclusive ``flock`` on ``<entry>.lock`` next to each cache entry, taken in sorted order (no
+    deadlock between processes asking for overlapping layers); says so when another process holds
+    one and waits for it."""
+    fds = []
+    try:
+        for path in sorted(set(paths)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent / (path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"C0 {path.name}: another process is computing it; waiting for it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[dict, Path]],
+                        out: dict[int, CovStats], stats_of: Callable, *, log: Callable[[str], None],
+                        load: bool, cond: bool, device: torch.device, dtype: str, batch_size: int,
+                        max_length: int, max_batch_tokens: int | None, progress: bool,
+                        max_layers_per_pass: int | None) -> None:
+    """Collect the ``missing`` layers in as few passes as memory allows and write each to its cache
+    entry as soon as its pass ends (into ``out`` as well when ``load``)."""
+    todo = sorted(missing)
+    per = layers_per_pass(max(arch.key_dim(model, l) for l in todo), device, DTYPES[dtype],
+                          override=max_layers_per_pass)
+    groups = [todo[i:i + per] for i in range(0, len(todo), per)]
+    log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
+        f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
+    for group in groups:
+        sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
+                                      max_length=max_length, max_batch_tokens=max_batch_tokens,
+                                      dtype=DTYPES[dtype], progress=progress)
+        for l in group:
+            key, path = missing[l]
+            total, count = sums.pop(l)
+            c = _cond(total.to(torch.float64) / count, device) if cond else math.nan
+            _write_cache(path, key, total, count, c)
+            if load:
+                out[l] = stats_of(l, key, total, count, c, f"collected from {len(texts)} texts")
+            else:
+                log(f"C0 layer {l}: {count} tokens, cached in {path.name}")
+            del total

@@ -9,6 +9,12 @@ Safe to repeat and to share:
   read, so its lock is let go at once). A second process fails at once with
   :class:`ExperimentLocked` naming the folder and the holder's pid, or waits for it when asked
   (``wait=True``, environment ``EDITLIB_LOCK_WAIT=1``, the command line's ``--wait``).
+* **Executor workers.** A run on several processes (``executor: {kind: ray}``) keeps one holder:
+  the driver opens the folder (and so holds its lock), and its workers open it with
+  ``Experiment.open(..., lock=False)``, which writes unit parts without taking the lock, refuses
+  to run unless some process holds it, and can never :meth:`~Experiment.finish` (the driver
+  consolidates once, after all units). Units that failed on every try are listed in
+  ``failed_units.json`` (:meth:`Experiment.record_failed_units`) until a later run finishes them.
 * **Versions.** Every saved unit records the editlib version and git commit that wrote it
   (``parts/<unit>.unit.json``). Reopening an incomplete experiment whose units were written by
   other code raises :class:`MixedVersions` naming them, unless mixing is allowed
@@ -43,6 +49,7 @@ import editlib
 ENV_ALLOW_MIXED = "EDITLIB_ALLOW_MIXED_VERSIONS"
 ENV_LOCK_WAIT = "EDITLIB_LOCK_WAIT"
 LOCK_NAME = ".lock"
+FAILED_UNITS = "failed_units.json"
 
 
 class StoreError(RuntimeError):
@@ -196,6 +203,25 @@ def lock_folder(root: Path, *, wait: bool = False, log: Callable[[str], None] | 
     return _HELD[key]
 
 
+def held_elsewhere(root: Path) -> bool:
+    """True when this process holds ``root``'s lock or another process does (checked without
+    keeping it): what an executor worker needs before it writes into the folder unlocked."""
+    if str(Path(root).resolve()) in _HELD:
+        return True
+    lock_path = Path(root) / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of a lock taken just now
+    return False
+
+
 def release_folder(root: Path) -> None:
     """Let go of this process's lock on ``root`` (no-op when it holds none)."""
     lock = _HELD.pop(str(Path(root).resolve()), None)
@@ -225,16 +251,23 @@ class Experiment:
     root: Path
     params: dict
     provenance: dict
+    lock: bool = True  # False: an executor worker of a run whose driver holds the folder's lock
 
     @classmethod
     def open(cls, results_dir: str | os.PathLike, run: str, experiment: str, params: dict,
              provenance: dict | None = None, *, allow_mixed_versions: bool | None = None,
-             wait: bool | None = None) -> "Experiment":
+             wait: bool | None = None, lock: bool = True) -> "Experiment":
         """Lock the folder (see the module docstring), check that it holds results of the same
         parameters and code version, and create its manifest. ``allow_mixed_versions`` and
         ``wait`` default to the environment (``EDITLIB_ALLOW_MIXED_VERSIONS``, ``EDITLIB_LOCK_WAIT``),
-        so a notebook kernel started by ``reproduce`` inherits the command line's choice."""
+        so a notebook kernel started by ``reproduce`` inherits the command line's choice.
+
+        ``lock=False`` is for executor workers only: the driver of the run has opened the folder
+        (it holds the lock and wrote the manifest); the worker checks the same parameters and
+        saves units without taking the lock."""
         root = Path(results_dir) / run / experiment
+        if not lock:
+            return cls._open_unlocked(root, results_dir, run, params, provenance, allow_mixed_versions)
         lock_folder(root, wait=env_flag(ENV_LOCK_WAIT) if wait is None else wait)
         try:
             exp = cls(root, params, provenance or {})
@@ -247,6 +280,21 @@ class Experiment:
             release_folder(root)  # only read from now on; a later write takes the lock again
         elif not (root / "manifest.json").is_file():
             exp._write_manifest(complete=False)
+        return exp
+
+    @classmethod
+    def _open_unlocked(cls, root: Path, results_dir, run: str, params: dict, provenance: dict | None,
+                       allow_mixed_versions: bool | None) -> "Experiment":
+        """A worker's handle: the folder must be open (locked, manifest written, not complete)
+        by the run's driver."""
+        if not held_elsewhere(root) or not (root / "manifest.json").is_file():
+            raise StoreError(f"{root}: Experiment.open(lock=False) is for executor workers of a run whose "
+                             "driver has opened the folder and holds its lock; none does")
+        exp = cls(root, params, provenance or {}, lock=False)
+        exp._check_reopen(results_dir, run, env_flag(ENV_ALLOW_MIXED) if allow_mixed_versions is None
+                          else allow_mixed_versions)
+        if exp.complete:
+            raise StoreError(f"{root} is already complete: a worker has nothing to write there")
         return exp
 
     def _check_reopen(self, results_dir, run: str, allow_mixed: bool) -> None:
@@ -333,7 +381,8 @@ class Experiment:
     def save_unit(self, unit: str, cases: pd.DataFrame, batches: pd.DataFrame | None = None) -> None:
         """The unit's code version, batch diagnostics, then cases: the cases file marks the unit
         complete."""
-        lock_folder(self.root, wait=env_flag(ENV_LOCK_WAIT))
+        if self.lock:
+            lock_folder(self.root, wait=env_flag(ENV_LOCK_WAIT))
         side = self._part("cases", unit)
         atomic_write_json(side.with_name(side.name[: -len(".cases.parquet")] + ".unit.json"),
                           {"unit": unit, **code_version(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -346,9 +395,12 @@ class Experiment:
 
     def finish(self, timings: dict | None = None) -> None:
         """Consolidate parts (in unit-file order) into cases.parquet / batches.parquet; release
-        the folder's lock."""
+        the folder's lock. Every unit is done, so no failed unit is left to list."""
+        if not self.lock:
+            raise StoreError(f"{self.root}: an executor worker never finishes an experiment (its driver does)")
         lock_folder(self.root, wait=env_flag(ENV_LOCK_WAIT))
         try:
+            (self.root / FAILED_UNITS).unlink(missing_ok=True)
             for kind in ("cases", "batches"):
                 files = sorted((self.root / "parts").glob(f"*.{kind}.parquet")) if (self.root / "parts").is_dir() else []
                 frames = [pd.read_parquet(f) for f in files]
@@ -357,6 +409,20 @@ class Experiment:
             self._write_manifest(complete=True, timings=timings)
         finally:
             release_folder(self.root)
+
+    def record_failed_units(self, failed: dict[str, dict]) -> None:
+        """List the units that failed on every try (unit -> error, attempts, worker) in
+        ``failed_units.json``; an empty mapping removes the file."""
+        path = self.root / FAILED_UNITS
+        if failed:
+            atomic_write_json(path, failed)
+        else:
+            path.unlink(missing_ok=True)
+
+    def failed_units(self) -> dict[str, dict]:
+        """The units listed in ``failed_units.json`` (empty when none failed)."""
+        path = self.root / FAILED_UNITS
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def unit_versions(self) -> dict[str, int]:
         """How many saved units each code version wrote ("<version>@<commit>": n)."""

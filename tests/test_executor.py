@@ -1,0 +1,297 @@
+"""The executors (issue #14): a local Ray cluster of 2 CPUs runs the smoke layer search and batch
+experiments on the committed miniature, with tiny sizes, and stores exactly what the serial run
+stores; a unit whose worker is lost, or whose task raises, is retried; a unit that fails on every
+try is listed in ``failed_units.json`` while the others finish, ``run`` exits 1, and a re-run
+retries only that unit; C0 is computed once when two processes need the same entry at the same
+time; without Ray, ``kind: ray`` fails before any model loads.
+
+Module-wide: a fresh C0 cache (``EDITLIB_CACHE``, so the Ray batch run is the first to need layer
+2's C0) and a failure-injection plan file (``EDITLIB_INJECT_UNIT_FAILURES``), both forwarded to the
+Ray workers; one Ray cluster (``ray.init(num_cpus=2)``), shut down at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pandas.testing import assert_frame_equal
+
+from _fixtures import one_thread  # noqa: F401  (module-wide single thread: workers run one thread too)
+from editlib import executor, protocols
+from editlib.__main__ import main
+from editlib.params import ParamsError, resolve
+from editlib.paths import REPO_ROOT
+from editlib.store import Experiment, StoreError
+
+SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+
+pytestmark = pytest.mark.skipif(not (REPO_ROOT / "models" / "tiny-world" / "config.json").is_file(),
+                                reason="models/tiny-world is missing")
+
+#: the layer search at layers 0 and 1 and batch editing at layer 1 on 4 facts, 3 value steps
+SMALL = {
+    "hparams.common.v_num_grad_steps": 3,
+    "layer_search.n_facts": 4, "layer_search.layers": [0, 1], "layer_search.methods": ["rome", "memit"],
+    "batch.total": 4, "batch.batch_sizes": [2, 4], "batch.layer": 1, "batch.methods": ["memit", "emmet"],
+}
+UNIT = ["method", "layer", "lam", "batch_size", "ordering", "eval", "batch_index", "case_id"]
+#: batches.parquet columns that say when and where time was spent (a worker charges the targets it
+#: prepared itself), not what was computed
+TIMING = ("seconds_values", "seconds_keys", "seconds_solve", "seconds_eval", "shared_targets")
+CLI = ["--params", str(SMOKE), "--set", "hparams.common.v_num_grad_steps=3", "--set", "layer_search.n_facts=4",
+       "--set", "layer_search.layers=[0,1]", "--set", "layer_search.methods=[memit]"]
+
+
+def params_for(results_dir: Path, kind: str, **over):
+    return resolve(SMOKE, overrides={**SMALL, "results_dir": str(results_dir), "name": "t",
+                                     "executor.kind": kind, **over})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fresh C0 cache and an empty failure plan for this module (restored afterwards)."""
+    root = tmp_path_factory.mktemp("executor-env")
+    plan = root / "failures.json"
+    plan.write_text("{}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDITLIB_CACHE", str(root / "cache"))
+        mp.setenv(executor.ENV_INJECT, str(plan))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield plan
+
+
+@pytest.fixture(scope="module")
+def cluster(env):
+    ray = pytest.importorskip("ray", reason="Ray is an extra: pip install editlib[ray] (part of .[dev])")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 ** 2)
+    try:
+        yield ray
+    finally:
+        executor.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def study(env, tmp_path_factory):
+    """The miniature opened once by the driver (C0 of layers 0 and 1 collected into the fresh cache)."""
+    st = protocols.open_study(params_for(tmp_path_factory.mktemp("study"), "local"), log=lambda *a: None)
+    st.prepare_covs([0, 1])
+    return st
+
+
+def use(study, p):
+    return dataclasses.replace(study, params=p)
+
+
+def plan_failures(plan: Path, **units: dict) -> None:
+    plan.write_text(json.dumps(units))
+
+
+def sort_units(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
+
+
+def stored(p, experiment: str, kind: str = "cases") -> pd.DataFrame:
+    return pd.read_parquet(Path(p.results_dir) / p.name / experiment / f"{kind}.parquet")
+
+
+def assert_same_store(a, b, experiment: str) -> None:
+    """cases.parquet identical row for row and value for value (sorted by unit keys); batch
+    diagnostics identical apart from where the time was charged."""
+    ca, cb = stored(a, experiment), stored(b, experiment)
+    assert len(ca) == len(cb) > 0
+    assert_frame_equal(sort_units(ca), sort_units(cb), check_exact=True)
+    ba, bb = (stored(x, experiment, "batches") for x in (a, b))
+    keep = [c for c in ba.columns if c not in TIMING]
+    assert_frame_equal(sort_units(ba[keep]), sort_units(bb[keep]), check_exact=True)
+
+
+# --------------------------------------------------------------------------- Ray = serial
+
+def test_ray_layer_search_equals_serial_after_a_lost_worker(cluster, env, study, tmp_path):
+    """The worker running layer 1 dies (the process ends) on its first try: the unit runs again on
+    a new worker, and the store holds exactly what the serial run stores."""
+    plan_failures(env, **{"o0-L001": {"times": 1, "mode": "exit"}})
+    p = params_for(tmp_path / "ray", "ray")
+    logged: list[str] = []
+    protocols.run_layer_search(use(study, p), log=logged.append)
+    assert json.loads(env.read_text())["o0-L001"]["times"] == 0, "the injected failure never ran"
+    assert any("o0-L001 failed (worker lost" in m and "trying it again" in m for m in logged), logged
+    finished = [m for m in logged if re.fullmatch(r"unit o0-L00[01] on \S+( gpu[\d,]+)?: [\d.]+ s", m)]
+    assert len(finished) == 2, logged  # one line per finished unit: unit, worker, seconds
+    assert not (Path(p.results_dir) / "t" / "layer_search" / "failed_units.json").exists()
+    q = params_for(tmp_path / "serial", "local")
+    protocols.run_layer_search(use(study, q), log=lambda *a: None)
+    assert_same_store(p, q, "layer_search")
+
+
+def test_ray_batch_equals_serial_and_collects_c0_once(cluster, env, study, tmp_path):
+    """Batch editing at layer 2, whose C0 nobody has computed yet: the workers that start together
+    compute it once (the other waits for the cache entry), a unit whose task raises once is
+    retried, and the store equals the serial run's."""
+    plan_failures(env, **{"memit-B00002-o0": {"times": 1, "mode": "raise"}})
+    p = params_for(tmp_path / "ray", "ray", **{"batch.layer": 2})
+    logged: list[str] = []
+    protocols.run_batch(use(study, p), log=logged.append)
+    assert json.loads(env.read_text())["memit-B00002-o0"]["times"] == 0
+    assert any("memit-B00002-o0 failed (InjectedFailure" in m for m in logged), logged
+    collected = [m for m in logged if "C0: collecting" in m]
+    assert len(collected) == 1, logged
+    q = params_for(tmp_path / "serial", "local", **{"batch.layer": 2})
+    protocols.run_batch(use(study, q), log=lambda *a: None)
+    assert_same_store(p, q, "batch")
+
+
+# --------------------------------------------------------------------------- failed units, resume
+
+def test_a_unit_failing_every_try_is_listed_and_run_exits_1(cluster, env, tmp_path, monkeypatch, capsys):
+    """Layer 0 fails on both tries: layer 1 still finishes, failed_units.json lists layer 0 with
+    its error, the experiment is not consolidated, ``run`` exits 1 naming the unit; a re-run
+    retries only layer 0 and ends with the serial run's store."""
+    monkeypatch.chdir(REPO_ROOT)
+    plan_failures(env, **{"o0-L000": {"times": 2, "mode": "raise"}})
+    rc = main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path / 'ray'}", "--executor", "ray"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    assert "failed on every try" in err and "o0-L000" in err and "failed_units.json" in err, err
+    root = tmp_path / "ray" / "smoke" / "layer_search"
+    failed = json.loads((root / "failed_units.json").read_text())
+    assert list(failed) == ["o0-L000"] and failed["o0-L000"]["attempts"] == 2
+    assert failed["o0-L000"]["error"].startswith("InjectedFailure")
+    assert (root / "parts" / "o0-L001.cases.parquet").is_file() and not (root / "cases.parquet").exists()
+    assert not json.loads((root / "manifest.json").read_text())["complete"]
+
+    rc = main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path / 'ray'}", "--executor", "ray"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "unit o0-L000 on" in out and "unit o0-L001 on" not in out, out  # only the failed unit ran again
+    assert not (root / "failed_units.json").exists() and (root / "cases.parquet").is_file()
+    assert main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path / 'serial'}"]) == 0
+    capsys.readouterr()
+    ray_cases = pd.read_parquet(root / "cases.parquet")
+    serial = pd.read_parquet(tmp_path / "serial" / "smoke" / "layer_search" / "cases.parquet")
+    assert_frame_equal(sort_units(ray_cases), sort_units(serial), check_exact=True)
+
+
+# --------------------------------------------------------------------------- C0 once, across processes
+
+C0_SCRIPT = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from editlib import stats
+    from editlib.models import load_model
+    from editlib.tiny import load_tiny_records
+
+    cache, work, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    model, tok = load_model("models/tiny-world")
+    records = load_tiny_records("models/tiny-world")
+    real = stats.collect_second_moments
+    def counted(*a, **k):  # every collection is counted, and holds the entry for 2 s
+        with open(work / "collections", "a") as f:
+            f.write(me + "\\n")
+        time.sleep(2.0)
+        return real(*a, **k)
+    stats.collect_second_moments = counted
+    (work / f"ready-{me}").touch()  # start together
+    while len(list(work.glob("ready-*"))) < 2:
+        time.sleep(0.02)
+    out = stats.layer_covariance(model, tok, [1], stats.CorpusSpec(kind="records", n_samples=64),
+                                 records=records, cache_dir=cache, progress=False, log=print)
+    torch.save(out[1].mom2, work / f"mom2-{me}.pt")
+''')
+
+
+def test_c0_is_collected_once_when_two_processes_need_it_together(tmp_path):
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", C0_SCRIPT, str(tmp_path / "cache"), str(tmp_path), me],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me in ("a", "b")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert (tmp_path / "collections").read_text().split() in (["a"], ["b"])
+    assert sum("another process is computing it; waiting" in out for out, _ in outs) == 1, outs
+    assert torch.equal(torch.load(tmp_path / "mom2-a.pt"), torch.load(tmp_path / "mom2-b.pt"))
+
+
+# --------------------------------------------------------------------------- setup errors
+
+def test_ray_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the executor was checked")
+    monkeypatch.setattr(protocols, "load_model", boom)
+    rc = main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path}", "--executor", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pip install editlib[ray]" in err[0], err
+
+
+@pytest.mark.parametrize("over, named", [
+    ({"executor.kind": "slurm"}, "executor.kind"),
+    ({"executor.cpus_per_unit": 0}, "executor.cpus_per_unit"),
+    ({"executor.gpus_per_unit": -1}, "executor.gpus_per_unit"),
+    ({"executor.retries": -1}, "executor.retries"),
+    ({"executor.address": "nowhere"}, "executor.address"),
+    ({"executor.gpus": 1}, "gpus"),
+])
+def test_bad_executor_params_name_the_key(over, named):
+    with pytest.raises(ParamsError, match=named.replace(".", r"\.")):
+        resolve(SMOKE, overrides=over)
+
+
+def test_workers_write_only_under_a_driver_lock(tmp_path):
+    """``Experiment.open(lock=False)``: refused unless the folder is held (here by this process,
+    the driver); it saves units without the lock and can never finish the experiment."""
+    params = {"experiment": "x"}
+    with pytest.raises(StoreError, match="lock=False"):
+        Experiment.open(tmp_path, "run", "x", params, lock=False)
+    driver = Experiment.open(tmp_path, "run", "x", params)
+    worker = Experiment.open(tmp_path, "run", "x", params, lock=False)
+    worker.save_unit("u0", pd.DataFrame({"case_id": [1]}))
+    assert driver.has_unit("u0")
+    with pytest.raises(StoreError, match="never finishes"):
+        worker.finish()
+    driver.record_failed_units({"u1": {"error": "E: x", "attempts": 2}})
+    assert list(driver.failed_units()) == ["u1"]
+    driver.finish()
+    assert driver.complete and driver.failed_units() == {}
+    with pytest.raises(StoreError, match="lock=False"):  # the driver let go: no worker may write now
+        Experiment.open(tmp_path, "run", "x", params, lock=False)
+
+
+def test_units_of_the_paper_grid():
+    """The independent units per experiment (what a cluster can run at once) for the paper's params."""
+    p = resolve(REPO_ROOT / "params" / "llama3-8b.yaml")
+    fake = protocols.Study(params=p, model=None, tok=None, model_dir="", label="", records=[])
+    fake._fp = "x"
+    counts = {e: len(protocols.experiment_units(_with_depth(fake, 32), e, 1)) for e in protocols.EXPERIMENTS}
+    o = len(p.data.orderings)
+    layers = 32 if p.layer_search.layers == "all" else len(p.layer_search.layers)
+    assert counts == {"layer_search": layers * o, "singular": o,
+                      "sweep": o * -(-p.sweep.total // p.sweep.batch_size)
+                      * (len(p.sweep.memit_lambdas) + len(p.sweep.emmet_lambdas)),
+                      "batch": o * len(p.batch.methods) * len(p.batch.batch_sizes),
+                      "sequential": o * len(p.sequential.methods) * len(p.sequential.batch_sizes)}
+
+
+def _with_depth(study, n: int):
+    """A study stand-in whose model has ``n`` decoder layers (no weights are needed to list units)."""
+    class Deep(type(study)):
+        @property
+        def n_layers(self) -> int:
+            return n
+    return Deep(**{f.name: getattr(study, f.name) for f in dataclasses.fields(study)})

@@ -151,7 +151,7 @@ class Study:
         if missing:
             device = next(self.model.parameters()).device
             for l, st in self._stats(missing, load=True).items():
-                f = factor_cov(st.mom2, device=device)
+                f = factor_cov(st.mom2, device=device, overwrite=True)  # C0 and its factor only
                 del st.mom2
                 self._covs[l] = f
                 self._cov_info[l] = {"tokens": int(st.count), "cond_estimate": float(f.cond),

@@ -1,0 +1,186 @@
+"""What a params file costs on a named GPU: work counted exactly as editlib's protocols run it,
+turned into hours by the documented model of :mod:`editlib.cost` (every assumption printed).
+
+    python bench/paper_cost.py --params params/llama3-8b.yaml [--gpu h200|h100|a100]
+        [--ge | --no-ge] [--unit-costs GPU.json] [--slice-costs runs/slice-phases/<run>/phases.json]
+        [--solve-on auto|host|device] [--host-speedup 1.0] [--layer 1] [--value-iters 25]
+        [--c0-tokens-per-text N] [--set KEY=VALUE ...] [--json OUT.json]
+    python bench/paper_cost.py --token-stats [--n 1000]   # re-measure the per-fact token counts
+
+``--slice-costs``: host-side unit costs (one N = 1 solve + apply, the C0 factorisation) from a
+``bench/slice_phases.py`` run on the Llama-3-8B-shaped slice, instead of the defaults measured the
+same way. ``--unit-costs``: seconds measured on a real GPU (keys: editlib.cost.UNIT_KEYS), each
+replacing the model's estimate of that unit.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from editlib.cost import GPUS, KINDS, CostModel, TokenStats, count_grid, with_unit_costs
+from editlib.params import resolve
+
+#: tokens per C0 text (BOS included) before truncation, by corpus (assumptions, printed)
+TOKENS_PER_TEXT = {
+    "wikipedia": 650,          # SPEC §4: ≈ 2.9 k characters per article
+    "wikitext_articles": 4500,  # wikitext-103: 28,475 articles, ≈ 103 M words
+    "wikitext": 70,            # wikitext-103 rows are lines (many empty): ≈ 129 M tokens / 1.8 M rows
+    "records": 110,            # 8 CounterFact fact sentences per text (measured on the slice: 108)
+}
+
+
+def c0_tokens(p, shape, per_text: float | None) -> tuple[float, str]:
+    """C0 corpus tokens = n_samples × tokens per text (capped at the truncation length)."""
+    cp = p.covariance
+    cap = cp.max_length or (8192 if shape.name.startswith("Llama-3") else 4096 if "Llama-2" in shape.name else 1024)
+    name = f"{cp.name or ''} {cp.config or ''} {cp.group or ''}".lower()
+    if per_text is None:
+        key = ("records" if cp.kind == "records" else "wikitext_articles" if "wikitext_articles" in name
+               else "wikipedia" if "wikipedia" in name else "wikitext" if "wikitext" in name else None)
+        per_text = TOKENS_PER_TEXT[key] if key else 100.0
+        how = f"{key or 'unknown corpus'}: {per_text} tokens per text (assumed)"
+    else:
+        how = f"{per_text} tokens per text (--c0-tokens-per-text)"
+    n = cp.n_samples or (2000 if cp.kind == "records" else 100_000)
+    eff = min(per_text, cap)
+    return n * eff, f"{n:,} texts × {eff:,.0f} tokens ({how}, truncated at {cap})"
+
+
+def solve_location(arg: str) -> tuple[str, str]:
+    """Where the C0 factor (and so every solve) lives: read from Study.covs unless given."""
+    if arg != "auto":
+        return arg, "--solve-on"
+    from editlib.protocols import Study
+    src = inspect.getsource(Study.covs)
+    line = next((ln for ln in src.splitlines() if "factor_cov(" in ln), "")
+    return ("device" if "device=" in line else "host"), f"auto: Study.covs calls `{line.strip()}`"
+
+
+def slice_host_costs(path: str) -> dict:
+    """host_solve_s / host_factor_s from a bench/slice_phases.py phases.json."""
+    d = json.loads(Path(path).read_text())
+    u = d.get("unit_costs", d)
+    out = {}
+    if "solve_apply_s_by_n" in u and ("1" in u["solve_apply_s_by_n"] or 1 in u["solve_apply_s_by_n"]):
+        by_n = u["solve_apply_s_by_n"]
+        out["host_solve_s"] = float(by_n.get("1", by_n.get(1)))
+    fac = [v for k, v in u.items() if k.startswith("phase_s:C0 load + factor") or k.startswith("phase_s:C0 layer")]
+    if fac:
+        out["host_factor_s"] = sum(fac) / len(fac)
+    return out
+
+
+def _h(s: float) -> str:
+    return f"{s / 3600:.1f}" if s >= 360 else f"{s / 3600:.2f}"
+
+
+def report(p, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
+    exps = count_grid(p, layer=args.layer)
+    rows, total, consumers = [], 0.0, []
+    for e in exps:
+        sec = model.seconds(e, ts)
+        t = sum(sec[k] for k in KINDS)
+        total += t
+        consumers += [(sec[k], f"{e.name}: {KINDS[k]}") for k in KINDS]
+        rows.append((e, sec, t))
+    print(f"# Cost of `{args.params}` on {model.gpu.name} ({model.dtype})\n")
+    print("| experiment | model | edits | value opts | solves (N: count) | eval cases | prompts scored | GE tokens decoded |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    for e, sec, _ in rows:
+        sol = ", ".join(f"{n}: {c:,}" for n, c in sorted(e.solves.items()))
+        cases = e.total("eval")
+        print(f"| {e.name} | {e.shape.name} | {e.edits:,} | {e.total('values'):,} | {sol} | {cases:,} | "
+              f"{round(cases * ts.eval_prompts):,} | {int(sec['ge_tokens']):,} |")
+    print(f"\nEstimated hours per work kind (one {model.gpu.name}):\n")
+    print("| experiment | " + " | ".join(KINDS.values()) + " | total h |")
+    print("|---|" + "---:|" * (len(KINDS) + 1))
+    for e, sec, t in rows:
+        print(f"| {e.name} | " + " | ".join(_h(sec[k]) for k in KINDS) + f" | **{_h(t)}** |")
+    col = {k: sum(sec[k] for _, sec, _ in rows) for k in KINDS}
+    print("| **all** | " + " | ".join(_h(col[k]) for k in KINDS) + f" | **{_h(total)}** |")
+    top = sorted(consumers, reverse=True)[:3]
+    print(f"\n**Total: {total / 3600:.1f} GPU-hours** ({total / 86400:.1f} days on one GPU). Biggest consumers: "
+          + "; ".join(f"{name} {s / 3600:.1f} h ({100 * s / total:.0f} %)" for s, name in top) + ".")
+    print("\nAssumptions:")
+    for n in notes:
+        print(f"- {n}")
+    print(f"- GPU {model.gpu.name}: fp32 {model.gpu.fp32 / 1e12:g} TFLOP/s (no TF32), bf16 {model.gpu.bf16 / 1e12:g}, "
+          f"fp64 {model.gpu.fp64 / 1e12:g} TFLOP/s, HBM {model.gpu.bw / 1e12:g} TB/s, {model.gpu.mem_gb:g} GB")
+    print("- cost model: " + "; ".join(model.assumptions()))
+    for line in model.derived(exps[0].shape, ts, p.evaluation.gen_max_len):
+        print(f"- implied: {line}")
+    if model.unit_s:
+        print(f"- measured unit costs replacing the model: {json.dumps(model.unit_s)}")
+    print(f"- token counts per fact ({ts.source}): " + ", ".join(
+        f"{k} {v}" for k, v in asdict(ts).items() if k not in ("gen_len_hist", "source")))
+    return {"gpu": model.gpu.name, "total_gpu_hours": total / 3600,
+            "experiments": [{"name": e.name, "model": e.shape.name, "edits": e.edits,
+                             "value_opts": e.total("values"), "solves": dict(e.solves),
+                             "eval_cases": e.total("eval"), "hours": {k: sec[k] / 3600 for k in KINDS},
+                             "ge_tokens": sec["ge_tokens"]} for e, sec, _ in rows],
+            "top3": [(name, s / 3600) for s, name in top], "assumptions": model.assumptions() + notes}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params/llama3-8b.yaml")
+    ap.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    ge = ap.add_mutually_exclusive_group()
+    ge.add_argument("--ge", dest="ge", action="store_true", default=None, help="GE on (default: the params)")
+    ge.add_argument("--no-ge", dest="ge", action="store_false")
+    ap.add_argument("--unit-costs", default=None, help="JSON of unit seconds measured on a GPU")
+    ap.add_argument("--slice-costs", default=None, help="phases.json of bench/slice_phases.py (host units)")
+    ap.add_argument("--solve-on", default="auto", choices=["auto", "host", "device"])
+    ap.add_argument("--host-speedup", type=float, default=1.0, help="GPU machine's CPU vs this 2-core VM")
+    ap.add_argument("--layer", type=int, default=1, help="edited layer where the params say 'best'")
+    ap.add_argument("--value-iters", type=int, default=None, help="value iterations per chunk (default: v_num_grad_steps)")
+    ap.add_argument("--c0-tokens-per-text", type=float, default=None)
+    ap.add_argument("--dtype", default=None, help="model dtype (default: the params)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--token-stats", action="store_true", help="measure per-fact token counts and exit")
+    ap.add_argument("--n", type=int, default=1000, help="facts for --token-stats")
+    args = ap.parse_args(argv)
+
+    if args.token_stats:
+        from editlib import counterfact
+        from editlib.cost import measure_token_stats
+        from editlib.llama3_tokenizer import build_llama3_tokenizer
+        from editlib.tokens import prepare_tokenizer
+        facts = counterfact.sample(counterfact.load_counterfact(None), args.n, 0)
+        print(measure_token_stats(facts, prepare_tokenizer(build_llama3_tokenizer()), args.n))
+        return
+
+    sets = list(args.set)
+    if args.ge is not None:
+        sets.append(f"evaluation.generation={str(args.ge).lower()}")
+    p = resolve(args.params, overrides=sets)
+    from editlib.cost import shape_for
+    shape = shape_for(p.model.id, p.model.label)
+    tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
+    where, why = solve_location(args.solve_on)
+    model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, solve_on=where, c0_tokens=tokens,
+                      host_speedup=args.host_speedup,
+                      value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
+    notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
+             f"solves and C0 factors on the {where} ({why})",
+             f"edited layer {args.layer} where a section says 'best'; GE {'on' if p.evaluation.generation else 'off'}"
+             f" (gen_max_len {p.evaluation.gen_max_len}); {len(p.data.orderings)} ordering(s)",
+             f"C0 accumulators per pass: {model.c0_per_pass(shape)} ({shape.name}, half the memory left beside the model)"]
+    if args.slice_costs:
+        host = slice_host_costs(args.slice_costs)
+        model = replace(model, **host)
+        notes.append(f"host units from {args.slice_costs}: {host}")
+    if args.unit_costs:
+        model = with_unit_costs(model, args.unit_costs)
+    out = report(p, model, TokenStats(), args, notes)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Seconds on a named GPU for the work of :mod:`editlib.workcount` (issue 11): a documented
+roofline model, every constant a named field that ``bench/paper_cost.py`` prints.
+
+Per work item: max(FLOPs / (peak · efficiency), bytes / (bandwidth · efficiency)), or the host's
+kernel-launch and Python time when that is longer (eager PyTorch launches asynchronously), from
+the model's shapes and the token counts of :class:`~editlib.workcount.TokenStats`. Solves run on
+the host (CPU seconds measured on the Llama-3-8B-shaped slice, scaled) or on the device (float64
+FLOPs), wherever ``Study.covs`` puts the C0 factor. A JSON of per-unit seconds measured on a real
+GPU (``--unit-costs``, keys :data:`UNIT_KEYS`) replaces the model unit by unit.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .workcount import (KNOWN_SHAPES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
+                        measure_token_stats, shape_for)
+
+__all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
+           "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs"]
+
+
+# --------------------------------------------------------------------------- GPUs and the model
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Dense peak rates (no sparsity) and memory of one accelerator (vendor data sheets)."""
+
+    name: str
+    fp32: float  # FLOP/s, CUDA cores (PyTorch's default float32 matmul precision "highest": no TF32)
+    bf16: float  # FLOP/s, tensor cores
+    fp64: float  # FLOP/s, tensor cores (cuBLAS DGEMM)
+    bw: float    # HBM bytes/s
+    mem_gb: float
+
+
+GPUS = {
+    "h100": GPU("NVIDIA H100 SXM5 80GB", 67e12, 989e12, 67e12, 3.35e12, 80),
+    "h200": GPU("NVIDIA H200 SXM 141GB", 67e12, 989e12, 67e12, 4.8e12, 141),
+    "a100": GPU("NVIDIA A100 SXM4 80GB", 19.5e12, 312e12, 19.5e12, 2.039e12, 80),
+}
+
+#: work kinds in report order, with a short label
+KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "eval ES/PS/NS",
+         "ge": "GE", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "ckpt": "ckpt", "load": "load"}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per work item on ``gpu`` (every field is an assumption printed by paper_cost).
+
+    Host-side units (a solve and the C0 factorisation when C0 is factored on the CPU) are CPU
+    seconds measured on this project's 2-core machine on the Llama-3-8B-shaped slice
+    (``bench/slice_phases.py``, shared with other jobs: load average 3-6), divided by
+    ``host_speedup`` for the GPU machine's host.
+    """
+
+    gpu: GPU
+    dtype: str = "float32"
+    solve_on: str = "device"       # host | device: where factor_cov's factor lives (Study.covs)
+    mm_eff: float = 0.6            # fraction of peak reached by large matmuls (forwards, backward)
+    small_mm_eff: float = 0.3      # ... by skinny matmuls (decoding, B = 1 value steps)
+    bw_eff: float = 0.8            # fraction of HBM bandwidth reached by weight streaming
+    f64_eff: float = 0.5           # float64 GEMM-rich work (C0 accumulation, Cholesky, big solves)
+    trsv_eff: float = 0.05         # triangular solves with few right-hand sides (latency-bound)
+    kernel_s: float = 15e-6        # host time per CUDA kernel: launch + eager PyTorch / module Python
+    kernels_fwd: int = 35          # kernels per decoder block forward (norms, RoPE, cache, SDPA, MLP)
+    kernels_bwd: int = 50          # ... per block backward (input gradients only)
+    step_py_s: float = 2e-3        # Python per value iteration / decode step (indexing, Adam, sampling)
+    value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
+    gen_batch: int = 64            # evaluate_records' gen_batch_size (Study.evaluate keeps the default)
+    key_batch: int = 256           # reprs batch size (sequences per forward)
+    c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
+    host_speedup: float = 1.0      # GPU machine's CPU vs this 2-core VM for the host-side units
+    host_solve_s: float = 3.6      # one N = 1 solve + apply at d_in = 14336 on this VM (slice, median)
+    host_f64: float = 100e9        # float64 GEMM FLOP/s of this VM (torch addmm, 2 threads)
+    host_factor_s: float = 169.0   # C0 read + checks + Cholesky + cond estimate per layer on this VM (slice)
+    disk_bw: float = 2e9           # bytes/s: model and C0 cache reads, checkpoint writes
+    pcie_bw: float = 12e9          # bytes/s: host <-> device copies (pageable memory)
+    load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint
+    unit_s: dict = field(default_factory=dict)  # measured overrides (see UNIT_KEYS)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def bpp(self) -> int:
+        return {"float32": 4, "bfloat16": 2, "float16": 2}.get(self.dtype, 4)
+
+    @property
+    def peak(self) -> float:
+        return self.gpu.fp32 if self.bpp == 4 else self.gpu.bf16
+
+    def _pass(self, flops: float, nbytes: float, kernels: int, eff: float | None = None,
+              py_s: float = 0.0) -> float:
+        """One GPU pass: compute- or memory-bound, whichever is slower, unless the host cannot
+        launch its kernels (and run its Python) faster than the GPU runs them (eager PyTorch
+        launches asynchronously, so the two overlap)."""
+        gpu = max(flops / (self.peak * (eff or self.mm_eff)), nbytes / (self.gpu.bw * self.bw_eff))
+        return max(gpu, kernels * self.kernel_s + py_s)
+
+    # ----------------------------------------------------------------- units
+    def values(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
+        """One chunk of ``facts`` optimised together at ``layer``: a full forward of all its
+        sequences (prefix cache), then ``value_iters`` forward+backward passes of the blocks
+        above ``layer`` on the packed tokens, the LM head at the label positions."""
+        if "values_s_per_fact" in self.unit_s:
+            k_ref = s.n_layers - 2  # measured at layer 1
+            return self.unit_s["values_s_per_fact"] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1)
+        k = s.n_layers - layer - 1
+        setup = self._pass(2 * s.n_layers * s.block_params * facts * ts.value_tokens,
+                           s.n_layers * s.block_params * self.bpp, s.n_layers * self.kernels_fwd)
+        toks, labs = facts * ts.value_packed, facts * ts.value_labels
+        flops = 4 * k * s.block_params * toks + 4 * s.d * s.vocab * labs
+        nbytes = 2 * (k * s.block_params + s.head_params) * self.bpp
+        eff = self.mm_eff if toks >= 256 else self.small_mm_eff
+        it = self._pass(flops, nbytes, k * (self.kernels_fwd + self.kernels_bwd) + 10, eff, self.step_py_s)
+        return setup + self.value_iters * it
+
+    def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
+        """compute_keys + current_values: forwards stopped after block ``layer``."""
+        depth = layer + 1
+        n_fwd = math.ceil(facts * (ts.value_seqs - 1) / self.key_batch) + math.ceil(facts / self.key_batch)
+        flops = 2 * depth * s.block_params * facts * ts.key_tokens
+        return n_fwd * self._pass(flops / n_fwd, depth * s.block_params * self.bpp, depth * self.kernels_fwd)
+
+    def _solve_flops(self, s: ModelShape, n: int) -> float:
+        """C0⁻¹K (two triangular solves), D = KᵀC0⁻¹K, its eigenvalues and Cholesky, X, ΔW = RX."""
+        return 2 * s.d_in ** 2 * n + 2 * s.d_in * n * n + 10 * n ** 3 + 2 * n * n * s.d_in + 2 * s.d * n * s.d_in
+
+    def solve(self, s: ModelShape, n: int) -> float:
+        """One solve + apply of N = ``n`` edits (EditSession: master copy, apply, restore)."""
+        over = self.unit_s.get("solve_s_by_n", {})
+        if str(n) in over or n in over:
+            return float(over.get(str(n), over.get(n)))
+        weight = s.d * s.d_in
+        if self.solve_on == "host":
+            extra = max(self._solve_flops(s, n) - self._solve_flops(s, 1), 0.0)
+            t = (self.host_solve_s + extra / self.host_f64) / self.host_speedup
+            return t + weight * 8 / self.pcie_bw  # ΔW (float64) to the device
+        trsv = 2 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff) if n < 64 else 0.0
+        flops = self._solve_flops(s, n) / (self.gpu.fp64 * self.f64_eff)
+        apply = weight * (8 + 3 * self.bpp + 4 * 4) / (self.gpu.bw * self.bw_eff)
+        return trsv + flops + apply + 60 * self.kernel_s + 5e-3  # small eig/Cholesky calls and syncs
+
+    def eval(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
+        """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences)."""
+        key = "eval_s_per_case" if cases > 1 else "eval_s_per_case_single"
+        if key in self.unit_s:
+            return self.unit_s[key] * cases
+        seqs = cases * ts.eval_seqs
+        n_fwd = max(1, math.ceil(seqs / eval_batch))
+        flops = 2 * s.n_layers * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
+        nbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
+        return n_fwd * self._pass(flops / n_fwd, nbytes, s.n_layers * self.kernels_fwd + 10) + 5e-3 * cases
+
+    def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
+        """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
+        sorted by length and sampled ``gen_batch`` at a time; every step decodes one token for all
+        rows of a batch, from its shortest prompt's length up to ``max_len`` (generate_fast)."""
+        rows = int(round(cases * ts.gen_prompts))
+        if cases == 1:
+            batches = [(rows, int(round(ts.gen_case_min_len)))]
+        else:
+            lens = ts.gen_lengths(rows)
+            batches = [(len(lens[i:i + self.gen_batch]), lens[i]) for i in range(0, rows, self.gen_batch)]
+        key = "ge_s_per_case" if cases > 1 else "ge_s_per_case_single"
+        decoded = sum(r * max(max_len - m, 0) for r, m in batches)
+        if key in self.unit_s:
+            return self.unit_s[key] * cases, decoded
+        t = 0.0
+        wbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
+        for r, m in batches:
+            steps = max(max_len - m, 0)
+            t += self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r * m, wbytes,
+                            s.n_layers * self.kernels_fwd)  # prefill
+            kv = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * r * (m + max_len) / 2
+            step = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r, wbytes + kv,
+                              s.n_layers * self.kernels_fwd + 10, self.small_mm_eff, self.step_py_s)
+            t += steps * step
+        return t + 2e-3 * rows, decoded  # n-gram entropy of each text (Python)
+
+    def c0_per_pass(self, s: ModelShape) -> int:
+        """C0 accumulators (float64 d_in², on the device) per pass over the corpus: at most half
+        the memory left beside the model (editlib.stats.layers_per_pass)."""
+        free = self.gpu.mem_gb * 1e9 - s.params * self.bpp
+        return max(1, int(0.5 * free // (8 * s.d_in ** 2)))
+
+    def c0_collect(self, s: ModelShape, layers: int, deepest: int) -> float:
+        """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
+        deepest in groups of :meth:`c0_per_pass`) + a float64 d_in² rank-T update per layer."""
+        if "c0_s_per_token_layer" in self.unit_s:
+            return self.unit_s["c0_s_per_token_layer"] * self.c0_tokens * layers
+        per = self.c0_per_pass(s)
+        first = deepest - layers + 1
+        depths = [min(first + i + per, deepest + 1) for i in range(0, layers, per)]
+        fwd = sum(2 * d * s.block_params * self.c0_tokens / (self.peak * self.mm_eff) for d in depths)
+        acc = 2 * s.d_in ** 2 * self.c0_tokens * layers / (self.gpu.fp64 * self.f64_eff)
+        return fwd + acc
+
+    def c0_factor(self, s: ModelShape) -> float:
+        """Per layer and study open: read the cached sum, factor C0 (+ the condition number)."""
+        if "c0_factor_s" in self.unit_s:
+            return self.unit_s["c0_factor_s"]
+        read = 8 * s.d_in ** 2 / self.disk_bw
+        if self.solve_on == "host":
+            return read + self.host_factor_s * (s.d_in / 14336) ** 3 / self.host_speedup
+        chol = s.d_in ** 3 / 3 / (self.gpu.fp64 * self.f64_eff)
+        cond = 50 * 3 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff)  # power + inverse iterations
+        return read + 8 * s.d_in ** 2 / self.pcie_bw + chol + cond
+
+    def ckpt(self, s: ModelShape) -> float:
+        """A sequential batch's checkpoint: the fp32 master of the edited weight to disk."""
+        if "ckpt_s" in self.unit_s:
+            return self.unit_s["ckpt_s"]
+        b = 4 * s.d * s.d_in
+        return b / self.pcie_bw + b / self.disk_bw + 0.02
+
+    def load(self, s: ModelShape) -> float:
+        if "load_s" in self.unit_s:
+            return self.unit_s["load_s"]
+        return s.params * self.bpp / self.disk_bw + self.load_fixed_s
+
+    # ----------------------------------------------------------------- experiments
+    def seconds(self, exp: ExperimentCount, ts: TokenStats) -> dict[str, float]:
+        """Seconds per work kind (KINDS) of one experiment, plus decoded GE token rows."""
+        s = exp.shape
+        out = dict.fromkeys(KINDS, 0.0)
+        out["ge_tokens"] = 0
+        for w in exp.items:
+            if w.kind == "values":
+                out["values"] += w.count * self.values(s, ts, w.size, w.layer)
+            elif w.kind == "keys":
+                out["keys"] += w.count * self.keys(s, ts, w.size, w.layer)
+            elif w.kind == "solve":
+                out["solve"] += w.count * self.solve(s, w.size)
+            elif w.kind == "eval":
+                out["eval"] += w.count * self.eval(s, ts, w.size, exp.eval_batch)
+                if exp.generation:
+                    t, tok = self.ge(s, ts, w.size, exp.gen_max_len)
+                    out["ge"] += w.count * t
+                    out["ge_tokens"] += w.count * tok
+            elif w.kind == "c0_collect":
+                out["c0_collect"] += w.count * self.c0_collect(s, w.size, w.layer)
+            elif w.kind == "c0_factor":
+                out["c0_factor"] += w.count * self.c0_factor(s)
+            elif w.kind == "ckpt":
+                out["ckpt"] += w.count * self.ckpt(s)
+            elif w.kind == "load":
+                out["load"] += w.count * self.load(s)
+        return out
+
+    def derived(self, s: ModelShape, ts: TokenStats, max_len: int) -> list[str]:
+        """Per-unit times the assumptions imply, to compare with a measurement."""
+        dec = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * 10,
+                         (s.n_layers * s.block_params + s.head_params) * self.bpp,
+                         s.n_layers * self.kernels_fwd + 10, self.small_mm_eff, self.step_py_s)
+        return [f"{s.name}: decode step of 10 rows {1e3 * dec:.1f} ms; GE of one case "
+                f"{self.ge(s, ts, 1, max_len)[0]:.2f} s; scoring one case alone {self.eval(s, ts, 1, 64):.3f} s; "
+                f"values of one fact at layer 1: {self.values(s, ts, 1, 1):.2f} s alone, "
+                f"{self.values(s, ts, 32, 1) / 32:.3f} s in a chunk of 32; one N = 1 solve + apply "
+                f"{self.solve(s, 1):.3f} s, N = 4096 {self.solve(s, 4096):.1f} s ({self.solve_on})"]
+
+    def assumptions(self) -> list[str]:
+        skip = {"gpu", "unit_s"}
+        return [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self) if f.name not in skip]
+
+
+#: keys of a ``--unit-costs`` JSON (seconds, measured on the GPU; each replaces the model's unit)
+UNIT_KEYS = ("values_s_per_fact", "solve_s_by_n", "eval_s_per_case", "eval_s_per_case_single",
+             "ge_s_per_case", "ge_s_per_case_single", "c0_s_per_token_layer", "c0_factor_s", "ckpt_s", "load_s")
+
+
+def with_unit_costs(model: CostModel, path: str | Path) -> CostModel:
+    """A copy of ``model`` whose units are replaced by a measured JSON ({"units": {...}} or flat)."""
+    d = json.loads(Path(path).read_text())
+    units = d.get("units", d)
+    unknown = sorted(set(units) - set(UNIT_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
+    return replace(model, unit_s={**model.unit_s, **units})

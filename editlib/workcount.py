@@ -1,0 +1,379 @@
+"""The work a params file asks for, counted exactly as :mod:`editlib.protocols` runs it (issue 11).
+
+:func:`count_grid` mirrors the protocols line by line: the layer search and the singular protocol
+prepare targets (values, keys, residuals) once per distinct value setting
+(``protocols._value_key``) and solve once per fact and method; the sweep prepares once per chunk
+and re-solves per λ; batch mode prepares once per value setting for all its facts and solves per
+batch; the sequential protocol prepares, solves, evaluates and checkpoints per batch (plus the
+forgetting and final evaluations). Every notebook of ``python -m editlib reproduce`` opens its own
+study (model load, context templates, C0 factor of the layers it edits); the layer search
+collects C0 for all its layers, also on the second model when the params name one.
+:class:`TokenStats` holds the per-fact token counts that turn this work into FLOPs
+(:mod:`editlib.cost`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+__all__ = ["KNOWN_SHAPES", "ExperimentCount", "ModelShape", "TokenStats", "Work", "count_grid",
+           "measure_token_stats", "shape_for"]
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-style decoder's sizes (all that the cost of editing depends on)."""
+
+    name: str
+    n_layers: int
+    d: int
+    d_in: int  # MLP width = key size of the edited down-projection
+    vocab: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def block_params(self) -> int:
+        q_o = 2 * self.d * self.n_heads * self.head_dim
+        k_v = 2 * self.d * self.n_kv * self.head_dim
+        return q_o + k_v + 3 * self.d * self.d_in + 2 * self.d
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab * self.d
+
+    @property
+    def params(self) -> int:
+        """All parameters (blocks, final norm, LM head, embedding)."""
+        return self.n_layers * self.block_params + 2 * self.head_params + self.d
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str) -> "ModelShape":
+        heads = int(cfg["num_attention_heads"])
+        return cls(name, int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), int(cfg["intermediate_size"]),
+                   int(cfg["vocab_size"]), heads, int(cfg.get("num_key_value_heads") or heads),
+                   int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
+
+
+#: shapes of the paper's models (their hub config.json), so counting needs no download
+KNOWN_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B": ModelShape("Llama-3-8B", 32, 4096, 14336, 128256, 32, 8, 128),
+    "meta-llama/Llama-2-7b-hf": ModelShape("Llama-2-7B", 32, 4096, 11008, 32000, 32, 32, 128),
+}
+
+
+def shape_for(model_id: str | None, label: str | None = None) -> ModelShape:
+    """The shape of a hub id in :data:`KNOWN_SHAPES` or of a local directory's config.json."""
+    if model_id in KNOWN_SHAPES:
+        return KNOWN_SHAPES[model_id]
+    cfg = Path(str(model_id)).expanduser() / "config.json"
+    if model_id and cfg.is_file():
+        return ModelShape.from_config(json.loads(cfg.read_text()), label or Path(str(model_id)).name)
+    raise ValueError(f"no shape known for model {model_id!r}: give a local directory with config.json "
+                     f"or one of {sorted(KNOWN_SHAPES)}")
+
+
+# --------------------------------------------------------------------------- token counts
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-fact token counts of the Llama-3 tokenizer on CounterFact (means; see
+    :func:`measure_token_stats`). The defaults were measured on the first 1,000 facts of
+    ordering 0 of the 10,459-record CounterFact subset with the real Llama-3 tokenizer and
+    MEMIT-style context templates of 10 tokens (``python bench/paper_cost.py --token-stats``)."""
+
+    value_seqs: float = 7.0        # sequences per fact in the value loss (6 templates + KL prompt)
+    value_tokens: float = 109.3    # their tokens (run once per chunk, every layer)
+    value_packed: float = 26.5     # tokens per fact and Adam iteration (subject token → last read)
+    value_labels: float = 7.1      # label positions per fact (NLL) + the KL position
+    key_tokens: float = 110.9      # tokens of the 6 key sequences + the plain prompt (residual)
+    eval_prompts: float = 13.0     # probability prompts per case (rewrite, 2 paraphrases, 10 neighbours)
+    eval_seqs: float = 13.4        # distinct scored sequences per case (one per prompt when both targets are 1 token)
+    eval_tokens: float = 143.6     # their tokens
+    eval_reads: float = 26.4       # logit rows read per case
+    gen_prompts: float = 10.0      # generation prompts per case (GE)
+    gen_len_hist: tuple = ((5, 0.007), (6, 0.035), (7, 0.103), (8, 0.141), (9, 0.166), (10, 0.155),
+                           (11, 0.125), (12, 0.09), (13, 0.068), (14, 0.049), (15, 0.028), (16, 0.017),
+                           (17, 0.006), (18, 0.005), (19, 0.003), (20, 0.001))
+    gen_case_min_len: float = 8.4  # mean over cases of their shortest generation prompt (tokens, BOS included)
+    source: str = "defaults (Llama-3 tokenizer, CounterFact subset, 1,000 facts)"
+
+    def gen_lengths(self, n: int) -> list[int]:
+        """``n`` generation-prompt lengths following the histogram, sorted (as sample_texts sorts)."""
+        cum, out, acc = [], [], 0.0
+        total = sum(w for _, w in self.gen_len_hist)
+        for length, w in self.gen_len_hist:
+            acc += w / total
+            cum.append((acc, length))
+        for i in range(n):
+            q = (i + 0.5) / n
+            out.append(next(l for c, l in cum if q <= c + 1e-12))
+        return out
+
+
+def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int = 10) -> TokenStats:
+    """:class:`TokenStats` of ``records[:n]`` exactly as :mod:`editlib.values`, :mod:`editlib.reprs`,
+    :mod:`editlib.scoring` and :mod:`editlib.generation` tokenise them, with MEMIT-style context
+    templates of ``context_len`` tokens (the reference samples 10-token texts)."""
+    import torch
+
+    from .context import MEMIT_SEEDS, ContextTemplates
+    from .metrics import _flatten
+    from .scoring import _read_plan, _TokCache
+    from .tokens import encode, filled_ids, in_context
+    from .values import _build
+
+    recs = list(records[:n])
+    filler = " the" * 40
+    ctx_texts = []
+    for seed in MEMIT_SEEDS:  # a seed word followed by filler up to context_len tokens (BOS included)
+        ids = encode(tok, seed + filler)[1:context_len]
+        ctx_texts.append(tok.decode(ids) + ". {}")
+    ctx = ContextTemplates(groups=(("{}",), tuple(ctx_texts)))
+    seq = _build(tok, recs, ctx)
+    kl = seq.is_kl.nonzero()[:, 0]
+    need_seq = torch.cat([seq.lab_seq, kl])
+    need_pos = torch.cat([seq.lab_pos, seq.lookup[kl]])
+    width = torch.ones(len(seq.lookup), dtype=torch.long).scatter_reduce(
+        0, need_seq, need_pos - seq.lookup[need_seq] + 1, "amax")
+    key_tok = sum(len(filled_ids(tok, in_context(c, r.prompt), r.subject)[0]) for r in recs for c in ctx.flat)
+    key_tok += sum(len(filled_ids(tok, r.prompt, r.subject)[0]) for r in recs)
+    fl = _flatten(recs)
+    cache = _TokCache(tok, "correct")
+    seqs, tokens, reads = 0, 0, 0
+    for i in range(len(recs)):
+        plans = {}
+        for j in (fl.owner == i).nonzero()[0]:
+            for tgt in (fl.new[j], fl.true[j]):
+                ids, cols, _ = _read_plan(cache, fl.prefixes[j], tgt)
+                plans.setdefault(ids, 0)
+                reads += len(cols)
+        seqs += len(plans)
+        tokens += sum(len(s) for s in plans)
+    lens = [len(encode(tok, g)) for r in recs for g in r.generation_prompts]
+    hist = Counter(lens)
+    mins = [min(len(encode(tok, g)) for g in r.generation_prompts) for r in recs if r.generation_prompts]
+    k = len(recs)
+    return TokenStats(
+        value_seqs=round(len(seq.lookup) / k, 2), value_tokens=round(float(seq.mask.sum()) / k, 1),
+        value_packed=round(float(width.sum()) / k, 1), value_labels=round(float(len(need_seq)) / k, 1),
+        key_tokens=round(key_tok / k, 1), eval_prompts=round(len(fl.prefixes) / k, 2),
+        eval_seqs=round(seqs / k, 1), eval_tokens=round(tokens / k, 1), eval_reads=round(reads / k, 1),
+        gen_prompts=round(len(lens) / k, 2),
+        gen_len_hist=tuple((l, round(c / len(lens), 3)) for l, c in sorted(hist.items())),
+        gen_case_min_len=round(sum(mins) / max(len(mins), 1), 1),
+        source=f"measured: {k} facts, tokenizer {type(tok).__name__} ({len(tok)} ids)")
+
+
+# --------------------------------------------------------------------------- counting
+
+
+@dataclass(frozen=True)
+class Work:
+    """``count`` repetitions of one unit of work. ``size``: facts per value/key call, N of a
+    solve, cases per evaluation call, layers per C0 pass; ``layer``: the edited layer."""
+
+    kind: str  # values | keys | solve | eval | c0_collect | c0_factor | ckpt | load
+    count: int
+    size: int = 1
+    layer: int = 0
+
+
+@dataclass
+class ExperimentCount:
+    """The work of one experiment (one notebook's study) on one model."""
+
+    name: str
+    shape: ModelShape
+    generation: bool
+    gen_max_len: int
+    eval_batch: int
+    items: list[Work] = field(default_factory=list)
+
+    def add(self, kind: str, count: int = 1, size: int = 1, layer: int = 0) -> None:
+        if count > 0:
+            self.items.append(Work(kind, count, size, layer))
+
+    def total(self, kind: str, weight: str = "size") -> int:
+        return sum(w.count * (w.size if weight == "size" else 1) for w in self.items if w.kind == kind)
+
+    @property
+    def edits(self) -> int:
+        return self.total("solve")
+
+    @property
+    def solves(self) -> Counter:
+        c: Counter = Counter()
+        for w in self.items:
+            if w.kind == "solve":
+                c[w.size] += w.count
+        return c
+
+
+def _value_chunks(exp: ExperimentCount, n: int, zb: int, layer: int) -> None:
+    """compute_values: ``n`` facts in chunks of ``zb`` (the last one smaller), then keys and residuals."""
+    full, rest = divmod(n, zb)
+    exp.add("values", full, zb, layer)
+    exp.add("values", 1 if rest else 0, rest, layer)
+    exp.add("keys", 1, n, layer)
+
+
+def _chunks(n: int, b: int) -> list[int]:
+    return [min(b, n - s) for s in range(0, n, b)]
+
+
+def _new_exp(p, name: str, shape: ModelShape) -> ExperimentCount:
+    ev = p.evaluation
+    return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size))
+
+
+def count_layer_search(p, which: str = "model") -> ExperimentCount:
+    """run_layer_search (+ its notebook's study): C0 of every layer, then per layer the values once
+    per value setting and one N = 1 solve and one 1-case evaluation per fact and method."""
+    from .protocols import _value_key
+
+    mp = p.second_model if which == "second_model" else p.model
+    shape = shape_for(mp.id, mp.label)
+    ls = p.layer_search
+    layers = list(range(shape.n_layers)) if ls.layers == "all" else [int(l) for l in ls.layers]
+    exp = _new_exp(p, "layer_search" + ("" if which == "model" else f" ({shape.name})"), shape)
+    exp.add("load")
+    exp.add("c0_collect", 1, len(layers), max(layers))
+    exp.add("c0_factor", len(layers))
+    for _ in p.data.orderings:
+        for layer in layers:
+            seen = set()
+            for m in ls.methods:
+                hp = p.method_hparams(m, layer, "layer_search")
+                key = _value_key(hp)
+                if key not in seen:
+                    seen.add(key)
+                    _value_chunks(exp, ls.n_facts, hp.values.z_batch_size, layer)
+                exp.add("solve", ls.n_facts, 1, layer)
+                exp.add("eval", ls.n_facts, 1, layer)
+    return exp
+
+
+def count_singular(p, layer: int) -> ExperimentCount:
+    from .protocols import _value_key
+
+    sp = p.singular
+    exp = _new_exp(p, "singular", shape_for(p.model.id, p.model.label))
+    exp.add("load")
+    exp.add("c0_factor", 1)
+    for _ in p.data.orderings:
+        seen = set()
+        for m in sp.methods:
+            hp = p.method_hparams(m, layer, "singular")
+            key = _value_key(hp)
+            if key not in seen:
+                seen.add(key)
+                _value_chunks(exp, sp.n_facts, hp.values.z_batch_size, layer)
+            exp.add("solve", sp.n_facts, 1, layer)
+            exp.add("eval", sp.n_facts, 1, layer)
+    return exp
+
+
+def count_sweep(p, layer: int) -> ExperimentCount:
+    """run_sweep: per chunk, values once per value setting, then one solve + evaluation per λ."""
+    from .protocols import _value_key
+
+    sw = p.sweep
+    exp = _new_exp(p, "sweep", shape_for(p.model.id, p.model.label))
+    exp.add("load")
+    exp.add("c0_factor", 1)
+    grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
+    for _ in p.data.orderings:
+        for n in _chunks(sw.total, sw.batch_size):
+            seen = set()
+            for method, lams in grids.items():
+                for lam in lams:
+                    over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
+                    hp = p.method_hparams(method, layer, "sweep", **over)
+                    key = _value_key(hp)
+                    if key not in seen:
+                        seen.add(key)
+                        _value_chunks(exp, n, hp.values.z_batch_size, layer)
+                    exp.add("solve", 1, n, layer)
+                    exp.add("eval", 1, n, layer)
+    return exp
+
+
+def count_batch(p, layer: int) -> ExperimentCount:
+    """run_batch: values of all facts once per value setting; one solve + evaluation per batch."""
+    from .protocols import _value_key
+
+    bp = p.batch
+    exp = _new_exp(p, "batch", shape_for(p.model.id, p.model.label))
+    exp.add("load")
+    exp.add("c0_factor", 1)
+    for _ in p.data.orderings:
+        seen = set()
+        for method in bp.methods:
+            hp = p.method_hparams(method, layer, "batch")
+            key = _value_key(hp)
+            if key not in seen:
+                seen.add(key)
+                _value_chunks(exp, bp.total, hp.values.z_batch_size, layer)
+            for B in bp.batch_sizes:
+                for n in _chunks(bp.total, B):
+                    exp.add("solve", 1, n, layer)
+                    exp.add("eval", 1, n, layer)
+    return exp
+
+
+def count_sequential(p, layer: int) -> ExperimentCount:
+    """run_sequential: per batch values, keys, solve, evaluation and a checkpoint of the edited
+    weight; forgetting evaluations every k batches; the final evaluation of all facts."""
+    sq = p.sequential
+    exp = _new_exp(p, "sequential", shape_for(p.model.id, p.model.label))
+    exp.add("load")
+    exp.add("c0_factor", 1)
+    for _ in p.data.orderings:
+        for method in sq.methods:
+            hp = p.method_hparams(method, layer, "sequential")
+            for B in sq.batch_sizes:
+                sizes = _chunks(sq.total, B)
+                done = 0
+                for bi, n in enumerate(sizes):
+                    _value_chunks(exp, n, hp.values.z_batch_size, layer)
+                    exp.add("solve", 1, n, layer)
+                    exp.add("eval", 1, n, layer)
+                    exp.add("ckpt", 1)
+                    done += n
+                    k = sq.forgetting_every
+                    if k and (bi + 1) % k == 0 and bi + 1 < len(sizes):
+                        exp.add("eval", 1, done, layer)
+                if sq.eval_final:
+                    exp.add("eval", 1, sq.total, layer)
+    return exp
+
+
+def count_grid(p, *, layer: int = 1, experiments: Iterable[str] | None = None,
+               second_model: bool = True) -> list[ExperimentCount]:
+    """Every experiment ``python -m editlib reproduce`` runs for params ``p`` (notebooks 01-05;
+    the second model's layer search when ``p.second_model`` is set). ``layer``: the edited layer
+    where a section says ``best`` (the paper finds layer 1 on Llama-3-8B)."""
+    want = list(experiments or ("layer_search", "singular", "sweep", "batch", "sequential"))
+
+    def lay(sec) -> int:
+        v = getattr(p, sec).layer
+        return layer if v == "best" else int(v)
+
+    out = []
+    if "layer_search" in want:
+        out.append(count_layer_search(p))
+        if second_model and p.second_model is not None:
+            out.append(count_layer_search(p, "second_model"))
+    fns = {"singular": count_singular, "sweep": count_sweep, "batch": count_batch,
+           "sequential": count_sequential}
+    out += [fns[e](p, lay(e)) for e in want if e in fns]
+    return out

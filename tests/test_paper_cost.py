@@ -1,0 +1,133 @@
+"""The cost model of ``bench/paper_cost.py`` (editlib.cost): work counted as the protocols run it,
+checked against hand counts on params/smoke.yaml, scaling with batch sizes, and the unit model."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from editlib.cost import GPUS, KNOWN_SHAPES, CostModel, TokenStats, count_grid, shape_for, with_unit_costs
+from editlib.params import resolve
+from editlib.paths import REPO_ROOT
+
+SMOKE = REPO_ROOT / "params" / "smoke.yaml"
+
+
+def grid(**over):
+    return {e.name: e for e in count_grid(resolve(SMOKE, overrides=over), layer=1)}
+
+
+def test_smoke_counts_by_hand():
+    """smoke.yaml: layer search 6 facts × layers {0, 1, 5} × ROME, MEMIT (values shared by the two
+    methods), singular 6 facts at layer 1, sweep one batch of 8 with 2 + 2 λ, batch 8 facts at
+    B ∈ {4, 8}, sequential 8 facts at B ∈ {2, 8} with the final evaluation; MEMIT and EMMET."""
+    g = grid()
+    assert list(g) == ["layer_search", "singular", "sweep", "batch", "sequential"]
+    ls = g["layer_search"]
+    assert ls.solves == Counter({1: 36}) and ls.edits == 36
+    assert ls.total("values") == 18 and ls.total("values", "count") == 3  # one chunk per layer
+    assert ls.total("eval") == 36 and ls.total("eval", "count") == 36     # one case per call
+    assert [(w.size, w.layer) for w in ls.items if w.kind == "c0_collect"] == [(3, 5)]
+    assert ls.total("c0_factor", "count") == 3 and ls.total("load", "count") == 1
+    sg = g["singular"]
+    assert sg.solves == Counter({1: 12}) and sg.total("values") == 6 and sg.total("eval") == 12
+    sw = g["sweep"]
+    assert sw.solves == Counter({8: 4}) and sw.total("values") == 8 and sw.total("eval") == 32
+    bt = g["batch"]
+    assert bt.solves == Counter({4: 4, 8: 2}) and bt.edits == 32
+    assert bt.total("values") == 8 and bt.total("eval") == 32  # prepared once for both methods
+    sq = g["sequential"]
+    assert sq.solves == Counter({2: 8, 8: 2}) and sq.edits == 32
+    assert sq.total("values") == 32                      # recomputed per batch on the edited model
+    assert sq.total("eval") == 32 + 32                   # current + final (2 methods × 2 B × 8)
+    assert sq.total("ckpt", "count") == 10
+    assert all(e.total("load", "count") == 1 for e in g.values())
+
+
+def test_counts_scale_with_batch_sizes_and_facts():
+    g = grid(**{"batch.batch_sizes": [2, 4, 8], "sequential.batch_sizes": [1, 2, 4, 8],
+                "hparams.common.z_batch_size": 3, "layer_search.n_facts": 12, "sweep.batch_size": 4})
+    bt = g["batch"]
+    assert bt.solves == Counter({2: 8, 4: 4, 8: 2}) and bt.total("values") == 8  # still prepared once
+    assert bt.total("values", "count") == 3                                       # chunks 3, 3, 2
+    sq = g["sequential"]
+    assert sq.solves == Counter({1: 16, 2: 8, 4: 4, 8: 2})
+    assert sq.total("values") == 2 * 4 * 8 and sq.total("ckpt", "count") == 2 * (8 + 4 + 2 + 1)
+    # B = 1 and 2 run one value chunk per batch, B = 4 two (3 + 1), B = 8 three (3 + 3 + 2)
+    assert sq.total("values", "count") == 2 * (8 + 4 + 2 * 2 + 3)
+    ls = g["layer_search"]
+    assert ls.solves == Counter({1: 72}) and ls.total("values") == 36
+    sw = g["sweep"]                                       # two chunks of 4, 4 λ each
+    assert sw.solves == Counter({4: 8}) and sw.total("values") == 8 and sw.total("eval") == 32
+
+
+def test_method_specific_value_settings_are_not_shared():
+    """A value hyperparameter that differs between ROME and MEMIT gives each its own values."""
+    g = grid(**{"hparams.memit.v_lr": 0.25})
+    assert g["layer_search"].total("values") == 2 * 18
+    assert g["singular"].total("values") == 12
+
+
+def test_paper_grid_layer_search_and_second_model():
+    p = resolve(REPO_ROOT / "params" / "llama3-8b.yaml")
+    exps = count_grid(p, layer=1)
+    names = [e.name for e in exps]
+    assert names[:2] == ["layer_search", "layer_search (Llama-2-7B)"]
+    ls_solves = sum(e.solves[1] for e in exps[:2])
+    assert ls_solves == p.layer_search.n_facts * 32 * len(p.layer_search.methods) * 2
+    seq = next(e for e in exps if e.name == "sequential")
+    n_cfg = len(p.sequential.batch_sizes) * len(p.sequential.methods)
+    assert seq.total("values") == p.sequential.total * n_cfg
+    assert seq.solves[1] == p.sequential.total * len(p.sequential.methods) * (1 in p.sequential.batch_sizes)
+
+
+def test_llama_shapes():
+    l3 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    assert l3.params == 8_030_261_248
+    assert KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"].params == 6_738_415_616
+    tiny = shape_for(str(REPO_ROOT / "models" / "tiny-world"))
+    assert (tiny.n_layers, tiny.d, tiny.d_in, tiny.vocab) == (6, 128, 512, 3072)
+
+
+def test_cost_units():
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    dev = CostModel(GPUS["h100"], solve_on="device")
+    host = CostModel(GPUS["h100"], solve_on="host", host_solve_s=2.0, host_speedup=2.0)
+    assert host.solve(s, 1) == pytest.approx(1.0 + 4096 * 14336 * 8 / host.pcie_bw)
+    assert dev.solve(s, 1) < 0.1 < host.solve(s, 1)
+    assert dev.solve(s, 4096) > dev.solve(s, 1)
+    # GE of one case: 10 prompts, decoded from the shortest one to gen_max_len
+    t, tokens = dev.ge(s, ts, 1, 100)
+    assert tokens == 10 * (100 - round(ts.gen_case_min_len)) and t > 0
+    # without host overhead, decoding is bandwidth-bound: the H200's faster memory decodes faster
+    # and bf16 halves the weight bytes; with the default eager-PyTorch overhead one case's 10 rows
+    # are host-bound (the same on both GPUs)
+    free = {"kernel_s": 0.0, "step_py_s": 0.0}
+    t100 = CostModel(GPUS["h100"], **free).ge(s, ts, 1, 100)[0]
+    assert CostModel(GPUS["h200"], **free).ge(s, ts, 1, 100)[0] == pytest.approx(t100 * 3.35 / 4.8, rel=0.05)
+    assert CostModel(GPUS["h100"], dtype="bfloat16", **free).ge(s, ts, 1, 100)[0] < 0.6 * t100
+    assert CostModel(GPUS["h200"]).ge(s, ts, 1, 100)[0] == pytest.approx(t)
+    # values above the last layer cost (almost) only the head; deeper edits cost more
+    assert dev.values(s, ts, 32, 1) > dev.values(s, ts, 32, 30)
+
+
+def test_experiment_seconds_and_overrides(tmp_path):
+    p = resolve(SMOKE, overrides={"evaluation.generation": True})
+    exps = count_grid(p, layer=1)
+    m = CostModel(GPUS["h100"])
+    on = sum(sum(v for k, v in m.seconds(e, TokenStats()).items() if k != "ge_tokens") for e in exps)
+    p_off = resolve(SMOKE, overrides={"evaluation.generation": False})
+    off_secs = [m.seconds(e, TokenStats()) for e in count_grid(p_off, layer=1)]
+    assert all(s["ge"] == 0 and s["ge_tokens"] == 0 for s in off_secs)
+    assert on > sum(sum(v for k, v in s.items() if k != "ge_tokens") for s in off_secs)
+    f = tmp_path / "units.json"
+    f.write_text(json.dumps({"units": {"solve_s_by_n": {"1": 7.0}, "ge_s_per_case_single": 3.0}}))
+    mm = with_unit_costs(m, f)
+    ls = next(e for e in exps if e.name == "layer_search")
+    sec = mm.seconds(ls, TokenStats())
+    assert sec["solve"] == pytest.approx(7.0 * 36)
+    assert sec["ge"] == pytest.approx(3.0 * 36)
+    f.write_text(json.dumps({"solve_per_fact": 1}))
+    with pytest.raises(ValueError, match="unknown unit"):
+        with_unit_costs(m, f)

@@ -163,14 +163,21 @@ def main(argv=None) -> None:
     shape = shape_for(p.model.id, p.model.label)
     tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
     where, why = solve_location(args.solve_on)
-    model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, solve_on=where, c0_tokens=tokens,
+    model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
+                      solve_on=where, c0_tokens=tokens,
                       host_speedup=args.host_speedup,
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
              f"solves and C0 factors on the {where} ({why})",
              f"edited layer {args.layer} where a section says 'best'; GE {'on' if p.evaluation.generation else 'off'}"
              f" (gen_max_len {p.evaluation.gen_max_len}); {len(p.data.orderings)} ordering(s)",
-             f"C0 accumulators per pass: {model.c0_per_pass(shape)} ({shape.name}, half the memory left beside the model)"]
+             f"C0 accumulators per pass: {model.c0_per_pass(shape)} ({shape.name}, half the memory left beside the model)",
+             "independent edits (layer search, singular, batch) " + (
+                 "batched: one multi-right-hand-side solve / all batches of a size, one evaluation call "
+                 "through per-row low-rank hooks" if getattr(p.evaluation, "batched_edits", False) else
+                 "one at a time (reference path): solve, write, evaluate, restore per edit"),
+             f"float32 matmuls {'on TF32 tensor cores' if model.tf32 else 'in full float32 (model.tf32 off)'}; "
+             "local executor (one process: targets shared as protocols' UnitContext groups share them)"]
     if args.slice_costs:
         host = slice_host_costs(args.slice_costs)
         model = replace(model, **host)

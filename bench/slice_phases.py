@@ -64,10 +64,15 @@ def unit_costs(p, phases: dict, study) -> dict:
     out: dict = {"machine": f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
                  "model": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,
                  "d": value_dim(study.model, 0), "d_in": key_dim(study.model, 0)}
-    solves = pd.concat([b for b in (ls, sq, bt, sw) if not b.empty], ignore_index=True)
-    if not solves.empty:
+    # solves written into the weights (sequential, sweep); the layer search's and batch mode's
+    # solves are per-fact shares of joint solves when independent edits are batched
+    by_exp = {"layer_search": ls, "batch": bt, "sweep": sw, "sequential": sq}
+    out["solve_s_by_experiment_n"] = {e: {int(n): round(float(g.seconds_solve.median()), 4)
+                                          for n, g in b.groupby("n")} for e, b in by_exp.items() if not b.empty}
+    written = pd.concat([b for b in (sq, sw) if not b.empty], ignore_index=True)
+    if not written.empty:
         out["solve_apply_s_by_n"] = {int(n): round(float(g.seconds_solve.median()), 4)
-                                     for n, g in solves.groupby("n")}
+                                     for n, g in written.groupby("n")}
     if not ls.empty:
         one = ls[ls.method == ls.method.iloc[0]]  # the methods share each fact's values: count once
         out["values_s_per_fact_by_layer"] = {int(l): round(float(g.seconds_values.mean()), 4)

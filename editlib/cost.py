@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .workcount import (KNOWN_SHAPES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
+from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
 
 __all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
@@ -31,6 +31,7 @@ class GPU:
 
     name: str
     fp32: float  # FLOP/s, CUDA cores (PyTorch's default float32 matmul precision "highest": no TF32)
+    tf32: float  # FLOP/s, tensor cores (float32 matmuls with params model.tf32: true)
     bf16: float  # FLOP/s, tensor cores
     fp64: float  # FLOP/s, tensor cores (cuBLAS DGEMM)
     bw: float    # HBM bytes/s
@@ -38,9 +39,9 @@ class GPU:
 
 
 GPUS = {
-    "h100": GPU("NVIDIA H100 SXM5 80GB", 67e12, 989e12, 67e12, 3.35e12, 80),
-    "h200": GPU("NVIDIA H200 SXM 141GB", 67e12, 989e12, 67e12, 4.8e12, 141),
-    "a100": GPU("NVIDIA A100 SXM4 80GB", 19.5e12, 312e12, 19.5e12, 2.039e12, 80),
+    "h100": GPU("NVIDIA H100 SXM5 80GB", 67e12, 495e12, 989e12, 67e12, 3.35e12, 80),
+    "h200": GPU("NVIDIA H200 SXM 141GB", 67e12, 495e12, 989e12, 67e12, 4.8e12, 141),
+    "a100": GPU("NVIDIA A100 SXM4 80GB", 19.5e12, 156e12, 312e12, 19.5e12, 2.039e12, 80),
 }
 
 #: work kinds in report order, with a short label
@@ -60,6 +61,7 @@ class CostModel:
 
     gpu: GPU
     dtype: str = "float32"
+    tf32: bool = False             # float32 matmuls on TF32 tensor cores (params model.tf32)
     solve_on: str = "device"       # host | device: where factor_cov's factor lives (Study.covs)
     mm_eff: float = 0.6            # fraction of peak reached by large matmuls (forwards, backward)
     small_mm_eff: float = 0.3      # ... by skinny matmuls (decoding, B = 1 value steps)
@@ -90,7 +92,9 @@ class CostModel:
 
     @property
     def peak(self) -> float:
-        return self.gpu.fp32 if self.bpp == 4 else self.gpu.bf16
+        if self.bpp == 4:
+            return self.gpu.tf32 if self.tf32 else self.gpu.fp32
+        return self.gpu.bf16
 
     def _pass(self, flops: float, nbytes: float, kernels: int, eff: float | None = None,
               py_s: float = 0.0) -> float:
@@ -125,24 +129,33 @@ class CostModel:
         flops = 2 * depth * s.block_params * facts * ts.key_tokens
         return n_fwd * self._pass(flops / n_fwd, depth * s.block_params * self.bpp, depth * self.kernels_fwd)
 
-    def _solve_flops(self, s: ModelShape, n: int) -> float:
-        """C0⁻¹K (two triangular solves), D = KᵀC0⁻¹K, its eigenvalues and Cholesky, X, ΔW = RX."""
-        return 2 * s.d_in ** 2 * n + 2 * s.d_in * n * n + 10 * n ** 3 + 2 * n * n * s.d_in + 2 * s.d * n * s.d_in
+    def _solve_flops(self, s: ModelShape, n: int, kind: str = "solve") -> float:
+        """C0⁻¹K (two triangular solves with N right-hand sides); for a joint solve also
+        D = KᵀC0⁻¹K, its eigenvalues and Cholesky and X = (D + μI)⁻¹(C0⁻¹K)ᵀ; for a written edit
+        the block-wise R X added to the master."""
+        f = 2 * s.d_in ** 2 * n
+        if kind != "solve_r1":
+            f += 2 * s.d_in * n * n + 10 * n ** 3 + 2 * n * n * s.d_in
+        if kind == "solve":
+            f += 2 * s.d * n * s.d_in
+        return f
 
-    def solve(self, s: ModelShape, n: int) -> float:
-        """One solve + apply of N = ``n`` edits (EditSession: master copy, apply, restore)."""
-        over = self.unit_s.get("solve_s_by_n", {})
+    def solve(self, s: ModelShape, n: int, kind: str = "solve") -> float:
+        """One solve call of N = ``n`` edits (kinds: editlib.workcount.SOLVES). A written edit
+        also pays the EditSession: clones of the weight, the block-wise apply, the restore."""
+        over = self.unit_s.get("solve_s_by_n", {}) if kind == "solve" else {}
         if str(n) in over or n in over:
             return float(over.get(str(n), over.get(n)))
         weight = s.d * s.d_in
         if self.solve_on == "host":
-            extra = max(self._solve_flops(s, n) - self._solve_flops(s, 1), 0.0)
+            extra = max(self._solve_flops(s, n, kind) - self._solve_flops(s, 1, kind), 0.0)
             t = (self.host_solve_s + extra / self.host_f64) / self.host_speedup
-            return t + weight * 8 / self.pcie_bw  # ΔW (float64) to the device
+            return t + (s.d + s.d_in) * n * 8 / self.pcie_bw  # the factors R, X to the device
         trsv = 2 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff) if n < 64 else 0.0
-        flops = self._solve_flops(s, n) / (self.gpu.fp64 * self.f64_eff)
-        apply = weight * (8 + 3 * self.bpp + 4 * 4) / (self.gpu.bw * self.bw_eff)
-        return trsv + flops + apply + 60 * self.kernel_s + 5e-3  # small eig/Cholesky calls and syncs
+        t = trsv + self._solve_flops(s, n, kind) / (self.gpu.fp64 * self.f64_eff) + 5e-3  # + small calls, syncs
+        if kind == "solve":
+            t += weight * (2 * 2 * self.bpp + 2 * 4 + 2 * self.bpp + 2 * self.bpp) / (self.gpu.bw * self.bw_eff)
+        return t
 
     def eval(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
         """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences)."""
@@ -177,7 +190,8 @@ class CostModel:
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * r * (m + max_len) / 2
             step = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r, wbytes + kv,
-                              s.n_layers * self.kernels_fwd + 10, self.small_mm_eff, self.step_py_s)
+                              s.n_layers * self.kernels_fwd + 10, self.mm_eff if r >= 64 else self.small_mm_eff,
+                              self.step_py_s)
             t += steps * step
         return t + 2e-3 * rows, decoded  # n-gram entropy of each text (Python)
 
@@ -210,12 +224,12 @@ class CostModel:
         cond = 50 * 3 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff)  # power + inverse iterations
         return read + 8 * s.d_in ** 2 / self.pcie_bw + chol + cond
 
-    def ckpt(self, s: ModelShape) -> float:
-        """A sequential batch's checkpoint: the fp32 master of the edited weight to disk."""
+    def ckpt(self, s: ModelShape, n: int) -> float:
+        """A sequential batch's checkpoint: its low-rank factors R [d, N] and X [N, d_in] in
+        float64, one small safetensors file per batch (protocols._save_ckpt)."""
         if "ckpt_s" in self.unit_s:
             return self.unit_s["ckpt_s"]
-        b = 4 * s.d * s.d_in
-        return b / self.pcie_bw + b / self.disk_bw + 0.02
+        return (s.d + s.d_in) * n * 8 / self.disk_bw + 0.01
 
     def load(self, s: ModelShape) -> float:
         if "load_s" in self.unit_s:
@@ -233,8 +247,8 @@ class CostModel:
                 out["values"] += w.count * self.values(s, ts, w.size, w.layer)
             elif w.kind == "keys":
                 out["keys"] += w.count * self.keys(s, ts, w.size, w.layer)
-            elif w.kind == "solve":
-                out["solve"] += w.count * self.solve(s, w.size)
+            elif w.kind in SOLVES:
+                out["solve"] += w.count * self.solve(s, w.size, w.kind)
             elif w.kind == "eval":
                 out["eval"] += w.count * self.eval(s, ts, w.size, exp.eval_batch)
                 if exp.generation:
@@ -246,7 +260,7 @@ class CostModel:
             elif w.kind == "c0_factor":
                 out["c0_factor"] += w.count * self.c0_factor(s)
             elif w.kind == "ckpt":
-                out["ckpt"] += w.count * self.ckpt(s)
+                out["ckpt"] += w.count * self.ckpt(s, w.size)
             elif w.kind == "load":
                 out["load"] += w.count * self.load(s)
         return out

@@ -2,10 +2,13 @@
 
 :func:`count_grid` mirrors the protocols line by line: the layer search and the singular protocol
 prepare targets (values, keys, residuals) once per distinct value setting
-(``protocols._value_key``) and solve once per fact and method; the sweep prepares once per chunk
-and re-solves per λ; batch mode prepares once per value setting for all its facts and solves per
-batch; the sequential protocol prepares, solves, evaluates and checkpoints per batch (plus the
-forgetting and final evaluations). Every notebook of ``python -m editlib reproduce`` opens its own
+(``protocols._value_key``); with ``evaluation.batched_edits`` their one-fact edits are solved in
+one multi-right-hand-side call per method and evaluated in one call through per-row low-rank
+hooks (else one solve, weight write and evaluation per fact and method). The sweep prepares once
+per chunk and re-solves per λ; batch mode prepares once per value setting for all its facts and
+solves per batch (evaluating all batches of a size in one call when batched); the sequential
+protocol prepares, solves, evaluates and checkpoints per batch (plus the forgetting and final
+evaluations). Every notebook of ``python -m editlib reproduce`` opens its own
 study (model load, context templates, C0 factor of the layers it edits); the layer search
 collects C0 for all its layers, also on the second model when the params name one.
 :class:`TokenStats` holds the per-fact token counts that turn this work into FLOPs
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["KNOWN_SHAPES", "ExperimentCount", "ModelShape", "TokenStats", "Work", "count_grid",
+__all__ = ["KNOWN_SHAPES", "SOLVES", "ExperimentCount", "ModelShape", "TokenStats", "Work", "count_grid",
            "measure_token_stats", "shape_for"]
 
 
@@ -179,12 +182,20 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
 @dataclass(frozen=True)
 class Work:
     """``count`` repetitions of one unit of work. ``size``: facts per value/key call, N of a
-    solve, cases per evaluation call, layers per C0 pass; ``layer``: the edited layer."""
+    solve, cases per evaluation call, layers per C0 pass, edits per checkpoint; ``layer``: the
+    edited layer (the deepest one for a C0 pass)."""
 
-    kind: str  # values | keys | solve | eval | c0_collect | c0_factor | ckpt | load
+    kind: str  # one of SOLVES, values | keys | eval | c0_collect | c0_factor | ckpt | load
     count: int
     size: int = 1
     layer: int = 0
+
+
+#: solve kinds: ``solve`` N edits solved together and written into the weights (EditSession);
+#: ``solve_lr`` solved only (batched batch mode: evaluated through per-row low-rank hooks);
+#: ``solve_r1`` N independent one-fact edits in one multi-right-hand-side solve (batched
+#: singular edits: the layer search and Table 1)
+SOLVES = ("solve", "solve_lr", "solve_r1")
 
 
 @dataclass
@@ -207,14 +218,18 @@ class ExperimentCount:
 
     @property
     def edits(self) -> int:
-        return self.total("solve")
+        """Edits solved (a batch of N counts N)."""
+        return sum(self.total(k) for k in SOLVES)
 
     @property
     def solves(self) -> Counter:
+        """Solve calls by N; one-fact edits solved together are keyed ``"1×N"``."""
         c: Counter = Counter()
         for w in self.items:
-            if w.kind == "solve":
+            if w.kind in ("solve", "solve_lr"):
                 c[w.size] += w.count
+            elif w.kind == "solve_r1":
+                c[f"1×{w.size}"] += w.count
         return c
 
 
@@ -235,11 +250,36 @@ def _new_exp(p, name: str, shape: ModelShape) -> ExperimentCount:
     return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size))
 
 
-def count_layer_search(p, which: str = "model") -> ExperimentCount:
-    """run_layer_search (+ its notebook's study): C0 of every layer, then per layer the values once
-    per value setting and one N = 1 solve and one 1-case evaluation per fact and method."""
+def _batched(p, hp) -> bool:
+    """protocols._batched: independent edits evaluated together unless the params ask for the
+    reference path or the edit spans several layers."""
+    return bool(getattr(p.evaluation, "batched_edits", False)) and len(hp.layers) == 1
+
+
+def _singular(exp: ExperimentCount, p, facts: int, methods, layer: int, section: str) -> None:
+    """protocols._singular_unit: values once per value setting; per method either one
+    multi-right-hand-side solve and one evaluation call for all facts (batched), or per fact an
+    N = 1 solve written into the weights and a one-case evaluation."""
     from .protocols import _value_key
 
+    seen = set()
+    for m in methods:
+        hp = p.method_hparams(m, layer, section)
+        key = _value_key(hp)
+        if key not in seen:
+            seen.add(key)
+            _value_chunks(exp, facts, hp.values.z_batch_size, layer)
+        if _batched(p, hp):
+            exp.add("solve_r1", 1, facts, layer)
+            exp.add("eval", 1, facts, layer)
+        else:
+            exp.add("solve", facts, 1, layer)
+            exp.add("eval", facts, 1, layer)
+
+
+def count_layer_search(p, which: str = "model") -> ExperimentCount:
+    """run_layer_search (+ its notebook's study): C0 of every layer, then per layer the singular
+    edits of every method (:func:`_singular`)."""
     mp = p.second_model if which == "second_model" else p.model
     shape = shape_for(mp.id, mp.label)
     ls = p.layer_search
@@ -250,40 +290,23 @@ def count_layer_search(p, which: str = "model") -> ExperimentCount:
     exp.add("c0_factor", len(layers))
     for _ in p.data.orderings:
         for layer in layers:
-            seen = set()
-            for m in ls.methods:
-                hp = p.method_hparams(m, layer, "layer_search")
-                key = _value_key(hp)
-                if key not in seen:
-                    seen.add(key)
-                    _value_chunks(exp, ls.n_facts, hp.values.z_batch_size, layer)
-                exp.add("solve", ls.n_facts, 1, layer)
-                exp.add("eval", ls.n_facts, 1, layer)
+            _singular(exp, p, ls.n_facts, ls.methods, layer, "layer_search")
     return exp
 
 
 def count_singular(p, layer: int) -> ExperimentCount:
-    from .protocols import _value_key
-
     sp = p.singular
     exp = _new_exp(p, "singular", shape_for(p.model.id, p.model.label))
     exp.add("load")
     exp.add("c0_factor", 1)
     for _ in p.data.orderings:
-        seen = set()
-        for m in sp.methods:
-            hp = p.method_hparams(m, layer, "singular")
-            key = _value_key(hp)
-            if key not in seen:
-                seen.add(key)
-                _value_chunks(exp, sp.n_facts, hp.values.z_batch_size, layer)
-            exp.add("solve", sp.n_facts, 1, layer)
-            exp.add("eval", sp.n_facts, 1, layer)
+        _singular(exp, p, sp.n_facts, sp.methods, layer, "singular")
     return exp
 
 
 def count_sweep(p, layer: int) -> ExperimentCount:
-    """run_sweep: per chunk, values once per value setting, then one solve + evaluation per λ."""
+    """protocols._sweep_unit: per chunk, values once per value setting (shared by the chunk's
+    units), then per method and λ one solve written into the weights and one evaluation call."""
     from .protocols import _value_key
 
     sw = p.sweep
@@ -308,7 +331,9 @@ def count_sweep(p, layer: int) -> ExperimentCount:
 
 
 def count_batch(p, layer: int) -> ExperimentCount:
-    """run_batch: values of all facts once per value setting; one solve + evaluation per batch."""
+    """protocols._batch_unit: values of all facts once per value setting (shared by the
+    ordering's units); per method and batch size either every batch solved and all evaluated in
+    one call (batched) or each batch written, evaluated and restored."""
     from .protocols import _value_key
 
     bp = p.batch
@@ -324,15 +349,22 @@ def count_batch(p, layer: int) -> ExperimentCount:
                 seen.add(key)
                 _value_chunks(exp, bp.total, hp.values.z_batch_size, layer)
             for B in bp.batch_sizes:
-                for n in _chunks(bp.total, B):
-                    exp.add("solve", 1, n, layer)
-                    exp.add("eval", 1, n, layer)
+                sizes = _chunks(bp.total, B)
+                if _batched(p, hp):
+                    for n in sizes:
+                        exp.add("solve_lr", 1, n, layer)
+                    exp.add("eval", 1, bp.total, layer)
+                else:
+                    for n in sizes:
+                        exp.add("solve", 1, n, layer)
+                        exp.add("eval", 1, n, layer)
     return exp
 
 
 def count_sequential(p, layer: int) -> ExperimentCount:
-    """run_sequential: per batch values, keys, solve, evaluation and a checkpoint of the edited
-    weight; forgetting evaluations every k batches; the final evaluation of all facts."""
+    """protocols._sequential_config: per batch values, keys, a solve written into the weights,
+    one evaluation call and a checkpoint (the batch's low-rank factors); forgetting evaluations
+    every k batches; the final evaluation of all facts."""
     sq = p.sequential
     exp = _new_exp(p, "sequential", shape_for(p.model.id, p.model.label))
     exp.add("load")
@@ -347,7 +379,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
                     exp.add("solve", 1, n, layer)
                     exp.add("eval", 1, n, layer)
-                    exp.add("ckpt", 1)
+                    exp.add("ckpt", 1, n)
                     done += n
                     k = sq.forgetting_every
                     if k and (bi + 1) % k == 0 and bi + 1 < len(sizes):

@@ -21,28 +21,44 @@ def grid(**over):
 def test_smoke_counts_by_hand():
     """smoke.yaml: layer search 6 facts × layers {0, 1, 5} × ROME, MEMIT (values shared by the two
     methods), singular 6 facts at layer 1, sweep one batch of 8 with 2 + 2 λ, batch 8 facts at
-    B ∈ {4, 8}, sequential 8 facts at B ∈ {2, 8} with the final evaluation; MEMIT and EMMET."""
+    B ∈ {4, 8}, sequential 8 facts at B ∈ {2, 8} with the final evaluation; MEMIT and EMMET.
+    Independent edits batched (tiny.yaml's evaluation.batched_edits): one multi-right-hand-side
+    solve and one evaluation call per layer and method."""
     g = grid()
     assert list(g) == ["layer_search", "singular", "sweep", "batch", "sequential"]
     ls = g["layer_search"]
-    assert ls.solves == Counter({1: 36}) and ls.edits == 36
+    assert ls.solves == Counter({"1×6": 6}) and ls.edits == 36
     assert ls.total("values") == 18 and ls.total("values", "count") == 3  # one chunk per layer
-    assert ls.total("eval") == 36 and ls.total("eval", "count") == 36     # one case per call
+    assert ls.total("eval") == 36 and ls.total("eval", "count") == 6      # 6 cases per call
     assert [(w.size, w.layer) for w in ls.items if w.kind == "c0_collect"] == [(3, 5)]
     assert ls.total("c0_factor", "count") == 3 and ls.total("load", "count") == 1
     sg = g["singular"]
-    assert sg.solves == Counter({1: 12}) and sg.total("values") == 6 and sg.total("eval") == 12
+    assert sg.solves == Counter({"1×6": 2}) and sg.total("values") == 6 and sg.total("eval") == 12
     sw = g["sweep"]
     assert sw.solves == Counter({8: 4}) and sw.total("values") == 8 and sw.total("eval") == 32
+    assert sw.total("solve", "count") == 4                # written into the weights, one per λ
     bt = g["batch"]
     assert bt.solves == Counter({4: 4, 8: 2}) and bt.edits == 32
-    assert bt.total("values") == 8 and bt.total("eval") == 32  # prepared once for both methods
+    assert bt.total("solve_lr", "count") == 6 and bt.total("solve", "count") == 0  # never written
+    assert bt.total("values") == 8                        # prepared once for both methods
+    assert bt.total("eval") == 32 and bt.total("eval", "count") == 4  # one call per method and B
     sq = g["sequential"]
     assert sq.solves == Counter({2: 8, 8: 2}) and sq.edits == 32
     assert sq.total("values") == 32                      # recomputed per batch on the edited model
     assert sq.total("eval") == 32 + 32                   # current + final (2 methods × 2 B × 8)
-    assert sq.total("ckpt", "count") == 10
+    assert sq.total("ckpt", "count") == 10 and sq.total("ckpt") == 32
     assert all(e.total("load", "count") == 1 for e in g.values())
+
+
+def test_reference_path_counts():
+    """evaluation.batched_edits false: every one-fact edit solved, written, evaluated, restored."""
+    g = grid(**{"evaluation.batched_edits": False})
+    ls = g["layer_search"]
+    assert ls.solves == Counter({1: 36}) and ls.total("eval", "count") == 36
+    assert g["singular"].solves == Counter({1: 12})
+    bt = g["batch"]
+    assert bt.total("solve", "count") == 6 and bt.total("eval", "count") == 6
+    assert g["sequential"].solves == grid()["sequential"].solves  # sequential edits are always written
 
 
 def test_counts_scale_with_batch_sizes_and_facts():
@@ -57,7 +73,7 @@ def test_counts_scale_with_batch_sizes_and_facts():
     # B = 1 and 2 run one value chunk per batch, B = 4 two (3 + 1), B = 8 three (3 + 3 + 2)
     assert sq.total("values", "count") == 2 * (8 + 4 + 2 * 2 + 3)
     ls = g["layer_search"]
-    assert ls.solves == Counter({1: 72}) and ls.total("values") == 36
+    assert ls.solves == Counter({"1×12": 6}) and ls.edits == 72 and ls.total("values") == 36
     sw = g["sweep"]                                       # two chunks of 4, 4 λ each
     assert sw.solves == Counter({4: 8}) and sw.total("values") == 8 and sw.total("eval") == 32
 
@@ -74,8 +90,8 @@ def test_paper_grid_layer_search_and_second_model():
     exps = count_grid(p, layer=1)
     names = [e.name for e in exps]
     assert names[:2] == ["layer_search", "layer_search (Llama-2-7B)"]
-    ls_solves = sum(e.solves[1] for e in exps[:2])
-    assert ls_solves == p.layer_search.n_facts * 32 * len(p.layer_search.methods) * 2
+    ls_edits = sum(e.edits for e in exps[:2])
+    assert ls_edits == p.layer_search.n_facts * 32 * len(p.layer_search.methods) * 2
     seq = next(e for e in exps if e.name == "sequential")
     n_cfg = len(p.sequential.batch_sizes) * len(p.sequential.methods)
     assert seq.total("values") == p.sequential.total * n_cfg
@@ -94,9 +110,12 @@ def test_cost_units():
     s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
     dev = CostModel(GPUS["h100"], solve_on="device")
     host = CostModel(GPUS["h100"], solve_on="host", host_solve_s=2.0, host_speedup=2.0)
-    assert host.solve(s, 1) == pytest.approx(1.0 + 4096 * 14336 * 8 / host.pcie_bw)
+    assert host.solve(s, 1) == pytest.approx(1.0 + (4096 + 14336) * 8 / host.pcie_bw)
     assert dev.solve(s, 1) < 0.1 < host.solve(s, 1)
     assert dev.solve(s, 4096) > dev.solve(s, 1)
+    # 1,000 one-fact edits in one multi-right-hand-side solve cost far less than 1,000 solves
+    assert host.solve(s, 1000, "solve_r1") < 0.1 * 1000 * host.solve(s, 1)
+    assert dev.solve(s, 8, "solve_lr") < dev.solve(s, 8, "solve")  # no weight written
     # GE of one case: 10 prompts, decoded from the shortest one to gen_max_len
     t, tokens = dev.ge(s, ts, 1, 100)
     assert tokens == 10 * (100 - round(ts.gen_case_min_len)) and t > 0
@@ -126,8 +145,13 @@ def test_experiment_seconds_and_overrides(tmp_path):
     mm = with_unit_costs(m, f)
     ls = next(e for e in exps if e.name == "layer_search")
     sec = mm.seconds(ls, TokenStats())
-    assert sec["solve"] == pytest.approx(7.0 * 36)
-    assert sec["ge"] == pytest.approx(3.0 * 36)
+    assert sec["ge"] == pytest.approx(6 * mm.ge(ls.shape, TokenStats(), 6, ls.gen_max_len)[0])  # 6 calls of 6 cases
+    ref = next(e for e in count_grid(resolve(SMOKE, overrides={"evaluation.generation": True,
+                                                               "evaluation.batched_edits": False}), layer=1)
+               if e.name == "layer_search")
+    sec = mm.seconds(ref, TokenStats())
+    assert sec["solve"] == pytest.approx(7.0 * 36)      # the measured N = 1 solve replaces the model
+    assert sec["ge"] == pytest.approx(3.0 * 36)         # ... and the measured one-case GE
     f.write_text(json.dumps({"solve_per_fact": 1}))
     with pytest.raises(ValueError, match="unknown unit"):
         with_unit_costs(m, f)

@@ -55,8 +55,8 @@ class CostModel:
 
     Host-side units (a solve and the C0 factorisation when C0 is factored on the CPU) are CPU
     seconds measured on this project's 2-core machine on the Llama-3-8B-shaped slice
-    (``bench/slice_phases.py``, shared with other jobs: load average 3-6), divided by
-    ``host_speedup`` for the GPU machine's host.
+    (``bench/slice_phases.py``: sequential B = 1 solves and the "C0 load + factor" phases),
+    divided by ``host_speedup`` for the GPU machine's host.
     """
 
     gpu: GPU
@@ -77,9 +77,9 @@ class CostModel:
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
     host_speedup: float = 1.0      # GPU machine's CPU vs this 2-core VM for the host-side units
-    host_solve_s: float = 3.6      # one N = 1 solve + apply at d_in = 14336 on this VM (slice, median)
+    host_solve_s: float = 0.95     # one N = 1 solve written into the weights at d_in = 14336 on this VM (slice)
     host_f64: float = 100e9        # float64 GEMM FLOP/s of this VM (torch addmm, 2 threads)
-    host_factor_s: float = 169.0   # C0 read + checks + Cholesky + cond estimate per layer on this VM (slice)
+    host_factor_s: float = 53.0    # C0 read + checks + Cholesky + cond estimate per layer on this VM (slice)
     disk_bw: float = 2e9           # bytes/s: model and C0 cache reads, checkpoint writes
     pcie_bw: float = 12e9          # bytes/s: host <-> device copies (pageable memory)
     load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint

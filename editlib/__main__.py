@@ -170,17 +170,11 @@ def _store_env(a: argparse.Namespace):
     that notebook kernels started by ``reproduce`` inherit them too (restored afterwards)."""
     from .store import ENV_ALLOW_MIXED, ENV_LOCK_WAIT
 
+    from .paths import env_set
+
     want = {ENV_ALLOW_MIXED: a.allow_mixed_versions, ENV_LOCK_WAIT: a.wait}
-    old = {k: os.environ.get(k) for k in want}
-    os.environ.update({k: "1" for k, on in want.items() if on})
-    try:
+    with env_set({k: "1" for k, on in want.items() if on}):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 #: columns that identify one edited case (the same case evaluated again, e.g. "final", counts once)

@@ -6,6 +6,7 @@ to every path-valued parameter of a :class:`~editlib.params.StudyParams`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -41,3 +42,19 @@ def anchor_params(p):
                    covariance=replace(p.covariance, path=_opt(p.covariance.path),
                                       data_files=_opt(p.covariance.data_files)),
                    results_dir=str(repo_path(p.results_dir)), figures_dir=str(repo_path(p.figures_dir)))
+
+
+@contextlib.contextmanager
+def env_set(values: dict[str, str]):
+    """Set environment variables for the ``with`` block (child processes such as notebook kernels
+    inherit them) and restore the previous values, or their absence, afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

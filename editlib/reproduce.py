@@ -266,18 +266,11 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
 def kernel_threads(threads: int | None):
     """Set OMP/MKL thread counts for the kernels started inside (they inherit the environment).
     On a small shared CPU one thread can be several times faster than oversubscribed OpenMP."""
+    from .paths import env_set
+
     keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    old = {k: os.environ.get(k) for k in keys}
-    if threads:
-        os.environ.update({k: str(int(threads)) for k in keys})
-    try:
+    with env_set({k: str(int(threads)) for k in keys} if threads else {}):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None = None, *,

@@ -4,7 +4,7 @@ Prints, for params/tiny.yaml's hyperparameters (25 value steps, z_batch_size 64)
 
 * layer search: ``--ls-facts`` facts (200) x every layer x 2 methods (ROME, MEMIT);
 * batch MEMIT at B = total = ``--facts`` (the paper's B = 1024; the miniature has only 1000
-  records, so the default is B = total = 1000, one batch);
+  records, so the default is B = total = 1000, one batch), or at each of ``--batch-sizes``;
 * sequential-batch MEMIT at B = ``--seq-batch`` (64) over ``--facts`` facts (1000: 16 batches),
   once with tiny.yaml's z_batch_size and once with ``hparams.common.z_batch_size = 1`` (the
   reference's per-fact value loop), and the ratio;
@@ -17,7 +17,11 @@ time on 2 shared cores; ``--quick`` divides the fact counts by 5 (40-fact layer 
 the sequential batch size stays 64, so 4 batches).
 
     python bench/bench_protocols.py [--quick] [--facts 1000] [--ls-facts 200] [--seq-batch 64]
-        [--layer 1] [--threads 2] [--set KEY=VALUE ...] [--skip layer_search,batch,...]
+        [--batch-sizes 4 16] [--layer 1] [--threads 2] [--set KEY=VALUE ...]
+        [--skip layer_search,batch,...] [--keep DIR] [--json FILE]
+
+Only parameter keys that every version of editlib knows are set, so the same script times an older
+checkout (``PYTHONPATH=<checkout> python bench/bench_protocols.py ...``) for before/after tables.
 """
 from __future__ import annotations
 
@@ -69,18 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--facts", type=int, default=1000, help="facts for batch / sequential / evaluation (1000)")
     ap.add_argument("--ls-facts", type=int, default=200, help="facts of the layer search (200)")
     ap.add_argument("--seq-batch", type=int, default=64, help="sequential batch size (64)")
+    ap.add_argument("--seq-facts", type=int, default=None, help="facts of the sequential runs (default --facts)")
     ap.add_argument("--layer", type=int, default=1, help="edited layer of batch / sequential (1)")
     ap.add_argument("--quick", action="store_true", help="5x smaller: facts / 5 (40-fact layer search, 200 facts); B stays 64 (4 batches)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (2: the target machine's cores)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra parameter override for every run, e.g. hparams.common.v_num_grad_steps=5")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=None,
+                    help="batch protocol batch sizes over --facts facts (default: one batch of all)")
+    ap.add_argument("--keep", default=None, help="results folder to keep (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = ap.parse_args(argv)
 
     div = 5 if a.quick else 1
     n, n_ls = max(1, a.facts // div), max(1, a.ls_facts // div)
-    B = min(a.seq_batch, n)  # the batch size stays: fewer batches, same work per batch
+    n_seq = max(1, (a.seq_facts or a.facts) // div)
+    B = min(a.seq_batch, n_seq)  # the batch size stays: fewer batches, same work per batch
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - set(PARTS):
         ap.error(f"--skip: unknown part(s) {sorted(skip - set(PARTS))}; known: {', '.join(PARTS)}")
@@ -88,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda *_a, **_k: None  # noqa: E731
 
     with tempfile.TemporaryDirectory(prefix="editlib-bench-") as tmp:
+        if a.keep:
+            tmp = str(Path(a.keep).resolve())
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         base = {"results_dir": tmp, "name": "bench", **dict(s.split("=", 1) for s in a.set)}
         sets = [f"{k}={v}" for k, v in base.items()]
 
@@ -122,18 +134,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"edits: {dt:8.1f} s  ({edits / dt:.1f} edits/s){_phase_split(b, shared_values=True)}")
 
         if "batch" not in skip:
-            p = params(**{"batch.total": n, "batch.batch_sizes": [n], "batch.methods": ["memit"],
+            sizes = a.batch_sizes or [n]
+            p = params(**{"batch.total": n, "batch.batch_sizes": sizes, "batch.methods": ["memit"],
                           "batch.layer": a.layer})
             dt, cases, b = _timed(study, protocols.run_batch, p, "batch", log)
-            out["batch"] = {"seconds": round(dt, 2), "B": n, "total": n}
-            print(f"batch MEMIT    B = total = {n} (one batch{'; the paper: B = 1024, the miniature has 1000 records' if n == 1000 else ''}): "
-                  f"{dt:8.1f} s{_phase_split(b)}")
+            out["batch"] = {"seconds": round(dt, 2), "B": sizes, "total": n}
+            what = (f"B = total = {n} (one batch{'; the paper: B = 1024, the miniature has 1000 records' if n == 1000 else ''})"
+                    if sizes == [n] else f"B = {', '.join(map(str, sizes))} over {n} facts")
+            print(f"batch MEMIT    {what}: {dt:8.1f} s{_phase_split(b)}")
+            for B_ in sizes if len(sizes) > 1 and not b.empty else []:
+                bb = b[b.batch_size == B_]
+                out["batch"][f"B{B_}"] = {k: round(float(bb[f"seconds_{k}"].sum()), 2)
+                                          for k in ("values", "keys", "solve", "eval") if f"seconds_{k}" in bb}
+                print(f"               B = {B_}:{_phase_split(bb)}")
 
         seq = {}
         for part, zb in (("sequential", None), ("sequential_z1", 1)):
             if part in skip:
                 continue
-            over = {"sequential.total": n, "sequential.batch_sizes": [B], "sequential.methods": ["memit"],
+            over = {"sequential.total": n_seq, "sequential.batch_sizes": [B], "sequential.methods": ["memit"],
                     "sequential.layer": a.layer, "name": f"bench-{part}"}
             if zb is not None:
                 over["hparams.common.z_batch_size"] = zb
@@ -142,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             dt, cases, b = _timed(study, protocols.run_sequential, p, "sequential", log)
             sv = float(b.seconds_values.sum()) if not b.empty else float("nan")
             seq[part] = (dt, sv)
-            out[part] = {"seconds": round(dt, 2), "seconds_values": round(sv, 2), "B": B, "total": n,
-                         "batches": -(-n // B), "z_batch_size": zbs, "eval_final": p.sequential.eval_final}
-            print(f"sequential     MEMIT B = {B} over {n} facts ({-(-n // B)} batches), z_batch_size {zbs:3d}: "
-                  f"{dt:8.1f} s{_phase_split(b)}")
+            out[part] = {"seconds": round(dt, 2), "seconds_values": round(sv, 2), "B": B, "total": n_seq,
+                         "batches": -(-n_seq // B), "seconds_per_fact": round(dt / n_seq, 4), "z_batch_size": zbs, "eval_final": p.sequential.eval_final}
+            print(f"sequential     MEMIT B = {B} over {n_seq} facts ({-(-n_seq // B)} batches), z_batch_size {zbs:3d}: "
+                  f"{dt:8.1f} s ({1000 * dt / n_seq:.0f} ms/fact){_phase_split(b)}")
         if len(seq) == 2:
             (d64, v64), (d1, v1) = seq["sequential"], seq["sequential_z1"]
             out["sequential_speedup"] = {"total": round(d1 / d64, 2), "values": round(v1 / v64, 2)}

@@ -741,8 +741,11 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     key = _value_key(hp)
     if key not in targets:
         targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
-    with EditSession(study.model) as s:
-        cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
+    if _batched(study, hp):  # the batch's update added by a hook at evaluation, no weight written
+        [(cases, d)] = _independent_edits(study, chunk, hp, targets[key], [range(len(chunk))])
+    else:
+        with EditSession(study.model) as s:
+            cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)
     cols = dict(method=method, layer=layer, lam=float(lam), batch_size=sw.batch_size,
                 batch_index=bi, eval="current", ordering=o)
     exp.save_unit(spec.name, _label(cases, **cols),

@@ -306,7 +306,8 @@ def count_singular(p, layer: int) -> ExperimentCount:
 
 def count_sweep(p, layer: int) -> ExperimentCount:
     """protocols._sweep_unit: per chunk, values once per value setting (shared by the chunk's
-    units), then per method and λ one solve written into the weights and one evaluation call."""
+    units), then per method and λ one solve and one evaluation call (batched: the update added by
+    a hook, no weight written; else written into the weights and restored)."""
     from .protocols import _value_key
 
     sw = p.sweep
@@ -325,7 +326,7 @@ def count_sweep(p, layer: int) -> ExperimentCount:
                     if key not in seen:
                         seen.add(key)
                         _value_chunks(exp, n, hp.values.z_batch_size, layer)
-                    exp.add("solve", 1, n, layer)
+                    exp.add("solve_lr" if _batched(p, hp) else "solve", 1, n, layer)
                     exp.add("eval", 1, n, layer)
     return exp
 

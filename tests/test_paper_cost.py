@@ -36,7 +36,7 @@ def test_smoke_counts_by_hand():
     assert sg.solves == Counter({"1×6": 2}) and sg.total("values") == 6 and sg.total("eval") == 12
     sw = g["sweep"]
     assert sw.solves == Counter({8: 4}) and sw.total("values") == 8 and sw.total("eval") == 32
-    assert sw.total("solve", "count") == 4                # written into the weights, one per λ
+    assert sw.total("solve_lr", "count") == 4 and sw.total("solve", "count") == 0  # one per λ, added by a hook, never written
     bt = g["batch"]
     assert bt.solves == Counter({4: 4, 8: 2}) and bt.edits == 32
     assert bt.total("solve_lr", "count") == 6 and bt.total("solve", "count") == 0  # never written

@@ -272,7 +272,7 @@ def test_sequential_batches_are_prepared_on_the_edited_model(study, weights0, tm
 
 # --------------------------------------------------------------------------- independent edits together
 
-@pytest.mark.parametrize("runner", ["layer_search", "singular", "batch"])
+@pytest.mark.parametrize("runner", ["layer_search", "singular", "batch", "sweep"])
 def test_batched_independent_edits_equal_the_reference_path(study, weights0, tmp_path, monkeypatch, runner):
     """Singular and batch edits evaluated together through per-row low-rank hooks (default) give the
     same cases and diagnostics as editing, evaluating and restoring one edit at a time
@@ -295,7 +295,7 @@ def test_batched_independent_edits_equal_the_reference_path(study, weights0, tmp
     assert_frame_equal(a[SCORES], b[SCORES], check_exact=False, rtol=0, atol=1e-5)
     ba = pd.read_parquet(exp_dir(p, runner) / "batches.parquet")
     bb = pd.read_parquet(Path(str(exp_dir(p, runner)).replace("/bat/", "/ref/")) / "batches.parquet")
-    keys = [k for k in ("method", "layer", "batch_size", "batch_index") if k in ba.columns]
+    keys = [k for k in ("method", "lam", "layer", "batch_size", "batch_index") if k in ba.columns]
     ba, bb = ba.sort_values(keys).reset_index(drop=True), bb.sort_values(keys).reset_index(drop=True)
     assert (ba["n"] == bb["n"]).all() and (ba["n_failed"] == bb["n_failed"]).all()
     for col in ("w_dist", "w_rel_dist", "delta_norm", "cond_D", "mean_resid_norm"):

@@ -365,11 +365,19 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def failure_table(cases_by_experiment: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
+                  failed_units: dict[str, dict[str, dict]] | None = None) -> pd.DataFrame:
     """Failed edits and regularised solves per experiment and configuration (method, layer, λ,
     batch size), counted on the rows scored right after their edit; one row per configuration
-    with any failure or jitter, or one "none" row per experiment — so a report always says."""
+    with any failure or jitter, or one "none" row per experiment — so a report always says.
+    ``failed_units`` (experiment -> unit -> {error, ...}, :func:`editlib.reproduce.stored_failed_units`):
+    units of work that failed on every try add one row each (their cases are missing, not failed)."""
     rows = []
+    for exp, units in (failed_units or {}).items():
+        for unit, info in sorted(units.items()):
+            rows.append({"experiment": exp, "configuration": f"unit {unit} (not run: no cases stored)",
+                         "cases": 0, "failed": 0, "first reason": str(info.get("error", "")).splitlines()[0][:200]
+                         if info.get("error") else "failed", "jittered": 0, "max τ (rel.)": ""})
     keys = ("method", "layer", "lam", "batch_size")
     for exp, cases in cases_by_experiment.items():
         c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases

@@ -78,6 +78,18 @@ def stored_experiments(p: StudyParams) -> list[str]:
     return sorted(found, key=lambda e: (rank.get(e.split("-", 1)[0], 99), e))
 
 
+def stored_failed_units(p: StudyParams) -> dict[str, dict[str, dict]]:
+    """Experiment -> its ``failed_units.json`` (unit -> error, attempts, ...): the units that failed
+    on every try and are missing from the stored results until a later run finishes them."""
+    root = results_root(p)
+    out = {}
+    for f in sorted(root.glob("*/failed_units.json")) if root.is_dir() else []:
+        units = json.loads(f.read_text())
+        if units:
+            out[f.parent.name] = units
+    return out
+
+
 def load_stored(p: StudyParams, experiment: str) -> StoredResult:
     """Cases, batch diagnostics and manifest of a finished experiment (no model is loaded)."""
     root = results_root(p) / experiment

@@ -168,6 +168,10 @@ def test_a_unit_failing_every_try_is_listed_and_run_exits_1(cluster, env, tmp_pa
     assert failed["o0-L000"]["error"].startswith("InjectedFailure")
     assert (root / "parts" / "o0-L001.cases.parquet").is_file() and not (root / "cases.parquet").exists()
     assert not json.loads((root / "manifest.json").read_text())["complete"]
+    from types import SimpleNamespace
+
+    from editlib.reproduce import stored_failed_units  # what the report's failure table lists
+    assert list(stored_failed_units(SimpleNamespace(results_dir=str(tmp_path / "ray"), name="smoke"))) == ["layer_search"]
 
     rc = main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path / 'ray'}", "--executor", "ray"])
     out, err = capsys.readouterr()

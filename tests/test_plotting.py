@@ -149,6 +149,11 @@ def test_failures_and_jitter_are_shown(rng):
     assert bad["failed"].sum() == 3 and bad["jittered"].sum() == 1
     assert "non-finite loss" in "".join(bad["first reason"])
     assert ft[ft.experiment == "batch"].iloc[0]["first reason"] == "none"
+    lost = {"batch": {"memit-B16-o0": {"error": "WorkerCrashedError: the worker died\ntraceback ...", "attempts": 2}}}
+    ft2 = plotting.failure_table({"layer_search": c, "batch": _frame(rng, rows, n=4)}, lost)
+    row = ft2[ft2.configuration.str.contains("memit-B16-o0")]
+    assert len(row) == 1 and row.iloc[0]["first reason"] == "WorkerCrashedError: the worker died"
+    assert len(ft2) == len(ft) + 1
     fig = plotting.plot_layer_search(c, "t")
     assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 

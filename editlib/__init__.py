@@ -2,7 +2,7 @@
 
 Modules, one concept each: ``records``/``counterfact``/``world`` (data), ``arch``/``models``/
 ``tokens``/``nethook`` (models), ``tiny`` (the offline miniature), ``scoring`` (teacher-forced
-target scores). See the README for the map of the rest.
+target scores). docs/usage.md has the map of the rest.
 """
 __version__ = "0.1.0"
 

@@ -286,7 +286,7 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *
         warnings.warn(f"D + μI could not be solved exactly ({f.reason}; N={n}, μ={mu:g}, "
                       f"cond={f.cond:.3g}): REGULARISED with jitter {f.tau:.3g}·I "
                       f"({f.tau / f.scale:.2g} of its mean eigenvalue; cond now {f.cond_after:.3g}). "
-                      "Likely keys sharing a subject's last token (SPEC §8.5). The edit does not "
+                      "Likely keys sharing a subject's last token (docs/correctness.md). The edit does not "
                       "satisfy the method's equations exactly; the case rows record it.",
                       RuntimeWarning, stacklevel=3)
     X = torch.cholesky_solve(A.T.contiguous(), f.L)  # (D + μI)⁻¹ (C0⁻¹K)ᵀ, N×d_in

@@ -196,7 +196,7 @@ def test_evaluate_bad_records(capsys, tmp_path, bad_records, case) -> None:
 
 
 def test_evaluate_empty_records_is_an_error(capsys, tmp_path, bad_records) -> None:
-    """Today's silent wrong result: exit 0 with NaN scores. Now exit 2 before the model loads."""
+    """Empty records exit 2 before the model loads (never exit 0 with NaN scores)."""
     fails(capsys, eval_args(tmp_path, records=bad_records["empty"][0]), "no records")
     fails(capsys, eval_args(tmp_path) + ["--n", "0"], "--n", "at least 1")
 

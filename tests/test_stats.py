@@ -229,7 +229,7 @@ def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
 
 
 def test_corrupt_cache_is_recomputed(llama, tok, world, tmp_path) -> None:
-    """An unreadable entry no longer stops the run (#12): it is recomputed, with a warning naming it."""
+    """An unreadable entry does not stop the run: it is recomputed, with a warning naming it."""
     spec = CorpusSpec("records", max_length=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -421,8 +421,8 @@ def test_cache_entry_carries_a_checksum(llama, tok, world, tmp_path) -> None:
 
 
 def test_flipped_bytes_fail_the_checksum_and_are_recomputed(llama, tok, world, tmp_path, forwards) -> None:
-    """Random bytes inside the tensor data (header intact) used to surface later as "C0 contains
-    NaN/Inf" without the file's name; now the entry fails its sha256 and is recomputed."""
+    """Random bytes inside the tensor data (header intact) fail the entry's sha256 and it is
+    recomputed (instead of surfacing later as "C0 contains NaN/Inf" without the file's name)."""
     spec, first, path = _cached_once(llama, tok, world, tmp_path)
     data = bytearray(path.read_bytes())
     at = _data_offset(path) + 64

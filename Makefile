@@ -3,21 +3,29 @@ PY ?= .venv/bin/python
 PARAMS ?= params/tiny.yaml
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test reproduce tiny-world tiny-check bench clean
+.PHONY: setup test reproduce lab tiny-world tiny-check bench clean
 
 .venv/bin/python:
 	python3 -m venv .venv
 	.venv/bin/python -m pip install --quiet --upgrade pip
 	.venv/bin/python -m pip install --quiet $(TORCH_SPEC)
-	.venv/bin/python -m pip install --quiet -e ".[dev]"
 
-setup: .venv/bin/python
+# editlib and its extras; again whenever pyproject.toml changes
+.venv/.installed: .venv/bin/python pyproject.toml
+	.venv/bin/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: .venv/.installed
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 reproduce: setup
 	HF_HUB_OFFLINE=1 $(PY) -m editlib reproduce --params $(PARAMS)
+
+# JupyterLab on the notebooks (offline; run their cells top to bottom, or use papermill via reproduce).
+lab: setup
+	HF_HUB_OFFLINE=1 $(PY) -m jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 # Rebuild the committed miniature (models/tiny-world) from its seed.
 tiny-world: setup

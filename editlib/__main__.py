@@ -275,8 +275,9 @@ def _expected() -> tuple[type[BaseException], ...]:
     from .reproduce import ReproduceError
     from .stats import CorpusUnavailable, CovCacheError
     from .store import StoreError
+    from .summary import SummaryError
 
-    return (UsageError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
+    return (UsageError, SummaryError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
             UnsupportedArchitecture, StoreError, CorpusUnavailable, CovCacheError, ReproduceError)
 
 
@@ -324,17 +325,61 @@ def _store_flags(parser: argparse.ArgumentParser) -> None:
 _DEBUG_HELP = "show the traceback of an error instead of one line"
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the examples' line breaks and shows every option's default (not for options
+    without one: required, or unset unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+#: one example per subcommand, shown at the end of its --help
+EXAMPLES = {
+    "tiny-train": "python -m editlib tiny-train --world 1000 --seed 0 --layers 6 --out models/tiny-world",
+    "tiny-check": "python -m editlib tiny-check models/tiny-world",
+    "evaluate": "python -m editlib evaluate --model models/tiny-world --records models/tiny-world/records.json "
+                "--n 500 --no-generation --out scores.parquet",
+    "run": "python -m editlib run layer-search batch --params params/tiny.yaml --set batch.total=64",
+    "reproduce": "python -m editlib reproduce --params params/tiny.yaml --only 01,04",
+    "show": "python -m editlib show results/tiny",
+    "compare": "python -m editlib compare results/tiny results/tiny-counterfact",
+    "clean": "python -m editlib clean tiny --dry-run",
+}
+
+
 def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
     """A subcommand that also takes ``--debug`` after its name (SUPPRESS: it never overrides a
-    ``--debug`` given before the name)."""
+    ``--debug`` given before the name), with its defaults and an example in its --help."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
-    return sub.add_parser(name, parents=[debug], **kw)
+    kw.setdefault("description", kw.get("help"))
+    return sub.add_parser(name, parents=[debug], formatter_class=_Help,
+                          epilog=f"example:\n  {EXAMPLES[name]}", **kw)
+
+
+def _show(a: argparse.Namespace) -> int:
+    from .summary import show
+
+    print(show(a.run))
+    return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from .summary import compare
+
+    print(compare(a.run_a, a.run_b))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="python -m editlib", description=__doc__.replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="python -m editlib COMMAND --help: the command's options, defaults and an example")
+    p.add_argument("--version", action="version", version=f"editlib {__version__}")
     p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -343,16 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--counterfact", action="store_true", help="train on CounterFact (seeded sample)")
     t.add_argument("--n", type=int, default=2000, help="number of CounterFact records")
     t.add_argument("--counterfact-path", default=None, help="CounterFact file (else EDITLIB_COUNTERFACT / cache)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--layers", type=int, default=6)
+    t.add_argument("--seed", type=int, default=0, help="seed of the world / record sample and of training")
+    t.add_argument("--layers", type=int, default=6, help="decoder layers")
+    from .tiny import TinyConfig
+
     for name, typ in _TINY_OVERRIDES:
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"TinyConfig.{name}")
-    t.add_argument("--out", required=True)
+        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                       help=f"training setting TinyConfig.{name} (default: {getattr(TinyConfig, name)})")
+    t.add_argument("--out", required=True, help="output model directory (save_pretrained layout, records.json, README.md)")
     t.set_defaults(func=_tiny_train)
 
     c = _command(sub, "tiny-check", help="re-check what a saved miniature knows (quality bar)")
-    c.add_argument("model_dir")
-    c.add_argument("--counterfact-path", default=None)
+    c.add_argument("model_dir", help="a miniature's directory, e.g. models/tiny-world")
+    c.add_argument("--counterfact-path", default=None, help="CounterFact file for a CounterFact miniature (else EDITLIB_COUNTERFACT / cache)")
     c.set_defaults(func=_tiny_check)
 
     e = _command(sub, "evaluate", help="CounterFact metrics of an (unedited) model: ES/PS/NS, GE, S")
@@ -361,14 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CounterFact file (.json/.jsonl[.gz]) or a miniature directory (records.json)")
     e.add_argument("--n", type=int, default=None, help="first N records of the seeded ordering")
     e.add_argument("--alignment", choices=("correct", "reference"), default="correct",
-                   help="reference = the reference code's Llama-3 BOS shift (SPEC §8.1)")
+                   help="reference = the reference code's Llama-3 BOS shift (docs/correctness.md)")
     e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
     e.add_argument("--rs-dir", default=None,
                    help="directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json (RS)")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--gen-batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=128, help="sequences per scoring forward")
+    e.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch (GE)")
     e.add_argument("--gen-max-len", type=int, default=100, help="total tokens incl. the prompt")
     e.add_argument("--seed", type=int, default=0, help="generation sampling seed")
     e.add_argument("--show", type=int, default=20, help="print at most this many per-case rows")
@@ -398,6 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     _executor_flag(rp)
     _store_flags(rp)
     rp.set_defaults(func=_reproduce)
+
+    sh = _command(sub, "show", help="print a run's stored experiments as summary tables (no model is loaded)")
+    sh.add_argument("run", metavar="RUN_DIR", help="a run's results folder, e.g. results/tiny")
+    sh.set_defaults(func=_show)
+
+    cm = _command(sub, "compare", help="two runs' summary tables side by side, configuration by configuration")
+    cm.add_argument("run_a", metavar="RUN_DIR_A", help="first run's results folder (a)")
+    cm.add_argument("run_b", metavar="RUN_DIR_B", help="second run's results folder (b)")
+    cm.set_defaults(func=_compare)
 
     cl = _command(sub, "clean", help="remove a run's incomplete experiment folders (e.g. left by a crash)")
     cl.add_argument("run", metavar="RUN", help="run name (the params' name): results/RUN/")

@@ -30,7 +30,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .params import ParamsError, StudyParams
 
@@ -100,7 +100,7 @@ def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *,
 
     pending = [u for u in units if not unit_done(u, exp, study.params)]
     book = _FailureBook(study.params.evaluation.max_failed_fraction, log)
-    with tqdm(total=len(units), initial=len(units) - len(pending), desc=exp.root.name, unit="unit",
+    with progress(total=len(units), initial=len(units) - len(pending), desc=exp.root.name, unit="unit",
               disable=len(pending) < 2) as bar:
         if study.params.executor.kind == "ray":
             _run_ray(study, exp, pending, book, bar, log)

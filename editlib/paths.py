@@ -20,6 +20,21 @@ def repo_path(p: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def shown(p: str | os.PathLike) -> str:
+    """A path as reports show it: relative to the repository root when under it, ``~/...`` under
+    the home folder, else as given — never this machine's absolute repository path."""
+    path = Path(p).expanduser()
+    if not path.is_absolute():
+        return str(p)
+    for base, label in ((REPO_ROOT, None), (Path.home(), "~")):
+        try:
+            rel = path.resolve().relative_to(base.resolve())
+        except ValueError:
+            continue
+        return str(rel) if label is None else f"{label}/{rel}"
+    return str(path)
+
+
 def model_ref(model_id: str | None) -> str | None:
     """A model id as given, or its absolute path when it names a directory under the repo root
     (``models/tiny-world``). Hub ids (``meta-llama/Meta-Llama-3-8B``) are left alone."""

@@ -107,6 +107,14 @@ def _categorical_log_x(ax, values: Sequence[float], base: float = 2) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
+def lambda_label(v: float) -> str:
+    """A short λ tick label: 0, 1, 10, 100, then 1e3, 5e4, 1e-2 … (no 6-digit labels that overlap)."""
+    if v == 0 or 1 <= abs(v) <= 100:
+        return f"{v:g}"
+    mant, exp = f"{v:.0e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
 def _lambda_axis(ax, lams: Sequence[float]) -> None:
     """Symlog (when λ = 0 occurs) or log x axis with ticks at the λ values."""
     pos = [l for l in lams if l > 0]
@@ -115,7 +123,7 @@ def _lambda_axis(ax, lams: Sequence[float]) -> None:
     else:
         ax.set_xscale("log")
     ax.set_xticks(list(lams))
-    ax.set_xticklabels([f"{l:g}" for l in lams], rotation=45, ha="right")
+    ax.set_xticklabels([lambda_label(l) for l in lams], rotation=45, ha="right")
     ax.xaxis.set_minor_locator(NullLocator())
 
 
@@ -157,17 +165,40 @@ def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
 
 # --------------------------------------------------------------------------- figures
 
+#: methods whose means differ by at most this many points (×100) on every panel "coincide"
+COINCIDE = 0.5
+
+
+def coinciding(s: pd.DataFrame, key: str, metrics: Sequence[str]) -> dict[str, str]:
+    """Method -> the earlier-drawn method it coincides with (every mean of every panel within
+    :data:`COINCIDE` points at every ``key`` value), so a legend can say why one line hides another."""
+    out: dict[str, str] = {}
+    methods = _methods(s)
+    cols = ["S" if m == "S" else f"{m}_mean" for m in metrics]
+    for i, b in enumerate(methods):
+        gb = s[s["method"] == b].set_index(key)[cols]
+        for a in methods[:i]:
+            ga = s[s["method"] == a].set_index(key)[cols]
+            if ga.index.equals(gb.index) and float((ga - gb).abs().to_numpy().max()) <= COINCIDE:
+                out[b] = a
+                break
+    return out
+
+
 def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
-    """Figures 1 / 6: ES, PS, NS, S (and GE) per edited layer, one line per method."""
+    """Figures 1 / 6: ES, PS, NS, S (and GE) per edited layer, one line per method; a method whose
+    line would hide another's says so in the legend."""
     cases = _current(cases)
     metrics = _metrics(cases)
     s = _stats(cases, ["method", "layer"])
+    same = coinciding(s, "layer", metrics)
     fig, axes = _figure(len(metrics), title)
     for ax, m in zip(axes, metrics):
         for method in _methods(s):
             g = s[s["method"] == method]
             ls, mk = _STYLE.get(method, ("-", "o"))
-            _line(ax, g["layer"], g, m, label=method.upper(), color=_PALETTE.get(method), linestyle=ls, marker=mk)
+            label = method.upper() + (f" (= {same[method].upper()} within {COINCIDE:g})" if method in same else "")
+            _line(ax, g["layer"], g, m, label=label, color=_PALETTE.get(method), linestyle=ls, marker=mk)
         ax.set_xlabel("edited layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_titles(axes, metrics)
@@ -217,9 +248,9 @@ def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, 
     ``x``: "batch_index" (0-based) or "edits" (facts edited so far, log2 axis)."""
     b = _of_method(batches, method)
     b = b.groupby(["batch_size", "batch_index"], as_index=False)[["w_rel_dist", "cond_D"]].mean()
-    panels = (("w_rel_dist", "‖W − W₀‖_F / ‖W₀‖_F"), ("cond_D", "cond(D)"))
+    panels = (("w_rel_dist", r"$\|W - W_0\|_F \,/\, \|W_0\|_F$"), ("cond_D", "cond(D)"))
     fig, axes = _figure(len(panels), title, width=4.6)
-    colors = sns.color_palette("viridis", b["batch_size"].nunique())
+    colors = sns.color_palette("deep" if b["batch_size"].nunique() <= 10 else "husl", b["batch_size"].nunique())
     for ax, (col, label) in zip(axes, panels):
         for color, (B, g) in zip(colors, b.groupby("batch_size")):
             xs = g["batch_index"] if x == "batch_index" else (g["batch_index"] + 1) * B

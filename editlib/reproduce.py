@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from .params import StudyParams, find_params_file, resolve
-from .paths import REPO_ROOT, anchor_params, repo_path
+from .paths import REPO_ROOT, anchor_params, repo_path, shown
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 REPORT = "06"
@@ -162,7 +162,7 @@ def caption(p: StudyParams, r: StoredResult, what: str) -> str:
     text = (f"**{what}.** Model `{r.label}` ({prov.get('n_layers', '?')} decoder layers, fingerprint "
             f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {facts} "
             f"({prov.get('n_records_available', '?')} records available); {_sizes(prm.get('spec', {}))}; "
-            f"seeds: {seeds}. Results: `{r.root}`" + ("" if man.get("complete") else " (incomplete run)") + ".")
+            f"seeds: {seeds}. Results: `{shown(r.root)}`" + ("" if man.get("complete") else " (incomplete run)") + ".")
     if is_miniature(p, r):
         text = (f"*Miniature result (offline model `{r.label}`, params `{p.name}`), not Llama-3-8B: compare trends "
                 f"with the paper, not numbers.* " + text)
@@ -275,14 +275,35 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
 
 
 @contextlib.contextmanager
-def kernel_threads(threads: int | None):
-    """Set OMP/MKL thread counts for the kernels started inside (they inherit the environment).
-    On a small shared CPU one thread can be several times faster than oversubscribed OpenMP."""
+def kernel_env(threads: int | None):
+    """The environment of the kernels started inside (they inherit it): OMP/MKL thread counts
+    (on a small shared CPU one thread can be several times faster than oversubscribed OpenMP), and
+    plain-line progress (editlib.progress) so stored notebooks and their HTML show text, not
+    widgets; a user's own ``EDITLIB_PROGRESS`` wins."""
     from .paths import env_set
+    from .progress import ENV
 
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    with env_set({k: str(int(threads)) for k in keys} if threads else {}):
+    env = {k: str(int(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+    env[ENV] = os.environ.get(ENV) or "lines"
+    if env[ENV] != "auto":  # the libraries' own bars (model loading, datasets) would be widgets
+        for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            env[k] = os.environ.get(k) or "1"
+    with env_set(env):
         yield
+
+
+def previous_seconds(path: Path) -> dict[str, float]:
+    """Notebook -> seconds of its last successful run, from a ``timings.json`` (empty if none)."""
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("notebooks", [])
+    except (OSError, ValueError):
+        return {}
+    return {r["notebook"]: float(r["seconds"]) for r in runs if r.get("status", "ok") == "ok"}
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None = None, *,
@@ -303,13 +324,19 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
     log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}"
         + (f", {threads} thread(s) per kernel" if threads else ""))
     runs: list[NotebookRun] = []
+    before = previous_seconds(out_dir / "timings.json")
+    if before and all(nb.name in before for nb in nbs):
+        log(f"  the last run of these notebooks took {_clock(sum(before[nb.name] for nb in nbs))}")
     try:
-        for nb in nbs:
+        for i, nb in enumerate(nbs):
             out = out_dir / nb.name
-            log(f"  running {nb.name} ...")
+            left = [before.get(n.name) for n in nbs[i:]]
+            eta = (f" (last time {_clock(left[0])}; about {_clock(sum(left))} to go)"
+                   if all(x is not None for x in left) else "")
+            log(f"  [{i + 1}/{len(nbs)}] running {nb.name}{eta} ...")
             t0 = time.perf_counter()
             try:
-                with kernel_threads(threads):
+                with kernel_env(threads):
                     secs = run_notebook(nb, out, parameters, kernel)
             except ReproduceError:
                 runs.append(NotebookRun(nb.name, out, _try_html(out), time.perf_counter() - t0, "failed"))

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from . import arch
 from .nethook import TraceDict
@@ -307,7 +307,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
         feats = x[keep].to(dtype)  # [tokens, d_in], non-padding only
         sums[names[name]].addmm_(feats.T, feats)
 
-    for batch in tqdm(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
+    for batch in progress(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
                       unit="batch", disable=not progress):
         ids, mask = pad_right(batch, pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -443,7 +443,7 @@ def _report(stats: CovStats, d_in: int, source: str, log: Callable[[str], None])
     if stats.count < LOW_TOKENS_FACTOR * d_in:
         warnings.warn(f"C0 of layer {stats.layer} comes from only {stats.count} tokens "
                       f"(< {LOW_TOKENS_FACTOR}·d_in = {LOW_TOKENS_FACTOR * d_in}); it may be poorly "
-                      f"estimated / ill-conditioned (SPEC §4)", RuntimeWarning, stacklevel=3)
+                      f"estimated / ill-conditioned (docs/methods.md, C0)", RuntimeWarning, stacklevel=3)
 
 
 def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,

@@ -22,7 +22,7 @@ FIGURES = ("fig1_layer_search", "fig_table3_memit_lambda", "fig_table4_emmet_lam
            "fig_sequential_diagnostics_memit", "fig_sequential_diagnostics_emmet")
 TABLES = ("table1_singular", "table3_memit_lambda", "table4_emmet_lambda", "table_batch_summary",
           "table2_batches", "table_sequential_retention", "table1_vs_paper", "table3_vs_paper",
-          "table4_vs_paper")
+          "table4_vs_paper", "table_claims", "table_failures")
 NOTEBOOKS = ("01_layer_search", "02_singular_edits", "03_hparam_sweep", "04_batch_editing",
              "05_sequential_batch_editing", "06_report")
 
@@ -85,9 +85,43 @@ def test_notebooks_html_and_timings(smoke_run):
     report = (run_dir / "06_report.html").read_text()
     assert "Miniature result" in report and "not Llama-3-8B" in report
     assert "plotting.save_table" not in report  # the report's code cells are hidden
+    assert "The paper&#39;s claims, checked on this run" in report or "The paper's claims, checked on this run" in report
+    assert "holds here" in report and "MEMIT edits best at layer" in report  # claims table and generated findings
+    assert str(REPO_ROOT) not in report  # paths are shown relative to the repository
+    for n in NOTEBOOKS:  # progress is plain text in stored notebooks and HTML: no widget, no warning box
+        html = (run_dir / f"{n}.html").read_text()
+        assert "IProgress" not in html and "TqdmWarning" not in html, n
+        nb = json.loads((run_dir / f"{n}.ipynb").read_text())
+        for cell in nb["cells"]:
+            for o in cell.get("outputs", []):
+                assert "application/vnd.jupyter.widget-view+json" not in o.get("data", {}), f"{n}: a widget output"
+                assert o.get("name") != "stderr" or "IProgress" not in "".join(o.get("text", "")), n
+                assert "\r" not in "".join(o.get("text", "")), f"{n}: carriage returns in a stored output"
 
 
 def test_results_stored_outside_the_repo(smoke_run):
     tmp, _ = smoke_run
     exps = sorted(p.name for p in (tmp / "results" / "smoke").iterdir())
     assert exps == ["batch", "layer_search", "sequential", "singular", "sweep"]
+
+
+def test_study_notebooks_read_well():
+    """Notebooks 01-05 (the committed sources): an opening explanation, the one-call setup, a
+    markdown step before every code step, tables shown without the pandas index, no outputs."""
+    for n in NOTEBOOKS[:5]:
+        cells = json.loads((REPO_ROOT / "notebooks" / f"{n}.ipynb").read_text())["cells"]
+        intro = "".join(cells[0]["source"])
+        assert cells[0]["cell_type"] == "markdown", n
+        for part in ("**Protocol.**", "**What to look for.**", "**Time.**"):
+            assert part in intro, (n, part)
+        if n != "01_layer_search":
+            assert "**Run first:** notebook 01" in intro, n
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        assert "executor" in code[0] and "parameters" in cells[1]["metadata"].get("tags", []), n
+        assert sum("editlib.notebook.setup(globals())" in c for c in code) == 1, n
+        assert not any("editlib.params.resolve" in c for c in code), n
+        assert not any("display(summarize(" in c or "display(table)" in c for c in code), n
+        for prev, cell in zip(cells, cells[1:]):
+            if cell["cell_type"] == "code" and cell is not cells[1]:
+                assert prev["cell_type"] == "markdown", (n, cell["id"])
+        assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), n

@@ -219,3 +219,15 @@ def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     assert result_title(resolve("tiny-counterfact"), stored(str(mini), {})) == \
         "m-6L (tiny-counterfact), miniature: not Llama-3-8B"
     assert result_title(resolve("llama3-8b"), big_r) == "m-6L (llama3-8b)"
+
+
+def test_coinciding_methods_are_named_in_the_legend(rng):
+    rows = [dict(method="memit", layer=l, batch_size=1, batch_index=0, eval="current", ordering=0) for l in range(3)]
+    memit = _frame(rng, rows)
+    same = pd.concat([memit, memit.assign(method="rome")], ignore_index=True)
+    fig = plotting.plot_layer_search(same, "t")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["MEMIT", "ROME (= MEMIT within 0.5)"]
+    other = memit.assign(method="rome", ES=1.0 - memit["ES"])  # flipped efficacy: clearly different
+    fig = plotting.plot_layer_search(pd.concat([memit, other], ignore_index=True), "t")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MEMIT", "ROME"]

@@ -1,0 +1,84 @@
+"""editlib.findings: the paper's claims and the per-experiment paragraphs, computed from cases."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from editlib import findings
+
+
+def cases(configs: list[tuple[dict, float, float, float]], n: int = 20, orderings=(0,)) -> pd.DataFrame:
+    """Per configuration (labels, ES, PS, NS rates): n cases per ordering with exactly those rates."""
+    rows = []
+    for o in orderings:
+        for labels, es, ps, ns in configs:
+            for i in range(n):
+                rows.append({**labels, "ordering": o, "eval": labels.get("eval", "current"), "case_id": i,
+                             "ES": float(i < es * n), "PS": float(i < ps * n), "NS": float(i < ns * n), "failed": False})
+    return pd.DataFrame(rows)
+
+
+def layer_search(best: int, n_layers: int = 6) -> pd.DataFrame:
+    return cases([({"method": m, "layer": l}, 1.0 if l == best else 0.2, 1.0 if l == best else 0.2, 0.95)
+                  for m in ("rome", "memit") for l in range(n_layers)])
+
+
+def batch(ns_drop: float, es_drop: float) -> pd.DataFrame:
+    return cases([({"method": m, "batch_size": b}, 1.0 - es_drop * k, 0.95 - es_drop * k, 0.95 - ns_drop * k)
+                  for m in ("memit", "emmet") for k, b in enumerate((4, 16, 64))])
+
+
+def sequential(one_batch_better: bool) -> pd.DataFrame:
+    cur = {1: 0.9, 4: 0.95, 16: 0.85}
+    if one_batch_better:
+        cur[16] = 1.0
+    return cases([({"method": "memit", "batch_size": b, "eval": e}, v, v, v)
+                  for b, v in cur.items() for e in ("current", "final")])
+
+
+def test_claims_hold_on_results_that_show_them():
+    t = findings.claims_table({"layer_search": layer_search(0), "singular": layer_search(0)[lambda d: d.layer == 0],
+                               "batch": batch(ns_drop=0.2, es_drop=0.05), "sequential": sequential(False)})
+    got = dict(zip(t["claim"], t["holds here"]))
+    assert got == {"an early layer is the best place to edit": "yes", "MEMIT ≈ ROME for singular edits": "yes",
+                   "bigger batches hurt, NS most": "yes", "sequential batches beat one big batch of the same facts": "yes"}
+    seq = t[t.claim.str.startswith("sequential")].iloc[0]
+    assert "B = 4 in sequence" in seq["ours"] and "one batch of 16" in seq["ours"]
+    assert list(t.columns) == ["claim", "paper", "ours", "holds here", "margin", "spread"]
+
+
+def test_claims_fail_on_results_that_contradict_them():
+    t = findings.claims_table({"layer_search": layer_search(5), "batch": batch(ns_drop=0.02, es_drop=0.1),
+                               "sequential": sequential(True)})
+    got = dict(zip(t["claim"], t["holds here"]))
+    assert got["an early layer is the best place to edit"] == "no"
+    assert got["bigger batches hurt, NS most"] == "no"  # ES falls most here
+    assert got["sequential batches beat one big batch of the same facts"] == "no"
+    assert "MEMIT ≈ ROME for singular edits" not in got  # no singular experiment: no row
+
+
+def test_rome_memit_difference_beyond_threshold_fails():
+    c = pd.concat([cases([({"method": "memit", "layer": 0}, 1.0, 1.0, 1.0)]),
+                   cases([({"method": "rome", "layer": 0}, 0.8, 0.8, 0.8)])])
+    row = findings.claim_rome_memit({"singular": c})
+    assert row["holds"] is False and "ΔS +" in row["ours"]
+
+
+def test_spread_over_orderings_and_lambda_is_not_judged():
+    c = cases([({"method": "memit", "lam": lam}, e, e, 0.9) for lam, e in ((1.0, 0.5), (100.0, 0.95))],
+              orderings=(0, 1, 2))
+    row = findings.claim_lambda({"sweep": c})
+    assert row["holds"] is None and "λ = 100" in row["ours"]
+    assert "100.00 ± 0.00 over 3 orderings" in row["spread"]
+    t = findings.claims_table({"sweep": c})
+    assert t["holds here"].tolist() == ["n/a"]
+
+
+def test_findings_paragraphs_state_the_numbers():
+    ls = layer_search(1)
+    txt = findings.finding("layer_search", ls)
+    assert txt.startswith("Over 6 layers, MEMIT edits best at layer 1")
+    b = findings.finding("batch", batch(ns_drop=0.2, es_drop=0.05))
+    assert "MEMIT: S" in b and "falls more than 5 points below it from B = 16 on" in b
+    s = findings.finding("sequential", sequential(False))
+    assert "B = 4 scores best right after each batch" in s and "keeps the most on the final model" in s
+    assert findings.finding("unknown", ls) == ""

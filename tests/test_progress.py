@@ -1,0 +1,60 @@
+"""editlib.progress: widget / text / plain-line progress depending on where it runs."""
+import pytest
+
+from editlib import progress as pg
+
+
+def test_lines_mode_prints_plain_lines(monkeypatch, capsys):
+    monkeypatch.setenv(pg.ENV, "lines")
+    assert pg.mode() == "lines"
+    with pg.progress(total=3, desc="layer_search", unit="unit", mininterval=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("layer_search:") and "0/3" in lines[0]
+    assert "3/3" in lines[-1] and len(lines) == 4  # start, each update (no minimum interval)
+
+
+def test_lines_mode_respects_the_interval(monkeypatch, capsys):
+    monkeypatch.setenv(pg.ENV, "lines")
+    for _ in pg.progress(range(50), desc="C0", mininterval=3600):
+        pass
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "0/50" in lines[0] and "50/50" in lines[1]  # first and final state only
+
+
+def test_off_and_bad_mode(monkeypatch, capsys):
+    monkeypatch.setenv(pg.ENV, "off")
+    assert list(pg.progress(range(3), desc="x")) == [0, 1, 2]
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(pg.ENV, "sometimes")
+    with pytest.raises(ValueError, match="EDITLIB_PROGRESS='sometimes'"):
+        pg.mode()
+
+
+def test_reproduce_kernels_get_plain_lines(monkeypatch):
+    import os
+
+    from editlib.reproduce import kernel_env
+
+    monkeypatch.delenv(pg.ENV, raising=False)
+    with kernel_env(2):
+        assert os.environ[pg.ENV] == "lines" and os.environ["OMP_NUM_THREADS"] == "2"
+    assert pg.ENV not in os.environ
+    monkeypatch.setenv(pg.ENV, "off")  # a user's choice wins
+    with kernel_env(None):
+        assert os.environ[pg.ENV] == "off"
+
+
+def test_previous_seconds(tmp_path):
+    import json
+
+    from editlib.reproduce import previous_seconds
+
+    f = tmp_path / "timings.json"
+    assert previous_seconds(f) == {}
+    f.write_text(json.dumps({"notebooks": [{"notebook": "01_a.ipynb", "seconds": 5.5, "status": "ok"},
+                                           {"notebook": "02_b.ipynb", "seconds": 9, "status": "failed"}]}))
+    assert previous_seconds(f) == {"01_a.ipynb": 5.5}

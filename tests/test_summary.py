@@ -1,0 +1,80 @@
+"""python -m editlib show / compare and --version: stored results as summary tables, no model."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from editlib import __version__
+from editlib.__main__ import main
+from editlib.summary import SummaryError, compare, show
+
+
+def _cases(rng, rows: list[dict], n: int = 6) -> pd.DataFrame:
+    out = []
+    for r in rows:
+        for i in range(n):
+            out.append({**r, "case_id": i, "ES": rng.random() > 0.2, "PS": rng.random(), "NS": rng.random(),
+                        "ES_mag": 0.1, "PS_mag": 0.1, "NS_mag": 0.1, "failed": False})
+    return pd.DataFrame(out)
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, bsz in (("a", [4, 16]), ("b", [4, 64])):
+        for exp, rows in (("layer_search", [dict(method=m, layer=l) for m in ("rome", "memit") for l in (0, 1)]),
+                          ("batch", [dict(method="memit", batch_size=b) for b in bsz])):
+            d = tmp_path / name / exp
+            d.mkdir(parents=True)
+            _cases(np.random.default_rng(0 if exp == "layer_search" else len(name)), rows).to_parquet(d / "cases.parquet")
+    (tmp_path / "a" / "sweep").mkdir()  # unfinished: no cases.parquet
+    return tmp_path
+
+
+def test_show_prints_each_experiment_by_its_configuration(runs, capsys):
+    text = show(runs / "a")
+    assert text.index("== layer_search") < text.index("== batch") and "sweep" not in text
+    block = text.split("== batch")[1]
+    assert "batch_size" in block and " 16 " in block and "layer " not in block
+    assert main(["show", str(runs / "a")]) == 0
+    assert "== layer_search" in capsys.readouterr().out
+
+
+def test_compare_puts_two_runs_side_by_side(runs):
+    text = compare(runs / "a", runs / "b")
+    batch = text.split("== batch")[1]
+    assert "S a" in batch and "S b" in batch and "ΔS" in batch
+    lines = [l.split() for l in batch.strip().splitlines()[2:]]
+    assert sorted(int(l[1]) for l in lines) == [4, 16, 64]  # the union of configurations
+    ls = text.split("== layer_search")[1].split("== batch")[0]
+    assert all(l.split()[-1] == "0.00" for l in ls.strip().splitlines()[2:])  # the same cases: ΔS = 0
+
+
+def test_errors_are_one_line(runs, tmp_path, capsys):
+    with pytest.raises(SummaryError, match="no such run folder"):
+        show(tmp_path / "nope")
+    (tmp_path / "empty" / "sweep").mkdir(parents=True)
+    with pytest.raises(SummaryError, match="no finished experiment.*found sweep"):
+        show(tmp_path / "empty")
+    assert main(["show", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"editlib {__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["tiny-train", "tiny-check", "evaluate", "run", "reproduce", "show", "compare", "clean"])
+def test_every_subcommand_help_has_an_example_and_documents_every_option(cmd, capsys):
+    import argparse
+
+    from editlib.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert f"example:\n  python -m editlib {cmd}" in out and "``" not in out
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    undocumented = [a.dest for a in sub._actions if not (a.help or "").strip()]
+    assert not undocumented, undocumented

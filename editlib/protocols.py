@@ -390,8 +390,9 @@ def best_layer(study: Study) -> int:
     p = study.params
     path = Path(p.results_dir) / p.name / f"layer_search{study.suffix}" / "cases.parquet"
     if not path.is_file():
-        raise ParamsError(f"layer 'best' needs a finished layer search ({path} is missing): run "
-                          "`python -m editlib run layer-search` first, or give an integer layer")
+        raise ParamsError(f"layer 'best' needs a finished layer search ({path} is missing): run notebook "
+                          "01_layer_search (or `python -m editlib run layer-search --params ...`) first, "
+                          "or give an integer layer")
     s = summarize_cases(pd.read_parquet(path), by=["method", "layer"])
     pick = s[s.method == "memit"] if (s.method == "memit").any() else s
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])

@@ -199,7 +199,7 @@ def notebooks(only: Sequence[str] | None = None, nb_dir: Path = NOTEBOOKS_DIR) -
     """The study notebooks ``NN_*.ipynb`` in order, optionally only those whose NN is in ``only``."""
     found = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if not found:
-        raise ReproduceError(f"no notebooks in {nb_dir}: run `python notebooks/build_notebooks.py`")
+        raise ReproduceError(f"no notebooks NN_*.ipynb in {nb_dir} (a checkout of the repository has them)")
     if only:
         want = {o.strip().zfill(2) for o in only if o.strip()}
         unknown = want - {p.name[:2] for p in found}

@@ -101,6 +101,7 @@ class SingularParams:
     n_facts: int = 100
     layer: Any = "best"
     methods: tuple[str, ...] = ("rome", "memit")
+    chunk_size: int | None = None  # facts per unit of work (null: one unit per ordering); for a cluster
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
@@ -369,6 +370,8 @@ def _check_sizes(sp: StudyParams) -> None:
             raise ParamsError(f"{sec}.{key} must not be empty")
     if any(o < 0 for o in sp.data.orderings):
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
+    if sp.singular.chunk_size is not None and sp.singular.chunk_size < 1:
+        raise ParamsError(f"singular.chunk_size must be null or at least 1, got {sp.singular.chunk_size}")
     if sp.sequential.forgetting_every is not None and sp.sequential.forgetting_every < 1:
         raise ParamsError(f"sequential.forgetting_every must be null or at least 1, got {sp.sequential.forgetting_every}")
     for sec in ("singular", "sweep", "batch", "sequential"):

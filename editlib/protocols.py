@@ -600,9 +600,11 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
 
 # --------------------------------------------------------------------------- singular / layer search
 
-def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, section: str = "singular") -> tuple[pd.DataFrame, pd.DataFrame]:
+def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, section: str = "singular",
+                   offset: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each fact edited alone at ``layer`` by each method; values computed once per distinct
-    value setting (they do not depend on μ) and batched across facts."""
+    value setting (they do not depend on μ) and batched across facts. ``offset``: the position
+    of ``facts[0]`` in the experiment's facts (its ``batch_index``)."""
     frames, diags = [], []
     targets: dict[str, BatchTargets] = {}
     charged: dict = {}
@@ -622,9 +624,9 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
                 with EditSession(study.model) as s:
                     results.append(_edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s))
         for i, (cases, d) in enumerate(results):
-            frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=i,
+            frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=offset + i,
                                  eval="current", **unit_cols))
-            diags.append({"method": method, "layer": layer, "batch_index": i, **unit_cols,
+            diags.append({"method": method, "layer": layer, "batch_index": offset + i, **unit_cols,
                           **_charge(charged, key, [i], d)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(diags)
 
@@ -657,10 +659,15 @@ def _layer_search_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "Uni
 
 
 def _singular_edits_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
-    """Table 1 for one ordering: every method's singular edits at the chosen layer."""
+    """Table 1 for one ordering (or one chunk of its facts, ``singular.chunk_size``): every
+    method's singular edits at the chosen layer."""
     sp = study.params.singular
-    cases, diags = _singular_unit(study, study.facts(sp.n_facts, spec.ordering), sp.methods, spec.layer,
-                                  unit_cols={"ordering": spec.ordering})
+    facts, offset = study.facts(sp.n_facts, spec.ordering), 0
+    if spec.chunk is not None:
+        idx = _chunks(len(facts), sp.chunk_size)[spec.chunk]
+        facts, offset = facts[idx.start:idx.stop], idx.start
+    cases, diags = _singular_unit(study, facts, sp.methods, spec.layer,
+                                  unit_cols={"ordering": spec.ordering}, offset=offset)
     exp.save_unit(spec.name, cases, diags)
     return UnitResult(spec.name, [(f"o{spec.ordering}", "singular edits:", cases)])
 
@@ -881,7 +888,8 @@ def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[
 class UnitSpec:
     """One independent unit of an experiment (issue #14). It runs with nothing but this spec, the
     params and the results folder (:func:`run_unit`), and writes its rows through
-    :meth:`Experiment.save_unit`. Units: layer search (ordering, layer); singular (ordering); sweep
+    :meth:`Experiment.save_unit`. Units: layer search (ordering, layer); singular (ordering, or
+    ordering × chunk of ``singular.chunk_size`` facts); sweep
     (ordering, chunk, method, λ); batch (method, batch size, ordering: all its batches evaluated
     together); sequential (method, batch size, ordering: its batches in order, checkpointed)."""
 
@@ -891,7 +899,7 @@ class UnitSpec:
     method: str | None = None
     batch_size: int | None = None
     lam: float | None = None
-    chunk: int | None = None  # the sweep's batch index
+    chunk: int | None = None  # the sweep's batch index; the singular chunk
     which: str = "model"  # the params section of the model: "model" or "second_model"
 
     @property
@@ -901,7 +909,7 @@ class UnitSpec:
         if self.experiment == "layer_search":
             return f"o{o}-L{self.layer:03d}"
         if self.experiment == "singular":
-            return f"o{o}"
+            return f"o{o}" if self.chunk is None else f"o{o}-c{self.chunk:05d}"
         if self.experiment == "sweep":
             return f"{self.method}-lam{self.lam:g}-o{o}-b{self.chunk:05d}"
         return f"{self.method}-B{self.batch_size:05d}-o{o}"
@@ -968,6 +976,9 @@ def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpe
     for o in p.data.orderings:
         if name == "layer_search":
             out += [UnitSpec(name, o, l, which=w) for l in _search_layers(study)]
+        elif name == "singular" and p.singular.chunk_size:
+            out += [UnitSpec(name, o, layer, chunk=c, which=w)
+                    for c in range(len(_chunks(p.singular.n_facts, p.singular.chunk_size)))]
         elif name == "singular":
             out.append(UnitSpec(name, o, layer, which=w))
         elif name == "sweep":

@@ -134,6 +134,21 @@ def test_singular_rows(study, weights0, tmp_path):
     assert_unedited(study.model, weights0)
 
 
+def test_singular_in_chunks_equals_one_unit(study, weights0, tmp_path):
+    """singular.chunk_size splits Table 1 into units of that many facts (for a cluster): the same
+    rows, batch indices and scores as one unit (values are computed per chunk, so equal to float
+    rounding), under the chunk units' names."""
+    whole = sort_units(protocols.run_singular(use(study, params_for(tmp_path / "a")), log=quiet))
+    p = params_for(tmp_path / "b", **{"singular.chunk_size": 3})
+    parts = sort_units(protocols.run_singular(use(study, p), log=quiet))
+    assert sorted(f.name for f in (exp_dir(p, "singular") / "parts").glob("*.cases.parquet")) == [
+        "o0-c00000.cases.parquet", "o0-c00001.cases.parquet"]
+    assert (whole[["method", "case_id", "batch_index"]].to_numpy() == parts[["method", "case_id", "batch_index"]].to_numpy()).all()
+    assert sorted(parts.batch_index.unique()) == [0, 1, 2, 3]
+    assert_frame_equal(whole[SCORES], parts[SCORES], check_exact=False, rtol=0, atol=1e-5)
+    assert_unedited(study.model, weights0)
+
+
 def test_batch_rows_and_diagnostics(study, weights0, tmp_path):
     p = params_for(tmp_path)
     cases = protocols.run_batch(use(study, p), log=quiet)
@@ -488,6 +503,7 @@ def _params_file(tmp_path: Path, text: str) -> Path:
     ({"batch.batch_sizes": [2, 8]}, ParamsError, ["batch.batch_sizes", "[8]", "batch.total=4"]),
     ({"sequential.batch_sizes": [5]}, ParamsError, ["sequential.batch_sizes", "[5]"]),
     ({"sweep.batch_size": 8}, ParamsError, ["sweep.batch_size=8", "sweep.total=4"]),
+    ({"singular.chunk_size": 0}, ParamsError, ["singular.chunk_size", "at least 1"]),
     ({"batch.total": 5000, "batch.batch_sizes": [4]}, ParamsError, ["batch needs 5000 facts"]),
     ({"data.source": "counterfact"}, DatasetNotFound, ["EDITLIB_COUNTERFACT", "missing-cf.json"]),
     ({"data.source": "counterfact", "data.counterfact_path": "nowhere/cf.json"}, DatasetNotFound,

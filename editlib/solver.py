@@ -79,7 +79,14 @@ class CovFactor:
         K = K.to(device=self.L.device, dtype=F64)
         if K.dim() != 2 or K.shape[0] != self.dim:
             raise ValueError(f"keys K must be [{self.dim}, N], got shape {tuple(K.shape)}")
-        return torch.cholesky_solve(K, self.L)
+        return _chol_solve(self.L, K)
+
+
+def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ)⁻¹ B as two triangular solves: on the CPU this is 16× faster than
+    ``torch.cholesky_solve`` for one right-hand side at d_in = 14,336 (0.06 s against 1.02 s, one
+    thread) and never slower for many (bench: python bench/bench_solve.py)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
 _BLOCK = 2048  # rows per block when checking / symmetrising C0 without a full-size temporary
@@ -171,7 +178,7 @@ def cond_estimate(L: torch.Tensor, iters: int = 50, seed: int = 0) -> float:
         hi = float((x * cx).sum())
         x = cx
         y = y / y.norm()
-        cy = torch.cholesky_solve(y, L)
+        cy = _chol_solve(L, y)
         lo_inv = float((y * cy).sum())
         y = cy
     if not (hi > 0 and lo_inv > 0):

@@ -96,9 +96,11 @@ def _check_cov(C0: torch.Tensor) -> None:
     if not isinstance(C0, torch.Tensor) or C0.dim() != 2 or C0.shape[0] != C0.shape[1]:
         shape = tuple(C0.shape) if isinstance(C0, torch.Tensor) else type(C0).__name__
         raise ValueError(f"C0 must be a square [d_in, d_in] matrix, got {shape}")
-    if not torch.isfinite(C0).all():
+    # block by block: no full-size temporary (a float64 |C0| is 1.6 GB at d_in = 14,336)
+    blocks = range(0, C0.shape[0], _BLOCK)
+    if not all(bool(torch.isfinite(C0[i:i + _BLOCK]).all()) for i in blocks):
         raise ValueError("C0 contains NaN/Inf")
-    scale = C0.abs().max()
+    scale = max(C0[i:i + _BLOCK].abs().max() for i in blocks)
     asym = max((C0[i:i + _BLOCK] - C0[:, i:i + _BLOCK].T).abs().max() for i in range(0, C0.shape[0], _BLOCK))
     if asym > _SYM_RTOL * scale:
         raise ValueError(f"C0 is not symmetric: max|C0 - C0ᵀ| = {asym.item():.3g} "

@@ -11,7 +11,7 @@
 
 Both run :func:`editlib.protocols.run_unit`. The driver holds the experiment folder's lock; workers
 write their parts without it (``Experiment.open(..., lock=False)``), and the caller consolidates
-once, after all units. One tqdm bar over the units (with an ETA) and one log line per unit (unit,
+once, after all units. One progress bar over the experiment's edits (rate and ETA) and one log line per unit (unit,
 worker, seconds). The failed-edit limit (``evaluation.max_failed_fraction``) is applied by the
 driver across units, as the serial loops did.
 """
@@ -98,10 +98,14 @@ def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *,
     """Run the ``units`` not saved yet on the params' executor (the caller then finishes ``exp``)."""
     from .protocols import unit_done
 
+    from .protocols import unit_edits
+
     pending = [u for u in units if not unit_done(u, exp, study.params)]
     book = _FailureBook(study.params.evaluation.max_failed_fraction, log)
-    with progress(total=len(units), initial=len(units) - len(pending), desc=exp.root.name, unit="unit",
-              disable=len(pending) < 2) as bar:
+    sizes = {u.name: unit_edits(u, study.params) for u in units}
+    with progress(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[u.name] for u in pending),
+                  desc=exp.root.name, unit=" edits", unit_scale=False, disable=len(pending) < 2) as bar:
+        bar.sizes = sizes  # a finished (or given-up) unit advances the bar by its edits
         if study.params.executor.kind == "ray":
             _run_ray(study, exp, pending, book, bar, log)
         else:
@@ -130,7 +134,7 @@ def _record(study: "Study", res: "UnitResult", book: _FailureBook, bar, log: Cal
     study._cov_info.update(res.cov_info)
     book.add(res.checks)
     log(f"unit {res.unit} on {res.worker}: {res.seconds:.1f} s")
-    bar.update(1)
+    bar.update(getattr(bar, "sizes", {}).get(res.unit, 1))
 
 
 def _run_local(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], book: _FailureBook, bar,
@@ -378,7 +382,7 @@ def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed:
     failed[spec.name] = {"error": why, "attempts": tries[spec.name], "spec": asdict(spec)}
     exp.record_failed_units(failed)
     log(f"unit {spec.name} failed {tries[spec.name]} time(s), recorded as failed: {why}")
-    bar.update(1)
+    bar.update(getattr(bar, "sizes", {}).get(spec.name, 1))
 
 
 @contextlib.contextmanager

@@ -93,6 +93,17 @@ def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linest
         ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=0.18, linewidth=0)
 
 
+def _share_y(axes, metrics: Sequence[str]) -> None:
+    """One y range for the ES, PS and NS panels (all shares ×100), so their drops compare at a
+    glance (the paper's point that NS falls most); S and GE keep their own."""
+    share = [ax for ax, m in zip(axes, metrics) if m in _SHARES]
+    if len(share) > 1:
+        lo = min(ax.get_ylim()[0] for ax in share)
+        hi = max(ax.get_ylim()[1] for ax in share)
+        for ax in share:
+            ax.set_ylim(lo, hi)
+
+
 def _panel_titles(axes, metrics: Sequence[str]) -> None:
     for ax, m in zip(axes, metrics):
         ax.set_title(NAMES[m])
@@ -217,6 +228,7 @@ def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _categorical_log_x(ax, s["batch_size"].tolist())
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics)
+    _share_y(axes, metrics)
     return _note(fig, c)
 
 
@@ -238,6 +250,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())))
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics)
+    _share_y(axes, metrics)
     axes[0].legend(fontsize="small")
     return _note(fig, c)
 

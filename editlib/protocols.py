@@ -645,6 +645,26 @@ def run_singular(study: Study, *, log=None) -> pd.DataFrame:
     return _run_experiment(study, "singular", _resolve_layer(study, study.params.singular.layer), log)
 
 
+def _one_line(cases: pd.DataFrame) -> str:
+    """A configuration's scores in one line: S, ES, PS, NS (×100) and its failed edits."""
+    r = summarize_cases(cases).iloc[0]
+    return (f"S {r['S']:.1f} (ES {r['ES_mean']:.1f}, PS {r['PS_mean']:.1f}, NS {r['NS_mean']:.1f}; "
+            f"{int(r['n'])} facts, {int(r.get('n_failed', 0))} failed)")
+
+
+def unit_edits(spec: "UnitSpec", p: StudyParams) -> int:
+    """How many facts ``spec`` edits (its share of an experiment's progress bar)."""
+    e = spec.experiment
+    if e == "layer_search":
+        return p.layer_search.n_facts * len(p.layer_search.methods)
+    if e == "singular":
+        n = p.singular.n_facts if spec.chunk is None else len(_chunks(p.singular.n_facts, p.singular.chunk_size)[spec.chunk])
+        return n * len(p.singular.methods)
+    if e == "sweep":
+        return len(_chunks(p.sweep.total, p.sweep.batch_size)[spec.chunk])
+    return getattr(p, e).total
+
+
 def _layer_search_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
     """One layer of the layer search for one ordering: every method's singular edits."""
     ls = study.params.layer_search
@@ -722,7 +742,8 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
         exp.save_unit(f"{spec.name}-b{bi:05d}", _label(cases, **cols),
                       pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
         checks.append((f"o{o}", f"batch B={B}:", _label(cases, **cols)))
-    uc.log(f"batch {method} B={B}: done")
+    if done:
+        uc.log(f"batch {method} B={B}: " + _one_line(pd.concat([c for *_, c in checks], ignore_index=True)))
     return UnitResult(spec.name, checks)
 
 
@@ -758,7 +779,7 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
                 batch_index=bi, eval="current", ordering=o)
     exp.save_unit(spec.name, _label(cases, **cols),
                   pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
-    uc.log(f"sweep {method} λ={lam:g} batch {bi}: S={summarize_cases(cases).S.iloc[0]:.1f}")
+    uc.log(f"sweep {method} λ={lam:g} batch {bi}: " + _one_line(cases))
     return UnitResult(spec.name, [("", f"sweep λ={lam:g}:", _label(cases, **cols))])
 
 
@@ -864,7 +885,9 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         if sq.eval_final:
             exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason), **base,
                                              batch_index=len(chunks) - 1, eval="final"))
-        log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s)")
+        cur = pd.concat([exp.load_unit(f"{cfg}-b{bi:05d}") for bi in range(len(chunks))], ignore_index=True)
+        log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s); right after each batch "
+            + _one_line(cur[cur["eval"] == "current"]))
     # the model is restored when the session exits; the checkpoint log is no longer needed
     shutil.rmtree(ckpt, ignore_errors=True)
 

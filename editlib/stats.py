@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from .progress import progress
+from .progress import progress as progress_bar
 
 from . import arch
 from .nethook import TraceDict
@@ -307,7 +307,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
         feats = x[keep].to(dtype)  # [tokens, d_in], non-padding only
         sums[names[name]].addmm_(feats.T, feats)
 
-    for batch in progress(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
+    for batch in progress_bar(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
                       unit="batch", disable=not progress):
         ids, mask = pad_right(batch, pad_id)
         ids, mask = ids.to(device), mask.to(device)

@@ -231,3 +231,12 @@ def test_coinciding_methods_are_named_in_the_legend(rng):
     other = memit.assign(method="rome", ES=1.0 - memit["ES"])  # flipped efficacy: clearly different
     fig = plotting.plot_layer_search(pd.concat([memit, other], ignore_index=True), "t")
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MEMIT", "ROME"]
+
+
+def test_batch_and_sequential_share_the_y_range_of_es_ps_ns(rng):
+    rows = [dict(method="memit", batch_size=b, batch_index=0, eval="current", ordering=0) for b in (4, 16)]
+    c = _frame(rng, rows)
+    c.loc[c.batch_size == 16, "NS"] = 0.2  # NS drops far below ES / PS
+    for fig in (plotting.plot_batch(c, "memit", "t"), plotting.plot_sequential(c, "memit", "t")):
+        es, ps, ns, s = fig.axes[:4]
+        assert es.get_ylim() == ps.get_ylim() == ns.get_ylim()

@@ -46,7 +46,8 @@ GPUS = {
 
 #: work kinds in report order, with a short label
 KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "eval ES/PS/NS",
-         "ge": "GE", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "ckpt": "ckpt", "load": "load"}
+         "ge": "GE", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "c0_eigh": "C0 eigh",
+         "pres_factor": "pres. factor", "ckpt": "ckpt", "load": "load"}
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,23 @@ class CostModel:
         cond = 50 * 3 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff)  # power + inverse iterations
         return read + 8 * s.d_in ** 2 / self.pcie_bw + chol + cond
 
+    def c0_eigh(self, s: ModelShape) -> float:
+        """AlphaEdit's eigendecomposition of C0 (with vectors) per factored layer: ≈ 4 d_in³ flops
+        (tridiagonal reduction, divide and conquer, back-transformation; an assumption) plus
+        rebuilding C0 from its factor (d_in³)."""
+        flops = 5 * s.d_in ** 3
+        if self.solve_on == "host":
+            return flops / self.host_f64 / self.host_speedup
+        return flops / (self.gpu.fp64 * self.f64_eff)
+
+    def pres_factor(self, s: ModelShape) -> float:
+        """A Cholesky of a d_in × d_in preservation matrix (ENCORE's λ_p C0 + λ_n I + K_pK_pᵀ; an
+        upper bound for AlphaEdit's r × r one)."""
+        flops = s.d_in ** 3 / 3
+        if self.solve_on == "host":
+            return flops / self.host_f64 / self.host_speedup
+        return flops / (self.gpu.fp64 * self.f64_eff)
+
     def ckpt(self, s: ModelShape, n: int) -> float:
         """A sequential batch's checkpoint: its low-rank factors R [d, N] and X [N, d_in] in
         float64, one small safetensors file per batch (protocols._save_ckpt)."""
@@ -259,6 +277,10 @@ class CostModel:
                 out["c0_collect"] += w.count * self.c0_collect(s, w.size, w.layer)
             elif w.kind == "c0_factor":
                 out["c0_factor"] += w.count * self.c0_factor(s)
+            elif w.kind == "c0_eigh":
+                out["c0_eigh"] += w.count * self.c0_eigh(s)
+            elif w.kind == "pres_factor":
+                out["pres_factor"] += w.count * self.pres_factor(s)
             elif w.kind == "ckpt":
                 out["ckpt"] += w.count * self.ckpt(s, w.size)
             elif w.kind == "load":

@@ -1,14 +1,18 @@
-"""ROME, MEMIT and EMMET as one algorithm (SPEC §1B, §2, §3).
+"""ROME, MEMIT, EMMET, AlphaEdit and ENCORE as one algorithm (SPEC §1B, §2, §3; issue #15).
 
-All three share keys (:mod:`editlib.reprs`), values (:mod:`editlib.values`) and the closed-form
-solver ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ (:mod:`editlib.solver`); they differ only in μ:
+All share keys (:mod:`editlib.reprs`), values (:mod:`editlib.values`) and the closed-form solver
+ΔW = R (KᵀC⁻¹K + μI)⁻¹ (C⁻¹K)ᵀ (:mod:`editlib.solver`); they differ only in μ and C:
 
-* ROME ("unified ROME", what the paper ran): N = 1, μ = 0;
-* MEMIT: μ = mom2_update_weight (the paper's λ), multi-layer with residual spreading supported;
-* EMMET: μ = mom2_update_weight · emmet_lambda (λ = 0: the equality constraint W'K = WK + R).
+* ROME ("unified ROME", what the paper ran): C = C0, N = 1, μ = 0;
+* MEMIT: C = C0, μ = mom2_update_weight (the paper's λ), multi-layer with residual spreading;
+* EMMET: C = C0, μ = mom2_update_weight · emmet_lambda (λ = 0: the equality constraint W'K = WK + R);
+* AlphaEdit: C⁻¹ = AlphaEdit's null-space operator (L2, nullspace_threshold), μ = 1;
+* ENCORE: C = mom2_update_weight·C0 + update_norm_lambda·I (+ earlier edits' keys), μ = 1, with
+  most-probable early stopping of the values (:mod:`editlib.editors` has both).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
@@ -17,13 +21,18 @@ import torch
 
 from .arch import n_layers
 from .context import ContextTemplates
+from .editors import PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
 from .solver import CovFactor, mu_for, solve_factors
 from .values import ValueHParams, ValueResult, compute_values
 from .weights import EditSession
 
-METHODS = ("rome", "memit", "emmet")
+METHODS = ("rome", "memit", "emmet", "alphaedit", "encore")
+#: hyperparameters of one method only: left out of the other methods' ``to_dict`` (so results
+#: of the methods that predate them keep their parameter digests)
+METHOD_ONLY = {"L2": "alphaedit", "nullspace_threshold": "alphaedit",
+               "update_norm_lambda": "encore", "add_prev_edits": "encore"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,14 @@ class EditHParams:
     emmet_lambda: float = 0.0         # EMMET's λ (paper Table 4); μ = mom2_update_weight · emmet_lambda
     context_templates: str = "memit"  # "memit" (6 in 2 types), "rome" (21) or "plain"
     max_cond: float | None = None     # opt-in: regularise D + μI above this cond (default: exact, SPEC §3, §8.5)
+    # AlphaEdit (editlib.editors): α of (P(KKᵀ + K_pK_pᵀ) + αI)Δᵀ = PKRᵀ, and the share of C0's
+    # trace (E‖k‖²) in its null space P (relative, where the official code uses an absolute 2e-2)
+    L2: float = 10.0
+    nullspace_threshold: float = 1e-2
+    # ENCORE (editlib.editors): λ_n of the norm penalty λ_n‖ΔW‖² (C = λ_p C0 + λ_n I), and whether
+    # the keys edited earlier in a sequential run join the preserved ones (the official configs: 20, true)
+    update_norm_lambda: float = 20.0
+    add_prev_edits: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -48,6 +65,20 @@ class EditHParams:
             raise ValueError(f"{self.method} edits a single layer, got layers={list(self.layers)}")
         if self.mom2_update_weight < 0 or self.emmet_lambda < 0:
             raise ValueError("mom2_update_weight and emmet_lambda must be >= 0")
+        if not (isinstance(self.L2, (int, float)) and math.isfinite(self.L2) and self.L2 > 0):
+            raise ValueError(f"L2 (AlphaEdit's α) must be a finite number > 0, got {self.L2!r}")
+        if not (isinstance(self.nullspace_threshold, (int, float)) and 0 < self.nullspace_threshold <= 1):
+            raise ValueError(f"nullspace_threshold (share of C0's trace in AlphaEdit's null space) must be "
+                             f"in (0, 1], got {self.nullspace_threshold!r}")
+        if not (isinstance(self.update_norm_lambda, (int, float)) and math.isfinite(self.update_norm_lambda)
+                and self.update_norm_lambda >= 0):
+            raise ValueError(f"update_norm_lambda (ENCORE's λ_n) must be a finite number >= 0, "
+                             f"got {self.update_norm_lambda!r}")
+        if not isinstance(self.add_prev_edits, bool):
+            raise ValueError(f"add_prev_edits must be true or false, got {self.add_prev_edits!r}")
+        if self.method == "encore" and not self.mom2_update_weight + self.update_norm_lambda > 0:
+            raise ValueError("encore needs mom2_update_weight > 0 or update_norm_lambda > 0 "
+                             "(its preservation matrix would be zero)")
 
     @property
     def mu(self) -> float:
@@ -61,8 +92,17 @@ class EditHParams:
             raise ValueError(f"layer(s) {bad} outside the model's 0..{n - 1} decoder layers")
 
     def to_dict(self) -> dict:
+        """All fields, less those of other methods only (:data:`METHOD_ONLY`) and the value
+        optimisation's MPES knobs when a method other than ENCORE stops on the loss (as every
+        method before ENCORE did), so their results keep their parameter digests."""
         d = asdict(self)
         d["layers"] = list(self.layers)
+        for k, m in METHOD_ONLY.items():
+            if m != self.method:
+                d.pop(k)
+        if self.values.early_stop == "loss" and self.method != "encore":
+            for k in ("early_stop", "mpes_hits"):
+                d["values"].pop(k)
         return d
 
     @classmethod
@@ -79,6 +119,8 @@ class EditHParams:
             raise ValueError(f"unknown hyperparameter(s): {unknown}")
         if "layers" in d:
             d["layers"] = tuple(int(x) for x in (d["layers"] if isinstance(d["layers"], (list, tuple)) else [d["layers"]]))
+        if d.get("method") == "encore":  # ENCORE = MPES values + the norm-constrained solve
+            vals.setdefault("early_stop", "mpes")
         return cls(**_coerce(cls, d), values=ValueHParams(**_coerce(ValueHParams, vals)))
 
 
@@ -99,8 +141,13 @@ def _coerce(cls, d: dict) -> dict:
 
 def paper_llama3(method: str, **over) -> EditHParams:
     """SPEC §7.4: layer 1, 25 steps, lr 0.5, clamp 4, wd 1e-3, kl 0.0625; MEMIT λ = 5e4 for
-    batches (1 for singular edits), EMMET λ = 0."""
-    base = {"rome": {}, "memit": {"mom2_update_weight": 5e4}, "emmet": {"emmet_lambda": 0.0}}[method]
+    batches (1 for singular edits), EMMET λ = 0. AlphaEdit and ENCORE: their official Llama-3-8B
+    solve settings (L2 = 10; λ_p = 15000, λ_n = 20, previous edits preserved) and, for ENCORE,
+    MPES; AlphaEdit's nullspace_threshold is relative here (:func:`editlib.editors.nullspace`)."""
+    base = {"rome": {}, "memit": {"mom2_update_weight": 5e4}, "emmet": {"emmet_lambda": 0.0},
+            "alphaedit": {"L2": 10.0},
+            "encore": {"mom2_update_weight": 15000.0, "update_norm_lambda": 20.0, "add_prev_edits": True,
+                       "values": ValueHParams(early_stop="mpes")}}[method]
     return EditHParams(**{"method": method, "layers": (1,), **base, **over})
 
 
@@ -152,6 +199,10 @@ class EditStats:
     seconds_values: float
     seconds_keys: float
     seconds_solve: float
+    nullspace_frac: float = math.nan    # AlphaEdit: fraction of C0's eigenvectors in its null space P
+    nullspace_energy: float = math.nan  # AlphaEdit: share of trace C0 (E‖k‖²) in P
+    prior_keys: int = 0                 # AlphaEdit / ENCORE: keys of earlier edits in the run (K_p)
+    delta_bound: float = math.nan       # ENCORE: ‖R‖_F / (2√λ_n) ≥ ‖ΔW‖_F
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,9 +222,14 @@ def prepare_targets(model, tok, records: Sequence[Record], hp: EditHParams, cont
 
 def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dict[int, CovFactor],
                contexts: ContextTemplates, session: EditSession, *, targets: BatchTargets | None = None,
-               log=None) -> EditStats:
-    """Edit ``records`` into the model through ``session`` (restorable). Multi-layer MEMIT spreads
-    the residual over the layers, recomputing keys and residuals after each layer (SPEC §2)."""
+               log=None, prior: PriorKeys | None = None) -> EditStats:
+    """Edit ``records`` into the model through ``session`` (restorable). Multi-layer edits spread
+    the residual over the layers, recomputing keys and residuals after each layer (SPEC §2).
+
+    ``prior``: a sequential run's keys of earlier edits (AlphaEdit's K_p, ENCORE's previous edits;
+    :func:`editlib.editors.run_state`); this batch's keys are added to it once all its layers are
+    written. Every update goes through ``session.apply_factors`` (NaN/Inf refused before a write);
+    a failure leaves neither the weights nor ``prior`` changed."""
     if hp.method == "rome" and len(records) != 1:
         raise ValueError(f"ROME edits one fact at a time, got {len(records)}")
     missing = [l for l in hp.layers if l not in covs]
@@ -192,6 +248,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     z = tg.values.z[:, ok]
     t_keys, t_solve = tg.seconds_keys, 0.0
     total_delta_sq, info, jit, jit_rel = 0.0, None, 0.0, 0.0
+    bound_sq, extra, used_keys = 0.0, {}, []
     # multi-layer MEMIT writes layer by layer: keep the masters so a failure leaves no half edit
     saved = {l: session.master(l).clone() for l in layers} if len(layers) > 1 else {}
     n_logged = len(session.factor_log)
@@ -207,20 +264,28 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
                 t_keys += time.time() - t0
             t0 = time.time()
             Ri = R / (len(layers) - i)
-            X, info = solve_factors(Ri, K, covs[layer], hp.mu, max_cond=hp.max_cond)
+            op, mu, extra = preservation(hp, covs[layer], prior, layer)
+            X, info = solve_factors(Ri, K, op, mu, max_cond=hp.max_cond)
             session.apply_factors(layer, Ri, X)  # ΔW = R X, never a dense float64 d_out × d_in
             t_solve += time.time() - t0
             total_delta_sq += info.delta_norm ** 2
             jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
+            used_keys.append((layer, K))
+            if hp.method == "encore":
+                bound_sq += encore_delta_bound(Ri, hp.update_norm_lambda) ** 2
     except (ValueError, FloatingPointError) as e:
         for l, m in saved.items():
             session.set_master(l, m)
         del session.factor_log[n_logged:]  # rolled back: not part of the model any more
         raise EditFailed(f"the closed-form update failed: {e}") from e
+    if prior is not None:  # the run's K_p grows only by edits that were written
+        for layer, K in used_keys:
+            prior.add(layer, K)
     dist, rel = session.distance(layers[0])
     return EditStats(
         n=len(records), layer=layers[0], mu=hp.mu, n_failed=int((~ok).sum()), cond_D=info.cond_D, jitter=jit, jitter_rel=jit_rel,
         delta_norm=total_delta_sq ** 0.5, w_dist=dist, w_rel_dist=rel,
         mean_resid_norm=float(tg.R[:, ok].norm(dim=0).mean()),
         mean_value_steps=float(tg.values.steps[ok].float().mean()),
-        seconds_values=tg.values.seconds, seconds_keys=t_keys, seconds_solve=t_solve)
+        seconds_values=tg.values.seconds, seconds_keys=t_keys, seconds_solve=t_solve,
+        delta_bound=bound_sq ** 0.5 if hp.method == "encore" else math.nan, **extra)

@@ -27,10 +27,11 @@ PANELS = ("ES", "PS", "NS", "S")
 NAMES = {"ES": "Efficacy ES", "PS": "Paraphrase PS", "NS": "Neighbourhood NS", "S": "Score S",
          "GE": "Generation entropy GE"}
 BAND = "95% CI"
-METHOD_ORDER = ("memit", "rome", "emmet")
+METHOD_ORDER = ("memit", "rome", "emmet", "alphaedit", "encore")
 _PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("deep", len(METHOD_ORDER))))
 # distinct line styles and markers: ROME and MEMIT singular edits often coincide exactly
-_STYLE = {"memit": ("-", "o"), "rome": ("--", "s"), "emmet": ("-.", "^")}
+_STYLE = {"memit": ("-", "o"), "rome": ("--", "s"), "emmet": ("-.", "^"), "alphaedit": (":", "D"),
+          "encore": ((0, (5, 1, 1, 1)), "v")}
 _SHARES = ("ES", "PS", "NS")  # metrics that are shares: bands clipped to [0, 100]
 
 

@@ -4,9 +4,11 @@
   they do not depend on each other);
 * batch: ``total`` facts in batches of B, each applied to the unedited model, evaluated, restored;
 * sequential-batch: batches applied one after another without restoring; C0 fixed (exact for a
-  single edited layer, SPEC §5). Evaluation ``current`` (each fact right after its own batch, the
-  paper's protocol) and ``final`` (all facts on the final model: retention), optionally every k
-  batches on all facts so far (``after_k``: a forgetting curve).
+  single edited layer, SPEC §5); AlphaEdit and ENCORE keep the keys of the run's earlier edits
+  (:func:`editlib.editors.run_state`, checkpointed with the run). Evaluation ``current`` (each
+  fact right after its own batch, the paper's protocol) and ``final`` (all facts on the final
+  model: retention), optionally every k batches on all facts so far (``after_k``: a forgetting
+  curve).
 
 Every protocol writes into an :class:`editlib.store.Experiment` unit by unit and resumes. Its
 independent units are explicit (:class:`UnitSpec`, :func:`run_unit`): the executor named by the
@@ -32,6 +34,7 @@ from . import counterfact
 from .arch import n_layers
 from .context import ContextTemplates, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
+from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .metrics import evaluate_records, format_summary, summarize_cases
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
@@ -484,15 +487,16 @@ def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
 
 
 def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTemplates,
-                   tg: BatchTargets, session: EditSession) -> tuple[pd.DataFrame, dict]:
+                   tg: BatchTargets, session: EditSession, prior: PriorKeys | None = None
+                   ) -> tuple[pd.DataFrame, dict]:
     """Edit and evaluate one batch. Facts whose value, key or residual failed are left out of the
     solve; if nothing can be solved, no weight is written. Either way every fact gets a row:
     ``failed`` / ``fail_reason`` say which rows carry no scores (NaN), so a failure is counted and
-    shown, never averaged in as a valid zero."""
+    shown, never averaged in as a valid zero. ``prior``: the sequential run's earlier keys."""
     reasons = tg.fail_reason
     try:
         stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session,
-                           targets=tg).to_dict()
+                           targets=tg, prior=prior).to_dict()
     except EditFailed as e:
         reasons = [r or str(e) for r in reasons]
         stats = {"n": len(facts), "layer": min(hp.layers), "mu": hp.mu, "n_failed": len(facts),
@@ -512,7 +516,9 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
 
 def _batched(study: Study, hp: EditHParams) -> bool:
     """Independent edits are evaluated together (editlib.lowrank) unless the params ask for the
-    reference path (edit, evaluate, restore one at a time) or the edit spans several layers."""
+    reference path (edit, evaluate, restore one at a time) or the edit spans several layers.
+    Every method's single-layer update is a rank-N product R X (AlphaEdit's Δ P and ENCORE's
+    norm-constrained update included, editlib.editors), so every method can take this path."""
     return bool(study.params.evaluation.batched_edits) and len(hp.layers) == 1
 
 
@@ -522,9 +528,10 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     evaluation pass, with each chunk's update added to its own rows by a hook, never written into
     the weights (issue #13). Same rows and diagnostics as :func:`_edit_and_eval` per chunk.
 
-    Singular chunks (one fact each) are solved together with one multi-right-hand-side solve."""
+    Singular chunks (one fact each) are solved together with one multi-right-hand-side solve.
+    Every chunk starts from the unedited model, so AlphaEdit / ENCORE have no earlier keys here."""
     layer = hp.layers[0]
-    cov = study.covs([layer])[layer]
+    cov, mu, extra = preservation(hp, study.covs([layer])[layer])
     reasons = tg.fail_reason
     w0 = float(weight_out_in(study.model, layer).detach().double().norm())
     R_list, X_list, group, diags = [], [], np.full(len(facts), -1), []
@@ -536,7 +543,7 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
         X1, row_of = torch.zeros(0), {}
         if ok.any():
             sel = [c for c, k in zip(cols, ok) if k]
-            X1, why = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, hp.mu)
+            X1, why = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, mu)
             row_of = {c: k for k, c in enumerate(sel)}
             for c, w in zip(sel, why):
                 reasons[c] = reasons[c] or w
@@ -549,14 +556,15 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
              "cond_D": np.nan, "jitter": 0.0, "jitter_rel": 0.0, "delta_norm": np.nan,
              "w_dist": np.nan, "w_rel_dist": np.nan, "mean_resid_norm": np.nan, "mean_value_steps": np.nan,
              "seconds_values": tg.values.seconds * len(idx) / max(len(facts), 1),
-             "seconds_keys": tg.seconds_keys * len(idx) / max(len(facts), 1), "seconds_solve": 0.0}
+             "seconds_keys": tg.seconds_keys * len(idx) / max(len(facts), 1), "seconds_solve": 0.0,
+             "nullspace_frac": np.nan, "nullspace_energy": np.nan, "prior_keys": 0, "delta_bound": np.nan, **extra}
         if singular and ok_idx:
             X = X1[row_of[idx[0]]:row_of[idx[0]] + 1]
             R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
             d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1))
         elif ok_idx:
             try:
-                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, hp.mu, max_cond=hp.max_cond)
+                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond)
                 R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
                 d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel)
             except (ValueError, FloatingPointError) as e:
@@ -571,6 +579,8 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
             X_list.append(X)
             group[idx] = e  # failed facts are masked below; their rows need no edit
             dist = LowRankEdits(layer, [R], [X]).fro_norm(0)
+            if hp.method == "encore":
+                d["delta_bound"] = encore_delta_bound(R, hp.update_norm_lambda)
             d.update(n_failed=len(idx) - len(ok_idx), delta_norm=dist, w_dist=dist, w_rel_dist=dist / max(w0, 1e-30),
                      mean_resid_norm=float(tg.R[:, ok_idx].norm(dim=0).mean()),
                      mean_value_steps=float(tg.values.steps[ok_idx].float().mean()))
@@ -785,11 +795,13 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
 
 # --------------------------------------------------------------------------- sequential-batch
 
-def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_batch: int) -> None:
+def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_batch: int,
+               prior: PriorKeys | None = None) -> None:
     """Append batch ``next_batch - 1``'s low-rank updates to the run's checkpoint log: one small
     file per batch (R and X of each layer written, float64) instead of the whole edited weight
     (235 MB at 8B: 4,096 rewrites for one B = 1 run would be ~1 TB; the log is ~600 MB in all).
-    Replaying the log with the same arithmetic rebuilds the weights bit for bit."""
+    Replaying the log with the same arithmetic rebuilds the weights bit for bit. With ``prior``
+    (AlphaEdit / ENCORE) the batch's keys added to K_p are logged too ("p<k>.<layer>.K")."""
     if not session.log_complete:
         raise RuntimeError("a dense update was written in this session: the factor log cannot replay it")
     entries = session.take_log()
@@ -798,23 +810,34 @@ def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_bat
     for k, (layer, R, X) in enumerate(entries):
         tensors[f"{k:04d}.{layer}.R"] = R.contiguous()
         tensors[f"{k:04d}.{layer}.X"] = X.contiguous()
+    for k, (layer, K) in enumerate(prior.take_log() if prior is not None else []):
+        tensors[f"p{k:04d}.{layer}.K"] = K.contiguous()
     final = path / f"b{next_batch - 1:06d}.safetensors"
     tmp = path / f".{final.name}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"batch": str(next_batch - 1), "entries": str(len(entries))})
     os.replace(tmp, final)
 
 
-def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int]) -> int:
-    """Replay the consecutive batches of the checkpoint log (0, 1, ...) into ``session``; returns
-    the next batch to run. A gap (a batch whose file is missing) ends the replay there."""
+def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int], prior: PriorKeys | None = None) -> int:
+    """Replay the consecutive batches of the checkpoint log (0, 1, ...) into ``session`` (and the
+    logged keys into ``prior``); returns the next batch to run. A gap (a batch whose file is
+    missing) ends the replay there."""
     n = 0
     while (f := path / f"b{n:06d}.safetensors").is_file():
         tensors = load_file(str(f))
-        for k in sorted({name.split(".")[0] for name in tensors}):
-            layer = int(next(name for name in tensors if name.startswith(k + ".")).split(".")[1])
+        factors = {name for name in tensors if not name.startswith("p")}
+        for k in sorted({name.split(".")[0] for name in factors}):
+            layer = int(next(name for name in factors if name.startswith(k + ".")).split(".")[1])
             session.apply_factors(layer, tensors[f"{k}.{layer}.R"], tensors[f"{k}.{layer}.X"])
+        keys = sorted(name for name in tensors if name.startswith("p"))
+        if keys and prior is None:
+            raise RuntimeError(f"{f} holds earlier edits' keys but this run keeps none (different method?)")
+        for name in keys:
+            prior.add(int(name.split(".")[1]), tensors[name])
         n += 1
     session.take_log()  # replayed updates are already on disk
+    if prior is not None:
+        prior.take_log()
     return n
 
 
@@ -847,12 +870,13 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         return
     ckpt = exp.checkpoint_path(cfg)
     base = dict(method=method, layer=hp.layers[0], batch_size=B, ordering=o)
-    study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
+    covs = study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
+    prior = run_state(hp, covs)  # this run's keys of earlier edits (AlphaEdit, ENCORE), else None
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     with EditSession(study.model) as s:
-        start = _load_ckpt(ckpt, s, hp.layers) if ckpt.is_dir() else 0
+        start = _load_ckpt(ckpt, s, hp.layers, prior) if ckpt.is_dir() else 0
         if start:
             log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
             for bi in range(start):
@@ -866,7 +890,9 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
             s.take_log()  # only this batch's updates go into its checkpoint file
-            cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s)
+            if prior is not None:
+                prior.take_log()
+            cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s, prior)
             own_jitter[list(chunks[bi])] = d["jitter_rel"]
             for i, r in zip(chunks[bi], cases["fail_reason"]):
                 own_reason[i] = r
@@ -879,7 +905,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
                           pd.DataFrame([{**base, "batch_index": bi, **d}]))
             fails.add(f"sequential B={B}:", frames[0])
-            _save_ckpt(ckpt, s, hp.layers, bi + 1)
+            _save_ckpt(ckpt, s, hp.layers, bi + 1, prior)
             if fail_after is not None and bi + 1 - start >= fail_after:
                 raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
         if sq.eval_final:

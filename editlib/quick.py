@@ -92,7 +92,8 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
          hparams: Mapping[str, Any] | None = None, log=None) -> Iterator[Edit]:
     """Edit ``requests`` into ``model`` for the ``with`` block (restored on exit unless ``keep``).
 
-    ``method``: rome, memit or emmet; ``layer``: the edited layer (a list: multi-layer MEMIT;
+    ``method``: rome, memit, emmet, alphaedit or encore (one batch: no earlier edits' keys);
+    ``layer``: the edited layer (a list: multi-layer MEMIT;
     default: the params' singular layer when it is a number, else 1 as in the paper); ``hparams``:
     overrides (e.g. ``{"mom2_update_weight": 100}``). ROME edits one fact at a time, so several
     requests are applied one after another, each on the model holding the previous ones.

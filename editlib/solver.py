@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from typing import Protocol
 
 import torch
 
 __all__ = [
     "CovFactor",
+    "Preservation",
     "cond_estimate",
     "SolveInfo",
     "factor_cov",
@@ -58,12 +61,22 @@ class CovFactor:
 
     ``jitter`` is what was added to C0's diagonal to make it factorable (0 normally);
     ``cond`` is C0's condition number: exact from its eigenvalues, or a cheap estimate from the
-    factor (:func:`cond_estimate`), ``nan`` when not computed.
+    factor (:func:`cond_estimate`), ``nan`` when not computed. ``cache`` holds what other editors
+    derive from C0 once per layer (:mod:`editlib.editors`: AlphaEdit's null space, ENCORE's
+    preservation factor), on the factor's device, for as long as the factor lives.
     """
 
     L: torch.Tensor
     jitter: float = 0.0
     cond: float = math.nan
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def matrix(self) -> torch.Tensor:
+        """C0 itself (float64, a new matrix) rebuilt from the factor: L Lᵀ − jitter·I."""
+        C = self.L @ self.L.T
+        if self.jitter:
+            C.diagonal().sub_(self.jitter)
+        return C
 
     @property
     def dim(self) -> int:
@@ -87,6 +100,20 @@ def _chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     ``torch.cholesky_solve`` for one right-hand side at d_in = 14,336 (0.06 s against 1.02 s, one
     thread) and never slower for many (bench: python bench/bench_solve.py)."""
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
+class Preservation(Protocol):
+    """What the solve needs from its preservation term: ``solve(K)`` = C⁻¹K (float64, [d_in, N]) on
+    ``device``. :class:`CovFactor` is C = C0; :mod:`editlib.editors` builds AlphaEdit's and
+    ENCORE's operators."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def solve(self, K: torch.Tensor) -> torch.Tensor: ...
 
 
 _BLOCK = 2048  # rows per block when checking / symmetrising C0 without a full-size temporary
@@ -207,7 +234,9 @@ class SolveInfo:
 
 
 def mu_for(alg: str, mom2_update_weight: float, emmet_lambda: float = 0.0) -> float:
-    """μ of the shared formula for each method (SPEC §1B, §2, §3)."""
+    """μ of the shared formula for each method (SPEC §1B, §2, §3). AlphaEdit and ENCORE put their
+    weights into the preservation operator instead of C0 (:mod:`editlib.editors`), so μ = 1:
+    R (KᵀC⁻¹K + I)⁻¹ (C⁻¹K)ᵀ = R Kᵀ (C + KKᵀ)⁻¹."""
     alg = alg.lower()
     if alg == "rome":
         return 0.0
@@ -215,10 +244,12 @@ def mu_for(alg: str, mom2_update_weight: float, emmet_lambda: float = 0.0) -> fl
         return float(mom2_update_weight)
     if alg == "emmet":
         return float(mom2_update_weight) * float(emmet_lambda)
-    raise ValueError(f"unknown algorithm {alg!r}; expected 'rome', 'memit' or 'emmet'")
+    if alg in ("alphaedit", "encore"):
+        return 1.0
+    raise ValueError(f"unknown algorithm {alg!r}; expected 'rome', 'memit', 'emmet', 'alphaedit' or 'encore'")
 
 
-def _check_inputs(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float) -> None:
+def _check_inputs(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float) -> None:
     if R.dim() != 2 or K.dim() != 2:
         raise ValueError(f"residual R and keys K must be 2-D, got R {tuple(R.shape)}, K {tuple(K.shape)}")
     if R.shape[1] != K.shape[1]:
@@ -274,11 +305,12 @@ def _factor_small(M: torch.Tensor, max_cond: float | None) -> _Factored:
     raise ValueError(f"D + μI (cond={cond:.3g}) stays singular even with jitter {tau / 10:.3g}·I")
 
 
-def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
+def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
                   max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
     """The right factor X = (D + μI)⁻¹ (C0⁻¹K)ᵀ ([N, d_in], float64) of ΔW = R X, without forming
     the d_out × d_in update (SPEC §2–3). ``info.delta_norm`` is ‖R X‖_F from N×N products.
 
+    ``cov`` is C0's factor or another editor's preservation operator (:class:`Preservation`).
     The N×N system is solved exactly unless it cannot be factored (then jitter, with a warning
     and ``info.used_jitter``); ``max_cond`` opts into regularising every system whose condition
     number exceeds it. Raises ValueError on bad shapes / non-finite inputs and FloatingPointError
@@ -311,7 +343,7 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *
     return X, info
 
 
-def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float
+def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
                    ) -> tuple[torch.Tensor, list[str]]:
     """N independent singular edits at once (SPEC §1B, §2: N = 1 each): one multi-right-hand-side
     solve A = C0⁻¹K, then x_i = A_iᵀ / (k_iᵀA_i + μ), so ΔW_i = r_i x_i. Returns X [N, d_in]
@@ -331,7 +363,7 @@ def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float
     return X, reasons
 
 
-def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: CovFactor, mu: float, *,
+def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
                 max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
     """ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ in float64 (SPEC §2–3); returns ``(ΔW [d_out, d_in], info)``.
 

@@ -13,6 +13,17 @@ per iteration: compute L_f; stop f once L_f < early_stop_loss; stop everyone at 
 before the backward pass (so at most n_steps − 1 updates); after each step project δ_f onto the
 ball of radius clamp_norm_factor · ‖h_f‖. z_f = h_f + δ_f.
 
+``early_stop="mpes"`` replaces the loss threshold by ENCORE's most-probable early stopping (MPES; Gupta et
+al. 2025, arXiv 2502.01636): f stops at the first iteration (checked before its update,
+so a fact whose target is already predicted stops with 0 steps) at which every target token is the
+argmax of the next-token distribution at its position under *every* rewriting prompt (the plain
+prompt and each context template; teacher forcing) — the ``mpes_hits``-th time this holds (the
+official ENCORE configs' ``prob_cutoff = -2`` is ``mpes_hits = 2``; the paper describes 1). Why: δ
+is not over-optimised once the edit is already the model's top prediction (the paper's cause of
+degradation). Deviations from the official code: its check skips the plain prompt (it indexes
+rewriting prompts from 1) and it also keeps the loss threshold; here every prompt counts and MPES
+alone decides, so a fact never stops before its target is the argmax everywhere.
+
 Batching: the loss is a sum of per-fact terms and Adam is element-wise, so one [N, d] parameter
 optimised on all facts' sequences gives each fact its own trajectory, provided the early stop
 freezes a row's parameter *and* Adam state (rows leave the batch), the clamp uses each fact's own
@@ -36,6 +47,7 @@ from .records import Record
 from .tokens import filled_ids, in_context, pad_right, target_ids
 
 KL_PROMPT = "{} is a"
+EARLY_STOPS = ("loss", "mpes")
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,8 @@ class ValueHParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    early_stop: str = "loss"  # "loss" (L_f < early_stop_loss) | "mpes" (target is the argmax everywhere: ENCORE)
+    mpes_hits: int = 1  # mpes: stop the mpes_hits-th time the argmax condition holds
     z_batch_size: int = 32  # facts optimised together (1 = the reference's per-fact loop)
     prefix_cache: bool = True  # reuse the KV of tokens before the subject (they do not depend on δ)
     packed: bool = True  # run only the blocks above `layer`, on packed tokens (editlib.packed; Llama family)
@@ -57,6 +71,10 @@ class ValueHParams:
             raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
         if self.z_batch_size < 1:
             raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
+        if self.early_stop not in EARLY_STOPS:
+            raise ValueError(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {self.early_stop!r}")
+        if self.mpes_hits < 1:
+            raise ValueError(f"mpes_hits must be >= 1, got {self.mpes_hits}")
         for name in ("v_lr", "clamp_norm_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -300,6 +318,7 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     nonfinite = torch.zeros(n, dtype=torch.bool)
     overflow = torch.zeros(n, dtype=torch.bool)
     had_grad = torch.zeros(n, dtype=torch.bool)
+    hits = torch.zeros(n, dtype=torch.long)  # mpes: iterations at which the target was the argmax everywhere
     h = torch.zeros(n, d, device=device)
     log_p_init = None  # [n, V] at the KL position, recorded at the first forward
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
@@ -323,6 +342,10 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         tok_nll = -torch.log_softmax(logits, -1).gather(1, seq.lab_tok[keep_lab, None].to(device))[:, 0]
         nll = torch.zeros(len(facts), device=device).index_add(
             0, seq_slot[lab_rows.to(device)], tok_nll * seq.lab_w[keep_lab].to(device))
+        if hp.early_stop == "mpes":  # label positions whose target is not the argmax, per fact
+            miss = (logits.argmax(-1) != seq.lab_tok[keep_lab].to(device)).float()
+            most_probable = torch.zeros(len(facts), device=device).index_add(
+                0, seq_slot[lab_rows.to(device)], miss).cpu() == 0
         # KL at the subject's last token of the KL prompt (SPEC §1A step 6)
         kl_rows = seq.is_kl[rows].nonzero()[:, 0]
         kl_pos = fwd.pos(seq.lookup[rows[kl_rows]], rows[kl_rows])
@@ -340,7 +363,12 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         lc = loss.detach().float().cpu()
         bad = ~torch.isfinite(lc)
         nonfinite[facts[bad]] = True
-        done = (lc < hp.early_stop_loss) | bad  # a diverged fact stops (and is reported failed)
+        if hp.early_stop == "mpes":
+            hits[facts[most_probable]] += 1
+            reached = hits[facts] >= hp.mpes_hits
+        else:
+            reached = lc < hp.early_stop_loss
+        done = reached | bad  # a diverged fact stops (and is reported failed)
         final_loss[facts] = lc
         if it == 0:
             first_loss[facts] = lc

@@ -11,6 +11,9 @@ protocol prepares, solves, evaluates and checkpoints per batch (plus the forgett
 evaluations). Every notebook of ``python -m editlib reproduce`` opens its own
 study (model load, context templates, C0 factor of the layers it edits); the layer search
 collects C0 for all its layers, also on the second model when the params name one.
+AlphaEdit adds one eigendecomposition of C0 per factored layer (``c0_eigh``: its null space) and
+ENCORE one factorisation of λ_p C0 + λ_n I (``pres_factor``); in a sequential run both factor
+their preservation matrix again for every batch after the first (the earlier keys K_p changed it).
 :class:`TokenStats` holds the per-fact token counts that turn this work into FLOPs
 (:mod:`editlib.cost`).
 """
@@ -185,7 +188,7 @@ class Work:
     solve, cases per evaluation call, layers per C0 pass, edits per checkpoint; ``layer``: the
     edited layer (the deepest one for a C0 pass)."""
 
-    kind: str  # one of SOLVES, values | keys | eval | c0_collect | c0_factor | ckpt | load
+    kind: str  # one of SOLVES, values | keys | eval | c0_collect | c0_factor | c0_eigh | pres_factor | ckpt | load
     count: int
     size: int = 1
     layer: int = 0
@@ -250,6 +253,17 @@ def _new_exp(p, name: str, shape: ModelShape) -> ExperimentCount:
     return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size))
 
 
+def _editor_prep(exp: ExperimentCount, p, methods, section: str, layer: int, factors: int) -> None:
+    """editlib.editors, once per factored C0 (cached with it): AlphaEdit's eigendecomposition,
+    ENCORE's factor of λ_p C0 + λ_n I."""
+    for m in dict.fromkeys(methods):
+        hp = p.method_hparams(m, layer, section)
+        if hp.method == "alphaedit":
+            exp.add("c0_eigh", factors, 1, layer)
+        elif hp.method == "encore":
+            exp.add("pres_factor", factors, 1, layer)
+
+
 def _batched(p, hp) -> bool:
     """protocols._batched: independent edits evaluated together unless the params ask for the
     reference path or the edit spans several layers."""
@@ -288,6 +302,8 @@ def count_layer_search(p, which: str = "model") -> ExperimentCount:
     exp.add("load")
     exp.add("c0_collect", 1, len(layers), max(layers))
     exp.add("c0_factor", len(layers))
+    for layer in layers:
+        _editor_prep(exp, p, ls.methods, "layer_search", layer, 1)
     for _ in p.data.orderings:
         for layer in layers:
             _singular(exp, p, ls.n_facts, ls.methods, layer, "layer_search")
@@ -299,6 +315,7 @@ def count_singular(p, layer: int) -> ExperimentCount:
     exp = _new_exp(p, "singular", shape_for(p.model.id, p.model.label))
     exp.add("load")
     exp.add("c0_factor", 1)
+    _editor_prep(exp, p, sp.methods, "singular", layer, 1)
     for _ in p.data.orderings:
         _singular(exp, p, sp.n_facts, sp.methods, layer, "singular")
     return exp
@@ -341,6 +358,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
     exp = _new_exp(p, "batch", shape_for(p.model.id, p.model.label))
     exp.add("load")
     exp.add("c0_factor", 1)
+    _editor_prep(exp, p, bp.methods, "batch", layer, 1)
     for _ in p.data.orderings:
         seen = set()
         for method in bp.methods:
@@ -365,11 +383,15 @@ def count_batch(p, layer: int) -> ExperimentCount:
 def count_sequential(p, layer: int) -> ExperimentCount:
     """protocols._sequential_config: per batch values, keys, a solve written into the weights,
     one evaluation call and a checkpoint (the batch's low-rank factors); forgetting evaluations
-    every k batches; the final evaluation of all facts."""
+    every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
+    add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
+    from .editors import uses_prior_keys
+
     sq = p.sequential
     exp = _new_exp(p, "sequential", shape_for(p.model.id, p.model.label))
     exp.add("load")
     exp.add("c0_factor", 1)
+    _editor_prep(exp, p, sq.methods, "sequential", layer, 1)
     for _ in p.data.orderings:
         for method in sq.methods:
             hp = p.method_hparams(method, layer, "sequential")
@@ -378,6 +400,8 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                 done = 0
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
+                    if bi > 0 and uses_prior_keys(hp):
+                        exp.add("pres_factor", 1, 1, layer)
                     exp.add("solve", 1, n, layer)
                     exp.add("eval", 1, n, layer)
                     exp.add("ckpt", 1, n)

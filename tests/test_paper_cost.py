@@ -78,6 +78,29 @@ def test_counts_scale_with_batch_sizes_and_facts():
     assert sw.solves == Counter({4: 8}) and sw.total("values") == 8 and sw.total("eval") == 32
 
 
+def test_alphaedit_and_encore_counts():
+    """AlphaEdit and ENCORE run the protocols' paths (same solves, evaluations and checkpoints as
+    MEMIT) plus, per factored C0, AlphaEdit's eigendecomposition and ENCORE's factor of
+    λ_p C0 + λ_n I; in a sequential run both factor their preservation matrix again for every
+    batch after the first (K_p changed). ENCORE's values (MPES) are its own; AlphaEdit's are MEMIT's."""
+    new = ["alphaedit", "encore"]
+    g = grid(**{"batch.methods": new, "sequential.methods": new})
+    bt, sq = g["batch"], g["sequential"]
+    assert bt.solves == Counter({4: 4, 8: 2}) and bt.total("solve_lr", "count") == 6
+    assert bt.total("values") == 16                       # AlphaEdit's (loss stop) and ENCORE's (MPES)
+    assert bt.total("c0_eigh", "count") == 1 and bt.total("pres_factor", "count") == 1
+    assert sq.solves == Counter({2: 8, 8: 2}) and sq.total("ckpt", "count") == 10
+    # B = 2: batches 1-3 of 4 refactor, for each method; B = 8: one batch; + ENCORE's base factor
+    assert sq.total("pres_factor", "count") == 2 * 3 + 1 and sq.total("c0_eigh", "count") == 1
+    g2 = grid(**{"sequential.methods": ["encore"], "hparams.encore.add_prev_edits": False})
+    assert g2["sequential"].total("pres_factor", "count") == 1  # the cached base factor only
+    assert grid()["batch"].total("c0_eigh") == grid()["batch"].total("pres_factor") == 0
+    m = CostModel(GPUS["h100"])
+    s = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    assert 0 < m.pres_factor(s) < m.c0_eigh(s)
+    assert m.seconds(sq, TokenStats())["pres_factor"] == pytest.approx(7 * m.pres_factor(sq.shape))
+
+
 def test_method_specific_value_settings_are_not_shared():
     """A value hyperparameter that differs between ROME and MEMIT gives each its own values."""
     g = grid(**{"hparams.memit.v_lr": 0.25})

@@ -282,3 +282,17 @@ def test_symmetrise_in_place_is_bitwise_the_formula() -> None:
         assert torch.equal(a.L, b.L) and not torch.equal(C, want)
     finally:
         solver._BLOCK = old
+
+
+def test_cov_factor_rebuilds_c0(C0, cov) -> None:
+    """CovFactor.matrix() is C0 again (L Lᵀ less the jitter), the input of the newer editors'
+    preservation terms (editlib.editors); μ of those editors is 1."""
+    assert rel(cov.matrix(), C0) < 1e-13
+    rank_deficient = C0.clone()
+    rank_deficient[:, 0] = rank_deficient[0, :] = 0.0
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        f = factor_cov(rank_deficient)
+    assert f.jitter > 0 and rel(f.matrix(), rank_deficient) < 1e-12
+    assert mu_for("alphaedit", 123.0) == mu_for("encore", 5.0, 0.1) == 1.0
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        mu_for("ft", 1.0)

@@ -269,6 +269,7 @@ def _expected() -> tuple[type[BaseException], ...]:
     a bug and keeps its traceback."""
     from .arch import UnsupportedArchitecture
     from .counterfact import DatasetNotFound
+    from .editors import NullSpaceError
     from .models import ModelLoadError, ModelNotFound
     from .params import ParamsError
     from .records import RecordError
@@ -277,7 +278,7 @@ def _expected() -> tuple[type[BaseException], ...]:
     from .store import StoreError
     from .summary import SummaryError
 
-    return (UsageError, SummaryError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
+    return (UsageError, SummaryError, NullSpaceError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
             UnsupportedArchitecture, StoreError, CorpusUnavailable, CovCacheError, ReproduceError)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .arch import n_layers
 from .context import ContextTemplates
-from .editors import PriorKeys, encore_delta_bound, preservation
+from .editors import NullSpaceError, PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
 from .solver import CovFactor, mu_for, solve_factors
@@ -93,8 +93,8 @@ class EditHParams:
 
     def to_dict(self) -> dict:
         """All fields, less those of other methods only (:data:`METHOD_ONLY`) and the value
-        optimisation's MPES knobs when a method other than ENCORE stops on the loss (as every
-        method before ENCORE did), so their results keep their parameter digests."""
+        optimisation's MPES knobs when a method other than ENCORE stops on the loss (its
+        default), so a method's parameter digest depends only on what it uses."""
         d = asdict(self)
         d["layers"] = list(self.layers)
         for k, m in METHOD_ONLY.items():
@@ -277,6 +277,8 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
         for l, m in saved.items():
             session.set_master(l, m)
         del session.factor_log[n_logged:]  # rolled back: not part of the model any more
+        if isinstance(e, NullSpaceError):  # the run's parameters, not this batch: stop
+            raise
         raise EditFailed(f"the closed-form update failed: {e}") from e
     if prior is not None:  # the run's K_p grows only by edits that were written
         for layer, K in used_keys:

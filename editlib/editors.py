@@ -35,9 +35,8 @@ MEMIT's (:func:`editlib.editing.prepare_targets`); the two newer editors differ 
   a sequential run ‖W_T − W_0‖_F ≤ Σ_t ‖R_t‖_F / (2√λ_n). Its other half, most-probable early
   stopping, lives in the value optimisation (:mod:`editlib.values`, ``early_stop: mpes``).
 
-Neither paper's text was available offline, so no equation numbers are cited: both formulas are
-the official code's (read, not copied), derived again above and checked in tests/test_editors.py
-against plain float64 re-derivations.
+The formulas follow the official code (read, not copied) and are derived again above;
+tests/test_editors.py checks them against plain float64 re-derivations.
 
 Per-run state (:class:`PriorKeys`, :func:`run_state`): the keys K_p of every fact edited earlier in
 a sequential run, as a Gram matrix per layer in the coordinates the editor needs. The batch
@@ -52,7 +51,7 @@ import torch
 
 from .solver import CovFactor, Preservation, factor_cov
 
-__all__ = ["NullSpace", "NullSpaceOperator", "PriorKeys", "encore_delta_bound", "encore_operator",
+__all__ = ["NullSpace", "NullSpaceError", "NullSpaceOperator", "PriorKeys", "encore_delta_bound", "encore_operator",
            "nullspace", "preservation", "run_state", "uses_prior_keys"]
 
 F64 = torch.float64
@@ -73,6 +72,11 @@ class NullSpace:
     energy: float  # Σ_null eigenvalues / trace C0: the share of the preserved keys' E‖k‖² in P
 
 
+class NullSpaceError(ValueError):
+    """AlphaEdit's ``nullspace_threshold`` leaves no direction for the update on this C0: a
+    parameter problem of the whole run (one line, exit 2), not a failed edit."""
+
+
 def nullspace(cov: CovFactor, threshold: float) -> NullSpace:
     """The null space of the preserved keys for ``nullspace_threshold`` (cached on ``cov``).
 
@@ -81,29 +85,30 @@ def nullspace(cov: CovFactor, threshold: float) -> NullSpace:
     smallest-eigenvalue eigenvectors whose eigenvalues sum to at most ``threshold`` × trace(C0),
     the largest such set. Why: trace(C0) = E‖k‖², so the threshold is the share of the preserved
     keys' energy that the update may touch (E‖ΔW k‖² ≤ ‖ΔW‖₂² · threshold · E‖k‖²), whatever the
-    scale of the model's activations. A threshold relative to the *largest* eigenvalue was the
-    other option; it was rejected because C0's top eigenvalues are outliers (on the miniature
-    λ_max is 100–300 × the mean eigenvalue), so such a threshold swings from no null space to
-    almost all of the spectrum within one decade. ``frac`` / ``energy`` report what was kept.
+    scale of the model's activations. A threshold relative to the *largest* eigenvalue would not
+    do: C0's top eigenvalues are outliers (on the miniature λ_max is 100–300 × the mean
+    eigenvalue), so such a threshold swings from no null space to almost all of the spectrum
+    within one decade. ``frac`` / ``energy`` report what was kept.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"nullspace_threshold must be in (0, 1], got {threshold}")
-    if "eigh" not in cov.cache:
-        e, V = torch.linalg.eigh(cov.matrix())  # ascending, float64, on the factor's device
-        cov.cache["eigh"] = (e.clamp(min=0), V)
     key = ("nullspace", float(threshold))
     if key not in cov.cache:
-        e, V = cov.cache["eigh"]
+        e, V = torch.linalg.eigh(cov.matrix())  # ascending, float64, on the factor's device
+        e = e.clamp(min=0)
         total = float(e.sum())
         if not total > 0:
-            raise ValueError("C0 has a zero trace: no preserved keys to define a null space")
+            raise NullSpaceError("C0 has a zero trace: no preserved keys to define a null space")
         cum = torch.cumsum(e, 0) / total
         r = int((cum <= threshold).sum())
         if r == 0:
-            raise ValueError(f"nullspace_threshold={threshold:g} keeps no direction: C0's smallest "
-                             f"eigenvalue alone holds {float(e[0]) / total:.3g} of its trace")
-        cov.cache[key] = NullSpace(U=V[:, :r], threshold=float(threshold), dims=r, frac=r / e.shape[0],
-                                   energy=float(cum[r - 1]))
+            raise NullSpaceError(f"hparams.alphaedit.nullspace_threshold={threshold:g} keeps no direction: "
+                                 f"C0's smallest eigenvalue alone holds {float(e[0]) / total:.3g} of its "
+                                 "trace (raise the threshold)")
+        # only Û is kept (not all d_in eigenvectors: 1.6 GB at d_in = 14,336)
+        cov.cache[key] = NullSpace(U=V[:, :r].contiguous(), threshold=float(threshold), dims=r,
+                                   frac=r / e.shape[0], energy=float(cum[r - 1]))
+        del e, V
     return cov.cache[key]
 
 
@@ -161,18 +166,19 @@ def encore_operator(cov: CovFactor, mom2_update_weight: float, update_norm_lambd
     if lp < 0 or ln < 0 or not lp + ln > 0:
         raise ValueError(f"ENCORE needs mom2_update_weight >= 0, update_norm_lambda >= 0 and not both 0 "
                          f"(got {lp:g}, {ln:g})")
-    key = ("encore_base", lp, ln)
-    if key not in cov.cache:
+    def base() -> torch.Tensor:  # λ_p C0 + λ_n I, a fresh d_in × d_in matrix
         C = cov.matrix()
         C.mul_(lp)
         C.diagonal().add_(ln)
-        cov.cache[key] = C
-    if prior_gram is None:
+        return C
+
+    if prior_gram is None:  # batch / singular edits, or no earlier keys: one factor per (λ_p, λ_n)
         fkey = ("encore_factor", lp, ln)
         if fkey not in cov.cache:
-            cov.cache[fkey] = factor_cov(cov.cache[key].clone(), compute_cond=False, overwrite=True)
+            cov.cache[fkey] = factor_cov(base(), compute_cond=False, overwrite=True)
         return cov.cache[fkey]
-    C = cov.cache[key] + prior_gram.to(device=cov.device, dtype=F64)
+    C = base()  # a sequential run with earlier keys: factored afresh each batch
+    C += prior_gram.to(device=cov.device, dtype=F64)
     return factor_cov(C, compute_cond=False, overwrite=True)
 
 
@@ -194,6 +200,7 @@ class PriorKeys:
     ``log`` holds the keys added since :meth:`take_log` (the sequential checkpoint replays them)."""
 
     basis: dict[int, torch.Tensor | None]
+    device: dict[int, torch.device] = field(default_factory=dict)  # where each layer's Gram lives (C0's factor)
     gram: dict[int, torch.Tensor] = field(default_factory=dict)
     count: dict[int, int] = field(default_factory=dict)
     log: list[tuple[int, torch.Tensor]] = field(default_factory=list)
@@ -202,7 +209,9 @@ class PriorKeys:
         if layer not in self.basis:
             raise ValueError(f"no prior-key basis for layer {layer}")
         B = self.basis[layer]
-        dev = B.device if B is not None else K.device
+        # on the layer's factor device whatever device K comes from: keys replayed from a
+        # checkpoint are on the CPU, live keys on the model's device
+        dev = B.device if B is not None else self.device.get(layer, K.device)
         Kd = K.to(device=dev, dtype=F64)
         if not torch.isfinite(Kd).all():
             raise ValueError("refusing to accumulate non-finite keys")
@@ -228,7 +237,7 @@ def run_state(hp, covs: dict[int, CovFactor]) -> PriorKeys | None:
         return None
     basis = {l: (nullspace(covs[l], hp.nullspace_threshold).U if hp.method == "alphaedit" else None)
              for l in hp.layers}
-    return PriorKeys(basis=basis)
+    return PriorKeys(basis=basis, device={l: covs[l].device for l in hp.layers})
 
 
 def preservation(hp, cov: CovFactor, prior: PriorKeys | None = None,

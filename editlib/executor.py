@@ -104,7 +104,7 @@ def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *,
     book = _FailureBook(study.params.evaluation.max_failed_fraction, log)
     sizes = {u.name: unit_edits(u, study.params) for u in units}
     with progress(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[u.name] for u in pending),
-                  desc=exp.root.name, unit=" edits", unit_scale=False, disable=len(pending) < 2) as bar:
+                  desc=exp.root.name, unit=" edits", unit_scale=False, disable=not pending) as bar:
         bar.sizes = sizes  # a finished (or given-up) unit advances the bar by its edits
         if study.params.executor.kind == "ray":
             _run_ray(study, exp, pending, book, bar, log)

@@ -40,13 +40,16 @@ def _spread(c: pd.DataFrame, stat: Callable[[pd.DataFrame], float]) -> str:
     return f"{v.mean():.2f} ± {v.std():.2f} over {len(o)} orderings"
 
 
-ORDER = ("memit", "rome", "emmet", "alphaedit", "encore")
+#: the methods the paper's batch, sequential and λ claims are about
+PAPER_METHODS = ("memit", "emmet")
 
 
-def _methods(c: pd.DataFrame) -> list[str]:
-    """The methods present, in the paper's order (MEMIT first), unknown ones after."""
-    have = set(c["method"])
-    return [m for m in ORDER if m in have] + sorted(have - set(ORDER))
+def _methods(c: pd.DataFrame, only: tuple[str, ...] | None = None) -> list[str]:
+    """The methods present (``only`` those), in the plots' order (MEMIT first)."""
+    from .plotting import METHOD_ORDER
+
+    have = set(c["method"]) if only is None else set(c["method"]) & set(only)
+    return [m for m in METHOD_ORDER if m in have] + sorted(have - set(METHOD_ORDER))
 
 
 def _fmt_s(v: float) -> str:
@@ -112,8 +115,9 @@ def _batch_drops(c: pd.DataFrame, method: str) -> tuple[int, int, dict[str, floa
 
 def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("batch")
-    if c is None or c["batch_size"].nunique() < 2:
+    if c is None or c["batch_size"].nunique() < 2 or not _methods(c, PAPER_METHODS):
         return None
+    c = c[c["method"].isin(PAPER_METHODS)]  # the claim is about the paper's methods
     parts, holds, margins = [], True, []
     for m in _methods(c):
         lo, hi, d = _batch_drops(c, m)
@@ -132,7 +136,7 @@ def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
 def _seq_best(c: pd.DataFrame, method: str, ev: str = "current") -> tuple[int, float, int, float]:
     x = c[(c["method"] == method) & (c["eval"] == ev)] if "eval" in c.columns else c[c["method"] == method]
     s = summarize_cases(x, by=["batch_size"]).sort_values("batch_size")
-    one = s.iloc[-1]  # the largest batch size: one batch of all facts
+    one = s.iloc[-1]  # the largest batch size: one batch of all facts (checked by the caller)
     smaller = s.iloc[:-1]
     best = smaller.loc[smaller["S"].idxmax()]
     return int(best["batch_size"]), float(best["S"]), int(one["batch_size"]), float(one["S"])
@@ -140,7 +144,11 @@ def _seq_best(c: pd.DataFrame, method: str, ev: str = "current") -> tuple[int, f
 
 def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("sequential")
-    if c is None or c["batch_size"].nunique() < 2:
+    if c is None or c["batch_size"].nunique() < 2 or not _methods(c, PAPER_METHODS):
+        return None
+    c = c[c["method"].isin(PAPER_METHODS)]
+    n_facts = c[c["method"] == _methods(c)[0]]["case_id"].nunique()
+    if int(c["batch_size"].max()) < n_facts:  # no run edits all facts in one batch: nothing to compare
         return None
     parts, holds, margins, final = [], True, [], []
     has_final = "eval" in c.columns and (c["eval"] == "final").any()
@@ -162,8 +170,9 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
 
 def claim_lambda(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("sweep")
-    if c is None or "lam" not in c.columns:
+    if c is None or "lam" not in c.columns or not _methods(c, PAPER_METHODS):
         return None
+    c = c[c["method"].isin(PAPER_METHODS)]
     parts = []
     for m in _methods(c):
         s = _s(c[c["method"] == m], ["lam"])

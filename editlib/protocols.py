@@ -434,6 +434,8 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
     elif name == "singular":
         sp = p.singular
         spec, methods = {"n_facts": sp.n_facts, "layer": layer, "methods": list(sp.methods)}, sp.methods
+        if sp.chunk_size:  # its units' names depend on it: a change must not mix two sets of parts
+            spec["chunk_size"] = sp.chunk_size
     elif name == "sweep":
         sw = p.sweep
         spec = {"total": sw.total, "batch_size": sw.batch_size, "layer": layer, "grids": _grids(study)}
@@ -886,6 +888,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
                     own_reason[i] = r
         tl = time.time()
+        current: list[pd.DataFrame] = []  # this process's batches, for the closing summary line
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
@@ -897,6 +900,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             for i, r in zip(chunks[bi], cases["fail_reason"]):
                 own_reason[i] = r
             frames = [_label(cases, **base, batch_index=bi, eval="current")]
+            current.append(frames[0])
             k = sq.forgetting_every
             if k and (bi + 1) % k == 0 and bi + 1 < len(chunks):
                 so_far = facts[: chunks[bi].stop]
@@ -911,9 +915,9 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         if sq.eval_final:
             exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason), **base,
                                              batch_index=len(chunks) - 1, eval="final"))
-        cur = pd.concat([exp.load_unit(f"{cfg}-b{bi:05d}") for bi in range(len(chunks))], ignore_index=True)
         log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s); right after each batch "
-            + _one_line(cur[cur["eval"] == "current"]))
+            + _one_line(pd.concat(current, ignore_index=True)) if current else
+            f"sequential {cfg}: {len(chunks)} batches (all stored before)")
     # the model is restored when the session exits; the checkpoint log is no longer needed
     shutil.rmtree(ckpt, ignore_errors=True)
 

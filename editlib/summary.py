@@ -17,7 +17,6 @@ from .metrics import format_summary, summarize_cases
 KEYS = {"layer_search": ["method", "layer"], "singular": ["method", "layer"],
         "sweep": ["method", "lam"], "batch": ["method", "batch_size"],
         "sequential": ["method", "batch_size", "eval"]}
-ORDER = list(KEYS)
 SCORES = ["ES", "PS", "NS", "S"]
 
 
@@ -35,7 +34,9 @@ def run_experiments(run_dir: str | Path) -> dict[str, Path]:
     if not found:
         subs = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())) or "nothing"
         raise SummaryError(f"{root}: no finished experiment (no */cases.parquet; found {subs})")
-    rank = {e: i for i, e in enumerate(ORDER)}
+    from .reproduce import EXPERIMENT_ORDER
+
+    rank = {e: i for i, e in enumerate(EXPERIMENT_ORDER)}
     return {e: found[e] for e in sorted(found, key=lambda e: (rank.get(e.split("-", 1)[0], 99), e))}
 
 

@@ -495,6 +495,56 @@ def test_sequential_protocol_rows_and_resume(study, weights0, tmp_path) -> None:
     assert_unedited(study.model, weights0)
 
 
+def test_encore_sequential_resume_replays_its_keys(study, weights0, tmp_path) -> None:
+    """An ENCORE run interrupted after its first batch resumes with K_p replayed from the
+    checkpoint (keys read back from disk join the Gram on the factor's device) to exactly the
+    uninterrupted run: cases and the per-batch diagnostics, prior_keys included."""
+    one = {"sequential.methods": ["encore"]}
+    st = use(study, params_for(tmp_path, "cut", **one))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        protocols.run_sequential(st, log=quiet, fail_after=1)
+    resumed = protocols.run_sequential(st, log=quiet)
+    whole = protocols.run_sequential(use(study, params_for(tmp_path, "whole", **one)), log=quiet)
+    key = ["method", "eval", "batch_index", "case_id"]
+    assert_frame_equal(resumed.sort_values(key).reset_index(drop=True),
+                       whole.sort_values(key).reset_index(drop=True), check_exact=True)
+    bt = {n: pd.read_parquet(Path(tmp_path) / n / "sequential" / "batches.parquet").sort_values("batch_index")
+          for n in ("cut", "whole")}
+    assert list(bt["cut"].prior_keys) == list(bt["whole"].prior_keys) == [0, 2]
+    assert np.allclose(bt["cut"].delta_norm, bt["whole"].delta_norm, rtol=0, atol=0)
+    assert_unedited(study.model, weights0)
+
+
+def test_singular_edits_with_the_new_editors(study, weights0, tmp_path) -> None:
+    """One-fact edits (the layer search's and Table 1's path: one multi-right-hand-side solve) work
+    for AlphaEdit and ENCORE and equal editing the weights one fact at a time."""
+    over = {"singular.methods": ["alphaedit", "encore"], "singular.layer": 1}
+    got = protocols.run_singular(use(study, params_for(tmp_path, "bat", **over)), log=quiet)
+    ref = protocols.run_singular(use(study, params_for(tmp_path, "ref", **over, **{"evaluation.batched_edits": False})),
+                                 log=quiet)
+    key = ["method", "batch_index", "case_id"]
+    a, b = got.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True)
+    assert sorted(a.method.unique()) == ["alphaedit", "encore"] and np.isfinite(a[SCORES].to_numpy(dtype=float)).all()
+    for c in ("ES", "PS", "NS"):
+        assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
+    assert np.allclose(a[SCORES].to_numpy(dtype=float), b[SCORES].to_numpy(dtype=float), rtol=0, atol=1e-5)
+    assert_unedited(study.model, weights0)
+
+
+def test_a_threshold_that_keeps_no_direction_stops_the_run_on_both_paths(study, weights0, tmp_path) -> None:
+    """A nullspace_threshold smaller than C0's smallest eigenvalue's share is a parameter problem of
+    the run: one clear error naming the key (exit 2 on the command line), on the batched and on the
+    reference path alike, never a run of failed edits; nothing is written."""
+    from editlib.editors import NullSpaceError
+
+    for batched in (True, False):
+        over = {"hparams.alphaedit.nullspace_threshold": 1e-12, "batch.methods": ["alphaedit"],
+                "evaluation.batched_edits": batched}
+        with pytest.raises(NullSpaceError, match="nullspace_threshold=1e-12 keeps no direction"):
+            protocols.run_batch(use(study, params_for(tmp_path, f"ns{batched}", **over)), log=quiet)
+        assert_unedited(study.model, weights0)
+
+
 def test_params_accept_the_new_methods_and_fail_fast(tmp_path) -> None:
     p = params_for(tmp_path, **{"hparams.alphaedit.L2": 2.0, "hparams.encore.update_norm_lambda": 5.0})
     assert p.method_hparams("alphaedit", 1, "batch").L2 == 2.0

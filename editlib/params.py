@@ -132,6 +132,8 @@ class SequentialParams:
     layer: Any = "best"
     eval_final: bool = True
     forgetting_every: int | None = None
+    degradation_every: int | None = None  # facts edited between degradation measurements (null: off; editlib.degradation)
+    heldout_facts: int = 64               # held-out known facts for them (unedited, outside every NS set)
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
@@ -372,6 +374,10 @@ def _check_sizes(sp: StudyParams) -> None:
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
     if sp.singular.chunk_size is not None and sp.singular.chunk_size < 1:
         raise ParamsError(f"singular.chunk_size must be null or at least 1, got {sp.singular.chunk_size}")
+    if sp.sequential.degradation_every is not None and sp.sequential.degradation_every < 1:
+        raise ParamsError(f"sequential.degradation_every must be null or at least 1, got {sp.sequential.degradation_every}")
+    if sp.sequential.heldout_facts < 1:
+        raise ParamsError(f"sequential.heldout_facts must be at least 1, got {sp.sequential.heldout_facts}")
     if sp.sequential.forgetting_every is not None and sp.sequential.forgetting_every < 1:
         raise ParamsError(f"sequential.forgetting_every must be null or at least 1, got {sp.sequential.forgetting_every}")
     for sec in ("singular", "sweep", "batch", "sequential"):

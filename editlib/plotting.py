@@ -283,6 +283,43 @@ def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, 
     return fig
 
 
+DEGRADATION = (("heldout_known", "held-out facts still known (%)"),
+               ("heldout_margin", "held-out P(true) − P(new) (×100)"),
+               ("heldout_ppl", "perplexity of held-out fact text"))
+
+
+def has_degradation(batches: pd.DataFrame) -> bool:
+    """Whether a sequential run measured degradation (``sequential.degradation_every``)."""
+    return "heldout_known" in batches.columns and batches["heldout_known"].notna().any()
+
+
+def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
+    """Model degradation vs facts edited so far (log2 axis; 0 edits at the left edge: the unedited
+    model, also a dotted line): held-out known facts, their margin, and perplexity; one colour per
+    batch size, one line style per method (editlib.degradation)."""
+    b = batches[batches["method"].isin(methods) & batches["heldout_known"].notna()]
+    fig, axes = _figure(len(DEGRADATION), title, width=4.4)
+    sizes = sorted(b["batch_size"].unique())
+    colors = dict(zip(sizes, sns.color_palette("deep" if len(sizes) <= 10 else "husl", len(sizes))))
+    for ax, (col, label) in zip(axes, DEGRADATION):
+        for method in [m for m in _methods(b)]:
+            ls, mk = _STYLE.get(method, ("-", "o"))
+            for B, g in b[b["method"] == method].groupby("batch_size"):
+                g = g.groupby("batch_index", as_index=False)[[col, f"{col}_0"]].mean().sort_values("batch_index")
+                xs = [0.5] + list((g["batch_index"] + 1) * B)  # 0 edits drawn at 0.5 on the log axis
+                ys = [float(g[f"{col}_0"].iloc[0])] + list(g[col])
+                ax.plot(xs, ys, color=colors[B], linestyle=ls, marker=mk, markersize=3,
+                        label=f"{method.upper()} B={B}")
+        if len(b):
+            ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("facts edited so far (0.5: unedited)")
+        ax.set_title(label)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize="x-small")
+    return fig
+
+
 def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
     """Tables 3 / 4 as a figure: metrics vs λ (symlog axis when λ = 0 is in the grid)."""
     c = _current(_of_method(cases, method))

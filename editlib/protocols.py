@@ -448,6 +448,8 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
         sq = p.sequential
         spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
                 "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
+        if sq.degradation_every:  # only when on: default runs keep their spec (and digests)
+            spec.update(degradation_every=sq.degradation_every, heldout_facts=sq.heldout_facts)
         methods = sq.methods
     return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}
@@ -874,6 +876,9 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     base = dict(method=method, layer=hp.layers[0], batch_size=B, ordering=o)
     covs = study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
     prior = run_state(hp, covs)  # this run's keys of earlier edits (AlphaEdit, ENCORE), else None
+    heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
+    # degradation of the unedited model, the reference for every later measurement
+    deg0 = {f"{k}_0": v for k, v in _degradation(study, heldout).items()} if heldout else {}
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
@@ -906,6 +911,9 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 so_far = facts[: chunks[bi].stop]
                 frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
                                      batch_index=bi, eval=f"after_{bi + 1}"))
+            every = sq.degradation_every
+            if heldout and (chunks[bi].stop // every > chunks[bi].start // every or bi + 1 == len(chunks)):
+                d = {**d, **_degradation(study, heldout), **deg0}  # a multiple of `every` facts crossed, or the end
             exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
                           pd.DataFrame([{**base, "batch_index": bi, **d}]))
             fails.add(f"sequential B={B}:", frames[0])
@@ -920,6 +928,30 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             f"sequential {cfg}: {len(chunks)} batches (all stored before)")
     # the model is restored when the session exits; the checkpoint log is no longer needed
     shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[Record]:
+    """The run's held-out known facts (editlib.degradation.heldout_facts): after the edited facts in
+    the same ordering, outside their neighbourhood prompts."""
+    from .degradation import heldout_facts
+
+    n_pool = min(len(study.records), len(facts) + 4 * sq.heldout_facts)
+    pool = study.facts(n_pool, ordering)[len(facts):]
+    held = heldout_facts(pool, facts, sq.heldout_facts)
+    if not held:
+        raise ParamsError(f"sequential.degradation_every needs held-out facts, but all {len(study.records)} "
+                          f"records are edited or in an edited fact's neighbourhood (lower sequential.total)")
+    return held
+
+
+def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
+    from .degradation import measure
+
+    ev = study.params.evaluation  # scores only: no generation for the held-out facts
+    return measure(study.model, study.tok, heldout,
+                   lambda rs: evaluate_records(study.model, study.tok, rs, alignment=ev.alignment,
+                                               batch_size=ev.batch_size, generation=False),
+                   batch_size=ev.batch_size)
 
 
 def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str]) -> pd.DataFrame:

@@ -395,9 +395,12 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     for _ in p.data.orderings:
         for method in sq.methods:
             hp = p.method_hparams(method, layer, "sequential")
+            every = getattr(sq, "degradation_every", None)
             for B in sq.batch_sizes:
                 sizes = _chunks(sq.total, B)
                 done = 0
+                if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)
+                    exp.add("eval", 2, sq.heldout_facts, layer)
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
                     if bi > 0 and uses_prior_keys(hp):
@@ -405,6 +408,8 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     exp.add("solve", 1, n, layer)
                     exp.add("eval", 1, n, layer)
                     exp.add("ckpt", 1, n)
+                    if every and ((done + n) // every > done // every or bi + 1 == len(sizes)):
+                        exp.add("eval", 2, sq.heldout_facts, layer)
                     done += n
                     k = sq.forgetting_every
                     if k and (bi + 1) % k == 0 and bi + 1 < len(sizes):

@@ -1,0 +1,76 @@
+"""editlib.degradation: held-out known facts and perplexity of a sequentially edited model."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from editlib import degradation, plotting, protocols
+from editlib.params import ParamsError, resolve
+
+from test_editors import SMOKE, assert_unedited, quiet, study, use, weights0  # noqa: F401  (fixtures)
+
+
+def params_for(tmp_path, name="d", **over):
+    base = {"hparams.common.v_num_grad_steps": 3, "sequential.total": 4, "sequential.batch_sizes": [1, 2],
+            "sequential.layer": 1, "sequential.methods": ["memit"], "sequential.degradation_every": 2,
+            "sequential.heldout_facts": 6, "results_dir": str(tmp_path), "name": name}
+    return resolve(SMOKE, overrides={**base, **over})
+
+
+def test_heldout_facts_are_disjoint_from_edited_and_neighbourhood_sets(study):
+    edited = study.facts(8)
+    pool = study.facts(40)[8:]
+    held = degradation.heldout_facts(pool, edited, 10)
+    assert len(held) == 10
+    ids, subjects = {r.case_id for r in edited}, {r.subject for r in edited}
+    ns = {p.strip() for r in edited for p in r.neighborhood_prompts}
+    assert not any(r.case_id in ids or r.subject in subjects or r.rewrite_prompt.strip() in ns for r in held)
+    # a record whose prompt is an edited fact's neighbourhood prompt is left out
+    clash = [r for r in pool if r.rewrite_prompt.strip() in ns]
+    assert all(r not in held for r in clash)
+
+
+def test_perplexity_equals_a_plain_computation(study):
+    texts = degradation.sentences(study.facts(5))
+    got = degradation.perplexity(study.model, study.tok, texts, batch_size=2)
+    nll, n = 0.0, 0
+    for t in texts:  # one text at a time, no padding
+        ids = torch.tensor([study.tok(t, add_special_tokens=True)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(study.model(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        n += ids.shape[1] - 1
+    assert math.isclose(got, math.exp(nll / n), rel_tol=1e-5)
+    assert 1.0 < got < 50.0  # the miniature knows its own fact text
+
+
+def test_sequential_run_records_degradation(study, weights0, tmp_path):  # noqa: F811
+    p = params_for(tmp_path)
+    protocols.run_sequential(use(study, p), log=quiet)
+    b = pd.read_parquet(tmp_path / "d" / "sequential" / "batches.parquet").sort_values(["batch_size", "batch_index"])
+    # every 2 facts and at the end: B = 1 after batches 1, 3; B = 2 after batches 0, 1
+    measured = b[b.heldout_known.notna()]
+    assert [(int(r.batch_size), int(r.batch_index)) for r in measured.itertuples()] == [(1, 1), (1, 3), (2, 0), (2, 1)]
+    assert measured.heldout_known_0.nunique() == 1 and measured.heldout_ppl_0.nunique() == 1
+    ref = degradation.measure(study.model, study.tok,  # the unedited model (the session restored it)
+                              protocols._heldout(study, p.sequential, study.facts(4), 0),
+                              lambda rs: protocols.evaluate_records(study.model, study.tok, rs, generation=False))
+    assert math.isclose(ref["heldout_ppl"], float(measured.heldout_ppl_0.iloc[0]), rel_tol=1e-6)
+    assert math.isclose(ref["heldout_known"], float(measured.heldout_known_0.iloc[0]), abs_tol=1e-9)
+    assert (measured.heldout_ppl != measured.heldout_ppl_0).all()  # the edits moved it
+    assert_unedited(study.model, weights0)
+    fig = plotting.plot_degradation(b, ["memit"], "t")
+    assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 1  # two batch sizes + the unedited line
+
+
+def test_degradation_off_unless_asked_and_bad_values(tmp_path):
+    from editlib.params import SequentialParams
+
+    assert SequentialParams().degradation_every is None  # a params file without the key measures nothing
+    assert resolve(SMOKE, overrides={"results_dir": str(tmp_path)}).sequential.degradation_every == 32  # tiny.yaml
+    for over, match in (({"sequential.degradation_every": 0}, "degradation_every"),
+                        ({"sequential.heldout_facts": 0}, "heldout_facts")):
+        with pytest.raises(ParamsError, match=match):
+            params_for(tmp_path, **over)

@@ -121,6 +121,9 @@ class BatchParams:
     batch_sizes: tuple[int, ...] = (16, 64, 256)
     methods: tuple[str, ...] = ("memit", "emmet")
     layer: Any = "best"
+    # edited-layer windows: 1 = the chosen layer alone; w = it and the next w − 1 layers, the
+    # residual spread over them (MEMIT's multi-layer update; methods that edit several layers only)
+    windows: tuple[int, ...] = (1,)
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
 
 
@@ -372,6 +375,8 @@ def _check_sizes(sp: StudyParams) -> None:
             raise ParamsError(f"{sec}.{key} must not be empty")
     if any(o < 0 for o in sp.data.orderings):
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
+    if not sp.batch.windows or any(not isinstance(w, int) or w < 1 for w in sp.batch.windows):
+        raise ParamsError(f"batch.windows must be a non-empty list of integers >= 1, got {_show(sp.batch.windows)}")
     if sp.singular.chunk_size is not None and sp.singular.chunk_size < 1:
         raise ParamsError(f"singular.chunk_size must be null or at least 1, got {sp.singular.chunk_size}")
     if sp.sequential.degradation_every is not None and sp.sequential.degradation_every < 1:

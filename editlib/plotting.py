@@ -233,6 +233,33 @@ def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
     return _note(fig, c)
 
 
+def windowed(cases: pd.DataFrame, method: str) -> list[str]:
+    """``method``'s windowed configurations in ``cases`` ("memit-w2", ...), by window size."""
+    have = [m for m in cases["method"].unique() if str(m).startswith(f"{method}-w")]
+    return sorted(have, key=lambda m: int(str(m).rsplit("-w", 1)[1]))
+
+
+def plot_windows(cases: pd.DataFrame, method: str, title: str) -> Figure:
+    """Single-layer ``method`` against its windowed versions (``batch.windows``): ES, PS, NS, S
+    vs batch size, one line per window (solid: the single layer)."""
+    labels = [method] + windowed(cases, method)
+    c = _current(cases[cases["method"].isin(labels)])
+    metrics = _metrics(c)
+    fig, axes = _figure(len(metrics), title)
+    colors = sns.color_palette("deep", len(labels))
+    for ax, m in zip(axes, metrics):
+        for color, (i, label) in zip(colors, enumerate(labels)):
+            s = _stats(c[c["method"] == label], ["batch_size"])
+            name = f"{method.upper()}, 1 layer" if i == 0 else f"{method.upper()}, {label.rsplit('-w', 1)[1]} layers"
+            _line(ax, s["batch_size"], s, m, label=name, color=color, linestyle="-" if i == 0 else "--")
+        _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
+        ax.set_xlabel("batch size")
+    _panel_titles(axes, metrics)
+    _share_y(axes, metrics)
+    axes[0].legend(fontsize="small")
+    return _note(fig, c)
+
+
 def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
     """Figures 4 / 5: each fact scored right after its own batch (solid), and, when ``final`` rows
     exist, every fact scored on the final model (dashed: retention)."""

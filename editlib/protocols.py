@@ -368,7 +368,7 @@ def _charge(charged: dict, key: str, idx: Sequence[int], d: dict) -> dict:
 
 def _value_key(hp: EditHParams) -> str:
     """What a fact's key, value and residual on a given model depend on (not μ, not the batch)."""
-    return json.dumps([asdict(hp.values), hp.context_templates])
+    return json.dumps([asdict(hp.values), hp.context_templates, list(hp.layers)])
 
 
 def _label(cases: pd.DataFrame, **cols) -> pd.DataFrame:
@@ -443,6 +443,8 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
     elif name == "batch":
         bp = p.batch
         spec = {"total": bp.total, "batch_sizes": list(bp.batch_sizes), "methods": list(bp.methods), "layer": layer}
+        if tuple(bp.windows) != (1,):
+            spec["windows"] = list(bp.windows)
         methods = bp.methods
     else:
         sq = p.sequential
@@ -712,6 +714,26 @@ def _chunks(n: int, b: int) -> list[range]:
     return [range(s, min(s + b, n)) for s in range(0, n, b)]
 
 
+#: methods whose update can spread over a window of layers (ROME and EMMET edit one layer)
+MULTI_LAYER = ("memit", "alphaedit", "encore")
+
+
+def window_label(method: str, window: int) -> str:
+    """The method name a windowed configuration's rows carry: "memit" or "memit-w3"."""
+    return method if window == 1 else f"{method}-w{window}"
+
+
+def batch_windows(study: Study, method: str, layer: int) -> list[int]:
+    """``batch.windows`` for ``method`` (only 1 for single-layer methods); a window running past
+    the model's last layer is a parameter error."""
+    wins = [w for w in study.params.batch.windows if w == 1 or method in MULTI_LAYER]
+    too_far = [w for w in wins if layer + w > study.n_layers]
+    if too_far:
+        raise ParamsError(f"batch.windows {too_far} from layer {layer} run past the model's last layer "
+                          f"{study.n_layers - 1}")
+    return wins
+
+
 def run_batch(study: Study, *, log=None) -> pd.DataFrame:
     """Figures 2-3: every batch applied to the unedited model, evaluated on its facts, restored."""
     log = log or study.log
@@ -730,6 +752,9 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     shared = uc.group(("batch", o))
     targets, charged = shared["targets"], shared["charged"]
     hp = study.params.method_hparams(method, layer, "batch")
+    if spec.window > 1:  # MEMIT's multi-layer update over layer … layer + window − 1 (reference path)
+        hp = replace(hp, layers=tuple(range(layer, layer + spec.window)))
+    label = window_label(method, spec.window)
     ctx = study.contexts(hp.context_templates)
     key = _value_key(hp)
     todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
@@ -752,12 +777,12 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
                                            _slice(targets[key], idx), s))
     checks = []
     for (bi, idx), (cases, d) in zip(todo, done):
-        cols = dict(method=method, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
+        cols = dict(method=label, layer=layer, batch_size=B, batch_index=bi, eval="current", ordering=o)
         exp.save_unit(f"{spec.name}-b{bi:05d}", _label(cases, **cols),
                       pd.DataFrame([{**cols, **_charge(charged, key, list(idx), d)}]))
         checks.append((f"o{o}", f"batch B={B}:", _label(cases, **cols)))
     if done:
-        uc.log(f"batch {method} B={B}: " + _one_line(pd.concat([c for *_, c in checks], ignore_index=True)))
+        uc.log(f"batch {label} B={B}: " + _one_line(pd.concat([c for *_, c in checks], ignore_index=True)))
     return UnitResult(spec.name, checks)
 
 
@@ -986,6 +1011,7 @@ class UnitSpec:
     lam: float | None = None
     chunk: int | None = None  # the sweep's batch index; the singular chunk
     which: str = "model"  # the params section of the model: "model" or "second_model"
+    window: int = 1  # batch: edited layers layer … layer + window − 1
 
     @property
     def name(self) -> str:
@@ -997,7 +1023,8 @@ class UnitSpec:
             return f"o{o}" if self.chunk is None else f"o{o}-c{self.chunk:05d}"
         if self.experiment == "sweep":
             return f"{self.method}-lam{self.lam:g}-o{o}-b{self.chunk:05d}"
-        return f"{self.method}-B{self.batch_size:05d}-o{o}"
+        w = f"-w{self.window}" if self.window > 1 else ""
+        return f"{self.method}{w}-B{self.batch_size:05d}-o{o}"
 
 
 @dataclass
@@ -1070,6 +1097,9 @@ def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpe
             out += [UnitSpec(name, o, layer, method=m, lam=lam, batch_size=p.sweep.batch_size, chunk=bi, which=w)
                     for bi in range(len(_chunks(p.sweep.total, p.sweep.batch_size)))
                     for m, lams in _grids(study).items() for lam in lams]
+        elif name == "batch":
+            out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w, window=win)
+                    for m in p.batch.methods for win in batch_windows(study, m, layer) for B in p.batch.batch_sizes]
         else:
             sec = getattr(p, name)
             out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w)

@@ -352,17 +352,22 @@ def count_batch(p, layer: int) -> ExperimentCount:
     """protocols._batch_unit: values of all facts once per value setting (shared by the
     ordering's units); per method and batch size either every batch solved and all evaluated in
     one call (batched) or each batch written, evaluated and restored."""
-    from .protocols import _value_key
+    from dataclasses import replace
+
+    from .protocols import MULTI_LAYER, _value_key
 
     bp = p.batch
     exp = _new_exp(p, "batch", shape_for(p.model.id, p.model.label))
     exp.add("load")
     exp.add("c0_factor", 1)
     _editor_prep(exp, p, bp.methods, "batch", layer, 1)
+    configs = [(m, w) for m in bp.methods for w in getattr(bp, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
     for _ in p.data.orderings:
         seen = set()
-        for method in bp.methods:
+        for method, win in configs:
             hp = p.method_hparams(method, layer, "batch")
+            if win > 1:  # a window: values at its last layer, one multi-layer solve per batch
+                hp = replace(hp, layers=tuple(range(layer, layer + win)))
             key = _value_key(hp)
             if key not in seen:
                 seen.add(key)

@@ -15,7 +15,8 @@ SMOKE = REPO_ROOT / "params" / "smoke.yaml"
 
 
 def grid(**over):
-    return {e.name: e for e in count_grid(resolve(SMOKE, overrides=over), layer=1)}
+    """smoke.yaml's counts; batch on one layer unless a test asks for windows."""
+    return {e.name: e for e in count_grid(resolve(SMOKE, overrides={"batch.windows": [1], **over}), layer=1)}
 
 
 def test_smoke_counts_by_hand():
@@ -24,7 +25,7 @@ def test_smoke_counts_by_hand():
     B ∈ {4, 8}, sequential 8 facts at B ∈ {2, 8} with the final evaluation; MEMIT and EMMET.
     Independent edits batched (tiny.yaml's evaluation.batched_edits): one multi-right-hand-side
     solve and one evaluation call per layer and method."""
-    g = grid()
+    g = grid(**{"batch.windows": [1, 2]})
     assert list(g) == ["layer_search", "singular", "sweep", "batch", "sequential"]
     ls = g["layer_search"]
     assert ls.solves == Counter({"1×6": 6}) and ls.edits == 36
@@ -38,10 +39,12 @@ def test_smoke_counts_by_hand():
     assert sw.solves == Counter({8: 4}) and sw.total("values") == 8 and sw.total("eval") == 32
     assert sw.total("solve_lr", "count") == 4 and sw.total("solve", "count") == 0  # one per λ, added by a hook, never written
     bt = g["batch"]
-    assert bt.solves == Counter({4: 4, 8: 2}) and bt.edits == 32
-    assert bt.total("solve_lr", "count") == 6 and bt.total("solve", "count") == 0  # never written
-    assert bt.total("values") == 8                        # prepared once for both methods
-    assert bt.total("eval") == 32 and bt.total("eval", "count") == 4  # one call per method and B
+    # MEMIT and EMMET on one layer, plus MEMIT over a window of 2 layers (tiny.yaml's batch.windows)
+    assert bt.solves == Counter({4: 6, 8: 3}) and bt.edits == 48
+    assert bt.total("solve_lr", "count") == 6  # one layer: added by a hook, never written
+    assert bt.total("solve", "count") == 3     # the window: written, evaluated, restored per batch
+    assert bt.total("values") == 8 + 8         # once for both one-layer methods, once at the window's last layer
+    assert bt.total("eval") == 32 + 16 and bt.total("eval", "count") == 4 + 3  # one call per method and B; per batch
     sq = g["sequential"]
     assert sq.solves == Counter({2: 8, 8: 2}) and sq.edits == 32
     assert sq.total("values") == 32                      # recomputed per batch on the edited model

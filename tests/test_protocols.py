@@ -623,3 +623,29 @@ def test_tf32_key(tmp_path):
     finally:
         protocols.set_tf32(False)
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_windowed_memit_in_the_batch_protocol(study, weights0, tmp_path):
+    """batch.windows: MEMIT over the chosen layer and the next (window 2) beside the single layer,
+    its rows labelled memit-w2; EMMET (one layer only) is not windowed; the windowed edit equals
+    apply_edit on both layers; a window past the last layer fails before any edit."""
+    p = params_for(tmp_path, **{"batch.windows": [1, 2], "batch.methods": ["memit", "emmet"]})
+    cases = protocols.run_batch(use(study, p), log=quiet)
+    assert sorted(cases.method.unique()) == ["emmet", "memit", "memit-w2"]
+    assert len(cases[cases.method == "memit-w2"]) == len(cases[cases.method == "memit"])
+    assert cases[SCORES].notna().all().all()
+    assert_unedited(study.model, weights0)
+    # the first batch of B = 2 by hand: MEMIT on layers 1 and 2
+    from editlib.editing import apply_edit
+    from editlib.weights import EditSession
+    st = use(study, p)
+    hp = dataclasses.replace(p.method_hparams("memit", 1, "batch"), layers=(1, 2))
+    facts = st.facts(p.batch.total)[:2]
+    with EditSession(study.model) as s:
+        apply_edit(study.model, study.tok, facts, hp, st.covs([1, 2]), st.contexts(hp.context_templates), s)
+        want = st.evaluate(facts)
+    got = sort_units(cases[(cases.method == "memit-w2") & (cases.batch_size == 2) & (cases.batch_index == 0)])
+    assert np.allclose(got["ES_mag"].to_numpy(), want.sort_values("case_id")["ES_mag"].to_numpy(), atol=1e-5)
+    assert_unedited(study.model, weights0)
+    with pytest.raises(ParamsError, match=r"batch.windows \[6\] from layer 1 run past"):
+        protocols.run_batch(use(study, params_for(tmp_path / "far", **{"batch.windows": [6]})), log=quiet)

@@ -105,11 +105,14 @@ def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *,
     sizes = {u.name: unit_edits(u, study.params) for u in units}
     with progress(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[u.name] for u in pending),
                   desc=exp.root.name, unit=" edits", unit_scale=False, disable=not pending) as bar:
-        bar.sizes = sizes  # a finished (or given-up) unit advances the bar by its edits
+
+        def done(unit: str) -> None:  # a finished (or given-up) unit advances the bar by its edits
+            bar.update(sizes.get(unit, 1))
+
         if study.params.executor.kind == "ray":
-            _run_ray(study, exp, pending, book, bar, log)
+            _run_ray(study, exp, pending, book, done, log)
         else:
-            _run_local(study, exp, pending, book, bar, log, fail_after)
+            _run_local(study, exp, pending, book, done, log, fail_after)
 
 
 @dataclass
@@ -127,17 +130,17 @@ class _FailureBook:
             self.scopes.setdefault(scope, _Failures(self.limit, self.log)).add(config, cases)
 
 
-def _record(study: "Study", res: "UnitResult", book: _FailureBook, bar, log: Callable) -> None:
+def _record(study: "Study", res: "UnitResult", book: _FailureBook, done: Callable, log: Callable) -> None:
     """A finished unit in the driver: its worker's log, the failed-edit limit, one log line."""
     for line in res.log:
         log(f"  [{res.worker}] {line}")
     study._cov_info.update(res.cov_info)
     book.add(res.checks)
     log(f"unit {res.unit} on {res.worker}: {res.seconds:.1f} s")
-    bar.update(getattr(bar, "sizes", {}).get(res.unit, 1))
+    done(res.unit)
 
 
-def _run_local(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], book: _FailureBook, bar,
+def _run_local(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], book: _FailureBook, done: Callable,
                log: Callable, fail_after: int | None) -> None:
     """Every unit in this process, in order, sharing prepared targets as the serial loops did."""
     from .protocols import UnitContext, run_unit
@@ -148,7 +151,7 @@ def _run_local(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"],
         t0 = time.time()
         res = run_unit(spec, study, exp, uc)
         res.seconds, res.worker = time.time() - t0, where
-        _record(study, res, book, bar, log)
+        _record(study, res, book, done, log)
 
 
 # --------------------------------------------------------------------------- Ray
@@ -313,7 +316,7 @@ def _why(ray, e: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
-def _run_ray(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], book: _FailureBook, bar,
+def _run_ray(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], book: _FailureBook, done: Callable,
              log: Callable) -> None:
     """Units on Ray workers; retries, then failed units are listed and the others go on."""
     if not pending:
@@ -330,7 +333,7 @@ def _run_ray(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], b
             f"({study.params.executor.cpus_per_unit} CPU, {gpus:g} GPU each)")
         exp.record_failed_units({})  # units listed by an earlier run are tried again now
         with _offloaded(study):
-            failed = _drive(ray, study, exp, pool, pool.actors[:n], pending, book, bar, log)
+            failed = _drive(ray, study, exp, pool, pool.actors[:n], pending, book, done, log)
         finished = True
     finally:
         if not finished:
@@ -342,7 +345,7 @@ def _run_ray(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], b
 
 
 def _drive(ray, study: "Study", exp: "Experiment", pool: _Pool, workers: list, pending: Sequence["UnitSpec"],
-           book: _FailureBook, bar, log: Callable) -> dict[str, dict]:
+           book: _FailureBook, done: Callable, log: Callable) -> dict[str, dict]:
     """Hand units to idle workers until every unit finished or failed on every try; the failed."""
     run_id, queue, idle = uuid.uuid4().hex, deque(pending), list(workers)
     running: dict = {}
@@ -358,15 +361,15 @@ def _drive(ray, study: "Study", exp: "Experiment", pool: _Pool, workers: list, p
             res = ray.get(ref)
         except ray.exceptions.RayError as e:
             idle.append(pool.replace(actor) if isinstance(e, ray.exceptions.RayActorError) else actor)
-            _failed_try(ray, e, spec, tries, failed, queue, study.params.executor.retries, exp, bar, log)
+            _failed_try(ray, e, spec, tries, failed, queue, study.params.executor.retries, exp, done, log)
             continue
         idle.append(actor)
-        _record(study, res, book, bar, log)
+        _record(study, res, book, done, log)
     return failed
 
 
 def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed: dict, queue: deque,
-                retries: int, exp: "Experiment", bar, log: Callable) -> None:
+                retries: int, exp: "Experiment", done: Callable, log: Callable) -> None:
     """A unit's try failed: queue it again while tries are left, else list it as failed. Too many
     failed edits (TooManyFailures) stop the run instead, as in a serial run."""
     from .protocols import TooManyFailures
@@ -382,7 +385,7 @@ def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed:
     failed[spec.name] = {"error": why, "attempts": tries[spec.name], "spec": asdict(spec)}
     exp.record_failed_units(failed)
     log(f"unit {spec.name} failed {tries[spec.name]} time(s), recorded as failed: {why}")
-    bar.update(getattr(bar, "sizes", {}).get(spec.name, 1))
+    done(spec.name)
 
 
 @contextlib.contextmanager

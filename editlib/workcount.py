@@ -253,6 +253,16 @@ def _new_exp(p, name: str, shape: ModelShape) -> ExperimentCount:
     return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size))
 
 
+def _one_layer_exp(p, name: str, methods, layer: int) -> ExperimentCount:
+    """An experiment at one edited layer of the main model: the model loaded, that layer's C0
+    factored, and the newer editors' per-C0 preparation (:func:`_editor_prep`)."""
+    exp = _new_exp(p, name, shape_for(p.model.id, p.model.label))
+    exp.add("load")
+    exp.add("c0_factor", 1)
+    _editor_prep(exp, p, methods, name, layer, 1)
+    return exp
+
+
 def _editor_prep(exp: ExperimentCount, p, methods, section: str, layer: int, factors: int) -> None:
     """editlib.editors, once per factored C0 (cached with it): AlphaEdit's eigendecomposition,
     ENCORE's factor of λ_p C0 + λ_n I."""
@@ -312,10 +322,7 @@ def count_layer_search(p, which: str = "model") -> ExperimentCount:
 
 def count_singular(p, layer: int) -> ExperimentCount:
     sp = p.singular
-    exp = _new_exp(p, "singular", shape_for(p.model.id, p.model.label))
-    exp.add("load")
-    exp.add("c0_factor", 1)
-    _editor_prep(exp, p, sp.methods, "singular", layer, 1)
+    exp = _one_layer_exp(p, "singular", sp.methods, layer)
     for _ in p.data.orderings:
         _singular(exp, p, sp.n_facts, sp.methods, layer, "singular")
     return exp
@@ -328,10 +335,8 @@ def count_sweep(p, layer: int) -> ExperimentCount:
     from .protocols import _value_key
 
     sw = p.sweep
-    exp = _new_exp(p, "sweep", shape_for(p.model.id, p.model.label))
-    exp.add("load")
-    exp.add("c0_factor", 1)
     grids = {"memit": list(sw.memit_lambdas), "emmet": list(sw.emmet_lambdas)}
+    exp = _one_layer_exp(p, "sweep", list(grids), layer)
     for _ in p.data.orderings:
         for n in _chunks(sw.total, sw.batch_size):
             seen = set()
@@ -357,10 +362,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
     from .protocols import MULTI_LAYER, _value_key
 
     bp = p.batch
-    exp = _new_exp(p, "batch", shape_for(p.model.id, p.model.label))
-    exp.add("load")
-    exp.add("c0_factor", 1)
-    _editor_prep(exp, p, bp.methods, "batch", layer, 1)
+    exp = _one_layer_exp(p, "batch", bp.methods, layer)
     configs = [(m, w) for m in bp.methods for w in getattr(bp, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
     for _ in p.data.orderings:
         seen = set()
@@ -393,10 +395,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     from .editors import uses_prior_keys
 
     sq = p.sequential
-    exp = _new_exp(p, "sequential", shape_for(p.model.id, p.model.label))
-    exp.add("load")
-    exp.add("c0_factor", 1)
-    _editor_prep(exp, p, sq.methods, "sequential", layer, 1)
+    exp = _one_layer_exp(p, "sequential", sq.methods, layer)
     for _ in p.data.orderings:
         for method in sq.methods:
             hp = p.method_hparams(method, layer, "sequential")

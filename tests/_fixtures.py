@@ -97,3 +97,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- protocol-test helpers
+
+
+def quiet(*_a, **_k):
+    """A log that says nothing."""
+
+
+def use(study, p):
+    """The shared study with this test's params (model, C0 and templates shared)."""
+    import dataclasses
+
+    return dataclasses.replace(study, params=p)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Clones of every parameter and buffer, to check a restore against."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unedited(model, weights0: dict[str, torch.Tensor]) -> None:
+    """Every parameter bit-identical to ``weights0`` (a :func:`snapshot`)."""
+    now = model.state_dict()
+    assert now.keys() == weights0.keys()
+    changed = [k for k in weights0 if not torch.equal(now[k], weights0[k])]
+    assert not changed, f"parameters not restored bit-identically: {changed}"
+

@@ -9,7 +9,8 @@ import torch
 from editlib import degradation, plotting, protocols
 from editlib.params import ParamsError, resolve
 
-from test_editors import SMOKE, assert_unedited, quiet, study, use, weights0  # noqa: F401  (fixtures)
+from _fixtures import assert_unedited, quiet, use
+from test_editors import SMOKE, study, weights0  # noqa: F401  (the module's fixtures)
 
 
 def params_for(tmp_path, name="d", **over):

@@ -14,7 +14,7 @@ import torch
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (autouse: single-threaded module)
-from _fixtures import CTX, FACTS, WORDS, collect_cov, fact, tiny_llama, word_tokenizer
+from _fixtures import CTX, FACTS, WORDS, assert_unedited, collect_cov, fact, quiet, snapshot, tiny_llama, use, word_tokenizer
 from editlib import protocols
 from editlib.arch import arch_for, block_output, weight_out_in
 from editlib.editing import EditFailed, EditHParams, apply_edit, paper_llama3, prepare_targets
@@ -418,10 +418,6 @@ def params_for(results_dir: Path, name: str = "t", **over):
     return resolve(SMOKE, overrides={**SMALL, "results_dir": str(results_dir), "name": name, **over})
 
 
-def quiet(*_a, **_k):
-    pass
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     p = params_for(tmp_path_factory.mktemp("study"))
@@ -432,16 +428,7 @@ def study(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights0(study):
-    return {k: v.detach().clone() for k, v in study.model.state_dict().items()}
-
-
-def use(study, p):
-    return dataclasses.replace(study, params=p)
-
-
-def assert_unedited(model, weights0):
-    now = model.state_dict()
-    assert not [k for k in weights0 if not torch.equal(now[k], weights0[k])]
+    return snapshot(study.model)
 
 
 @needs_tiny

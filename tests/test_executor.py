@@ -25,6 +25,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread: workers run one thread too)
+from _fixtures import use
 from editlib import executor, protocols
 from editlib.__main__ import main
 from editlib.params import ParamsError, resolve
@@ -85,10 +86,6 @@ def study(env, tmp_path_factory):
     st = protocols.open_study(params_for(tmp_path_factory.mktemp("study"), "local"), log=lambda *a: None)
     st.prepare_covs([0, 1])
     return st
-
-
-def use(study, p):
-    return dataclasses.replace(study, params=p)
 
 
 def plan_failures(plan: Path, **units: dict) -> None:

@@ -20,6 +20,7 @@ import torch
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread)
+from _fixtures import assert_unedited, quiet, snapshot, use
 from editlib import protocols
 from editlib.__main__ import main
 from editlib.counterfact import DatasetNotFound
@@ -52,10 +53,6 @@ def params_for(results_dir: Path, name: str = "t", **over):
     return resolve(SMOKE, overrides={**SMALL, "results_dir": str(results_dir), "name": name, **over})
 
 
-def quiet(*_a, **_k):
-    pass
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """The miniature, its facts, context templates and C0 of layers 0 and 1, loaded once."""
@@ -68,19 +65,7 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights0(study):
     """The unedited weights (clones), taken right after loading."""
-    return {k: v.detach().clone() for k, v in study.model.state_dict().items()}
-
-
-def use(study, p):
-    """The shared study with this test's params (model, C0 and templates shared)."""
-    return dataclasses.replace(study, params=p)
-
-
-def assert_unedited(model, weights0):
-    now = model.state_dict()
-    assert now.keys() == weights0.keys()
-    changed = [k for k in weights0 if not torch.equal(now[k], weights0[k])]
-    assert not changed, f"parameters not restored bit-identically: {changed}"
+    return snapshot(study.model)
 
 
 def exp_dir(p, experiment: str) -> Path:

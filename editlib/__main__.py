@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_flags(r)
     r.set_defaults(func=_run)
 
-    rp = _command(sub, "reproduce", help="execute notebooks 01-06 with papermill into runs/<name>/, export HTML")
+    rp = _command(sub, "reproduce", help="execute notebooks 01-07 (the report 06 last) with papermill into runs/<name>/, export HTML")
     rp.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
     rp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a parameter, e.g. --set batch.total=64 (repeatable)")

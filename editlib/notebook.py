@@ -8,6 +8,7 @@ options and prints a short header with repository-relative paths.
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +23,10 @@ def setup(namespace: Mapping[str, Any]) -> tuple[StudyParams, Path]:
     if "params_file" not in namespace:
         raise NameError("setup(globals()) needs the parameters cell's params_file (run that cell first)")
     sections = {k: namespace[k] for k in SECTIONS if namespace.get(k) is not None}
+    clash = [k for k, v in sections.items() if isinstance(v, types.ModuleType)]
+    if clash:  # e.g. `from editlib import beyond` before setup: the name belongs to a params section
+        raise NameError(f"notebook variable(s) {clash} are modules, but those names are params sections: "
+                        f"import them under another name (e.g. `import editlib.{clash[0]} as {clash[0]}_module`)")
     p = resolve(namespace["params_file"], overrides=namespace.get("overrides") or {}, **sections)
     pd.set_option("display.max_rows", 200)
     pd.set_option("display.width", 200)

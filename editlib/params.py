@@ -21,7 +21,7 @@ import yaml
 from .editing import METHODS, EditHParams
 
 SECTIONS = ("name", "model", "second_model", "data", "covariance", "evaluation", "hparams",
-            "layer_search", "singular", "sweep", "batch", "sequential", "executor", "results_dir",
+            "layer_search", "singular", "sweep", "batch", "sequential", "beyond", "executor", "results_dir",
             "figures_dir")
 
 
@@ -137,7 +137,22 @@ class SequentialParams:
     forgetting_every: int | None = None
     degradation_every: int | None = None  # facts edited between degradation measurements (null: off; editlib.degradation)
     heldout_facts: int = 64               # held-out known facts for them (unedited, outside every NS set)
+    lm_eval: dict | None = None           # optional lm-eval downstream tasks per checkpoint (editlib.lmeval; off: null)
+    windows: tuple[int, ...] = (1,)       # as batch.windows: also MEMIT over the chosen layer and the next w − 1
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
+
+
+@dataclass(frozen=True)
+class BeyondParams:
+    """Notebook 07 (beyond the paper, :mod:`editlib.beyond`): the batch and sequential protocols
+    for every editor over several seeded orderings (error bars), with degradation. ``batch`` and
+    ``sequential`` are overrides deep-merged over the study's own sections; the runs are stored
+    under ``results/<name>-beyond/`` so they never mix with notebooks 04-05's."""
+    methods: tuple[str, ...] = ("memit", "emmet", "rome", "alphaedit", "encore")
+    orderings: tuple[int, ...] = (0, 1, 2)
+    layer: Any = "best"  # best = the study's own layer search (notebook 01), or an integer
+    batch: dict | None = None       # overrides of the batch section, e.g. {total: 64, batch_sizes: [1, 4, 16, 64]}
+    sequential: dict | None = None  # overrides of the sequential section
 
 
 #: where the independent units of an experiment run (editlib.executor)
@@ -171,6 +186,7 @@ class StudyParams:
     batch: BatchParams
     sequential: SequentialParams
     second_model: ModelParams | None = None
+    beyond: BeyondParams = field(default_factory=BeyondParams)
     executor: ExecutorParams = field(default_factory=ExecutorParams)
     results_dir: str = "results"
     figures_dir: str = "figures"
@@ -375,14 +391,21 @@ def _check_sizes(sp: StudyParams) -> None:
             raise ParamsError(f"{sec}.{key} must not be empty")
     if any(o < 0 for o in sp.data.orderings):
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
-    if not sp.batch.windows or any(not isinstance(w, int) or w < 1 for w in sp.batch.windows):
-        raise ParamsError(f"batch.windows must be a non-empty list of integers >= 1, got {_show(sp.batch.windows)}")
+    for sec in ("batch", "sequential"):
+        wins = getattr(sp, sec).windows
+        if not wins or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in wins):
+            raise ParamsError(f"{sec}.windows must be a non-empty list of integers >= 1, got {_show(wins)}")
     if sp.singular.chunk_size is not None and sp.singular.chunk_size < 1:
         raise ParamsError(f"singular.chunk_size must be null or at least 1, got {sp.singular.chunk_size}")
     if sp.sequential.degradation_every is not None and sp.sequential.degradation_every < 1:
         raise ParamsError(f"sequential.degradation_every must be null or at least 1, got {sp.sequential.degradation_every}")
     if sp.sequential.heldout_facts < 1:
         raise ParamsError(f"sequential.heldout_facts must be at least 1, got {sp.sequential.heldout_facts}")
+    from .lmeval import parse as parse_lm_eval
+    try:
+        parse_lm_eval(sp.sequential.lm_eval)
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
     if sp.sequential.forgetting_every is not None and sp.sequential.forgetting_every < 1:
         raise ParamsError(f"sequential.forgetting_every must be null or at least 1, got {sp.sequential.forgetting_every}")
     for sec in ("singular", "sweep", "batch", "sequential"):
@@ -399,6 +422,51 @@ def _check_sizes(sp: StudyParams) -> None:
     bad = [l for l in layers if not _is_layer(l)] if layers != "all" else []
     if bad:
         raise ParamsError(f"layer_search.layers: layer(s) {bad} must be integers >= 0")
+
+
+def beyond_sections(sp: StudyParams) -> dict[str, Any]:
+    """The batch and sequential sections of the beyond-the-paper runs: the study's own, with
+    ``beyond.methods``, ``beyond.layer`` and one layer window, then ``beyond.batch`` /
+    ``beyond.sequential`` deep-merged over them (validated like any section)."""
+    b = sp.beyond
+    out = {}
+    for sec, cls in (("batch", BatchParams), ("sequential", SequentialParams)):
+        base = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(getattr(sp, sec)).items()}
+        base.update(methods=list(b.methods), layer=b.layer, windows=[1])
+        over = getattr(b, sec) or {}
+        if not isinstance(over, Mapping):
+            raise ParamsError(f"beyond.{sec} must be a mapping of {sec} keys, got {type(over).__name__}")
+        out[sec] = _build(cls, deep_merge(base, over), f"beyond.{sec}")
+    return out
+
+
+def _check_beyond(sp: StudyParams) -> None:
+    b = sp.beyond
+    _check_methods(b.methods, "beyond")
+    if not b.methods or not b.orderings:
+        raise ParamsError("beyond.methods and beyond.orderings must not be empty")
+    if any(not _is_layer(o) for o in b.orderings) or len(set(b.orderings)) != len(b.orderings):
+        raise ParamsError(f"beyond.orderings must be distinct integers >= 0, got {_show(b.orderings)}")
+    if b.layer != "best" and not _is_layer(b.layer):
+        raise ParamsError(f"beyond.layer must be an integer >= 0 or 'best', got {b.layer!r}")
+    secs = beyond_sections(sp)
+    for name, e in secs.items():
+        if e.total < 1:
+            raise ParamsError(f"beyond.{name}.total must be at least 1, got {e.total}")
+        bad = [x for x in e.batch_sizes if not isinstance(x, int) or x < 1 or x > e.total]
+        if bad or not e.batch_sizes:
+            raise ParamsError(f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} must be integers between 1 and "
+                              f"beyond.{name}.total={e.total}")
+        if "rome" in b.methods and 1 not in e.batch_sizes:
+            raise ParamsError(f"beyond.methods has rome, which edits one fact at a time, but "
+                              f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} has no 1")
+        extra = e.hparams or {}
+        bad = sorted(set(extra) - set(METHODS) - {"common"}) if isinstance(extra, Mapping) else ["?"]
+        if bad:
+            raise ParamsError(f"unknown method section(s) {bad} in beyond.{name}.hparams")
+    seq = secs["sequential"]
+    if seq.degradation_every is not None and seq.degradation_every < 1:
+        raise ParamsError(f"beyond.sequential.degradation_every must be null or at least 1, got {seq.degradation_every}")
 
 
 def _is_layer(v: Any) -> bool:
@@ -485,6 +553,7 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         sweep=_build(SweepParams, d.get("sweep"), "sweep"),
         batch=_build(BatchParams, d.get("batch"), "batch"),
         sequential=_build(SequentialParams, d.get("sequential"), "sequential"),
+        beyond=_build(BeyondParams, d.get("beyond"), "beyond"),
         executor=_build(ExecutorParams, d.get("executor"), "executor"),
         results_dir=str(d.get("results_dir", "results")),
         figures_dir=str(d.get("figures_dir", "figures")),
@@ -511,8 +580,12 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         bad = [b for b in e.batch_sizes if not isinstance(b, int) or b < 1 or b > e.total]
         if bad:
             raise ParamsError(f"{sec}.batch_sizes {bad} must be integers between 1 and {sec}.total={e.total}")
+        if "rome" in e.methods and 1 not in e.batch_sizes:
+            raise ParamsError(f"{sec}.methods has rome, which edits one fact at a time (it runs at batch size 1 "
+                              f"only), but {sec}.batch_sizes {_show(e.batch_sizes)} has no 1")
     if sp.sweep.batch_size > sp.sweep.total:
         raise ParamsError(f"sweep.batch_size={sp.sweep.batch_size} is larger than sweep.total={sp.sweep.total}")
+    _check_beyond(sp)
     if sp.model.id is None and sp.model.tiny is None:
         raise ParamsError("model needs an 'id' (hub id or directory) or a 'tiny' build spec")
     for sec in ("model", "second_model"):

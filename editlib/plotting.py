@@ -54,8 +54,30 @@ def _metrics(cases: pd.DataFrame) -> tuple[str, ...]:
     return PANELS + (("GE",) if "GE" in cases.columns else ())
 
 
+def n_orderings(cases: pd.DataFrame) -> int:
+    return int(cases["ordering"].nunique()) if "ordering" in cases.columns else 1
+
+
+def band_label(cases: pd.DataFrame) -> str:
+    """What a figure's bands are: the 95% CI over cases (one ordering) or ±1 std over orderings."""
+    k = n_orderings(cases)
+    return BAND if k < 2 else f"±1 std over {k} orderings"
+
+
 def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Unrounded per-group summary with ``<m>_ci``: half-width of the 95% CI of the mean."""
+    """Unrounded per-group summary with ``<m>_ci``: the band's half-width. One ordering: the 95%
+    CI of the case mean. Several (``data.orderings``): each metric and S are computed per
+    ordering, the line is their mean and the band ±1 sample std over orderings (S gets one too)."""
+    if n_orderings(cases) > 1:
+        from .beyond import ordering_summary
+
+        o = ordering_summary(cases, keys)
+        for m in ("ES", "PS", "NS", "GE", "S"):
+            if m in o.columns:
+                if m != "S":
+                    o[f"{m}_mean"] = o[m]
+                o[f"{m}_ci"] = o[f"{m}_sd"].fillna(0.0)
+        return o.sort_values(list(keys)).reset_index(drop=True)
     s = summarize_cases(cases, by=list(keys), decimals=None)
     n = s["n"].to_numpy(dtype=float)
     for col in [c for c in s.columns if c.endswith("_std")]:
@@ -66,11 +88,19 @@ def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return s.sort_values(list(keys)).reset_index(drop=True)
 
 
-def _ylabel(metric: str) -> str:
+def _ylabel(metric: str, band: str = BAND) -> str:
+    """The panel's y label; bands over orderings are named once, in the title (:func:`_panel_titles`)."""
     if metric == "S":
         return "S (harmonic mean of ES, PS, NS)"
     unit = "bits ×100" if metric == "GE" else "mean ×100"
-    return f"{metric} ({unit}; band: {BAND})"
+    return f"{metric} ({unit}; band: {band})" if band == BAND else f"{metric} ({unit})"
+
+
+def _band_title(fig: Figure, band: str) -> None:
+    """Bands over orderings: say so under the title (lines are means over the orderings)."""
+    if band != BAND:
+        k = band.split(" over ")[1]
+        fig.suptitle(f"{fig.get_suptitle()}\nlines: mean over {k}; bands: {band}", fontsize="medium")
 
 
 def _figure(n_panels: int, title: str, *, width: float = 3.6, height: float = 3.3) -> tuple[Figure, list]:
@@ -86,7 +116,7 @@ def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linest
     """One mean line with its CI band (no band for S)."""
     y = s["S"] if metric == "S" else s[f"{metric}_mean"]
     (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4)
-    if metric != "S" and f"{metric}_ci" in s:
+    if f"{metric}_ci" in s:  # S has a band only over orderings (it is one number per ordering)
         ci = s[f"{metric}_ci"]
         lo, hi = y - ci, y + ci
         if metric in _SHARES:
@@ -105,10 +135,11 @@ def _share_y(axes, metrics: Sequence[str]) -> None:
             ax.set_ylim(lo, hi)
 
 
-def _panel_titles(axes, metrics: Sequence[str]) -> None:
+def _panel_titles(axes, metrics: Sequence[str], band: str = BAND) -> None:
     for ax, m in zip(axes, metrics):
         ax.set_title(NAMES[m])
-        ax.set_ylabel(_ylabel(m))
+        ax.set_ylabel(_ylabel(m, band))
+    _band_title(axes[0].figure, band)
 
 
 def _categorical_log_x(ax, values: Sequence[float], base: float = 2) -> None:
@@ -213,7 +244,7 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
             _line(ax, g["layer"], g, m, label=label, color=_PALETTE.get(method), linestyle=ls, marker=mk)
         ax.set_xlabel("edited layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _panel_titles(axes, metrics)
+    _panel_titles(axes, metrics, band_label(cases))
     axes[0].legend(title="method")
     return _note(fig, cases)
 
@@ -228,7 +259,7 @@ def plot_batch(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _line(ax, s["batch_size"], s, m, label=method.upper(), color=_PALETTE.get(method))
         _categorical_log_x(ax, s["batch_size"].tolist())
         ax.set_xlabel("batch size")
-    _panel_titles(axes, metrics)
+    _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
     return _note(fig, c)
 
@@ -254,7 +285,7 @@ def plot_windows(cases: pd.DataFrame, method: str, title: str) -> Figure:
             _line(ax, s["batch_size"], s, m, label=name, color=color, linestyle="-" if i == 0 else "--")
         _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
         ax.set_xlabel("batch size")
-    _panel_titles(axes, metrics)
+    _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
     axes[0].legend(fontsize="small")
     return _note(fig, c)
@@ -277,7 +308,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
                   color=color, linestyle="--", marker="s")
         _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())))
         ax.set_xlabel("batch size (sequential batches)")
-    _panel_titles(axes, metrics)
+    _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
     axes[0].legend(fontsize="small")
     return _note(fig, c)
@@ -347,6 +378,97 @@ def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str) 
     return fig
 
 
+# --------------------------------------------------------------------------- beyond the paper (notebook 07)
+
+def _name(method: str) -> str:
+    from .beyond import display
+    return display(method)
+
+
+def plot_editors_batch(cases: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
+    """Figures 2-3 for several editors at once: metrics after one batch edit vs batch size, one
+    line per editor (ROME, which edits one fact, is a point at B = 1); bands per :func:`_stats`."""
+    c = _current(cases[cases["method"].isin(methods)])
+    metrics = _metrics(c)
+    fig, axes = _figure(len(metrics), title)
+    for ax, m in zip(axes, metrics):
+        for method in [x for x in methods if (c["method"] == x).any()]:
+            s = _stats(c[c["method"] == method], ["batch_size"])
+            ls, mk = _STYLE.get(method, ("-", "o"))
+            _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls, marker=mk)
+        _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
+        ax.set_xlabel("batch size")
+    _panel_titles(axes, metrics, band_label(c))
+    _share_y(axes, metrics)
+    axes[0].legend(title="editor", fontsize="small")
+    return _note(fig, c)
+
+
+def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
+    """Figures 4-5 for several editors: top row, each fact scored right after its own batch; bottom
+    row (when ``final`` rows exist), every fact on the final model (retention). One line per editor."""
+    c = cases[cases["method"].isin(methods)]
+    rows = [("current", "right after its batch")] + ([("final", "on the final model")]
+                                                     if (c["eval"] == "final").any() else [])
+    metrics = _metrics(c)
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(3.6 * len(metrics), 3.1 * len(rows)), layout="constrained")
+        grid = fig.subplots(len(rows), len(metrics), squeeze=False)
+    fig.suptitle(title)
+    band = band_label(c)
+    sizes = sorted(c["batch_size"].unique().tolist())
+    for r, (ev, what) in enumerate(rows):
+        ce = c[c["eval"] == ev]
+        for ax, m in zip(grid[r], metrics):
+            for method in [x for x in methods if (ce["method"] == x).any()]:
+                s = _stats(ce[ce["method"] == method], ["batch_size"])
+                ls, mk = _STYLE.get(method, ("-", "o"))
+                _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls,
+                      marker=mk)
+            _categorical_log_x(ax, sizes)
+            ax.set_xlabel("batch size (sequential batches)")
+            ax.set_title(f"{NAMES[m]}, {what}", fontsize="medium")
+            ax.set_ylabel(_ylabel(m, band))
+        _share_y(list(grid[r]), metrics)
+    _band_title(fig, band)
+    grid[0][0].legend(title="editor", fontsize="small")
+    return _note(fig, c)
+
+
+def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title: str) -> Figure:
+    """Degradation vs facts edited so far, one line per editor at its best sequential batch size
+    (``best``: method -> B), mean over orderings with a ±1 std band when there are several."""
+    fig, axes = _figure(len(DEGRADATION), title, width=4.4)
+    b = batches[batches["heldout_known"].notna()] if "heldout_known" in batches.columns else batches.iloc[:0]
+    k = n_orderings(b)
+    for ax, (col, label) in zip(axes, DEGRADATION):
+        for method, B in best.items():
+            g = b[(b["method"] == method) & (b["batch_size"] == B)]
+            if g.empty:
+                continue
+            agg = g.groupby("batch_index")[col].agg(["mean", "std"]).sort_index()
+            xs = np.array([0.5] + list((agg.index.to_numpy() + 1) * B), dtype=float)
+            ys = np.array([float(g[f"{col}_0"].mean())] + list(agg["mean"]))
+            sd = np.array([float(g.groupby("ordering")[f"{col}_0"].first().std()) if k > 1 else 0.0]
+                          + list(agg["std"].fillna(0.0) if k > 1 else [0.0] * len(agg)))
+            ls, mk = _STYLE.get(method, ("-", "o"))
+            (ln,) = ax.plot(xs, ys, color=_PALETTE.get(method), linestyle=ls, marker=mk, markersize=3,
+                            label=f"{_name(method)} B={B}")
+            if k > 1:
+                ax.fill_between(xs, ys - np.nan_to_num(sd), ys + np.nan_to_num(sd), color=ln.get_color(),
+                                alpha=0.15, linewidth=0)
+        if len(b):
+            ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("facts edited so far (0.5: unedited)")
+        ax.set_title(label)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize="x-small", title="editor at its best B", title_fontsize="x-small")
+    if k > 1:
+        _band_title(fig, f"±1 std over {k} orderings")
+    return fig
+
+
 def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
     """Tables 3 / 4 as a figure: metrics vs λ (symlog axis when λ = 0 is in the grid)."""
     c = _current(_of_method(cases, method))
@@ -357,7 +479,7 @@ def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _line(ax, s["lam"], s, m, label=method.upper(), color=_PALETTE.get(method))
         _lambda_axis(ax, s["lam"].tolist())
         ax.set_xlabel("λ")
-    _panel_titles(axes, metrics)
+    _panel_titles(axes, metrics, band_label(c))
     return _note(fig, c)
 
 

@@ -40,6 +40,7 @@ from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
 from .arch import weight_out_in
+from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
 from .lowrank import LowRankEdits, RowDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
 from .stats import CorpusSpec, layer_covariance
@@ -239,6 +240,12 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     from .executor import check_executor
     from .preflight import check_study
     check_executor(p)  # kind: ray without Ray installed
+    if "sequential" in experiments and p.sequential.lm_eval:
+        from .lmeval import check_installed
+        try:
+            check_installed()
+        except ImportError as e:
+            raise ParamsError(str(e)) from None
     check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
@@ -396,7 +403,12 @@ def best_layer(study: Study) -> int:
         raise ParamsError(f"layer 'best' needs a finished layer search ({path} is missing): run notebook "
                           "01_layer_search (or `python -m editlib run layer-search --params ...`) first, "
                           "or give an integer layer")
-    s = summarize_cases(pd.read_parquet(path), by=["method", "layer"])
+    return best_layer_of(pd.read_parquet(path))
+
+
+def best_layer_of(cases: pd.DataFrame) -> int:
+    """The layer with the highest S in layer-search ``cases`` (MEMIT's when present; ties: the lowest)."""
+    s = summarize_cases(cases, by=["method", "layer"])
     pick = s[s.method == "memit"] if (s.method == "memit").any() else s
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
@@ -452,6 +464,10 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
                 "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
         if sq.degradation_every:  # only when on: default runs keep their spec (and digests)
             spec.update(degradation_every=sq.degradation_every, heldout_facts=sq.heldout_facts)
+        if tuple(sq.windows) != (1,):
+            spec["windows"] = list(sq.windows)
+        if sq.lm_eval:
+            spec["lm_eval"] = dict(sq.lm_eval)
         methods = sq.methods
     return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}
@@ -718,20 +734,31 @@ def _chunks(n: int, b: int) -> list[range]:
 MULTI_LAYER = ("memit", "alphaedit", "encore")
 
 
+def runs_at(method: str, batch_size: int) -> bool:
+    """Whether ``method`` has a batch of ``batch_size``: ROME edits one fact (B = 1 only; its
+    batched generalisation is EMMET, SPEC §3), every other method any size."""
+    return method != "rome" or batch_size == 1
+
+
 def window_label(method: str, window: int) -> str:
     """The method name a windowed configuration's rows carry: "memit" or "memit-w3"."""
     return method if window == 1 else f"{method}-w{window}"
 
 
-def batch_windows(study: Study, method: str, layer: int) -> list[int]:
-    """``batch.windows`` for ``method`` (only 1 for single-layer methods); a window running past
-    the model's last layer is a parameter error."""
-    wins = [w for w in study.params.batch.windows if w == 1 or method in MULTI_LAYER]
+def batch_windows(study: Study, method: str, layer: int, section: str = "batch") -> list[int]:
+    """``<section>.windows`` (batch or sequential) for ``method`` (only 1 for single-layer
+    methods); a window running past the model's last layer is a parameter error."""
+    wins = [w for w in getattr(study.params, section).windows if w == 1 or method in MULTI_LAYER]
     too_far = [w for w in wins if layer + w > study.n_layers]
     if too_far:
-        raise ParamsError(f"batch.windows {too_far} from layer {layer} run past the model's last layer "
+        raise ParamsError(f"{section}.windows {too_far} from layer {layer} run past the model's last layer "
                           f"{study.n_layers - 1}")
     return wins
+
+
+def windowed_hparams(hp: EditHParams, layer: int, window: int) -> EditHParams:
+    """MEMIT's multi-layer update over ``layer`` … ``layer + window − 1`` (the residual spread)."""
+    return hp if window == 1 else replace(hp, layers=tuple(range(layer, layer + window)))
 
 
 def run_batch(study: Study, *, log=None) -> pd.DataFrame:
@@ -751,9 +778,7 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     # ordering share them within a process (UnitContext.group).
     shared = uc.group(("batch", o))
     targets, charged = shared["targets"], shared["charged"]
-    hp = study.params.method_hparams(method, layer, "batch")
-    if spec.window > 1:  # MEMIT's multi-layer update over layer … layer + window − 1 (reference path)
-        hp = replace(hp, layers=tuple(range(layer, layer + spec.window)))
+    hp = windowed_hparams(study.params.method_hparams(method, layer, "batch"), layer, spec.window)  # w > 1: reference path
     label = window_label(method, spec.window)
     ctx = study.contexts(hp.context_templates)
     key = _value_key(hp)
@@ -884,10 +909,10 @@ def run_sequential(study: Study, *, log=None, fail_after: int | None = None) -> 
 def _sequential_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContext") -> "UnitResult":
     """One method × batch size × ordering: its batches one after another (checkpoint log inside)."""
     sq = study.params.sequential
-    hp = study.params.method_hparams(spec.method, spec.layer, "sequential")
+    hp = windowed_hparams(study.params.method_hparams(spec.method, spec.layer, "sequential"), spec.layer, spec.window)
     ctx = study.contexts(hp.context_templates)
-    _sequential_config(study, exp, study.facts(sq.total, spec.ordering), hp, ctx, spec.method, spec.batch_size,
-                       spec.ordering, sq, uc.log, uc.fail_after)
+    _sequential_config(study, exp, study.facts(sq.total, spec.ordering), hp, ctx, window_label(spec.method, spec.window),
+                       spec.batch_size, spec.ordering, sq, uc.log, uc.fail_after)
     return UnitResult(spec.name)
 
 
@@ -902,8 +927,11 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     covs = study.covs(hp.layers)  # before any checkpoint is loaded: C0 belongs to the unedited model
     prior = run_state(hp, covs)  # this run's keys of earlier edits (AlphaEdit, ENCORE), else None
     heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
+    lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
     deg0 = {f"{k}_0": v for k, v in _degradation(study, heldout).items()} if heldout else {}
+    if lm_spec is not None:
+        deg0.update({f"{k}_0": v for k, v in lm_evaluate(study.model, study.tok, lm_spec).items()})
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
@@ -939,6 +967,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             every = sq.degradation_every
             if heldout and (chunks[bi].stop // every > chunks[bi].start // every or bi + 1 == len(chunks)):
                 d = {**d, **_degradation(study, heldout), **deg0}  # a multiple of `every` facts crossed, or the end
+            if lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, bi + 1 == len(chunks)):
+                d = {**d, **lm_evaluate(study.model, study.tok, lm_spec), **deg0}
             exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
                           pd.DataFrame([{**base, "batch_index": bi, **d}]))
             fails.add(f"sequential B={B}:", frames[0])
@@ -1011,7 +1041,7 @@ class UnitSpec:
     lam: float | None = None
     chunk: int | None = None  # the sweep's batch index; the singular chunk
     which: str = "model"  # the params section of the model: "model" or "second_model"
-    window: int = 1  # batch: edited layers layer … layer + window − 1
+    window: int = 1  # batch, sequential: edited layers layer … layer + window − 1
 
     @property
     def name(self) -> str:
@@ -1099,11 +1129,13 @@ def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpe
                     for m, lams in _grids(study).items() for lam in lams]
         elif name == "batch":
             out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w, window=win)
-                    for m in p.batch.methods for win in batch_windows(study, m, layer) for B in p.batch.batch_sizes]
+                    for m in p.batch.methods for win in batch_windows(study, m, layer)
+                    for B in p.batch.batch_sizes if runs_at(m, B)]
         else:
             sec = getattr(p, name)
-            out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w)
-                    for m in sec.methods for B in sec.batch_sizes]
+            out += [UnitSpec(name, o, layer, method=m, batch_size=B, which=w, window=win)
+                    for m in sec.methods for win in batch_windows(study, m, layer, name)
+                    for B in sec.batch_sizes if runs_at(m, B)]
     return out
 
 

@@ -1,4 +1,4 @@
-"""``python -m editlib reproduce``: run the study notebooks 01-06 with papermill, export them to
+"""``python -m editlib reproduce``: run the study notebooks 01-07 (the report, 06, last) with papermill, export them to
 HTML, and time them; plus the stored-results helpers the report notebook uses (no model loads).
 
 Executed notebooks, their HTML and ``timings.json`` go to ``runs/<name>/``; figures and tables to
@@ -25,7 +25,9 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 REPORT = "06"
 # the experiment each notebook runs (validated before any notebook starts)
 NOTEBOOK_EXPERIMENTS = {"01": ["layer_search"], "02": ["singular"], "03": ["sweep"], "04": ["batch"],
-                        "05": ["sequential"], "06": []}
+                        "05": ["sequential"], "06": [], "07": []}
+#: notebooks whose experiments run on the derived beyond-the-paper params (editlib.beyond)
+BEYOND = "07"
 EXPERIMENT_ORDER = ("layer_search", "singular", "sweep", "batch", "sequential")
 
 
@@ -196,8 +198,9 @@ def ensure_kernel(preferred: str = "python3") -> str:
 
 
 def notebooks(only: Sequence[str] | None = None, nb_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
-    """The study notebooks ``NN_*.ipynb`` in order, optionally only those whose NN is in ``only``."""
-    found = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
+    """The study notebooks ``NN_*.ipynb`` in order, the report (``REPORT``) last, since it shows
+    every other notebook's results; optionally only those whose NN is in ``only``."""
+    found = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"), key=lambda p: (p.name[:2] == REPORT, p.name))
     if not found:
         raise ReproduceError(f"no notebooks NN_*.ipynb in {nb_dir} (a checkout of the repository has them)")
     if only:
@@ -271,6 +274,10 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     if exps:
         check_study(p, exps)
         check_before_loading(p, exps)
+    if any(nb.name[:2] == BEYOND for nb in nbs):  # its own sizes and editors (layer: best is read later)
+        from .beyond import study_params
+
+        check_study(study_params(p, resolve_layer=False), ["batch", "sequential"])
     return p
 
 

@@ -359,7 +359,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
     one call (batched) or each batch written, evaluated and restored."""
     from dataclasses import replace
 
-    from .protocols import MULTI_LAYER, _value_key
+    from .protocols import MULTI_LAYER, _value_key, runs_at
 
     bp = p.batch
     exp = _one_layer_exp(p, "batch", bp.methods, layer)
@@ -374,7 +374,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
             if key not in seen:
                 seen.add(key)
                 _value_chunks(exp, bp.total, hp.values.z_batch_size, layer)
-            for B in bp.batch_sizes:
+            for B in [B for B in bp.batch_sizes if runs_at(method, B)]:
                 sizes = _chunks(bp.total, B)
                 if _batched(p, hp):
                     for n in sizes:
@@ -393,14 +393,16 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
     from .editors import uses_prior_keys
+    from .protocols import MULTI_LAYER, runs_at
 
     sq = p.sequential
     exp = _one_layer_exp(p, "sequential", sq.methods, layer)
+    configs = [(m, w) for m in sq.methods for w in getattr(sq, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
     for _ in p.data.orderings:
-        for method in sq.methods:
+        for method, _win in configs:  # a window's values and solve cost as one layer's (counts, not time)
             hp = p.method_hparams(method, layer, "sequential")
             every = getattr(sq, "degradation_every", None)
-            for B in sq.batch_sizes:
+            for B in [B for B in sq.batch_sizes if runs_at(method, B)]:
                 sizes = _chunks(sq.total, B)
                 done = 0
                 if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)

@@ -75,3 +75,62 @@ def test_degradation_off_unless_asked_and_bad_values(tmp_path):
                         ({"sequential.heldout_facts": 0}, "heldout_facts")):
         with pytest.raises(ParamsError, match=match):
             params_for(tmp_path, **over)
+
+
+class _FakeHarness:
+    """Stands in for lm-eval (not installed in the test venv): records each call and scores the
+    model by its current down-projection norm, so edited weights must give other numbers."""
+
+    def __init__(self):
+        self.calls = []
+
+    def install(self, monkeypatch):
+        import sys
+        import types
+
+        top, models, hf = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface"))
+
+        class HFLM:
+            def __init__(self, pretrained, tokenizer, batch_size):
+                self.model, self.batch_size = pretrained, batch_size
+
+        def simple_evaluate(model, tasks, num_fewshot, limit, log_samples):
+            w = float(sum(p.detach().double().norm() for n, p in model.model.named_parameters() if "down_proj" in n))
+            self.calls.append((tuple(tasks), num_fewshot, limit, model.batch_size))
+            return {"results": {t: {"alias": t, "acc,none": w / 1000, "acc_stderr,none": 0.01} for t in tasks}}
+
+        hf.HFLM, top.simple_evaluate = HFLM, simple_evaluate
+        for name, mod in (("lm_eval", top), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf)):
+            monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_lm_eval_hook_runs_per_checkpoint_on_the_edited_model(study, weights0, tmp_path, monkeypatch):  # noqa: F811
+    fake = _FakeHarness()
+    fake.install(monkeypatch)
+    p = params_for(tmp_path, name="lm", **{"sequential.batch_sizes": [2], "sequential.degradation_every": None,
+                                           "sequential.lm_eval": {"tasks": ["arc_easy", "piqa"], "every": 2, "limit": 5}})
+    protocols.check_before_loading(p, ["sequential"])  # installed (the fake): no error
+    protocols.run_sequential(use(study, p), log=quiet)
+    b = pd.read_parquet(tmp_path / "lm" / "sequential" / "batches.parquet").sort_values("batch_index")
+    # the unedited model once, then after each batch of 2 facts (every 2 facts, and the end)
+    assert fake.calls == [(("arc_easy", "piqa"), 0, 5, 8)] * 3
+    assert set(b.columns[b.columns.str.startswith("lmeval_")]) == {  # aliases dropped, filters cut at the comma
+        f"lmeval_{t}_{m}{s}" for t in ("arc_easy", "piqa") for m in ("acc", "acc_stderr") for s in ("", "_0")}
+    assert b.lmeval_piqa_acc_0.nunique() == 1
+    assert (b.lmeval_piqa_acc != b.lmeval_piqa_acc_0).all()  # scored on the edited weights
+    assert b.lmeval_piqa_acc.iloc[0] != b.lmeval_piqa_acc.iloc[1]
+    assert_unedited(study.model, weights0)
+
+
+def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
+    import sys
+
+    for bad, culprit in (({"tasks": []}, "tasks"), ({"tasks": ["x"], "every": 0}, "every"),
+                         ({"tasks": ["x"], "limt": 3}, "limt"), ("arc", "mapping")):
+        with pytest.raises(ParamsError, match=culprit):
+            params_for(tmp_path, **{"sequential.lm_eval": bad})
+    p = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_easy"]}})
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
+    with pytest.raises(ParamsError, match=r"pip install 'editlib\[lmeval\]'"):
+        protocols.check_before_loading(p, ["sequential"])
+    assert params_for(tmp_path).sequential.lm_eval is None  # off by default

@@ -1,4 +1,4 @@
-"""The whole study end to end: ``editlib.reproduce`` runs notebooks 01-06 with params/smoke.yaml
+"""The whole study end to end: ``editlib.reproduce`` runs notebooks 01-07 with params/smoke.yaml
 (papermill + nbconvert) into a temporary folder. Slow (about a minute on 2 cores): ``-m "not slow"``
 skips it.
 
@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow
 
 FIGURES = ("fig1_layer_search", "fig_table3_memit_lambda", "fig_table4_emmet_lambda", "fig2_batch_memit",
            "fig3_batch_emmet", "fig4_sequential_memit", "fig5_sequential_emmet",
-           "fig_sequential_diagnostics_memit", "fig_sequential_diagnostics_emmet")
+           "fig_sequential_diagnostics_memit", "fig_sequential_diagnostics_emmet", "beyond_batch_all_methods",
+           "beyond_sequential_all_methods", "beyond_degradation_all_methods", "beyond_degradation_encore")
 TABLES = ("table1_singular", "table3_memit_lambda", "table4_emmet_lambda", "table_batch_summary",
           "table2_batches", "table_sequential_retention", "table1_vs_paper", "table3_vs_paper",
-          "table4_vs_paper", "table_claims", "table_failures")
-NOTEBOOKS = ("01_layer_search", "02_singular_edits", "03_hparam_sweep", "04_batch_editing",
-             "05_sequential_batch_editing", "06_report")
+          "table4_vs_paper", "table_claims", "table_failures", "beyond_table_batch", "beyond_table_sequential")
+STUDY = ("01_layer_search", "02_singular_edits", "03_hparam_sweep", "04_batch_editing",
+         "05_sequential_batch_editing", "07_beyond_the_paper")
+NOTEBOOKS = STUDY + ("06_report",)  # the report runs last
 
 
 def _model_overrides() -> dict:
@@ -87,6 +89,7 @@ def test_notebooks_html_and_timings(smoke_run):
     assert "plotting.save_table" not in report  # the report's code cells are hidden
     assert "The paper&#39;s claims, checked on this run" in report or "The paper's claims, checked on this run" in report
     assert "holds here" in report and "MEMIT edits best at layer" in report  # claims table and generated findings
+    assert "Is bigger edit batch size better?" in report and "<strong>AlphaEdit.</strong>" in report  # notebook 07's answers
     assert str(REPO_ROOT) not in report  # paths are shown relative to the repository
     for n in NOTEBOOKS:  # progress is plain text in stored notebooks and HTML: no widget, no warning box
         html = (run_dir / f"{n}.html").read_text()
@@ -103,12 +106,15 @@ def test_results_stored_outside_the_repo(smoke_run):
     tmp, _ = smoke_run
     exps = sorted(p.name for p in (tmp / "results" / "smoke").iterdir())
     assert exps == ["batch", "layer_search", "sequential", "singular", "sweep"]
+    assert sorted(p.name for p in (tmp / "results" / "smoke-beyond").iterdir()) == ["batch", "sequential"]
+    answers = (tmp / "figures" / "smoke" / "beyond_answers.md").read_text()
+    assert all(f"**{m}.**" in answers for m in ("MEMIT", "EMMET", "ROME", "AlphaEdit", "ENCORE"))
 
 
 def test_study_notebooks_read_well():
-    """Notebooks 01-05 (the committed sources): an opening explanation, the one-call setup, a
+    """Notebooks 01-05 and 07 (the committed sources): an opening explanation, the one-call setup, a
     markdown step before every code step, tables shown without the pandas index, no outputs."""
-    for n in NOTEBOOKS[:5]:
+    for n in STUDY:
         cells = json.loads((REPO_ROOT / "notebooks" / f"{n}.ipynb").read_text())["cells"]
         intro = "".join(cells[0]["source"])
         assert cells[0]["cell_type"] == "markdown", n

@@ -634,3 +634,30 @@ def test_windowed_memit_in_the_batch_protocol(study, weights0, tmp_path):
     assert_unedited(study.model, weights0)
     with pytest.raises(ParamsError, match=r"batch.windows \[6\] from layer 1 run past"):
         protocols.run_batch(use(study, params_for(tmp_path / "far", **{"batch.windows": [6]})), log=quiet)
+
+
+def test_windowed_memit_in_the_sequential_protocol(study, weights0, tmp_path):
+    """sequential.windows: MEMIT over the chosen layer and the next, its own sequential run labelled
+    memit-w2 (EMMET is not windowed); its first batch equals apply_edit on both layers from the
+    unedited model; the model is restored; a window past the last layer fails before any edit."""
+    p = params_for(tmp_path, **{"sequential.windows": [1, 2], "sequential.methods": ["memit", "emmet"]})
+    cases = protocols.run_sequential(use(study, p), log=quiet)
+    assert sorted(cases.method.unique()) == ["emmet", "memit", "memit-w2"]
+    w2, one = cases[cases.method == "memit-w2"], cases[cases.method == "memit"]
+    assert len(w2) == len(one) and set(w2["eval"]) == {"current", "final"} and (w2.layer == 1).all()
+    assert cases[SCORES].notna().all().all()
+    assert_unedited(study.model, weights0)
+    from editlib.editing import apply_edit
+    from editlib.weights import EditSession
+    st = use(study, p)
+    B = min(p.sequential.batch_sizes)
+    hp = dataclasses.replace(p.method_hparams("memit", 1, "sequential"), layers=(1, 2))
+    facts = st.facts(p.sequential.total)[:B]
+    with EditSession(study.model) as s:
+        apply_edit(study.model, study.tok, facts, hp, st.covs([1, 2]), st.contexts(hp.context_templates), s)
+        want = st.evaluate(facts)
+    got = w2[(w2.batch_size == B) & (w2.batch_index == 0) & (w2["eval"] == "current")].sort_values("case_id")
+    assert np.allclose(got["ES_mag"].to_numpy(), want.sort_values("case_id")["ES_mag"].to_numpy(), atol=1e-5)
+    assert_unedited(study.model, weights0)
+    with pytest.raises(ParamsError, match=r"sequential.windows \[6\] from layer 1 run past"):
+        protocols.run_sequential(use(study, params_for(tmp_path / "far", **{"sequential.windows": [6]})), log=quiet)

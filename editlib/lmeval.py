@@ -1,0 +1,90 @@
+"""Optional downstream evaluation of sequentially edited models with EleutherAI's
+lm-evaluation-harness (``lm-eval``), the tool model-editing papers use to show degradation on
+general tasks (ENCORE, AlphaEdit report GLUE-style tasks this way).
+
+Off by default and never needed offline: ``sequential.lm_eval`` in a params file, e.g.
+``{tasks: [arc_easy, hellaswag], every: 1024, limit: 500}``, runs the harness on the model being
+edited (the unedited model first, then after every ``every`` edited facts and at the end of each
+sequential configuration), in process, on the edited weights, without writing a checkpoint. Each
+``<task>_<metric>`` lands in the run's ``batches.parquet`` as ``lmeval_<task>_<metric>`` (and
+``..._0`` for the unedited model), beside the degradation columns. Install with
+``pip install editlib[lmeval]``; the harness downloads its task datasets on first use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+KEYS = ("tasks", "every", "limit", "num_fewshot", "batch_size")
+
+
+@dataclass(frozen=True)
+class LmEvalSpec:
+    tasks: tuple[str, ...]
+    every: int | None = None  # edited facts between runs (null: the unedited and the final model only)
+    limit: int | None = None  # examples per task (null: all; the harness warns that limits are for testing)
+    num_fewshot: int = 0
+    batch_size: int = 8
+
+
+def parse(raw: Mapping[str, Any] | None, where: str = "sequential.lm_eval") -> LmEvalSpec | None:
+    """The validated spec of ``raw`` (None when off); a bad key or value raises ValueError naming it."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys {list(KEYS)}, got {type(raw).__name__}")
+    bad = sorted(set(raw) - set(KEYS))
+    if bad:
+        raise ValueError(f"unknown key(s) {bad} in {where}; known: {list(KEYS)}")
+    tasks = raw.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"{where}.tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
+    spec = LmEvalSpec(tasks=tuple(tasks), **{k: raw[k] for k in KEYS if k in raw and k != "tasks"})
+    for f in fields(spec):
+        v = getattr(spec, f.name)
+        if f.name in ("every", "limit") and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{where}.{f.name} must be null or an integer >= 1, got {v!r}")
+        if f.name == "num_fewshot" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"{where}.num_fewshot must be an integer >= 0, got {v!r}")
+        if f.name == "batch_size" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{where}.batch_size must be an integer >= 1, got {v!r}")
+    return spec
+
+
+def check_installed() -> None:
+    """Fail fast, before any model loads, when the harness is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ImportError("sequential.lm_eval needs EleutherAI's lm-evaluation-harness: "
+                          "pip install 'editlib[lmeval]' (or pip install lm-eval), or set sequential.lm_eval: null") from None
+
+
+def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:
+    """Run the harness on ``model`` as it is now (the edited weights) and flatten its numeric
+    results to ``lmeval_<task>_<metric>`` (filters after the comma dropped, stderr kept)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=spec.batch_size)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+                              log_samples=False)
+    finally:
+        model.train(was_training)
+    flat: dict[str, float] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        for key, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # aliases, "N/A"
+            metric = key.split(",")[0]
+            flat[f"lmeval_{task}_{metric}"] = float(v)
+    return flat
+
+
+def due(spec: LmEvalSpec, start: int, stop: int, last: bool) -> bool:
+    """Whether a batch covering facts ``start:stop`` ends a measurement interval (or the run)."""
+    return last or (spec.every is not None and stop // spec.every > start // spec.every)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import summarize_cases
-from .params import ParamsError, StudyParams, beyond_sections
+from .params import ParamsError, StudyParams, beyond_sections, check_beyond
 
 SUFFIX = "-beyond"
 #: printed names (the paper's spelling)
@@ -50,6 +50,7 @@ def study_params(p: StudyParams, *, resolve_layer: bool = True) -> StudyParams:
     """The params of the beyond-the-paper runs (see the module docstring). ``resolve_layer``:
     turn ``beyond.layer: best`` into the integer of the study's stored layer search (the derived
     params have no layer search of their own)."""
+    check_beyond(p)
     secs = beyond_sections(p)
     layer = p.beyond.layer
     if layer == "best" and resolve_layer:
@@ -67,8 +68,9 @@ def _current(cases: pd.DataFrame, ev: str = "current") -> pd.DataFrame:
 def ordering_summary(cases: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per group of ``by``: each metric's mean over orderings of the per-ordering case mean
     (``<m>``), its sample std over orderings (``<m>_sd``), the per-case std pooled over orderings
-    (``<m>_case_std``), S likewise (``S``, ``S_sd``), the number of orderings and of cases, and
-    ``n_failed`` (rows without scores, never averaged in)."""
+    (``<m>_case_std``), S likewise (``S``, ``S_sd``), ``orderings`` (those with scores: an
+    ordering whose edits all failed has none and is left out of the mean, not counted as zero),
+    ``n`` cases and ``n_failed`` (rows without scores, never averaged in)."""
     by = list(by)
     per = summarize_cases(cases, by=by + ["ordering"], decimals=None)
     pooled = summarize_cases(cases, by=by, decimals=None)
@@ -80,7 +82,9 @@ def ordering_summary(cases: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
         pool = pooled
         for k, v in row.items():
             pool = pool[pool[k] == v]
-        row.update(orderings=int(len(g)), n=int(g["n"].sum()), n_failed=int(g["n_failed"].sum()))
+        # orderings that produced scores (an ordering whose edits all failed has no S)
+        row.update(orderings=int(np.isfinite(g["S"].to_numpy(dtype=float)).sum()), n=int(g["n"].sum()),
+                   n_failed=int(g["n_failed"].sum()))
         for m in metrics + ["S"]:
             col = "S" if m == "S" else f"{m}_mean"
             v = g[col].to_numpy(dtype=float)
@@ -123,11 +127,37 @@ def best_sizes(seq_cases: pd.DataFrame) -> dict[str, int]:
             for m, g in s.groupby("method")}
 
 
+#: the smallest spread a difference is judged against (S points): saturated scores can have sd 0
+MIN_SPREAD = 0.5
+#: above this share of failed edits at a compared size, the paragraph gives no verdict
+MAX_FAILED = 0.25
+
+
 def _differs(a: pd.Series, b: pd.Series) -> bool:
-    """Whether two groups' S differ by more than twice their spread over orderings (or, with one
-    ordering, by more than one point)."""
-    spread = np.nanmax([a["S_sd"], b["S_sd"], 0.0]) if (np.isfinite(a["S_sd"]) or np.isfinite(b["S_sd"])) else 0.5
-    return abs(a["S"] - b["S"]) > 2 * spread
+    """Whether two groups' S differ by more than twice the larger of their spreads over orderings
+    (at least :data:`MIN_SPREAD`; with one ordering, that floor alone)."""
+    sds = [x for x in (a["S_sd"], b["S_sd"]) if np.isfinite(x)]
+    return abs(a["S"] - b["S"]) > 2 * max(sds + [MIN_SPREAD])
+
+
+def _b(r: pd.Series) -> int:
+    return int(r["batch_size"])
+
+
+def _unreliable(rows: Sequence[pd.Series]) -> str | None:
+    """Why ``rows`` cannot be compared (no scores, or too many failed edits), else None."""
+    for r in rows:
+        if not np.isfinite(r["S"]):
+            return f"every edit at B = {_b(r)} failed"
+        if r["n"] and r["n_failed"] / r["n"] > MAX_FAILED:
+            return f"{int(r['n_failed'])} of {int(r['n'])} edits at B = {_b(r)} failed"
+    return None
+
+
+def _failed(rows: Sequence[pd.Series]) -> str:
+    """" (failed edits, left out of the means: ...)" when any compared size had failures."""
+    bad = [f"{int(r['n_failed'])}/{int(r['n'])} at B = {_b(r)}" for r in rows if r["n_failed"]]
+    return f" Failed edits, left out of the means: {', '.join(bad)}." if bad else ""
 
 
 def _trend(s: pd.DataFrame) -> tuple[str, pd.Series, pd.Series]:
@@ -138,65 +168,90 @@ def _trend(s: pd.DataFrame) -> tuple[str, pd.Series, pd.Series]:
     return ("worse" if hi["S"] < lo["S"] else "better"), lo, hi
 
 
+def _batch_part(s: pd.DataFrame) -> tuple[str, str | None]:
+    if len(s) == 1:
+        r = s.iloc[0]
+        return f"Batch editing: only B = {_b(r)} (S {_pm(r['S'], r['S_sd'])}).", None
+    trend, lo, hi = _trend(s)
+    why = _unreliable([lo, hi])
+    if why:
+        return (f"Batch editing: S {_pm(lo['S'], lo['S_sd'])} at B = {_b(lo)}, {_pm(hi['S'], hi['S_sd'])} at "
+                f"B = {_b(hi)}.{_failed([lo, hi])}"), f"one batch: no verdict, {why}"
+    word = {"worse": "falls", "better": "rises", "flat": "stays within its spread"}[trend]
+    text = (f"Batch editing: S {word} from {_pm(lo['S'], lo['S_sd'])} at B = {_b(lo)} to {_pm(hi['S'], hi['S_sd'])} "
+            f"at B = {_b(hi)} (NS {lo['NS']:.1f} → {hi['NS']:.1f}).{_failed([lo, hi])}")
+    return text, {"worse": "one bigger batch scores worse", "better": "one bigger batch scores better",
+                  "flat": "the batch size barely matters in one batch"}[trend]
+
+
+def _sequential_verdict(s: pd.DataFrame, total: int) -> str:
+    small, large = s.iloc[0], s.iloc[-1]
+    best = s.sort_values(["S", "batch_size"], ascending=[False, False]).iloc[0]
+    why = _unreliable([small, large, best])
+    if why:
+        return f"in sequence: no verdict, {why}"
+    name_small = "one-fact updates (B = 1)" if _b(small) == 1 else f"B = {_b(small)}"
+    name_large = f"a single batch (B = {_b(large)})" if _b(large) == total else f"B = {_b(large)}"
+    same = "in sequence, the batch size makes no difference beyond the spread over orderings"
+    if _b(best) == _b(small):
+        return f"in sequence, the smallest batches (B = {_b(small)}) are best" if _differs(best, large) else same
+    if _b(best) == _b(large):
+        return f"in sequence, larger batches are better, up to {name_large}" if _differs(best, small) else same
+    beats = [n for n, r in ((name_small, small), (name_large, large)) if _differs(best, r)]
+    if len(beats) == 2:
+        return f"in sequence, a moderate batch size (B = {_b(best)}) beats both {name_small} and {name_large}"
+    if beats:
+        other = name_large if beats[0] == name_small else name_small
+        return (f"in sequence, a moderate batch size (B = {_b(best)}) beats {beats[0]}, "
+                f"but not {other} beyond the spread")
+    return same
+
+
 def answer(method: str, batch_cases: pd.DataFrame | None, seq_cases: pd.DataFrame | None,
            seq_batches: pd.DataFrame | None = None) -> str:
     """One paragraph answering "is bigger edit batch size better?" for ``method``, computed from
-    its stored batch and sequential results (mean ± std over orderings)."""
+    its stored batch and sequential results (mean ± std over orderings). A difference counts only
+    when it exceeds twice the spread over orderings (:func:`_differs`); a size where every edit, or
+    more than :data:`MAX_FAILED` of them, failed gets no verdict, and failures are always named."""
     name, parts, verdicts = display(method), [], []
     if batch_cases is not None and (batch_cases["method"] == method).any():
-        s = ordering_summary(_current(batch_cases[batch_cases["method"] == method]), ["batch_size"])
-        if len(s) > 1:
-            trend, lo, hi = _trend(s)
-            ns_lo, ns_hi = lo["NS"], hi["NS"]
-            word = {"worse": "falls", "better": "rises", "flat": "stays within its spread"}[trend]
-            parts.append(f"Batch editing: S {word} from {_pm(lo['S'], lo['S_sd'])} at B = {int(lo['batch_size'])} to "
-                         f"{_pm(hi['S'], hi['S_sd'])} at B = {int(hi['batch_size'])} (NS {ns_lo:.1f} → {ns_hi:.1f}).")
-            verdicts.append({"worse": "one bigger batch scores worse", "better": "one bigger batch scores better",
-                             "flat": "the batch size barely matters in one batch"}[trend])
-        elif len(s) == 1:
-            parts.append(f"Batch editing: only B = {int(s.iloc[0]['batch_size'])} (S {_pm(s.iloc[0]['S'], s.iloc[0]['S_sd'])}).")
+        text, verdict = _batch_part(ordering_summary(_current(batch_cases[batch_cases["method"] == method]),
+                                                     ["batch_size"]))
+        parts.append(text)
+        if verdict:
+            verdicts.append(verdict)
     if seq_cases is not None and (seq_cases["method"] == method).any():
         c = seq_cases[seq_cases["method"] == method]
-        s = ordering_summary(_current(c), ["batch_size"]).sort_values("batch_size")
-        best = s.sort_values(["S", "batch_size"], ascending=[False, False]).iloc[0]
-        one, largest = s.iloc[0], s.iloc[-1]
+        s = ordering_summary(_current(c), ["batch_size"]).sort_values("batch_size").reset_index(drop=True)
         keys = [k for k in ("ordering", "batch_size") if k in c.columns]
         total = int(_current(c).groupby(keys).size().max())  # facts per run
+        best = s.sort_values(["S", "batch_size"], ascending=[False, False]).iloc[0]
         if len(s) == 1:
-            parts.append(f"Sequential editing of {total} facts: only B = {int(best['batch_size'])} "
-                         f"(S {_pm(best['S'], best['S_sd'])} right after each batch).")
-        if len(s) > 1:
-            others = [r for r in (one, largest) if int(r["batch_size"]) != int(best["batch_size"])]
-            parts.append(f"Sequential-batch editing of {total} facts: the best S right after "
-                         f"each batch is at B = {int(best['batch_size'])} ({_pm(best['S'], best['S_sd'])}), against "
-                         + " and ".join(f"{_pm(r['S'], r['S_sd'])} at B = {int(r['batch_size'])}" for r in others) + ".")
-            b = int(best["batch_size"])
-            if b in (int(one["batch_size"]), int(largest["batch_size"])) or not (_differs(best, one) or _differs(best, largest)):
-                if b == int(largest["batch_size"]) and _differs(best, one):
-                    verdicts.append("in sequence, larger batches are better up to a single batch")
-                elif b == int(one["batch_size"]) and _differs(best, largest):
-                    verdicts.append("in sequence, the smallest batches are best")
-                else:
-                    verdicts.append("in sequence, the batch size makes no difference beyond the spread over orderings")
-            else:
-                verdicts.append(f"in sequence, a moderate batch size (B = {b}) beats both one-fact updates and a single batch")
+            parts.append(f"Sequential editing of {total} facts: only B = {_b(best)} "
+                         f"(S {_pm(best['S'], best['S_sd'])} right after each batch).{_failed([best])}")
+        else:
+            others = [r for r in (s.iloc[0], s.iloc[-1]) if _b(r) != _b(best)]
+            parts.append(f"Sequential-batch editing of {total} facts: the best S right after each batch is at "
+                         f"B = {_b(best)} ({_pm(best['S'], best['S_sd'])}), against "
+                         + " and ".join(f"{_pm(r['S'], r['S_sd'])} at B = {_b(r)}" for r in others) + "."
+                         + _failed([best] + others))
+            verdicts.append(_sequential_verdict(s, total))
         fin = _current(c, "final")
         if not fin.empty:
             f = ordering_summary(fin, ["batch_size"])
             fb = f.sort_values(["S", "batch_size"], ascending=[False, False]).iloc[0]
-            parts.append(f"On the final model (retention of all edits) the best S is at B = {int(fb['batch_size'])} "
+            parts.append(f"On the final model (retention of all edits) the best S is at B = {_b(fb)} "
                          f"({_pm(fb['S'], fb['S_sd'])}).")
     if seq_batches is not None and len(seq_batches) and "heldout_known" in seq_batches.columns and seq_cases is not None:
         b = seq_batches[(seq_batches["method"] == method) & seq_batches["heldout_known"].notna()]
-        if len(b):
-            best_b = best_sizes(seq_cases[seq_cases["method"] == method]).get(method)
-            last = b[b["batch_size"] == best_b]
-            last = last[last["batch_index"] == last.groupby("ordering")["batch_index"].transform("max")] \
-                if "ordering" in last.columns else last
-            if len(last):
-                parts.append(f"Degradation at B = {best_b} after all edits: {last['heldout_known'].mean():.1f} % of "
-                             f"held-out known facts still known (unedited {last['heldout_known_0'].mean():.1f} %), "
-                             f"perplexity {last['heldout_ppl_0'].mean():.2f} → {last['heldout_ppl'].mean():.2f}.")
+        best_b = best_sizes(seq_cases[seq_cases["method"] == method]).get(method) if len(b) else None
+        last = b[b["batch_size"] == best_b]
+        if "ordering" in last.columns and len(last):
+            last = last[last["batch_index"] == last.groupby("ordering")["batch_index"].transform("max")]
+        if len(last):
+            parts.append(f"Degradation at B = {best_b} after all edits: {last['heldout_known'].mean():.1f} % of "
+                         f"held-out known facts still known (unedited {last['heldout_known_0'].mean():.1f} %), "
+                         f"perplexity {last['heldout_ppl_0'].mean():.2f} → {last['heldout_ppl'].mean():.2f}.")
     if not parts:
         return f"**{name}**: no stored batch or sequential results."
     verdict = "; ".join(verdicts) if verdicts else (

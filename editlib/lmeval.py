@@ -68,13 +68,26 @@ def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    import random
+
+    import numpy as np
+    import torch
+
     was_training = model.training
+    # the harness seeds Python's, NumPy's and torch's global generators: give them back afterwards
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=spec.batch_size)
     try:
         out = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
                               log_samples=False)
     finally:
         model.train(was_training)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
     flat: dict[str, float] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         for key, v in metrics.items():

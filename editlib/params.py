@@ -433,14 +433,23 @@ def beyond_sections(sp: StudyParams) -> dict[str, Any]:
     for sec, cls in (("batch", BatchParams), ("sequential", SequentialParams)):
         base = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(getattr(sp, sec)).items()}
         base.update(methods=list(b.methods), layer=b.layer, windows=[1])
+        if sec == "sequential":  # lm-eval passes are costly: only when beyond.sequential asks for them
+            base["lm_eval"] = None
         over = getattr(b, sec) or {}
         if not isinstance(over, Mapping):
             raise ParamsError(f"beyond.{sec} must be a mapping of {sec} keys, got {type(over).__name__}")
+        for key, instead in (("methods", "beyond.methods"), ("layer", "beyond.layer"),
+                             ("windows", "one layer (notebook 07 compares editors)")):
+            if key in over:
+                raise ParamsError(f"beyond.{sec}.{key} is not used: notebook 07's runs take {instead}")
         out[sec] = _build(cls, deep_merge(base, over), f"beyond.{sec}")
     return out
 
 
-def _check_beyond(sp: StudyParams) -> None:
+def check_beyond(sp: StudyParams) -> None:
+    """The beyond section and the sections it derives (notebook 07), checked like any section.
+    A params file without a ``beyond:`` section is checked only when notebook 07 uses it (its
+    defaults may not fit the file's own sizes, and notebooks 01-06 never read it)."""
     b = sp.beyond
     _check_methods(b.methods, "beyond")
     if not b.methods or not b.orderings:
@@ -457,7 +466,7 @@ def _check_beyond(sp: StudyParams) -> None:
         if bad or not e.batch_sizes:
             raise ParamsError(f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} must be integers between 1 and "
                               f"beyond.{name}.total={e.total}")
-        if "rome" in b.methods and 1 not in e.batch_sizes:
+        if "rome" in e.methods and 1 not in e.batch_sizes:
             raise ParamsError(f"beyond.methods has rome, which edits one fact at a time, but "
                               f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} has no 1")
         extra = e.hparams or {}
@@ -467,6 +476,13 @@ def _check_beyond(sp: StudyParams) -> None:
     seq = secs["sequential"]
     if seq.degradation_every is not None and seq.degradation_every < 1:
         raise ParamsError(f"beyond.sequential.degradation_every must be null or at least 1, got {seq.degradation_every}")
+    if seq.heldout_facts < 1:
+        raise ParamsError(f"beyond.sequential.heldout_facts must be at least 1, got {seq.heldout_facts}")
+    from .lmeval import parse as parse_lm_eval
+    try:
+        parse_lm_eval(seq.lm_eval, "beyond.sequential.lm_eval")
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
 
 
 def _is_layer(v: Any) -> bool:
@@ -585,7 +601,8 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
                               f"only), but {sec}.batch_sizes {_show(e.batch_sizes)} has no 1")
     if sp.sweep.batch_size > sp.sweep.total:
         raise ParamsError(f"sweep.batch_size={sp.sweep.batch_size} is larger than sweep.total={sp.sweep.total}")
-    _check_beyond(sp)
+    if d.get("beyond"):
+        check_beyond(sp)
     if sp.model.id is None and sp.model.tiny is None:
         raise ParamsError("model needs an 'id' (hub id or directory) or a 'tiny' build spec")
     for sec in ("model", "second_model"):

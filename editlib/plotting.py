@@ -5,6 +5,8 @@ state), styled with seaborn, so they work under any backend (Agg included) and a
 notebook by ``display(fig)``. Every metric is the case mean ×100 (GE: bits ×100, as the paper
 prints it); bands are the normal-approximation 95% confidence interval of that mean over cases
 (1.96 · sample std / √n). S is the harmonic mean of the ES, PS and NS means, so it has no band.
+With several data orderings every line is instead the mean over orderings of the per-ordering
+statistic (S included) and every band ±1 sample std over orderings (:func:`_stats`).
 
 Tables are DataFrames of the paper's ``"mean(std)"`` strings (:func:`editlib.metrics.format_summary`);
 :func:`paper_reference_tables` holds the paper's own Tables 1, 3 and 4 for comparison.
@@ -59,16 +61,23 @@ def n_orderings(cases: pd.DataFrame) -> int:
 
 
 def band_label(cases: pd.DataFrame) -> str:
-    """What a figure's bands are: the 95% CI over cases (one ordering) or ±1 std over orderings."""
-    k = n_orderings(cases)
-    return BAND if k < 2 else f"±1 std over {k} orderings"
+    """What a figure's bands are: the 95% CI over cases (one ordering) or ±1 std over orderings,
+    with the range of orderings per line point when it varies (no band where fewer than 2 ran)."""
+    if n_orderings(cases) < 2:
+        return BAND
+    keys = [k for k in ("method", "layer", "lam", "batch_size", "eval") if k in cases.columns]
+    per = cases.groupby(keys)["ordering"].nunique() if keys else pd.Series([n_orderings(cases)])
+    lo, hi = int(per.min()), int(per.max())
+    return f"±1 std over {hi} orderings" if lo == hi else f"±1 std over {lo}–{hi} orderings"
 
 
-def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+def _stats(cases: pd.DataFrame, keys: Sequence[str], over_orderings: bool | None = None) -> pd.DataFrame:
     """Unrounded per-group summary with ``<m>_ci``: the band's half-width. One ordering: the 95%
-    CI of the case mean. Several (``data.orderings``): each metric and S are computed per
-    ordering, the line is their mean and the band ±1 sample std over orderings (S gets one too)."""
-    if n_orderings(cases) > 1:
+    CI of the case mean. Several (``data.orderings``; ``over_orderings``, default: this frame has
+    more than one): each metric and S are computed per ordering, the line is their mean and the
+    band ±1 sample std over orderings (S gets one too; a group with fewer than 2 orderings that
+    produced scores gets none, NaN, never a zero band)."""
+    if over_orderings if over_orderings is not None else n_orderings(cases) > 1:
         from .beyond import ordering_summary
 
         o = ordering_summary(cases, keys)
@@ -76,7 +85,7 @@ def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
             if m in o.columns:
                 if m != "S":
                     o[f"{m}_mean"] = o[m]
-                o[f"{m}_ci"] = o[f"{m}_sd"].fillna(0.0)
+                o[f"{m}_ci"] = o[f"{m}_sd"]
         return o.sort_values(list(keys)).reset_index(drop=True)
     s = summarize_cases(cases, by=list(keys), decimals=None)
     n = s["n"].to_numpy(dtype=float)
@@ -91,7 +100,7 @@ def _stats(cases: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 def _ylabel(metric: str, band: str = BAND) -> str:
     """The panel's y label; bands over orderings are named once, in the title (:func:`_panel_titles`)."""
     if metric == "S":
-        return "S (harmonic mean of ES, PS, NS)"
+        return "S (harmonic mean of ES, PS, NS)" if band == BAND else "S (mean of per-ordering S)"
     unit = "bits ×100" if metric == "GE" else "mean ×100"
     return f"{metric} ({unit}; band: {band})" if band == BAND else f"{metric} ({unit})"
 
@@ -113,7 +122,7 @@ def _figure(n_panels: int, title: str, *, width: float = 3.6, height: float = 3.
 
 def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linestyle="-",
           marker="o") -> None:
-    """One mean line with its CI band (no band for S)."""
+    """One mean line with its band (S has one only over orderings, :func:`_stats`)."""
     y = s["S"] if metric == "S" else s[f"{metric}_mean"]
     (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4)
     if f"{metric}_ci" in s:  # S has a band only over orderings (it is one number per ordering)
@@ -280,7 +289,7 @@ def plot_windows(cases: pd.DataFrame, method: str, title: str) -> Figure:
     colors = sns.color_palette("deep", len(labels))
     for ax, m in zip(axes, metrics):
         for color, (i, label) in zip(colors, enumerate(labels)):
-            s = _stats(c[c["method"] == label], ["batch_size"])
+            s = _stats(c[c["method"] == label], ["batch_size"], n_orderings(c) > 1)
             name = f"{method.upper()}, 1 layer" if i == 0 else f"{method.upper()}, {label.rsplit('-w', 1)[1]} layers"
             _line(ax, s["batch_size"], s, m, label=name, color=color, linestyle="-" if i == 0 else "--")
         _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
@@ -393,7 +402,7 @@ def plot_editors_batch(cases: pd.DataFrame, methods: Sequence[str], title: str) 
     fig, axes = _figure(len(metrics), title)
     for ax, m in zip(axes, metrics):
         for method in [x for x in methods if (c["method"] == x).any()]:
-            s = _stats(c[c["method"] == method], ["batch_size"])
+            s = _stats(c[c["method"] == method], ["batch_size"], n_orderings(c) > 1)
             ls, mk = _STYLE.get(method, ("-", "o"))
             _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls, marker=mk)
         _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
@@ -421,7 +430,7 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
         ce = c[c["eval"] == ev]
         for ax, m in zip(grid[r], metrics):
             for method in [x for x in methods if (ce["method"] == x).any()]:
-                s = _stats(ce[ce["method"] == method], ["batch_size"])
+                s = _stats(ce[ce["method"] == method], ["batch_size"], n_orderings(c) > 1)
                 ls, mk = _STYLE.get(method, ("-", "o"))
                 _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls,
                       marker=mk)

@@ -104,6 +104,7 @@ class Study:
     _cov_info: dict = field(default_factory=dict)
     _contexts: dict = field(default_factory=dict)
     _data: dict = field(default_factory=dict)  # data provenance per data params (hashes CounterFact once)
+    _lm0: dict = field(default_factory=dict)  # the unedited model's lm-eval scores per spec (sequential.lm_eval)
     _fp: str | None = None
 
     @property
@@ -757,7 +758,7 @@ def batch_windows(study: Study, method: str, layer: int, section: str = "batch")
 
 
 def windowed_hparams(hp: EditHParams, layer: int, window: int) -> EditHParams:
-    """MEMIT's multi-layer update over ``layer`` … ``layer + window − 1`` (the residual spread)."""
+    """The MEMIT family's (MEMIT, AlphaEdit, ENCORE) update over ``layer`` … ``layer + window − 1`` (the residual spread)."""
     return hp if window == 1 else replace(hp, layers=tuple(range(layer, layer + window)))
 
 
@@ -930,8 +931,11 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
     deg0 = {f"{k}_0": v for k, v in _degradation(study, heldout).items()} if heldout else {}
-    if lm_spec is not None:
-        deg0.update({f"{k}_0": v for k, v in lm_evaluate(study.model, study.tok, lm_spec).items()})
+    if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
+        key = repr(lm_spec)
+        if key not in study._lm0:
+            study._lm0[key] = lm_evaluate(study.model, study.tok, lm_spec)
+        deg0.update({f"{k}_0": v for k, v in study._lm0[key].items()})
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)

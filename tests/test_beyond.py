@@ -138,7 +138,7 @@ def test_answers_follow_the_numbers():
     flat = beyond.answer("memit", batch_frame(0.0), seq_frame(32)).lower()
     assert "barely matters" in flat and "larger batches are better" in flat
     small = beyond.answer("memit", None, seq_frame(1)).lower()
-    assert "smallest batches are best" in small and "batch editing:" not in small
+    assert "smallest batches (b = 1) are best" in small and "batch editing:" not in small
     assert "no stored" in beyond.answer("encore", batch_frame(0.1), seq_frame(4))
     rome = beyond.answer("rome", batch_frame(0.1), None)
     assert rome.startswith("**ROME.** Batch editing: only B = 1") and "EMMET is its batched form" in rome
@@ -174,3 +174,78 @@ def test_outputs_and_answers_are_written(tmp_path):
     assert "Degradation at B = 4" in text["memit"] and "(unedited 95.0 %)" in text["memit"]
     md = beyond.save_answers(text, tmp_path).read_text()
     assert md.startswith("# Is bigger edit batch size better?") and text["memit"] in md
+
+
+def seq_rates(s_by_b: dict, shift=None) -> pd.DataFrame:
+    return rates([({"method": "memit", "batch_size": b, "eval": "current"}, v, v, v) for b, v in s_by_b.items()],
+                 shift=shift or {0: 0.0, 1: 0.02, 2: -0.02})
+
+
+def test_a_moderate_size_beats_only_the_ends_it_clearly_beats():
+    both = beyond.answer("memit", None, seq_rates({1: 0.5, 4: 0.9, 32: 0.5}))
+    assert "beats both one-fact updates (B = 1) and B = 32" in both  # 20 facts per run: 32 is not "a single batch"
+    one_end = beyond.answer("memit", None, seq_rates({1: 0.5, 4: 0.9, 32: 0.85}))
+    assert "beats one-fact updates (B = 1), but not B = 32 beyond the spread" in one_end and "both" not in one_end
+    single = beyond.answer("memit", None, seq_rates({2: 0.5, 5: 0.9, 20: 0.5}))
+    assert "beats both B = 2 and a single batch (B = 20)" in single
+
+
+def test_failed_edits_are_named_and_block_a_verdict():
+    c = seq_rates({1: 0.9, 4: 0.9, 32: 0.9})
+    dead = c["batch_size"] == 32  # every edit at B = 32 failed: no S there, never "no difference"
+    c.loc[dead, ["ES", "PS", "NS"]] = np.nan
+    c.loc[dead, "failed"] = True
+    a = beyond.answer("memit", None, c)
+    assert "no verdict, every edit at B = 32 failed" in a and "makes no difference" not in a
+    b = batch_frame(0.0)
+    hit = (b.method == "memit") & (b.batch_size == 64) & (b.case_id % 20 < 10)  # half of B = 64 failed
+    b.loc[hit, ["ES", "PS", "NS"]] = np.nan
+    b.loc[hit, "failed"] = True
+    a = beyond.answer("memit", b, None)
+    assert "no verdict, 30 of 60 edits at B = 64 failed" in a and "Failed edits, left out of the means: 30/60 at B = 64" in a
+    b = batch_frame(0.0)
+    one = (b.method == "memit") & (b.batch_size == 64) & (b.case_id == 0)  # 1 of 60 failed: a verdict, failure named
+    b.loc[one, ["ES", "PS", "NS"]] = np.nan
+    b.loc[one, "failed"] = True
+    a = beyond.answer("memit", b, None)
+    assert "no verdict" not in a and "Failed edits, left out of the means: 1/60 at B = 64" in a
+
+
+def test_saturated_scores_need_more_than_a_rounding_difference():
+    c = seq_rates({1: 1.0, 4: 1.0, 32: 1.0}, shift={0: 0.0, 1: 0.0, 2: 0.0})  # sd 0 over orderings
+    c.loc[(c.batch_size == 32) & (c.case_id % 1000 == 0) & (c.ordering == 0), "NS"] = 0.0  # S 99.6 vs 100
+    assert "makes no difference beyond the spread" in beyond.answer("memit", None, c)
+
+
+def test_bands_need_two_orderings_per_group():
+    c = rates([({"method": "memit", "batch_size": b}, 0.8, 0.7, 0.9) for b in (4, 16)], shift={0: 0.0, 1: 0.05, 2: -0.05})
+    c = c[~((c.batch_size == 16) & (c.ordering > 0))]  # B = 16 ran on one ordering only
+    s = plotting._stats(c, ["batch_size"])
+    assert s.loc[0, "NS_ci"] > 0 and np.isnan(s.loc[1, "NS_ci"]) and np.isnan(s.loc[1, "S_ci"])  # no band, not a zero band
+    assert plotting.band_label(c) == "±1 std over 1–3 orderings"
+    o = beyond.ordering_summary(c, ["batch_size"])
+    assert list(o.orderings) == [3, 1]
+
+
+def test_params_without_a_beyond_section_still_load(tmp_path):
+    import yaml
+    d = yaml.safe_load(open("params/tiny.yaml"))
+    del d["beyond"]
+    d["batch"]["batch_sizes"] = [4, 16]  # no 1: ROME (in beyond's default editors) could not run there
+    f = tmp_path / "mine.yaml"
+    f.write_text(yaml.safe_dump(d))
+    p = resolve(f)  # notebooks 01-06 and `show` never read the beyond section
+    with pytest.raises(ParamsError, match="beyond.batch.batch_sizes"):
+        beyond.study_params(p, resolve_layer=False)  # notebook 07 (and reproduce's pre-check) does
+
+
+@pytest.mark.parametrize("over, culprit", [
+    ({"beyond.sequential": {"windows": [0]}}, "beyond.sequential.windows"),
+    ({"beyond.sequential": {"heldout_facts": 0}}, "beyond.sequential.heldout_facts"),
+    ({"beyond.sequential": {"lm_eval": {"tasks": []}}}, "beyond.sequential.lm_eval"),
+    ({"beyond.batch": {"layer": 3}}, "beyond.layer"),
+    ({"beyond.batch": {"methods": ["memit"]}}, "beyond.methods"),
+])
+def test_beyond_overrides_are_checked_like_their_sections(tmp_path, over, culprit):
+    with pytest.raises(ParamsError, match=culprit.replace(".", r"\.")):  # tiny.yaml has a beyond section: at load
+        params(tmp_path, **over)

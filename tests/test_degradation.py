@@ -107,13 +107,14 @@ class _FakeHarness:
 def test_lm_eval_hook_runs_per_checkpoint_on_the_edited_model(study, weights0, tmp_path, monkeypatch):  # noqa: F811
     fake = _FakeHarness()
     fake.install(monkeypatch)
-    p = params_for(tmp_path, name="lm", **{"sequential.batch_sizes": [2], "sequential.degradation_every": None,
+    p = params_for(tmp_path, name="lm", **{"sequential.batch_sizes": [2, 4], "sequential.degradation_every": None,
                                            "sequential.lm_eval": {"tasks": ["arc_easy", "piqa"], "every": 2, "limit": 5}})
     protocols.check_before_loading(p, ["sequential"])  # installed (the fake): no error
     protocols.run_sequential(use(study, p), log=quiet)
-    b = pd.read_parquet(tmp_path / "lm" / "sequential" / "batches.parquet").sort_values("batch_index")
-    # the unedited model once, then after each batch of 2 facts (every 2 facts, and the end)
-    assert fake.calls == [(("arc_easy", "piqa"), 0, 5, 8)] * 3
+    b = pd.read_parquet(tmp_path / "lm" / "sequential" / "batches.parquet")
+    # the unedited model once per study, then after each batch of 2 facts (every 2 facts) and after B = 4's one batch
+    assert fake.calls == [(("arc_easy", "piqa"), 0, 5, 8)] * 4
+    b = b[b.batch_size == 2].sort_values("batch_index")
     assert set(b.columns[b.columns.str.startswith("lmeval_")]) == {  # aliases dropped, filters cut at the comma
         f"lmeval_{t}_{m}{s}" for t in ("arc_easy", "piqa") for m in ("acc", "acc_stderr") for s in ("", "_0")}
     assert b.lmeval_piqa_acc_0.nunique() == 1

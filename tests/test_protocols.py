@@ -375,8 +375,10 @@ def test_shared_value_time_is_counted_once(study, tmp_path):
 
 # --------------------------------------------------------------------------- resume, re-run, conflicts
 
-def test_sequential_resumes_after_a_failure(study, weights0, tmp_path):
-    over = {"sequential.methods": ["memit"], "sequential.total": 6, "sequential.batch_sizes": [2, 6]}
+@pytest.mark.parametrize("windows", [[1], [2]])  # [2]: MEMIT over layers 1-2 (two factor logs per batch)
+def test_sequential_resumes_after_a_failure(study, weights0, tmp_path, windows):
+    over = {"sequential.methods": ["memit"], "sequential.total": 6, "sequential.batch_sizes": [2, 6],
+            "sequential.windows": windows}
     p = params_for(tmp_path, "interrupted", **over)
     st = use(study, p)
     with pytest.raises(RuntimeError, match="injected failure after batch 0"):
@@ -386,6 +388,7 @@ def test_sequential_resumes_after_a_failure(study, weights0, tmp_path):
     assert not json.loads((root / "manifest.json").read_text())["complete"]
     # the checkpoint is an append-only log: one file of low-rank factors per finished batch
     assert [f.name for f in (root / "checkpoints").glob("*/*.safetensors")] == ["b000000.safetensors"]
+    assert [d.name for d in (root / "checkpoints").iterdir()] == [f"memit{'-w2' if windows == [2] else ''}-B00002-o0"]
     assert len(list((root / "parts").glob("*.cases.parquet"))) == 1
 
     logged: list[str] = []

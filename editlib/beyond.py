@@ -252,6 +252,12 @@ def answer(method: str, batch_cases: pd.DataFrame | None, seq_cases: pd.DataFram
             parts.append(f"Degradation at B = {best_b} after all edits: {last['heldout_known'].mean():.1f} % of "
                          f"held-out known facts still known (unedited {last['heldout_known_0'].mean():.1f} %), "
                          f"perplexity {last['heldout_ppl_0'].mean():.2f} → {last['heldout_ppl'].mean():.2f}.")
+    if seq_batches is not None and "nullspace_frac" in seq_batches.columns:  # AlphaEdit: how much room P leaves
+        ns = seq_batches[(seq_batches["method"] == method) & seq_batches["nullspace_frac"].notna()]
+        if len(ns):
+            parts.append(f"Its null space keeps {100 * ns['nullspace_frac'].mean():.1f} % of C0's eigenvectors "
+                         f"({100 * ns['nullspace_energy'].mean():.2f} % of its trace): the update can only use those "
+                         f"directions.")
     if not parts:
         return f"**{name}**: no stored batch or sequential results."
     verdict = "; ".join(verdicts) if verdicts else (

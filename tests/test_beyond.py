@@ -172,6 +172,10 @@ def test_outputs_and_answers_are_written(tmp_path):
     assert {p.name for p in paths} >= {"beyond_batch_all_methods.png", "beyond_table_batch.md"}
     text = beyond.answers(["memit"], b, s, sb)
     assert "Degradation at B = 4" in text["memit"] and "(unedited 95.0 %)" in text["memit"]
+    assert "null space" not in text["memit"]
+    ae = pd.DataFrame([{"method": "alphaedit", "batch_size": 1, "ordering": 0, "batch_index": 0,
+                        "heldout_known": np.nan, "nullspace_frac": 0.0625, "nullspace_energy": 0.0098}])
+    assert "keeps 6.2 % of C0's eigenvectors (0.98 % of its trace)" in beyond.answer("alphaedit", b, None, ae)
     md = beyond.save_answers(text, tmp_path).read_text()
     assert md.startswith("# Is bigger edit batch size better?") and text["memit"] in md
 

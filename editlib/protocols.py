@@ -1151,9 +1151,23 @@ RUNNERS = {"layer_search": run_layer_search, "singular": run_singular, "sweep": 
 
 def summarize(cases: pd.DataFrame, by: Sequence[str] | None = None, *, formatted: bool = False) -> pd.DataFrame:
     """The paper's tables from a cases frame: ``mean(std)`` per metric ×100, S, GE per group.
-    Default groups: every labelling column present (method, layer, lam, batch_size, eval)."""
+    Default groups: every labelling column present (method, layer, lam, batch_size, eval). With
+    several data orderings the formatted table adds "S over orderings" (mean ± std of per-ordering S)
+    beside the S of the pooled cases."""
     if by is None:
         by = [c for c in ("method", "layer", "lam", "batch_size", "eval") if c in cases.columns
               and cases[c].nunique(dropna=False) > 1] or None
     s = summarize_cases(cases, by=by)
-    return format_summary(s) if formatted else s
+    if not formatted:
+        return s
+    out = format_summary(s)
+    if by and "ordering" in cases.columns and cases["ordering"].nunique() > 1:
+        # several orderings: S as mean ± std over orderings beside the pooled S (docs/methods.md, error bars)
+        from .beyond import ordering_summary
+
+        o = ordering_summary(cases, list(by)).set_index(list(by))
+        key = pd.MultiIndex.from_frame(s[list(by)]) if len(by) > 1 else pd.Index(s[by[0]])
+        o = o.reindex(key)
+        out["S over orderings"] = [f"{a:.2f} ± {b:.2f}" if pd.notna(a) and pd.notna(b) else "n/a"
+                                   for a, b in zip(o["S"], o["S_sd"])]
+    return out

@@ -253,3 +253,15 @@ def test_params_without_a_beyond_section_still_load(tmp_path):
 def test_beyond_overrides_are_checked_like_their_sections(tmp_path, over, culprit):
     with pytest.raises(ParamsError, match=culprit.replace(".", r"\.")):  # tiny.yaml has a beyond section: at load
         params(tmp_path, **over)
+
+
+def test_summary_tables_add_s_over_orderings_only_with_several():
+    from editlib.protocols import summarize
+
+    c = rates([({"method": "memit", "batch_size": b}, 0.8, 0.7, 0.9) for b in (4, 16)], shift={0: 0.0, 1: 0.05, 2: -0.05})
+    t = summarize(c, by=["method", "batch_size"], formatted=True)
+    o = beyond.ordering_summary(c, ["method", "batch_size"])
+    assert list(t["S over orderings"]) == [f"{a:.2f} ± {b:.2f}" for a, b in zip(o["S"], o["S_sd"])]
+    one = summarize(c[c.ordering == 0], by=["method", "batch_size"], formatted=True)
+    assert "S over orderings" not in one.columns
+    assert "S over orderings" in summarize(c, by=["batch_size"], formatted=True).columns

@@ -213,7 +213,7 @@ def answer(method: str, batch_cases: pd.DataFrame | None, seq_cases: pd.DataFram
     its stored batch and sequential results (mean ± std over orderings). A difference counts only
     when it exceeds twice the spread over orderings (:func:`_differs`); a size where every edit, or
     more than :data:`MAX_FAILED` of them, failed gets no verdict, and failures are always named."""
-    name, parts, verdicts = display(method), [], []
+    name, parts, verdicts, best_b = display(method), [], [], None
     if batch_cases is not None and (batch_cases["method"] == method).any():
         text, verdict = _batch_part(ordering_summary(_current(batch_cases[batch_cases["method"] == method]),
                                                      ["batch_size"]))
@@ -226,6 +226,7 @@ def answer(method: str, batch_cases: pd.DataFrame | None, seq_cases: pd.DataFram
         keys = [k for k in ("ordering", "batch_size") if k in c.columns]
         total = int(_current(c).groupby(keys).size().max())  # facts per run
         best = s.sort_values(["S", "batch_size"], ascending=[False, False]).iloc[0]
+        best_b = _b(best)  # as best_sizes(): the degradation sentence below is about this size
         if len(s) == 1:
             parts.append(f"Sequential editing of {total} facts: only B = {_b(best)} "
                          f"(S {_pm(best['S'], best['S_sd'])} right after each batch).{_failed([best])}")
@@ -244,7 +245,6 @@ def answer(method: str, batch_cases: pd.DataFrame | None, seq_cases: pd.DataFram
                          f"({_pm(fb['S'], fb['S_sd'])}).")
     if seq_batches is not None and len(seq_batches) and "heldout_known" in seq_batches.columns and seq_cases is not None:
         b = seq_batches[(seq_batches["method"] == method) & seq_batches["heldout_known"].notna()]
-        best_b = best_sizes(seq_cases[seq_cases["method"] == method]).get(method) if len(b) else None
         last = b[b["batch_size"] == best_b]
         if "ordering" in last.columns and len(last):
             last = last[last["batch_index"] == last.groupby("ordering")["batch_index"].transform("max")]
@@ -313,9 +313,9 @@ def outputs(methods: Sequence[str], batch_cases: pd.DataFrame | None, seq_cases:
             for m in [m for m in methods if (seq_batches["method"] == m).any()]:
                 out.append((f"beyond_degradation_{m}", plotting.plot_degradation(
                     seq_batches, [m], f"Degradation, sequential {display(m)}, {title}")))
+            best = best_sizes(seq_cases)
             out.append(("beyond_degradation_all_methods", plotting.plot_degradation_overlay(
-                seq_batches, {m: b for m, b in sorted(best_sizes(seq_cases).items(), key=lambda kv: list(methods).index(kv[0])
-                                                      if kv[0] in methods else 99)},
+                seq_batches, {m: best[m] for m in methods if m in best},
                 f"Degradation, every editor at its best batch size, {title}")))
     return out
 

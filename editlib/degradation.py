@@ -30,6 +30,12 @@ from .tokens import encode, pad_right, with_space
 KEYS = ("heldout_known", "heldout_margin", "heldout_ppl")
 
 
+def due(every: int | None, start: int, stop: int, last: bool) -> bool:
+    """Whether a measurement follows the batch of facts ``start:stop`` of a sequential run: it
+    crossed a multiple of ``every`` edited facts, or it is the run's last (``every`` None: last only)."""
+    return last or (every is not None and stop // every > start // every)
+
+
 def heldout_facts(pool: Sequence[Record], edited: Sequence[Record], n: int) -> list[Record]:
     """The first ``n`` records of ``pool`` that are not edited and whose rewrite prompt is not
     one of the edited facts' neighbourhood prompts (nor shares a subject with an edited fact)."""

@@ -12,7 +12,7 @@ sequential configuration), in process, on the edited weights, without writing a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 KEYS = ("tasks", "every", "limit", "num_fewshot", "batch_size")
@@ -27,38 +27,46 @@ class LmEvalSpec:
     batch_size: int = 8
 
 
+def _int_at_least(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
 def parse(raw: Mapping[str, Any] | None, where: str = "sequential.lm_eval") -> LmEvalSpec | None:
-    """The validated spec of ``raw`` (None when off); a bad key or value raises ValueError naming it."""
+    """The validated spec of ``raw`` (None when off); a bad key or value raises ParamsError naming it."""
+    from .params import ParamsError
+
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} must be a mapping with keys {list(KEYS)}, got {type(raw).__name__}")
+        raise ParamsError(f"{where} must be a mapping with keys {list(KEYS)}, got {type(raw).__name__}")
     bad = sorted(set(raw) - set(KEYS))
     if bad:
-        raise ValueError(f"unknown key(s) {bad} in {where}; known: {list(KEYS)}")
+        raise ParamsError(f"unknown key(s) {bad} in {where}; known: {list(KEYS)}")
     tasks = raw.get("tasks")
     if isinstance(tasks, str):
         tasks = [tasks]
     if not tasks or not all(isinstance(t, str) and t for t in tasks):
-        raise ValueError(f"{where}.tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
+        raise ParamsError(f"{where}.tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
     spec = LmEvalSpec(tasks=tuple(tasks), **{k: raw[k] for k in KEYS if k in raw and k != "tasks"})
-    for f in fields(spec):
-        v = getattr(spec, f.name)
-        if f.name in ("every", "limit") and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{where}.{f.name} must be null or an integer >= 1, got {v!r}")
-        if f.name == "num_fewshot" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise ValueError(f"{where}.num_fewshot must be an integer >= 0, got {v!r}")
-        if f.name == "batch_size" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{where}.batch_size must be an integer >= 1, got {v!r}")
+    for key in ("every", "limit"):
+        v = getattr(spec, key)
+        if v is not None and not _int_at_least(v, 1):
+            raise ParamsError(f"{where}.{key} must be null or an integer >= 1, got {v!r}")
+    if not _int_at_least(spec.num_fewshot, 0):
+        raise ParamsError(f"{where}.num_fewshot must be an integer >= 0, got {spec.num_fewshot!r}")
+    if not _int_at_least(spec.batch_size, 1):
+        raise ParamsError(f"{where}.batch_size must be an integer >= 1, got {spec.batch_size!r}")
     return spec
 
 
 def check_installed() -> None:
-    """Fail fast, before any model loads, when the harness is not installed."""
+    """Fail fast, before any model loads, when the harness is not installed (ParamsError)."""
+    from .params import ParamsError
+
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ImportError("sequential.lm_eval needs EleutherAI's lm-evaluation-harness: "
+        raise ParamsError("sequential.lm_eval needs EleutherAI's lm-evaluation-harness: "
                           "pip install 'editlib[lmeval]' (or pip install lm-eval), or set sequential.lm_eval: null") from None
 
 
@@ -99,5 +107,7 @@ def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:
 
 
 def due(spec: LmEvalSpec, start: int, stop: int, last: bool) -> bool:
-    """Whether a batch covering facts ``start:stop`` ends a measurement interval (or the run)."""
-    return last or (spec.every is not None and stop // spec.every > start // spec.every)
+    """Whether the harness runs after the batch of facts ``start:stop`` (:func:`editlib.degradation.due`)."""
+    from .degradation import due as crossed
+
+    return crossed(spec.every, start, stop, last)

@@ -12,7 +12,7 @@ import copy
 import os
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -372,12 +372,12 @@ def _check_methods(methods, section):
 
 
 #: counts that must be at least 1 (0 would load the model and then edit nothing)
+#: (the batch and sequential sections' own sizes: _check_runs)
 _POSITIVE = (("layer_search", "n_facts"), ("singular", "n_facts"), ("sweep", "total"), ("sweep", "batch_size"),
-             ("batch", "total"), ("sequential", "total"), ("data", "world_records"),
-             ("evaluation", "batch_size"), ("evaluation", "gen_max_len"), ("covariance", "batch_size"))
+             ("data", "world_records"), ("evaluation", "batch_size"), ("evaluation", "gen_max_len"),
+             ("covariance", "batch_size"))
 _NON_EMPTY = (("layer_search", "methods"), ("singular", "methods"), ("batch", "methods"),
-              ("batch", "batch_sizes"), ("sequential", "methods"), ("sequential", "batch_sizes"),
-              ("data", "orderings"))
+              ("sequential", "methods"), ("data", "orderings"))
 
 
 def _check_sizes(sp: StudyParams) -> None:
@@ -397,17 +397,6 @@ def _check_sizes(sp: StudyParams) -> None:
             raise ParamsError(f"{sec}.windows must be a non-empty list of integers >= 1, got {_show(wins)}")
     if sp.singular.chunk_size is not None and sp.singular.chunk_size < 1:
         raise ParamsError(f"singular.chunk_size must be null or at least 1, got {sp.singular.chunk_size}")
-    if sp.sequential.degradation_every is not None and sp.sequential.degradation_every < 1:
-        raise ParamsError(f"sequential.degradation_every must be null or at least 1, got {sp.sequential.degradation_every}")
-    if sp.sequential.heldout_facts < 1:
-        raise ParamsError(f"sequential.heldout_facts must be at least 1, got {sp.sequential.heldout_facts}")
-    from .lmeval import parse as parse_lm_eval
-    try:
-        parse_lm_eval(sp.sequential.lm_eval)
-    except ValueError as e:
-        raise ParamsError(str(e)) from None
-    if sp.sequential.forgetting_every is not None and sp.sequential.forgetting_every < 1:
-        raise ParamsError(f"sequential.forgetting_every must be null or at least 1, got {sp.sequential.forgetting_every}")
     for sec in ("singular", "sweep", "batch", "sequential"):
         layer = getattr(sp, sec).layer
         if layer != "best" and not _is_layer(layer):
@@ -422,6 +411,43 @@ def _check_sizes(sp: StudyParams) -> None:
     bad = [l for l in layers if not _is_layer(l)] if layers != "all" else []
     if bad:
         raise ParamsError(f"layer_search.layers: layer(s) {bad} must be integers >= 0")
+
+
+def _check_runs(e: BatchParams | SequentialParams, name: str) -> None:
+    """A batch or sequential section (``name`` in messages: "batch", "beyond.sequential", ...):
+    its sizes, ROME's batch size 1, and a sequential section's measurement intervals and lm_eval."""
+    if e.total < 1:
+        raise ParamsError(f"{name}.total must be at least 1, got {e.total}")
+    if not e.batch_sizes:
+        raise ParamsError(f"{name}.batch_sizes must not be empty")
+    bad = [b for b in e.batch_sizes if not isinstance(b, int) or b < 1 or b > e.total]
+    if bad:
+        raise ParamsError(f"{name}.batch_sizes {bad} must be integers between 1 and {name}.total={e.total}")
+    if "rome" in e.methods and 1 not in e.batch_sizes:
+        raise ParamsError(f"{name}.methods has rome, which edits one fact at a time (it runs at batch size 1 "
+                          f"only), but {name}.batch_sizes {_show(e.batch_sizes)} has no 1")
+    if not isinstance(e, SequentialParams):
+        return
+    for key in ("degradation_every", "forgetting_every"):
+        v = getattr(e, key)
+        if v is not None and v < 1:
+            raise ParamsError(f"{name}.{key} must be null or at least 1, got {v}")
+    if e.heldout_facts < 1:
+        raise ParamsError(f"{name}.heldout_facts must be at least 1, got {e.heldout_facts}")
+    from .lmeval import parse as parse_lm_eval
+    parse_lm_eval(e.lm_eval, f"{name}.lm_eval")
+
+
+def _check_section_hparams(sp: StudyParams, sec: str, name: str) -> None:
+    """Section ``sec``'s per-method ``hparams`` overrides: known methods, values every method accepts."""
+    extra = getattr(sp, sec).hparams or {}
+    if not isinstance(extra, Mapping):
+        raise ParamsError(f"{name}.hparams must be a mapping of method -> overrides")
+    bad = sorted(set(extra) - set(METHODS) - {"common"})
+    if bad:
+        raise ParamsError(f"unknown method section(s) {bad} in {name}.hparams")
+    for m in METHODS:
+        sp.method_hparams(m, 0, sec)  # validates every override now, before any model loads
 
 
 def beyond_sections(sp: StudyParams) -> dict[str, Any]:
@@ -459,30 +485,10 @@ def check_beyond(sp: StudyParams) -> None:
     if b.layer != "best" and not _is_layer(b.layer):
         raise ParamsError(f"beyond.layer must be an integer >= 0 or 'best', got {b.layer!r}")
     secs = beyond_sections(sp)
+    derived = replace(sp, **secs)
     for name, e in secs.items():
-        if e.total < 1:
-            raise ParamsError(f"beyond.{name}.total must be at least 1, got {e.total}")
-        bad = [x for x in e.batch_sizes if not isinstance(x, int) or x < 1 or x > e.total]
-        if bad or not e.batch_sizes:
-            raise ParamsError(f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} must be integers between 1 and "
-                              f"beyond.{name}.total={e.total}")
-        if "rome" in e.methods and 1 not in e.batch_sizes:
-            raise ParamsError(f"beyond.methods has rome, which edits one fact at a time, but "
-                              f"beyond.{name}.batch_sizes {_show(e.batch_sizes)} has no 1")
-        extra = e.hparams or {}
-        bad = sorted(set(extra) - set(METHODS) - {"common"}) if isinstance(extra, Mapping) else ["?"]
-        if bad:
-            raise ParamsError(f"unknown method section(s) {bad} in beyond.{name}.hparams")
-    seq = secs["sequential"]
-    if seq.degradation_every is not None and seq.degradation_every < 1:
-        raise ParamsError(f"beyond.sequential.degradation_every must be null or at least 1, got {seq.degradation_every}")
-    if seq.heldout_facts < 1:
-        raise ParamsError(f"beyond.sequential.heldout_facts must be at least 1, got {seq.heldout_facts}")
-    from .lmeval import parse as parse_lm_eval
-    try:
-        parse_lm_eval(seq.lm_eval, "beyond.sequential.lm_eval")
-    except ValueError as e:
-        raise ParamsError(str(e)) from None
+        _check_runs(e, f"beyond.{name}")
+        _check_section_hparams(derived, name, f"beyond.{name}")
 
 
 def _is_layer(v: Any) -> bool:
@@ -579,26 +585,13 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
     for sec in ("layer_search", "singular", "batch", "sequential"):
         _check_methods(getattr(sp, sec).methods, sec)
     for sec in ("layer_search", "singular", "sweep", "batch", "sequential"):
-        extra = getattr(sp, sec).hparams or {}
-        if not isinstance(extra, Mapping):
-            raise ParamsError(f"{sec}.hparams must be a mapping of method -> overrides")
-        bad = sorted(set(extra) - set(METHODS) - {"common"})
-        if bad:
-            raise ParamsError(f"unknown method section(s) {bad} in {sec}.hparams")
-        for m in METHODS:
-            sp.method_hparams(m, 0, sec)  # validates every override now, before any model loads
+        _check_section_hparams(sp, sec, sec)
     if sp.evaluation.alignment not in ("correct", "reference"):
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
     if sp.data.source not in ("model", "counterfact", "world"):
         raise ParamsError(f"data.source must be 'model', 'counterfact' or 'world', got {sp.data.source!r}")
     for sec in ("batch", "sequential"):
-        e = getattr(sp, sec)
-        bad = [b for b in e.batch_sizes if not isinstance(b, int) or b < 1 or b > e.total]
-        if bad:
-            raise ParamsError(f"{sec}.batch_sizes {bad} must be integers between 1 and {sec}.total={e.total}")
-        if "rome" in e.methods and 1 not in e.batch_sizes:
-            raise ParamsError(f"{sec}.methods has rome, which edits one fact at a time (it runs at batch size 1 "
-                              f"only), but {sec}.batch_sizes {_show(e.batch_sizes)} has no 1")
+        _check_runs(getattr(sp, sec), sec)
     if sp.sweep.batch_size > sp.sweep.total:
         raise ParamsError(f"sweep.batch_size={sp.sweep.batch_size} is larger than sweep.total={sp.sweep.total}")
     if d.get("beyond"):

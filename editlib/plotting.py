@@ -360,6 +360,16 @@ def has_degradation(batches: pd.DataFrame) -> bool:
     return "heldout_known" in batches.columns and batches["heldout_known"].notna().any()
 
 
+def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
+    """A degradation panel's frame: the unedited model as a dotted line, facts edited on a log2 axis."""
+    if len(b):
+        ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("facts edited so far (0.5: unedited)")
+    ax.set_title(label)
+    ax.set_ylabel(label)
+
+
 def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
     """Model degradation vs facts edited so far (log2 axis; 0 edits at the left edge: the unedited
     model, also a dotted line): held-out known facts, their margin, and perplexity; one colour per
@@ -377,12 +387,7 @@ def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str) 
                 ys = [float(g[f"{col}_0"].iloc[0])] + list(g[col])
                 ax.plot(xs, ys, color=colors[B], linestyle=ls, marker=mk, markersize=3,
                         label=f"{method.upper()} B={B}")
-        if len(b):
-            ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("facts edited so far (0.5: unedited)")
-        ax.set_title(label)
-        ax.set_ylabel(label)
+        _degradation_axis(ax, b, col, label)
     axes[0].legend(fontsize="x-small")
     return fig
 
@@ -466,12 +471,7 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
             if k > 1:
                 ax.fill_between(xs, ys - np.nan_to_num(sd), ys + np.nan_to_num(sd), color=ln.get_color(),
                                 alpha=0.15, linewidth=0)
-        if len(b):
-            ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("facts edited so far (0.5: unedited)")
-        ax.set_title(label)
-        ax.set_ylabel(label)
+        _degradation_axis(ax, b, col, label)
     axes[0].legend(fontsize="x-small", title="editor at its best B", title_fontsize="x-small")
     if k > 1:
         _band_title(fig, f"±1 std over {k} orderings")

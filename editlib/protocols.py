@@ -40,6 +40,7 @@ from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
 from .arch import weight_out_in
+from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
 from .lowrank import LowRankEdits, RowDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
@@ -243,10 +244,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     check_executor(p)  # kind: ray without Ray installed
     if "sequential" in experiments and p.sequential.lm_eval:
         from .lmeval import check_installed
-        try:
-            check_installed()
-        except ImportError as e:
-            raise ParamsError(str(e)) from None
+        check_installed()
     check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
@@ -968,8 +966,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 so_far = facts[: chunks[bi].stop]
                 frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
                                      batch_index=bi, eval=f"after_{bi + 1}"))
-            every = sq.degradation_every
-            if heldout and (chunks[bi].stop // every > chunks[bi].start // every or bi + 1 == len(chunks)):
+            if heldout and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, bi + 1 == len(chunks)):
                 d = {**d, **_degradation(study, heldout), **deg0}  # a multiple of `every` facts crossed, or the end
             if lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, bi + 1 == len(chunks)):
                 d = {**d, **lm_evaluate(study.model, study.tok, lm_spec), **deg0}
@@ -1165,9 +1162,7 @@ def summarize(cases: pd.DataFrame, by: Sequence[str] | None = None, *, formatted
         # several orderings: S as mean ± std over orderings beside the pooled S (docs/methods.md, error bars)
         from .beyond import ordering_summary
 
-        o = ordering_summary(cases, list(by)).set_index(list(by))
-        key = pd.MultiIndex.from_frame(s[list(by)]) if len(by) > 1 else pd.Index(s[by[0]])
-        o = o.reindex(key)
+        o = s[list(by)].merge(ordering_summary(cases, list(by)), on=list(by), how="left")  # s's row order
         out["S over orderings"] = [f"{a:.2f} ± {b:.2f}" if pd.notna(a) and pd.notna(b) else "n/a"
                                    for a, b in zip(o["S"], o["S_sd"])]
     return out

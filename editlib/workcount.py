@@ -392,6 +392,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     one evaluation call and a checkpoint (the batch's low-rank factors); forgetting evaluations
     every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
+    from .degradation import due as degradation_due
     from .editors import uses_prior_keys
     from .protocols import MULTI_LAYER, runs_at
 
@@ -414,7 +415,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     exp.add("solve", 1, n, layer)
                     exp.add("eval", 1, n, layer)
                     exp.add("ckpt", 1, n)
-                    if every and ((done + n) // every > done // every or bi + 1 == len(sizes)):
+                    if every and degradation_due(every, done, done + n, bi + 1 == len(sizes)):
                         exp.add("eval", 2, sq.heldout_facts, layer)
                     done += n
                     k = sq.forgetting_every

@@ -463,14 +463,13 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
             agg = g.groupby("batch_index")[col].agg(["mean", "std"]).sort_index()
             xs = np.array([0.5] + list((agg.index.to_numpy() + 1) * B), dtype=float)
             ys = np.array([float(g[f"{col}_0"].mean())] + list(agg["mean"]))
-            sd = np.array([float(g.groupby("ordering")[f"{col}_0"].first().std()) if k > 1 else 0.0]
-                          + list(agg["std"].fillna(0.0) if k > 1 else [0.0] * len(agg)))
+            # std over orderings: NaN (no band) where fewer than two orderings measured, as in _stats
+            sd = np.array([g.groupby("ordering")[f"{col}_0"].first().std()] + list(agg["std"]), dtype=float)
             ls, mk = _STYLE.get(method, ("-", "o"))
             (ln,) = ax.plot(xs, ys, color=_PALETTE.get(method), linestyle=ls, marker=mk, markersize=3,
                             label=f"{_name(method)} B={B}")
             if k > 1:
-                ax.fill_between(xs, ys - np.nan_to_num(sd), ys + np.nan_to_num(sd), color=ln.get_color(),
-                                alpha=0.15, linewidth=0)
+                ax.fill_between(xs, ys - sd, ys + sd, color=ln.get_color(), alpha=0.15, linewidth=0)
         _degradation_axis(ax, b, col, label)
     axes[0].legend(fontsize="x-small", title="editor at its best B", title_fontsize="x-small")
     if k > 1:

@@ -265,3 +265,18 @@ def test_summary_tables_add_s_over_orderings_only_with_several():
     one = summarize(c[c.ordering == 0], by=["method", "batch_size"], formatted=True)
     assert "S over orderings" not in one.columns
     assert "S over orderings" in summarize(c, by=["batch_size"], formatted=True).columns
+
+
+def test_degradation_overlay_has_no_band_where_one_ordering_measured():
+    rows = []
+    for o in (0, 1, 2):
+        for bi in (0, 1, 2):
+            if bi == 2 and o > 0:
+                continue  # the last measurement exists for ordering 0 only
+            rows.append({"method": "memit", "batch_size": 4, "ordering": o, "batch_index": bi,
+                         "heldout_known": 90.0 - bi - o, "heldout_known_0": 100.0, "heldout_margin": 50.0 + o,
+                         "heldout_margin_0": 60.0, "heldout_ppl": 3.0 + o * 0.1, "heldout_ppl_0": 2.8})
+    fig = plotting.plot_degradation_overlay(pd.DataFrame(rows), {"memit": 4}, "t")
+    ax = fig.axes[0]
+    xs = np.concatenate([p.vertices[:, 0] for c in ax.collections for p in c.get_paths()])
+    assert np.isclose(xs, 8.0).any() and not np.isclose(xs, 12.0).any()  # a band at 2 × 4 facts, none at 3 × 4

@@ -105,6 +105,14 @@ def report(p, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
     top = sorted(consumers, reverse=True)[:3]
     print(f"\n**Total: {total / 3600:.1f} GPU-hours** ({total / 86400:.1f} days on one GPU). Biggest consumers: "
           + "; ".join(f"{name} {s / 3600:.1f} h ({100 * s / total:.0f} %)" for s, name in top) + ".")
+    fl = [model.floor().seconds(e, ts) for e in exps]
+    fcol = {k: sum(f[k] for f in fl) for k in KINDS}
+    floor = sum(fcol.values())
+    print(f"\n**Arithmetic floor: {floor / 3600:.1f} GPU-hours**: the same work with every matmul at 100 % of "
+          f"the {model.dtype}{' (TF32)' if model.tf32 and model.bpp == 4 else ''} peak and nothing else "
+          "(no memory traffic, kernel launches, Python, host or disk); no implementation of this grid runs "
+          "faster on this GPU in this dtype. Of it: " + ", ".join(
+              f"{KINDS[k]} {fcol[k] / 3600:.1f} h" for k in sorted(fcol, key=fcol.get, reverse=True)[:4]) + ".")
     print("\nAssumptions:")
     for n in notes:
         print(f"- {n}")
@@ -117,7 +125,8 @@ def report(p, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
         print(f"- measured unit costs replacing the model: {json.dumps(model.unit_s)}")
     print(f"- token counts per fact ({ts.source}): " + ", ".join(
         f"{k} {v}" for k, v in asdict(ts).items() if k not in ("gen_len_hist", "source")))
-    return {"gpu": model.gpu.name, "total_gpu_hours": total / 3600,
+    return {"gpu": model.gpu.name, "total_gpu_hours": total / 3600, "floor_gpu_hours": floor / 3600,
+            "floor_hours": {k: fcol[k] / 3600 for k in KINDS},
             "experiments": [{"name": e.name, "model": e.shape.name, "edits": e.edits,
                              "value_opts": e.total("values"), "solves": dict(e.solves),
                              "eval_cases": e.total("eval"), "hours": {k: sec[k] / 3600 for k in KINDS},

@@ -83,7 +83,12 @@ class CostModel:
     host_factor_s: float = 53.0    # C0 read + checks + Cholesky + cond estimate per layer on this VM (slice)
     disk_bw: float = 2e9           # bytes/s: model and C0 cache reads, checkpoint writes
     pcie_bw: float = 12e9          # bytes/s: host <-> device copies (pageable memory)
+    ckpt_fixed_s: float = 0.01     # per checkpoint file (open, metadata, fsync)
     load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint
+    case_py_s: float = 5e-3        # Python per evaluated case (reading scores into rows)
+    gen_row_py_s: float = 2e-3     # Python per generated text (its n-gram entropy)
+    call_s: float = 5e-3           # small calls and syncs around a device solve
+    flops_only: bool = False       # a pass costs its FLOPs alone (no memory traffic): see floor()
     unit_s: dict = field(default_factory=dict)  # measured overrides (see UNIT_KEYS)
 
     # ----------------------------------------------------------------- helpers
@@ -102,8 +107,21 @@ class CostModel:
         """One GPU pass: compute- or memory-bound, whichever is slower, unless the host cannot
         launch its kernels (and run its Python) faster than the GPU runs them (eager PyTorch
         launches asynchronously, so the two overlap)."""
-        gpu = max(flops / (self.peak * (eff or self.mm_eff)), nbytes / (self.gpu.bw * self.bw_eff))
+        gpu = flops / (self.peak * (eff or self.mm_eff))
+        if not self.flops_only:
+            gpu = max(gpu, nbytes / (self.gpu.bw * self.bw_eff))
         return max(gpu, kernels * self.kernel_s + py_s)
+
+    def floor(self) -> "CostModel":
+        """The arithmetic floor of the same work: every matmul at 100 % of the peak of its dtype
+        (float64 work at the float64 peak), no memory traffic, no kernel launch, Python, host or
+        disk time. Nothing can run the grid faster on this GPU in this dtype; an estimate above
+        a target whose floor is above it too cannot be brought under the target by engineering."""
+        inf = math.inf
+        return replace(self, mm_eff=1.0, small_mm_eff=1.0, bw_eff=1.0, f64_eff=1.0, trsv_eff=inf,
+                       kernel_s=0.0, step_py_s=0.0, case_py_s=0.0, ckpt_fixed_s=0.0, gen_row_py_s=0.0, call_s=0.0,
+                       load_fixed_s=0.0, disk_bw=inf, pcie_bw=inf, flops_only=True, solve_on="device",
+                       unit_s={})
 
     # ----------------------------------------------------------------- units
     def values(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
@@ -153,8 +171,8 @@ class CostModel:
             t = (self.host_solve_s + extra / self.host_f64) / self.host_speedup
             return t + (s.d + s.d_in) * n * 8 / self.pcie_bw  # the factors R, X to the device
         trsv = 2 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff) if n < 64 else 0.0
-        t = trsv + self._solve_flops(s, n, kind) / (self.gpu.fp64 * self.f64_eff) + 5e-3  # + small calls, syncs
-        if kind == "solve":
+        t = trsv + self._solve_flops(s, n, kind) / (self.gpu.fp64 * self.f64_eff) + self.call_s
+        if kind == "solve" and not self.flops_only:
             t += weight * (2 * 2 * self.bpp + 2 * 4 + 2 * self.bpp + 2 * self.bpp) / (self.gpu.bw * self.bw_eff)
         return t
 
@@ -167,7 +185,7 @@ class CostModel:
         n_fwd = max(1, math.ceil(seqs / eval_batch))
         flops = 2 * s.n_layers * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
         nbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
-        return n_fwd * self._pass(flops / n_fwd, nbytes, s.n_layers * self.kernels_fwd + 10) + 5e-3 * cases
+        return n_fwd * self._pass(flops / n_fwd, nbytes, s.n_layers * self.kernels_fwd + 10) + self.case_py_s * cases
 
     def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
         """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
@@ -194,7 +212,7 @@ class CostModel:
                               s.n_layers * self.kernels_fwd + 10, self.mm_eff if r >= 64 else self.small_mm_eff,
                               self.step_py_s)
             t += steps * step
-        return t + 2e-3 * rows, decoded  # n-gram entropy of each text (Python)
+        return t + self.gen_row_py_s * rows, decoded  # + the n-gram entropy of each text (Python)
 
     def c0_per_pass(self, s: ModelShape) -> int:
         """C0 accumulators (float64 d_in², on the device) per pass over the corpus: at most half
@@ -222,7 +240,7 @@ class CostModel:
         if self.solve_on == "host":
             return read + self.host_factor_s * (s.d_in / 14336) ** 3 / self.host_speedup
         chol = s.d_in ** 3 / 3 / (self.gpu.fp64 * self.f64_eff)
-        cond = 50 * 3 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff)  # power + inverse iterations
+        cond = 50 * 3 * 8 * s.d_in ** 2 / (self.gpu.bw * self.trsv_eff)  # power + inverse iterations (memory-bound)
         return read + 8 * s.d_in ** 2 / self.pcie_bw + chol + cond
 
     def c0_eigh(self, s: ModelShape) -> float:
@@ -247,7 +265,7 @@ class CostModel:
         float64, one small safetensors file per batch (protocols._save_ckpt)."""
         if "ckpt_s" in self.unit_s:
             return self.unit_s["ckpt_s"]
-        return (s.d + s.d_in) * n * 8 / self.disk_bw + 0.01
+        return (s.d + s.d_in) * n * 8 / self.disk_bw + self.ckpt_fixed_s
 
     def load(self, s: ModelShape) -> float:
         if "load_s" in self.unit_s:
@@ -299,7 +317,7 @@ class CostModel:
                 f"{self.solve(s, 1):.3f} s, N = 4096 {self.solve(s, 4096):.1f} s ({self.solve_on})"]
 
     def assumptions(self) -> list[str]:
-        skip = {"gpu", "unit_s"}
+        skip = {"gpu", "unit_s", "flops_only"}
         return [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self) if f.name not in skip]
 
 

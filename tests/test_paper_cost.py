@@ -183,3 +183,29 @@ def test_experiment_seconds_and_overrides(tmp_path):
     f.write_text(json.dumps({"solve_per_fact": 1}))
     with pytest.raises(ValueError, match="unknown unit"):
         with_unit_costs(m, f)
+
+
+def test_arithmetic_floor():
+    """The floor is the same work at 100 % of peak and nothing else: never above the estimate,
+    GE at exactly its FLOPs (prefill + 2·params per decoded token) over the dtype's peak, and it
+    scales with the peak of the dtype."""
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    m = CostModel(GPUS["h200"], c0_tokens=6.5e7)
+    f = m.floor()
+    params = s.n_layers * s.block_params + s.head_params
+    t, decoded = f.ge(s, ts, 1, 100)
+    rows, m_len = 10, round(ts.gen_case_min_len)
+    assert decoded == rows * (100 - m_len)
+    assert t == pytest.approx(2 * params * (rows * m_len + decoded) / GPUS["h200"].fp32)
+    assert t < 0.2 * m.ge(s, ts, 1, 100)[0]  # one case's 10 rows are far from compute-bound
+    # C0: the float64 rank-T updates at the float64 peak + the forward at the float32 peak
+    acc = 2 * s.d_in ** 2 * 6.5e7 * 32 / GPUS["h200"].fp64
+    assert acc < f.c0_collect(s, 32, 31) < m.c0_collect(s, 32, 31)
+    p = resolve(REPO_ROOT / "params" / "llama3-8b.yaml")
+    for e in count_grid(p, layer=1):
+        est, low = m.seconds(e, ts), f.seconds(e, ts)
+        for k in low:
+            assert low[k] <= est[k] + 1e-9, (e.name, k)
+        assert low["ge_tokens"] == est["ge_tokens"]  # the same work
+    bf = CostModel(GPUS["h200"], dtype="bfloat16").floor()
+    assert bf.ge(s, ts, 1, 100)[0] == pytest.approx(t * GPUS["h200"].fp32 / GPUS["h200"].bf16)

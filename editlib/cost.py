@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .stats import gram_macs
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
 
@@ -222,14 +223,15 @@ class CostModel:
 
     def c0_collect(self, s: ModelShape, layers: int, deepest: int) -> float:
         """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
-        deepest in groups of :meth:`c0_per_pass`) + a float64 d_in² rank-T update per layer."""
+        deepest in groups of :meth:`c0_per_pass`) + a float64 rank-T update of each layer's Σkkᵀ
+        (its block upper triangle: editlib.stats.add_gram)."""
         if "c0_s_per_token_layer" in self.unit_s:
             return self.unit_s["c0_s_per_token_layer"] * self.c0_tokens * layers
         per = self.c0_per_pass(s)
         first = deepest - layers + 1
         depths = [min(first + i + per, deepest + 1) for i in range(0, layers, per)]
         fwd = sum(2 * d * s.block_params * self.c0_tokens / (self.peak * self.mm_eff) for d in depths)
-        acc = 2 * s.d_in ** 2 * self.c0_tokens * layers / (self.gpu.fp64 * self.f64_eff)
+        acc = 2 * gram_macs(s.d_in) * self.c0_tokens * layers / (self.gpu.fp64 * self.f64_eff)
         return fwd + acc
 
     def c0_factor(self, s: ModelShape) -> float:

@@ -10,6 +10,7 @@ import pytest
 from editlib.cost import GPUS, KNOWN_SHAPES, CostModel, TokenStats, count_grid, shape_for, with_unit_costs
 from editlib.params import resolve
 from editlib.paths import REPO_ROOT
+from editlib.stats import gram_macs
 
 SMOKE = REPO_ROOT / "params" / "smoke.yaml"
 
@@ -199,7 +200,7 @@ def test_arithmetic_floor():
     assert t == pytest.approx(2 * params * (rows * m_len + decoded) / GPUS["h200"].fp32)
     assert t < 0.2 * m.ge(s, ts, 1, 100)[0]  # one case's 10 rows are far from compute-bound
     # C0: the float64 rank-T updates at the float64 peak + the forward at the float32 peak
-    acc = 2 * s.d_in ** 2 * 6.5e7 * 32 / GPUS["h200"].fp64
+    acc = 2 * gram_macs(s.d_in) * 6.5e7 * 32 / GPUS["h200"].fp64  # the block upper triangle of Σkkᵀ
     assert acc < f.c0_collect(s, 32, 31) < m.c0_collect(s, 32, 31)
     p = resolve(REPO_ROOT / "params" / "llama3-8b.yaml")
     for e in count_grid(p, layer=1):

@@ -86,6 +86,40 @@ def test_matches_hand_computation(llama, tok) -> None:
     assert rel(total / count, expected) < 1e-10
 
 
+@pytest.mark.parametrize("d, block", [(50, 16), (64, 64), (33, 8)])
+def test_block_triangular_gram_equals_the_full_product(d, block, monkeypatch) -> None:
+    """Σkkᵀ accumulated on the block upper triangle over several batches and mirrored once equals
+    the full product, is exactly symmetric (the full GEMM need not be), and takes (b + 1) / 2b of its multiply-adds; at most
+    GRAM_BLOCK columns it is the one full GEMM (bitwise)."""
+    monkeypatch.setattr(stats, "GRAM_BLOCK", block)
+    g = torch.Generator().manual_seed(d)
+    batches = [torch.randn(n, d, generator=g, dtype=F64) for n in (7, 30, 1)]
+    full, acc = torch.zeros(d, d, dtype=F64), torch.zeros(d, d, dtype=F64)
+    for x in batches:
+        full.addmm_(x.T, x)
+        stats.add_gram(acc, x)
+    got = stats.symmetrize_upper(acc)
+    assert rel(got, full) < 1e-14
+    b = stats.gram_blocks(d)
+    if d <= block:
+        assert b == 1 and torch.equal(got, full)
+    else:
+        assert b == -(-d // block) > 1 and torch.equal(got, got.T)
+        macs = stats.gram_macs(d)
+        assert macs == pytest.approx((b + 1) / (2 * b) * d * d, rel=0.1) and macs < 0.8 * d * d
+
+
+def test_collection_with_column_blocks_matches_one_gemm(llama, tok, monkeypatch) -> None:
+    texts = texts_of(20, seed=3)
+    one = collect_second_moments(llama, tok, texts, [0, 1], batch_size=6, progress=False)
+    monkeypatch.setattr(stats, "GRAM_BLOCK", 24)  # the tiny Llama's 64 inputs: 3 column blocks
+    blocked = collect_second_moments(llama, tok, texts, [0, 1], batch_size=6, progress=False)
+    for l in (0, 1):
+        assert blocked[l][1] == one[l][1]
+        assert torch.equal(blocked[l][0], blocked[l][0].T)
+        assert rel(blocked[l][0], one[l][0]) < 1e-13
+
+
 def test_gpt2_conv1d_c_proj_input(tok) -> None:
     model = tiny_gpt2()
     assert arch.arch_for(model).conv1d and arch.key_dim(model, 0) == 128  # 4·n_embd

@@ -15,7 +15,7 @@
   positions (8192 for Llama-3), as the reference does, unless ``max_length`` says otherwise.
 * Arithmetic: Σkkᵀ is symmetric, so above ``GRAM_BLOCK`` columns only its block upper triangle is
   accumulated (block row i: K_iᵀ K_{i:}, one GEMM each) and mirrored once at the end:
-  (b + 1) / 2b of the full product's FLOPs for b column blocks (56 % at d_in = 14336, b = 8).
+  (about (b + 1) / 2b of the full product's FLOPs for b column blocks: 57 % at d_in = 14336, b = 7).
   Every entry is the same sum over tokens; smaller layers (the miniature's) use one full GEMM.
 * Memory: the requested layers are collected in passes of at most ``layers_per_pass`` layers, sized
   from free memory (one float64 d_in×d_in accumulator per layer lives on the model's device), and
@@ -301,7 +301,7 @@ def _gram_edges(d: int) -> list[int]:
 def gram_macs(d: int) -> int:
     """Multiply-adds per token of :func:`add_gram` on d inputs (d² for one full GEMM)."""
     e = _gram_edges(d)
-    return sum((hi - lo) * (d - lo) for lo, hi in zip(e[:-1], e[1:])) if len(e) > 2 else d * d
+    return sum((hi - lo) * (d - lo) for lo, hi in zip(e[:-1], e[1:]))
 
 
 def add_gram(acc: torch.Tensor, feats: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
+from .beyond import s_over_orderings
 from .metrics import failed_rows, format_summary, summarize_cases
 
 PANELS = ("ES", "PS", "NS", "S")
@@ -556,6 +557,9 @@ def table1(cases: pd.DataFrame) -> pd.DataFrame:
     for col in ("failed", "jittered"):
         if col in f.columns:
             out[col] = f[col]
+    over = s_over_orderings(c, ["method"])  # several orderings only: one-ordering tables unchanged
+    if over is not None:
+        out["S over orderings"] = [over[i] for i in f.index]
     return out.reset_index(drop=True)
 
 
@@ -570,6 +574,9 @@ def sweep_table(cases: pd.DataFrame, method: str) -> pd.DataFrame:
     for col in ("failed", "jittered"):
         if col in f.columns:
             out[col] = f[col].to_numpy()
+    over = s_over_orderings(c, ["lam"])
+    if over is not None:
+        out["S over orderings"] = over
     return out
 
 
@@ -601,6 +608,9 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     for col in ("failed", "jittered"):
         if col in f.columns:
             out[col] = f[col]
+    over = s_over_orderings(c, ["method"])  # several orderings only: one-ordering tables unchanged
+    if over is not None:
+        out["S over orderings"] = [over[i] for i in f.index]
     return out.reset_index(drop=True)
 
 

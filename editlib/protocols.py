@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import counterfact
 from .arch import n_layers
+from .beyond import s_over_orderings
 from .context import ContextTemplates, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
@@ -1158,11 +1159,7 @@ def summarize(cases: pd.DataFrame, by: Sequence[str] | None = None, *, formatted
     if not formatted:
         return s
     out = format_summary(s)
-    if by and "ordering" in cases.columns and cases["ordering"].nunique() > 1:
-        # several orderings: S as mean ± std over orderings beside the pooled S (docs/methods.md, error bars)
-        from .beyond import ordering_summary
-
-        o = s[list(by)].merge(ordering_summary(cases, list(by)), on=list(by), how="left")  # s's row order
-        out["S over orderings"] = [f"{a:.2f} ± {b:.2f}" if pd.notna(a) and pd.notna(b) else "n/a"
-                                   for a, b in zip(o["S"], o["S_sd"])]
+    col = s_over_orderings(cases, by)  # several orderings: beside the pooled S (docs/methods.md, error bars)
+    if col is not None:
+        out["S over orderings"] = col
     return out

@@ -267,6 +267,24 @@ def test_summary_tables_add_s_over_orderings_only_with_several():
     assert "S over orderings" in summarize(c, by=["batch_size"], formatted=True).columns
 
 
+def test_table1_and_sweep_tables_add_s_over_orderings_only_with_several():
+    from editlib import plotting
+
+    shift = {0: 0.0, 1: 0.05, 2: -0.1}
+    c = rates([({"method": m}, es, 0.7, 0.9) for m, es in (("rome", 0.6), ("memit", 0.8))], shift=shift)
+    t = plotting.table1(c)
+    o = beyond.ordering_summary(c, ["method"]).set_index("method")
+    assert list(t["Algorithm"]) == ["MEMIT", "ROME"]  # the paper's row order, not summarize's
+    assert list(t["S over orderings"]) == [f"{o.loc[m, 'S']:.2f} ± {o.loc[m, 'S_sd']:.2f}" for m in ("memit", "rome")]
+    assert "S over orderings" not in plotting.table1(c[c.ordering == 1]).columns
+    lam = rates([({"method": "memit", "lam": x}, es, 0.7, 0.9) for x, es in ((10.0, 0.5), (1.0, 0.8))], shift=shift)
+    t3 = plotting.sweep_table(lam, "memit")
+    o3 = beyond.ordering_summary(lam, ["lam"])
+    assert list(t3["lam"]) == [1.0, 10.0]
+    assert list(t3["S over orderings"]) == [f"{a:.2f} ± {b:.2f}" for a, b in zip(o3["S"], o3["S_sd"])]
+    assert "S over orderings" not in plotting.sweep_table(lam[lam.ordering == 0], "memit").columns
+
+
 def test_degradation_overlay_has_no_band_where_one_ordering_measured():
     rows = []
     for o in (0, 1, 2):

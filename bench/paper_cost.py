@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
     where, why = solve_location(args.solve_on)
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
-                      solve_on=where, c0_tokens=tokens,
+                      solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,
                       host_speedup=args.host_speedup,
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",

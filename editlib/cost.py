@@ -75,7 +75,7 @@ class CostModel:
     kernels_bwd: int = 50          # ... per block backward (input gradients only)
     step_py_s: float = 2e-3        # Python per value iteration / decode step (indexing, Adam, sampling)
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
-    gen_batch: int = 64            # evaluate_records' gen_batch_size (Study.evaluate keeps the default)
+    gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
     host_speedup: float = 1.0      # GPU machine's CPU vs this 2-core VM for the host-side units

@@ -83,6 +83,7 @@ class EvalParams:
     generation: bool = False
     gen_max_len: int = 100
     gen_seed: int = 0
+    gen_batch_size: int = 64  # prompts sampled together for GE (texts do not depend on it: per-prompt random streams)
     batch_size: int = 128
     max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
@@ -375,6 +376,7 @@ def _check_methods(methods, section):
 #: (the batch and sequential sections' own sizes: _check_runs)
 _POSITIVE = (("layer_search", "n_facts"), ("singular", "n_facts"), ("sweep", "total"), ("sweep", "batch_size"),
              ("data", "world_records"), ("evaluation", "batch_size"), ("evaluation", "gen_max_len"),
+             ("evaluation", "gen_batch_size"),
              ("covariance", "batch_size"))
 _NON_EMPTY = (("layer_search", "methods"), ("singular", "methods"), ("batch", "methods"),
               ("sequential", "methods"), ("data", "orderings"))

@@ -178,7 +178,8 @@ class Study:
         ev = self.params.evaluation
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
                                 batch_size=ev.batch_size, generation=ev.generation,
-                                gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len, **kw)
+                                gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len,
+                                gen_batch_size=ev.gen_batch_size, **kw)
 
     def data_provenance(self) -> dict:
         key = json.dumps([asdict(self.params.data), self.model_dir], default=str)

@@ -465,6 +465,29 @@ def test_same_seed_same_scores(study, weights0, tmp_path):
     assert [r.case_id for r in other] != one.case_id.tolist()
 
 
+def test_gen_batch_size_changes_no_text(study, weights0, tmp_path):
+    """GE samples every prompt from its own seeded stream, so evaluation.gen_batch_size (prompts
+    decoded together) reaches the generation and changes no score."""
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4], "evaluation.generation": True,
+            "evaluation.gen_max_len": 12, "evaluation.gen_seed": 3}
+    seen = []
+    real = protocols.evaluate_records
+
+    def spy(*a, **k):
+        seen.append(k.get("gen_batch_size"))
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "evaluate_records", spy)
+        one = protocols.run_batch(use(study, params_for(tmp_path, "g64", **over)), log=quiet)
+        two = protocols.run_batch(use(study, params_for(tmp_path, "g3", **{**over, "evaluation.gen_batch_size": 3})),
+                                  log=quiet)
+    assert set(seen) == {64, 3}
+    assert one.GE.notna().all()
+    assert_frame_equal(one, two, check_exact=True)
+    assert_unedited(study.model, weights0)
+
+
 # --------------------------------------------------------------------------- bad parameters fail fast
 
 @pytest.fixture

@@ -608,9 +608,9 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     for col in ("failed", "jittered"):
         if col in f.columns:
             out[col] = f[col]
-    over = s_over_orderings(c, ["method"])  # several orderings only: one-ordering tables unchanged
+    over = s_over_orderings(c, ["method", "batch_size", "eval"])  # several orderings only
     if over is not None:
-        out["S over orderings"] = [over[i] for i in f.index]
+        out["S over orderings"] = over
     return out.reset_index(drop=True)
 
 

@@ -110,8 +110,9 @@ def report(p, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
     floor = sum(fcol.values())
     print(f"\n**Arithmetic floor: {floor / 3600:.1f} GPU-hours**: the same work with every matmul at 100 % of "
           f"the {model.dtype}{' (TF32)' if model.tf32 and model.bpp == 4 else ''} peak and nothing else "
-          "(no memory traffic, kernel launches, Python, host or disk); no implementation of this grid runs "
-          "faster on this GPU in this dtype. Of it: " + ", ".join(
+          "(no memory traffic, kernel launches, Python, host or disk): the floor of this implementation's "
+          "work on this GPU in this dtype (GE's part binds any implementation: every decoded token passes "
+          "through the model). Of it: " + ", ".join(
               f"{KINDS[k]} {fcol[k] / 3600:.1f} h" for k in sorted(fcol, key=fcol.get, reverse=True)[:4]) + ".")
     print("\nAssumptions:")
     for n in notes:

@@ -100,9 +100,9 @@ def s_over_orderings(cases: pd.DataFrame, by: Sequence[str]) -> list[str] | None
     """Each group's "S over orderings" (mean ± sample std of the per-ordering S) in the row order
     of ``summarize_cases(cases, by)``; None when the cases come from one ordering (the tables of
     notebooks 01-06 then carry the pooled S alone)."""
+    by = [by] if isinstance(by, str) else list(by or [])
     if not by or "ordering" not in cases.columns or cases["ordering"].nunique() < 2:
         return None
-    by = list(by)
     o = summarize_cases(cases, by=by)[by].merge(ordering_summary(cases, by), on=by, how="left")
     return [f"{a:.2f} ± {b:.2f}" if pd.notna(a) and pd.notna(b) else "n/a" for a, b in zip(o["S"], o["S_sd"])]
 

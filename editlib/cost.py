@@ -116,8 +116,9 @@ class CostModel:
     def floor(self) -> "CostModel":
         """The arithmetic floor of the same work: every matmul at 100 % of the peak of its dtype
         (float64 work at the float64 peak), no memory traffic, no kernel launch, Python, host or
-        disk time. Nothing can run the grid faster on this GPU in this dtype; an estimate above
-        a target whose floor is above it too cannot be brought under the target by engineering."""
+        disk time. The floor of this implementation's work (its C0 schedule and block-triangle
+        accumulation, value steps at their maximum), not of every possible one; its GE part (every
+        decoded token through the model) binds any implementation."""
         inf = math.inf
         return replace(self, mm_eff=1.0, small_mm_eff=1.0, bw_eff=1.0, f64_eff=1.0, trsv_eff=inf,
                        kernel_s=0.0, step_py_s=0.0, case_py_s=0.0, ckpt_fixed_s=0.0, gen_row_py_s=0.0, call_s=0.0,

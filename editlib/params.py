@@ -83,7 +83,7 @@ class EvalParams:
     generation: bool = False
     gen_max_len: int = 100
     gen_seed: int = 0
-    gen_batch_size: int = 64  # prompts sampled together for GE (texts do not depend on it: per-prompt random streams)
+    gen_batch_size: int = 64  # prompts sampled together for GE (per-prompt random streams: texts depend on it only through rounding)
     batch_size: int = 128
     max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)

@@ -414,9 +414,15 @@ def best_layer_of(cases: pd.DataFrame) -> int:
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
 
+#: evaluation keys that change how scores are computed, not what they are: left out of an
+#: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
+EVAL_NOT_IN_DIGEST = ("gen_batch_size",)
+
+
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
+    ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
-              "evaluation": asdict(study.params.evaluation), "data": asdict(study.params.data),
+              "evaluation": ev, "data": asdict(study.params.data),
               "covariance": asdict(study.params.covariance)}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .beyond import s_over_orderings
 from .metrics import format_summary, summarize_cases
 
 #: experiment (folder name before any "-<second model>") -> its configuration columns
@@ -50,8 +51,13 @@ def show(run_dir: str | Path) -> str:
     """Every finished experiment's summary table, as the paper prints them (mean(std) ×100)."""
     parts = []
     for exp, d in run_experiments(run_dir).items():
-        t = format_summary(experiment_summary(pd.read_parquet(d / "cases.parquet"), exp))
+        cases = pd.read_parquet(d / "cases.parquet")
+        t = format_summary(experiment_summary(cases, exp))
         t = t[[c for c in t.columns if not c.endswith(("_mag", "_acc"))]]  # the paper's columns
+        keys = [k for k in KEYS.get(exp.split("-", 1)[0], ["method"]) if k in cases.columns]
+        over = s_over_orderings(cases, keys)  # several orderings: mean ± std of the per-ordering S
+        if over is not None:
+            t["S over orderings"] = over
         parts.append(f"== {exp} ({d})\n{t.to_string(index=False)}")
     return "\n\n".join(parts)
 

@@ -283,9 +283,11 @@ def test_table1_and_sweep_tables_add_s_over_orderings_only_with_several():
     assert list(t3["lam"]) == [1.0, 10.0]
     assert list(t3["S over orderings"]) == [f"{a:.2f} ± {b:.2f}" for a, b in zip(o3["S"], o3["S_sd"])]
     assert "S over orderings" not in plotting.sweep_table(lam[lam.ordering == 0], "memit").columns
-    seq = pd.concat([rates([({"method": m, "batch_size": b, "eval": ev}, es, 0.7, 0.9)
-                            for m in ("memit", "emmet") for b in (1, 4) for ev, es in (("current", 0.9), ("final", 0.6))],
-                           shift=shift)])
+    # every configuration its own rates, so rows swapped between methods, sizes or evaluations show
+    seq = rates([({"method": m, "batch_size": b, "eval": ev}, es - 0.05 * i, 0.7 - 0.02 * i, 0.9 - 0.01 * i)
+                 for i, (m, b, ev, es) in enumerate((m, b, ev, es) for m in ("memit", "emmet") for b in (1, 4)
+                                                    for ev, es in (("current", 0.9), ("final", 0.6)))],
+                shift=shift)
     ret = plotting.retention_table(seq)
     o4 = beyond.ordering_summary(seq, ["method", "batch_size", "eval"])
     assert len(ret) == 8 and list(ret["S over orderings"]) == [f"{a:.2f} ± {b:.2f}" for a, b in zip(o4["S"], o4["S_sd"])]

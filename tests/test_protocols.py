@@ -485,6 +485,10 @@ def test_gen_batch_size_changes_no_text(study, weights0, tmp_path):
     assert set(seen) == {64, 3}
     assert one.GE.notna().all()
     assert_frame_equal(one, two, check_exact=True)
+    # not part of the results' identity: the finished folder reopens under another gen_batch_size
+    again = protocols.run_batch(use(study, params_for(tmp_path, "g64", **{**over, "evaluation.gen_batch_size": 5})),
+                                log=quiet)
+    assert_frame_equal(one, again, check_exact=True)
     assert_unedited(study.model, weights0)
 
 

@@ -303,10 +303,13 @@ def test_low_token_warning(llama, tok, world, tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(tok) -> None:
+@pytest.mark.parametrize("block", [None, 24])  # 24: the block-triangular accumulation (strided addmm_ on the device)
+def test_cuda_matches_cpu(tok, block, monkeypatch) -> None:
     model = tiny_llama(seed=0).double().eval()
     texts = texts_of(10, seed=5)
     cpu = collect_second_moments(model, tok, texts, [0, 1], progress=False)
+    if block:
+        monkeypatch.setattr(stats, "GRAM_BLOCK", block)
     gpu = collect_second_moments(model.to("cuda"), tok, texts, [0, 1], progress=False)
     for layer in (0, 1):
         assert gpu[layer][0].device.type == "cpu" and gpu[layer][1] == cpu[layer][1]

@@ -39,6 +39,22 @@ def test_show_prints_each_experiment_by_its_configuration(runs, capsys):
     assert "== layer_search" in capsys.readouterr().out
 
 
+def test_show_adds_s_over_orderings_with_several(tmp_path):
+    from editlib.beyond import ordering_summary
+
+    rows = [dict(method="memit", batch_size=b, ordering=o) for b in (4, 16) for o in (0, 1, 2)]
+    cases = _cases(np.random.default_rng(3), rows)
+    (tmp_path / "r" / "batch").mkdir(parents=True)
+    cases.to_parquet(tmp_path / "r" / "batch" / "cases.parquet")
+    o = ordering_summary(cases, ["method", "batch_size"])
+    text = show(tmp_path / "r")
+    assert "S over orderings" in text
+    for a, b in zip(o["S"], o["S_sd"]):
+        assert f"{a:.2f} ± {b:.2f}" in text
+    cases[cases.ordering == 0].to_parquet(tmp_path / "r" / "batch" / "cases.parquet")
+    assert "S over orderings" not in show(tmp_path / "r")
+
+
 def test_compare_puts_two_runs_side_by_side(runs):
     text = compare(runs / "a", runs / "b")
     batch = text.split("== batch")[1]

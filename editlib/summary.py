@@ -41,10 +41,14 @@ def run_experiments(run_dir: str | Path) -> dict[str, Path]:
     return {e: found[e] for e in sorted(found, key=lambda e: (rank.get(e.split("-", 1)[0], 99), e))}
 
 
+def _config_keys(cases: pd.DataFrame, experiment: str) -> list[str]:
+    """The configuration columns of ``experiment`` present in ``cases``."""
+    return [k for k in KEYS.get(experiment.split("-", 1)[0], ["method"]) if k in cases.columns]
+
+
 def experiment_summary(cases: pd.DataFrame, experiment: str) -> pd.DataFrame:
     """Numeric summary (n, n_failed, S, <metric>_mean/_std) per configuration of ``experiment``."""
-    keys = [k for k in KEYS.get(experiment.split("-", 1)[0], ["method"]) if k in cases.columns]
-    return summarize_cases(cases, by=keys or None)
+    return summarize_cases(cases, by=_config_keys(cases, experiment) or None)
 
 
 def show(run_dir: str | Path) -> str:
@@ -54,8 +58,7 @@ def show(run_dir: str | Path) -> str:
         cases = pd.read_parquet(d / "cases.parquet")
         t = format_summary(experiment_summary(cases, exp))
         t = t[[c for c in t.columns if not c.endswith(("_mag", "_acc"))]]  # the paper's columns
-        keys = [k for k in KEYS.get(exp.split("-", 1)[0], ["method"]) if k in cases.columns]
-        over = s_over_orderings(cases, keys)  # several orderings: mean ± std of the per-ordering S
+        over = s_over_orderings(cases, _config_keys(cases, exp))  # several orderings: mean ± std of the per-ordering S
         if over is not None:
             t["S over orderings"] = over
         parts.append(f"== {exp} ({d})\n{t.to_string(index=False)}")

@@ -70,7 +70,7 @@ def test_degradation_off_unless_asked_and_bad_values(tmp_path):
     from editlib.params import SequentialParams
 
     assert SequentialParams().degradation_every is None  # a params file without the key measures nothing
-    assert resolve(SMOKE, overrides={"results_dir": str(tmp_path)}).sequential.degradation_every == 32  # tiny.yaml
+    assert resolve(SMOKE, overrides={"results_dir": str(tmp_path)}).sequential.degradation_every == 32  # smoke.yaml (tiny.yaml: 16)
     for over, match in (({"sequential.degradation_every": 0}, "degradation_every"),
                         ({"sequential.heldout_facts": 0}, "heldout_facts")):
         with pytest.raises(ParamsError, match=match):

@@ -49,7 +49,7 @@ def test_smoke_counts_by_hand():
     sq = g["sequential"]
     assert sq.solves == Counter({2: 8, 8: 2}) and sq.edits == 32
     assert sq.total("values") == 32                      # recomputed per batch on the edited model
-    # current + final (2 methods × 2 B × 8), and degradation (tiny.yaml's degradation_every 32 > 8
+    # current + final (2 methods × 2 B × 8), and degradation (smoke.yaml's degradation_every 32 > 8
     # facts: the unedited model and the end of each of the 4 runs, 64 held-out facts scored + their perplexity)
     assert sq.total("eval") == 32 + 32 + 4 * 2 * (2 * 64)
     assert sq.total("ckpt", "count") == 10 and sq.total("ckpt") == 32

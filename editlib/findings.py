@@ -31,6 +31,16 @@ def _orderings(c: pd.DataFrame) -> list:
     return sorted(c["ordering"].unique()) if "ordering" in c.columns else [0]
 
 
+def _facts_per_ordering(c: pd.DataFrame) -> int:
+    """Distinct facts of the largest ordering: case ids repeat across orderings only by chance,
+    so counting them over all orderings would overstate the facts one run edits."""
+    if "case_id" not in c.columns:
+        return len(c)
+    if "ordering" not in c.columns:
+        return int(c["case_id"].nunique())
+    return int(c.groupby("ordering")["case_id"].nunique().max())
+
+
 def _spread(c: pd.DataFrame, stat: Callable[[pd.DataFrame], float]) -> str:
     """``stat`` per ordering as "a ± b over n orderings", or "" for one ordering."""
     o = _orderings(c)
@@ -147,7 +157,7 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
     if c is None or c["batch_size"].nunique() < 2 or not _methods(c, PAPER_METHODS):
         return None
     c = c[c["method"].isin(PAPER_METHODS)]
-    n_facts = c[c["method"] == _methods(c)[0]]["case_id"].nunique()
+    n_facts = _facts_per_ordering(c[c["method"] == _methods(c)[0]])
     if int(c["batch_size"].max()) < n_facts:  # no run edits all facts in one batch: nothing to compare
         return None
     parts, holds, margins, final = [], True, [], []
@@ -216,8 +226,9 @@ def finding_singular(c: pd.DataFrame) -> str:
     layer = int(c["layer"].iloc[0]) if "layer" in c.columns else None
     bits = [f"{m.upper()} S {r['S']:.2f} (ES {r['ES_mean']:.2f}, PS {r['PS_mean']:.2f}, NS {r['NS_mean']:.2f})"
             for m, r in s.iterrows()]
-    n = c["case_id"].nunique() if "case_id" in c.columns else len(c)
-    return f"Singular edits of {n} facts at layer {layer}: " + "; ".join(bits) + "."
+    k = len(_orderings(c))
+    facts = f"{_facts_per_ordering(c)} facts" + (f" in each of {k} orderings" if k > 1 else "")
+    return f"Singular edits of {facts} at layer {layer}: " + "; ".join(bits) + "."
 
 
 def finding_sweep(c: pd.DataFrame) -> str:

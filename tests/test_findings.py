@@ -93,3 +93,19 @@ def test_claims_are_about_the_paper_methods_and_need_a_one_batch_run():
     seq = sequential(False)
     assert findings.claim_sequential({"sequential": seq}) is not None
     assert findings.claim_sequential({"sequential": seq[seq.batch_size < 20]}) is None  # largest B = 4 < 20 facts
+
+
+def test_claims_count_facts_per_ordering():
+    """Each ordering draws its own facts (other case ids): with three orderings of 20 facts the run's
+    one batch of 20 still edits all of an ordering's facts, so the sequential claim has its row,
+    and the singular paragraph counts facts per ordering."""
+    seq = sequential(False)
+    three = pd.concat([seq.assign(ordering=o, case_id=seq["case_id"] + 1000 * o) for o in (0, 1, 2)],
+                      ignore_index=True)
+    row = findings.claim_sequential({"sequential": three})
+    assert row is not None and row["holds"] is True and "over 3 orderings" in row["spread"]
+    assert "sequential batches beat one big batch of the same facts" in findings.claims_table({"sequential": three})["claim"].tolist()
+    sg = layer_search(0)[lambda d: d.layer == 0]
+    sg3 = pd.concat([sg.assign(ordering=o, case_id=sg["case_id"] + 1000 * o) for o in (0, 1, 2)], ignore_index=True)
+    assert findings.finding("singular", sg3).startswith("Singular edits of 20 facts in each of 3 orderings at layer 0")
+    assert findings.finding("singular", sg).startswith("Singular edits of 20 facts at layer 0")

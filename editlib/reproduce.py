@@ -133,8 +133,10 @@ _SIZE_KEYS = (("n_facts", "facts"), ("total", "facts in total"), ("layers", "lay
               ("batch_size", "batch size"), ("batch_sizes", "batch sizes"), ("methods", "methods"))
 
 
-def _sizes(spec: dict) -> str:
-    parts = [f"{label} {_short(spec[k])}" for k, label in _SIZE_KEYS if k in spec]
+def _sizes(spec: dict, per: str = "") -> str:
+    """The spec's sizes; with ``per`` (" per ordering") the fact counts read "facts per ordering"."""
+    parts = [f"{'facts' + per if per and k in ('n_facts', 'total') else label} {_short(spec[k])}"
+             for k, label in _SIZE_KEYS if k in spec]
     for m, grid in (spec.get("grids") or {}).items():
         parts.append(f"{m.upper()} λ ∈ {{{', '.join(f'{x:g}' for x in grid)}}}")
     return "; ".join(parts)
@@ -163,7 +165,8 @@ def caption(p: StudyParams, r: StoredResult, what: str) -> str:
         facts = f"{facts} (records.json sha256 {pd_['sha256'][:12]})"
     text = (f"**{what}.** Model `{r.label}` ({prov.get('n_layers', '?')} decoder layers, fingerprint "
             f"`{str(prov.get('model_fingerprint', '?'))[:12]}`); data: {facts} "
-            f"({prov.get('n_records_available', '?')} records available); {_sizes(prm.get('spec', {}))}; "
+            f"({prov.get('n_records_available', '?')} records available); "
+            f"{_sizes(prm.get('spec', {}), ' per ordering' if len(data.get('orderings', [])) > 1 else '')}; "
             f"seeds: {seeds}. Results: `{shown(r.root)}`" + ("" if man.get("complete") else " (incomplete run)") + ".")
     if is_miniature(p, r):
         text = (f"*Miniature result (offline model `{r.label}`, params `{p.name}`), not Llama-3-8B: compare trends "

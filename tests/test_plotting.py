@@ -191,12 +191,12 @@ def test_table2_from_params():
 def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     from editlib.reproduce import StoredResult, caption, result_title
 
-    def stored(model_dir: str, data: dict) -> StoredResult:
+    def stored(model_dir: str, data: dict, orderings=(0,)) -> StoredResult:
         man = {"complete": True,
                "provenance": {"model": model_dir, "model_label": "m-6L", "n_layers": 6,
                               "model_fingerprint": "abcdef0123456789", "n_records_available": 2000,
                               "data": data},
-               "params": {"data": {"source": "model", "ordering_seed": 37, "orderings": [0]},
+               "params": {"data": {"source": "model", "ordering_seed": 37, "orderings": list(orderings)},
                           "evaluation": {"generation": False},
                           "spec": {"total": 512, "batch_sizes": [1, 8], "layer": 0}}}
         return StoredResult("sequential", tmp_path, _cases(rng, 2), pd.DataFrame(), man)
@@ -212,6 +212,8 @@ def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     assert cf.startswith("*Miniature result") and "not Llama-3-8B" in cf
     assert "CounterFact records the miniature was trained on" in cf and "2b0adfb888cb" in cf
     assert "m-6L" in cf and "6 decoder layers" in cf and "facts in total 512" in cf and "ordering seed 37" in cf
+    three = caption(resolve("tiny"), stored(str(mini), {"source": "model"}, orderings=(0, 1, 2)), "Figure 4")
+    assert "facts per ordering 512" in three and "orderings 0, 1, 2" in three  # not 512 over all three
     big_r = stored("meta-llama/Meta-Llama-3-8B", {"source": "counterfact"})
     big = caption(resolve("llama3-8b"), big_r, "Figure 4")
     assert "Miniature" not in big and "not Llama-3-8B" not in big

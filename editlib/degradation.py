@@ -17,7 +17,6 @@ unedited model's values as ``*_0`` for reference.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -75,21 +74,13 @@ def perplexity(model, tok, texts: Sequence[str], batch_size: int = 32) -> float:
     return math.exp(nll / count)
 
 
-def rewrite_only(records: Sequence[Record]) -> list[Record]:
-    """The records with their rewrite prompt as their only prompt: all that :func:`measure` reads
-    (ES and its magnitude), at about a thirteenth of the full ES/PS/NS evaluation's forward passes."""
-    return [dataclasses.replace(r, paraphrase_prompts=(), neighborhood_prompts=(), attribute_prompts=(),
-                                generation_prompts=()) for r in records]
-
-
 def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[Record]], pd.DataFrame],
             batch_size: int = 32) -> dict[str, float]:
     """``heldout_known`` (%), ``heldout_margin`` (×100) and ``heldout_ppl`` of the model as it is
-    now; ``evaluate`` scores records (the study's ES/PS/NS evaluation, no generation needed), here
-    on their rewrite prompts only (:func:`rewrite_only`)."""
+    now; ``evaluate`` scores records (the study's ES/PS/NS evaluation, no generation needed)."""
     if not heldout:
         raise ValueError("no held-out facts to measure degradation on")
-    c = evaluate(rewrite_only(heldout))
+    c = evaluate(heldout)
     es = c["ES"].to_numpy(dtype=float)
     mag = c["ES_mag"].to_numpy(dtype=float)  # P(new) − P(true) on the rewrite prompt
     return {"heldout_known": float(100 * np.nanmean(1 - es)),

@@ -135,22 +135,3 @@ def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(ParamsError, match=r"pip install 'editlib\[lmeval\]'"):
         protocols.check_before_loading(p, ["sequential"])
     assert params_for(tmp_path).sequential.lm_eval is None  # off by default
-
-
-def test_measure_scores_only_the_rewrite_prompts(study):  # noqa: F811
-    """measure() reads ES and its magnitude only: the evaluation it asks for has no paraphrase or
-    neighbourhood prompt, and gives the full evaluation's numbers up to float32 batching rounding."""
-    held = study.facts(24)
-    seen = []
-
-    def ev(rs):
-        seen.extend(rs)
-        return protocols.evaluate_records(study.model, study.tok, rs, generation=False)
-
-    got = degradation.measure(study.model, study.tok, held, ev)
-    assert [r.case_id for r in seen] == [r.case_id for r in held]
-    assert all(not r.paraphrase_prompts and not r.neighborhood_prompts and not r.generation_prompts for r in seen)
-    assert all(a.rewrite_prompt == b.rewrite_prompt and a.target_new == b.target_new for a, b in zip(seen, held))
-    full = protocols.evaluate_records(study.model, study.tok, held, generation=False)
-    assert math.isclose(got["heldout_known"], 100 * float(np.mean(1 - full["ES"])), abs_tol=1e-9)
-    assert math.isclose(got["heldout_margin"], -100 * float(np.mean(full["ES_mag"])), abs_tol=1e-3)

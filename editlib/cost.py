@@ -47,7 +47,7 @@ GPUS = {
 
 #: work kinds in report order, with a short label
 KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "eval ES/PS/NS",
-         "ge": "GE", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "c0_eigh": "C0 eigh",
+         "ge": "GE", "degradation": "degradation", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "c0_eigh": "C0 eigh",
          "pres_factor": "pres. factor", "ckpt": "ckpt", "load": "load"}
 
 
@@ -189,6 +189,12 @@ class CostModel:
         nbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
         return n_fwd * self._pass(flops / n_fwd, nbytes, s.n_layers * self.kernels_fwd + 10) + self.case_py_s * cases
 
+    def degradation(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
+        """One degradation measurement of ``cases`` held-out facts (editlib.degradation.measure):
+        their ES/PS/NS scores and the perplexity of their sentences (about one more evaluation);
+        never generation, whatever the experiment's GE setting."""
+        return 2 * self.eval(s, ts, cases, eval_batch)
+
     def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
         """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
         sorted by length and sampled ``gen_batch`` at a time; every step decodes one token for all
@@ -294,6 +300,8 @@ class CostModel:
                     t, tok = self.ge(s, ts, w.size, exp.gen_max_len)
                     out["ge"] += w.count * t
                     out["ge_tokens"] += w.count * tok
+            elif w.kind == "degradation":
+                out["degradation"] += w.count * self.degradation(s, ts, w.size, exp.eval_batch)
             elif w.kind == "c0_collect":
                 out["c0_collect"] += w.count * self.c0_collect(s, w.size, w.layer)
             elif w.kind == "c0_factor":

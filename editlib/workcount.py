@@ -188,7 +188,7 @@ class Work:
     solve, cases per evaluation call, layers per C0 pass, edits per checkpoint; ``layer``: the
     edited layer (the deepest one for a C0 pass)."""
 
-    kind: str  # one of SOLVES, values | keys | eval | c0_collect | c0_factor | c0_eigh | pres_factor | ckpt | load
+    kind: str  # one of SOLVES, values | keys | eval | degradation | c0_collect | c0_factor | c0_eigh | pres_factor | ckpt | load
     count: int
     size: int = 1
     layer: int = 0
@@ -407,7 +407,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                 sizes = _chunks(sq.total, B)
                 done = 0
                 if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)
-                    exp.add("eval", 2, sq.heldout_facts, layer)
+                    exp.add("degradation", 1, sq.heldout_facts, layer)
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
                     if bi > 0 and uses_prior_keys(hp):
@@ -416,7 +416,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     exp.add("eval", 1, n, layer)
                     exp.add("ckpt", 1, n)
                     if every and degradation_due(every, done, done + n, bi + 1 == len(sizes)):
-                        exp.add("eval", 2, sq.heldout_facts, layer)
+                        exp.add("degradation", 1, sq.heldout_facts, layer)
                     done += n
                     k = sq.forgetting_every
                     if k and (bi + 1) % k == 0 and bi + 1 < len(sizes):

@@ -27,7 +27,7 @@ import torch
 
 from .arch import arch_for, get_module
 
-__all__ = ["LowRankEdits", "RowDeltas", "rank_one"]
+__all__ = ["LayeredRowDeltas", "LowRankEdits", "RowDeltas", "rank_one"]
 
 
 @dataclass
@@ -104,7 +104,7 @@ class RowDeltas(contextlib.AbstractContextManager):
                 out[has] += coef[..., None] * R[idx].to(x.dtype)[:, None, :]
             return out
         for e in rows.unique().tolist():
-            if e < 0:
+            if e < 0 or self._X[e].shape[0] == 0:  # unedited rows, rank-0 edits: nothing to add
                 continue
             m = rows == e
             out[m] += (x[m] @ self._X[e].to(x.dtype).T) @ self._R[e].to(x.dtype).T
@@ -118,6 +118,27 @@ class RowDeltas(contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb):
         self.close()
         return False
+
+
+class LayeredRowDeltas(contextlib.ExitStack):
+    """:class:`RowDeltas` at several layers at once (edit e of every layer belongs to the same rows):
+    setting ``rows`` sets it on each hook. Edits that span a window of layers, or a sequential run's
+    later batches, are evaluated this way. Every hook is removed on exit."""
+
+    def __init__(self, model, edits: Sequence[LowRankEdits]):
+        super().__init__()
+        if len({len(e) for e in edits}) > 1:
+            raise ValueError("every layer needs the same number of edits (rank 0 where a layer has none)")
+        self.hooks = [self.enter_context(RowDeltas(model, e)) for e in edits]
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self.hooks[0].rows if self.hooks else None
+
+    @rows.setter
+    def rows(self, value: torch.Tensor | None) -> None:
+        for h in self.hooks:
+            h.rows = value
 
 
 def rows_for(groups: Sequence[int] | torch.Tensor, index: Sequence[int]) -> torch.Tensor:

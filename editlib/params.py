@@ -141,6 +141,10 @@ class SequentialParams:
     lm_eval: dict | None = None           # optional lm-eval downstream tasks per checkpoint (editlib.lmeval; off: null)
     windows: tuple[int, ...] = (1,)       # as batch.windows: also MEMIT over the chosen layer and the next w − 1
     hparams: dict | None = None  # per-method overrides for this experiment, e.g. {memit: {mom2_update_weight: 100}}
+    # evaluate up to this many consecutive batches in one call, each at its own batch's weights
+    # (per-row low-rank corrections, editlib.protocols._evaluate_pending); 1 = right after each
+    # batch, as the reference. Same scores up to float rounding; fuller forward passes and GE steps.
+    eval_group: int = 1
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,9 @@ def _check_runs(e: BatchParams | SequentialParams, name: str) -> None:
             raise ParamsError(f"{name}.{key} must be null or at least 1, got {v}")
     if e.heldout_facts < 1:
         raise ParamsError(f"{name}.heldout_facts must be at least 1, got {e.heldout_facts}")
+    if not isinstance(e.eval_group, int) or isinstance(e.eval_group, bool) or e.eval_group < 1:
+        raise ParamsError(f"{name}.eval_group must be an integer >= 1 (1: evaluate right after each batch), "
+                          f"got {_show(e.eval_group)}")
     from .lmeval import parse as parse_lm_eval
     parse_lm_eval(e.lm_eval, f"{name}.lm_eval")
 

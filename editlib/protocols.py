@@ -43,7 +43,7 @@ from .records import Record
 from .arch import weight_out_in
 from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
-from .lowrank import LowRankEdits, RowDeltas
+from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
 from .stats import CorpusSpec, layer_covariance
 from .executor import inject_failure, run_units
@@ -475,6 +475,8 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
             spec["windows"] = list(sq.windows)
         if sq.lm_eval:
             spec["lm_eval"] = dict(sq.lm_eval)
+        if sq.eval_group != 1:  # scores move at float rounding: a run does not mix two settings
+            spec["eval_group"] = sq.eval_group
         methods = sq.methods
     return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}
@@ -522,6 +524,16 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
     solve; if nothing can be solved, no weight is written. Either way every fact gets a row:
     ``failed`` / ``fail_reason`` say which rows carry no scores (NaN), so a failure is counted and
     shown, never averaged in as a valid zero. ``prior``: the sequential run's earlier keys."""
+    stats, reasons = _edit(study, facts, hp, ctx, tg, session, prior)
+    t0 = time.time()
+    cases = _mark(study.evaluate(facts), reasons, tg, stats)
+    return cases, {**stats, "seconds_eval": time.time() - t0}
+
+
+def _edit(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTemplates,
+          tg: BatchTargets, session: EditSession, prior: PriorKeys | None = None) -> tuple[dict, list[str]]:
+    """Write one batch's edit into the session's weights: (diagnostics, each fact's failure reason,
+    "" for an edited fact). A batch that cannot be solved writes nothing and fails all its facts."""
     reasons = tg.fail_reason
     try:
         stats = apply_edit(study.model, study.tok, facts, hp, study.covs(hp.layers), ctx, session,
@@ -531,16 +543,20 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
         stats = {"n": len(facts), "layer": min(hp.layers), "mu": hp.mu, "n_failed": len(facts),
                  "jitter_rel": 0.0, "seconds_values": tg.values.seconds, "seconds_keys": tg.seconds_keys}
         study.log(f"edit failed ({len(facts)} facts): {e}")
-    t0 = time.time()
-    cases = study.evaluate(facts)
+    return stats, list(reasons)
+
+
+def _mark(cases: pd.DataFrame, reasons: Sequence[str], tg: BatchTargets, stats: dict) -> pd.DataFrame:
+    """A batch's evaluated cases with its failures blanked (NaN scores, ``failed``, ``fail_reason``),
+    value stalls and the solve's jitter."""
     failed = np.array([bool(r) for r in reasons])
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
     cases["failed"] = failed
-    cases["fail_reason"] = reasons
+    cases["fail_reason"] = list(reasons)
     cases["value_stalled"] = tg.values.stalled.numpy()  # loss never below its start (not a failure)
     # τ of the solve that wrote these edits, relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)
     cases["solve_jitter"] = float(stats["jitter_rel"])
-    return cases, {**stats, "seconds_eval": time.time() - t0}
+    return cases
 
 
 def _batched(study: Study, hp: EditHParams) -> bool:
@@ -856,35 +872,36 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
 
 # --------------------------------------------------------------------------- sequential-batch
 
-def _save_ckpt(path: Path, session: EditSession, layers: Sequence[int], next_batch: int,
-               prior: PriorKeys | None = None) -> None:
-    """Append batch ``next_batch - 1``'s low-rank updates to the run's checkpoint log: one small
-    file per batch (R and X of each layer written, float64) instead of the whole edited weight
-    (235 MB at 8B: 4,096 rewrites for one B = 1 run would be ~1 TB; the log is ~600 MB in all).
-    Replaying the log with the same arithmetic rebuilds the weights bit for bit. With ``prior``
-    (AlphaEdit / ENCORE) the batch's keys added to K_p are logged too ("p<k>.<layer>.K")."""
+def _save_ckpt(path: Path, session: EditSession, entries: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+               batch: int, prior_entries: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
+    """Append batch ``batch``'s low-rank updates (``entries``: the session's factor log of that
+    batch) to the run's checkpoint log: one small file per batch (R and X of each layer written,
+    float64) instead of the whole edited weight (235 MB at 8B: 4,096 rewrites for one B = 1 run
+    would be ~1 TB; the log is ~600 MB in all). Replaying the log with the same arithmetic rebuilds
+    the weights bit for bit. ``prior_entries`` (AlphaEdit / ENCORE): the batch's keys added to K_p,
+    logged as "p<k>.<layer>.K"."""
     if not session.log_complete:
         raise RuntimeError("a dense update was written in this session: the factor log cannot replay it")
-    entries = session.take_log()
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for k, (layer, R, X) in enumerate(entries):
         tensors[f"{k:04d}.{layer}.R"] = R.contiguous()
         tensors[f"{k:04d}.{layer}.X"] = X.contiguous()
-    for k, (layer, K) in enumerate(prior.take_log() if prior is not None else []):
+    for k, (layer, K) in enumerate(prior_entries):
         tensors[f"p{k:04d}.{layer}.K"] = K.contiguous()
-    final = path / f"b{next_batch - 1:06d}.safetensors"
+    final = path / f"b{batch:06d}.safetensors"
     tmp = path / f".{final.name}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"batch": str(next_batch - 1), "entries": str(len(entries))})
+    save_file(tensors, str(tmp), metadata={"batch": str(batch), "entries": str(len(entries))})
     os.replace(tmp, final)
 
 
-def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int], prior: PriorKeys | None = None) -> int:
-    """Replay the consecutive batches of the checkpoint log (0, 1, ...) into ``session`` (and the
-    logged keys into ``prior``); returns the next batch to run. A gap (a batch whose file is
-    missing) ends the replay there."""
+def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int], prior: PriorKeys | None = None,
+               limit: int | None = None) -> int:
+    """Replay the consecutive batches of the checkpoint log (0, 1, ...; at most ``limit``) into
+    ``session`` (and the logged keys into ``prior``); returns the next batch to run. A gap (a batch
+    whose file is missing) ends the replay there."""
     n = 0
-    while (f := path / f"b{n:06d}.safetensors").is_file():
+    while (limit is None or n < limit) and (f := path / f"b{n:06d}.safetensors").is_file():
         tensors = load_file(str(f))
         factors = {name for name in tensors if not name.startswith("p")}
         for k in sorted({name.split(".")[0] for name in factors}):
@@ -946,7 +963,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     with EditSession(study.model) as s:
-        start = _load_ckpt(ckpt, s, hp.layers, prior) if ckpt.is_dir() else 0
+        start = _load_ckpt(ckpt, s, hp.layers, prior, limit=_stored_batches(exp, cfg, len(chunks))) if ckpt.is_dir() else 0
         if start:
             log(f"sequential {cfg}: resuming at batch {start}/{len(chunks)}")
             for bi in range(start):
@@ -957,31 +974,48 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                     own_reason[i] = r
         tl = time.time()
         current: list[pd.DataFrame] = []  # this process's batches, for the closing summary line
+        pending: list[_Pending] = []  # edited, not yet evaluated (sequential.eval_group > 1)
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
             s.take_log()  # only this batch's updates go into its checkpoint file
             if prior is not None:
                 prior.take_log()
-            cases, d = _edit_and_eval(study, chunk, hp, ctx, tg, s, prior)
-            own_jitter[list(chunks[bi])] = d["jitter_rel"]
-            for i, r in zip(chunks[bi], cases["fail_reason"]):
-                own_reason[i] = r
-            frames = [_label(cases, **base, batch_index=bi, eval="current")]
-            current.append(frames[0])
+            stats, reasons = _edit(study, chunk, hp, ctx, tg, s, prior)
+            pending.append(_Pending(bi, chunk, tg, stats, reasons, s.take_log(),
+                                    prior.take_log() if prior is not None else []))
+            last = bi + 1 == len(chunks)
             k = sq.forgetting_every
-            if k and (bi + 1) % k == 0 and bi + 1 < len(chunks):
-                so_far = facts[: chunks[bi].stop]
-                frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
-                                     batch_index=bi, eval=f"after_{bi + 1}"))
-            if heldout and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, bi + 1 == len(chunks)):
-                d = {**d, **_degradation(study, heldout), **deg0}  # a multiple of `every` facts crossed, or the end
-            if lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, bi + 1 == len(chunks)):
-                d = {**d, **lm_evaluate(study.model, study.tok, lm_spec), **deg0}
-            exp.save_unit(f"{cfg}-b{bi:05d}", pd.concat(frames, ignore_index=True),
-                          pd.DataFrame([{**base, "batch_index": bi, **d}]))
-            fails.add(f"sequential B={B}:", frames[0])
-            _save_ckpt(ckpt, s, hp.layers, bi + 1, prior)
+            forget = bool(k) and (bi + 1) % k == 0 and not last
+            degrade = bool(heldout) and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last)
+            lm = lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last)
+            if not closes_group(sq, chunks, bi, len(pending), bool(heldout), lm_spec):
+                if fail_after is not None and bi + 1 - start >= fail_after:
+                    raise RuntimeError(f"injected failure after batch {bi} of {cfg} (batches {pending[0].bi}-{bi} "
+                                       f"edited, not evaluated)")
+                continue
+            evaluated = _evaluate_pending(study, pending)
+            for p_, (cases, d) in zip(pending, evaluated):
+                own_jitter[list(chunks[p_.bi])] = d["jitter_rel"]
+                for i, r in zip(chunks[p_.bi], cases["fail_reason"]):
+                    own_reason[i] = r
+            for p_, (cases, d) in zip(pending, evaluated):
+                frames = [_label(cases, **base, batch_index=p_.bi, eval="current")]
+                current.append(frames[0])
+                if p_.bi == bi:  # the group's last batch: the model is as it is now
+                    if forget:
+                        so_far = facts[: chunks[bi].stop]
+                        frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
+                                             batch_index=bi, eval=f"after_{bi + 1}"))
+                    if degrade:  # a multiple of `every` facts crossed, or the end
+                        d = {**d, **_degradation(study, heldout), **deg0}
+                    if lm:
+                        d = {**d, **lm_evaluate(study.model, study.tok, lm_spec), **deg0}
+                exp.save_unit(f"{cfg}-b{p_.bi:05d}", pd.concat(frames, ignore_index=True),
+                              pd.DataFrame([{**base, "batch_index": p_.bi, **d}]))
+                fails.add(f"sequential B={B}:", frames[0])
+                _save_ckpt(ckpt, s, p_.entries, p_.bi, p_.prior_entries)
+            pending = []
             if fail_after is not None and bi + 1 - start >= fail_after:
                 raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
         if sq.eval_final:
@@ -992,6 +1026,77 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             f"sequential {cfg}: {len(chunks)} batches (all stored before)")
     # the model is restored when the session exits; the checkpoint log is no longer needed
     shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def closes_group(sq, chunks: Sequence[range], bi: int, n_pending: int, degradation: bool, lm_spec=None) -> bool:
+    """Whether batch ``bi`` of a sequential run ends an evaluation group (its pending batches,
+    ``n_pending`` with this one, are evaluated now): the group is full (``sq.eval_group``), the run
+    ends, or a measurement follows this batch (forgetting, degradation when ``degradation``, lm-eval)
+    and needs every batch so far evaluated. With eval_group 1, every batch."""
+    last = bi + 1 == len(chunks)
+    k = sq.forgetting_every
+    return (n_pending >= sq.eval_group or last or (bool(k) and (bi + 1) % k == 0)
+            or (degradation and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last))
+            or (lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last)))
+
+
+@dataclass
+class _Pending:
+    """A sequential batch edited into the weights but not evaluated yet: its facts, targets,
+    diagnostics, failure reasons and the factor (and prior-key) log entries of its update."""
+    bi: int
+    facts: list[Record]
+    tg: BatchTargets
+    stats: dict
+    reasons: list[str]
+    entries: list[tuple[int, torch.Tensor, torch.Tensor]]
+    prior_entries: list[tuple[int, torch.Tensor]]
+
+
+def _stored_batches(exp: Experiment, cfg: str, n: int) -> int:
+    """How many consecutive batches of configuration ``cfg`` (0, 1, ...) have their cases stored:
+    a resumed run replays its checkpoint log no further (batches edited but not yet evaluated when
+    the run stopped are edited again)."""
+    k = 0
+    while k < n and exp.has_unit(f"{cfg}-b{k:05d}"):
+        k += 1
+    return k
+
+
+def _evaluate_pending(study: Study, pending: Sequence[_Pending]) -> list[tuple[pd.DataFrame, dict]]:
+    """Cases and diagnostics of consecutive sequential batches, each as if evaluated right after its
+    own edit, in one evaluation call (``sequential.eval_group``).
+
+    The weights now hold every pending batch's update: W = W_j + Σ_{s>j} R_s X_s for batch j, so the
+    rows of batch j's prompts get −Σ_{s>j} R_s X_s added at each edited layer (:class:`RowDeltas`),
+    which is batch j's weights up to float rounding (the last batch's rows get nothing: its scores
+    are bit-identical to evaluating right after it). One pending batch is the reference path."""
+    facts = [f for p in pending for f in p.facts]
+    t0 = time.time()
+    later = [p.entries for p in pending]
+    layers = sorted({layer for entries in later for layer, _, _ in entries})
+    if len(pending) == 1 or not layers:
+        cases = study.evaluate(facts)
+    else:
+        edits = []
+        for layer in layers:
+            R, X = [], []
+            for j in range(len(pending)):  # edit j: minus every later batch's update of this layer
+                after = [(r, x) for entries in later[j + 1:] for l, r, x in entries if l == layer]
+                d_out, d_in = next((r.shape[0], x.shape[1]) for entries in later for l, r, x in entries if l == layer)
+                R.append(-torch.cat([r for r, _ in after], 1) if after else torch.zeros(d_out, 0, dtype=torch.float64))
+                X.append(torch.cat([x for _, x in after], 0) if after else torch.zeros(0, d_in, dtype=torch.float64))
+            edits.append(LowRankEdits(layer, R, X))
+        groups = [j for j, p in enumerate(pending) for _ in p.facts]
+        with LayeredRowDeltas(study.model, edits) as hook:
+            cases = study.evaluate(facts, groups=groups, deltas=hook)
+    seconds = (time.time() - t0) / max(len(facts), 1)
+    out, at = [], 0
+    for p in pending:
+        c = cases.iloc[at:at + len(p.facts)].reset_index(drop=True).copy()
+        at += len(p.facts)
+        out.append((_mark(c, p.reasons, p.tg, p.stats), {**p.stats, "seconds_eval": seconds * len(p.facts)}))
+    return out
 
 
 def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[Record]:

@@ -389,12 +389,13 @@ def count_batch(p, layer: int) -> ExperimentCount:
 
 def count_sequential(p, layer: int) -> ExperimentCount:
     """protocols._sequential_config: per batch values, keys, a solve written into the weights,
-    one evaluation call and a checkpoint (the batch's low-rank factors); forgetting evaluations
+    a checkpoint (the batch's low-rank factors) and one evaluation call (per group of
+    ``sequential.eval_group`` consecutive batches: :func:`editlib.protocols.closes_group`); forgetting evaluations
     every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
     from .degradation import due as degradation_due
     from .editors import uses_prior_keys
-    from .protocols import MULTI_LAYER, runs_at
+    from .protocols import MULTI_LAYER, closes_group, runs_at
 
     sq = p.sequential
     exp = _one_layer_exp(p, "sequential", sq.methods, layer)
@@ -408,12 +409,17 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                 done = 0
                 if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)
                     exp.add("degradation", 1, sq.heldout_facts, layer)
+                ranges = [range(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+                pend_facts = pend_batches = 0  # edited, not yet evaluated (sequential.eval_group)
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
                     if bi > 0 and uses_prior_keys(hp):
                         exp.add("pres_factor", 1, 1, layer)
                     exp.add("solve", 1, n, layer)
-                    exp.add("eval", 1, n, layer)
+                    pend_facts, pend_batches = pend_facts + n, pend_batches + 1
+                    if closes_group(sq, ranges, bi, pend_batches, bool(every)):  # one evaluation call
+                        exp.add("eval", 1, pend_facts, layer)
+                        pend_facts = pend_batches = 0
                     exp.add("ckpt", 1, n)
                     if every and degradation_due(every, done, done + n, bi + 1 == len(sizes)):
                         exp.add("degradation", 1, sq.heldout_facts, layer)

@@ -11,7 +11,7 @@ import transformers
 from _fixtures import WORDS, one_thread, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: F401
 from editlib.arch import weight_out_in
 from editlib.generation import sample_texts
-from editlib.lowrank import LowRankEdits, RowDeltas, rank_one
+from editlib.lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, rank_one
 from editlib.scoring import score_targets
 from editlib.weights import EditSession
 
@@ -123,6 +123,41 @@ def test_generation_equals_editing_the_weights() -> None:
             want = sample_texts(model, tok, [prompts[i] for i in idx], max_len=14, seed=1, keys=idx)
         assert [got[i] for i in idx] == want
     assert sample_texts(model, tok, prompts, max_len=14, seed=1) != got  # the edits matter
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+def test_layered_deltas_equal_editing_several_layers(dtype, tol) -> None:
+    """Edits over layers 0 and 1 (edit e of each layer on the same rows; a rank-0 edit adds
+    nothing) give the scores of writing both layers' updates into the weights."""
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=dtype)
+    e1 = random_edits(model, 3, 2, scale=0.5, seed=7)
+    e0 = LowRankEdits(0, [*random_edits(model, 2, 3, scale=0.5, seed=8).R, torch.zeros(e1.R[0].shape[0], 0,
+                                                                                        dtype=torch.float64)],
+                      [*random_edits(model, 2, 3, scale=0.5, seed=8).X, torch.zeros(0, e1.X[0].shape[1],
+                                                                                     dtype=torch.float64)])
+    prefixes, targets = pairs(18, seed=9)
+    groups = [i % 3 for i in range(18)]
+    with LayeredRowDeltas(model, [e0, e1]) as hook:
+        got = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook, batch_size=5).nll
+    assert all(h._handle is None for h in hook.hooks)  # removed on exit
+    want = np.zeros(18)
+    for e in range(3):
+        idx = [i for i in range(18) if groups[i] == e]
+        with EditSession(model) as s:
+            s.apply(0, e0.delta(e))
+            s.apply(1, e1.delta(e))
+            want[idx] = score_targets(model, tok, [prefixes[i] for i in idx], [targets[i] for i in idx]).nll
+    assert logclose(got, want) < tol
+    with EditSession(model) as s:  # without layer 0's edits the scores differ: both hooks act
+        for e in range(3):
+            idx = [i for i in range(18) if groups[i] == e]
+            s.apply(1, e1.delta(e))
+            assert logclose(score_targets(model, tok, [prefixes[i] for i in idx], [targets[i] for i in idx]).nll,
+                            want[idx]) > 100 * tol or e == 2
+            s.apply(1, -e1.delta(e))
+    with pytest.raises(ValueError, match="same number of edits"):
+        LayeredRowDeltas(model, [e0, LowRankEdits(1, e1.R[:2], e1.X[:2])])
 
 
 def test_bad_factors_and_rows_fail_clearly() -> None:

@@ -225,3 +225,18 @@ def test_arithmetic_floor():
         assert low["ge_tokens"] == est["ge_tokens"]  # the same work
     bf = CostModel(GPUS["h200"], dtype="bfloat16").floor()
     assert bf.ge(s, ts, 1, 100)[0] == pytest.approx(t * GPUS["h200"].fp32 / GPUS["h200"].bf16)
+
+
+def test_grouped_sequential_evaluation_counts():
+    """sequential.eval_group 3: consecutive batches share one evaluation call, and a group also ends
+    where a measurement follows (degradation every 4 facts) and at the run's end; the facts
+    evaluated stay the same."""
+    one = grid(**{"sequential.degradation_every": 4})["sequential"]
+    g = grid(**{"sequential.degradation_every": 4, "sequential.eval_group": 3})["sequential"]
+    assert g.total("eval") == one.total("eval") and g.solves == one.solves
+    # per method: B = 2 (4 batches): groups {0, 1} (4 facts: degradation), {2, 3}; B = 8: one batch;
+    # + the final evaluation of each run
+    assert one.total("eval", "count") == 2 * (4 + 1 + 2)
+    assert g.total("eval", "count") == 2 * (2 + 1 + 2)
+    m = CostModel(GPUS["h200"])
+    assert m.seconds(g, TokenStats())["eval"] < m.seconds(one, TokenStats())["eval"]

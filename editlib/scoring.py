@@ -11,6 +11,7 @@ repeating the target). On tokenizers without BOS both alignments coincide.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,7 +31,7 @@ class TargetScores:
 
 
 class _TokCache:
-    """One tokenisation per distinct string."""
+    """One tokenisation per distinct string (:func:`_tok_cache`: kept per tokenizer across calls)."""
 
     def __init__(self, tok, alignment: str):
         self.tok, self.alignment = tok, alignment
@@ -55,6 +56,27 @@ class _TokCache:
         if s not in self._scored:
             self._scored[s] = list(self.tok(with_space(s))["input_ids"])
         return self._scored[s]
+
+
+#: per tokenizer (weakly held), per alignment and vocabulary size: the caches that score_targets
+#: reuses, so the same prompts evaluated again (every batch size and method of the batch protocol,
+#: every layer of the layer search, each degradation measurement of the same held-out facts) are
+#: not tokenised again. Bounded: a cache past _TOK_CACHE_MAX strings starts over.
+_TOK_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOK_CACHE_MAX = 500_000
+
+
+def _tok_cache(tok, alignment: str) -> _TokCache:
+    """The tokenizer's persistent cache for ``alignment`` (a fresh one if it cannot be kept)."""
+    try:
+        per_tok = _TOK_CACHES.setdefault(tok, {})
+    except TypeError:  # not weak-referenceable or not hashable: cache within the call only
+        return _TokCache(tok, alignment)
+    key = (alignment, len(tok))  # added tokens change the ids: a new cache
+    cache = per_tok.get(key)
+    if cache is None or len(cache._prefix) + len(cache._target) + len(cache._scored) > _TOK_CACHE_MAX:
+        cache = per_tok[key] = _TokCache(tok, alignment)
+    return cache
 
 
 def _read_plan(cache: _TokCache, prefix: str, target: str) -> tuple[tuple[int, ...], list[int], list[int]]:
@@ -106,7 +128,7 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
     if groups is not None and len(groups) != n:
         raise ValueError("groups must have one entry per pair")
     grp = [-1] * n if groups is None else [int(g) for g in groups]
-    cache = _TokCache(tok, alignment)
+    cache = _tok_cache(tok, alignment)
     plans = [_read_plan(cache, prefixes[i], targets[i]) for i in range(n)]
     seq_of: dict[tuple, int] = {}
     for i, (ids, _, _) in enumerate(plans):

@@ -27,7 +27,7 @@ import torch
 
 from .arch import arch_for, get_module
 
-__all__ = ["LayeredRowDeltas", "LowRankEdits", "RowDeltas", "rank_one"]
+__all__ = ["LayeredRowDeltas", "LowRankEdits", "RowDeltas", "TrailingDeltas", "rank_one"]
 
 
 @dataclass
@@ -120,16 +120,61 @@ class RowDeltas(contextlib.AbstractContextManager):
         return False
 
 
-class LayeredRowDeltas(contextlib.ExitStack):
-    """:class:`RowDeltas` at several layers at once (edit e of every layer belongs to the same rows):
-    setting ``rows`` sets it on each hook. Edits that span a window of layers, or a sequential run's
-    later batches, are evaluated this way. Every hook is removed on exit."""
+class TrailingDeltas(contextlib.AbstractContextManager):
+    """Forward hook on layer ``edits.layer``'s down-projection that adds to each row labelled j
+    ``sign`` × Σ_{s > j} R_s X_s: the updates *after* its own (a sequential run's later batches,
+    subtracted with ``sign`` -1 to score batch j at its own weights). All factors are stacked once,
+    [d_out, r] and [r, d_in] in the model's dtype (memory linear in the group, not quadratic), and a
+    row's terms are selected by zeroing the coefficients of updates s ≤ j: a row whose mask is all
+    zero (the last update's, or ``-1``) gets exactly +0. Set ``rows`` before every forward."""
 
-    def __init__(self, model, edits: Sequence[LowRankEdits]):
+    def __init__(self, model, edits: LowRankEdits, sign: float = -1.0):
+        self.edits = edits
+        self.rows: torch.Tensor | None = None
+        module = get_module(model, arch_for(model).down_name(edits.layer))
+        p = next(model.parameters())
+        ranks = [x.shape[0] for x in edits.X]
+        owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.as_tensor(ranks, dtype=torch.long))
+        # mask[j + 1, c]: column c belongs to an update after j (row 0: label -1, nothing)
+        mask = owner[None, :] > torch.arange(-1, len(ranks))[:, None]
+        mask[0] = False
+        self._mask = mask.to(device=p.device, dtype=p.dtype)
+        self._R = (sign * torch.cat([r.to(torch.float64) for r in edits.R], 1)).T.contiguous().to(p.device, p.dtype)
+        self._X = torch.cat([x.to(torch.float64) for x in edits.X], 0).to(p.device, p.dtype)  # [r, d_in]
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        rows = self.rows
+        if rows is None:
+            return output
+        x = inputs[0]
+        if x.shape[0] != rows.shape[0]:
+            raise RuntimeError(f"TrailingDeltas: {rows.shape[0]} row labels for a batch of {x.shape[0]}")
+        m = self._mask[rows.to(x.device) + 1].to(x.dtype)                     # [batch, r]
+        coef = (x @ self._X.to(x.dtype).T) * m[:, None, :]                     # X_s x, kept for s > j
+        return output + coef @ self._R.to(x.dtype)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+class LayeredRowDeltas(contextlib.ExitStack):
+    """Per-row hooks at several layers at once (edit e of every layer belongs to the same rows):
+    setting ``rows`` sets it on each hook. ``edits``: :class:`LowRankEdits` (a :class:`RowDeltas`
+    is made for each) or hooks already built (:class:`TrailingDeltas`). Edits that span a window of
+    layers, or a sequential run's later batches, are evaluated this way. Every hook is removed on exit."""
+
+    def __init__(self, model, edits: Sequence):
         super().__init__()
-        if len({len(e) for e in edits}) > 1:
+        if len({len(e.edits if hasattr(e, "edits") else e) for e in edits}) > 1:
             raise ValueError("every layer needs the same number of edits (rank 0 where a layer has none)")
-        self.hooks = [self.enter_context(RowDeltas(model, e)) for e in edits]
+        self.hooks = [self.enter_context(e if hasattr(e, "rows") else RowDeltas(model, e)) for e in edits]
 
     @property
     def rows(self) -> torch.Tensor | None:

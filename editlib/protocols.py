@@ -17,6 +17,7 @@ part files, and the experiment is consolidated once, after all of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ from .records import Record
 from .arch import weight_out_in
 from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
-from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas
+from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
 from .stats import CorpusSpec, layer_covariance
 from .executor import inject_failure, run_units
@@ -994,7 +995,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                     raise RuntimeError(f"injected failure after batch {bi} of {cfg} (batches {pending[0].bi}-{bi} "
                                        f"edited, not evaluated)")
                 continue
-            evaluated = _evaluate_pending(study, pending)
+            evaluated = _evaluate_pending(study, pending, s)
             for p_, (cases, d) in zip(pending, evaluated):
                 own_jitter[list(chunks[p_.bi])] = d["jitter_rel"]
                 for i, r in zip(chunks[p_.bi], cases["fail_reason"]):
@@ -1063,32 +1064,37 @@ def _stored_batches(exp: Experiment, cfg: str, n: int) -> int:
     return k
 
 
-def _evaluate_pending(study: Study, pending: Sequence[_Pending]) -> list[tuple[pd.DataFrame, dict]]:
+def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSession) -> list[tuple[pd.DataFrame, dict]]:
     """Cases and diagnostics of consecutive sequential batches, each as if evaluated right after its
     own edit, in one evaluation call (``sequential.eval_group``).
 
     The weights now hold every pending batch's update: W = W_j + Σ_{s>j} R_s X_s for batch j, so the
-    rows of batch j's prompts get −Σ_{s>j} R_s X_s added at each edited layer (:class:`RowDeltas`),
-    which is batch j's weights up to float rounding (the last batch's rows get nothing: its scores
-    are bit-identical to evaluating right after it). One pending batch is the reference path."""
+    rows of batch j's prompts get −Σ_{s>j} R_s X_s added at each edited layer (:class:`TrailingDeltas`:
+    the group's factors stacked once), which is batch j's weights up to rounding (the last batch's
+    rows get exactly +0: its scores are bit-identical to evaluating right after it). In float32 the
+    margins agree to ~1e-6; in bfloat16 the written weights are rounded to bfloat16 after every
+    batch, and batch j's rows see another rounding of the same sum (margins ~1e-2 apart on the
+    miniature). One pending batch is the reference path."""
     facts = [f for p in pending for f in p.facts]
     t0 = time.time()
-    later = [p.entries for p in pending]
-    layers = sorted({layer for entries in later for layer, _, _ in entries})
+    layers = sorted({layer for p in pending for layer, _, _ in p.entries})
     if len(pending) == 1 or not layers:
         cases = study.evaluate(facts)
     else:
-        edits = []
-        for layer in layers:
-            R, X = [], []
-            for j in range(len(pending)):  # edit j: minus every later batch's update of this layer
-                after = [(r, x) for entries in later[j + 1:] for l, r, x in entries if l == layer]
-                d_out, d_in = next((r.shape[0], x.shape[1]) for entries in later for l, r, x in entries if l == layer)
-                R.append(-torch.cat([r for r, _ in after], 1) if after else torch.zeros(d_out, 0, dtype=torch.float64))
-                X.append(torch.cat([x for _, x in after], 0) if after else torch.zeros(0, d_in, dtype=torch.float64))
-            edits.append(LowRankEdits(layer, R, X))
+        if not session.log_complete:  # the hooks can only take back updates they have the factors of
+            raise RuntimeError("a dense update was written: grouped sequential evaluation needs every update's factors")
         groups = [j for j, p in enumerate(pending) for _ in p.facts]
-        with LayeredRowDeltas(study.model, edits) as hook:
+        with contextlib.ExitStack() as stack:  # every hook removed on the way out, also on error
+            hooks = []
+            for layer in layers:
+                R, X = [], []
+                for p in pending:  # update s of this layer: its batch's factors (rank 0 if none)
+                    mine = [(r, x) for l, r, x in p.entries if l == layer]
+                    d_out, d_in = next((r.shape[0], x.shape[1]) for q in pending for l, r, x in q.entries if l == layer)
+                    R.append(torch.cat([r for r, _ in mine], 1) if mine else torch.zeros(d_out, 0, dtype=torch.float64))
+                    X.append(torch.cat([x for _, x in mine], 0) if mine else torch.zeros(0, d_in, dtype=torch.float64))
+                hooks.append(stack.enter_context(TrailingDeltas(study.model, LowRankEdits(layer, R, X), sign=-1.0)))
+            hook = stack.enter_context(LayeredRowDeltas(study.model, hooks))
             cases = study.evaluate(facts, groups=groups, deltas=hook)
     seconds = (time.time() - t0) / max(len(facts), 1)
     out, at = [], 0

@@ -19,6 +19,7 @@ their preservation matrix again for every batch after the first (the earlier key
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -395,9 +396,11 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
     from .degradation import due as degradation_due
     from .editors import uses_prior_keys
+    from .lmeval import parse as parse_lm_eval
     from .protocols import MULTI_LAYER, closes_group, runs_at
 
     sq = p.sequential
+    lm_spec = parse_lm_eval(getattr(sq, "lm_eval", None))  # a measurement that also ends an evaluation group
     exp = _one_layer_exp(p, "sequential", sq.methods, layer)
     configs = [(m, w) for m in sq.methods for w in getattr(sq, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
     for _ in p.data.orderings:
@@ -409,7 +412,8 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                 done = 0
                 if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)
                     exp.add("degradation", 1, sq.heldout_facts, layer)
-                ranges = [range(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+                ends = list(itertools.accumulate(sizes))
+                ranges = [range(e - n, e) for e, n in zip(ends, sizes)]
                 pend_facts = pend_batches = 0  # edited, not yet evaluated (sequential.eval_group)
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
@@ -417,7 +421,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                         exp.add("pres_factor", 1, 1, layer)
                     exp.add("solve", 1, n, layer)
                     pend_facts, pend_batches = pend_facts + n, pend_batches + 1
-                    if closes_group(sq, ranges, bi, pend_batches, bool(every)):  # one evaluation call
+                    if closes_group(sq, ranges, bi, pend_batches, bool(every), lm_spec):  # one evaluation call
                         exp.add("eval", 1, pend_facts, layer)
                         pend_facts = pend_batches = 0
                     exp.add("ckpt", 1, n)

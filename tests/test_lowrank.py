@@ -11,7 +11,7 @@ import transformers
 from _fixtures import WORDS, one_thread, tiny_gpt2, tiny_llama, word_tokenizer  # noqa: F401
 from editlib.arch import weight_out_in
 from editlib.generation import sample_texts
-from editlib.lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, rank_one
+from editlib.lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas, rank_one
 from editlib.scoring import score_targets
 from editlib.weights import EditSession
 
@@ -158,6 +158,37 @@ def test_layered_deltas_equal_editing_several_layers(dtype, tol) -> None:
             s.apply(1, -e1.delta(e))
     with pytest.raises(ValueError, match="same number of edits"):
         LayeredRowDeltas(model, [e0, LowRankEdits(1, e1.R[:2], e1.X[:2])])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+def test_trailing_deltas_take_back_the_later_updates(kind, dtype, tol) -> None:
+    """Updates 0..3 written into the weights; TrailingDeltas with sign -1 scores the rows of update
+    j at the weights holding updates 0..j only (an update of rank 0 included), and the last
+    update's rows and unlabelled rows exactly as the fully edited model."""
+    tok = word_tokenizer()
+    model = model_for(kind, tok, dtype)
+    e = random_edits(model, 4, 2, scale=0.5, seed=12)
+    e = LowRankEdits(LAYER, [e.R[0], e.R[1][:, :0], e.R[2], e.R[3]], [e.X[0], e.X[1][:0], e.X[2], e.X[3]])
+    prefixes, targets = pairs(20, seed=13)
+    groups = [i % 5 - 1 for i in range(20)]  # -1, 0, 1, 2, 3
+    want = np.zeros(20)
+    with EditSession(model) as s:
+        for j in range(4):
+            s.apply(LAYER, e.delta(j))
+            idx = [i for i in range(20) if groups[i] == j]
+            want[idx] = score_targets(model, tok, [prefixes[i] for i in idx], [targets[i] for i in idx]).nll
+        full = score_targets(model, tok, prefixes, targets).nll
+        with TrailingDeltas(model, e, sign=-1.0) as hook:
+            got = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook, batch_size=6).nll
+        assert hook._handle is None
+    minus = [i for i in range(20) if groups[i] == -1]
+    want[minus] = full[minus]
+    assert logclose(got, want) < tol
+    last = [i for i in range(20) if groups[i] in (-1, 3)]
+    assert np.array_equal(got[last], full[last])  # nothing added: bit for bit
+    first = [i for i in range(20) if groups[i] == 0]
+    assert logclose(full[first], want[first]) > 100 * tol  # the later updates matter
 
 
 def test_bad_factors_and_rows_fail_clearly() -> None:

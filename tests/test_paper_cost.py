@@ -240,3 +240,13 @@ def test_grouped_sequential_evaluation_counts():
     assert g.total("eval", "count") == 2 * (2 + 1 + 2)
     m = CostModel(GPUS["h200"])
     assert m.seconds(g, TokenStats())["eval"] < m.seconds(one, TokenStats())["eval"]
+
+
+def test_lm_eval_ends_an_evaluation_group_in_the_count():
+    """An lm-eval measurement needs the model as it is after its batch: the work count closes the
+    evaluation group there, as the protocol does."""
+    over = {"sequential.eval_group": 4, "sequential.batch_sizes": [1], "sequential.degradation_every": None}
+    plain = grid(**over)["sequential"]
+    lm = grid(**over, **{"sequential.lm_eval": {"tasks": ["arc_easy"], "every": 2}})["sequential"]
+    # 8 one-fact batches per method: groups of 4 (+ final) against groups of 2 (lm-eval every 2 facts)
+    assert plain.total("eval", "count") == 2 * (2 + 1) and lm.total("eval", "count") == 2 * (4 + 1)

@@ -695,36 +695,55 @@ def test_windowed_memit_in_the_sequential_protocol(study, weights0, tmp_path):
 
 # --------------------------------------------------------------------------- sequential batches evaluated together
 
-GROUPED = {"sequential.total": 6, "sequential.batch_sizes": [1, 2], "sequential.methods": ["memit", "emmet"],
-           "sequential.windows": [1, 2], "sequential.degradation_every": 4, "sequential.heldout_facts": 4}
+GROUPED = {"sequential.total": 6, "sequential.batch_sizes": [1, 2], "sequential.methods": ["memit", "alphaedit"],
+           "sequential.windows": [1, 2], "sequential.degradation_every": 4, "sequential.heldout_facts": 4,
+           "sequential.forgetting_every": 2}
 
 
 def test_grouped_sequential_evaluation_equals_evaluating_after_each_batch(study, weights0, tmp_path):
     """sequential.eval_group 4: up to four consecutive batches evaluated in one call, each batch's
-    rows with the later batches' updates subtracted by hooks (two layers for memit-w2), give the
-    same cases as evaluating right after each batch: ES/PS/NS identical, margins to float32
-    rounding, the group's last batch bit for bit; degradation (it ends a group) and the batch
-    diagnostics identical; the model restored."""
+    rows with the later batches' updates subtracted by hooks (two layers for memit-w2; AlphaEdit
+    with its run's earlier keys), give the same cases as evaluating right after each batch:
+    ES/PS/NS identical, margins to float32 rounding, the group's last batch bit for bit;
+    forgetting and degradation (each ends a group) and the batch diagnostics identical; the model
+    restored."""
     ref = protocols.run_sequential(use(study, params_for(tmp_path / "ref", **GROUPED)), log=quiet)
     p = params_for(tmp_path / "grp", **GROUPED, **{"sequential.eval_group": 4})
     got = protocols.run_sequential(use(study, p), log=quiet)
     assert_unedited(study.model, weights0)
     a, b = sort_units(got), sort_units(ref)
-    assert len(a) == len(b) == 3 * (6 + 6 + 6 + 6) and (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all()
+    assert len(a) == len(b) and set(a.method) == {"memit", "memit-w2", "alphaedit", "alphaedit-w2"}
+    assert (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all() and set(a["eval"]) > {"current", "final"}
     for c in ("ES", "PS", "NS", "ES_acc", "PS_acc", "NS_acc", "failed"):
         assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
     assert_frame_equal(a[SCORES], b[SCORES], check_exact=False, rtol=0, atol=1e-5)
-    # B = 1 with degradation every 4 facts: groups {0-3}, {4, 5}; batches 3 and 5 close a group
-    last = (a.batch_size == 1) & a.batch_index.isin([3, 5]) | (a.batch_size == 2) & a.batch_index.isin([1, 2]) \
-        | (a["eval"] == "final")
+    # B = 1 (forgetting every 2 batches, degradation every 4 facts): groups {0, 1}, {2, 3}, {4, 5};
+    # B = 2: {0, 1} (forgetting), {2}; the last batch of a group and every later evaluation bit for bit
+    last = (a.batch_size == 1) & a.batch_index.isin([1, 3, 5]) | (a.batch_size == 2) & a.batch_index.isin([1, 2]) \
+        | (a["eval"] != "current")
     assert_frame_equal(a[last][SCORES], b[last][SCORES], check_exact=True)
-    inner = (a.batch_size == 1) & (a.batch_index < 3) & (a["eval"] == "current")
+    inner = ~last
     assert not a[inner][SCORES].equals(b[inner][SCORES])  # the hooks ran (float32 sums in another order)
     ba, bb = (sort_units(pd.read_parquet(exp_dir(x, "sequential") / "batches.parquet"))
               for x in (p, params_for(tmp_path / "ref", **GROUPED)))
     cols = [c for c in ba.columns if not c.startswith("seconds")]
     assert_frame_equal(ba[cols], bb[cols], check_exact=True)
-    assert ba["heldout_known"].notna().sum() == 3 * (2 + 2)  # after facts 4 and 6 of each B = 1 and 2 run
+    assert ba["heldout_known"].notna().sum() == 4 * (2 + 2)  # after facts 4 and 6 of each B = 1 and 2 run
+
+
+def test_grouped_sequential_evaluation_generates_the_same_texts(study, weights0, tmp_path):
+    """With GE on, each batch's generation prompts continue under its own weights in the grouped
+    call: the same texts, hence the same GE scores, as generating right after each batch."""
+    over = {"sequential.methods": ["memit"], "sequential.total": 4, "sequential.batch_sizes": [1],
+            "evaluation.generation": True, "evaluation.gen_max_len": 12}
+    ref = protocols.run_sequential(use(study, params_for(tmp_path / "ref", **over)), log=quiet)
+    got = protocols.run_sequential(use(study, params_for(tmp_path / "grp", **over, **{"sequential.eval_group": 4})),
+                                   log=quiet)
+    a, b = sort_units(got), sort_units(ref)
+    ge = [c for c in a.columns if c in ("GE", "fluency", "consistency")]
+    assert ge and a[ge].notna().all().all()
+    assert_frame_equal(a[ge], b[ge], check_exact=False, rtol=1e-6, atol=0)
+    assert_unedited(study.model, weights0)
 
 
 def test_grouped_sequential_evaluation_resumes_mid_group(study, weights0, tmp_path):

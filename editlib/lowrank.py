@@ -66,7 +66,29 @@ def rank_one(layer: int, R: torch.Tensor, X: torch.Tensor) -> LowRankEdits:
     return LowRankEdits(layer, [R[:, e:e + 1] for e in range(R.shape[1])], [X[e:e + 1] for e in range(X.shape[0])])
 
 
-class RowDeltas(contextlib.AbstractContextManager):
+class _RowHook(contextlib.AbstractContextManager):
+    """A forward hook on one module that adds a per-row term (``rows``: a [batch] long tensor of
+    labels, set before every forward; None = nothing added); removed on exit, also on error."""
+
+    _handle = None
+
+    def _rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        rows = self.rows
+        if rows is not None and x.shape[0] != rows.shape[0]:
+            raise RuntimeError(f"{type(self).__name__}: {rows.shape[0]} row labels for a batch of {x.shape[0]}")
+        return None if rows is None else rows.to(x.device)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+class RowDeltas(_RowHook):
     """Forward hook on layer ``edits.layer``'s down-projection adding each row's edit.
 
     Set ``rows`` (a [batch] long tensor of edit indices, -1 = none) before every forward; with
@@ -87,13 +109,10 @@ class RowDeltas(contextlib.AbstractContextManager):
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        rows = self.rows
+        x = inputs[0]
+        rows = self._rows_for(x)
         if rows is None:
             return output
-        x = inputs[0]
-        if x.shape[0] != rows.shape[0]:
-            raise RuntimeError(f"RowDeltas: {rows.shape[0]} row labels for a batch of {x.shape[0]}")
-        rows = rows.to(x.device)
         out = output.clone()
         if self._stack is not None:
             R, X = self._stack
@@ -110,17 +129,9 @@ class RowDeltas(contextlib.AbstractContextManager):
             out[m] += (x[m] @ self._X[e].to(x.dtype).T) @ self._R[e].to(x.dtype).T
         return out
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
 
 
-class TrailingDeltas(contextlib.AbstractContextManager):
+class TrailingDeltas(_RowHook):
     """Forward hook on layer ``edits.layer``'s down-projection that adds to each row labelled j
     ``sign`` × Σ_{s > j} R_s X_s: the updates *after* its own (a sequential run's later batches,
     subtracted with ``sign`` -1 to score batch j at its own weights). All factors are stacked once,
@@ -144,24 +155,14 @@ class TrailingDeltas(contextlib.AbstractContextManager):
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        rows = self.rows
+        x = inputs[0]
+        rows = self._rows_for(x)
         if rows is None:
             return output
-        x = inputs[0]
-        if x.shape[0] != rows.shape[0]:
-            raise RuntimeError(f"TrailingDeltas: {rows.shape[0]} row labels for a batch of {x.shape[0]}")
-        m = self._mask[rows.to(x.device) + 1].to(x.dtype)                     # [batch, r]
+        m = self._mask[rows + 1].to(x.dtype)                                  # [batch, r]
         coef = (x @ self._X.to(x.dtype).T) * m[:, None, :]                     # X_s x, kept for s > j
         return output + coef @ self._R.to(x.dtype)
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
 
 
 class LayeredRowDeltas(contextlib.ExitStack):

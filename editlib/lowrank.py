@@ -130,7 +130,6 @@ class RowDeltas(_RowHook):
         return out
 
 
-
 class TrailingDeltas(_RowHook):
     """Forward hook on layer ``edits.layer``'s down-projection that adds to each row labelled j
     ``sign`` × Σ_{s > j} R_s X_s: the updates *after* its own (a sequential run's later batches,
@@ -162,7 +161,6 @@ class TrailingDeltas(_RowHook):
         m = self._mask[rows + 1].to(x.dtype)                                  # [batch, r]
         coef = (x @ self._X.to(x.dtype).T) * m[:, None, :]                     # X_s x, kept for s > j
         return output + coef @ self._R.to(x.dtype)
-
 
 
 class LayeredRowDeltas(contextlib.ExitStack):

@@ -527,7 +527,7 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
     shown, never averaged in as a valid zero. ``prior``: the sequential run's earlier keys."""
     stats, reasons = _edit(study, facts, hp, ctx, tg, session, prior)
     t0 = time.time()
-    cases = _mark(study.evaluate(facts), reasons, tg, stats)
+    cases = _mark(study.evaluate(facts), reasons, tg.values.stalled.numpy(), stats["jitter_rel"])
     return cases, {**stats, "seconds_eval": time.time() - t0}
 
 
@@ -547,16 +547,16 @@ def _edit(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTe
     return stats, list(reasons)
 
 
-def _mark(cases: pd.DataFrame, reasons: Sequence[str], tg: BatchTargets, stats: dict) -> pd.DataFrame:
+def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray, jitter_rel: float) -> pd.DataFrame:
     """A batch's evaluated cases with its failures blanked (NaN scores, ``failed``, ``fail_reason``),
-    value stalls and the solve's jitter."""
+    value stalls (loss never below its start: not a failure) and ``jitter_rel``, τ of the solve that
+    wrote these edits relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)."""
     failed = np.array([bool(r) for r in reasons])
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
     cases["failed"] = failed
     cases["fail_reason"] = list(reasons)
-    cases["value_stalled"] = tg.values.stalled.numpy()  # loss never below its start (not a failure)
-    # τ of the solve that wrote these edits, relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)
-    cases["solve_jitter"] = float(stats["jitter_rel"])
+    cases["value_stalled"] = stalled
+    cases["solve_jitter"] = float(jitter_rel)
     return cases
 
 
@@ -644,12 +644,7 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     stalled = tg.values.stalled.numpy()
     for idx, d in zip(chunks, diags):
         idx = list(idx)
-        c = cases.iloc[idx].reset_index(drop=True).copy()
-        r = [reasons[i] for i in idx]
-        failed = np.array([bool(x) for x in r])
-        c.loc[failed, [k for k in c.columns if k != "case_id"]] = np.nan
-        c["failed"], c["fail_reason"], c["value_stalled"] = failed, r, stalled[idx]
-        c["solve_jitter"] = float(d["jitter_rel"])
+        c = _mark(cases.iloc[idx].reset_index(drop=True).copy(), [reasons[i] for i in idx], stalled[idx], d["jitter_rel"])
         out.append((c, {**d, "seconds_eval": t_eval * len(idx) / max(len(facts), 1)}))
     return out
 
@@ -985,11 +980,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             stats, reasons = _edit(study, chunk, hp, ctx, tg, s, prior)
             pending.append(_Pending(bi, chunk, tg, stats, reasons, s.take_log(),
                                     prior.take_log() if prior is not None else []))
-            last = bi + 1 == len(chunks)
-            k = sq.forgetting_every
-            forget = bool(k) and (bi + 1) % k == 0 and not last
-            degrade = bool(heldout) and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last)
-            lm = lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last)
+            forget, degrade, lm = measurements_after(sq, chunks, bi, bool(heldout), lm_spec)
             if not closes_group(sq, chunks, bi, len(pending), bool(heldout), lm_spec):
                 if fail_after is not None and bi + 1 - start >= fail_after:
                     raise RuntimeError(f"injected failure after batch {bi} of {cfg} (batches {pending[0].bi}-{bi} "
@@ -1029,16 +1020,23 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def measurements_after(sq, chunks: Sequence[range], bi: int, degradation: bool, lm_spec=None) -> tuple[bool, bool, bool]:
+    """Which measurements of the model follow batch ``bi`` of a sequential run: (forgetting —
+    all facts so far, every k batches before the last; degradation, when ``degradation``; lm-eval)."""
+    last = bi + 1 == len(chunks)
+    k = sq.forgetting_every
+    return (bool(k) and (bi + 1) % k == 0 and not last,
+            degradation and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last),
+            lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last))
+
+
 def closes_group(sq, chunks: Sequence[range], bi: int, n_pending: int, degradation: bool, lm_spec=None) -> bool:
     """Whether batch ``bi`` of a sequential run ends an evaluation group (its pending batches,
     ``n_pending`` with this one, are evaluated now): the group is full (``sq.eval_group``), the run
-    ends, or a measurement follows this batch (forgetting, degradation when ``degradation``, lm-eval)
-    and needs every batch so far evaluated. With eval_group 1, every batch."""
-    last = bi + 1 == len(chunks)
-    k = sq.forgetting_every
-    return (n_pending >= sq.eval_group or last or (bool(k) and (bi + 1) % k == 0)
-            or (degradation and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last))
-            or (lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last)))
+    ends, or a measurement follows this batch (:func:`measurements_after`) and needs every batch so
+    far evaluated. With eval_group 1, every batch."""
+    return (n_pending >= sq.eval_group or bi + 1 == len(chunks)
+            or any(measurements_after(sq, chunks, bi, degradation, lm_spec)))
 
 
 @dataclass
@@ -1088,9 +1086,9 @@ def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSe
             hooks = []
             for layer in layers:
                 R, X = [], []
+                d_out, d_in = next((r.shape[0], x.shape[1]) for q in pending for l, r, x in q.entries if l == layer)
                 for p in pending:  # update s of this layer: its batch's factors (rank 0 if none)
                     mine = [(r, x) for l, r, x in p.entries if l == layer]
-                    d_out, d_in = next((r.shape[0], x.shape[1]) for q in pending for l, r, x in q.entries if l == layer)
                     R.append(torch.cat([r for r, _ in mine], 1) if mine else torch.zeros(d_out, 0, dtype=torch.float64))
                     X.append(torch.cat([x for _, x in mine], 0) if mine else torch.zeros(0, d_in, dtype=torch.float64))
                 hooks.append(stack.enter_context(TrailingDeltas(study.model, LowRankEdits(layer, R, X), sign=-1.0)))
@@ -1101,7 +1099,8 @@ def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSe
     for p in pending:
         c = cases.iloc[at:at + len(p.facts)].reset_index(drop=True).copy()
         at += len(p.facts)
-        out.append((_mark(c, p.reasons, p.tg, p.stats), {**p.stats, "seconds_eval": seconds * len(p.facts)}))
+        out.append((_mark(c, p.reasons, p.tg.values.stalled.numpy(), p.stats["jitter_rel"]),
+                    {**p.stats, "seconds_eval": seconds * len(p.facts)}))
     return out
 
 

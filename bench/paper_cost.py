@@ -175,6 +175,9 @@ def main(argv=None) -> None:
     where, why = solve_location(args.solve_on)
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
                       solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,
+                      c0_batch_tokens=p.covariance.max_batch_tokens or p.covariance.batch_size * tokens / (
+                          p.covariance.n_samples or 1e5),
+                      fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
                       host_speedup=args.host_speedup,
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",

@@ -78,6 +78,8 @@ class CostModel:
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
+    c0_batch_tokens: float = 24576  # tokens per C0 forward (params covariance.max_batch_tokens)
+    fast_gram: bool = False        # 16-bit models: C0's per-batch Gram on TF32 tensor cores (params covariance.fast_gram)
     host_speedup: float = 1.0      # GPU machine's CPU vs this 2-core VM for the host-side units
     host_solve_s: float = 0.95     # one N = 1 solve written into the weights at d_in = 14336 on this VM (slice)
     host_f64: float = 100e9        # float64 GEMM FLOP/s of this VM (torch addmm, 2 threads)
@@ -228,18 +230,30 @@ class CostModel:
         free = self.gpu.mem_gb * 1e9 - s.params * self.bpp
         return max(1, int(0.5 * free // (8 * s.d_in ** 2)))
 
+    @property
+    def gram32(self) -> bool:
+        """C0's per-batch Gram in float32 on TF32 tensor cores (editlib.stats.fast_gram_applies)."""
+        return self.fast_gram and self.bpp == 2
+
     def c0_collect(self, s: ModelShape, layers: int, deepest: int) -> float:
         """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
-        deepest in groups of :meth:`c0_per_pass`) + a float64 rank-T update of each layer's Σkkᵀ
-        (its block upper triangle: editlib.stats.add_gram)."""
+        deepest in groups of :meth:`c0_per_pass`) + a rank-T update of each layer's Σkkᵀ (its block
+        upper triangle: editlib.stats.add_gram): float64 GEMMs, or with :attr:`gram32` TF32 GEMMs
+        whose float32 blocks are added into the float64 sum once per batch (memory-bound)."""
         if "c0_s_per_token_layer" in self.unit_s:
             return self.unit_s["c0_s_per_token_layer"] * self.c0_tokens * layers
         per = self.c0_per_pass(s)
         first = deepest - layers + 1
         depths = [min(first + i + per, deepest + 1) for i in range(0, layers, per)]
         fwd = sum(2 * d * s.block_params * self.c0_tokens / (self.peak * self.mm_eff) for d in depths)
-        acc = 2 * gram_macs(s.d_in) * self.c0_tokens * layers / (self.gpu.fp64 * self.f64_eff)
-        return fwd + acc
+        macs = gram_macs(s.d_in) * self.c0_tokens * layers
+        if not self.gram32:
+            return fwd + 2 * macs / (self.gpu.fp64 * self.f64_eff)
+        gemm = 2 * macs / (self.gpu.tf32 * self.mm_eff)
+        adds = 0.0 if self.flops_only else (  # read the float32 block, read + write the float64 sum
+            20 * gram_macs(s.d_in) * layers * math.ceil(self.c0_tokens / self.c0_batch_tokens)
+            / (self.gpu.bw * self.bw_eff))
+        return fwd + gemm + adds
 
     def c0_factor(self, s: ModelShape) -> float:
         """Per layer and study open: read the cached sum, factor C0 (+ the condition number)."""

@@ -75,6 +75,7 @@ class CovParams:
     data_files: str | None = None  # hf_dataset: local files for a generic builder ("parquet", "text")
     group: str | None = None  # "wikitext_articles": wikitext line rows joined into articles
     layers_per_pass: int | None = None  # C0 accumulators per pass (null: as many as half the free memory holds)
+    fast_gram: bool = False  # 16-bit models: each batch's Σkkᵀ in float32 (exact products; TF32 tensor cores on CUDA), summed in dtype
 
 
 @dataclass(frozen=True)

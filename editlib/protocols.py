@@ -138,7 +138,7 @@ class Study:
                                 dtype=cp.dtype, batch_size=cp.batch_size,
                                 max_batch_tokens=cp.max_batch_tokens, log=self.log,
                                 fingerprint=self.fingerprint, max_layers_per_pass=cp.layers_per_pass,
-                                load=load)
+                                load=load, fast_gram=cp.fast_gram)
 
     def prepare_covs(self, layers: Sequence[int]) -> None:
         """Make sure C0 of every layer is in the disk cache (missing layers collected in as few

@@ -126,7 +126,7 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
                              dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
                              fingerprint=fingerprint(model), max_layers_per_pass=cp.layers_per_pass,
-                             progress=False, log=log)
+                             progress=False, log=log, fast_gram=cp.fast_gram)
     device = next(model.parameters()).device
     covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
     session = EditSession(model)

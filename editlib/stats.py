@@ -59,6 +59,7 @@ __all__ = [
     "CovStats",
     "GRAM_BLOCK",
     "add_gram",
+    "fast_gram_applies",
     "collect_second_moments",
     "gram_blocks",
     "gram_macs",
@@ -306,14 +307,49 @@ def gram_macs(d: int) -> int:
 
 def add_gram(acc: torch.Tensor, feats: torch.Tensor) -> None:
     """``acc += featsᵀ feats`` on the block upper triangle only (the whole matrix when
-    :func:`gram_blocks` is 1); :func:`symmetrize_upper` completes it once all batches are in."""
+    :func:`gram_blocks` is 1); :func:`symmetrize_upper` completes it once all batches are in.
+    ``feats`` in a narrower dtype than ``acc`` (:func:`fast_gram_applies`): each block's product is taken
+    in ``feats``' dtype and added into ``acc``."""
     d = feats.shape[1]
-    if gram_blocks(d) == 1:
-        acc.addmm_(feats.T, feats)
-        return
     edges = _gram_edges(d)
     for lo, hi in zip(edges[:-1], edges[1:]):
-        acc[lo:hi, lo:].addmm_(feats[:, lo:hi].T, feats[:, lo:])
+        blk, rows = acc[lo:hi, lo:], feats[:, lo:hi].T
+        if feats.dtype == acc.dtype:
+            blk.addmm_(rows, feats[:, lo:])
+        else:
+            blk.add_(rows @ feats[:, lo:])
+
+
+#: activation dtypes whose products are exact in float32 (and on TF32 tensor cores: 10-bit mantissas)
+EXACT_IN_TF32 = (torch.bfloat16, torch.float16)
+
+
+def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
+    """Whether ``covariance.fast_gram`` applies: requested, and the model's activations are 16-bit.
+
+    Then each batch's Σkkᵀ is taken in float32 (on CUDA with TF32 tensor cores) and added into the
+    float64 (``covariance.dtype``) accumulator. The products of bfloat16/float16 numbers are exact in
+    float32 and in TF32's multipliers, so the only difference from the float64 product is that the
+    sum over one batch's tokens (≤ ``max_batch_tokens``) is rounded in float32: relative error about
+    1e-7·√tokens, where the reference accumulates the whole corpus in float32. On an H200 this is
+    495 against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
+    TF32 would round them."""
+    return bool(requested) and act_dtype in EXACT_IN_TF32
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device):
+    """TF32 tensor cores for float32 matmuls on a CUDA device inside the block, restored after; a
+    no-op elsewhere (the CPU's float32 product of 16-bit inputs is the same exact-product sum)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
@@ -329,13 +365,14 @@ def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
 def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[int], *,
                            batch_size: int = 16, max_length: int | None = None,
                            max_batch_tokens: int | None = None, dtype: torch.dtype = torch.float64,
-                           progress: bool = True) -> dict[int, tuple[torch.Tensor, int]]:
+                           progress: bool = True, gram32: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """Σ kkᵀ and the token count of every layer's down-projection input over ``texts``.
 
     One forward pass per batch serves all ``layers`` (stopped after the deepest); each layer's
     input is accumulated inside its hook (non-padding tokens only) and then dropped. Texts are
     encoded with BOS and truncated to ``max_length``, right-padded. Sums are returned on CPU in
-    ``dtype``.
+    ``dtype``. ``gram32`` (16-bit activations only, :func:`fast_gram_applies`): each batch's product in
+    float32, TF32 tensor cores on CUDA.
     """
     layers = sorted(set(int(l) for l in layers))
     if not layers:
@@ -354,8 +391,11 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     keep: torch.Tensor | None = None
 
     def accumulate(x: torch.Tensor, name: str) -> None:
-        feats = x[keep].to(dtype)  # [tokens, d_in], non-padding only
-        add_gram(sums[names[name]], feats)
+        if gram32 and x.dtype not in EXACT_IN_TF32:
+            raise ValueError(f"gram32 needs 16-bit activations, {name} gives {x.dtype}")
+        feats = x[keep].to(torch.float32 if gram32 else dtype)  # [tokens, d_in], non-padding only
+        with _tf32_matmuls(device) if gram32 else contextlib.nullcontext():
+            add_gram(sums[names[name]], feats)
 
     for batch in progress_bar(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
                       unit="batch", disable=not progress):
@@ -391,9 +431,10 @@ def _texts_digest(texts: Sequence[str]) -> str:
 
 
 def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
-               dtype: str, texts_sha: str) -> dict:
-    """Everything C0 depends on; stored in (and compared against) the file metadata."""
-    return {
+               dtype: str, texts_sha: str, gram32: bool = False) -> dict:
+    """Everything C0 depends on; stored in (and compared against) the file metadata (``gram``
+    only for :func:`fast_gram_applies` sums, so the float64 entries keep their keys)."""
+    return ({"gram": "float32"} if gram32 else {}) | {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
         "layer": str(layer),
@@ -407,7 +448,8 @@ def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length:
 
 
 def _cache_path(root: Path, key: dict) -> Path:
-    name = f"{key['module']}_{key['dtype']}_{key['corpus']}_n{key['n_samples']}.safetensors"
+    gram = "_gram32" if key.get("gram") else ""
+    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}.safetensors"
     return root / name
 
 
@@ -501,7 +543,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
                      dtype: str = "float64", batch_size: int = 16, max_batch_tokens: int | None = None,
                      progress: bool = True, log: Callable[[str], None] = print,
                      fingerprint: str | None = None, max_layers_per_pass: int | None = None,
-                     load: bool = True, cond: bool = False) -> dict[int, CovStats]:
+                     load: bool = True, cond: bool = False, fast_gram: bool = False) -> dict[int, CovStats]:
     """C0 for each layer, loaded from the cache or collected (missing layers in as few passes as
     memory allows, see :func:`layers_per_pass`; ``max_layers_per_pass`` overrides the estimate).
 
@@ -512,6 +554,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     warning naming it. ``load=False`` only makes sure
     every layer is cached and returns {} (nothing kept in memory: a 32-layer search at d_in = 14336
     would otherwise hold 52 GB). ``cond=True`` adds the exact condition number (O(d_in³) per layer).
+    ``fast_gram``: see :func:`fast_gram_applies` (applies to 16-bit models only; its entries are cached apart).
     """
     from .counterfact import cache_dir as default_cache
     from .models import fingerprint as model_fingerprint
@@ -526,6 +569,9 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     texts = None if corpus.kind == "hf_dataset" else iter_corpus(corpus, records)
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)
+    gram32 = fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype) if layers else False
+    if gram32:
+        log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
 
     def stats_of(l: int, key: dict, total: torch.Tensor, count: int, stored_cond: float, source: str) -> CovStats:
         mom2 = total.to(torch.float64) / count
@@ -557,7 +603,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     missing: dict[int, tuple[dict, Path]] = {}
     seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
-        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha)
+        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32)
         path = _cache_path(root, key)
         seen[l] = _mtime(path)
         if not usable(l, key, path):
@@ -576,7 +622,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
             _collect_into_cache(model, tok, texts, missing, out, stats_of, log=log, load=load, cond=cond,
                                 device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
                                 max_batch_tokens=max_batch_tokens, progress=progress,
-                                max_layers_per_pass=max_layers_per_pass)
+                                max_layers_per_pass=max_layers_per_pass, gram32=gram32)
     return {l: out[l] for l in layers} if load else {}
 
 
@@ -613,7 +659,7 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
                         out: dict[int, CovStats], stats_of: Callable, *, log: Callable[[str], None],
                         load: bool, cond: bool, device: torch.device, dtype: str, batch_size: int,
                         max_length: int, max_batch_tokens: int | None, progress: bool,
-                        max_layers_per_pass: int | None) -> None:
+                        max_layers_per_pass: int | None, gram32: bool = False) -> None:
     """Collect the ``missing`` layers in as few passes as memory allows and write each to its cache
     entry as soon as its pass ends (into ``out`` as well when ``load``)."""
     todo = sorted(missing)
@@ -625,7 +671,7 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     for group in groups:
         sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
                                       max_length=max_length, max_batch_tokens=max_batch_tokens,
-                                      dtype=DTYPES[dtype], progress=progress)
+                                      dtype=DTYPES[dtype], progress=progress, gram32=gram32)
         for l in group:
             key, path = missing[l]
             total, count = sums.pop(l)

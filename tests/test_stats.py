@@ -535,3 +535,82 @@ def test_cache_file_honours_the_umask(llama, tok, world, tmp_path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# --------------------------------------------------------------------------- fast_gram (16-bit models)
+
+
+@pytest.mark.parametrize("d, block", [(40, 64), (50, 16)])
+def test_float32_products_of_16bit_inputs_into_a_float64_sum(d, block, monkeypatch) -> None:
+    """add_gram with float32 features of bfloat16 / float16 numbers into a float64 accumulator: the
+    products are exact, so the only error is each batch's float32 sum, far below a float32
+    accumulator over all batches (the reference's); with one column block or several."""
+    monkeypatch.setattr(stats, "GRAM_BLOCK", block)
+    g = torch.Generator().manual_seed(d)
+    for half in (torch.bfloat16, torch.float16):
+        batches = [(torch.randn(n, d, generator=g) * 3).to(half) for n in (30, 50, 20)] * 100
+        exact, fast, f32 = torch.zeros(d, d, dtype=F64), torch.zeros(d, d, dtype=F64), torch.zeros(d, d)
+        for x in batches:
+            stats.add_gram(exact, x.double())
+            stats.add_gram(fast, x.float())
+            stats.add_gram(f32, x.float())
+        exact, fast, f32 = (stats.symmetrize_upper(a) for a in (exact, fast, f32))
+        assert fast.dtype == F64 and torch.equal(fast, fast.T)
+        assert 0 < rel(fast, exact) < 1e-6
+        assert rel(fast, exact) < 0.5 * rel(f32.double(), exact)
+
+
+def test_fast_gram_applies_to_16bit_activations_only() -> None:
+    assert stats.fast_gram_applies(True, torch.bfloat16) and stats.fast_gram_applies(True, torch.float16)
+    assert not stats.fast_gram_applies(True, torch.float32)
+    assert not stats.fast_gram_applies(False, torch.bfloat16)
+
+
+def test_layer_covariance_fast_gram(tok, world, tmp_path) -> None:
+    """A bfloat16 model's C0 with fast_gram equals the float64-product C0 to 1e-6 and is cached
+    apart from it (its own file and key); a float32 model ignores the option (same file, same
+    bits)."""
+    spec = CorpusSpec("records", max_length=48)
+    model16 = tiny_llama(seed=0).to(torch.bfloat16).eval()
+    logs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = layer_covariance(model16, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "a",
+                                 progress=False, log=lambda m: None)
+        fast = layer_covariance(model16, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "a",
+                                progress=False, log=logs.append, fast_gram=True)
+    assert any("covariance.fast_gram" in m for m in logs)
+    for l in (0, 1):
+        assert fast[l].count == plain[l].count and fast[l].key["gram"] == "float32"
+        assert "gram" not in plain[l].key
+        assert 0 < rel(fast[l].mom2, plain[l].mom2) < 1e-6
+    names = sorted(p.name for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(names) == 4 and sum("_gram32_" in n for n in names) == 2
+    model32 = tiny_llama(seed=0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = layer_covariance(model32, tok, [1], spec, records=world, cache_dir=tmp_path / "b",
+                             progress=False, log=lambda m: None)
+        b = layer_covariance(model32, tok, [1], spec, records=world, cache_dir=tmp_path / "c",
+                             progress=False, log=lambda m: None, fast_gram=True)
+    assert torch.equal(a[1].mom2, b[1].mom2) and a[1].key == b[1].key
+    assert [p.name for p in (tmp_path / "c").rglob("*.safetensors")] == \
+        [p.name for p in (tmp_path / "b").rglob("*.safetensors")]
+    with pytest.raises(ValueError, match="16-bit activations"):
+        collect_second_moments(model32, tok, texts_of(2), [0], progress=False, gram32=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_gram_on_tf32_matches_float64_products(tok) -> None:
+    """On CUDA, fast_gram's float32 products run on TF32 tensor cores: exact for bfloat16 inputs,
+    so the sum still agrees with the float64 products to float32 rounding; the TF32 switch is
+    restored afterwards."""
+    model = tiny_llama(seed=0).to(torch.bfloat16).eval().to("cuda")
+    texts = texts_of(40, seed=6)
+    before = torch.backends.cuda.matmul.allow_tf32
+    exact = collect_second_moments(model, tok, texts, [0, 1], progress=False)
+    fast = collect_second_moments(model, tok, texts, [0, 1], progress=False, gram32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    for layer in (0, 1):
+        assert fast[layer][1] == exact[layer][1] and fast[layer][0].dtype == F64
+        assert rel(fast[layer][0], exact[layer][0]) < 1e-6

@@ -172,9 +172,12 @@ def main(argv=None) -> None:
     from editlib.cost import shape_for
     shape = shape_for(p.model.id, p.model.label)
     tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
+    shapes = [shape] + ([shape_for(p.second_model.id, p.second_model.label)]
+                        if p.second_model and p.second_model.id else [])
     where, why = solve_location(args.solve_on)
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
                       solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,
+                      gen_kv_gb=getattr(p.evaluation, "gen_kv_gb", None),
                       c0_batch_tokens=p.covariance.max_batch_tokens or p.covariance.batch_size * tokens / (
                           p.covariance.n_samples or 1e5),
                       fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
@@ -190,7 +193,12 @@ def main(argv=None) -> None:
                  "through per-row low-rank hooks" if getattr(p.evaluation, "batched_edits", False) else
                  "one at a time (reference path): solve, write, evaluate, restore per edit"),
              f"float32 matmuls {'on TF32 tensor cores' if model.tf32 else 'in full float32 (model.tf32 off)'}; "
-             "local executor (one process: targets shared as protocols' UnitContext groups share them)"]
+             "local executor (one process: targets shared as protocols' UnitContext groups share them)",
+             "C0 Gram " + ("per batch in float32 on TF32 tensor cores, summed in float64 (covariance.fast_gram, "
+                           "16-bit model)" if model.gram32 else "in float64"),
+             "GE rows per decode batch: " + ", ".join(
+                 f"{s.name} {model.gen_rows(s, p.evaluation.gen_max_len)}" for s in shapes)
+             + (f" (evaluation.gen_batch_size {model.gen_batch}, gen_kv_gb {model.gen_kv_gb})")]
     if args.slice_costs:
         host = slice_host_costs(args.slice_costs)
         model = replace(model, **host)

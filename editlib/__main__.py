@@ -119,6 +119,8 @@ def _evaluate(a: argparse.Namespace) -> int:
     for flag in ("batch_size", "gen_batch_size", "gen_max_len"):
         if getattr(a, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
+    if a.gen_kv_gb is not None and not a.gen_kv_gb > 0:
+        raise UsageError(f"--gen-kv-gb must be a positive number of GB, got {a.gen_kv_gb}")
     from .models import DTYPES
 
     if a.dtype not in DTYPES:
@@ -132,7 +134,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model, dtype=a.dtype, device=device)
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
-                          gen_batch_size=a.gen_batch_size, rs_resources=rs)
+                          gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs)
     from pathlib import Path
 
     from .store import atomic_write_parquet
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     e.add_argument("--batch-size", type=int, default=128, help="sequences per scoring forward")
     e.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch (GE)")
+    e.add_argument("--gen-kv-gb", type=float, default=None,
+                   help="at most this many GB of KV cache per generation batch (fewer rows if need be)")
     e.add_argument("--gen-max-len", type=int, default=100, help="total tokens incl. the prompt")
     e.add_argument("--seed", type=int, default=0, help="generation sampling seed")
     e.add_argument("--show", type=int, default=20, help="print at most this many per-case rows")

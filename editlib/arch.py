@@ -148,6 +148,17 @@ def n_layers(model: Any) -> int:
     return int(getattr(config, arch_for(config).n_layers_attr))
 
 
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one token adds to the KV cache (keys and values of every block, the model's dtype):
+    2 · layers · kv_heads · head_dim · element size. Grouped-query models cache ``num_key_value_heads``
+    heads; GPT-2 / GPT-J configs map their ``n_head`` / ``n_embd`` onto the names read here."""
+    cfg = _config_of(model)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return 2 * n_layers(model) * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; a KeyError names it if it does not exist."""
     try:

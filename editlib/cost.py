@@ -76,6 +76,7 @@ class CostModel:
     step_py_s: float = 2e-3        # Python per value iteration / decode step (indexing, Adam, sampling)
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
+    gen_kv_gb: float | None = None  # ... fewer where their KV cache would exceed this (params evaluation.gen_kv_gb)
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
     c0_batch_tokens: float = 24576  # tokens per C0 forward (params covariance.max_batch_tokens)
@@ -197,16 +198,24 @@ class CostModel:
         never generation, whatever the experiment's GE setting."""
         return 2 * self.eval(s, ts, cases, eval_batch)
 
+    def gen_rows(self, s: ModelShape, max_len: int) -> int:
+        """Prompts per generation batch: ``gen_batch``, or as many as ``gen_kv_gb`` of KV cache hold
+        at ``max_len`` tokens a row (editlib.generation.rows_per_batch)."""
+        if self.gen_kv_gb is None:
+            return self.gen_batch
+        per_row = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * max_len
+        return max(1, min(self.gen_batch, int(self.gen_kv_gb * 1e9 // per_row)))
+
     def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
         """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
-        sorted by length and sampled ``gen_batch`` at a time; every step decodes one token for all
-        rows of a batch, from its shortest prompt's length up to ``max_len`` (generate_fast)."""
+        sorted by length and sampled :meth:`gen_rows` at a time; every step decodes one token for
+        all rows of a batch, from its shortest prompt's length up to ``max_len`` (generate_fast)."""
         rows = int(round(cases * ts.gen_prompts))
         if cases == 1:
             batches = [(rows, int(round(ts.gen_case_min_len)))]
         else:
-            lens = ts.gen_lengths(rows)
-            batches = [(len(lens[i:i + self.gen_batch]), lens[i]) for i in range(0, rows, self.gen_batch)]
+            lens, per = ts.gen_lengths(rows), self.gen_rows(s, max_len)
+            batches = [(len(lens[i:i + per]), lens[i]) for i in range(0, rows, per)]
         key = "ge_s_per_case" if cases > 1 else "ge_s_per_case_single"
         decoded = sum(r * max(max_len - m, 0) for r, m in batches)
         if key in self.unit_s:

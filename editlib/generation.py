@@ -30,6 +30,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from .arch import kv_bytes_per_token
 from .tokens import encode
 
 # --------------------------------------------------------------------------- sampling
@@ -104,16 +105,30 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
+def rows_per_batch(model, batch_size: int, width: int, max_kv_bytes: float | None) -> int:
+    """``batch_size``, or fewer rows where their KV cache of ``width`` tokens each would exceed
+    ``max_kv_bytes`` (evaluation.gen_kv_gb); a budget that holds no row fails, naming the key."""
+    if max_kv_bytes is None:
+        return batch_size
+    per_row = kv_bytes_per_token(model) * width
+    if per_row > max_kv_bytes:
+        raise ValueError(f"evaluation.gen_kv_gb = {max_kv_bytes / 1e9:g} GB holds no generation row: one row of "
+                         f"{width} tokens caches {per_row / 1e9:.3g} GB")
+    return min(batch_size, int(max_kv_bytes // per_row))
+
+
 def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,
                  seed: int = 0, batch_size: int = 64,
                  keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None,
-                 deltas=None) -> list[str]:
+                 deltas=None, max_kv_bytes: float | None = None) -> list[str]:
     """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
 
     ``keys[i]`` names prompt ``i``'s random stream (default ``i``); give keys that identify a prompt
     independently of the call (e.g. ``(case_id, j)``) to make texts independent of batching.
     ``groups[i]`` / ``deltas``: prompt i is continued under independent edit ``groups[i]`` of an
     active :class:`editlib.lowrank.RowDeltas` hook (GE of many edits in one batched generation).
+    ``max_kv_bytes``: fewer than ``batch_size`` rows per batch where their KV cache would not fit
+    (:func:`rows_per_batch`; texts change only as with any other batch size).
     """
     if (groups is None) != (deltas is None):
         raise ValueError("groups and deltas go together")
@@ -125,6 +140,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     ids = [encode(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches
+    if ids:
+        batch_size = rows_per_batch(model, batch_size, max(max_len, max(map(len, ids))), max_kv_bytes)
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -87,6 +87,7 @@ class EvalParams:
     gen_batch_size: int = 64  # prompts sampled together for GE (per-prompt random streams: texts depend on it only through rounding)
     batch_size: int = 128
     max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
+    gen_kv_gb: float | None = None  # GE: rows per decode batch capped so that their KV cache fits in this many GB (null: no cap)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
 
 
@@ -396,6 +397,9 @@ def _check_sizes(sp: StudyParams) -> None:
     for sec, key in _NON_EMPTY:
         if not getattr(getattr(sp, sec), key):
             raise ParamsError(f"{sec}.{key} must not be empty")
+    kv = sp.evaluation.gen_kv_gb
+    if kv is not None and not (isinstance(kv, (int, float)) and not isinstance(kv, bool) and kv > 0):
+        raise ParamsError(f"evaluation.gen_kv_gb must be a positive number of GB or null, got {kv!r}")
     if any(o < 0 for o in sp.data.orderings):
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
     for sec in ("batch", "sequential"):

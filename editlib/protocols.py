@@ -180,7 +180,7 @@ class Study:
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
                                 batch_size=ev.batch_size, generation=ev.generation,
                                 gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len,
-                                gen_batch_size=ev.gen_batch_size, **kw)
+                                gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, **kw)
 
     def data_provenance(self) -> dict:
         key = json.dumps([asdict(self.params.data), self.model_dir], default=str)
@@ -417,14 +417,16 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 
 #: evaluation keys that change how scores are computed, not what they are: left out of an
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
-EVAL_NOT_IN_DIGEST = ("gen_batch_size",)
+EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb")
 
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
     ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
+    cov = asdict(study.params.covariance)
+    if not cov["fast_gram"]:  # off (the default): the digest it had before the key existed
+        del cov["fast_gram"]
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
-              "evaluation": ev, "data": asdict(study.params.data),
-              "covariance": asdict(study.params.covariance)}
+              "evaluation": ev, "data": asdict(study.params.data), "covariance": cov}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock)
 

@@ -101,3 +101,43 @@ def test_ngram_entropy_short_and_repetitive() -> None:
     assert ngram_entropy("a b") == pytest.approx(0.0)  # one bigram, no trigram
     assert ngram_entropy("go " * 50) == pytest.approx(0.0)  # one distinct n-gram each
     assert ngram_entropy("x y", ns=(1,), weights=(1.0,)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_per_token_is_what_the_cache_holds(family, dtype) -> None:
+    """arch.kv_bytes_per_token (the GE batch cap's unit) equals the bytes a forward's KV cache
+    holds per token: grouped-query heads (llama, qwen2), GPT-2's names, 16-bit models."""
+    import transformers
+
+    from editlib.arch import kv_bytes_per_token
+    from editlib.generation import returned_kv
+
+    cfg = {"llama": transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                             num_attention_heads=8, num_key_value_heads=2, vocab_size=50),
+           "qwen2": transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=1, vocab_size=50),
+           "gpt2": transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=64)}[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 50, (3, 7)), use_cache=True)
+    held = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in returned_kv(model, out))
+    assert kv_bytes_per_token(model) == held // (3 * 7) and held % (3 * 7) == 0
+
+
+def test_rows_per_batch_fits_the_kv_budget(world_lm, world_records) -> None:
+    from editlib.arch import kv_bytes_per_token
+    from editlib.generation import rows_per_batch
+
+    model, tok = world_lm
+    per = kv_bytes_per_token(model)
+    assert rows_per_batch(model, 64, 30, None) == 64
+    assert rows_per_batch(model, 64, 30, 5.5 * 30 * per) == 5
+    assert rows_per_batch(model, 4, 30, 5.5 * 30 * per) == 4
+    with pytest.raises(ValueError, match="evaluation.gen_kv_gb"):
+        rows_per_batch(model, 64, 30, 29 * per)
+    prompts = [p for r in world_records[:4] for p in r.generation_prompts[:3]]
+    width = max(25, max(len(encode(tok, p)) for p in prompts))
+    capped = sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64, max_kv_bytes=3.5 * width * per)
+    assert capped == sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=3)

@@ -244,6 +244,22 @@ def test_fast_gram_moves_c0_onto_tf32_for_16bit_models_only():
     assert bf_fast.floor().c0_collect(s, 32, 31) == pytest.approx(fwd * bf.mm_eff + gemm * bf.mm_eff)
 
 
+def test_ge_rows_per_batch_follow_the_kv_budget():
+    """evaluation.gen_kv_gb caps the GE rows per decode batch by their KV cache at gen_max_len
+    tokens (Llama-2-7B's 32 KV heads cache 4x Llama-3-8B's 8); fuller batches, fewer decode steps."""
+    l3, l2 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"]
+    m = CostModel(GPUS["h200"], gen_batch=1024, gen_kv_gb=32)
+    assert m.gen_rows(l3, 100) == 1024                       # 26 MB a row in float32
+    assert m.gen_rows(l2, 100) == int(32e9 // (2 * 32 * 32 * 128 * 4 * 100)) == 305
+    assert CostModel(GPUS["h200"], dtype="bfloat16", gen_batch=1024, gen_kv_gb=32).gen_rows(l2, 100) == 610
+    assert CostModel(GPUS["h200"], gen_batch=1024).gen_rows(l2, 100) == 1024  # no budget: no cap
+    ts = TokenStats()
+    small, big = (CostModel(GPUS["h200"], dtype="bfloat16", gen_batch=g) for g in (256, 1024))
+    t_small, n_small = small.ge(l3, ts, 1000, 100)
+    t_big, n_big = big.ge(l3, ts, 1000, 100)
+    assert t_big < t_small and n_big >= n_small  # fewer steps, each row padded to its batch's shortest prompt
+
+
 def test_grouped_sequential_evaluation_counts():
     """sequential.eval_group 3: consecutive batches share one evaluation call, and a group also ends
     where a measurement follows (degradation every 4 facts) and at the run's end; the facts

@@ -119,7 +119,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     for flag in ("batch_size", "gen_batch_size", "gen_max_len"):
         if getattr(a, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
-    if a.gen_kv_gb is not None and not a.gen_kv_gb > 0:
+    if a.gen_kv_gb is not None and not 0 < a.gen_kv_gb < float("inf"):
         raise UsageError(f"--gen-kv-gb must be a positive number of GB, got {a.gen_kv_gb}")
     from .models import DTYPES
 

@@ -28,6 +28,7 @@ __all__ = [
     "edit_weight",
     "get_module",
     "key_dim",
+    "kv_bytes_per_token",
     "n_layers",
     "to_param_layout",
     "value_dim",
@@ -156,7 +157,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return 2 * n_layers(model) * kv_heads * head_dim * next(model.parameters()).element_size()
+    return 2 * n_layers(model) * kv_heads * head_dim * edit_weight(model, 0).element_size()
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -204,17 +204,20 @@ class CostModel:
         if self.gen_kv_gb is None:
             return self.gen_batch
         per_row = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * max_len
-        return max(1, min(self.gen_batch, int(self.gen_kv_gb * 1e9 // per_row)))
+        if per_row > self.gen_kv_gb * 1e9:
+            raise ValueError(f"evaluation.gen_kv_gb = {self.gen_kv_gb:g} GB holds no {s.name} generation row "
+                             f"({per_row / 1e9:.3g} GB each): the run would stop there")
+        return min(self.gen_batch, int(self.gen_kv_gb * 1e9 // per_row))
 
     def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
         """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
         sorted by length and sampled :meth:`gen_rows` at a time; every step decodes one token for
         all rows of a batch, from its shortest prompt's length up to ``max_len`` (generate_fast)."""
-        rows = int(round(cases * ts.gen_prompts))
+        rows, per = int(round(cases * ts.gen_prompts)), self.gen_rows(s, max_len)
         if cases == 1:
-            batches = [(rows, int(round(ts.gen_case_min_len)))]
+            batches = [(min(per, rows - i), int(round(ts.gen_case_min_len))) for i in range(0, rows, per)]
         else:
-            lens, per = ts.gen_lengths(rows), self.gen_rows(s, max_len)
+            lens = ts.gen_lengths(rows)
             batches = [(len(lens[i:i + per]), lens[i]) for i in range(0, rows, per)]
         key = "ge_s_per_case" if cases > 1 else "ge_s_per_case_single"
         decoded = sum(r * max(max_len - m, 0) for r, m in batches)

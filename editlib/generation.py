@@ -140,8 +140,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     ids = [encode(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches
-    if ids:
-        batch_size = rows_per_batch(model, batch_size, max(max_len, max(map(len, ids))), max_kv_bytes)
+    if ids:  # the cache never holds more than max_len - 1 tokens (longer prompts are not extended)
+        batch_size = rows_per_batch(model, batch_size, max_len, max_kv_bytes)
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -9,6 +9,7 @@ directly (how notebooks receive papermill's ``-f base.yaml -f override.yaml`` in
 from __future__ import annotations
 
 import copy
+import math
 import os
 import types
 import typing
@@ -398,7 +399,7 @@ def _check_sizes(sp: StudyParams) -> None:
         if not getattr(getattr(sp, sec), key):
             raise ParamsError(f"{sec}.{key} must not be empty")
     kv = sp.evaluation.gen_kv_gb
-    if kv is not None and not (isinstance(kv, (int, float)) and not isinstance(kv, bool) and kv > 0):
+    if kv is not None and not (isinstance(kv, (int, float)) and not isinstance(kv, bool) and 0 < kv < math.inf):
         raise ParamsError(f"evaluation.gen_kv_gb must be a positive number of GB or null, got {kv!r}")
     if any(o < 0 for o in sp.data.orderings):
         raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")

@@ -46,7 +46,7 @@ from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
 from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
-from .stats import CorpusSpec, layer_covariance
+from .stats import CorpusSpec, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
 from .store import Experiment
 from .weights import EditSession
@@ -423,8 +423,8 @@ EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb")
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
     ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
     cov = asdict(study.params.covariance)
-    if not cov["fast_gram"]:  # off (the default): the digest it had before the key existed
-        del cov["fast_gram"]
+    if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
+        del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": ev, "data": asdict(study.params.data), "covariance": cov}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,

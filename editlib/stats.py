@@ -330,8 +330,10 @@ def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
     Then each batch's Σkkᵀ is taken in float32 (on CUDA with TF32 tensor cores) and added into the
     float64 (``covariance.dtype``) accumulator. The products of bfloat16/float16 numbers are exact in
     float32 and in TF32's multipliers, so the only difference from the float64 product is that the
-    sum over one batch's tokens (≤ ``max_batch_tokens``) is rounded in float32: relative error about
-    1e-7·√tokens, where the reference accumulates the whole corpus in float32. On an H200 this is
+    sum over one batch's tokens (≤ ``max_batch_tokens``) is accumulated in float32 (the reference
+    accumulates the whole corpus in float32): on the CPU 1.1e-7 relative at 1,024 tokens, 1.5e-7 at
+    4,096 (``bench/bench_gram.py --fast-gram``). Tensor cores accumulate with the hardware's own
+    rounding, not measured here (``--device cuda --tokens 24576`` measures it). On an H200 this is
     495 against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
     TF32 would round them."""
     return bool(requested) and act_dtype in EXACT_IN_TF32
@@ -340,7 +342,8 @@ def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
 @contextlib.contextmanager
 def _tf32_matmuls(device: torch.device):
     """TF32 tensor cores for float32 matmuls on a CUDA device inside the block, restored after; a
-    no-op elsewhere (the CPU's float32 product of 16-bit inputs is the same exact-product sum)."""
+    no-op elsewhere (the CPU's float32 product of 16-bit inputs is the same exact-product sum).
+    Through torch's ``allow_tf32`` switch, as ``protocols.set_tf32`` (``model.tf32``) sets it."""
     if device.type != "cuda":
         yield
         return
@@ -569,7 +572,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     texts = None if corpus.kind == "hf_dataset" else iter_corpus(corpus, records)
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)
-    gram32 = fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype) if layers else False
+    gram32 = bool(fast_gram and layers) and fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype)
     if gram32:
         log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
 

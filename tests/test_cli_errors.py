@@ -141,6 +141,7 @@ PARAMS_CASES = {
     "zero_total": ("batch.total=0", ("batch.total", "at least 1")),
     "zero_gen_batch": ("evaluation.gen_batch_size=0", ("evaluation.gen_batch_size", "at least 1")),
     "zero_kv_budget": ("evaluation.gen_kv_gb=0", ("evaluation.gen_kv_gb", "positive")),
+    "infinite_kv_budget": ("evaluation.gen_kv_gb=.inf", ("evaluation.gen_kv_gb", "positive")),
     "float_batch": ("batch.batch_sizes=[4, 2.5]", ("batch.batch_sizes", "list of integers")),
     "lambda_as_text": ("sweep.emmet_lambdas=[1e-3]", ("sweep.emmet_lambdas", "1.0e-3")),
     "bad_layer": ("singular.layer=-2", ("singular.layer", "[-2]")),

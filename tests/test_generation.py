@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from editlib import generation
 from editlib.generation import _row_rng, _top_k_draw, ngram_entropy, sample_texts, word_tokenize
 from editlib.tokens import encode
 
@@ -138,6 +139,14 @@ def test_rows_per_batch_fits_the_kv_budget(world_lm, world_records) -> None:
     with pytest.raises(ValueError, match="evaluation.gen_kv_gb"):
         rows_per_batch(model, 64, 30, 29 * per)
     prompts = [p for r in world_records[:4] for p in r.generation_prompts[:3]]
-    width = max(25, max(len(encode(tok, p)) for p in prompts))
-    capped = sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64, max_kv_bytes=3.5 * width * per)
-    assert capped == sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=3)
+    rows, real = [], generation._sample_batch
+
+    def count_rows(model, seqs, *a, **k):
+        rows.append(len(seqs))
+        return real(model, seqs, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generation, "_sample_batch", count_rows)
+        capped = sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64, max_kv_bytes=3.5 * 25 * per)
+    assert rows == [3, 3, 3, 3]  # 12 prompts, 3 rows of 25 cached tokens fit
+    assert capped == sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64)

@@ -254,6 +254,11 @@ def test_ge_rows_per_batch_follow_the_kv_budget():
     assert CostModel(GPUS["h200"], dtype="bfloat16", gen_batch=1024, gen_kv_gb=32).gen_rows(l2, 100) == 610
     assert CostModel(GPUS["h200"], gen_batch=1024).gen_rows(l2, 100) == 1024  # no budget: no cap
     ts = TokenStats()
+    for cases in (1, 1000):  # GE is costed at the capped rows
+        assert m.ge(l2, ts, cases, 100) == CostModel(GPUS["h200"], gen_batch=305).ge(l2, ts, cases, 100)
+    assert CostModel(GPUS["h200"], gen_batch=4, gen_kv_gb=32).ge(l3, ts, 1, 100)[0] > m.ge(l3, ts, 1, 100)[0]
+    with pytest.raises(ValueError, match="gen_kv_gb = 0.01 GB holds no Llama-2-7B"):
+        CostModel(GPUS["h200"], gen_kv_gb=0.01).gen_rows(l2, 100)
     small, big = (CostModel(GPUS["h200"], dtype="bfloat16", gen_batch=g) for g in (256, 1024))
     t_small, n_small = small.ge(l3, ts, 1000, 100)
     t_big, n_big = big.ge(l3, ts, 1000, 100)

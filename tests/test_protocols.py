@@ -488,25 +488,23 @@ def test_gen_batch_size_changes_no_text(study, weights0, tmp_path):
     # evaluation.gen_kv_gb caps the rows per decode batch by their KV cache: same texts again
     from editlib import generation
     from editlib.arch import kv_bytes_per_token
-    from editlib.tokens import encode
     rows, real_batch = [], generation._sample_batch
 
     def count_rows(model, seqs, *a, **k):
         rows.append(len(seqs))
         return real_batch(model, seqs, *a, **k)
 
-    cases = set(one.case_id)
-    width = max(12, max(len(encode(study.tok, p)) for r in study.records if r.case_id in cases
-                        for p in r.generation_prompts))
-    budget = 2.5 * kv_bytes_per_token(study.model) * width / 1e9  # two rows
+    budget = 2.5 * kv_bytes_per_token(study.model) * 12 / 1e9  # two rows of gen_max_len tokens
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(generation, "_sample_batch", count_rows)
         capped = protocols.run_batch(use(study, params_for(tmp_path, "kv", **{**over, "evaluation.gen_kv_gb": budget})),
                                      log=quiet)
     assert max(rows) == 2 and len(rows) > 2
     assert_frame_equal(one, capped, check_exact=True)
-    # not part of the results' identity: the finished folder reopens under another gen_batch_size
-    again = protocols.run_batch(use(study, params_for(tmp_path, "g64", **{**over, "evaluation.gen_batch_size": 5})),
+    # not part of the results' identity: the finished folder reopens under another gen_batch_size,
+    # a KV budget, and fast_gram (no effect on a float32 model)
+    again = protocols.run_batch(use(study, params_for(tmp_path, "g64", **{
+        **over, "evaluation.gen_batch_size": 5, "evaluation.gen_kv_gb": 1.0, "covariance.fast_gram": True})),
                                 log=quiet)
     assert_frame_equal(one, again, check_exact=True)
     assert_unedited(study.model, weights0)

@@ -601,16 +601,31 @@ def test_layer_covariance_fast_gram(tok, world, tmp_path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_fast_gram_on_tf32_matches_float64_products(tok) -> None:
-    """On CUDA, fast_gram's float32 products run on TF32 tensor cores: exact for bfloat16 inputs,
-    so the sum still agrees with the float64 products to float32 rounding; the TF32 switch is
-    restored afterwards."""
+def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> None:
+    """On CUDA, fast_gram's float32 products run on TF32 tensor cores (the switch is on inside the
+    Gram, restored after): exact for bfloat16 inputs, so the sum agrees with the float64 products
+    to the tensor cores' float32 accumulation, also over a paper-size batch of 24,576 tokens."""
     model = tiny_llama(seed=0).to(torch.bfloat16).eval().to("cuda")
     texts = texts_of(40, seed=6)
     before = torch.backends.cuda.matmul.allow_tf32
+    seen, real = [], stats.add_gram
+
+    def spy(acc, feats):
+        seen.append((feats.dtype, torch.backends.cuda.matmul.allow_tf32))
+        real(acc, feats)
+
     exact = collect_second_moments(model, tok, texts, [0, 1], progress=False)
+    monkeypatch.setattr(stats, "add_gram", spy)
     fast = collect_second_moments(model, tok, texts, [0, 1], progress=False, gram32=True)
+    assert seen and set(seen) == {(torch.float32, True)}
     assert torch.backends.cuda.matmul.allow_tf32 == before
     for layer in (0, 1):
         assert fast[layer][1] == exact[layer][1] and fast[layer][0].dtype == F64
         assert rel(fast[layer][0], exact[layer][0]) < 1e-6
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k16 = torch.randn(24576, 3000, generator=g, device="cuda").to(torch.bfloat16)
+    ref, got = (torch.zeros(3000, 3000, dtype=F64, device="cuda") for _ in range(2))
+    real(ref, k16.double())
+    with stats._tf32_matmuls(torch.device("cuda")):
+        real(got, k16.float())
+    assert rel(stats.symmetrize_upper(got), stats.symmetrize_upper(ref)) < 1e-5

@@ -549,16 +549,18 @@ def _edit(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTe
     return stats, list(reasons)
 
 
-def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray, jitter_rel: float) -> pd.DataFrame:
+def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray,
+          jitter_rel: float | np.ndarray) -> pd.DataFrame:
     """A batch's evaluated cases with its failures blanked (NaN scores, ``failed``, ``fail_reason``),
     value stalls (loss never below its start: not a failure) and ``jitter_rel``, τ of the solve that
-    wrote these edits relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5)."""
-    failed = np.array([bool(r) for r in reasons])
+    wrote these edits relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5): one number, or
+    one per row when the rows come from several batches."""
+    failed = np.array([bool(r) for r in reasons], dtype=bool)
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
     cases["failed"] = failed
     cases["fail_reason"] = list(reasons)
     cases["value_stalled"] = stalled
-    cases["solve_jitter"] = float(jitter_rel)
+    cases["solve_jitter"] = np.broadcast_to(np.asarray(jitter_rel, dtype=np.float64), len(cases)).copy()
     return cases
 
 
@@ -642,13 +644,14 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     else:
         cases = study.evaluate(facts)
     t_eval = time.time() - t_eval
-    out = []
-    stalled = tg.values.stalled.numpy()
-    for idx, d in zip(chunks, diags):
-        idx = list(idx)
-        c = _mark(cases.iloc[idx].reset_index(drop=True).copy(), [reasons[i] for i in idx], stalled[idx], d["jitter_rel"])
-        out.append((c, {**d, "seconds_eval": t_eval * len(idx) / max(len(facts), 1)}))
-    return out
+    # every chunk's rows marked in one pass, then cut per chunk (a layer search has 1,200 chunks)
+    order = [i for idx in chunks for i in idx]
+    ends = np.cumsum([len(idx) for idx in chunks])
+    jitter = np.repeat([d["jitter_rel"] for d in diags], [len(idx) for idx in chunks])
+    marked = _mark(cases.iloc[order].reset_index(drop=True), [reasons[i] for i in order],
+                   tg.values.stalled.numpy()[order], jitter)
+    return [(marked.iloc[e - len(idx):e].reset_index(drop=True), {**d, "seconds_eval": t_eval * len(idx) / max(len(facts), 1)})
+            for idx, d, e in zip(chunks, diags, ends)]
 
 
 # --------------------------------------------------------------------------- singular / layer search
@@ -676,9 +679,10 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
             for i, fact in enumerate(facts):
                 with EditSession(study.model) as s:
                     results.append(_edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s))
-        for i, (cases, d) in enumerate(results):
-            frames.append(_label(cases, method=method, layer=layer, batch_size=1, batch_index=offset + i,
-                                 eval="current", **unit_cols))
+        # one fact per chunk: labelled together (per-row batch_index) rather than chunk by chunk
+        frames.append(_label(pd.concat([c for c, _ in results], ignore_index=True), method=method, layer=layer,
+                             batch_size=1, batch_index=offset + np.arange(len(results)), eval="current", **unit_cols))
+        for i, (_, d) in enumerate(results):
             diags.append({"method": method, "layer": layer, "batch_index": offset + i, **unit_cols,
                           **_charge(charged, key, [i], d)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(diags)

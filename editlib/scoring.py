@@ -31,18 +31,16 @@ class TargetScores:
 
 
 class _TokCache:
-    """One tokenisation per distinct string (:func:`_tok_cache`: kept per tokenizer across calls)."""
+    """One tokenisation per distinct target string (:func:`_tok_cache`: kept per tokenizer across
+    calls); prefixes are remembered by :func:`editlib.tokens.encode` itself."""
 
     def __init__(self, tok, alignment: str):
         self.tok, self.alignment = tok, alignment
-        self._prefix: dict[str, list[int]] = {}
         self._target: dict[str, list[int]] = {}
         self._scored: dict[str, list[int]] = {}
 
     def prefix(self, s: str) -> list[int]:
-        if s not in self._prefix:
-            self._prefix[s] = encode(self.tok, s)
-        return self._prefix[s]
+        return encode(self.tok, s)
 
     def target(self, s: str) -> list[int]:
         if s not in self._target:
@@ -74,7 +72,7 @@ def _tok_cache(tok, alignment: str) -> _TokCache:
         return _TokCache(tok, alignment)
     key = (alignment, len(tok))  # added tokens change the ids: a new cache
     cache = per_tok.get(key)
-    if cache is None or len(cache._prefix) + len(cache._target) + len(cache._scored) > _TOK_CACHE_MAX:
+    if cache is None or len(cache._target) + len(cache._scored) > _TOK_CACHE_MAX:
         cache = per_tok[key] = _TokCache(tok, alignment)
     return cache
 

@@ -16,28 +16,27 @@ def pairs(n: int, seed: int = 0):
     return prefixes, targets
 
 
-def test_token_cache_is_kept_per_tokenizer_and_renewed_when_tokens_are_added() -> None:
-    """score_targets keeps one tokenisation per string across calls (editlib.scoring._tok_cache):
-    the same scores again without re-tokenising, per tokenizer and alignment; adding a token to the
-    vocabulary starts a new cache, so its ids are used."""
-    from editlib import scoring
+def test_token_cache_is_kept_per_tokenizer_and_renewed_when_tokens_are_added(monkeypatch) -> None:
+    """score_targets keeps one tokenisation per string across calls (editlib.scoring._tok_cache for
+    targets, editlib.tokens.encode's memo for prefixes): the same scores again without calling the
+    tokenizer, per tokenizer and alignment; adding a token to the vocabulary starts new memos, so
+    its ids are used."""
+    from editlib import scoring, tokens
 
     tok = word_tokenizer()
     model = tiny_llama(len(tok) + 1, dtype=torch.float64)
     prefixes, targets = pairs(12, seed=11)
     first = score_targets(model, tok, prefixes, targets).nll
     cache = scoring._tok_cache(tok, "correct")
-    assert prefixes[0] in cache._prefix
+    assert targets[0] in cache._target and prefixes[0] in tokens._ENCODED[tok][len(tok)]
     calls = []
-    real = scoring.encode
-    scoring.encode = lambda t, s: calls.append(s) or real(t, s)
-    try:
-        again = score_targets(model, tok, prefixes, targets).nll
-        assert calls == [] and np.array_equal(first, again)  # nothing tokenised twice
-        assert scoring._tok_cache(tok, "reference") is not cache and scoring._tok_cache(word_tokenizer(), "correct") is not cache
-        tok.add_tokens(["zzznew"])
-        assert scoring._tok_cache(tok, "correct") is not cache
-        score_targets(model, tok, ["zzznew " + prefixes[0]], targets[:1])
-        assert calls  # the new vocabulary's cache tokenises afresh
-    finally:
-        scoring.encode = real
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, text, **k: calls.append(text) or real(self, text, **k))
+    again = score_targets(model, tok, prefixes, targets).nll
+    assert calls == [] and np.array_equal(first, again)  # nothing tokenised twice
+    assert scoring._tok_cache(tok, "reference") is not cache and scoring._tok_cache(word_tokenizer(), "correct") is not cache
+    tok.add_tokens(["zzznew"])
+    assert scoring._tok_cache(tok, "correct") is not cache
+    assert tokens.encode(tok, "zzznew " + prefixes[0]) == list(real(tok, "zzznew " + prefixes[0])["input_ids"])
+    score_targets(model, tok, [prefixes[0]], targets[:1])
+    assert prefixes[0] in calls  # the new vocabulary's memo tokenises afresh

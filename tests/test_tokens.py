@@ -288,3 +288,18 @@ def test_pad_right() -> None:
     assert ids.tolist() == [[4], [0]] and mask.tolist() == [[1], [0]]
     with pytest.raises(ValueError):
         pad_right([], pad_id=0)
+
+
+def test_encode_remembers_per_tokenizer(toks: dict) -> None:
+    """encode's memo returns the tokenizer's own ids (a fresh list each time), per tokenizer."""
+    from editlib import tokens
+
+    for name in ("mini", "gpt2", "sp"):
+        tok = toks[name]
+        for text in ("The capital of France is", "Paris", ""):
+            first = encode(tok, text)
+            assert first == list(tok(text, add_special_tokens=True)["input_ids"])
+            first.append(-1)  # callers may extend what they get
+            assert encode(tok, text) == list(tok(text, add_special_tokens=True)["input_ids"])
+        assert "Paris" in tokens._ENCODED[tok][len(tok)]
+    assert tokens._ENCODED[toks["mini"]] is not tokens._ENCODED[toks["gpt2"]]

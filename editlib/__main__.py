@@ -132,6 +132,12 @@ def _evaluate(a: argparse.Namespace) -> int:
     rs = _rs_resources(a.rs_dir) if a.rs_dir else None
     locate_model(a.model)
     model, tok = load_model(a.model, dtype=a.dtype, device=device)
+    if a.gen_kv_gb is not None and not a.no_generation:  # a budget that holds no row fails before scoring
+        from .generation import rows_per_batch
+        try:
+            rows_per_batch(model, a.gen_batch_size, a.gen_max_len, a.gen_kv_gb * 1e9)
+        except ValueError as e:
+            raise UsageError(str(e).replace("evaluation.gen_kv_gb", "--gen-kv-gb")) from None
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs)

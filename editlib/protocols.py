@@ -331,6 +331,17 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = bool(on)
 
 
+def _check_gen_budget(p: StudyParams, model) -> None:
+    """A GE KV budget that holds no row of this model fails here, not after hours of edits."""
+    ev = p.evaluation
+    if ev.generation and ev.gen_kv_gb is not None:
+        from .generation import rows_per_batch
+        try:
+            rows_per_batch(model, ev.gen_batch_size, ev.gen_max_len, ev.gen_kv_gb * 1e9)
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
+
+
 def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,
                log=print) -> Study:
     """Validate, then load the model (``which``: "model" or "second_model") and its facts."""
@@ -339,6 +350,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     mdir = model_dir_for(mp, log)
     set_tf32(mp.tf32)
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
+    _check_gen_budget(p, model)
     records = load_records_for(p, mdir)
     label = mp.label or Path(str(mdir)).name
     main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))

@@ -221,8 +221,8 @@ def test_records_file_and_folder_missing(capsys, tmp_path) -> None:
 def test_evaluate_bad_flags(capsys, tmp_path) -> None:
     fails(capsys, eval_args(tmp_path) + ["--dtype", "float64"], "--dtype", "float64")
     fails(capsys, eval_args(tmp_path) + ["--batch-size", "0"], "--batch-size")
-    if not __import__("torch").cuda.is_available():
-        fails(capsys, eval_args(tmp_path) + ["--device", "cuda"], "--device cuda")
+    fails(capsys, eval_args(tmp_path) + ["--gen-kv-gb", "0"], "--gen-kv-gb", "positive")
+    assert not (tmp_path / "e.parquet").exists()
 
 
 def test_rs_dir_missing(capsys, tmp_path) -> None:

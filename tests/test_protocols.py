@@ -555,6 +555,32 @@ def test_bad_parameters_fail_before_loading(over, exc, names, tmp_path, monkeypa
         assert n in str(e.value), (n, str(e.value))
 
 
+def test_gen_budget_without_a_row_fails_when_the_study_opens(tmp_path):
+    """A GE KV budget too small for one row of the loaded model fails as the study opens, naming
+    evaluation.gen_kv_gb, before any edit; without GE the budget is not read."""
+    from editlib.arch import kv_bytes_per_token
+
+    over = {"evaluation.generation": True, "evaluation.gen_max_len": 12}
+    tiny_budget = {"evaluation.gen_kv_gb": 1e-12}
+    with pytest.raises(ParamsError, match=r"evaluation\.gen_kv_gb = 1e-12 GB holds no generation row"):
+        protocols.open_study(params_for(tmp_path, **over, **tiny_budget), log=quiet)
+    st = protocols.open_study(params_for(tmp_path, **{**over, "evaluation.generation": False}, **tiny_budget), log=quiet)
+    row = kv_bytes_per_token(st.model) * 12 / 1e9
+    protocols.open_study(params_for(tmp_path, **over, **{"evaluation.gen_kv_gb": row}), log=quiet)
+
+
+def test_evaluate_gen_budget_without_a_row(capsys, tmp_path):
+    """`evaluate --gen-kv-gb` too small for one generation row of the loaded model: one line, exit
+    2, before any scoring (the model has to be loaded to know its cache per token)."""
+    tiny = str(REPO_ROOT / "models" / "tiny-world")
+    rc = main(["evaluate", "--model", tiny, "--records", tiny, "--out", str(tmp_path / "e.parquet"),
+               "--gen-kv-gb", "1e-12"])
+    lines = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # (weights' loading bar aside)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("editlib evaluate: error: --gen-kv-gb = 1e-12 GB holds no generation row")
+    assert not (tmp_path / "e.parquet").exists()
+
+
 def test_bad_params_files(tmp_path, no_model_load):
     with pytest.raises(ParamsError, match="bogus_section"):
         resolve(_params_file(tmp_path, "bogus_section: {a: 1}"))

@@ -693,7 +693,8 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
                     results.append(_edit_and_eval(study, [fact], hp, ctx, _slice(tg, [i]), s))
         # one fact per chunk: labelled together (per-row batch_index) rather than chunk by chunk
         frames.append(_label(pd.concat([c for c, _ in results], ignore_index=True), method=method, layer=layer,
-                             batch_size=1, batch_index=offset + np.arange(len(results)), eval="current", **unit_cols))
+                             batch_size=1, batch_index=offset + np.arange(len(results), dtype=np.int64), eval="current",
+                             **unit_cols))
         for i, (_, d) in enumerate(results):
             diags.append({"method": method, "layer": layer, "batch_index": offset + i, **unit_cols,
                           **_charge(charged, key, [i], d)})

@@ -384,7 +384,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     d_in = {l: arch.key_dim(model, l) for l in layers}  # also validates the layer range
     names = {spec.down_name(l): l for l in layers}
     max_length = max_length or default_max_length(model)
-    seqs = [ids for ids in (encode(tok, t)[:max_length] for t in texts) if ids]
+    seqs = [ids for ids in (encode(tok, t, remember=False)[:max_length] for t in texts) if ids]
     if not seqs:
         raise ValueError("the corpus yields no tokens")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

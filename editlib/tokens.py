@@ -37,27 +37,35 @@ def with_space(target: str) -> str:
     return " " + target.lstrip(" ")
 
 
-#: per tokenizer (weakly held) and vocabulary size: the ids of every text :func:`encode` has seen.
-#: The same prompts are encoded again and again (each layer of a layer search builds the values and
-#: keys of the same facts; MEMIT and EMMET runs edit the same facts). Bounded: past _ENCODED_MAX
-#: texts a tokenizer's memo starts over.
+#: per tokenizer (weakly held) and vocabulary size: the ids of every prompt-sized text
+#: :func:`encode` has seen. The same prompts are encoded again and again (each layer of a layer
+#: search builds the values and keys of the same facts; MEMIT and EMMET runs edit the same facts).
+#: Bounded: texts longer than _ENCODED_MAX_CHARS (corpus documents) are not kept, and past
+#: _ENCODED_MAX texts a tokenizer's memo starts over.
 _ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ENCODED_MAX = 200_000
+_ENCODED_MAX_CHARS = 1_000
 
 
-def encode(tok, text: str) -> list[int]:
+def encode(tok, text: str, *, remember: bool = True) -> list[int]:
     """Token ids of a text at the start of a sequence (with BOS when the tokenizer adds one);
-    remembered per tokenizer (tokenisation is deterministic; added tokens start a new memo)."""
-    try:
-        per_tok = _ENCODED.setdefault(tok, {})
-    except TypeError:  # not weak-referenceable or not hashable: no memo
+    remembered per tokenizer (tokenisation is deterministic; added tokens start a new memo) unless
+    ``remember`` is false or the text is longer than a prompt."""
+    def ids_of() -> list[int]:
         return list(tok(text, add_special_tokens=True)["input_ids"])
-    memo = per_tok.get(len(tok))
+
+    if not remember or len(text) > _ENCODED_MAX_CHARS:
+        return ids_of()
+    try:
+        per_tok, n = _ENCODED.setdefault(tok, {}), len(tok)
+    except TypeError:  # not weak-referenceable, hashable or sized: no memo
+        return ids_of()
+    memo = per_tok.get(n)
     if memo is None or len(memo) > _ENCODED_MAX:
-        memo = per_tok[len(tok)] = {}
+        memo = per_tok[n] = {}
     ids = memo.get(text)
     if ids is None:
-        ids = memo[text] = tuple(tok(text, add_special_tokens=True)["input_ids"])
+        ids = memo[text] = tuple(ids_of())
     return list(ids)
 
 

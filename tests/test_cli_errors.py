@@ -223,6 +223,8 @@ def test_evaluate_bad_flags(capsys, tmp_path) -> None:
     fails(capsys, eval_args(tmp_path) + ["--batch-size", "0"], "--batch-size")
     fails(capsys, eval_args(tmp_path) + ["--gen-kv-gb", "0"], "--gen-kv-gb", "positive")
     assert not (tmp_path / "e.parquet").exists()
+    if not __import__("torch").cuda.is_available():
+        fails(capsys, eval_args(tmp_path) + ["--device", "cuda"], "--device cuda")
 
 
 def test_rs_dir_missing(capsys, tmp_path) -> None:

@@ -304,6 +304,35 @@ def test_batched_independent_edits_equal_the_reference_path(study, weights0, tmp
 
 # --------------------------------------------------------------------------- failed edits
 
+@pytest.mark.parametrize("runner", ["singular", "batch"])
+def test_batched_cases_with_failures_and_uneven_batches_equal_the_reference_path(study, weights0, tmp_path,
+                                                                                 monkeypatch, runner):
+    """With a failed fact inside a batch and batches of unequal size (5 facts at B = 2: 2, 2, 1),
+    the batched path's stored cases equal the reference path's column for column: the markers
+    (failed, fail_reason, value_stalled, solve_jitter), the labels, their dtypes and order."""
+    real = protocols.prepare_targets
+    victim = study.facts(5)[2].case_id
+
+    def sabotage(model, tok, records, hp, ctx, **kw):
+        tg = real(model, tok, records, hp, ctx, **kw)
+        tg.values.fail_reason = ["injected failure" if r.case_id == victim else "" for r in records]
+        return tg
+
+    monkeypatch.setattr(protocols, "prepare_targets", sabotage)
+    over = {"batch.total": 5, "batch.batch_sizes": [2], "singular.n_facts": 5}
+    run = getattr(protocols, f"run_{runner}")
+    ref = sort_units(run(use(study, params_for(tmp_path / "ref", **{**over, "evaluation.batched_edits": False})),
+                         log=quiet))
+    got = sort_units(run(use(study, params_for(tmp_path / "bat", **over)), log=quiet))
+    assert list(got.columns) == list(ref.columns) and (got.dtypes == ref.dtypes).all()
+    assert got["failed"].sum() == ref["failed"].sum() == len(got) // 5  # the victim, once per method
+    marks = ["case_id", "failed", "fail_reason", "value_stalled", "solve_jitter",
+             *[c for c in ref.columns if c in UNIT]]
+    assert_frame_equal(got[marks], ref[marks], check_exact=True)
+    assert_frame_equal(got[SCORES], ref[SCORES], check_exact=False, rtol=0, atol=1e-5)
+    assert_unedited(study.model, weights0)
+
+
 def test_diverged_values_are_failed_cases_not_zeros(study, weights0, tmp_path):
     """v_lr = 1e30 (the value optimisation overflows): every case is a failed row with its reason
     and no scores, the summary counts them, nothing is written into the model, and the

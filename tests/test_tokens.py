@@ -303,3 +303,16 @@ def test_encode_remembers_per_tokenizer(toks: dict) -> None:
             assert encode(tok, text) == list(tok(text, add_special_tokens=True)["input_ids"])
         assert "Paris" in tokens._ENCODED[tok][len(tok)]
     assert tokens._ENCODED[toks["mini"]] is not tokens._ENCODED[toks["gpt2"]]
+    tok = toks["mini"]
+    long_text = "Paris " * 300  # a corpus document, not a prompt: not kept
+    assert encode(tok, long_text) == list(tok(long_text, add_special_tokens=True)["input_ids"])
+    assert encode(tok, "Rome is", remember=False) == list(tok("Rome is", add_special_tokens=True)["input_ids"])
+    assert long_text not in tokens._ENCODED[tok][len(tok)] and "Rome is" not in tokens._ENCODED[tok][len(tok)]
+
+    class Plain:  # no __len__, not weak-referenceable: encoded without a memo
+        __slots__ = ()
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, len(text)]}
+
+    assert encode(Plain(), "abc") == [1, 3]

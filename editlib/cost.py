@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .generation import rows_within
 from .stats import gram_macs
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
@@ -201,13 +202,8 @@ class CostModel:
     def gen_rows(self, s: ModelShape, max_len: int) -> int:
         """Prompts per generation batch: ``gen_batch``, or as many as ``gen_kv_gb`` of KV cache hold
         at ``max_len`` tokens a row (editlib.generation.rows_per_batch)."""
-        if self.gen_kv_gb is None:
-            return self.gen_batch
-        per_row = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * max_len
-        if per_row > self.gen_kv_gb * 1e9:
-            raise ValueError(f"evaluation.gen_kv_gb = {self.gen_kv_gb:g} GB holds no {s.name} generation row "
-                             f"({per_row / 1e9:.3g} GB each): the run would stop there")
-        return min(self.gen_batch, int(self.gen_kv_gb * 1e9 // per_row))
+        return rows_within(self.gen_batch, s.kv_bytes_per_token(self.bpp), max_len,
+                           None if self.gen_kv_gb is None else self.gen_kv_gb * 1e9, f"{s.name} ")
 
     def ge(self, s: ModelShape, ts: TokenStats, cases: int, max_len: int) -> tuple[float, int]:
         """GE of ``cases`` cases in one evaluate call: (seconds, decoded token rows). Prompts are
@@ -229,7 +225,7 @@ class CostModel:
             steps = max(max_len - m, 0)
             t += self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r * m, wbytes,
                             s.n_layers * self.kernels_fwd)  # prefill
-            kv = 2 * s.n_layers * s.n_kv * s.head_dim * self.bpp * r * (m + max_len) / 2
+            kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
             step = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r, wbytes + kv,
                               s.n_layers * self.kernels_fwd + 10, self.mm_eff if r >= 64 else self.small_mm_eff,
                               self.step_py_s)

@@ -105,16 +105,23 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
-def rows_per_batch(model, batch_size: int, width: int, max_kv_bytes: float | None) -> int:
-    """``batch_size``, or fewer rows where their KV cache of ``width`` tokens each would exceed
-    ``max_kv_bytes`` (evaluation.gen_kv_gb); a budget that holds no row fails, naming the key."""
+def rows_within(batch_size: int, token_bytes: int, width: int, max_kv_bytes: float | None,
+                what: str = "") -> int:
+    """``batch_size``, or fewer rows where their KV cache of ``width`` tokens of ``token_bytes``
+    each would exceed ``max_kv_bytes`` (evaluation.gen_kv_gb); a budget that holds no row fails,
+    naming the key (and ``what``, the model). Shared by the run and the cost model."""
     if max_kv_bytes is None:
         return batch_size
-    per_row = kv_bytes_per_token(model) * width
+    per_row = token_bytes * width
     if per_row > max_kv_bytes:
-        raise ValueError(f"evaluation.gen_kv_gb = {max_kv_bytes / 1e9:g} GB holds no generation row: one row of "
-                         f"{width} tokens caches {per_row / 1e9:.3g} GB")
+        raise ValueError(f"evaluation.gen_kv_gb = {max_kv_bytes / 1e9:g} GB holds no {what}generation row: "
+                         f"one row of {width} tokens caches {per_row / 1e9:.3g} GB")
     return min(batch_size, int(max_kv_bytes // per_row))
+
+
+def rows_per_batch(model, batch_size: int, width: int, max_kv_bytes: float | None) -> int:
+    """:func:`rows_within` for ``model``'s cache (:func:`editlib.arch.kv_bytes_per_token`)."""
+    return rows_within(batch_size, kv_bytes_per_token(model), width, max_kv_bytes)
 
 
 def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .arch import arch_for, get_module
+from .nethook import Hooked
 
 __all__ = ["LayeredRowDeltas", "LowRankEdits", "RowDeltas", "TrailingDeltas", "rank_one"]
 
@@ -66,26 +67,23 @@ def rank_one(layer: int, R: torch.Tensor, X: torch.Tensor) -> LowRankEdits:
     return LowRankEdits(layer, [R[:, e:e + 1] for e in range(R.shape[1])], [X[e:e + 1] for e in range(X.shape[0])])
 
 
-class _RowHook(contextlib.AbstractContextManager):
-    """A forward hook on one module that adds a per-row term (``rows``: a [batch] long tensor of
-    labels, set before every forward; None = nothing added); removed on exit, also on error."""
+class _RowHook(Hooked):
+    """A forward hook on layer ``edits.layer``'s down-projection that adds a per-row term (``rows``:
+    a [batch] long tensor of labels, set before every forward; None = nothing added); removed on
+    exit, also on error. Subclasses build their factors in :meth:`_setup`, then the hook is attached."""
 
-    _handle = None
+    def __init__(self, model, edits: LowRankEdits):
+        self.edits = edits
+        self.rows: torch.Tensor | None = None
+        self._setup(model)
+        module = get_module(model, arch_for(model).down_name(edits.layer))
+        self._handle = module.register_forward_hook(self._hook)
 
     def _rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
         rows = self.rows
         if rows is not None and x.shape[0] != rows.shape[0]:
             raise RuntimeError(f"{type(self).__name__}: {rows.shape[0]} row labels for a batch of {x.shape[0]}")
         return None if rows is None else rows.to(x.device)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
 
 
 class RowDeltas(_RowHook):
@@ -95,10 +93,8 @@ class RowDeltas(_RowHook):
     ``rows`` None the hook does nothing. The hook is removed on exit, also on error.
     """
 
-    def __init__(self, model, edits: LowRankEdits):
-        self.edits = edits
-        self.rows: torch.Tensor | None = None
-        module = get_module(model, arch_for(model).down_name(edits.layer))
+    def _setup(self, model) -> None:
+        edits = self.edits
         dev = next(model.parameters()).device
         self._R = [r.to(dev) for r in edits.R]
         self._X = [x.to(dev) for x in edits.X]
@@ -106,7 +102,6 @@ class RowDeltas(_RowHook):
         self._stack = None
         if ranks == {1} and len(edits):  # rank-one edits: one gather + two row-wise products
             self._stack = (torch.cat(self._R, 1).T.contiguous(), torch.cat(self._X, 0))  # [E, d_out], [E, d_in]
-        self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         x = inputs[0]
@@ -139,9 +134,11 @@ class TrailingDeltas(_RowHook):
     zero (the last update's, or ``-1``) gets exactly +0. Set ``rows`` before every forward."""
 
     def __init__(self, model, edits: LowRankEdits, sign: float = -1.0):
-        self.edits = edits
-        self.rows: torch.Tensor | None = None
-        module = get_module(model, arch_for(model).down_name(edits.layer))
+        self._sign = sign
+        super().__init__(model, edits)
+
+    def _setup(self, model) -> None:
+        edits, sign = self.edits, self._sign
         p = next(model.parameters())
         ranks = [x.shape[0] for x in edits.X]
         owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.as_tensor(ranks, dtype=torch.long))
@@ -151,7 +148,6 @@ class TrailingDeltas(_RowHook):
         self._mask = mask.to(device=p.device, dtype=p.dtype)
         self._R = (sign * torch.cat([r.to(torch.float64) for r in edits.R], 1)).T.contiguous().to(p.device, p.dtype)
         self._X = torch.cat([x.to(torch.float64) for x in edits.X], 0).to(p.device, p.dtype)  # [r, d_in]
-        self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         x = inputs[0]

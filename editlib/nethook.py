@@ -25,7 +25,23 @@ def _first_tensor(x: Any) -> Any:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-class Trace(contextlib.AbstractContextManager):
+class Hooked(contextlib.AbstractContextManager):
+    """One registered hook (``_handle``), removed by :meth:`close` and on leaving the ``with``
+    block, also on error (editlib.lowrank's per-row hooks build on it as well)."""
+
+    _handle = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+class Trace(Hooked):
     """Hook one module. ``.input`` / ``.output`` hold the first positional input / the output."""
 
     def __init__(self, model: torch.nn.Module, layer: str, *, retain_input: bool = False,
@@ -51,11 +67,6 @@ class Trace(contextlib.AbstractContextManager):
             return output
 
         self._handle = module.register_forward_hook(hook)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def __exit__(self, exc_type, exc, tb):
         self.close()

@@ -52,6 +52,10 @@ class ModelShape:
         k_v = 2 * self.d * self.n_kv * self.head_dim
         return q_o + k_v + 3 * self.d * self.d_in + 2 * self.d
 
+    def kv_bytes_per_token(self, bpp: int) -> int:
+        """KV-cache bytes per token at ``bpp`` bytes per number (editlib.arch.kv_bytes_per_token)."""
+        return 2 * self.n_layers * self.n_kv * self.head_dim * bpp
+
     @property
     def head_params(self) -> int:
         return self.vocab * self.d

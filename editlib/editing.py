@@ -217,7 +217,8 @@ def prepare_targets(model, tok, records: Sequence[Record], hp: EditHParams, cont
     layer = min(hp.layers)
     K = compute_keys(model, tok, records, layer, contexts)
     _, h = current_values(model, tok, records, z_layer)
-    return BatchTargets(layer=layer, K=K, R=vals.z - h, values=vals, seconds_keys=time.time() - t0)
+    # z comes back on the CPU, h on the model's device: the residual lives with the keys (the solve's device)
+    return BatchTargets(layer=layer, K=K, R=vals.z.to(h.device) - h, values=vals, seconds_keys=time.time() - t0)
 
 
 def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dict[int, CovFactor],
@@ -260,7 +261,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
                 t0 = time.time()
                 K = compute_keys(model, tok, recs, layer, contexts)
                 _, h = current_values(model, tok, recs, layers[-1])
-                R = z - h
+                R = z.to(h.device) - h
                 t_keys += time.time() - t0
             t0 = time.time()
             Ri = R / (len(layers) - i)

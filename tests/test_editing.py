@@ -85,6 +85,27 @@ def test_prepare_targets(lm, tok, targets) -> None:
     torch.testing.assert_close(tg.values.h, h, rtol=0, atol=1e-6)
 
 
+def test_residual_is_formed_on_the_model_device(monkeypatch) -> None:
+    """z comes back from the value optimisation on the CPU while keys and h stay on the model's
+    device (a GPU at paper scale): the residual must be formed there, not as CPU − CUDA. The
+    ``meta`` device stands in for the GPU here (mixing it with CPU tensors raises as CUDA does)."""
+    import editlib.editing as ed
+    from editlib.values import ValueResult
+
+    d, d_in, n = 6, 8, 3
+    z = torch.randn(d, n)
+    monkeypatch.setattr(ed, "compute_values", lambda *a, **k: ValueResult(
+        z=z, h=torch.zeros(d, n), final_loss=torch.zeros(n), steps=torch.zeros(n, dtype=torch.long)))
+    monkeypatch.setattr(ed, "compute_keys", lambda *a, **k: torch.empty(d_in, n, device="meta"))
+    monkeypatch.setattr(ed, "current_values", lambda *a, **k: (torch.empty(d_in, n, device="meta"),
+                                                                torch.empty(d, n, device="meta")))
+    with pytest.raises(RuntimeError):
+        z - torch.empty(d, n, device="meta")  # what a CPU − GPU subtraction does
+    hp = hp_for("memit", layers=(1,))
+    tg = prepare_targets(None, None, FACTS[:n], hp, CTX)
+    assert tg.R.device.type == "meta" and tg.R.shape == (d, n) and tg.K.device.type == "meta"
+
+
 @pytest.mark.parametrize("ctx_name", ["ctx", "plain"])
 def test_rome_maps_key_to_value(lm, tok, covs, targets, ctx_name) -> None:
     """ROME (N=1, μ=0): (W' − W) k = r."""

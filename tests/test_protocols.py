@@ -841,3 +841,22 @@ def test_grouped_sequential_evaluation_resumes_mid_group(study, weights0, tmp_pa
     assert_unedited(study.model, weights0)
     with pytest.raises(ParamsError, match="sequential.eval_group must be an integer >= 1"):
         params_for(tmp_path, **{"sequential.eval_group": 0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_protocol_runs_on_cuda_as_on_the_cpu(study, tmp_path) -> None:
+    """The paper-scale device path end to end: every protocol (windowed MEMIT included, whose
+    second layer recomputes keys and residuals on the GPU) on a CUDA copy of the miniature gives
+    the CPU's cases up to float32 rounding (TF32 off, as the params default)."""
+    over = {"batch.windows": [1, 2], "sequential.windows": [1, 2]}
+    gpu = protocols.open_study(params_for(tmp_path / "gpu", **over, **{"model.device": "cuda"}), log=quiet)
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    cpu = use(study, params_for(tmp_path / "cpu", **over))
+    for run in (protocols.run_layer_search, protocols.run_singular, protocols.run_sweep,
+                protocols.run_batch, protocols.run_sequential):
+        g, c = (df.sort_values([k for k in dict.fromkeys(("method", "layer", *UNIT)) if k in df]).reset_index(drop=True)
+                for df in (run(gpu, log=quiet), run(cpu, log=quiet)))
+        assert len(g) == len(c) > 0, run.__name__
+        assert (g.fail_reason == c.fail_reason).all(), run.__name__
+        for col in ("ES_mag", "PS_mag", "NS_mag"):
+            np.testing.assert_allclose(g[col], c[col], rtol=1e-3, atol=1e-4, err_msg=f"{run.__name__} {col}")

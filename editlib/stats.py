@@ -368,14 +368,17 @@ def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
 def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[int], *,
                            batch_size: int = 16, max_length: int | None = None,
                            max_batch_tokens: int | None = None, dtype: torch.dtype = torch.float64,
-                           progress: bool = True, gram32: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+                           progress: bool = True, gram32: bool = False,
+                           on_device: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
     """Σ kkᵀ and the token count of every layer's down-projection input over ``texts``.
 
     One forward pass per batch serves all ``layers`` (stopped after the deepest); each layer's
     input is accumulated inside its hook (non-padding tokens only) and then dropped. Texts are
     encoded with BOS and truncated to ``max_length``, right-padded. Sums are returned on CPU in
-    ``dtype``. ``gram32`` (16-bit activations only, :func:`fast_gram_applies`): each batch's product in
-    float32, TF32 tensor cores on CUDA.
+    ``dtype``, or with ``on_device`` left on the model's device, so that a caller can bring them to
+    the host one at a time (a pass of 32 Llama-3-8B layers is 53 GB of float64). ``gram32``
+    (16-bit activations only, :func:`fast_gram_applies`): each batch's product in float32, TF32
+    tensor cores on CUDA.
     """
     layers = sorted(set(int(l) for l in layers))
     if not layers:
@@ -408,7 +411,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
         with TraceDict(model, list(names), retain_output=False, stop=True, on_input=accumulate):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         count += int(keep.sum())
-    return {l: (symmetrize_upper(sums[l].cpu()), count) for l in layers}
+    return {l: (sums[l] if on_device else symmetrize_upper(sums[l].cpu()), count) for l in layers}
 
 
 # --------------------------------------------------------------------------- cache
@@ -674,10 +677,12 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     for group in groups:
         sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
                                       max_length=max_length, max_batch_tokens=max_batch_tokens,
-                                      dtype=DTYPES[dtype], progress=progress, gram32=gram32)
-        for l in group:
+                                      dtype=DTYPES[dtype], progress=progress, gram32=gram32, on_device=True)
+        for l in group:  # one layer on the host at a time: moved, written, released before the next
             key, path = missing[l]
-            total, count = sums.pop(l)
+            on_dev, count = sums.pop(l)
+            total = symmetrize_upper(on_dev.cpu())
+            del on_dev
             c = _cond(total.to(torch.float64) / count, device) if cond else math.nan
             _write_cache(path, key, total, count, c)
             if load:

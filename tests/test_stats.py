@@ -629,3 +629,30 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     with stats._tf32_matmuls(torch.device("cuda")):
         real(got, k16.float())
     assert rel(stats.symmetrize_upper(got), stats.symmetrize_upper(ref)) < 1e-5
+
+
+def test_a_pass_brings_its_layers_to_the_host_one_at_a_time(llama, monkeypatch, tmp_path) -> None:
+    """A pass over many layers keeps its sums on the device and brings them to the host one at a
+    time, each written (and released) before the next is copied: 32 Llama-3-8B layers at once
+    would be 53 GB of host memory."""
+    events = []
+
+    class OnDevice:  # a device-resident sum: its copy to the host is an event
+        def __init__(self, layer: int, t: torch.Tensor):
+            self.layer, self.t = layer, t
+
+        def cpu(self):
+            events.append(("to host", self.layer))
+            return self.t.clone()
+
+    def fake_collect(model, tok, texts, layers, **kw):
+        assert kw["on_device"] is True
+        return {l: (OnDevice(l, torch.eye(4, dtype=torch.float64) * (l + 1)), 10) for l in layers}
+
+    monkeypatch.setattr(stats, "collect_second_moments", fake_collect)
+    monkeypatch.setattr(stats, "_write_cache", lambda path, key, total, count, c: events.append(("written", path)))
+    missing = {l: ({"layer": l}, tmp_path / f"l{l}") for l in (0, 1)}
+    stats._collect_into_cache(llama, None, ["x"], missing, {}, None, log=lambda *_: None, load=False, cond=False,
+                              device=torch.device("cpu"), dtype="float64", batch_size=1, max_length=8,
+                              max_batch_tokens=None, progress=False, max_layers_per_pass=2)
+    assert events == [e for l in (0, 1) for e in (("to host", l), ("written", tmp_path / f"l{l}"))]

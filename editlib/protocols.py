@@ -342,6 +342,20 @@ def _check_gen_budget(p: StudyParams, model) -> None:
             raise ParamsError(str(e)) from None
 
 
+def _check_alignment(p: StudyParams, tok, records: Sequence[Record]) -> None:
+    """``evaluation.alignment: reference`` on a tokenizer where the reference's reading is undefined
+    for some target fails here, naming it, not at the first evaluation after hours of edits."""
+    if p.evaluation.alignment != "reference":
+        return
+    from .scoring import _tok_cache
+    cache = _tok_cache(tok, "reference")  # kept: the evaluations reuse these tokenisations
+    try:
+        for s in dict.fromkeys(t.str for r in records for t in (r.target_new, r.target_true)):
+            cache.scored(s)
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
+
+
 def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,
                log=print) -> Study:
     """Validate, then load the model (``which``: "model" or "second_model") and its facts."""
@@ -352,6 +366,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
     _check_gen_budget(p, model)
     records = load_records_for(p, mdir)
+    _check_alignment(p, tok, records)
     label = mp.label or Path(str(mdir)).name
     main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"

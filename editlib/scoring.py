@@ -52,8 +52,24 @@ class _TokCache:
         if self.alignment == "correct":
             return self.target(s)
         if s not in self._scored:
-            self._scored[s] = list(self.tok(with_space(s))["input_ids"])
+            self._scored[s] = reference_scored(self.tok, s, self.target(s))
         return self._scored[s]
+
+
+def reference_scored(tok, target: str, ids: list[int]) -> list[int]:
+    """The reference evaluation's scored ids of ``target`` (SPEC §8.1), given its correct ids:
+    ``tok(" " + target)`` with special tokens, i.e. one leading BOS (Llama-3: every position read
+    one early) or none; when they are BOS + a lone "▁" + the target (Llama-2's legacy sentencepiece
+    tokenizer) the reference strips both (its ``[2:]``), which is the correct alignment. Anything
+    else has no reference reading: a ValueError naming the target."""
+    full = list(tok(with_space(target))["input_ids"])
+    if full == ids or full[1:] == ids:
+        return full
+    if full[2:] == ids:
+        return list(ids)
+    raise ValueError(f"evaluation.alignment 'reference': the tokenizer encodes {with_space(target)!r} as {full}, "
+                     f"which is neither the target's ids {ids} nor them after one BOS (or BOS and a lone '▁'); "
+                     f"the reference's scoring is undefined here: use alignment 'correct'")
 
 
 #: per tokenizer (weakly held), per alignment and vocabulary size: the caches that score_targets
@@ -68,9 +84,9 @@ def _tok_cache(tok, alignment: str) -> _TokCache:
     """The tokenizer's persistent cache for ``alignment`` (a fresh one if it cannot be kept)."""
     try:
         per_tok = _TOK_CACHES.setdefault(tok, {})
-    except TypeError:  # not weak-referenceable or not hashable: cache within the call only
+        key = (alignment, len(tok))  # added tokens change the ids: a new cache
+    except TypeError:  # not weak-referenceable, hashable or sized: cache within the call only
         return _TokCache(tok, alignment)
-    key = (alignment, len(tok))  # added tokens change the ids: a new cache
     cache = per_tok.get(key)
     if cache is None or len(cache._target) + len(cache._scored) > _TOK_CACHE_MAX:
         cache = per_tok[key] = _TokCache(tok, alignment)

@@ -316,3 +316,54 @@ def test_encode_remembers_per_tokenizer(toks: dict) -> None:
             return {"input_ids": [1, len(text)]}
 
     assert encode(Plain(), "abc") == [1, 3]
+
+
+def test_reference_alignment_on_a_sentencepiece_tokenizer_strips_bos_and_the_lone_space(toks) -> None:
+    """The reference evaluation scores ``tok(" " + target)``; for Llama-2's legacy sentencepiece
+    tokenizer that is BOS, a lone "▁", then the target, and the reference strips both ([2:], SPEC
+    §8.1), so its reading is the correct one. Scoring it as Llama-3's one-BOS shift instead read a
+    logit past the end of the input (an IndexError)."""
+    import numpy as np
+    import transformers
+
+    from editlib.scoring import reference_scored, score_targets
+
+    tok = toks["sp"]
+    ids = target_ids(tok, "Paris")
+    assert tok.convert_ids_to_tokens(tok(" Paris")["input_ids"])[:2] == ["<s>", "\u2581"]
+    assert reference_scored(tok, "Paris", ids) == ids
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prefixes = ["The capital of France is", "The capital of France is the city of Paris and the capital of"]
+    ref = score_targets(model, tok, prefixes, ["Paris", "France"], alignment="reference")
+    cor = score_targets(model, tok, prefixes, ["Paris", "France"], alignment="correct")
+    assert np.array_equal(ref.nll, cor.nll) and np.array_equal(ref.correct, cor.correct)
+    mini = toks["mini"]  # BOS-adding byte-level BPE (Llama-3 style): BOS kept, every position one early
+    assert reference_scored(mini, "Paris", target_ids(mini, "Paris")) == list(mini(" Paris")["input_ids"])
+
+
+def test_reference_alignment_without_a_reading_fails_as_the_study_opens() -> None:
+    """A tokenizer whose ``tok(" " + target)`` is none of the reference's cases fails with the
+    target named, at ``open_study`` (before any edit), as a params error."""
+    from editlib.params import ParamsError, resolve
+    from editlib.paths import REPO_ROOT
+    from editlib.protocols import _check_alignment
+    from editlib.records import Record, Target
+    from editlib.scoring import reference_scored
+
+    class Odd:  # " x" -> BOS, two extra pieces, then the target (whose own ids are [5])
+        all_special_ids = [1]
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [1, 7, 8, 5] if add_special_tokens else [5]}
+
+    with pytest.raises(ValueError, match="'reference'.*' x'"):
+        reference_scored(Odd(), "x", [5])
+    rec = Record(case_id=0, prompt="{} is", subject="s", relation_id="P1", target_true=Target("y", "Q2"),
+                 target_new=Target("x", "Q1"), paraphrase_prompts=(), neighborhood_prompts=())
+    p = resolve(REPO_ROOT / "params" / "smoke.yaml", overrides={"evaluation.alignment": "reference"})
+    with pytest.raises(ParamsError, match="alignment 'reference'"):
+        _check_alignment(p, Odd(), [rec])
+    _check_alignment(resolve(REPO_ROOT / "params" / "smoke.yaml"), Odd(), [rec])  # correct: nothing to check

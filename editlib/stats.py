@@ -257,11 +257,13 @@ def _device(model) -> torch.device:
 
 
 def _free_bytes(device: torch.device) -> int:
-    """Free memory where the accumulators live: the CUDA device's free memory, else the host's
+    """Free memory where the accumulators live: the CUDA device's free memory, counting the blocks
+    torch's allocator holds but no tensor uses (after an earlier model or experiment in the same
+    process they can be tens of GB, which ``mem_get_info`` reports as used), else the host's
     available memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free) + max(0, int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device)))
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -656,3 +656,16 @@ def test_a_pass_brings_its_layers_to_the_host_one_at_a_time(llama, monkeypatch, 
                               device=torch.device("cpu"), dtype="float64", batch_size=1, max_length=8,
                               max_batch_tokens=None, progress=False, max_layers_per_pass=2)
     assert events == [e for l in (0, 1) for e in (("to host", l), ("written", tmp_path / f"l{l}"))]
+
+
+def test_free_cuda_memory_counts_what_the_allocator_holds_unused(monkeypatch) -> None:
+    """C0 passes are sized from free device memory; blocks torch's allocator keeps cached after an
+    earlier model (the second model of Figure 6 opens in the kernel the first one ran in) are free
+    for the accumulators, though ``mem_get_info`` reports them as used."""
+    gb = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gb)
+    assert stats._free_bytes(torch.device("cuda")) == 50 * gb
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 60 * gb)
+    assert stats._free_bytes(torch.device("cuda")) == 10 * gb

@@ -36,7 +36,7 @@ def _reprs_at(model, tok, seqs: Sequence[tuple[list[int], int]], layer: int, *,
         idx = torch.as_tensor([c[1] for c in chunk], device=device)
         names = [n for n, w in ((down, want_key), (block, want_out)) if w]
         with TraceDict(model, names, retain_input=True, retain_output=True, stop=True) as td:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)  # no KV cache to fill
         if want_key:
             keys.append(td[down].input[rows, idx].float())
         if want_out:

@@ -35,9 +35,17 @@ class _TokCache:
     calls); prefixes are remembered by :func:`editlib.tokens.encode` itself."""
 
     def __init__(self, tok, alignment: str):
-        self.tok, self.alignment = tok, alignment
+        try:  # weakly: _TOK_CACHES is keyed by the tokenizer, and a strong reference would keep it forever
+            self._tok = weakref.ref(tok)
+        except TypeError:  # not weak-referenceable (then never kept in _TOK_CACHES either)
+            self._tok = lambda: tok
+        self.alignment = alignment
         self._target: dict[str, list[int]] = {}
         self._scored: dict[str, list[int]] = {}
+
+    @property
+    def tok(self):
+        return self._tok()
 
     def prefix(self, s: str) -> list[int]:
         return encode(self.tok, s)
@@ -172,7 +180,7 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
         ids, mask = pad_right([list(unique[u]) for u in useqs], pad)
         if deltas is not None:
             deltas.rows = torch.as_tensor([unique_group[u] for u in useqs], dtype=torch.long)
-        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         r = torch.as_tensor(rows, device=device)
         c = torch.as_tensor(cols, device=device)
         lab = torch.as_tensor(labels, device=device)

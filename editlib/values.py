@@ -268,7 +268,7 @@ class _Forward:
             return hs if isinstance(out, torch.Tensor) else (hs, *out[1:])
 
         with Trace(self.model, self.block, retain_output=False, edit_output=add_delta):
-            return self.backbone(input_ids=ids, **kw).last_hidden_state
+            return self.backbone(input_ids=ids, **{"use_cache": False, **kw}).last_hidden_state
 
 
 class _Packed:

@@ -40,3 +40,46 @@ def test_token_cache_is_kept_per_tokenizer_and_renewed_when_tokens_are_added(mon
     assert tokens.encode(tok, "zzznew " + prefixes[0]) == list(real(tok, "zzznew " + prefixes[0])["input_ids"])
     score_targets(model, tok, [prefixes[0]], targets[:1])
     assert prefixes[0] in calls  # the new vocabulary's memo tokenises afresh
+
+
+def test_scoring_and_key_forwards_fill_no_kv_cache(monkeypatch) -> None:
+    """Scoring, keys and current values read hidden states once: their forwards must not fill a
+    KV cache (transformers' default use_cache=True would, 1 MiB per token for Llama-2 in float32)."""
+    from transformers import cache_utils
+
+    from editlib.reprs import compute_keys, current_values
+    from _fixtures import CTX, FACTS
+
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float64)
+    updates = []
+    real = cache_utils.DynamicCache.update
+    monkeypatch.setattr(cache_utils.DynamicCache, "update",
+                        lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
+    model(input_ids=torch.tensor([[1, 5, 6]]))  # the spy sees a default forward's cache
+    assert updates
+    updates.clear()
+    prefixes, targets = pairs(6, seed=3)
+    score_targets(model, tok, prefixes, targets)
+    compute_keys(model, tok, FACTS, 1, CTX)
+    current_values(model, tok, FACTS, 1)
+    assert updates == []
+
+
+def test_the_token_caches_let_a_tokenizer_go() -> None:
+    """The per-tokenizer caches are weakly keyed and must not keep their tokenizer alive (a
+    notebook that closes one model's study and opens another's would hold both, with every
+    string they tokenised)."""
+    import gc
+    import weakref
+
+    from editlib import scoring, tokens
+
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float64)
+    score_targets(model, tok, *pairs(3, seed=5))
+    assert tok in scoring._TOK_CACHES and tok in tokens._ENCODED
+    gone = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert gone() is None

@@ -174,6 +174,11 @@ def main(argv=None) -> None:
     tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
     shapes = [shape] + ([shape_for(p.second_model.id, p.second_model.label)]
                         if p.second_model and p.second_model.id else [])
+    sm = p.second_model if p.second_model and p.second_model.id else None
+    if sm is not None and (sm.dtype, bool(sm.tf32)) != (p.model.dtype, bool(p.model.tf32)):
+        raise SystemExit(f"second_model runs in {sm.dtype} (tf32 {sm.tf32}) but model in {p.model.dtype} "
+                         f"(tf32 {p.model.tf32}); the estimate prices both models alike: set them equal "
+                         "(leave second_model's dtype and tf32 unset to inherit model's)")
     where, why = solve_location(args.solve_on)
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
                       solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,

@@ -577,10 +577,12 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
     bad_hp = sorted(set(hp_raw) - set(METHODS) - {"common"})
     if bad_hp:
         raise ParamsError(f"unknown hparams section(s) {bad_hp}; known: common, {', '.join(METHODS)}")
+    main_model = _build(ModelParams, d.get("model"), "model")
     sp = StudyParams(
         name=str(d["name"]),
-        model=_build(ModelParams, d.get("model"), "model"),
-        second_model=_build(ModelParams, d["second_model"], "second_model") if d.get("second_model") else None,
+        model=main_model,
+        second_model=_build(ModelParams, _as_model(d["second_model"], main_model), "second_model")
+        if d.get("second_model") else None,
         data=_build(DataParams, d.get("data"), "data"),
         covariance=_build(CovParams, d.get("covariance"), "covariance"),
         evaluation=_build(EvalParams, d.get("evaluation"), "evaluation"),
@@ -619,6 +621,22 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         if bad:
             raise ParamsError(f"unknown key(s) {bad} in {sec}.tiny; known: {', '.join(TINY_KEYS)}")
     return sp
+
+
+#: second_model keys that, left out or null, take the main model's value: one `--set model.dtype=bfloat16`
+#: (or tf32, or device) then runs Figure 6's second model the same way, as the cost estimate assumes
+INHERITED_MODEL_KEYS = ("dtype", "device", "tf32")
+
+
+def _as_model(raw: Mapping, model: ModelParams) -> dict:
+    """The second_model section with its unset :data:`INHERITED_MODEL_KEYS` taken from ``model``."""
+    if not isinstance(raw, Mapping):
+        return raw  # _build names the section in its error
+    out = dict(raw)
+    for k in INHERITED_MODEL_KEYS:
+        if out.get(k) is None:
+            out[k] = getattr(model, k)
+    return out
 
 
 def resolve(params_file: str | os.PathLike, *, overrides: Mapping | list | None = None,

@@ -39,3 +39,18 @@ def test_tiny_full_is_tiny_at_the_untrimmed_sizes() -> None:
                "sequential": ("total", "batch_sizes", "degradation_every")}
     for sec, keys in trimmed.items():  # only the sizes differ
         assert dataclasses.replace(getattr(full, sec), **{k: getattr(getattr(tiny, sec), k) for k in keys}) == getattr(tiny, sec), sec
+
+
+def test_the_second_model_runs_as_the_main_model_unless_set() -> None:
+    """Figure 6's second model takes the main model's dtype, device and tf32 when its own are left
+    out or null, so one `--set model.dtype=bfloat16` (the cost estimate's bfloat16 grid) runs
+    Llama-2-7B in bfloat16 too; its own setting wins."""
+    paper = REPO_ROOT / "params" / "llama3-8b.yaml"
+    p = resolve(paper)
+    assert (p.second_model.dtype, p.second_model.device, p.second_model.tf32) == ("float32", "cuda", False)
+    p = resolve(paper, overrides=["model.dtype=bfloat16", "model.tf32=true"])
+    assert (p.second_model.dtype, p.second_model.tf32, p.second_model.id) == ("bfloat16", True, "meta-llama/Llama-2-7b-hf")
+    p = resolve(paper, overrides=["model.dtype=bfloat16", "second_model.dtype=float32"])
+    assert (p.model.dtype, p.second_model.dtype) == ("bfloat16", "float32")
+    tiny = resolve(REPO_ROOT / "params" / "tiny.yaml")
+    assert (tiny.second_model.dtype, tiny.second_model.device, tiny.second_model.tf32) == ("float32", "cpu", False)

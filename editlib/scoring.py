@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .arch import backbone_and_head
-from .tokens import encode, pad_right, target_ids, with_space
+from .tokens import encode, pad_right, target_ids, tokenizer_memo, with_space
 
 ALIGNMENTS = ("correct", "reference")
 
@@ -89,16 +89,11 @@ _TOK_CACHE_MAX = 500_000
 
 
 def _tok_cache(tok, alignment: str) -> _TokCache:
-    """The tokenizer's persistent cache for ``alignment`` (a fresh one if it cannot be kept)."""
-    try:
-        per_tok = _TOK_CACHES.setdefault(tok, {})
-        key = (alignment, len(tok))  # added tokens change the ids: a new cache
-    except TypeError:  # not weak-referenceable, hashable or sized: cache within the call only
-        return _TokCache(tok, alignment)
-    cache = per_tok.get(key)
-    if cache is None or len(cache._target) + len(cache._scored) > _TOK_CACHE_MAX:
-        cache = per_tok[key] = _TokCache(tok, alignment)
-    return cache
+    """The tokenizer's persistent cache for ``alignment`` (a fresh one, for this call only, if it
+    cannot be kept)."""
+    cache = tokenizer_memo(_TOK_CACHES, tok, lambda: _TokCache(tok, alignment),
+                           lambda c: len(c._target) + len(c._scored), _TOK_CACHE_MAX, tag=alignment)
+    return _TokCache(tok, alignment) if cache is None else cache
 
 
 def _read_plan(cache: _TokCache, prefix: str, target: str) -> tuple[tuple[int, ...], list[int], list[int]]:

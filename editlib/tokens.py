@@ -17,7 +17,7 @@ Rules every module follows:
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 
@@ -45,6 +45,24 @@ def with_space(target: str) -> str:
 _ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ENCODED_MAX = 200_000
 _ENCODED_MAX_CHARS = 1_000
+T = TypeVar("T")
+
+
+def tokenizer_memo(store: "weakref.WeakKeyDictionary", tok, new: Callable[[], T], size: Callable[[T], int],
+                   limit: int, tag: Hashable | None = None) -> T | None:
+    """The memo ``store`` keeps for ``tok`` (weakly held) under its vocabulary size (added tokens
+    change the ids: a new memo), and ``tag`` when given: made by ``new()`` when missing or past
+    ``limit`` entries (``size``). None when ``tok`` cannot key one (not weak-referenceable,
+    hashable or sized). :func:`encode`'s ids and editlib.scoring's target caches are kept this way."""
+    try:
+        per_tok, n = store.setdefault(tok, {}), len(tok)
+    except TypeError:
+        return None
+    key = n if tag is None else (tag, n)
+    memo = per_tok.get(key)
+    if memo is None or size(memo) > limit:
+        memo = per_tok[key] = new()
+    return memo
 
 
 def encode(tok, text: str, *, remember: bool = True) -> list[int]:
@@ -56,13 +74,9 @@ def encode(tok, text: str, *, remember: bool = True) -> list[int]:
 
     if not remember or len(text) > _ENCODED_MAX_CHARS:
         return ids_of()
-    try:
-        per_tok, n = _ENCODED.setdefault(tok, {}), len(tok)
-    except TypeError:  # not weak-referenceable, hashable or sized: no memo
+    memo = tokenizer_memo(_ENCODED, tok, dict, len, _ENCODED_MAX)
+    if memo is None:
         return ids_of()
-    memo = per_tok.get(n)
-    if memo is None or len(memo) > _ENCODED_MAX:
-        memo = per_tok[n] = {}
     ids = memo.get(text)
     if ids is None:
         ids = memo[text] = tuple(ids_of())

@@ -118,30 +118,42 @@ class PackedSuffix:
             ar = torch.arange(W, device=dev)
             suf = (ar[None, None] <= ar[None, :, None]) & (ar[None, None] < w_r[:, None, None])  # [R, W, W]
             attn_mask = torch.cat([pre[:, None].expand(R, W, self.p_max), suf], 2)[:, None]
-        for i, blk in enumerate(self.blocks):
-            att = blk.self_attn
-            hd = att.head_dim
-            y = blk.input_layernorm(x)
-            q = _rope(att.q_proj(y).view(len(sel), -1, hd), cos, sin)
-            k = _rope(att.k_proj(y).view(len(sel), -1, hd), cos, sin)
-            v = att.v_proj(y).view(len(sel), -1, hd)
-            pk, pv = self.kv[i] if all_rows else (self.kv[i][0][rows.to(dev)], self.kv[i][1][rows.to(dev)])
-
-            def pad(t):  # [tokens, h, hd] -> [R, h, W, hd]
-                z = t.new_zeros(R * W, *t.shape[1:]).index_copy(0, flat, t)
-                return z.view(R, W, *t.shape[1:]).transpose(1, 2)
-
-            keys, vals = torch.cat([pk, pad(k)], 2), torch.cat([pv, pad(v)], 2)
-            rep = q.shape[1] // keys.shape[1]  # grouped-query attention: as transformers' repeat_kv
-            if rep > 1:
-                keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-            o = F.scaled_dot_product_attention(pad(q), keys, vals, attn_mask=attn_mask, scale=att.scaling)
-            o = o.transpose(1, 2).reshape(R * W, -1)[flat]
-            if i == len(self.blocks) - 1:  # nothing after the last block reads other positions
-                o, x = o[need], x[need]
-            x = x + att.o_proj(o)
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-        if not self.blocks:
+            kvs = self.kv if all_rows else [(k[rows.to(dev)], v[rows.to(dev)]) for k, v in self.kv]
+            x = run_blocks(self.blocks, x, cos, sin, kvs, attn_mask, flat, need, R, W)
+        else:
             x = x[need]
         x = self.norm(x)
         return x.new_zeros(R * W, x.shape[-1]).index_copy(0, flat[need], x).view(R, W, -1)
+
+
+def run_blocks(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs, attn_mask: torch.Tensor,
+               flat: torch.Tensor, need: torch.Tensor, R: int, W: int) -> torch.Tensor:
+    """Blocks ``blocks`` (Llama-style, in order) on packed tokens ``x`` [tokens, d]: ``kvs`` the
+    cached prefix keys/values per block ([R, kv_heads, P, head_dim]), ``attn_mask`` [R, 1, W, P + W],
+    ``flat`` each token's slot in the padded [R·W] layout, ``need`` the tokens the last block must
+    produce (its attention output, projection and MLP run only there). Pure tensor code with no
+    data-dependent control flow, so it can be compiled as one graph (bench/bench_compiled_values.py)."""
+    for i, blk in enumerate(blocks):
+        att = blk.self_attn
+        hd = att.head_dim
+        y = blk.input_layernorm(x)
+        q = _rope(att.q_proj(y).view(x.shape[0], -1, hd), cos, sin)
+        k = _rope(att.k_proj(y).view(x.shape[0], -1, hd), cos, sin)
+        v = att.v_proj(y).view(x.shape[0], -1, hd)
+        pk, pv = kvs[i]
+
+        def pad(t):  # [tokens, h, hd] -> [R, h, W, hd]
+            z = t.new_zeros(R * W, *t.shape[1:]).index_copy(0, flat, t)
+            return z.view(R, W, *t.shape[1:]).transpose(1, 2)
+
+        keys, vals = torch.cat([pk, pad(k)], 2), torch.cat([pv, pad(v)], 2)
+        rep = q.shape[1] // keys.shape[1]  # grouped-query attention: as transformers' repeat_kv
+        if rep > 1:
+            keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(pad(q), keys, vals, attn_mask=attn_mask, scale=att.scaling)
+        o = o.transpose(1, 2).reshape(R * W, -1)[flat]
+        if i == len(blocks) - 1:  # nothing after the last block reads other positions
+            o, x = o[need], x[need]
+        x = x + att.o_proj(o)
+        x = x + blk.mlp(blk.post_attention_layernorm(x))
+    return x

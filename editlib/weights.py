@@ -52,31 +52,46 @@ class EditSession(contextlib.AbstractContextManager):
         if tuple(delta_out_in.shape) != tuple(m.shape):
             raise ValueError(f"update shape {tuple(delta_out_in.shape)} does not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
+        backup = m.clone()
         m.add_(delta_out_in.to(device=m.device, dtype=m.dtype))
+        self._write(layer, m, backup)
         self.log_complete = False
-        p = edit_weight(self.model, layer)
-        p.copy_(to_param_layout(self.spec, m).to(p.dtype))
 
     @torch.no_grad()
     def apply_factors(self, layer: int, R: torch.Tensor, X: torch.Tensor, *, block_rows: int = 1024) -> None:
         """W ← W + R X for a low-rank update ([d_out, N] @ [N, d_in]) without materialising the
         d_out × d_in float64 ΔW: the product is formed block of rows by block of rows in float64
         and added to the master (at d_in = 14336, d_out = 4096 a dense float64 ΔW is 470 MB).
-        Refuses non-finite factors, or factors whose product could overflow, before any write."""
+        Refuses non-finite factors, or factors whose product could overflow, before any write.
+        The factors are made contiguous first, so a live update and its replay from the
+        checkpoint log (stored contiguous) multiply the same layouts: the same float64 sums."""
         m = self.master(layer)
         if R.dim() != 2 or X.dim() != 2 or R.shape[1] != X.shape[0] or (R.shape[0], X.shape[1]) != tuple(m.shape):
             raise ValueError(f"update factors R {tuple(R.shape)} @ X {tuple(X.shape)} do not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
-        R = R.to(device=m.device, dtype=torch.float64)
-        X = X.to(device=m.device, dtype=torch.float64)
+        R = R.to(device=m.device, dtype=torch.float64).contiguous()
+        X = X.to(device=m.device, dtype=torch.float64).contiguous()
         bound = float(R.norm()) * float(X.norm())  # ‖RX‖_F ≤ ‖R‖_F ‖X‖_F
         if not (torch.isfinite(R).all() and torch.isfinite(X).all() and bound < 1e300):
             raise ValueError(f"refusing to write a non-finite update into layer {layer}")
+        backup = m.clone()
         for s in range(0, m.shape[0], block_rows):
             m[s:s + block_rows].add_((R[s:s + block_rows] @ X).to(m.dtype))
+        self._write(layer, m, backup)
         self.factor_log.append((layer, R.cpu(), X.cpu()))
+
+    def _write(self, layer: int, m: torch.Tensor, backup: torch.Tensor) -> None:
+        """Write the updated master ``m`` into the parameter, unless the result is not finite in the
+        master's or the parameter's own dtype (a bfloat16 / float16 weight overflows at its own
+        maximum, 65,504 for float16): then the master is put back from ``backup`` and the edit
+        refused, so a model is never left with infinite weights scored as a valid edit."""
         p = edit_weight(self.model, layer)
-        p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+        new = to_param_layout(self.spec, m).to(p.dtype)
+        if not (torch.isfinite(m).all() and torch.isfinite(new).all()):
+            m.copy_(backup)
+            raise ValueError(f"refusing to write layer {layer}: the updated weight is not finite in "
+                             f"{str(p.dtype).replace('torch.', '')}")
+        p.copy_(new)
 
     def take_log(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """The updates written since the last call (and forget them)."""

@@ -531,3 +531,46 @@ def test_factor_log_replays_bit_for_bit(lm, tok, covs, targets) -> None:
         assert torch.equal(s.master(1), master)
         s.apply(1, torch.zeros_like(master, dtype=F64))
         assert not s.log_complete  # a dense write cannot be replayed from factors
+
+
+def test_an_update_that_overflows_the_weights_dtype_is_refused() -> None:
+    """A float16 weight overflows at 65,504: an update whose sum is finite in the float32 master but
+    not in float16 is refused (ValueError, which apply_edit turns into a failed edit) and leaves the
+    master and the weight exactly as they were; the same for a dense update."""
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float16)
+    W = weight_out_in(model, 1)
+    R = torch.zeros(W.shape[0], 1, dtype=F64)
+    R[0, 0] = 1e5
+    X = torch.zeros(1, W.shape[1], dtype=F64)
+    X[0, 0] = 1.0
+    with EditSession(model) as s:
+        s.apply_factors(1, R * 1e-3, X)  # 100: fine in float16
+        before, weight = s.master(1).clone(), edit_weight(model, 1).clone()
+        assert s.master(1).dtype == torch.float32
+        with pytest.raises(ValueError, match="not finite in float16"):
+            s.apply_factors(1, R, X)
+        with pytest.raises(ValueError, match="not finite in float16"):
+            s.apply(1, R @ X)
+        assert torch.equal(s.master(1), before) and torch.equal(edit_weight(model, 1), weight)
+        assert len(s.take_log()) == 1  # the refused update is not logged
+
+
+def test_replay_multiplies_the_live_update_s_layout() -> None:
+    """A solver may return X column-major (cholesky_solve does); the checkpoint stores it contiguous.
+    Both are multiplied contiguous, so a float64 master replayed from the log equals the live one
+    bit for bit at batch sizes where the two layouts' GEMMs sum differently."""
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float64)
+    W = weight_out_in(model, 1)
+    g = torch.Generator().manual_seed(0)
+    for n in (16, 64):
+        R = torch.randn(W.shape[0], n, generator=g, dtype=F64)
+        X = torch.randn(W.shape[1], n, generator=g, dtype=F64).T * 1e-2  # column-major, as from a solve
+        assert not X.is_contiguous()
+        with EditSession(model) as s:
+            s.apply_factors(1, R, X)
+            live, (entry,) = s.master(1).clone(), s.take_log()
+        with EditSession(model) as s:
+            s.apply_factors(1, entry[1].contiguous(), entry[2].contiguous())
+            assert torch.equal(s.master(1), live)

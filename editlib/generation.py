@@ -72,8 +72,9 @@ def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len: int, top_k: int,
-                  pad_id: int, deltas=None, rows: Sequence[int] | None = None) -> list[list[int]]:
-    """Extend every row to ``max_len`` tokens (rows already longer are returned unchanged)."""
+                  pad_id: int, deltas=None, rows: Sequence[int] | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Extend every row to ``max_len`` tokens (rows already longer are returned unchanged); also
+    whether each row's logits stayed finite at every step."""
     device = next(model.parameters()).device
     lens = [len(s) for s in seqs]
     width = max(max_len, max(lens))
@@ -87,17 +88,20 @@ def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len
     last_only = _last_logits_kw(model)
     if deltas is not None:  # each row generates under its own independent edit (editlib.lowrank)
         deltas.rows = torch.as_tensor(list(rows), dtype=torch.long)
+    finite = torch.ones(len(seqs), dtype=torch.bool, device=device)
     past, fed, pos = None, 0, min(lens)
     while pos < max_len:  # pos: the column sampled at this step
         out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past}, **last_only)
         past = getattr(out, cache_arg)
-        new = _top_k_draw(out.logits[:, -1], top_k, u[:, pos])
+        logits = out.logits[:, -1]
+        finite &= torch.isfinite(logits).all(-1)  # a NaN/inf row would otherwise draw token 0 silently
+        new = _top_k_draw(logits, top_k, u[:, pos])
         ids[:, pos] = torch.where(lens_t <= pos, new, ids[:, pos])  # keep longer prompts' tokens
         fed, pos = pos, pos + 1
     if deltas is not None:
         deltas.rows = None
     ids = ids.cpu()
-    return [ids[b, : max(lens[b], max_len)].tolist() for b in range(len(seqs))]
+    return [ids[b, : max(lens[b], max_len)].tolist() for b in range(len(seqs))], finite.cpu().tolist()
 
 
 def _clean(text: str) -> str:
@@ -127,7 +131,8 @@ def rows_per_batch(model, batch_size: int, width: int, max_kv_bytes: float | Non
 def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,
                  seed: int = 0, batch_size: int = 64,
                  keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None,
-                 deltas=None, max_kv_bytes: float | None = None) -> list[str]:
+                 deltas=None, max_kv_bytes: float | None = None,
+                 return_finite: bool = False) -> list[str] | tuple[list[str], list[bool]]:
     """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
 
     ``keys[i]`` names prompt ``i``'s random stream (default ``i``); give keys that identify a prompt
@@ -136,6 +141,10 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     active :class:`editlib.lowrank.RowDeltas` hook (GE of many edits in one batched generation).
     ``max_kv_bytes``: fewer than ``batch_size`` rows per batch where their KV cache would not fit
     (:func:`rows_per_batch`; texts change only as with any other batch size).
+
+    A prompt whose logits are ever NaN or infinite (an overflowing float16 model, an edit that
+    blew the model up) has no meaningful text: with ``return_finite`` the call also returns, per
+    prompt, whether its logits stayed finite; without it such a prompt raises FloatingPointError.
     """
     if (groups is None) != (deltas is None):
         raise ValueError("groups and deltas go together")
@@ -150,15 +159,23 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     if ids:  # the cache never holds more than max_len - 1 tokens (longer prompts are not extended)
         batch_size = rows_per_batch(model, batch_size, max_len, max_kv_bytes)
     out: list[str] = [""] * len(prompts)
+    finite: list[bool] = [True] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(max_len, max(len(ids[i]) for i in idx))
         uniforms = np.stack([_row_rng(seed, keys[i]).random(width) for i in idx])
-        seqs = _sample_batch(model, [ids[i] for i in idx], uniforms, max_len=max_len, top_k=top_k,
-                             pad_id=pad, deltas=deltas,
-                             rows=None if groups is None else [int(groups[i]) for i in idx])
-        for i, s in zip(idx, seqs):
+        seqs, ok = _sample_batch(model, [ids[i] for i in idx], uniforms, max_len=max_len, top_k=top_k,
+                                 pad_id=pad, deltas=deltas,
+                                 rows=None if groups is None else [int(groups[i]) for i in idx])
+        for i, s, f in zip(idx, seqs, ok):
             out[i] = _clean(tok.decode(s, skip_special_tokens=True))
+            finite[i] = f
+    if return_finite:
+        return out, finite
+    if not all(finite):
+        bad = [prompts[i] for i, f in enumerate(finite) if not f]
+        raise FloatingPointError(f"non-finite logits while sampling {len(bad)} of {len(prompts)} prompts "
+                                 f"(first: {bad[0]!r}): the model's outputs overflowed or are NaN")
     return out
 
 

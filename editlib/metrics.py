@@ -33,6 +33,9 @@ FAMILIES = ("rewrite", "paraphrase", "neighborhood")
 SHORT = {"rewrite": "ES", "paraphrase": "PS", "neighborhood": "NS"}
 PROB_METRICS = ("ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc")
 METRICS = (*PROB_METRICS, "GE", "RS")
+#: why a case evaluated without an edit failure has no scores (see :func:`evaluate_records`)
+NONFINITE_REASON = "the model's outputs are not finite (NaN/inf logits) on this case's prompts"
+_NONFINITE = "_nonfinite"  # internal: per case, some scored or sampled logit was NaN/inf
 
 
 @dataclass
@@ -75,6 +78,7 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
     g = None if groups is None else np.asarray(groups, dtype=np.int64)[t.owner].tolist()
     s_new, s_true = score_pairs(model, tok, t.prefixes, t.new, t.true, alignment=alignment,
                                 batch_size=batch_size, groups=g, deltas=deltas)
+    bad = ~(np.isfinite(s_new.nll) & np.isfinite(s_true.nll))  # NaN/inf logits: no score, not a loss
     new_wins = s_new.nll < s_true.nll
     true_wins = s_true.nll < s_new.nll
     p_diff = np.exp(-s_new.nll) - np.exp(-s_true.nll)  # geometric-mean token probabilities (SPEC §6)
@@ -88,7 +92,9 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
         out[key] = _case_mean(success[m], t.owner[m], len(records))
         out[f"{key}_mag"] = _case_mean(mag[m], t.owner[m], len(records))
         out[f"{key}_acc"] = _case_mean(acc[m], t.owner[m], len(records))
-    return {k: out[k] for k in PROB_METRICS}
+    out = {k: out[k] for k in PROB_METRICS}
+    out[_NONFINITE] = np.bincount(t.owner[bad], minlength=len(records)) > 0
+    return out
 
 
 def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max_len: int,
@@ -103,11 +109,12 @@ def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max
             keys.append((r.case_id, j))  # per-prompt stream: same text whatever the batching
     extra = {} if groups is None else {"groups": np.asarray(groups, dtype=np.int64)[owner].tolist(),
                                        "deltas": deltas}
-    texts = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size, keys=keys,
-                         max_kv_bytes=max_kv_bytes, **extra)
+    texts, finite = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size,
+                                 keys=keys, max_kv_bytes=max_kv_bytes, return_finite=True, **extra)
     owner_a = np.asarray(owner, dtype=np.int64)
     ent = np.asarray([ngram_entropy(x) for x in texts], dtype=np.float64)
-    out = {"GE": _case_mean(ent, owner_a, len(records))}
+    out = {"GE": _case_mean(ent, owner_a, len(records)),
+           _NONFINITE: np.bincount(owner_a[~np.asarray(finite, dtype=bool)], minlength=len(records)) > 0}
     if rs_resources is not None:
         by_case: list[list[str]] = [[] for _ in records]
         for i, x in zip(owner, texts):
@@ -136,11 +143,16 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
     if records:
         cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas))
+        nonfinite = cols.pop(_NONFINITE)
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
                                             batch_size=gen_batch_size, rs_resources=rs_resources,
                                             groups=groups, deltas=deltas,
                                             max_kv_bytes=None if gen_kv_gb is None else gen_kv_gb * 1e9))
+            nonfinite = nonfinite | cols.pop(_NONFINITE)
+        for k in cols:  # a NaN/inf logit scores nothing: the whole case is blank (counted as failed)
+            if k != "case_id":
+                cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
     else:
         names = [*PROB_METRICS, *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})
@@ -161,6 +173,14 @@ def harmonic_score(es: float, ps: float, ns: float) -> float:
     if min(vals) <= 0:
         return 0.0
     return float(hmean(vals))
+
+
+def with_unscored(cases: pd.DataFrame, reasons: Sequence[str]) -> list[str]:
+    """``reasons`` (one per case, "" = edited) with :data:`NONFINITE_REASON` for every case that
+    has no ES/PS/NS although its edit did not fail: its model outputs were NaN/inf, so it is a
+    failed edit, counted and shown as such."""
+    blank = cases[["ES", "PS", "NS"]].isna().any(axis=1).to_numpy()
+    return [r or (NONFINITE_REASON if b else "") for r, b in zip(reasons, blank)]
 
 
 def failed_rows(df: pd.DataFrame) -> np.ndarray:

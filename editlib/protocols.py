@@ -37,7 +37,7 @@ from .beyond import s_over_orderings
 from .context import ContextTemplates, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
-from .metrics import evaluate_records, format_summary, summarize_cases
+from .metrics import evaluate_records, format_summary, summarize_cases, with_unscored
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
@@ -581,7 +581,9 @@ def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray,
     """A batch's evaluated cases with its failures blanked (NaN scores, ``failed``, ``fail_reason``),
     value stalls (loss never below its start: not a failure) and ``jitter_rel``, τ of the solve that
     wrote these edits relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5): one number, or
-    one per row when the rows come from several batches."""
+    one per row when the rows come from several batches. A case left without scores by NaN/inf
+    model outputs is a failed edit too (:func:`editlib.metrics.with_unscored`)."""
+    reasons = with_unscored(cases, reasons)
     failed = np.array([bool(r) for r in reasons], dtype=bool)
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
     cases["failed"] = failed
@@ -1167,10 +1169,11 @@ def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[
     a fact whose own edit failed stays a failed row (no scores) in every later evaluation."""
     cases = cases.copy()
     n = len(cases)
-    failed = np.array([bool(r) for r in own_reason[:n]])
+    reasons = with_unscored(cases, own_reason[:n])
+    failed = np.array([bool(r) for r in reasons])
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
     cases["failed"] = failed
-    cases["fail_reason"] = list(own_reason[:n])
+    cases["fail_reason"] = reasons
     cases["solve_jitter"] = own_jitter[:n]
     return cases
 

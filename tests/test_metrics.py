@@ -312,3 +312,55 @@ def test_shared_inputs_run_once_and_score_the_same(word_lm) -> None:
     alone = [score_targets(model, tok, [p], [t]) for p, t in zip(prefixes * 2, new + true)]
     np.testing.assert_allclose(both.nll, [a.nll[0] for a in alone], rtol=1e-5)
     assert list(both.correct) == [bool(a.correct[0]) for a in alone]
+
+
+class _Poison:
+    """Stands in for a per-row edit hook: rows of edit 1 get NaN logits (an edit that blew the
+    model up, an overflowing float16 forward); scoring and sampling set ``rows`` per forward."""
+
+    def __init__(self, model):
+        self.rows = None
+        self._h = model.model.norm.register_forward_hook(self._hook)  # [batch, tokens, d]
+
+    def _hook(self, module, inputs, out):
+        if self.rows is None:
+            return out
+        out = out.clone()
+        out[self.rows.to(out.device) == 1] = float("nan")
+        return out
+
+    def close(self):
+        self._h.remove()
+
+
+def test_nonfinite_outputs_blank_the_case_and_mark_it_failed(world_lm, world_records) -> None:
+    """A case whose logits are NaN (scoring or GE sampling) gets no scores at all, never a valid
+    ES = PS = NS = 0; the other cases are untouched; the protocols mark it failed with a reason and
+    the summary counts it."""
+    from editlib.generation import sample_texts
+    from editlib.metrics import NONFINITE_REASON, failed_rows, with_unscored
+    from editlib.protocols import _mark
+
+    model, tok = world_lm
+    recs = world_records[:3]
+    groups = [0, 1, 0]
+    clean = evaluate_records(model, tok, recs, generation=True, gen_max_len=12)
+    hook = _Poison(model)
+    try:
+        df = evaluate_records(model, tok, recs, generation=True, gen_max_len=12, groups=groups, deltas=hook)
+        with pytest.raises(FloatingPointError, match="non-finite logits"):
+            sample_texts(model, tok, ["a", "b"], max_len=6, groups=[0, 1], deltas=hook)
+        texts, finite = sample_texts(model, tok, ["a", "b"], max_len=6, groups=[0, 1], deltas=hook,
+                                     return_finite=True)
+        assert finite == [True, False]
+    finally:
+        hook.close()
+    assert list(df.columns) == list(clean.columns)
+    assert df.drop(columns="case_id").iloc[1].isna().all()
+    pd.testing.assert_frame_equal(df.iloc[[0, 2]], clean.iloc[[0, 2]])
+    assert with_unscored(df, ["", "", ""]) == ["", NONFINITE_REASON, ""]
+    marked = _mark(df.copy(), ["", "", ""], np.zeros(3, dtype=bool), 0.0)
+    assert marked["failed"].tolist() == [False, True, False]
+    assert marked["fail_reason"].iloc[1] == NONFINITE_REASON
+    assert failed_rows(marked).tolist() == [False, True, False]
+    assert summarize_cases(marked)["n_failed"].iloc[0] == 1

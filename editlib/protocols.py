@@ -1017,7 +1017,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             pending.append(_Pending(bi, chunk, tg, stats, reasons, s.take_log(),
                                     prior.take_log() if prior is not None else []))
             forget, degrade, lm = measurements_after(sq, chunks, bi, bool(heldout), lm_spec)
-            if not closes_group(sq, chunks, bi, len(pending), bool(heldout), lm_spec):
+            if not closes_group(sq, chunks, bi, sum(len(q.facts) for q in pending), bool(heldout), lm_spec):
                 if fail_after is not None and bi + 1 - start >= fail_after:
                     raise RuntimeError(f"injected failure after batch {bi} of {cfg} (batches {pending[0].bi}-{bi} "
                                        f"edited, not evaluated)")
@@ -1068,9 +1068,12 @@ def measurements_after(sq, chunks: Sequence[range], bi: int, degradation: bool, 
 
 def closes_group(sq, chunks: Sequence[range], bi: int, n_pending: int, degradation: bool, lm_spec=None) -> bool:
     """Whether batch ``bi`` of a sequential run ends an evaluation group (its pending batches,
-    ``n_pending`` with this one, are evaluated now): the group is full (``sq.eval_group``), the run
-    ends, or a measurement follows this batch (:func:`measurements_after`) and needs every batch so
-    far evaluated. With eval_group 1, every batch."""
+    holding ``n_pending`` facts with this one's, are evaluated now): the group holds at least
+    ``sq.eval_group`` facts, the run ends, or a measurement follows this batch
+    (:func:`measurements_after`) and needs every batch so far evaluated. With eval_group 1, every
+    batch. Counting facts, not batches, bounds what a crash inside a group loses: a batch of
+    ``eval_group`` facts or more is evaluated alone (grouping by batches put every batch of a
+    B = 256 run of 4,096 facts in one group, stored only at the end)."""
     return (n_pending >= sq.eval_group or bi + 1 == len(chunks)
             or any(measurements_after(sq, chunks, bi, degradation, lm_spec)))
 

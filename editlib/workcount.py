@@ -395,7 +395,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
 def count_sequential(p, layer: int) -> ExperimentCount:
     """protocols._sequential_config: per batch values, keys, a solve written into the weights,
     a checkpoint (the batch's low-rank factors) and one evaluation call (per group of
-    ``sequential.eval_group`` consecutive batches: :func:`editlib.protocols.closes_group`); forgetting evaluations
+    consecutive batches holding ``sequential.eval_group`` facts: :func:`editlib.protocols.closes_group`); forgetting evaluations
     every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
     from .degradation import due as degradation_due
@@ -418,16 +418,16 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     exp.add("degradation", 1, sq.heldout_facts, layer)
                 ends = list(itertools.accumulate(sizes))
                 ranges = [range(e - n, e) for e, n in zip(ends, sizes)]
-                pend_facts = pend_batches = 0  # edited, not yet evaluated (sequential.eval_group)
+                pend_facts = 0  # edited, not yet evaluated (sequential.eval_group facts)
                 for bi, n in enumerate(sizes):
                     _value_chunks(exp, n, hp.values.z_batch_size, layer)
                     if bi > 0 and uses_prior_keys(hp):
                         exp.add("pres_factor", 1, 1, layer)
                     exp.add("solve", 1, n, layer)
-                    pend_facts, pend_batches = pend_facts + n, pend_batches + 1
-                    if closes_group(sq, ranges, bi, pend_batches, bool(every), lm_spec):  # one evaluation call
+                    pend_facts += n
+                    if closes_group(sq, ranges, bi, pend_facts, bool(every), lm_spec):  # one evaluation call
                         exp.add("eval", 1, pend_facts, layer)
-                        pend_facts = pend_batches = 0
+                        pend_facts = 0
                     exp.add("ckpt", 1, n)
                     if every and degradation_due(every, done, done + n, bi + 1 == len(sizes)):
                         exp.add("degradation", 1, sq.heldout_facts, layer)

@@ -280,6 +280,28 @@ def test_grouped_sequential_evaluation_counts():
     assert m.seconds(g, TokenStats())["eval"] < m.seconds(one, TokenStats())["eval"]
 
 
+def test_evaluation_groups_count_facts_not_batches():
+    """sequential.eval_group counts facts: batches of 2 form groups of 4 facts, a batch of 8 (as big as
+    the group or bigger) is evaluated alone, so a crash never loses more than a group's facts (in
+    batches, eval_group 4 put both batches of 8 in one group, stored only at the run's end). The
+    protocol and the work count use the same rule (protocols.closes_group)."""
+    from types import SimpleNamespace
+
+    from editlib.protocols import _chunks, closes_group
+    sq = SimpleNamespace(eval_group=4, forgetting_every=None)
+    for B, want in ((1, [3, 7]), (2, [1, 3]), (4, [0, 1]), (8, [0])):
+        chunks, pending, closed = _chunks(8, B), 0, []
+        for bi, c in enumerate(chunks):
+            pending += len(c)
+            if closes_group(sq, chunks, bi, pending, False):
+                closed.append(bi)
+                pending = 0
+        assert closed == want, B
+    over = {"sequential.eval_group": 4, "sequential.batch_sizes": [2, 8], "sequential.degradation_every": None}
+    g = grid(**over)["sequential"]
+    assert g.total("eval", "count") == 2 * (2 + 1 + 1 + 1)  # per method: B = 2 two groups, B = 8 one, + finals
+
+
 def test_lm_eval_ends_an_evaluation_group_in_the_count():
     """An lm-eval measurement needs the model as it is after its batch: the work count closes the
     evaluation group there, as the protocol does."""

@@ -140,7 +140,8 @@ def _evaluate(a: argparse.Namespace) -> int:
             raise UsageError(str(e).replace("evaluation.gen_kv_gb", "--gen-kv-gb")) from None
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
-                          gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs)
+                          gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs,
+                          gen_text=a.gen_text)
     from pathlib import Path
 
     from .store import atomic_write_parquet
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alignment", choices=("correct", "reference"), default="correct",
                    help="reference = the reference code's Llama-3 BOS shift (docs/correctness.md)")
     e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
+    e.add_argument("--gen-text", choices=("clean", "reference"), default="clean",
+                   help="reference = GE texts decoded as the reference code does (Llama-3 keeps <|begin_of_text|>)")
     e.add_argument("--rs-dir", default=None,
                    help="directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json (RS)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")

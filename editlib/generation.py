@@ -6,7 +6,8 @@ prompt gets more new tokens), no stop at EOS, KV cache, right padding. As in the
 are fed one at a time from the shortest prompt's length on, and a row whose prompt is longer simply
 keeps reading its own prompt tokens (teacher forcing) until its prompt ends, so no pad token is
 ever fed and no attention mask is needed. Texts include the prompt (paper-time behaviour) and are
-decoded with ``skip_special_tokens=True`` (SPEC §8.3), NFKD-normalised with ``"\\n\\n"`` -> ``" "``.
+decoded with ``skip_special_tokens=True`` (SPEC §8.3), NFKD-normalised with ``"\\n\\n"`` -> ``" "``,
+or as the reference decodes them (``evaluation.gen_text: reference``, :func:`decode_text`).
 
 Randomness is per row: every prompt has a key (default: its index) and its uniforms come from a
 NumPy generator seeded with ``(seed, key)``, so the same seed and keys give identical texts, and a
@@ -15,11 +16,13 @@ between batch shapes (a different prefill length can move a logit by ~1e-7; a sa
 only if a uniform falls that close to a top-k cumulative-probability boundary).
 
 :func:`ngram_entropy` is ROME's ``compute_n_gram_entropy`` on :func:`word_tokenize` words; the word
-tokenizer re-implements the Treebank conventions of ``nltk.word_tokenize`` without any downloaded
-data (sentence split: a simple ``[.?!]`` + whitespace rule instead of punkt).
+tokenizer re-states the Treebank rules of ``nltk.word_tokenize`` (tested against nltk's) and splits
+sentences with nltk's punkt when its data is installed, else with a simple ``[.?!]`` + whitespace
+rule (:func:`sentence_splitter` says which; recorded in a study's provenance).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
@@ -58,9 +61,15 @@ def _cache_name(model) -> str:
 
 
 def _last_logits_kw(model) -> dict:
-    """``logits_to_keep=1`` when the forward accepts it: a prompt's prefill then projects only its
-    last position to the vocabulary (the only one sampled from), not every prompt token."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    """``logits_to_keep=1`` (``num_logits_to_keep`` before transformers 4.50) when the forward
+    accepts it: a prompt's prefill then projects only its last position to the vocabulary (the
+    only one sampled from), not every prompt token (1,024 prompts of a 128k vocabulary would
+    otherwise take GBs the KV budget does not count)."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
 
 
 def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -104,9 +113,22 @@ def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len
     return [ids[b, : max(lens[b], max_len)].tolist() for b in range(len(seqs))], finite.cpu().tolist()
 
 
-def _clean(text: str) -> str:
-    """The reference's post-processing of generated texts (``generate_fast``)."""
-    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+GEN_TEXTS = ("clean", "reference")
+
+
+def decode_text(tok, ids: Sequence[int], mode: str = "clean") -> str:
+    """A generated text as GE reads it. ``clean`` (default): special tokens skipped (SPEC §10.1),
+    NFKD-normalised, ``"\\n\\n"`` -> ``" "``. ``reference``: as the reference's ``generate_fast``
+    returns it: decoded *with* special tokens, then NFKD, ``"\\n\\n"`` -> ``" "``, the strings
+    ``<|endoftext|>`` and ``<s>`` removed, stripped; so a Llama-3 text keeps its leading
+    ``<|begin_of_text|>`` (three more words for nltk, a higher n-gram entropy), as the paper's GE
+    numbers were computed."""
+    if mode == "clean":
+        return unicodedata.normalize("NFKD", tok.decode(ids, skip_special_tokens=True)).replace("\n\n", " ")
+    if mode == "reference":
+        text = unicodedata.normalize("NFKD", tok.decode(ids, skip_special_tokens=False))
+        return text.replace("\n\n", " ").replace("<|endoftext|>", "").replace("<s>", "").strip()
+    raise ValueError(f"GE text mode must be one of {', '.join(GEN_TEXTS)}, got {mode!r}")
 
 
 def rows_within(batch_size: int, token_bytes: int, width: int, max_kv_bytes: float | None,
@@ -131,7 +153,7 @@ def rows_per_batch(model, batch_size: int, width: int, max_kv_bytes: float | Non
 def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_k: int = 5,
                  seed: int = 0, batch_size: int = 64,
                  keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None,
-                 deltas=None, max_kv_bytes: float | None = None,
+                 deltas=None, max_kv_bytes: float | None = None, text: str = "clean",
                  return_finite: bool = False) -> list[str] | tuple[list[str], list[bool]]:
     """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
 
@@ -140,7 +162,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     ``groups[i]`` / ``deltas``: prompt i is continued under independent edit ``groups[i]`` of an
     active :class:`editlib.lowrank.RowDeltas` hook (GE of many edits in one batched generation).
     ``max_kv_bytes``: fewer than ``batch_size`` rows per batch where their KV cache would not fit
-    (:func:`rows_per_batch`; texts change only as with any other batch size).
+    (:func:`rows_per_batch`; texts change only as with any other batch size). ``text``: how token
+    ids become text (:func:`decode_text`).
 
     A prompt whose logits are ever NaN or infinite (an overflowing float16 model, an edit that
     blew the model up) has no meaningful text: with ``return_finite`` the call also returns, per
@@ -153,6 +176,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
         raise ValueError("keys must have one entry per prompt")
     if top_k < 1 or max_len < 1 or batch_size < 1:
         raise ValueError("top_k, max_len and batch_size must be positive")
+    if text not in GEN_TEXTS:
+        raise ValueError(f"GE text mode must be one of {', '.join(GEN_TEXTS)}, got {text!r}")
     ids = [encode(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches
@@ -168,7 +193,7 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
                                  pad_id=pad, deltas=deltas,
                                  rows=None if groups is None else [int(groups[i]) for i in idx])
         for i, s, f in zip(idx, seqs, ok):
-            out[i] = _clean(tok.decode(s, skip_special_tokens=True))
+            out[i] = decode_text(tok, s, text)
             finite[i] = f
     if return_finite:
         return out, finite
@@ -191,7 +216,7 @@ _OPENING = _subs(
     (r'^"', "``"),                                 # a double quote that starts the sentence
     (r"(``)", r" \1 "),
     (r"""([ (\[{<])("|'')""", r"\1 `` "),          # a double quote after space / bracket
-    (r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),  # opening single quote
+    (r"(?i)(')(?!re|ve|ll|m|t|s|d|n)(\w)\b", r"\1 \2"),  # a quote before a one-letter word ('a), as nltk
 )
 _PUNCT = _subs(
     (r"""([^.])(\.)([\])}>"'»”’ ]*)\s*$""", r"\1 \2 \3 "),  # sentence-final period
@@ -199,7 +224,6 @@ _PUNCT = _subs(
     (r"([:,])$", r" \1 "),
     (r"\.{2,}", r" \g<0> "),                       # ellipsis
     (r"[;@#$%&]", r" \g<0> "),
-    (r"[\u2012-\u2015]", r" \g<0> "),              # figure / en / em dashes
     (r"""([^.])(\.)([\])}>"']*)\s*$""", r"\1 \2\3 "),
     (r"[?!]", r" \g<0> "),
     (r"([^'])' ", r"\1 ' "),
@@ -223,8 +247,30 @@ _SPLIT_WORDS = [re.compile(p) for p in (
 _SENTENCE_END = re.compile(r"""[.?!]+["'”’)\]]*(?=\s)""")
 
 
+@functools.lru_cache(maxsize=1)
+def _punkt():
+    """nltk's English punkt sentence splitter (``nltk.sent_tokenize``) when nltk and its punkt data
+    are installed (``pip install editlib[ge]``, then ``python -m nltk.downloader punkt``), else None."""
+    try:
+        from nltk.tokenize import sent_tokenize
+        sent_tokenize("Data check. Done.")
+    except (ImportError, LookupError, OSError):
+        return None
+    return sent_tokenize
+
+
+def sentence_splitter() -> str:
+    """Which sentence splitter :func:`word_tokenize` uses here (recorded with GE results)."""
+    return "nltk punkt" if _punkt() is not None else "editlib rule ([.?!] + whitespace)"
+
+
 def _sentences(text: str) -> list[str]:
-    """Split after ``.``/``?``/``!`` (and closing quotes/brackets) followed by whitespace."""
+    """nltk's punkt when installed (what ``nltk.word_tokenize`` does), else a split after
+    ``.``/``?``/``!`` (and closing quotes/brackets) followed by whitespace: unlike punkt it also
+    splits after abbreviations and initials ("Dr. Smith" -> ``Dr``, ``.``, ...)."""
+    punkt = _punkt()
+    if punkt is not None:
+        return punkt(text)
     out, start = [], 0
     for m in _SENTENCE_END.finditer(text):
         out.append(text[start:m.end()])
@@ -246,8 +292,8 @@ def _tokenize_sentence(s: str) -> list[str]:
 
 
 def word_tokenize(text: str) -> list[str]:
-    """Treebank-style words: punctuation split off, ``n't``/``'s``/``'ll`` separated, quotes as
-    ``\\`\\``/``''`` (the conventions of ``nltk.word_tokenize``; no downloaded data needed)."""
+    """``nltk.word_tokenize``'s words: its Treebank rules re-stated (``tests/test_generation.py``
+    checks them against nltk's own tokenizer), per sentence of :func:`_sentences`."""
     return [w for s in _sentences(text) for w in _tokenize_sentence(s)]
 
 

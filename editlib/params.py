@@ -90,6 +90,7 @@ class EvalParams:
     max_failed_fraction: float = 0.25  # a configuration stops once more of its edits fail (checked from 16 edits on)
     gen_kv_gb: float | None = None  # GE: rows per decode batch capped so that their KV cache fits in this many GB (null: no cap)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
+    gen_text: str = "clean"  # GE texts: clean (special tokens skipped) | reference (as the reference decodes them: Llama-3 keeps <|begin_of_text|>)
 
 
 @dataclass(frozen=True)
@@ -605,6 +606,8 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         _check_section_hparams(sp, sec, sec)
     if sp.evaluation.alignment not in ("correct", "reference"):
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
+    if sp.evaluation.gen_text not in ("clean", "reference"):
+        raise ParamsError(f"evaluation.gen_text must be 'clean' or 'reference', got {_show(sp.evaluation.gen_text)}")
     if sp.data.source not in ("model", "counterfact", "world"):
         raise ParamsError(f"data.source must be 'model', 'counterfact' or 'world', got {sp.data.source!r}")
     for sec in ("batch", "sequential"):

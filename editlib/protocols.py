@@ -37,6 +37,7 @@ from .beyond import s_over_orderings
 from .context import ContextTemplates, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
+from .generation import sentence_splitter
 from .metrics import evaluate_records, format_summary, summarize_cases, with_unscored
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
@@ -180,7 +181,7 @@ class Study:
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
                                 batch_size=ev.batch_size, generation=ev.generation,
                                 gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len,
-                                gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, **kw)
+                                gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text, **kw)
 
     def data_provenance(self) -> dict:
         key = json.dumps([asdict(self.params.data), self.model_dir], default=str)
@@ -192,7 +193,8 @@ class Study:
         return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
                 "data": self.data_provenance(), "covariance": self._cov_info,
-                "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
+                "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()},
+                **({"ge_sentence_splitter": sentence_splitter()} if self.params.evaluation.generation else {})}
 
 
 def corpus_spec(cp) -> CorpusSpec:
@@ -367,6 +369,9 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     _check_gen_budget(p, model)
     records = load_records_for(p, mdir)
     _check_alignment(p, tok, records)
+    if p.evaluation.generation and sentence_splitter() != "nltk punkt":
+        log(f"GE: nltk's punkt data not found, sentences are split by {sentence_splitter()}; for nltk.word_tokenize's "
+            f"words exactly: pip install editlib[ge] && python -m nltk.downloader punkt (docs/methods.md)")
     label = mp.label or Path(str(mdir)).name
     main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"
@@ -449,6 +454,8 @@ EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb")
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
     ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
+    if ev["gen_text"] == "clean":
+        del ev["gen_text"]  # the default: the digest it had before the key existed
     cov = asdict(study.params.covariance)
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed

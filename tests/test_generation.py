@@ -150,3 +150,61 @@ def test_rows_per_batch_fits_the_kv_budget(world_lm, world_records) -> None:
         capped = sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64, max_kv_bytes=3.5 * 25 * per)
     assert rows == [3, 3, 3, 3]  # 12 prompts, 3 rows of 25 cached tokens fit
     assert capped == sample_texts(model, tok, prompts, max_len=25, seed=2, batch_size=64)
+
+
+def test_word_tokenize_equals_nltk_treebank_rules() -> None:
+    """Per sentence, editlib's words are nltk 3.7's NLTKWordTokenizer's (the version the reference
+    code pins; nltk.word_tokenize's second stage, the first, punkt, needs downloaded data): quotes
+    before words longer than one letter stay attached ('best), unspaced dashes do not split
+    (Spain—and; nltk 3.8+ changed both), clitics, ellipses, brackets."""
+    nltk = pytest.importorskip("nltk")
+    if nltk.__version__ != "3.7":
+        pytest.skip(f"nltk {nltk.__version__}: the reference pins 3.7 (pip install -e .[dev])")
+    nltk_tok = nltk.tokenize.NLTKWordTokenizer()
+    sentences = [
+        "He said 'best' and 'a' thing.", "Spain—and France–Italy ‒ x ― y", "'Le Monde' wrote 'tis so.",
+        "It's 'n' roll, rock'n'roll; don't 'em.", "«Bonjour» “quoted” ‘single’ „low“", "A...B.. C. D.E.",
+        "cost $3.88 (approx.) [sic] {x} <y> *z*", "I'd've gone; they'd 'll 're", "gimme gonna gotta lemme wanna go",
+        "'twas 'tis 'Twas cannot d'ye more'n", "x -- y --- z - w", "He's \"quoted\" ''double'' ``back``",
+        "Paris, France: 10,000 @home #tag 50% & co.", "end with quote.'", "end with paren.)", "What?! No!!",
+        "O'Neill's o'clock", "The team, led by J. R. Smith—who 'never' lost—won 3:1 at 10:30...",
+    ]
+    for s in sentences:
+        assert generation._tokenize_sentence(s) == nltk_tok.tokenize(s), s
+
+
+def test_gen_text_modes_decode_as_clean_or_as_the_reference() -> None:
+    """``clean`` skips special tokens; ``reference`` keeps them as the reference's generate_fast
+    does (only the strings <|endoftext|> and <s> removed), so a Llama-3 text keeps its leading
+    <|begin_of_text|>, which the word tokenizer reads as three more words (higher GE)."""
+    from editlib.generation import decode_text
+    from editlib.llama3_tokenizer import build_llama3_tokenizer
+    from editlib.tokens import prepare_tokenizer
+
+    tok = prepare_tokenizer(build_llama3_tokenizer())
+    ids = tok("The capital of France is Paris. It is a city of light.\n\nIt is big.")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    clean, ref = decode_text(tok, ids, "clean"), decode_text(tok, ids, "reference")
+    assert clean == "The capital of France is Paris. It is a city of light. It is big."
+    assert ref == "<|begin_of_text|>" + clean
+    assert word_tokenize(ref)[:4] == ["<", "|begin_of_text|", ">", "The"]
+    assert ngram_entropy(ref) > ngram_entropy(clean)
+    with pytest.raises(ValueError, match="GE text mode"):
+        decode_text(tok, ids, "raw")
+
+
+def test_prefill_projects_only_the_last_position_under_either_argument_name() -> None:
+    """transformers >= 4.50 calls it logits_to_keep, earlier versions num_logits_to_keep; without it
+    a 1,024-prompt prefill would project every prompt token onto the vocabulary."""
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, logits_to_keep=0): ...
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, num_logits_to_keep=0): ...
+
+    class Bare(torch.nn.Module):
+        def forward(self, input_ids=None): ...
+
+    assert generation._last_logits_kw(New()) == {"logits_to_keep": 1}
+    assert generation._last_logits_kw(Old()) == {"num_logits_to_keep": 1}
+    assert generation._last_logits_kw(Bare()) == {}

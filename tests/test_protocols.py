@@ -536,6 +536,10 @@ def test_gen_batch_size_changes_no_text(study, weights0, tmp_path):
         **over, "evaluation.gen_batch_size": 5, "evaluation.gen_kv_gb": 1.0, "covariance.fast_gram": True})),
                                 log=quiet)
     assert_frame_equal(one, again, check_exact=True)
+    # GE texts decoded another way are other results: that folder does not reopen under them
+    with pytest.raises(RunConflict):
+        protocols.run_batch(use(study, params_for(tmp_path, "g64", **{**over, "evaluation.gen_text": "reference"})),
+                            log=quiet)
     assert_unedited(study.model, weights0)
 
 
@@ -841,6 +845,15 @@ def test_grouped_sequential_evaluation_resumes_mid_group(study, weights0, tmp_pa
     assert_unedited(study.model, weights0)
     with pytest.raises(ParamsError, match="sequential.eval_group must be an integer >= 1"):
         params_for(tmp_path, **{"sequential.eval_group": 0})
+
+
+def test_gen_text_is_checked_and_enters_the_digest_only_when_not_the_default(tmp_path):
+    """evaluation.gen_text: a bad value fails as the params load; the default leaves every
+    experiment's digest as it was before the key existed, 'reference' makes it another folder."""
+    with pytest.raises(ParamsError, match="evaluation.gen_text must be 'clean' or 'reference'"):
+        params_for(tmp_path, **{"evaluation.gen_text": "raw"})
+    assert params_for(tmp_path).evaluation.gen_text == "clean"
+    assert params_for(tmp_path, **{"evaluation.gen_text": "reference"}).evaluation.gen_text == "reference"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

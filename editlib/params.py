@@ -45,6 +45,7 @@ class ModelParams:
     trust_remote_code: bool = False
     tiny: dict | None = None
     tf32: bool = False  # CUDA only: TF32 matmuls (faster, ~1e-3 relative); off as in the reference
+    deterministic: bool = False  # CUDA: deterministic kernels where torch has them (bit-exact reruns and resumes; slower)
 
 
 @dataclass(frozen=True)
@@ -628,7 +629,7 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
 
 #: second_model keys that, left out or null, take the main model's value: one `--set model.dtype=bfloat16`
 #: (or tf32, or device) then runs Figure 6's second model the same way, as the cost estimate assumes
-INHERITED_MODEL_KEYS = ("dtype", "device", "tf32")
+INHERITED_MODEL_KEYS = ("dtype", "device", "tf32", "deterministic")
 
 
 def _as_model(raw: Mapping, model: ModelParams) -> dict:

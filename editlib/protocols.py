@@ -333,6 +333,18 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = bool(on)
 
 
+def set_deterministic(on: bool) -> None:
+    """``model.deterministic``: on CUDA, index_add and the accumulating index backward (value
+    losses, scoring) and cuBLAS's split reductions sum in an order that varies between runs, so a
+    rerun or a resumed sequential run differs from an uninterrupted one at float rounding (the CPU
+    is deterministic). On, torch uses its deterministic kernels where it has them and warns where
+    it has none (``warn_only``), and cuBLAS a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read
+    when cuBLAS first starts in the process)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(on), warn_only=True)
+
+
 def _check_gen_budget(p: StudyParams, model) -> None:
     """A GE KV budget that holds no row of this model fails here, not after hours of edits."""
     ev = p.evaluation
@@ -365,6 +377,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     mp = p.second_model if which == "second_model" else p.model
     mdir = model_dir_for(mp, log)
     set_tf32(mp.tf32)
+    set_deterministic(mp.deterministic)
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
     _check_gen_budget(p, model)
     records = load_records_for(p, mdir)

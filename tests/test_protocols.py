@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -715,6 +716,23 @@ def test_tf32_key(tmp_path):
     finally:
         protocols.set_tf32(False)
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_deterministic_key(tmp_path, monkeypatch):
+    """model.deterministic (default off) puts torch in deterministic mode (warning where a kernel
+    has no deterministic version) with cuBLAS's fixed workspace; the second model inherits it."""
+    assert params_for(tmp_path).model.deterministic is False
+    p = resolve(REPO_ROOT / "params" / "tiny.yaml", overrides={"model.deterministic": True})
+    assert p.model.deterministic is True and p.second_model.deterministic is True
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        protocols.set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        protocols.set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_windowed_memit_in_the_batch_protocol(study, weights0, tmp_path):

@@ -203,6 +203,7 @@ class EditStats:
     nullspace_energy: float = math.nan  # AlphaEdit: share of trace C0 (E‖k‖²) in P
     prior_keys: int = 0                 # AlphaEdit / ENCORE: keys of earlier edits in the run (K_p)
     delta_bound: float = math.nan       # ENCORE: ‖R‖_F / (2√λ_n) ≥ ‖ΔW‖_F
+    solve_resid: float = math.nan       # largest relative residual of the N×N solve over the layers (solver.SolveInfo)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,7 +249,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
     recs = [r for r, k in zip(records, ok.tolist()) if k]
     z = tg.values.z[:, ok]
     t_keys, t_solve = tg.seconds_keys, 0.0
-    total_delta_sq, info, jit, jit_rel = 0.0, None, 0.0, 0.0
+    total_delta_sq, info, jit, jit_rel, resid = 0.0, None, 0.0, 0.0, 0.0
     bound_sq, extra, used_keys = 0.0, {}, []
     # multi-layer MEMIT writes layer by layer: keep the masters so a failure leaves no half edit
     saved = {l: session.master(l).clone() for l in layers} if len(layers) > 1 else {}
@@ -271,6 +272,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
             t_solve += time.time() - t0
             total_delta_sq += info.delta_norm ** 2
             jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
+            resid = max(resid, info.solve_resid)
             used_keys.append((layer, K))
             if hp.method == "encore":
                 bound_sq += encore_delta_bound(Ri, hp.update_norm_lambda) ** 2
@@ -291,4 +293,4 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
         mean_resid_norm=float(tg.R[:, ok].norm(dim=0).mean()),
         mean_value_steps=float(tg.values.steps[ok].float().mean()),
         seconds_values=tg.values.seconds, seconds_keys=t_keys, seconds_solve=t_solve,
-        delta_bound=bound_sq ** 0.5 if hp.method == "encore" else math.nan, **extra)
+        delta_bound=bound_sq ** 0.5 if hp.method == "encore" else math.nan, solve_resid=resid, **extra)

@@ -639,10 +639,10 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     if singular:
         ok = np.array([not reasons[c[0]] for c in chunks])
         cols = [c[0] for c in chunks]
-        X1, row_of = torch.zeros(0), {}
+        X1, row_of, resid1 = torch.zeros(0), {}, []
         if ok.any():
             sel = [c for c, k in zip(cols, ok) if k]
-            X1, why = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, mu)
+            X1, why, resid1 = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, mu)
             row_of = {c: k for k, c in enumerate(sel)}
             for c, w in zip(sel, why):
                 reasons[c] = reasons[c] or w
@@ -656,16 +656,17 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
              "w_dist": np.nan, "w_rel_dist": np.nan, "mean_resid_norm": np.nan, "mean_value_steps": np.nan,
              "seconds_values": tg.values.seconds * len(idx) / max(len(facts), 1),
              "seconds_keys": tg.seconds_keys * len(idx) / max(len(facts), 1), "seconds_solve": 0.0,
-             "nullspace_frac": np.nan, "nullspace_energy": np.nan, "prior_keys": 0, "delta_bound": np.nan, **extra}
+             "nullspace_frac": np.nan, "nullspace_energy": np.nan, "prior_keys": 0, "delta_bound": np.nan,
+             "solve_resid": np.nan, **extra}
         if singular and ok_idx:
             X = X1[row_of[idx[0]]:row_of[idx[0]] + 1]
             R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
-            d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1))
+            d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1), solve_resid=resid1[row_of[idx[0]]])
         elif ok_idx:
             try:
                 X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond)
                 R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
-                d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel)
+                d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel, solve_resid=info.solve_resid)
             except (ValueError, FloatingPointError) as e:
                 for i in ok_idx:
                     reasons[i] = f"the closed-form update failed: {e}"

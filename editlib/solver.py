@@ -231,6 +231,11 @@ class SolveInfo:
     cond_solved: float = math.nan  # condition number of the matrix actually factored
     jitter_rel: float = 0.0  # τ / (trace(D + μI)/N)
     jitter_reason: str = ""  # "" | "factorisation failed" | "cond > max_cond"
+    solve_resid: float = math.nan  # ‖R E‖_F / ‖R‖_F, E = μ(D + μI)⁻¹ + X K − I: how far ΔW is from the method's equations
+
+#: an exact (unjittered) solve whose ``solve_resid`` exceeds this is reported (a warning; batches.parquet):
+#: D + μI factored, but too ill-conditioned for float64 to solve it (a numerically singular system)
+SOLVE_RESID_WARN = 1e-3
 
 
 def mu_for(alg: str, mom2_update_weight: float, emmet_lambda: float = 0.0) -> float:
@@ -334,33 +339,50 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     Rd = R.to(device=cov.device, dtype=F64)
     if not (torch.isfinite(X).all() and torch.isfinite(Rd).all()):
         raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
+    # how far ΔW = R X is from the method's equations: ΔW (μC0 + KKᵀ) − RKᵀ = R E Kᵀ with
+    # E = μ M⁻¹ + X K − I (0 exactly; −τ M⁻¹ under jitter), so ‖R E‖ / ‖R‖ (for μ = 0: ‖ΔW K − R‖ / ‖R‖).
+    # A Cholesky can succeed on a numerically singular D + μI and return an update that solves
+    # nothing; backward-stable residuals would not show it. (M⁻¹ of the factored matrix: a diagnostic only.)
+    eye = torch.eye(n, dtype=F64, device=M.device)
+    E = X @ K - eye
+    if mu:
+        E = E + mu * torch.cholesky_solve(eye, f.L)
+    resid = float(torch.linalg.matrix_norm(Rd @ E) / torch.linalg.matrix_norm(Rd).clamp(min=1e-300))
+    if not resid <= SOLVE_RESID_WARN and f.tau == 0:
+        warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) factored, but ΔW misses the method's "
+                      f"equations by {resid:.2g} of ‖R‖: numerically singular, so the written update is "
+                      "inexact (batches.parquet: solve_resid)", RuntimeWarning, stacklevel=3)
     norm_sq = float(((Rd.T @ Rd) * (X @ X.T)).sum().clamp(min=0))
     if not math.isfinite(norm_sq):
         raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
     info = SolveInfo(n=n, mu=mu, cond_D=f.cond, jitter=f.tau, used_jitter=f.tau > 0,
                      delta_norm=math.sqrt(norm_sq), cond_solved=f.cond_after,
-                     jitter_rel=f.tau / f.scale if f.tau > 0 else 0.0, jitter_reason=f.reason)
+                     jitter_rel=f.tau / f.scale if f.tau > 0 else 0.0, jitter_reason=f.reason,
+                     solve_resid=resid)
     return X, info
 
 
 def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
-                   ) -> tuple[torch.Tensor, list[str]]:
+                   ) -> tuple[torch.Tensor, list[str], list[float]]:
     """N independent singular edits at once (SPEC §1B, §2: N = 1 each): one multi-right-hand-side
     solve A = C0⁻¹K, then x_i = A_iᵀ / (k_iᵀA_i + μ), so ΔW_i = r_i x_i. Returns X [N, d_in]
-    (float64) and per edit "" or why it cannot be solved (k_iᵀC0⁻¹k_i + μ not positive, or a
-    non-finite result: :func:`solve_delta` on that edit alone would raise)."""
+    (float64), per edit "" or why it cannot be solved (k_iᵀC0⁻¹k_i + μ not positive, or a
+    non-finite result: :func:`solve_delta` on that edit alone would raise), and per edit the
+    relative residual of its 1×1 system (``SolveInfo.solve_resid``)."""
     mu = float(mu)
     _check_inputs(R, K, cov, mu)
     A = cov.solve(K)
     q = (K.to(device=cov.device, dtype=F64) * A).sum(0) + mu
     X = (A / q).T.contiguous()
+    # per edit, SolveInfo.solve_resid of its 1×1 system: |E| with E = μ/q + x_iᵀk_i − 1 (‖r E‖ / ‖r‖ = |E|)
+    resid = ((X * K.to(device=cov.device, dtype=F64).T).sum(1) - 1 + mu / q).abs().tolist()
     Rd = R.to(device=cov.device, dtype=F64)
     finite = torch.isfinite(X).all(1) & torch.isfinite(Rd).all(0)
     reasons = ["" if (qi > 0 and ok) else
                ("the closed-form update failed: kᵀC0⁻¹k + μ is not positive" if not qi > 0 else
                 "the closed-form update failed: ΔW is not finite")
                for qi, ok in zip(q.tolist(), finite.tolist())]
-    return X, reasons
+    return X, reasons, resid
 
 
 def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,

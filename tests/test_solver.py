@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from editlib.solver import (CovFactor, _factor_small, cond_estimate, factor_cov,
-                            memit_normal_equations_residual, mu_for, solve_delta)
+                            memit_normal_equations_residual, mu_for, solve_delta, solve_factors,
+                            solve_rank_one)
 
 D_IN, D_OUT = 64, 32
 F64 = torch.float64
@@ -296,3 +297,29 @@ def test_cov_factor_rebuilds_c0(C0, cov) -> None:
     assert mu_for("alphaedit", 123.0) == mu_for("encore", 5.0, 0.1) == 1.0
     with pytest.raises(ValueError, match="unknown algorithm"):
         mu_for("ft", 1.0)
+
+
+def test_solve_resid_shows_a_numerically_singular_system() -> None:
+    """A Cholesky of D + μI can succeed on a numerically singular system (near-duplicate keys,
+    μ = 0: EMMET's collapse regime) and return an update that misses the equations: solve_resid
+    (‖R E‖/‖R‖, E = μM⁻¹ + XK − I; for μ = 0 ‖ΔW K − R‖/‖R‖) shows it and a warning names it, while
+    well-posed systems at any μ, and rank-one solves, stay at float64 round-off."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 64, 32
+    cov = factor_cov(torch.eye(d, dtype=F64))
+    R = torch.randn(16, n, generator=g, dtype=F64)
+    base = torch.randn(d, n // 2, generator=g, dtype=F64)
+    for gap, bad in ((1e-2, False), (1e-7, True)):
+        K = torch.cat([base, base + gap * torch.randn(d, n // 2, generator=g, dtype=F64)], 1)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            X, info = solve_factors(R, K, cov, 0.0)
+        assert info.jitter == 0.0
+        assert (info.solve_resid > 1e-2) is bad and (info.solve_resid < 1e-9) is not bad, (gap, info.solve_resid)
+        assert any("misses the method's equations" in str(m.message) for m in w) is bad
+        if not bad:
+            assert torch.allclose(R @ X @ K, R, atol=1e-9)
+    K = torch.randn(d, n, generator=g, dtype=F64)
+    for mu in (0.0, 1.0, 5e4):
+        assert solve_factors(R, K, cov, mu)[1].solve_resid < 1e-12
+    assert max(solve_rank_one(R, K, cov, 100.0)[2]) < 1e-12

@@ -161,7 +161,9 @@ def encore_operator(cov: CovFactor, mom2_update_weight: float, update_norm_lambd
     """The Cholesky factor of ENCORE's C = λ_p C0 + λ_n I (+ K_p K_pᵀ) (module docstring).
 
     Without prior keys it is cached on ``cov`` per (λ_p, λ_n); with them it is factored afresh
-    (one d_in × d_in Cholesky per sequential batch, as the official code's solve)."""
+    (one d_in × d_in Cholesky per sequential batch, as the official code's solve), from λ_p C0 +
+    λ_n I kept on ``cov`` (rebuilding it took a d_in³ product per batch: ~0.15 s on an H200 at
+    d_in = 14,336, 4,096 times in a one-fact run)."""
     lp, ln = float(mom2_update_weight), float(update_norm_lambda)
     if lp < 0 or ln < 0 or not lp + ln > 0:
         raise ValueError(f"ENCORE needs mom2_update_weight >= 0, update_norm_lambda >= 0 and not both 0 "
@@ -177,7 +179,10 @@ def encore_operator(cov: CovFactor, mom2_update_weight: float, update_norm_lambd
         if fkey not in cov.cache:
             cov.cache[fkey] = factor_cov(base(), compute_cond=False, overwrite=True)
         return cov.cache[fkey]
-    C = base()  # a sequential run with earlier keys: factored afresh each batch
+    bkey = ("encore_base", lp, ln)  # a sequential run with earlier keys: factored afresh each batch
+    if bkey not in cov.cache:
+        cov.cache[bkey] = base()
+    C = cov.cache[bkey].clone()
     C += prior_gram.to(device=cov.device, dtype=F64)
     return factor_cov(C, compute_cond=False, overwrite=True)
 
@@ -217,7 +222,10 @@ class PriorKeys:
             raise ValueError("refusing to accumulate non-finite keys")
         G = Kd if B is None else B.T @ Kd
         gg = G @ G.T
-        self.gram[layer] = gg if layer not in self.gram else self.gram[layer] + gg
+        if layer in self.gram:
+            self.gram[layer].add_(gg)  # in place: ENCORE's d_in × d_in Gram is 1.6 GB at Llama-3-8B
+        else:
+            self.gram[layer] = gg
         self.count[layer] = self.count.get(layer, 0) + int(K.shape[1])
         self.log.append((layer, K.detach().to(device="cpu", dtype=F64)))
 

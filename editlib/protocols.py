@@ -564,6 +564,9 @@ def _run_experiment(study: Study, name: str, layer: int | None, log: Callable, *
 def _finish(study: Study, exp: Experiment, t0: float) -> pd.DataFrame:
     exp.provenance = study.provenance()
     exp.finish({"seconds": round(time.time() - t0, 2)})
+    # every unit is stored: no checkpoint log is needed any more (one left by a run that died after
+    # a configuration's last unit but before removing its log holds ~1 GB at paper scale)
+    shutil.rmtree(exp.root / "checkpoints", ignore_errors=True)
     return exp.cases()
 
 
@@ -944,8 +947,11 @@ def _save_ckpt(path: Path, session: EditSession, entries: Sequence[tuple[int, to
         tensors[f"p{k:04d}.{layer}.K"] = K.contiguous()
     final = path / f"b{batch:06d}.safetensors"
     tmp = path / f".{final.name}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"batch": str(batch), "entries": str(len(entries))})
-    os.replace(tmp, final)
+    try:
+        save_file(tensors, str(tmp), metadata={"batch": str(batch), "entries": str(len(entries))})
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no stray file
 
 
 def _load_ckpt(path: Path, session: EditSession, layers: Sequence[int], prior: PriorKeys | None = None,

@@ -865,6 +865,32 @@ def test_grouped_sequential_evaluation_resumes_mid_group(study, weights0, tmp_pa
         params_for(tmp_path, **{"sequential.eval_group": 0})
 
 
+def test_a_checkpoint_left_by_a_run_killed_after_its_last_unit_is_removed(study, weights0, tmp_path):
+    """A run that dies after storing a configuration's last unit but before removing its checkpoint
+    log (about 1 GB at paper scale) leaves it on disk; the next run finds the configuration done
+    and, once the experiment is finished, removes every checkpoint log; the cases are the same."""
+    over = {"sequential.methods": ["memit"], "sequential.total": 3, "sequential.batch_sizes": [1]}
+    p = params_for(tmp_path, "killed", **over)
+    real = protocols.shutil.rmtree
+
+    def killed(path, *a, **k):
+        if "checkpoints" in str(path):
+            raise KeyboardInterrupt("killed before the checkpoint log was removed")
+        return real(path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            protocols.run_sequential(use(study, p), log=quiet)
+    ckpts = exp_dir(p, "sequential") / "checkpoints"
+    assert len(list(ckpts.glob("*/*.safetensors"))) == 3
+    again = protocols.run_sequential(use(study, p), log=quiet)
+    assert not list(ckpts.glob("*/*"))
+    whole = protocols.run_sequential(use(study, params_for(tmp_path, "whole", **over)), log=quiet)
+    assert_frame_equal(sort_units(again), sort_units(whole), check_exact=True)
+    assert_unedited(study.model, weights0)
+
+
 def test_gen_text_is_checked_and_enters_the_digest_only_when_not_the_default(tmp_path):
     """evaluation.gen_text: a bad value fails as the params load; the default leaves every
     experiment's digest as it was before the key existed, 'reference' makes it another folder."""

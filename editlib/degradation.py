@@ -83,6 +83,10 @@ def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[
     c = evaluate(heldout)
     es = c["ES"].to_numpy(dtype=float)
     mag = c["ES_mag"].to_numpy(dtype=float)  # P(new) − P(true) on the rewrite prompt
-    return {"heldout_known": float(100 * np.nanmean(1 - es)),
-            "heldout_margin": float(-100 * np.nanmean(mag)),
-            "heldout_ppl": perplexity(model, tok, sentences(heldout), batch_size)}
+    unscored = np.isnan(es)  # NaN/inf outputs (metrics.evaluate_records): such a fact is not known
+    out = {"heldout_known": float(100 * np.nanmean(np.where(unscored, 0.0, 1 - es))),
+           "heldout_margin": float(-100 * np.nanmean(mag)),
+           "heldout_ppl": perplexity(model, tok, sentences(heldout), batch_size)}
+    if unscored.any():  # the margin is over the scored facts only: say how many were not
+        out["heldout_unscored"] = int(unscored.sum())
+    return out

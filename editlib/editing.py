@@ -272,7 +272,8 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
             t_solve += time.time() - t0
             total_delta_sq += info.delta_norm ** 2
             jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
-            resid = max(resid, info.solve_resid)
+            if not info.solve_resid <= resid:  # a NaN residual is kept, never read as exact
+                resid = info.solve_resid
             used_keys.append((layer, K))
             if hp.method == "encore":
                 bound_sq += encore_delta_bound(Ri, hp.update_norm_lambda) ** 2

@@ -118,18 +118,19 @@ class PackedSuffix:
             ar = torch.arange(W, device=dev)
             suf = (ar[None, None] <= ar[None, :, None]) & (ar[None, None] < w_r[:, None, None])  # [R, W, W]
             attn_mask = torch.cat([pre[:, None].expand(R, W, self.p_max), suf], 2)[:, None]
-            kvs = self.kv if all_rows else [(k[rows.to(dev)], v[rows.to(dev)]) for k, v in self.kv]
-            x = run_blocks(self.blocks, x, cos, sin, kvs, attn_mask, flat, need, R, W)
+            x = run_blocks(self.blocks, x, cos, sin, self.kv, None if all_rows else rows.to(dev),
+                           attn_mask, flat, need, R, W)
         else:
             x = x[need]
         x = self.norm(x)
         return x.new_zeros(R * W, x.shape[-1]).index_copy(0, flat[need], x).view(R, W, -1)
 
 
-def run_blocks(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs, attn_mask: torch.Tensor,
-               flat: torch.Tensor, need: torch.Tensor, R: int, W: int) -> torch.Tensor:
+def run_blocks(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs, kv_rows: torch.Tensor | None,
+               attn_mask: torch.Tensor, flat: torch.Tensor, need: torch.Tensor, R: int, W: int) -> torch.Tensor:
     """Blocks ``blocks`` (Llama-style, in order) on packed tokens ``x`` [tokens, d]: ``kvs`` the
-    cached prefix keys/values per block ([R, kv_heads, P, head_dim]), ``attn_mask`` [R, 1, W, P + W],
+    cached prefix keys/values per block ([S, kv_heads, P, head_dim]; rows ``kv_rows`` of them, taken
+    one block at a time, or all S = R when None), ``attn_mask`` [R, 1, W, P + W],
     ``flat`` each token's slot in the padded [R·W] layout, ``need`` the tokens the last block must
     produce (its attention output, projection and MLP run only there). Pure tensor code with no
     data-dependent control flow, so it can be compiled as one graph (bench/bench_compiled_values.py)."""
@@ -140,7 +141,7 @@ def run_blocks(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
         q = _rope(att.q_proj(y).view(x.shape[0], -1, hd), cos, sin)
         k = _rope(att.k_proj(y).view(x.shape[0], -1, hd), cos, sin)
         v = att.v_proj(y).view(x.shape[0], -1, hd)
-        pk, pv = kvs[i]
+        pk, pv = kvs[i] if kv_rows is None else (kvs[i][0][kv_rows], kvs[i][1][kv_rows])
 
         def pad(t):  # [tokens, h, hd] -> [R, h, W, hd]
             z = t.new_zeros(R * W, *t.shape[1:]).index_copy(0, flat, t)

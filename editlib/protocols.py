@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -339,10 +340,17 @@ def set_deterministic(on: bool) -> None:
     rerun or a resumed sequential run differs from an uninterrupted one at float rounding (the CPU
     is deterministic). On, torch uses its deterministic kernels where it has them and warns where
     it has none (``warn_only``), and cuBLAS a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read
-    when cuBLAS first starts in the process)."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(on), warn_only=True)
+    when cuBLAS first starts in the process).
+    Process-wide, and only ever switched on: a later study of the process (Figure 6's second
+    model) does not switch it off."""
+    if not on:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        warnings.warn("model.deterministic: CUDA already started in this process, so cuBLAS keeps a "
+                      "non-deterministic workspace; set CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting",
+                      RuntimeWarning, stacklevel=2)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _check_gen_budget(p: StudyParams, model) -> None:
@@ -469,6 +477,8 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
     ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
     if ev["gen_text"] == "clean":
         del ev["gen_text"]  # the default: the digest it had before the key existed
+    if ev["generation"]:  # GE's words depend on whether punkt is installed: a folder never mixes the two
+        ev["ge_sentence_splitter"] = sentence_splitter()
     cov = asdict(study.params.covariance)
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
@@ -526,7 +536,7 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
         if sq.lm_eval:
             spec["lm_eval"] = dict(sq.lm_eval)
         if sq.eval_group != 1:  # scores move at float rounding: a run does not mix two settings
-            spec["eval_group"] = sq.eval_group
+            spec["eval_group_facts"] = sq.eval_group  # counted in facts (it once counted batches)
         methods = sq.methods
     return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}

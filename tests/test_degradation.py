@@ -135,3 +135,22 @@ def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
     with pytest.raises(ParamsError, match=r"pip install 'editlib\[lmeval\]'"):
         protocols.check_before_loading(p, ["sequential"])
     assert params_for(tmp_path).sequential.lm_eval is None  # off by default
+
+
+def test_unscored_heldout_facts_count_as_not_known(study, monkeypatch):
+    """A held-out fact whose outputs are NaN/inf (blanked by evaluate_records) is not known: it counts
+    against heldout_known instead of leaving the mean, and heldout_unscored says how many."""
+    import numpy as np
+    import pandas as pd
+
+    held = study.facts(4)
+    monkeypatch.setattr(degradation, "perplexity", lambda *a, **k: 1.0)
+
+    def scores(es):
+        return lambda rs: pd.DataFrame({"ES": es, "ES_mag": [-0.5 if e == 0 else np.nan for e in es]})
+
+    clean = degradation.measure(study.model, study.tok, held, scores([0.0, 0.0, 0.0, 1.0]))
+    assert clean["heldout_known"] == 75.0 and "heldout_unscored" not in clean
+    blown = degradation.measure(study.model, study.tok, held, scores([0.0, np.nan, np.nan, 1.0]))
+    assert blown["heldout_known"] == 25.0 and blown["heldout_unscored"] == 2
+    assert blown["heldout_margin"] == 50.0  # over the scored facts

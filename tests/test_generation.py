@@ -168,6 +168,7 @@ def test_word_tokenize_equals_nltk_treebank_rules() -> None:
         "'twas 'tis 'Twas cannot d'ye more'n", "x -- y --- z - w", "He's \"quoted\" ''double'' ``back``",
         "Paris, France: 10,000 @home #tag 50% & co.", "end with quote.'", "end with paren.)", "What?! No!!",
         "O'Neill's o'clock", "The team, led by J. R. Smith—who 'never' lost—won 3:1 at 10:30...",
+        "It's\nok", "'best'\tx", "don't\n$(", "'n'\t", "a\r\nb's\u00a0c'll\nd",  # whitespace other than spaces
     ]
     for s in sentences:
         assert generation._tokenize_sentence(s) == nltk_tok.tokenize(s), s

@@ -724,15 +724,19 @@ def test_deterministic_key(tmp_path, monkeypatch):
     assert params_for(tmp_path).model.deterministic is False
     p = resolve(REPO_ROOT / "params" / "tiny.yaml", overrides={"model.deterministic": True})
     assert p.model.deterministic is True and p.second_model.deterministic is True
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # records the variable's state for the undo ...
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # ... then starts without it
     try:
+        protocols.set_deterministic(False)  # off: leaves the process as it is
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
         protocols.set_deterministic(True)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        protocols.set_deterministic(False)  # a later study without it does not switch it off
+        assert torch.are_deterministic_algorithms_enabled()
     finally:
-        protocols.set_deterministic(False)
-    assert not torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
 
 
 def test_windowed_memit_in_the_batch_protocol(study, weights0, tmp_path):
@@ -865,6 +869,20 @@ def test_grouped_sequential_evaluation_resumes_mid_group(study, weights0, tmp_pa
         params_for(tmp_path, **{"sequential.eval_group": 0})
 
 
+def test_evaluation_groups_hold_facts_in_the_protocol(study, weights0, tmp_path):
+    """eval_group 4 with batches of 2 facts: the groups are {0, 1} and {2, 3}, so a run stopped after
+    three batches has stored the first two (counting batches, nothing would be stored yet)."""
+    over = {"sequential.methods": ["memit"], "sequential.total": 8, "sequential.batch_sizes": [2],
+            "sequential.eval_group": 4, "sequential.forgetting_every": None}
+    p = params_for(tmp_path, "grp", **over)
+    with pytest.raises(RuntimeError, match="after batch 2"):
+        protocols.run_sequential(use(study, p), log=quiet, fail_after=3)
+    root = exp_dir(p, "sequential")
+    assert len(list((root / "parts").glob("*.cases.parquet"))) == 2
+    assert len(list((root / "checkpoints").glob("*/*.safetensors"))) == 2
+    assert_unedited(study.model, weights0)
+
+
 def test_a_checkpoint_left_by_a_run_killed_after_its_last_unit_is_removed(study, weights0, tmp_path):
     """A run that dies after storing a configuration's last unit but before removing its checkpoint
     log (about 1 GB at paper scale) leaves it on disk; the next run finds the configuration done
@@ -898,6 +916,20 @@ def test_gen_text_is_checked_and_enters_the_digest_only_when_not_the_default(tmp
         params_for(tmp_path, **{"evaluation.gen_text": "raw"})
     assert params_for(tmp_path).evaluation.gen_text == "clean"
     assert params_for(tmp_path, **{"evaluation.gen_text": "reference"}).evaluation.gen_text == "reference"
+
+
+def test_evaluation_digest_keys(study, tmp_path, monkeypatch):
+    """What enters an experiment's params digest from the evaluation section: gen_text only when not
+    the default (so default folders keep the digest they had), GE's sentence splitter only when GE
+    is on (a folder never mixes punkt and the simple rule)."""
+    seen = []
+    monkeypatch.setattr(protocols.Experiment, "open", classmethod(lambda cls, *a, **k: seen.append(a[3]["evaluation"])))
+    for over in ({}, {"evaluation.gen_text": "reference"}, {"evaluation.generation": True}):
+        protocols._exp(use(study, params_for(tmp_path, **over)), "batch", {})
+    plain, ref, ge = seen
+    assert "gen_text" not in plain and "ge_sentence_splitter" not in plain
+    assert ref["gen_text"] == "reference" and "ge_sentence_splitter" not in ref
+    assert ge["ge_sentence_splitter"] == protocols.sentence_splitter()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -18,7 +18,7 @@ only if a uniform falls that close to a top-k cumulative-probability boundary).
 :func:`ngram_entropy` is ROME's ``compute_n_gram_entropy`` on :func:`word_tokenize` words; the word
 tokenizer re-states the Treebank rules of ``nltk.word_tokenize`` (tested against nltk's) and splits
 sentences with nltk's punkt when its data is installed, else with a simple ``[.?!]`` + whitespace
-rule (:func:`sentence_splitter` says which; recorded in a study's provenance).
+rule (:func:`sentence_splitter` says which; part of a results folder's parameter digest when GE is on).
 """
 from __future__ import annotations
 

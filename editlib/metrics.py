@@ -152,9 +152,10 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                                             max_kv_bytes=None if gen_kv_gb is None else gen_kv_gb * 1e9,
                                             text=gen_text))
             nonfinite = nonfinite | cols.pop(_NONFINITE)
-        for k in cols:  # a NaN/inf logit scores nothing: the whole case is blank (counted as failed)
-            if k != "case_id":
-                cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
+        if nonfinite.any():  # a NaN/inf logit scores nothing: the whole case is blank (counted as failed)
+            for k in cols:
+                if k != "case_id":
+                    cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
     else:
         names = [*PROB_METRICS, *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Union
 import yaml
 
 from .editing import METHODS, EditHParams
+from .generation import GEN_TEXTS
+from .scoring import ALIGNMENTS
 
 SECTIONS = ("name", "model", "second_model", "data", "covariance", "evaluation", "hparams",
             "layer_search", "singular", "sweep", "batch", "sequential", "beyond", "executor", "results_dir",
@@ -605,9 +607,9 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         _check_methods(getattr(sp, sec).methods, sec)
     for sec in ("layer_search", "singular", "sweep", "batch", "sequential"):
         _check_section_hparams(sp, sec, sec)
-    if sp.evaluation.alignment not in ("correct", "reference"):
+    if sp.evaluation.alignment not in ALIGNMENTS:
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
-    if sp.evaluation.gen_text not in ("clean", "reference"):
+    if sp.evaluation.gen_text not in GEN_TEXTS:
         raise ParamsError(f"evaluation.gen_text must be 'clean' or 'reference', got {_show(sp.evaluation.gen_text)}")
     if sp.data.source not in ("model", "counterfact", "world"):
         raise ParamsError(f"data.source must be 'model', 'counterfact' or 'world', got {sp.data.source!r}")

@@ -194,8 +194,7 @@ class Study:
         return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
                 "data": self.data_provenance(), "covariance": self._cov_info,
-                "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()},
-                **({"ge_sentence_splitter": sentence_splitter()} if self.params.evaluation.generation else {})}
+                "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
 
 
 def corpus_spec(cp) -> CorpusSpec:

@@ -535,7 +535,7 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
         if sq.lm_eval:
             spec["lm_eval"] = dict(sq.lm_eval)
         if sq.eval_group != 1:  # scores move at float rounding: a run does not mix two settings
-            spec["eval_group_facts"] = sq.eval_group  # counted in facts (it once counted batches)
+            spec["eval_group_facts"] = sq.eval_group  # a group's size in facts
         methods = sq.methods
     return {**spec, "hparams": {m: p.method_hparams(m, layer, name).to_dict() for m in methods},
             "orderings": list(p.data.orderings)}
@@ -1107,9 +1107,8 @@ def closes_group(sq, chunks: Sequence[range], bi: int, n_pending: int, degradati
     holding ``n_pending`` facts with this one's, are evaluated now): the group holds at least
     ``sq.eval_group`` facts, the run ends, or a measurement follows this batch
     (:func:`measurements_after`) and needs every batch so far evaluated. With eval_group 1, every
-    batch. Counting facts, not batches, bounds what a crash inside a group loses: a batch of
-    ``eval_group`` facts or more is evaluated alone (grouping by batches put every batch of a
-    B = 256 run of 4,096 facts in one group, stored only at the end)."""
+    batch. Counting facts bounds what a crash inside a group loses (nothing is stored before its
+    group closes): a batch of ``eval_group`` facts or more is evaluated alone."""
     return (n_pending >= sq.eval_group or bi + 1 == len(chunks)
             or any(measurements_after(sq, chunks, bi, degradation, lm_spec)))
 

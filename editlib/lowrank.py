@@ -15,7 +15,10 @@ are never touched, so nothing needs restoring.
 
 The product is formed as (X_e x) first (r_e numbers per token), then R_e times that, in the
 activation dtype — the same arithmetic as the edited weight up to rounding (tests: float32
-scores within 1e-6 relative, float64 within 1e-10, of editing the weight).
+scores within 1e-6 relative, float64 within 1e-10, of editing the weight). Under a 16-bit model
+the term and its sum with W x are formed in float32 and rounded once (:func:`term_dtype`): an
+intermediate (X_e x, or a later batch's term subtracted by :class:`TrailingDeltas`) that overflows
+float16 at 65,504 where the written weight's output would not must not fail the case.
 """
 from __future__ import annotations
 
@@ -60,6 +63,12 @@ class LowRankEdits:
         """‖R_e X_e‖_F without forming the product: sqrt(tr((RᵀR)(XXᵀ)))."""
         r, x = self.R[e].to(torch.float64), self.X[e].to(torch.float64)
         return float(((r.T @ r) * (x @ x.T)).sum().clamp(min=0).sqrt())
+
+
+def term_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the hooks form an update's term in: float32 for 16-bit activations (their range and
+    rounding), else the activation dtype (float32 and float64 models: the same bits as before)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def rank_one(layer: int, R: torch.Tensor, X: torch.Tensor) -> LowRankEdits:
@@ -108,28 +117,29 @@ class RowDeltas(_RowHook):
         rows = self._rows_for(x)
         if rows is None:
             return output
-        out = output.clone()
+        dt = term_dtype(x.dtype)
+        out = output.to(dt, copy=True)
         if self._stack is not None:
             R, X = self._stack
             has = rows >= 0
             if has.any():
                 idx = rows[has]
-                coef = torch.einsum("btd,bd->bt", x[has], X[idx].to(x.dtype))  # X_e x per token
-                out[has] += coef[..., None] * R[idx].to(x.dtype)[:, None, :]
-            return out
+                coef = torch.einsum("btd,bd->bt", x[has].to(dt), X[idx].to(dt))  # X_e x per token
+                out[has] += coef[..., None] * R[idx].to(dt)[:, None, :]
+            return out.to(output.dtype)
         for e in rows.unique().tolist():
             if e < 0 or self._X[e].shape[0] == 0:  # unedited rows, rank-0 edits: nothing to add
                 continue
             m = rows == e
-            out[m] += (x[m] @ self._X[e].to(x.dtype).T) @ self._R[e].to(x.dtype).T
-        return out
+            out[m] += (x[m].to(dt) @ self._X[e].to(dt).T) @ self._R[e].to(dt).T
+        return out.to(output.dtype)
 
 
 class TrailingDeltas(_RowHook):
     """Forward hook on layer ``edits.layer``'s down-projection that adds to each row labelled j
     ``sign`` × Σ_{s > j} R_s X_s: the updates *after* its own (a sequential run's later batches,
     subtracted with ``sign`` -1 to score batch j at its own weights). All factors are stacked once,
-    [d_out, r] and [r, d_in] in the model's dtype (memory linear in the group, not quadratic), and a
+    [d_out, r] and [r, d_in] in :func:`term_dtype` of the model's (memory linear in the group, not quadratic), and a
     row's terms are selected by zeroing the coefficients of updates s ≤ j: a row whose mask is all
     zero (the last update's, or ``-1``) gets exactly +0. Set ``rows`` before every forward."""
 
@@ -145,18 +155,20 @@ class TrailingDeltas(_RowHook):
         # mask[j + 1, c]: column c belongs to an update after j (row 0: label -1, nothing)
         mask = owner[None, :] > torch.arange(-1, len(ranks))[:, None]
         mask[0] = False
-        self._mask = mask.to(device=p.device, dtype=p.dtype)
-        self._R = (sign * torch.cat([r.to(torch.float64) for r in edits.R], 1)).T.contiguous().to(p.device, p.dtype)
-        self._X = torch.cat([x.to(torch.float64) for x in edits.X], 0).to(p.device, p.dtype)  # [r, d_in]
+        dt = term_dtype(p.dtype)
+        self._mask = mask.to(device=p.device, dtype=dt)
+        self._R = (sign * torch.cat([r.to(torch.float64) for r in edits.R], 1)).T.contiguous().to(p.device, dt)
+        self._X = torch.cat([x.to(torch.float64) for x in edits.X], 0).to(p.device, dt)  # [r, d_in]
 
     def _hook(self, module, inputs, output):
         x = inputs[0]
         rows = self._rows_for(x)
         if rows is None:
             return output
-        m = self._mask[rows + 1].to(x.dtype)                                  # [batch, r]
-        coef = (x @ self._X.to(x.dtype).T) * m[:, None, :]                     # X_s x, kept for s > j
-        return output + coef @ self._R.to(x.dtype)
+        dt = term_dtype(x.dtype)
+        m = self._mask[rows + 1].to(dt)                                        # [batch, r]
+        coef = (x.to(dt) @ self._X.to(dt).T) * m[:, None, :]                   # X_s x, kept for s > j
+        return (output.to(dt) + coef @ self._R.to(dt)).to(output.dtype)
 
 
 class LayeredRowDeltas(contextlib.ExitStack):

@@ -142,7 +142,7 @@ class SequentialParams:
     methods: tuple[str, ...] = ("memit", "emmet")
     layer: Any = "best"
     eval_final: bool = True
-    forgetting_every: int | None = None
+    forgetting_every: int | None = None   # facts edited between evaluations of all facts so far (null: off)
     degradation_every: int | None = None  # facts edited between degradation measurements (null: off; editlib.degradation)
     heldout_facts: int = 64               # held-out known facts for them (unedited, outside every NS set)
     lm_eval: dict | None = None           # optional lm-eval downstream tasks per checkpoint (editlib.lmeval; off: null)

@@ -7,8 +7,8 @@
   single edited layer, SPEC §5); AlphaEdit and ENCORE keep the keys of the run's earlier edits
   (:func:`editlib.editors.run_state`, checkpointed with the run). Evaluation ``current`` (each
   fact right after its own batch, the paper's protocol) and ``final`` (all facts on the final
-  model: retention), optionally every k batches on all facts so far (``after_k``: a forgetting
-  curve).
+  model: retention), optionally after every k edited facts on all facts so far (``after_n``, n
+  facts edited: a forgetting curve).
 
 Every protocol writes into an :class:`editlib.store.Experiment` unit by unit and resumes. Its
 independent units are explicit (:class:`UnitSpec`, :func:`run_unit`): the executor named by the
@@ -527,7 +527,10 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
     else:
         sq = p.sequential
         spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
-                "eval_final": sq.eval_final, "forgetting_every": sq.forgetting_every}
+                "eval_final": sq.eval_final, "forgetting_every": None}
+        if sq.forgetting_every:  # its own key, named for its unit (facts); null keeps the default digest
+            del spec["forgetting_every"]
+            spec["forgetting_every_facts"] = sq.forgetting_every
         if sq.degradation_every:  # only when on: default runs keep their spec (and digests)
             spec.update(degradation_every=sq.degradation_every, heldout_facts=sq.heldout_facts)
         if tuple(sq.windows) != (1,):
@@ -1070,7 +1073,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                     if forget:
                         so_far = facts[: chunks[bi].stop]
                         frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
-                                             batch_index=bi, eval=f"after_{bi + 1}"))
+                                             batch_index=bi, eval=f"after_{chunks[bi].stop}"))
                     if degrade:  # a multiple of `every` facts crossed, or the end
                         d = {**d, **_degradation(study, heldout), **deg0}
                     if lm:
@@ -1094,10 +1097,13 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
 
 def measurements_after(sq, chunks: Sequence[range], bi: int, degradation: bool, lm_spec=None) -> tuple[bool, bool, bool]:
     """Which measurements of the model follow batch ``bi`` of a sequential run: (forgetting —
-    all facts so far, every k batches before the last; degradation, when ``degradation``; lm-eval)."""
+    all facts so far, after every ``forgetting_every`` edited facts before the last batch (counted
+    in facts, like degradation, so that runs of different batch sizes are measured at the same
+    points and a one-fact run does not evaluate quadratically often); degradation, when
+    ``degradation``; lm-eval)."""
     last = bi + 1 == len(chunks)
     k = sq.forgetting_every
-    return (bool(k) and (bi + 1) % k == 0 and not last,
+    return (bool(k) and not last and degradation_due(k, chunks[bi].start, chunks[bi].stop, False),
             degradation and degradation_due(sq.degradation_every, chunks[bi].start, chunks[bi].stop, last),
             lm_spec is not None and lm_due(lm_spec, chunks[bi].start, chunks[bi].stop, last))
 
@@ -1145,7 +1151,7 @@ def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSe
     the group's factors stacked once), which is batch j's weights up to rounding (the last batch's
     rows get exactly +0: its scores are bit-identical to evaluating right after it). In float32 the
     margins agree to ~1e-6; in bfloat16 the written weights are rounded to bfloat16 after every
-    batch, and batch j's rows see another rounding of the same sum (margins ~1e-2 apart on the
+    batch, and batch j's rows see another rounding of the same sum (margins up to 3e-2 apart on the
     miniature). One pending batch is the reference path."""
     facts = [f for p in pending for f in p.facts]
     t0 = time.time()

@@ -396,7 +396,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     """protocols._sequential_config: per batch values, keys, a solve written into the weights,
     a checkpoint (the batch's low-rank factors) and one evaluation call (per group of
     consecutive batches holding ``sequential.eval_group`` facts: :func:`editlib.protocols.closes_group`); forgetting evaluations
-    every k batches; the final evaluation of all facts. AlphaEdit and ENCORE (with
+    after every k edited facts; the final evaluation of all facts. AlphaEdit and ENCORE (with
     add_prev_edits) factor their preservation matrix again for every batch after a run's first."""
     from .degradation import due as degradation_due
     from .editors import uses_prior_keys
@@ -433,7 +433,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                         exp.add("degradation", 1, sq.heldout_facts, layer)
                     done += n
                     k = sq.forgetting_every
-                    if k and (bi + 1) % k == 0 and bi + 1 < len(sizes):
+                    if k and bi + 1 < len(sizes) and degradation_due(k, done - n, done, False):
                         exp.add("eval", 1, done, layer)
                 if sq.eval_final:
                     exp.add("eval", 1, sq.total, layer)

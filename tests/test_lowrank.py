@@ -191,6 +191,39 @@ def test_trailing_deltas_take_back_the_later_updates(kind, dtype, tol) -> None:
     assert logclose(full[first], want[first]) > 100 * tol  # the later updates matter
 
 
+def test_float16_terms_are_formed_in_float32() -> None:
+    """A float16 model whose updates are moderate (R X) but whose factors are not (R tiny, X past
+    float16's 65,504): writing the weight works, and so must the hooks, which form each row's term
+    and its sum with W x in float32 (in float16, X and X x overflowed to inf: NaN scores, a
+    failed case where the written weight has none). Both hooks, each against the written weights."""
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float16)
+    e = random_edits(model, 2, 1, scale=0.5, seed=21)
+    big = 1e7
+    e = LowRankEdits(LAYER, [r / big for r in e.R], [x * big for x in e.X])
+    assert max(float(x.abs().max()) for x in e.X) > 65504
+    prefixes, targets = pairs(12, seed=22)
+    groups = [i % 2 for i in range(12)]
+    with RowDeltas(model, e) as hook:
+        got = score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook, batch_size=5).nll
+    want, first = np.zeros(12), np.zeros(12)
+    for j in range(2):
+        idx = [i for i in range(12) if groups[i] == j]
+        with EditSession(model) as s:
+            s.apply(LAYER, e.delta(j))
+            want[idx] = score_targets(model, tok, [prefixes[i] for i in idx], [targets[i] for i in idx]).nll
+    assert np.isfinite(got).all() and logclose(got, want) < 2e-2
+    with EditSession(model) as s:  # updates 0 and 1 written; rows of update 0 take update 1 back
+        s.apply(LAYER, e.delta(0))
+        first[:] = score_targets(model, tok, prefixes, targets).nll
+        s.apply(LAYER, e.delta(1))
+        with TrailingDeltas(model, e, sign=-1.0) as hook:
+            back = score_targets(model, tok, prefixes, targets, groups=[0] * 12, deltas=hook, batch_size=5).nll
+        both = score_targets(model, tok, prefixes, targets).nll
+    assert np.isfinite(back).all() and logclose(back, first) < 2e-2
+    assert logclose(both, first) > 0.1  # update 1 matters: the hook did take it back
+
+
 def test_bad_factors_and_rows_fail_clearly() -> None:
     with pytest.raises(ValueError, match="do not form"):
         LowRankEdits(0, [torch.zeros(4, 2)], [torch.zeros(3, 8)])

@@ -310,3 +310,15 @@ def test_lm_eval_ends_an_evaluation_group_in_the_count():
     lm = grid(**over, **{"sequential.lm_eval": {"tasks": ["arc_easy"], "every": 2}})["sequential"]
     # 8 one-fact batches per method: groups of 4 (+ final) against groups of 2 (lm-eval every 2 facts)
     assert plain.total("eval", "count") == 2 * (2 + 1) and lm.total("eval", "count") == 2 * (4 + 1)
+
+
+def test_forgetting_evaluations_count_facts_in_the_work_count():
+    """sequential.forgetting_every counts edited facts, as the protocol does: every 4 facts of 8,
+    the run's last batch excepted (the final evaluation is that), whatever the batch size, so a
+    one-fact run is not evaluated quadratically often (in batches, B = 1 would evaluate 7 times)."""
+    over = {"sequential.batch_sizes": [1, 2, 8], "sequential.degradation_every": None}
+    plain = grid(**over)["sequential"]
+    fg = grid(**over, **{"sequential.forgetting_every": 4})["sequential"]
+    # per method: one forgetting evaluation (of the 4 facts so far) at B = 1 and B = 2, none at B = 8
+    assert fg.total("eval", "count") - plain.total("eval", "count") == 2 * (1 + 1)
+    assert fg.total("eval") - plain.total("eval") == 2 * (4 + 4)

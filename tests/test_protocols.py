@@ -149,15 +149,17 @@ def test_batch_rows_and_diagnostics(study, weights0, tmp_path):
 
 
 def test_sequential_rows(study, weights0, tmp_path):
-    p = params_for(tmp_path, **{"sequential.forgetting_every": 1})
+    p = params_for(tmp_path, **{"sequential.forgetting_every": 2})
     cases = protocols.run_sequential(use(study, p), log=quiet)
     check_columns(cases)
     n = cases.groupby(["method", "batch_size", "eval"]).size().to_dict()
     for m in ("memit", "emmet"):
         for b in (2, 4):
             assert n[(m, b, "current")] == 4 and n[(m, b, "final")] == 4
-        assert n[(m, 2, "after_1")] == 2  # forgetting curve: facts so far after batch 1 of 2
-        assert (m, 4, "after_1") not in n
+        # forgetting curve, every 2 edited facts: the 2 facts so far after batch 1 of 2 (named by
+        # the facts edited); none after the last batch (the final evaluation is that)
+        assert n[(m, 2, "after_2")] == 2
+        assert not any(k[0] == m and k[1] == 4 and k[2].startswith("after_") for k in n)
     final = cases[cases["eval"] == "final"]
     assert (final.groupby(["method", "batch_size"]).case_id.nunique() == 4).all()
     b = check_batches(p, "sequential", 2 * (2 + 1))
@@ -796,7 +798,7 @@ def test_windowed_memit_in_the_sequential_protocol(study, weights0, tmp_path):
 
 GROUPED = {"sequential.total": 6, "sequential.batch_sizes": [1, 2], "sequential.methods": ["memit", "alphaedit", "encore"],
            "sequential.windows": [1, 2], "sequential.degradation_every": 4, "sequential.heldout_facts": 4,
-           "sequential.forgetting_every": 2}
+           "sequential.forgetting_every": 4}
 
 
 def test_grouped_sequential_evaluation_equals_evaluating_after_each_batch(study, weights0, tmp_path):
@@ -812,13 +814,15 @@ def test_grouped_sequential_evaluation_equals_evaluating_after_each_batch(study,
     assert_unedited(study.model, weights0)
     a, b = sort_units(got), sort_units(ref)
     assert len(a) == len(b) and {"memit", "memit-w2", "alphaedit", "alphaedit-w2", "encore"} <= set(a.method)
-    assert (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all() and set(a["eval"]) > {"current", "final"}
+    assert (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all() and set(a["eval"]) == {"current", "after_4", "final"}
+    # forgetting after 4 edited facts whatever the batch size: the 4 facts so far, once per run
+    assert (a[a["eval"] == "after_4"].groupby(["method", "batch_size"]).size() == 4).all()
     for c in ("ES", "PS", "NS", "ES_acc", "PS_acc", "NS_acc", "failed"):
         assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
     assert_frame_equal(a[SCORES], b[SCORES], check_exact=False, rtol=0, atol=1e-5)
-    # B = 1 (forgetting every 2 batches, degradation every 4 facts): groups {0, 1}, {2, 3}, {4, 5};
-    # B = 2: {0, 1} (forgetting), {2}; the last batch of a group and every later evaluation bit for bit
-    last = (a.batch_size == 1) & a.batch_index.isin([1, 3, 5]) | (a.batch_size == 2) & a.batch_index.isin([1, 2]) \
+    # B = 1 (forgetting and degradation after 4 facts, the run's end): groups {0, 1, 2, 3}, {4, 5};
+    # B = 2: {0, 1} (4 facts), {2}; the last batch of a group and every later evaluation bit for bit
+    last = (a.batch_size == 1) & a.batch_index.isin([3, 5]) | (a.batch_size == 2) & a.batch_index.isin([1, 2]) \
         | (a["eval"] != "current")
     assert_frame_equal(a[last][SCORES], b[last][SCORES], check_exact=True)
     inner = ~last
@@ -930,6 +934,15 @@ def test_evaluation_digest_keys(study, tmp_path, monkeypatch):
     assert "gen_text" not in plain and "ge_sentence_splitter" not in plain
     assert ref["gen_text"] == "reference" and "ge_sentence_splitter" not in ref
     assert ge["ge_sentence_splitter"] == protocols.sentence_splitter()
+
+
+def test_forgetting_enters_the_digest_in_facts(study, tmp_path):
+    """sequential.forgetting_every counts facts and enters the sequential digest under a key that
+    says so; left null, the spec (and every default folder's digest) keeps its null key."""
+    plain = protocols._exp_spec(use(study, params_for(tmp_path)), "sequential", 1)
+    every = protocols._exp_spec(use(study, params_for(tmp_path, **{"sequential.forgetting_every": 2})), "sequential", 1)
+    assert plain["forgetting_every"] is None and "forgetting_every_facts" not in plain
+    assert every["forgetting_every_facts"] == 2 and "forgetting_every" not in every
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,6 +9,18 @@ Where the file comes from, first match wins:
 
 Offline (``HF_HUB_OFFLINE=1`` or ``EDITLIB_OFFLINE=1``) step 4 is skipped and a missing file is one
 clear error that says where to put it.
+
+Which facts are edited, in which order (``data.fact_list``):
+
+* ``seeded`` (editlib's rule, :func:`orderings`): the first record of each case-insensitive subject,
+  shuffled with ``random.Random(seed)``, one fresh shuffle per ordering;
+* ``reference`` (the paper's list, SPEC §5 "Fact list"): the index file the reference code loads,
+  ``counterfact_sampled_unique_mcf_10_20000.json`` (its ``if ds_name in 'cf'`` / ``in 'mcf'`` substring
+  tests load the *mcf* file for ``cf`` as well), whose sample ``"i"`` (ordering i) lists 20,000
+  positions of ``counterfact.json``, i.e. case_ids. They were drawn for unique subjects in
+  multi-CounterFact, so in ``counterfact.json`` a subject can repeat; the reference edits them so,
+  and so does ``reference``. Found like CounterFact itself: ``data.fact_list_path``, else
+  ``EDITLIB_FACT_LIST``, else the cache, else a download pinned to the commit and sha256 below.
 """
 from __future__ import annotations
 
@@ -28,6 +40,15 @@ CANONICAL_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 CANONICAL_SHA256 = "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f"
 ENV_VAR = "EDITLIB_COUNTERFACT"
 DEFAULT_ORDERING_SEED = 37  # the reference's create_samples_cf.py seed (SPEC §5)
+
+#: data.fact_list values: editlib's seeded unique-subject orderings, or the paper's index file
+FACT_LISTS = ("seeded", "reference")
+#: the index file the reference code loads for CounterFact (SPEC §5), at the paper's commit
+FACT_LIST_NAME = "counterfact_sampled_unique_mcf_10_20000.json"
+FACT_LIST_URL = ("https://raw.githubusercontent.com/scalable-model-editing/unified-model-editing/"
+                 f"cf1907fc3e90c87ff9724c3fd750b290658a3f97/data/{FACT_LIST_NAME}")
+FACT_LIST_SHA256 = "8ed45d7ce1e0bc6c1c4822b385ffeae93048bde55bbcc46a6e1207c91ef7cfd7"
+FACT_LIST_ENV = "EDITLIB_FACT_LIST"
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -111,17 +132,23 @@ def sha256_file(path: str | os.PathLike, *, uncompressed: bool = False) -> str:
     return h.hexdigest()
 
 
-def _download(dest: Path) -> None:
+def _download(dest: Path, url: str | None = None, sha256: str | None = None) -> None:
+    """``url`` (default: CounterFact's) into ``dest`` if its bytes have ``sha256``; readable as the
+    user's umask allows (a shared cache), never a partial file."""
+    from .store import apply_umask
+
+    url, sha256 = url or CANONICAL_URL, sha256 or CANONICAL_SHA256
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     os.close(fd)
     try:
-        with urllib.request.urlopen(CANONICAL_URL, timeout=60) as r, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 f.write(chunk)
         got = sha256_file(tmp)
-        if got != CANONICAL_SHA256:
-            raise RecordError(f"downloaded {CANONICAL_URL} has sha256 {got}, expected {CANONICAL_SHA256}")
+        if got != sha256:
+            raise RecordError(f"downloaded {url} has sha256 {got}, expected {sha256}")
+        apply_umask(tmp)
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -141,17 +168,24 @@ def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool
         if not p.is_file():
             raise DatasetNotFound(f"{ENV_VAR}={env} does not point at a file")
         return p
-    cached = cache_dir() / "counterfact.json"
+    return _cached_or_download(
+        "counterfact.json", CANONICAL_URL, CANONICAL_SHA256, download,
+        "CounterFact not found. Put counterfact.json (sha256 "
+        f"{CANONICAL_SHA256}, from {CANONICAL_URL}) at {{cached}}, or set {ENV_VAR}=/path/to/file "
+        "(.json, .json.gz or .jsonl), or pass the path explicitly.")
+
+
+def _cached_or_download(name: str, url: str, sha256: str, download: bool | None, missing: str) -> Path:
+    """``name`` in the user cache, else downloaded there (``download`` None: unless offline), else
+    :class:`DatasetNotFound` with ``missing`` (its ``{cached}`` filled in)."""
+    cached = cache_dir() / name
     if cached.is_file():
         return cached
     if download is None:
         download = not offline()
     if not download:
-        raise DatasetNotFound(
-            "CounterFact not found. Put counterfact.json (sha256 "
-            f"{CANONICAL_SHA256}, from {CANONICAL_URL}) at {cached}, or set {ENV_VAR}=/path/to/file "
-            "(.json, .json.gz or .jsonl), or pass the path explicitly.")
-    _download(cached)
+        raise DatasetNotFound(missing.format(cached=cached))
+    _download(cached, url, sha256)
     return cached
 
 
@@ -203,10 +237,84 @@ def orderings(records: Sequence[Record], n_orderings: int = 10,
 
 
 def sample(records: Sequence[Record], n: int, ordering: int = 0,
-           seed: int = DEFAULT_ORDERING_SEED) -> list[Record]:
-    """The first ``n`` records of ordering ``ordering`` (unique subjects, seeded, see :func:`orderings`)."""
-    ids = orderings(records, ordering + 1, seed)[ordering]
-    if n > len(ids):
-        raise RecordError(f"asked for {n} facts but only {len(ids)} records with unique subjects are available")
+           seed: int = DEFAULT_ORDERING_SEED, *, fact_list: dict[int, list[int]] | None = None) -> list[Record]:
+    """The first ``n`` records of ordering ``ordering``: of the seeded unique-subject orderings
+    (:func:`orderings`), or with ``fact_list`` (:func:`load_fact_list`) of its sample ``ordering``."""
+    if fact_list is None:
+        ids = orderings(records, ordering + 1, seed)[ordering]
+        if n > len(ids):
+            raise RecordError(f"asked for {n} facts but only {len(ids)} records with unique subjects are available")
+    else:
+        ids = reference_case_ids(records, fact_list, ordering, n)
     by_id = {r.case_id: r for r in records}
     return [by_id[i] for i in ids[:n]]
+
+
+# --------------------------------------------------------------------------- the reference's fact list
+
+def resolve_fact_list(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
+    """Find the reference's index file (module docstring): ``path``, ``EDITLIB_FACT_LIST``, the
+    cache, else a download checked against :data:`FACT_LIST_SHA256` when allowed."""
+    for given, what in ((path, "data.fact_list_path"), (os.environ.get(FACT_LIST_ENV), FACT_LIST_ENV)):
+        if given:
+            p = Path(given).expanduser()
+            if not p.is_file():
+                raise DatasetNotFound(f"{what}: the reference fact list {p} is not a file")
+            return p
+    return _cached_or_download(
+        FACT_LIST_NAME, FACT_LIST_URL, FACT_LIST_SHA256, download,
+        f"data.fact_list is 'reference' but its index file was not found. Put {FACT_LIST_NAME} "
+        f"(sha256 {FACT_LIST_SHA256}, from {FACT_LIST_URL}) at {{cached}}, or set {FACT_LIST_ENV} or "
+        "data.fact_list_path, or use data.fact_list: seeded")
+
+
+_FACT_LISTS: dict[tuple, dict[int, list[int]]] = {}
+
+
+def load_fact_list(path: str | os.PathLike) -> dict[int, list[int]]:
+    """The index file's samples as {ordering: case_ids}, validated (a JSON object of "0", "1", ...
+    to lists of distinct non-negative integers); the last file read is remembered."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _FACT_LISTS:
+        return _FACT_LISTS[key]
+    try:
+        raw = json.loads(_read_text(p))
+    except json.JSONDecodeError as e:
+        raise RecordError(f"fact list {p} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or not raw:
+        raise RecordError(f"fact list {p} must be a JSON object of samples (\"0\": [case_id, ...]), "
+                          f"got {type(raw).__name__}")
+    out: dict[int, list[int]] = {}
+    for k, ids in raw.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            raise RecordError(f"fact list {p}: sample name {k!r} is not a number")
+        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in ids)):
+            raise RecordError(f"fact list {p}: sample {k!r} must be a non-empty list of non-negative integers")
+        if len(set(ids)) != len(ids):
+            raise RecordError(f"fact list {p}: sample {k!r} repeats a case_id")
+        out[int(k)] = ids
+    _FACT_LISTS.clear()
+    _FACT_LISTS[key] = out
+    return out
+
+
+def reference_case_ids(records: Sequence[Record], fact_list: dict[int, list[int]], ordering: int,
+                       n: int) -> list[int]:
+    """The first ``n`` case_ids of sample ``ordering`` of the reference's fact list, each checked to be
+    among ``records`` (a CounterFact subset may lack them: the reference indexes the full file)."""
+    if ordering not in fact_list:
+        raise RecordError(f"ordering {ordering}: the reference fact list has samples {sorted(fact_list)} only "
+                          "(data.orderings)")
+    ids = fact_list[ordering][:n]
+    if n > len(ids):
+        raise RecordError(f"asked for {n} facts but sample {ordering} of the reference fact list has {len(ids)}")
+    have = {r.case_id for r in records}
+    missing = [i for i in ids if i not in have]
+    if missing:
+        raise RecordError(f"{len(missing)} of the first {n} facts of the reference fact list (sample {ordering}; "
+                          f"case_ids {missing[:5]}{' ...' if len(missing) > 5 else ''}) are not in the loaded "
+                          "CounterFact records: the list indexes the full counterfact.json (21,919 records)")
+    return ids

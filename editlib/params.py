@@ -19,6 +19,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from .counterfact import FACT_LISTS
 from .editing import METHODS, EditHParams
 from .generation import GEN_TEXTS
 from .scoring import ALIGNMENTS
@@ -59,6 +60,11 @@ class DataParams:
     world_seed: int = 0
     ordering_seed: int = 37
     orderings: tuple[int, ...] = (0,)
+    # which facts, in which order (editlib.counterfact): "seeded" (editlib's unique-subject shuffles
+    # of ordering_seed) or "reference" (the paper's: the reference code's index file, SPEC §5;
+    # source counterfact only; ordering i = its sample "i")
+    fact_list: str = "seeded"
+    fact_list_path: str | None = None  # reference: the index file (else EDITLIB_FACT_LIST, the cache, a download)
 
 
 @dataclass(frozen=True)
@@ -613,6 +619,11 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         raise ParamsError(f"evaluation.gen_text must be 'clean' or 'reference', got {_show(sp.evaluation.gen_text)}")
     if sp.data.source not in ("model", "counterfact", "world"):
         raise ParamsError(f"data.source must be 'model', 'counterfact' or 'world', got {sp.data.source!r}")
+    if sp.data.fact_list not in FACT_LISTS:
+        raise ParamsError(f"data.fact_list must be 'seeded' or 'reference', got {_show(sp.data.fact_list)}")
+    if sp.data.fact_list == "reference" and sp.data.source != "counterfact":
+        raise ParamsError(f"data.fact_list 'reference' indexes CounterFact's case_ids: it needs data.source "
+                          f"counterfact, not {sp.data.source!r}")
     for sec in ("batch", "sequential"):
         _check_runs(getattr(sp, sec), sec)
     if sp.sweep.batch_size > sp.sweep.total:

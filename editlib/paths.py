@@ -46,14 +46,15 @@ def model_ref(model_id: str | None) -> str | None:
 
 def anchor_params(p):
     """A copy of study params with results_dir, figures_dir, model ids that are repo directories,
-    data.counterfact_path, covariance.path and covariance.data_files made absolute (anchored at the repo root)."""
+    data.counterfact_path, data.fact_list_path, covariance.path and covariance.data_files made absolute (anchored at the repo root)."""
     def _opt(x: str | None) -> str | None:
         return None if x is None else str(repo_path(x))
 
     model = replace(p.model, id=model_ref(p.model.id))
     second = replace(p.second_model, id=model_ref(p.second_model.id)) if p.second_model else None
     return replace(p, model=model, second_model=second,
-                   data=replace(p.data, counterfact_path=_opt(p.data.counterfact_path)),
+                   data=replace(p.data, counterfact_path=_opt(p.data.counterfact_path),
+                                fact_list_path=_opt(p.data.fact_list_path)),
                    covariance=replace(p.covariance, path=_opt(p.covariance.path),
                                       data_files=_opt(p.covariance.data_files)),
                    results_dir=str(repo_path(p.results_dir)), figures_dir=str(repo_path(p.figures_dir)))

@@ -37,8 +37,19 @@ def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model"
     if found is None:  # a miniature built on demand: its facts exist once it is built
         return
     records, where = found
-    from .counterfact import unique_subject_case_ids
+    from .counterfact import load_fact_list, reference_case_ids, resolve_fact_list, unique_subject_case_ids
+    from .records import RecordError
 
+    if p.data.fact_list == "reference":  # every ordering's first facts must be among the records
+        fl = load_fact_list(resolve_fact_list(p.data.fact_list_path))
+        for e in experiments:
+            need = facts_needed(p, e)
+            for o in p.data.orderings if need else ():
+                try:
+                    reference_case_ids(records, fl, o, need)
+                except RecordError as err:
+                    raise RecordError(f"{e} ({_size_key(e)} {need}) on {where}: {err}") from None
+        return
     n = len(unique_subject_case_ids(records))
     for e in experiments:
         need = facts_needed(p, e)

@@ -130,9 +130,11 @@ class Study:
         return figure_title(self.params, self.label, self.model_dir)
 
     def facts(self, n: int, ordering: int = 0) -> list[Record]:
-        """The first ``n`` facts of seeded unique-subject ordering ``ordering`` (same for every
-        method and batch size)."""
-        return counterfact.sample(self.records, n, ordering, self.params.data.ordering_seed)
+        """The first ``n`` facts of ordering ``ordering`` (same for every method and batch size): a
+        seeded unique-subject shuffle, or sample ``ordering`` of the reference's fact list
+        (``data.fact_list``, SPEC §5)."""
+        d = self.params.data
+        return counterfact.sample(self.records, n, ordering, d.ordering_seed, fact_list=fact_list_for(self.params))
 
     def _stats(self, layers: Sequence[int], *, load: bool):
         cp = self.params.covariance
@@ -197,6 +199,14 @@ class Study:
                 "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
 
 
+def fact_list_for(p: StudyParams, *, download: bool | None = False) -> dict[int, list[int]] | None:
+    """The reference's fact list when ``data.fact_list`` is 'reference' (None: seeded orderings)."""
+    d = p.data
+    if d.fact_list != "reference":
+        return None
+    return counterfact.load_fact_list(counterfact.resolve_fact_list(d.fact_list_path, download=download))
+
+
 def corpus_spec(cp) -> CorpusSpec:
     """The stats module's corpus description from the params' ``covariance`` section."""
     return CorpusSpec(kind=cp.kind, name=cp.name, config=cp.config, split=cp.split,
@@ -220,6 +230,9 @@ def _data_provenance(p: StudyParams, model_dir: str) -> dict:
         d.update(path=str(recs), sha256=counterfact.sha256_file(recs))
     elif p.data.source == "world":
         d.update(world_records=p.data.world_records, world_seed=p.data.world_seed)
+    if p.data.fact_list == "reference":
+        fl = counterfact.resolve_fact_list(p.data.fact_list_path, download=False)
+        d.update(fact_list=str(fl), fact_list_sha256=counterfact.sha256_file(fl))
     return d
 
 
@@ -260,6 +273,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     _check_corpus_offline(p)
     if p.data.source == "counterfact":
         counterfact.resolve_counterfact(p.data.counterfact_path, download=None)
+    fact_list_for(p, download=None)  # data.fact_list reference: found or fetched now, not mid-run
     depth = None
     if mp.id and not mp.tiny and os.path.isdir(mp.id):
         cfg = json.loads((Path(mp.id) / "config.json").read_text())
@@ -481,8 +495,13 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
     cov = asdict(study.params.covariance)
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
+    data = asdict(study.params.data)
+    if data.pop("fact_list") == "reference":  # by content, not path; seeded: the digest it had before the key existed
+        data["fact_list_sha256"] = counterfact.sha256_file(
+            counterfact.resolve_fact_list(data["fact_list_path"], download=False))
+    del data["fact_list_path"]
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
-              "evaluation": ev, "data": asdict(study.params.data), "covariance": cov}
+              "evaluation": ev, "data": data, "covariance": cov}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock)
 

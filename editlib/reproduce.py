@@ -155,6 +155,9 @@ def caption(p: StudyParams, r: StoredResult, what: str) -> str:
     data, ev = prm.get("data", {}), prm.get("evaluation", {})
     src = data.get("source", "?")
     seeds = f"ordering seed {data.get('ordering_seed')}, orderings {_short(data.get('orderings', []))}"
+    if data.get("fact_list_sha256"):  # data.fact_list reference: the orderings are its samples
+        seeds = (f"the reference's fact list (sha256 {data['fact_list_sha256'][:12]}), samples "
+                 f"{_short(data.get('orderings', []))}")
     if ev.get("generation"):
         seeds += f", generation seed {ev.get('gen_seed')}"
     facts = _DATA.get(src, src)

@@ -389,6 +389,86 @@ def test_sample(dup_records: list[Record]) -> None:
     assert "27" in str(ei.value) and "26" in str(ei.value)
 
 
+# --------------------------------------------------------------------------- the reference's fact list
+
+def fact_list_file(path: Path, samples: dict) -> Path:
+    path.write_text(json.dumps({str(k): v for k, v in samples.items()}, indent=4))
+    return path
+
+
+def test_sample_from_the_reference_fact_list(dup_records: list[Record], tmp_path: Path) -> None:
+    """data.fact_list reference: sample "i" of the index file in its order, by case_id, subjects
+    repeating as they do (the reference edits them so); samples, lengths and case_ids checked."""
+    by_id = {r.case_id: r for r in dup_records}
+    ids = [r.case_id for r in dup_records]
+    s0, s1 = ids[::-1], ids[5:] + ids[:5]
+    fl = cf.load_fact_list(fact_list_file(tmp_path / "fl.json", {0: s0, 1: s1}))
+    assert fl == {0: s0, 1: s1}
+    got = sample(dup_records, 12, 0, fact_list=fl)
+    assert [r.case_id for r in got] == s0[:12] and all(r is by_id[r.case_id] for r in got)
+    assert len({r.subject.strip().lower() for r in sample(dup_records, 30, 0, fact_list=fl)}) == 26  # repeats kept
+    assert [r.case_id for r in sample(dup_records, 3, 1, fact_list=fl)] == s1[:3]
+    assert [r.case_id for r in sample(dup_records, 3, 0)] != s0[:3]  # not the seeded ordering
+    with pytest.raises(RecordError, match=r"ordering 2: the reference fact list has samples \[0, 1\] only"):
+        sample(dup_records, 3, 2, fact_list=fl)
+    with pytest.raises(RecordError, match="asked for 31 facts but sample 0 of the reference fact list has 30"):
+        sample(dup_records, 31, 0, fact_list=fl)
+    fl2 = cf.load_fact_list(fact_list_file(tmp_path / "fl2.json", {0: [ids[0], 99_999, 99_998]}))
+    with pytest.raises(RecordError, match=r"2 of the first 3 facts .*case_ids \[99999, 99998\]"):
+        sample(dup_records, 3, 0, fact_list=fl2)
+    assert [r.case_id for r in sample(dup_records, 1, 0, fact_list=fl2)] == [ids[0]]  # only what is drawn
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[1, 2]", "must be a JSON object of samples"), ("{}", "must be a JSON object"),
+    ('{"a": [1]}', "sample name 'a' is not a number"), ('{"0": []}', "non-empty list"),
+    ('{"0": [1, -2]}', "non-negative"), ('{"0": [1, true]}', "non-negative integers"),
+    ('{"0": [1, 1]}', "repeats a case_id"), ("{", "not valid JSON")])
+def test_bad_fact_lists_fail_naming_the_file(tmp_path: Path, text: str, match: str) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(text)
+    with pytest.raises(RecordError, match=match) as ei:
+        cf.load_fact_list(p)
+    assert str(p) in str(ei.value)
+
+
+def test_resolve_fact_list(monkeypatch: pytest.MonkeyPatch, isolated_env: Path, tmp_path: Path, no_network) -> None:
+    given = fact_list_file(tmp_path / "given.json", {0: [1]})
+    assert cf.resolve_fact_list(given) == given
+    with pytest.raises(DatasetNotFound, match="data.fact_list_path: the reference fact list .* is not a file"):
+        cf.resolve_fact_list(tmp_path / "nope.json")
+    monkeypatch.setenv(cf.FACT_LIST_ENV, str(given))
+    assert cf.resolve_fact_list() == given
+    monkeypatch.setenv(cf.FACT_LIST_ENV, str(tmp_path / "nope.json"))
+    with pytest.raises(DatasetNotFound, match=cf.FACT_LIST_ENV):
+        cf.resolve_fact_list()
+    monkeypatch.delenv(cf.FACT_LIST_ENV)
+    with pytest.raises(DatasetNotFound) as ei:  # offline, nothing cached: where to put it
+        cf.resolve_fact_list()
+    msg = str(ei.value)
+    assert cf.FACT_LIST_URL in msg and cf.FACT_LIST_SHA256 in msg and str(isolated_env / cf.FACT_LIST_NAME) in msg
+    isolated_env.mkdir(parents=True, exist_ok=True)
+    fact_list_file(isolated_env / cf.FACT_LIST_NAME, {0: [2]})
+    assert cf.resolve_fact_list() == isolated_env / cf.FACT_LIST_NAME
+
+
+def test_fact_list_download_checks_its_sha256(monkeypatch: pytest.MonkeyPatch, isolated_env: Path) -> None:
+    data = json.dumps({"0": [3, 1, 2]}).encode()
+    calls = serve(monkeypatch, data)
+    with pytest.raises(RecordError, match=cf.FACT_LIST_SHA256):
+        cf.resolve_fact_list()
+    assert calls == [cf.FACT_LIST_URL] and not any(isolated_env.iterdir())
+    monkeypatch.setattr(cf, "FACT_LIST_SHA256", hashlib.sha256(data).hexdigest())
+    old = os.umask(0o022)
+    try:
+        path = cf.resolve_fact_list()
+    finally:
+        os.umask(old)
+    assert path == isolated_env / cf.FACT_LIST_NAME and cf.load_fact_list(path) == {0: [3, 1, 2]}
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others as the umask allows (a shared cache)
+    assert cf.resolve_fact_list() == path and len(calls) == 2  # then from the cache
+
+
 # --------------------------------------------------------------------------- the shared subset
 
 def test_shared_counterfact_subset(monkeypatch: pytest.MonkeyPatch, no_network) -> None:

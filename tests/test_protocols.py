@@ -936,6 +936,44 @@ def test_evaluation_digest_keys(study, tmp_path, monkeypatch):
     assert ge["ge_sentence_splitter"] == protocols.sentence_splitter()
 
 
+def test_reference_fact_list_drives_every_protocol_and_the_digest(study, weights0, tmp_path):
+    """data.fact_list reference: the facts are sample "i" of the index file in its order (not the
+    seeded shuffle), the digest records the file's sha256 (not its path), provenance names the file;
+    seeded keeps the digest it had before the keys existed; the preflight names a fact the records lack."""
+    from editlib.counterfact import save_records, sha256_file
+    from editlib.preflight import check_study
+    from editlib.records import RecordError
+
+    ids = [r.case_id for r in study.records][::-1]
+    fl = tmp_path / "fl.json"
+    fl.write_text(json.dumps({"0": ids, "1": ids[3:]}))
+    cfp = save_records(study.records, tmp_path / "cf.json")
+    over = {"data.source": "counterfact", "data.counterfact_path": str(cfp),
+            "data.fact_list": "reference", "data.fact_list_path": str(fl),
+            "batch.total": 4, "batch.batch_sizes": [2], "batch.methods": ["memit"], "batch.layer": 1,
+            "data.orderings": [0, 1]}
+    p = params_for(tmp_path, "ref", **over)
+    st = use(study, p)
+    assert [r.case_id for r in st.facts(5)] == ids[:5] and [r.case_id for r in st.facts(2, 1)] == ids[3:5]
+    assert [r.case_id for r in use(study, params_for(tmp_path)).facts(5)] != ids[:5]
+    cases = protocols.run_batch(st, log=quiet)
+    for o, want in ((0, ids[:4]), (1, ids[3:7])):
+        assert sorted(cases[cases.ordering == o].case_id) == sorted(want)
+    man = json.loads((exp_dir(p, "batch") / "manifest.json").read_text())
+    data = man["params"]["data"]
+    assert data["fact_list_sha256"] == sha256_file(fl) and "fact_list" not in data and "fact_list_path" not in data
+    assert man["provenance"]["data"]["fact_list"] == str(fl)
+    protocols.run_batch(use(study, params_for(tmp_path, "seeded", **{k: v for k, v in over.items()
+                                                                      if not k.startswith("data.")})), log=quiet)
+    plain = json.loads((exp_dir(params_for(tmp_path, "seeded"), "batch") / "manifest.json").read_text())["params"]["data"]
+    assert not any(k.startswith("fact_list") for k in plain)
+    assert_unedited(study.model, weights0)
+    check_study(p, ["batch"])
+    fl.write_text(json.dumps({"0": [ids[0], 10 ** 7]}))
+    with pytest.raises(RecordError, match=r"batch \(batch.total 2\) on the CounterFact file .*1 of the first 2"):
+        check_study(params_for(tmp_path, "ref", **{**over, "batch.total": 2}), ["batch"])
+
+
 def test_forgetting_enters_the_digest_in_facts(study, tmp_path):
     """sequential.forgetting_every counts facts and enters the sequential digest under a key that
     says so; left null, the spec (and every default folder's digest) keeps its null key."""

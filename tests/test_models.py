@@ -65,6 +65,29 @@ def test_load_from_local_dir(model_dir: Path) -> None:
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
 
 
+def test_weights_are_placed_as_they_are_read(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With accelerate (editlib[gpu], in .[dev]) from_pretrained gets device_map {"": device}, so a
+    GPU model is never first built in host memory; the weights, buffers and logits equal those of
+    loading on the host and moving (the path without accelerate)."""
+    import importlib.util
+
+    from editlib import models
+
+    pytest.importorskip("accelerate")
+    assert models.placement("cpu") == {"device_map": {"": torch.device("cpu")}}
+    ids = torch.tensor([[1, 5, 9, 3]])
+    placed, _ = load_model(str(model_dir))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    assert models.placement("cpu") == {}
+    moved, _ = load_model(str(model_dir))
+    a = {**dict(placed.named_parameters()), **dict(placed.named_buffers())}
+    b = {**dict(moved.named_parameters()), **dict(moved.named_buffers())}
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(placed(ids).logits, moved(ids).logits)
+
+
 def test_load_bfloat16(model_dir: Path) -> None:
     model, _ = load_model(str(model_dir), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -242,8 +242,8 @@ class UnitWorker:
 
         torch.set_num_threads(max(1, int(threads)))
 
-    def run(self, spec: "UnitSpec", params: StudyParams, run_id: str) -> "UnitResult":
-        return worker_run(spec, params, run_id)
+    def run(self, spec: "UnitSpec", params: StudyParams, run_id: str, contexts: dict | None = None) -> "UnitResult":
+        return worker_run(spec, params, run_id, contexts)
 
 
 @dataclass
@@ -354,7 +354,7 @@ def _drive(ray, study: "Study", exp: "Experiment", pool: _Pool, workers: list, p
     while queue or running:
         while queue and idle:
             spec, actor = queue.popleft(), idle.pop()
-            running[actor.run.remote(spec, study.params, run_id)] = (spec, actor)
+            running[actor.run.remote(spec, study.params, run_id, dict(study._contexts))] = (spec, actor)
         [ref], _ = ray.wait(list(running), num_returns=1)
         spec, actor = running.pop(ref)
         try:
@@ -429,6 +429,17 @@ def _worker_study(params: StudyParams, which: str, log: Callable) -> "Study":
     return _WORKER["study"]
 
 
+def adopt_contexts(study: "Study", contexts: dict, log: Callable) -> None:
+    """Every unit uses the driver's context templates, the ones its provenance records: a worker
+    samples its own from its copy of the model, and on another GPU type (or with TF32) a logit
+    that differs at rounding can change a sampled token, hence every key of its units."""
+    for style, ctx in contexts.items():
+        own = study._contexts.get(style)
+        if own is not None and own != ctx:
+            log(f"context templates ({style}) sampled on this worker differ from the driver's: using the driver's")
+        study._contexts[style] = ctx
+
+
 def _free_worker_study() -> None:
     """Drop the worker's study (its model and C0 factors) before another one loads."""
     import gc
@@ -452,14 +463,16 @@ def _worker_name() -> str:
     return name
 
 
-def worker_run(spec: "UnitSpec", params: StudyParams, run_id: str) -> "UnitResult":
-    """Run one unit in a worker process: only the spec, the params (with the results folder) and
-    the run's id come in; the study and the experiment handle are loaded once and reused."""
+def worker_run(spec: "UnitSpec", params: StudyParams, run_id: str, contexts: dict | None = None) -> "UnitResult":
+    """Run one unit in a worker process: only the spec, the params (with the results folder), the
+    run's id and the driver's context templates come in; the study and the experiment handle are
+    loaded once and reused."""
     from .protocols import UnitContext, open_unit_experiment, run_unit
 
     lines: list[str] = []
     t0 = time.time()
     study = replace(_worker_study(params, spec.which, lines.append), params=params, log=lines.append)
+    adopt_contexts(study, contexts or {}, lines.append)
     if _WORKER["run"] != run_id:
         _WORKER.update(run=run_id, shared={}, exps={})
     if (spec.experiment, spec.which) not in _WORKER["exps"]:

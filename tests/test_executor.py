@@ -296,3 +296,22 @@ def _with_depth(study, n: int):
         def n_layers(self) -> int:
             return n
     return Deep(**{f.name: getattr(study, f.name) for f in dataclasses.fields(study)})
+
+
+def test_workers_use_the_driver_context_templates(study):
+    """A worker adopts the context templates the driver sends with every unit (the ones its
+    provenance records), saying so when its own sample differs (another GPU's rounding)."""
+    import dataclasses
+
+    from editlib.context import ContextTemplates
+    from editlib.executor import adopt_contexts
+
+    worker = dataclasses.replace(study, _contexts=dict(study._contexts))
+    style, own = next(iter(worker._contexts.items()))
+    logged: list[str] = []
+    adopt_contexts(worker, dict(study._contexts), logged.append)
+    assert worker.contexts(style) == own and not logged  # the same sample: nothing to say
+    driver = ContextTemplates(groups=(("{}",), ("Other text. {}",)))
+    adopt_contexts(worker, {style: driver}, logged.append)
+    assert worker.contexts(style) is driver and len(logged) == 1 and "using the driver's" in logged[0]
+    assert study.contexts(style) == own  # the driver's study is not touched

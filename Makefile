@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 PARAMS ?= params/tiny.yaml
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test reproduce lab tiny-world tiny-check bench clean
+.PHONY: setup test reproduce lab tiny-world tiny-check clean
 
 .venv/bin/python:
 	python3 -m venv .venv

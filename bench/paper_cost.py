@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     ap.add_argument("--layer", type=int, default=1, help="edited layer where the params say 'best'")
     ap.add_argument("--value-iters", type=int, default=None, help="value iterations per chunk (default: v_num_grad_steps)")
     ap.add_argument("--c0-tokens-per-text", type=float, default=None)
-    ap.add_argument("--dtype", default=None, help="model dtype (default: the params)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default: the params)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--token-stats", action="store_true", help="measure per-fact token counts and exit")
@@ -180,6 +181,9 @@ def main(argv=None) -> None:
                          f"(tf32 {p.model.tf32}); the estimate prices both models alike: set them equal "
                          "(leave second_model's dtype and tf32 unset to inherit model's)")
     where, why = solve_location(args.solve_on)
+    if (args.dtype or p.model.dtype) not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"model.dtype is {p.model.dtype!r}: give the dtype to price with --dtype (auto loads a "
+                         "checkpoint in its own dtype: bfloat16 for Llama-3-8B)")
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
                       solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,
                       gen_kv_gb=getattr(p.evaluation, "gen_kv_gb", None),

@@ -57,6 +57,8 @@ class EditHParams:
     add_prev_edits: bool = True
 
     def __post_init__(self):
+        if self.context_templates not in ("memit", "rome", "plain"):
+            raise ValueError(f"context_templates must be 'memit', 'rome' or 'plain', got {self.context_templates!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.layers:

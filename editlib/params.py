@@ -246,15 +246,18 @@ def deep_merge(base: Mapping, over: Mapping) -> dict:
 
 
 def find_params_file(name_or_path: str | os.PathLike) -> Path:
-    """A path, or a bare name looked up in the repo's ``params/`` folder (``tiny`` → params/tiny.yaml)."""
+    """A path (from the working directory, else from the repository root, as every relative path
+    of a params file), or a bare name in the repo's ``params/`` folder (``tiny`` → params/tiny.yaml)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
-    repo_params = Path(__file__).resolve().parent.parent / "params"
-    for cand in (repo_params / str(name_or_path), repo_params / f"{name_or_path}.yaml"):
+    root = Path(__file__).resolve().parent.parent
+    repo_params = root / "params"
+    for cand in (root / p, repo_params / str(name_or_path), repo_params / f"{name_or_path}.yaml"):
         if cand.is_file():
             return cand
-    raise ParamsError(f"params file not found: {name_or_path} (looked in the working directory and {repo_params})")
+    raise ParamsError(f"params file not found: {name_or_path} (looked in the working directory, {root} "
+                      f"and {repo_params})")
 
 
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
@@ -271,7 +274,12 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ParamsError(f"{p} must hold a mapping of sections")
     parent = d.pop("extends", None)
     if parent:
-        base = read_yaml(p.parent / parent if not Path(parent).is_absolute() else parent, _seen + (p,))
+        sibling = p.parent / Path(parent).expanduser()  # next to this file, else as any params path
+        base = read_yaml(sibling if sibling.is_file() else parent, _seen + (p,))
+        for sec in ("model", "second_model"):  # another model is not the parent's: no inherited label
+            own = d.get(sec)
+            if isinstance(own, dict) and ("id" in own or "tiny" in own) and "label" not in own:
+                own["label"] = None  # captions and folders then use the model's own name
         d = deep_merge(base, d)
     return d
 
@@ -411,8 +419,11 @@ def _check_sizes(sp: StudyParams) -> None:
     kv = sp.evaluation.gen_kv_gb
     if kv is not None and not (isinstance(kv, (int, float)) and not isinstance(kv, bool) and 0 < kv < math.inf):
         raise ParamsError(f"evaluation.gen_kv_gb must be a positive number of GB or null, got {kv!r}")
-    if any(o < 0 for o in sp.data.orderings):
-        raise ParamsError(f"data.orderings must be integers >= 0, got {list(sp.data.orderings)}")
+    if any(o < 0 for o in sp.data.orderings) or len(set(sp.data.orderings)) != len(sp.data.orderings):
+        raise ParamsError(f"data.orderings must be distinct integers >= 0, got {list(sp.data.orderings)}")
+    mf = sp.evaluation.max_failed_fraction
+    if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0 <= mf <= 1:
+        raise ParamsError(f"evaluation.max_failed_fraction must be a number from 0 to 1, got {_show(mf)}")
     for sec in ("batch", "sequential"):
         wins = getattr(sp, sec).windows
         if not wins or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in wins):
@@ -427,6 +438,10 @@ def _check_sizes(sp: StudyParams) -> None:
     _check_executor(sp.executor)
     for sec in ("model", "second_model"):
         _check_tiny(getattr(sp, sec), sec)
+        _check_placement(getattr(sp, sec), sec)
+    if not sp.name or not isinstance(sp.name, str) or sp.name in (".", "..") or any(c in sp.name for c in "/\\"):
+        raise ParamsError(f"name must be a plain folder name (it names results/<name>/ and figures/<name>/), "
+                          f"got {_show(sp.name)}")
     layers = sp.layer_search.layers
     if layers != "all" and (not isinstance(layers, tuple) or not layers):
         raise ParamsError(f"layer_search.layers must be 'all' or a non-empty list of layers, got {_show(layers)}")
@@ -552,6 +567,21 @@ def _check_executor(ep: ExecutorParams) -> None:
         raise ParamsError(f"executor.workers must be null or at least 1, got {ep.workers}")
     if ep.retries < 0:
         raise ParamsError(f"executor.retries must be >= 0, got {ep.retries}")
+
+
+def _check_placement(mp: ModelParams | None, sec: str) -> None:
+    """A known dtype and a device torch can name (cpu, cuda, cuda:1, mps, ...)."""
+    if mp is None:
+        return
+    from .models import DTYPES
+
+    if mp.dtype not in DTYPES:
+        raise ParamsError(f"{sec}.dtype must be one of {', '.join(DTYPES)}, got {_show(mp.dtype)}")
+    try:
+        import torch
+        torch.device(mp.device)
+    except (RuntimeError, TypeError):
+        raise ParamsError(f"{sec}.device must be a torch device such as cpu, cuda or cuda:0, got {_show(mp.device)}") from None
 
 
 def _check_tiny(mp: ModelParams | None, sec: str) -> None:

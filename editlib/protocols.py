@@ -288,7 +288,10 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                     raise ParamsError(f"{e} needs {need} facts but the model's records have only {n_avail}")
     elif mp.id and not mp.tiny:
         from .models import _offline, _resolve_source  # fail fast for missing hub ids offline
-        _resolve_source(mp.id, _offline(False), None)
+        depth = _hub_depth(_resolve_source(mp.id, _offline(False), None), mp, _offline(False))
+    elif mp.tiny:
+        from .tiny import TinyConfig
+        depth = int(mp.tiny.get("n_layers") or TinyConfig.n_layers)
     if depth is not None:
         for e in experiments:
             sec = getattr(p, e)
@@ -296,6 +299,14 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
             bad = [l for l in layers if isinstance(l, int) and not 0 <= l < depth]
             if bad:
                 raise ParamsError(f"{e}: layer(s) {bad} outside the model's 0..{depth - 1} decoder layers")
+            wins = [w for w in getattr(sec, "windows", ()) if isinstance(sec.layer, int) and sec.layer + w > depth]
+            if wins and any(m in MULTI_LAYER for m in sec.methods):  # as batch_windows says once loaded
+                raise ParamsError(f"{e}.windows {wins} from layer {sec.layer} run past the model's last layer "
+                                  f"{depth - 1}")
+    cp = p.covariance
+    if cp.kind == "text_file" and not (cp.path and Path(cp.path).is_file()) and not _c0_cached(cp):
+        raise ParamsError(f"covariance.path {cp.path!r} is not a file and no C0 computed from it is cached "
+                          "(covariance.kind text_file reads one text per line)")
     for i, e in enumerate(experiments):  # layer 'best' reads this run's layer search (best_layer)
         if getattr(getattr(p, e), "layer", None) == "best" and "layer_search" not in experiments[:i]:
             path = _layer_search_cases(p, which)
@@ -303,6 +314,23 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                 raise ParamsError(f"{e}.layer is 'best', which needs a finished layer search ({path} is "
                                   "missing): run the layer search first (e.g. `python -m editlib run "
                                   f"layer-search {e.replace('_', '-')}`), or give an integer layer")
+
+
+def _hub_depth(source: str, mp, offline: bool) -> int | None:
+    """Decoder layers of a hub model from its config alone (cached, or a small download online);
+    None when it cannot be read here (the loader then says why)."""
+    try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(source, local_files_only=offline, trust_remote_code=mp.trust_remote_code)
+    except Exception:
+        return None
+    return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+
+
+def _c0_cached(cp) -> bool:
+    """Whether editlib's stats cache holds C0 computed from corpus ``cp`` (then it is never read)."""
+    root = counterfact.cache_dir() / "stats"
+    return root.is_dir() and any(root.glob(f"*/*_{corpus_spec(cp).key()}_n*.safetensors"))
 
 
 def _check_corpus_offline(p: StudyParams) -> None:
@@ -313,10 +341,9 @@ def _check_corpus_offline(p: StudyParams) -> None:
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EDITLIB_OFFLINE"))
     if cp.kind != "hf_dataset" or not offline or cp.data_files:
         return
-    spec = corpus_spec(cp)
-    root = counterfact.cache_dir() / "stats"
-    if root.is_dir() and any(root.glob(f"*/*_{spec.key()}_n*.safetensors")):
+    if _c0_cached(cp):
         return
+    root = counterfact.cache_dir() / "stats"
     try:
         import datasets
         datasets.load_dataset_builder(cp.name, cp.config)

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
-from .params import StudyParams, find_params_file, resolve
+from .params import ParamsError, StudyParams, find_params_file, resolve
 from .paths import REPO_ROOT, anchor_params, repo_path, shown
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -283,7 +283,13 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     if any(nb.name[:2] == BEYOND for nb in nbs):  # its own sizes and editors (layer: best is read later)
         from .beyond import study_params
 
-        check_study(study_params(p, resolve_layer=False), ["batch", "sequential"])
+        bp = study_params(p, resolve_layer=False)
+        check_study(bp, ["batch", "sequential"])
+        if p.beyond.layer != "best":  # its layer and windows against the model's depth, named as set
+            try:
+                check_before_loading(bp, ["batch", "sequential"])
+            except ParamsError as e:
+                raise ParamsError(f"beyond (notebook 07; beyond.layer {p.beyond.layer}): {e}") from None
     return p
 
 

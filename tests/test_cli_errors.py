@@ -153,6 +153,15 @@ PARAMS_CASES = {
     "bad_tiny_spec": ("second_model.tiny.n_records=lots", ("second_model.tiny.n_records",)),
     "too_many_facts": ("singular.n_facts=100000", ("singular needs 100000 facts", "tiny-world")),
     "hparam_not_a_number": ("hparams.common.v_lr=fast", ("v_lr", "fast")),
+    "bad_dtype": ("model.dtype=bf16", ("model.dtype", "bf16", "bfloat16")),
+    "bad_second_dtype": ("second_model.dtype=half", ("second_model.dtype", "half")),
+    "bad_device": ("model.device=cpux", ("model.device", "cpux")),
+    "bad_templates": ("hparams.common.context_templates=foo", ("context_templates", "foo")),
+    "repeated_ordering": ("data.orderings=[0, 0]", ("data.orderings", "distinct")),
+    "failed_fraction": ("evaluation.max_failed_fraction=-1", ("evaluation.max_failed_fraction", "-1")),
+    "name_with_slash": ("name=a/b", ("name", "a/b")),
+    "layer_past_depth": ("singular.layer=6", ("singular", "[6]", "0..5")),
+    "missing_text_file": ("covariance={kind: text_file, path: /nope/c0.txt}", ("covariance.path", "/nope/c0.txt", "not a file")),
 }
 
 
@@ -160,6 +169,15 @@ PARAMS_CASES = {
 def test_run_params_errors(capsys, results, case) -> None:
     override, culprits = PARAMS_CASES[case]
     fails(capsys, run_args(results, override), *culprits)
+
+
+def test_depth_from_the_build_spec_and_windows_before_loading(capsys, results) -> None:
+    """A layer past a miniature's build spec fails before it is trained; a window of layers past the
+    model's last layer before it loads (and before a results folder exists)."""
+    fails(capsys, run_args(results, "model.tiny={n_layers: 2}", "singular.layer=3"), "singular", "[3]", "0..1")
+    argv = ["run", "batch", "--params", "tiny", *results, "--set", "batch.layer=5", "--set", "batch.windows=[1, 2]"]
+    fails(capsys, argv, "batch.windows [2]", "layer 5", "last layer 5")
+    assert not any(Path(results[1].split("=", 1)[1]).glob("*/batch"))
 
 
 @pytest.mark.parametrize("case", ["yaml_syntax", "not_an_int", "zero_facts"])
@@ -406,3 +424,24 @@ def test_too_many_failures_is_one_line_and_exit_1(capsys, monkeypatch, results) 
     assert cli.main(run_args(results)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["editlib run: stopped: singular memit: 5 of 16 edits failed (> evaluation.max_failed_fraction 0.25)"]
+
+
+def test_reproduce_checks_the_beyond_layer_before_any_notebook(capsys, tmp_path, results) -> None:
+    """Notebook 07's own layer (beyond.layer) past the model's depth fails before a kernel starts,
+    naming beyond.layer."""
+    argv = ["reproduce", "--params", "tiny", "--only", "07", "--runs-dir", str(tmp_path / "runs"),
+            "--set", "beyond.layer=9", *results]
+    fails(capsys, argv, "beyond.layer 9", "[9]", "0..5")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_depth_of_a_hub_model_comes_from_its_config_alone() -> None:
+    """Before a hub model loads, its depth is read from its (cached) config.json, so a layer past it
+    fails at once; a config that cannot be read leaves the check to the loader."""
+    from types import SimpleNamespace
+
+    from editlib import protocols
+
+    mp = SimpleNamespace(trust_remote_code=False)
+    assert protocols._hub_depth(str(TINY), mp, True) == 6
+    assert protocols._hub_depth("acme/no-such-model", mp, True) is None

@@ -54,3 +54,22 @@ def test_the_second_model_runs_as_the_main_model_unless_set() -> None:
     assert (p.model.dtype, p.second_model.dtype) == ("bfloat16", "float32")
     tiny = resolve(REPO_ROOT / "params" / "tiny.yaml")
     assert (tiny.second_model.dtype, tiny.second_model.device, tiny.second_model.tf32) == ("float32", "cpu", False)
+
+
+def test_a_new_model_file_does_not_inherit_the_label_and_extends_like_any_path(tmp_path, monkeypatch):
+    """A params file for another model (extends tiny.yaml, sets model.id) does not keep tiny.yaml's
+    label, which captions and result folders use (the model's folder name then serves); a label it
+    sets is kept. extends: takes a path next to the file, a repository-relative path or a name; the
+    --params path resolves from any working directory."""
+    from editlib.params import resolve
+
+    (tmp_path / "new.yaml").write_text("extends: params/tiny.yaml\nname: new\nmodel:\n  id: models/tiny-world-4l\n"
+                                       "second_model: null\n")
+    (tmp_path / "named.yaml").write_text("extends: tiny\nname: named\nmodel:\n  id: models/tiny-world-4l\n"
+                                         "  label: four\nsecond_model: null\n")
+    (tmp_path / "child.yaml").write_text("extends: named.yaml\nname: child\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve(tmp_path / "new.yaml").model.label is None
+    assert resolve(tmp_path / "named.yaml").model.label == "four"
+    assert resolve(tmp_path / "child.yaml").model.label == "four"  # no new model: the parent's label
+    assert resolve("params/tiny.yaml").model.label == "tiny-world-6L"

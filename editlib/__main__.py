@@ -281,6 +281,7 @@ def _expected() -> tuple[type[BaseException], ...]:
     from .editors import NullSpaceError
     from .models import ModelLoadError, ModelNotFound
     from .params import ParamsError
+    from .progress import ProgressModeError
     from .records import RecordError
     from .reproduce import ReproduceError
     from .stats import CorpusUnavailable, CovCacheError
@@ -288,7 +289,7 @@ def _expected() -> tuple[type[BaseException], ...]:
     from .summary import SummaryError
 
     return (UsageError, SummaryError, NullSpaceError, ParamsError, RecordError, DatasetNotFound, ModelNotFound, ModelLoadError,
-            UnsupportedArchitecture, StoreError, CorpusUnavailable, CovCacheError, ReproduceError)
+            UnsupportedArchitecture, StoreError, CorpusUnavailable, CovCacheError, ReproduceError, ProgressModeError)
 
 
 def _stopped() -> tuple[type[BaseException], ...]:
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .progress import mode
+        mode()  # a bad EDITLIB_PROGRESS fails here, not after a model has loaded
         return args.func(args)
     except KeyboardInterrupt:
         print(f"editlib {args.command}: interrupted", file=sys.stderr)

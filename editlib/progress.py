@@ -21,6 +21,10 @@ ENV = "EDITLIB_PROGRESS"
 MODES = ("auto", "lines", "off")
 
 
+class ProgressModeError(ValueError):
+    """``EDITLIB_PROGRESS`` holds a value that is not a mode."""
+
+
 class LineProgress(_text_tqdm):
     """tqdm that prints each refresh as its own plain ASCII line on stdout (no carriage returns),
     at most every ``mininterval`` seconds, plus the first and the final state."""
@@ -64,7 +68,7 @@ def mode() -> str:
     ipywidgets, else ``auto``."""
     m = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if m not in MODES:
-        raise ValueError(f"{ENV}={m!r}: expected one of {', '.join(MODES)}")
+        raise ProgressModeError(f"{ENV}={m!r}: expected one of {', '.join(MODES)}")
     if m == "auto" and _in_kernel() and not _has_widgets():
         return "lines"
     return m

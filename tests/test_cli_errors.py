@@ -445,3 +445,8 @@ def test_the_depth_of_a_hub_model_comes_from_its_config_alone() -> None:
     mp = SimpleNamespace(trust_remote_code=False)
     assert protocols._hub_depth(str(TINY), mp, True) == 6
     assert protocols._hub_depth("acme/no-such-model", mp, True) is None
+
+
+def test_a_bad_progress_mode_is_one_line_before_anything_runs(capsys, results, monkeypatch) -> None:
+    monkeypatch.setenv("EDITLIB_PROGRESS", "quiet")
+    fails(capsys, run_args(results), "EDITLIB_PROGRESS", "quiet", "lines")

@@ -58,3 +58,20 @@ def test_previous_seconds(tmp_path):
     f.write_text(json.dumps({"notebooks": [{"notebook": "01_a.ipynb", "seconds": 5.5, "status": "ok"},
                                            {"notebook": "02_b.ipynb", "seconds": 9, "status": "failed"}]}))
     assert previous_seconds(f) == {"01_a.ipynb": 5.5}
+
+
+def test_timings_keep_the_notebooks_a_run_did_not_run(tmp_path):
+    """reproduce --only 02 (or a run that stopped) rewrites its own notebooks' times and keeps the
+    others' last ones, so the next run still has an estimate for every notebook."""
+    import json
+    from pathlib import Path
+
+    from editlib.params import resolve
+    from editlib.reproduce import NotebookRun, _write_timings, previous_seconds
+
+    f, p = tmp_path / "timings.json", resolve("params/tiny.yaml")
+    first = [NotebookRun("01_a.ipynb", Path("o1"), None, 10.0), NotebookRun("02_b.ipynb", Path("o2"), None, 20.0)]
+    _write_timings(f, p, Path("params/tiny.yaml"), {}, first, None)
+    _write_timings(f, p, Path("params/tiny.yaml"), {}, [NotebookRun("02_b.ipynb", Path("o2"), None, 7.0)], None)
+    assert previous_seconds(f) == {"01_a.ipynb": 10.0, "02_b.ipynb": 7.0}
+    assert json.loads(f.read_text())["total_seconds"] == 7.0

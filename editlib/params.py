@@ -608,6 +608,13 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         raise ParamsError("params need a 'name' (used for results/<name> and figures/<name>)")
     hp_raw = d.get("hparams") or {}
     common = dict(hp_raw.get("common") or {})
+    for sec, over in [("hparams", hp_raw)] + [(f"{s}.hparams", (d.get(s) or {}).get("hparams") or {})
+                                               for s in ("layer_search", "singular", "sweep", "batch", "sequential")]:
+        for m, keys in (over.items() if isinstance(over, Mapping) else ()):
+            fixed = sorted({"layers", "method"} & set(keys or {})) if isinstance(keys, Mapping) else []
+            if fixed:  # each experiment sets them: its layer (and windows) and the method it runs
+                raise ParamsError(f"{sec}.{m}: {fixed} cannot be set here; the layer comes from the experiment "
+                                  "sections' layer (and windows), the method from the section name")
     hparams = {}
     for m in METHODS:
         try:

@@ -312,8 +312,8 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
             path = _layer_search_cases(p, which)
             if path is not None and not path.is_file():
                 raise ParamsError(f"{e}.layer is 'best', which needs a finished layer search ({path} is "
-                                  "missing): run the layer search first (e.g. `python -m editlib run "
-                                  f"layer-search {e.replace('_', '-')}`), or give an integer layer")
+                                  "missing): run the layer search first (notebook 01, or `python -m editlib run "
+                                  f"--params <file> layer-search {e.replace('_', '-')}`), or give an integer layer")
 
 
 def _hub_depth(source: str, mp, offline: bool) -> int | None:

@@ -450,3 +450,9 @@ def test_the_depth_of_a_hub_model_comes_from_its_config_alone() -> None:
 def test_a_bad_progress_mode_is_one_line_before_anything_runs(capsys, results, monkeypatch) -> None:
     monkeypatch.setenv("EDITLIB_PROGRESS", "quiet")
     fails(capsys, run_args(results), "EDITLIB_PROGRESS", "quiet", "lines")
+
+
+def test_layers_and_method_are_not_hyperparameters(capsys, results) -> None:
+    """hparams.<method>.layers / .method would be overridden by the experiment sections: refused, named."""
+    fails(capsys, run_args(results, "hparams.memit.layers=[3]"), "hparams.memit", "layers", "experiment sections")
+    fails(capsys, run_args(results, "batch.hparams={emmet: {method: rome}}"), "batch.hparams.emmet", "method")

@@ -173,6 +173,9 @@ def main(argv=None) -> None:
     from editlib.cost import shape_for
     shape = shape_for(p.model.id, p.model.label)
     tokens, how = c0_tokens(p, shape, args.c0_tokens_per_text)
+    if p.second_model is not None and not p.second_model.id:
+        raise SystemExit("second_model is a miniature built on demand (its tiny spec): there is no shape to price; "
+                         "give it an id (a hub id or a folder with config.json) or --set second_model=null")
     shapes = [shape] + ([shape_for(p.second_model.id, p.second_model.label)]
                         if p.second_model and p.second_model.id else [])
     sm = p.second_model if p.second_model and p.second_model.id else None

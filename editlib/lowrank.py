@@ -67,7 +67,7 @@ class LowRankEdits:
 
 def term_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the hooks form an update's term in: float32 for 16-bit activations (their range and
-    rounding), else the activation dtype (float32 and float64 models: the same bits as before)."""
+    rounding), else the activation dtype (float32 and float64 models: no cast at all)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

@@ -274,14 +274,31 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ParamsError(f"{p} must hold a mapping of sections")
     parent = d.pop("extends", None)
     if parent:
-        sibling = p.parent / Path(parent).expanduser()  # next to this file, else as any params path
-        base = read_yaml(sibling if sibling.is_file() else parent, _seen + (p,))
-        for sec in ("model", "second_model"):  # another model is not the parent's: no inherited label
-            own = d.get(sec)
-            if isinstance(own, dict) and ("id" in own or "tiny" in own) and "label" not in own:
-                own["label"] = None  # captions and folders then use the model's own name
-        d = deep_merge(base, d)
+        near = [p.parent / Path(parent).expanduser(), p.parent / f"{parent}.yaml"]  # next to this file first
+        base = read_yaml(next((c for c in near if c.is_file()), parent), _seen + (p,))
+        d = relabel(base, deep_merge(base, d), _labelled(d))
     return d
+
+
+MODEL_SECTIONS = ("model", "second_model")
+
+
+def _labelled(over: Mapping) -> set[str]:
+    """The model sections whose label ``over`` (a params mapping) gives explicitly."""
+    return {s for s in MODEL_SECTIONS if isinstance(over.get(s), Mapping) and "label" in over[s]}
+
+
+def relabel(before: Mapping, after: Mapping, labelled: set[str]) -> dict:
+    """``after`` with the label of a model section cleared where its model (id or tiny spec) differs
+    from ``before``'s and no label was given with it: a label names one model (captions, result
+    folders), so another model takes its folder's name instead of the old model's label."""
+    out = dict(after)
+    for s in MODEL_SECTIONS:
+        b, a = before.get(s), after.get(s)
+        if (isinstance(b, Mapping) and isinstance(a, Mapping) and s not in labelled
+                and (a.get("id"), a.get("tiny")) != (b.get("id"), b.get("tiny"))):
+            out[s] = {**a, "label": None}
+    return out
 
 
 def _parse_scalar(text: str, key: str = "?") -> Any:
@@ -422,8 +439,9 @@ def _check_sizes(sp: StudyParams) -> None:
     if any(o < 0 for o in sp.data.orderings) or len(set(sp.data.orderings)) != len(sp.data.orderings):
         raise ParamsError(f"data.orderings must be distinct integers >= 0, got {list(sp.data.orderings)}")
     mf = sp.evaluation.max_failed_fraction
-    if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0 <= mf <= 1:
-        raise ParamsError(f"evaluation.max_failed_fraction must be a number from 0 to 1, got {_show(mf)}")
+    if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not mf >= 0:
+        raise ParamsError(f"evaluation.max_failed_fraction must be a number >= 0 (1 or more: never stop), "
+                          f"got {_show(mf)}")
     for sec in ("batch", "sequential"):
         wins = getattr(sp, sec).windows
         if not wins or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in wins):
@@ -703,8 +721,10 @@ def resolve(params_file: str | os.PathLike, *, overrides: Mapping | list | None 
             continue
         if k not in SECTIONS:
             raise ParamsError(f"unknown params section {k!r}")
-        d = deep_merge(d, {k: v})
+        d = relabel(d, deep_merge(d, {k: v}), _labelled({k: v}))
     if overrides:
-        d = apply_sets(d, overrides)
+        items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
+        given = {k.split(".")[0] for k, v in items if k.endswith(".label") or isinstance(v, Mapping) and "label" in v}
+        d = relabel(d, apply_sets(d, overrides), given)
     from .paths import anchor_params  # relative paths are relative to the repository root
     return anchor_params(from_dict(d, source=str(find_params_file(params_file))))

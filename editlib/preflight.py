@@ -44,11 +44,15 @@ def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model"
         fl = load_fact_list(resolve_fact_list(p.data.fact_list_path))
         for e in experiments:
             need = facts_needed(p, e)
+            what = f"{_size_key(e)} {need}"
+            if e == "sequential" and p.sequential.degradation_every:  # the held-out pool follows them
+                need = min(len(records), need + 4 * p.sequential.heldout_facts)  # as protocols._heldout draws it
+                what += f" and the held-out pool after them: {need} facts"
             for o in p.data.orderings if need else ():
                 try:
                     reference_case_ids(records, fl, o, need)
                 except RecordError as err:
-                    raise RecordError(f"{e} ({_size_key(e)} {need}) on {where}: {err}") from None
+                    raise RecordError(f"{e} ({what}) on {where}: {err}") from None
         return
     n = len(unique_subject_case_ids(records))
     for e in experiments:

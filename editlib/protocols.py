@@ -523,7 +523,7 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
     data = asdict(study.params.data)
-    if data.pop("fact_list") == "reference":  # by content, not path; seeded: the digest it had before the key existed
+    if data.pop("fact_list") == "reference":  # by content, not path; seeded adds no key
         data["fact_list_sha256"] = counterfact.sha256_file(
             counterfact.resolve_fact_list(data["fact_list_path"], download=False))
     del data["fact_list_path"]

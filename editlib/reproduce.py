@@ -382,9 +382,9 @@ def _try_html(out: Path) -> Path | None:
 
 def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, runs: list[NotebookRun],
                    threads) -> None:
-    """This run's notebooks, and the earlier entries of notebooks it did not run (``--only``, a
-    stop), so that every notebook keeps its last time (the next run's estimates);
-    ``total_seconds`` is this run's."""
+    """This run's notebooks, and the earlier entries (marked ``earlier_run``) of notebooks it did not
+    run (``--only``, a stop), so that every notebook keeps its last time (the next run's
+    estimates); ``total_seconds`` is this run's."""
     mine = [{"notebook": r.notebook, "seconds": round(r.seconds, 2), "status": r.status,
              "output": str(r.output), "html": str(r.html) if r.html else None} for r in runs]
     try:
@@ -392,7 +392,8 @@ def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, ru
     except (OSError, ValueError):
         before = []
     ran = {e["notebook"] for e in mine}
-    kept = [e for e in before if isinstance(e, dict) and e.get("notebook") not in ran]
+    kept = [{**e, "earlier_run": True} for e in before
+            if isinstance(e, dict) and e.get("notebook") and e["notebook"] not in ran]
     path.write_text(json.dumps({
         "name": p.name, "params_file": str(params_path), "overrides": over,
         "threads_per_kernel": threads,

@@ -436,8 +436,9 @@ def test_reproduce_checks_the_beyond_layer_before_any_notebook(capsys, tmp_path,
 
 
 def test_the_depth_of_a_hub_model_comes_from_its_config_alone() -> None:
-    """Before a hub model loads, its depth is read from its (cached) config.json, so a layer past it
-    fails at once; a config that cannot be read leaves the check to the loader."""
+    """The depth check's config reader (for a hub model: its cached config.json, read through
+    AutoConfig; here a local folder): the number of decoder layers, or None when the config cannot
+    be read (the loader then says why)."""
     from types import SimpleNamespace
 
     from editlib import protocols

@@ -194,8 +194,8 @@ def test_trailing_deltas_take_back_the_later_updates(kind, dtype, tol) -> None:
 def test_float16_terms_are_formed_in_float32() -> None:
     """A float16 model whose updates are moderate (R X) but whose factors are not (R tiny, X past
     float16's 65,504): writing the weight works, and so must the hooks, which form each row's term
-    and its sum with W x in float32 (in float16, X and X x overflowed to inf: NaN scores, a
-    failed case where the written weight has none). Both hooks, each against the written weights."""
+    and its sum with W x in float32 (in float16, X and X x would be inf: NaN scores, a failed
+    case where the written weight has none). Both hooks, each against the written weights."""
     tok = word_tokenizer()
     model = tiny_llama(len(tok), dtype=torch.float16)
     e = random_edits(model, 2, 1, scale=0.5, seed=21)

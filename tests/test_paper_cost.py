@@ -315,7 +315,7 @@ def test_lm_eval_ends_an_evaluation_group_in_the_count():
 def test_forgetting_evaluations_count_facts_in_the_work_count():
     """sequential.forgetting_every counts edited facts, as the protocol does: every 4 facts of 8,
     the run's last batch excepted (the final evaluation is that), whatever the batch size, so a
-    one-fact run is not evaluated quadratically often (in batches, B = 1 would evaluate 7 times)."""
+    one-fact run is evaluated once per k facts, not once per k batches."""
     over = {"sequential.batch_sizes": [1, 2, 8], "sequential.degradation_every": None}
     plain = grid(**over)["sequential"]
     fg = grid(**over, **{"sequential.forgetting_every": 4})["sequential"]

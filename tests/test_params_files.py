@@ -57,19 +57,28 @@ def test_the_second_model_runs_as_the_main_model_unless_set() -> None:
 
 
 def test_a_new_model_file_does_not_inherit_the_label_and_extends_like_any_path(tmp_path, monkeypatch):
-    """A params file for another model (extends tiny.yaml, sets model.id) does not keep tiny.yaml's
-    label, which captions and result folders use (the model's folder name then serves); a label it
-    sets is kept. extends: takes a path next to the file, a repository-relative path or a name; the
-    --params path resolves from any working directory."""
+    """A params file or override for another model (a new model.id or tiny spec) does not keep the
+    parent's label, which captions and result folders use (the model's folder name then serves); a
+    label given with it is kept, and so is the parent's when the model is the same (a restated id,
+    another device). extends: takes a file next to the child (with or without .yaml) before a
+    repository path or a name in params/; --params resolves from any working directory."""
     from editlib.params import resolve
 
     (tmp_path / "new.yaml").write_text("extends: params/tiny.yaml\nname: new\nmodel:\n  id: models/tiny-world-4l\n"
                                        "second_model: null\n")
     (tmp_path / "named.yaml").write_text("extends: tiny\nname: named\nmodel:\n  id: models/tiny-world-4l\n"
                                          "  label: four\nsecond_model: null\n")
-    (tmp_path / "child.yaml").write_text("extends: named.yaml\nname: child\n")
+    (tmp_path / "child.yaml").write_text("extends: named.yaml\nname: child\nmodel:\n  id: models/tiny-world-4l\n")
+    (tmp_path / "tiny.yaml").write_text("extends: params/tiny.yaml\nname: mine\nlayer_search:\n  n_facts: 7\n")
+    (tmp_path / "bare.yaml").write_text("extends: tiny\nname: bare\n")
     monkeypatch.chdir(tmp_path)
     assert resolve(tmp_path / "new.yaml").model.label is None
     assert resolve(tmp_path / "named.yaml").model.label == "four"
-    assert resolve(tmp_path / "child.yaml").model.label == "four"  # no new model: the parent's label
+    assert resolve(tmp_path / "child.yaml").model.label == "four"  # the same model restated: its label
+    assert resolve(tmp_path / "bare.yaml").layer_search.n_facts == 7  # the tiny.yaml next to it, not params/tiny.yaml
     assert resolve("params/tiny.yaml").model.label == "tiny-world-6L"
+    paper = REPO_ROOT / "params" / "llama3-8b.yaml"
+    assert resolve(paper, overrides={"model.id": "meta-llama/Llama-2-7b-hf"}).model.label is None
+    assert resolve(paper, overrides=["model.id=meta-llama/Llama-2-7b-hf", "model.label=L2"]).model.label == "L2"
+    assert resolve(paper, overrides={"model.device": "cuda:1"}).model.label == "Llama-3-8B"
+    assert resolve(paper, overrides={"second_model.device": "cuda:1"}).second_model.label == "Llama-2-7B"

@@ -816,7 +816,8 @@ def test_grouped_sequential_evaluation_equals_evaluating_after_each_batch(study,
     assert len(a) == len(b) and {"memit", "memit-w2", "alphaedit", "alphaedit-w2", "encore"} <= set(a.method)
     assert (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all() and set(a["eval"]) == {"current", "after_4", "final"}
     # forgetting after 4 edited facts whatever the batch size: the 4 facts so far, once per run
-    assert (a[a["eval"] == "after_4"].groupby(["method", "batch_size"]).size() == 4).all()
+    runs = a.groupby(["method", "batch_size"]).size().index
+    assert a[a["eval"] == "after_4"].groupby(["method", "batch_size"]).size().reindex(runs).eq(4).all()
     for c in ("ES", "PS", "NS", "ES_acc", "PS_acc", "NS_acc", "failed"):
         assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
     assert_frame_equal(a[SCORES], b[SCORES], check_exact=False, rtol=0, atol=1e-5)
@@ -936,10 +937,11 @@ def test_evaluation_digest_keys(study, tmp_path, monkeypatch):
     assert ge["ge_sentence_splitter"] == protocols.sentence_splitter()
 
 
-def test_reference_fact_list_drives_every_protocol_and_the_digest(study, weights0, tmp_path):
+def test_reference_fact_list_gives_the_facts_and_the_digest(study, weights0, tmp_path):
     """data.fact_list reference: the facts are sample "i" of the index file in its order (not the
-    seeded shuffle), the digest records the file's sha256 (not its path), provenance names the file;
-    seeded keeps the digest it had before the keys existed; the preflight names a fact the records lack."""
+    seeded shuffle; Study.facts, which every protocol draws from, and a batch run), the digest
+    records the file's sha256 (not its path), provenance names the file; seeded adds no digest key;
+    the preflight names a fact the records lack."""
     from editlib.counterfact import save_records, sha256_file
     from editlib.preflight import check_study
     from editlib.records import RecordError
@@ -972,6 +974,12 @@ def test_reference_fact_list_drives_every_protocol_and_the_digest(study, weights
     fl.write_text(json.dumps({"0": [ids[0], 10 ** 7]}))
     with pytest.raises(RecordError, match=r"batch \(batch.total 2\) on the CounterFact file .*1 of the first 2"):
         check_study(params_for(tmp_path, "ref", **{**over, "batch.total": 2}), ["batch"])
+    # sequential runs with degradation draw held-out facts after their own: those too, before loading
+    fl.write_text(json.dumps({"0": ids[:4] + [10 ** 7] + ids[4:], "1": ids}))
+    seq = {**over, "sequential.total": 4, "sequential.batch_sizes": [2], "sequential.heldout_facts": 1}
+    check_study(params_for(tmp_path, "ref", **seq, **{"sequential.degradation_every": None}), ["sequential"])
+    with pytest.raises(RecordError, match=r"held-out pool after them: 8 facts.*case_ids \[10000000\]"):
+        check_study(params_for(tmp_path, "ref", **seq, **{"sequential.degradation_every": 2}), ["sequential"])
 
 
 def test_forgetting_enters_the_digest_in_facts(study, tmp_path):

@@ -1241,6 +1241,10 @@ def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[R
     if not held:
         raise ParamsError(f"sequential.degradation_every needs held-out facts, but all {len(study.records)} "
                           f"records are edited or in an edited fact's neighbourhood (lower sequential.total)")
+    if len(held) < sq.heldout_facts:  # degradation is measured on fewer facts than asked: say so
+        study.log(f"sequential, ordering {ordering}: {len(held)} held-out facts, not sequential.heldout_facts="
+                  f"{sq.heldout_facts} (the records after the {len(facts)} edited ones hold no more outside "
+                  "their neighbourhoods)")
     return held
 
 

@@ -24,6 +24,9 @@ from pathlib import Path
 from editlib.cost import GPUS, KINDS, CostModel, TokenStats, count_grid, with_unit_costs
 from editlib.params import resolve
 
+#: model dtypes the cost model has rates for (a GPU's float32/TF32 and bfloat16 peaks)
+PRICED_DTYPES = ("float32", "bfloat16", "float16")
+
 #: tokens per C0 text (BOS included) before truncation, by corpus (assumptions, printed)
 TOKENS_PER_TEXT = {
     "wikipedia": 650,          # SPEC §4: ≈ 2.9 k characters per article
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layer", type=int, default=1, help="edited layer where the params say 'best'")
     ap.add_argument("--value-iters", type=int, default=None, help="value iterations per chunk (default: v_num_grad_steps)")
     ap.add_argument("--c0-tokens-per-text", type=float, default=None)
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default=None, choices=PRICED_DTYPES,
                     help="model dtype (default: the params)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -184,7 +187,7 @@ def main(argv=None) -> None:
                          f"(tf32 {p.model.tf32}); the estimate prices both models alike: set them equal "
                          "(leave second_model's dtype and tf32 unset to inherit model's)")
     where, why = solve_location(args.solve_on)
-    if (args.dtype or p.model.dtype) not in ("float32", "bfloat16", "float16"):
+    if (args.dtype or p.model.dtype) not in PRICED_DTYPES:
         raise SystemExit(f"model.dtype is {p.model.dtype!r}: give the dtype to price with --dtype (auto loads a "
                          "checkpoint in its own dtype: bfloat16 for Llama-3-8B)")
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),

@@ -36,6 +36,12 @@ def due(every: int | None, start: int, stop: int, last: bool) -> bool:
     return last or (every is not None and stop // every > start // every)
 
 
+def pool_size(n_records: int, n_edited: int, n_heldout: int) -> int:
+    """How many facts of an ordering a sequential run draws: its ``n_edited`` and after them a pool
+    of 4 × ``n_heldout`` candidates for :func:`heldout_facts` (at most every record)."""
+    return min(n_records, n_edited + 4 * n_heldout)
+
+
 def heldout_facts(pool: Sequence[Record], edited: Sequence[Record], n: int) -> list[Record]:
     """The first ``n`` records of ``pool`` that are not edited and whose rewrite prompt is not
     one of the edited facts' neighbourhood prompts (nor shares a subject with an edited fact)."""

@@ -320,10 +320,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _parse_scalar(val, key.strip())
 
 
-def apply_sets(d: dict, sets: list[str] | Mapping[str, Any]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars / lists)."""
+def apply_sets(d: dict, sets: list[str] | list[tuple[str, Any]] | Mapping[str, Any]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars / lists), in order; an item
+    may also come parsed, as a (key, value) pair."""
     out = copy.deepcopy(d)
-    items = sets.items() if isinstance(sets, Mapping) else [parse_override(s) for s in sets]
+    items = sets.items() if isinstance(sets, Mapping) else [s if isinstance(s, tuple) else parse_override(s)
+                                                            for s in sets]
     for key, val in items:
         parts = key.split(".")
         if parts[0] not in SECTIONS:
@@ -723,8 +725,8 @@ def resolve(params_file: str | os.PathLike, *, overrides: Mapping | list | None 
             raise ParamsError(f"unknown params section {k!r}")
         d = relabel(d, deep_merge(d, {k: v}), _labelled({k: v}))
     if overrides:
-        items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
+        items = list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
         given = {k.split(".")[0] for k, v in items if k.endswith(".label") or isinstance(v, Mapping) and "label" in v}
-        d = relabel(d, apply_sets(d, overrides), given)
+        d = relabel(d, apply_sets(d, items), given)
     from .paths import anchor_params  # relative paths are relative to the repository root
     return anchor_params(from_dict(d, source=str(find_params_file(params_file))))

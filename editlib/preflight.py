@@ -46,7 +46,8 @@ def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model"
             need = facts_needed(p, e)
             what = f"{_size_key(e)} {need}"
             if e == "sequential" and p.sequential.degradation_every:  # the held-out pool follows them
-                need = min(len(records), need + 4 * p.sequential.heldout_facts)  # as protocols._heldout draws it
+                from .degradation import pool_size
+                need = pool_size(len(records), need, p.sequential.heldout_facts)
                 what += f" and the held-out pool after them: {need} facts"
             for o in p.data.orderings if need else ():
                 try:

@@ -299,10 +299,8 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
             bad = [l for l in layers if isinstance(l, int) and not 0 <= l < depth]
             if bad:
                 raise ParamsError(f"{e}: layer(s) {bad} outside the model's 0..{depth - 1} decoder layers")
-            wins = [w for w in getattr(sec, "windows", ()) if isinstance(sec.layer, int) and sec.layer + w > depth]
-            if wins and any(m in MULTI_LAYER for m in sec.methods):  # as batch_windows says once loaded
-                raise ParamsError(f"{e}.windows {wins} from layer {sec.layer} run past the model's last layer "
-                                  f"{depth - 1}")
+            if hasattr(sec, "windows") and isinstance(sec.layer, int) and any(m in MULTI_LAYER for m in sec.methods):
+                check_windows(e, sec.windows, sec.layer, depth)  # as batch_windows does once the model is loaded
     cp = p.covariance
     if cp.kind == "text_file" and not (cp.path and Path(cp.path).is_file()) and not _c0_cached(cp):
         raise ParamsError(f"covariance.path {cp.path!r} is not a file and no C0 computed from it is cached "
@@ -524,8 +522,7 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
     data = asdict(study.params.data)
     if data.pop("fact_list") == "reference":  # by content, not path; seeded adds no key
-        data["fact_list_sha256"] = counterfact.sha256_file(
-            counterfact.resolve_fact_list(data["fact_list_path"], download=False))
+        data["fact_list_sha256"] = study.data_provenance()["fact_list_sha256"]
     del data["fact_list_path"]
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": ev, "data": data, "covariance": cov}
@@ -573,10 +570,8 @@ def _exp_spec(study: Study, name: str, layer: int | None) -> dict:
     else:
         sq = p.sequential
         spec = {"total": sq.total, "batch_sizes": list(sq.batch_sizes), "methods": list(sq.methods), "layer": layer,
-                "eval_final": sq.eval_final, "forgetting_every": None}
-        if sq.forgetting_every:  # its own key, named for its unit (facts); null keeps the default digest
-            del spec["forgetting_every"]
-            spec["forgetting_every_facts"] = sq.forgetting_every
+                "eval_final": sq.eval_final,  # forgetting: its key names its unit (facts); off: null, as in default digests
+                **({"forgetting_every_facts": sq.forgetting_every} if sq.forgetting_every else {"forgetting_every": None})}
         if sq.degradation_every:  # only when on: default runs keep their spec (and digests)
             spec.update(degradation_every=sq.degradation_every, heldout_facts=sq.heldout_facts)
         if tuple(sq.windows) != (1,):
@@ -886,11 +881,17 @@ def batch_windows(study: Study, method: str, layer: int, section: str = "batch")
     """``<section>.windows`` (batch or sequential) for ``method`` (only 1 for single-layer
     methods); a window running past the model's last layer is a parameter error."""
     wins = [w for w in getattr(study.params, section).windows if w == 1 or method in MULTI_LAYER]
-    too_far = [w for w in wins if layer + w > study.n_layers]
+    check_windows(section, wins, layer, study.n_layers)
+    return wins
+
+
+def check_windows(section: str, windows: Sequence[int], layer: int, depth: int) -> None:
+    """A window of layers from ``layer`` running past a ``depth``-layer model's last layer is a
+    parameter error naming ``<section>.windows``."""
+    too_far = [w for w in windows if layer + w > depth]
     if too_far:
         raise ParamsError(f"{section}.windows {too_far} from layer {layer} run past the model's last layer "
-                          f"{study.n_layers - 1}")
-    return wins
+                          f"{depth - 1}")
 
 
 def windowed_hparams(hp: EditHParams, layer: int, window: int) -> EditHParams:
@@ -1233,10 +1234,9 @@ def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSe
 def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[Record]:
     """The run's held-out known facts (editlib.degradation.heldout_facts): after the edited facts in
     the same ordering, outside their neighbourhood prompts."""
-    from .degradation import heldout_facts
+    from .degradation import heldout_facts, pool_size
 
-    n_pool = min(len(study.records), len(facts) + 4 * sq.heldout_facts)
-    pool = study.facts(n_pool, ordering)[len(facts):]
+    pool = study.facts(pool_size(len(study.records), len(facts), sq.heldout_facts), ordering)[len(facts):]
     held = heldout_facts(pool, facts, sq.heldout_facts)
     if not held:
         raise ParamsError(f"sequential.degradation_every needs held-out facts, but all {len(study.records)} "

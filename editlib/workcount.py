@@ -401,7 +401,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     from .degradation import due as degradation_due
     from .editors import uses_prior_keys
     from .lmeval import parse as parse_lm_eval
-    from .protocols import MULTI_LAYER, closes_group, runs_at
+    from .protocols import MULTI_LAYER, closes_group, measurements_after, runs_at
 
     sq = p.sequential
     lm_spec = parse_lm_eval(getattr(sq, "lm_eval", None))  # a measurement that also ends an evaluation group
@@ -432,8 +432,7 @@ def count_sequential(p, layer: int) -> ExperimentCount:
                     if every and degradation_due(every, done, done + n, bi + 1 == len(sizes)):
                         exp.add("degradation", 1, sq.heldout_facts, layer)
                     done += n
-                    k = sq.forgetting_every
-                    if k and bi + 1 < len(sizes) and degradation_due(k, done - n, done, False):
+                    if measurements_after(sq, ranges, bi, False)[0]:  # forgetting: all facts so far
                         exp.add("eval", 1, done, layer)
                 if sq.eval_final:
                     exp.add("eval", 1, sq.total, layer)

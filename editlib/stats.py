@@ -61,6 +61,7 @@ __all__ = [
     "add_gram",
     "fast_gram_applies",
     "collect_second_moments",
+    "encode_corpus",
     "gram_blocks",
     "gram_macs",
     "pack_upper",
@@ -238,7 +239,18 @@ def default_max_length(model) -> int:
     return int(npos) if npos else MAX_LENGTH_CAP
 
 
-def _batches(seqs: list[list[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
+def encode_corpus(tok, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
+    """Each text's ids (BOS first, truncated to ``max_length``) as an int32 tensor; empty texts are
+    dropped. Compact: a 100,000-document corpus held as Python int lists would take gigabytes."""
+    out = []
+    for t in texts:
+        ids = encode(tok, t, remember=False)[:max_length]
+        if ids:
+            out.append(torch.tensor(ids, dtype=torch.int32))
+    return out
+
+
+def _batches(seqs: Sequence[Sequence[int]], batch_size: int, max_batch_tokens: int | None) -> list[list[list[int]]]:
     """Length-sorted (longest first, so OOM shows at once) batches of ≤ batch_size sequences whose
     padded size stays ≤ max_batch_tokens (the reference's length_collation idea)."""
     seqs = sorted(seqs, key=len, reverse=True)
@@ -390,7 +402,8 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
                            batch_size: int = 16, max_length: int | None = None,
                            max_batch_tokens: int | None = None, dtype: torch.dtype = torch.float64,
                            progress: bool = True, gram32: bool = False,
-                           on_device: bool = False) -> dict[int, tuple[torch.Tensor, int]]:
+                           on_device: bool = False,
+                           encoded: Sequence[torch.Tensor] | None = None) -> dict[int, tuple[torch.Tensor, int]]:
     """Σ kkᵀ and the token count of every layer's down-projection input over ``texts``.
 
     One forward pass per batch serves all ``layers`` (stopped after the deepest); each layer's
@@ -399,7 +412,8 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     ``dtype``, or with ``on_device`` left on the model's device, so that a caller can bring them to
     the host one at a time (a pass of 32 Llama-3-8B layers is 53 GB of float64). ``gram32``
     (16-bit activations only, :func:`fast_gram_applies`): each batch's product in float32, TF32
-    tensor cores on CUDA.
+    tensor cores on CUDA. ``encoded``: the texts' ids from :func:`encode_corpus` (with the same
+    ``max_length``), so that a corpus read in several passes is tokenised once.
     """
     layers = sorted(set(int(l) for l in layers))
     if not layers:
@@ -408,7 +422,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     d_in = {l: arch.key_dim(model, l) for l in layers}  # also validates the layer range
     names = {spec.down_name(l): l for l in layers}
     max_length = max_length or default_max_length(model)
-    seqs = [ids for ids in (encode(tok, t, remember=False)[:max_length] for t in texts) if ids]
+    seqs = encoded if encoded is not None else encode_corpus(tok, texts, max_length)
     if not seqs:
         raise ValueError("the corpus yields no tokens")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -712,10 +726,14 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     groups = [todo[i:i + per] for i in range(0, len(todo), per)]
     log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
         f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
+    # several passes read the same ids: tokenise the corpus once (100,000 Wikipedia articles take
+    # minutes to tokenise; the ids, and so every sum, are the same either way)
+    encoded = encode_corpus(tok, texts, max_length) if len(groups) > 1 else None
     for group in groups:
         sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,
                                       max_length=max_length, max_batch_tokens=max_batch_tokens,
-                                      dtype=DTYPES[dtype], progress=progress, gram32=gram32, on_device=True)
+                                      dtype=DTYPES[dtype], progress=progress, gram32=gram32, on_device=True,
+                                      encoded=encoded)
         for l in group:  # one layer on the host at a time: moved, written, released before the next
             key, path = missing[l]
             on_dev, count = sums.pop(l)

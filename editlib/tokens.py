@@ -113,14 +113,14 @@ def subject_last_index(tok, template: str, subject: str) -> int:
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into ``(input_ids, attention_mask)`` long tensors."""
+    """Right-pad id lists (or 1-D integer tensors) into ``(input_ids, attention_mask)`` long tensors."""
     if not seqs:
         raise ValueError("pad_right needs at least one sequence")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        ids[i, : len(s)] = torch.as_tensor(s if isinstance(s, torch.Tensor) else list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
 

@@ -149,6 +149,17 @@ def test_one_pass_for_two_layers(llama, tok, forwards) -> None:
         assert rel(both[layer][0], alone[0]) < 1e-12
 
 
+def test_encoded_corpus_gives_the_same_sums(llama, tok) -> None:
+    texts = texts_of(14, seed=5)
+    ids = stats.encode_corpus(tok, texts, 6)
+    assert len(ids) == 14 and all(t.dtype == torch.int32 and 0 < len(t) <= 6 for t in ids)
+    plain = collect_second_moments(llama, tok, texts, [0, 1], max_length=6, batch_size=4, progress=False)
+    given = collect_second_moments(llama, tok, ["unused"], [0, 1], max_length=6, batch_size=4, progress=False,
+                                   encoded=ids)
+    for l in (0, 1):
+        assert given[l][1] == plain[l][1] and torch.equal(given[l][0], plain[l][0])
+
+
 def test_truncation_and_float32(llama, tok) -> None:
     texts = texts_of(8, seed=4)
     total, count = collect_second_moments(llama, tok, texts, [0], max_length=3, dtype=torch.float32,
@@ -319,15 +330,22 @@ def test_cuda_matches_cpu(tok, block, monkeypatch) -> None:
 # --------------------------------------------------------------------------- paper-scale behaviour
 
 
-def test_passes_sized_by_memory_give_the_same_statistic(llama, tok, world, tmp_path, forwards) -> None:
-    """Layers collected one per pass (a memory budget of one accumulator) equal one joint pass."""
+def test_passes_sized_by_memory_give_the_same_statistic(llama, tok, world, tmp_path, forwards,
+                                                        monkeypatch) -> None:
+    """Layers collected one per pass (a memory budget of one accumulator) equal one joint pass, and
+    the corpus is tokenised once, not once per pass."""
     spec = CorpusSpec("records", max_length=48)
     logs: list[str] = []
+    encoded: list[str] = []
+    real_encode = stats.encode
+    monkeypatch.setattr(stats, "encode", lambda t, text, **k: encoded.append(text) or real_encode(t, text, **k))
+    n_texts = len(iter_corpus(spec, world))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         split = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "a",
                                  progress=False, log=logs.append, max_layers_per_pass=1)
         passes_split = forwards[0]
+        assert len(encoded) == n_texts  # two passes, one tokenisation
         joint = layer_covariance(llama, tok, [0, 1], spec, records=world, cache_dir=tmp_path / "b",
                                  progress=False, log=lambda m: None, max_layers_per_pass=2)
     assert any("in 2 pass(es) of ≤ 1 layer(s)" in m for m in logs)

@@ -62,7 +62,7 @@ def _check_tiny_sizes(sizes: dict) -> None:
             raise UsageError(f"--{k.replace('_', '-')} must be {'>= 0' if low == 0 else '> 0'}, got {v}")
     hidden, heads = sizes.get("hidden"), sizes.get("heads")
     if hidden is not None or heads is not None:
-        from .tiny import TinyConfig
+        from .tinyconfig import TinyConfig
 
         h, n = hidden or TinyConfig.hidden, heads or TinyConfig.heads
         if h % n:
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--counterfact-path", default=None, help="CounterFact file (else EDITLIB_COUNTERFACT / cache)")
     t.add_argument("--seed", type=int, default=0, help="seed of the world / record sample and of training")
     t.add_argument("--layers", type=int, default=6, help="decoder layers")
-    from .tiny import TinyConfig
+    from .tinyconfig import TinyConfig
 
     for name, typ in _TINY_OVERRIDES:
         t.add_argument("--" + name.replace("_", "-"), type=typ, default=None,

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -24,31 +24,10 @@ import torch
 
 from .records import Record
 from .scoring import score_pairs
+from .tinyconfig import TinyConfig
 from .tokens import with_space
 
 BOS, EOS = "<s>", "</s>"
-
-
-@dataclass(frozen=True)
-class TinyConfig:
-    """Size and training schedule of a miniature (defaults: the committed tiny-world model)."""
-
-    n_layers: int = 6
-    hidden: int = 128
-    intermediate: int = 512
-    heads: int = 4
-    vocab_size: int = 3072
-    seq_len: int = 64
-    batch_rows: int = 48
-    lr: float = 3e-3
-    warmup: int = 100
-    max_steps: int = 4000
-    weight_decay: float = 0.0
-    check_every: int = 200
-    seed: int = 0
-    # stop once the quality bar holds with this margin on a probe of the records
-    target_rewrite: float = 0.97
-    target_other: float = 0.93
 
 
 # --------------------------------------------------------------------------- texts

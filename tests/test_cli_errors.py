@@ -457,3 +457,16 @@ def test_layers_and_method_are_not_hyperparameters(capsys, results) -> None:
     """hparams.<method>.layers / .method would be overridden by the experiment sections: refused, named."""
     fails(capsys, run_args(results, "hparams.memit.layers=[3]"), "hparams.memit", "layers", "experiment sections")
     fails(capsys, run_args(results, "batch.hparams={emmet: {method: rome}}"), "batch.hparams.emmet", "method")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["tiny-train", "--help"], ["run", "--help"]])
+def test_help_does_not_import_torch(argv: list[str]) -> None:
+    """``--help`` answers at once: the parser (TinyConfig's defaults included) needs no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom editlib import __main__ as m\n"
+            f"try:\n    m.main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stdout + out.stderr

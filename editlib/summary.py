@@ -84,6 +84,8 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
         cols = ["n"] + [f"{m}_mean" for m in SCORES[:3]] + ["S"]
         m = pd.merge(sa[keys + cols], sb[keys + cols], on=keys, how="outer", suffixes=(" a", " b"))
         m["ΔS"] = m["S b"] - m["S a"]
+        for c in ("n a", "n b"):  # counts stay integers; blank where the run lacks the configuration
+            m[c] = m[c].map(lambda v: "" if pd.isna(v) else str(int(v)))
         m = m.rename(columns={f"{s}_mean{x}": f"{s}{x}" for s in SCORES[:3] for x in (" a", " b")})
         order = keys + [f"{c}{x}" for x in (" a", " b") for c in ("n", "ES", "PS", "NS", "S")] + ["ΔS"]
         parts.append(f"== {exp}   a = {la}, b = {lb}\n"

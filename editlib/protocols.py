@@ -1080,6 +1080,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
+    current: list[pd.DataFrame] = []  # every batch's cases right after it (resumed ones too), for the closing line
     with EditSession(study.model) as s:
         start = _load_ckpt(ckpt, s, hp.layers, prior, limit=_stored_batches(exp, cfg, len(chunks))) if ckpt.is_dir() else 0
         if start:
@@ -1087,11 +1088,11 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             for bi in range(start):
                 done = exp.load_unit(f"{cfg}-b{bi:05d}")
                 done = done[done["eval"] == "current"]
+                current.append(done)
                 own_jitter[list(chunks[bi])] = done["solve_jitter"].iloc[0]
                 for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
                     own_reason[i] = r
         tl = time.time()
-        current: list[pd.DataFrame] = []  # this process's batches, for the closing summary line
         pending: list[_Pending] = []  # edited, not yet evaluated (sequential.eval_group > 1)
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]

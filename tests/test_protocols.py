@@ -430,8 +430,13 @@ def test_sequential_resumes_after_a_failure(study, weights0, tmp_path, windows):
     assert_unedited(study.model, weights0)
 
     q = params_for(tmp_path, "uninterrupted", **over)
-    whole = protocols.run_sequential(use(study, q), log=quiet)
+    straight: list[str] = []
+    whole = protocols.run_sequential(use(study, q), log=straight.append)
     assert len(whole) == 6 + 6 + 6 + 6  # B=2: current + final, B=6: current + final
+
+    def closing(msgs: list[str]) -> list[str]:  # the closing lines' scores, without their seconds
+        return [m.split("; right after each batch ")[1] for m in msgs if "right after each batch" in m]
+    assert len(closing(logged)) == 2 and closing(logged) == closing(straight)  # resumed batches counted
     assert_frame_equal(sort_units(resumed), sort_units(whole), check_exact=True)  # replay is bit-exact
     stored = pd.read_parquet(root / "cases.parquet")
     assert_frame_equal(sort_units(stored), sort_units(whole), check_exact=True)

@@ -10,11 +10,7 @@ import argparse
 import time
 
 from editlib.paths import repo_path
-from editlib.shapes import build_llama3_shape_model
-
-
-def default_dir(n_layers: int) -> str:
-    return f".cache/llama3-8b-shape-{n_layers}L"
+from editlib.shapes import build_llama3_shape_model, slice_dir
 
 
 def main(argv=None) -> None:
@@ -26,7 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the real Llama-3 one)")
     a = ap.parse_args(argv)
     t0 = time.time()
-    out = build_llama3_shape_model(repo_path(a.out or default_dir(a.layers)), a.layers, a.seed, a.dtype,
+    out = build_llama3_shape_model(repo_path(a.out or slice_dir(a.layers)), a.layers, a.seed, a.dtype,
                                    tokenizer=a.tokenizer and str(repo_path(a.tokenizer)))
     print(f"{out} ready ({time.time() - t0:.1f} s)")
 

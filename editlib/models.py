@@ -119,9 +119,11 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> 
         return expanded
     if os.path.exists(expanded) or _looks_like_path(name_or_path):
         what = "is not a directory" if os.path.exists(expanded) else "does not exist"
-        raise ModelNotFound(
-            f"model path {name_or_path!r} {what}; pass a directory written by save_pretrained()"
-        )
+        from .shapes import build_hint
+
+        hint = None if os.path.exists(expanded) else build_hint(expanded)
+        raise ModelNotFound(f"model path {name_or_path!r} {what}; "
+                            + (hint or "pass a directory written by save_pretrained()"))
     if offline:
         from huggingface_hub import try_to_load_from_cache
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import asdict, dataclass
@@ -23,14 +24,25 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["SHAPE_MARKER", "ShapeBuild", "build_llama3_shape_model", "llama3_8b_config",
-           "write_random_weights"]
+__all__ = ["SHAPE_MARKER", "ShapeBuild", "build_hint", "build_llama3_shape_model", "llama3_8b_config",
+           "slice_dir", "write_random_weights"]
 
 SHAPE_MARKER = "editlib_shape.json"
 FORMAT = "editlib-shape-v1"
 CHUNK_BYTES = 64 << 20  # rows drawn and written per chunk (float32 bytes)
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def slice_dir(n_layers: int) -> str:
+    """Where ``bench/build_llama3_slice.py`` builds an ``n_layers`` slice (repository-relative)."""
+    return f".cache/llama3-8b-shape-{n_layers}L"
+
+
+def build_hint(path: str) -> str | None:
+    """How to build a missing slice directory named as :func:`slice_dir` names it, else None."""
+    m = re.fullmatch(r"llama3-8b-shape-(\d+)L", Path(path).name)
+    return f"build it with `python bench/build_llama3_slice.py --layers {m.group(1)}`" if m else None
 
 
 def llama3_8b_config(n_layers: int = 2):

@@ -127,6 +127,14 @@ def test_missing_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rel
         load_model(rel)
 
 
+def test_missing_slice_says_how_to_build_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFound, match=r"does not exist; build it with `python bench/build_llama3_slice.py --layers 3`"):
+        load_model(".cache/llama3-8b-shape-3L")
+    with pytest.raises(ModelNotFound, match="save_pretrained"):  # any other missing directory
+        load_model(".cache/llama3-8b-shape")
+
+
 def test_dir_without_config(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="config.json"):
         load_model(str(tmp_path))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -243,9 +242,6 @@ def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
     """Execute ``nb`` into ``out`` (cwd = the notebooks folder); wall seconds."""
     import papermill as pm
 
-    # papermill cannot infer types from the chained `a = b = None` lines of the parameters cell
-    # and says so for every notebook; the parameters are injected all the same
-    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=parameters, cwd=str(nb.parent),

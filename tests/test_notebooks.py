@@ -111,6 +111,23 @@ def test_results_stored_outside_the_repo(smoke_run):
     assert all(f"**{m}.**" in answers for m in ("MEMIT", "EMMET", "ROME", "AlphaEdit", "ENCORE"))
 
 
+def test_parameters_cells_parse_cleanly(caplog):
+    """papermill reads every notebook's parameters (``--help-notebook``) without a warning: each
+    section on its own line with its help, every section setup() takes."""
+    import papermill as pm
+
+    from editlib.params import SECTIONS
+
+    for nb in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        with caplog.at_level("WARNING", logger="papermill"):
+            got = pm.inspect_notebook(str(nb))
+        assert not [r for r in caplog.records if r.levelname == "WARNING"], (nb.name, caplog.text)
+        assert {"params_file", "overrides"} <= set(got), nb.name
+        sections = set(got) - {"params_file", "overrides"}
+        assert sections <= set(SECTIONS) and all(got[k]["help"] for k in sections), nb.name
+        assert set(SECTIONS) - sections <= {"beyond"}, (nb.name, set(SECTIONS) - sections)
+
+
 def test_study_notebooks_read_well():
     """Notebooks 01-05 and 07 (the committed sources): an opening explanation, the one-call setup, a
     markdown step before every code step, tables shown without the pandas index, no outputs."""

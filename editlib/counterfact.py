@@ -157,22 +157,26 @@ def _download(dest: Path, url: str | None = None, sha256: str | None = None) -> 
 
 def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
     """Find the CounterFact file (see module docstring); downloads only when allowed."""
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise DatasetNotFound(f"CounterFact file not found at the given path: {p}")
-        return p
-    env = os.environ.get(ENV_VAR)
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_file():
-            raise DatasetNotFound(f"{ENV_VAR}={env} does not point at a file")
-        return p
+    given = _given_file("the CounterFact file", (path, "the given path"), (os.environ.get(ENV_VAR), ENV_VAR))
+    if given is not None:
+        return given
     return _cached_or_download(
         "counterfact.json", CANONICAL_URL, CANONICAL_SHA256, download,
         "CounterFact not found. Put counterfact.json (sha256 "
         f"{CANONICAL_SHA256}, from {CANONICAL_URL}) at {{cached}}, or set {ENV_VAR}=/path/to/file "
         "(.json, .json.gz or .jsonl), or pass the path explicitly.")
+
+
+def _given_file(what: str, *candidates: tuple[str | os.PathLike | None, str]) -> Path | None:
+    """The first set candidate (a value and where it came from) as a path, else None. A set one
+    that names no file fails naming its source; it never falls back to the next."""
+    for given, source in candidates:
+        if given:
+            p = Path(given).expanduser()
+            if not p.is_file():
+                raise DatasetNotFound(f"{source}: {what} {p} is not a file")
+            return p
+    return None
 
 
 def _cached_or_download(name: str, url: str, sha256: str, download: bool | None, missing: str) -> Path:
@@ -255,12 +259,10 @@ def sample(records: Sequence[Record], n: int, ordering: int = 0,
 def resolve_fact_list(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
     """Find the reference's index file (module docstring): ``path``, ``EDITLIB_FACT_LIST``, the
     cache, else a download checked against :data:`FACT_LIST_SHA256` when allowed."""
-    for given, what in ((path, "data.fact_list_path"), (os.environ.get(FACT_LIST_ENV), FACT_LIST_ENV)):
-        if given:
-            p = Path(given).expanduser()
-            if not p.is_file():
-                raise DatasetNotFound(f"{what}: the reference fact list {p} is not a file")
-            return p
+    given = _given_file("the reference fact list", (path, "data.fact_list_path"),
+                        (os.environ.get(FACT_LIST_ENV), FACT_LIST_ENV))
+    if given is not None:
+        return given
     return _cached_or_download(
         FACT_LIST_NAME, FACT_LIST_URL, FACT_LIST_SHA256, download,
         f"data.fact_list is 'reference' but its index file was not found. Put {FACT_LIST_NAME} "

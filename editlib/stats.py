@@ -240,8 +240,8 @@ def default_max_length(model) -> int:
 
 
 def encode_corpus(tok, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
-    """Each text's ids (BOS first, truncated to ``max_length``) as an int32 tensor; empty texts are
-    dropped. Compact: a 100,000-document corpus held as Python int lists would take gigabytes."""
+    """Each text's ids (BOS first, truncated to ``max_length``) as an int32 tensor; a text that gives
+    no ids is dropped. Compact: a 100,000-document corpus held as Python int lists takes gigabytes."""
     out = []
     for t in texts:
         ids = encode(tok, t, remember=False)[:max_length]
@@ -726,8 +726,8 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     groups = [todo[i:i + per] for i in range(0, len(todo), per)]
     log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
         f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
-    # several passes read the same ids: tokenise the corpus once (100,000 Wikipedia articles take
-    # minutes to tokenise; the ids, and so every sum, are the same either way)
+    # several passes read the same ids: tokenise the corpus once (the ids, and so every sum, are the
+    # same either way)
     encoded = encode_corpus(tok, texts, max_length) if len(groups) > 1 else None
     for group in groups:
         sums = collect_second_moments(model, tok, texts, group, batch_size=batch_size,

@@ -244,6 +244,27 @@ def _versions() -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def machine() -> dict:
+    """What the numbers were computed on, for the manifest: float rounding (and so the last digits
+    of sensitive configurations) depends on the CPU's vector width and BLAS code path, not only on
+    the code and package versions."""
+    import torch
+
+    cpu = platform.processor()
+    try:  # platform.processor() is empty on most Linux systems
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"platform": platform.platform(), "processor": cpu, "cpus": os.cpu_count(),
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
 @dataclass
 class Experiment:
     """One experiment folder. ``params`` is what defines the results (checked on reopen)."""
@@ -359,8 +380,7 @@ class Experiment:
             "params": self.params, "params_digest": params_digest(self.params),
             "editlib_version": editlib.__version__, "git_commit": _git_commit(),
             "packages": _versions(), "python": platform.python_version(),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": os.cpu_count()},
+            "machine": machine(),
             "provenance": {**old.get("provenance", {}), **self.provenance},
             "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),

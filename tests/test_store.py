@@ -285,3 +285,16 @@ def test_temp_names_are_unique(tmp_path, monkeypatch) -> None:
         store.atomic_write_json(tmp_path / "m.json", {"a": 1})
         store.atomic_write_parquet(tmp_path / "c.parquet", pd.DataFrame({"a": [1]}))
     assert len(seen) == 6 and len(set(seen)) == 6
+
+
+def test_manifest_names_the_machine(tmp_path) -> None:
+    """Float rounding depends on the CPU's code path: the manifest says which one computed the run."""
+    import torch
+
+    exp = Experiment.open(tmp_path, "run", "batch", PARAMS)
+    exp.save_unit("u", pd.DataFrame({"case_id": [1]}))
+    exp.finish()
+    m = json.loads((tmp_path / "run" / "batch" / "manifest.json").read_text())["machine"]
+    assert m["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpus"] == os.cpu_count()
+    if Path("/proc/cpuinfo").is_file():
+        assert m["processor"]  # the CPU model, where platform.processor() says nothing

@@ -244,7 +244,6 @@ def _versions() -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def machine() -> dict:
     """What the numbers were computed on, for the manifest: float rounding (and so the last digits
     of sensitive configurations) depends on the CPU's vector width and BLAS code path, not only on

@@ -532,23 +532,20 @@ def _read_cache(path: Path) -> tuple[dict, torch.Tensor, int, float]:
         raise CovCacheError(f"covariance cache file {path} is unreadable or corrupt "
                             f"({type(exc).__name__}: {exc})") from None
     stored = meta.get("sha256")
-    if packed:  # checked as stored, then unfolded
-        if total.dim() != 1 or total.numel() != d * (d + 1) // 2 or count <= 0:
-            raise CovCacheError(f"covariance cache file {path} holds a malformed statistic "
-                                f"(mom2_upper {tuple(total.shape)} for d {d}, count {count})")
-        if stored != _checksum(total, count):
-            raise CovCacheError(f"covariance cache file {path} fails its sha256 check (the file changed "
-                                "after it was written)")
-        return key, unpack_upper(total, d), count, cond
-    if total.dim() != 2 or total.shape[0] != total.shape[1] or count <= 0:
-        raise CovCacheError(f"covariance cache file {path} holds a malformed statistic "
-                            f"(mom2_sum {tuple(total.shape)}, count {count})")
-    if stored is not None and stored != _checksum(total, count):
+    if packed:  # checked as stored (a triangle always has a checksum), then unfolded
+        well_formed = total.dim() == 1 and total.numel() == d * (d + 1) // 2
+        what = f"mom2_upper {tuple(total.shape)} for d {d}"
+    else:
+        well_formed = total.dim() == 2 and total.shape[0] == total.shape[1]
+        what = f"mom2_sum {tuple(total.shape)}"
+    if not well_formed or count <= 0:
+        raise CovCacheError(f"covariance cache file {path} holds a malformed statistic ({what}, count {count})")
+    if (packed or stored is not None) and stored != _checksum(total, count):
         raise CovCacheError(f"covariance cache file {path} fails its sha256 check (the file changed "
                             "after it was written)")
     if stored is None and not bool(torch.isfinite(total).all()):
         raise CovCacheError(f"covariance cache file {path} holds NaN/Inf")
-    return key, total, count, cond
+    return key, unpack_upper(total, d) if packed else total, count, cond
 
 
 def _write_cache(path: Path, key: dict, total: torch.Tensor, count: int, cond: float) -> None:

@@ -254,7 +254,8 @@ def _reproduce(a: argparse.Namespace) -> int:
 
     only = [x for part in (a.only or []) for x in part.split(",")] or None
     with _store_env(a):
-        reproduce(a.params, _with_executor(a), only=only, runs_dir=a.runs_dir, threads=a.threads)
+        reproduce(a.params, _with_executor(a), only=only, runs_dir=a.runs_dir, threads=a.threads,
+                  numerics=a.numerics)
     return 0
 
 
@@ -457,7 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--runs-dir", default=None, help="folder for <name>/ with the executed notebooks, HTML and timings.json "
                          "(default: runs; relative paths are relative to the repo root, like results_dir)")
     rp.add_argument("--threads", type=int, default=None,
-                    help="OMP/MKL threads per notebook kernel (default: inherited; 1 is often fastest on a busy small CPU)")
+                    help="OMP/MKL threads per notebook kernel (default: 2 under portable numerics, else inherited; "
+                         "1 is often fastest on a busy small CPU)")
+    rp.add_argument("--numerics", choices=("auto", "portable", "native"), default="auto",
+                    help="portable: torch's AVX2 kernels, MKL_CBWR=COMPATIBLE and 2 threads, so that the numbers "
+                         "are the same bits on any x86-64 CPU with AVX2 (the committed figures; about 1.4x slower); "
+                         "native: this CPU's fastest kernels; auto (default): portable when the study runs on "
+                         "the CPU, native on a GPU")
     _executor_flag(rp)
     _store_flags(rp)
     rp.set_defaults(func=_reproduce)

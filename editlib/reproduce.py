@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from .numerics import Numerics, choose
 from .params import ParamsError, StudyParams, find_params_file, resolve
 from .paths import REPO_ROOT, anchor_params, repo_path, shown
 
@@ -290,21 +291,26 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
 
 
 @contextlib.contextmanager
-def kernel_env(threads: int | None):
-    """The environment of the kernels started inside (they inherit it): OMP/MKL thread counts
-    (on a small shared CPU one thread can be several times faster than oversubscribed OpenMP), and
-    plain-line progress (editlib.progress) so stored notebooks and their HTML show text, not
-    widgets; a user's own ``EDITLIB_PROGRESS`` wins."""
+def kernel_env(numerics: Numerics | None = None):
+    """The environment of the kernels started inside (they inherit it): the numerics' kernel pins
+    and OMP/MKL thread counts (:mod:`editlib.numerics`; on a small shared CPU one thread can be several
+    times faster than oversubscribed OpenMP), and plain-line progress (editlib.progress) so stored
+    notebooks and their HTML show text, not widgets; a user's own ``EDITLIB_PROGRESS`` wins."""
     from .paths import env_set
     from .progress import ENV
 
-    env = {k: str(int(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+    env = dict(numerics.env) if numerics is not None else {}
     env[ENV] = os.environ.get(ENV) or "lines"
     if env[ENV] != "auto":  # the libraries' own bars (model loading, datasets) would be widgets
         for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
             env[k] = os.environ.get(k) or "1"
     with env_set(env):
         yield
+
+
+def study_devices(p: StudyParams) -> tuple[str, ...]:
+    """The devices of the study's models (the second model's, when it has one)."""
+    return tuple(str(m.device or "cpu") for m in (p.model, p.second_model) if m is not None)
 
 
 def previous_seconds(path: Path) -> dict[str, float]:
@@ -323,21 +329,29 @@ def _clock(seconds: float) -> str:
 
 def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None = None, *,
               only: Sequence[str] | None = None, runs_dir: str | Path | None = None,
-              threads: int | None = None, log: Callable[[str], None] = print) -> list[NotebookRun]:
+              threads: int | None = None, numerics: str = "auto",
+              log: Callable[[str], None] = print) -> list[NotebookRun]:
     """Validate the params, execute the notebooks in order into ``<runs_dir>/<name>/`` and export
     each to HTML (the report without its code). Stops at the first failing cell with a
-    :class:`ReproduceError` naming the notebook and the cell. ``threads``: OMP/MKL threads of the
-    notebook kernels (default: inherited)."""
+    :class:`ReproduceError` naming the notebook and the cell. ``numerics``: ``auto`` (portable on a
+    CPU study, native on a GPU one), ``portable`` (the same bits on any x86-64 CPU with AVX2: the
+    committed figures) or ``native`` (:mod:`editlib.numerics`). ``threads``: OMP/MKL threads of the
+    notebook kernels (default: portable 2, native inherited)."""
+
     params_path = find_params_file(params_file).resolve()
     over = _overrides(overrides)
     nbs = notebooks(only)
     p = validate(params_path, over, nbs)
+    try:
+        num = choose(numerics, devices=study_devices(p), threads=threads)
+    except ValueError as e:
+        raise ParamsError(f"reproduce: {e}") from None
     out_dir = repo_path(runs_dir or "runs") / p.name
     out_dir.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel()
     parameters = {"params_file": str(params_path), "overrides": over}
-    log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}"
-        + (f", {threads} thread(s) per kernel" if threads else ""))
+    log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}; "
+        + num.note + (f", {threads} thread(s) per kernel" if threads and num.mode == "native" else ""))
     runs: list[NotebookRun] = []
     before = previous_seconds(out_dir / "timings.json")
     if before and all(nb.name in before for nb in nbs):
@@ -351,7 +365,7 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
             log(f"  [{i + 1}/{len(nbs)}] running {nb.name}{eta} ...")
             t0 = time.perf_counter()
             try:
-                with kernel_env(threads):
+                with kernel_env(num):
                     secs = run_notebook(nb, out, parameters, kernel)
             except ReproduceError:
                 runs.append(NotebookRun(nb.name, out, _try_html(out), time.perf_counter() - t0, "failed"))
@@ -361,7 +375,7 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
             log(f"  {nb.name}: {secs:6.1f} s  -> {out.name}, {html.name}")
     finally:
         _write_timings(out_dir / "timings.json", p, params_path, over, runs,
-                       threads or os.environ.get("OMP_NUM_THREADS"))
+                       num.env.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"), num.mode)
     total = sum(r.seconds for r in runs)
     log(f"done in {total:.1f} s: notebooks and HTML in {out_dir}; figures and tables in "
         f"{repo_path(p.figures_dir) / p.name}; results in {results_root(p)}; timings in {out_dir / 'timings.json'}")
@@ -377,7 +391,7 @@ def _try_html(out: Path) -> Path | None:
 
 
 def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, runs: list[NotebookRun],
-                   threads) -> None:
+                   threads, numerics: str) -> None:
     """This run's notebooks, and the earlier entries (marked ``earlier_run``) of notebooks it did not
     run (``--only``, a stop), so that every notebook keeps its last time (the next run's
     estimates); ``total_seconds`` is this run's."""
@@ -392,7 +406,7 @@ def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, ru
             if isinstance(e, dict) and e.get("notebook") and e["notebook"] not in ran]
     path.write_text(json.dumps({
         "name": p.name, "params_file": str(params_path), "overrides": over,
-        "threads_per_kernel": threads,
+        "threads_per_kernel": threads, "numerics": numerics,
         "notebooks": sorted(kept + mine, key=lambda e: str(e["notebook"])),
         "total_seconds": round(sum(r.seconds for r in runs), 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n", encoding="utf-8")

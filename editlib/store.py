@@ -45,6 +45,8 @@ import pandas as pd
 
 import editlib
 
+from . import numerics
+
 
 ENV_ALLOW_MIXED = "EDITLIB_ALLOW_MIXED_VERSIONS"
 ENV_LOCK_WAIT = "EDITLIB_LOCK_WAIT"
@@ -258,7 +260,7 @@ def machine() -> dict:
         pass
     out = {"platform": platform.platform(), "processor": cpu, "cpus": os.cpu_count(),
            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "numerics": numerics.current()}
     if torch.cuda.is_available():
         out["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return out

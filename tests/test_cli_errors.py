@@ -470,3 +470,9 @@ def test_help_does_not_import_torch(argv: list[str]) -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stdout + out.stderr
+
+
+def test_reproduce_refuses_a_thread_count_below_one_before_any_notebook(capsys, tmp_path, results) -> None:
+    argv = reproduce_args(tmp_path, results) + ["--threads", "0"]
+    fails(capsys, argv, "threads: must be at least 1, got 0")
+    assert not (tmp_path / "runs").exists()

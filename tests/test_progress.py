@@ -37,12 +37,18 @@ def test_off_and_bad_mode(monkeypatch, capsys):
 def test_reproduce_kernels_get_plain_lines(monkeypatch):
     import os
 
+    from editlib.numerics import choose
     from editlib.reproduce import kernel_env
 
     monkeypatch.delenv(pg.ENV, raising=False)
-    with kernel_env(2):
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    with kernel_env(choose("native", threads=2)):
         assert os.environ[pg.ENV] == "lines" and os.environ["OMP_NUM_THREADS"] == "2"
     assert pg.ENV not in os.environ
+    pins = choose("portable").env
+    with kernel_env(choose("portable")):  # the numerics' variables reach the kernels, and leave with the block
+        assert all(os.environ[k] == v for k, v in pins.items())
+    assert "MKL_CBWR" not in os.environ
     monkeypatch.setenv(pg.ENV, "off")  # a user's choice wins
     with kernel_env(None):
         assert os.environ[pg.ENV] == "off"
@@ -71,7 +77,7 @@ def test_timings_keep_the_notebooks_a_run_did_not_run(tmp_path):
 
     f, p = tmp_path / "timings.json", resolve("params/tiny.yaml")
     first = [NotebookRun("01_a.ipynb", Path("o1"), None, 10.0), NotebookRun("02_b.ipynb", Path("o2"), None, 20.0)]
-    _write_timings(f, p, Path("params/tiny.yaml"), {}, first, None)
-    _write_timings(f, p, Path("params/tiny.yaml"), {}, [NotebookRun("02_b.ipynb", Path("o2"), None, 7.0)], None)
+    _write_timings(f, p, Path("params/tiny.yaml"), {}, first, None, "native")
+    _write_timings(f, p, Path("params/tiny.yaml"), {}, [NotebookRun("02_b.ipynb", Path("o2"), None, 7.0)], None, "native")
     assert previous_seconds(f) == {"01_a.ipynb": 10.0, "02_b.ipynb": 7.0}
     assert json.loads(f.read_text())["total_seconds"] == 7.0

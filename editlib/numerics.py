@@ -1,0 +1,89 @@
+"""Which CPU kernels compute the numbers: portable (the same bits on any x86-64 CPU with AVX2) or
+native (each CPU's fastest kernels).
+
+Float32 sums are not associative, so the last bits of a result depend on the order in which the
+kernels add: torch's own vectorised kernels follow the CPU's vector width (AVX2, AVX-512), MKL's
+BLAS and LAPACK pick a code path per CPU type and vendor, and both split work by thread count. On
+the miniature that moves numerically sensitive configurations (large-batch MEMIT, small λ, the
+sequential diagnostics) in their last printed digits from one CPU type to another. Portable numerics
+pins all three before torch starts: torch's kernels at ``ATEN_CPU_CAPABILITY=avx2``, MKL in its
+conditional-numerical-reproducibility mode ``MKL_CBWR=COMPATIBLE`` (the one branch Intel documents as
+reproducible across vendors) and a fixed thread count. It costs time (measured on the miniature:
+about 1.4x for value optimisation), so only ``reproduce`` of a CPU study uses it by default
+(docs/correctness.md). Environment variables only: they must be set before torch is imported,
+which is why they are applied to the notebook kernels ``reproduce`` starts, not to this process.
+This module does not import torch.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+__all__ = ["MODES", "PORTABLE_THREADS", "ENV", "Numerics", "choose", "cpu_flags", "current"]
+
+MODES = ("auto", "portable", "native")
+#: the thread count of the committed figures: portable bits also depend on it (work is split per thread)
+PORTABLE_THREADS = 2
+#: set in a kernel's environment to the mode it runs under (recorded in manifests)
+ENV = "EDITLIB_NUMERICS"
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """A chosen mode: the environment the kernels get, and one line for the log."""
+
+    mode: str
+    env: dict
+    note: str
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def choose(mode: str, *, devices: tuple[str, ...] = ("cpu",), threads: int | None = None) -> Numerics:
+    """The numerics for ``mode``: ``auto`` is portable when every model of the study runs on the
+    CPU (its numbers are the CPU's) and native otherwise; ``portable`` falls back to native, saying
+    why, on a CPU without AVX2 (torch would not check, and stop on an illegal instruction).
+    ``threads``: OMP/MKL threads (portable default: :data:`PORTABLE_THREADS`)."""
+    if mode not in MODES:
+        raise ValueError(f"numerics: {mode!r} is not one of {', '.join(MODES)}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads: must be at least 1, got {threads}")
+    thread_env = {k: str(int(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+    if mode == "auto":
+        gpu = [d for d in devices if not str(d or "cpu").startswith("cpu")]
+        if gpu:
+            return Numerics("native", {ENV: "native", **thread_env},
+                            f"native numerics (the study runs on {gpu[0]}; --numerics portable pins its CPU kernels)")
+        mode = "portable"
+    if mode == "native":
+        return Numerics("native", {ENV: "native", **thread_env}, "native numerics (this CPU's fastest kernels)")
+    arch, fl = platform.machine(), cpu_flags()
+    if arch.lower() not in ("x86_64", "amd64") or fl is None or "avx2" not in fl:
+        why = (f"this CPU is {arch or 'of unknown architecture'}" if arch.lower() not in ("x86_64", "amd64")
+               else "no AVX2 in the CPU's flags" if fl is not None else "the CPU's flags cannot be read")
+        return Numerics("native", {ENV: "native", **thread_env},
+                        f"native numerics: portable needs an x86-64 CPU with AVX2 ({why}); the last digits "
+                        "of sensitive configurations may differ from the committed figures")
+    n = int(threads) if threads else PORTABLE_THREADS
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
+           "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), ENV: "portable"}
+    note = (f"portable numerics (torch AVX2 kernels, MKL_CBWR=COMPATIBLE, {n} threads"
+            + ("" if n == PORTABLE_THREADS else f"; the committed figures used {PORTABLE_THREADS}") + ")")
+    return Numerics("portable", env, note)
+
+
+def current() -> dict:
+    """This process's numerics settings, for manifests (what the environment asked for)."""
+    return {"mode": os.environ.get(ENV, "native"),
+            **{k.lower(): os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k)}}

@@ -2,6 +2,7 @@
 PY ?= .venv/bin/python
 PARAMS ?= params/tiny.yaml
 TORCH_SPEC ?= torch==2.13.0
+NUMERICS ?= auto
 
 .PHONY: setup test reproduce lab tiny-world tiny-check clean
 
@@ -21,7 +22,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 reproduce: setup
-	HF_HUB_OFFLINE=1 $(PY) -m editlib reproduce --params $(PARAMS)
+	HF_HUB_OFFLINE=1 $(PY) -m editlib reproduce --params $(PARAMS) --numerics $(NUMERICS)
 
 # JupyterLab on the notebooks (offline; run their cells top to bottom, or use papermill via reproduce).
 lab: setup

@@ -84,6 +84,9 @@ def choose(mode: str, *, devices: tuple[str, ...] = ("cpu",), threads: int | Non
 
 
 def current() -> dict:
-    """This process's numerics settings, for manifests (what the environment asked for)."""
-    return {"mode": os.environ.get(ENV, "native"),
+    """This process's numerics settings, for manifests (what the environment asked for: the mode
+    reproduce set, else portable where the pins were set by hand)."""
+    pinned = (os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and os.environ.get("MKL_CBWR") == "COMPATIBLE"
+              and bool(os.environ.get("OMP_NUM_THREADS")))
+    return {"mode": os.environ.get(ENV) or ("portable" if pinned else "native"),
             **{k.lower(): os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k)}}

@@ -98,3 +98,16 @@ def test_portable_bits_do_not_depend_on_the_callers_kernels_or_threads():
     for outer in ({"ATEN_CPU_CAPABILITY": "default"},
                   {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}):
         assert _probe({**outer, **pinned})["digest"] == base["digest"], outer
+
+
+def test_current_names_the_mode_set_by_reproduce_or_by_hand(monkeypatch):
+    for k in (numerics.ENV, "ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    assert numerics.current() == {"mode": "native"}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert numerics.current()["mode"] == "native"  # threads not fixed: not portable
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert numerics.current() == {"mode": "portable", "aten_cpu_capability": "avx2", "mkl_cbwr": "COMPATIBLE"}
+    monkeypatch.setenv(numerics.ENV, "native")  # what reproduce set wins
+    assert numerics.current()["mode"] == "native"

@@ -9,8 +9,8 @@ sequential diagnostics) in their last printed digits from one CPU type to anothe
 pins all three before torch starts: torch's kernels at ``ATEN_CPU_CAPABILITY=avx2``, MKL in its
 conditional-numerical-reproducibility mode ``MKL_CBWR=COMPATIBLE`` (the one branch Intel documents as
 reproducible across vendors) and a fixed thread count. It costs time (measured on the miniature:
-about 1.4x for value optimisation), so only ``reproduce`` of a CPU study uses it by default
-(docs/correctness.md). Environment variables only: they must be set before torch is imported,
+about 1.5x for value optimisation, 1.7x for make reproduce), so only ``reproduce`` of a CPU study
+uses it by default (docs/correctness.md). Environment variables only: they must be set before torch is imported,
 which is why they are applied to the notebook kernels ``reproduce`` starts, not to this process.
 This module does not import torch.
 """

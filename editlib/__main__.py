@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "1 is often fastest on a busy small CPU)")
     rp.add_argument("--numerics", choices=("auto", "portable", "native"), default="auto",
                     help="portable: torch's AVX2 kernels, MKL_CBWR=COMPATIBLE and 2 threads, so that the numbers "
-                         "are the same bits on any x86-64 CPU with AVX2 (the committed figures; about 1.4x slower); "
+                         "are the same bits on any x86-64 CPU with AVX2 (the committed figures; about 1.7x slower on the miniature); "
                          "native: this CPU's fastest kernels; auto (default): portable when the study runs on "
                          "the CPU, native on a GPU")
     _executor_flag(rp)

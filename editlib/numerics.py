@@ -10,8 +10,9 @@ pins all three before torch starts: torch's kernels at ``ATEN_CPU_CAPABILITY=avx
 conditional-numerical-reproducibility mode ``MKL_CBWR=COMPATIBLE`` (the one branch Intel documents as
 reproducible across vendors) and a fixed thread count. It costs time (measured on the miniature:
 about 1.5x for value optimisation, 1.7x for make reproduce), so only ``reproduce`` of a CPU study
-uses it by default (docs/correctness.md). Environment variables only: they must be set before torch is imported,
-which is why they are applied to the notebook kernels ``reproduce`` starts, not to this process.
+uses it by default (docs/correctness.md). Environment variables only: they must be set before torch
+is imported, which is why they are applied to the notebook kernels ``reproduce`` starts, not to
+this process.
 This module does not import torch.
 """
 from __future__ import annotations
@@ -20,11 +21,13 @@ import os
 import platform
 from dataclasses import dataclass
 
-__all__ = ["MODES", "PORTABLE_THREADS", "ENV", "Numerics", "choose", "cpu_flags", "current"]
+__all__ = ["MODES", "PORTABLE_THREADS", "PINS", "ENV", "Numerics", "choose", "cpu_flags", "current"]
 
 MODES = ("auto", "portable", "native")
 #: the thread count of the committed figures: portable bits also depend on it (work is split per thread)
 PORTABLE_THREADS = 2
+#: what portable numerics set besides the thread counts: torch's kernels and MKL's branch
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 #: set in a kernel's environment to the mode it runs under (recorded in manifests)
 ENV = "EDITLIB_NUMERICS"
 
@@ -59,25 +62,28 @@ def choose(mode: str, *, devices: tuple[str, ...] = ("cpu",), threads: int | Non
         raise ValueError(f"numerics: {mode!r} is not one of {', '.join(MODES)}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads: must be at least 1, got {threads}")
-    thread_env = {k: str(int(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+
+    def native(note: str) -> Numerics:  # threads as given, else inherited
+        env = {k: str(int(threads)) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+        return Numerics("native", {**env, ENV: "native"},
+                        f"native numerics ({note}" + (f"; {int(threads)} thread(s) per kernel)" if threads else ")"))
+
     if mode == "auto":
         gpu = [d for d in devices if not str(d or "cpu").startswith("cpu")]
         if gpu:
-            return Numerics("native", {ENV: "native", **thread_env},
-                            f"native numerics (the study runs on {gpu[0]}; --numerics portable pins its CPU kernels)")
+            return native(f"the study runs on {gpu[0]}; --numerics portable pins its CPU kernels")
         mode = "portable"
     if mode == "native":
-        return Numerics("native", {ENV: "native", **thread_env}, "native numerics (this CPU's fastest kernels)")
+        return native("this CPU's fastest kernels")
     arch, fl = platform.machine(), cpu_flags()
-    if arch.lower() not in ("x86_64", "amd64") or fl is None or "avx2" not in fl:
-        why = (f"this CPU is {arch or 'of unknown architecture'}" if arch.lower() not in ("x86_64", "amd64")
+    x86 = arch.lower() in ("x86_64", "amd64")
+    if not x86 or fl is None or "avx2" not in fl:
+        why = (f"this CPU is {arch or 'of unknown architecture'}" if not x86
                else "no AVX2 in the CPU's flags" if fl is not None else "the CPU's flags cannot be read")
-        return Numerics("native", {ENV: "native", **thread_env},
-                        f"native numerics: portable needs an x86-64 CPU with AVX2 ({why}); the last digits "
-                        "of sensitive configurations may differ from the committed figures")
+        return native(f"portable needs an x86-64 CPU with AVX2: {why}; the last digits of sensitive "
+                      "configurations may differ from the committed figures")
     n = int(threads) if threads else PORTABLE_THREADS
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
-           "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), ENV: "portable"}
+    env = {**PINS, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), ENV: "portable"}
     note = (f"portable numerics (torch AVX2 kernels, MKL_CBWR=COMPATIBLE, {n} threads"
             + ("" if n == PORTABLE_THREADS else f"; the committed figures used {PORTABLE_THREADS}") + ")")
     return Numerics("portable", env, note)
@@ -86,7 +92,6 @@ def choose(mode: str, *, devices: tuple[str, ...] = ("cpu",), threads: int | Non
 def current() -> dict:
     """This process's numerics settings, for manifests (what the environment asked for: the mode
     reproduce set, else portable where the pins were set by hand)."""
-    pinned = (os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and os.environ.get("MKL_CBWR") == "COMPATIBLE"
-              and bool(os.environ.get("OMP_NUM_THREADS")))
+    pinned = all(os.environ.get(k) == v for k, v in PINS.items()) and bool(os.environ.get("OMP_NUM_THREADS"))
     return {"mode": os.environ.get(ENV) or ("portable" if pinned else "native"),
-            **{k.lower(): os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if os.environ.get(k)}}
+            **{k.lower(): os.environ[k] for k in PINS if os.environ.get(k)}}

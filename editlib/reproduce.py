@@ -337,7 +337,6 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
     CPU study, native on a GPU one), ``portable`` (the same bits on any x86-64 CPU with AVX2: the
     committed figures) or ``native`` (:mod:`editlib.numerics`). ``threads``: OMP/MKL threads of the
     notebook kernels (default: portable 2, native inherited)."""
-
     params_path = find_params_file(params_file).resolve()
     over = _overrides(overrides)
     nbs = notebooks(only)
@@ -351,7 +350,7 @@ def reproduce(params_file: str | Path, overrides: Mapping | Sequence[str] | None
     kernel = ensure_kernel()
     parameters = {"params_file": str(params_path), "overrides": over}
     log(f"reproduce {p.name}: params {params_path}, kernel {kernel}, {len(nbs)} notebook(s) -> {out_dir}; "
-        + num.note + (f", {threads} thread(s) per kernel" if threads and num.mode == "native" else ""))
+        + num.note)
     runs: list[NotebookRun] = []
     before = previous_seconds(out_dir / "timings.json")
     if before and all(nb.name in before for nb in nbs):

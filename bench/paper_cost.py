@@ -193,6 +193,7 @@ def main(argv=None) -> None:
     model = CostModel(GPUS[args.gpu], dtype=args.dtype or p.model.dtype, tf32=bool(getattr(p.model, "tf32", False)),
                       solve_on=where, c0_tokens=tokens, gen_batch=p.evaluation.gen_batch_size,
                       gen_kv_gb=getattr(p.evaluation, "gen_kv_gb", None),
+                      share_below_gb=float(getattr(p.evaluation, "share_below_gb", 0) or 0),
                       c0_batch_tokens=p.covariance.max_batch_tokens or p.covariance.batch_size * tokens / (
                           p.covariance.n_samples or 1e5),
                       fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
@@ -207,6 +208,9 @@ def main(argv=None) -> None:
                  "batched: one multi-right-hand-side solve / all batches of a size, one evaluation call "
                  "through per-row low-rank hooks" if getattr(p.evaluation, "batched_edits", False) else
                  "one at a time (reference path): solve, write, evaluate, restore per edit"),
+             (f"blocks below the edited layer replayed for the later methods / λ of the same prompts, up to "
+              f"{model.share_below_gb:g} GB kept (evaluation.share_below_gb)" if model.share_below_gb > 0 and
+              getattr(p.evaluation, "batched_edits", False) else "every evaluation runs every block"),
              f"float32 matmuls {'on TF32 tensor cores' if model.tf32 else 'in full float32 (model.tf32 off)'}; "
              "local executor (one process: targets shared as protocols' UnitContext groups share them)",
              "C0 Gram " + ("per batch in float32 on TF32 tensor cores, summed in float64 (covariance.fast_gram, "

@@ -78,6 +78,7 @@ class CostModel:
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     gen_kv_gb: float | None = None  # ... fewer where their KV cache would exceed this (params evaluation.gen_kv_gb)
+    share_below_gb: float = 0.0    # blocks below the edited layer replayed across evaluations (params evaluation.share_below_gb)
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
     c0_batch_tokens: float = 24576  # tokens per C0 forward (params covariance.max_batch_tokens)
@@ -182,16 +183,28 @@ class CostModel:
             t += weight * (2 * 2 * self.bpp + 2 * 4 + 2 * self.bpp + 2 * self.bpp) / (self.gpu.bw * self.bw_eff)
         return t
 
-    def eval(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
-        """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences)."""
+    def eval(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int, below: float = 0.0) -> float:
+        """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences);
+        ``below`` blocks replayed rather than run (editlib.below; a measured unit cost is scaled
+        by the share of blocks that run)."""
+        run = s.n_layers - below
         key = "eval_s_per_case" if cases > 1 else "eval_s_per_case_single"
         if key in self.unit_s:
-            return self.unit_s[key] * cases
+            return self.unit_s[key] * cases * run / s.n_layers
         seqs = cases * ts.eval_seqs
         n_fwd = max(1, math.ceil(seqs / eval_batch))
-        flops = 2 * s.n_layers * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
-        nbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
-        return n_fwd * self._pass(flops / n_fwd, nbytes, s.n_layers * self.kernels_fwd + 10) + self.case_py_s * cases
+        flops = 2 * run * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
+        nbytes = (run * s.block_params + s.head_params) * self.bpp
+        return n_fwd * self._pass(flops / n_fwd, nbytes, math.ceil(run) * self.kernels_fwd + 10) + self.case_py_s * cases
+
+    def replayed(self, s: ModelShape, ts: TokenStats, layer: int, held: int) -> float:
+        """Blocks an evaluation replays (:class:`editlib.below.SharedBelow`): the ``layer`` blocks
+        below the edited one, for the share of the ``held`` cases' block outputs that fit in
+        ``share_below_gb`` (the rest run)."""
+        if not held or self.share_below_gb <= 0 or layer <= 0:
+            return 0.0
+        need = held * ts.eval_tokens * s.d * self.bpp
+        return layer * min(1.0, self.share_below_gb * 1e9 / need)
 
     def degradation(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
         """One degradation measurement of ``cases`` held-out facts (editlib.degradation.measure):
@@ -317,7 +330,7 @@ class CostModel:
             elif w.kind in SOLVES:
                 out["solve"] += w.count * self.solve(s, w.size, w.kind)
             elif w.kind == "eval":
-                out["eval"] += w.count * self.eval(s, ts, w.size, exp.eval_batch)
+                out["eval"] += w.count * self.eval(s, ts, w.size, exp.eval_batch, self.replayed(s, ts, w.layer, w.held))
                 if exp.generation:
                     t, tok = self.ge(s, ts, w.size, exp.gen_max_len)
                     out["ge"] += w.count * t

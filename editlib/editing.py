@@ -167,6 +167,8 @@ class BatchTargets:
     R: torch.Tensor          # [d, N] residuals z − h at the plain prompt under the current weights
     values: ValueResult
     seconds_keys: float = 0.0
+    # C⁻¹K of the last solved columns (solver.solved_keys); a slice or copy starts empty
+    solved: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def fail_reason(self) -> list[str]:

@@ -72,12 +72,12 @@ def _case_mean(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
-                         batch_size: int, groups=None, deltas=None) -> dict[str, np.ndarray]:
+                         batch_size: int, groups=None, deltas=None, below=None) -> dict[str, np.ndarray]:
     """ES/PS/NS, magnitudes and accuracies per case; one scoring call for both targets (SPEC §6)."""
     t = _flatten(records)
     g = None if groups is None else np.asarray(groups, dtype=np.int64)[t.owner].tolist()
     s_new, s_true = score_pairs(model, tok, t.prefixes, t.new, t.true, alignment=alignment,
-                                batch_size=batch_size, groups=g, deltas=deltas)
+                                batch_size=batch_size, groups=g, deltas=deltas, below=below)
     bad = ~(np.isfinite(s_new.nll) & np.isfinite(s_true.nll))  # NaN/inf logits: no score, not a loss
     new_wins = s_new.nll < s_true.nll
     true_wins = s_true.nll < s_new.nll
@@ -127,7 +127,7 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                      batch_size: int = 128, generation: bool = False, gen_seed: int = 0,
                      gen_max_len: int = 100, gen_batch_size: int = 64, gen_kv_gb: float | None = None,
                      rs_resources=None, groups: Sequence[int] | None = None,
-                     deltas=None, gen_text: str = "clean") -> pd.DataFrame:
+                     deltas=None, gen_text: str = "clean", below=None) -> pd.DataFrame:
     """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
     ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
     :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``.
@@ -136,14 +136,15 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     active :class:`editlib.lowrank.RowDeltas` hook, so the records of many edits (each made on the
     unedited model) are evaluated in one call without writing a weight. ``gen_kv_gb``: at most
     this many GB of KV cache per generation batch (fewer rows than ``gen_batch_size`` if need be).
-    ``gen_text``: how GE reads a generated text (:func:`editlib.generation.decode_text`)."""
+    ``gen_text``: how GE reads a generated text (:func:`editlib.generation.decode_text`). ``below``:
+    an :class:`editlib.below.SharedBelow` for the scoring forwards (generation runs every block)."""
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
     records = list(records)
     t0 = time.perf_counter()
     cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
     if records:
-        cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas))
+        cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below))
         nonfinite = cols.pop(_NONFINITE)
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,

@@ -47,7 +47,8 @@ from .arch import weight_out_in
 from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
 from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
-from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one
+from .below import SharedBelow
+from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved_keys
 from .stats import CorpusSpec, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
 from .store import Experiment
@@ -508,7 +509,7 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 
 #: evaluation keys that change how scores are computed, not what they are: left out of an
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
-EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb")
+EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb")
 
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
@@ -669,6 +670,20 @@ def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray,
     return cases
 
 
+def _shared_below(study: Study, layer: int, shared: dict | None = None) -> SharedBelow:
+    """The blocks below ``layer`` run once per scoring batch for every evaluation that uses this
+    object (editlib.below; ``evaluation.share_below_gb`` caps what it keeps, 0 turns it off). With
+    ``shared`` (a UnitContext group) it lives with the group's targets, so the methods, batch sizes
+    and λ of one group share it."""
+    gb = float(study.params.evaluation.share_below_gb)
+    if shared is None:
+        return SharedBelow(study.model, layer, gb * 1e9)
+    key = ("below", layer)
+    if key not in shared:
+        shared[key] = SharedBelow(study.model, layer, gb * 1e9)
+    return shared[key]
+
+
 def _batched(study: Study, hp: EditHParams) -> bool:
     """Independent edits are evaluated together (editlib.lowrank) unless the params ask for the
     reference path (edit, evaluate, restore one at a time) or the edit spans several layers.
@@ -678,13 +693,16 @@ def _batched(study: Study, hp: EditHParams) -> bool:
 
 
 def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, tg: BatchTargets,
-                       chunks: Sequence[Sequence[int]]) -> list[tuple[pd.DataFrame, dict]]:
+                       chunks: Sequence[Sequence[int]], below: SharedBelow | None = None
+                       ) -> list[tuple[pd.DataFrame, dict]]:
     """Every chunk of ``facts`` edited on the *unedited* model and evaluated — all in one
     evaluation pass, with each chunk's update added to its own rows by a hook, never written into
     the weights (issue #13). Same rows and diagnostics as :func:`_edit_and_eval` per chunk.
 
     Singular chunks (one fact each) are solved together with one multi-right-hand-side solve.
-    Every chunk starts from the unedited model, so AlphaEdit / ENCORE have no earlier keys here."""
+    Every chunk starts from the unedited model, so AlphaEdit / ENCORE have no earlier keys here.
+    ``below`` (:func:`_shared_below`): the blocks under the edited layer, shared with the other
+    evaluations of the same prompts."""
     layer = hp.layers[0]
     cov, mu, extra = preservation(hp, study.covs([layer])[layer])
     reasons = tg.fail_reason
@@ -698,7 +716,8 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
         X1, row_of, resid1 = torch.zeros(0), {}, []
         if ok.any():
             sel = [c for c, k in zip(cols, ok) if k]
-            X1, why, resid1 = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, mu)
+            X1, why, resid1 = solve_rank_one(tg.R[:, sel], tg.K[:, sel], cov, mu,
+                                             A=solved_keys(tg.solved, cov, tg.K, sel))
             row_of = {c: k for k, c in enumerate(sel)}
             for c, w in zip(sel, why):
                 reasons[c] = reasons[c] or w
@@ -720,7 +739,8 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
             d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1), solve_resid=resid1[row_of[idx[0]]])
         elif ok_idx:
             try:
-                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond)
+                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond,
+                                        A=solved_keys(tg.solved, cov, tg.K, ok_idx))
                 R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
                 d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel, solve_resid=info.solve_resid)
             except (ValueError, FloatingPointError) as e:
@@ -746,9 +766,9 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     t_eval = time.time()
     if R_list:
         with RowDeltas(study.model, LowRankEdits(layer, R_list, X_list)) as hook:
-            cases = study.evaluate(facts, groups=group.tolist(), deltas=hook)
+            cases = study.evaluate(facts, groups=group.tolist(), deltas=hook, below=below)
     else:
-        cases = study.evaluate(facts)
+        cases = study.evaluate(facts, below=below)
     t_eval = time.time() - t_eval
     # every chunk's rows marked in one pass, then cut per chunk (a layer search has 1,200 chunks)
     order = [i for idx in chunks for i in idx]
@@ -770,6 +790,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
     frames, diags = [], []
     targets: dict[str, BatchTargets] = {}
     charged: dict = {}
+    below = _shared_below(study, layer)  # one per unit: every method scores the same prompts
     for method in methods:
         hp = study.params.method_hparams(method, layer, section)
         ctx = study.contexts(hp.context_templates)
@@ -779,7 +800,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
         tg = targets[key]
         study.covs([layer])
         if _batched(study, hp):
-            results = _independent_edits(study, facts, hp, tg, [[i] for i in range(len(facts))])
+            results = _independent_edits(study, facts, hp, tg, [[i] for i in range(len(facts))], below)
         else:
             results = []
             for i, fact in enumerate(facts):
@@ -931,7 +952,8 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
         for _, idx in todo:
             local.append(list(range(k, k + len(idx))))
             k += len(idx)
-        done = _independent_edits(study, [facts[i] for i in pos], hp, sub, local)
+        done = _independent_edits(study, [facts[i] for i in pos], hp, sub, local,
+                                  _shared_below(study, layer, shared))
     else:
         done = []
         for _, idx in todo:
@@ -973,7 +995,8 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     if key not in targets:
         targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
     if _batched(study, hp):  # the batch's update added by a hook at evaluation, no weight written
-        [(cases, d)] = _independent_edits(study, chunk, hp, targets[key], [range(len(chunk))])
+        [(cases, d)] = _independent_edits(study, chunk, hp, targets[key], [range(len(chunk))],
+                                          _shared_below(study, layer, shared))
     else:
         with EditSession(study.model) as s:
             cases, d = _edit_and_eval(study, chunk, hp, ctx, targets[key], s)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .arch import backbone_and_head
+from .below import plain_forward
 from .tokens import encode, pad_right, target_ids, tokenizer_memo, with_space
 
 ALIGNMENTS = ("correct", "reference")
@@ -121,7 +122,7 @@ def score_pairs(model, tok, prefixes: Sequence[str], targets_a: Sequence[str], t
 @torch.no_grad()
 def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *,
                   alignment: str = "correct", batch_size: int = 128,
-                  groups: Sequence[int] | None = None, deltas=None) -> TargetScores:
+                  groups: Sequence[int] | None = None, deltas=None, below=None) -> TargetScores:
     """Mean-token NLL and all-argmax flag of ``targets[i]`` after ``prefixes[i]``, batched.
 
     Pairs whose model inputs coincide share one sequence: scoring ``target_new`` and
@@ -130,7 +131,8 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
 
     ``groups[i]`` / ``deltas``: pair i is scored under independent edit ``groups[i]`` of an active
     :class:`editlib.lowrank.RowDeltas` hook (-1: unedited), so many edits are scored in one pass;
-    sequences are shared only within a group."""
+    sequences are shared only within a group. ``below``: an :class:`editlib.below.SharedBelow`
+    that runs the blocks below the edited layer once for batches another call already ran."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
     if len(prefixes) != len(targets):
@@ -175,7 +177,8 @@ def score_targets(model, tok, prefixes: Sequence[str], targets: Sequence[str], *
         ids, mask = pad_right([list(unique[u]) for u in useqs], pad)
         if deltas is not None:
             deltas.rows = torch.as_tensor([unique_group[u] for u in useqs], dtype=torch.long)
-        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        hidden = (plain_forward(backbone, ids.to(device), mask.to(device)) if below is None
+                  else below.forward(backbone, ids, mask, device))
         r = torch.as_tensor(rows, device=device)
         c = torch.as_tensor(cols, device=device)
         lab = torch.as_tensor(labels, device=device)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -43,6 +44,7 @@ __all__ = [
     "solve_delta",
     "solve_factors",
     "solve_rank_one",
+    "solved_keys",
 ]
 
 F64 = torch.float64
@@ -271,6 +273,31 @@ def _check_inputs(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
         raise ValueError(f"mu must be finite and >= 0, got {mu}")
 
 
+def _given_or_solved(A: torch.Tensor | None, K: torch.Tensor, cov: Preservation) -> torch.Tensor:
+    """``cov.solve(K)``, or the caller's copy of it after a check of its shape, dtype and device."""
+    if A is None:
+        return cov.solve(K)
+    if tuple(A.shape) != tuple(K.shape) or A.dtype != F64 or A.device != cov.device:
+        raise ValueError(f"a precomputed C⁻¹K must be float64 {tuple(K.shape)} on {cov.device}, got "
+                         f"{A.dtype} {tuple(A.shape)} on {A.device}")
+    return A
+
+
+def solved_keys(memo: dict, cov: Preservation, K: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
+    """``cov.solve(K[:, cols])``, remembered in ``memo`` for the next call with the same operator
+    (by identity) and columns. One entry, so memory stays one [d_in, N] float64 block: ROME, MEMIT
+    and EMMET solving the same singular keys at a layer, and every λ of a sweep on one batch, then
+    pay for one multi-right-hand-side solve (issue #13). Same call, same bits as solving again.
+    The operator is held by a weak reference, so a remembered solve never keeps a C0 factor
+    (1.6 GB at d_in = 14336) alive."""
+    cols = tuple(int(c) for c in cols)
+    ref = memo.get("cov")
+    if ref is None or ref() is not cov or memo.get("cols") != cols:
+        memo.clear()
+        memo.update(cov=weakref.ref(cov), cols=cols, A=cov.solve(K[:, list(cols)]))
+    return memo["A"]
+
+
 @dataclass
 class _Factored:
     L: torch.Tensor
@@ -311,18 +338,20 @@ def _factor_small(M: torch.Tensor, max_cond: float | None) -> _Factored:
 
 
 def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
-                  max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
+                  max_cond: float | None = None, A: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, SolveInfo]:
     """The right factor X = (D + μI)⁻¹ (C0⁻¹K)ᵀ ([N, d_in], float64) of ΔW = R X, without forming
     the d_out × d_in update (SPEC §2–3). ``info.delta_norm`` is ‖R X‖_F from N×N products.
 
     ``cov`` is C0's factor or another editor's preservation operator (:class:`Preservation`).
     The N×N system is solved exactly unless it cannot be factored (then jitter, with a warning
     and ``info.used_jitter``); ``max_cond`` opts into regularising every system whose condition
-    number exceeds it. Raises ValueError on bad shapes / non-finite inputs and FloatingPointError
-    if the result is not finite."""
+    number exceeds it. ``A``: ``cov.solve(K)`` when the caller already has it (:func:`solved_keys`:
+    the methods, λ of a sweep and batches that solve the same keys share it). Raises ValueError on
+    bad shapes / non-finite inputs and FloatingPointError if the result is not finite."""
     mu = float(mu)
     _check_inputs(R, K, cov, mu)
-    A = cov.solve(K)  # C0⁻¹K, d_in×N
+    A = _given_or_solved(A, K, cov)  # C0⁻¹K, d_in×N
     K = K.to(device=cov.device, dtype=F64)
     n = K.shape[1]
     M = K.T @ A + mu * torch.eye(n, dtype=F64, device=cov.device)
@@ -362,16 +391,17 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     return X, info
 
 
-def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
-                   ) -> tuple[torch.Tensor, list[str], list[float]]:
+def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
+                   A: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str], list[float]]:
     """N independent singular edits at once (SPEC §1B, §2: N = 1 each): one multi-right-hand-side
     solve A = C0⁻¹K, then x_i = A_iᵀ / (k_iᵀA_i + μ), so ΔW_i = r_i x_i. Returns X [N, d_in]
     (float64), per edit "" or why it cannot be solved (k_iᵀC0⁻¹k_i + μ not positive, or a
     non-finite result: :func:`solve_delta` on that edit alone would raise), and per edit the
-    relative residual of its 1×1 system (``SolveInfo.solve_resid``)."""
+    relative residual of its 1×1 system (``SolveInfo.solve_resid``). ``A``: ``cov.solve(K)`` when
+    the caller already has it (as :func:`solve_factors`)."""
     mu = float(mu)
     _check_inputs(R, K, cov, mu)
-    A = cov.solve(K)
+    A = _given_or_solved(A, K, cov)
     q = (K.to(device=cov.device, dtype=F64) * A).sum(0) + mu
     X = (A / q).T.contiguous()
     # per edit, SolveInfo.solve_resid of its 1×1 system: |E| with E = μ/q + x_iᵀk_i − 1 (‖r E‖ / ‖r‖ = |E|)

@@ -191,12 +191,15 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
 class Work:
     """``count`` repetitions of one unit of work. ``size``: facts per value/key call, N of a
     solve, cases per evaluation call, layers per C0 pass, edits per checkpoint; ``layer``: the
-    edited layer (the deepest one for a C0 pass)."""
+    edited layer (the deepest one for a C0 pass). ``held``: for an evaluation whose blocks below
+    ``layer`` replay an earlier evaluation's (editlib.below), the cases whose outputs must be kept
+    for it (0: every block runs)."""
 
     kind: str  # one of SOLVES, values | keys | eval | degradation | c0_collect | c0_factor | c0_eigh | pres_factor | ckpt | load
     count: int
     size: int = 1
     layer: int = 0
+    held: int = 0
 
 
 #: solve kinds: ``solve`` N edits solved together and written into the weights (EditSession);
@@ -217,9 +220,9 @@ class ExperimentCount:
     eval_batch: int
     items: list[Work] = field(default_factory=list)
 
-    def add(self, kind: str, count: int = 1, size: int = 1, layer: int = 0) -> None:
+    def add(self, kind: str, count: int = 1, size: int = 1, layer: int = 0, held: int = 0) -> None:
         if count > 0:
-            self.items.append(Work(kind, count, size, layer))
+            self.items.append(Work(kind, count, size, layer, held))
 
     def total(self, kind: str, weight: str = "size") -> int:
         return sum(w.count * (w.size if weight == "size" else 1) for w in self.items if w.kind == kind)
@@ -285,13 +288,25 @@ def _batched(p, hp) -> bool:
     return bool(getattr(p.evaluation, "batched_edits", False)) and len(hp.layers) == 1
 
 
+def _shares_below(p, layer: int) -> bool:
+    """protocols._shared_below: the blocks below ``layer`` replayed for later evaluations."""
+    return layer > 0 and float(getattr(p.evaluation, "share_below_gb", 0) or 0) > 0
+
+
+def _eval_after(exp: ExperimentCount, p, cases: int, layer: int, held: int) -> None:
+    """One batched evaluation call of ``cases`` cases whose prompts an earlier call of the same
+    shared object ran (``held`` cases kept): its blocks below ``layer`` replayed when sharing is on."""
+    exp.add("eval", 1, cases, layer, held if _shares_below(p, layer) else 0)
+
+
 def _singular(exp: ExperimentCount, p, facts: int, methods, layer: int, section: str) -> None:
     """protocols._singular_unit: values once per value setting; per method either one
-    multi-right-hand-side solve and one evaluation call for all facts (batched), or per fact an
-    N = 1 solve written into the weights and a one-case evaluation."""
+    multi-right-hand-side solve and one evaluation call for all facts (batched; every method
+    after the first replays the blocks below the layer), or per fact an N = 1 solve written into
+    the weights and a one-case evaluation."""
     from .protocols import _value_key
 
-    seen = set()
+    seen, scored = set(), False
     for m in methods:
         hp = p.method_hparams(m, layer, section)
         key = _value_key(hp)
@@ -300,7 +315,8 @@ def _singular(exp: ExperimentCount, p, facts: int, methods, layer: int, section:
             _value_chunks(exp, facts, hp.values.z_batch_size, layer)
         if _batched(p, hp):
             exp.add("solve_r1", 1, facts, layer)
-            exp.add("eval", 1, facts, layer)
+            _eval_after(exp, p, facts, layer, facts if scored else 0)
+            scored = True
         else:
             exp.add("solve", facts, 1, layer)
             exp.add("eval", facts, 1, layer)
@@ -344,7 +360,7 @@ def count_sweep(p, layer: int) -> ExperimentCount:
     exp = _one_layer_exp(p, "sweep", list(grids), layer)
     for _ in p.data.orderings:
         for n in _chunks(sw.total, sw.batch_size):
-            seen = set()
+            seen, scored = set(), False
             for method, lams in grids.items():
                 for lam in lams:
                     over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
@@ -353,8 +369,13 @@ def count_sweep(p, layer: int) -> ExperimentCount:
                     if key not in seen:
                         seen.add(key)
                         _value_chunks(exp, n, hp.values.z_batch_size, layer)
-                    exp.add("solve_lr" if _batched(p, hp) else "solve", 1, n, layer)
-                    exp.add("eval", 1, n, layer)
+                    if _batched(p, hp):  # settings after the chunk's first replay the blocks below
+                        exp.add("solve_lr", 1, n, layer)
+                        _eval_after(exp, p, n, layer, n if scored else 0)
+                        scored = True
+                    else:
+                        exp.add("solve", 1, n, layer)
+                        exp.add("eval", 1, n, layer)
     return exp
 
 
@@ -370,7 +391,7 @@ def count_batch(p, layer: int) -> ExperimentCount:
     exp = _one_layer_exp(p, "batch", bp.methods, layer)
     configs = [(m, w) for m in bp.methods for w in getattr(bp, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
     for _ in p.data.orderings:
-        seen = set()
+        seen, first = set(), None  # the first batched method's evaluations are kept for the later ones
         for method, win in configs:
             hp = p.method_hparams(method, layer, "batch")
             if win > 1:  # a window: values at its last layer, one multi-layer solve per batch
@@ -384,7 +405,11 @@ def count_batch(p, layer: int) -> ExperimentCount:
                 if _batched(p, hp):
                     for n in sizes:
                         exp.add("solve_lr", 1, n, layer)
-                    exp.add("eval", 1, bp.total, layer)
+                    if first is None:
+                        first = method
+                    n_first = sum(1 for b in bp.batch_sizes if runs_at(first, b))
+                    replayed = method != first and runs_at(first, B)
+                    _eval_after(exp, p, bp.total, layer, bp.total * n_first if replayed else 0)
                 else:
                     for n in sizes:
                         exp.add("solve", 1, n, layer)

@@ -322,3 +322,34 @@ def test_forgetting_evaluations_count_facts_in_the_work_count():
     # per method: one forgetting evaluation (of the 4 facts so far) at B = 1 and B = 2, none at B = 8
     assert fg.total("eval", "count") - plain.total("eval", "count") == 2 * (1 + 1)
     assert fg.total("eval") - plain.total("eval") == 2 * (4 + 4)
+
+
+def test_replayed_blocks_below_are_counted_and_priced():
+    """evaluation.share_below_gb (editlib.below): an evaluation that replays an earlier one's blocks
+    below the edited layer is marked with the cases it needs kept, and priced with those blocks
+    not run, as far as the kept outputs fit the budget."""
+    g = grid()
+    ls = g["layer_search"]
+    held = [(w.layer, w.held) for w in ls.items if w.kind == "eval"]
+    # per layer: ROME scores first, MEMIT replays its 6 cases; layer 0 has nothing below
+    assert held == [(0, 0), (0, 0), (1, 0), (1, 6), (5, 0), (5, 6)]
+    sw = g["sweep"]
+    assert [w.held for w in sw.items if w.kind == "eval"] == [0, 8, 8, 8]  # the chunk's first λ runs everything
+    bt = g["batch"]  # MEMIT at B = 4 and 8, then EMMET replaying both of MEMIT's evaluations of 8 facts
+    assert [w.held for w in bt.items if w.kind == "eval"] == [0, 0, 16, 16]
+    off = grid(**{"evaluation.share_below_gb": 0})
+    assert all(w.held == 0 for e in off.values() for w in e.items)
+    assert [(w.kind, w.count, w.size, w.layer) for w in off["layer_search"].items] == [
+        (w.kind, w.count, w.size, w.layer) for w in ls.items]
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    m = CostModel(GPUS["h200"], share_below_gb=8.0)
+    assert m.replayed(s, ts, 0, 1000) == 0 and m.replayed(s, ts, 16, 0) == 0
+    assert CostModel(GPUS["h200"]).replayed(s, ts, 16, 1000) == 0  # off
+    need = 1000 * ts.eval_tokens * s.d * 4  # float32 block outputs of 1,000 cases
+    assert m.replayed(s, ts, 16, 1000) == pytest.approx(16 * min(1.0, 8e9 / need))
+    assert m.replayed(s, ts, 16, 10) == 16                       # a few cases fit whole
+    full, half = m.eval(s, ts, 1000, 64), m.eval(s, ts, 1000, 64, below=16)
+    assert half < full and m.eval(s, ts, 1000, 64, below=0) == full
+    sec_on = m.seconds(ls, ts)["eval"]
+    sec_off = m.seconds(off["layer_search"], ts)["eval"]
+    assert sec_on < sec_off

@@ -182,6 +182,53 @@ def test_sweep_rows(study, weights0, tmp_path):
     assert_unedited(study.model, weights0)
 
 
+def test_methods_and_lambdas_share_the_keys_solve(study, weights0, tmp_path, monkeypatch):
+    """C0⁻¹K is solved once per set of keys (issue #13): ROME and MEMIT at a layer of the layer
+    search share one multi-right-hand-side solve, and every λ of both methods on a sweep batch
+    shares one; the reference path (one edit at a time) is left as it is."""
+    from editlib.solver import CovFactor
+
+    calls = []
+    real = CovFactor.solve
+    monkeypatch.setattr(CovFactor, "solve", lambda self, K: calls.append(K.shape[1]) or real(self, K))
+    protocols.run_layer_search(use(study, params_for(tmp_path / "ls")), log=quiet)
+    assert calls == [4, 4]  # 2 layers × 4 facts, not 2 layers × 2 methods
+    calls.clear()
+    protocols.run_sweep(use(study, params_for(tmp_path / "sw")), log=quiet)
+    assert calls == [2, 2]  # 2 batches of 2, not × 4 settings
+    calls.clear()
+    protocols.run_singular(use(study, params_for(tmp_path / "ref", **{"evaluation.batched_edits": False})),
+                           log=quiet)
+    assert calls == [1] * 8  # 4 facts × 2 methods, each edit alone
+    assert_unedited(study.model, weights0)
+
+
+def test_blocks_below_are_shared_exactly(study, weights0, tmp_path, monkeypatch):
+    """evaluation.share_below_gb (editlib.below): MEMIT's evaluation at a layer replays the blocks
+    below it from ROME's, every λ of a sweep batch from the first; the cases are the same to the
+    bit as with sharing off."""
+    made = []
+    real = protocols._shared_below
+    monkeypatch.setattr(protocols, "_shared_below", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    key = ["method", "layer", "case_id"]
+    for run, n in ((protocols.run_layer_search, 2), (protocols.run_sweep, 8)):
+        made.clear()
+        on = run(use(study, params_for(tmp_path / f"on{n}")), log=quiet)
+        objs = {id(b): b for b in made}.values()
+        hits = [(b.layer, b.hits) for b in objs]
+        made.clear()
+        off = run(use(study, params_for(tmp_path / f"off{n}", **{"evaluation.share_below_gb": 0})), log=quiet)
+        assert all(b.hits == 0 for b in made)
+        k = key + (["lam", "batch_index"] if "lam" in on.columns else [])
+        on, off = on.sort_values(k).reset_index(drop=True), off.sort_values(k).reset_index(drop=True)
+        assert_frame_equal(on[k + SCORES], off[k + SCORES], check_exact=True)
+        if n == 2:  # layer 0 has nothing below it; layer 1: MEMIT's batches are ROME's
+            assert sorted(l for l, h in hits if h > 0) == [1] and (0, 0) in hits
+        else:  # one per sweep batch, shared by its 4 settings
+            assert len(hits) == 2 and all(h > 0 for _, h in hits)
+    assert_unedited(study.model, weights0)
+
+
 # --------------------------------------------------------------------------- restore and equivalences
 
 def test_batch_order_does_not_matter(study, weights0, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from editlib.solver import (CovFactor, _factor_small, cond_estimate, factor_cov,
                             memit_normal_equations_residual, mu_for, solve_delta, solve_factors,
-                            solve_rank_one)
+                            solve_rank_one, solved_keys)
 
 D_IN, D_OUT = 64, 32
 F64 = torch.float64
@@ -322,3 +322,44 @@ def test_solve_resid_shows_a_numerically_singular_system() -> None:
     K = torch.randn(d, n, generator=g, dtype=F64)
     for mu in (0.0, 1.0, 5e4):
         assert solve_factors(R, K, cov, mu)[1].solve_resid < 1e-12
+
+
+def test_precomputed_solve_gives_the_same_bits(cov: CovFactor) -> None:
+    """Passing C0⁻¹K (how ROME / MEMIT / EMMET and a sweep's λ share it) changes nothing."""
+    _, K, R = data(6, seed=5)
+    A = cov.solve(K)
+    X, info = solve_factors(R, K, cov, 3.0)
+    Xa, info_a = solve_factors(R, K, cov, 3.0, A=A)
+    assert torch.equal(X, Xa) and info == info_a
+    one = solve_rank_one(R, K, cov, 0.5)
+    one_a = solve_rank_one(R, K, cov, 0.5, A=A)
+    assert torch.equal(one[0], one_a[0]) and one[1:] == one_a[1:]
+    for bad in (A[:, :5], A.float(), A.T.contiguous()):
+        with pytest.raises(ValueError, match="precomputed C⁻¹K"):
+            solve_factors(R, K, cov, 3.0, A=bad)
+
+
+def test_solved_keys_remembers_one_solve(C0: torch.Tensor, cov: CovFactor, monkeypatch) -> None:
+    """One entry per memo: the same operator and columns reuse it, anything else solves again; the
+    operator is not kept alive by the memo."""
+    import gc
+    import weakref
+
+    _, K, _ = data(8, seed=6)
+    calls = []
+    real = CovFactor.solve
+    monkeypatch.setattr(CovFactor, "solve", lambda self, K: calls.append(K.shape[1]) or real(self, K))
+    memo: dict = {}
+    A = solved_keys(memo, cov, K, [0, 2, 5])
+    assert torch.equal(A, cov.solve(K[:, [0, 2, 5]])) and calls == [3, 3]
+    assert solved_keys(memo, cov, K, (0, 2, 5)) is A and calls == [3, 3]
+    solved_keys(memo, cov, K, [0, 2])  # other columns
+    other = factor_cov(C0)
+    solved_keys(memo, other, K, [0, 2])  # another operator, same matrix
+    assert calls == [3, 3, 2, 2]
+    ref = weakref.ref(other)
+    del other
+    gc.collect()
+    assert ref() is None
+    solved_keys(memo, cov, K, [0, 2])  # the dead operator's entry is not reused
+    assert calls == [3, 3, 2, 2, 2]

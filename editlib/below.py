@@ -1,0 +1,126 @@
+"""The blocks below an edited layer, run once for several evaluations of the same prompts (issue #13).
+
+Independent edits of layer L change layer L's down-projection and nothing else, so for a given
+batch of prompts the output of blocks 0 … L−1 is the same in every method's evaluation: ROME's and
+MEMIT's singular edits of one layer (the layer search, Table 1), or every λ of a sweep, score the
+same prompts. :class:`SharedBelow` remembers block L−1's output for each batch a scoring forward
+runs, and when a later scoring forward runs the same batch (the same input ids and attention mask)
+it returns that output without running blocks 0 … L−1 at all. Exact: the replayed tensor is the one
+those blocks computed, and everything from block L on runs as before.
+
+Only teacher-forced scoring (:func:`editlib.scoring.score_targets`, no KV cache) goes through it;
+generation runs every block. Nothing is shared while any hook sits on a module of blocks
+0 … L−1 (its computation would be skipped), what was recorded is dropped when a weight of those
+blocks is written in place (an edit, or its restore), and what is kept is capped at ``max_bytes``:
+past it, further batches are computed as usual.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import arch_for, get_module
+
+__all__ = ["SharedBelow", "plain_forward"]
+
+
+def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's final hidden states for a padded batch (scoring: no KV cache)."""
+    return backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _has_hooks(modules) -> bool:
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for b in modules for m in b.modules())
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
+class SharedBelow:
+    """Block ``layer``−1's output per scoring batch, recorded once and replayed (see the module doc).
+
+    ``forward(backbone, ids, mask)`` stands in for :func:`plain_forward`; ``ids`` and ``mask`` are
+    the batch on the host (its key), ``device`` where the model runs. ``hits`` / ``misses`` count
+    replayed and computed batches. ``layer`` 0 has nothing below it: every batch is computed."""
+
+    def __init__(self, model: nn.Module, layer: int, max_bytes: float):
+        self.layer = int(layer)
+        self.max_bytes = float(max_bytes)
+        arch = arch_for(model)
+        self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
+        self._store: dict[tuple, Any] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._seen_versions: tuple = ()
+
+    def _versions(self) -> tuple:
+        """The in-place write counters of the blocks' parameters: any write (an edit, its restore)
+        changes them, so nothing recorded before it is replayed after it."""
+        return tuple(p._version for b in self._blocks for p in b.parameters())
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.bytes = 0
+
+    def forward(self, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+        if not self._blocks or self.max_bytes <= 0 or _has_hooks(self._blocks):
+            self.misses += 1
+            return plain_forward(backbone, ids.to(device), mask.to(device))
+        versions = self._versions()
+        if versions != self._seen_versions:  # a weight below was written (and maybe restored): start over
+            self.clear()
+            self._seen_versions = versions
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
+        kept = self._store.get(key)
+        if kept is not None:
+            self.hits += 1
+            with self._replaying(kept):
+                return plain_forward(backbone, ids.to(device), mask.to(device))
+        self.misses += 1
+        seen: list = []
+        handle = self._blocks[-1].register_forward_hook(lambda mod, inp, out: seen.append(_detached(out)))
+        try:
+            hidden = plain_forward(backbone, ids.to(device), mask.to(device))
+        finally:
+            handle.remove()
+        if len(seen) == 1 and self.bytes + _nbytes(seen[0]) <= self.max_bytes:
+            self._store[key] = seen[0]
+            self.bytes += _nbytes(seen[0])
+        return hidden
+
+    @contextlib.contextmanager
+    def _replaying(self, kept: Any):
+        """Blocks 0 … L−1 return ``kept`` (block L−1's recorded output) without computing: only the
+        last one's output reaches block L, the others' go to blocks that ignore their input. Each
+        block's own ``forward`` attribute (an accelerate device hook, say) is put back on exit."""
+        saved = [b.__dict__.get("forward") for b in self._blocks]
+        try:
+            for b in self._blocks:
+                b.forward = lambda *a, **k: kept
+            yield
+        finally:
+            for b, f in zip(self._blocks, saved):
+                if f is None:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = f

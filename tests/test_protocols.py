@@ -205,13 +205,13 @@ def test_methods_and_lambdas_share_the_keys_solve(study, weights0, tmp_path, mon
 
 def test_blocks_below_are_shared_exactly(study, weights0, tmp_path, monkeypatch):
     """evaluation.share_below_gb (editlib.below): MEMIT's evaluation at a layer replays the blocks
-    below it from ROME's, every λ of a sweep batch from the first; the cases are the same to the
-    bit as with sharing off."""
+    below it from ROME's, every λ of a sweep batch from the first, EMMET's batches from MEMIT's; the
+    cases are the same to the bit as with sharing off."""
     made = []
     real = protocols._shared_below
     monkeypatch.setattr(protocols, "_shared_below", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     key = ["method", "layer", "case_id"]
-    for run, n in ((protocols.run_layer_search, 2), (protocols.run_sweep, 8)):
+    for run, n in ((protocols.run_layer_search, 2), (protocols.run_sweep, 8), (protocols.run_batch, 4)):
         made.clear()
         on = run(use(study, params_for(tmp_path / f"on{n}")), log=quiet)
         objs = {id(b): b for b in made}.values()
@@ -219,13 +219,15 @@ def test_blocks_below_are_shared_exactly(study, weights0, tmp_path, monkeypatch)
         made.clear()
         off = run(use(study, params_for(tmp_path / f"off{n}", **{"evaluation.share_below_gb": 0})), log=quiet)
         assert all(b.hits == 0 for b in made)
-        k = key + (["lam", "batch_index"] if "lam" in on.columns else [])
+        k = key + [c for c in ("lam", "batch_size", "batch_index") if c in on.columns]
         on, off = on.sort_values(k).reset_index(drop=True), off.sort_values(k).reset_index(drop=True)
         assert_frame_equal(on[k + SCORES], off[k + SCORES], check_exact=True)
         if n == 2:  # layer 0 has nothing below it; layer 1: MEMIT's batches are ROME's
             assert sorted(l for l, h in hits if h > 0) == [1] and (0, 0) in hits
-        else:  # one per sweep batch, shared by its 4 settings
+        elif n == 8:  # one per sweep batch, shared by its 4 settings
             assert len(hits) == 2 and all(h > 0 for _, h in hits)
+        else:  # one per ordering: EMMET's evaluations at B = 2 and 4 replay MEMIT's
+            assert len(hits) == 1 and hits[0][1] > 0
     assert_unedited(study.model, weights0)
 
 

@@ -46,11 +46,13 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
-def _detached(x: Any) -> Any:
+def _copied(x: Any) -> Any:
+    """A detached copy of a block output (a tensor, or a tuple holding tensors): the blocks above
+    may work in place on what they are given, and neither the kept nor the replayed tensor may change."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return x.detach().clone()
     if isinstance(x, (tuple, list)):
-        return type(x)(_detached(v) for v in x)
+        return type(x)(_copied(v) for v in x)
     return x
 
 
@@ -97,8 +99,10 @@ class SharedBelow:
             with self._replaying(kept):
                 return plain_forward(backbone, ids.to(device), mask.to(device))
         self.misses += 1
+        if self.bytes >= self.max_bytes:  # full: nothing more to keep
+            return plain_forward(backbone, ids.to(device), mask.to(device))
         seen: list = []
-        handle = self._blocks[-1].register_forward_hook(lambda mod, inp, out: seen.append(_detached(out)))
+        handle = self._blocks[-1].register_forward_hook(lambda mod, inp, out: seen.append(_copied(out)))
         try:
             hidden = plain_forward(backbone, ids.to(device), mask.to(device))
         finally:
@@ -115,8 +119,9 @@ class SharedBelow:
         block's own ``forward`` attribute (an accelerate device hook, say) is put back on exit."""
         saved = [b.__dict__.get("forward") for b in self._blocks]
         try:
-            for b in self._blocks:
+            for b in self._blocks[:-1]:  # their outputs go to replaced blocks only
                 b.forward = lambda *a, **k: kept
+            self._blocks[-1].forward = lambda *a, **k: _copied(kept)
             yield
         finally:
             for b, f in zip(self._blocks, saved):

@@ -120,6 +120,27 @@ def test_nothing_is_shared_under_a_hook_below_or_past_the_cap() -> None:
     assert np.array_equal(score(model, tok, edits, below), want) and 0 < below.hits < N_BATCHES
 
 
+def test_a_block_above_working_in_place_changes_nothing_kept() -> None:
+    """Block L may change its input in place (here a pre-hook adds 1 to it): neither the kept
+    output nor a replayed one is the tensor it receives."""
+    tok = word_tokenizer()
+    model = model_for("llama", tok, torch.float32)
+    edits = random_edits(model, 5, 1, scale=0.5)
+    edits.layer = 2
+    def bump(mod, args, kwargs):
+        (args[0] if args else kwargs["hidden_states"]).add_(1.0)
+
+    h = block(model, 2).register_forward_pre_hook(bump, with_kwargs=True)
+    try:
+        want = score(model, tok, edits)
+        below = SharedBelow(model, 2, 1e9)
+        first, second, third = (score(model, tok, edits, below) for _ in range(3))
+    finally:
+        h.remove()
+    assert below.hits == 2 * N_BATCHES
+    assert np.array_equal(first, want) and np.array_equal(second, want) and np.array_equal(third, want)
+
+
 def test_a_weight_written_below_drops_what_was_recorded() -> None:
     """Writing a weight of a block below (and restoring it) bumps its write counter: the batches
     recorded before are computed again, so a replay never outlives the weights it came from."""

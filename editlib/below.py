@@ -10,9 +10,11 @@ those blocks computed, and everything from block L on runs as before.
 
 Only teacher-forced scoring (:func:`editlib.scoring.score_targets`, no KV cache) goes through it;
 generation runs every block. Nothing is shared while any hook sits on a module of blocks
-0 … L−1 (its computation would be skipped), what was recorded is dropped when a weight of those
+0 … L−1 or the embeddings (its computation would be skipped or baked in), what was recorded is dropped when a weight of those
 blocks is written in place (an edit, or its restore), and what is kept is capped at ``max_bytes``:
-past it, further batches are computed as usual.
+past it, further batches are computed as usual. A replay swaps the lower blocks' ``forward`` for
+the duration of one forward pass, so a model must not be run from two threads while one is
+replaying (editlib runs a study in one thread; Ray workers are separate processes).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_for, get_module
+from .arch import arch_for, get_module, n_layers
 
 __all__ = ["SharedBelow", "plain_forward"]
 
@@ -35,7 +37,15 @@ def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
 def _has_hooks(modules) -> bool:
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for b in modules for m in b.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _lower_modules(backbone: nn.Module, upper: list[nn.Module]) -> list[nn.Module]:
+    """Every module of ``backbone`` (itself included) that is not inside one of the ``upper``
+    blocks: the embeddings, position tables, rotary tables and blocks 0 … L−1 that decide what
+    block L receives (the final norm too, conservatively)."""
+    inside = {id(m) for b in upper for m in b.modules()}
+    return [m for m in backbone.modules() if id(m) not in inside]
 
 
 def _nbytes(x: Any) -> int:
@@ -68,6 +78,9 @@ class SharedBelow:
         self.max_bytes = float(max_bytes)
         arch = arch_for(model)
         self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
+        upper = [get_module(model, arch.layer_name(l)) for l in range(self.layer, n_layers(model))]
+        self._lower = _lower_modules(model.base_model, upper)
+        self._tensors = [t for m in self._lower for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         self._store: dict[tuple, Any] = {}
         self.bytes = 0
         self.hits = 0
@@ -75,9 +88,14 @@ class SharedBelow:
         self._seen_versions: tuple = ()
 
     def _versions(self) -> tuple:
-        """The in-place write counters of the blocks' parameters: any write (an edit, its restore)
-        changes them, so nothing recorded before it is replayed after it."""
-        return tuple(p._version for b in self._blocks for p in b.parameters())
+        """What the outputs below depend on: every parameter and buffer outside blocks L … N−1 (the
+        embeddings and tables as well as blocks 0 … L−1), each by identity, storage, dtype, device
+        and in-place write counter. Any write through the tensor (an edit, its restore), a moved or
+        cast model or a replaced parameter changes it, so nothing recorded before is replayed
+        after. (Writes through ``.data`` bypass the counter; editlib never writes that way.)"""
+        mod = [(id(m), tuple(id(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))))
+               for m in self._lower]
+        return (tuple(mod), tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in self._tensors))
 
     def clear(self) -> None:
         self._store.clear()
@@ -85,7 +103,7 @@ class SharedBelow:
 
     def forward(self, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
-        if not self._blocks or self.max_bytes <= 0 or _has_hooks(self._blocks):
+        if not self._blocks or self.max_bytes <= 0 or _has_hooks(self._lower):
             self.misses += 1
             return plain_forward(backbone, ids.to(device), mask.to(device))
         versions = self._versions()

@@ -738,9 +738,9 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
             R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
             d.update(cond_D=1.0, seconds_solve=t_solve / max(len(chunks), 1), solve_resid=resid1[row_of[idx[0]]])
         elif ok_idx:
+            A = solved_keys(tg.solved, cov, tg.K, ok_idx)  # outside the try: a bad A is a bug, not a failed edit
             try:
-                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond,
-                                        A=solved_keys(tg.solved, cov, tg.K, ok_idx))
+                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond, A=A)
                 R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
                 d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel, solve_resid=info.solve_resid)
             except (ValueError, FloatingPointError) as e:

@@ -161,6 +161,27 @@ def test_a_weight_written_below_drops_what_was_recorded() -> None:
     assert np.array_equal(score(model, tok, edits, below), want) and below.hits == N_BATCHES
 
 
+def test_the_embeddings_count_as_below() -> None:
+    """What block 0 receives counts too: a hook on the token embedding stops sharing, and a
+    replaced embedding weight (a new parameter, equal values) drops what was recorded."""
+    tok = word_tokenizer()
+    model = model_for("llama", tok, torch.float32)
+    edits = random_edits(model, 5, 1, scale=0.5)
+    edits.layer = 2
+    want = score(model, tok, edits)
+    below = SharedBelow(model, 2, 1e9)
+    score(model, tok, edits, below)
+    emb = get_module(model, arch_for(model).embed)
+    h = emb.register_forward_hook(lambda *a: None)
+    try:
+        assert np.array_equal(score(model, tok, edits, below), want) and below.hits == 0
+    finally:
+        h.remove()
+    emb.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    assert np.array_equal(score(model, tok, edits, below), want) and below.hits == 0 and below.bytes > 0
+    assert np.array_equal(score(model, tok, edits, below), want) and below.hits == N_BATCHES
+
+
 def test_a_blocks_own_forward_attribute_is_put_back() -> None:
     """A block whose ``forward`` is an instance attribute (accelerate's device hooks) gets it back
     after a replay, also when the forward fails."""

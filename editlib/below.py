@@ -80,7 +80,6 @@ class SharedBelow:
         self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
         upper = [get_module(model, arch.layer_name(l)) for l in range(self.layer, n_layers(model))]
         self._lower = _lower_modules(model.base_model, upper)
-        self._tensors = [t for m in self._lower for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         self._store: dict[tuple, Any] = {}
         self.bytes = 0
         self.hits = 0
@@ -93,9 +92,8 @@ class SharedBelow:
         and in-place write counter. Any write through the tensor (an edit, its restore), a moved or
         cast model or a replaced parameter changes it, so nothing recorded before is replayed
         after. (Writes through ``.data`` bypass the counter; editlib never writes that way.)"""
-        mod = [(id(m), tuple(id(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))))
-               for m in self._lower]
-        return (tuple(mod), tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in self._tensors))
+        return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version) for m in self._lower
+                     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
 
     def clear(self) -> None:
         self._store.clear()
@@ -103,9 +101,12 @@ class SharedBelow:
 
     def forward(self, backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            return plain_forward(backbone, ids.to(device), mask.to(device))
+
         if not self._blocks or self.max_bytes <= 0 or _has_hooks(self._lower):
             self.misses += 1
-            return plain_forward(backbone, ids.to(device), mask.to(device))
+            return run()
         versions = self._versions()
         if versions != self._seen_versions:  # a weight below was written (and maybe restored): start over
             self.clear()
@@ -115,14 +116,14 @@ class SharedBelow:
         if kept is not None:
             self.hits += 1
             with self._replaying(kept):
-                return plain_forward(backbone, ids.to(device), mask.to(device))
+                return run()
         self.misses += 1
         if self.bytes >= self.max_bytes:  # full: nothing more to keep
-            return plain_forward(backbone, ids.to(device), mask.to(device))
+            return run()
         seen: list = []
         handle = self._blocks[-1].register_forward_hook(lambda mod, inp, out: seen.append(_copied(out)))
         try:
-            hidden = plain_forward(backbone, ids.to(device), mask.to(device))
+            hidden = run()
         finally:
             handle.remove()
         if len(seen) == 1 and self.bytes + _nbytes(seen[0]) <= self.max_bytes:

@@ -10,7 +10,8 @@ those blocks computed, and everything from block L on runs as before.
 
 Only teacher-forced scoring (:func:`editlib.scoring.score_targets`, no KV cache) goes through it;
 generation runs every block. Nothing is shared while any hook sits on a module of blocks
-0 … L−1 or the embeddings (its computation would be skipped or baked in), what was recorded is dropped when a weight of those
+0 … L−1 or the embeddings (its computation would be skipped or baked in; a ``RuntimeWarning`` names the
+hooked module once), what was recorded is dropped when a weight of those
 blocks is written in place (an edit, or its restore), and what is kept is capped at ``max_bytes``:
 past it, further batches are computed as usual. A replay swaps the lower blocks' ``forward`` for
 the duration of one forward pass, so a model must not be run from two threads while one is
@@ -19,6 +20,7 @@ replaying (editlib runs a study in one thread; Ray workers are separate processe
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -34,10 +36,11 @@ def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def _has_hooks(modules) -> bool:
+def _hooked(modules) -> nn.Module | str | None:
+    """The first of ``modules`` carrying a forward (pre-)hook, "global" for a global one, else None."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        return "global"
+    return next((m for m in modules if m._forward_hooks or m._forward_pre_hooks), None)
 
 
 def _lower_modules(backbone: nn.Module, upper: list[nn.Module]) -> list[nn.Module]:
@@ -71,7 +74,8 @@ class SharedBelow:
 
     ``forward(backbone, ids, mask)`` stands in for :func:`plain_forward`; ``ids`` and ``mask`` are
     the batch on the host (its key), ``device`` where the model runs. ``hits`` / ``misses`` count
-    replayed and computed batches. ``layer`` 0 has nothing below it: every batch is computed."""
+    replayed and computed batches, ``hooked`` those computed because a hook sat below (warned once).
+    ``layer`` 0 has nothing below it: every batch is computed."""
 
     def __init__(self, model: nn.Module, layer: int, max_bytes: float):
         self.layer = int(layer)
@@ -80,6 +84,8 @@ class SharedBelow:
         self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
         upper = [get_module(model, arch.layer_name(l)) for l in range(self.layer, n_layers(model))]
         self._lower = _lower_modules(model.base_model, upper)
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self.hooked = 0  # scoring forwards that ran every block because of a hook below
         self._store: dict[tuple, Any] = {}
         self.bytes = 0
         self.hits = 0
@@ -104,8 +110,19 @@ class SharedBelow:
         def run() -> torch.Tensor:
             return plain_forward(backbone, ids.to(device), mask.to(device))
 
-        if not self._blocks or self.max_bytes <= 0 or _has_hooks(self._lower):
+        if not self._blocks or self.max_bytes <= 0:
             self.misses += 1
+            return run()
+        hooked = _hooked(self._lower)
+        if hooked is not None:
+            self.misses += 1
+            self.hooked += 1
+            if self.hooked == 1:  # said once per object; Python's filter then shows it once per hook place
+                where = "a global forward hook" if hooked == "global" else \
+                    f"a forward hook on {self._names.get(id(hooked), type(hooked).__name__)}"
+                warnings.warn(f"evaluation.share_below_gb: the blocks below the edited layer run in every "
+                              f"evaluation, because of {where} (the scores are unaffected; only the time "
+                              f"the sharing saves is lost)", RuntimeWarning, stacklevel=2)
             return run()
         versions = self._versions()
         if versions != self._seen_versions:  # a weight below was written (and maybe restored): start over

@@ -99,10 +99,12 @@ def test_nothing_is_shared_under_a_hook_below_or_past_the_cap() -> None:
     with torch.no_grad():
         h = get_module(model, arch_for(model).mlp_name(0)).register_forward_hook(lambda *a: seen.append(1))
         try:
-            got = score(model, tok, up, below)
+            with pytest.warns(RuntimeWarning, match=r"share_below_gb.*forward hook on model\.layers\.0\.mlp \(") as caught:
+                got = score(model, tok, up, below)
         finally:
             h.remove()
-    assert below.hits == 0 and len(seen) == N_BATCHES and np.array_equal(got, want_up)
+    assert len(caught) == 1  # said once, however many batches ran every block
+    assert below.hits == 0 and below.hooked == N_BATCHES and len(seen) == N_BATCHES and np.array_equal(got, want_up)
     assert np.array_equal(score(model, tok, up, below), want_up) and below.hits == N_BATCHES
     # a cap of 0 keeps nothing; layer 0 has nothing below it
     for layer, cap in ((1, 0.0), (0, 1e9)):
@@ -174,7 +176,8 @@ def test_the_embeddings_count_as_below() -> None:
     emb = get_module(model, arch_for(model).embed)
     h = emb.register_forward_hook(lambda *a: None)
     try:
-        assert np.array_equal(score(model, tok, edits, below), want) and below.hits == 0
+        with pytest.warns(RuntimeWarning, match="forward hook on model.embed_tokens"):
+            assert np.array_equal(score(model, tok, edits, below), want) and below.hits == 0
     finally:
         h.remove()
     emb.weight = torch.nn.Parameter(emb.weight.detach().clone())

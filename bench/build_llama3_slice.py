@@ -3,6 +3,7 @@
 
     python bench/build_llama3_slice.py [--layers 2] [--seed 0] [--dtype float32] [--out DIR]
         [--tokenizer DIR]   # any tokenizer directory instead of the Llama-3 one (development)
+        [--draw-device cuda]  # draw the random weights on a GPU (much faster; another model)
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None, help="default: .cache/llama3-8b-shape-<layers>L")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the real Llama-3 one)")
+    ap.add_argument("--draw-device", default="cpu", help="where the random weights are drawn (cpu | cuda)")
     a = ap.parse_args(argv)
     t0 = time.time()
     out = build_llama3_shape_model(repo_path(a.out or slice_dir(a.layers)), a.layers, a.seed, a.dtype,
-                                   tokenizer=a.tokenizer and str(repo_path(a.tokenizer)))
+                                   tokenizer=a.tokenizer and str(repo_path(a.tokenizer)),
+                                   draw_device=a.draw_device)
     print(f"{out} ready ({time.time() - t0:.1f} s)")
 
 

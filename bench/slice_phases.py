@@ -12,7 +12,12 @@ costs for ``bench/paper_cost.py --slice-costs`` and, under ``units``, the unit s
 
     EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz \\
         python bench/slice_phases.py --params params/llama3-shape-slice.yaml [--reuse-c0 | --cache DIR]
-            [--no-watch] [--set KEY=VALUE ...]
+            [--no-watch] [--c0-layers 0 1] [--tokenizer DIR] [--draw-device cuda] [--set KEY=VALUE ...]
+
+A shape directory named ``llama3-8b-shape-<N>L`` that does not exist yet is built first, in the
+params' ``model.dtype`` (``--tokenizer``, ``--draw-device``: see ``bench/build_llama3_slice.py``).
+``--c0-layers``: the layers whose C0 is collected as its own phase (default: every layer; a
+32-layer model on a GPU wants the edited ones only, with ``--set layer_search.layers=[0,1]``).
 """
 from __future__ import annotations
 
@@ -53,8 +58,10 @@ def _build(p, args) -> str:
     mdir = Path(p.model.id)
     if not (mdir / "config.json").is_file() or (mdir / SHAPE_MARKER).is_file() or args.build:
         n_layers = int(mdir.name.rsplit("-", 1)[-1].rstrip("L")) if mdir.name[-1] == "L" else 2
-        build_llama3_shape_model(mdir, n_layers=n_layers, log=_log)
-        return f"{n_layers}-layer shape model in {mdir}"
+        dtype = p.model.dtype if p.model.dtype in ("float32", "bfloat16", "float16") else "float32"
+        build_llama3_shape_model(mdir, n_layers=n_layers, dtype=dtype, log=_log, draw_device=args.draw_device,
+                                 tokenizer=args.tokenizer and str(repo_path(args.tokenizer)))
+        return f"{n_layers}-layer shape model ({dtype}) in {mdir}"
     return f"{mdir} exists (not an editlib shape build)"
 
 
@@ -69,7 +76,8 @@ def unit_costs(p, phases: dict, study) -> dict:
     by_exp = {"layer_search": ls, "batch": bt, "sweep": sw, "sequential": sq}
     out["solve_s_by_experiment_n"] = {e: {int(n): round(float(g.seconds_solve.median()), 4)
                                           for n, g in b.groupby("n")} for e, b in by_exp.items() if not b.empty}
-    written = pd.concat([b for b in (sq, sw) if not b.empty], ignore_index=True)
+    done = [b for b in (sq, sw) if not b.empty]  # none yet while the run is under way
+    written = pd.concat(done, ignore_index=True) if done else pd.DataFrame()
     if not written.empty:
         out["solve_apply_s_by_n"] = {int(n): round(float(g.seconds_solve.median()), 4)
                                      for n, g in written.groupby("n")}
@@ -125,6 +133,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-watch", action="store_true", help="no tensor watch (it adds a little Python per op)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--counterfact", default=None, help="CounterFact file (else EDITLIB_COUNTERFACT)")
+    ap.add_argument("--c0-layers", type=int, nargs="+", default=None, help="C0 phases for these layers (default: all)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a build (default: the real Llama-3 one)")
+    ap.add_argument("--draw-device", default="cpu", help="where a build draws its random weights (cpu | cuda)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     args = ap.parse_args(argv)
     if args.counterfact:
@@ -143,6 +154,19 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     head = None
     cm = {"watch": None}
+    st: dict = {"study": None}
+
+    def save(complete: bool) -> None:
+        """phases.json, rewritten (atomically) after every phase: a run stopped by a time limit keeps
+        what it measured; ``complete`` says whether every phase ran."""
+        costs = unit_costs(p, phases, st["study"]) if st["study"] is not None else {}
+        tmp = out / "phases.json.tmp"
+        tmp.write_text(json.dumps({
+            "params": str(args.params), "command": " ".join(sys.argv), "complete": complete,
+            "wall_s": time.perf_counter() - t_all, "process_peak_rss_gib": meter.process_peak / GIB,
+            "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases)},
+            indent=1, default=str) + "\n")
+        os.replace(tmp, out / "phases.json")
 
     @contextlib.contextmanager
     def phase(name: str):
@@ -158,6 +182,10 @@ def main(argv=None) -> None:
         phases[name] = {"seconds": ph.seconds, "peak_rss_gib": ph.peak_rss / GIB,
                         "start_rss_gib": ph.start_rss / GIB, "end_rss_gib": ph.end_rss / GIB,
                         "big": ph.big, "head": ph.head, "warnings": msgs}
+        if torch.cuda.is_available():  # the GPU's peak since the last phase ended
+            phases[name]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+            torch.cuda.reset_peak_memory_stats()
+        save(complete=False)
         _log(f"    {name}: {ph.seconds:.1f} s, peak RSS {ph.peak_rss / GIB:.2f} GiB"
              + (f", {len(msgs)} distinct warning(s): {msgs[0][:100]}" if msgs else ""))
 
@@ -166,6 +194,7 @@ def main(argv=None) -> None:
     _log(built)
     with phase("load (model, CounterFact, context templates)"):
         study = protocols.open_study(p, log=_log)
+        st["study"] = study
     _, lm_head = backbone_and_head(study.model)
     head = HeadRows(lm_head)
     d, d_in, vocab = value_dim(study.model, 0), key_dim(study.model, 0), study.model.config.vocab_size
@@ -176,7 +205,10 @@ def main(argv=None) -> None:
             "C0 d_in×d_in other": lambda t: t.numel() == d_in * d_in,
             "vocab-wide": lambda t: t.dim() >= 1 and t.shape[-1] == vocab,
         }, vocab=vocab)
-    layers = list(range(study.n_layers))
+    layers = list(range(study.n_layers)) if args.c0_layers is None else args.c0_layers
+    bad = [l for l in layers if not 0 <= l < study.n_layers]
+    if bad:
+        raise SystemExit(f"--c0-layers {bad}: the model has layers 0..{study.n_layers - 1}")
     for l in layers:
         if hasattr(study, "prepare_covs"):
             with phase(f"C0 collect layer {l}"):
@@ -186,12 +218,8 @@ def main(argv=None) -> None:
         else:
             with phase(f"C0 layer {l} (collect + factor)"):
                 study.covs([l])
-    runs = [("layer search", protocols.run_layer_search), ("singular", protocols.run_singular),
-            ("sweep", protocols.run_sweep), ("batch MEMIT + EMMET", protocols.run_batch),
-            ("sequential", protocols.run_sequential)]
-    for name, fn in runs:
-        with phase(name):
-            fn(study, log=_log)
+    # the unedited model's evaluation units first: they do not depend on the protocols, and a run
+    # stopped by a time limit (bench/device_checks.py) still has them in phases.json
     ev = p.evaluation
     facts = study.facts(8, 0)
     for label, n, gen in (("evaluate 1 case, no GE", 1, False), ("evaluate 1 case, GE", 1, True),
@@ -200,15 +228,17 @@ def main(argv=None) -> None:
             evaluate_records(study.model, study.tok, facts[:n], alignment=ev.alignment,
                              batch_size=ev.batch_size, generation=gen, gen_seed=ev.gen_seed,
                              gen_max_len=ev.gen_max_len)
+    runs = [("layer search", protocols.run_layer_search), ("singular", protocols.run_singular),
+            ("sweep", protocols.run_sweep), ("batch MEMIT + EMMET", protocols.run_batch),
+            ("sequential", protocols.run_sequential)]
+    for name, fn in runs:
+        with phase(name):
+            fn(study, log=_log)
     total = time.perf_counter() - t_all
     meter.close()
     head.close()
 
-    costs = unit_costs(p, phases, study)
-    (out / "phases.json").write_text(json.dumps({
-        "params": str(args.params), "command": " ".join(sys.argv), "wall_s": total,
-        "process_peak_rss_gib": meter.process_peak / GIB, "phases": phases, "unit_costs": costs,
-        "units": measured_units(costs, phases)}, indent=1, default=str) + "\n")
+    save(complete=True)
     print()
     print(f"| phase | seconds | peak RSS (GiB) | LM-head rows (max/call) | weight-sized live | C0 f64 live | vocab-wide max rows |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -64,6 +64,31 @@ def test_build_is_idempotent_and_loads(tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 2 and tok("a b")["input_ids"][0] == tok.bos_token_id
 
 
+def test_draw_device_is_part_of_a_build(tmp_path, monkeypatch):
+    """A marker written before draw_device existed counts as a CPU draw (not rebuilt); another draw
+    device is another model (rebuilt); an unusable one fails before any file is written."""
+    monkeypatch.setattr(shapes, "llama3_8b_config", lambda n_layers=2: small_config())
+    out, tok_dir, logs = tmp_path / "slice", REPO_ROOT / "models" / "tiny-world", []
+    shapes.build_llama3_shape_model(out, 2, tokenizer=tok_dir, log=logs.append)
+    marker = json.loads((out / shapes.SHAPE_MARKER).read_text())
+    assert marker["draw_device"] == "cpu"
+    del marker["draw_device"]
+    (out / shapes.SHAPE_MARKER).write_text(json.dumps(marker))
+    shapes.build_llama3_shape_model(out, 2, tokenizer=tok_dir, log=logs.append)
+    assert "already built" in logs[-1]
+    calls = []
+    monkeypatch.setattr(shapes, "write_random_weights", lambda *a, **k: calls.append(k["draw_device"]) or 1)
+    shapes.build_llama3_shape_model(out, 2, tokenizer=tok_dir, draw_device="meta", log=logs.append)
+    assert calls == ["meta"] and json.loads((out / shapes.SHAPE_MARKER).read_text())["draw_device"] == "meta"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unusable_draw_device_fails_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="draw_device 'cuda'"):
+        shapes.write_random_weights(tmp_path / "m.safetensors", small_config(), draw_device="cuda")
+    assert not list(tmp_path.iterdir())
+
+
 def test_build_with_the_real_llama3_tokenizer(tmp_path, monkeypatch):
     llama3 = pytest.importorskip("editlib.llama3_tokenizer")
     try:

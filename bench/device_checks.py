@@ -1,0 +1,370 @@
+"""Every check that needs a GPU, as one prepared run sized for a short device lease (issue 13).
+
+Benchmark and check script, not a test. Stage what the GPU machine cannot fetch (the Llama-3
+tokenizer, the CounterFact file) into the git-ignored ``.cache/device`` here, then run the checks
+there as one command, carrying that folder:
+
+    python bench/device_checks.py --stage                     # here: writes .cache/device (~21 MB)
+    python bench/device_checks.py --out "$OUT" [--budget 540] [--only STEP ...] [--skip STEP ...]
+
+Steps, most valuable first; each runs as its own process under a time limit (what is left of
+``--budget``, at most its cap), and ``checks.json`` is rewritten after each, so whatever finished
+comes back even if the run is stopped:
+
+  env         GPU, driver, torch / transformers / accelerate versions
+  cuda_tests  the CUDA-only tests (skipped on a CPU machine): passed only if none failed or skipped
+  slice       a 32-layer Llama-3-8B-shaped model (random weights, bfloat16, drawn on the GPU) loaded
+              with device_map, then bench/slice_phases.py on it: C0 of layers 0-1, evaluation with
+              GE of 100 tokens, layer search over layers 0-1 (32 facts, values 32 at a time as in
+              params/llama3-8b.yaml), Table 1, λ sweep, batch, sequential; its ``units`` are the cost
+              model's unit costs measured on this GPU (phases.json is kept after every phase)
+  cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200, modelled and with
+              the slice's measured units (--unit-costs)
+  gram        bench/bench_gram.py --fast-gram --device cuda --tokens 24576
+  compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
+
+Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
+seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
+cost.json, cost-model.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+(``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE = ROOT / ".cache" / "device"
+STEPS = ("env", "cuda_tests", "slice", "cost", "gram", "compiled")
+#: the CUDA-only tests (each is skipped where torch sees no GPU)
+CUDA_TESTS = (
+    "tests/test_models.py::test_fingerprint_device_independent",
+    "tests/test_solver.py::test_cuda_factor_with_cpu_inputs",
+    "tests/test_stats.py::test_cuda_matches_cpu",
+    "tests/test_stats.py::test_cuda_fast_gram_on_tf32_matches_float64_products",
+    "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
+)
+#: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
+CAPS = {"env": (60, 5), "cuda_tests": (300, 60), "slice": (420, 150), "cost": (90, 20),
+        "gram": (120, 20), "compiled": (240, 60)}
+
+
+@dataclass
+class Step:
+    """One check's outcome, as written to checks.json."""
+
+    name: str
+    status: str = "not run"  # passed | failed | timeout | skipped | not run
+    seconds: float = 0.0
+    command: str = ""
+    rc: int | None = None
+    reason: str = ""
+    numbers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The whole run: where it writes, how long it may take, what is done."""
+
+    out: Path
+    budget: float
+    device: str
+    smoke: bool
+    shape_layers: int = 32
+    slice_sets: list[str] = field(default_factory=list)
+    work: Path = ROOT / "runs" / "device-checks"  # the slice's results and C0 cache (GBs: not under out)
+    t0: float = field(default_factory=time.perf_counter)
+    steps: list[Step] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.t0)
+
+    def save(self) -> None:
+        """checks.json, written atomically after every step."""
+        doc = {"device": self.device, "smoke": self.smoke, "budget_s": self.budget,
+               "elapsed_s": round(time.perf_counter() - self.t0, 1), "info": self.info,
+               "steps": [asdict(s) for s in self.steps]}
+        tmp = self.out / "checks.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, self.out / "checks.json")
+
+    def log(self, text: str) -> None:
+        with open(self.out / "checks.log", "a") as f:
+            f.write(text)
+        print(text, end="", flush=True)
+
+
+def run_command(run: Run, step: Step, argv: list[str], cap: float, env: dict | None = None) -> str:
+    """Run ``argv`` under min(cap, what is left), its output streamed to checks.log and stdout as it
+    comes (a stopped step keeps what it printed); returns that output."""
+    step.command = " ".join(argv)
+    limit = max(1.0, min(cap, run.left()))
+    run.log(f"\n=== {step.name}: {step.command} (limit {limit:.0f} s)\n")
+    lines: list[str] = []
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            run.log(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        step.rc = proc.wait(timeout=limit)
+        step.status = "passed" if step.rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the step and anything it started
+        proc.wait()
+        step.status, step.reason = "timeout", f"stopped after {limit:.0f} s"
+    reader.join(timeout=10)
+    step.seconds = round(time.perf_counter() - t, 1)
+    run.log(f"=== {step.name}: {step.status} in {step.seconds} s\n")
+    return "".join(lines)
+
+
+def python() -> str:
+    return sys.executable
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def step_env(run: Run, step: Step) -> None:
+    code = ("import json, torch, transformers, importlib.util as u; c = torch.cuda.is_available(); "
+            "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
+            "'accelerate': bool(u.find_spec('accelerate')), 'cuda': c, "
+            "'gpu': torch.cuda.get_device_name(0) if c else None, "
+            "'gpu_mem_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
+            "'cpus': __import__('os').cpu_count()}))")
+    out = run_command(run, step, [python(), "-c", code], CAPS["env"][0])
+    if step.status == "passed":
+        step.numbers = json.loads(out.strip().splitlines()[-1])
+        run.info.update(step.numbers)
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        step.numbers["nvidia_smi"] = smi.stdout.strip()
+    if run.device.startswith("cuda") and not step.numbers.get("cuda"):
+        step.status, step.reason = "failed", "torch sees no CUDA device"
+
+
+def junit_counts(path: Path) -> dict:
+    """tests / failures / errors / skipped of a pytest --junitxml file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def step_cuda_tests(run: Run, step: Step) -> None:
+    xml = run.out / "junit.xml"
+    run_command(run, step, [python(), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                            *CUDA_TESTS], CAPS["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
+    if not xml.is_file():
+        step.status, step.reason = "failed" if step.status == "passed" else step.status, "no junit.xml"
+        return
+    step.numbers = junit_counts(xml)
+    step.status, step.reason = tests_verdict(step.status, step.numbers, run.device, step.reason)
+
+
+def tests_verdict(status: str, counts: dict, device: str, reason: str = "") -> tuple[str, str]:
+    """A skipped CUDA test checked nothing: on a GPU run that is a failure, on a CPU the expected
+    outcome; no tests at all is a failure everywhere."""
+    if status == "passed" and not counts["tests"]:
+        return "failed", "no tests ran"
+    if status == "passed" and counts["skipped"]:
+        why = f"{counts['skipped']} of {counts['tests']} skipped (no CUDA device seen)"
+        return ("failed" if device.startswith("cuda") else "skipped"), why
+    return status, reason
+
+
+def slice_command(run: Run, out_dir: Path) -> list[str]:
+    """bench/slice_phases.py on the 32-layer shape (GPU) or on the miniature (``--smoke``)."""
+    if run.smoke:
+        sets = ["layer_search.n_facts=2", "layer_search.layers=[0,1]", "singular.n_facts=2", "sweep.total=4",
+                "sweep.batch_size=4", "sweep.memit_lambdas=[1]", "sweep.emmet_lambdas=[0]", "batch.total=4",
+                "batch.batch_sizes=[4]", "batch.windows=[1]", "sequential.total=2", "sequential.batch_sizes=[1]",
+                "sequential.degradation_every=null", "data.orderings=[0]", "evaluation.gen_max_len=8",
+                "covariance.n_samples=40", *run.slice_sets]
+        return [python(), "bench/slice_phases.py", "--params", "params/tiny.yaml", "--out", str(out_dir),
+                "--no-watch", "--c0-layers", "0", "1", *(a for s in sets for a in ("--set", s))]
+    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
+            f"model.device={run.device}", "layer_search.layers=[0,1]", "layer_search.n_facts=32",
+            "hparams.common.z_batch_size=32", "evaluation.gen_max_len=100", *run.slice_sets]
+    return [python(), "bench/slice_phases.py", "--params", "params/llama3-shape-slice.yaml", "--out", str(out_dir),
+            "--no-watch", "--c0-layers", "0", "1", "--draw-device", run.device,
+            "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
+            *(a for s in sets for a in ("--set", s))]
+
+
+def staged_counterfact() -> Path:
+    """The CounterFact file ``--stage`` wrote (its name keeps the source's suffixes)."""
+    found = sorted(STAGE.glob("counterfact*"))
+    return found[0] if found else STAGE / "counterfact.json.gz"
+
+
+def step_slice(run: Run, step: Step) -> None:
+    if not run.smoke:
+        missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
+        if missing:
+            step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
+            return
+    # a folder of its own: another run of this script (or of the slice) never writes into it
+    out_dir = run.work / f"slice-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_command(run, step, slice_command(run, out_dir), CAPS["slice"][0], env={"HF_HUB_OFFLINE": "1"})
+    phases = out_dir / "phases.json"
+    if phases.is_file():
+        shutil.copy(phases, run.out / "phases.json")
+        doc = json.loads(phases.read_text())
+        step.numbers = {"complete": doc.get("complete", True), "wall_s": round(doc["wall_s"], 1),
+                        "units": doc.get("units", {}),
+                        "cuda_peak_gib": max((v.get("cuda_peak_gib", 0.0) for v in doc["phases"].values()), default=0.0),
+                        "phases_s": {k: round(v["seconds"], 2) for k, v in doc["phases"].items()}}
+    elif step.status == "passed":
+        step.status, step.reason = "failed", "no phases.json"
+
+
+def step_cost(run: Run, step: Step) -> None:
+    phases = run.out / "phases.json"
+    if not phases.is_file() or not json.loads(phases.read_text()).get("units"):
+        step.status, step.reason = "skipped", "no measured units (the slice step did not finish)"
+        return
+    base = [python(), "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16"]
+    run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], CAPS["cost"][0] / 2)
+    if step.status != "passed":
+        return
+    run_command(run, step, [*base, "--unit-costs", str(phases), "--json", str(run.out / "cost.json")], CAPS["cost"][0] / 2)
+    for key, name in (("modelled", "cost-model.json"), ("measured_units", "cost.json")):
+        path = run.out / name
+        if path.is_file():
+            step.numbers[key] = _cost_totals(json.loads(path.read_text()))
+
+
+def _cost_totals(doc: dict) -> dict:
+    """The headline numbers of a paper_cost --json file: its total and floor GPU-hours."""
+    return {k: round(doc[k], 2) for k in ("total_gpu_hours", "floor_gpu_hours")}
+
+
+def step_gram(run: Run, step: Step) -> None:
+    size = ["--d", "1024", "--tokens", "2048"] if run.smoke else ["--tokens", "24576"]
+    out = run_command(run, step, [python(), "bench/bench_gram.py", "--fast-gram", "--device", run.device,
+                                  "--reps", "3", *size], CAPS["gram"][0])
+    step.numbers = parse_gram(out)
+
+
+def parse_gram(out: str) -> dict:
+    """The numbers of bench_gram.py --fast-gram's summary line."""
+    m = re.search(r"float64 products ([\d.]+) s, float32 products .*? ([\d.]+) s: x([\d.]+);.*relative difference ([\d.e+-]+)", out)
+    return {"float64_s": float(m[1]), "float32_s": float(m[2]), "speedup": float(m[3]), "rel_diff": float(m[4])} if m else {}
+
+
+def step_compiled(run: Run, step: Step) -> None:
+    args = ["--n", "4", "--warmup", "1", "--rounds", "1", "--mode", "default"] if run.smoke else \
+        ["--n", "20", "--rounds", "2", "--mode", "reduce-overhead", "--set", f"model.device={run.device}"]
+    out = run_command(run, step, [python(), "bench/bench_compiled_values.py", "--z-batch-size", "1", *args],
+                      CAPS["compiled"][0], env={"HF_HUB_OFFLINE": "1"})
+    step.numbers = parse_compiled(out)
+
+
+def parse_compiled(out: str) -> dict:
+    """The numbers of bench_compiled_values.py's summary and z-agreement lines."""
+    m = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled ([\d.]+)-([\d.]+)", out)
+    if not m:
+        return {}
+    got = {"eager_ms_per_fact": [float(m[1]), float(m[2])], "compiled_ms_per_fact": [float(m[3]), float(m[4])]}
+    dz = re.findall(r"max \|Δz\| ([\d.e+-]+), max relative ‖Δz‖ ([\d.e+-]+)", out)
+    if dz:
+        got["max_abs_dz"], got["max_rel_dz"] = max(float(a) for a, _ in dz), max(float(b) for _, b in dz)
+    return got
+
+
+RUNNERS: dict[str, Callable[[Run, Step], None]] = {
+    "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "cost": step_cost,
+    "gram": step_gram, "compiled": step_compiled}
+
+
+def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS,
+               caps: dict[str, tuple[float, float]] = CAPS) -> list[Step]:
+    """Run the named steps in order; a step whose least useful time no longer fits is skipped."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "checks.log").unlink(missing_ok=True)
+    run.info.setdefault("python", platform.python_version())
+    for name in names:
+        step = Step(name)
+        run.steps.append(step)
+        if run.left() < caps[name][1]:
+            step.status, step.reason = "skipped", f"{run.left():.0f} s of the budget left, needs {caps[name][1]:.0f}"
+        else:
+            try:
+                runners[name](run, step)
+            except Exception as e:  # a broken step is reported, and the others still run
+                step.status, step.reason = "failed", f"{type(e).__name__}: {e}"
+        run.save()
+    return run.steps
+
+
+def stage(dest: Path = STAGE) -> None:
+    """Write what the GPU machine cannot fetch: the Llama-3 tokenizer and the CounterFact file."""
+    from editlib.counterfact import resolve_counterfact
+    from editlib.llama3_tokenizer import build_llama3_tokenizer
+
+    dest.mkdir(parents=True, exist_ok=True)
+    build_llama3_tokenizer().save_pretrained(str(dest / "tokenizer"))
+    src = resolve_counterfact(None, download=False)
+    for old in dest.glob("counterfact*"):
+        old.unlink()
+    shutil.copy(src, dest / ("counterfact" + "".join(src.suffixes[-2:])))  # .json, .json.gz or .jsonl
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"staged {dest} ({size / 2**20:.1f} MiB: tokenizer, {src.name}); carry it: run(carry=['.cache/device'])")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", action="store_true", help="write .cache/device here, then stop")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "device-checks" / "out"))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="small sizes, the miniature instead of the shape model")
+    ap.add_argument("--shape-layers", type=int, default=32, help="layers of the Llama-3-8B-shaped model (slice step)")
+    ap.add_argument("--slice-set", action="append", default=[], metavar="KEY=VALUE", help="params override of the slice step")
+    ap.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS", help="another time cap for a step")
+    ap.add_argument("--only", nargs="+", choices=STEPS, default=None)
+    ap.add_argument("--skip", nargs="+", choices=STEPS, default=[])
+    a = ap.parse_args(argv)
+    if a.stage:
+        stage()
+        return 0
+    names = [s for s in (a.only or STEPS) if s not in a.skip]
+    for c in a.cap:
+        step, _, sec = c.partition("=")
+        if step not in CAPS or not sec.replace(".", "", 1).isdigit():
+            ap.error(f"--cap {c!r}: expected STEP=SECONDS with STEP one of {', '.join(STEPS)}")
+        CAPS[step] = (float(sec), CAPS[step][1])
+    run = Run(Path(a.out), a.budget, a.device, a.smoke, a.shape_layers, a.slice_set)
+    steps = run_checks(run, names)
+    print("\n| step | status | seconds | note |\n|---|---|---:|---|")
+    for s in steps:
+        print(f"| {s.name} | {s.status} | {s.seconds} | {s.reason} |")
+    print(f"\n{run.out / 'checks.json'}")
+    return 0 if all(s.status in ("passed", "skipped") for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The prepared GPU run (bench/device_checks.py): its budget, time limits, summary file and verdicts,
+checked on the CPU (the checks themselves need a GPU)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from editlib.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import device_checks as dc  # noqa: E402
+
+
+def run_of(tmp_path, budget=60.0, device="cpu") -> dc.Run:
+    return dc.Run(tmp_path / "out", budget, device, smoke=True, work=tmp_path / "work")
+
+
+def test_steps_run_in_order_and_the_summary_is_rewritten_after_each(tmp_path):
+    seen: list[list[str]] = []
+
+    def ok(run, step):
+        step.status, step.numbers = "passed", {"x": 1}
+        seen.append([s["name"] for s in json.loads((run.out / "checks.json").read_text())["steps"]]
+                    if (run.out / "checks.json").is_file() else [])
+
+    def broken(run, step):
+        raise RuntimeError("boom")
+
+    run = run_of(tmp_path)
+    steps = dc.run_checks(run, ["env", "gram", "cost"], runners={"env": ok, "gram": broken, "cost": ok})
+    assert [(s.name, s.status) for s in steps] == [("env", "passed"), ("gram", "failed"), ("cost", "passed")]
+    assert steps[1].reason == "RuntimeError: boom"  # a broken step is reported; the next still runs
+    assert seen == [[], ["env", "gram"]]  # checks.json already held the steps before the one running
+    doc = json.loads((run.out / "checks.json").read_text())
+    assert [s["status"] for s in doc["steps"]] == ["passed", "failed", "passed"] and doc["device"] == "cpu"
+    assert not (run.out / "checks.json.tmp").exists()
+
+
+def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
+    ran: list[str] = []
+    run = run_of(tmp_path, budget=100.0)
+    run.t0 = time.perf_counter() - 50  # 50 s left
+    caps = {"env": (10, 5), "slice": (400, 150), "gram": (60, 20)}
+    steps = dc.run_checks(run, ["env", "slice", "gram"], caps=caps,
+                          runners={k: (lambda r, s, k=k: ran.append(k) or setattr(s, "status", "passed")) for k in caps})
+    assert ran == ["env", "gram"]
+    assert steps[1].status == "skipped" and "needs 150" in steps[1].reason
+
+
+def test_a_command_past_its_limit_is_stopped_and_keeps_its_output(tmp_path):
+    run = run_of(tmp_path, budget=2.0)
+    run.out.mkdir(parents=True)
+    step = dc.Step("gram")
+    t = time.perf_counter()
+    out = dc.run_command(run, step, [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], cap=30)
+    assert time.perf_counter() - t < 20  # the budget's 2 s, not the cap's 30
+    assert step.status == "timeout" and "started" in out and step.rc is None
+    assert "started" in (run.out / "checks.log").read_text()
+    step = dc.Step("env")
+    dc.run_command(run_of(tmp_path), step, [sys.executable, "-c", "raise SystemExit(3)"], cap=30)
+    assert (step.status, step.rc) == ("failed", 3)
+
+
+def test_skipped_cuda_tests_fail_a_gpu_run():
+    counts = {"tests": 6, "failures": 0, "errors": 0, "skipped": 6}
+    assert dc.tests_verdict("passed", counts, "cpu")[0] == "skipped"
+    assert dc.tests_verdict("passed", counts, "cuda") == ("failed", "6 of 6 skipped (no CUDA device seen)")
+    assert dc.tests_verdict("passed", {**counts, "skipped": 0}, "cuda")[0] == "passed"
+    assert dc.tests_verdict("passed", {**counts, "tests": 0, "skipped": 0}, "cuda")[0] == "failed"
+    assert dc.tests_verdict("failed", {**counts, "failures": 1}, "cuda", "x") == ("failed", "x")
+
+
+def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
+    """Every listed node id is collected, and every test skipped for want of CUDA is listed."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
+                         capture_output=True, text=True)
+    counts = dc.junit_counts(tmp_path / "j.xml")
+    assert counts["tests"] == 6 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
+        import re
+        why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)
+        assert sum(map(int, why)) == counts["skipped"], out.stdout[-2000:]
+    listed = {n.split("::")[1] for n in dc.CUDA_TESTS}
+    for path in (REPO_ROOT / "tests").glob("test_*.py"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("@pytest.mark.skipif(not torch.cuda.is_available()"):
+                name = next(l for l in lines[i + 1:] if l.startswith("def ")).split("(")[0][4:]
+                assert name in listed, f"{path.name}::{name} is CUDA-only but not in device_checks.CUDA_TESTS"
+
+
+def test_the_summary_lines_of_the_benchmarks_parse():
+    gram = ("d_in 14336, 24576 bfloat16 tokens on cuda (2 threads), block upper triangle into float64: float64 "
+            "products 0.412 s, float32 products (covariance.fast_gram, TF32) 0.021 s: x19.62; after 4 updates "
+            "each, relative difference 3.1e-06")
+    assert dc.parse_gram(gram) == {"float64_s": 0.412, "float32_s": 0.021, "speedup": 19.62, "rel_diff": 3.1e-06}
+    comp = ("         compiled vs eager: max |Δz| 2.29e-05, max relative ‖Δz‖ 3.40e-07, equal step counts 4/4\n"
+            "         compiled vs eager: max |Δz| 1.10e-05, max relative ‖Δz‖ 5.00e-07, equal step counts 4/4\n"
+            "eager 255.4-260.0 ms/fact, compiled 199.7-201.0: 1.28x")
+    assert dc.parse_compiled(comp) == {"eager_ms_per_fact": [255.4, 260.0], "compiled_ms_per_fact": [199.7, 201.0],
+                                       "max_abs_dz": 2.29e-05, "max_rel_dz": 5.0e-07}
+    assert dc.parse_gram("nothing") == {} and dc.parse_compiled("nothing") == {}
+
+
+def test_gram_step_on_the_cpu(tmp_path):
+    """The real benchmark at a small size: its summary line is read into numbers."""
+    run = run_of(tmp_path)
+    steps = dc.run_checks(run, ["gram"])
+    assert steps[0].status == "passed", (run.out / "checks.log").read_text()[-2000:]
+    n = steps[0].numbers
+    assert n["float64_s"] > 0 and n["float32_s"] > 0 and n["rel_diff"] < 1e-5
+
+
+def test_slice_and_cost_steps_need_what_they_read(tmp_path, monkeypatch):
+    """Without the staged tokenizer and CounterFact the GPU slice is skipped with the command to
+    stage them; without the slice's measured units the cost step is skipped."""
+    monkeypatch.setattr(dc, "STAGE", tmp_path / "nothing")
+    run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+    steps = dc.run_checks(run, ["slice", "cost"])
+    assert steps[0].status == "skipped" and "--stage" in steps[0].reason
+    assert steps[1].status == "skipped" and "no measured units" in steps[1].reason
+    cmd = dc.slice_command(run, tmp_path / "s")
+    assert "model.id=.cache/llama3-8b-shape-32L" in cmd and "model.device=cuda" in cmd and "--draw-device" in cmd
+
+
+def test_stage_writes_the_tokenizer_and_counterfact(tmp_path, monkeypatch):
+    llama3 = pytest.importorskip("editlib.llama3_tokenizer")
+    from editlib.counterfact import resolve_counterfact
+    try:
+        llama3.llama3_tokenizer_file()
+        src = resolve_counterfact(None, download=False)
+    except Exception as e:  # no Llama-3 tokenizer file or no CounterFact here
+        pytest.skip(str(e))
+    dc.stage(tmp_path / "stage")
+    (staged,) = (tmp_path / "stage").glob("counterfact*")
+    assert staged.read_bytes() == src.read_bytes() and staged.name.endswith(src.suffixes[-1])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "stage" / "tokenizer"))
+    assert len(tok) == 128256
+
+
+def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
+    """bench/slice_phases.py end to end at small sizes (the miniature in place of the 32-layer
+    shape): every phase runs, phases.json carries the measured units, and paper_cost takes them."""
+    run = run_of(tmp_path, budget=900.0)
+    steps = dc.run_checks(run, ["slice", "cost"])
+    log = (run.out / "checks.log").read_text()
+    assert [s.status for s in steps] == ["passed", "passed"], log[-3000:]
+    doc = json.loads((run.out / "phases.json").read_text())
+    names = list(doc["phases"])
+    assert doc["complete"] and names.index("evaluate 8 cases, GE") < names.index("layer search")
+    assert {"values_s_per_fact", "eval_s_per_case", "ge_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])
+    cost = steps[1].numbers
+    assert cost["modelled"]["total_gpu_hours"] > 0 and cost["measured_units"]["total_gpu_hours"] > 0
+    assert steps[0].numbers["complete"] and steps[0].numbers["phases_s"]["layer search"] > 0

@@ -11,8 +11,10 @@ Steps, most valuable first; each runs as its own process under a time limit (wha
 ``--budget``, at most its cap), and ``checks.json`` is rewritten after each, so whatever finished
 comes back even if the run is stopped:
 
-  env         GPU, driver, torch / transformers / accelerate versions
+  env         GPU, driver, torch / transformers / accelerate versions, the packages the steps import;
+              on a GPU run where torch sees no GPU, nothing else runs
   cuda_tests  the CUDA-only tests (skipped on a CPU machine): passed only if none failed or skipped
+  gram        bench/bench_gram.py --fast-gram --device cuda --tokens 24576
   slice       a 32-layer Llama-3-8B-shaped model (random weights, bfloat16, drawn on the GPU) loaded
               with device_map, then bench/slice_phases.py on it: C0 of layers 0-1, evaluation with
               GE of 100 tokens, layer search over layers 0-1 (32 facts, values 32 at a time as in
@@ -20,7 +22,6 @@ comes back even if the run is stopped:
               model's unit costs measured on this GPU (phases.json is kept after every phase)
   cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200, modelled and with
               the slice's measured units (--unit-costs)
-  gram        bench/bench_gram.py --fast-gram --device cuda --tokens 24576
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
@@ -48,7 +49,9 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".cache" / "device"
-STEPS = ("env", "cuda_tests", "slice", "cost", "gram", "compiled")
+STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
+#: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
+RESERVED = ("cost",)
 #: the CUDA-only tests (each is skipped where torch sees no GPU)
 CUDA_TESTS = (
     "tests/test_models.py::test_fingerprint_device_independent",
@@ -57,6 +60,8 @@ CUDA_TESTS = (
     "tests/test_stats.py::test_cuda_fast_gram_on_tf32_matches_float64_products",
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
 )
+#: what the steps import besides torch and transformers (editlib's core and the bench scripts)
+NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (300, 60), "slice": (420, 150), "cost": (90, 20),
         "gram": (120, 20), "compiled": (240, 60)}
@@ -86,6 +91,7 @@ class Run:
     shape_layers: int = 32
     slice_sets: list[str] = field(default_factory=list)
     work: Path = ROOT / "runs" / "device-checks"  # the slice's results and C0 cache (GBs: not under out)
+    reserve: float = 0.0  # seconds the running step leaves to later RESERVED steps
     t0: float = field(default_factory=time.perf_counter)
     steps: list[Step] = field(default_factory=list)
     info: dict = field(default_factory=dict)
@@ -112,11 +118,14 @@ def run_command(run: Run, step: Step, argv: list[str], cap: float, env: dict | N
     """Run ``argv`` under min(cap, what is left), its output streamed to checks.log and stdout as it
     comes (a stopped step keeps what it printed); returns that output."""
     step.command = " ".join(argv)
-    limit = max(1.0, min(cap, run.left()))
+    limit = max(1.0, min(cap, run.left() - run.reserve))
     run.log(f"\n=== {step.name}: {step.command} (limit {limit:.0f} s)\n")
     lines: list[str] = []
     t = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    # editlib need not be installed (on a GPU machine the checkout is used as it is): the bench
+    # scripts, whose own folder is first on their path, find it through PYTHONPATH
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)
 
@@ -149,8 +158,9 @@ def python() -> str:
 
 def step_env(run: Run, step: Step) -> None:
     code = ("import json, torch, transformers, importlib.util as u; c = torch.cuda.is_available(); "
+            f"missing = [m for m in {NEEDED!r} if u.find_spec(m) is None]; "
             "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
-            "'accelerate': bool(u.find_spec('accelerate')), 'cuda': c, "
+            "'accelerate': bool(u.find_spec('accelerate')), 'missing': missing, 'cuda': c, "
             "'gpu': torch.cuda.get_device_name(0) if c else None, "
             "'gpu_mem_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
             "'cpus': __import__('os').cpu_count()}))")
@@ -159,9 +169,14 @@ def step_env(run: Run, step: Step) -> None:
         step.numbers = json.loads(out.strip().splitlines()[-1])
         run.info.update(step.numbers)
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        step.numbers["nvidia_smi"] = smi.stdout.strip()
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
+            step.numbers["nvidia_smi"] = smi.stdout.strip()
+        except subprocess.TimeoutExpired:
+            step.numbers["nvidia_smi"] = "no answer in 30 s"
+    if step.numbers.get("missing"):
+        step.status, step.reason = "failed", f"packages missing: {', '.join(step.numbers['missing'])}"
     if run.device.startswith("cuda") and not step.numbers.get("cuda"):
         step.status, step.reason = "failed", "torch sees no CUDA device"
 
@@ -236,7 +251,8 @@ def step_slice(run: Run, step: Step) -> None:
         step.numbers = {"complete": doc.get("complete", True), "wall_s": round(doc["wall_s"], 1),
                         "units": doc.get("units", {}),
                         "cuda_peak_gib": max((v.get("cuda_peak_gib", 0.0) for v in doc["phases"].values()), default=0.0),
-                        "phases_s": {k: round(v["seconds"], 2) for k, v in doc["phases"].items()}}
+                        "phases_s": {k: round(v["seconds"], 2) for k, v in doc["phases"].items() if v.get("seconds") is not None},
+                        "phase_errors": {k: v["error"] for k, v in doc["phases"].items() if v.get("error")}}
     elif step.status == "passed":
         step.status, step.reason = "failed", "no phases.json"
 
@@ -306,16 +322,22 @@ def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Ste
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "checks.log").unlink(missing_ok=True)
     run.info.setdefault("python", platform.python_version())
-    for name in names:
+    stop = ""
+    for i, name in enumerate(names):
         step = Step(name)
         run.steps.append(step)
-        if run.left() < caps[name][1]:
+        run.reserve = sum(caps[n][1] for n in names[i + 1:] if n in RESERVED)
+        if stop:
+            step.status, step.reason = "skipped", stop
+        elif run.left() - run.reserve < caps[name][1]:
             step.status, step.reason = "skipped", f"{run.left():.0f} s of the budget left, needs {caps[name][1]:.0f}"
         else:
             try:
                 runners[name](run, step)
             except Exception as e:  # a broken step is reported, and the others still run
                 step.status, step.reason = "failed", f"{type(e).__name__}: {e}"
+        if name == "env" and step.status == "failed":  # no GPU or packages missing: every later step would fail
+            stop = f"env failed: {step.reason}"
         run.save()
     return run.steps
 
@@ -357,7 +379,7 @@ def main(argv=None) -> int:
         if step not in CAPS or not sec.replace(".", "", 1).isdigit():
             ap.error(f"--cap {c!r}: expected STEP=SECONDS with STEP one of {', '.join(STEPS)}")
         CAPS[step] = (float(sec), CAPS[step][1])
-    run = Run(Path(a.out), a.budget, a.device, a.smoke, a.shape_layers, a.slice_set)
+    run = Run(Path(a.out).resolve(), a.budget, a.device, a.smoke, a.shape_layers, a.slice_set)
     steps = run_checks(run, names)
     print("\n| step | status | seconds | note |\n|---|---|---:|---|")
     for s in steps:

@@ -123,6 +123,22 @@ def measured_units(costs: dict, phases: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in u.items()}
 
 
+def run_protocols(runs, study, phase, phases: dict, save) -> list[str]:
+    """Each protocol as its own phase; one protocol's failure (out of memory, say) is recorded in
+    ``phases`` and does not cost the others theirs. Returns the names that failed."""
+    failed: list[str] = []
+    for name, fn in runs:
+        try:
+            with phase(name):
+                fn(study, log=_log)
+        except Exception as e:
+            failed.append(name)
+            phases[name] = {"seconds": None, "error": f"{type(e).__name__}: {e}"}
+            _log(f"    {name} FAILED: {type(e).__name__}: {e}")
+            save(complete=False)
+    return failed
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/llama3-shape-slice.yaml")
@@ -159,7 +175,10 @@ def main(argv=None) -> None:
     def save(complete: bool) -> None:
         """phases.json, rewritten (atomically) after every phase: a run stopped by a time limit keeps
         what it measured; ``complete`` says whether every phase ran."""
-        costs = unit_costs(p, phases, st["study"]) if st["study"] is not None else {}
+        try:
+            costs = unit_costs(p, phases, st["study"]) if st["study"] is not None else {}
+        except Exception as e:  # a half-written run's files: keep the phases, say why the units are missing
+            costs = {"error": f"{type(e).__name__}: {e}"}
         tmp = out / "phases.json.tmp"
         tmp.write_text(json.dumps({
             "params": str(args.params), "command": " ".join(sys.argv), "complete": complete,
@@ -222,6 +241,9 @@ def main(argv=None) -> None:
     # stopped by a time limit (bench/device_checks.py) still has them in phases.json
     ev = p.evaluation
     facts = study.facts(8, 0)
+    _log("--- warm-up (untimed): one evaluation with GE, so that no unit pays first-call costs")
+    evaluate_records(study.model, study.tok, facts[:1], alignment=ev.alignment, batch_size=ev.batch_size,
+                     generation=True, gen_seed=ev.gen_seed, gen_max_len=min(ev.gen_max_len, 4))
     for label, n, gen in (("evaluate 1 case, no GE", 1, False), ("evaluate 1 case, GE", 1, True),
                           ("evaluate 8 cases, no GE", 8, False), ("evaluate 8 cases, GE", 8, True)):
         with phase(label):
@@ -231,18 +253,19 @@ def main(argv=None) -> None:
     runs = [("layer search", protocols.run_layer_search), ("singular", protocols.run_singular),
             ("sweep", protocols.run_sweep), ("batch MEMIT + EMMET", protocols.run_batch),
             ("sequential", protocols.run_sequential)]
-    for name, fn in runs:
-        with phase(name):
-            fn(study, log=_log)
+    failed = run_protocols(runs, study, phase, phases, save)
     total = time.perf_counter() - t_all
     meter.close()
     head.close()
 
-    save(complete=True)
+    save(complete=not failed)
     print()
     print(f"| phase | seconds | peak RSS (GiB) | LM-head rows (max/call) | weight-sized live | C0 f64 live | vocab-wide max rows |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, ph in phases.items():
+        if ph.get("error"):
+            print(f"| {name} | FAILED: {ph['error'][:120]} | | | | | |")
+            continue
         big = ph.get("big") or {}
         live = big.get("peak_live", {})
         hd = ph.get("head") or {}
@@ -251,6 +274,8 @@ def main(argv=None) -> None:
               f"{live.get('C0 d_in×d_in f64', 0) if big else ''} | {big.get('max_logit_rows', '') if big else ''} |")
     print(f"\nwall {total:.1f} s; process-wide peak RSS {meter.process_peak / GIB:.2f} GiB; "
           f"details and unit costs: {out / 'phases.json'}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (the other phases ran; see phases.json)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ checked on the CPU (the checks themselves need a GPU)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -39,6 +40,31 @@ def test_steps_run_in_order_and_the_summary_is_rewritten_after_each(tmp_path):
     assert not (run.out / "checks.json.tmp").exists()
 
 
+def test_a_failed_env_stops_the_run_and_the_cost_step_keeps_its_time(tmp_path):
+    """No GPU seen (or packages missing) on a GPU run: nothing else runs. A running step leaves the
+    cost step's least time free (RESERVED)."""
+    ran: list[str] = []
+
+    def env(run, step):
+        step.status, step.reason = "failed", "torch sees no CUDA device"
+
+    run = dc.Run(tmp_path / "out", 60.0, "cuda", smoke=True, work=tmp_path / "work")
+    steps = dc.run_checks(run, ["env", "gram", "slice"], runners={"env": env, "gram": lambda r, s: ran.append("gram"),
+                                                                  "slice": lambda r, s: ran.append("slice")})
+    assert ran == [] and [s.status for s in steps] == ["failed", "skipped", "skipped"]
+    assert steps[1].reason == "env failed: torch sees no CUDA device"
+    limits: dict[str, float] = {}
+
+    def slice_(run, step):
+        limits["slice"] = run.left() - run.reserve
+
+    run = run_of(tmp_path, budget=100.0)
+    caps = {"slice": (400, 10), "cost": (90, 20), "compiled": (200, 60)}
+    dc.run_checks(run, ["slice", "cost", "compiled"], caps=caps,
+                  runners={"slice": slice_, "cost": lambda r, s: None, "compiled": lambda r, s: None})
+    assert 75 < limits["slice"] <= 80  # 100 s less the cost step's 20; compiled is not reserved
+
+
 def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
     ran: list[str] = []
     run = run_of(tmp_path, budget=100.0)
@@ -51,17 +77,30 @@ def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
 
 
 def test_a_command_past_its_limit_is_stopped_and_keeps_its_output(tmp_path):
-    run = run_of(tmp_path, budget=2.0)
+    run = run_of(tmp_path, budget=5.0)
     run.out.mkdir(parents=True)
     step = dc.Step("gram")
     t = time.perf_counter()
     out = dc.run_command(run, step, [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], cap=30)
-    assert time.perf_counter() - t < 20  # the budget's 2 s, not the cap's 30
+    assert time.perf_counter() - t < 25  # the budget's 5 s, not the cap's 30
     assert step.status == "timeout" and "started" in out and step.rc is None
     assert "started" in (run.out / "checks.log").read_text()
     step = dc.Step("env")
     dc.run_command(run_of(tmp_path), step, [sys.executable, "-c", "raise SystemExit(3)"], cap=30)
     assert (step.status, step.rc) == ("failed", 3)
+
+
+def test_commands_find_editlib_without_an_install(tmp_path):
+    """On the GPU machine the checkout is not pip-installed: every command gets the repository on
+    PYTHONPATH (a bench script's own folder, not the root, is first on its path)."""
+    run = run_of(tmp_path)
+    run.out.mkdir(parents=True)
+    script = tmp_path / "probe.py"  # like a bench script: its own folder first on its path, not the root
+    script.write_text("import editlib, os\nprint(os.path.dirname(editlib.__file__))\n")
+    # -S: no site-packages, so no installed or editable editlib: found through PYTHONPATH or not at all
+    step = dc.Step("env")
+    out = dc.run_command(run, step, [sys.executable, "-S", str(script)], cap=30)
+    assert step.status == "passed" and out.strip().splitlines()[-1] == str(REPO_ROOT / "editlib"), out
 
 
 def test_skipped_cuda_tests_fail_a_gpu_run():
@@ -158,3 +197,24 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     cost = steps[1].numbers
     assert cost["modelled"]["total_gpu_hours"] > 0 and cost["measured_units"]["total_gpu_hours"] > 0
     assert steps[0].numbers["complete"] and steps[0].numbers["phases_s"]["layer search"] > 0
+
+
+def test_one_failed_protocol_does_not_stop_the_others():
+    import contextlib
+    import slice_phases
+
+    phases, saved, ran = {}, [], []
+
+    @contextlib.contextmanager
+    def phase(name):
+        yield
+        phases[name] = {"seconds": 1.0}
+
+    def boom(study, log):
+        raise MemoryError("CUDA out of memory")
+
+    runs = [("layer search", boom), ("sweep", lambda study, log: ran.append("sweep"))]
+    failed = slice_phases.run_protocols(runs, None, phase, phases, lambda complete: saved.append(complete))
+    assert failed == ["layer search"] and ran == ["sweep"]
+    assert phases == {"layer search": {"seconds": None, "error": "MemoryError: CUDA out of memory"}, "sweep": {"seconds": 1.0}}
+    assert saved == [False]

@@ -218,3 +218,12 @@ def test_one_failed_protocol_does_not_stop_the_others():
     assert failed == ["layer search"] and ran == ["sweep"]
     assert phases == {"layer search": {"seconds": None, "error": "MemoryError: CUDA out of memory"}, "sweep": {"seconds": 1.0}}
     assert saved == [False]
+
+
+def test_a_ge_unit_lost_in_timing_noise_is_not_passed_on_as_zero():
+    import slice_phases
+
+    phases = {"evaluate 1 case, no GE": {"seconds": 3.2}, "evaluate 1 case, GE": {"seconds": 3.1},
+              "evaluate 8 cases, no GE": {"seconds": 24.0}, "evaluate 8 cases, GE": {"seconds": 32.0}}
+    u = slice_phases.measured_units({}, phases)
+    assert u == {"eval_s_per_case_single": 3.2, "eval_s_per_case": 3.0, "ge_s_per_case": 1.0}

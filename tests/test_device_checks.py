@@ -193,7 +193,9 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     doc = json.loads((run.out / "phases.json").read_text())
     names = list(doc["phases"])
     assert doc["complete"] and names.index("evaluate 8 cases, GE") < names.index("layer search")
-    assert {"values_s_per_fact", "eval_s_per_case", "ge_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])
+    assert {"values_s_per_fact", "eval_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])
+    # GE of 8 tokens on the miniature can be lost in the noise of its timing: then no unit, never a zero
+    assert all(doc["units"][k] > 0 for k in ("ge_s_per_case", "ge_s_per_case_single") if k in doc["units"])
     cost = steps[1].numbers
     assert cost["modelled"]["total_gpu_hours"] > 0 and cost["measured_units"]["total_gpu_hours"] > 0
     assert steps[0].numbers["complete"] and steps[0].numbers["phases_s"]["layer search"] > 0

@@ -11,14 +11,14 @@ import argparse
 import time
 
 from editlib.paths import repo_path
-from editlib.shapes import build_llama3_shape_model, slice_dir
+from editlib.shapes import BUILD_DTYPES, build_llama3_shape_model, slice_dir
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="float32", choices=BUILD_DTYPES)
     ap.add_argument("--out", default=None, help="default: .cache/llama3-8b-shape-<layers>L")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the real Llama-3 one)")
     ap.add_argument("--draw-device", default="cpu", help="where the random weights are drawn (cpu | cuda)")

@@ -54,11 +54,11 @@ def _batches(p, exp: str) -> pd.DataFrame:
 
 def _build(p, args) -> str:
     """Build the slice named by the params' model id when it is an editlib shape directory."""
-    from editlib.shapes import SHAPE_MARKER, build_llama3_shape_model
+    from editlib.shapes import BUILD_DTYPES, SHAPE_MARKER, build_llama3_shape_model
     mdir = Path(p.model.id)
     if not (mdir / "config.json").is_file() or (mdir / SHAPE_MARKER).is_file() or args.build:
         n_layers = int(mdir.name.rsplit("-", 1)[-1].rstrip("L")) if mdir.name[-1] == "L" else 2
-        dtype = p.model.dtype if p.model.dtype in ("float32", "bfloat16", "float16") else "float32"
+        dtype = p.model.dtype if p.model.dtype in BUILD_DTYPES else "float32"
         build_llama3_shape_model(mdir, n_layers=n_layers, dtype=dtype, log=_log, draw_device=args.draw_device,
                                  tokenizer=args.tokenizer and str(repo_path(args.tokenizer)))
         return f"{n_layers}-layer shape model ({dtype}) in {mdir}"

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["SHAPE_MARKER", "ShapeBuild", "build_hint", "build_llama3_shape_model", "llama3_8b_config",
+__all__ = ["BUILD_DTYPES", "SHAPE_MARKER", "ShapeBuild", "build_hint", "build_llama3_shape_model", "llama3_8b_config",
            "slice_dir", "write_random_weights"]
 
 SHAPE_MARKER = "editlib_shape.json"
@@ -34,6 +34,8 @@ FORMAT = "editlib-shape-v1"
 CHUNK_BYTES = 64 << 20  # rows drawn and written per chunk (float32 bytes)
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the dtypes a shape build can be written in
+BUILD_DTYPES = tuple(_DTYPES)
 
 
 def slice_dir(n_layers: int) -> str:

@@ -84,7 +84,7 @@ class SharedBelow:
         self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
         upper = [get_module(model, arch.layer_name(l)) for l in range(self.layer, n_layers(model))]
         self._lower = _lower_modules(model.base_model, upper)
-        self._names = {id(m): name for name, m in model.named_modules()}
+        self._model = model  # only to name a hooked module in the warning
         self.hooked = 0  # scoring forwards that ran every block because of a hook below
         self._store: dict[tuple, Any] = {}
         self.bytes = 0
@@ -100,6 +100,13 @@ class SharedBelow:
         after. (Writes through ``.data`` bypass the counter; editlib never writes that way.)"""
         return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version) for m in self._lower
                      for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+
+    def _which(self, hooked: nn.Module | str) -> str:
+        """The hook that stopped sharing, for the warning: global, or on the module it names."""
+        if hooked == "global":
+            return "a global forward hook"
+        name = next((n for n, m in self._model.named_modules() if m is hooked), type(hooked).__name__)
+        return f"a forward hook on {name}"
 
     def clear(self) -> None:
         self._store.clear()
@@ -118,10 +125,8 @@ class SharedBelow:
             self.misses += 1
             self.hooked += 1
             if self.hooked == 1:  # said once per object; Python's filter then shows it once per hook place
-                where = "a global forward hook" if hooked == "global" else \
-                    f"a forward hook on {self._names.get(id(hooked), type(hooked).__name__)}"
                 warnings.warn(f"evaluation.share_below_gb: the blocks below the edited layer run in every "
-                              f"evaluation, because of {where} (the scores are unaffected; only the time "
+                              f"evaluation, because of {self._which(hooked)} (the scores are unaffected; only the time "
                               f"the sharing saves is lost)", RuntimeWarning, stacklevel=2)
             return run()
         versions = self._versions()

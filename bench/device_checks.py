@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
@@ -91,6 +92,7 @@ class Run:
     shape_layers: int = 32
     slice_sets: list[str] = field(default_factory=list)
     work: Path = ROOT / "runs" / "device-checks"  # the slice's results and C0 cache (GBs: not under out)
+    caps: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(CAPS))  # see CAPS
     reserve: float = 0.0  # seconds the running step leaves to later RESERVED steps
     t0: float = field(default_factory=time.perf_counter)
     steps: list[Step] = field(default_factory=list)
@@ -149,10 +151,6 @@ def run_command(run: Run, step: Step, argv: list[str], cap: float, env: dict | N
     return "".join(lines)
 
 
-def python() -> str:
-    return sys.executable
-
-
 # --------------------------------------------------------------------------- the steps
 
 
@@ -164,7 +162,7 @@ def step_env(run: Run, step: Step) -> None:
             "'gpu': torch.cuda.get_device_name(0) if c else None, "
             "'gpu_mem_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
             "'cpus': __import__('os').cpu_count()}))")
-    out = run_command(run, step, [python(), "-c", code], CAPS["env"][0])
+    out = run_command(run, step, [PY, "-c", code], run.caps["env"][0])
     if step.status == "passed":
         step.numbers = json.loads(out.strip().splitlines()[-1])
         run.info.update(step.numbers)
@@ -190,8 +188,8 @@ def junit_counts(path: Path) -> dict:
 
 def step_cuda_tests(run: Run, step: Step) -> None:
     xml = run.out / "junit.xml"
-    run_command(run, step, [python(), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                            *CUDA_TESTS], CAPS["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
+    run_command(run, step, [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                            *CUDA_TESTS], run.caps["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
     if not xml.is_file():
         step.status, step.reason = "failed" if step.status == "passed" else step.status, "no junit.xml"
         return
@@ -218,12 +216,12 @@ def slice_command(run: Run, out_dir: Path) -> list[str]:
                 "batch.batch_sizes=[4]", "batch.windows=[1]", "sequential.total=2", "sequential.batch_sizes=[1]",
                 "sequential.degradation_every=null", "data.orderings=[0]", "evaluation.gen_max_len=8",
                 "covariance.n_samples=40", *run.slice_sets]
-        return [python(), "bench/slice_phases.py", "--params", "params/tiny.yaml", "--out", str(out_dir),
+        return [PY, "bench/slice_phases.py", "--params", "params/tiny.yaml", "--out", str(out_dir),
                 "--no-watch", "--c0-layers", "0", "1", *(a for s in sets for a in ("--set", s))]
     sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
             f"model.device={run.device}", "layer_search.layers=[0,1]", "layer_search.n_facts=32",
             "hparams.common.z_batch_size=32", "evaluation.gen_max_len=100", *run.slice_sets]
-    return [python(), "bench/slice_phases.py", "--params", "params/llama3-shape-slice.yaml", "--out", str(out_dir),
+    return [PY, "bench/slice_phases.py", "--params", "params/llama3-shape-slice.yaml", "--out", str(out_dir),
             "--no-watch", "--c0-layers", "0", "1", "--draw-device", run.device,
             "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
             *(a for s in sets for a in ("--set", s))]
@@ -243,7 +241,7 @@ def step_slice(run: Run, step: Step) -> None:
             return
     # a folder of its own: another run of this script (or of the slice) never writes into it
     out_dir = run.work / f"slice-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_command(run, step, slice_command(run, out_dir), CAPS["slice"][0], env={"HF_HUB_OFFLINE": "1"})
+    run_command(run, step, slice_command(run, out_dir), run.caps["slice"][0], env={"HF_HUB_OFFLINE": "1"})
     phases = out_dir / "phases.json"
     if phases.is_file():
         shutil.copy(phases, run.out / "phases.json")
@@ -262,11 +260,11 @@ def step_cost(run: Run, step: Step) -> None:
     if not phases.is_file() or not json.loads(phases.read_text()).get("units"):
         step.status, step.reason = "skipped", "no measured units (the slice step did not finish)"
         return
-    base = [python(), "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16"]
-    run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], CAPS["cost"][0] / 2)
+    base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16"]
+    run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], run.caps["cost"][0] / 2)
     if step.status != "passed":
         return
-    run_command(run, step, [*base, "--unit-costs", str(phases), "--json", str(run.out / "cost.json")], CAPS["cost"][0] / 2)
+    run_command(run, step, [*base, "--unit-costs", str(phases), "--json", str(run.out / "cost.json")], run.caps["cost"][0] / 2)
     for key, name in (("modelled", "cost-model.json"), ("measured_units", "cost.json")):
         path = run.out / name
         if path.is_file():
@@ -280,8 +278,8 @@ def _cost_totals(doc: dict) -> dict:
 
 def step_gram(run: Run, step: Step) -> None:
     size = ["--d", "1024", "--tokens", "2048"] if run.smoke else ["--tokens", "24576"]
-    out = run_command(run, step, [python(), "bench/bench_gram.py", "--fast-gram", "--device", run.device,
-                                  "--reps", "3", *size], CAPS["gram"][0])
+    out = run_command(run, step, [PY, "bench/bench_gram.py", "--fast-gram", "--device", run.device,
+                                  "--reps", "3", *size], run.caps["gram"][0])
     step.numbers = parse_gram(out)
 
 
@@ -294,8 +292,8 @@ def parse_gram(out: str) -> dict:
 def step_compiled(run: Run, step: Step) -> None:
     args = ["--n", "4", "--warmup", "1", "--rounds", "1", "--mode", "default"] if run.smoke else \
         ["--n", "20", "--rounds", "2", "--mode", "reduce-overhead", "--set", f"model.device={run.device}"]
-    out = run_command(run, step, [python(), "bench/bench_compiled_values.py", "--z-batch-size", "1", *args],
-                      CAPS["compiled"][0], env={"HF_HUB_OFFLINE": "1"})
+    out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--z-batch-size", "1", *args],
+                      run.caps["compiled"][0], env={"HF_HUB_OFFLINE": "1"})
     step.numbers = parse_compiled(out)
 
 
@@ -316,9 +314,9 @@ RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "gram": step_gram, "compiled": step_compiled}
 
 
-def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS,
-               caps: dict[str, tuple[float, float]] = CAPS) -> list[Step]:
-    """Run the named steps in order; a step whose least useful time no longer fits is skipped."""
+def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:
+    """Run the named steps in order; a step whose least useful time (``run.caps``) no longer fits is skipped."""
+    caps = run.caps
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "checks.log").unlink(missing_ok=True)
     run.info.setdefault("python", platform.python_version())
@@ -374,12 +372,13 @@ def main(argv=None) -> int:
         stage()
         return 0
     names = [s for s in (a.only or STEPS) if s not in a.skip]
+    caps = dict(CAPS)
     for c in a.cap:
         step, _, sec = c.partition("=")
         if step not in CAPS or not sec.replace(".", "", 1).isdigit():
             ap.error(f"--cap {c!r}: expected STEP=SECONDS with STEP one of {', '.join(STEPS)}")
-        CAPS[step] = (float(sec), CAPS[step][1])
-    run = Run(Path(a.out).resolve(), a.budget, a.device, a.smoke, a.shape_layers, a.slice_set)
+        caps[step] = (float(sec), CAPS[step][1])
+    run = Run(Path(a.out).resolve(), a.budget, a.device, a.smoke, a.shape_layers, a.slice_set, caps=caps)
     steps = run_checks(run, names)
     print("\n| step | status | seconds | note |\n|---|---|---:|---|")
     for s in steps:

@@ -59,8 +59,8 @@ def test_a_failed_env_stops_the_run_and_the_cost_step_keeps_its_time(tmp_path):
         limits["slice"] = run.left() - run.reserve
 
     run = run_of(tmp_path, budget=100.0)
-    caps = {"slice": (400, 10), "cost": (90, 20), "compiled": (200, 60)}
-    dc.run_checks(run, ["slice", "cost", "compiled"], caps=caps,
+    run.caps = {"slice": (400, 10), "cost": (90, 20), "compiled": (200, 60)}
+    dc.run_checks(run, ["slice", "cost", "compiled"],
                   runners={"slice": slice_, "cost": lambda r, s: None, "compiled": lambda r, s: None})
     assert 75 < limits["slice"] <= 80  # 100 s less the cost step's 20; compiled is not reserved
 
@@ -69,9 +69,9 @@ def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
     ran: list[str] = []
     run = run_of(tmp_path, budget=100.0)
     run.t0 = time.perf_counter() - 50  # 50 s left
-    caps = {"env": (10, 5), "slice": (400, 150), "gram": (60, 20)}
-    steps = dc.run_checks(run, ["env", "slice", "gram"], caps=caps,
-                          runners={k: (lambda r, s, k=k: ran.append(k) or setattr(s, "status", "passed")) for k in caps})
+    run.caps = {"env": (10, 5), "slice": (400, 150), "gram": (60, 20)}
+    steps = dc.run_checks(run, ["env", "slice", "gram"],
+                          runners={k: (lambda r, s, k=k: ran.append(k) or setattr(s, "status", "passed")) for k in run.caps})
     assert ran == ["env", "gram"]
     assert steps[1].status == "skipped" and "needs 150" in steps[1].reason
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from editlib import stats
+from editlib.tf32 import tf32_matmuls
 
 
 def _time(fn, reps: int, device: str) -> float:
@@ -68,7 +69,7 @@ def fast_gram(a) -> None:
     exact, fast = (torch.zeros(a.d, a.d, dtype=torch.float64, device=dev) for _ in range(2))
 
     def fast_update():
-        with stats._tf32_matmuls(dev):
+        with tf32_matmuls(dev):
             stats.add_gram(fast, k16.float())
 
     t_exact = _time(lambda: stats.add_gram(exact, k16.double()), a.reps, a.device)

@@ -139,7 +139,7 @@ def run_protocols(runs, study, phase, phases: dict, save) -> list[str]:
                 fn(study, log=_log)
         except Exception as e:
             failed.append(name)
-            phases[name] = {"seconds": None, "error": f"{type(e).__name__}: {e}"}
+            phases[name] = {**phases.get(name, {}), "seconds": None, "error": f"{type(e).__name__}: {e}"}
             _log(f"    {name} FAILED: {type(e).__name__}: {e}")
             save(complete=False)
     return failed
@@ -193,23 +193,32 @@ def main(argv=None) -> None:
             indent=1, default=str) + "\n")
         os.replace(tmp, out / "phases.json")
 
+    def cuda_peak() -> dict:
+        """The GPU's peak since the last phase ended (or the warm-up), and a new start."""
+        if not torch.cuda.is_available():
+            return {}
+        peak = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()
+        return {"cuda_peak_gib": peak}
+
     @contextlib.contextmanager
     def phase(name: str):
-        with warnings.catch_warnings(record=True) as caught, meter.phase(name, cm["watch"], head) as ph:
-            warnings.simplefilter("always")
-            _log(f"--- {name}")
-            if cm["watch"] is not None:
-                with cm["watch"]:
+        try:
+            with warnings.catch_warnings(record=True) as caught, meter.phase(name, cm["watch"], head) as ph:
+                warnings.simplefilter("always")
+                _log(f"--- {name}")
+                if cm["watch"] is not None:
+                    with cm["watch"]:
+                        yield ph
+                else:
                     yield ph
-            else:
-                yield ph
+        except BaseException:  # a failed phase keeps its GPU peak (an out-of-memory one, say)
+            phases[name] = {"seconds": None, **cuda_peak()}
+            raise
         msgs = sorted({str(w.message)[:160] for w in caught})
         phases[name] = {"seconds": ph.seconds, "peak_rss_gib": ph.peak_rss / GIB,
                         "start_rss_gib": ph.start_rss / GIB, "end_rss_gib": ph.end_rss / GIB,
-                        "big": ph.big, "head": ph.head, "warnings": msgs}
-        if torch.cuda.is_available():  # the GPU's peak since the last phase ended
-            phases[name]["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-            torch.cuda.reset_peak_memory_stats()
+                        "big": ph.big, "head": ph.head, "warnings": msgs, **cuda_peak()}
         save(complete=False)
         _log(f"    {name}: {ph.seconds:.1f} s, peak RSS {ph.peak_rss / GIB:.2f} GiB"
              + (f", {len(msgs)} distinct warning(s): {msgs[0][:100]}" if msgs else ""))
@@ -250,6 +259,7 @@ def main(argv=None) -> None:
     _log("--- warm-up (untimed): one evaluation with GE, so that no unit pays first-call costs")
     evaluate_records(study.model, study.tok, facts[:1], alignment=ev.alignment, batch_size=ev.batch_size,
                      generation=True, gen_seed=ev.gen_seed, gen_max_len=min(ev.gen_max_len, 4))
+    cuda_peak()  # the warm-up's peak is no phase's
     for label, n, gen in (("evaluate 1 case, no GE", 1, False), ("evaluate 1 case, GE", 1, True),
                           ("evaluate 8 cases, no GE", 8, False), ("evaluate 8 cases, GE", 8, True)):
         with phase(label):

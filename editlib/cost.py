@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .generation import rows_within
-from .stats import gram_macs
+from .stats import TC_CHUNK_TOKENS, gram_macs
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
 
@@ -260,7 +260,9 @@ class CostModel:
         """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
         deepest in groups of :meth:`c0_per_pass`) + a rank-T update of each layer's Σkkᵀ (its block
         upper triangle: editlib.stats.add_gram): float64 GEMMs, or with :attr:`gram32` TF32 GEMMs
-        whose float32 blocks are added into the float64 sum once per batch (memory-bound)."""
+        whose float32 blocks are added into the float64 sum once per batch (memory-bound), each
+        batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
+        the float32 block per further chunk)."""
         if "c0_s_per_token_layer" in self.unit_s:
             return self.unit_s["c0_s_per_token_layer"] * self.c0_tokens * layers
         per = self.c0_per_pass(s)
@@ -271,8 +273,11 @@ class CostModel:
         if not self.gram32:
             return fwd + 2 * macs / (self.gpu.fp64 * self.f64_eff)
         gemm = 2 * macs / (self.gpu.tf32 * self.mm_eff)
-        adds = 0.0 if self.flops_only else (  # read the float32 block, read + write the float64 sum
-            20 * gram_macs(s.d_in) * layers * math.ceil(self.c0_tokens / self.c0_batch_tokens)
+        # per batch: read the float32 block, read + write the float64 sum; per further token
+        # chunk, read + write the float32 block in the GEMM's epilogue
+        per_batch = 20 + 8 * (math.ceil(self.c0_batch_tokens / TC_CHUNK_TOKENS) - 1)
+        adds = 0.0 if self.flops_only else (
+            per_batch * gram_macs(s.d_in) * layers * math.ceil(self.c0_tokens / self.c0_batch_tokens)
             / (self.gpu.bw * self.bw_eff))
         return fwd + gemm + adds
 

@@ -213,6 +213,15 @@ class EditStats:
         return asdict(self)
 
 
+def _synced_time(device: torch.device) -> float:
+    """``time.time()`` once ``device`` has finished its queued work: CUDA kernels run
+    asynchronously, so without it a phase's GPU time is counted in the next phase that waits for
+    the device (the keys' in the solve, a weight write in the evaluation)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def prepare_targets(model, tok, records: Sequence[Record], hp: EditHParams, contexts: ContextTemplates,
                     *, values: ValueResult | None = None, log=None) -> BatchTargets:
     """Values at the last edited layer, keys at the first, residuals on the current model."""
@@ -223,7 +232,8 @@ def prepare_targets(model, tok, records: Sequence[Record], hp: EditHParams, cont
     K = compute_keys(model, tok, records, layer, contexts)
     _, h = current_values(model, tok, records, z_layer)
     # z comes back on the CPU, h on the model's device: the residual lives with the keys (the solve's device)
-    return BatchTargets(layer=layer, K=K, R=vals.z.to(h.device) - h, values=vals, seconds_keys=time.time() - t0)
+    R = vals.z.to(h.device) - h
+    return BatchTargets(layer=layer, K=K, R=R, values=vals, seconds_keys=_synced_time(R.device) - t0)
 
 
 def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dict[int, CovFactor],
@@ -267,13 +277,13 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
                 K = compute_keys(model, tok, recs, layer, contexts)
                 _, h = current_values(model, tok, recs, layers[-1])
                 R = z.to(h.device) - h
-                t_keys += time.time() - t0
+                t_keys += _synced_time(R.device) - t0
             t0 = time.time()
             Ri = R / (len(layers) - i)
             op, mu, extra = preservation(hp, covs[layer], prior, layer)
             X, info = solve_factors(Ri, K, op, mu, max_cond=hp.max_cond)
             session.apply_factors(layer, Ri, X)  # ΔW = R X, never a dense float64 d_out × d_in
-            t_solve += time.time() - t0
+            t_solve += _synced_time(X.device) - t0
             total_delta_sq += info.delta_norm ** 2
             jit, jit_rel = max(jit, info.jitter), max(jit_rel, info.jitter_rel)
             if not info.solve_resid <= resid:  # a NaN residual is kept, never read as exact

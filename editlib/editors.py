@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .solver import CovFactor, Preservation, factor_cov
+from .solver import CovFactor, Preservation, eig_or_cpu, factor_cov
 
 __all__ = ["NullSpace", "NullSpaceError", "NullSpaceOperator", "PriorKeys", "encore_delta_bound", "encore_operator",
            "nullspace", "preservation", "run_state", "uses_prior_keys"]
@@ -94,7 +94,7 @@ def nullspace(cov: CovFactor, threshold: float) -> NullSpace:
         raise ValueError(f"nullspace_threshold must be in (0, 1], got {threshold}")
     key = ("nullspace", float(threshold))
     if key not in cov.cache:
-        e, V = torch.linalg.eigh(cov.matrix())  # ascending, float64, on the factor's device
+        e, V = eig_or_cpu(torch.linalg.eigh, cov.matrix())  # ascending, float64, on the factor's device
         e = e.clamp(min=0)
         total = float(e.sum())
         if not total > 0:

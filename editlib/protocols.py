@@ -52,6 +52,7 @@ from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved
 from .stats import CorpusSpec, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
 from .store import Experiment
+from .tf32 import set_tf32
 from .weights import EditSession
 
 EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
@@ -364,13 +365,6 @@ def _layer_search_cases(p: StudyParams, which: str) -> Path | None:
     else:
         return None
     return Path(p.results_dir) / p.name / f"layer_search{suffix}" / "cases.parquet"
-
-
-def set_tf32(on: bool) -> None:
-    """TF32 matmuls on CUDA (``model.tf32``): off by default, as the reference ran (torch's default
-    since 1.12); on, GEMMs round their inputs to 10-bit mantissas (~1e-3 relative)."""
-    torch.backends.cuda.matmul.allow_tf32 = bool(on)
-    torch.backends.cudnn.allow_tf32 = bool(on)
 
 
 def set_deterministic(on: bool) -> None:

@@ -50,6 +50,8 @@ from .progress import progress as progress_bar
 
 from . import arch
 from .nethook import TraceDict
+from .solver import eig_or_cpu
+from .tf32 import tf32_matmuls
 from .tokens import encode, pad_right
 
 __all__ = [
@@ -58,11 +60,13 @@ __all__ = [
     "CovCacheError",
     "CovStats",
     "GRAM_BLOCK",
+    "TC_CHUNK_TOKENS",
     "add_gram",
     "fast_gram_applies",
     "collect_second_moments",
     "encode_corpus",
     "gram_blocks",
+    "gram_chunk",
     "gram_macs",
     "pack_upper",
     "symmetrize_upper",
@@ -321,19 +325,41 @@ def gram_macs(d: int) -> int:
     return sum((hi - lo) * (d - lo) for lo, hi in zip(e[:-1], e[1:]))
 
 
-def add_gram(acc: torch.Tensor, feats: torch.Tensor) -> None:
+#: tokens per tensor-core product of fast_gram on CUDA. Tensor cores add products into their
+#: float32 sums by truncation, not rounding (published measurements of V100 to H100 tensor cores),
+#: a bias that grows with the number of tokens summed: simulated on bfloat16 keys, a relative
+#: 2.5e-6 at 1,024 tokens, 1.0e-5 at 4,096 and 6.8e-5 over a 24,576-token batch, against 2e-7
+#: to 8e-7 when rounding. The batch is therefore taken in products of this many tokens, added
+#: together by the GEMMs' rounded float32 epilogues (about 5e-6 at most). On the CPU (rounded
+#: float32 FMAs) a batch is one product.
+TC_CHUNK_TOKENS = 2048
+
+
+def gram_chunk(feats: torch.Tensor) -> int:
+    """Tokens per float32 product of :func:`add_gram` for narrower ``feats``: :data:`TC_CHUNK_TOKENS`
+    on CUDA (tensor cores), the whole batch elsewhere."""
+    return TC_CHUNK_TOKENS if feats.device.type == "cuda" else max(feats.shape[0], 1)
+
+
+def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None = None) -> None:
     """``acc += featsᵀ feats`` on the block upper triangle only (the whole matrix when
     :func:`gram_blocks` is 1); :func:`symmetrize_upper` completes it once all batches are in.
     ``feats`` in a narrower dtype than ``acc`` (:func:`fast_gram_applies`): each block's product is taken
-    in ``feats``' dtype and added into ``acc``."""
-    d = feats.shape[1]
+    in ``feats``' dtype, ``chunk_tokens`` tokens at a time (:func:`gram_chunk`), and added into ``acc``."""
+    d, n = feats.shape[1], feats.shape[0]
+    chunk = gram_chunk(feats) if chunk_tokens is None else chunk_tokens
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk}")
     edges = _gram_edges(d)
     for lo, hi in zip(edges[:-1], edges[1:]):
         blk, rows = acc[lo:hi, lo:], feats[:, lo:hi].T
         if feats.dtype == acc.dtype:
             blk.addmm_(rows, feats[:, lo:])
-        else:
-            blk.add_(rows @ feats[:, lo:])
+            continue
+        part = rows[:, :chunk] @ feats[:chunk, lo:]
+        for t in range(chunk, n, chunk):
+            part.addmm_(rows[:, t:t + chunk], feats[t:t + chunk, lo:])
+        blk.add_(part)
 
 
 #: activation dtypes whose products are exact in float32 (and on TF32 tensor cores: 10-bit mantissas)
@@ -348,27 +374,12 @@ def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
     float32 and in TF32's multipliers, so the only difference from the float64 product is that the
     sum over one batch's tokens (≤ ``max_batch_tokens``) is accumulated in float32 (the reference
     accumulates the whole corpus in float32): on the CPU 1.1e-7 relative at 1,024 tokens, 1.5e-7 at
-    4,096 (``bench/bench_gram.py --fast-gram``). Tensor cores accumulate with the hardware's own
-    rounding, not measured here (``--device cuda --tokens 24576`` measures it). On an H200 this is
+    4,096 (``bench/bench_gram.py --fast-gram``). Tensor cores truncate their float32 sums, so on
+    CUDA a batch is summed in products of :data:`TC_CHUNK_TOKENS` tokens; not yet measured on a GPU
+    (``--device cuda --tokens 24576`` measures it). On an H200 this is
     495 against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
     TF32 would round them."""
     return bool(requested) and act_dtype in EXACT_IN_TF32
-
-
-@contextlib.contextmanager
-def _tf32_matmuls(device: torch.device):
-    """TF32 tensor cores for float32 matmuls on a CUDA device inside the block, restored after; a
-    no-op elsewhere (the CPU's float32 product of 16-bit inputs is the same exact-product sum).
-    Through torch's ``allow_tf32`` switch, as ``protocols.set_tf32`` (``model.tf32``) sets it."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def pack_upper(m: torch.Tensor) -> torch.Tensor:
@@ -435,7 +446,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
         if gram32 and x.dtype not in EXACT_IN_TF32:
             raise ValueError(f"gram32 needs 16-bit activations, {name} gives {x.dtype}")
         feats = x[keep].to(torch.float32 if gram32 else dtype)  # [tokens, d_in], non-padding only
-        with _tf32_matmuls(device) if gram32 else contextlib.nullcontext():
+        with tf32_matmuls(device) if gram32 else contextlib.nullcontext():
             add_gram(sums[names[name]], feats)
 
     for batch in progress_bar(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",
@@ -579,7 +590,7 @@ def _write_cache(path: Path, key: dict, total: torch.Tensor, count: int, cond: f
 
 def _cond(mom2: torch.Tensor, device: torch.device) -> float:
     """Exact condition number from all eigenvalues: O(d_in³), opt-in (``cond=True``)."""
-    eig = torch.linalg.eigvalsh(mom2.to(device=device, dtype=torch.float64))
+    eig = eig_or_cpu(torch.linalg.eigvalsh, mom2.to(device=device, dtype=torch.float64))
     lo, hi = eig.min().item(), eig.max().item()
     return hi / lo if lo > 0 else math.inf
 

@@ -208,8 +208,12 @@ def test_one_failed_protocol_does_not_stop_the_others():
     phases, saved, ran = {}, [], []
 
     @contextlib.contextmanager
-    def phase(name):
-        yield
+    def phase(name):  # as slice_phases' own: a failed phase records its GPU peak
+        try:
+            yield
+        except BaseException:
+            phases[name] = {"seconds": None, "cuda_peak_gib": 139.5}
+            raise
         phases[name] = {"seconds": 1.0}
 
     def boom(study, log):
@@ -218,7 +222,8 @@ def test_one_failed_protocol_does_not_stop_the_others():
     runs = [("layer search", boom), ("sweep", lambda study, log: ran.append("sweep"))]
     failed = slice_phases.run_protocols(runs, None, phase, phases, lambda complete: saved.append(complete))
     assert failed == ["layer search"] and ran == ["sweep"]
-    assert phases == {"layer search": {"seconds": None, "error": "MemoryError: CUDA out of memory"}, "sweep": {"seconds": 1.0}}
+    assert phases == {"layer search": {"seconds": None, "cuda_peak_gib": 139.5, "error": "MemoryError: CUDA out of memory"},
+                      "sweep": {"seconds": 1.0}}
     assert saved == [False]
 
 

@@ -23,6 +23,7 @@ from pandas.testing import assert_frame_equal
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread)
 from _fixtures import assert_unedited, quiet, snapshot, use
 from editlib import protocols
+from editlib.tf32 import matmul_tf32
 from editlib.__main__ import main
 from editlib.counterfact import DatasetNotFound
 from editlib.params import ParamsError, resolve
@@ -768,10 +769,10 @@ def test_tf32_key(tmp_path):
     assert params_for(tmp_path, **{"model.tf32": True}).model.tf32 is True
     try:
         protocols.set_tf32(True)
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert matmul_tf32() and torch.backends.cudnn.allow_tf32
     finally:
         protocols.set_tf32(False)
-    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not matmul_tf32()
 
 
 def test_deterministic_key(tmp_path, monkeypatch):

@@ -363,3 +363,51 @@ def test_solved_keys_remembers_one_solve(C0: torch.Tensor, cov: CovFactor, monke
     assert ref() is None
     solved_keys(memo, cov, K, [0, 2])  # the dead operator's entry is not reused
     assert calls == [3, 3, 2, 2, 2]
+
+
+def test_factor_cov_jitter_is_c0_plus_jitter_identity_and_leaves_c0_alone() -> None:
+    """The jitter goes onto the diagonal of factor_cov's own copy of C0, in place: the factor is
+    the Cholesky of (C0 + C0ᵀ)/2 + jitter·I to the bit, and the caller's C0 is unchanged."""
+    v = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    C = v @ v.T
+    before = C.clone()
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        f = factor_cov(C)
+    assert torch.equal(C, before)
+    sym = (before + before.T) / 2
+    expect = torch.linalg.cholesky(sym + f.jitter * torch.eye(6, dtype=F64))
+    assert torch.equal(f.L, expect)
+
+
+def test_eigensolver_failure_off_the_cpu_is_retried_on_the_cpu() -> None:
+    """A GPU eigensolver that does not converge (cuSOLVER can, on ill-conditioned systems) is
+    retried on the CPU with a warning, the result returned on the input's device; on the CPU
+    the error is raised as it is."""
+    from editlib.solver import eig_or_cpu
+
+    M = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64))
+    calls = []
+
+    class OffCpu:  # stands in for a tensor on a device whose eigensolver fails
+        device = torch.device("meta")
+
+        def cpu(self):
+            return M
+
+    def eigh(x):
+        calls.append(type(x).__name__)
+        if isinstance(x, OffCpu):
+            raise torch.linalg.LinAlgError("failed to converge")
+        return torch.linalg.eigh(x)
+
+    with pytest.warns(RuntimeWarning, match="eigh did not converge on meta.*recomputed on the CPU"):
+        e, V = eig_or_cpu(eigh, OffCpu())
+    assert calls == ["OffCpu", "Tensor"]
+    assert e.device.type == V.device.type == "meta" and e.shape == (3,) and V.shape == (3, 3)
+
+    def fails(x):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    with pytest.raises(torch.linalg.LinAlgError):
+        eig_or_cpu(fails, M)
+    assert torch.equal(eig_or_cpu(torch.linalg.eigvalsh, M), torch.tensor([1.0, 2.0, 3.0], dtype=F64))

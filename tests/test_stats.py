@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from editlib import arch, stats
+from editlib.tf32 import matmul_tf32, tf32_matmuls
 from editlib.stats import (CorpusSpec, CorpusUnavailable, CovCacheError, collect_second_moments,
                            iter_corpus, layer_covariance, records_corpus_texts)
 from editlib.tokens import encode, prepare_tokenizer
@@ -578,6 +579,24 @@ def test_float32_products_of_16bit_inputs_into_a_float64_sum(d, block, monkeypat
         assert rel(fast, exact) < 0.5 * rel(f32.double(), exact)
 
 
+def test_fast_gram_products_in_token_chunks() -> None:
+    """fast_gram's float32 products of 16-bit keys, taken a chunk of tokens at a time (as on CUDA,
+    where tensor cores truncate their float32 sums), give the float64 Gram to float32 rounding;
+    on the CPU a batch is one product, bit for bit what one GEMM gives."""
+    g = torch.Generator().manual_seed(3)
+    k16 = torch.randn(1000, 40, generator=g).to(torch.bfloat16)
+    exact = torch.zeros(40, 40, dtype=F64)
+    stats.add_gram(exact, k16.double())
+    one, chunked = torch.zeros(40, 40, dtype=F64), torch.zeros(40, 40, dtype=F64)
+    stats.add_gram(one, k16.float())
+    stats.add_gram(chunked, k16.float(), chunk_tokens=64)
+    assert torch.equal(one, (k16.float().T @ k16.float()).double())  # d ≤ GRAM_BLOCK: one full GEMM
+    assert rel(chunked, exact) < 1e-6 and rel(one, exact) < 1e-6 and not torch.equal(chunked, one)
+    assert stats.gram_chunk(k16) == 1000 and stats.gram_chunk(k16[:0]) == 1
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        stats.add_gram(one, k16.float(), chunk_tokens=0)
+
+
 def test_fast_gram_applies_to_16bit_activations_only() -> None:
     assert stats.fast_gram_applies(True, torch.bfloat16) and stats.fast_gram_applies(True, torch.float16)
     assert not stats.fast_gram_applies(True, torch.float32)
@@ -625,18 +644,18 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     to the tensor cores' float32 accumulation, also over a paper-size batch of 24,576 tokens."""
     model = tiny_llama(seed=0).to(torch.bfloat16).eval().to("cuda")
     texts = texts_of(40, seed=6)
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = matmul_tf32()
     seen, real = [], stats.add_gram
 
     def spy(acc, feats):
-        seen.append((feats.dtype, torch.backends.cuda.matmul.allow_tf32))
+        seen.append((feats.dtype, matmul_tf32()))
         real(acc, feats)
 
     exact = collect_second_moments(model, tok, texts, [0, 1], progress=False)
     monkeypatch.setattr(stats, "add_gram", spy)
     fast = collect_second_moments(model, tok, texts, [0, 1], progress=False, gram32=True)
     assert seen and set(seen) == {(torch.float32, True)}
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert matmul_tf32() == before
     for layer in (0, 1):
         assert fast[layer][1] == exact[layer][1] and fast[layer][0].dtype == F64
         assert rel(fast[layer][0], exact[layer][0]) < 1e-6
@@ -644,7 +663,7 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     k16 = torch.randn(24576, 3000, generator=g, device="cuda").to(torch.bfloat16)
     ref, got = (torch.zeros(3000, 3000, dtype=F64, device="cuda") for _ in range(2))
     real(ref, k16.double())
-    with stats._tf32_matmuls(torch.device("cuda")):
+    with tf32_matmuls(torch.device("cuda")):
         real(got, k16.float())
     assert rel(stats.symmetrize_upper(got), stats.symmetrize_upper(ref)) < 1e-5
 

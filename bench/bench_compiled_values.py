@@ -9,7 +9,10 @@ not move).
         [--z-batch-size 1] [--rounds 2] [--mode default] [--threads 2] [--set KEY=VALUE ...]
 
 ``--z-batch-size 1`` is a one-fact sequential edit's value optimisation (B = 1); on a GPU
-(``--set model.device=cuda``) ``--mode reduce-overhead`` also captures CUDA graphs.
+(``--set model.device=cuda``) ``--mode reduce-overhead`` also captures CUDA graphs (each call then
+starts a new CUDA-graph step, as ``torch.compiler.cudagraph_mark_step_begin`` asks when a call's
+outputs are still alive at the next). A compiled path that fails (to compile or to run) is reported
+with its error, and the eager numbers are still printed.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()
-    warnings.simplefilter("ignore")
+    warnings.simplefilter("default")  # each warning once: a compile or CUDA-graph warning is a finding
     torch.set_num_threads(a.threads)
     p = resolve(a.params, overrides=a.set or None)
     study = protocols.open_study(p, experiments=["layer_search"], log=lambda *x: None)
@@ -60,7 +63,13 @@ def main() -> None:
     facts = study.facts(a.warmup + a.n)
     warm, timed = facts[:a.warmup], facts[a.warmup:]
     eager_fn = packed.run_blocks
-    compiled_fn = torch.compile(eager_fn, dynamic=True, mode=None if a.mode == "default" else a.mode)
+    compiled = torch.compile(eager_fn, dynamic=True, mode=None if a.mode == "default" else a.mode)
+    if a.mode == "reduce-overhead":
+        def compiled_fn(*args, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may still be alive
+            return compiled(*args, **kwargs)
+    else:
+        compiled_fn = compiled
     print(f"model {study.label} ({study.n_layers} layers) on {study.model.device}, layer {a.layer}, "
           f"{a.n} facts, z_batch_size {a.z_batch_size}, threads {torch.get_num_threads()}, mode {a.mode}")
 
@@ -72,12 +81,26 @@ def main() -> None:
             packed.run_blocks = eager_fn
 
     run(eager_fn, warm)
-    dt, _ = run(compiled_fn, warm)
-    print(f"compiled warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
+    error = ""
+    try:
+        dt, _ = run(compiled_fn, warm)
+        print(f"compiled warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
+    except Exception as e:  # the eager numbers are still worth having
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"compiled warm-up failed: {error}")
     eager_ms, comp_ms = [], []
     for r in range(a.rounds):
         for name, fn, acc in (("eager", eager_fn, eager_ms), ("compiled", compiled_fn, comp_ms)):
-            dt, res = run(fn, timed)
+            if name == "compiled" and error:
+                continue
+            try:
+                dt, res = run(fn, timed)
+            except Exception as e:
+                if name == "eager":
+                    raise
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"round {r + 1} compiled failed: {error}")
+                continue
             iters = float(res.steps.sum()) + len(timed)  # the last forward of each fact takes no step
             acc.append(dt / len(timed) * 1000)
             print(f"round {r + 1} {name:8s}: {acc[-1]:7.1f} ms/fact  {dt / iters * 1000:6.2f} ms/iteration  "
@@ -90,6 +113,9 @@ def main() -> None:
                 same = int((res.steps == ref.steps).sum())
                 print(f"         compiled vs eager: max |Δz| {dz:.2e}, max relative ‖Δz‖ {rel:.2e}, "
                       f"equal step counts {same}/{len(timed)}")
+    if error or not comp_ms:
+        print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, compiled failed: {error}")
+        raise SystemExit(1)
     print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, compiled {min(comp_ms):.1f}-{max(comp_ms):.1f}: "
           f"{sum(eager_ms) / sum(comp_ms):.2f}x")
 

@@ -11,18 +11,25 @@ Steps, most valuable first; each runs as its own process under a time limit (wha
 ``--budget``, at most its cap), and ``checks.json`` is rewritten after each, so whatever finished
 comes back even if the run is stopped:
 
-  env         GPU, driver, torch / transformers / accelerate versions, the packages the steps import;
-              on a GPU run where torch sees no GPU, nothing else runs
-  cuda_tests  the CUDA-only tests (skipped on a CPU machine): passed only if none failed or skipped
+  env         GPU, driver, torch / transformers / accelerate / numpy / pandas versions, free disk, the
+              packages the steps import; on a GPU run where torch sees no GPU, nothing else runs
+  cuda_tests  the CUDA-only tests (skipped on a CPU machine), verbose, with a traceback of every thread
+              after 150 s (a hung test): passed only if none failed or skipped
   gram        bench/bench_gram.py --fast-gram --device cuda --tokens 24576
   slice       a 32-layer Llama-3-8B-shaped model (random weights, bfloat16, drawn on the GPU) loaded
               with device_map, then bench/slice_phases.py on it: C0 of layers 0-1, evaluation with
               GE of 100 tokens, layer search over layers 0-1 (32 facts, values 32 at a time as in
               params/llama3-8b.yaml), Table 1, λ sweep, batch, sequential; its ``units`` are the cost
-              model's unit costs measured on this GPU (phases.json is kept after every phase)
-  cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200, modelled and with
-              the slice's measured units (--unit-costs)
+              model's unit costs measured on this GPU (the slice writes phases.json straight into
+              ``--out`` after every phase, so a stopped slice still returns what it measured); skipped
+              when the disk cannot hold the model (about 15 GiB at 32 layers)
+  cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200 with the slice's
+              measured units (--unit-costs), then modelled (both are arithmetic: rerun them here on
+              the returned phases.json if this step did not finish)
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
+
+Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
+fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
@@ -52,7 +59,7 @@ PY = sys.executable  # every step runs under the interpreter that runs this scri
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
-RESERVED = ("cost",)
+RESERVED = ("cost", "compiled")
 #: the CUDA-only tests (each is skipped where torch sees no GPU)
 CUDA_TESTS = (
     "tests/test_models.py::test_fingerprint_device_independent",
@@ -64,8 +71,12 @@ CUDA_TESTS = (
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)
 NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
-CAPS = {"env": (60, 5), "cuda_tests": (300, 60), "slice": (420, 150), "cost": (90, 20),
-        "gram": (120, 20), "compiled": (240, 60)}
+CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "cost": (90, 40),
+        "gram": (120, 20), "compiled": (150, 60)}
+#: Llama-3-8B's sizes (editlib.shapes.llama3_8b_config), for the disk a shape model needs
+L3_VOCAB, L3_D, L3_KV, L3_FF = 128256, 4096, 1024, 14336
+#: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
+SLICE_DISK_MARGIN_GIB = 4.0
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Step:
     """One check's outcome, as written to checks.json."""
 
     name: str
-    status: str = "not run"  # passed | failed | timeout | skipped | not run
+    status: str = "not run"  # passed | failed | timeout | skipped | not run (no budget left for it)
     seconds: float = 0.0
     command: str = ""
     rc: int | None = None
@@ -154,18 +165,35 @@ def run_command(run: Run, step: Step, argv: list[str], cap: float, env: dict | N
 # --------------------------------------------------------------------------- the steps
 
 
+def shape_model_gib(n_layers: int, bytes_per_param: int = 2) -> float:
+    """GiB of a Llama-3-8B-shaped model ``n_layers`` deep (untied embeddings, no biases)."""
+    d, kv, ff, v = L3_D, L3_KV, L3_FF, L3_VOCAB
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o; k, v; gate, up, down; two norms
+    return (2 * v * d + n_layers * per_layer + d) * bytes_per_param / 2**30
+
+
+def last_json(out: str) -> dict:
+    """The last line of ``out`` that is a JSON object (a library may print warnings after it)."""
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
 def step_env(run: Run, step: Step) -> None:
-    code = ("import json, torch, transformers, importlib.util as u; c = torch.cuda.is_available(); "
+    code = ("import json, torch, transformers, numpy, pandas, importlib.util as u; c = torch.cuda.is_available(); "
             f"missing = [m for m in {NEEDED!r} if u.find_spec(m) is None]; "
             "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
+            "'numpy': numpy.__version__, 'pandas': pandas.__version__, "
             "'accelerate': bool(u.find_spec('accelerate')), 'missing': missing, 'cuda': c, "
             "'gpu': torch.cuda.get_device_name(0) if c else None, "
             "'gpu_mem_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
             "'cpus': __import__('os').cpu_count()}))")
     out = run_command(run, step, [PY, "-c", code], run.caps["env"][0])
     if step.status == "passed":
-        step.numbers = json.loads(out.strip().splitlines()[-1])
+        step.numbers = last_json(out)
         run.info.update(step.numbers)
+    step.numbers["disk_free_gib"] = run.info["disk_free_gib"] = round(shutil.disk_usage(ROOT).free / 2**30, 1)
     if shutil.which("nvidia-smi"):
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -188,8 +216,9 @@ def junit_counts(path: Path) -> dict:
 
 def step_cuda_tests(run: Run, step: Step) -> None:
     xml = run.out / "junit.xml"
-    run_command(run, step, [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                            *CUDA_TESTS], run.caps["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
+    # -v names each test as it starts; faulthandler prints every thread's stack if one hangs
+    run_command(run, step, [PY, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=150",
+                            f"--junitxml={xml}", *CUDA_TESTS], run.caps["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
     if not xml.is_file():
         step.status, step.reason = "failed" if step.status == "passed" else step.status, "no junit.xml"
         return
@@ -217,12 +246,13 @@ def slice_command(run: Run, out_dir: Path) -> list[str]:
                 "sequential.degradation_every=null", "data.orderings=[0]", "evaluation.gen_max_len=8",
                 "covariance.n_samples=40", *run.slice_sets]
         return [PY, "bench/slice_phases.py", "--params", "params/tiny.yaml", "--out", str(out_dir),
+                "--phases-copy", str(run.out / "phases.json"),
                 "--no-watch", "--c0-layers", "0", "1", *(a for s in sets for a in ("--set", s))]
     sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
             f"model.device={run.device}", "layer_search.layers=[0,1]", "layer_search.n_facts=32",
             "hparams.common.z_batch_size=32", "evaluation.gen_max_len=100", *run.slice_sets]
     return [PY, "bench/slice_phases.py", "--params", "params/llama3-shape-slice.yaml", "--out", str(out_dir),
-            "--no-watch", "--c0-layers", "0", "1", "--draw-device", run.device,
+            "--phases-copy", str(run.out / "phases.json"), "--no-watch", "--c0-layers", "0", "1", "--draw-device", run.device,
             "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
             *(a for s in sets for a in ("--set", s))]
 
@@ -233,20 +263,33 @@ def staged_counterfact() -> Path:
     return found[0] if found else STAGE / "counterfact.json.gz"
 
 
+def slice_disk_need_gib(run: Run) -> float:
+    """Free disk the slice step needs: the shape model unless it is already built, and a margin."""
+    from editlib.shapes import SHAPE_MARKER, slice_dir
+
+    built = (ROOT / slice_dir(run.shape_layers) / SHAPE_MARKER).is_file()
+    return (0.0 if run.smoke or built else shape_model_gib(run.shape_layers)) + SLICE_DISK_MARGIN_GIB
+
+
 def step_slice(run: Run, step: Step) -> None:
     if not run.smoke:
         missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
         if missing:
             step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
             return
+    need, free = slice_disk_need_gib(run), shutil.disk_usage(ROOT).free / 2**30
+    step.numbers = {"disk_need_gib": round(need, 1), "disk_free_gib": round(free, 1)}
+    if free < need:
+        step.status, step.reason = "failed", f"{free:.1f} GiB of disk free, the slice needs {need:.1f} GiB"
+        return
     # a folder of its own: another run of this script (or of the slice) never writes into it
     out_dir = run.work / f"slice-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    (run.out / "phases.json").unlink(missing_ok=True)  # only this slice's phases come back
     run_command(run, step, slice_command(run, out_dir), run.caps["slice"][0], env={"HF_HUB_OFFLINE": "1"})
-    phases = out_dir / "phases.json"
+    phases = run.out / "phases.json"  # written by the slice itself after every phase (--phases-copy)
     if phases.is_file():
-        shutil.copy(phases, run.out / "phases.json")
         doc = json.loads(phases.read_text())
-        step.numbers = {"complete": doc.get("complete", True), "wall_s": round(doc["wall_s"], 1),
+        step.numbers |= {"complete": doc.get("complete", True), "wall_s": round(doc["wall_s"], 1),
                         "units": doc.get("units", {}),
                         "cuda_peak_gib": max((v.get("cuda_peak_gib", 0.0) for v in doc["phases"].values()), default=0.0),
                         "phases_s": {k: round(v["seconds"], 2) for k, v in doc["phases"].items() if v.get("seconds") is not None},
@@ -261,10 +304,10 @@ def step_cost(run: Run, step: Step) -> None:
         step.status, step.reason = "skipped", "no measured units (the slice step did not finish)"
         return
     base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16"]
-    run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], run.caps["cost"][0] / 2)
-    if step.status != "passed":
-        return
+    # the measured units first: they are what only this GPU can give
     run_command(run, step, [*base, "--unit-costs", str(phases), "--json", str(run.out / "cost.json")], run.caps["cost"][0] / 2)
+    if step.status == "passed":
+        run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], run.caps["cost"][0] / 2)
     for key, name in (("modelled", "cost-model.json"), ("measured_units", "cost.json")):
         path = run.out / name
         if path.is_file():
@@ -298,7 +341,11 @@ def step_compiled(run: Run, step: Step) -> None:
 
 
 def parse_compiled(out: str) -> dict:
-    """The numbers of bench_compiled_values.py's summary and z-agreement lines."""
+    """The numbers of bench_compiled_values.py's summary and z-agreement lines (the eager numbers
+    and the error when the compiled path failed)."""
+    failed = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled failed: (.*)", out)
+    if failed:
+        return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], "compiled_error": failed[3].strip()}
     m = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled ([\d.]+)-([\d.]+)", out)
     if not m:
         return {}
@@ -327,8 +374,8 @@ def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Ste
         run.reserve = sum(caps[n][1] for n in names[i + 1:] if n in RESERVED)
         if stop:
             step.status, step.reason = "skipped", stop
-        elif run.left() - run.reserve < caps[name][1]:
-            step.status, step.reason = "skipped", f"{run.left():.0f} s of the budget left, needs {caps[name][1]:.0f}"
+        elif run.left() - run.reserve < caps[name][1]:  # not checked: the run's exit status says so
+            step.status, step.reason = "not run", f"{run.left():.0f} s of the budget left, needs {caps[name][1]:.0f}"
         else:
             try:
                 runners[name](run, step)

@@ -159,6 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a build (default: the real Llama-3 one)")
     ap.add_argument("--draw-device", default="cpu", help="where a build draws its random weights (cpu | cuda)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    ap.add_argument("--phases-copy", default=None, metavar="PATH",
+                    help="also write phases.json here after every phase (a device run's returned folder)")
     args = ap.parse_args(argv)
     if args.counterfact:
         os.environ["EDITLIB_COUNTERFACT"] = str(Path(args.counterfact).resolve())
@@ -185,13 +187,15 @@ def main(argv=None) -> None:
             costs = unit_costs(p, phases, st["study"]) if st["study"] is not None else {}
         except Exception as e:  # a half-written run's files: keep the phases, say why the units are missing
             costs = {"error": f"{type(e).__name__}: {e}"}
-        tmp = out / "phases.json.tmp"
-        tmp.write_text(json.dumps({
+        text = json.dumps({
             "params": str(args.params), "command": " ".join(sys.argv), "complete": complete,
             "wall_s": time.perf_counter() - t_all, "process_peak_rss_gib": meter.process_peak / GIB,
             "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases)},
-            indent=1, default=str) + "\n")
-        os.replace(tmp, out / "phases.json")
+            indent=1, default=str) + "\n"
+        for dest in (out / "phases.json", *([Path(args.phases_copy)] if args.phases_copy else [])):
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, dest)
 
     def cuda_peak() -> dict:
         """The GPU's peak since the last phase ended (or the warm-up), and a new start."""

@@ -3,6 +3,7 @@ checked on the CPU (the checks themselves need a GPU)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 import device_checks as dc  # noqa: E402
 
 
-def run_of(tmp_path, budget=60.0, device="cpu") -> dc.Run:
+def run_of(tmp_path, budget=120.0, device="cpu") -> dc.Run:
     return dc.Run(tmp_path / "out", budget, device, smoke=True, work=tmp_path / "work")
 
 
@@ -40,9 +41,9 @@ def test_steps_run_in_order_and_the_summary_is_rewritten_after_each(tmp_path):
     assert not (run.out / "checks.json.tmp").exists()
 
 
-def test_a_failed_env_stops_the_run_and_the_cost_step_keeps_its_time(tmp_path):
+def test_a_failed_env_stops_the_run_and_later_steps_keep_their_time(tmp_path):
     """No GPU seen (or packages missing) on a GPU run: nothing else runs. A running step leaves the
-    cost step's least time free (RESERVED)."""
+    cost and compiled steps' least time free (RESERVED)."""
     ran: list[str] = []
 
     def env(run, step):
@@ -62,7 +63,7 @@ def test_a_failed_env_stops_the_run_and_the_cost_step_keeps_its_time(tmp_path):
     run.caps = {"slice": (400, 10), "cost": (90, 20), "compiled": (200, 60)}
     dc.run_checks(run, ["slice", "cost", "compiled"],
                   runners={"slice": slice_, "cost": lambda r, s: None, "compiled": lambda r, s: None})
-    assert 75 < limits["slice"] <= 80  # 100 s less the cost step's 20; compiled is not reserved
+    assert 15 < limits["slice"] <= 20  # 100 s less the cost step's 20 and the compiled step's 60
 
 
 def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
@@ -73,7 +74,16 @@ def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
     steps = dc.run_checks(run, ["env", "slice", "gram"],
                           runners={k: (lambda r, s, k=k: ran.append(k) or setattr(s, "status", "passed")) for k in run.caps})
     assert ran == ["env", "gram"]
-    assert steps[1].status == "skipped" and "needs 150" in steps[1].reason
+    assert steps[1].status == "not run" and "needs 150" in steps[1].reason
+
+
+def test_a_step_left_out_for_want_of_budget_fails_the_run(tmp_path):
+    """A run whose budget did not reach a step did not check it: exit status 1, and the summary
+    file says which step and why."""
+    out = tmp_path / "out"
+    assert dc.main(["--only", "env", "--budget", "0", "--device", "cpu", "--out", str(out)]) == 1
+    (step,) = json.loads((out / "checks.json").read_text())["steps"]
+    assert step["status"] == "not run" and "budget" in step["reason"]
 
 
 def test_a_command_past_its_limit_is_stopped_and_keeps_its_output(tmp_path):
@@ -101,6 +111,59 @@ def test_commands_find_editlib_without_an_install(tmp_path):
     step = dc.Step("env")
     out = dc.run_command(run, step, [sys.executable, "-S", str(script)], cap=30)
     assert step.status == "passed" and out.strip().splitlines()[-1] == str(REPO_ROOT / "editlib"), out
+
+
+def test_env_reads_the_last_json_line_and_records_the_free_disk(tmp_path):
+    assert dc.last_json('{"a": 1}\nwarning: something\n{"torch": "2.11"}\nFutureWarning: x\n') == {"torch": "2.11"}
+    with pytest.raises(ValueError):
+        dc.last_json("no json here")
+    run = run_of(tmp_path)
+    steps = dc.run_checks(run, ["env"])
+    n = steps[0].numbers
+    assert steps[0].status == "passed", (run.out / "checks.log").read_text()[-2000:]
+    assert n["disk_free_gib"] > 0 and n["numpy"] and n["pandas"] and run.info["disk_free_gib"] == n["disk_free_gib"]
+
+
+def test_shape_model_size_is_the_built_models():
+    """The disk estimate counts the same parameters as the shape model's own config (2 and 32 layers)."""
+    from editlib.shapes import _param_shapes, llama3_8b_config
+    for layers in (2, 32):
+        n = sum(math.prod(shape) for _, shape in _param_shapes(llama3_8b_config(layers)))
+        assert dc.shape_model_gib(layers) == pytest.approx(n * 2 / 2**30, rel=1e-12)
+    assert 14.9 < dc.shape_model_gib(32) < 15.0  # 8.03 B bfloat16 parameters
+
+
+def test_the_slice_fails_fast_without_the_disk_for_its_model(tmp_path, monkeypatch):
+    """A fresh GPU machine's disk too small for the 32-layer model: the slice is not started."""
+    import collections
+    monkeypatch.setattr(dc, "STAGE", tmp_path / "stage")
+    (tmp_path / "stage" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "stage" / "counterfact.json").write_text("[]")
+    monkeypatch.setattr(dc, "ROOT", tmp_path / "repo")  # no built shape model there
+    monkeypatch.setattr(dc.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(0, 0, 10 * 2**30))
+    monkeypatch.setattr(dc, "run_command", lambda *a, **k: pytest.fail("the slice must not start"))
+    run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+    (step,) = dc.run_checks(run, ["slice"])
+    assert step.status == "failed" and "10.0 GiB of disk free, the slice needs 19.0 GiB" in step.reason
+    assert step.numbers == {"disk_need_gib": 19.0, "disk_free_gib": 10.0}
+
+
+def test_the_cost_step_runs_the_measured_units_first(tmp_path, monkeypatch):
+    """The measured units are what only the GPU gives: they come before the modelled estimate, and
+    a failed first call leaves the time for the next step."""
+    calls: list[list[str]] = []
+
+    def fake(run, step, argv, cap, env=None):
+        calls.append(argv)
+        step.status = "failed"
+        return ""
+
+    monkeypatch.setattr(dc, "run_command", fake)
+    run = run_of(tmp_path)
+    run.out.mkdir(parents=True)
+    (run.out / "phases.json").write_text(json.dumps({"units": {"values_s_per_fact": 1.0}}))
+    (step,) = dc.run_checks(run, ["cost"])
+    assert len(calls) == 1 and "--unit-costs" in calls[0] and step.status == "failed"
 
 
 def test_skipped_cuda_tests_fail_a_gpu_run():
@@ -144,6 +207,8 @@ def test_the_summary_lines_of_the_benchmarks_parse():
     assert dc.parse_compiled(comp) == {"eager_ms_per_fact": [255.4, 260.0], "compiled_ms_per_fact": [199.7, 201.0],
                                        "max_abs_dz": 2.29e-05, "max_rel_dz": 5.0e-07}
     assert dc.parse_gram("nothing") == {} and dc.parse_compiled("nothing") == {}
+    failed = "compiled warm-up failed: BackendCompilerFailed: x\neager 250.0-260.5 ms/fact, compiled failed: BackendCompilerFailed: x"
+    assert dc.parse_compiled(failed) == {"eager_ms_per_fact": [250.0, 260.5], "compiled_error": "BackendCompilerFailed: x"}
 
 
 def test_gram_step_on_the_cpu(tmp_path):
@@ -191,6 +256,8 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     log = (run.out / "checks.log").read_text()
     assert [s.status for s in steps] == ["passed", "passed"], log[-3000:]
     doc = json.loads((run.out / "phases.json").read_text())
+    (own,) = run.work.glob("slice-*/phases.json")  # the slice wrote both itself (--phases-copy)
+    assert json.loads(own.read_text()) == doc
     names = list(doc["phases"])
     assert doc["complete"] and names.index("evaluate 8 cases, GE") < names.index("layer search")
     assert {"values_s_per_fact", "eval_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])

@@ -50,6 +50,7 @@ from .progress import progress as progress_bar
 
 from . import arch
 from .nethook import TraceDict
+from .numerics import cache_tag
 from .solver import eig_or_cpu
 from .tf32 import tf32_matmuls
 from .tokens import encode, pad_right
@@ -483,10 +484,11 @@ def _texts_digest(texts: Sequence[str]) -> str:
 
 
 def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
-               dtype: str, texts_sha: str, gram32: bool = False) -> dict:
+               dtype: str, texts_sha: str, gram32: bool = False, numerics: str | None = None) -> dict:
     """Everything C0 depends on; stored in (and compared against) the file metadata (``gram``
-    only for :func:`fast_gram_applies` sums, so the float64 entries keep their keys)."""
-    return ({"gram": "float32"} if gram32 else {}) | {
+    only for :func:`fast_gram_applies` sums and ``numerics`` only under portable numerics
+    (:func:`editlib.numerics.cache_tag`), so native float64 entries keep their keys)."""
+    return ({"gram": "float32"} if gram32 else {}) | ({"numerics": numerics} if numerics else {}) | {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
         "layer": str(layer),
@@ -501,7 +503,8 @@ def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length:
 
 def _cache_path(root: Path, key: dict) -> Path:
     gram = "_gram32" if key.get("gram") else ""
-    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}.safetensors"
+    num = f"_{key['numerics']}" if key.get("numerics") else ""
+    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}{num}.safetensors"
     return root / name
 
 
@@ -636,6 +639,8 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)
     gram32 = bool(fast_gram and layers) and fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype)
+    # portable numerics pin the CPU's kernels only: on a GPU the entry is the device's, as natively
+    numerics_tag = cache_tag() if device.type == "cpu" else None
     if gram32:
         log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
 
@@ -669,7 +674,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     missing: dict[int, tuple[dict, Path]] = {}
     seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
-        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32)
+        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32, numerics_tag)
         path = _cache_path(root, key)
         seen[l] = _mtime(path)
         if not usable(l, key, path):

@@ -111,3 +111,14 @@ def test_current_names_the_mode_set_by_reproduce_or_by_hand(monkeypatch):
     assert numerics.current() == {"mode": "portable", "aten_cpu_capability": "avx2", "mkl_cbwr": "COMPATIBLE"}
     monkeypatch.setenv(numerics.ENV, "native")  # what reproduce set wins
     assert numerics.current()["mode"] == "native"
+
+
+def test_cache_tag_names_portable_numerics_and_their_threads(monkeypatch):
+    for k in (numerics.ENV, "ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    assert numerics.cache_tag() is None  # native: entries keep the keys they always had
+    monkeypatch.setenv(numerics.ENV, "portable")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert numerics.cache_tag() == "portable-2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # portable bits depend on the thread count
+    assert numerics.cache_tag() == "portable-4"

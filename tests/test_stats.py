@@ -250,6 +250,42 @@ def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypa
         assert second[layer].cond == pytest.approx(first[layer].cond)
 
 
+def test_portable_and_native_c0_are_cached_apart(llama, tok, world, tmp_path, monkeypatch) -> None:
+    """A C0 collected under other numerics differs in its last bits (a portable study on a native
+    entry moved the sequential diagnostics by ~1e-6 relative): a portable run never reads a native
+    entry or the reverse, both stay in the cache, and native keys are what they always were."""
+    from editlib import numerics
+    spec = CorpusSpec("records", max_length=48)
+    for k in (numerics.ENV, "ATEN_CPU_CAPABILITY", "MKL_CBWR"):
+        monkeypatch.delenv(k, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                  log=lambda m: None)
+        assert "numerics" not in native[0].key
+        monkeypatch.setenv(numerics.ENV, "portable")
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        logs: list[str] = []
+        portable = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                    log=logs.append)
+        assert portable[0].key == {**native[0].key, "numerics": "portable-2"}
+        assert not any("cached" in m for m in logs)  # collected, not read from the native entry
+        assert sorted(p.name for p in tmp_path.rglob("*.safetensors")) == [
+            "model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
+            "model.layers.0.mlp.down_proj_float64_records-len48_nall_portable-2.safetensors"]
+
+        def boom(*a, **k):
+            raise AssertionError("collected although cached")
+
+        monkeypatch.setattr(stats, "collect_second_moments", boom)
+        again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                 log=lambda m: None)
+        assert again[0].key == portable[0].key
+        monkeypatch.setenv(numerics.ENV, "native")
+        assert layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
+                                log=lambda m: None)[0].key == native[0].key
+
+
 def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
     spec = CorpusSpec("records", max_length=48)
     calls = forwards

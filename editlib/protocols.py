@@ -41,6 +41,7 @@ from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .generation import sentence_splitter
 from .metrics import evaluate_records, format_summary, summarize_cases, with_unscored
 from .models import fingerprint, load_model
+from .numerics import cache_tag
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
 from .arch import weight_out_in
@@ -304,7 +305,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
             if hasattr(sec, "windows") and isinstance(sec.layer, int) and any(m in MULTI_LAYER for m in sec.methods):
                 check_windows(e, sec.windows, sec.layer, depth)  # as batch_windows does once the model is loaded
     cp = p.covariance
-    if cp.kind == "text_file" and not (cp.path and Path(cp.path).is_file()) and not _c0_cached(cp):
+    if cp.kind == "text_file" and not (cp.path and Path(cp.path).is_file()) and not _c0_cached(cp, p.model.device):
         raise ParamsError(f"covariance.path {cp.path!r} is not a file and no C0 computed from it is cached "
                           "(covariance.kind text_file reads one text per line)")
     for i, e in enumerate(experiments):  # layer 'best' reads this run's layer search (best_layer)
@@ -327,10 +328,16 @@ def _hub_depth(source: str, mp, offline: bool) -> int | None:
     return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
 
 
-def _c0_cached(cp) -> bool:
-    """Whether editlib's stats cache holds C0 computed from corpus ``cp`` (then it is never read)."""
+def _c0_cached(cp, device: str = "cpu") -> bool:
+    """Whether editlib's stats cache holds C0 computed from corpus ``cp`` under this process's
+    numerics (then the corpus is never read): on the CPU under portable numerics only entries
+    tagged with them count (stats.layer_covariance would not read a native one), else only untagged ones."""
     root = counterfact.cache_dir() / "stats"
-    return root.is_dir() and any(root.glob(f"*/*_{corpus_spec(cp).key()}_n*.safetensors"))
+    if not root.is_dir():
+        return False
+    tag = cache_tag() if str(device).startswith("cpu") else None
+    return any(f.name.endswith(f"_{tag}.safetensors") if tag else "_portable-" not in f.name
+               for f in root.glob(f"*/*_{corpus_spec(cp).key()}_n*.safetensors"))
 
 
 def _check_corpus_offline(p: StudyParams) -> None:
@@ -341,7 +348,7 @@ def _check_corpus_offline(p: StudyParams) -> None:
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "EDITLIB_OFFLINE"))
     if cp.kind != "hf_dataset" or not offline or cp.data_files:
         return
-    if _c0_cached(cp):
+    if _c0_cached(cp, p.model.device):
         return
     root = counterfact.cache_dir() / "stats"
     try:

@@ -776,3 +776,27 @@ def test_a_blockwise_sum_is_stored_as_its_upper_triangle(tmp_path, monkeypatch) 
     from safetensors import safe_open
     with safe_open(str(small), framework="pt") as f:
         assert set(f.keys()) == {"mom2_sum", "count"}
+
+
+def test_the_offline_corpus_check_counts_only_c0_of_this_runs_numerics(tmp_path, monkeypatch) -> None:
+    """A C0 already cached spares reading its corpus, but only one layer_covariance would read:
+    under portable numerics on the CPU a native entry does not count, and the reverse."""
+    from editlib import numerics, protocols
+    from editlib.params import CovParams
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    for k in (numerics.ENV, "ATEN_CPU_CAPABILITY", "MKL_CBWR"):
+        monkeypatch.delenv(k, raising=False)
+    cp = CovParams(kind="text_file", path=str(tmp_path / "gone.txt"))
+    key = protocols.corpus_spec(cp).key()
+    folder = tmp_path / "stats" / "fp"
+    folder.mkdir(parents=True)
+    assert not protocols._c0_cached(cp)
+    (folder / f"model.layers.0.mlp.down_proj_float64_{key}_nall_portable-2.safetensors").write_bytes(b"")
+    assert not protocols._c0_cached(cp)  # native: a portable entry is not read
+    monkeypatch.setenv(numerics.ENV, "portable")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert protocols._c0_cached(cp) and not protocols._c0_cached(cp, "cuda")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert not protocols._c0_cached(cp)
+    (folder / f"model.layers.0.mlp.down_proj_float64_{key}_nall.safetensors").write_bytes(b"")
+    assert protocols._c0_cached(cp, "cuda") and not protocols._c0_cached(cp)

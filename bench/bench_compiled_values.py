@@ -38,6 +38,11 @@ def _timed(study, facts, layer, ctx, hp) -> tuple[float, object]:
     return time.perf_counter() - t0, res
 
 
+def _brief(e: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/tiny.yaml")
@@ -86,7 +91,7 @@ def main() -> None:
         dt, _ = run(compiled_fn, warm)
         print(f"compiled warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
     except Exception as e:  # the eager numbers are still worth having
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        error = _brief(e)
         print(f"compiled warm-up failed: {error}")
     eager_ms, comp_ms = [], []
     for r in range(a.rounds):
@@ -98,7 +103,7 @@ def main() -> None:
             except Exception as e:
                 if name == "eager":
                     raise
-                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                error = _brief(e)
                 print(f"round {r + 1} compiled failed: {error}")
                 continue
             iters = float(res.steps.sum()) + len(timed)  # the last forward of each fact takes no step

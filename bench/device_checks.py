@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,8 +73,6 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "cost": (90, 40),
         "gram": (120, 20), "compiled": (150, 60)}
-#: Llama-3-8B's sizes (editlib.shapes.llama3_8b_config), for the disk a shape model needs
-L3_VOCAB, L3_D, L3_KV, L3_FF = 128256, 4096, 1024, 14336
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
 
@@ -166,10 +164,11 @@ def run_command(run: Run, step: Step, argv: list[str], cap: float, env: dict | N
 
 
 def shape_model_gib(n_layers: int, bytes_per_param: int = 2) -> float:
-    """GiB of a Llama-3-8B-shaped model ``n_layers`` deep (untied embeddings, no biases)."""
-    d, kv, ff, v = L3_D, L3_KV, L3_FF, L3_VOCAB
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d  # q, o; k, v; gate, up, down; two norms
-    return (2 * v * d + n_layers * per_layer + d) * bytes_per_param / 2**30
+    """GiB of a Llama-3-8B-shaped model ``n_layers`` deep (the cost model's Llama-3-8B shape)."""
+    from editlib.workcount import KNOWN_SHAPES
+
+    shape = replace(KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], n_layers=n_layers)
+    return shape.params * bytes_per_param / 2**30
 
 
 def last_json(out: str) -> dict:

@@ -41,7 +41,6 @@ from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .generation import sentence_splitter
 from .metrics import evaluate_records, format_summary, summarize_cases, with_unscored
 from .models import fingerprint, load_model
-from .numerics import cache_tag
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
 from .arch import weight_out_in
@@ -50,7 +49,7 @@ from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_ev
 from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
 from .below import SharedBelow
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved_keys
-from .stats import CorpusSpec, fast_gram_applies, layer_covariance
+from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
 from .store import Experiment
 from .tf32 import set_tf32
@@ -329,15 +328,9 @@ def _hub_depth(source: str, mp, offline: bool) -> int | None:
 
 
 def _c0_cached(cp, device: str = "cpu") -> bool:
-    """Whether editlib's stats cache holds C0 computed from corpus ``cp`` under this process's
-    numerics (then the corpus is never read): on the CPU under portable numerics only entries
-    tagged with them count (stats.layer_covariance would not read a native one), else only untagged ones."""
-    root = counterfact.cache_dir() / "stats"
-    if not root.is_dir():
-        return False
-    tag = cache_tag() if str(device).startswith("cpu") else None
-    return any(f.name.endswith(f"_{tag}.safetensors") if tag else "_portable-" not in f.name
-               for f in root.glob(f"*/*_{corpus_spec(cp).key()}_n*.safetensors"))
+    """Whether editlib's stats cache holds a C0 computed from corpus ``cp`` that a run on
+    ``device`` would read (then the corpus is never read)."""
+    return corpus_c0_cached(counterfact.cache_dir() / "stats", corpus_spec(cp).key(), device)
 
 
 def _check_corpus_offline(p: StudyParams) -> None:

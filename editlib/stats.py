@@ -64,7 +64,9 @@ __all__ = [
     "TC_CHUNK_TOKENS",
     "add_gram",
     "fast_gram_applies",
+    "c0_numerics",
     "collect_second_moments",
+    "corpus_c0_cached",
     "encode_corpus",
     "gram_blocks",
     "gram_chunk",
@@ -501,11 +503,29 @@ def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length:
     }
 
 
+def c0_numerics(device: torch.device | str) -> str | None:
+    """The numerics a C0 entry computed on ``device`` is keyed by: :func:`editlib.numerics.cache_tag`
+    on the CPU, None on a GPU (portable numerics pin the CPU's kernels only)."""
+    return cache_tag() if torch.device(device).type == "cpu" else None
+
+
+def _numerics_suffix(numerics: str | None) -> str:
+    return f"_{numerics}" if numerics else ""
+
+
 def _cache_path(root: Path, key: dict) -> Path:
     gram = "_gram32" if key.get("gram") else ""
-    num = f"_{key['numerics']}" if key.get("numerics") else ""
+    num = _numerics_suffix(key.get("numerics"))
     name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}{num}.safetensors"
     return root / name
+
+
+def corpus_c0_cached(root: Path, corpus_key: str, device: torch.device | str) -> bool:
+    """Whether the stats cache ``root`` holds a C0 entry of corpus ``corpus_key`` (any model, layer
+    or sample count) that a run on ``device`` would read: one of this process's numerics
+    (:func:`c0_numerics`), named as :func:`_cache_path` names it."""
+    pattern = re.compile(rf".*_{re.escape(corpus_key)}_n[^_]+{re.escape(_numerics_suffix(c0_numerics(device)))}\.safetensors")
+    return root.is_dir() and any(pattern.fullmatch(f.name) for f in root.glob("*/*.safetensors"))
 
 
 def _checksum(total: torch.Tensor, count: int) -> str:
@@ -639,8 +659,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)
     gram32 = bool(fast_gram and layers) and fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype)
-    # portable numerics pin the CPU's kernels only: on a GPU the entry is the device's, as natively
-    numerics_tag = cache_tag() if device.type == "cpu" else None
+    numerics_tag = c0_numerics(device)
     if gram32:
         log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
 

@@ -28,6 +28,9 @@ from .records import Record, RecordError, Target
 
 __all__ = ["Edit", "edit", "generate", "request_record"]
 
+#: the model attribute holding :class:`_Unedited` (what edit() remembers across kept edits)
+_UNEDITED = "_editlib_unedited"
+
 
 @dataclass
 class Edit:
@@ -38,6 +41,70 @@ class Edit:
     layers: tuple[int, ...]
     stats: dict = field(default_factory=dict)
     kept: bool = False
+
+
+@dataclass
+class _Unedited:
+    """The model as it was before its first kept edit, as far as edit() needs it: C0 and the context
+    templates come from the unedited model (SPEC §5: C0 is fixed; the reference generates its
+    templates once per process), so a kept edit must neither key nor collect them on edited weights.
+
+    ``fingerprint``: of the unedited model (the C0 cache key); ``weights``: the original weight of
+    every layer a kept edit changed (CPU); ``current``: the fingerprint after the last kept edit, to
+    notice a model changed outside edit(); ``templates``: by style."""
+
+    fingerprint: str
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    current: str | None = None
+    templates: dict[str, Any] = field(default_factory=dict)
+
+
+def _unedited_state(model, log) -> _Unedited:
+    """The model's :class:`_Unedited`, started afresh when the model holds no kept edit of edit()'s
+    (or was changed outside it since: then its present weights count as unedited, and the log says so)."""
+    from .models import fingerprint
+
+    now = fingerprint(model)
+    base = getattr(model, _UNEDITED, None)
+    if base is not None and now == base.current:
+        return base
+    if base is not None and now != base.fingerprint:
+        log(f"edit(): the model changed outside edit() since its last kept edit; its present weights "
+            f"now count as unedited (C0 and templates from them)")
+    templates = base.templates if base is not None and now == base.fingerprint else {}
+    base = _Unedited(fingerprint=now, templates=templates)
+    setattr(model, _UNEDITED, base)
+    return base
+
+
+@contextlib.contextmanager
+def _as_unedited(model, base: _Unedited) -> Iterator[None]:
+    """The unedited weights in place for the block (C0 collection, template generation); the edited
+    ones put back, bit for bit, on exit."""
+    from .arch import edit_weight
+
+    if not base.weights:
+        yield
+        return
+    saved = {l: edit_weight(model, l).detach().clone() for l in base.weights}
+    try:
+        with torch.no_grad():
+            for l, w in base.weights.items():
+                edit_weight(model, l).copy_(w)
+        yield
+    finally:
+        with torch.no_grad():
+            for l, w in saved.items():
+                edit_weight(model, l).copy_(w)
+
+
+def _remember_kept(model, base: _Unedited, session) -> None:
+    """After a kept edit: the first original of each layer it changed, and the model's new fingerprint."""
+    from .models import fingerprint
+
+    for l, w in session.originals().items():
+        base.weights.setdefault(l, w.detach().to("cpu", copy=True))
+    base.current = fingerprint(model)
 
 
 def request_record(req: Mapping[str, Any], i: int = 0) -> Record:
@@ -97,10 +164,11 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     default: the params' singular layer when it is a number, else 1 as in the paper); ``hparams``:
     overrides (e.g. ``{"mom2_update_weight": 100}``). ROME edits one fact at a time, so several
     requests are applied one after another, each on the model holding the previous ones.
+    C0 and the context templates always come from the model as it was before its first kept edit
+    (SPEC §5), so a kept edit neither recollects C0 nor changes the templates of the next call.
     """
     from .context import make_templates
     from .editing import apply_edit
-    from .models import fingerprint
     from .params import resolve
     from .protocols import corpus_spec
     from .solver import factor_cov
@@ -121,12 +189,16 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
         hp = type(hp).from_dict({**hp.to_dict(), "layers": list(layers)})
     hp.check_model(model)
     t0 = time.time()
-    ctx = make_templates(model, tok, hp.context_templates, seed=0)
+    base = _unedited_state(model, log)
     cp = p.covariance
-    stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
-                             dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
-                             fingerprint=fingerprint(model), max_layers_per_pass=cp.layers_per_pass,
-                             progress=False, log=log, fast_gram=cp.fast_gram)
+    with _as_unedited(model, base):
+        if hp.context_templates not in base.templates:
+            base.templates[hp.context_templates] = make_templates(model, tok, hp.context_templates, seed=0)
+        stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
+                                 dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
+                                 fingerprint=base.fingerprint, max_layers_per_pass=cp.layers_per_pass,
+                                 progress=False, log=log, fast_gram=cp.fast_gram)
+    ctx = base.templates[hp.context_templates]
     device = next(model.parameters()).device
     covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
     session = EditSession(model)
@@ -146,6 +218,7 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     finally:
         if keep:
             session.keep()
+            _remember_kept(model, base, session)
         else:
             session.restore()
 

@@ -3,8 +3,8 @@
 :class:`EditSession` keeps, for every down-projection it touches, the original parameter (bit-exact,
 in its own dtype) and an **fp32 master copy** in [d_out, d_in] layout (SPEC §8.4; float64 for a
 float64 weight, so the master never has fewer bits than the weight): updates are added to the
-master and the master is written into the parameter, so sequential edits of a bf16 model do not
-lose low-order bits. ``restore()`` puts the originals back bit-identically; used as a
+master and the master is written into the parameter, so the rounding of a bf16 weight does not
+accumulate over sequential edits (each forward still reads the bf16-rounded weight). ``restore()`` puts the originals back bit-identically; used as a
 context manager it restores on exit unless ``keep()`` was called.
 """
 from __future__ import annotations
@@ -32,6 +32,11 @@ class EditSession(contextlib.AbstractContextManager):
     @property
     def layers(self) -> list[int]:
         return sorted(self._orig)
+
+    def originals(self) -> dict[int, torch.Tensor]:
+        """Each edited layer's weight as it was when this session first touched it (parameter
+        layout and dtype, on the weight's device; not copies: do not modify)."""
+        return dict(self._orig)
 
     def master(self, layer: int) -> torch.Tensor:
         """fp32 (float64 for a float64 weight) [d_out, d_in] master copy of the edited weight

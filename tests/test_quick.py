@@ -64,3 +64,78 @@ def test_bad_requests_fail_clearly(loaded, bad, match) -> None:
     with pytest.raises(RecordError, match=match):
         with editlib.edit(model, tok, [bad]):
             pass
+
+
+def test_kept_edits_take_c0_and_templates_from_the_unedited_model(tmp_path, monkeypatch) -> None:
+    """SPEC §5: C0 is the unedited model's. After a kept edit at layer 0, the next edit() neither
+    recollects layer 0's C0 (its cache key is the unedited fingerprint) nor collects layer 2's on
+    the edited weights, and its context templates are the unedited model's."""
+    import editlib.context
+    from editlib.arch import edit_weight
+    from editlib.models import fingerprint
+    from editlib.stats import layer_covariance
+
+    model, tok = editlib.load_model(str(MINI))  # a model no edit() has seen
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path / "cache"))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    fp0 = fingerprint(model)
+    made = []
+    real = editlib.context.make_templates
+
+    def spy(m, *a, **k):
+        made.append(fingerprint(m))
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(editlib.context, "make_templates", spy)
+    logs: list[str] = []
+    try:
+        with editlib.edit(model, tok, [request(3)], method="memit", layer=0, keep=True, log=logs.append):
+            pass
+        edited = edit_weight(model, 0).detach().clone()
+        assert not torch.equal(edited, w0["model.layers.0.mlp.down_proj.weight"])
+        with editlib.edit(model, tok, [request(4)], method="memit", layer=0, log=logs.append):
+            pass
+        with editlib.edit(model, tok, [request(5)], method="memit", layer=2, log=logs.append) as e:
+            pass
+        assert e.stats["n_failed"] == 0
+        assert torch.equal(edit_weight(model, 0), edited)  # the kept edit is back after C0's collection
+        assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items()
+                   if k != "model.layers.0.mlp.down_proj.weight")
+        collected = [s for s in logs if "collecting" in s]
+        assert len(collected) == 2, collected  # layer 0 once, layer 2 once
+        assert made == [fp0]  # templates generated once, from the unedited model
+        assert [p.name for p in (tmp_path / "cache" / "stats").iterdir()] == [fp0]
+        edited_c0 = layer_covariance(model, tok, [2], editlib.protocols.corpus_spec(
+            editlib.params.resolve("tiny").covariance), records=editlib.tiny.load_tiny_records(MINI),
+            cache_dir=tmp_path / "edited", progress=False, log=lambda *a: None)[2].mom2
+        model.load_state_dict(w0)
+        cached = layer_covariance(model, tok, [2], editlib.protocols.corpus_spec(
+            editlib.params.resolve("tiny").covariance), records=editlib.tiny.load_tiny_records(MINI),
+            progress=False, log=logs.append)[2].mom2
+        assert len([s for s in logs if "collecting" in s]) == 2  # read from the cache
+        fresh = layer_covariance(model, tok, [2], editlib.protocols.corpus_spec(
+            editlib.params.resolve("tiny").covariance), records=editlib.tiny.load_tiny_records(MINI),
+            cache_dir=tmp_path / "fresh", progress=False, log=lambda *a: None)[2].mom2
+        assert torch.equal(cached, fresh)  # what edit() collected is the unedited model's C0
+        assert not torch.allclose(edited_c0, fresh)  # (and the edited model's would differ)
+    finally:
+        model.load_state_dict(w0)
+
+
+def test_a_model_changed_outside_edit_counts_as_unedited_again(tmp_path, monkeypatch) -> None:
+    """Weights changed by hand after a kept edit: edit() says so and takes C0 from the present weights."""
+    from editlib.models import fingerprint
+
+    model, tok = editlib.load_model(str(MINI))
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    logs: list[str] = []
+    with editlib.edit(model, tok, [request(6)], method="memit", layer=0, keep=True, log=logs.append):
+        pass
+    assert not any("changed outside" in s for s in logs)
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight.mul_(1.01)
+    fp = fingerprint(model)
+    with editlib.edit(model, tok, [request(7)], method="memit", layer=0, log=logs.append):
+        pass
+    assert any("changed outside edit()" in s for s in logs)
+    assert fp in {p.name for p in (tmp_path / "stats").iterdir()}

@@ -116,17 +116,30 @@ def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len
 GEN_TEXTS = ("clean", "reference")
 
 
+def decode_as_reference(tok, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+    """``tok.decode`` as the reference's transformers 4.x ran it: the tokenizer's own
+    ``clean_up_tokenization_spaces`` is honoured (" ," -> ",", " 's" -> "'s", ...). Meta-Llama-3-8B's
+    hub config sets it, and transformers 5 ignores it for BPE tokenizers, which would change the
+    text of a generated context template or GE sample wherever the model emits such a space."""
+    text = tok.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    if getattr(tok, "clean_up_tokenization_spaces", False):
+        text = tok.clean_up_tokenization(text)
+    return text
+
+
 def decode_text(tok, ids: Sequence[int], mode: str = "clean") -> str:
-    """A generated text as GE reads it. ``clean`` (default): special tokens skipped (SPEC §10.1),
-    NFKD-normalised, ``"\\n\\n"`` -> ``" "``. ``reference``: as the reference's ``generate_fast``
-    returns it: decoded *with* special tokens, then NFKD, ``"\\n\\n"`` -> ``" "``, the strings
-    ``<|endoftext|>`` and ``<s>`` removed, stripped; so a Llama-3 text keeps its leading
-    ``<|begin_of_text|>`` (three more words for nltk, a higher n-gram entropy), as the paper's GE
-    numbers were computed."""
+    """A generated text as GE reads it (and context templates are made of): decoded as the
+    reference's transformers did (:func:`decode_as_reference`), then: ``clean`` (default): special
+    tokens skipped (SPEC §10.1), NFKD-normalised, ``"\\n\\n"`` -> ``" "``. ``reference``: as the
+    reference's ``generate_fast`` returns it: decoded *with* special tokens, then NFKD,
+    ``"\\n\\n"`` -> ``" "``, the strings ``<|endoftext|>`` and ``<s>`` removed, stripped; so a
+    Llama-3 text keeps its leading ``<|begin_of_text|>`` (three more words for nltk, a higher n-gram
+    entropy), as the paper's GE numbers were computed."""
     if mode == "clean":
-        return unicodedata.normalize("NFKD", tok.decode(ids, skip_special_tokens=True)).replace("\n\n", " ")
+        return unicodedata.normalize("NFKD", decode_as_reference(tok, ids, skip_special_tokens=True)).replace(
+            "\n\n", " ")
     if mode == "reference":
-        text = unicodedata.normalize("NFKD", tok.decode(ids, skip_special_tokens=False))
+        text = unicodedata.normalize("NFKD", decode_as_reference(tok, ids, skip_special_tokens=False))
         return text.replace("\n\n", " ").replace("<|endoftext|>", "").replace("<s>", "").strip()
     raise ValueError(f"GE text mode must be one of {', '.join(GEN_TEXTS)}, got {mode!r}")
 

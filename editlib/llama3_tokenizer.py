@@ -8,7 +8,10 @@ Hugging Face fast tokenizer that behaves like the hub's ``tokenizer.json``:
 * 128,000 byte-level BPE tokens + 256 special tokens (ids 128000–128255);
 * Meta's pre-tokenizer regex; every ``tok(text)`` starts with BOS ``<|begin_of_text|>`` (128000),
   ``add_special_tokens=False`` gives the bare ids; EOS ``<|end_of_text|>`` (128001);
-* ``model_max_length`` 8192; decoding does not "clean up" spaces, so decode(encode(t)) == t.
+* ``model_max_length`` 8192; ``clean_up_tokenization_spaces`` set, as in the hub's
+  ``tokenizer_config.json`` and transformers' own Llama-3 converter. transformers 5 ignores it in
+  ``decode`` for BPE tokenizers (so decode(encode(t)) == t); editlib applies it to generated text as
+  the reference's transformers 4.x did (:func:`editlib.generation.decode_as_reference`).
 
 Special tokens inside raw text (``"<|eot_id|>"``) are matched as specials, as on the hub, while
 tiktoken's ``disallowed_special=()`` encodes them as plain text; compare ids on texts without them.
@@ -38,7 +41,7 @@ N_BPE = 128_000
 N_SPECIAL = 256
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 MODEL_MAX_LENGTH = 8192
-_BUILD_VERSION = 1  # bump when the built tokenizer changes, so old caches are not reused
+_BUILD_VERSION = 2  # bump when the built tokenizer changes, so old caches are not reused
 
 Variant = Literal["3", "3.1"]
 #: where the file lives in the package (0.3: llama3/; older releases: llama3/api/)
@@ -117,7 +120,7 @@ def _convert(model_file: Path, variant: Variant):
                                       special_tokens=[(BOS, N_BPE)]),
     ])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS,
-                                  model_max_length=MODEL_MAX_LENGTH, clean_up_tokenization_spaces=False)
+                                  model_max_length=MODEL_MAX_LENGTH, clean_up_tokenization_spaces=True)
     _check(tok, variant)
     return tok
 
@@ -195,6 +198,7 @@ def tiktoken_mismatches(tok, texts: Iterable[str]) -> list[str]:
     bad = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        if ids != ref.encode(text, disallowed_special=()) or tok.decode(ids) != text:
+        if ids != ref.encode(text, disallowed_special=()) or \
+                tok.decode(ids, clean_up_tokenization_spaces=False) != text:
             bad.append(text)
     return bad

@@ -8,6 +8,7 @@ that need it skip, except under CI, where they fail.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -158,12 +159,29 @@ def test_ids_equal_tiktoken_and_decode_round_trips(tok, ref, records) -> None:
     bad = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        if ids != ref.encode(text, bos=False, eos=False) or tok.decode(ids) != text:
+        if ids != ref.encode(text, bos=False, eos=False) or tok.decode(ids, clean_up_tokenization_spaces=False) != text:
             bad.append(text)
         elif text and tok(text)["input_ids"] != [BOS_ID, *ids]:
             bad.append(text)
     assert bad == [], f"{len(bad)} of {len(texts)} strings differ from Meta's tiktoken, e.g. {bad[:5]!r}"
     assert l3.tiktoken_mismatches(tok, texts[:200]) == []
+
+
+def test_generated_text_is_decoded_as_the_reference_did(tok) -> None:
+    """The hub's Meta-Llama-3-8B tokenizer (and transformers' Llama-3 converter) set
+    ``clean_up_tokenization_spaces``; the reference's transformers 4.x applied it when decoding
+    context templates and GE samples, transformers 5 ignores it for BPE. editlib decodes generated
+    text as the reference did; ``tok.decode`` itself stays exact."""
+    from editlib.generation import decode_text
+
+    assert tok.clean_up_tokenization_spaces is True
+    ids = tok("Paris , France 's capital !", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, clean_up_tokenization_spaces=False) == "Paris , France 's capital !"
+    assert decode_text(tok, [BOS_ID, *ids]) == "Paris, France's capital!"
+    assert decode_text(tok, [BOS_ID, *ids], "reference") == "<|begin_of_text|>Paris, France's capital!"
+    plain = copy.copy(tok)
+    plain.clean_up_tokenization_spaces = False  # a tokenizer that does not ask for it keeps its spaces
+    assert decode_text(plain, ids) == "Paris , France 's capital !"
 
 
 def test_exactness_check_can_fail(tok) -> None:

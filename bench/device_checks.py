@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the steps import editlib here too; on the device it is not installed
+    sys.path.insert(0, str(ROOT))
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")

@@ -353,6 +353,24 @@ def test_low_token_warning(llama, tok, world, tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("block", [None, 24])  # 24: the block-triangular accumulation (strided addmm_ on the device)
 def test_cuda_matches_cpu(tok, block, monkeypatch) -> None:
+    """C0 on CUDA equals C0 on the CPU for a float64 model. transformers' LlamaRMSNorm (and its
+    rotary cos/sin) compute in float32 even in a float64 model, and CPU and CUDA round those float32
+    operations differently: 1.3e-7 relative on an H200. Both run in float64 here, so what is
+    compared is editlib's accumulation (4e-16 on the H200)."""
+    import transformers.models.llama.modeling_llama as ml
+
+    def norm64(self, h):
+        h64 = h.to(torch.float64)
+        return self.weight * (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(h.dtype)
+
+    def rotary64(self, x, position_ids):
+        inv = self.inv_freq.double()[None, :, None].expand(position_ids.shape[0], -1, 1)
+        emb = (inv @ position_ids[:, None, :].double()).transpose(1, 2)
+        emb = torch.cat((emb, emb), -1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    monkeypatch.setattr(ml.LlamaRMSNorm, "forward", norm64)
+    monkeypatch.setattr(ml.LlamaRotaryEmbedding, "forward", rotary64)
     model = tiny_llama(seed=0).double().eval()
     texts = texts_of(10, seed=5)
     cpu = collect_second_moments(model, tok, texts, [0, 1], progress=False)
@@ -361,7 +379,7 @@ def test_cuda_matches_cpu(tok, block, monkeypatch) -> None:
     gpu = collect_second_moments(model.to("cuda"), tok, texts, [0, 1], progress=False)
     for layer in (0, 1):
         assert gpu[layer][0].device.type == "cpu" and gpu[layer][1] == cpu[layer][1]
-        assert rel(gpu[layer][0], cpu[layer][0]) < 1e-8
+        assert rel(gpu[layer][0], cpu[layer][0]) < 1e-12
 
 
 # --------------------------------------------------------------------------- paper-scale behaviour

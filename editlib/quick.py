@@ -51,12 +51,13 @@ class _Unedited:
 
     ``fingerprint``: of the unedited model (the C0 cache key); ``weights``: the original weight of
     every layer a kept edit changed (CPU); ``current``: the fingerprint after the last kept edit, to
-    notice a model changed outside edit(); ``templates``: by style."""
+    notice a model changed outside edit(); ``templates``: by style, each with the tokenizer it was
+    made with."""
 
     fingerprint: str
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     current: str | None = None
-    templates: dict[str, Any] = field(default_factory=dict)
+    templates: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 def _unedited_state(model, log) -> _Unedited:
@@ -69,8 +70,8 @@ def _unedited_state(model, log) -> _Unedited:
     if base is not None and now == base.current:
         return base
     if base is not None and now != base.fingerprint:
-        log(f"edit(): the model changed outside edit() since its last kept edit; its present weights "
-            f"now count as unedited (C0 and templates from them)")
+        log("edit(): the model's weights are not those edit() last left (changed by hand, or an "
+            "enclosing edit() block); its present weights now count as unedited (C0 and templates from them)")
     templates = base.templates if base is not None and now == base.fingerprint else {}
     base = _Unedited(fingerprint=now, templates=templates)
     setattr(model, _UNEDITED, base)
@@ -98,12 +99,26 @@ def _as_unedited(model, base: _Unedited) -> Iterator[None]:
                 edit_weight(model, l).copy_(w)
 
 
-def _remember_kept(model, base: _Unedited, session) -> None:
-    """After a kept edit: the first original of each layer it changed, and the model's new fingerprint."""
+def _remember_kept(model, base: _Unedited, session, log) -> None:
+    """After a kept edit: the first original of each layer it changed, and the model's new
+    fingerprint. If weights besides the edited layers changed meanwhile (inside the block, or by a
+    nested edit()), the unedited model is no longer known: the present weights count as unedited."""
     from .models import fingerprint
 
+    if getattr(model, _UNEDITED, None) is not base:
+        setattr(model, _UNEDITED, _Unedited(fingerprint=fingerprint(model)))
+        log("edit(): a nested edit() replaced what this one knew of the unedited model; the present "
+            "weights now count as unedited")
+        return
     for l, w in session.originals().items():
         base.weights.setdefault(l, w.detach().to("cpu", copy=True))
+    with _as_unedited(model, base):
+        clean = fingerprint(model) == base.fingerprint
+    if not clean:
+        setattr(model, _UNEDITED, _Unedited(fingerprint=fingerprint(model)))
+        log("edit(): weights other than the edited layers changed during the kept edit; the present "
+            "weights now count as unedited")
+        return
     base.current = fingerprint(model)
 
 
@@ -166,6 +181,9 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     requests are applied one after another, each on the model holding the previous ones.
     C0 and the context templates always come from the model as it was before its first kept edit
     (SPEC §5), so a kept edit neither recollects C0 nor changes the templates of the next call.
+    Weights changed by other means (by hand, inside the block, or by an enclosing ``edit()``) make
+    the present weights count as unedited again, and the log says so. With ``keep``, an edit that
+    raises before the block is restored.
     """
     from .context import make_templates
     from .editing import apply_edit
@@ -192,17 +210,19 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     base = _unedited_state(model, log)
     cp = p.covariance
     with _as_unedited(model, base):
-        if hp.context_templates not in base.templates:
-            base.templates[hp.context_templates] = make_templates(model, tok, hp.context_templates, seed=0)
+        made = base.templates.get(hp.context_templates)
+        if made is None or made[0] is not tok:  # templates are text: another tokenizer decodes its own
+            base.templates[hp.context_templates] = (tok, make_templates(model, tok, hp.context_templates, seed=0))
         stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
                                  dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
                                  fingerprint=base.fingerprint, max_layers_per_pass=cp.layers_per_pass,
                                  progress=False, log=log, fast_gram=cp.fast_gram)
-    ctx = base.templates[hp.context_templates]
+    ctx = base.templates[hp.context_templates][1]
     device = next(model.parameters()).device
     covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
     session = EditSession(model)
     result = Edit(records=records, method=method, layers=hp.layers, kept=keep)
+    entered = False  # an edit that raised before the block is restored, keep or not
     try:
         groups = [[r] for r in records] if method == "rome" else [records]
         parts = [apply_edit(model, tok, g, hp, covs, ctx, session, log=log).to_dict() for g in groups]
@@ -214,11 +234,12 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
                         "n_failed": sum(x["n_failed"] for x in parts),
                         "mean_value_steps": sum(x["mean_value_steps"] for x in parts) / len(parts),
                         "seconds": round(time.time() - t0, 3)}
+        entered = True
         yield result
     finally:
-        if keep:
+        if keep and entered:
             session.keep()
-            _remember_kept(model, base, session)
+            _remember_kept(model, base, session, log)
         else:
             session.restore()
 

@@ -131,11 +131,49 @@ def test_a_model_changed_outside_edit_counts_as_unedited_again(tmp_path, monkeyp
     logs: list[str] = []
     with editlib.edit(model, tok, [request(6)], method="memit", layer=0, keep=True, log=logs.append):
         pass
-    assert not any("changed outside" in s for s in logs)
+    assert not any("not those edit() last left" in s for s in logs)
     with torch.no_grad():
         model.model.layers[3].mlp.up_proj.weight.mul_(1.01)
     fp = fingerprint(model)
     with editlib.edit(model, tok, [request(7)], method="memit", layer=0, log=logs.append):
         pass
-    assert any("changed outside edit()" in s for s in logs)
+    assert any("not those edit() last left" in s for s in logs)
     assert fp in {p.name for p in (tmp_path / "stats").iterdir()}
+
+
+def test_weights_changed_inside_a_kept_block_are_not_filed_under_the_unedited_model(tmp_path, monkeypatch) -> None:
+    """C0 collected after such a change is keyed by the changed model, never by the unedited one."""
+    from editlib.models import fingerprint
+
+    model, tok = editlib.load_model(str(MINI))
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    fp0 = fingerprint(model)
+    logs: list[str] = []
+    with editlib.edit(model, tok, [request(8)], method="memit", layer=0, keep=True, log=logs.append):
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight.mul_(1.01)
+    assert any("changed during the kept edit" in s for s in logs)
+    with editlib.edit(model, tok, [request(9)], method="memit", layer=2, log=logs.append):
+        pass
+    assert not list((tmp_path / "stats" / fp0).glob("model.layers.2.*"))
+    assert fingerprint(model) in {p.name for p in (tmp_path / "stats").iterdir()}
+
+
+def test_a_kept_edit_that_raises_before_the_block_is_restored(loaded, monkeypatch) -> None:
+    import editlib.editing
+
+    model, tok = loaded
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = editlib.editing.apply_edit, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("second request fails")
+        return real(*a, **k)
+
+    monkeypatch.setattr(editlib.editing, "apply_edit", second_fails)
+    with pytest.raises(RuntimeError, match="second request"):
+        with editlib.edit(model, tok, [request(10), request(11)], method="rome", layer=0, keep=True):
+            pass
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())

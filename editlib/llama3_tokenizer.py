@@ -8,8 +8,9 @@ Hugging Face fast tokenizer that behaves like the hub's ``tokenizer.json``:
 * 128,000 byte-level BPE tokens + 256 special tokens (ids 128000–128255);
 * Meta's pre-tokenizer regex; every ``tok(text)`` starts with BOS ``<|begin_of_text|>`` (128000),
   ``add_special_tokens=False`` gives the bare ids; EOS ``<|end_of_text|>`` (128001);
-* ``model_max_length`` 8192; ``clean_up_tokenization_spaces`` set, as in the hub's
-  ``tokenizer_config.json`` and transformers' own Llama-3 converter. transformers 5 ignores it in
+* ``model_max_length`` 8192; ``clean_up_tokenization_spaces`` set, as the hub's
+  ``tokenizer_config.json`` had it when the paper ran and transformers' Llama-3 converter wrote it
+  (newer converters write False). transformers 5 ignores it in
   ``decode`` for BPE tokenizers (so decode(encode(t)) == t); editlib applies it to generated text as
   the reference's transformers 4.x did (:func:`editlib.generation.decode_as_reference`).
 

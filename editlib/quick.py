@@ -60,6 +60,13 @@ class _Unedited:
     templates: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
+def _start_afresh(model, fp: str, templates: dict | None = None) -> _Unedited:
+    """Record the model's present weights (fingerprint ``fp``) as its unedited state."""
+    base = _Unedited(fingerprint=fp, templates=templates or {})
+    setattr(model, _UNEDITED, base)
+    return base
+
+
 def _unedited_state(model, log) -> _Unedited:
     """The model's :class:`_Unedited`, started afresh when the model holds no kept edit of edit()'s
     (or was changed outside it since: then its present weights count as unedited, and the log says so)."""
@@ -72,10 +79,7 @@ def _unedited_state(model, log) -> _Unedited:
     if base is not None and now != base.fingerprint:
         log("edit(): the model's weights are not those edit() last left (changed by hand, or an "
             "enclosing edit() block); its present weights now count as unedited (C0 and templates from them)")
-    templates = base.templates if base is not None and now == base.fingerprint else {}
-    base = _Unedited(fingerprint=now, templates=templates)
-    setattr(model, _UNEDITED, base)
-    return base
+    return _start_afresh(model, now, base.templates if base is not None and now == base.fingerprint else None)
 
 
 @contextlib.contextmanager
@@ -106,7 +110,7 @@ def _remember_kept(model, base: _Unedited, session, log) -> None:
     from .models import fingerprint
 
     if getattr(model, _UNEDITED, None) is not base:
-        setattr(model, _UNEDITED, _Unedited(fingerprint=fingerprint(model)))
+        _start_afresh(model, fingerprint(model))
         log("edit(): a nested edit() replaced what this one knew of the unedited model; the present "
             "weights now count as unedited")
         return
@@ -115,7 +119,7 @@ def _remember_kept(model, base: _Unedited, session, log) -> None:
     with _as_unedited(model, base):
         clean = fingerprint(model) == base.fingerprint
     if not clean:
-        setattr(model, _UNEDITED, _Unedited(fingerprint=fingerprint(model)))
+        _start_afresh(model, fingerprint(model))
         log("edit(): weights other than the edited layers changed during the kept edit; the present "
             "weights now count as unedited")
         return

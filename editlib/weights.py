@@ -4,8 +4,9 @@
 in its own dtype) and an **fp32 master copy** in [d_out, d_in] layout (SPEC §8.4; float64 for a
 float64 weight, so the master never has fewer bits than the weight): updates are added to the
 master and the master is written into the parameter, so the rounding of a bf16 weight does not
-accumulate over sequential edits (each forward still reads the bf16-rounded weight). ``restore()`` puts the originals back bit-identically; used as a
-context manager it restores on exit unless ``keep()`` was called.
+accumulate over sequential edits (each forward still reads the bf16-rounded weight).
+``restore()`` puts the originals back bit-identically; used as a context manager it restores on
+exit unless ``keep()`` was called.
 """
 from __future__ import annotations
 

@@ -23,9 +23,13 @@ comes back even if the run is stopped:
               model's unit costs measured on this GPU (the slice writes phases.json straight into
               ``--out`` after every phase, so a stopped slice still returns what it measured); skipped
               when the disk cannot hold the model (about 15 GiB at 32 layers)
-  cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200 with the slice's
-              measured units (--unit-costs), then modelled (both are arithmetic: rerun them here on
-              the returned phases.json if this step did not finish)
+  calibrate   bench/calibrate_units.py on the same 32-layer shape (built here if the slice did not
+              run): the units at the paper's own sizes (C0 at two corpus sizes in one pass of every
+              layer, GE of one full decode batch of params/llama3-8b.yaml's 1,024 rows, values in a
+              chunk and one fact at a time) into calibration.json, rewritten after every part
+  cost        bench/paper_cost.py on params/llama3-8b.yaml in bfloat16 on an H200 with the measured
+              units (--unit-costs: the slice's, then the calibration's over them), then modelled
+              (both are arithmetic: rerun them here on the returned JSON if this step did not finish)
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
@@ -33,7 +37,7 @@ fits the budget is "not run" and makes the run's exit status 1: the run did not 
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
-cost.json, cost-model.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+calibration.json, cost.json, cost-model.json. ``--device cpu`` runs the same steps on a CPU at small sizes
 (``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
 """
 from __future__ import annotations
@@ -59,7 +63,7 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
     sys.path.insert(0, str(ROOT))
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
-STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
+STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
 #: the CUDA-only tests (each is skipped where torch sees no GPU)
@@ -73,8 +77,8 @@ CUDA_TESTS = (
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)
 NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
-CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "cost": (90, 40),
-        "gram": (120, 20), "compiled": (150, 60)}
+CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
+        "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
 
@@ -299,14 +303,57 @@ def step_slice(run: Run, step: Step) -> None:
         step.status, step.reason = "failed", "no phases.json"
 
 
+def calibrate_command(run: Run) -> list[str]:
+    """bench/calibrate_units.py on the 32-layer shape (GPU) or on the miniature (``--smoke``)."""
+    base = [PY, "bench/calibrate_units.py", "--out", str(run.out / "calibration.json")]
+    if run.smoke:
+        return [*base, "--params", "params/tiny.yaml", "--grid", "params/tiny.yaml", "--c0-batches", "1", "2",
+                "--c0-text-tokens", "32", "--gen-max-len", "8", "--max-cases", "4", "--single-facts", "2"]
+    return [*base, "--params", "params/llama3-shape-slice.yaml", "--grid", "params/llama3-8b.yaml",
+            "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
+            *(a for s in (f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
+                          f"model.device={run.device}") for a in ("--set", s))]
+
+
+def step_calibrate(run: Run, step: Step) -> None:
+    if not run.smoke:
+        missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
+        if missing:
+            step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
+            return
+    need, free = slice_disk_need_gib(run), shutil.disk_usage(ROOT).free / 2**30
+    if free < need:
+        step.status, step.reason = "failed", f"{free:.1f} GiB of disk free, the calibration needs {need:.1f} GiB"
+        return
+    out = run.out / "calibration.json"
+    out.unlink(missing_ok=True)  # only this run's units come back
+    run_command(run, step, calibrate_command(run), run.caps["calibrate"][0],
+                env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
+    if out.is_file():
+        doc = json.loads(out.read_text())
+        step.numbers = {"complete": doc.get("complete", False), "units": doc.get("units", {}),
+                        "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
+        if step.status == "passed" and not doc.get("complete"):
+            step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
+    elif step.status == "passed":
+        step.status, step.reason = "failed", "no calibration.json"
+
+
+def measured_unit_files(run: Run) -> list[Path]:
+    """The returned files that hold measured units, the slice's first (the calibration's win)."""
+    files = [run.out / "phases.json", run.out / "calibration.json"]
+    return [f for f in files if f.is_file() and json.loads(f.read_text()).get("units")]
+
+
 def step_cost(run: Run, step: Step) -> None:
-    phases = run.out / "phases.json"
-    if not phases.is_file() or not json.loads(phases.read_text()).get("units"):
-        step.status, step.reason = "skipped", "no measured units (the slice step did not finish)"
+    sources = measured_unit_files(run)
+    if not sources:
+        step.status, step.reason = "skipped", "no measured units (neither the slice nor the calibration finished)"
         return
     base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16"]
     # the measured units first: they are what only this GPU can give
-    run_command(run, step, [*base, "--unit-costs", str(phases), "--json", str(run.out / "cost.json")], run.caps["cost"][0] / 2)
+    run_command(run, step, [*base, "--unit-costs", *map(str, sources), "--json", str(run.out / "cost.json")],
+                run.caps["cost"][0] / 2)
     if step.status == "passed":
         run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], run.caps["cost"][0] / 2)
     for key, name in (("modelled", "cost-model.json"), ("measured_units", "cost.json")):
@@ -358,7 +405,7 @@ def parse_compiled(out: str) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
-    "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "cost": step_cost,
+    "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
     "gram": step_gram, "compiled": step_compiled}
 
 

@@ -2,7 +2,7 @@
 turned into hours by the documented model of :mod:`editlib.cost` (every assumption printed).
 
     python bench/paper_cost.py --params params/llama3-8b.yaml [--gpu h200|h100|a100]
-        [--ge | --no-ge] [--unit-costs GPU.json] [--slice-costs runs/slice-phases/<run>/phases.json]
+        [--ge | --no-ge] [--unit-costs GPU.json ...] [--slice-costs runs/slice-phases/<run>/phases.json]
         [--solve-on auto|host|device] [--host-speedup 1.0] [--layer 1] [--value-iters 25]
         [--c0-tokens-per-text N] [--set KEY=VALUE ...] [--json OUT.json]
     python bench/paper_cost.py --token-stats [--n 1000]   # re-measure the per-fact token counts
@@ -10,7 +10,8 @@ turned into hours by the documented model of :mod:`editlib.cost` (every assumpti
 ``--slice-costs``: host-side unit costs (one N = 1 solve + apply, the C0 factorisation) from a
 ``bench/slice_phases.py`` run on the Llama-3-8B-shaped slice, instead of the defaults measured the
 same way. ``--unit-costs``: seconds measured on a real GPU (keys: editlib.cost.UNIT_KEYS), each
-replacing the model's estimate of that unit.
+replacing the model's estimate of that unit (several files: a later one's unit wins, e.g. the
+slice's phases.json, then bench/calibrate_units.py's units measured at the paper's sizes).
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def main(argv=None) -> None:
     ge = ap.add_mutually_exclusive_group()
     ge.add_argument("--ge", dest="ge", action="store_true", default=None, help="GE on (default: the params)")
     ge.add_argument("--no-ge", dest="ge", action="store_false")
-    ap.add_argument("--unit-costs", default=None, help="JSON of unit seconds measured on a GPU")
+    ap.add_argument("--unit-costs", nargs="+", default=None,
+                    help="JSON(s) of unit seconds measured on a GPU (a later file's unit wins)")
     ap.add_argument("--slice-costs", default=None, help="phases.json of bench/slice_phases.py (host units)")
     ap.add_argument("--solve-on", default="auto", choices=["auto", "host", "device"])
     ap.add_argument("--host-speedup", type=float, default=1.0, help="GPU machine's CPU vs this 2-core VM")
@@ -223,7 +225,7 @@ def main(argv=None) -> None:
         model = replace(model, **host)
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
-        model = with_unit_costs(model, args.unit_costs)
+        model = with_unit_costs(model, *args.unit_costs)
     out = report(p, model, TokenStats(), args, notes)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")

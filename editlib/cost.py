@@ -135,9 +135,13 @@ class CostModel:
         """One chunk of ``facts`` optimised together at ``layer``: a full forward of all its
         sequences (prefix cache), then ``value_iters`` forward+backward passes of the blocks
         above ``layer`` on the packed tokens, the LM head at the label positions."""
-        if "values_s_per_fact" in self.unit_s:
-            k_ref = s.n_layers - 2  # measured at layer 1
-            return self.unit_s["values_s_per_fact"] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1)
+        # measured at layer 1; one fact alone (a B = 1 sequential edit) has its own unit: its steps
+        # are launch-bound, a chunk's are not, so neither extrapolates to the other
+        key = "values_s_per_fact_single" if facts == 1 and "values_s_per_fact_single" in self.unit_s \
+            else "values_s_per_fact"
+        if key in self.unit_s:
+            k_ref = s.n_layers - 2
+            return self.unit_s[key] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1)
         k = s.n_layers - layer - 1
         setup = self._pass(2 * s.n_layers * s.block_params * facts * ts.value_tokens,
                            s.n_layers * s.block_params * self.bpp, s.n_layers * self.kernels_fwd)
@@ -263,8 +267,8 @@ class CostModel:
         whose float32 blocks are added into the float64 sum once per batch (memory-bound), each
         batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
         the float32 block per further chunk)."""
-        if "c0_s_per_token_layer" in self.unit_s:
-            return self.unit_s["c0_s_per_token_layer"] * self.c0_tokens * layers
+        if "c0_s_per_token_layer" in self.unit_s:  # + each layer's tail: its sum to the host and the disk
+            return (self.unit_s["c0_s_per_token_layer"] * self.c0_tokens + self.unit_s.get("c0_layer_fixed_s", 0.0)) * layers
         per = self.c0_per_pass(s)
         first = deepest - layers + 1
         depths = [min(first + i + per, deepest + 1) for i in range(0, layers, per)]
@@ -373,15 +377,20 @@ class CostModel:
 
 
 #: keys of a ``--unit-costs`` JSON (seconds, measured on the GPU; each replaces the model's unit)
-UNIT_KEYS = ("values_s_per_fact", "solve_s_by_n", "eval_s_per_case", "eval_s_per_case_single",
-             "ge_s_per_case", "ge_s_per_case_single", "c0_s_per_token_layer", "c0_factor_s", "ckpt_s", "load_s")
+UNIT_KEYS = ("values_s_per_fact", "values_s_per_fact_single", "solve_s_by_n", "eval_s_per_case", "eval_s_per_case_single",
+             "ge_s_per_case", "ge_s_per_case_single", "c0_s_per_token_layer", "c0_layer_fixed_s", "c0_factor_s",
+             "ckpt_s", "load_s")
 
 
-def with_unit_costs(model: CostModel, path: str | Path) -> CostModel:
-    """A copy of ``model`` whose units are replaced by a measured JSON ({"units": {...}} or flat)."""
-    d = json.loads(Path(path).read_text())
-    units = d.get("units", d)
-    unknown = sorted(set(units) - set(UNIT_KEYS))
-    if unknown:
-        raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
-    return replace(model, unit_s={**model.unit_s, **units})
+def with_unit_costs(model: CostModel, *paths: str | Path) -> CostModel:
+    """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
+    a later file's unit over an earlier one's (the slice's phases, then a calibration)."""
+    unit_s = dict(model.unit_s)
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        units = d.get("units", d)
+        unknown = sorted(set(units) - set(UNIT_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
+        unit_s.update(units)
+    return replace(model, unit_s=unit_s)

@@ -268,6 +268,36 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     assert steps[0].numbers["complete"] and steps[0].numbers["phases_s"]["layer search"] > 0
 
 
+def test_smoke_calibration_and_cost_on_the_miniature(tmp_path):
+    """bench/calibrate_units.py at small sizes on the miniature: calibration.json carries the units
+    (a GE difference lost in noise is left out, never a zero), and the cost step prices with them."""
+    run = run_of(tmp_path, budget=300.0)
+    steps = dc.run_checks(run, ["calibrate", "cost"])
+    log = (run.out / "checks.log").read_text()
+    assert [s.status for s in steps] == ["passed", "passed"], log[-3000:]
+    doc = json.loads((run.out / "calibration.json").read_text())
+    assert doc["complete"] and not doc["errors"]
+    assert {"c0_layer_fixed_s", "c0_factor_s", "eval_s_per_case", "eval_s_per_case_single", "values_s_per_fact",
+            "values_s_per_fact_single"} <= set(doc["units"])
+    assert all(v > 0 for v in doc["units"].values())
+    assert doc["raw"]["c0"]["layers_per_pass"] == 6 and doc["raw"]["eval"]["cases"] == 4
+    assert steps[0].numbers["units"] == doc["units"]
+    (priced,) = [ln for ln in log.splitlines() if ln.startswith("=== cost: ") and "--unit-costs" in ln]
+    assert "calibration.json" in priced and "phases.json" not in priced
+    assert steps[1].numbers["measured_units"]["total_gpu_hours"] > 0
+
+
+def test_the_calibration_wins_over_the_slice(tmp_path):
+    run = run_of(tmp_path)
+    run.out.mkdir(parents=True)
+    assert dc.measured_unit_files(run) == []
+    (run.out / "calibration.json").write_text(json.dumps({"units": {"values_s_per_fact": 1.0}}))
+    (run.out / "phases.json").write_text(json.dumps({"units": {"values_s_per_fact": 2.0}}))
+    assert [f.name for f in dc.measured_unit_files(run)] == ["phases.json", "calibration.json"]
+    cmd = dc.calibrate_command(dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False))
+    assert "params/llama3-8b.yaml" in cmd and "model.id=.cache/llama3-8b-shape-32L" in cmd and "model.device=cuda" in cmd
+
+
 def test_one_failed_protocol_does_not_stop_the_others():
     import contextlib
     import slice_phases

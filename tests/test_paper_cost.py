@@ -201,6 +201,29 @@ def test_experiment_seconds_and_overrides(tmp_path):
         with_unit_costs(m, f)
 
 
+def test_calibrated_units_b1_values_c0_tail_and_file_order(tmp_path):
+    """A calibration's units (bench/calibrate_units.py): one fact alone has its own values unit, the
+    chunked one serves chunks; C0 pays each layer's tail on top of its tokens; of several unit files
+    the later one's unit wins."""
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    m = CostModel(GPUS["h200"], dtype="bfloat16", c0_tokens=1e6)
+    slice_ = tmp_path / "phases.json"
+    slice_.write_text(json.dumps({"units": {"values_s_per_fact": 0.5, "c0_s_per_token_layer": 1e-3,
+                                            "eval_s_per_case": 9.0}}))
+    calib = tmp_path / "calibration.json"
+    calib.write_text(json.dumps({"units": {"values_s_per_fact": 0.1, "values_s_per_fact_single": 2.0,
+                                           "c0_s_per_token_layer": 2e-6, "c0_layer_fixed_s": 3.0}}))
+    mm = with_unit_costs(m, slice_, calib)
+    assert mm.unit_s["eval_s_per_case"] == 9.0 and mm.unit_s["values_s_per_fact"] == 0.1
+    assert mm.values(s, ts, 1, 1) == pytest.approx(2.0)        # B = 1: the single unit
+    assert mm.values(s, ts, 32, 1) == pytest.approx(32 * 0.1)  # a chunk: the chunked unit
+    assert mm.values(s, ts, 1, 16) == pytest.approx(2.0 * 15 / 30)  # fewer blocks above the layer
+    assert mm.c0_collect(s, 32, 31) == pytest.approx(32 * (2e-6 * 1e6 + 3.0))
+    only_chunk = with_unit_costs(m, slice_)  # no single unit measured: the chunked one, as before
+    assert only_chunk.values(s, ts, 1, 1) == pytest.approx(0.5)
+    assert only_chunk.c0_collect(s, 2, 1) == pytest.approx(2 * 1e-3 * 1e6)
+
+
 def test_arithmetic_floor():
     """The floor is the same work at 100 % of peak and nothing else: never above the estimate,
     GE at exactly its FLOPs (prefill + 2·params per decoded token) over the dtype's peak, and it

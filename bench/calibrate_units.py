@@ -166,7 +166,7 @@ def eval_units(study, grid, *, gen_max_len: int, max_cases: int | None) -> dict:
     kv = None if ev.gen_kv_gb is None else ev.gen_kv_gb * 1e9
     rows = rows_per_batch(model, ev.gen_batch_size, gen_max_len, kv)
     facts, used = [], 0
-    for r in study.facts(min(len(study.records), max_cases or 10**9), 0):
+    for r in study.facts(min(max_cases or rows, rows), 0):  # a case has at least one prompt
         if used + len(r.generation_prompts) > rows:
             break
         facts.append(r)

@@ -6,7 +6,7 @@ float32 rounding, amplified by the Adam steps; the default stays eager so that s
 not move).
 
     python bench/bench_compiled_values.py [--params params/tiny.yaml] [--n 30] [--layer 1]
-        [--z-batch-size 1] [--rounds 2] [--mode default] [--threads 2] [--set KEY=VALUE ...]
+        [--z-batch-size 1] [--rounds 2] [--mode default] [--threads 2] [--profile N] [--set KEY=VALUE ...]
 
 ``--z-batch-size 1`` is a one-fact sequential edit's value optimisation (B = 1); on a GPU
 (``--set model.device=cuda``) ``--mode reduce-overhead`` also captures CUDA graphs (each call then
@@ -43,6 +43,30 @@ def _brief(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def profile_eager(study, facts, layer, ctx, hp) -> None:
+    """The eager value optimisation of ``facts`` under torch.profiler: wall time per Adam iteration
+    against the device's own (kernel) time, and the operators that take the most of each. Where the
+    device time is a small share of the wall time, the steps are bound by the host (kernel launches,
+    Python), which CUDA graphs remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(study.model.device).startswith("cuda")
+    acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=acts) as prof:
+        dt, res = _timed(study, facts, layer, ctx, hp)
+    iters = float(res.steps.sum()) + len(facts)
+    ev = prof.key_averages()
+    dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in ev)
+    kernels = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0.0) > 0 and e.device_type.name != "CPU")
+    print(f"profile: {len(facts)} facts, {iters:.0f} iterations, wall {1e3 * dt / iters:.1f} ms/iteration, device "
+          f"{1e-3 * dev_us / iters:.1f} ms/iteration ({100 * 1e-6 * dev_us / dt:.0f} % of wall), "
+          f"{kernels / iters:.0f} device kernels/iteration (wall includes the profiler's own overhead)")
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(ev.table(sort_by=key, row_limit=12, max_name_column_width=60))
+    if cuda:
+        print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/tiny.yaml")
@@ -55,6 +79,8 @@ def main() -> None:
     ap.add_argument("--mode", default="default", help="torch.compile mode (default | reduce-overhead | max-autotune-no-cudagraphs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="first profile N facts of the eager path (device time against wall time, top operators)")
     a = ap.parse_args()
     warnings.simplefilter("default")  # each warning once: a compile or CUDA-graph warning is a finding
     torch.set_num_threads(a.threads)
@@ -86,6 +112,8 @@ def main() -> None:
             packed.run_blocks = eager_fn
 
     run(eager_fn, warm)
+    if a.profile:
+        profile_eager(study, timed[:a.profile], a.layer, ctx, hp)
     error = ""
     try:
         dt, _ = run(compiled_fn, warm)

@@ -224,6 +224,23 @@ def test_calibrated_units_b1_values_c0_tail_and_file_order(tmp_path):
     assert only_chunk.c0_collect(s, 2, 1) == pytest.approx(2 * 1e-3 * 1e6)
 
 
+def test_committed_gpu_units_price_the_grid():
+    """Every measured-units file under bench/units holds known keys only and positive seconds, and
+    prices the paper grid (bench/paper_cost.py --unit-costs FILE)."""
+    files = sorted((REPO_ROOT / "bench" / "units").glob("*.json"))
+    assert files
+    p = resolve(str(REPO_ROOT / "params" / "llama3-8b.yaml"), overrides={"model.dtype": "bfloat16"})
+    exps = count_grid(p, layer=1)
+    for f in files:
+        doc = json.loads(f.read_text())
+        assert doc["complete"] and all(v > 0 for v in doc["units"].values()), f.name
+        m = with_unit_costs(CostModel(GPUS["h200"], dtype="bfloat16", c0_tokens=6.5e7), f)
+        s = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+        assert m.values(s, TokenStats(), 1, 1) == doc["units"]["values_s_per_fact_single"]
+        total = sum(v for e in exps for k, v in m.seconds(e, TokenStats()).items() if k != "ge_tokens")
+        assert 0 < total < float("inf")
+
+
 def test_arithmetic_floor():
     """The floor is the same work at 100 % of peak and nothing else: never above the estimate,
     GE at exactly its FLOPs (prefill + 2·params per decoded token) over the dtype's peak, and it

@@ -73,6 +73,7 @@ CUDA_TESTS = (
     "tests/test_stats.py::test_cuda_matches_cpu",
     "tests/test_stats.py::test_cuda_fast_gram_on_tf32_matches_float64_products",
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
+    "tests/test_values.py::test_cuda_graph_blocks_follow_eager",
 )
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)
 NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")

@@ -94,9 +94,10 @@ class EditHParams:
             raise ValueError(f"layer(s) {bad} outside the model's 0..{n - 1} decoder layers")
 
     def to_dict(self) -> dict:
-        """All fields, less those of other methods only (:data:`METHOD_ONLY`) and the value
+        """All fields, less those of other methods only (:data:`METHOD_ONLY`), the value
         optimisation's MPES knobs when a method other than ENCORE stops on the loss (its
-        default), so a method's parameter digest depends only on what it uses."""
+        default) and ``compile_blocks`` when off, so a method's parameter digest depends only on
+        what it uses."""
         d = asdict(self)
         d["layers"] = list(self.layers)
         for k, m in METHOD_ONLY.items():
@@ -105,6 +106,8 @@ class EditHParams:
         if self.values.early_stop == "loss" and self.method != "encore":
             for k in ("early_stop", "mpes_hits"):
                 d["values"].pop(k)
+        if self.values.compile_blocks == "off":  # eager, as every stored result: its digest is unchanged
+            d["values"].pop("compile_blocks")
         return d
 
     @classmethod

@@ -39,6 +39,36 @@ def unsupported(model, max_len: int) -> str | None:
     return None
 
 
+#: ``hparams.common.compile_blocks``: "off" (eager, the default: stored results are eager's) or a
+#: torch.compile mode for :func:`run_blocks`; "reduce-overhead" also captures CUDA graphs (CUDA only)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+_COMPILED: dict[str, object] = {}
+
+
+def blocks_fn(mode: str, device: torch.device):
+    """:func:`run_blocks`, or its compiled form for ``mode`` (one per process and mode, so later
+    chunks and facts reuse the compiled graphs). A one-fact value step of a 32-layer model is
+    thousands of small kernels launched from Python: eager PyTorch issues them slower than a GPU
+    runs them, which CUDA graphs remove (docs/performance.md). Compiled kernels sum in another
+    order, so z moves at float rounding: opt-in, never the default."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "off":
+        return run_blocks
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(f"compile_blocks: reduce-overhead captures CUDA graphs; the model is on {device}")
+    if mode not in _COMPILED:
+        compiled = torch.compile(run_blocks, dynamic=True, mode=None if mode == "default" else mode)
+        if mode == "reduce-overhead":
+            def fn(*args, **kw):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may still be alive
+                return compiled(*args, **kw)
+        else:
+            fn = compiled
+        _COMPILED[mode] = fn
+    return _COMPILED[mode]
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in the Llama (rotate-half) convention; x [tokens, heads, head_dim], cos/sin [tokens, 1, head_dim]."""
     half = x.shape[-1] // 2
@@ -57,13 +87,14 @@ class PackedSuffix:
     """
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, lookup: torch.Tensor,
-                 need_seq: torch.Tensor, need_pos: torch.Tensor, layer: int):
+                 need_seq: torch.Tensor, need_pos: torch.Tensor, layer: int, compile_blocks: str = "off"):
         spec = arch_for(model)
         reason = unsupported(model, ids.shape[1])
         if reason:
             raise ValueError(f"packed forward: {reason}")
         self.device = dev = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.run_blocks = blocks_fn(compile_blocks, dev)
         self.blocks = [get_module(model, spec.layer_name(i)) for i in range(layer + 1, n_layers(model))]
         self.norm = get_module(model, spec.final_norm)
         S = ids.shape[0]
@@ -118,7 +149,7 @@ class PackedSuffix:
             ar = torch.arange(W, device=dev)
             suf = (ar[None, None] <= ar[None, :, None]) & (ar[None, None] < w_r[:, None, None])  # [R, W, W]
             attn_mask = torch.cat([pre[:, None].expand(R, W, self.p_max), suf], 2)[:, None]
-            x = run_blocks(self.blocks, x, cos, sin, self.kv, None if all_rows else rows.to(dev),
+            x = self.run_blocks(self.blocks, x, cos, sin, self.kv, None if all_rows else rows.to(dev),
                            attn_mask, flat, need, R, W)
         else:
             x = x[need]

@@ -42,7 +42,7 @@ from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
-from .packed import PackedSuffix, unsupported
+from .packed import COMPILE_MODES, PackedSuffix, unsupported
 from .records import Record
 from .tokens import filled_ids, in_context, pad_right, target_ids
 
@@ -65,6 +65,7 @@ class ValueHParams:
     z_batch_size: int = 32  # facts optimised together (1 = the reference's per-fact loop)
     prefix_cache: bool = True  # reuse the KV of tokens before the subject (they do not depend on δ)
     packed: bool = True  # run only the blocks above `layer`, on packed tokens (editlib.packed; Llama family)
+    compile_blocks: str = "off"  # opt-in torch.compile of the packed blocks (editlib.packed.COMPILE_MODES; z moves at float rounding)
 
     def __post_init__(self):
         if self.v_num_grad_steps < 1:
@@ -73,6 +74,10 @@ class ValueHParams:
             raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
         if self.early_stop not in EARLY_STOPS:
             raise ValueError(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {self.early_stop!r}")
+        if self.compile_blocks not in COMPILE_MODES:
+            raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {self.compile_blocks!r}")
+        if self.compile_blocks != "off" and not self.packed:
+            raise ValueError("compile_blocks compiles the packed forward: it needs packed: true")
         if self.mpes_hits < 1:
             raise ValueError(f"mpes_hits must be >= 1, got {self.mpes_hits}")
         for name in ("v_lr", "clamp_norm_factor"):
@@ -275,11 +280,11 @@ class _Packed:
     """:class:`_Forward`'s interface over :class:`editlib.packed.PackedSuffix` (positions are
     relative to the subject token; only label and KL positions are filled)."""
 
-    def __init__(self, model, seq: _Seqs, layer: int):
+    def __init__(self, model, seq: _Seqs, layer: int, compile_blocks: str = "off"):
         kl = seq.is_kl.nonzero()[:, 0]
         self.seq = seq
         self.run = PackedSuffix(model, seq.ids, seq.mask, seq.lookup, torch.cat([seq.lab_seq, kl]),
-                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer)
+                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer, compile_blocks)
 
     def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return positions - self.seq.lookup[rows].to(positions.device)
@@ -292,8 +297,12 @@ class _Packed:
 
 def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
     """The packed forward when ``hp.packed`` and the model allows it, else the transformers one."""
-    if hp.packed and unsupported(model, seq.ids.shape[1]) is None:
-        return _Packed(model, seq, layer)
+    why = unsupported(model, seq.ids.shape[1]) if hp.packed else "packed: false"
+    if why is None:
+        return _Packed(model, seq, layer, hp.compile_blocks)
+    if hp.compile_blocks != "off":  # asked for, and it would silently not happen
+        raise ValueError(f"compile_blocks {hp.compile_blocks!r} compiles the packed forward, which this "
+                         f"model cannot run ({why})")
     return _Forward(model, seq, layer, hp.prefix_cache)
 
 

@@ -681,6 +681,16 @@ def test_bad_params_files(tmp_path, no_model_load):
         resolve(SMOKE, bogus={"a": 1})
 
 
+def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
+    """hparams compile_blocks: reduce-overhead needs the model on CUDA: said before anything loads;
+    the CPU's compile mode passes."""
+    p = params_for(tmp_path, **{"hparams.common.compile_blocks": "reduce-overhead"})
+    assert p.method_hparams("memit", 1).values.compile_blocks == "reduce-overhead"
+    with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs, but model.device is 'cpu'"):
+        protocols.check_before_loading(p, ["sequential"])
+    protocols.check_before_loading(params_for(tmp_path, **{"hparams.common.compile_blocks": "default"}), ["sequential"])
+
+
 def test_best_layer_after_the_layer_search(study, weights0, tmp_path):
     """layer: best passes the check when the layer search runs first, and uses its best layer."""
     p = params_for(tmp_path, **{"batch.layer": "best", "batch.methods": ["memit"], "batch.batch_sizes": [4],

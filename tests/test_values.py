@@ -199,6 +199,67 @@ def test_packed_refuses_what_it_cannot_run(tok) -> None:
         torch.testing.assert_close(a.z, b.z, rtol=0, atol=0)
 
 
+def _compiled_against_eager(lm, tok, mode: str) -> None:
+    """compile_blocks ``mode`` against eager on one fact at a time (a B = 1 sequential edit's
+    values): equal Adam steps, z to float32 rounding (δ and Adam are float32 whatever the model's
+    dtype, and Adam amplifies another summation order's rounding); then a weight of a block above the layer is changed
+    in place and both paths see it (a compiled graph or a captured CUDA graph never runs stale
+    weights), and the weight goes back."""
+    hp = dict(z_batch_size=1, v_num_grad_steps=8, early_stop_loss=1e-9)
+    eager = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
+    comp = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(compile_blocks=mode, **hp))
+    assert torch.equal(eager.steps, comp.steps)
+    torch.testing.assert_close(comp.z, eager.z, rtol=1e-4, atol=1e-6)
+    w = lm.model.layers[LAYER + 1].mlp.down_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(3.0)
+        eager2 = compute_values(lm, tok, FACTS[:1], LAYER, CTX, ValueHParams(**hp))
+        comp2 = compute_values(lm, tok, FACTS[:1], LAYER, CTX, ValueHParams(compile_blocks=mode, **hp))
+        assert not torch.allclose(eager2.z, eager.z[:, :1])
+        torch.testing.assert_close(comp2.z, eager2.z, rtol=1e-4, atol=1e-6)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_compiled_blocks_follow_eager(tok) -> None:
+    """hparams.common.compile_blocks: default (inductor on the CPU) gives eager's steps and z up to
+    the rounding of another summation order, and follows in-place weight changes."""
+    _compiled_against_eager(_family("llama", len(tok)), tok, "default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_blocks_follow_eager(tok) -> None:
+    """compile_blocks: reduce-overhead (CUDA graphs) on a GPU copy of a small float32 Llama."""
+    lm = tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False).cuda()
+    _compiled_against_eager(lm, tok, "reduce-overhead")
+
+
+def test_compile_blocks_fails_fast() -> None:
+    """An unknown mode, compile without the packed forward, CUDA graphs on a CPU model and a model
+    the packed forward cannot run all stop with a message naming the key; off is not in a method's
+    digest (stored results keep theirs)."""
+    from _fixtures import tiny_gpt2
+    from editlib.editing import EditHParams
+    from editlib.packed import blocks_fn, run_blocks
+    with pytest.raises(ValueError, match="compile_blocks must be one of"):
+        ValueHParams(compile_blocks="fast")
+    with pytest.raises(ValueError, match="needs packed: true"):
+        ValueHParams(compile_blocks="default", packed=False)
+    with pytest.raises(ValueError, match="reduce-overhead captures CUDA graphs"):
+        blocks_fn("reduce-overhead", torch.device("cpu"))
+    assert blocks_fn("off", torch.device("cpu")) is run_blocks
+    tok = word_tokenizer()
+    with pytest.raises(ValueError, match="compile_blocks 'default' compiles the packed forward"):
+        compute_values(tiny_gpt2(len(tok)).requires_grad_(False), tok, FACTS, 1, CTX,
+                       ValueHParams(compile_blocks="default", v_num_grad_steps=2))
+    assert "compile_blocks" not in EditHParams(method="memit").to_dict()["values"]
+    on = EditHParams.from_dict({"method": "memit", "compile_blocks": "default"})
+    assert on.to_dict()["values"]["compile_blocks"] == "default"
+
+
 @pytest.mark.parametrize("kw, atol", [
     (dict(v_num_grad_steps=10), 1e-6),
     (dict(), 1e-4),

@@ -78,6 +78,22 @@ def slice_host_costs(path: str) -> dict:
     return out
 
 
+#: units measured on a GPU (bench/calibrate_units.py), named <gpu>-<dtype>-<what>.json
+UNITS_DIR = Path(__file__).resolve().parent / "units"
+
+
+def measured_elsewhere(p, model: CostModel, args) -> list[tuple[Path, float]]:
+    """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
+    modelled estimate is never shown without the measurement that contradicts it."""
+    key = next(k for k, g in GPUS.items() if g is model.gpu)
+    out = []
+    for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
+        m = with_unit_costs(model, path)
+        secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in count_grid(p, layer=args.layer))
+        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600))
+    return out
+
+
 def _h(s: float) -> str:
     return f"{s / 3600:.1f}" if s >= 360 else f"{s / 3600:.2f}"
 
@@ -227,6 +243,12 @@ def main(argv=None) -> None:
     if args.unit_costs:
         model = with_unit_costs(model, *args.unit_costs)
     out = report(p, model, TokenStats(), args, notes)
+    if not args.unit_costs:
+        measured = measured_elsewhere(p, model, args)
+        for path, hours in measured:
+            print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "
+                  f"**{hours:.1f} GPU-hours** (the model above is not calibrated; docs/paper-scale.md)")
+        out["with_measured_units"] = {str(path): hours for path, hours in measured}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
 

@@ -241,6 +241,28 @@ def test_committed_gpu_units_price_the_grid():
         assert 0 < total < float("inf")
 
 
+def test_a_modelled_estimate_names_the_measured_one(tmp_path, capsys):
+    """Without --unit-costs, paper_cost prints (and writes) the grid's hours under every committed
+    measured-units file of the same GPU and dtype; for another GPU there is none to name."""
+    import sys
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import paper_cost
+    grid = str(REPO_ROOT / "params" / "llama3-8b.yaml")
+    out = tmp_path / "h200.json"
+    paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    measured = json.loads(out.read_text())["with_measured_units"]
+    assert list(measured) == ["bench/units/h200-bfloat16-llama3-8b-shape.json"]
+    priced = tmp_path / "priced.json"
+    paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16", "--json", str(priced),
+                     "--unit-costs", str(REPO_ROOT / "bench/units/h200-bfloat16-llama3-8b-shape.json")])
+    doc = json.loads(priced.read_text())
+    assert doc["total_gpu_hours"] == pytest.approx(measured["bench/units/h200-bfloat16-llama3-8b-shape.json"])
+    assert "with_measured_units" not in doc and f"**{doc['total_gpu_hours']:.1f} GPU-hours** (the model" in printed
+    paper_cost.main(["--params", grid, "--gpu", "h100", "--dtype", "bfloat16", "--json", str(out)])
+    assert json.loads(out.read_text())["with_measured_units"] == {}
+
+
 def test_arithmetic_floor():
     """The floor is the same work at 100 % of peak and nothing else: never above the estimate,
     GE at exactly its FLOPs (prefill + 2·params per decoded token) over the dtype's peak, and it

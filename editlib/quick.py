@@ -58,6 +58,32 @@ class _Unedited:
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
     current: str | None = None
     templates: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    frames: list["_Frame"] = field(default_factory=list)  # edit() blocks open on the model, outermost first
+
+
+@dataclass(eq=False)
+class _Frame:
+    """An edit() block that is open (its edit applied, not yet kept or restored): the original
+    weight of each layer it changed, so that an edit() nested inside it still finds the unedited
+    model; ``dirty`` once a nested edit() kept a change the block's exit must account for."""
+
+    originals: dict[int, torch.Tensor]
+    dirty: bool = False
+
+
+def _open_originals(frames: list[_Frame]) -> dict[int, torch.Tensor]:
+    """Each layer's weight before the outermost open block that changed it."""
+    out: dict[int, torch.Tensor] = {}
+    for frame in frames:
+        for l, w in frame.originals.items():
+            out.setdefault(l, w)
+    return out
+
+
+def _unedited_weights(base: _Unedited) -> dict[int, torch.Tensor]:
+    """The unedited weight of every layer that kept edits or open blocks changed: a kept edit's
+    recorded original first, else the outermost open block's."""
+    return {**_open_originals(base.frames), **base.weights}
 
 
 def _start_afresh(model, fp: str, templates: dict | None = None) -> _Unedited:
@@ -72,9 +98,13 @@ def _unedited_state(model, log) -> _Unedited:
     (or was changed outside it since: then its present weights count as unedited, and the log says so)."""
     from .models import fingerprint
 
-    now = fingerprint(model)
     base = getattr(model, _UNEDITED, None)
-    if base is not None and now == base.current:
+    if base is not None and base.frames:  # nested in an open edit() block: its originals lead back
+        with _as_unedited(model, base):
+            if fingerprint(model) == base.fingerprint:
+                return base
+    now = fingerprint(model)
+    if base is not None and not base.frames and now == base.current:
         return base
     if base is not None and now != base.fingerprint:
         log("edit(): the model's weights are not those edit() last left (changed by hand, or an "
@@ -88,13 +118,14 @@ def _as_unedited(model, base: _Unedited) -> Iterator[None]:
     ones put back, bit for bit, on exit."""
     from .arch import edit_weight
 
-    if not base.weights:
+    unedited = _unedited_weights(base)
+    if not unedited:
         yield
         return
-    saved = {l: edit_weight(model, l).detach().clone() for l in base.weights}
+    saved = {l: edit_weight(model, l).detach().clone() for l in unedited}
     try:
         with torch.no_grad():
-            for l, w in base.weights.items():
+            for l, w in unedited.items():
                 edit_weight(model, l).copy_(w)
         yield
     finally:
@@ -104,9 +135,11 @@ def _as_unedited(model, base: _Unedited) -> Iterator[None]:
 
 
 def _remember_kept(model, base: _Unedited, session, log) -> None:
-    """After a kept edit: the first original of each layer it changed, and the model's new
-    fingerprint. If weights besides the edited layers changed meanwhile (inside the block, or by a
-    nested edit()), the unedited model is no longer known: the present weights count as unedited."""
+    """After a kept edit: the unedited original of each layer it changed (an enclosing open block's
+    original where it changed the layer first), and the model's new fingerprint; inside an open
+    block, that block settles the fingerprint when it exits. If weights besides the edited layers
+    changed meanwhile (inside the block, or by a nested edit() that lost track), the unedited model
+    is no longer known: the present weights count as unedited."""
     from .models import fingerprint
 
     if getattr(model, _UNEDITED, None) is not base:
@@ -114,13 +147,25 @@ def _remember_kept(model, base: _Unedited, session, log) -> None:
         log("edit(): a nested edit() replaced what this one knew of the unedited model; the present "
             "weights now count as unedited")
         return
+    outer = _open_originals(base.frames)  # the enclosing blocks (this one's frame is closed)
     for l, w in session.originals().items():
-        base.weights.setdefault(l, w.detach().to("cpu", copy=True))
+        base.weights.setdefault(l, outer.get(l, w).detach().to("cpu", copy=True))
+    for frame in base.frames:
+        frame.dirty = True
+    if not base.frames:
+        _settle(model, base, log, "during the kept edit")
+
+
+def _settle(model, base: _Unedited, log, when: str) -> None:
+    """No edit() block open any more: check that the unedited weights lead back to the unedited
+    fingerprint and note the present one, or count the present weights as unedited (logged)."""
+    from .models import fingerprint
+
     with _as_unedited(model, base):
         clean = fingerprint(model) == base.fingerprint
     if not clean:
         _start_afresh(model, fingerprint(model))
-        log("edit(): weights other than the edited layers changed during the kept edit; the present "
+        log(f"edit(): weights other than the edited layers changed {when}; the present "
             "weights now count as unedited")
         return
     base.current = fingerprint(model)
@@ -185,8 +230,10 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     requests are applied one after another, each on the model holding the previous ones.
     C0 and the context templates always come from the model as it was before its first kept edit
     (SPEC §5), so a kept edit neither recollects C0 nor changes the templates of the next call.
-    Weights changed by other means (by hand, inside the block, or by an enclosing ``edit()``) make
-    the present weights count as unedited again, and the log says so. With ``keep``, an edit that
+    An ``edit()`` nested in another's block finds the unedited model through the enclosing
+    edits' originals (an inner kept edit survives the outer block's restore where it changed
+    other layers). Weights changed by other means (by hand, inside the block) make the present
+    weights count as unedited again, and the log says so. With ``keep``, an edit that
     raises before the block is restored.
     """
     from .context import make_templates
@@ -227,6 +274,7 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     session = EditSession(model)
     result = Edit(records=records, method=method, layers=hp.layers, kept=keep)
     entered = False  # an edit that raised before the block is restored, keep or not
+    frame = _Frame(session.originals())
     try:
         groups = [[r] for r in records] if method == "rome" else [records]
         parts = [apply_edit(model, tok, g, hp, covs, ctx, session, log=log).to_dict() for g in groups]
@@ -238,14 +286,20 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
                         "n_failed": sum(x["n_failed"] for x in parts),
                         "mean_value_steps": sum(x["mean_value_steps"] for x in parts) / len(parts),
                         "seconds": round(time.time() - t0, 3)}
+        frame.originals = session.originals()
+        base.frames.append(frame)  # an edit() inside the block finds the unedited model through it
         entered = True
         yield result
     finally:
+        if frame in base.frames:
+            base.frames.remove(frame)
         if keep and entered:
             session.keep()
             _remember_kept(model, base, session, log)
         else:
             session.restore()
+            if frame.dirty and not base.frames and getattr(model, _UNEDITED, None) is base:
+                _settle(model, base, log, "inside the edit() block")  # a nested edit() kept a change
 
 
 @torch.no_grad()

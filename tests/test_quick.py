@@ -177,3 +177,55 @@ def test_a_kept_edit_that_raises_before_the_block_is_restored(loaded, monkeypatc
         with editlib.edit(model, tok, [request(10), request(11)], method="rome", layer=0, keep=True):
             pass
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_a_nested_edit_takes_c0_and_templates_from_the_unedited_model(tmp_path, monkeypatch) -> None:
+    """An edit() inside another's block: the inner one collects C0 with the outer edit's layer
+    swapped back to its original (no recollection, nothing filed under an edited model, nothing
+    logged as changed), and both blocks leave the model as they found it."""
+    from editlib.models import fingerprint
+
+    model, tok = editlib.load_model(str(MINI))
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    fp0 = fingerprint(model)
+    logs: list[str] = []
+    with editlib.edit(model, tok, [request(12)], method="memit", layer=0, log=logs.append):
+        with editlib.edit(model, tok, [request(13)], method="memit", layer=2, log=logs.append) as inner:
+            assert inner.stats["n_failed"] == 0
+            with editlib.edit(model, tok, [request(14)], method="memit", layer=0, log=logs.append):
+                pass
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+    assert [p.name for p in (tmp_path / "stats").iterdir()] == [fp0]
+    assert len([s for s in logs if "collecting" in s]) == 2, logs  # layer 0 once, layer 2 once
+    assert not [s for s in logs if "unedited" in s], logs
+    with editlib.edit(model, tok, [request(15)], method="memit", layer=0, log=logs.append):
+        pass
+    assert not [s for s in logs if "unedited" in s], logs
+
+
+def test_an_edit_kept_inside_a_restored_block_stays_and_is_remembered(tmp_path, monkeypatch) -> None:
+    """A kept inner edit on another layer survives the outer block's restore; its original is the
+    unedited weight, so the next edit() still takes C0 from the unedited model, without a log line."""
+    from editlib.arch import edit_weight
+    from editlib.models import fingerprint
+
+    model, tok = editlib.load_model(str(MINI))
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    fp0 = fingerprint(model)
+    logs: list[str] = []
+    with editlib.edit(model, tok, [request(16)], method="memit", layer=0, log=logs.append):
+        with editlib.edit(model, tok, [request(17)], method="memit", layer=2, keep=True, log=logs.append):
+            pass
+        kept = edit_weight(model, 2).detach().clone()
+    assert torch.equal(edit_weight(model, 0), w0["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(edit_weight(model, 2), kept)
+    assert not torch.equal(kept, w0["model.layers.2.mlp.down_proj.weight"])
+    with editlib.edit(model, tok, [request(18)], method="memit", layer=1, log=logs.append):
+        pass
+    assert torch.equal(edit_weight(model, 2), kept)  # back after layer 1's C0 was collected
+    assert [p.name for p in (tmp_path / "stats").iterdir()] == [fp0]
+    assert not [s for s in logs if "unedited" in s], logs
+    base = getattr(model, "_editlib_unedited")
+    assert torch.equal(base.weights[2], w0["model.layers.2.mlp.down_proj.weight"]) and not base.frames

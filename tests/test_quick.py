@@ -179,17 +179,20 @@ def test_a_kept_edit_that_raises_before_the_block_is_restored(loaded, monkeypatc
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
 
 
-def test_a_nested_edit_takes_c0_and_templates_from_the_unedited_model(tmp_path, monkeypatch) -> None:
-    """An edit() inside another's block: the inner one collects C0 with the outer edit's layer
-    swapped back to its original (no recollection, nothing filed under an edited model, nothing
-    logged as changed), and both blocks leave the model as they found it."""
+def _fresh(tmp_path, monkeypatch):
+    """A model no edit() has seen, a C0 cache of its own: (model, tok, its weights, fingerprint, log)."""
     from editlib.models import fingerprint
 
     model, tok = editlib.load_model(str(MINI))
     monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
-    w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    fp0 = fingerprint(model)
-    logs: list[str] = []
+    return model, tok, {k: v.clone() for k, v in model.state_dict().items()}, fingerprint(model), []
+
+
+def test_a_nested_edit_takes_c0_and_templates_from_the_unedited_model(tmp_path, monkeypatch) -> None:
+    """An edit() inside another's block: the inner one collects C0 with the outer edit's layer
+    swapped back to its original (no recollection, nothing filed under an edited model, nothing
+    logged as changed), and both blocks leave the model as they found it."""
+    model, tok, w0, fp0, logs = _fresh(tmp_path, monkeypatch)
     with editlib.edit(model, tok, [request(12)], method="memit", layer=0, log=logs.append):
         with editlib.edit(model, tok, [request(13)], method="memit", layer=2, log=logs.append) as inner:
             assert inner.stats["n_failed"] == 0
@@ -208,13 +211,8 @@ def test_an_edit_kept_inside_a_restored_block_stays_and_is_remembered(tmp_path, 
     """A kept inner edit on another layer survives the outer block's restore; its original is the
     unedited weight, so the next edit() still takes C0 from the unedited model, without a log line."""
     from editlib.arch import edit_weight
-    from editlib.models import fingerprint
 
-    model, tok = editlib.load_model(str(MINI))
-    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
-    w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    fp0 = fingerprint(model)
-    logs: list[str] = []
+    model, tok, w0, fp0, logs = _fresh(tmp_path, monkeypatch)
     with editlib.edit(model, tok, [request(16)], method="memit", layer=0, log=logs.append):
         with editlib.edit(model, tok, [request(17)], method="memit", layer=2, keep=True, log=logs.append):
             pass

@@ -1,6 +1,6 @@
 """Benchmark (a script, not a test): the value optimisation with the blocks above the edited layer
-compiled (``torch.compile`` of :func:`editlib.packed.run_blocks`) against the eager default, on the
-same facts, alternating rounds. Prints ms per fact and per Adam iteration, the compile time, and how
+compiled (``hparams.common.compile_blocks``: ``torch.compile`` of :func:`editlib.packed.run_blocks`,
+the protocols' own path) against the eager default, on the same facts, alternating rounds. Prints ms per fact and per Adam iteration, the compile time, and how
 far the compiled z are from the eager ones (compiled kernels sum in another order, so z moves at
 float32 rounding, amplified by the Adam steps; the default stays eager so that stored results do
 not move).
@@ -17,15 +17,20 @@ with its error, and the eager numbers are still printed.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from editlib import packed, protocols
-from editlib.params import resolve
-from editlib.values import compute_values
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slice_phases import _build  # noqa: E402  (a Llama-3-8B shape named by the params is built first)
+
+from editlib import protocols  # noqa: E402
+from editlib.params import resolve  # noqa: E402
+from editlib.values import compute_values  # noqa: E402
 
 
 def _timed(study, facts, layer, ctx, hp) -> tuple[float, object]:
@@ -76,15 +81,19 @@ def main() -> None:
     ap.add_argument("--method", default="memit", help="whose value hyperparameters")
     ap.add_argument("--z-batch-size", type=int, default=1, help="facts optimised together (1: a B = 1 sequential edit)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--mode", default="default", help="torch.compile mode (default | reduce-overhead | max-autotune-no-cudagraphs)")
+    ap.add_argument("--mode", default="default", help="hparams.common.compile_blocks to time against eager "
+                    "(default | reduce-overhead | max-autotune-no-cudagraphs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape build (params naming one)")
+    ap.add_argument("--draw-device", default="cpu", help="where a shape build draws its random weights")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="first profile N facts of the eager path (device time against wall time, top operators)")
     a = ap.parse_args()
     warnings.simplefilter("default")  # each warning once: a compile or CUDA-graph warning is a finding
     torch.set_num_threads(a.threads)
     p = resolve(a.params, overrides=a.set or None)
+    print(_build(p, argparse.Namespace(draw_device=a.draw_device, tokenizer=a.tokenizer, build=False)))
     study = protocols.open_study(p, experiments=["layer_search"], log=lambda *x: None)
     ehp = p.method_hparams(a.method, a.layer, "sequential")
     hp = replace(ehp.values, z_batch_size=a.z_batch_size)
@@ -93,41 +102,30 @@ def main() -> None:
     ctx = study.contexts(ehp.context_templates)
     facts = study.facts(a.warmup + a.n)
     warm, timed = facts[:a.warmup], facts[a.warmup:]
-    eager_fn = packed.run_blocks
-    compiled = torch.compile(eager_fn, dynamic=True, mode=None if a.mode == "default" else a.mode)
-    if a.mode == "reduce-overhead":
-        def compiled_fn(*args, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may still be alive
-            return compiled(*args, **kwargs)
-    else:
-        compiled_fn = compiled
+    eager_hp, comp_hp = replace(hp, compile_blocks="off"), replace(hp, compile_blocks=a.mode)
     print(f"model {study.label} ({study.n_layers} layers) on {study.model.device}, layer {a.layer}, "
           f"{a.n} facts, z_batch_size {a.z_batch_size}, threads {torch.get_num_threads()}, mode {a.mode}")
 
-    def run(fn, fs):
-        packed.run_blocks = fn
-        try:
-            return _timed(study, fs, a.layer, ctx, hp)
-        finally:
-            packed.run_blocks = eager_fn
+    def run(which, fs):  # the protocols' own path: hparams.common.compile_blocks
+        return _timed(study, fs, a.layer, ctx, eager_hp if which == "eager" else comp_hp)
 
-    run(eager_fn, warm)
+    run("eager", warm)
     if a.profile:
-        profile_eager(study, timed[:a.profile], a.layer, ctx, hp)
+        profile_eager(study, timed[:a.profile], a.layer, ctx, eager_hp)
     error = ""
     try:
-        dt, _ = run(compiled_fn, warm)
+        dt, _ = run("compiled", warm)
         print(f"compiled warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
     except Exception as e:  # the eager numbers are still worth having
         error = _brief(e)
         print(f"compiled warm-up failed: {error}")
     eager_ms, comp_ms = [], []
     for r in range(a.rounds):
-        for name, fn, acc in (("eager", eager_fn, eager_ms), ("compiled", compiled_fn, comp_ms)):
+        for name, acc in (("eager", eager_ms), ("compiled", comp_ms)):
             if name == "compiled" and error:
                 continue
             try:
-                dt, res = run(fn, timed)
+                dt, res = run(name, timed)
             except Exception as e:
                 if name == "eager":
                     raise

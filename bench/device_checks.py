@@ -31,6 +31,12 @@ comes back even if the run is stopped:
               units (--unit-costs: the slice's, then the calibration's over them), then modelled
               (both are arithmetic: rerun them here on the returned JSON if this step did not finish)
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
+  compiled_shape  the same on the 32-layer shape (built first if need be; compilation alone took
+              199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
+              4 facts, one round, torch at every CPU thread
+
+Without --only, the steps are DEFAULT_STEPS (calibrate and compiled_shape each need most of a
+lease: --only env calibrate cost, --only env compiled_shape).
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
 fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
@@ -63,7 +69,10 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
     sys.path.insert(0, str(ROOT))
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
-STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled")
+STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape")
+#: what a run without --only checks (sized for a 9-minute lease); calibrate and compiled_shape each
+#: want most of a lease of their own: --only env calibrate cost, --only env compiled_shape
+DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
 #: the CUDA-only tests (each is skipped where torch sees no GPU)
@@ -79,7 +88,7 @@ CUDA_TESTS = (
 NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
-        "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60)}
+        "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
 
@@ -389,6 +398,26 @@ def step_compiled(run: Run, step: Step) -> None:
     step.numbers = parse_compiled(out)
 
 
+def step_compiled_shape(run: Run, step: Step) -> None:
+    if run.smoke:
+        step.status, step.reason = "skipped", "the shape step has no smoke size (the compiled step is its miniature)"
+        return
+    missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
+    if missing:
+        step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
+        return
+    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
+    out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--params", "params/llama3-shape-slice.yaml",
+                                  "--z-batch-size", "1", "--n", "4", "--warmup", "1", "--rounds", "1",
+                                  "--mode", "reduce-overhead", "--threads", str(os.cpu_count() or 2),
+                                  "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
+                                  *(x for s in sets for x in ("--set", s))],
+                      run.caps["compiled_shape"][0],
+                      env={"HF_HUB_OFFLINE": "1", "EDITLIB_COUNTERFACT": str(staged_counterfact()),
+                           "EDITLIB_CACHE": str(run.work / "compiled-cache")})
+    step.numbers = parse_compiled(out)
+
+
 def parse_compiled(out: str) -> dict:
     """The numbers of bench_compiled_values.py's summary and z-agreement lines (the eager numbers
     and the error when the compiled path failed)."""
@@ -407,7 +436,7 @@ def parse_compiled(out: str) -> dict:
 
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
-    "gram": step_gram, "compiled": step_compiled}
+    "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape}
 
 
 def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:
@@ -467,7 +496,7 @@ def main(argv=None) -> int:
     if a.stage:
         stage()
         return 0
-    names = [s for s in (a.only or STEPS) if s not in a.skip]
+    names = [s for s in (a.only or DEFAULT_STEPS) if s not in a.skip]
     caps = dict(CAPS)
     for c in a.cap:
         step, _, sec = c.partition("=")

@@ -298,6 +298,22 @@ def test_the_calibration_wins_over_the_slice(tmp_path):
     assert "params/llama3-8b.yaml" in cmd and "model.id=.cache/llama3-8b-shape-32L" in cmd and "model.device=cuda" in cmd
 
 
+def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
+    """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
+    want a lease of their own, and the shape step names what is missing instead of starting."""
+    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape"}
+    seen: list[str] = []
+    monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
+    assert dc.main(["--out", str(tmp_path / "o")]) == 0 and tuple(seen) == dc.DEFAULT_STEPS
+    monkeypatch.undo()
+    monkeypatch.setattr(dc, "STAGE", tmp_path / "nothing")
+    run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+    (step,) = dc.run_checks(run, ["compiled_shape"])
+    assert step.status == "skipped" and "--stage" in step.reason
+    (step,) = dc.run_checks(run_of(tmp_path / "smoke", budget=900.0), ["compiled_shape"])
+    assert step.status == "skipped" and "no smoke size" in step.reason
+
+
 def test_one_failed_protocol_does_not_stop_the_others():
     import contextlib
     import slice_phases

@@ -11,9 +11,10 @@ NUMERICS ?= auto
 	.venv/bin/python -m pip install --quiet --upgrade pip
 	.venv/bin/python -m pip install --quiet $(TORCH_SPEC)
 
-# editlib and its extras; again whenever pyproject.toml changes
-.venv/.installed: .venv/bin/python pyproject.toml
-	.venv/bin/python -m pip install --quiet -e ".[dev]"
+# editlib and its extras, at the versions the committed figures were made with (constraints.txt);
+# again whenever pyproject.toml or constraints.txt changes
+.venv/.installed: .venv/bin/python pyproject.toml constraints.txt
+	.venv/bin/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	touch $@
 
 setup: .venv/.installed

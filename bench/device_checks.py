@@ -286,16 +286,27 @@ def slice_disk_need_gib(run: Run) -> float:
     return (0.0 if run.smoke or built else shape_model_gib(run.shape_layers)) + SLICE_DISK_MARGIN_GIB
 
 
-def step_slice(run: Run, step: Step) -> None:
-    if not run.smoke:
-        missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
-        if missing:
-            step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
-            return
+def unstaged(run: Run, step: Step) -> bool:
+    """Skip ``step`` (and say so) when a GPU run lacks what ``--stage`` writes here."""
+    missing = [] if run.smoke else [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
+    if missing:
+        step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
+    return bool(missing)
+
+
+def shape_unready(run: Run, step: Step, what: str) -> bool:
+    """:func:`unstaged`, or fail ``step`` when the disk cannot hold the shape model (``what`` needs it)."""
+    if unstaged(run, step):
+        return True
     need, free = slice_disk_need_gib(run), shutil.disk_usage(ROOT).free / 2**30
     step.numbers = {"disk_need_gib": round(need, 1), "disk_free_gib": round(free, 1)}
     if free < need:
-        step.status, step.reason = "failed", f"{free:.1f} GiB of disk free, the slice needs {need:.1f} GiB"
+        step.status, step.reason = "failed", f"{free:.1f} GiB of disk free, {what} needs {need:.1f} GiB"
+    return free < need
+
+
+def step_slice(run: Run, step: Step) -> None:
+    if shape_unready(run, step, "the slice"):
         return
     # a folder of its own: another run of this script (or of the slice) never writes into it
     out_dir = run.work / f"slice-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -326,14 +337,7 @@ def calibrate_command(run: Run) -> list[str]:
 
 
 def step_calibrate(run: Run, step: Step) -> None:
-    if not run.smoke:
-        missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
-        if missing:
-            step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
-            return
-    need, free = slice_disk_need_gib(run), shutil.disk_usage(ROOT).free / 2**30
-    if free < need:
-        step.status, step.reason = "failed", f"{free:.1f} GiB of disk free, the calibration needs {need:.1f} GiB"
+    if shape_unready(run, step, "the calibration"):
         return
     out = run.out / "calibration.json"
     out.unlink(missing_ok=True)  # only this run's units come back
@@ -341,7 +345,7 @@ def step_calibrate(run: Run, step: Step) -> None:
                 env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
     if out.is_file():
         doc = json.loads(out.read_text())
-        step.numbers = {"complete": doc.get("complete", False), "units": doc.get("units", {}),
+        step.numbers |= {"complete": doc.get("complete", False), "units": doc.get("units", {}),
                         "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
         if step.status == "passed" and not doc.get("complete"):
             step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
@@ -402,9 +406,7 @@ def step_compiled_shape(run: Run, step: Step) -> None:
     if run.smoke:
         step.status, step.reason = "skipped", "the shape step has no smoke size (the compiled step is its miniature)"
         return
-    missing = [p for p in (STAGE / "tokenizer", staged_counterfact()) if not p.exists()]
-    if missing:
-        step.status, step.reason = "skipped", f"not staged: {', '.join(map(str, missing))} (run --stage here first)"
+    if unstaged(run, step):
         return
     sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
     out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--params", "params/llama3-shape-slice.yaml",

@@ -82,14 +82,14 @@ def slice_host_costs(path: str) -> dict:
 UNITS_DIR = Path(__file__).resolve().parent / "units"
 
 
-def measured_elsewhere(p, model: CostModel, args) -> list[tuple[Path, float]]:
+def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float]]:
     """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
     modelled estimate is never shown without the measurement that contradicts it."""
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
         m = with_unit_costs(model, path)
-        secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in count_grid(p, layer=args.layer))
+        secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
         out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600))
     return out
 
@@ -98,8 +98,7 @@ def _h(s: float) -> str:
     return f"{s / 3600:.1f}" if s >= 360 else f"{s / 3600:.2f}"
 
 
-def report(p, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
-    exps = count_grid(p, layer=args.layer)
+def report(p, exps, model: CostModel, ts: TokenStats, args, notes: list[str]) -> dict:
     rows, total, consumers = [], 0.0, []
     for e in exps:
         sec = model.seconds(e, ts)
@@ -242,12 +241,13 @@ def main(argv=None) -> None:
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
         model = with_unit_costs(model, *args.unit_costs)
-    out = report(p, model, TokenStats(), args, notes)
+    exps = count_grid(p, layer=args.layer)
+    out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:
-        measured = measured_elsewhere(p, model, args)
+        measured = measured_elsewhere(model, exps)
         for path, hours in measured:
             print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "
-                  f"**{hours:.1f} GPU-hours** (the model above is not calibrated; docs/paper-scale.md)")
+                  f"**{hours:.1f} GPU-hours** (the model above estimates those units; docs/paper-scale.md)")
         out["with_measured_units"] = {str(path): hours for path, hours in measured}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")

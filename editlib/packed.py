@@ -45,14 +45,20 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraph
 _COMPILED: dict[str, object] = {}
 
 
+def check_compile_mode(mode: str) -> None:
+    """``compile_blocks`` names one of :data:`COMPILE_MODES` (checked where params are read and
+    where the blocks are compiled)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
 def blocks_fn(mode: str, device: torch.device):
     """:func:`run_blocks`, or its compiled form for ``mode`` (one per process and mode, so later
     chunks and facts reuse the compiled graphs). A one-fact value step of a 32-layer model is
     thousands of small kernels launched from Python: eager PyTorch issues them slower than a GPU
     runs them, which CUDA graphs remove (docs/performance.md). Compiled kernels sum in another
     order, so z moves at float rounding: opt-in, never the default."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    check_compile_mode(mode)
     if mode == "off":
         return run_blocks
     if mode == "reduce-overhead" and device.type != "cuda":

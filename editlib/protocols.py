@@ -272,8 +272,8 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if str(mp.device).startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(f"{which}.device is {mp.device!r} but this torch ({torch.__version__}) sees no "
                           "CUDA device: install a CUDA build of torch or set device: cpu")
-    modes = sorted({hp.values.compile_blocks for hp in p.hparams.values()} - {"off"})
-    if "reduce-overhead" in modes and not str(mp.device).startswith("cuda"):
+    graphs = any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values())
+    if graphs and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams compile_blocks: reduce-overhead captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use default (or off) on a CPU")
     _check_corpus_offline(p)

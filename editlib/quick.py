@@ -273,8 +273,7 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
     session = EditSession(model)
     result = Edit(records=records, method=method, layers=hp.layers, kept=keep)
-    entered = False  # an edit that raised before the block is restored, keep or not
-    frame = _Frame(session.originals())
+    frame: _Frame | None = None  # the open block once its edit is applied (one that raised is restored)
     try:
         groups = [[r] for r in records] if method == "rome" else [records]
         parts = [apply_edit(model, tok, g, hp, covs, ctx, session, log=log).to_dict() for g in groups]
@@ -286,19 +285,18 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
                         "n_failed": sum(x["n_failed"] for x in parts),
                         "mean_value_steps": sum(x["mean_value_steps"] for x in parts) / len(parts),
                         "seconds": round(time.time() - t0, 3)}
-        frame.originals = session.originals()
+        frame = _Frame(session.originals())
         base.frames.append(frame)  # an edit() inside the block finds the unedited model through it
-        entered = True
         yield result
     finally:
         if frame in base.frames:
             base.frames.remove(frame)
-        if keep and entered:
+        if keep and frame is not None:
             session.keep()
             _remember_kept(model, base, session, log)
         else:
             session.restore()
-            if frame.dirty and not base.frames and getattr(model, _UNEDITED, None) is base:
+            if frame is not None and frame.dirty and not base.frames and getattr(model, _UNEDITED, None) is base:
                 _settle(model, base, log, "inside the edit() block")  # a nested edit() kept a change
 
 

@@ -42,7 +42,7 @@ from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
-from .packed import COMPILE_MODES, PackedSuffix, unsupported
+from .packed import PackedSuffix, check_compile_mode, unsupported
 from .records import Record
 from .tokens import filled_ids, in_context, pad_right, target_ids
 
@@ -74,8 +74,7 @@ class ValueHParams:
             raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
         if self.early_stop not in EARLY_STOPS:
             raise ValueError(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {self.early_stop!r}")
-        if self.compile_blocks not in COMPILE_MODES:
-            raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {self.compile_blocks!r}")
+        check_compile_mode(self.compile_blocks)
         if self.compile_blocks != "off" and not self.packed:
             raise ValueError("compile_blocks compiles the packed forward: it needs packed: true")
         if self.mpes_hits < 1:

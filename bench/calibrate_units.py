@@ -172,7 +172,8 @@ def eval_units(study, grid, *, gen_max_len: int, max_cases: int | None) -> dict:
         facts.append(r)
         used += len(r.generation_prompts)
     kw = dict(alignment=ev.alignment, batch_size=ev.batch_size, gen_seed=ev.gen_seed, gen_max_len=gen_max_len,
-              gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text)
+              gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text,
+              gen_decode=ev.gen_decode)  # --grid-set evaluation.gen_decode=graph: GE's units under CUDA graphs
 
     def run(cases, generation: bool) -> float:
         with RowDeltas(model, _row_edits(model, 1, len(cases), 0)) as hook:

@@ -35,8 +35,12 @@ comes back even if the run is stopped:
               199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
               4 facts, one round, torch at every CPU thread
 
-Without --only, the steps are DEFAULT_STEPS (calibrate and compiled_shape each need most of a
-lease: --only env calibrate cost, --only env compiled_shape).
+  decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
+              steps under evaluation.gen_decode transformers, static and graph (captured), 1,020
+              rows and 10, two rounds each, with whether the texts equal the transformers path's
+
+Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
+most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape).
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
 fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
@@ -69,7 +73,7 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
     sys.path.insert(0, str(ROOT))
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
-STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape")
+STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "decode_shape")
 #: what a run without --only checks (sized for a 9-minute lease); calibrate and compiled_shape each
 #: want most of a lease of their own: --only env calibrate cost, --only env compiled_shape
 DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
@@ -83,12 +87,14 @@ CUDA_TESTS = (
     "tests/test_stats.py::test_cuda_fast_gram_on_tf32_matches_float64_products",
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
     "tests/test_values.py::test_cuda_graph_blocks_follow_eager",
+    "tests/test_decode.py::test_cuda_graph_decode_follows_the_transformers_forward",
 )
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)
 NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", "matplotlib", "pytest", "tokenizers")
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
-        "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300)}
+        "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
+        "decode_shape": (360, 150)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
 
@@ -436,9 +442,45 @@ def parse_compiled(out: str) -> dict:
     return got
 
 
+def step_decode_shape(run: Run, step: Step) -> None:
+    if run.smoke:
+        out = run_command(run, step, [PY, "bench/bench_decode.py", "--prompts", "8", "--max-len", "16", "--rounds", "1",
+                                      "--device", run.device], run.caps["decode_shape"][0], env={"HF_HUB_OFFLINE": "1"})
+        step.numbers = parse_decode(out)
+        return
+    if unstaged(run, step):
+        return
+    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
+    out = run_command(run, step, [PY, "bench/bench_decode.py", "--params", "params/llama3-shape-slice.yaml",
+                                  "--prompts", "1020", "10", "--rounds", "2", "--draw-device", run.device,
+                                  "--tokenizer", str(STAGE / "tokenizer"), *(x for s in sets for x in ("--set", s))],
+                      run.caps["decode_shape"][0], env={"HF_HUB_OFFLINE": "1"})
+    step.numbers = parse_decode(out)
+
+
+def parse_decode(out: str) -> dict:
+    """Per batch size (rows) and mode: bench_decode.py's ms per decode step and texts equal to the
+    transformers path's."""
+    got: dict = {}
+    rows = None
+    for line in out.splitlines():
+        head = re.search(r"(\d+) decode steps of (\d+) rows", line)
+        if head:
+            rows = head[2]
+            continue
+        m = re.match(r"\s+(\w+): [\d., ]+ s\s+\(([\d., ]+) ms per step\)(?:\s+texts equal to transformers: (\d+)/(\d+))?", line)
+        if m and rows is not None:
+            entry = {"ms_per_step": [float(x) for x in m[2].split(", ")]}
+            if m[3] is not None:
+                entry["texts_equal"] = f"{m[3]}/{m[4]}"
+            got.setdefault(f"rows_{rows}", {})[m[1]] = entry
+    return got
+
+
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
-    "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape}
+    "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape,
+    "decode_shape": step_decode_shape}
 
 
 def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:

@@ -128,10 +128,17 @@ def _evaluate(a: argparse.Namespace) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
+    if a.gen_decode == "graph" and not a.no_generation and not device.startswith("cuda"):
+        raise UsageError(f"--gen-decode graph captures CUDA graphs; the device is {device}: use static")
     records = _load_eval_records(a.records, a.n)  # every input is checked before the model loads
     rs = _rs_resources(a.rs_dir) if a.rs_dir else None
     locate_model(a.model)
     model, tok = load_model(a.model, dtype=a.dtype, device=device)
+    if a.gen_decode != "transformers" and not a.no_generation:  # a model it cannot decode fails before scoring
+        from .decode import unsupported
+        why = unsupported(model, a.gen_max_len)
+        if why:
+            raise UsageError(f"--gen-decode {a.gen_decode} cannot decode this model: {why}")
     if a.gen_kv_gb is not None and not a.no_generation:  # a budget that holds no row fails before scoring
         from .generation import rows_per_batch
         try:
@@ -141,7 +148,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs,
-                          gen_text=a.gen_text)
+                          gen_text=a.gen_text, gen_decode=a.gen_decode)
     from pathlib import Path
 
     from .store import atomic_write_parquet
@@ -425,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
     e.add_argument("--gen-text", choices=("clean", "reference"), default="clean",
                    help="reference = GE texts decoded as the reference code does (Llama-3 keeps <|begin_of_text|>)")
+    e.add_argument("--gen-decode", choices=("transformers", "static", "graph"), default="transformers",
+                   help="GE decode steps: the model's forward, editlib.decode's (same arithmetic), or CUDA graphs")
     e.add_argument("--rs-dir", default=None,
                    help="directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json (RS)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")

@@ -81,9 +81,11 @@ def returned_kv(model, out) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len: int, top_k: int,
-                  pad_id: int, deltas=None, rows: Sequence[int] | None = None) -> tuple[list[list[int]], list[bool]]:
+                  pad_id: int, deltas=None, rows: Sequence[int] | None = None,
+                  decode: str = "transformers") -> tuple[list[list[int]], list[bool]]:
     """Extend every row to ``max_len`` tokens (rows already longer are returned unchanged); also
-    whether each row's logits stayed finite at every step."""
+    whether each row's logits stayed finite at every step. ``decode``: the model's own forward
+    (``transformers``) or :class:`editlib.decode.Decoder` (``static``, ``graph``) after the prefill."""
     device = next(model.parameters()).device
     lens = [len(s) for s in seqs]
     width = max(max_len, max(lens))
@@ -96,13 +98,20 @@ def _sample_batch(model, seqs: list[list[int]], uniforms: np.ndarray, *, max_len
     cache_arg = _cache_name(model)
     last_only = _last_logits_kw(model)
     if deltas is not None:  # each row generates under its own independent edit (editlib.lowrank)
-        deltas.rows = torch.as_tensor(list(rows), dtype=torch.long)
+        deltas.rows = torch.as_tensor(list(rows), dtype=torch.long, device=device)
     finite = torch.ones(len(seqs), dtype=torch.bool, device=device)
     past, fed, pos = None, 0, min(lens)
+    dec = None
+    if decode != "transformers" and pos < max_len:
+        from .decode import Decoder
+        dec = Decoder(model, len(seqs), max_len, decode)
     while pos < max_len:  # pos: the column sampled at this step
-        out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past}, **last_only)
-        past = getattr(out, cache_arg)
-        logits = out.logits[:, -1]
+        if dec is not None:
+            logits = dec.prefill(ids[:, :pos]) if fed == 0 else dec.step(ids[:, fed], fed)
+        else:
+            out = model(input_ids=ids[:, fed:pos], use_cache=True, **{cache_arg: past}, **last_only)
+            past = getattr(out, cache_arg)
+            logits = out.logits[:, -1]
         finite &= torch.isfinite(logits).all(-1)  # a NaN/inf row would otherwise draw token 0 silently
         new = _top_k_draw(logits, top_k, u[:, pos])
         ids[:, pos] = torch.where(lens_t <= pos, new, ids[:, pos])  # keep longer prompts' tokens
@@ -167,7 +176,7 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
                  seed: int = 0, batch_size: int = 64,
                  keys: Sequence[Hashable] | None = None, groups: Sequence[int] | None = None,
                  deltas=None, max_kv_bytes: float | None = None, text: str = "clean",
-                 return_finite: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+                 return_finite: bool = False, decode: str = "transformers") -> list[str] | tuple[list[str], list[bool]]:
     """Seeded top-k sampled continuations (prompt included), ``max_len`` tokens in total.
 
     ``keys[i]`` names prompt ``i``'s random stream (default ``i``); give keys that identify a prompt
@@ -176,7 +185,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     active :class:`editlib.lowrank.RowDeltas` hook (GE of many edits in one batched generation).
     ``max_kv_bytes``: fewer than ``batch_size`` rows per batch where their KV cache would not fit
     (:func:`rows_per_batch`; texts change only as with any other batch size). ``text``: how token
-    ids become text (:func:`decode_text`).
+    ids become text (:func:`decode_text`). ``decode``: how the steps after the prefill run
+    (``evaluation.gen_decode``, :mod:`editlib.decode`: ``transformers``, ``static`` or ``graph``).
 
     A prompt whose logits are ever NaN or infinite (an overflowing float16 model, an edit that
     blew the model up) has no meaningful text: with ``return_finite`` the call also returns, per
@@ -191,6 +201,12 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
         raise ValueError("top_k, max_len and batch_size must be positive")
     if text not in GEN_TEXTS:
         raise ValueError(f"GE text mode must be one of {', '.join(GEN_TEXTS)}, got {text!r}")
+    if decode != "transformers":
+        from .decode import check_decode_mode, unsupported
+        check_decode_mode(decode)
+        why = unsupported(model, max_len)
+        if why:
+            raise ValueError(f"evaluation.gen_decode: {decode} cannot decode this model: {why}")
     ids = [encode(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches
@@ -203,7 +219,7 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
         width = max(max_len, max(len(ids[i]) for i in idx))
         uniforms = np.stack([_row_rng(seed, keys[i]).random(width) for i in idx])
         seqs, ok = _sample_batch(model, [ids[i] for i in idx], uniforms, max_len=max_len, top_k=top_k,
-                                 pad_id=pad, deltas=deltas,
+                                 pad_id=pad, deltas=deltas, decode=decode,
                                  rows=None if groups is None else [int(groups[i]) for i in idx])
         for i, s, f in zip(idx, seqs, ok):
             out[i] = decode_text(tok, s, text)

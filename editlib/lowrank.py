@@ -81,6 +81,10 @@ class _RowHook(Hooked):
     a [batch] long tensor of labels, set before every forward; None = nothing added); removed on
     exit, also on error. Subclasses build their factors in :meth:`_setup`, then the hook is attached."""
 
+    #: set by editlib.decode around a fixed-shape decode step: the hook must then run without
+    #: data-dependent control flow or host synchronisation (what a CUDA graph can capture)
+    static_shapes: bool = False
+
     def __init__(self, model, edits: LowRankEdits):
         self.edits = edits
         self.rows: torch.Tensor | None = None
@@ -118,6 +122,8 @@ class RowDeltas(_RowHook):
         if rows is None:
             return output
         dt = term_dtype(x.dtype)
+        if self.static_shapes:
+            return self._static_hook(x, rows, output, dt)
         out = output.to(dt, copy=True)
         if self._stack is not None:
             R, X = self._stack
@@ -133,6 +139,27 @@ class RowDeltas(_RowHook):
             m = rows == e
             out[m] += (x[m].to(dt) @ self._X[e].to(dt).T) @ self._R[e].to(dt).T
         return out.to(output.dtype)
+
+    def _static_hook(self, x: torch.Tensor, rows: torch.Tensor, output: torch.Tensor, dt: torch.dtype):
+        """The same terms without branching on ``rows``: rank-one edits gather every row's factors
+        (an unedited row's coefficient is multiplied by 0), higher ranks form X x for all stacked
+        factors and keep each row's own (an ownership mask, as :class:`TrailingDeltas`). Same values
+        as :meth:`_hook` up to the order of sums (the mask adds exact zeros)."""
+        if self._stack is not None:
+            R, X = self._stack
+            idx = rows.clamp(min=0)
+            coef = torch.einsum("btd,bd->bt", x.to(dt), X[idx].to(dt)) * (rows >= 0).to(dt)[:, None]
+            return (output.to(dt) + coef[..., None] * R[idx].to(dt)[:, None, :]).to(output.dtype)
+        if not self._X:
+            return output
+        if not hasattr(self, "_owned"):
+            ranks = torch.as_tensor([xe.shape[0] for xe in self._X], dtype=torch.long)
+            owner = torch.repeat_interleave(torch.arange(len(ranks)), ranks)
+            own = owner[None, :] == torch.arange(-1, len(ranks))[:, None]  # row 0: label -1, nothing
+            self._owned = (own.to(x.device, dt), torch.cat(self._X, 0).to(dt), torch.cat(self._R, 1).T.to(dt))
+        own, Xc, Rc = self._owned
+        coef = (x.to(dt) @ Xc.T) * own[rows + 1][:, None, :]
+        return (output.to(dt) + coef @ Rc).to(output.dtype)
 
 
 class TrailingDeltas(_RowHook):

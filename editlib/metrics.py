@@ -99,7 +99,8 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
 
 def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max_len: int,
                         batch_size: int, rs_resources, groups=None, deltas=None,
-                        max_kv_bytes: float | None = None, text: str = "clean") -> dict[str, np.ndarray]:
+                        max_kv_bytes: float | None = None, text: str = "clean",
+                        decode: str = "transformers") -> dict[str, np.ndarray]:
     """GE (and RS) per case from one batched sampling call over all generation prompts."""
     prompts, owner, keys = [], [], []
     for i, r in enumerate(records):
@@ -110,7 +111,8 @@ def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max
     extra = {} if groups is None else {"groups": np.asarray(groups, dtype=np.int64)[owner].tolist(),
                                        "deltas": deltas}
     texts, finite = sample_texts(model, tok, prompts, max_len=max_len, seed=seed, batch_size=batch_size,
-                                 keys=keys, max_kv_bytes=max_kv_bytes, text=text, return_finite=True, **extra)
+                                 keys=keys, max_kv_bytes=max_kv_bytes, text=text, return_finite=True,
+                                 decode=decode, **extra)
     owner_a = np.asarray(owner, dtype=np.int64)
     ent = np.asarray([ngram_entropy(x) for x in texts], dtype=np.float64)
     out = {"GE": _case_mean(ent, owner_a, len(records)),
@@ -127,7 +129,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                      batch_size: int = 128, generation: bool = False, gen_seed: int = 0,
                      gen_max_len: int = 100, gen_batch_size: int = 64, gen_kv_gb: float | None = None,
                      rs_resources=None, groups: Sequence[int] | None = None,
-                     deltas=None, gen_text: str = "clean", below=None) -> pd.DataFrame:
+                     deltas=None, gen_text: str = "clean", below=None,
+                     gen_decode: str = "transformers") -> pd.DataFrame:
     """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
     ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
     :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``.
@@ -136,7 +139,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     active :class:`editlib.lowrank.RowDeltas` hook, so the records of many edits (each made on the
     unedited model) are evaluated in one call without writing a weight. ``gen_kv_gb``: at most
     this many GB of KV cache per generation batch (fewer rows than ``gen_batch_size`` if need be).
-    ``gen_text``: how GE reads a generated text (:func:`editlib.generation.decode_text`). ``below``:
+    ``gen_text``: how GE reads a generated text (:func:`editlib.generation.decode_text`);
+    ``gen_decode``: how its decode steps run (:mod:`editlib.decode`). ``below``:
     an :class:`editlib.below.SharedBelow` for the scoring forwards (generation runs every block)."""
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
@@ -151,7 +155,7 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                                             batch_size=gen_batch_size, rs_resources=rs_resources,
                                             groups=groups, deltas=deltas,
                                             max_kv_bytes=None if gen_kv_gb is None else gen_kv_gb * 1e9,
-                                            text=gen_text))
+                                            text=gen_text, decode=gen_decode))
             nonfinite = nonfinite | cols.pop(_NONFINITE)
         if nonfinite.any():  # a NaN/inf logit scores nothing: the whole case is blank (counted as failed)
             for k in cols:

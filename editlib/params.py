@@ -21,6 +21,7 @@ import yaml
 
 from .counterfact import FACT_LISTS
 from .editing import METHODS, EditHParams
+from .decode import DECODE_MODES
 from .generation import GEN_TEXTS
 from .scoring import ALIGNMENTS
 
@@ -101,6 +102,7 @@ class EvalParams:
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
     share_below_gb: float = 2.0  # batched path: blocks below the edited layer run once per scoring batch for all methods / λ, keeping at most this many GB of their outputs (0: off; same numbers either way)
     gen_text: str = "clean"  # GE texts: clean (special tokens skipped) | reference (as the reference decodes them: Llama-3 keeps <|begin_of_text|>)
+    gen_decode: str = "transformers"  # GE decode steps: transformers (the model's forward) | static (editlib.decode: same arithmetic, KV buffers written in place) | graph (CUDA graphs; texts move at rounding)
 
 
 @dataclass(frozen=True)
@@ -676,6 +678,9 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         _check_section_hparams(sp, sec, sec)
     if sp.evaluation.alignment not in ALIGNMENTS:
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
+    if sp.evaluation.gen_decode not in DECODE_MODES:
+        raise ParamsError(f"evaluation.gen_decode must be one of {', '.join(DECODE_MODES)}, "
+                          f"got {_show(sp.evaluation.gen_decode)}")
     if sp.evaluation.gen_text not in GEN_TEXTS:
         raise ParamsError(f"evaluation.gen_text must be 'clean' or 'reference', got {_show(sp.evaluation.gen_text)}")
     if sp.data.source not in ("model", "counterfact", "world"):

@@ -186,7 +186,8 @@ class Study:
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
                                 batch_size=ev.batch_size, generation=ev.generation,
                                 gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len,
-                                gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text, **kw)
+                                gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text,
+                                gen_decode=ev.gen_decode, **kw)
 
     def data_provenance(self) -> dict:
         key = json.dumps([asdict(self.params.data), self.model_dir], default=str)
@@ -272,6 +273,9 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if str(mp.device).startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(f"{which}.device is {mp.device!r} but this torch ({torch.__version__}) sees no "
                           "CUDA device: install a CUDA build of torch or set device: cpu")
+    if p.evaluation.generation and p.evaluation.gen_decode == "graph" and not str(mp.device).startswith("cuda"):
+        raise ParamsError(f"evaluation.gen_decode: graph captures CUDA graphs, but {which}.device is "
+                          f"{mp.device!r}: use static (or transformers) on a CPU")
     graphs = any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values())
     if graphs and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams compile_blocks: reduce-overhead captures CUDA graphs, but {which}.device is "
@@ -391,8 +395,14 @@ def set_deterministic(on: bool) -> None:
 
 
 def _check_gen_budget(p: StudyParams, model) -> None:
-    """A GE KV budget that holds no row of this model fails here, not after hours of edits."""
+    """A GE KV budget that holds no row of this model, or a decode mode that cannot run it, fails
+    here, not after hours of edits."""
     ev = p.evaluation
+    if ev.generation and ev.gen_decode != "transformers":
+        from .decode import unsupported
+        why = unsupported(model, ev.gen_max_len)
+        if why:
+            raise ParamsError(f"evaluation.gen_decode: {ev.gen_decode} cannot decode this model: {why}")
     if ev.generation and ev.gen_kv_gb is not None:
         from .generation import rows_per_batch
         try:
@@ -507,7 +517,7 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 
 #: evaluation keys that change how scores are computed, not what they are: left out of an
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
-EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb")
+EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode")
 
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:

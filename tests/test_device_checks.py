@@ -182,7 +182,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 7 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 8 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)
@@ -207,6 +207,15 @@ def test_the_summary_lines_of_the_benchmarks_parse():
     assert dc.parse_compiled(comp) == {"eager_ms_per_fact": [255.4, 260.0], "compiled_ms_per_fact": [199.7, 201.0],
                                        "max_abs_dz": 2.29e-05, "max_rel_dz": 5.0e-07}
     assert dc.parse_gram("nothing") == {} and dc.parse_compiled("nothing") == {}
+    dec = ("models/tiny-world: 64 prompts, 94 decode steps of 64 rows\n"
+           "  transformers: 0.90, 0.63 s  (9.52, 6.68 ms per step)  texts equal to transformers: 64/64\n"
+           "        static: 0.49, 0.47 s  (5.16, 4.96 ms per step)  texts equal to transformers: 64/64\n"
+           "x: 10 prompts, 90 decode steps of 10 rows\n"
+           "         graph: 0.54 s  (5.78 ms per step)\n")
+    assert dc.parse_decode(dec) == {
+        "rows_64": {"transformers": {"ms_per_step": [9.52, 6.68], "texts_equal": "64/64"},
+                    "static": {"ms_per_step": [5.16, 4.96], "texts_equal": "64/64"}},
+        "rows_10": {"graph": {"ms_per_step": [5.78]}}}
     failed = "compiled warm-up failed: BackendCompilerFailed: x\neager 250.0-260.5 ms/fact, compiled failed: BackendCompilerFailed: x"
     assert dc.parse_compiled(failed) == {"eager_ms_per_fact": [250.0, 260.5], "compiled_error": "BackendCompilerFailed: x"}
 
@@ -218,6 +227,18 @@ def test_gram_step_on_the_cpu(tmp_path):
     assert steps[0].status == "passed", (run.out / "checks.log").read_text()[-2000:]
     n = steps[0].numbers
     assert n["float64_s"] > 0 and n["float32_s"] > 0 and n["rel_diff"] < 1e-5
+
+
+def test_decode_step_on_the_cpu(tmp_path):
+    """The decode benchmark at its smoke size (the miniature, 8 rows): every mode timed, and
+    static's texts equal to the transformers path's."""
+    run = run_of(tmp_path, budget=900.0)
+    (step,) = dc.run_checks(run, ["decode_shape"])
+    assert step.status == "passed", (run.out / "checks.log").read_text()[-2000:]
+    got = step.numbers["rows_8"]
+    assert set(got) == {"transformers", "static", "graph"}
+    assert all(v["ms_per_step"][0] > 0 for v in got.values())
+    assert got["static"]["texts_equal"] == "8/8" and got["transformers"]["texts_equal"] == "8/8"
 
 
 def test_slice_and_cost_steps_need_what_they_read(tmp_path, monkeypatch):
@@ -301,7 +322,7 @@ def test_the_calibration_wins_over_the_slice(tmp_path):
 def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
     """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
     want a lease of their own, and the shape step names what is missing instead of starting."""
-    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape"}
+    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "decode_shape"}
     seen: list[str] = []
     monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
     assert dc.main(["--out", str(tmp_path / "o")]) == 0 and tuple(seen) == dc.DEFAULT_STEPS
@@ -309,6 +330,9 @@ def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "STAGE", tmp_path / "nothing")
     run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
     (step,) = dc.run_checks(run, ["compiled_shape"])
+    assert step.status == "skipped" and "--stage" in step.reason
+    run = dc.Run(tmp_path / "out2", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+    (step,) = dc.run_checks(run, ["decode_shape"])
     assert step.status == "skipped" and "--stage" in step.reason
     (step,) = dc.run_checks(run_of(tmp_path / "smoke", budget=900.0), ["compiled_shape"])
     assert step.status == "skipped" and "no smoke size" in step.reason

@@ -672,6 +672,17 @@ def test_evaluate_gen_budget_without_a_row(capsys, tmp_path):
     assert not (tmp_path / "e.parquet").exists()
 
 
+def test_evaluate_gen_decode_graph_on_a_cpu(capsys, tmp_path):
+    """`evaluate --gen-decode graph` on a CPU: one line, exit 2, before any scoring."""
+    tiny = str(REPO_ROOT / "models" / "tiny-world")
+    rc = main(["evaluate", "--model", tiny, "--records", tiny, "--out", str(tmp_path / "e.parquet"),
+               "--gen-decode", "graph", "--device", "cpu"])
+    lines = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("editlib evaluate: error: --gen-decode graph captures CUDA graphs; the device is cpu")
+    assert not (tmp_path / "e.parquet").exists()
+
+
 def test_bad_params_files(tmp_path, no_model_load):
     with pytest.raises(ParamsError, match="bogus_section"):
         resolve(_params_file(tmp_path, "bogus_section: {a: 1}"))
@@ -689,6 +700,52 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
     with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs, but model.device is 'cpu'"):
         protocols.check_before_loading(p, ["sequential"])
     protocols.check_before_loading(params_for(tmp_path, **{"hparams.common.compile_blocks": "default"}), ["sequential"])
+
+
+def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):
+    """evaluation.gen_decode: static (editlib.decode) reaches GE's generation and gives the same
+    texts as the transformers forward, under batch mode's per-row edits and a sequential run's
+    grouped evaluation (later batches' updates subtracted by hooks): the same stored cases."""
+    seen = []
+    real = protocols.evaluate_records
+
+    def spy(*a, **k):
+        seen.append(k.get("gen_decode"))
+        return real(*a, **k)
+
+    ge = {"evaluation.generation": True, "evaluation.gen_max_len": 12, "evaluation.gen_seed": 3}
+    bat = {"batch.methods": ["memit"], "batch.batch_sizes": [4], **ge}
+    seq = {"sequential.methods": ["memit"], "sequential.total": 4, "sequential.batch_sizes": [1],
+           "sequential.eval_group": 4, **ge}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "evaluate_records", spy)
+        out = {d: (protocols.run_batch(use(study, params_for(tmp_path / d, "b", **bat, **{"evaluation.gen_decode": d})),
+                                       log=quiet),
+                   protocols.run_sequential(use(study, params_for(tmp_path / d, "s", **seq,
+                                                                  **{"evaluation.gen_decode": d})), log=quiet))
+               for d in ("transformers", "static")}
+    assert set(seen) - {None} == {"transformers", "static"}  # None: held-out degradation scores (no GE)
+    for a, b in zip(out["static"], out["transformers"]):
+        assert a.GE.notna().all()
+        assert_frame_equal(sort_units(a).drop(columns=[c for c in a if c.startswith("seconds")], errors="ignore"),
+                           sort_units(b).drop(columns=[c for c in b if c.startswith("seconds")], errors="ignore"),
+                           check_exact=True)
+    assert_unedited(study.model, weights0)
+
+
+def test_gen_decode_it_cannot_run_fails_before_editing(tmp_path):
+    """gen_decode: graph on a CPU model fails before loading; a model the decode step cannot run
+    (GPT-2 blocks) fails when the study opens, naming the key; without GE neither is read."""
+    from _fixtures import tiny_gpt2
+
+    over = {"evaluation.generation": True, "evaluation.gen_decode": "graph"}
+    with pytest.raises(ParamsError, match="gen_decode: graph captures CUDA graphs, but model.device is 'cpu'"):
+        protocols.check_before_loading(params_for(tmp_path, **over), ["batch"])
+    protocols.check_before_loading(params_for(tmp_path, **{**over, "evaluation.generation": False}), ["batch"])
+    static = params_for(tmp_path, **{**over, "evaluation.gen_decode": "static"})
+    protocols.check_before_loading(static, ["batch"])
+    with pytest.raises(ParamsError, match="gen_decode: static cannot decode this model: gpt2 blocks are not Llama-style"):
+        protocols._check_gen_budget(static, tiny_gpt2(50))
 
 
 def test_best_layer_after_the_layer_search(study, weights0, tmp_path):

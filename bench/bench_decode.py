@@ -1,0 +1,115 @@
+"""Benchmark (a script, not a test): GE's batched generation under each ``evaluation.gen_decode``
+mode, alternating, on the same prompts; prints seconds per decode step and whether the texts
+equal the transformers path's.
+
+    python bench/bench_decode.py [--model models/tiny-world] [--prompts 64] [--max-len 100]
+        [--modes transformers static graph] [--rounds 2] [--deep 32]
+    python bench/bench_decode.py --params params/llama3-shape-slice.yaml --set model.device=cuda \
+        --set model.dtype=bfloat16 --set model.id=.cache/llama3-8b-shape-32L --tokenizer DIR --prompts 1020 10
+
+``--deep L`` also builds a random Llama of L layers and hidden size 64 (the miniature's
+vocabulary): its arithmetic is negligible, so its step time is the per-step host overhead of a
+deep model (the 32-layer Llama-3-8B shape's decode step is bound by it on a GPU,
+docs/paper-scale.md). ``graph`` runs its fixed-shape step uncaptured off CUDA. ``--device cuda``
+runs on a GPU (``graph`` is then captured). ``--params`` times the model those params name instead
+(a Llama-3-8B shape directory is built first, as bench/slice_phases.py does), on the miniature's
+generation prompts; ``--prompts`` takes several batch sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from editlib.generation import sample_texts  # noqa: E402
+from editlib.models import load_model  # noqa: E402
+from editlib.tiny import load_tiny_records  # noqa: E402
+
+
+def deep_model(like, layers: int, device: str) -> torch.nn.Module:
+    """A random Llama of ``layers`` blocks, hidden 64, ``like``'s vocabulary and special tokens."""
+    torch.manual_seed(0)
+    c = like.config
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=c.vocab_size,
+                                   bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                                   max_position_embeddings=512)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval().to(device)
+
+
+def time_modes(label: str, model, tok, prompts: list[str], a) -> None:
+    steps = a.max_len - min(len(tok(p)["input_ids"]) for p in prompts)
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    sample_texts(model, tok, prompts[:4], max_len=12, batch_size=4)  # warm-up
+    ref = None
+    times: dict[str, list[float]] = {m: [] for m in a.modes}
+    texts: dict[str, list[str]] = {}
+    for _ in range(a.rounds):
+        for mode in a.modes:
+            sync()
+            t0 = time.perf_counter()
+            out = sample_texts(model, tok, prompts, max_len=a.max_len, batch_size=len(prompts), decode=mode)
+            sync()
+            times[mode].append(time.perf_counter() - t0)
+            texts[mode] = out
+    ref = texts.get("transformers")
+    print(f"{label}: {len(prompts)} prompts, {steps} decode steps of {len(prompts)} rows", flush=True)
+    for mode in a.modes:
+        per = [t / steps * 1e3 for t in times[mode]]
+        same = "" if ref is None else (
+            f"  texts equal to transformers: {sum(x == y for x, y in zip(texts[mode], ref))}/{len(ref)}")
+        ops = ""
+        if a.count_ops:  # tensor operations dispatched per step (prefill, sampling, and a captured graph's replay included)
+            from arithmetic_floor import _OpCounter
+            with _OpCounter() as c:
+                sample_texts(model, tok, prompts, max_len=a.max_len, batch_size=len(prompts), decode=mode)
+            ops = f"  {c.n / steps:.0f} operations per step"
+        print(f"  {mode:>12}: {', '.join(f'{t:.2f}' for t in times[mode])} s  "
+              f"({', '.join(f'{p:.2f}' for p in per)} ms per step){same}{ops}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="models/tiny-world", help="miniature: the model timed and the prompts' source")
+    ap.add_argument("--params", default=None, help="time the model these params name instead (built if a shape)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params overrides")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape build")
+    ap.add_argument("--draw-device", default="cpu", help="where a shape build draws its random weights")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[64], help="rows per decode batch (one timing each)")
+    ap.add_argument("--max-len", type=int, default=100)
+    ap.add_argument("--modes", nargs="+", default=["transformers", "static", "graph"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--deep", type=int, default=0, help="also a random Llama of this many layers (0: no)")
+    ap.add_argument("--count-ops", action="store_true", help="also count the tensor operations dispatched per step")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.params:
+        from editlib.params import resolve
+        from slice_phases import _build
+        p = resolve(a.params, overrides=a.set or None)
+        print(_build(p, argparse.Namespace(draw_device=a.draw_device, tokenizer=a.tokenizer, build=False)), flush=True)
+        model, tok = load_model(p.model.id, dtype=p.model.dtype, device=p.model.device)
+        label = f"{p.model.id} ({p.model.dtype}, {p.model.device})"
+    else:
+        model, tok = load_model(a.model, device=a.device)
+        label = a.model
+    pool = [g for f in load_tiny_records(a.model) for g in f.generation_prompts]
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"device {next(model.parameters()).device}", flush=True)
+    for n in a.prompts:
+        prompts = [pool[i % len(pool)] for i in range(n)]
+        time_modes(label, model, tok, prompts, a)
+        if a.deep:
+            time_modes(f"random Llama, {a.deep} layers, hidden 64", deep_model(model, a.deep, a.device), tok, prompts, a)
+
+
+if __name__ == "__main__":
+    main()

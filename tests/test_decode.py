@@ -1,0 +1,188 @@
+"""editlib.decode (evaluation.gen_decode): GE's decode steps re-stated on KV buffers written in
+place. ``static`` equals the transformers forward to the bit on CPU (logits of every step, and so
+the sampled texts, also under per-row edits); ``graph``'s fixed-shape step (masked attention over
+the whole buffer, what a CUDA graph captures) equals it to float rounding; what cannot be decoded
+fails with a message that names the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from _fixtures import WORDS, tiny_gpt2, word_tokenizer
+from editlib.decode import Decoder, unsupported
+from editlib.generation import _cache_name, sample_texts
+from editlib.lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
+
+FAMILIES = [
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}),
+    ("mistral", {"sliding_window": 64}),  # a window wider than the generations: full attention
+    ("qwen2", {}),
+]
+
+
+def family(model_type: str, vocab: int, dtype: torch.dtype, **kw) -> torch.nn.Module:
+    """Random 3-layer model of a Llama-style family, grouped-query attention (4 heads, 2 KV)."""
+    torch.manual_seed(1)
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[model_type]
+    cfg = getattr(transformers, cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                     max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **kw)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10.0)  # peaked distributions: sampling is not a coin toss
+    return m.to(dtype)
+
+
+@torch.no_grad()
+def transformers_steps(model, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    """Last logits of the prefill and of each one-column step after it (the transformers forward)."""
+    name = _cache_name(model)
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    past, got = getattr(out, name), [out.logits[:, -1]]
+    for t in range(prefill, ids.shape[1] - 1):
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: past})
+        past = getattr(out, name)
+        got.append(out.logits[:, -1])
+    return got
+
+
+def decoder_steps(model, ids: torch.Tensor, prefill: int, mode: str) -> list[torch.Tensor]:
+    dec = Decoder(model, ids.shape[0], ids.shape[1], mode, capture=False)
+    return [dec.prefill(ids[:, :prefill])] + [dec.step(ids[:, t], t) for t in range(prefill, ids.shape[1] - 1)]
+
+
+@pytest.mark.parametrize("model_type, kw", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_steps_equal_the_transformers_forward(model_type, kw, dtype) -> None:
+    model = family(model_type, 40, dtype, **kw)
+    assert unsupported(model, 24) is None
+    ids = torch.randint(3, 40, (5, 24), generator=torch.Generator().manual_seed(0))
+    ref = transformers_steps(model, ids, 7)
+    static = decoder_steps(model, ids, 7, "static")
+    fixed = decoder_steps(model, ids, 7, "graph")
+    assert len(ref) == len(static) == len(fixed) == 17
+    for a, b, c in zip(ref, static, fixed):
+        assert torch.equal(a, b)  # the same operations on the same values
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(c, a, rtol=tol, atol=tol)
+    assert max(float((a - c).abs().max()) for a, c in zip(ref, fixed)) > 0 or dtype == torch.float64
+
+
+def _edits(model, n: int, rank: int, layer: int = 1, seed: int = 0) -> LowRankEdits:
+    g = torch.Generator().manual_seed(seed)
+    W = model.model.layers[layer].mlp.down_proj.weight
+    d_out, d_in = W.shape
+    return LowRankEdits(layer, [torch.randn(d_out, rank, generator=g, dtype=torch.float64) * 2.0 for _ in range(n)],
+                        [torch.randn(rank, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5 for _ in range(n)])
+
+
+def _prompts(n: int) -> list[str]:
+    g = torch.Generator().manual_seed(3)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+            for k in torch.randint(2, 6, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hooks", ["rank1", "rank4", "trailing", "layered"])
+def test_texts_under_per_row_edits(dtype, hooks) -> None:
+    """GE's batched generation of many independent edits (editlib.lowrank hooks, some rows
+    unedited): static gives the transformers path's texts exactly; graph's hook form (no branch
+    on the rows) gives the same texts here, and its logits stay within rounding (previous test)."""
+    tok = word_tokenizer()
+    model = family("llama", len(tok), dtype)
+    prompts = _prompts(12)
+    groups = [i % 4 - 1 for i in range(12)]  # -1: unedited rows
+    if hooks in ("rank1", "rank4"):
+        ctx = RowDeltas(model, _edits(model, 3, 1 if hooks == "rank1" else 4))
+    elif hooks == "trailing":
+        ctx = TrailingDeltas(model, _edits(model, 3, 2), sign=-1.0)
+    else:
+        ctx = LayeredRowDeltas(model, [_edits(model, 3, 1, layer=0), _edits(model, 3, 2, layer=2, seed=1)])
+    texts = {}
+    with ctx as hook:
+        for mode in ("transformers", "static", "graph"):
+            texts[mode] = sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5,
+                                       groups=groups, deltas=hook, decode=mode)
+        assert hook.rows is None
+    plain = sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5)
+    assert texts["static"] == texts["transformers"]
+    assert texts["graph"] == texts["transformers"]
+    edited = [i for i, g in enumerate(groups) if g >= 0 or hooks == "trailing"]
+    assert any(texts["transformers"][i] != plain[i] for i in edited)  # the edits do change texts
+    assert all(texts["transformers"][i] == plain[i] for i, g in enumerate(groups) if g < 0 and hooks != "trailing")
+
+
+def test_static_hook_form_equals_the_branching_one() -> None:
+    """RowDeltas' form without data-dependent branches (what graph captures) adds the same terms:
+    rank-one (gathered, unedited rows times 0) and higher ranks (ownership mask)."""
+    tok = word_tokenizer()
+    model = family("llama", len(tok), torch.float64)
+    ids = torch.randint(3, len(tok), (6, 5), generator=torch.Generator().manual_seed(1))
+    for rank in (1, 3):
+        with RowDeltas(model, _edits(model, 3, rank)) as hook:
+            hook.rows = torch.tensor([0, -1, 2, 1, -1, 0])
+            a = model(input_ids=ids).logits
+            hook.static_shapes = True
+            b = model(input_ids=ids).logits
+            hook.rows = None
+            plain = model(input_ids=ids).logits
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        assert torch.equal(a[1], plain[1]) and torch.equal(b[1], plain[1])  # unedited rows: untouched
+        assert not torch.allclose(a[0], plain[0])
+
+
+def test_what_cannot_be_decoded_fails_clearly() -> None:
+    tok = word_tokenizer()
+    gpt = tiny_gpt2(len(tok))
+    assert "not Llama-style" in unsupported(gpt, 20)
+    with pytest.raises(ValueError, match="gen_decode: static cannot decode this model.*not Llama-style"):
+        sample_texts(gpt, tok, ["a b"], max_len=10, decode="static")
+    narrow = family("mistral", len(tok), torch.float32, sliding_window=8)
+    assert "sliding window" in unsupported(narrow, 20)
+    assert unsupported(narrow, 6) is None
+    with pytest.raises(ValueError, match="gen_decode must be one of"):
+        sample_texts(family("llama", len(tok), torch.float32), tok, ["a b"], max_len=10, decode="fast")
+    eager = family("llama", len(tok), torch.float32, attn_implementation="eager")
+    assert "attention implementation 'eager'" in unsupported(eager, 20)
+    model = family("llama", len(tok), torch.float32)
+    dec = Decoder(model, 2, 10, "static")
+    with pytest.raises(ValueError, match="position 5: 0 of 10"):
+        dec.step(torch.tensor([3, 4]), 5)
+    with pytest.raises(ValueError, match="graph captures CUDA graphs"):
+        Decoder(model, 2, 10, "graph", capture=True)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o)
+    try:  # a hook the fixed-shape step cannot vouch for
+        dec = Decoder(model, 2, 10, "graph", capture=False)
+        dec.prefill(torch.tensor([[1, 3], [1, 4]]))
+        with pytest.raises(ValueError, match="cannot capture the forward hook .* on model.layers.0.mlp"):
+            dec.step(torch.tensor([3, 4]), 2)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_follows_the_transformers_forward() -> None:
+    """On a GPU, the captured step replays with new columns and positions (the graph reads them
+    from its input buffers) under per-row edits: logits within rounding of the transformers forward
+    and of the uncaptured fixed-shape step, static's texts equal to transformers'."""
+    tok = word_tokenizer()
+    model = family("llama", len(tok), torch.float32).cuda()
+    ids = torch.randint(3, len(tok), (6, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    with RowDeltas(model, _edits(model, 3, 1)) as hook:
+        hook.rows = torch.tensor([0, -1, 2, 1, -1, 0], device="cuda")
+        ref = transformers_steps(model, ids, 5)
+        dec = Decoder(model, 6, 24, "graph")
+        assert dec.capture
+        got = [dec.prefill(ids[:, :5]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(5, 23)]
+        hook.rows = None
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    prompts = _prompts(12)
+    groups = [i % 4 - 1 for i in range(12)]
+    with RowDeltas(model, _edits(model, 3, 4)) as hook:
+        t = {m: sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5, groups=groups, deltas=hook,
+                             decode=m) for m in ("transformers", "static", "graph")}
+    assert t["static"] == t["transformers"]
+    assert sum(x == y for x, y in zip(t["graph"], t["transformers"])) >= 10

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from editlib.generation import sample_texts  # noqa: E402
 from editlib.models import load_model  # noqa: E402
 from editlib.tiny import load_tiny_records  # noqa: E402
+from editlib.tokens import encode  # noqa: E402
 
 
 def deep_model(like, layers: int, device: str) -> torch.nn.Module:
@@ -43,9 +44,10 @@ def deep_model(like, layers: int, device: str) -> torch.nn.Module:
 
 
 def time_modes(label: str, model, tok, prompts: list[str], a) -> None:
-    steps = a.max_len - min(len(tok(p)["input_ids"]) for p in prompts)
+    steps = a.max_len - min(len(encode(tok, p)) for p in prompts)
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-    sample_texts(model, tok, prompts[:4], max_len=12, batch_size=4)  # warm-up
+    for mode in a.modes:  # warm-up (a graph is captured per decode batch, so the timed calls include their capture)
+        sample_texts(model, tok, prompts, max_len=12, batch_size=len(prompts), decode=mode)
     ref = None
     times: dict[str, list[float]] = {m: [] for m in a.modes}
     texts: dict[str, list[str]] = {}

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import arch_for, get_module, n_layers
-from .generation import _last_logits_kw, returned_kv
+from .generation import _cache_name, _last_logits_kw
 
 #: ``evaluation.gen_decode``: transformers (the reference path, default) | static | graph (CUDA)
 DECODE_MODES = ("transformers", "static", "graph")
@@ -59,7 +59,21 @@ def unsupported(model, width: int) -> str | None:
     kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if kind not in _ROPE_FIXED:
         return f"RoPE type {kind!r} (its frequencies depend on the sequence length)"
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "accelerate hooks (a model split across devices or offloaded): the decode step would bypass them"
+    if len({p.device for p in model.parameters()}) > 1:
+        return "parameters on more than one device"
     return None
+
+
+def _inactive_capture_hook(hook) -> bool:
+    """transformers' output-capturing hooks (installed for good by a forward that asked for hidden
+    states or attentions): they record only inside such a forward, never in a decode step."""
+    return getattr(hook, "__name__", "") == "output_capturing_hook"
+
+
+def _hooks(module) -> list:
+    return [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -95,21 +109,45 @@ class Decoder:
         self.head = get_module(model, spec.lm_head)
         att = self.blocks[0].self_attn
         self.head_dim = att.head_dim
-        kv_heads = att.k_proj.out_features // att.head_dim
-        self.gqa = att.q_proj.out_features // att.head_dim > kv_heads
-        shape = (rows, kv_heads, width, self.head_dim)
-        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
-        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in self.blocks]
+        self.kv_heads = att.k_proj.out_features // att.head_dim
+        self.n_rep = att.q_proj.out_features // att.head_dim // self.kv_heads
+        self.row_hooks = self._check_hooks(spec)
         rotary = get_module(model, spec.rotary)
         with torch.no_grad():
             cos, sin = rotary(p.new_empty(0), torch.arange(width, device=p.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [width, head_dim]
+        self.device, self.dtype = p.device, p.dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
         self.filled = 0
         self._graph = None
         if self.fixed:
             self.col = torch.zeros(rows, dtype=torch.long, device=p.device)
             self.pos = torch.zeros(1, dtype=torch.long, device=p.device)
             self.arange = torch.arange(width, device=p.device)
+
+    def _check_hooks(self, spec) -> list:
+        """The forward hooks a step would meet. A hook on a module the step bypasses (a block, an
+        attention module, the model itself) would fire in the transformers forward and not here:
+        refused, as is (under ``graph``) any hook on a called module but editlib's per-row edits,
+        whose capture-safe form :meth:`_step` switches on. Returns those per-row hooks."""
+        from .lowrank import _RowHook
+        called = {id(m) for top in [self.embed, self.norm, self.head] + [
+            c for b in self.blocks for c in (b.input_layernorm, b.post_attention_layernorm, b.mlp,
+                                             b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                             b.self_attn.o_proj)] for m in top.modules()}
+        row_hooks = []
+        for name, mod in self.model.named_modules():
+            for hook in _hooks(mod):
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, _RowHook):
+                    row_hooks.append(owner)
+                if _inactive_capture_hook(hook) or (id(mod) in called and (not self.fixed or isinstance(owner, _RowHook))):
+                    continue
+                where = "a module the decode step does not call" if id(mod) not in called else "a CUDA graph"
+                raise ValueError(f"evaluation.gen_decode: {'graph' if self.fixed else 'static'} cannot run the forward "
+                                 f"hook {hook!r} on {name or 'the model'} ({where}); use gen_decode: transformers")
+        return row_hooks
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -119,46 +157,56 @@ class Decoder:
         if ids.shape[0] != self.rows or not 0 < P < self.width:
             raise ValueError(f"prefill of {tuple(ids.shape)} for {self.rows} rows of width {self.width}")
         out = self.model(input_ids=ids, use_cache=True, **_last_logits_kw(self.model))
-        for i, (k, v) in enumerate(returned_kv(self.model, out)):
-            self.k[i][:, :, :P].copy_(k)
-            self.v[i][:, :, :P].copy_(v)
+        cache = getattr(out, _cache_name(self.model), None) or out.past_key_values
+        shape = (self.rows, self.kv_heads, self.width, self.head_dim)
+        self.k, self.v = [], []
+        for layer in cache.layers:  # each layer's prefill cache is released once copied: the peak stays near the buffers'
+            for bufs, t in ((self.k, layer.keys), (self.v, layer.values)):
+                bufs.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+                bufs[-1][:, :, :P].copy_(t)
+            layer.keys = layer.values = None
+        del cache
         self.filled = P
         return out.logits[:, -1]
 
     @torch.no_grad()
     def step(self, col: torch.Tensor, t: int) -> torch.Tensor:
         """Feed token ids ``col`` [rows] at position ``t`` (the next unfilled one); the logits
-        [rows, vocab] that predict position t + 1."""
+        [rows, vocab] that predict position t + 1. Under a captured graph the tensor is the
+        graph's output, overwritten by the next step (read or copy it before)."""
         if t != self.filled or t >= self.width:
             raise ValueError(f"decode step at position {t}: {self.filled} of {self.width} positions are filled")
-        self.filled = t + 1
         if not self.fixed:
-            return self._step(col[:, None], t)
-        self.col.copy_(col)
-        self.pos.fill_(t)
-        if not self.capture:
-            with _static_hooks(self.model):
-                return self._step(self.col[:, None], None)
-        if self._graph is None:
-            with _static_hooks(self.model):
-                self._graph, self._out = self._record()
-        self._graph.replay()
-        return self._out
+            out = self._step(col[:, None], t)
+        else:
+            self.col.copy_(col)
+            self.pos.fill_(t)
+            if not self.capture:
+                with _static_form(self.row_hooks):
+                    out = self._step(self.col[:, None], None)
+            else:
+                with torch.cuda.device(self.device):  # the graph, its stream and pool on the model's GPU
+                    if self._graph is None:
+                        self._graph, self._out = self._record()
+                    self._graph.replay()
+                out = self._out
+        self.filled = t + 1
+        return out
 
     def _record(self):
-        """Capture the fixed-shape step as a CUDA graph (warm-up on a side stream first, as CUDA
-        graphs require). The step is idempotent (it rewrites the same column), so the warm-up and
-        the capture leave the buffers as one step would."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(self.col[:, None], None)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._step(self.col[:, None], None)
-        return graph, out
+        """Capture the fixed-shape step as a CUDA graph (:func:`_capture`) with the per-row hooks in
+        their capture-safe form and their labels on the device. The step is idempotent (it
+        rewrites the same column), so warm-up and capture leave the buffers as one step would.
+        Deterministic mode is off while capturing: its ``index_copy_`` checks the index on the host
+        (a one-position copy is deterministic either way)."""
+        _rows_on(self.row_hooks, self.device)
+        det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        try:
+            with _static_form(self.row_hooks):
+                return _capture(lambda: self._step(self.col[:, None], None), self.device)
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
 
     def _step(self, col: torch.Tensor, t: int | None) -> torch.Tensor:
         """One decode step; ``t`` None: the fixed-shape form (position ``self.pos``, whole buffers
@@ -172,6 +220,7 @@ class Decoder:
             cos, sin, mask = self.cos[t:t + 1], self.sin[t:t + 1], None
         cos, sin = cos[None, None], sin[None, None]                           # [1, 1, 1, head_dim]
         shape = (rows, 1, -1, self.head_dim)
+        gqa = {"enable_gqa": True} if self.n_rep > 1 else {}
         for i, blk in enumerate(self.blocks):
             att = blk.self_attn
             y = blk.input_layernorm(x)
@@ -183,35 +232,65 @@ class Decoder:
             if t is None:
                 self.k[i].index_copy_(2, self.pos, k)
                 self.v[i].index_copy_(2, self.pos, v)
-                keys, vals = self.k[i], self.v[i]
+                # the query heads of one key/value head as that head's queries (transformers' pack_gqa):
+                # fused attention kernels take a mask this way, and none takes one with enable_gqa
+                qq = q.reshape(rows, self.kv_heads, self.n_rep, self.head_dim)
+                o = F.scaled_dot_product_attention(qq, self.k[i], self.v[i], attn_mask=mask, dropout_p=0.0,
+                                                   scale=att.scaling, is_causal=False)
+                o = o.reshape(rows, -1, 1, self.head_dim)
             else:
                 self.k[i][:, :, t] = k[:, :, 0]
                 self.v[i][:, :, t] = v[:, :, 0]
-                keys, vals = self.k[i][:, :, :t + 1], self.v[i][:, :, :t + 1]
-            extra = {"enable_gqa": True} if self.gqa else {}
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, dropout_p=0.0,
-                                               scale=att.scaling, is_causal=False, **extra)
+                o = F.scaled_dot_product_attention(q, self.k[i][:, :, :t + 1], self.v[i][:, :, :t + 1],
+                                                   attn_mask=None, dropout_p=0.0, scale=att.scaling,
+                                                   is_causal=False, **gqa)
             o = o.transpose(1, 2).contiguous().reshape(rows, 1, -1).contiguous()
             x = x + att.o_proj(o)
             x = x + blk.mlp(blk.post_attention_layernorm(x))
         return self.head(self.norm(x))[:, -1]
 
 
-class _static_hooks:
-    """Around a fixed-shape step: the model's forward hooks must be editlib's per-row hooks
-    (:mod:`editlib.lowrank`), switched to their form without data-dependent control flow or host
-    synchronisation (what a CUDA graph can capture); any other hook fails, naming its module."""
+def _capture(fn, device: torch.device):
+    """``fn`` (a step without host synchronisation) captured as a CUDA graph on a side stream of
+    ``device``, after two warm-up calls there, the second under ``set_sync_debug_mode("error")``
+    so that a host synchronisation names its operation instead of failing the capture. Returns
+    the graph and its output tensor (rewritten by every replay)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = fn()
+    return graph, out
 
-    def __init__(self, model):
-        from .lowrank import _RowHook
-        self.hooks = []
-        for name, mod in model.named_modules():
-            for hook in list(mod._forward_hooks.values()) + list(mod._forward_pre_hooks.values()):
-                owner = getattr(hook, "__self__", None)
-                if not isinstance(owner, _RowHook):
-                    raise ValueError(f"evaluation.gen_decode: graph cannot capture the forward hook {hook!r} "
-                                     f"on {name or 'the model'}")
-                self.hooks.append(owner)
+
+def _rows_on(hooks, device: torch.device) -> None:
+    """Before a capture: every per-row hook's labels on the model's device (a host copy cannot be
+    captured) and within its edits (an out-of-range label would be a device-side assert inside a
+    replay, which ends the CUDA context)."""
+    for h in hooks:
+        if h.rows is None:
+            continue
+        if h.rows.numel() and (int(h.rows.min()) < -1 or int(h.rows.max()) >= len(h.edits)):
+            raise ValueError(f"{type(h).__name__}: row labels {int(h.rows.min())}..{int(h.rows.max())} "
+                             f"for {len(h.edits)} edits")
+        h.rows = h.rows.to(device)
+
+
+class _static_form:
+    """editlib's per-row hooks (:mod:`editlib.lowrank`) in their form without data-dependent
+    control flow or host synchronisation (what a CUDA graph can capture) while the block runs."""
+
+    def __init__(self, hooks):
+        self.hooks = hooks
 
     def __enter__(self):
         for h in self.hooks:

@@ -148,7 +148,8 @@ class RowDeltas(_RowHook):
         if self._stack is not None:
             R, X = self._stack
             idx = rows.clamp(min=0)
-            coef = torch.einsum("btd,bd->bt", x.to(dt), X[idx].to(dt)) * (rows >= 0).to(dt)[:, None]
+            coef = torch.einsum("btd,bd->bt", x.to(dt), X[idx].to(dt))
+            coef = torch.where((rows >= 0)[:, None], coef, 0)  # not × 0: an overflowed coefficient stays out, not NaN
             return (output.to(dt) + coef[..., None] * R[idx].to(dt)[:, None, :]).to(output.dtype)
         if not self._X:
             return output
@@ -156,9 +157,9 @@ class RowDeltas(_RowHook):
             ranks = torch.as_tensor([xe.shape[0] for xe in self._X], dtype=torch.long)
             owner = torch.repeat_interleave(torch.arange(len(ranks)), ranks)
             own = owner[None, :] == torch.arange(-1, len(ranks))[:, None]  # row 0: label -1, nothing
-            self._owned = (own.to(x.device, dt), torch.cat(self._X, 0).to(dt), torch.cat(self._R, 1).T.to(dt))
+            self._owned = (own.to(x.device), torch.cat(self._X, 0).to(dt), torch.cat(self._R, 1).T.to(dt))
         own, Xc, Rc = self._owned
-        coef = (x.to(dt) @ Xc.T) * own[rows + 1][:, None, :]
+        coef = torch.where(own[rows + 1][:, None, :], x.to(dt) @ Xc.T, 0)  # another edit's X x never reaches a row
         return (output.to(dt) + coef @ Rc).to(output.dtype)
 
 

@@ -142,47 +142,141 @@ def test_what_cannot_be_decoded_fails_clearly() -> None:
     narrow = family("mistral", len(tok), torch.float32, sliding_window=8)
     assert "sliding window" in unsupported(narrow, 20)
     assert unsupported(narrow, 6) is None
+    from editlib.__main__ import build_parser
+    from editlib.decode import DECODE_MODES
+    action = next(a for p in build_parser()._subparsers._group_actions for a in p.choices["evaluate"]._actions
+                  if "--gen-decode" in a.option_strings)
+    assert tuple(action.choices) == DECODE_MODES
     with pytest.raises(ValueError, match="gen_decode must be one of"):
         sample_texts(family("llama", len(tok), torch.float32), tok, ["a b"], max_len=10, decode="fast")
     eager = family("llama", len(tok), torch.float32, attn_implementation="eager")
     assert "attention implementation 'eager'" in unsupported(eager, 20)
+    dyn = family("llama", len(tok), torch.float32, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                    "rope_theta": 10000.0})
+    assert "RoPE type 'dynamic'" in unsupported(dyn, 20)
     model = family("llama", len(tok), torch.float32)
     dec = Decoder(model, 2, 10, "static")
     with pytest.raises(ValueError, match="position 5: 0 of 10"):
         dec.step(torch.tensor([3, 4]), 5)
     with pytest.raises(ValueError, match="graph captures CUDA graphs"):
         Decoder(model, 2, 10, "graph", capture=True)
-    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o)
-    try:  # a hook the fixed-shape step cannot vouch for
+
+
+def test_hooks_the_step_would_not_honour_are_refused() -> None:
+    """A hook on a module the decode step bypasses (a block, an attention module) would fire in
+    the transformers forward and not here: refused in both modes. Under graph, any hook on a
+    called module but editlib's per-row edits is refused too. transformers' own output-capturing
+    hooks, installed for good by a forward that asked for hidden states, are inactive in a decode
+    step and pass."""
+    tok = word_tokenizer()
+    model = family("llama", len(tok), torch.float32)
+    ids = torch.tensor([[1, 3, 4], [1, 5, 6]])
+    model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    assert model.model.layers[0]._forward_hooks  # transformers' capture hooks, now there for good
+    Decoder(model, 2, 10, "graph", capture=False)
+    for mod, modes in ((model.model.layers[1].self_attn, ("static", "graph")),
+                       (model.model.layers[0], ("static", "graph")), (model.model.layers[0].mlp, ("graph",))):
+        handle = mod.register_forward_hook(lambda m, i, o: o)
+        try:
+            for mode in ("static", "graph"):
+                if mode in modes:
+                    with pytest.raises(ValueError, match=f"{mode} cannot run the forward hook"):
+                        Decoder(model, 2, 10, mode, capture=False)
+                else:
+                    Decoder(model, 2, 10, mode, capture=False)
+        finally:
+            handle.remove()
+
+
+def test_capture_path_records_once_and_replays_every_step(monkeypatch) -> None:
+    """step()'s capture branch on a CPU, with the CUDA calls stood in for: the step is recorded
+    once (hooks in their branch-free form, labels checked, deterministic mode off and restored),
+    every later column replays it from the input buffers, and the logits are the uncaptured
+    fixed-shape step's."""
+    import contextlib
+
+    from editlib import decode
+    tok = word_tokenizer()
+    model = family("llama", len(tok), torch.float64)
+    seen = {"captures": 0, "replays": 0}
+
+    class Graph:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            seen["replays"] += 1
+            self.out.copy_(self.fn())
+
+    def fake_capture(fn, device):
+        seen["captures"] += 1
+        assert hook.static_shapes and not torch.are_deterministic_algorithms_enabled()
+        fn()
+        out = fn()
+        return Graph(fn, out), out
+
+    ids = torch.randint(3, len(tok), (4, 12), generator=torch.Generator().manual_seed(5))
+    with RowDeltas(model, _edits(model, 3, 2)) as hook:
+        hook.rows = torch.tensor([0, -1, 2, 1])
+        want = decoder_steps(model, ids, 4, "graph")
+        monkeypatch.setattr(decode, "_capture", fake_capture)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        dec = Decoder(model, 4, 12, "graph", capture=False)
+        dec.capture = True  # as on a GPU
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            got = [dec.prefill(ids[:, :4]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(4, 11)]
+            assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert not hook.static_shapes
+        assert seen == {"captures": 1, "replays": 7}
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+        hook.rows = torch.tensor([0, 1])
         dec = Decoder(model, 2, 10, "graph", capture=False)
+        dec.capture = True
         dec.prefill(torch.tensor([[1, 3], [1, 4]]))
-        with pytest.raises(ValueError, match="cannot capture the forward hook .* on model.layers.0.mlp"):
+        hook.rows = torch.tensor([0, 7])  # checked on the host before a capture, never inside a replay
+        with pytest.raises(ValueError, match=r"row labels 0\.\.7 for 3 edits"):
             dec.step(torch.tensor([3, 4]), 2)
-    finally:
-        handle.remove()
+        hook.rows = None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_follows_the_transformers_forward() -> None:
-    """On a GPU, the captured step replays with new columns and positions (the graph reads them
-    from its input buffers) under per-row edits: logits within rounding of the transformers forward
-    and of the uncaptured fixed-shape step, static's texts equal to transformers'."""
+    """On a GPU (the last one, so that a model off the current device is covered where there are
+    several), the captured step replays with new columns and positions under per-row edits:
+    float32 logits within rounding of the transformers forward and changing from step to step (an
+    empty capture would repeat them), also with deterministic mode on; bfloat16 texts under a
+    sequential group's subtracted updates and hooks at two layers mostly equal to transformers',
+    static's exactly the transformers path's."""
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
     tok = word_tokenizer()
-    model = family("llama", len(tok), torch.float32).cuda()
-    ids = torch.randint(3, len(tok), (6, 24), generator=torch.Generator().manual_seed(0)).cuda()
-    with RowDeltas(model, _edits(model, 3, 1)) as hook:
-        hook.rows = torch.tensor([0, -1, 2, 1, -1, 0], device="cuda")
-        ref = transformers_steps(model, ids, 5)
-        dec = Decoder(model, 6, 24, "graph")
-        assert dec.capture
-        got = [dec.prefill(ids[:, :5]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(5, 23)]
-        hook.rows = None
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    model = family("llama", len(tok), torch.float32).to(dev)
+    ids = torch.randint(3, len(tok), (6, 24), generator=torch.Generator().manual_seed(0)).to(dev)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            with RowDeltas(model, _edits(model, 3, 1)) as hook:
+                hook.rows = torch.tensor([0, -1, 2, 1, -1, 0], device=dev)
+                ref = transformers_steps(model, ids, 5)
+                dec = Decoder(model, 6, 24, "graph")
+                assert dec.capture
+                got = [dec.prefill(ids[:, :5]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(5, 23)]
+                hook.rows = None
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert all(not torch.equal(a, b) for a, b in zip(got[1:], got[2:]))
+    bf = family("llama", len(tok), torch.bfloat16).to(dev)
     prompts = _prompts(12)
     groups = [i % 4 - 1 for i in range(12)]
-    with RowDeltas(model, _edits(model, 3, 4)) as hook:
-        t = {m: sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5, groups=groups, deltas=hook,
-                             decode=m) for m in ("transformers", "static", "graph")}
-    assert t["static"] == t["transformers"]
-    assert sum(x == y for x, y in zip(t["graph"], t["transformers"])) >= 10
+    for make in (lambda: TrailingDeltas(bf, _edits(bf, 3, 2), sign=-1.0),
+                 lambda: LayeredRowDeltas(bf, [_edits(bf, 3, 1, layer=0), _edits(bf, 3, 4, layer=2, seed=1)])):
+        with make() as hook:
+            t = {m: sample_texts(bf, tok, prompts, max_len=20, seed=4, batch_size=5, groups=groups, deltas=hook,
+                                 decode=m) for m in ("transformers", "static", "graph")}
+        assert t["static"] == t["transformers"]
+        assert sum(x == y for x, y in zip(t["graph"], t["transformers"])) >= 8

@@ -37,7 +37,8 @@ comes back even if the run is stopped:
 
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static and graph (captured), 1,020
-              rows and 10, two rounds each, with whether the texts equal the transformers path's
+              rows and 10, two rounds each, with whether the texts equal the transformers path's;
+              then the calibration's scoring and GE units under graph (calibration-graph.json)
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
 most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape).
@@ -47,7 +48,7 @@ fits the budget is "not run" and makes the run's exit status 1: the run did not 
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
-calibration.json, cost.json, cost-model.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+calibration.json, cost.json, cost-model.json, calibration-graph.json. ``--device cpu`` runs the same steps on a CPU at small sizes
 (``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
 """
 from __future__ import annotations
@@ -94,7 +95,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
-        "decode_shape": (360, 150)}
+        "decode_shape": (480, 180)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
 
@@ -330,9 +331,9 @@ def step_slice(run: Run, step: Step) -> None:
         step.status, step.reason = "failed", "no phases.json"
 
 
-def calibrate_command(run: Run) -> list[str]:
+def calibrate_command(run: Run, out: str = "calibration.json") -> list[str]:
     """bench/calibrate_units.py on the 32-layer shape (GPU) or on the miniature (``--smoke``)."""
-    base = [PY, "bench/calibrate_units.py", "--out", str(run.out / "calibration.json")]
+    base = [PY, "bench/calibrate_units.py", "--out", str(run.out / out)]
     if run.smoke:
         return [*base, "--params", "params/tiny.yaml", "--grid", "params/tiny.yaml", "--c0-batches", "1", "2",
                 "--c0-text-tokens", "32", "--gen-max-len", "8", "--max-cases", "4", "--single-facts", "2"]
@@ -443,19 +444,35 @@ def parse_compiled(out: str) -> dict:
 
 
 def step_decode_shape(run: Run, step: Step) -> None:
-    if run.smoke:
-        out = run_command(run, step, [PY, "bench/bench_decode.py", "--prompts", "8", "--max-len", "16", "--rounds", "1",
-                                      "--device", run.device], run.caps["decode_shape"][0], env={"HF_HUB_OFFLINE": "1"})
-        step.numbers = parse_decode(out)
-        return
-    if unstaged(run, step):
+    """bench_decode.py, then (if it passed) the calibration's GE units under gen_decode graph into
+    calibration-graph.json: ``paper_cost.py --unit-costs`` with the committed H200 units and
+    that file prices the grid with captured decode steps."""
+    if not run.smoke and unstaged(run, step):
         return
     sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
-    out = run_command(run, step, [PY, "bench/bench_decode.py", "--params", "params/llama3-shape-slice.yaml",
-                                  "--prompts", "1020", "10", "--rounds", "2", "--draw-device", run.device,
-                                  "--tokenizer", str(STAGE / "tokenizer"), *(x for s in sets for x in ("--set", s))],
-                      run.caps["decode_shape"][0], env={"HF_HUB_OFFLINE": "1"})
+    if run.smoke:
+        argv = [PY, "bench/bench_decode.py", "--prompts", "8", "--max-len", "16", "--rounds", "1", "--device", run.device]
+    else:
+        argv = [PY, "bench/bench_decode.py", "--params", "params/llama3-shape-slice.yaml", "--prompts", "1020", "10",
+                "--rounds", "2", "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
+                *(x for s in sets for x in ("--set", s))]
+    cap = run.caps["decode_shape"][0]
+    t0 = time.perf_counter()
+    out = run_command(run, step, argv, cap * 0.6, env={"HF_HUB_OFFLINE": "1"})
     step.numbers = parse_decode(out)
+    if step.status != "passed":
+        return
+    units = run.out / "calibration-graph.json"
+    units.unlink(missing_ok=True)
+    first = step.seconds
+    run_command(run, step, [*calibrate_command(run, units.name), "--parts", "eval",
+                            "--grid-set", "evaluation.gen_decode=graph"], cap - (time.perf_counter() - t0),
+                env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
+    step.seconds = round(first + step.seconds, 1)
+    if units.is_file():
+        step.numbers["graph_units"] = json.loads(units.read_text()).get("units", {})
+    elif step.status == "passed":
+        step.status, step.reason = "failed", "no calibration-graph.json"
 
 
 def parse_decode(out: str) -> dict:

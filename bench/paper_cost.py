@@ -4,7 +4,7 @@ turned into hours by the documented model of :mod:`editlib.cost` (every assumpti
     python bench/paper_cost.py --params params/llama3-8b.yaml [--gpu h200|h100|a100]
         [--ge | --no-ge] [--unit-costs GPU.json ...] [--slice-costs runs/slice-phases/<run>/phases.json]
         [--solve-on auto|host|device] [--host-speedup 1.0] [--layer 1] [--value-iters 25]
-        [--c0-tokens-per-text N] [--set KEY=VALUE ...] [--json OUT.json]
+        [--c0-tokens-per-text N] [--graph-node-us 2] [--set KEY=VALUE ...] [--json OUT.json]
     python bench/paper_cost.py --token-stats [--n 1000]   # re-measure the per-fact token counts
 
 ``--slice-costs``: host-side unit costs (one N = 1 solve + apply, the C0 factorisation) from a
@@ -171,6 +171,9 @@ def main(argv=None) -> None:
     ap.add_argument("--c0-tokens-per-text", type=float, default=None)
     ap.add_argument("--dtype", default=None, choices=PRICED_DTYPES,
                     help="model dtype (default: the params)")
+    ap.add_argument("--graph-node-us", type=float, default=None,
+                    help="GPU µs per kernel replayed from a CUDA graph (gen_decode: graph, compile_blocks: "
+                         "reduce-overhead; default: editlib.cost's assumption)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--token-stats", action="store_true", help="measure per-fact token counts and exit")
@@ -215,6 +218,8 @@ def main(argv=None) -> None:
                           p.covariance.n_samples or 1e5),
                       fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
                       host_speedup=args.host_speedup,
+                      decode_graphs=bool(p.evaluation.generation) and p.evaluation.gen_decode == "graph",
+                      value_graphs=any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values()),
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
              f"solves and C0 factors on the {where} ({why})",
@@ -235,12 +240,25 @@ def main(argv=None) -> None:
              "GE rows per decode batch: " + ", ".join(
                  f"{s.name} {model.gen_rows(s, p.evaluation.gen_max_len)}" for s in shapes)
              + (f" (evaluation.gen_batch_size {model.gen_batch}, gen_kv_gb {model.gen_kv_gb})")]
+    if args.graph_node_us is not None:
+        model = replace(model, graph_node_s=args.graph_node_us * 1e-6)
+    graphs = [what for flag, what in (("decode_graphs", "GE's decode steps (evaluation.gen_decode: graph)"),
+                                      ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead"
+                                       + ("" if all(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values())
+                                          else ", priced for every method") + ")")) if getattr(model, flag)]
+    if graphs:
+        notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
+                     f"block kernels replay at {model.graph_node_s * 1e6:g} µs each on the GPU (an assumption) "
+                     "without host time; the rest of the step stays eager")
     if args.slice_costs:
         host = slice_host_costs(args.slice_costs)
         model = replace(model, **host)
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
-        model = with_unit_costs(model, *args.unit_costs)
+        skipped: list[str] = []
+        model = with_unit_costs(model, *args.unit_costs, skipped=skipped)
+        notes += [f"measured unit left out (the run captures what it timed eagerly, or the other way round): {x}"
+                  for x in skipped]
     exps = count_grid(p, layer=args.layer)
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:

@@ -79,6 +79,11 @@ class CostModel:
     kernels_fwd: int = 90          # kernels per decoder block forward (transformers: norms, RoPE, cache, SDPA, MLP)
     kernels_bwd: int = 60          # ... per block backward of the packed value step (fwd + bwd: 150 measured)
     step_py_s: float = 2e-3        # Python per value iteration / decode step (indexing, Adam, sampling)
+    # captured CUDA graphs (modelled, not measured): the blocks' kernels of a step replay without
+    # host time, each costing ``graph_node_s`` on the GPU; the rest of the step stays eager
+    decode_graphs: bool = False    # GE's decode steps captured (params evaluation.gen_decode: graph)
+    value_graphs: bool = False     # value steps' blocks, forward and backward, captured (compile_blocks: reduce-overhead)
+    graph_node_s: float = 2e-6     # GPU time per captured kernel in a replay (an assumption)
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     gen_kv_gb: float | None = None  # ... fewer where their KV cache would exceed this (params evaluation.gen_kv_gb)
@@ -113,13 +118,14 @@ class CostModel:
         return self.gpu.bf16
 
     def _pass(self, flops: float, nbytes: float, kernels: int, eff: float | None = None,
-              py_s: float = 0.0) -> float:
+              py_s: float = 0.0, captured: int = 0) -> float:
         """One GPU pass: compute- or memory-bound, whichever is slower, unless the host cannot
         launch its kernels (and run its Python) faster than the GPU runs them (eager PyTorch
-        launches asynchronously, so the two overlap)."""
+        launches asynchronously, so the two overlap). ``captured`` kernels replay from a CUDA
+        graph: no host time, ``graph_node_s`` each on the GPU."""
         gpu = flops / (self.peak * (eff or self.mm_eff))
         if not self.flops_only:
-            gpu = max(gpu, nbytes / (self.gpu.bw * self.bw_eff))
+            gpu = max(gpu, nbytes / (self.gpu.bw * self.bw_eff)) + captured * self.graph_node_s
         return max(gpu, kernels * self.kernel_s + py_s)
 
     def floor(self) -> "CostModel":
@@ -153,7 +159,11 @@ class CostModel:
         flops = 4 * k * s.block_params * toks + 4 * s.d * s.vocab * labs
         nbytes = 2 * (k * s.block_params + s.head_params) * self.bpp
         eff = self.mm_eff if toks >= 256 else self.small_mm_eff
-        it = self._pass(flops, nbytes, k * (self.kernels_fwd + self.kernels_bwd) + 10, eff, self.step_py_s)
+        blocks = k * (self.kernels_fwd + self.kernels_bwd)
+        if self.value_graphs:  # the loss, Adam and the replay itself stay eager
+            it = self._pass(flops, nbytes, 11, eff, self.step_py_s, captured=blocks)
+        else:
+            it = self._pass(flops, nbytes, blocks + 10, eff, self.step_py_s)
         return setup + self.value_iters * it
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
@@ -247,9 +257,11 @@ class CostModel:
             t += self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r * m, wbytes,
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
+            blocks = s.n_layers * self.kernels_fwd
             step = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r, wbytes + kv,
-                              s.n_layers * self.kernels_fwd + 10, self.mm_eff if r >= 64 else self.small_mm_eff,
-                              self.step_py_s)
+                              11 if self.decode_graphs else blocks + 10,  # sampling (and the replay) stay eager
+                              self.mm_eff if r >= 64 else self.small_mm_eff, self.step_py_s,
+                              captured=blocks if self.decode_graphs else 0)
             t += steps * step
         return t + self.gen_row_py_s * rows, decoded  # + the n-gram entropy of each text (Python)
 
@@ -386,15 +398,35 @@ UNIT_KEYS = ("values_s_per_fact", "values_s_per_fact_single", "solve_s_by_n", "e
              "ckpt_s", "load_s")
 
 
-def with_unit_costs(model: CostModel, *paths: str | Path) -> CostModel:
+#: the units a captured CUDA graph changes, by the CostModel flag that captures them
+GRAPH_UNITS = {"decode_graphs": ("ge_s_per_case", "ge_s_per_case_single"),
+               "value_graphs": ("values_s_per_fact", "values_s_per_fact_single")}
+
+
+def measured_with_graphs(doc: dict) -> dict[str, bool]:
+    """Which of :data:`GRAPH_UNITS`' parts a units file measured with CUDA graphs, from the
+    params overrides it records (bench/calibrate_units.py's ``sets`` and ``grid_sets``)."""
+    sets = [*doc.get("sets", []), *doc.get("grid_sets", [])]
+    return {"decode_graphs": "evaluation.gen_decode=graph" in sets,
+            "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets)}
+
+
+def with_unit_costs(model: CostModel, *paths: str | Path, skipped: list | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
-    a later file's unit over an earlier one's (the slice's phases, then a calibration)."""
+    a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
+    measured with CUDA graphs off does not price a model that captures that part, nor the other
+    way round (:data:`GRAPH_UNITS`): it is left out, and named in ``skipped``."""
     unit_s = dict(model.unit_s)
     for path in paths:
         d = json.loads(Path(path).read_text())
-        units = d.get("units", d)
+        units = dict(d.get("units", d))
         unknown = sorted(set(units) - set(UNIT_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
+        for flag, captured in measured_with_graphs(d).items():
+            if captured != getattr(model, flag):
+                for key in GRAPH_UNITS[flag]:
+                    if units.pop(key, None) is not None and skipped is not None:
+                        skipped.append(f"{path}: {key} (measured with CUDA graphs {'on' if captured else 'off'})")
         unit_s.update(units)
     return replace(model, unit_s=unit_s)

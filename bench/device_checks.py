@@ -34,11 +34,12 @@ comes back even if the run is stopped:
   compiled_shape  the same on the 32-layer shape (built first if need be; compilation alone took
               199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
               4 facts, one round, torch at every CPU thread
-
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static and graph (captured), 1,020
               rows and 10, two rounds each, with whether the texts equal the transformers path's;
-              then the calibration's scoring and GE units under graph (calibration-graph.json)
+              then the calibration's scoring and GE units under graph (calibration-graph.json; price
+              the grid with them: paper_cost.py --set evaluation.gen_decode=graph --unit-costs
+              bench/units/h200-bfloat16-llama3-8b-shape.json calibration-graph.json)
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
 most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape).
@@ -75,8 +76,9 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "decode_shape")
-#: what a run without --only checks (sized for a 9-minute lease); calibrate and compiled_shape each
-#: want most of a lease of their own: --only env calibrate cost, --only env compiled_shape
+#: what a run without --only checks (sized for a 9-minute lease); calibrate, compiled_shape and
+#: decode_shape each want most of a lease of their own: --only env calibrate cost, --only env
+#: compiled_shape, --only env cuda_tests decode_shape
 DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
@@ -445,8 +447,8 @@ def parse_compiled(out: str) -> dict:
 
 def step_decode_shape(run: Run, step: Step) -> None:
     """bench_decode.py, then (if it passed) the calibration's GE units under gen_decode graph into
-    calibration-graph.json: ``paper_cost.py --unit-costs`` with the committed H200 units and
-    that file prices the grid with captured decode steps."""
+    calibration-graph.json: ``paper_cost.py --set evaluation.gen_decode=graph --unit-costs`` with
+    the committed H200 units and that file prices the grid with captured decode steps."""
     if not run.smoke and unstaged(run, step):
         return
     sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]

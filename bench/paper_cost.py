@@ -82,16 +82,30 @@ def slice_host_costs(path: str) -> dict:
 UNITS_DIR = Path(__file__).resolve().parent / "units"
 
 
-def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float]]:
+def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float, list[str]]]:
     """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
-    modelled estimate is never shown without the measurement that contradicts it."""
+    modelled estimate is never shown without the measurement that contradicts it; with the units
+    left out because the file timed eagerly what the params capture (or the other way round)."""
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
-        m = with_unit_costs(model, path)
+        skipped: list[str] = []
+        m = with_unit_costs(model, path, skipped=skipped)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
-        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600))
+        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600,
+                    [x.split(": ", 1)[1].split(" ", 1)[0] for x in skipped]))
     return out
+
+
+def value_graphs(p) -> bool:
+    """Whether the grid's value steps are captured (compile_blocks: reduce-overhead), as each
+    experiment section resolves it; the cost model captures all of them or none."""
+    modes = p.compile_modes()
+    captured = sorted(k for k, v in modes.items() if v == "reduce-overhead")
+    if captured and len(captured) != len(modes):
+        raise SystemExit(f"compile_blocks: reduce-overhead for {', '.join(captured)} only: the cost model prices "
+                         "every value step captured or none; set it in hparams.common")
+    return bool(captured)
 
 
 def _h(s: float) -> str:
@@ -219,7 +233,7 @@ def main(argv=None) -> None:
                       fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
                       host_speedup=args.host_speedup,
                       decode_graphs=bool(p.evaluation.generation) and p.evaluation.gen_decode == "graph",
-                      value_graphs=any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values()),
+                      value_graphs=value_graphs(p),
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
              f"solves and C0 factors on the {where} ({why})",
@@ -242,14 +256,18 @@ def main(argv=None) -> None:
              + (f" (evaluation.gen_batch_size {model.gen_batch}, gen_kv_gb {model.gen_kv_gb})")]
     if args.graph_node_us is not None:
         model = replace(model, graph_node_s=args.graph_node_us * 1e-6)
+    if args.graph_node_us is not None and args.graph_node_us < 0:
+        raise SystemExit(f"--graph-node-us must be >= 0, got {args.graph_node_us}")
     graphs = [what for flag, what in (("decode_graphs", "GE's decode steps (evaluation.gen_decode: graph)"),
-                                      ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead"
-                                       + ("" if all(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values())
-                                          else ", priced for every method") + ")")) if getattr(model, flag)]
+                                      ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead)"))
+              if getattr(model, flag)]
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
-                     f"block kernels replay at {model.graph_node_s * 1e6:g} µs each on the GPU (an assumption) "
-                     "without host time; the rest of the step stays eager")
+                     f"block kernels replay without host time, {model.graph_node_s * 1e6:g} µs each on the GPU "
+                     "(fitted to an eager H200 profile's GPU time; --graph-node-us), the rest of the step "
+                     "stays eager; a capture per decode batch is not priced")
+    if p.evaluation.generation and p.evaluation.gen_decode == "static":
+        notes.append("evaluation.gen_decode: static is priced as the transformers forward (the same kernels)")
     if args.slice_costs:
         host = slice_host_costs(args.slice_costs)
         model = replace(model, **host)
@@ -263,10 +281,12 @@ def main(argv=None) -> None:
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:
         measured = measured_elsewhere(model, exps)
-        for path, hours in measured:
+        for path, hours, left in measured:
+            also = f"; modelled, not measured: {', '.join(left)}, which it timed without the CUDA graphs these " \
+                   "params capture" if left else ""
             print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "
-                  f"**{hours:.1f} GPU-hours** (the model above estimates those units; docs/paper-scale.md)")
-        out["with_measured_units"] = {str(path): hours for path, hours in measured}
+                  f"**{hours:.1f} GPU-hours** (the model above estimates those units{also}; docs/paper-scale.md)")
+        out["with_measured_units"] = {str(path): hours for path, hours, _ in measured}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
 

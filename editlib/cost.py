@@ -21,7 +21,8 @@ from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, Token
                         measure_token_stats, shape_for)
 
 __all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
-           "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs"]
+           "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs",
+           "GRAPH_UNITS", "measured_with_graphs"]
 
 
 # --------------------------------------------------------------------------- GPUs and the model
@@ -83,7 +84,10 @@ class CostModel:
     # host time, each costing ``graph_node_s`` on the GPU; the rest of the step stays eager
     decode_graphs: bool = False    # GE's decode steps captured (params evaluation.gen_decode: graph)
     value_graphs: bool = False     # value steps' blocks, forward and backward, captured (compile_blocks: reduce-overhead)
-    graph_node_s: float = 2e-6     # GPU time per captured kernel in a replay (an assumption)
+    # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
+    # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
+    # 7.4 ms of modelled weight traffic) / 4,498 kernels
+    graph_node_s: float = 6e-6
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     gen_kv_gb: float | None = None  # ... fewer where their KV cache would exceed this (params evaluation.gen_kv_gb)
@@ -378,9 +382,11 @@ class CostModel:
 
     def derived(self, s: ModelShape, ts: TokenStats, max_len: int) -> list[str]:
         """Per-unit times the assumptions imply, to compare with a measurement."""
+        blocks = s.n_layers * self.kernels_fwd
         dec = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * 10,
                          (s.n_layers * s.block_params + s.head_params) * self.bpp,
-                         s.n_layers * self.kernels_fwd + 10, self.small_mm_eff, self.step_py_s)
+                         11 if self.decode_graphs else blocks + 10, self.small_mm_eff, self.step_py_s,
+                         captured=blocks if self.decode_graphs else 0)
         return [f"{s.name}: decode step of 10 rows {1e3 * dec:.1f} ms; GE of one case "
                 f"{self.ge(s, ts, 1, max_len)[0]:.2f} s; scoring one case alone {self.eval(s, ts, 1, 64):.3f} s; "
                 f"values of one fact at layer 1: {self.values(s, ts, 1, 1):.2f} s alone, "
@@ -404,8 +410,11 @@ GRAPH_UNITS = {"decode_graphs": ("ge_s_per_case", "ge_s_per_case_single"),
 
 
 def measured_with_graphs(doc: dict) -> dict[str, bool]:
-    """Which of :data:`GRAPH_UNITS`' parts a units file measured with CUDA graphs, from the
-    params overrides it records (bench/calibrate_units.py's ``sets`` and ``grid_sets``)."""
+    """Which of :data:`GRAPH_UNITS`' parts a units file measured with CUDA graphs: its ``graphs``
+    record (bench/calibrate_units.py writes the resolved settings), else, for files written before
+    it, the params overrides it records (``sets``, ``grid_sets``); nothing recorded: eager."""
+    if isinstance(doc.get("graphs"), dict):
+        return {k: bool(doc["graphs"].get(k, False)) for k in GRAPH_UNITS}
     sets = [*doc.get("sets", []), *doc.get("grid_sets", [])]
     return {"decode_graphs": "evaluation.gen_decode=graph" in sets,
             "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets)}

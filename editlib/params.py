@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
@@ -218,6 +218,18 @@ class StudyParams:
         d["hparams"] = {m: hp.to_dict() for m, hp in self.hparams.items()}
         d.pop("source", None)
         return d
+
+    def compile_modes(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
+                      ) -> dict[str, str]:
+        """``hparams.common.compile_blocks`` as each experiment's value steps resolve it
+        (``"section.method" -> mode``; the sweep runs MEMIT's and EMMET's λ), section overrides
+        included."""
+        out = {}
+        for sec in experiments:
+            for m in getattr(getattr(self, sec), "methods", ("memit", "emmet")):
+                if m in self.hparams:
+                    out[f"{sec}.{m}"] = self.method_hparams(m, 0, sec).values.compile_blocks
+        return out
 
     def method_hparams(self, method: str, layer: int, section: str | None = None, **over) -> EditHParams:
         """The method's hyperparameters at ``layer``: ``hparams`` (common + method), then the

@@ -276,7 +276,8 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if p.evaluation.generation and p.evaluation.gen_decode == "graph" and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"evaluation.gen_decode: graph captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use static (or transformers) on a CPU")
-    graphs = any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values())
+    graphs = any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values()) or \
+        "reduce-overhead" in p.compile_modes([e for e in experiments if e in EXPERIMENTS]).values()  # section overrides too
     if graphs and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams compile_blocks: reduce-overhead captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use default (or off) on a CPU")

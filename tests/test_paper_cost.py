@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -422,42 +423,60 @@ def test_replayed_blocks_below_are_counted_and_priced():
 def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units(tmp_path):
     """evaluation.gen_decode: graph and compile_blocks: reduce-overhead (modelled, not measured): a
     step's block kernels cost graph_node_s each on the GPU and no host time, so host-bound steps
-    (one case's 10 decode rows, a one-fact value step) get cheaper, and with free replays down to
-    their GPU time; the floor does not move. A unit measured eagerly never prices a captured part
-    (nor a captured unit an eager model): it is left out and named."""
+    (one case's 10 decode rows, a one-fact value step) get cheaper, each flag its own part only;
+    the floor does not move. A unit timed eagerly never prices a captured part (nor a captured
+    unit an eager model): it is left out and named; a file's own ``graphs`` record decides."""
     s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
     eager = CostModel(GPUS["h200"], dtype="bfloat16")
-    graphs = CostModel(GPUS["h200"], dtype="bfloat16", decode_graphs=True, value_graphs=True)
-    assert graphs.ge(s, ts, 1, 100)[0] < 0.5 * eager.ge(s, ts, 1, 100)[0]
-    assert graphs.values(s, ts, 1, 1) < 0.5 * eager.values(s, ts, 1, 1)
-    assert graphs.ge(s, ts, 1, 100)[1] == eager.ge(s, ts, 1, 100)[1]  # the same tokens decoded
-    slow = CostModel(GPUS["h200"], dtype="bfloat16", decode_graphs=True, graph_node_s=1e-3)
-    assert slow.ge(s, ts, 1, 100)[0] > graphs.ge(s, ts, 1, 100)[0]  # replayed kernels are not free
-    assert graphs.floor().ge(s, ts, 1, 100)[0] == pytest.approx(eager.floor().ge(s, ts, 1, 100)[0])
+    dec = CostModel(GPUS["h200"], dtype="bfloat16", decode_graphs=True)
+    val = CostModel(GPUS["h200"], dtype="bfloat16", value_graphs=True)
+    assert dec.ge(s, ts, 1, 100)[0] < 0.5 * eager.ge(s, ts, 1, 100)[0]
+    assert dec.values(s, ts, 1, 1) == eager.values(s, ts, 1, 1)
+    assert val.values(s, ts, 1, 1) < 0.6 * eager.values(s, ts, 1, 1)
+    assert val.ge(s, ts, 1, 100) == eager.ge(s, ts, 1, 100)
+    assert dec.ge(s, ts, 1, 100)[1] == eager.ge(s, ts, 1, 100)[1]  # the same tokens decoded
+    for m in (dec, val):  # replayed kernels are not free: their GPU time adds to the roofline's
+        free, slow = replace(m, graph_node_s=0.0), replace(m, graph_node_s=2 * m.graph_node_s)
+        part = (lambda x: x.ge(s, ts, 1, 100)[0]) if m is dec else (lambda x: x.values(s, ts, 1, 1))
+        assert part(free) < part(m) < part(slow)
+        assert part(slow) - part(m) == pytest.approx(part(m) - part(free), rel=0.05)
+        assert part(m.floor()) == pytest.approx(part(eager.floor()))
     units = {"ge_s_per_case": 0.07, "ge_s_per_case_single": 7.0, "values_s_per_fact_single": 2.7, "eval_s_per_case": 0.03}
-    plain, graph_ge = tmp_path / "eager.json", tmp_path / "graph.json"
+    plain, graph_ge, recorded = tmp_path / "eager.json", tmp_path / "graph.json", tmp_path / "recorded.json"
     plain.write_text(json.dumps({"sets": [], "grid_sets": [], "units": units}))
     graph_ge.write_text(json.dumps({"grid_sets": ["evaluation.gen_decode=graph"], "units": {"ge_s_per_case": 0.01}}))
+    recorded.write_text(json.dumps({"graphs": {"decode_graphs": False, "value_graphs": True}, "grid_sets": [],
+                                    "units": {"values_s_per_fact_single": 0.9, "ge_s_per_case": 0.05}}))
+    both = replace(eager, decode_graphs=True, value_graphs=True)
     skipped: list[str] = []
-    m = with_unit_costs(graphs, plain, graph_ge, skipped=skipped)
+    m = with_unit_costs(both, plain, graph_ge, skipped=skipped)
     assert m.unit_s == {"eval_s_per_case": 0.03, "ge_s_per_case": 0.01}
     assert len(skipped) == 3 and all("measured with CUDA graphs off" in x for x in skipped)
     skipped = []
-    e = with_unit_costs(eager, plain, graph_ge, skipped=skipped)
-    assert e.unit_s == units and skipped == [f"{graph_ge}: ge_s_per_case (measured with CUDA graphs on)"]
+    assert with_unit_costs(eager, plain, graph_ge, skipped=skipped).unit_s == units
+    assert skipped == [f"{graph_ge}: ge_s_per_case (measured with CUDA graphs on)"]
+    assert with_unit_costs(val, recorded).unit_s == {"values_s_per_fact_single": 0.9, "ge_s_per_case": 0.05}
+    assert with_unit_costs(eager, recorded).unit_s == {"ge_s_per_case": 0.05}
+    assert with_unit_costs(dec, recorded).unit_s == {}
 
 
 def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
+    """Each option lowers the grid's hours on its own, both lower still; a capture set for some
+    experiment sections only is refused (the model captures every value step or none)."""
     import sys
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import paper_cost
     grid = str(REPO_ROOT / "params" / "llama3-8b.yaml")
+    dec, val = ["--set", "evaluation.gen_decode=graph"], ["--set", "hparams.common.compile_blocks=reduce-overhead"]
     hours = {}
-    for name, sets in (("eager", []), ("graphs", ["--set", "evaluation.gen_decode=graph",
-                                                  "--set", "hparams.common.compile_blocks=reduce-overhead"])):
+    for name, sets in (("eager", []), ("decode", dec), ("values", val), ("both", dec + val)):
         out = tmp_path / f"{name}.json"
         paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16", "--json", str(out), *sets])
         hours[name] = json.loads(out.read_text())["total_gpu_hours"]
     printed = capsys.readouterr().out
     assert "captured as CUDA graphs, modelled and not measured" in printed
-    assert hours["graphs"] < 0.7 * hours["eager"]
+    assert "modelled, not measured: ge_s_per_case" in printed
+    assert hours["both"] < hours["decode"] < hours["eager"] and hours["both"] < hours["values"] < hours["eager"]
+    with pytest.raises(SystemExit, match="sequential.emmet, sequential.memit only"):
+        paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16",
+                         "--set", "sequential.hparams.common.compile_blocks=reduce-overhead"])

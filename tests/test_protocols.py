@@ -700,6 +700,11 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
     with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs, but model.device is 'cpu'"):
         protocols.check_before_loading(p, ["sequential"])
     protocols.check_before_loading(params_for(tmp_path, **{"hparams.common.compile_blocks": "default"}), ["sequential"])
+    section = params_for(tmp_path, **{"sequential.hparams": {"common": {"compile_blocks": "reduce-overhead"}}})
+    assert section.compile_modes()["sequential.memit"] == "reduce-overhead" and section.compile_modes()["batch.memit"] == "off"
+    with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs"):  # a section's own override too
+        protocols.check_before_loading(section, ["sequential"])
+    protocols.check_before_loading(section, ["batch"])
 
 
 def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):

@@ -264,8 +264,12 @@ def main(argv=None) -> None:
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
                      f"block kernels replay without host time, {model.graph_node_s * 1e6:g} µs each on the GPU "
-                     "(fitted to an eager H200 profile's GPU time; --graph-node-us), the rest of the step "
-                     "stays eager; a capture per decode batch is not priced")
+                     + ("(--graph-node-us)" if args.graph_node_us is not None else
+                        "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
+                     + ", the rest of the step stays eager; a capture per decode batch is not priced")
+    elif args.graph_node_us is not None:
+        notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph "
+                     "with GE on, or compile_blocks: reduce-overhead)")
     if p.evaluation.generation and p.evaluation.gen_decode == "static":
         notes.append("evaluation.gen_decode: static is priced as the transformers forward (the same kernels)")
     if args.slice_costs:

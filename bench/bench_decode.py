@@ -75,6 +75,40 @@ def time_modes(label: str, model, tok, prompts: list[str], a) -> None:
               f"({', '.join(f'{p:.2f}' for p in per)} ms per step){same}{ops}", flush=True)
 
 
+@torch.no_grad()
+def kernels_per_step(model, rows: int) -> dict[str, int]:
+    """CUDA kernels one decode step launches in each form (torch.profiler over one step after a
+    6-token prefill, random ids): what a captured graph replays, to set the cost model's
+    ``graph_node_s`` as (step time − its arithmetic) / kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from editlib.decode import Decoder
+    from editlib.generation import _cache_name
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (rows, 8), generator=torch.Generator().manual_seed(0)).to(dev)
+    name = _cache_name(model)
+
+    def transformers_step():
+        past = getattr(model(input_ids=ids[:, :6], use_cache=True), name)
+        return lambda: model(input_ids=ids[:, 6:7], use_cache=True, **{name: past})
+
+    def decoder_step(mode):
+        dec = Decoder(model, rows, 8, mode, capture=False)
+        dec.prefill(ids[:, :6])
+        return lambda: dec.step(ids[:, 6], 6)
+
+    out = {}
+    for label, make in (("transformers", transformers_step), ("static", lambda: decoder_step("static")),
+                        ("graph", lambda: decoder_step("graph"))):
+        step = make()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        out[label] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="models/tiny-world", help="miniature: the model timed and the prompts' source")
@@ -109,6 +143,9 @@ def main() -> None:
     for n in a.prompts:
         prompts = [pool[i % len(pool)] for i in range(n)]
         time_modes(label, model, tok, prompts, a)
+        if next(model.parameters()).is_cuda:
+            k = kernels_per_step(model, n)
+            print(f"  kernels per decode step of {n} rows: " + ", ".join(f"{m} {c}" for m, c in k.items()), flush=True)
         if a.deep:
             time_modes(f"random Llama, {a.deep} layers, hidden 64", deep_model(model, a.deep, a.device), tok, prompts, a)
 

@@ -36,7 +36,8 @@ comes back even if the run is stopped:
               4 facts, one round, torch at every CPU thread
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static and graph (captured), 1,020
-              rows and 10, two rounds each, with whether the texts equal the transformers path's;
+              rows and 10, two rounds each, with whether the texts equal the transformers path's
+              and the CUDA kernels one step of each form launches;
               then the calibration's scoring and GE units under graph (calibration-graph.json; price
               the grid with them: paper_cost.py --set evaluation.gen_decode=graph --unit-costs
               bench/units/h200-bfloat16-llama3-8b-shape.json calibration-graph.json)
@@ -479,13 +480,18 @@ def step_decode_shape(run: Run, step: Step) -> None:
 
 def parse_decode(out: str) -> dict:
     """Per batch size (rows) and mode: bench_decode.py's ms per decode step and texts equal to the
-    transformers path's."""
+    transformers path's; on a GPU also the kernels one step of each form launches."""
     got: dict = {}
     rows = None
     for line in out.splitlines():
         head = re.search(r"(\d+) decode steps of (\d+) rows", line)
         if head:
             rows = head[2]
+            continue
+        kern = re.match(r"\s+kernels per decode step of (\d+) rows: (.*)", line)
+        if kern:
+            got.setdefault(f"rows_{kern[1]}", {})["kernels_per_step"] = {
+                m: int(c) for m, c in (x.split() for x in kern[2].split(", "))}
             continue
         m = re.match(r"\s+(\w+): [\d., ]+ s\s+\(([\d., ]+) ms per step\)(?:\s+texts equal to transformers: (\d+)/(\d+))?", line)
         if m and rows is not None:

@@ -210,11 +210,13 @@ def test_the_summary_lines_of_the_benchmarks_parse():
     dec = ("models/tiny-world: 64 prompts, 94 decode steps of 64 rows\n"
            "  transformers: 0.90, 0.63 s  (9.52, 6.68 ms per step)  texts equal to transformers: 64/64\n"
            "        static: 0.49, 0.47 s  (5.16, 4.96 ms per step)  texts equal to transformers: 64/64\n"
+           "  kernels per decode step of 64 rows: transformers 2911, static 2870, graph 2402\n"
            "x: 10 prompts, 90 decode steps of 10 rows\n"
            "         graph: 0.54 s  (5.78 ms per step)\n")
     assert dc.parse_decode(dec) == {
         "rows_64": {"transformers": {"ms_per_step": [9.52, 6.68], "texts_equal": "64/64"},
-                    "static": {"ms_per_step": [5.16, 4.96], "texts_equal": "64/64"}},
+                    "static": {"ms_per_step": [5.16, 4.96], "texts_equal": "64/64"},
+                    "kernels_per_step": {"transformers": 2911, "static": 2870, "graph": 2402}},
         "rows_10": {"graph": {"ms_per_step": [5.78]}}}
     failed = "compiled warm-up failed: BackendCompilerFailed: x\neager 250.0-260.5 ms/fact, compiled failed: BackendCompilerFailed: x"
     assert dc.parse_compiled(failed) == {"eager_ms_per_fact": [250.0, 260.5], "compiled_error": "BackendCompilerFailed: x"}

@@ -134,11 +134,12 @@ def _evaluate(a: argparse.Namespace) -> int:
     rs = _rs_resources(a.rs_dir) if a.rs_dir else None
     locate_model(a.model)
     model, tok = load_model(a.model, dtype=a.dtype, device=device)
-    if a.gen_decode != "transformers" and not a.no_generation:  # a model it cannot decode fails before scoring
-        from .decode import unsupported
-        why = unsupported(model, a.gen_max_len)
-        if why:
-            raise UsageError(f"--gen-decode {a.gen_decode} cannot decode this model: {why}")
+    if not a.no_generation:  # a model the decode mode cannot run fails before scoring
+        from .decode import check_decodable
+        try:
+            check_decodable(model, a.gen_decode, a.gen_max_len)
+        except ValueError as e:
+            raise UsageError(str(e).replace("evaluation.gen_decode: ", "--gen-decode ")) from None
     if a.gen_kv_gb is not None and not a.no_generation:  # a budget that holds no row fails before scoring
         from .generation import rows_per_batch
         try:

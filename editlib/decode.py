@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from .arch import arch_for, get_module, n_layers
 from .generation import _cache_name, _last_logits_kw
+from .packed import _rope
+from .packed import unsupported as packed_unsupported
 
 #: ``evaluation.gen_decode``: transformers (the reference path, default) | static | graph (CUDA)
 DECODE_MODES = ("transformers", "static", "graph")
@@ -45,9 +47,18 @@ def check_decode_mode(mode: str) -> None:
         raise ValueError(f"evaluation.gen_decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
 
 
+def check_decodable(model, mode: str, width: int) -> None:
+    """``mode`` is a decode mode that can run ``model`` up to ``width`` tokens, else ValueError
+    naming ``evaluation.gen_decode`` and the reason (the params check, the CLI and
+    :func:`editlib.generation.sample_texts` all say it this way)."""
+    check_decode_mode(mode)
+    why = None if mode == "transformers" else unsupported(model, width)
+    if why:
+        raise ValueError(f"evaluation.gen_decode: {mode} cannot decode this model: {why}")
+
+
 def unsupported(model, width: int) -> str | None:
     """Why :class:`Decoder` cannot decode ``model`` up to ``width`` tokens (None: it can)."""
-    from .packed import unsupported as packed_unsupported
     cfg = model.config
     reason = packed_unsupported(model, width)  # Llama-style blocks, no sliding window within the width
     if reason:
@@ -76,11 +87,6 @@ def _hooks(module) -> list:
     return [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Decoder:
     """Decode ``rows`` sequences, all at the same position, up to ``width`` tokens.
 
@@ -91,12 +97,9 @@ class Decoder:
     """
 
     def __init__(self, model, rows: int, width: int, mode: str, *, capture: bool | None = None):
-        check_decode_mode(mode)
         if mode == "transformers":
             raise ValueError("Decoder runs the static and graph modes; transformers is the model's own forward")
-        reason = unsupported(model, width)
-        if reason:
-            raise ValueError(f"evaluation.gen_decode: {mode} cannot decode this model: {reason}")
+        check_decodable(model, mode, width)
         spec = arch_for(model)
         p = next(model.parameters())
         self.model, self.rows, self.width, self.fixed = model, rows, width, mode == "graph"
@@ -227,8 +230,7 @@ class Decoder:
             q = att.q_proj(y).view(shape).transpose(1, 2)                     # [rows, heads, 1, hd]
             k = att.k_proj(y).view(shape).transpose(1, 2)
             v = att.v_proj(y).view(shape).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)                           # as apply_rotary_pos_emb
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)                     # as apply_rotary_pos_emb
             if t is None:
                 self.k[i].index_copy_(2, self.pos, k)
                 self.v[i].index_copy_(2, self.pos, v)

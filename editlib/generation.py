@@ -202,11 +202,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     if text not in GEN_TEXTS:
         raise ValueError(f"GE text mode must be one of {', '.join(GEN_TEXTS)}, got {text!r}")
     if decode != "transformers":
-        from .decode import check_decode_mode, unsupported
-        check_decode_mode(decode)
-        why = unsupported(model, max_len)
-        if why:
-            raise ValueError(f"evaluation.gen_decode: {decode} cannot decode this model: {why}")
+        from .decode import check_decodable
+        check_decodable(model, decode, max_len)
     ids = [encode(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # tight batches

@@ -142,7 +142,7 @@ class RowDeltas(_RowHook):
 
     def _static_hook(self, x: torch.Tensor, rows: torch.Tensor, output: torch.Tensor, dt: torch.dtype):
         """The same terms without branching on ``rows``: rank-one edits gather every row's factors
-        (an unedited row's coefficient is multiplied by 0), higher ranks form X x for all stacked
+        (an unedited row's coefficient is set to 0), higher ranks form X x for all stacked
         factors and keep each row's own (an ownership mask, as :class:`TrailingDeltas`). Same values
         as :meth:`_hook` up to the order of sums (the mask adds exact zeros)."""
         if self._stack is not None:

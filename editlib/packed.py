@@ -76,7 +76,9 @@ def blocks_fn(mode: str, device: torch.device):
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the Llama (rotate-half) convention; x [tokens, heads, head_dim], cos/sin [tokens, 1, head_dim]."""
+    """RoPE in the Llama (rotate-half) convention, transformers' ``apply_rotary_pos_emb`` operation
+    for operation; x [..., head_dim], cos/sin broadcastable to it (here [tokens, 1, head_dim];
+    editlib.decode: [1, 1, 1, head_dim])."""
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), -1)
     return x * cos + rot * sin

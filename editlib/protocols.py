@@ -399,11 +399,12 @@ def _check_gen_budget(p: StudyParams, model) -> None:
     """A GE KV budget that holds no row of this model, or a decode mode that cannot run it, fails
     here, not after hours of edits."""
     ev = p.evaluation
-    if ev.generation and ev.gen_decode != "transformers":
-        from .decode import unsupported
-        why = unsupported(model, ev.gen_max_len)
-        if why:
-            raise ParamsError(f"evaluation.gen_decode: {ev.gen_decode} cannot decode this model: {why}")
+    if ev.generation:
+        from .decode import check_decodable
+        try:
+            check_decodable(model, ev.gen_decode, ev.gen_max_len)
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
     if ev.generation and ev.gen_kv_gb is not None:
         from .generation import rows_per_batch
         try:

@@ -89,11 +89,10 @@ def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float, list[s
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
-        skipped: list[str] = []
+        skipped: list[tuple[str, str, bool]] = []
         m = with_unit_costs(model, path, skipped=skipped)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
-        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600,
-                    [x.split(": ", 1)[1].split(" ", 1)[0] for x in skipped]))
+        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600, [unit for _, unit, _ in skipped]))
     return out
 
 
@@ -255,9 +254,9 @@ def main(argv=None) -> None:
                  f"{s.name} {model.gen_rows(s, p.evaluation.gen_max_len)}" for s in shapes)
              + (f" (evaluation.gen_batch_size {model.gen_batch}, gen_kv_gb {model.gen_kv_gb})")]
     if args.graph_node_us is not None:
+        if args.graph_node_us < 0:
+            raise SystemExit(f"--graph-node-us must be >= 0, got {args.graph_node_us}")
         model = replace(model, graph_node_s=args.graph_node_us * 1e-6)
-    if args.graph_node_us is not None and args.graph_node_us < 0:
-        raise SystemExit(f"--graph-node-us must be >= 0, got {args.graph_node_us}")
     graphs = [what for flag, what in (("decode_graphs", "GE's decode steps (evaluation.gen_decode: graph)"),
                                       ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead)"))
               if getattr(model, flag)]
@@ -277,10 +276,10 @@ def main(argv=None) -> None:
         model = replace(model, **host)
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
-        skipped: list[str] = []
+        skipped: list[tuple[str, str, bool]] = []
         model = with_unit_costs(model, *args.unit_costs, skipped=skipped)
-        notes += [f"measured unit left out (the run captures what it timed eagerly, or the other way round): {x}"
-                  for x in skipped]
+        notes += [f"measured unit left out (the run captures what it timed eagerly, or the other way round): "
+                  f"{path}: {unit} (measured with CUDA graphs {'on' if on else 'off'})" for path, unit, on in skipped]
     exps = count_grid(p, layer=args.layer)
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:

@@ -132,6 +132,19 @@ class CostModel:
             gpu = max(gpu, nbytes / (self.gpu.bw * self.bw_eff)) + captured * self.graph_node_s
         return max(gpu, kernels * self.kernel_s + py_s)
 
+    def _launch(self, blocks: int, captured: bool) -> dict:
+        """``_pass``'s kernel arguments for a step whose ``blocks`` kernels are ``captured`` in a
+        CUDA graph or not; the step's own eager kernels (sampling, or the loss and Adam) are 10,
+        plus the replay when captured."""
+        return {"kernels": 11, "captured": blocks} if captured else {"kernels": blocks + 10}
+
+    def decode_step(self, s: ModelShape, rows: int, kv_bytes: float = 0.0) -> float:
+        """One GE decode step of ``rows`` rows reading ``kv_bytes`` of KV cache."""
+        return self._pass(2 * (s.n_layers * s.block_params + s.head_params) * rows,
+                          (s.n_layers * s.block_params + s.head_params) * self.bpp + kv_bytes,
+                          eff=self.mm_eff if rows >= 64 else self.small_mm_eff, py_s=self.step_py_s,
+                          **self._launch(s.n_layers * self.kernels_fwd, self.decode_graphs))
+
     def floor(self) -> "CostModel":
         """The arithmetic floor of the same work: every matmul at 100 % of the peak of its dtype
         (float64 work at the float64 peak), no memory traffic, no kernel launch, Python, host or
@@ -163,11 +176,8 @@ class CostModel:
         flops = 4 * k * s.block_params * toks + 4 * s.d * s.vocab * labs
         nbytes = 2 * (k * s.block_params + s.head_params) * self.bpp
         eff = self.mm_eff if toks >= 256 else self.small_mm_eff
-        blocks = k * (self.kernels_fwd + self.kernels_bwd)
-        if self.value_graphs:  # the loss, Adam and the replay itself stay eager
-            it = self._pass(flops, nbytes, 11, eff, self.step_py_s, captured=blocks)
-        else:
-            it = self._pass(flops, nbytes, blocks + 10, eff, self.step_py_s)
+        it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s,
+                        **self._launch(k * (self.kernels_fwd + self.kernels_bwd), self.value_graphs))
         return setup + self.value_iters * it
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
@@ -261,12 +271,7 @@ class CostModel:
             t += self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r * m, wbytes,
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
-            blocks = s.n_layers * self.kernels_fwd
-            step = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * r, wbytes + kv,
-                              11 if self.decode_graphs else blocks + 10,  # sampling (and the replay) stay eager
-                              self.mm_eff if r >= 64 else self.small_mm_eff, self.step_py_s,
-                              captured=blocks if self.decode_graphs else 0)
-            t += steps * step
+            t += steps * self.decode_step(s, r, kv)
         return t + self.gen_row_py_s * rows, decoded  # + the n-gram entropy of each text (Python)
 
     def c0_per_pass(self, s: ModelShape) -> int:
@@ -382,11 +387,7 @@ class CostModel:
 
     def derived(self, s: ModelShape, ts: TokenStats, max_len: int) -> list[str]:
         """Per-unit times the assumptions imply, to compare with a measurement."""
-        blocks = s.n_layers * self.kernels_fwd
-        dec = self._pass(2 * (s.n_layers * s.block_params + s.head_params) * 10,
-                         (s.n_layers * s.block_params + s.head_params) * self.bpp,
-                         11 if self.decode_graphs else blocks + 10, self.small_mm_eff, self.step_py_s,
-                         captured=blocks if self.decode_graphs else 0)
+        dec = self.decode_step(s, 10)
         return [f"{s.name}: decode step of 10 rows {1e3 * dec:.1f} ms; GE of one case "
                 f"{self.ge(s, ts, 1, max_len)[0]:.2f} s; scoring one case alone {self.eval(s, ts, 1, 64):.3f} s; "
                 f"values of one fact at layer 1: {self.values(s, ts, 1, 1):.2f} s alone, "
@@ -420,11 +421,13 @@ def measured_with_graphs(doc: dict) -> dict[str, bool]:
             "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets)}
 
 
-def with_unit_costs(model: CostModel, *paths: str | Path, skipped: list | None = None) -> CostModel:
+def with_unit_costs(model: CostModel, *paths: str | Path,
+                    skipped: list[tuple[str, str, bool]] | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
     a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
     measured with CUDA graphs off does not price a model that captures that part, nor the other
-    way round (:data:`GRAPH_UNITS`): it is left out, and named in ``skipped``."""
+    way round (:data:`GRAPH_UNITS`): it is left out, and ``skipped`` gets (file, unit, whether the
+    file timed it with CUDA graphs)."""
     unit_s = dict(model.unit_s)
     for path in paths:
         d = json.loads(Path(path).read_text())
@@ -436,6 +439,6 @@ def with_unit_costs(model: CostModel, *paths: str | Path, skipped: list | None =
             if captured != getattr(model, flag):
                 for key in GRAPH_UNITS[flag]:
                     if units.pop(key, None) is not None and skipped is not None:
-                        skipped.append(f"{path}: {key} (measured with CUDA graphs {'on' if captured else 'off'})")
+                        skipped.append((str(path), key, captured))
         unit_s.update(units)
     return replace(model, unit_s=unit_s)

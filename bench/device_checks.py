@@ -262,6 +262,16 @@ def tests_verdict(status: str, counts: dict, device: str, reason: str = "") -> t
     return status, reason
 
 
+def shape_sets(run: Run) -> list[str]:
+    """The params overrides that point a step at the 32-layer shape, in bfloat16 on the run's device."""
+    return [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
+
+
+def set_args(sets) -> list[str]:
+    """``--set`` before each override."""
+    return [a for s in sets for a in ("--set", s)]
+
+
 def slice_command(run: Run, out_dir: Path) -> list[str]:
     """bench/slice_phases.py on the 32-layer shape (GPU) or on the miniature (``--smoke``)."""
     if run.smoke:
@@ -272,14 +282,12 @@ def slice_command(run: Run, out_dir: Path) -> list[str]:
                 "covariance.n_samples=40", *run.slice_sets]
         return [PY, "bench/slice_phases.py", "--params", "params/tiny.yaml", "--out", str(out_dir),
                 "--phases-copy", str(run.out / "phases.json"),
-                "--no-watch", "--c0-layers", "0", "1", *(a for s in sets for a in ("--set", s))]
-    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
-            f"model.device={run.device}", "layer_search.layers=[0,1]", "layer_search.n_facts=32",
+                "--no-watch", "--c0-layers", "0", "1", *set_args(sets)]
+    sets = [*shape_sets(run), "layer_search.layers=[0,1]", "layer_search.n_facts=32",
             "hparams.common.z_batch_size=32", "evaluation.gen_max_len=100", *run.slice_sets]
     return [PY, "bench/slice_phases.py", "--params", "params/llama3-shape-slice.yaml", "--out", str(out_dir),
             "--phases-copy", str(run.out / "phases.json"), "--no-watch", "--c0-layers", "0", "1", "--draw-device", run.device,
-            "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
-            *(a for s in sets for a in ("--set", s))]
+            "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()), *set_args(sets)]
 
 
 def staged_counterfact() -> Path:
@@ -342,8 +350,7 @@ def calibrate_command(run: Run, out: str = "calibration.json") -> list[str]:
                 "--c0-text-tokens", "32", "--gen-max-len", "8", "--max-cases", "4", "--single-facts", "2"]
     return [*base, "--params", "params/llama3-shape-slice.yaml", "--grid", "params/llama3-8b.yaml",
             "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"), "--counterfact", str(staged_counterfact()),
-            *(a for s in (f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16",
-                          f"model.device={run.device}") for a in ("--set", s))]
+            *set_args(shape_sets(run))]
 
 
 def step_calibrate(run: Run, step: Step) -> None:
@@ -418,12 +425,11 @@ def step_compiled_shape(run: Run, step: Step) -> None:
         return
     if unstaged(run, step):
         return
-    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
     out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--params", "params/llama3-shape-slice.yaml",
                                   "--z-batch-size", "1", "--n", "4", "--warmup", "1", "--rounds", "1",
                                   "--mode", "reduce-overhead", "--threads", str(os.cpu_count() or 2),
                                   "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
-                                  *(x for s in sets for x in ("--set", s))],
+                                  *set_args(shape_sets(run))],
                       run.caps["compiled_shape"][0],
                       env={"HF_HUB_OFFLINE": "1", "EDITLIB_COUNTERFACT": str(staged_counterfact()),
                            "EDITLIB_CACHE": str(run.work / "compiled-cache")})
@@ -452,13 +458,12 @@ def step_decode_shape(run: Run, step: Step) -> None:
     the committed H200 units and that file prices the grid with captured decode steps."""
     if not run.smoke and unstaged(run, step):
         return
-    sets = [f"model.id=.cache/llama3-8b-shape-{run.shape_layers}L", "model.dtype=bfloat16", f"model.device={run.device}"]
     if run.smoke:
         argv = [PY, "bench/bench_decode.py", "--prompts", "8", "--max-len", "16", "--rounds", "1", "--device", run.device]
     else:
         argv = [PY, "bench/bench_decode.py", "--params", "params/llama3-shape-slice.yaml", "--prompts", "1020", "10",
                 "--rounds", "2", "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
-                *(x for s in sets for x in ("--set", s))]
+                *set_args(shape_sets(run))]
     cap = run.caps["decode_shape"][0]
     t0 = time.perf_counter()
     out = run_command(run, step, argv, cap * 0.6, env={"HF_HUB_OFFLINE": "1"})

@@ -72,6 +72,48 @@ def profile_eager(study, facts, layer, ctx, hp) -> None:
         print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
+def count_kernels(study, facts, layer, ctx, hp) -> dict[str, float]:
+    """Kernels per block of one value iteration's packed forward + backward (the blocks above
+    ``layer``, :func:`editlib.packed.run_blocks`), eager against compiled, on this machine.
+    Eager: the aten operations dispatched that run a kernel (bench_decode's count). Compiled: the
+    kernel and library calls in the code inductor generates for the forward and the backward (on
+    a CPU, inductor's C++ fusion: a proxy for its Triton one). The run_blocks call of the first
+    fact's optimisation is replayed in isolation, so the loss, Adam and the rest are not counted."""
+    import torch._dynamo
+    from bench_decode import _Dispatched, _kernel_calls
+    from torch._inductor.codecache import PyCodeCache
+
+    from editlib import packed
+    seen: list = []
+    real = packed.run_blocks
+
+    def record(*args):
+        if not seen:
+            seen.append(args)
+        return real(*args)
+
+    packed.run_blocks = record
+    try:
+        compute_values(study.model, study.tok, facts[:1], layer, ctx, replace(hp, compile_blocks="off"))
+    finally:
+        packed.run_blocks = real
+    blocks, x, *rest = seen[0]
+
+    def fwd_bwd(fn):
+        x_in = x.detach().clone().requires_grad_(True)
+        fn(blocks, x_in, *rest).float().sum().backward()
+
+    with torch.enable_grad():
+        with _Dispatched(("empty", "empty_strided")) as c:
+            fwd_bwd(real)
+        torch._dynamo.reset()
+        before = len(PyCodeCache.modules)
+        fwd_bwd(torch.compile(real, dynamic=True))
+        compiled = sum(_kernel_calls(m) for m in PyCodeCache.modules[before:])
+    k = len(blocks)
+    return {"blocks": k, "eager": c.n / k, "compiled": compiled / k}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/tiny.yaml")
@@ -87,6 +129,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape build (params naming one)")
     ap.add_argument("--draw-device", default="cpu", help="where a shape build draws its random weights")
+    ap.add_argument("--count-kernels", action="store_true",
+                    help="only count kernels per block of the packed forward + backward, eager and compiled, and exit")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="first profile N facts of the eager path (device time against wall time, top operators)")
     a = ap.parse_args()
@@ -105,6 +149,12 @@ def main() -> None:
     eager_hp, comp_hp = replace(hp, compile_blocks="off"), replace(hp, compile_blocks=a.mode)
     print(f"model {study.label} ({study.n_layers} layers) on {study.model.device}, layer {a.layer}, "
           f"{a.n} facts, z_batch_size {a.z_batch_size}, threads {torch.get_num_threads()}, mode {a.mode}")
+
+    if a.count_kernels:
+        k = count_kernels(study, facts, a.layer, ctx, hp)
+        print(f"kernels per block of the packed forward + backward ({k['blocks']} blocks): eager {k['eager']:.1f}, "
+              f"compiled {k['compiled']:.1f} (ratio {k['compiled'] / k['eager']:.3f})")
+        return
 
     def run(which, fs):  # the protocols' own path: hparams.common.compile_blocks
         return _timed(study, fs, a.layer, ctx, eager_hp if which == "eager" else comp_hp)

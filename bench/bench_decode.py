@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from editlib.generation import sample_texts  # noqa: E402
@@ -95,18 +96,110 @@ def kernels_per_step(model, rows: int) -> dict[str, int]:
     def decoder_step(mode):
         dec = Decoder(model, rows, 8, mode, capture=False)
         dec.prefill(ids[:, :6])
-        return lambda: dec.step(ids[:, 6], 6)
+        return lambda: dec.step(ids[:, dec.filled], dec.filled)
 
     out = {}
     for label, make in (("transformers", transformers_step), ("static", lambda: decoder_step("static")),
-                        ("graph", lambda: decoder_step("graph"))):
+                        ("graph", lambda: decoder_step("graph")), ("compiled", lambda: decoder_step("compiled"))):
         step = make()
+        step()  # the compiled step compiles at its first call
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         out[label] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return out
+
+
+@torch.no_grad()
+def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
+    """Kernels per decode step in each mode on the CPU, and per block. Eager modes: the aten
+    operations dispatched that run a kernel (not views, not allocations). ``compiled``: the kernel
+    and library calls in the code inductor generated for one block's front (run once per block)
+    and for the tail, plus the operations the step dispatches outside them (embedding, the eager
+    down-projections). Inductor's CPU fusion is a proxy for its GPU (Triton) one;
+    :func:`kernels_per_step` counts a GPU's."""
+    import torch._dynamo
+    from torch._inductor.codecache import PyCodeCache
+
+    from editlib import decode
+    ids = torch.randint(3, model.config.vocab_size, (rows, 8), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    decode._COMPILED_FNS.clear()
+    dec = decode.Decoder(model, rows, 8, "compiled", capture=False)
+    dec.prefill(ids[:, :6])
+    L = len(dec.blocks)
+    seen = len(PyCodeCache.modules)
+    x = dec.embed(ids[:, 6:7])
+    decode._compiled("tail")(x, dec.zero, dec.norm.weight, dec.norm.variance_epsilon, dec.head.weight, dec.head.bias)
+    tail = sum(_kernel_calls(m) for m in PyCodeCache.modules[seen:])
+    seen = len(PyCodeCache.modules)
+    dec.step(ids[:, 6], 6)
+    front = sum(_kernel_calls(m) for m in PyCodeCache.modules[seen:])
+    compiled = dict(decode._COMPILED_FNS)
+    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions (paused inside)
+        decode._COMPILED_FNS.update({k: _paused(c, f) for k, f in compiled.items()})
+        try:
+            dec.step(ids[:, 7], 7)
+        finally:
+            decode._COMPILED_FNS.update(compiled)
+    out = {"compiled": L * front + tail + c.n}
+    print(f"  compiled: {front} kernels per block front, {tail} in the tail, {c.n} dispatched outside", flush=True)
+    for mode in ("transformers", "static", "graph"):
+        out[mode] = _eager_kernels(model, rows, mode, ids)
+    return {m: (n, n / L) for m, n in out.items()}
+
+
+def _kernel_calls(module) -> int:
+    """Kernel and library calls in an inductor-generated module's ``call``: each runs once per call."""
+    import inspect
+    import re
+    src = inspect.getsource(module)
+    body = src[src.find("def call("):]
+    return len(re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)",
+                          body, flags=re.M))
+
+
+def _paused(counter, fn):
+    def run(*args, **kw):
+        counter.paused = True
+        try:
+            return fn(*args, **kw)
+        finally:
+            counter.paused = False
+    return run
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the aten operations dispatched that run a kernel: not views, not allocations."""
+
+    def __init__(self, skip):
+        super().__init__()
+        self.skip, self.n, self.paused = skip, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = func._schema
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        name = func.overloadpacket.__name__
+        if not (self.paused or view or name in self.skip or name in ("_unsafe_view", "detach")):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_kernels(model, rows: int, mode: str, ids: torch.Tensor) -> int:
+    from editlib.decode import Decoder
+    from editlib.generation import _cache_name
+    if mode == "transformers":
+        name = _cache_name(model)
+        past = getattr(model(input_ids=ids[:, :6], use_cache=True), name)
+        with _Dispatched(("empty", "empty_strided")) as c:
+            model(input_ids=ids[:, 6:7], use_cache=True, **{name: past})
+        return c.n
+    dec = Decoder(model, rows, 8, mode, capture=False)
+    dec.prefill(ids[:, :6])
+    with _Dispatched(("empty", "empty_strided")) as c:
+        dec.step(ids[:, 6], 6)
+    return c.n
 
 
 def main() -> None:
@@ -118,10 +211,12 @@ def main() -> None:
     ap.add_argument("--draw-device", default="cpu", help="where a shape build draws its random weights")
     ap.add_argument("--prompts", type=int, nargs="+", default=[64], help="rows per decode batch (one timing each)")
     ap.add_argument("--max-len", type=int, default=100)
-    ap.add_argument("--modes", nargs="+", default=["transformers", "static", "graph"])
+    ap.add_argument("--modes", nargs="+", default=["transformers", "static", "graph", "compiled"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--deep", type=int, default=0, help="also a random Llama of this many layers (0: no)")
     ap.add_argument("--count-ops", action="store_true", help="also count the tensor operations dispatched per step")
+    ap.add_argument("--count-kernels", action="store_true",
+                    help="on a CPU: count each mode's kernels per step (dispatched operations; inductor's for compiled)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     a = ap.parse_args()
@@ -146,6 +241,10 @@ def main() -> None:
         if next(model.parameters()).is_cuda:
             k = kernels_per_step(model, n)
             print(f"  kernels per decode step of {n} rows: " + ", ".join(f"{m} {c}" for m, c in k.items()), flush=True)
+        elif a.count_kernels:
+            k = cpu_kernels_per_step(model, n)
+            print(f"  CPU kernels per decode step of {n} rows (per block): "
+                  + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
         if a.deep:
             time_modes(f"random Llama, {a.deep} layers, hidden 64", deep_model(model, a.deep, a.device), tok, prompts, a)
 

@@ -261,7 +261,8 @@ def main(argv=None) -> int:
     dev = next(study.model.parameters()).device
     doc["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     # what the GE and values units were timed with (editlib.cost.measured_with_graphs reads it)
-    doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode == "graph",
+    doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled"),
+                     "decode_fused": grid.evaluation.gen_decode == "compiled",
                      "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead"}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,
                     "d": value_dim(study.model, 0), "d_in": key_dim(study.model, 0)}

@@ -35,12 +35,12 @@ comes back even if the run is stopped:
               199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
               4 facts, one round, torch at every CPU thread
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
-              steps under evaluation.gen_decode transformers, static and graph (captured), 1,020
-              rows and 10, two rounds each, with whether the texts equal the transformers path's
-              and the CUDA kernels one step of each form launches;
-              then the calibration's scoring and GE units under graph (calibration-graph.json; price
-              the grid with them: paper_cost.py --set evaluation.gen_decode=graph --unit-costs
-              bench/units/h200-bfloat16-llama3-8b-shape.json calibration-graph.json)
+              steps under evaluation.gen_decode transformers, static, graph and compiled (both
+              captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
+              transformers path's and the CUDA kernels one step of each form launches;
+              then the calibration's scoring and GE units under compiled (calibration-compiled.json;
+              price the grid with them: paper_cost.py --set evaluation.gen_decode=compiled --unit-costs
+              bench/units/h200-bfloat16-llama3-8b-shape.json calibration-compiled.json)
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
 most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape).
@@ -50,7 +50,7 @@ fits the budget is "not run" and makes the run's exit status 1: the run did not 
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
-calibration.json, cost.json, cost-model.json, calibration-graph.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+calibration.json, cost.json, cost-model.json, calibration-compiled.json. ``--device cpu`` runs the same steps on a CPU at small sizes
 (``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
 """
 from __future__ import annotations
@@ -453,9 +453,9 @@ def parse_compiled(out: str) -> dict:
 
 
 def step_decode_shape(run: Run, step: Step) -> None:
-    """bench_decode.py, then (if it passed) the calibration's GE units under gen_decode graph into
-    calibration-graph.json: ``paper_cost.py --set evaluation.gen_decode=graph --unit-costs`` with
-    the committed H200 units and that file prices the grid with captured decode steps."""
+    """bench_decode.py, then (if it passed) the calibration's GE units under gen_decode compiled into
+    calibration-compiled.json: ``paper_cost.py --set evaluation.gen_decode=compiled --unit-costs``
+    with the committed H200 units and that file prices the grid with compiled, captured decode steps."""
     if not run.smoke and unstaged(run, step):
         return
     if run.smoke:
@@ -470,17 +470,17 @@ def step_decode_shape(run: Run, step: Step) -> None:
     step.numbers = parse_decode(out)
     if step.status != "passed":
         return
-    units = run.out / "calibration-graph.json"
+    units = run.out / "calibration-compiled.json"
     units.unlink(missing_ok=True)
     first = step.seconds
     run_command(run, step, [*calibrate_command(run, units.name), "--parts", "eval",
-                            "--grid-set", "evaluation.gen_decode=graph"], cap - (time.perf_counter() - t0),
+                            "--grid-set", "evaluation.gen_decode=compiled"], cap - (time.perf_counter() - t0),
                 env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
     step.seconds = round(first + step.seconds, 1)
     if units.is_file():
-        step.numbers["graph_units"] = json.loads(units.read_text()).get("units", {})
+        step.numbers["compiled_units"] = json.loads(units.read_text()).get("units", {})
     elif step.status == "passed":
-        step.status, step.reason = "failed", "no calibration-graph.json"
+        step.status, step.reason = "failed", "no calibration-compiled.json"
 
 
 def parse_decode(out: str) -> dict:

@@ -89,7 +89,7 @@ def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float, list[s
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
-        skipped: list[tuple[str, str, bool]] = []
+        skipped: list[tuple[str, str, str]] = []
         m = with_unit_costs(model, path, skipped=skipped)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
         out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600, [unit for _, unit, _ in skipped]))
@@ -231,7 +231,8 @@ def main(argv=None) -> None:
                           p.covariance.n_samples or 1e5),
                       fast_gram=bool(getattr(p.covariance, "fast_gram", False)),
                       host_speedup=args.host_speedup,
-                      decode_graphs=bool(p.evaluation.generation) and p.evaluation.gen_decode == "graph",
+                      decode_graphs=bool(p.evaluation.generation) and p.evaluation.gen_decode in ("graph", "compiled"),
+                      decode_fused=bool(p.evaluation.generation) and p.evaluation.gen_decode == "compiled",
                       value_graphs=value_graphs(p),
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
@@ -257,7 +258,9 @@ def main(argv=None) -> None:
         if args.graph_node_us < 0:
             raise SystemExit(f"--graph-node-us must be >= 0, got {args.graph_node_us}")
         model = replace(model, graph_node_s=args.graph_node_us * 1e-6)
-    graphs = [what for flag, what in (("decode_graphs", "GE's decode steps (evaluation.gen_decode: graph)"),
+    decode_what = (f"compiled, {model.kernels_fused_fwd} fused kernels per block, scaled from the CPU's count"
+                   if model.decode_fused else "graph")
+    graphs = [what for flag, what in (("decode_graphs", f"GE's decode steps (evaluation.gen_decode: {decode_what})"),
                                       ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead)"))
               if getattr(model, flag)]
     if graphs:
@@ -267,7 +270,7 @@ def main(argv=None) -> None:
                         "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
                      + ", the rest of the step stays eager; a capture per decode batch is not priced")
     elif args.graph_node_us is not None:
-        notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph "
+        notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph or compiled "
                      "with GE on, or compile_blocks: reduce-overhead)")
     if p.evaluation.generation and p.evaluation.gen_decode == "static":
         notes.append("evaluation.gen_decode: static is priced as the transformers forward (the same kernels)")
@@ -276,10 +279,10 @@ def main(argv=None) -> None:
         model = replace(model, **host)
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
-        skipped: list[tuple[str, str, bool]] = []
+        skipped: list[tuple[str, str, str]] = []
         model = with_unit_costs(model, *args.unit_costs, skipped=skipped)
-        notes += [f"measured unit left out (the run captures what it timed eagerly, or the other way round): "
-                  f"{path}: {unit} (measured with CUDA graphs {'on' if on else 'off'})" for path, unit, on in skipped]
+        notes += [f"measured unit left out (these params run that part otherwise than it was timed): "
+                  f"{path}: {unit} (timed {how})" for path, unit, how in skipped]
     exps = count_grid(p, layer=args.layer)
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:

@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
     e.add_argument("--gen-text", choices=("clean", "reference"), default="clean",
                    help="reference = GE texts decoded as the reference code does (Llama-3 keeps <|begin_of_text|>)")
-    e.add_argument("--gen-decode", choices=("transformers", "static", "graph"), default="transformers",  # decode.DECODE_MODES
-                   help="GE decode steps: the model's forward, editlib.decode's (same arithmetic), or CUDA graphs")
+    e.add_argument("--gen-decode", choices=("transformers", "static", "graph", "compiled"), default="transformers",  # decode.DECODE_MODES
+                   help="GE decode steps: the model's forward, editlib.decode's (same arithmetic), CUDA graphs, "
+                        "or compiled (fused kernels; captured on CUDA)")
     e.add_argument("--rs-dir", default=None,
                    help="directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json (RS)")
     e.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")

@@ -82,8 +82,17 @@ class CostModel:
     step_py_s: float = 2e-3        # Python per value iteration / decode step (indexing, Adam, sampling)
     # captured CUDA graphs (modelled, not measured): the blocks' kernels of a step replay without
     # host time, each costing ``graph_node_s`` on the GPU; the rest of the step stays eager
-    decode_graphs: bool = False    # GE's decode steps captured (params evaluation.gen_decode: graph)
+    decode_graphs: bool = False    # GE's decode steps captured (params evaluation.gen_decode: graph or compiled)
+    decode_fused: bool = False     # ... their blocks' kernels fused by torch.compile (gen_decode: compiled)
+    # kernels per block of the compiled decode step: the eager count scaled by the CPU's ratio of
+    # compiled to transformers kernels (bench/bench_decode.py --count-kernels on a 32-layer bfloat16
+    # Llama: 13.2 against 40.7 per block; 90 × 13.2 / 40.7 = 29.2, rounded up)
+    kernels_fused_fwd: int = 30
     value_graphs: bool = False     # value steps' blocks, forward and backward, captured (compile_blocks: reduce-overhead)
+    # ... which torch.compile also fuses: kernels per block of the compiled forward + backward, the
+    # eager count scaled by the CPU's ratio (bench/bench_compiled_values.py --count-kernels on the
+    # bfloat16 miniature: 27.0 against 117.8 per block; 150 × 27.0 / 117.8 = 34.4, rounded up)
+    kernels_fused_value: int = 35
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels
@@ -143,7 +152,8 @@ class CostModel:
         return self._pass(2 * (s.n_layers * s.block_params + s.head_params) * rows,
                           (s.n_layers * s.block_params + s.head_params) * self.bpp + kv_bytes,
                           eff=self.mm_eff if rows >= 64 else self.small_mm_eff, py_s=self.step_py_s,
-                          **self._launch(s.n_layers * self.kernels_fwd, self.decode_graphs))
+                          **self._launch(s.n_layers * (self.kernels_fused_fwd if self.decode_fused else self.kernels_fwd),
+                                         self.decode_graphs))
 
     def floor(self) -> "CostModel":
         """The arithmetic floor of the same work: every matmul at 100 % of the peak of its dtype
@@ -177,7 +187,8 @@ class CostModel:
         nbytes = 2 * (k * s.block_params + s.head_params) * self.bpp
         eff = self.mm_eff if toks >= 256 else self.small_mm_eff
         it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s,
-                        **self._launch(k * (self.kernels_fwd + self.kernels_bwd), self.value_graphs))
+                        **self._launch(k * (self.kernels_fused_value if self.value_graphs
+                                            else self.kernels_fwd + self.kernels_bwd), self.value_graphs))
         return setup + self.value_iters * it
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
@@ -407,6 +418,7 @@ UNIT_KEYS = ("values_s_per_fact", "values_s_per_fact_single", "solve_s_by_n", "e
 
 #: the units a captured CUDA graph changes, by the CostModel flag that captures them
 GRAPH_UNITS = {"decode_graphs": ("ge_s_per_case", "ge_s_per_case_single"),
+               "decode_fused": ("ge_s_per_case", "ge_s_per_case_single"),
                "value_graphs": ("values_s_per_fact", "values_s_per_fact_single")}
 
 
@@ -417,17 +429,27 @@ def measured_with_graphs(doc: dict) -> dict[str, bool]:
     if isinstance(doc.get("graphs"), dict):
         return {k: bool(doc["graphs"].get(k, False)) for k in GRAPH_UNITS}
     sets = [*doc.get("sets", []), *doc.get("grid_sets", [])]
-    return {"decode_graphs": "evaluation.gen_decode=graph" in sets,
+    return {"decode_graphs": any(f"evaluation.gen_decode={m}" in sets for m in ("graph", "compiled")),
+            "decode_fused": "evaluation.gen_decode=compiled" in sets,
             "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets)}
 
 
+def timed_as(flags: dict[str, bool], unit: str) -> str:
+    """How a units file with :func:`measured_with_graphs` ``flags`` timed ``unit``, in words."""
+    if unit in GRAPH_UNITS["value_graphs"]:
+        return "with CUDA graphs" if flags["value_graphs"] else "eagerly"
+    if unit in GRAPH_UNITS["decode_graphs"] and flags["decode_graphs"]:
+        return "compiled, with CUDA graphs" if flags["decode_fused"] else "with CUDA graphs"
+    return "eagerly"
+
+
 def with_unit_costs(model: CostModel, *paths: str | Path,
-                    skipped: list[tuple[str, str, bool]] | None = None) -> CostModel:
+                    skipped: list[tuple[str, str, str]] | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
     a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
-    measured with CUDA graphs off does not price a model that captures that part, nor the other
-    way round (:data:`GRAPH_UNITS`): it is left out, and ``skipped`` gets (file, unit, whether the
-    file timed it with CUDA graphs)."""
+    timed otherwise than the model runs that part (eagerly, with CUDA graphs, compiled:
+    :data:`GRAPH_UNITS`) does not price it: it is left out, and ``skipped`` gets (file, unit, how
+    the file timed it: :func:`timed_as`)."""
     unit_s = dict(model.unit_s)
     for path in paths:
         d = json.loads(Path(path).read_text())
@@ -435,10 +457,11 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
         unknown = sorted(set(units) - set(UNIT_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
-        for flag, captured in measured_with_graphs(d).items():
+        flags = measured_with_graphs(d)
+        for flag, captured in flags.items():
             if captured != getattr(model, flag):
                 for key in GRAPH_UNITS[flag]:
                     if units.pop(key, None) is not None and skipped is not None:
-                        skipped.append((str(path), key, captured))
+                        skipped.append((str(path), key, timed_as(flags, key)))
         unit_s.update(units)
     return replace(model, unit_s=unit_s)

@@ -186,7 +186,8 @@ def sample_texts(model, tok, prompts: Sequence[str], *, max_len: int = 100, top_
     ``max_kv_bytes``: fewer than ``batch_size`` rows per batch where their KV cache would not fit
     (:func:`rows_per_batch`; texts change only as with any other batch size). ``text``: how token
     ids become text (:func:`decode_text`). ``decode``: how the steps after the prefill run
-    (``evaluation.gen_decode``, :mod:`editlib.decode`: ``transformers``, ``static`` or ``graph``).
+    (``evaluation.gen_decode``, :mod:`editlib.decode`: ``transformers``, ``static``, ``graph`` or
+    ``compiled``).
 
     A prompt whose logits are ever NaN or infinite (an overflowing float16 model, an edit that
     blew the model up) has no meaningful text: with ``return_finite`` the call also returns, per

@@ -102,7 +102,7 @@ class EvalParams:
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
     share_below_gb: float = 2.0  # batched path: blocks below the edited layer run once per scoring batch for all methods / λ, keeping at most this many GB of their outputs (0: off; same numbers either way)
     gen_text: str = "clean"  # GE texts: clean (special tokens skipped) | reference (as the reference decodes them: Llama-3 keeps <|begin_of_text|>)
-    gen_decode: str = "transformers"  # GE decode steps: transformers (the model's forward) | static (editlib.decode: same arithmetic, KV buffers written in place) | graph (CUDA graphs; texts move at rounding)
+    gen_decode: str = "transformers"  # GE decode steps: transformers (the model's forward) | static (editlib.decode: same arithmetic, KV buffers written in place) | graph (CUDA graphs; texts move at rounding) | compiled (torch.compile'd step, captured on CUDA; texts move at rounding)
 
 
 @dataclass(frozen=True)

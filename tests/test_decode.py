@@ -1,8 +1,9 @@
 """editlib.decode (evaluation.gen_decode): GE's decode steps re-stated on KV buffers written in
 place. ``static`` equals the transformers forward to the bit on CPU (logits of every step, and so
 the sampled texts, also under per-row edits); ``graph``'s fixed-shape step (masked attention over
-the whole buffer, what a CUDA graph captures) equals it to float rounding; what cannot be decoded
-fails with a message that names the reason."""
+the whole buffer, what a CUDA graph captures) and ``compiled``'s (the same step as torch.compile'd
+pure functions) equal it to float rounding; what cannot be decoded fails with a message that
+names the reason."""
 from __future__ import annotations
 
 import pytest
@@ -57,7 +58,7 @@ def decoder_steps(model, ids: torch.Tensor, prefill: int, mode: str) -> list[tor
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_decode_steps_equal_the_transformers_forward(model_type, kw, dtype) -> None:
     model = family(model_type, 40, dtype, **kw)
-    assert unsupported(model, 24) is None
+    assert unsupported(model, 24) is None and unsupported(model, 24, "compiled") is None
     ids = torch.randint(3, 40, (5, 24), generator=torch.Generator().manual_seed(0))
     ref = transformers_steps(model, ids, 7)
     static = decoder_steps(model, ids, 7, "static")
@@ -68,6 +69,12 @@ def test_decode_steps_equal_the_transformers_forward(model_type, kw, dtype) -> N
         tol = {torch.bfloat16: 4e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]  # bf16: a few of its ulps
         torch.testing.assert_close(c, a, rtol=tol, atol=tol)
     assert max(float((a - c).abs().max()) for a, c in zip(ref, fixed)) > 0 or dtype == torch.float64
+    if dtype == torch.float32 or model_type == "llama" and not kw:  # each dtype and bias layout compiles anew
+        fused = decoder_steps(model, ids, 7, "compiled")
+        # fused kernels sum RMSNorm's float32 mean in another order (in float64 too: transformers' norm is float32)
+        tol = {torch.bfloat16: 4e-2, torch.float32: 1e-5, torch.float64: 1e-6}[dtype]
+        for a, d in zip(ref, fused):
+            torch.testing.assert_close(d, a, rtol=tol, atol=tol)
 
 
 def _edits(model, n: int, rank: int, layer: int = 1, seed: int = 0) -> LowRankEdits:
@@ -89,7 +96,8 @@ def _prompts(n: int) -> list[str]:
 def test_texts_under_per_row_edits(dtype, hooks) -> None:
     """GE's batched generation of many independent edits (editlib.lowrank hooks, some rows
     unedited): static gives the transformers path's texts exactly; graph's hook form (no branch
-    on the rows) gives the same texts here, and its logits stay within rounding (previous test)."""
+    on the rows) and compiled (the hooks on its eager down-projections) give the same texts here,
+    and their logits stay within rounding (previous test)."""
     tok = word_tokenizer()
     model = family("llama", len(tok), dtype)
     prompts = _prompts(12)
@@ -102,16 +110,42 @@ def test_texts_under_per_row_edits(dtype, hooks) -> None:
         ctx = LayeredRowDeltas(model, [_edits(model, 3, 1, layer=0), _edits(model, 3, 2, layer=2, seed=1)])
     texts = {}
     with ctx as hook:
-        for mode in ("transformers", "static", "graph"):
+        for mode in ("transformers", "static", "graph", "compiled"):
             texts[mode] = sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5,
                                        groups=groups, deltas=hook, decode=mode)
         assert hook.rows is None
     plain = sample_texts(model, tok, prompts, max_len=20, seed=4, batch_size=5)
     assert texts["static"] == texts["transformers"]
     assert texts["graph"] == texts["transformers"]
+    assert texts["compiled"] == texts["transformers"]
     edited = [i for i, g in enumerate(groups) if g >= 0 or hooks == "trailing"]
     assert any(texts["transformers"][i] != plain[i] for i in edited)  # the edits do change texts
     assert all(texts["transformers"][i] == plain[i] for i, g in enumerate(groups) if g < 0 and hooks != "trailing")
+
+
+def test_one_compilation_serves_every_block_and_batch() -> None:
+    """compiled's weights and sizes are arguments: the blocks of a model, batches of other row
+    counts and widths, and another model of the same layout reuse one compiled front and one tail
+    (a recompilation per block or batch would cost seconds each, and past torch's limit of 8 the
+    step would silently fall back to eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from editlib import decode
+    torch._dynamo.reset()
+    decode._COMPILED_FNS.clear()
+    counters.clear()
+    ids = torch.randint(3, 40, (6, 14), generator=torch.Generator().manual_seed(2))
+    a = family("llama", 40, torch.float32)
+    torch.manual_seed(9)
+    b = family("llama", 40, torch.float32)
+    b.model.layers[0].mlp.up_proj.weight.data.normal_()
+    for model, rows, width in ((a, 6, 14), (a, 3, 14), (a, 6, 10), (b, 4, 12)):
+        got = decoder_steps(model, ids[:rows, :width], 5, "compiled")
+        ref = transformers_steps(model, ids[:rows, :width], 5)
+        for x, y in zip(ref, got):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
 def test_static_hook_form_equals_the_branching_one() -> None:
@@ -154,31 +188,46 @@ def test_what_cannot_be_decoded_fails_clearly() -> None:
     dyn = family("llama", len(tok), torch.float32, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                     "rope_theta": 10000.0})
     assert "RoPE type 'dynamic'" in unsupported(dyn, 20)
+    gelu = family("llama", len(tok), torch.float32, hidden_act="gelu")  # what the compiled step does not re-state
+    assert unsupported(gelu, 20) is None and "MLP activation 'gelu'" in unsupported(gelu, 20, "compiled")
+    with pytest.raises(ValueError, match="gen_decode: compiled cannot decode this model: MLP activation 'gelu'"):
+        sample_texts(gelu, tok, ["a b"], max_len=10, decode="compiled")
+    odd = family("llama", len(tok), torch.float32)
+    odd.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(32)
+    assert "norm LayerNorm" in unsupported(odd, 20, "compiled")
     model = family("llama", len(tok), torch.float32)
     dec = Decoder(model, 2, 10, "static")
     with pytest.raises(ValueError, match="position 5: 0 of 10"):
         dec.step(torch.tensor([3, 4]), 5)
     with pytest.raises(ValueError, match="graph captures CUDA graphs"):
         Decoder(model, 2, 10, "graph", capture=True)
+    with pytest.raises(ValueError, match="compiled captures CUDA graphs"):
+        Decoder(model, 2, 10, "compiled", capture=True)
 
 
 def test_hooks_the_step_would_not_honour_are_refused() -> None:
-    """A hook on a module the decode step bypasses (a block, an attention module) would fire in
-    the transformers forward and not here: refused in both modes. Under graph, any hook on a
-    called module but editlib's per-row edits is refused too. transformers' own output-capturing
-    hooks, installed for good by a forward that asked for hidden states, are inactive in a decode
-    step and pass."""
+    """A hook on a module the decode step bypasses (a block, an attention module; under compiled
+    every module but the embedding and the down-projections) would fire in the transformers
+    forward and not here: refused in every mode. Under graph and compiled, any hook on a called
+    module but editlib's per-row edits is refused too. transformers' own output-capturing hooks,
+    installed for good by a forward that asked for hidden states, are inactive in a decode step
+    and pass."""
     tok = word_tokenizer()
     model = family("llama", len(tok), torch.float32)
     ids = torch.tensor([[1, 3, 4], [1, 5, 6]])
     model(input_ids=ids, output_hidden_states=True, output_attentions=True)
     assert model.model.layers[0]._forward_hooks  # transformers' capture hooks, now there for good
     Decoder(model, 2, 10, "graph", capture=False)
-    for mod, modes in ((model.model.layers[1].self_attn, ("static", "graph")),
-                       (model.model.layers[0], ("static", "graph")), (model.model.layers[0].mlp, ("graph",))):
+    Decoder(model, 2, 10, "compiled", capture=False)
+    every = ("static", "graph", "compiled")
+    for mod, modes in ((model.model.layers[1].self_attn, every), (model.model.layers[0], every),
+                       (model.model.layers[0].mlp, ("graph", "compiled")),
+                       (model.model.layers[2].input_layernorm, ("graph", "compiled")),
+                       (model.model.layers[2].mlp.down_proj, ("graph", "compiled")),
+                       (model.model.norm, ("graph", "compiled"))):
         handle = mod.register_forward_hook(lambda m, i, o: o)
         try:
-            for mode in ("static", "graph"):
+            for mode in every:
                 if mode in modes:
                     with pytest.raises(ValueError, match=f"{mode} cannot run the forward hook"):
                         Decoder(model, 2, 10, mode, capture=False)
@@ -188,7 +237,8 @@ def test_hooks_the_step_would_not_honour_are_refused() -> None:
             handle.remove()
 
 
-def test_capture_path_records_once_and_replays_every_step(monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_capture_path_records_once_and_replays_every_step(monkeypatch, mode) -> None:
     """step()'s capture branch on a CPU, with the CUDA calls stood in for: the step is recorded
     once (hooks in their branch-free form, labels checked, deterministic mode off and restored),
     every later column replays it from the input buffers, and the logits are the uncaptured
@@ -218,10 +268,10 @@ def test_capture_path_records_once_and_replays_every_step(monkeypatch) -> None:
     ids = torch.randint(3, len(tok), (4, 12), generator=torch.Generator().manual_seed(5))
     with RowDeltas(model, _edits(model, 3, 2)) as hook:
         hook.rows = torch.tensor([0, -1, 2, 1])
-        want = decoder_steps(model, ids, 4, "graph")
+        want = decoder_steps(model, ids, 4, mode)
         monkeypatch.setattr(decode, "_capture", fake_capture)
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-        dec = Decoder(model, 4, 12, "graph", capture=False)
+        dec = Decoder(model, 4, 12, mode, capture=False)
         dec.capture = True  # as on a GPU
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
@@ -234,7 +284,7 @@ def test_capture_path_records_once_and_replays_every_step(monkeypatch) -> None:
         for a, b in zip(want, got):
             assert torch.equal(a, b)
         hook.rows = torch.tensor([0, 1])
-        dec = Decoder(model, 2, 10, "graph", capture=False)
+        dec = Decoder(model, 2, 10, mode, capture=False)
         dec.capture = True
         dec.prefill(torch.tensor([[1, 3], [1, 4]]))
         hook.rows = torch.tensor([0, 7])  # checked on the host before a capture, never inside a replay
@@ -246,7 +296,8 @@ def test_capture_path_records_once_and_replays_every_step(monkeypatch) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_follows_the_transformers_forward() -> None:
     """On a GPU (the last one, so that a model off the current device is covered where there are
-    several), the captured step replays with new columns and positions under per-row edits:
+    several), the captured step (graph, and compiled: inductor's kernels inside the capture)
+    replays with new columns and positions under per-row edits:
     float32 logits within rounding of the transformers forward and changing from step to step (an
     empty capture would repeat them), also with deterministic mode on; bfloat16 texts under a
     sequential group's subtracted updates and hooks at two layers mostly equal to transformers',
@@ -261,15 +312,16 @@ def test_cuda_graph_decode_follows_the_transformers_forward() -> None:
             with RowDeltas(model, _edits(model, 3, 1)) as hook:
                 hook.rows = torch.tensor([0, -1, 2, 1, -1, 0], device=dev)
                 ref = transformers_steps(model, ids, 5)
-                dec = Decoder(model, 6, 24, "graph")
-                assert dec.capture
-                got = [dec.prefill(ids[:, :5]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(5, 23)]
+                for mode in ("graph", "compiled"):
+                    dec = Decoder(model, 6, 24, mode)
+                    assert dec.capture
+                    got = [dec.prefill(ids[:, :5]).clone()] + [dec.step(ids[:, t], t).clone() for t in range(5, 23)]
+                    for a, b in zip(ref, got):
+                        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+                    assert all(not torch.equal(a, b) for a, b in zip(got[1:], got[2:]))
                 hook.rows = None
         finally:
             torch.use_deterministic_algorithms(False)
-        for a, b in zip(ref, got):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        assert all(not torch.equal(a, b) for a, b in zip(got[1:], got[2:]))
     bf = family("llama", len(tok), torch.bfloat16).to(dev)
     prompts = _prompts(12)
     groups = [i % 4 - 1 for i in range(12)]
@@ -277,6 +329,7 @@ def test_cuda_graph_decode_follows_the_transformers_forward() -> None:
                  lambda: LayeredRowDeltas(bf, [_edits(bf, 3, 1, layer=0), _edits(bf, 3, 4, layer=2, seed=1)])):
         with make() as hook:
             t = {m: sample_texts(bf, tok, prompts, max_len=20, seed=4, batch_size=5, groups=groups, deltas=hook,
-                                 decode=m) for m in ("transformers", "static", "graph")}
+                                 decode=m) for m in ("transformers", "static", "graph", "compiled")}
         assert t["static"] == t["transformers"]
         assert sum(x == y for x, y in zip(t["graph"], t["transformers"])) >= 8
+        assert sum(x == y for x, y in zip(t["compiled"], t["transformers"])) >= 8

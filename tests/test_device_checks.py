@@ -234,17 +234,17 @@ def test_gram_step_on_the_cpu(tmp_path):
 def test_decode_step_on_the_cpu(tmp_path):
     """The decode benchmark at its smoke size (the miniature, 8 rows): every mode timed, and
     static's texts equal to the transformers path's; then the calibration's eval units under
-    gen_decode graph."""
+    gen_decode compiled."""
     run = run_of(tmp_path, budget=900.0)
     (step,) = dc.run_checks(run, ["decode_shape"])
     assert step.status == "passed", (run.out / "checks.log").read_text()[-2000:]
     got = step.numbers["rows_8"]
-    assert set(got) == {"transformers", "static", "graph"}
+    assert set(got) == {"transformers", "static", "graph", "compiled"}
     assert all(v["ms_per_step"][0] > 0 for v in got.values())
     assert got["static"]["texts_equal"] == "8/8" and got["transformers"]["texts_equal"] == "8/8"
-    units = step.numbers["graph_units"]  # the calibration's eval part under gen_decode graph (uncaptured on a CPU)
-    assert units["eval_s_per_case"] > 0 and (run.out / "calibration-graph.json").is_file()
-    assert "evaluation.gen_decode=graph" in step.command and "--parts eval" in step.command
+    units = step.numbers["compiled_units"]  # the calibration's eval part under gen_decode compiled (uncaptured on a CPU)
+    assert units["eval_s_per_case"] > 0 and (run.out / "calibration-compiled.json").is_file()
+    assert "evaluation.gen_decode=compiled" in step.command and "--parts eval" in step.command
 
 
 def test_slice_and_cost_steps_need_what_they_read(tmp_path, monkeypatch):

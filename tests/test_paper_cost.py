@@ -448,17 +448,50 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
     recorded.write_text(json.dumps({"graphs": {"decode_graphs": False, "value_graphs": True}, "grid_sets": [],
                                     "units": {"values_s_per_fact_single": 0.9, "ge_s_per_case": 0.05}}))
     both = replace(eager, decode_graphs=True, value_graphs=True)
-    skipped: list[tuple[str, str, bool]] = []
+    skipped: list[tuple[str, str, str]] = []
     m = with_unit_costs(both, plain, graph_ge, skipped=skipped)
     assert m.unit_s == {"eval_s_per_case": 0.03, "ge_s_per_case": 0.01}
-    assert sorted(skipped) == [(str(plain), k, False) for k in
+    assert sorted(skipped) == [(str(plain), k, "eagerly") for k in
                                ("ge_s_per_case", "ge_s_per_case_single", "values_s_per_fact_single")]
     skipped = []
     assert with_unit_costs(eager, plain, graph_ge, skipped=skipped).unit_s == units
-    assert skipped == [(str(graph_ge), "ge_s_per_case", True)]
+    assert skipped == [(str(graph_ge), "ge_s_per_case", "with CUDA graphs")]
     assert with_unit_costs(val, recorded).unit_s == {"values_s_per_fact_single": 0.9, "ge_s_per_case": 0.05}
     assert with_unit_costs(eager, recorded).unit_s == {"ge_s_per_case": 0.05}
     assert with_unit_costs(dec, recorded).unit_s == {}
+
+
+def test_fused_kernels_are_priced_as_fewer_replayed_kernels(tmp_path):
+    """gen_decode: compiled captures a step of kernels_fused_fwd kernels per block where graph
+    replays the eager kernels_fwd; compile_blocks: reduce-overhead replays kernels_fused_value
+    per block (inductor fuses what it captures). Fewer kernels, less GPU time, the same floor
+    and tokens; a GE unit measured under graph's unfused kernels does not price compiled."""
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    eager = CostModel(GPUS["h200"], dtype="bfloat16")
+    graph = replace(eager, decode_graphs=True)
+    fused = replace(graph, decode_fused=True)
+    assert fused.kernels_fused_fwd < fused.kernels_fwd
+    assert fused.ge(s, ts, 1, 100)[0] < graph.ge(s, ts, 1, 100)[0] < eager.ge(s, ts, 1, 100)[0]
+    assert fused.ge(s, ts, 1, 100)[1] == eager.ge(s, ts, 1, 100)[1]
+    assert fused.floor().ge(s, ts, 1, 100)[0] == pytest.approx(eager.floor().ge(s, ts, 1, 100)[0])
+    step = lambda m: m.decode_step(s, 10)
+    assert step(graph) - step(fused) == pytest.approx(
+        s.n_layers * (graph.kernels_fwd - graph.kernels_fused_fwd) * graph.graph_node_s)
+    val = replace(eager, value_graphs=True)
+    more = replace(val, kernels_fused_value=2 * val.kernels_fused_value)
+    assert val.values(s, ts, 1, 1) < more.values(s, ts, 1, 1) < eager.values(s, ts, 1, 1)
+    graph_file, fused_file = tmp_path / "graph.json", tmp_path / "fused.json"
+    graph_file.write_text(json.dumps({"graphs": {"decode_graphs": True, "value_graphs": False},
+                                      "units": {"ge_s_per_case": 0.02}}))
+    fused_file.write_text(json.dumps({"grid_sets": ["evaluation.gen_decode=compiled"], "units": {"ge_s_per_case": 0.01}}))
+    skipped: list[tuple[str, str, str]] = []
+    assert with_unit_costs(fused, graph_file, skipped=skipped).unit_s == {}
+    assert skipped == [(str(graph_file), "ge_s_per_case", "with CUDA graphs")]
+    skipped = []
+    assert with_unit_costs(graph, fused_file, skipped=skipped).unit_s == {}
+    assert skipped == [(str(fused_file), "ge_s_per_case", "compiled, with CUDA graphs")]
+    assert with_unit_costs(fused, fused_file).unit_s == {"ge_s_per_case": 0.01}
+    assert with_unit_costs(graph, graph_file).unit_s == {"ge_s_per_case": 0.02}
 
 
 def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
@@ -470,7 +503,8 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
     grid = str(REPO_ROOT / "params" / "llama3-8b.yaml")
     dec, val = ["--set", "evaluation.gen_decode=graph"], ["--set", "hparams.common.compile_blocks=reduce-overhead"]
     hours = {}
-    for name, sets in (("eager", []), ("decode", dec), ("values", val), ("both", dec + val)):
+    fused = ["--set", "evaluation.gen_decode=compiled"]
+    for name, sets in (("eager", []), ("decode", dec), ("values", val), ("both", dec + val), ("fused", fused + val)):
         out = tmp_path / f"{name}.json"
         paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16", "--json", str(out), *sets])
         hours[name] = json.loads(out.read_text())["total_gpu_hours"]
@@ -478,6 +512,8 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
     assert "captured as CUDA graphs, modelled and not measured" in printed
     assert "modelled, not measured: ge_s_per_case" in printed
     assert hours["both"] < hours["decode"] < hours["eager"] and hours["both"] < hours["values"] < hours["eager"]
+    assert hours["fused"] < hours["both"]
+    assert "evaluation.gen_decode: compiled, 30 fused kernels per block" in printed
     with pytest.raises(SystemExit, match="sequential.emmet, sequential.memit only"):
         paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16",
                          "--set", "sequential.hparams.common.compile_blocks=reduce-overhead"])

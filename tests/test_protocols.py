@@ -739,7 +739,7 @@ def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):
 
 
 def test_gen_decode_it_cannot_run_fails_before_editing(tmp_path):
-    """gen_decode: graph on a CPU model fails before loading; a model the decode step cannot run
+    """gen_decode: graph on a CPU model fails before loading (compiled runs uncaptured there); a model the decode step cannot run
     (GPT-2 blocks) fails when the study opens, naming the key; without GE neither is read."""
     from _fixtures import tiny_gpt2
 
@@ -749,6 +749,7 @@ def test_gen_decode_it_cannot_run_fails_before_editing(tmp_path):
     protocols.check_before_loading(params_for(tmp_path, **{**over, "evaluation.generation": False}), ["batch"])
     static = params_for(tmp_path, **{**over, "evaluation.gen_decode": "static"})
     protocols.check_before_loading(static, ["batch"])
+    protocols.check_before_loading(params_for(tmp_path, **{**over, "evaluation.gen_decode": "compiled"}), ["batch"])
     with pytest.raises(ParamsError, match="gen_decode: static cannot decode this model: gpt2 blocks are not Llama-style"):
         protocols._check_gen_budget(static, tiny_gpt2(50))
 

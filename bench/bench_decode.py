@@ -3,15 +3,18 @@ mode, alternating, on the same prompts; prints seconds per decode step and wheth
 equal the transformers path's.
 
     python bench/bench_decode.py [--model models/tiny-world] [--prompts 64] [--max-len 100]
-        [--modes transformers static graph] [--rounds 2] [--deep 32]
+        [--modes transformers static graph compiled] [--rounds 2] [--deep 32] [--count-kernels]
     python bench/bench_decode.py --params params/llama3-shape-slice.yaml --set model.device=cuda \
         --set model.dtype=bfloat16 --set model.id=.cache/llama3-8b-shape-32L --tokenizer DIR --prompts 1020 10
 
 ``--deep L`` also builds a random Llama of L layers and hidden size 64 (the miniature's
 vocabulary): its arithmetic is negligible, so its step time is the per-step host overhead of a
 deep model (the 32-layer Llama-3-8B shape's decode step is bound by it on a GPU,
-docs/paper-scale.md). ``graph`` runs its fixed-shape step uncaptured off CUDA. ``--device cuda``
-runs on a GPU (``graph`` is then captured). ``--params`` times the model those params name instead
+docs/paper-scale.md). ``graph`` and ``compiled`` run their fixed-shape step uncaptured off CUDA.
+``--device cuda`` runs on a GPU (both are then captured, and the CUDA kernels of one step of each
+mode are counted). ``--count-kernels`` counts them on a CPU: each mode's dispatched operations
+that run a kernel, and for ``compiled`` the kernels in inductor's generated code (what
+editlib.cost's ``kernels_fused_fwd`` is scaled by). ``--params`` times the model those params name instead
 (a Llama-3-8B shape directory is built first, as bench/slice_phases.py does), on the miniature's
 generation prompts; ``--prompts`` takes several batch sizes.
 """
@@ -67,7 +70,9 @@ def time_modes(label: str, model, tok, prompts: list[str], a) -> None:
         same = "" if ref is None else (
             f"  texts equal to transformers: {sum(x == y for x, y in zip(texts[mode], ref))}/{len(ref)}")
         ops = ""
-        if a.count_ops:  # tensor operations dispatched per step (prefill, sampling, and a captured graph's replay included)
+        if a.count_ops and mode == "compiled":  # a dispatch mode would run the compiled functions eagerly
+            ops = "  (operations not counted: --count-kernels counts the compiled step's kernels)"
+        elif a.count_ops:  # tensor operations dispatched per step (prefill, sampling, and a captured graph's replay included)
             from arithmetic_floor import _OpCounter
             with _OpCounter() as c:
                 sample_texts(model, tok, prompts, max_len=a.max_len, batch_size=len(prompts), decode=mode)
@@ -137,8 +142,8 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
     dec.step(ids[:, 6], 6)
     front = sum(_kernel_calls(m) for m in PyCodeCache.modules[seen:])
     compiled = dict(decode._COMPILED_FNS)
-    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions (paused inside)
-        decode._COMPILED_FNS.update({k: _paused(c, f) for k, f in compiled.items()})
+    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions: their eager twins run uncounted
+        decode._COMPILED_FNS.update({"front": _paused(c, decode._front), "tail": _paused(c, decode._tail)})
         try:
             dec.step(ids[:, 7], 7)
         finally:
@@ -151,13 +156,40 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
 
 
 def _kernel_calls(module) -> int:
-    """Kernel and library calls in an inductor-generated module's ``call``: each runs once per call."""
+    """Kernels an inductor-generated module's ``call`` launches (each once per call): a library
+    call (``extern_kernels``, ``torch.ops``) or a Triton kernel counts one; a generated C++ function
+    counts its outermost loop nests. Inductor's C++ backend puts loop nests of several sizes into
+    one function where Triton would launch a kernel for each, while a row's reduction and the
+    pointwise work on the same rows share an outer loop, as they share a Triton kernel."""
     import inspect
     import re
     src = inspect.getsource(module)
+    cpp = {name: _outer_loops(code) for name, code in
+           re.findall(r"^(cpp_fused_\w+) = async_compile\.cpp_pybinding\(\[.*?\], r'''(.*?)'''", src, flags=re.M | re.S)}
     body = src[src.find("def call("):]
-    return len(re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)",
-                          body, flags=re.M))
+    calls = re.findall(r"^\s+(cpp_fused_\w+(?=\()|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)",
+                       body, flags=re.M)
+    return sum(cpp.get(c, 1) for c in calls)
+
+
+def _outer_loops(code: str) -> int:
+    """``for`` loops of C++ ``code`` that no other ``for`` loop encloses (at least one)."""
+    import re
+    stack: list[bool] = []
+    pending, n = False, 0
+    for tok in re.finditer(r"\bfor\s*\(|[{}]", code):
+        t = tok.group()
+        if t == "{":
+            stack.append(pending)
+            pending = False
+        elif t == "}":
+            if stack:
+                stack.pop()
+        else:
+            if not any(stack):
+                n += 1
+            pending = True
+    return max(n, 1)
 
 
 def _paused(counter, fn):
@@ -246,7 +278,13 @@ def main() -> None:
             print(f"  CPU kernels per decode step of {n} rows (per block): "
                   + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
         if a.deep:
-            time_modes(f"random Llama, {a.deep} layers, hidden 64", deep_model(model, a.deep, a.device), tok, prompts, a)
+            deep = deep_model(model, a.deep, a.device)
+            time_modes(f"random Llama, {a.deep} layers, hidden 64", deep, tok, prompts, a)
+            if a.count_kernels and not next(model.parameters()).is_cuda:
+                for dt in (torch.float32, torch.bfloat16):  # editlib.cost's kernels_fused_fwd: the bfloat16 ratio
+                    k = cpu_kernels_per_step(deep.to(dt), n)
+                    print(f"  CPU kernels per decode step of {n} rows, {a.deep} layers, {dt} (per block): "
+                          + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     dev = next(study.model.parameters()).device
     doc["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     # what the GE and values units were timed with (editlib.cost.measured_with_graphs reads it)
-    doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled"),
+    doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled") and dev.type == "cuda",
                      "decode_fused": grid.evaluation.gen_decode == "compiled",
                      "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead"}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,

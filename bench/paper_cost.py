@@ -85,14 +85,16 @@ UNITS_DIR = Path(__file__).resolve().parent / "units"
 def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float, list[str]]]:
     """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
     modelled estimate is never shown without the measurement that contradicts it; with the units
-    left out because the file timed eagerly what the params capture (or the other way round)."""
+    left out because the file timed them otherwise than the params run them, each with how
+    (:func:`editlib.cost.timed_as`)."""
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
         skipped: list[tuple[str, str, str]] = []
         m = with_unit_costs(model, path, skipped=skipped)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
-        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600, [unit for _, unit, _ in skipped]))
+        out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600,
+                    [f"{unit} (timed {how})" for _, unit, how in skipped]))
     return out
 
 
@@ -258,17 +260,21 @@ def main(argv=None) -> None:
         if args.graph_node_us < 0:
             raise SystemExit(f"--graph-node-us must be >= 0, got {args.graph_node_us}")
         model = replace(model, graph_node_s=args.graph_node_us * 1e-6)
-    decode_what = (f"compiled, {model.kernels_fused_fwd} fused kernels per block, scaled from the CPU's count"
-                   if model.decode_fused else "graph")
+    decode_what = (f"compiled, {model.kernels_fused_fwd} fused kernels per block" if model.decode_fused
+                   else f"graph, the eager step's {model.kernels_fwd} kernels per block")
     graphs = [what for flag, what in (("decode_graphs", f"GE's decode steps (evaluation.gen_decode: {decode_what})"),
-                                      ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead)"))
+                                      ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead, "
+                                                       f"{model.kernels_fused_value} fused kernels per block forward "
+                                                       "and backward)"))
               if getattr(model, flag)]
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
                      f"block kernels replay without host time, {model.graph_node_s * 1e6:g} µs each on the GPU "
                      + ("(--graph-node-us)" if args.graph_node_us is not None else
                         "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
-                     + ", the rest of the step stays eager; a capture per decode batch is not priced")
+                     + ", the rest of the step stays eager; fused counts are the H200's eager counts scaled by the "
+                     "compiled/eager ratio counted on the CPU (editlib.cost); compilation and a capture per decode "
+                     "batch are not priced")
     elif args.graph_node_us is not None:
         notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph or compiled "
                      "with GE on, or compile_blocks: reduce-overhead)")
@@ -288,8 +294,7 @@ def main(argv=None) -> None:
     if not args.unit_costs:
         measured = measured_elsewhere(model, exps)
         for path, hours, left in measured:
-            also = f"; modelled, not measured: {', '.join(left)}, which it timed without the CUDA graphs these " \
-                   "params capture" if left else ""
+            also = f"; modelled, not measured: {', '.join(left)}, which these params run otherwise" if left else ""
             print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "
                   f"**{hours:.1f} GPU-hours** (the model above estimates those units{also}; docs/paper-scale.md)")
         out["with_measured_units"] = {str(path): hours for path, hours, _ in measured}

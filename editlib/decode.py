@@ -26,13 +26,14 @@ step of the 32-layer Llama-3-8B shape took 82 ms on an H200 with 10 rows and wit
   rounding, as with another ``gen_batch_size``. The step also runs uncaptured (on a CPU too),
   which is how the tests check it.
 * ``compiled``: the same step with the two pure functions compiled by ``torch.compile``: inductor
-  fuses the norms, RoPE, the cache write and the activation, so a block is about 13 kernels
+  fuses the norms, RoPE, the cache write and the activation, so a block is about 19 kernels
   where the eager fixed-shape step dispatches 44 and the transformers forward 41 (a 32-layer
   bfloat16 Llama on the CPU, bench/bench_decode.py --count-kernels; on an H200 the transformers
   forward launched about 90 per block).
   Captured as a CUDA graph per batch on CUDA, as ``graph``; compiled and uncaptured on a CPU.
-  Weights and sizes are arguments, so one compilation serves every block, batch and model of a
-  dtype and layout. Fused kernels round differently: texts move at float rounding.
+  Weights are arguments and sizes dynamic, so one compilation serves every block, batch and row
+  count of a model (another model's sizes, dtype or bias layout compiles anew). Fused kernels
+  round differently: texts move at float rounding.
 
 The prefill (the prompts' common prefix) runs through the transformers forward; its cache is
 copied into the buffers.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .arch import arch_for, get_module, n_layers
 from .generation import _cache_name, _last_logits_kw
@@ -109,8 +111,10 @@ def _pure_unsupported(model) -> str | None:
         mlp, att = blk.mlp, blk.self_attn
         linears = [getattr(m, n, None) for m, names in ((mlp, ("gate_proj", "up_proj", "down_proj")),
                                                        (att, ("q_proj", "k_proj", "v_proj", "o_proj"))) for n in names]
-        if not all(isinstance(m, torch.nn.Linear) for m in linears):
-            return f"block {i}'s attention or MLP is not the Llama layout of nn.Linear projections"
+        # exactly nn.Linear: a subclass (a quantised layer) or a parametrised weight has a forward
+        # of its own, which F.linear on .weight would not run
+        if not all(type(m) is torch.nn.Linear and not parametrize.is_parametrized(m) for m in linears):
+            return f"block {i}'s attention or MLP is not the Llama layout of plain nn.Linear projections"
     odd = sorted({type(n).__name__ for n in norms} - set(_PURE_NORMS))
     if odd:
         return f"norm {odd[0]} (the fixed-shape step re-states {', '.join(_PURE_NORMS)})"
@@ -355,13 +359,31 @@ def _tail(x, prev, wn, eps, wh, bh):
 
 
 _COMPILED_FNS: dict[str, object] = {}
+#: compilations of each function allowed in one process (torch's default is 8, past which it would
+#: run the function eagerly with a logged warning): every block and batch of a model shares one, a
+#: model of other sizes, dtype or bias layout, a one-row batch or deterministic mode adds one
+RECOMPILE_LIMIT = 64
 
 
 def _compiled(name: str):
-    """:func:`_front` or :func:`_tail` compiled (once per process; weights and sizes are
-    arguments, dynamic, so blocks, batches and models of one dtype share the compiled code)."""
+    """:func:`_front` or :func:`_tail` compiled (once per process, as one graph: ``fullgraph``).
+    The weights are arguments and the sizes dynamic, so the blocks, batches and row counts of a
+    model share the compiled code. Past :data:`RECOMPILE_LIMIT` compilations a call fails rather
+    than silently running eagerly."""
     if name not in _COMPILED_FNS:
-        _COMPILED_FNS[name] = torch.compile({"front": _front, "tail": _tail}[name], dynamic=True)
+        import torch._dynamo
+
+        fn = torch.compile({"front": _front, "tail": _tail}[name], dynamic=True, fullgraph=True)
+
+        def run(*args):
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                    return fn(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+                raise RuntimeError(f"evaluation.gen_decode: compiled has compiled its decode step "
+                                   f"{RECOMPILE_LIMIT} times in this process (other model sizes, dtypes or "
+                                   "bias layouts); use gen_decode: graph") from e
+        _COMPILED_FNS[name] = run
     return _COMPILED_FNS[name]
 
 

@@ -24,12 +24,13 @@ FAMILIES = [
 
 
 def family(model_type: str, vocab: int, dtype: torch.dtype, **kw) -> torch.nn.Module:
-    """Random 3-layer model of a Llama-style family, grouped-query attention (4 heads, 2 KV)."""
+    """Random 3-layer model of a Llama-style family, grouped-query attention (4 heads, 2 KV;
+    ``kw`` overrides any config key)."""
     torch.manual_seed(1)
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[model_type]
-    cfg = getattr(transformers, cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                     max_position_embeddings=128, bos_token_id=1, eos_token_id=2, **kw)
+    cfg = getattr(transformers, cls)(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                               max_position_embeddings=128, bos_token_id=1, eos_token_id=2), **kw})
     m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         m.lm_head.weight.mul_(10.0)  # peaked distributions: sampling is not a coin toss
@@ -146,6 +147,31 @@ def test_one_compilation_serves_every_block_and_batch() -> None:
         for x, y in zip(ref, got):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # past the limit a call fails, never running eagerly in silence
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "RECOMPILE_LIMIT", 1)
+        with pytest.raises(RuntimeError, match="compiled has compiled its decode step 1 times"):
+            decoder_steps(family("llama", 40, torch.float64), ids, 5, "compiled")
+
+
+@pytest.mark.parametrize("kw", [
+    {"head_dim": 16},                                            # head_dim != hidden / heads
+    {"attention_bias": True, "mlp_bias": True},                  # every projection with a bias
+    {"num_key_value_heads": 4},                                  # no grouping
+    {"num_key_value_heads": 1},                                  # one key/value head for all
+    {"model_type": "qwen2", "tie_word_embeddings": True},        # biased q/k/v, tied head
+])
+def test_fixed_shape_step_layouts(kw) -> None:
+    """The fixed-shape step's pure functions on the layouts these families allow, eager (graph)
+    and compiled, one row and five, within float32 rounding of the transformers forward."""
+    kw = dict(kw)
+    model = family(kw.pop("model_type", "llama"), 40, torch.float32, **kw)
+    ids = torch.randint(3, 40, (5, 12), generator=torch.Generator().manual_seed(4))
+    for rows in (5, 1):
+        ref = transformers_steps(model, ids[:rows], 5)
+        for mode in ("graph", "compiled"):
+            for a, b in zip(ref, decoder_steps(model, ids[:rows], 5, mode)):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_static_hook_form_equals_the_branching_one() -> None:
@@ -194,7 +220,17 @@ def test_what_cannot_be_decoded_fails_clearly() -> None:
         sample_texts(gelu, tok, ["a b"], max_len=10, decode="compiled")
     odd = family("llama", len(tok), torch.float32)
     odd.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(32)
-    assert "norm LayerNorm" in unsupported(odd, 20, "compiled")
+    assert "norm LayerNorm" in unsupported(odd, 20, "compiled") and "norm LayerNorm" in unsupported(odd, 20, "graph")
+
+    class Quantised(torch.nn.Linear):  # a forward of its own, which F.linear on .weight would skip
+        def forward(self, x):
+            return super().forward(x).round()
+
+    sub = family("llama", len(tok), torch.float32)
+    q = sub.model.layers[0].self_attn.q_proj
+    sub.model.layers[0].self_attn.q_proj = Quantised(q.in_features, q.out_features, bias=False)
+    assert "not the Llama layout of plain nn.Linear" in unsupported(sub, 20, "compiled")
+    assert unsupported(sub, 20, "static") is None
     model = family("llama", len(tok), torch.float32)
     dec = Decoder(model, 2, 10, "static")
     with pytest.raises(ValueError, match="position 5: 0 of 10"):

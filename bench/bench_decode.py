@@ -167,7 +167,7 @@ def _kernel_calls(module) -> int:
     cpp = {name: _outer_loops(code) for name, code in
            re.findall(r"^(cpp_fused_\w+) = async_compile\.cpp_pybinding\(\[.*?\], r'''(.*?)'''", src, flags=re.M | re.S)}
     body = src[src.find("def call("):]
-    calls = re.findall(r"^\s+(cpp_fused_\w+(?=\()|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)",
+    calls = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+(?=\()|triton_\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)",
                        body, flags=re.M)
     return sum(cpp.get(c, 1) for c in calls)
 

@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None, choices=PRICED_DTYPES,
                     help="model dtype (default: the params)")
     ap.add_argument("--graph-node-us", type=float, default=None,
-                    help="GPU µs per kernel replayed from a CUDA graph (gen_decode: graph, compile_blocks: "
+                    help="GPU µs per kernel replayed from a CUDA graph (gen_decode: graph or compiled, compile_blocks: "
                          "reduce-overhead; default: editlib.cost's assumption)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the numbers here")

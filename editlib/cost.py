@@ -86,14 +86,14 @@ class CostModel:
     decode_fused: bool = False     # ... their blocks' kernels fused by torch.compile (gen_decode: compiled)
     # kernels per block of the compiled decode step: the eager count scaled by the CPU's ratio of
     # compiled to transformers kernels (bench/bench_decode.py --count-kernels on a 32-layer bfloat16
-    # Llama: 19.2 against 40.7 per block; 90 × 19.2 / 40.7 = 42.5, rounded up). Both CPU counts
+    # Llama: 20.2 against 40.7 per block; 90 × 20.2 / 40.7 = 44.7, rounded up). Both CPU counts
     # take a generated C++ function's outermost loop nests as its kernels; not yet measured on a GPU
-    kernels_fused_fwd: int = 43
+    kernels_fused_fwd: int = 45
     value_graphs: bool = False     # value steps' blocks, forward and backward, captured (compile_blocks: reduce-overhead)
     # ... which torch.compile also fuses: kernels per block of the compiled forward + backward, the
     # eager count scaled by the CPU's ratio (bench/bench_compiled_values.py --count-kernels on the
-    # bfloat16 miniature: 44.0 against 117.8 per block; 150 × 44.0 / 117.8 = 56.0)
-    kernels_fused_value: int = 56
+    # bfloat16 miniature: 46.0 against 117.8 per block; 150 × 46.0 / 117.8 = 58.6, rounded up)
+    kernels_fused_value: int = 59
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels

@@ -26,7 +26,7 @@ step of the 32-layer Llama-3-8B shape took 82 ms on an H200 with 10 rows and wit
   rounding, as with another ``gen_batch_size``. The step also runs uncaptured (on a CPU too),
   which is how the tests check it.
 * ``compiled``: the same step with the two pure functions compiled by ``torch.compile``: inductor
-  fuses the norms, RoPE, the cache write and the activation, so a block is about 19 kernels
+  fuses the norms, RoPE, the cache write and the activation, so a block is about 20 kernels
   where the eager fixed-shape step dispatches 44 and the transformers forward 41 (a 32-layer
   bfloat16 Llama on the CPU, bench/bench_decode.py --count-kernels; on an H200 the transformers
   forward launched about 90 per block).
@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .arch import arch_for, get_module, n_layers
 from .generation import _cache_name, _last_logits_kw
@@ -98,6 +99,10 @@ def unsupported(model, width: int, mode: str = "static") -> str | None:
     return _pure_unsupported(model) if mode in FIXED_MODES else None
 
 
+def _plain_linear(m) -> bool:
+    return type(m) is torch.nn.Linear and not parametrize.is_parametrized(m)
+
+
 def _pure_unsupported(model) -> str | None:
     """Why the fixed-shape step's pure functions would not compute ``model``'s blocks (None: they do)."""
     spec = arch_for(model)
@@ -111,10 +116,12 @@ def _pure_unsupported(model) -> str | None:
         mlp, att = blk.mlp, blk.self_attn
         linears = [getattr(m, n, None) for m, names in ((mlp, ("gate_proj", "up_proj", "down_proj")),
                                                        (att, ("q_proj", "k_proj", "v_proj", "o_proj"))) for n in names]
-        # exactly nn.Linear: a subclass (a quantised layer) or a parametrised weight has a forward
-        # of its own, which F.linear on .weight would not run
-        if not all(type(m) is torch.nn.Linear and not parametrize.is_parametrized(m) for m in linears):
+        # exactly nn.Linear: a subclass (a quantised layer) has a forward of its own, which F.linear
+        # on .weight would not run; a parametrised weight would be read once, when the Decoder is built
+        if not all(_plain_linear(m) for m in linears):
             return f"block {i}'s attention or MLP is not the Llama layout of plain nn.Linear projections"
+    if not _plain_linear(get_module(model, spec.lm_head)):
+        return "the LM head is not a plain nn.Linear"
     odd = sorted({type(n).__name__ for n in norms} - set(_PURE_NORMS))
     if odd:
         return f"norm {odd[0]} (the fixed-shape step re-states {', '.join(_PURE_NORMS)})"
@@ -369,13 +376,18 @@ def _compiled(name: str):
     """:func:`_front` or :func:`_tail` compiled (once per process, as one graph: ``fullgraph``).
     The weights are arguments and the sizes dynamic, so the blocks, batches and row counts of a
     model share the compiled code. Past :data:`RECOMPILE_LIMIT` compilations a call fails rather
-    than silently running eagerly."""
+    than silently running eagerly. Under a ``TorchDispatchMode`` (bench/arithmetic_floor.py's
+    counters, a tensor watch), which a compiled graph cannot run under, the function runs as
+    written: the same operations, uncompiled."""
     if name not in _COMPILED_FNS:
         import torch._dynamo
 
-        fn = torch.compile({"front": _front, "tail": _tail}[name], dynamic=True, fullgraph=True)
+        eager = {"front": _front, "tail": _tail}[name]
+        fn = torch.compile(eager, dynamic=True, fullgraph=True)
 
         def run(*args):
+            if _get_current_dispatch_mode() is not None:  # a dispatch mode (a FLOP or operation counter)
+                return eager(*args)                        # would stop the compiled graph: run its source
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
                     return fn(*args)

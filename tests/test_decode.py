@@ -147,6 +147,22 @@ def test_one_compilation_serves_every_block_and_batch() -> None:
         for x, y in zip(ref, got):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # under a dispatch mode (an operation or FLOP counter), which a compiled graph cannot run
+    # under, the functions run as written: graph's step exactly
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counting.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        counted = decoder_steps(a, ids, 5, "compiled")
+    assert Counting.n > 0
+    for x, y in zip(decoder_steps(a, ids, 5, "graph"), counted):
+        assert torch.equal(x, y)
     # past the limit a call fails, never running eagerly in silence
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(decode, "RECOMPILE_LIMIT", 1)
@@ -231,6 +247,9 @@ def test_what_cannot_be_decoded_fails_clearly() -> None:
     sub.model.layers[0].self_attn.q_proj = Quantised(q.in_features, q.out_features, bias=False)
     assert "not the Llama layout of plain nn.Linear" in unsupported(sub, 20, "compiled")
     assert unsupported(sub, 20, "static") is None
+    head = family("llama", len(tok), torch.float32)
+    head.lm_head = Quantised(32, len(tok), bias=False)
+    assert "LM head is not a plain nn.Linear" in unsupported(head, 20, "graph")
     model = family("llama", len(tok), torch.float32)
     dec = Decoder(model, 2, 10, "static")
     with pytest.raises(ValueError, match="position 5: 0 of 10"):

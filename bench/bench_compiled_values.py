@@ -48,11 +48,13 @@ def _brief(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def profile_eager(study, facts, layer, ctx, hp) -> None:
-    """The eager value optimisation of ``facts`` under torch.profiler: wall time per Adam iteration
-    against the device's own (kernel) time, and the operators that take the most of each. Where the
-    device time is a small share of the wall time, the steps are bound by the host (kernel launches,
-    Python), which CUDA graphs remove."""
+def profile_path(study, facts, layer, ctx, hp, label: str) -> None:
+    """The value optimisation of ``facts`` (``hp``: eager or compiled) under torch.profiler: wall
+    time per Adam iteration against the device's own (kernel) time, the device kernels per
+    iteration, and (eager) the operators that take the most of each. Where the device time is a
+    small share of the wall time, the steps are bound by the host (kernel launches, Python), which
+    CUDA graphs remove; the compiled path's kernels per iteration, against eager's, is what
+    editlib.cost's ``kernels_fused_value`` estimates from the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = str(study.model.device).startswith("cuda")
@@ -63,9 +65,11 @@ def profile_eager(study, facts, layer, ctx, hp) -> None:
     ev = prof.key_averages()
     dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in ev)
     kernels = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0.0) > 0 and e.device_type.name != "CPU")
-    print(f"profile: {len(facts)} facts, {iters:.0f} iterations, wall {1e3 * dt / iters:.1f} ms/iteration, device "
+    print(f"profile ({label}): {len(facts)} facts, {iters:.0f} iterations, wall {1e3 * dt / iters:.1f} ms/iteration, device "
           f"{1e-3 * dev_us / iters:.1f} ms/iteration ({100 * 1e-6 * dev_us / dt:.0f} % of wall), "
           f"{kernels / iters:.0f} device kernels/iteration (wall includes the profiler's own overhead)")
+    if label != "eager":
+        return
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(ev.table(sort_by=key, row_limit=12, max_name_column_width=60))
     if cuda:
@@ -132,7 +136,8 @@ def main() -> None:
     ap.add_argument("--count-kernels", action="store_true",
                     help="only count kernels per block of the packed forward + backward, eager and compiled, and exit")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="first profile N facts of the eager path (device time against wall time, top operators)")
+                    help="first profile N facts of the eager path (device time against wall time, top operators), "
+                         "then, after the rounds, of the compiled path")
     a = ap.parse_args()
     warnings.simplefilter("default")  # each warning once: a compile or CUDA-graph warning is a finding
     torch.set_num_threads(a.threads)
@@ -161,7 +166,7 @@ def main() -> None:
 
     run("eager", warm)
     if a.profile:
-        profile_eager(study, timed[:a.profile], a.layer, ctx, eager_hp)
+        profile_path(study, timed[:a.profile], a.layer, ctx, eager_hp, "eager")
     error = ""
     try:
         dt, _ = run("compiled", warm)
@@ -194,6 +199,8 @@ def main() -> None:
                 same = int((res.steps == ref.steps).sum())
                 print(f"         compiled vs eager: max |Δz| {dz:.2e}, max relative ‖Δz‖ {rel:.2e}, "
                       f"equal step counts {same}/{len(timed)}")
+    if a.profile and comp_ms and not error:
+        profile_path(study, timed[:a.profile], a.layer, ctx, comp_hp, "compiled")
     if error or not comp_ms:
         print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, compiled failed: {error}")
         raise SystemExit(1)

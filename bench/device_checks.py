@@ -33,7 +33,8 @@ comes back even if the run is stopped:
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
   compiled_shape  the same on the 32-layer shape (built first if need be; compilation alone took
               199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
-              4 facts, one round, torch at every CPU thread
+              4 facts, one round, torch at every CPU thread; then each path's CUDA kernels per
+              Adam iteration of one fact (--profile 1: what refits editlib.cost's kernels_fused_value)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -426,7 +427,7 @@ def step_compiled_shape(run: Run, step: Step) -> None:
     if unstaged(run, step):
         return
     out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--params", "params/llama3-shape-slice.yaml",
-                                  "--z-batch-size", "1", "--n", "4", "--warmup", "1", "--rounds", "1",
+                                  "--z-batch-size", "1", "--n", "4", "--warmup", "1", "--rounds", "1", "--profile", "1",
                                   "--mode", "reduce-overhead", "--threads", str(os.cpu_count() or 2),
                                   "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
                                   *set_args(shape_sets(run))],
@@ -437,15 +438,19 @@ def step_compiled_shape(run: Run, step: Step) -> None:
 
 
 def parse_compiled(out: str) -> dict:
-    """The numbers of bench_compiled_values.py's summary and z-agreement lines (the eager numbers
-    and the error when the compiled path failed)."""
+    """The numbers of bench_compiled_values.py's summary, z-agreement and ``--profile`` lines (the
+    eager numbers and the error when the compiled path failed; device kernels per Adam iteration
+    of each path: with the blocks above the edited layer, what refits editlib.cost's
+    ``kernels_fused_value``)."""
+    kernels = {f"{p}_kernels_per_iteration": int(k) for p, k in
+               re.findall(r"profile \((eager|compiled)\): .*?, (\d+) device kernels/iteration", out)}
     failed = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled failed: (.*)", out)
     if failed:
-        return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], "compiled_error": failed[3].strip()}
+        return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], "compiled_error": failed[3].strip(), **kernels}
     m = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled ([\d.]+)-([\d.]+)", out)
     if not m:
         return {}
-    got = {"eager_ms_per_fact": [float(m[1]), float(m[2])], "compiled_ms_per_fact": [float(m[3]), float(m[4])]}
+    got = {"eager_ms_per_fact": [float(m[1]), float(m[2])], "compiled_ms_per_fact": [float(m[3]), float(m[4])], **kernels}
     dz = re.findall(r"max \|Δz\| ([\d.e+-]+), max relative ‖Δz‖ ([\d.e+-]+)", out)
     if dz:
         got["max_abs_dz"], got["max_rel_dz"] = max(float(a) for a, _ in dz), max(float(b) for _, b in dz)

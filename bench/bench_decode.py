@@ -88,25 +88,11 @@ def kernels_per_step(model, rows: int) -> dict[str, int]:
     ``graph_node_s`` as (step time − its arithmetic) / kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from editlib.decode import Decoder
-    from editlib.generation import _cache_name
     dev = next(model.parameters()).device
-    ids = torch.randint(3, model.config.vocab_size, (rows, 8), generator=torch.Generator().manual_seed(0)).to(dev)
-    name = _cache_name(model)
-
-    def transformers_step():
-        past = getattr(model(input_ids=ids[:, :6], use_cache=True), name)
-        return lambda: model(input_ids=ids[:, 6:7], use_cache=True, **{name: past})
-
-    def decoder_step(mode):
-        dec = Decoder(model, rows, 8, mode, capture=False)
-        dec.prefill(ids[:, :6])
-        return lambda: dec.step(ids[:, dec.filled], dec.filled)
-
+    ids = _step_ids(model, rows).to(dev)
     out = {}
-    for label, make in (("transformers", transformers_step), ("static", lambda: decoder_step("static")),
-                        ("graph", lambda: decoder_step("graph")), ("compiled", lambda: decoder_step("compiled"))):
-        step = make()
+    for label in ("transformers", "static", "graph", "compiled"):
+        step = _one_step(model, rows, label, ids)
         step()  # the compiled step compiles at its first call
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -128,7 +114,7 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
     from torch._inductor.codecache import PyCodeCache
 
     from editlib import decode
-    ids = torch.randint(3, model.config.vocab_size, (rows, 8), generator=torch.Generator().manual_seed(0))
+    ids = _step_ids(model, rows)
     torch._dynamo.reset()
     decode._COMPILED_FNS.clear()
     dec = decode.Decoder(model, rows, 8, "compiled", capture=False)
@@ -142,17 +128,39 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
     dec.step(ids[:, 6], 6)
     front = sum(_kernel_calls(m) for m in PyCodeCache.modules[seen:])
     compiled = dict(decode._COMPILED_FNS)
-    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions: their eager twins run uncounted
-        decode._COMPILED_FNS.update({"front": _paused(c, decode._front), "tail": _paused(c, decode._tail)})
+    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions (uncounted inside)
+        decode._COMPILED_FNS.update({k: _paused(c, f) for k, f in compiled.items()})
         try:
             dec.step(ids[:, 7], 7)
         finally:
             decode._COMPILED_FNS.update(compiled)
     out = {"compiled": L * front + tail + c.n}
     print(f"  compiled: {front} kernels per block front, {tail} in the tail, {c.n} dispatched outside", flush=True)
-    for mode in ("transformers", "static", "graph"):
-        out[mode] = _eager_kernels(model, rows, mode, ids)
+    for mode in ("transformers", "static", "graph"):  # eager: every dispatched operation that runs a kernel
+        step = _one_step(model, rows, mode, ids)
+        with _Dispatched(("empty", "empty_strided")) as c:
+            step()
+        out[mode] = c.n
     return {m: (n, n / L) for m, n in out.items()}
+
+
+def _step_ids(model, rows: int) -> torch.Tensor:
+    """Random token ids [rows, 8]: a 6-token prefill and two decode columns."""
+    return torch.randint(3, model.config.vocab_size, (rows, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _one_step(model, rows: int, mode: str, ids: torch.Tensor):
+    """After a prefill of ``ids``' first 6 columns, a call that runs one decode step of ``mode``
+    (the next column each call: a later call is the step after)."""
+    from editlib.decode import Decoder
+    from editlib.generation import _cache_name
+    if mode == "transformers":
+        name = _cache_name(model)
+        past = getattr(model(input_ids=ids[:, :6], use_cache=True), name)
+        return lambda: model(input_ids=ids[:, 6:7], use_cache=True, **{name: past})
+    dec = Decoder(model, rows, ids.shape[1], mode, capture=False)
+    dec.prefill(ids[:, :6])
+    return lambda: dec.step(ids[:, dec.filled], dec.filled)
 
 
 def _kernel_calls(module) -> int:
@@ -218,20 +226,9 @@ class _Dispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _eager_kernels(model, rows: int, mode: str, ids: torch.Tensor) -> int:
-    from editlib.decode import Decoder
-    from editlib.generation import _cache_name
-    if mode == "transformers":
-        name = _cache_name(model)
-        past = getattr(model(input_ids=ids[:, :6], use_cache=True), name)
-        with _Dispatched(("empty", "empty_strided")) as c:
-            model(input_ids=ids[:, 6:7], use_cache=True, **{name: past})
-        return c.n
-    dec = Decoder(model, rows, 8, mode, capture=False)
-    dec.prefill(ids[:, :6])
-    with _Dispatched(("empty", "empty_strided")) as c:
-        dec.step(ids[:, 6], 6)
-    return c.n
+def _print_cpu_kernels(what: str, k: dict[str, tuple[int, float]]) -> None:
+    print(f"  CPU kernels per decode step of {what} (per block): "
+          + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
 
 
 def main() -> None:
@@ -274,17 +271,13 @@ def main() -> None:
             k = kernels_per_step(model, n)
             print(f"  kernels per decode step of {n} rows: " + ", ".join(f"{m} {c}" for m, c in k.items()), flush=True)
         elif a.count_kernels:
-            k = cpu_kernels_per_step(model, n)
-            print(f"  CPU kernels per decode step of {n} rows (per block): "
-                  + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
+            _print_cpu_kernels(f"{n} rows", cpu_kernels_per_step(model, n))
         if a.deep:
             deep = deep_model(model, a.deep, a.device)
             time_modes(f"random Llama, {a.deep} layers, hidden 64", deep, tok, prompts, a)
             if a.count_kernels and not next(model.parameters()).is_cuda:
                 for dt in (torch.float32, torch.bfloat16):  # editlib.cost's kernels_fused_fwd: the bfloat16 ratio
-                    k = cpu_kernels_per_step(deep.to(dt), n)
-                    print(f"  CPU kernels per decode step of {n} rows, {a.deep} layers, {dt} (per block): "
-                          + ", ".join(f"{m} {c} ({b:.1f})" for m, (c, b) in k.items()), flush=True)
+                    _print_cpu_kernels(f"{n} rows, {a.deep} layers, {dt}", cpu_kernels_per_step(deep.to(dt), n))
 
 
 if __name__ == "__main__":

@@ -339,9 +339,10 @@ def _front(x, prev, kb, vb, pos, cos, sin, mask, ln1, eps1, wq, bq, wk, bk, wv, 
     """One block of the fixed-shape decode step up to its MLP's down-projection: ``x + prev`` (the
     previous block's MLP output) is the block's input; writes the new key/value column into
     ``kb``/``vb`` at ``pos`` (``cos``/``sin`` its RoPE, ``mask`` the filled positions); returns the
-    residual stream after attention and the down-projection's input. The same operations as the transformers forward's block, but for masked attention over
-    the whole buffers (its query heads packed per key/value head, transformers' ``pack_gqa``: fused
-    attention kernels take a mask this way, and none takes one with ``enable_gqa``)."""
+    residual stream after attention and the down-projection's input. The same operations as the
+    transformers forward's block, but for masked attention over the whole buffers (its query heads
+    packed per key/value head, transformers' ``pack_gqa``: fused attention kernels take a mask
+    this way, and none takes one with ``enable_gqa``)."""
     x = x + prev
     rows = x.shape[0]
     y = _rms(x, ln1, eps1)

@@ -39,8 +39,11 @@ class ContextTemplates:
 PLAIN = ContextTemplates(groups=(("{}",),))
 
 
-def _clean(text: str) -> str:
-    return text.replace("{", " ").replace("}", " ")
+def _template(text: str) -> str:
+    """A sampled text as a template: stripped of surrounding whitespace as the reference's
+    ``generate_fast`` returns it (UME ``util/generate.py``: a sample ending in a newline would
+    otherwise put it before the prompt), braces replaced by spaces, then ``". {}"`` (SPEC §1A, §2)."""
+    return text.strip().replace("{", " ").replace("}", " ") + ". {}"
 
 
 def memit_templates(model, tok, *, length: int = 10, n_per_seed: int = 1, seed: int = 0) -> ContextTemplates:
@@ -49,7 +52,7 @@ def memit_templates(model, tok, *, length: int = 10, n_per_seed: int = 1, seed: 
     "You" (SPEC §2)."""
     prompts = [p for p in MEMIT_SEEDS for _ in range(n_per_seed)]
     texts = sample_texts(model, tok, prompts, max_len=length, top_k=5, seed=seed)
-    return ContextTemplates(groups=(("{}",), tuple(_clean(t) + ". {}" for t in texts)))
+    return ContextTemplates(groups=(("{}",), tuple(_template(t) for t in texts)))
 
 
 def rome_templates(model, tok, *, length_params=((5, 10), (10, 10)), seed: int = 0) -> ContextTemplates:
@@ -59,7 +62,7 @@ def rome_templates(model, tok, *, length_params=((5, 10), (10, 10)), seed: int =
     start = start_of_text(tok)
     for i, (length, n) in enumerate(length_params):
         texts = sample_texts(model, tok, [start] * n, max_len=length, top_k=5, seed=seed + i)
-        groups.append(tuple(_clean(t) + ". {}" for t in texts))
+        groups.append(tuple(_template(t) for t in texts))
     return ContextTemplates(groups=(tuple(t for g in groups for t in g),))
 
 

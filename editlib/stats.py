@@ -106,7 +106,8 @@ class CorpusSpec:
     """Which texts C0 is computed on (SPEC §4 "Data", "Sampling", "Tokenisation").
 
     ``n_samples``: number of texts (articles) used, a fixed ``random.Random(1)`` subset; None = all.
-    ``max_length``: per-text token truncation; None = min(model max positions, 1024).
+    ``max_length``: per-text token truncation; None = the model's max positions (8192 for
+    Llama-3; 1024 when its config names none: :func:`default_max_length`).
     """
 
     kind: str

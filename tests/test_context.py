@@ -76,3 +76,15 @@ def test_start_of_text_needs_a_single_token() -> None:
     tok.eos_token = None
     with pytest.raises(ValueError, match="no BOS"):
         start_of_text(tok)
+
+
+def test_templates_are_stripped_then_braces_replaced_as_the_reference(model_tok, monkeypatch) -> None:
+    """UME's generate_fast returns ``text.strip()``: a sample ending (or, from BOS, starting) in
+    whitespace gives "…of. {}", not "…of\\n. {}"; braces become spaces after the strip (SPEC §1A, §2)."""
+    model, tok, _ = model_tok
+    samples = ["The cat sat\n", "Therefore a ", "Because {b}", "I c\t\n", "You d"]
+    monkeypatch.setattr(context, "sample_texts", lambda *a, **k: samples[: len(a[2])])
+    assert memit_templates(model, tok).groups[1] == (
+        "The cat sat. {}", "Therefore a. {}", "Because  b . {}", "I c. {}", "You d. {}")
+    monkeypatch.setattr(context, "sample_texts", lambda *a, **k: ["\n the end ", " {x"][: len(a[2])])
+    assert rome_templates(model, tok, length_params=((5, 2),)).flat == ("{}", "the end. {}", " x. {}")

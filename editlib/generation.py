@@ -139,14 +139,16 @@ def decode_as_reference(tok, ids: Sequence[int], *, skip_special_tokens: bool) -
 def decode_text(tok, ids: Sequence[int], mode: str = "clean") -> str:
     """A generated text as GE reads it (and context templates are made of): decoded as the
     reference's transformers did (:func:`decode_as_reference`), then: ``clean`` (default): special
-    tokens skipped (SPEC §10.1), NFKD-normalised, ``"\\n\\n"`` -> ``" "``. ``reference``: as the
+    tokens skipped (SPEC §10.1), NFKD-normalised, ``"\\n\\n"`` -> ``" "``, and, as the reference, the
+    strings ``<|endoftext|>`` and ``<s>`` removed (on Llama-3 they are ordinary text a model may
+    spell out; GE would count three more words). ``reference``: as the
     reference's ``generate_fast`` returns it: decoded *with* special tokens, then NFKD,
     ``"\\n\\n"`` -> ``" "``, the strings ``<|endoftext|>`` and ``<s>`` removed, stripped; so a
     Llama-3 text keeps its leading ``<|begin_of_text|>`` (three more words for nltk, a higher n-gram
     entropy), as the paper's GE numbers were computed."""
     if mode == "clean":
-        return unicodedata.normalize("NFKD", decode_as_reference(tok, ids, skip_special_tokens=True)).replace(
-            "\n\n", " ")
+        text = unicodedata.normalize("NFKD", decode_as_reference(tok, ids, skip_special_tokens=True))
+        return text.replace("\n\n", " ").replace("<|endoftext|>", "").replace("<s>", "")
     if mode == "reference":
         text = unicodedata.normalize("NFKD", decode_as_reference(tok, ids, skip_special_tokens=False))
         return text.replace("\n\n", " ").replace("<|endoftext|>", "").replace("<s>", "").strip()

@@ -182,6 +182,11 @@ def test_generated_text_is_decoded_as_the_reference_did(tok) -> None:
     plain = copy.copy(tok)
     plain.clean_up_tokenization_spaces = False  # a tokenizer that does not ask for it keeps its spaces
     assert decode_text(plain, ids) == "Paris , France 's capital !"
+    # on Llama-3 these are ordinary text; the reference's generate_fast removes the strings
+    spelt = tok("a<|endoftext|> b<s> c", add_special_tokens=False)["input_ids"]
+    assert len(spelt) > 5 and tok.decode(spelt) == "a<|endoftext|> b<s> c"
+    assert decode_text(tok, [BOS_ID, *spelt]) == "a b c"
+    assert decode_text(tok, [BOS_ID, *spelt], "reference") == "<|begin_of_text|>a b c"
 
 
 def test_exactness_check_can_fail(tok) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .generation import rows_within
-from .stats import TC_CHUNK_TOKENS, gram_macs
+from .stats import TC_CHUNK_TOKENS, gram_macs, pass_groups
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
 
@@ -299,7 +299,7 @@ class CostModel:
 
     def c0_collect(self, s: ModelShape, layers: int, deepest: int) -> float:
         """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
-        deepest in groups of :meth:`c0_per_pass`) + a rank-T update of each layer's Σkkᵀ (its block
+        deepest in groups of :meth:`c0_per_pass`, the remainder first: editlib.stats.pass_groups) + a rank-T update of each layer's Σkkᵀ (its block
         upper triangle: editlib.stats.add_gram): float64 GEMMs, or with :attr:`gram32` TF32 GEMMs
         whose float32 blocks are added into the float64 sum once per batch (memory-bound), each
         batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
@@ -308,7 +308,7 @@ class CostModel:
             return (self.unit_s["c0_s_per_token_layer"] * self.c0_tokens + self.unit_s.get("c0_layer_fixed_s", 0.0)) * layers
         per = self.c0_per_pass(s)
         first = deepest - layers + 1
-        depths = [min(first + i + per, deepest + 1) for i in range(0, layers, per)]
+        depths = [g[-1] + 1 for g in pass_groups(range(first, deepest + 1), per)]
         fwd = sum(2 * d * s.block_params * self.c0_tokens / (self.peak * self.mm_eff) for d in depths)
         macs = gram_macs(s.d_in) * self.c0_tokens * layers
         if not self.gram32:

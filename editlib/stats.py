@@ -313,6 +313,20 @@ def layers_per_pass(d_in: int, device: torch.device, dtype: torch.dtype = torch.
 GRAM_BLOCK = 2048
 
 
+def pass_groups(layers: Sequence[int], per: int) -> list[list[int]]:
+    """``layers`` (sorted) in passes of at most ``per``, the short remainder *first*: a pass runs
+    the model up to its deepest layer (:func:`collect_second_moments` stops there), and the last
+    pass reaches the deepest layer anyway, so every earlier pass should stop as shallow as it can
+    (32 layers at 15 per pass: 2.41 forwards of the corpus bottom-up, 1.59 this way). Each layer's
+    sum is the same in any grouping."""
+    if per < 1:
+        raise ValueError(f"layers per pass must be positive, got {per}")
+    if not layers:
+        return []
+    first = len(layers) % per or per
+    return [list(layers[:first])] + [list(layers[i:i + per]) for i in range(first, len(layers), per)]
+
+
 def gram_blocks(d: int) -> int:
     """Column blocks of the block-triangular accumulation of a d × d Gram matrix (1: one full GEMM)."""
     return 1 if d <= GRAM_BLOCK else math.ceil(d / GRAM_BLOCK)
@@ -756,7 +770,7 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     todo = sorted(missing)
     per = layers_per_pass(max(arch.key_dim(model, l) for l in todo), device, DTYPES[dtype],
                           override=max_layers_per_pass)
-    groups = [todo[i:i + per] for i in range(0, len(todo), per)]
+    groups = pass_groups(todo, per)
     log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
         f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
     # several passes read the same ids: tokenise the corpus once (the ids, and so every sum, are the

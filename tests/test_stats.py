@@ -818,3 +818,30 @@ def test_the_offline_corpus_check_counts_only_c0_of_this_runs_numerics(tmp_path,
     assert not protocols._c0_cached(cp)
     (folder / f"model.layers.0.mlp.down_proj_float64_{key}_nall.safetensors").write_bytes(b"")
     assert protocols._c0_cached(cp, "cuda") and not protocols._c0_cached(cp)
+
+
+def test_passes_put_the_short_remainder_first(llama, tmp_path, monkeypatch) -> None:
+    """A pass runs the model up to its deepest layer, so the few layers left over go in the first,
+    shallowest pass: 32 layers at 15 per pass run 2+17+32 blocks per token, not 15+30+32."""
+    assert stats.pass_groups(list(range(32)), 15) == [[0, 1], list(range(2, 17)), list(range(17, 32))]
+    assert stats.pass_groups(list(range(32)), 32) == [list(range(32))]
+    assert stats.pass_groups(list(range(32)), 40) == [list(range(32))]
+    assert stats.pass_groups([3, 5, 7], 1) == [[3], [5], [7]]
+    assert stats.pass_groups([], 4) == []
+    with pytest.raises(ValueError, match="per pass"):
+        stats.pass_groups([0], 0)
+    recorded: list[list[int]] = []
+
+    def fake_collect(model, tok, texts, layers, **kw):
+        recorded.append(list(layers))
+        return {l: (torch.eye(4, dtype=torch.float64), 10) for l in layers}
+
+    monkeypatch.setattr(stats, "collect_second_moments", fake_collect)
+    monkeypatch.setattr(stats, "_write_cache", lambda *a: None)
+    monkeypatch.setattr(stats.arch, "key_dim", lambda model, layer: 4)  # five layers of a deeper model
+    monkeypatch.setattr(stats, "encode_corpus", lambda *a: None)
+    missing = {l: ({"layer": l}, tmp_path / f"l{l}") for l in range(5)}
+    stats._collect_into_cache(llama, None, ["x"], missing, {}, None, log=lambda *_: None, load=False, cond=False,
+                              device=torch.device("cpu"), dtype="float64", batch_size=1, max_length=8,
+                              max_batch_tokens=None, progress=False, max_layers_per_pass=2)
+    assert recorded == [[0], [1, 2], [3, 4]]

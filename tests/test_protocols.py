@@ -510,6 +510,10 @@ def test_rerun_does_nothing_and_changes_conflict(study, weights0, tmp_path, monk
     assert len(logged) == 1 and "already complete" in logged[0] and "nothing to do" in logged[0], logged
     assert_frame_equal(again, first, check_exact=True)
     assert (exp_dir(p, "batch") / "manifest.json").read_text() == manifest
+    for key, val in [("covariance.layers_per_pass", 1), ("evaluation.gen_kv_gb", 1.0)]:  # how, not what
+        logged.clear()
+        protocols.run_batch(use(study, params_for(tmp_path, **over, **{key: val})), log=logged.append)
+        assert len(logged) == 1 and "already complete" in logged[0], (key, logged)
 
     for key, val, named in [("hparams.common.v_num_grad_steps", 4, "v_num_grad_steps"),
                             ("batch.total", 8, "spec.total"), ("batch.layer", 0, "spec.layer"),

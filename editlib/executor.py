@@ -245,6 +245,10 @@ class UnitWorker:
     def run(self, spec: "UnitSpec", params: StudyParams, run_id: str, contexts: dict | None = None) -> "UnitResult":
         return worker_run(spec, params, run_id, contexts)
 
+    def release(self) -> None:
+        """Drop the loaded study and its cached device memory (the driver needs the GPU)."""
+        _free_worker_study()
+
 
 @dataclass
 class _Pool:
@@ -332,7 +336,7 @@ def _run_ray(study: "Study", exp: "Experiment", pending: Sequence["UnitSpec"], b
         log(f"{exp.root.name}: {len(pending)} unit(s) on {n} Ray worker(s) "
             f"({study.params.executor.cpus_per_unit} CPU, {gpus:g} GPU each)")
         exp.record_failed_units({})  # units listed by an earlier run are tried again now
-        with _offloaded(study):
+        with _offloaded(study, pool):
             failed = _drive(ray, study, exp, pool, pool.actors[:n], pending, book, done, log)
         finished = True
     finally:
@@ -389,8 +393,12 @@ def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed:
 
 
 @contextlib.contextmanager
-def _offloaded(study: "Study"):
-    """A driver model on a GPU moves to the CPU while the workers run (they need the memory)."""
+def _offloaded(study: "Study", pool: _Pool):
+    """A driver model on a GPU moves to the CPU while the workers run (they need the memory), and
+    back when they are done, once there is room for it: workers that share its GPU keep their
+    studies (model, cached GE memory) for the next experiment, so where the device cannot hold the
+    driver's model beside them (one 80 GB card, float32 Llama-3-8B: about 32 GB of weights each,
+    plus a worker's GE cache) they first let theirs go, and are ended if that is not enough."""
     device = next(study.model.parameters()).device
     if device.type != "cuda":
         yield
@@ -403,7 +411,31 @@ def _offloaded(study: "Study"):
     try:
         yield
     finally:
+        _make_room(pool, _model_bytes(study.model), device)
         study.model.to(device)
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+#: device memory kept free beside a driver model moved back (activations of its next forward)
+ROOM_MARGIN_BYTES = 2 << 30
+
+
+def _make_room(pool: _Pool, need: int, device) -> None:
+    """Free ``need`` bytes (+ :data:`ROOM_MARGIN_BYTES`) on ``device``: the workers drop their
+    studies, then, if that is not enough, the pool ends (the next experiment starts new workers)."""
+    from .stats import free_bytes
+
+    for step in ("release", "end"):
+        if not pool.actors or free_bytes(device) >= need + ROOM_MARGIN_BYTES:
+            return
+        if step == "release":
+            with contextlib.suppress(Exception):  # a lost worker holds nothing
+                pool.ray.get([a.release.remote() for a in pool.actors])
+        else:
+            shutdown()
 
 
 # --------------------------------------------------------------------------- the worker side

@@ -278,7 +278,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: torch.device) -> int:
     """Free memory where the accumulators live: the CUDA device's free memory, counting the blocks
     torch's allocator holds but no tensor uses (after an earlier model or experiment in the same
     process they can be tens of GB, which ``mem_get_info`` reports as used), else the host's
@@ -306,7 +306,7 @@ def layers_per_pass(d_in: int, device: torch.device, dtype: torch.dtype = torch.
             raise ValueError(f"layers_per_pass must be >= 1, got {override}")
         return int(override)
     per = d_in * d_in * torch.tensor([], dtype=dtype).element_size()
-    return max(1, int(_free_bytes(device) * fraction) // per)
+    return max(1, int(free_bytes(device) * fraction) // per)
 
 
 #: column-block width of the block-triangular Σkkᵀ; layers with at most this many inputs use one GEMM

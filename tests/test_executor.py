@@ -315,3 +315,73 @@ def test_workers_use_the_driver_context_templates(study):
     adopt_contexts(worker, {style: driver}, logged.append)
     assert worker.contexts(style) is driver and len(logged) == 1 and "using the driver's" in logged[0]
     assert study.contexts(style) == own  # the driver's study is not touched
+
+
+class _CudaStandIn:
+    """A driver model as ``_offloaded`` sees it: its parameters on ``cuda:0``, its moves recorded."""
+
+    def __init__(self, events: list, nbytes: int) -> None:
+        import torch
+
+        self.events, self.device = events, torch.device("cuda", 0)
+        self.p = torch.empty(nbytes, dtype=torch.uint8, device="meta")
+
+    def parameters(self):
+        class P:  # the meta tensor's size, reported on the GPU
+            device, numel, element_size = self.device, self.p.numel, self.p.element_size
+        yield P()
+
+    def buffers(self):
+        return iter(())
+
+    def to(self, device):
+        self.events.append(("model to", str(device)))
+        return self
+
+
+@pytest.mark.parametrize("free_gb, between", [
+    ({"start": 80, "release": 80, "end": 80}, []),                                  # room at once
+    ({"start": 10, "release": 80, "end": 80}, ["worker release"]),                  # after the release
+    ({"start": 10, "release": 20, "end": 80}, ["worker release", "worker end"]),    # once they end
+])
+def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb, between):
+    """On one GPU the Ray workers keep their studies after an experiment; the driver's model comes
+    back from the CPU only when the device can hold it: the workers first drop their studies, and
+    the pool ends if that is not enough (a float32 Llama-3-8B beside a worker's on an 80 GB card)."""
+    import torch
+
+    from editlib import stats
+
+    events: list = []
+    state = {"now": "start"}
+    monkeypatch.setattr(stats, "free_bytes", lambda device: free_gb[state["now"]] << 30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    class Actor:
+        class release:
+            @staticmethod
+            def remote():
+                events.append(("worker release",))
+                state["now"] = "release"
+                return "ref"
+
+    class FakeRay:
+        @staticmethod
+        def get(refs):
+            return [None for _ in refs]
+
+        @staticmethod
+        def kill(actor, no_restart=True):
+            events.append(("worker end",))
+            state["now"] = "end"
+
+    pool = executor._Pool(FakeRay, ("k",), {}, 1, actors=[Actor()])
+    monkeypatch.setattr(executor, "_POOL", pool)
+    study = type("S", (), {})()
+    study.model, study._covs = _CudaStandIn(events, 32 << 30), {"x": 1}
+    with executor._offloaded(study, pool):
+        events.append(("workers run",))
+    assert events[:2] == [("model to", "cpu"), ("workers run",)] and study._covs == {}
+    assert [e[0] for e in events[2:-1]] == between
+    assert events[-1] == ("model to", "cuda:0")
+    assert (executor._POOL is None) == ("worker end" in between)

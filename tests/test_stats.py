@@ -410,9 +410,9 @@ def test_passes_sized_by_memory_give_the_same_statistic(llama, tok, world, tmp_p
 
 
 def test_layers_per_pass_from_free_memory(monkeypatch) -> None:
-    monkeypatch.setattr(stats, "_free_bytes", lambda device: 100 * 14336 * 14336 * 8)
+    monkeypatch.setattr(stats, "free_bytes", lambda device: 100 * 14336 * 14336 * 8)
     assert stats.layers_per_pass(14336, torch.device("cpu")) == 50  # half the free memory
-    monkeypatch.setattr(stats, "_free_bytes", lambda device: 10)
+    monkeypatch.setattr(stats, "free_bytes", lambda device: 10)
     assert stats.layers_per_pass(14336, torch.device("cpu")) == 1  # never 0
     assert stats.layers_per_pass(14336, torch.device("cpu"), override=3) == 3
     with pytest.raises(ValueError, match="layers_per_pass"):
@@ -757,9 +757,9 @@ def test_free_cuda_memory_counts_what_the_allocator_holds_unused(monkeypatch) ->
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gb, 80 * gb))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gb)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gb)
-    assert stats._free_bytes(torch.device("cuda")) == 50 * gb
+    assert stats.free_bytes(torch.device("cuda")) == 50 * gb
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 60 * gb)
-    assert stats._free_bytes(torch.device("cuda")) == 10 * gb
+    assert stats.free_bytes(torch.device("cuda")) == 10 * gb
 
 
 def test_a_blockwise_sum_is_stored_as_its_upper_triangle(tmp_path, monkeypatch) -> None:

@@ -235,7 +235,8 @@ def _forwarded_env() -> dict[str, str]:
 
 
 class UnitWorker:
-    """A Ray actor: runs units one at a time on the study it loaded (kept for the next ones)."""
+    """A Ray actor: runs units one at a time on the study it loaded (kept for the next ones until
+    :meth:`release`)."""
 
     def __init__(self, threads: int) -> None:
         import torch
@@ -252,7 +253,8 @@ class UnitWorker:
 
 @dataclass
 class _Pool:
-    """This process's Ray workers, kept across experiments (the model loads once per worker)."""
+    """This process's Ray workers, kept across experiments (the model loads once per worker, again
+    only where the driver needed their GPU memory back: :func:`_make_room`)."""
 
     ray: Any
     key: tuple
@@ -395,10 +397,12 @@ def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed:
 @contextlib.contextmanager
 def _offloaded(study: "Study", pool: _Pool):
     """A driver model on a GPU moves to the CPU while the workers run (they need the memory), and
-    back when they are done, once there is room for it: workers that share its GPU keep their
-    studies (model, cached GE memory) for the next experiment, so where the device cannot hold the
-    driver's model beside them (one 80 GB card, float32 Llama-3-8B: about 32 GB of weights each,
-    plus a worker's GE cache) they first let theirs go, and are ended if that is not enough."""
+    back when they are done, once there is room for it. Workers keep their studies (model, cached
+    GE memory) for the next experiment, so where the driver's GPU cannot hold its model beside them
+    (one 80 GB card, float32 Llama-3-8B: about 32 GB of weights each, plus a worker's GE cache)
+    they first let theirs go, and are ended if that is not enough (:func:`_make_room`). When the
+    driver stops on an error the workers are ended at once (none goes on writing), then the model
+    comes back."""
     device = next(study.model.parameters()).device
     if device.type != "cuda":
         yield
@@ -408,9 +412,13 @@ def _offloaded(study: "Study", pool: _Pool):
     study.model.to("cpu")
     study._covs.clear()  # C0 factors on the device; reloaded from the disk cache when needed
     torch.cuda.empty_cache()
+    ok = False
     try:
         yield
+        ok = True
     finally:
+        if not ok:
+            pool.close()
         _make_room(pool, _model_bytes(study.model), device)
         study.model.to(device)
 
@@ -421,21 +429,34 @@ def _model_bytes(model) -> int:
 
 #: device memory kept free beside a driver model moved back (activations of its next forward)
 ROOM_MARGIN_BYTES = 2 << 30
+#: seconds the workers get to drop their studies, then for their memory to be freed once ended
+#: (``ray.kill`` returns before the process exits)
+RELEASE_TIMEOUT_S = 60.0
+FREED_TIMEOUT_S = 60.0
 
 
-def _make_room(pool: _Pool, need: int, device) -> None:
-    """Free ``need`` bytes (+ :data:`ROOM_MARGIN_BYTES`) on ``device``: the workers drop their
-    studies, then, if that is not enough, the pool ends (the next experiment starts new workers)."""
+def _make_room(pool: _Pool, need: int, device, *, poll_s: float = 0.5) -> None:
+    """Free ``need`` bytes (+ :data:`ROOM_MARGIN_BYTES`) on ``device``: the pool's workers drop their
+    studies (every worker: the driver cannot tell which share its GPU), then, if that is not
+    enough or they do not answer in time, the pool ends (the next experiment starts new workers)
+    and this waits until their memory is free. Past the deadline the model moves back anyway, and
+    an out-of-memory error names the device."""
     from .stats import free_bytes
 
-    for step in ("release", "end"):
-        if not pool.actors or free_bytes(device) >= need + ROOM_MARGIN_BYTES:
+    def room() -> bool:
+        return free_bytes(device) >= need + ROOM_MARGIN_BYTES
+
+    if room():
+        return
+    if pool.actors:
+        with contextlib.suppress(Exception):  # a lost or busy worker: ended below
+            pool.ray.get([a.release.remote() for a in pool.actors], timeout=RELEASE_TIMEOUT_S)
+        if room():
             return
-        if step == "release":
-            with contextlib.suppress(Exception):  # a lost worker holds nothing
-                pool.ray.get([a.release.remote() for a in pool.actors])
-        else:
-            shutdown()
+        pool.close()
+    deadline = time.monotonic() + FREED_TIMEOUT_S
+    while not room() and time.monotonic() < deadline:
+        time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------- the worker side

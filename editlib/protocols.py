@@ -521,7 +521,8 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
 EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode")
 #: covariance keys likewise: C0 accumulators per pass over the corpus change how many passes run,
-#: never a layer's sum (lowering it after running out of GPU memory resumes the folder)
+#: never a layer's sum (lowering it after running out of GPU memory resumes the folder). Recorded
+#: as their default (null), the digest folders written before had.
 COV_NOT_IN_DIGEST = ("layers_per_pass",)
 
 
@@ -531,7 +532,7 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
         del ev["gen_text"]  # the default: the digest it had before the key existed
     if ev["generation"]:  # GE's words depend on whether punkt is installed: a folder never mixes the two
         ev["ge_sentence_splitter"] = sentence_splitter()
-    cov = {k: v for k, v in asdict(study.params.covariance).items() if k not in COV_NOT_IN_DIGEST}
+    cov = {k: None if k in COV_NOT_IN_DIGEST else v for k, v in asdict(study.params.covariance).items()}
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
     data = asdict(study.params.data)

@@ -321,7 +321,7 @@ def pass_groups(layers: Sequence[int], per: int) -> list[list[int]]:
     sum is the same in any grouping."""
     if per < 1:
         raise ValueError(f"layers per pass must be positive, got {per}")
-    if not layers:
+    if len(layers) == 0:
         return []
     first = len(layers) % per or per
     return [list(layers[:first])] + [list(layers[i:i + per]) for i in range(first, len(layers), per)]

@@ -474,7 +474,7 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b or (k in old) != (k in new):  # a key only one side has is a change, even null
             keys.append(prefix + k)
     return keys
 

@@ -11,6 +11,7 @@ Ray workers; one Ray cluster (``ray.init(num_cpus=2)``), shut down at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -339,23 +340,33 @@ class _CudaStandIn:
         return self
 
 
-@pytest.mark.parametrize("free_gb, between", [
-    ({"start": 80, "release": 80, "end": 80}, []),                                  # room at once
-    ({"start": 10, "release": 80, "end": 80}, ["worker release"]),                  # after the release
-    ({"start": 10, "release": 20, "end": 80}, ["worker release", "worker end"]),    # once they end
+@pytest.mark.parametrize("free_gb, error, between", [
+    ({"start": 80, "release": 80, "end": 80}, False, []),                                # room at once
+    ({"start": 10, "release": 80, "end": 80}, False, ["worker release"]),                # after the release
+    ({"start": 10, "release": 20, "end": 80}, False, ["worker release", "worker end"]),  # once they end
+    ({"start": 10, "release": 20, "end": 20}, False, ["worker release", "worker end"]),  # never: moved at the deadline
+    ({"start": 80, "release": 80, "end": 80}, True, ["worker end"]),   # the driver failed: workers end first
 ])
-def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb, between):
+def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb, error, between):
     """On one GPU the Ray workers keep their studies after an experiment; the driver's model comes
     back from the CPU only when the device can hold it: the workers first drop their studies, and
-    the pool ends if that is not enough (a float32 Llama-3-8B beside a worker's on an 80 GB card)."""
+    the pool ends if that is not enough (a float32 Llama-3-8B beside a worker's on an 80 GB card),
+    then the driver waits for their memory to be freed (``ray.kill`` does not wait), up to a
+    deadline. When the driver stops on an error the workers end at once, before anything else."""
     import torch
 
     from editlib import stats
 
     events: list = []
-    state = {"now": "start"}
-    monkeypatch.setattr(stats, "free_bytes", lambda device: free_gb[state["now"]] << 30)
+    state = {"now": "start", "polls": 0}
+
+    def free(device):
+        state["polls"] += 1
+        return free_gb[state["now"]] << 30
+
+    monkeypatch.setattr(stats, "free_bytes", free)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(executor, "FREED_TIMEOUT_S", 0.05)
 
     class Actor:
         class release:
@@ -367,7 +378,8 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
 
     class FakeRay:
         @staticmethod
-        def get(refs):
+        def get(refs, timeout=None):
+            assert timeout == executor.RELEASE_TIMEOUT_S  # a busy or hung worker cannot block the driver
             return [None for _ in refs]
 
         @staticmethod
@@ -376,12 +388,14 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
             state["now"] = "end"
 
     pool = executor._Pool(FakeRay, ("k",), {}, 1, actors=[Actor()])
-    monkeypatch.setattr(executor, "_POOL", pool)
     study = type("S", (), {})()
     study.model, study._covs = _CudaStandIn(events, 32 << 30), {"x": 1}
-    with executor._offloaded(study, pool):
-        events.append(("workers run",))
+    with pytest.raises(RuntimeError) if error else contextlib.nullcontext():
+        with executor._offloaded(study, pool):
+            events.append(("workers run",))
+            if error:
+                raise RuntimeError("too many failed edits")
     assert events[:2] == [("model to", "cpu"), ("workers run",)] and study._covs == {}
     assert [e[0] for e in events[2:-1]] == between
     assert events[-1] == ("model to", "cuda:0")
-    assert (executor._POOL is None) == ("worker end" in between)
+    assert (not pool.actors) == ("worker end" in between)

@@ -517,3 +517,17 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
     with pytest.raises(SystemExit, match="sequential.emmet, sequential.memit only"):
         paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16",
                          "--set", "sequential.hparams.common.compile_blocks=reduce-overhead"])
+
+
+def test_c0_passes_are_priced_with_the_remainder_first(monkeypatch):
+    """C0 in several passes: each runs the corpus up to its deepest layer, the few leftover layers in
+    the first, shallowest pass (editlib.stats.pass_groups): 32 layers at 15 per pass cost 2 + 17 + 32
+    blocks per token, not 15 + 30 + 32."""
+    s = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    m = CostModel(GPUS["h100"], flops_only=True)
+    monkeypatch.setattr(CostModel, "c0_per_pass", lambda self, shape: 15)
+    one_block = 2 * s.block_params * m.c0_tokens / (m.peak * m.mm_eff)
+    gram = m.c0_collect(s, 32, 31) - (2 + 17 + 32) * one_block
+    assert gram > 0
+    monkeypatch.setattr(CostModel, "c0_per_pass", lambda self, shape: 32)
+    assert m.c0_collect(s, 32, 31) == pytest.approx(32 * one_block + gram)  # one pass: the same Gram work

@@ -298,3 +298,14 @@ def test_manifest_names_the_machine(tmp_path) -> None:
     assert m["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpus"] == os.cpu_count()
     if Path("/proc/cpuinfo").is_file():
         assert m["processor"]  # the CPU model, where platform.processor() says nothing
+
+
+def test_a_key_only_one_side_has_is_named_as_changed() -> None:
+    """A key dropped from (or added to) the params is a change even when its value was null: the
+    RunConflict message names it instead of "?"."""
+    from editlib.store import _changed
+
+    assert _changed({"c": {"a": 1, "b": None}}, {"c": {"a": 1}}) == ["c.b"]
+    assert _changed({"c": {"a": 1}}, {"c": {"a": 1, "b": None}}) == ["c.b"]
+    assert _changed({"c": {"a": 1, "b": None}}, {"c": {"a": 1, "b": None}}) == []
+    assert _changed({"c": {"a": 1}}, {"c": {"a": 2}}) == ["c.a"]

@@ -395,7 +395,7 @@ def _failed_try(ray, e: BaseException, spec: "UnitSpec", tries: Counter, failed:
 
 
 @contextlib.contextmanager
-def _offloaded(study: "Study", pool: _Pool):
+def _offloaded(study: "Study", pool: _Pool, *, poll_s: float = 0.5):
     """A driver model on a GPU moves to the CPU while the workers run (they need the memory), and
     back when they are done, once there is room for it. Workers keep their studies (model, cached
     GE memory) for the next experiment, so where the driver's GPU cannot hold its model beside them
@@ -417,10 +417,14 @@ def _offloaded(study: "Study", pool: _Pool):
         yield
         ok = True
     finally:
-        if not ok:
+        if ok:
+            _make_room(pool, _model_bytes(study.model), device, poll_s=poll_s)
+            study.model.to(device)
+        else:
             pool.close()
-        _make_room(pool, _model_bytes(study.model), device)
-        study.model.to(device)
+            with contextlib.suppress(Exception):  # the driver's own error is the one to report
+                _make_room(pool, _model_bytes(study.model), device, poll_s=poll_s)
+                study.model.to(device)
 
 
 def _model_bytes(model) -> int:

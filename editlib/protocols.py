@@ -522,8 +522,11 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode")
 #: covariance keys likewise: C0 accumulators per pass over the corpus change how many passes run,
 #: never a layer's sum (lowering it after running out of GPU memory resumes the folder). Recorded
-#: as their default (null), the digest folders written before had.
+#: as their default (null), the digest folders written with the default had.
 COV_NOT_IN_DIGEST = ("layers_per_pass",)
+#: ... and a folder whose manifest still records another value of one (written before it was left
+#: out) reopens too
+FREE_KEYS = (*(f"evaluation.{k}" for k in EVAL_NOT_IN_DIGEST), *(f"covariance.{k}" for k in COV_NOT_IN_DIGEST))
 
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
@@ -542,7 +545,8 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": ev, "data": data, "covariance": cov}
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
-                           json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock)
+                           json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock,
+                           free_keys=FREE_KEYS)
 
 
 WHAT = {"layer_search": "layer search", "singular": "singular edits", "sweep": "λ sweep",

@@ -274,11 +274,13 @@ class Experiment:
     params: dict
     provenance: dict
     lock: bool = True  # False: an executor worker of a run whose driver holds the folder's lock
+    #: dotted params keys that may differ from the stored ones on reopen (how, not what, was computed)
+    free_keys: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, results_dir: str | os.PathLike, run: str, experiment: str, params: dict,
              provenance: dict | None = None, *, allow_mixed_versions: bool | None = None,
-             wait: bool | None = None, lock: bool = True) -> "Experiment":
+             wait: bool | None = None, lock: bool = True, free_keys: Sequence[str] = ()) -> "Experiment":
         """Lock the folder (see the module docstring), check that it holds results of the same
         parameters and code version, and create its manifest. ``allow_mixed_versions`` and
         ``wait`` default to the environment (``EDITLIB_ALLOW_MIXED_VERSIONS``, ``EDITLIB_LOCK_WAIT``),
@@ -286,13 +288,15 @@ class Experiment:
 
         ``lock=False`` is for executor workers only: the driver of the run has opened the folder
         (it holds the lock and wrote the manifest); the worker checks the same parameters and
-        saves units without taking the lock."""
+        saves units without taking the lock. ``free_keys``: dotted params keys whose stored value
+        may differ (:attr:`free_keys`)."""
         root = Path(results_dir) / run / experiment
         if not lock:
-            return cls._open_unlocked(root, results_dir, run, params, provenance, allow_mixed_versions)
+            return cls._open_unlocked(root, results_dir, run, params, provenance, allow_mixed_versions,
+                                      tuple(free_keys))
         lock_folder(root, wait=env_flag(ENV_LOCK_WAIT) if wait is None else wait)
         try:
-            exp = cls(root, params, provenance or {})
+            exp = cls(root, params, provenance or {}, free_keys=tuple(free_keys))
             exp._check_reopen(results_dir, run, env_flag(ENV_ALLOW_MIXED) if allow_mixed_versions is None
                               else allow_mixed_versions)
         except BaseException:
@@ -306,13 +310,13 @@ class Experiment:
 
     @classmethod
     def _open_unlocked(cls, root: Path, results_dir, run: str, params: dict, provenance: dict | None,
-                       allow_mixed_versions: bool | None) -> "Experiment":
+                       allow_mixed_versions: bool | None, free_keys: tuple[str, ...] = ()) -> "Experiment":
         """A worker's handle: the folder must be open (locked, manifest written, not complete)
         by the run's driver."""
         if not held_elsewhere(root) or not (root / "manifest.json").is_file():
             raise StoreError(f"{root}: Experiment.open(lock=False) is for executor workers of a run whose "
                              "driver has opened the folder and holds its lock; none does")
-        exp = cls(root, params, provenance or {}, lock=False)
+        exp = cls(root, params, provenance or {}, lock=False, free_keys=free_keys)
         exp._check_reopen(results_dir, run, env_flag(ENV_ALLOW_MIXED) if allow_mixed_versions is None
                           else allow_mixed_versions)
         if exp.complete:
@@ -326,11 +330,12 @@ class Experiment:
         clean = f"python -m editlib clean {run} --results-dir {results_dir} --experiment {self.root.name}"
         if man and man.get("params_digest") != params_digest(self.params):
             changed = _changed(man.get("params", {}), json.loads(json.dumps(self.params, default=str)))
-            done = bool(man.get("complete"))
-            raise RunConflict(
-                f"{self.root} holds {'complete' if done else 'incomplete'} results made with different "
-                f"parameters (changed: {', '.join(changed) or '?'}); use another run name (params 'name') "
-                f"or remove them with `{clean}{' --include-complete' if done else ''}`")
+            if not changed or not set(changed) <= set(self.free_keys):  # free keys alone: the same results
+                done = bool(man.get("complete"))
+                raise RunConflict(
+                    f"{self.root} holds {'complete' if done else 'incomplete'} results made with different "
+                    f"parameters (changed: {', '.join(changed) or '?'}); use another run name (params 'name') "
+                    f"or remove them with `{clean}{' --include-complete' if done else ''}`")
         if man.get("complete") or allow_mixed:
             return
         differ = self.foreign_units()

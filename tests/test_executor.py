@@ -321,10 +321,10 @@ def test_workers_use_the_driver_context_templates(study):
 class _CudaStandIn:
     """A driver model as ``_offloaded`` sees it: its parameters on ``cuda:0``, its moves recorded."""
 
-    def __init__(self, events: list, nbytes: int) -> None:
+    def __init__(self, events: list, nbytes: int, free) -> None:
         import torch
 
-        self.events, self.device = events, torch.device("cuda", 0)
+        self.events, self.device, self.free = events, torch.device("cuda", 0), free
         self.p = torch.empty(nbytes, dtype=torch.uint8, device="meta")
 
     def parameters(self):
@@ -335,8 +335,8 @@ class _CudaStandIn:
     def buffers(self):
         return iter(())
 
-    def to(self, device):
-        self.events.append(("model to", str(device)))
+    def to(self, device):  # with the free device memory at that moment
+        self.events.append(("model to", str(device), self.free() if str(device) != "cpu" else 0))
         return self
 
 
@@ -349,24 +349,28 @@ class _CudaStandIn:
 ])
 def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb, error, between):
     """On one GPU the Ray workers keep their studies after an experiment; the driver's model comes
-    back from the CPU only when the device can hold it: the workers first drop their studies, and
-    the pool ends if that is not enough (a float32 Llama-3-8B beside a worker's on an 80 GB card),
-    then the driver waits for their memory to be freed (``ray.kill`` does not wait), up to a
-    deadline. When the driver stops on an error the workers end at once, before anything else."""
+    back from the CPU only when the device can hold it: the workers first drop their studies (asked
+    with a timeout, so a busy or hung worker cannot block the driver), and the pool ends if that is
+    not enough (a float32 Llama-3-8B beside a worker's on an 80 GB card), then the driver waits for
+    their memory to be freed (``ray.kill`` returns before the process exits), up to a deadline.
+    When the driver stops on an error the workers end at once, before anything else."""
     import torch
 
     from editlib import stats
 
     events: list = []
-    state = {"now": "start", "polls": 0}
+    state = {"now": "start", "polls": 0, "killed_at": None, "timeout": None}
 
-    def free(device):
+    def free(device):  # an ended worker's memory is freed a few polls after ray.kill returned
         state["polls"] += 1
-        return free_gb[state["now"]] << 30
+        now = state["now"]
+        if now == "end" and state["polls"] < state["killed_at"] + 3:
+            now = "release"
+        return free_gb[now] << 30
 
     monkeypatch.setattr(stats, "free_bytes", free)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(executor, "FREED_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(executor, "FREED_TIMEOUT_S", 0.2)
 
     class Actor:
         class release:
@@ -379,23 +383,27 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
     class FakeRay:
         @staticmethod
         def get(refs, timeout=None):
-            assert timeout == executor.RELEASE_TIMEOUT_S  # a busy or hung worker cannot block the driver
+            state["timeout"] = timeout
             return [None for _ in refs]
 
         @staticmethod
         def kill(actor, no_restart=True):
             events.append(("worker end",))
-            state["now"] = "end"
+            state["now"], state["killed_at"] = "end", state["polls"]
 
     pool = executor._Pool(FakeRay, ("k",), {}, 1, actors=[Actor()])
     study = type("S", (), {})()
-    study.model, study._covs = _CudaStandIn(events, 32 << 30), {"x": 1}
+    study.model, study._covs = _CudaStandIn(events, 32 << 30, lambda: free(None)), {"x": 1}
     with pytest.raises(RuntimeError) if error else contextlib.nullcontext():
-        with executor._offloaded(study, pool):
+        with executor._offloaded(study, pool, poll_s=0.01):
             events.append(("workers run",))
             if error:
                 raise RuntimeError("too many failed edits")
-    assert events[:2] == [("model to", "cpu"), ("workers run",)] and study._covs == {}
+    assert events[:2] == [("model to", "cpu", 0), ("workers run",)] and study._covs == {}
     assert [e[0] for e in events[2:-1]] == between
-    assert events[-1] == ("model to", "cuda:0")
+    assert events[-1][:2] == ("model to", "cuda:0")
     assert (not pool.actors) == ("worker end" in between)
+    if "worker release" in between:
+        assert state["timeout"] == executor.RELEASE_TIMEOUT_S
+    if free_gb["end"] == 80:  # room came: the model moved back into it, not before
+        assert events[-1][2] >= (32 + 2) << 30

@@ -217,6 +217,22 @@ def test_run_conflict_names_the_way_out_and_clean_takes_it(tmp_path, capsys) -> 
     Experiment.open(tmp_path, "run", "batch", PARAMS).close()  # the corrected re-run starts
 
 
+def test_free_keys_may_differ_from_the_stored_ones(tmp_path) -> None:
+    """A key the caller declares free (how results were computed, e.g. C0 accumulators per pass) may
+    hold another value in a folder's manifest, written before the key was left out of the digest;
+    any other change is still a conflict, naming it."""
+    old = {**PARAMS, "covariance": {"layers_per_pass": 15, "n": 1}}
+    new = {**PARAMS, "covariance": {"layers_per_pass": None, "n": 1}}
+    free = ("covariance.layers_per_pass",)
+    Experiment.open(tmp_path, "run", "batch", old).finish()
+    with pytest.raises(RunConflict, match=r"changed: covariance\.layers_per_pass\)"):
+        Experiment.open(tmp_path, "run", "batch", new)
+    assert Experiment.open(tmp_path, "run", "batch", new, free_keys=free).complete
+    worse = {**PARAMS, "covariance": {"layers_per_pass": None, "n": 2}}
+    with pytest.raises(RunConflict, match=r"changed: covariance\.layers_per_pass, covariance\.n\)"):
+        Experiment.open(tmp_path, "run", "batch", worse, free_keys=free)
+
+
 def test_clean_keeps_complete_unless_asked(tmp_path) -> None:
     done = Experiment.open(tmp_path, "run", "singular", PARAMS)
     done.finish()

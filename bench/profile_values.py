@@ -18,7 +18,6 @@ import time
 from dataclasses import replace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from editlib.context import make_templates
 from editlib.counterfact import sample
@@ -26,18 +25,6 @@ from editlib.models import load_model
 from editlib.params import resolve
 from editlib.tiny import load_tiny_records
 from editlib.values import _build, compute_values
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts every tensor operation dispatched (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _entries(w: torch.Tensor, p: torch.Tensor) -> int:
@@ -85,6 +72,8 @@ def main() -> None:
     print(f"compute_values: {wall:.2f} s ({wall / a.n * 1e3:.1f} ms per fact, {wall / iters * 1e3:.2f} ms per "
           f"iteration; {iters} iterations of chunks of {hp.z_batch_size})")
     if a.count_ops:
+        from arithmetic_floor import _OpCounter  # the same count as the floor's
+
         with _OpCounter() as ops:
             compute_values(model, tok, facts, a.layer, ctx, hp)
         print(f"  {ops.n / iters:.0f} tensor operations dispatched per iteration ({ops.n / a.n:.0f} per fact)")

@@ -18,10 +18,12 @@ al. 2025, arXiv 2502.01636): f stops at the first iteration (checked before its 
 so a fact whose target is already predicted stops with 0 steps) at which every target token is the
 argmax of the next-token distribution at its position under *every* rewriting prompt (the plain
 prompt and each context template; teacher forcing) — the ``mpes_hits``-th time this holds (the
-official ENCORE configs' ``prob_cutoff = -2`` is ``mpes_hits = 2``; the paper describes 1). Why: δ
+official ENCORE configs' ``prob_cutoff = -k`` is ``mpes_hits = k``: 2 for Llama-3-8B, 3 Llama-2-7B,
+4 GPT-2 XL; the paper describes 1). Why: δ
 is not over-optimised once the edit is already the model's top prediction (the paper's cause of
 degradation). Deviations from the official code: its check skips the plain prompt (it indexes
-rewriting prompts from 1) and it also keeps the loss threshold; here every prompt counts and MPES
+rewriting prompts from 1), fires when exactly 5 (prompt, target token) positions are correct (any 5
+of 5·T for a T-token target) and it also keeps the loss threshold; here every prompt counts and MPES
 alone decides, so a fact never stops before its target is the argmax everywhere.
 
 Batching: the loss is a sum of per-fact terms and Adam is element-wise, so one [N, d] parameter

@@ -82,3 +82,13 @@ def test_a_new_model_file_does_not_inherit_the_label_and_extends_like_any_path(t
     assert resolve(paper, overrides=["model.id=meta-llama/Llama-2-7b-hf", "model.label=L2"]).model.label == "L2"
     assert resolve(paper, overrides={"model.device": "cuda:1"}).model.label == "Llama-3-8B"
     assert resolve(paper, overrides={"second_model.device": "cuda:1"}).second_model.label == "Llama-2-7B"
+
+
+@pytest.mark.parametrize("name, norm_lambda, hits", [("llama3-8b", 20.0, 2), ("llama2-7b", 10.0, 3)])
+def test_paper_scale_encore_follows_its_official_config(name, norm_lambda, hits) -> None:
+    """ENCORE's official configs (scalable-model-editing/encore hparams/ENCORE/<model>.json):
+    mom2_update_weight 15000, add_prev_edits, update_norm_lambda 20 / 10 and prob_cutoff -2 / -3,
+    its most-probable early stopping at the 2nd / 3rd hit."""
+    hp = resolve(REPO_ROOT / "params" / f"{name}.yaml").method_hparams("encore", 1, "sequential")
+    assert (hp.mom2_update_weight, hp.update_norm_lambda, hp.add_prev_edits) == (15000.0, norm_lambda, True)
+    assert (hp.values.early_stop, hp.values.mpes_hits) == ("mpes", hits)

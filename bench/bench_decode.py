@@ -128,7 +128,7 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
     dec.step(ids[:, 6], 6)
     front = sum(_kernel_calls(m) for m in PyCodeCache.modules[seen:])
     compiled = dict(decode._COMPILED_FNS)
-    with _Dispatched(("empty", "empty_strided")) as c:  # outside the compiled functions (uncounted inside)
+    with _Dispatched() as c:  # outside the compiled functions (uncounted inside)
         decode._COMPILED_FNS.update({k: _paused(c, f) for k, f in compiled.items()})
         try:
             dec.step(ids[:, 7], 7)
@@ -138,7 +138,7 @@ def cpu_kernels_per_step(model, rows: int) -> dict[str, tuple[int, float]]:
     print(f"  compiled: {front} kernels per block front, {tail} in the tail, {c.n} dispatched outside", flush=True)
     for mode in ("transformers", "static", "graph"):  # eager: every dispatched operation that runs a kernel
         step = _one_step(model, rows, mode, ids)
-        with _Dispatched(("empty", "empty_strided")) as c:
+        with _Dispatched() as c:
             step()
         out[mode] = c.n
     return {m: (n, n / L) for m, n in out.items()}
@@ -213,15 +213,17 @@ def _paused(counter, fn):
 class _Dispatched(TorchDispatchMode):
     """Counts the aten operations dispatched that run a kernel: not views, not allocations."""
 
-    def __init__(self, skip):
+    #: operations that launch no kernel besides views: allocations and aliasing ones
+    NO_KERNEL = ("empty", "empty_strided", "_unsafe_view", "detach")
+
+    def __init__(self):
         super().__init__()
-        self.skip, self.n, self.paused = skip, 0, False
+        self.n, self.paused = 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         schema = func._schema
         view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-        name = func.overloadpacket.__name__
-        if not (self.paused or view or name in self.skip or name in ("_unsafe_view", "detach")):
+        if not (self.paused or view or func.overloadpacket.__name__ in self.NO_KERNEL):
             self.n += 1
         return func(*args, **(kwargs or {}))
 

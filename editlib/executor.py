@@ -417,14 +417,12 @@ def _offloaded(study: "Study", pool: _Pool, *, poll_s: float = 0.5):
         yield
         ok = True
     finally:
-        if ok:
+        if not ok:
+            pool.close()
+        # on an error, the driver's own error is the one to report
+        with contextlib.nullcontext() if ok else contextlib.suppress(Exception):
             _make_room(pool, _model_bytes(study.model), device, poll_s=poll_s)
             study.model.to(device)
-        else:
-            pool.close()
-            with contextlib.suppress(Exception):  # the driver's own error is the one to report
-                _make_room(pool, _model_bytes(study.model), device, poll_s=poll_s)
-                study.model.to(device)
 
 
 def _model_bytes(model) -> int:

@@ -520,13 +520,11 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 #: evaluation keys that change how scores are computed, not what they are: left out of an
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
 EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode")
-#: covariance keys likewise: C0 accumulators per pass over the corpus change how many passes run,
-#: never a layer's sum (lowering it after running out of GPU memory resumes the folder). Recorded
-#: as their default (null), the digest folders written with the default had.
-COV_NOT_IN_DIGEST = ("layers_per_pass",)
-#: ... and a folder whose manifest still records another value of one (written before it was left
-#: out) reopens too
-FREE_KEYS = (*(f"evaluation.{k}" for k in EVAL_NOT_IN_DIGEST), *(f"covariance.{k}" for k in COV_NOT_IN_DIGEST))
+#: params keys that may differ from a folder's manifest when it reopens (Experiment.open's
+#: free_keys): the evaluation keys above (a manifest written before one was left out may still hold
+#: it), and C0's accumulators per pass, which change how many passes run, never a layer's sum
+#: (lowering it after running out of GPU memory resumes the folder)
+FREE_KEYS = (*(f"evaluation.{k}" for k in EVAL_NOT_IN_DIGEST), "covariance.layers_per_pass")
 
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
@@ -535,7 +533,7 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
         del ev["gen_text"]  # the default: the digest it had before the key existed
     if ev["generation"]:  # GE's words depend on whether punkt is installed: a folder never mixes the two
         ev["ge_sentence_splitter"] = sentence_splitter()
-    cov = {k: None if k in COV_NOT_IN_DIGEST else v for k, v in asdict(study.params.covariance).items()}
+    cov = asdict(study.params.covariance)
     if not fast_gram_applies(cov["fast_gram"], next(study.model.parameters()).dtype):
         del cov["fast_gram"]  # no effect (off, or a float32 model): the digest it had before the key existed
     data = asdict(study.params.data)

@@ -302,11 +302,13 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
 
 @torch.no_grad()
 def generate(model, tok, prompt: str, max_new_tokens: int = 20) -> str:
-    """Greedy continuation of ``prompt`` (prompt included), to see what the model now says."""
+    """Greedy continuation of ``prompt`` (prompt included), to see what the model now says; decoded
+    as GE and the context templates are (:func:`editlib.generation.decode_as_reference`)."""
+    from .generation import decode_as_reference
     from .tokens import encode
 
     ids = torch.tensor([encode(tok, prompt)], device=next(model.parameters()).device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad)
-    return tok.decode(out[0], skip_special_tokens=True)
+    return decode_as_reference(tok, out[0].tolist(), skip_special_tokens=True)

@@ -89,7 +89,7 @@ def target_ids(tok, target: str) -> list[int]:
     special = set(tok.all_special_ids)
     while ids and ids[0] in special:
         ids = ids[1:]
-    if len(ids) > 1 and tok.decode(ids[:1]).strip() == "" and \
+    if len(ids) > 1 and tok.decode(ids[:1], clean_up_tokenization_spaces=False).strip() == "" and \
             str(tok.convert_ids_to_tokens(ids[1])).startswith("\u2581"):
         ids = ids[1:]  # sentencepiece: a lone "▁" for the leading space, then "▁Paris" carries it again
     if not ids:

@@ -147,7 +147,7 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
     ctx_texts = []
     for seed in MEMIT_SEEDS:  # a seed word followed by filler up to context_len tokens (BOS included)
         ids = encode(tok, seed + filler)[1:context_len]
-        ctx_texts.append(tok.decode(ids) + ". {}")
+        ctx_texts.append(tok.decode(ids, clean_up_tokenization_spaces=False) + ". {}")
     ctx = ContextTemplates(groups=(("{}",), tuple(ctx_texts)))
     seq = _build(tok, recs, ctx)
     kl = seq.is_kl.nonzero()[:, 0]

@@ -5,6 +5,9 @@ context templates (no sampling) and C0 collected from the model's own down-proje
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -15,6 +18,21 @@ from editlib.context import ContextTemplates
 from editlib.nethook import Trace
 from editlib.records import Record, Target
 from editlib.tokens import prepare_tokenizer
+
+#: EDITLIB_COUNTERFACT as the session started (tests may change the variable), else ../shared's subset
+_OUTER_COUNTERFACT = os.environ.get("EDITLIB_COUNTERFACT")
+SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact_subset.json.gz"
+
+
+def counterfact_subset() -> Path:
+    """The CounterFact records file the tests read: skips without it, except under CI, where it fails."""
+    found = [Path(p) for p in (_OUTER_COUNTERFACT, SHARED_SUBSET) if p and Path(p).is_file()]
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("CounterFact subset not found (set EDITLIB_COUNTERFACT; CI must have it)")
+        pytest.skip("CounterFact subset not available (set EDITLIB_COUNTERFACT)")
+    return found[0]
+
 
 WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
 

@@ -9,7 +9,6 @@ that need it skip, except under CI, where they fail.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import shutil
 import sys
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from _fixtures import one_thread  # noqa: F401  (autouse, module scope)
+from _fixtures import counterfact_subset, one_thread  # noqa: F401  (one_thread: autouse, module scope)
 
 import editlib.llama3_tokenizer as l3
-from editlib.counterfact import ENV_VAR, load_counterfact
+from editlib.counterfact import load_counterfact
 from editlib.models import load_model
 from editlib.records import Record
 from editlib.scoring import score_targets
@@ -29,8 +28,6 @@ from editlib.tokens import bos_offset, encode, filled_ids, prepare_tokenizer, ta
 
 BOS_ID, EOS_ID = 128_000, 128_001
 N_RECORDS = 2_000  # records whose strings are compared (≥ 1,000 asked for)
-_OUTER_ENV = os.environ.get(ENV_VAR)
-SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact_subset.json.gz"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -59,12 +56,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def records() -> list[Record]:
-    found = [p for p in (_OUTER_ENV, SHARED_SUBSET) if p and Path(p).is_file()]
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail(f"CounterFact subset not found (set {ENV_VAR}; CI must have it)")
-        pytest.skip(f"CounterFact subset not available (set {ENV_VAR})")
-    recs = load_counterfact(found[0])[:N_RECORDS]
+    recs = load_counterfact(counterfact_subset())[:N_RECORDS]
     assert len(recs) >= 1_000
     return recs
 
@@ -330,3 +322,23 @@ def test_wrong_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setattr(l3, "llama3_tokenizer_file", lambda: fake)
     with pytest.raises(RuntimeError, match="not Meta's Llama-3 tokenizer"):
         l3.build_llama3_tokenizer(use_cache=False)
+
+
+# --------------------------------------------------------------------------- the cost model's token counts
+
+def test_cost_model_token_counts_are_what_editlib_tokenises(tok, records) -> None:
+    """``editlib.workcount.TokenStats``'s defaults (what bench/paper_cost.py prices the paper grid
+    with) equal a fresh measurement on the first 1,000 facts of ordering 0 with the real Llama-3
+    tokenizer, so a change in how editlib tokenises cannot leave the cost model stale."""
+    import dataclasses
+
+    from editlib import counterfact
+    from editlib.workcount import TokenStats, measure_token_stats
+
+    got = measure_token_stats(counterfact.sample(load_counterfact(counterfact_subset()), 1000, 0), tok, 1000)
+    want = TokenStats()
+    for f in dataclasses.fields(TokenStats):
+        if f.name == "gen_len_hist":
+            assert [b for b in got.gen_len_hist if b[1] > 0] == list(want.gen_len_hist)
+        elif f.name != "source":
+            assert getattr(got, f.name) == getattr(want, f.name), f.name

@@ -36,6 +36,7 @@ from editlib.params import ParamsError, resolve
 from editlib.paths import repo_path
 
 HUB_ID = "meta-llama/Meta-Llama-3-8B"
+SECOND_ID = "meta-llama/Llama-2-7b-hf"  # params/llama3-8b.yaml's second_model
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 SIZES = {"layer_search.n_facts": 3, "singular.n_facts": 3, "sweep.total": 4, "sweep.batch_size": 4,
          "batch.total": 8, "batch.batch_sizes": [4, 8], "sequential.total": 4, "sequential.batch_sizes": [1, 2],
@@ -45,22 +46,31 @@ SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "N
 UNIT = ["method", "layer", "batch_size", "batch_index", "case_id"]
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    """A Hugging Face cache holding ``HUB_ID`` (refs/main → one snapshot), an editlib cache, the
-    C0 corpus as a parquet file; HF_HUB_OFFLINE on. Yields (tmp dir, CounterFact path)."""
-    cf = str(counterfact_subset())
-    tmp = tmp_path_factory.mktemp("hub")
-    repo = tmp / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+def _cache(hub: Path, repo_id: str, **shape) -> Path:
+    """Save a random 2-layer Llama with the Llama-3 vocabulary as ``repo_id``'s snapshot in the
+    Hugging Face cache ``hub`` (``refs/main`` names it); returns the snapshot directory."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
     snap = repo / "snapshots" / REVISION
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128_256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rope_theta=500_000.0, bos_token_id=128_000, eos_token_id=128_001,
-                                   tie_word_embeddings=False)
+                                   num_attention_heads=4, max_position_embeddings=256, bos_token_id=128_000,
+                                   eos_token_id=128_001, tie_word_embeddings=False, **shape)
     transformers.LlamaForCausalLM(cfg).save_pretrained(snap)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(REVISION)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A Hugging Face cache holding ``HUB_ID`` (Llama-3's RoPE θ and grouped-query attention) and
+    ``SECOND_ID`` (Figure 6's model: Llama-2's θ, one KV head per head; the Llama-3 tokenizer stands
+    in for its sentencepiece file, which no package ships), an editlib cache, the C0 corpus as a
+    parquet file; HF_HUB_OFFLINE on. Yields (tmp dir, CounterFact path)."""
+    cf = str(counterfact_subset())
+    tmp = tmp_path_factory.mktemp("hub")
+    first = _cache(tmp / "hub", HUB_ID, num_key_value_heads=2, rope_theta=500_000.0)
+    second = _cache(tmp / "hub", SECOND_ID, num_key_value_heads=4, rope_theta=10_000.0)
     texts = [f"{r.rewrite_prompt.format(r.subject)} {r.target_true.str}. " + " ".join(r.generation_prompts)
              for r in load_counterfact(cf)[:400]]
     pd.DataFrame({"text": texts}).to_parquet(tmp / "corpus.parquet")
@@ -68,7 +78,8 @@ def hub(tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("EDITLIB_CACHE", str(tmp / "editlib-cache"))
         mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp / "hub"))  # read at call time
-        l3.build_llama3_tokenizer(out_dir=snap)  # after EDITLIB_CACHE: the conversion is cached there
+        for snap in (first, second):
+            l3.build_llama3_tokenizer(out_dir=snap)  # after EDITLIB_CACHE: the conversion is cached there
         yield tmp, cf
 
 
@@ -76,7 +87,7 @@ def paper_params(tmp: Path, cf: str, name: str, **over):
     """params/llama3-8b.yaml with the test's sizes; C0 from the local parquet file unless overridden."""
     corpus = {"covariance.name": "parquet", "covariance.config": None,
               "covariance.data_files": str(tmp / "corpus.parquet"), "covariance.n_samples": 200}
-    base = {"results_dir": str(tmp / "results"), "name": name, "model.device": "cpu", "second_model": None,
+    base = {"results_dir": str(tmp / "results"), "name": name, "model.device": "cpu",
             "data.fact_list": "seeded", "data.counterfact_path": cf, **SIZES}
     return resolve(repo_path("params/llama3-8b.yaml"), overrides={**base, **corpus, **over})
 
@@ -104,8 +115,8 @@ def test_preflight_names_what_is_missing_offline(hub) -> None:
     with pytest.raises(ParamsError, match=r"batch: layer\(s\) \[7\] outside the model's 0\.\.1 decoder layers"):
         protocols.check_before_loading(deep, ["batch"])
     protocols.check_before_loading(paper_params(tmp, cf, "ok", **{"batch.layer": 1}), ["batch"])
-    other = paper_params(tmp, cf, "other", **{"model.id": "meta-llama/Llama-2-7b-hf"})
-    with pytest.raises(ModelNotFound, match="'meta-llama/Llama-2-7b-hf' is not in the local Hugging Face cache"):
+    other = paper_params(tmp, cf, "other", **{"model.id": "meta-llama/Meta-Llama-3-70B"})
+    with pytest.raises(ModelNotFound, match="'meta-llama/Meta-Llama-3-70B' is not in the local Hugging Face cache"):
         protocols.check_before_loading(other, ["batch"])
 
 
@@ -167,3 +178,18 @@ def test_sequential_runs_and_resumes_from_its_factor_log(hub, study) -> None:
     keys = [c for c in ("method", "batch_size", "ordering", "eval", "batch_index", "case_id") if c in whole.columns]
     x, y = (d.sort_values(keys).reset_index(drop=True) for d in (whole, resumed))
     assert_frame_equal(x[keys + SCORES], y[keys + SCORES], check_exact=False, rtol=0, atol=1e-6)
+
+
+def test_figure_6_second_model_by_hub_id(hub) -> None:
+    """Figure 6's layer search on the file's second model, found by its hub id: it inherits the
+    main model's device and dtype, and its results go to their own folder, named by its label."""
+    tmp, cf = hub
+    p = paper_params(tmp, cf, "fig6")
+    assert p.second_model.id == SECOND_ID and p.second_model.device == "cpu" and p.second_model.dtype == "float32"
+    st = protocols.open_study(p, which="second_model", experiments=["layer_search"], log=quiet)
+    assert st.model.config.rope_parameters["rope_theta"] == 10_000.0 and st.provenance()["model"] == SECOND_ID
+    cases = protocols.run_layer_search(st, log=quiet)
+    assert len(cases) == 3 * 2 * 2 and not cases["failed"].any()
+    root = Path(p.results_dir) / "fig6"
+    assert (root / "layer_search-Llama-2-7B" / "cases.parquet").is_file()
+    assert not (root / "layer_search").exists()

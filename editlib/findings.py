@@ -123,6 +123,11 @@ def _batch_drops(c: pd.DataFrame, method: str) -> tuple[int, int, dict[str, floa
         m: float(lo[k] - hi[k]) for m, k in (("ES", "ES_mean"), ("PS", "PS_mean"), ("NS", "NS_mean"), ("S", "S"))}
 
 
+def _change(drop: float) -> str:
+    """A score's drop as the signed change it is: 0.38 -> "−0.38", -12.5 -> "+12.50" (a rise)."""
+    return f"{-drop:+.2f}".replace("-", "−")
+
+
 def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("batch")
     if c is None or c["batch_size"].nunique() < 2 or not _methods(c, PAPER_METHODS):
@@ -133,9 +138,9 @@ def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
         lo, hi, d = _batch_drops(c, m)
         worst = max(("ES", "PS", "NS"), key=lambda k: d[k])
         holds &= d["S"] > 0 and worst == "NS"
-        margins.append(f"{m.upper()} S −{d['S']:.2f}")
-        parts.append(f"{m.upper()} B {lo}→{hi}: S −{d['S']:.2f}, NS −{d['NS']:.2f}, ES −{d['ES']:.2f}, "
-                     f"PS −{d['PS']:.2f} (largest drop: {worst})")
+        margins.append(f"{m.upper()} S {_change(d['S'])}")
+        parts.append(f"{m.upper()} B {lo}→{hi}: S {_change(d['S'])}, NS {_change(d['NS'])}, ES {_change(d['ES'])}, "
+                     f"PS {_change(d['PS'])} (largest drop: {worst})")
     m0 = _methods(c)[0]
     return {"claim": "bigger batches hurt, NS most",
             "paper": "MEMIT and EMMET at B 16→4096 on layer 1: every score falls, NS the most",

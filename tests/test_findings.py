@@ -56,6 +56,15 @@ def test_claims_fail_on_results_that_contradict_them():
     assert "MEMIT ≈ ROME for singular edits" not in got  # no singular experiment: no row
 
 
+def test_a_score_that_rises_with_the_batch_size_reads_as_a_rise():
+    """Drops are printed as signed changes: a score that rises from the smallest to the largest
+    batch is "+x", never "−-x"."""
+    t = findings.claims_table({"batch": batch(ns_drop=0.2, es_drop=-0.05)})  # PS rises (ES is capped at 1)
+    row = t[t.claim == "bigger batches hurt, NS most"].iloc[0]
+    assert "−-" not in row["ours"] and "PS +5.00" in row["ours"] and "NS −40.00" in row["ours"], row["ours"]
+    assert row["holds here"] == "yes"
+
+
 def test_rome_memit_difference_beyond_threshold_fails():
     c = pd.concat([cases([({"method": "memit", "layer": 0}, 1.0, 1.0, 1.0)]),
                    cases([({"method": "rome", "layer": 0}, 0.8, 0.8, 0.8)])])

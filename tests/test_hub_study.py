@@ -27,13 +27,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers
 from _fixtures import counterfact_subset, one_thread, quiet  # noqa: F401  (one_thread: autouse, module scope)
 from pandas.testing import assert_frame_equal
 
-import editlib.llama3_tokenizer as l3
 from editlib import protocols
 from editlib.counterfact import load_counterfact, sha256_file
+from editlib.hubcache import cache_stand_in, corpus_documents
 from editlib.models import ModelNotFound
 from editlib.params import ParamsError, resolve
 from editlib.paths import repo_path
@@ -41,7 +40,6 @@ from editlib.tokens import encode
 
 HUB_ID = "meta-llama/Meta-Llama-3-8B"
 SECOND_ID = "meta-llama/Llama-2-7b-hf"  # params/llama3-8b.yaml's second_model
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 MAX_POSITIONS = 512  # C0 texts are truncated here (max_length null); some corpus documents are longer
 SIZES = {"layer_search.n_facts": 3, "singular.n_facts": 3, "sweep.total": 4, "sweep.batch_size": 4,
          "batch.total": 8, "batch.batch_sizes": [4], "sequential.total": 4, "sequential.batch_sizes": [1, 2],
@@ -49,25 +47,6 @@ SIZES = {"layer_search.n_facts": 3, "singular.n_facts": 3, "sweep.total": 4, "sw
          "batch.layer": 1, "sequential.layer": 1}  # the paper's layer ("best" reads a finished layer search)
 SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc"]
 UNIT = ["method", "layer", "batch_size", "batch_index", "case_id"]
-
-
-def _cache(hub: Path, repo_id: str, **shape) -> Path:
-    """Save a random 2-layer Llama with the Llama-3 vocabulary as ``repo_id``'s snapshot in the
-    Hugging Face cache ``hub`` (``refs/main`` names it); returns the snapshot directory."""
-    repo = hub / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / REVISION
-    cfg = transformers.LlamaConfig(vocab_size=128_256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=MAX_POSITIONS,
-                                   bos_token_id=128_000, eos_token_id=128_001, tie_word_embeddings=False, **shape)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)  # logits spread enough for an edit to move probabilities
-    model.save_pretrained(snap)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    return snap
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +57,6 @@ def hub(tmp_path_factory):
     parquet file; HF_HUB_OFFLINE on. Yields (tmp dir, CounterFact path)."""
     cf = str(counterfact_subset())
     tmp = tmp_path_factory.mktemp("hub")
-    first = _cache(tmp / "hub", HUB_ID, num_key_value_heads=2, rope_theta=500_000.0)
-    second = _cache(tmp / "hub", SECOND_ID, num_key_value_heads=4, rope_theta=10_000.0)
     pd.DataFrame({"text": corpus_texts(cf)}).to_parquet(tmp / "corpus.parquet")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")  # editlib reads it at call time; the libraries at import, hence:
@@ -87,18 +64,15 @@ def hub(tmp_path_factory):
         mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
         mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp / "hub"))  # both read at call time
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "datasets"))  # a cached Wikipedia stays unseen
-        mp.setenv("EDITLIB_CACHE", str(tmp / "editlib-cache"))
-        for snap in (first, second):
-            l3.build_llama3_tokenizer(out_dir=snap)  # after EDITLIB_CACHE: the conversion is cached there
+        mp.setenv("EDITLIB_CACHE", str(tmp / "editlib-cache"))  # before the tokenizer's conversion is cached
+        cache_stand_in(tmp / "hub", HUB_ID, kv_heads=2, rope_theta=500_000.0, max_positions=MAX_POSITIONS)
+        cache_stand_in(tmp / "hub", SECOND_ID, kv_heads=4, rope_theta=10_000.0, max_positions=MAX_POSITIONS)
         yield tmp, cf
 
 
 def corpus_texts(cf: str) -> list[str]:
     """200 documents of 8 CounterFact records' sentences each (some longer than MAX_POSITIONS)."""
-    recs = load_counterfact(cf)[:1600]
-    sents = [f"{r.rewrite_prompt.format(r.subject)} {r.target_true.str}. " + " ".join(r.generation_prompts)
-             for r in recs]
-    return [" ".join(sents[i:i + 8]) for i in range(0, len(sents), 8)]
+    return corpus_documents(load_counterfact(cf))
 
 
 def paper_params(tmp: Path, cf: str, name: str, **over):

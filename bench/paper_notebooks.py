@@ -12,7 +12,7 @@ where the report is.
 
     EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz python bench/paper_notebooks.py [--out DIR] [--only 01 06]
 
-About 18 minutes on 2 CPU cores (notebook 07 takes half of it).
+About 18 minutes on 2 CPU cores (notebook 07 takes over half of it).
 """
 from __future__ import annotations
 

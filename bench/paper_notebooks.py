@@ -54,15 +54,14 @@ def main(argv=None) -> int:
     import pandas as pd
 
     from editlib.counterfact import load_counterfact
-    from editlib.hubcache import cache_stand_in, corpus_documents
+    from editlib.hubcache import PAPER_STAND_INS, cache_paper_stand_ins, corpus_documents, repo_dir
 
     out = Path(args.out).resolve()
     hub = out / "hub"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "EDITLIB_CACHE": str(out / "cache")}
     os.environ.update(EDITLIB_CACHE=env["EDITLIB_CACHE"])
-    if not (hub / "models--meta-llama--Meta-Llama-3-8B" / "refs" / "main").is_file():
-        cache_stand_in(hub, "meta-llama/Meta-Llama-3-8B", kv_heads=2, rope_theta=500_000.0)
-        cache_stand_in(hub, "meta-llama/Llama-2-7b-hf", kv_heads=4, rope_theta=10_000.0)
+    if not all((repo_dir(hub, r) / "refs" / "main").is_file() for r in PAPER_STAND_INS):
+        cache_paper_stand_ins(hub)
     corpus = out / "corpus.parquet"
     if not corpus.is_file():
         pd.DataFrame({"text": corpus_documents(load_counterfact(None))}).to_parquet(corpus)
@@ -78,6 +77,8 @@ def main(argv=None) -> int:
     timings = REPO / "runs" / "paper-notebooks" / "timings.json"
     if timings.is_file():
         for nb in json.loads(timings.read_text())["notebooks"]:
+            if args.only and not nb["notebook"].startswith(tuple(args.only)):
+                continue  # an earlier run's entry (reproduce --only keeps them)
             print(f"{nb['notebook']:40s} {nb['seconds']:8.1f} s  {nb['status']}")
     print(f"reproduce exit {rc} after {time.time() - t0:.0f} s; report: {REPO / 'runs' / 'paper-notebooks' / '06_report.html'}")
     return rc

@@ -16,10 +16,21 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["STAND_IN_REVISION", "cache_stand_in", "corpus_documents"]
+__all__ = ["PAPER_STAND_INS", "STAND_IN_REVISION", "cache_paper_stand_ins", "cache_stand_in", "corpus_documents",
+           "repo_dir"]
 
 #: the snapshot name ``refs/main`` points to
 STAND_IN_REVISION = "0123456789abcdef0123456789abcdef01234567"
+#: params/llama3-8b.yaml's two models and what their stand-ins keep of them: Llama-3's RoPE θ and
+#: grouped-query attention; Llama-2's θ and one KV head per head (the Llama-3 tokenizer stands in
+#: for Llama-2's sentencepiece file, which no package ships)
+PAPER_STAND_INS = {"meta-llama/Meta-Llama-3-8B": {"kv_heads": 2, "rope_theta": 500_000.0},
+                   "meta-llama/Llama-2-7b-hf": {"kv_heads": 4, "rope_theta": 10_000.0}}
+
+
+def repo_dir(hub: str | Path, repo_id: str) -> Path:
+    """``repo_id``'s folder in the Hugging Face cache ``hub``."""
+    return Path(hub) / ("models--" + repo_id.replace("/", "--"))
 
 
 def cache_stand_in(hub: str | Path, repo_id: str, *, n_layers: int = 2, hidden: int = 32, intermediate: int = 64,
@@ -33,7 +44,7 @@ def cache_stand_in(hub: str | Path, repo_id: str, *, n_layers: int = 2, hidden: 
 
     from .llama3_tokenizer import build_llama3_tokenizer
 
-    repo = Path(hub) / ("models--" + repo_id.replace("/", "--"))
+    repo = repo_dir(hub, repo_id)
     snap = repo / "snapshots" / STAND_IN_REVISION
     cfg = transformers.LlamaConfig(vocab_size=128_256, hidden_size=hidden, intermediate_size=intermediate,
                                    num_hidden_layers=n_layers, num_attention_heads=heads,
@@ -50,6 +61,12 @@ def cache_stand_in(hub: str | Path, repo_id: str, *, n_layers: int = 2, hidden: 
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(STAND_IN_REVISION)
     return snap
+
+
+def cache_paper_stand_ins(hub: str | Path, **kw) -> dict[str, Path]:
+    """:func:`cache_stand_in` for each of :data:`PAPER_STAND_INS` (``kw``: the shared sizes);
+    returns their snapshot directories."""
+    return {repo_id: cache_stand_in(hub, repo_id, **shape, **kw) for repo_id, shape in PAPER_STAND_INS.items()}
 
 
 def corpus_documents(records: Sequence, n_docs: int = 200, per_doc: int = 8) -> list[str]:

@@ -34,6 +34,17 @@ def counterfact_subset() -> Path:
     return found[0]
 
 
+#: the per-case scores every protocol stores
+SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc"]
+#: the columns that name a stored case (which unit, which fact)
+UNIT = ["method", "layer", "lam", "batch_size", "ordering", "eval", "batch_index", "case_id"]
+
+
+def sort_units(df):
+    """Cases in one order whatever order the units were stored in."""
+    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
+
+
 WORDS = "the cat sat on a mat and dog ran to Paris is capital of France".split()
 
 #: plain prompt + one type of two "generated" contexts (keys: ½ k_plain + ½ mean of the two)

@@ -26,7 +26,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread: workers run one thread too)
-from _fixtures import use
+from _fixtures import sort_units, use
 from editlib import executor, protocols
 from editlib.__main__ import main
 from editlib.params import ParamsError, resolve
@@ -44,7 +44,6 @@ SMALL = {
     "layer_search.n_facts": 4, "layer_search.layers": [0, 1], "layer_search.methods": ["rome", "memit"],
     "batch.total": 4, "batch.batch_sizes": [2, 4], "batch.layer": 1, "batch.methods": ["memit", "emmet"],
 }
-UNIT = ["method", "layer", "lam", "batch_size", "ordering", "eval", "batch_index", "case_id"]
 #: batches.parquet columns that say when and where time was spent (a worker charges the targets it
 #: prepared itself), not what was computed
 TIMING = ("seconds_values", "seconds_keys", "seconds_solve", "seconds_eval", "shared_targets")
@@ -91,10 +90,6 @@ def study(env, tmp_path_factory):
 
 def plan_failures(plan: Path, **units: dict) -> None:
     plan.write_text(json.dumps(units))
-
-
-def sort_units(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
 
 
 def stored(p, experiment: str, kind: str = "cases") -> pd.DataFrame:

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _fixtures import counterfact_subset, one_thread, quiet  # noqa: F401  (one_thread: autouse, module scope)
+from _fixtures import SCORES, UNIT, counterfact_subset, one_thread, quiet, sort_units  # noqa: F401  (one_thread: autouse, module scope)
 from pandas.testing import assert_frame_equal
 
 from editlib import protocols
 from editlib.counterfact import load_counterfact, sha256_file
-from editlib.hubcache import cache_stand_in, corpus_documents
+from editlib.hubcache import cache_paper_stand_ins, corpus_documents
 from editlib.models import ModelNotFound
 from editlib.params import ParamsError, resolve
 from editlib.paths import repo_path
@@ -45,16 +45,13 @@ SIZES = {"layer_search.n_facts": 3, "singular.n_facts": 3, "sweep.total": 4, "sw
          "batch.total": 8, "batch.batch_sizes": [4], "sequential.total": 4, "sequential.batch_sizes": [1, 2],
          "sequential.degradation_every": None, "evaluation.gen_max_len": 24,
          "batch.layer": 1, "sequential.layer": 1}  # the paper's layer ("best" reads a finished layer search)
-SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc"]
-UNIT = ["method", "layer", "batch_size", "batch_index", "case_id"]
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """A Hugging Face cache holding ``HUB_ID`` (Llama-3's RoPE θ and grouped-query attention) and
-    ``SECOND_ID`` (Figure 6's model: Llama-2's θ, one KV head per head; the Llama-3 tokenizer stands
-    in for its sentencepiece file, which no package ships), an editlib cache, the C0 corpus as a
-    parquet file; HF_HUB_OFFLINE on. Yields (tmp dir, CounterFact path)."""
+    """A Hugging Face cache holding stand-ins of ``HUB_ID`` and ``SECOND_ID`` (Figure 6's model;
+    editlib.hubcache.PAPER_STAND_INS), an editlib cache, the C0 corpus as a parquet file;
+    HF_HUB_OFFLINE on. Yields (tmp dir, CounterFact path)."""
     cf = str(counterfact_subset())
     tmp = tmp_path_factory.mktemp("hub")
     pd.DataFrame({"text": corpus_texts(cf)}).to_parquet(tmp / "corpus.parquet")
@@ -65,8 +62,7 @@ def hub(tmp_path_factory):
         mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp / "hub"))  # both read at call time
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp / "datasets"))  # a cached Wikipedia stays unseen
         mp.setenv("EDITLIB_CACHE", str(tmp / "editlib-cache"))  # before the tokenizer's conversion is cached
-        cache_stand_in(tmp / "hub", HUB_ID, kv_heads=2, rope_theta=500_000.0, max_positions=MAX_POSITIONS)
-        cache_stand_in(tmp / "hub", SECOND_ID, kv_heads=4, rope_theta=10_000.0, max_positions=MAX_POSITIONS)
+        assert set(cache_paper_stand_ins(tmp / "hub", max_positions=MAX_POSITIONS)) == {HUB_ID, SECOND_ID}
         yield tmp, cf
 
 
@@ -146,10 +142,6 @@ def test_generate_decodes_as_ge_does(study) -> None:
         "He said, as Paris's mayor")
 
 
-def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
-
-
 @pytest.mark.parametrize("runner", ["layer_search", "batch"])
 def test_batched_path_equals_the_reference_path_on_the_llama3_tokenizer(hub, study, runner) -> None:
     """The default batched path (per-row low-rank hooks, batched GE) against editing, evaluating
@@ -160,7 +152,7 @@ def test_batched_path_equals_the_reference_path_on_the_llama3_tokenizer(hub, stu
     ref = run(dataclasses.replace(study, params=paper_params(tmp, cf, f"ref-{runner}",
                                                              **{"evaluation.batched_edits": False})), log=quiet)
     got = run(dataclasses.replace(study, params=paper_params(tmp, cf, f"bat-{runner}")), log=quiet)
-    a, b = _sorted(got), _sorted(ref)
+    a, b = sort_units(got), sort_units(ref)
     n_edits = 3 * 2 * 2 if runner == "layer_search" else 8 * 2  # facts × layers × methods, or facts × methods
     assert len(a) == len(b) == n_edits and (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all()
     assert not a["failed"].any() and "GE" in a.columns and a["GE"].notna().all()
@@ -191,9 +183,8 @@ def test_sequential_runs_and_resumes_from_its_factor_log(hub, study) -> None:
     lines: list[str] = []
     resumed = protocols.run_sequential(dataclasses.replace(study, params=p), log=lines.append)
     assert any("resuming at batch 2/4" in line for line in lines), lines
-    keys = [c for c in ("method", "batch_size", "ordering", "eval", "batch_index", "case_id") if c in whole.columns]
-    x, y = (d.sort_values(keys).reset_index(drop=True) for d in (whole, resumed))
-    assert_frame_equal(x[keys + SCORES], y[keys + SCORES], check_exact=True)
+    keys = [c for c in UNIT if c in whole.columns]
+    assert_frame_equal(sort_units(whole)[keys + SCORES], sort_units(resumed)[keys + SCORES], check_exact=True)
 
 
 def test_figure_6_second_model_by_hub_id(hub) -> None:

@@ -21,7 +21,7 @@ import torch
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread)
-from _fixtures import assert_unedited, quiet, snapshot, use
+from _fixtures import SCORES, UNIT, assert_unedited, quiet, snapshot, sort_units, use
 from editlib import protocols
 from editlib.tf32 import matmul_tf32
 from editlib.__main__ import main
@@ -46,9 +46,7 @@ SMALL = {
     "sequential.total": 4, "sequential.batch_sizes": [2, 4], "sequential.layer": 1,
     "sequential.methods": ["memit", "emmet"],
 }
-SCORES = ["ES", "PS", "NS", "ES_mag", "PS_mag", "NS_mag", "ES_acc", "PS_acc", "NS_acc"]
 COLUMNS = ["case_id", "method", "layer", "batch_size", "batch_index", "eval", *SCORES]
-UNIT = ["method", "lam", "batch_size", "ordering", "eval", "batch_index", "case_id"]
 
 
 def params_for(results_dir: Path, name: str = "t", **over):
@@ -72,10 +70,6 @@ def weights0(study):
 
 def exp_dir(p, experiment: str) -> Path:
     return Path(p.results_dir) / p.name / experiment
-
-
-def sort_units(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values([c for c in UNIT if c in df.columns]).reset_index(drop=True)
 
 
 def check_columns(cases: pd.DataFrame):

@@ -500,12 +500,29 @@ def _texts_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+#: (batch_size, max_batch_tokens) of :func:`layer_covariance`'s defaults (and of ``covariance``'s
+#: params), which entries collected that way are keyed without.
+DEFAULT_BATCHING: tuple[int, int | None] = (16, None)
+
+
+def _batching_tag(batch_size: int, max_batch_tokens: int | None) -> str | None:
+    """How a corpus is cut into forward batches, when not :data:`DEFAULT_BATCHING`: each batch's
+    Σkkᵀ is one product added to the sum, so another cut sums in another order and moves C0's
+    last bits (and a 16-bit model's float32 per-batch products by more)."""
+    if (int(batch_size), max_batch_tokens) == DEFAULT_BATCHING:
+        return None
+    return f"b{int(batch_size)}" + (f"t{int(max_batch_tokens)}" if max_batch_tokens is not None else "")
+
+
 def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
-               dtype: str, texts_sha: str, gram32: bool = False, numerics: str | None = None) -> dict:
+               dtype: str, texts_sha: str, gram32: bool = False, numerics: str | None = None,
+               batching: str | None = None) -> dict:
     """Everything C0 depends on; stored in (and compared against) the file metadata (``gram``
-    only for :func:`fast_gram_applies` sums and ``numerics`` only under portable numerics
-    (:func:`editlib.numerics.cache_tag`), so native float64 entries keep their keys)."""
-    return ({"gram": "float32"} if gram32 else {}) | ({"numerics": numerics} if numerics else {}) | {
+    only for :func:`fast_gram_applies` sums, ``numerics`` only under portable numerics
+    (:func:`editlib.numerics.cache_tag`) and ``batching`` only for another cut than the default
+    (:func:`_batching_tag`), so the entries of earlier versions keep their keys)."""
+    return ({"gram": "float32"} if gram32 else {}) | ({"numerics": numerics} if numerics else {}) | (
+        {"batching": batching} if batching else {}) | {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
         "layer": str(layer),
@@ -531,15 +548,17 @@ def _numerics_suffix(numerics: str | None) -> str:
 def _cache_path(root: Path, key: dict) -> Path:
     gram = "_gram32" if key.get("gram") else ""
     num = _numerics_suffix(key.get("numerics"))
-    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}{num}.safetensors"
+    cut = f"_{key['batching']}" if key.get("batching") else ""
+    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}{cut}{num}.safetensors"
     return root / name
 
 
 def corpus_c0_cached(root: Path, corpus_key: str, device: torch.device | str) -> bool:
-    """Whether the stats cache ``root`` holds a C0 entry of corpus ``corpus_key`` (any model, layer
-    or sample count) that a run on ``device`` would read: one of this process's numerics
+    """Whether the stats cache ``root`` holds a C0 entry of corpus ``corpus_key`` (any model, layer,
+    sample count or batching) that a run on ``device`` would read: one of this process's numerics
     (:func:`c0_numerics`), named as :func:`_cache_path` names it."""
-    pattern = re.compile(rf".*_{re.escape(corpus_key)}_n[^_]+{re.escape(_numerics_suffix(c0_numerics(device)))}\.safetensors")
+    pattern = re.compile(rf".*_{re.escape(corpus_key)}_n[^_]+(_b[0-9]+(t[0-9]+)?)?"
+                         rf"{re.escape(_numerics_suffix(c0_numerics(device)))}\.safetensors")
     return root.is_dir() and any(pattern.fullmatch(f.name) for f in root.glob("*/*.safetensors"))
 
 
@@ -708,7 +727,8 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     missing: dict[int, tuple[dict, Path]] = {}
     seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
-        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32, numerics_tag)
+        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32, numerics_tag,
+                         _batching_tag(batch_size, max_batch_tokens))
         path = _cache_path(root, key)
         seen[l] = _mtime(path)
         if not usable(l, key, path):

@@ -74,6 +74,14 @@ def forwards(llama):
     handle.remove()
 
 
+def forbid_collection(monkeypatch) -> None:
+    """Fail the test if C0 is collected (rather than read from the cache)."""
+    def boom(*a, **k):
+        raise AssertionError("collected although cached")
+
+    monkeypatch.setattr(stats, "collect_second_moments", boom)
+
+
 # --------------------------------------------------------------------------- collection
 
 
@@ -235,10 +243,7 @@ def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypa
     assert first[1].count == n and rel(first[1].mom2, expected) < 1e-10
     assert first[1].cond > 1 and any("cond=" in m for m in logs)
 
-    def boom(*a, **k):
-        raise AssertionError("collected although cached")
-
-    monkeypatch.setattr(stats, "collect_second_moments", boom)
+    forbid_collection(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         second = layer_covariance(llama, tok, [1, 0], spec, records=world, cache_dir=tmp_path,
@@ -274,10 +279,7 @@ def test_portable_and_native_c0_are_cached_apart(llama, tok, world, tmp_path, mo
             "model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
             "model.layers.0.mlp.down_proj_float64_records-len48_nall_portable-2.safetensors"]
 
-        def boom(*a, **k):
-            raise AssertionError("collected although cached")
-
-        monkeypatch.setattr(stats, "collect_second_moments", boom)
+        forbid_collection(monkeypatch)
         again = layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path, progress=False,
                                  log=lambda m: None)
         assert again[0].key == portable[0].key
@@ -308,6 +310,40 @@ def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
                              records=other, cache_dir=tmp_path, progress=False, log=lambda m: None)
         assert calls[0] > n_before and c[0].key["n_samples"] == "3"
         assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_another_batching_is_cached_apart(llama, tok, tmp_path, monkeypatch) -> None:
+    """Each forward batch's Σkkᵀ is one product added to the sum, so another cut of the corpus
+    (covariance.batch_size, max_batch_tokens) moves C0's last bits: it is collected and cached apart,
+    never read from an entry cut another way; the default cut keeps its key and file name."""
+    spec = CorpusSpec("records", max_length=48)
+    facts = make_world(64, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = layer_covariance(llama, tok, [0], spec, records=facts, cache_dir=tmp_path, progress=False,
+                                   log=lambda m: None)[0]
+        cut = {}
+        for bs, mbt in ((4, None), (16, 64)):
+            logs: list[str] = []
+            cut[bs, mbt] = layer_covariance(llama, tok, [0], spec, records=facts, cache_dir=tmp_path,
+                                            progress=False, log=logs.append, batch_size=bs,
+                                            max_batch_tokens=mbt)[0]
+            assert not any("cached" in m for m in logs)  # collected, not read from another cut's entry
+    assert "batching" not in default.key
+    assert cut[4, None].key == {**default.key, "batching": "b4"}
+    assert cut[16, 64].key == {**default.key, "batching": "b16t64"}
+    for other in cut.values():  # the reason: the same statistic, summed in another order
+        assert not torch.equal(other.mom2, default.mom2)
+        assert rel(other.mom2, default.mom2) < 1e-14
+    assert sorted(p.name for p in tmp_path.rglob("*.safetensors")) == [
+        "model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
+        "model.layers.0.mlp.down_proj_float64_records-len48_nall_b16t64.safetensors",
+        "model.layers.0.mlp.down_proj_float64_records-len48_nall_b4.safetensors"]
+
+    forbid_collection(monkeypatch)
+    again = layer_covariance(llama, tok, [0], spec, records=facts, cache_dir=tmp_path, progress=False,
+                             log=lambda m: None, batch_size=4)[0]
+    assert torch.equal(again.mom2, cut[4, None].mom2)
 
 
 def test_corrupt_cache_is_recomputed(llama, tok, world, tmp_path) -> None:
@@ -816,8 +852,41 @@ def test_the_offline_corpus_check_counts_only_c0_of_this_runs_numerics(tmp_path,
     assert protocols._c0_cached(cp) and not protocols._c0_cached(cp, "cuda")
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert not protocols._c0_cached(cp)
-    (folder / f"model.layers.0.mlp.down_proj_float64_{key}_nall.safetensors").write_bytes(b"")
-    assert protocols._c0_cached(cp, "cuda") and not protocols._c0_cached(cp)
+    (folder / f"model.layers.0.mlp.down_proj_float64_{key}_n100_b64t24576.safetensors").write_bytes(b"")
+    assert protocols._c0_cached(cp, "cuda") and not protocols._c0_cached(cp)  # any cut of the corpus counts
+
+
+def test_an_offline_hub_corpus_is_not_needed_once_its_c0_is_cached(tmp_path, monkeypatch) -> None:
+    """Offline, the preflight asks the datasets cache for a Hugging Face C0 corpus, unless a C0 of
+    that corpus is in editlib's stats cache: then the corpus is never read and nothing is asked."""
+    import types
+
+    import datasets
+
+    from editlib import numerics, protocols
+    from editlib.params import CovParams, ParamsError
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for k in (numerics.ENV, "ATEN_CPU_CAPABILITY", "MKL_CBWR"):
+        monkeypatch.delenv(k, raising=False)
+    asked: list[str] = []
+
+    def builder(name, *a, **k):
+        asked.append(name)
+        raise FileNotFoundError(name)
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    cp = CovParams(kind="hf_dataset", name="wikimedia/wikipedia", config="20231101.en", n_samples=100)
+    study = types.SimpleNamespace(covariance=cp, model=types.SimpleNamespace(device="cpu"))
+    with pytest.raises(ParamsError, match="'wikimedia/wikipedia'.*not available offline"):
+        protocols._check_corpus_offline(study)
+    assert asked == ["wikimedia/wikipedia"]
+    folder = tmp_path / "stats" / "fp"
+    folder.mkdir(parents=True)
+    key = protocols.corpus_spec(cp).key()
+    (folder / f"model.layers.4.mlp.down_proj_float32_{key}_n100_b64t24576.safetensors").write_bytes(b"")
+    protocols._check_corpus_offline(study)
+    assert asked == ["wikimedia/wikipedia"]  # not asked again
 
 
 def test_passes_put_the_short_remainder_first(llama, tmp_path, monkeypatch) -> None:

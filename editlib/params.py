@@ -28,6 +28,8 @@ from .scoring import ALIGNMENTS
 SECTIONS = ("name", "model", "second_model", "data", "covariance", "evaluation", "hparams",
             "layer_search", "singular", "sweep", "batch", "sequential", "beyond", "executor", "results_dir",
             "figures_dir")
+#: the sections that hold one value rather than a mapping of keys
+SCALAR_SECTIONS = ("name", "results_dir", "figures_dir")
 
 
 class ParamsError(ValueError):
@@ -642,6 +644,10 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
     unknown = sorted(set(d) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"unknown params section(s) {unknown}; known: {list(SECTIONS)}")
+    flat = [k for k in SECTIONS if k not in SCALAR_SECTIONS and d.get(k) is not None and not isinstance(d[k], Mapping)]
+    if flat:
+        raise ParamsError(f"params section {flat[0]!r} must be a mapping of keys (or null), got "
+                          f"{type(d[flat[0]]).__name__} {d[flat[0]]!r}")
     if not d.get("name"):
         raise ParamsError("params need a 'name' (used for results/<name> and figures/<name>)")
     hp_raw = d.get("hparams") or {}
@@ -735,16 +741,15 @@ def _as_model(raw: Mapping, model: ModelParams) -> dict:
 
 
 def resolve(params_file: str | os.PathLike, *, overrides: Mapping | list | None = None,
-            **sections: Any) -> StudyParams:
-    """Load ``params_file``, deep-merge non-None ``sections`` (papermill injections), then apply
-    dotted ``overrides``; validate."""
+            sections: Mapping[str, Any] | None = None) -> StudyParams:
+    """Load ``params_file``, deep-merge ``sections`` (papermill injections; a None section replaces
+    the file's with null, e.g. ``second_model: null``: none), then apply dotted ``overrides``;
+    validate."""
     d = read_yaml(params_file)
-    for k, v in sections.items():
-        if v is None:
-            continue
+    for k, v in (sections or {}).items():
         if k not in SECTIONS:
             raise ParamsError(f"unknown params section {k!r}")
-        d = relabel(d, deep_merge(d, {k: v}), _labelled({k: v}))
+        d = relabel(d, {**d, k: None} if v is None else deep_merge(d, {k: v}), _labelled({k: v}))
     if overrides:
         items = list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(s) for s in overrides]
         given = {k.split(".")[0] for k, v in items if k.endswith(".label") or isinstance(v, Mapping) and "label" in v}

@@ -1,0 +1,88 @@
+"""editlib.notebook.setup: what papermill injects into a notebook's parameters becomes the study's
+params, or one clear ParamsError (a whole params file given with -f, a misspelt section, a
+section that is not a mapping)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from editlib.notebook import setup
+from editlib.params import SECTIONS, ParamsError, resolve
+from editlib.paths import REPO_ROOT
+
+TINY = str(REPO_ROOT / "params" / "tiny.yaml")
+
+
+def cell_defaults() -> dict:
+    """The namespace a notebook's parameters cell leaves: every section ``...`` (as in the file)."""
+    return {"params_file": TINY, "overrides": {}, **{k: ... for k in SECTIONS}}
+
+
+def test_defaults_are_the_params_file(capsys) -> None:
+    p, fig_dir = setup(cell_defaults())
+    assert p == resolve(TINY) and fig_dir == Path(p.figures_dir) / "tiny"
+    assert "params: params/tiny.yaml" in capsys.readouterr().out
+
+
+def test_an_injected_null_replaces_the_section_and_a_mapping_merges() -> None:
+    p, _ = setup({**cell_defaults(), "second_model": None, "batch": {"total": 256}})
+    assert p.second_model is None  # papermill -y 'second_model: null': Figure 6 off
+    assert p.batch.total == 256 and p.batch.batch_sizes == resolve(TINY).batch.batch_sizes
+    assert resolve(TINY).second_model is not None
+
+
+def test_a_whole_params_file_given_with_f_is_refused() -> None:
+    """papermill -f params/smoke.yaml injects its `extends`, which no notebook takes: the base
+    would silently stay params_file (tiny.yaml's sizes under smoke's name)."""
+    with pytest.raises(ParamsError, match=r"'extends'.*-p params_file FILE.yaml"):
+        setup({**cell_defaults(), "extends": "tiny.yaml", "name": "smoke"})
+
+
+def test_a_misspelt_section_is_named() -> None:
+    with pytest.raises(ParamsError, match=r"'bacth' \(params section 'batch'\?\)"):
+        setup({**cell_defaults(), "bacth": {"total": 4}})
+    setup({**cell_defaults(), "P": None, "FIG_DIR": "x", "pd": 1})  # other variables are no sections
+
+
+@pytest.mark.parametrize("text", ['{"batch.total": 256}', "batch.total=256", "[batch.total=256]"])
+def test_overrides_given_as_text(text) -> None:
+    """papermill -p passes a mapping or list as its text."""
+    p, _ = setup({**cell_defaults(), "overrides": text})
+    assert p.batch.total == 256
+
+
+def test_a_section_that_is_not_a_mapping_fails_with_its_name(tmp_path) -> None:
+    with pytest.raises(ParamsError, match=r"params section 'batch' must be a mapping of keys \(or null\), got int 5"):
+        setup({**cell_defaults(), "batch": 5})
+    f = tmp_path / "bad.yaml"
+    f.write_text("extends: " + TINY + "\nhparams: 3\n")
+    with pytest.raises(ParamsError, match="'hparams' must be a mapping"):
+        resolve(f)
+    with pytest.raises(ParamsError, match="overrides must be a mapping"):
+        setup({**cell_defaults(), "overrides": 5})
+
+
+@pytest.mark.slow
+def test_papermill_injections_reach_setup(tmp_path) -> None:
+    """The real path: notebook 04's own parameters cell and a setup cell under papermill, with -y
+    and with a whole params file as -f (refused, naming the fix)."""
+    import papermill as pm
+
+    nb = json.loads((REPO_ROOT / "notebooks" / "04_batch_editing.ipynb").read_text())
+    params_cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    probe = {**nb, "cells": [params_cell, {
+        "cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "id": "probe",
+        "source": "import editlib.notebook\nP, FIG_DIR = editlib.notebook.setup(globals())\n"
+                  "print('RESOLVED', P.name, P.second_model, P.batch.total)"}]}
+    src = tmp_path / "probe.ipynb"
+    src.write_text(json.dumps(probe))
+    kw = dict(cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    out = pm.execute_notebook(str(src), str(tmp_path / "a.ipynb"),
+                              parameters={"second_model": None, "batch": {"total": 256}}, **kw)
+    text = "".join("".join(o.get("text", "")) for c in out["cells"] for o in c.get("outputs", []))
+    assert "RESOLVED tiny None 256" in text
+    smoke = __import__("yaml").safe_load((REPO_ROOT / "params" / "smoke.yaml").read_text())
+    with pytest.raises(pm.PapermillExecutionError, match="params_file"):
+        pm.execute_notebook(str(src), str(tmp_path / "b.ipynb"), parameters=smoke, **kw)

@@ -42,12 +42,47 @@ def _facts_per_ordering(c: pd.DataFrame) -> int:
 
 
 def _spread(c: pd.DataFrame, stat: Callable[[pd.DataFrame], float]) -> str:
-    """``stat`` per ordering as "a ± b over n orderings", or "" for one ordering."""
+    """``stat`` per ordering as "a ± b over n orderings", or "" for one ordering. An ordering
+    whose edits all failed has no value: it is left out and said so, never counted as zero."""
     o = _orderings(c)
     if len(o) < 2:
         return "n/a (one ordering)"
-    v = np.array([stat(c[c["ordering"] == x]) for x in o], dtype=float)
-    return f"{v.mean():.2f} ± {v.std():.2f} over {len(o)} orderings"
+    v = np.array([_or_nan(stat, c[c["ordering"] == x]) for x in o], dtype=float)
+    ok = v[np.isfinite(v)]
+    if len(ok) < 2:
+        return f"n/a (scores in {len(ok)} of {len(o)} orderings)"
+    some = "" if len(ok) == len(o) else f" of {len(o)} (the others: no scores)"
+    return f"{ok.mean():.2f} ± {ok.std():.2f} over {len(ok)}{some} orderings"
+
+
+def _or_nan(stat: Callable[[pd.DataFrame], float], c: pd.DataFrame) -> float:
+    """``stat(c)``, NaN where it has nothing to compute from (every edit of ``c`` failed)."""
+    try:
+        return float(stat(c))
+    except (ValueError, KeyError, IndexError, _NoScores):
+        return float("nan")
+
+
+class _NoScores(Exception):
+    """A claim or finding needs S where every edit failed (no scores)."""
+
+
+def _scored(s: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a summary that have S (a configuration whose edits all failed has none)."""
+    return s[np.isfinite(s["S"].to_numpy(dtype=float))]
+
+
+def _unscored(s: pd.DataFrame, key: str, label: str) -> str:
+    """", no scores at B = 8, 16 (every edit failed)" for the configurations of ``s`` without S."""
+    bad = s[~np.isfinite(s["S"].to_numpy(dtype=float))]
+    if bad.empty:
+        return ""
+    return f", no scores at {label} = {', '.join(f'{v:g}' for v in bad[key])} (every edit failed)"
+
+
+def _no_scores_row(claim: str, paper: str, why: str) -> dict:
+    return {"claim": claim, "paper": paper, "ours": f"no scores: {why} (every edit failed; see the failure table)",
+            "holds": None, "margin": "n/a", "spread": "n/a"}
 
 
 #: the methods the paper's batch, sequential and λ claims are about
@@ -70,6 +105,8 @@ def _fmt_s(v: float) -> str:
 
 def _best_layer(c: pd.DataFrame, method: str = "memit") -> tuple[int, float, pd.DataFrame]:
     s = _s(c[c["method"] == method], ["layer"])
+    if _scored(s).empty:
+        raise _NoScores(f"{method.upper()} at every layer")
     top = s["S"].max()
     best = int(s[s["S"] == top]["layer"].min())
     return best, float(top), s
@@ -80,13 +117,17 @@ def claim_early_layer(stored: dict[str, pd.DataFrame]) -> dict | None:
     if c is None:
         return None
     method = "memit" if "memit" in set(c["method"]) else _methods(c)[0]
-    best, top, s = _best_layer(c, method)
-    n = int(s["layer"].max()) + 1
-    late = s[s["layer"] >= n // 2]
+    claim, paper = ("an early layer is the best place to edit",
+                    "layer 1 of 32 (0-indexed) scores best for MEMIT and ROME; Llama-2-7B too")
+    try:
+        best, top, s = _best_layer(c, method)
+    except _NoScores as e:
+        return _no_scores_row(claim, paper, str(e))
+    layers, n, of = _searched(c)
+    late = s[s["layer"].isin(layers[len(layers) // 2:])]  # the later half of the searched layers
     margin = top - float(late["S"].max()) if len(late) else float("nan")
-    return {"claim": "an early layer is the best place to edit",
-            "paper": "layer 1 of 32 (0-indexed) scores best for MEMIT and ROME; Llama-2-7B too",
-            "ours": f"layer {best} of {n} ({method.upper()} S {_fmt_s(top)}); best of the later half "
+    return {"claim": claim, "paper": paper,
+            "ours": f"layer {best} of {of} ({method.upper()} S {_fmt_s(top)}); best of the later half "
                     f"S {_fmt_s(top - margin)}",
             "holds": best < max(1, n // 4) or best <= 1,
             "margin": f"{margin:.2f} S points over the later half",
@@ -99,6 +140,9 @@ def claim_rome_memit(stored: dict[str, pd.DataFrame]) -> dict | None:
         return None
     s = _s(c, ["method"]).set_index("method")["S"]
     d = float(s["memit"] - s["rome"])
+    if not np.isfinite(d):
+        return _no_scores_row("MEMIT ≈ ROME for singular edits", "S 94.10 (MEMIT) vs 94.15 (ROME) at layer 1: ΔS −0.05",
+                              " and ".join(m.upper() for m in ("memit", "rome") if not np.isfinite(s[m])))
 
     def delta(x):
         t = _s(x, ["method"]).set_index("method")["S"]
@@ -118,6 +162,9 @@ def claim_rome_memit(stored: dict[str, pd.DataFrame]) -> dict | None:
 
 def _batch_drops(c: pd.DataFrame, method: str) -> tuple[int, int, dict[str, float]]:
     s = _s(c[c["method"] == method], ["batch_size"]).sort_values("batch_size")
+    if not np.isfinite(s["S"].to_numpy(dtype=float)[[0, -1]]).all():
+        raise _NoScores(f"{method.upper()} at B = " + " and ".join(
+            f"{int(r['batch_size'])}" for _, r in s.iloc[[0, -1]].iterrows() if not np.isfinite(r["S"])))
     lo, hi = s.iloc[0], s.iloc[-1]
     return int(lo["batch_size"]), int(hi["batch_size"]), {
         m: float(lo[k] - hi[k]) for m, k in (("ES", "ES_mean"), ("PS", "PS_mean"), ("NS", "NS_mean"), ("S", "S"))}
@@ -134,8 +181,13 @@ def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
         return None
     c = c[c["method"].isin(PAPER_METHODS)]  # the claim is about the paper's methods
     parts, holds, margins = [], True, []
+    try:
+        drops = {m: _batch_drops(c, m) for m in _methods(c)}
+    except _NoScores as e:
+        return _no_scores_row("bigger batches hurt, NS most",
+                              "MEMIT and EMMET at B 16→4096 on layer 1: every score falls, NS the most", str(e))
     for m in _methods(c):
-        lo, hi, d = _batch_drops(c, m)
+        lo, hi, d = drops[m]
         worst = max(("ES", "PS", "NS"), key=lambda k: d[k])
         holds &= d["S"] > 0 and worst == "NS"
         margins.append(f"{m.upper()} S {_change(d['S'])}")
@@ -152,7 +204,9 @@ def _seq_best(c: pd.DataFrame, method: str, ev: str = "current") -> tuple[int, f
     x = c[(c["method"] == method) & (c["eval"] == ev)] if "eval" in c.columns else c[c["method"] == method]
     s = summarize_cases(x, by=["batch_size"]).sort_values("batch_size")
     one = s.iloc[-1]  # the largest batch size: one batch of all facts (checked by the caller)
-    smaller = s.iloc[:-1]
+    smaller = _scored(s.iloc[:-1])
+    if not np.isfinite(one["S"]) or smaller.empty:
+        raise _NoScores(f"{method.upper()} " + ("in one batch" if not np.isfinite(one["S"]) else "in sequence"))
     best = smaller.loc[smaller["S"].idxmax()]
     return int(best["batch_size"]), float(best["S"]), int(one["batch_size"]), float(one["S"])
 
@@ -167,13 +221,20 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
         return None
     parts, holds, margins, final = [], True, [], []
     has_final = "eval" in c.columns and (c["eval"] == "final").any()
+    try:
+        best = {m: _seq_best(c, m) for m in _methods(c)}
+        best_final = {m: _seq_best(c, m, "final") for m in _methods(c)} if has_final else {}
+    except _NoScores as e:
+        return _no_scores_row("sequential batches beat one big batch of the same facts",
+                              "one batch of 4096 scores worst; sequential batches of 1024 score best (MEMIT and EMMET)",
+                              str(e))
     for m in _methods(c):
-        b, sb, one, so = _seq_best(c, m)
+        b, sb, one, so = best[m]
         holds &= sb > so
         margins.append(f"{m.upper()} {sb - so:+.2f}")
         parts.append(f"{m.upper()}: B = {b} in sequence S {_fmt_s(sb)} vs one batch of {one} S {_fmt_s(so)}")
         if has_final:
-            fb, fsb, _, fso = _seq_best(c, m, "final")
+            fb, fsb, _, fso = best_final[m]
             final.append(f"{m.upper()} best B = {fb} S {_fmt_s(fsb)} vs one batch {_fmt_s(fso)}")
     m0 = _methods(c)[0]
     ours = "; ".join(parts) + (f". Retention on the final model: {'; '.join(final)}" if final else "")
@@ -190,7 +251,10 @@ def claim_lambda(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = c[c["method"].isin(PAPER_METHODS)]
     parts = []
     for m in _methods(c):
-        s = _s(c[c["method"] == m], ["lam"])
+        s = _scored(_s(c[c["method"] == m], ["lam"]))
+        if s.empty:
+            parts.append(f"{m.upper()}: no scores at any λ (every edit failed)")
+            continue
         top = s.loc[s["S"].idxmax()]
         parts.append(f"{m.upper()} λ = {top['lam']:g} (S {_fmt_s(top['S'])})")
     return {"claim": "the chosen λ",
@@ -215,21 +279,33 @@ def claims_table(stored: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- the paragraphs
 
+def _searched(c: pd.DataFrame) -> tuple[list[int], int, str]:
+    """The searched layers, the depth they show (deepest + 1) and how to name them: "6" when every
+    layer up to the deepest was searched, else "the searched 0, 1, 5"."""
+    layers = sorted(int(l) for l in c["layer"].unique())
+    n = layers[-1] + 1
+    return layers, n, (str(n) if layers == list(range(n)) else "the searched " + ", ".join(map(str, layers)))
+
+
 def finding_layer_search(c: pd.DataFrame) -> str:
     parts = []
     for m in _methods(c):
-        best, top, s = _best_layer(c, m)
+        try:
+            best, top, s = _best_layer(c, m)
+        except _NoScores:
+            parts.append(f"{m.upper()} has no scores at any layer (every edit failed)")
+            continue
         worst = s.loc[s["S"].idxmin()]
         parts.append(f"{m.upper()} edits best at layer {best} (S {top:.2f}) and worst at layer "
-                     f"{int(worst['layer'])} (S {worst['S']:.2f})")
-    n = int(c["layer"].max()) + 1
-    return f"Over {n} layers, " + "; ".join(parts) + "."
+                     f"{int(worst['layer'])} (S {worst['S']:.2f}){_unscored(s, 'layer', 'layer')}")
+    return f"Over {_searched(c)[2]} layers, " + "; ".join(parts) + "."
 
 
 def finding_singular(c: pd.DataFrame) -> str:
     s = _s(c, ["method"]).set_index("method")
     layer = int(c["layer"].iloc[0]) if "layer" in c.columns else None
     bits = [f"{m.upper()} S {r['S']:.2f} (ES {r['ES_mean']:.2f}, PS {r['PS_mean']:.2f}, NS {r['NS_mean']:.2f})"
+            if np.isfinite(r["S"]) else f"{m.upper()} no scores (all {int(r['n'])} edits failed)"
             for m, r in s.iterrows()]
     k = len(_orderings(c))
     facts = f"{_facts_per_ordering(c)} facts" + (f" in each of {k} orderings" if k > 1 else "")
@@ -239,35 +315,49 @@ def finding_singular(c: pd.DataFrame) -> str:
 def finding_sweep(c: pd.DataFrame) -> str:
     bits = []
     for m in _methods(c):
-        s = _s(c[c["method"] == m], ["lam"]).sort_values("lam")
+        every = _s(c[c["method"] == m], ["lam"]).sort_values("lam")
+        s = _scored(every)
+        if s.empty:
+            bits.append(f"{m.upper()} has no scores at any λ (every edit failed)")
+            continue
         top = s.loc[s["S"].idxmax()]
         bits.append(f"{m.upper()} scores best at λ = {top['lam']:g} (S {top['S']:.2f}; range over the grid "
-                    f"{s['S'].min():.2f}–{s['S'].max():.2f})")
+                    f"{s['S'].min():.2f}–{s['S'].max():.2f}{_unscored(every, 'lam', 'λ')})")
     return "; ".join(bits) + "."
 
 
 def finding_batch(c: pd.DataFrame) -> str:
     bits = []
     for m in _methods(c):
-        s = _s(c[c["method"] == m], ["batch_size"]).sort_values("batch_size")
+        every = _s(c[c["method"] == m], ["batch_size"]).sort_values("batch_size")
+        s = _scored(every)
+        if s.empty:
+            bits.append(f"{m.upper()}: no scores at any batch size (every edit failed)")
+            continue
         first = float(s["S"].iloc[0])
         below = s[s["S"] < first - DROP]
         where = (f"falls more than {DROP:g} points below it from B = {int(below['batch_size'].iloc[0])} on"
                  if len(below) else f"stays within {DROP:g} points of it up to B = {int(s['batch_size'].iloc[-1])}")
         bits.append(f"{m.upper()}: S {first:.2f} at B = {int(s['batch_size'].iloc[0])}, {where} "
-                    f"(S {float(s['S'].iloc[-1]):.2f} at B = {int(s['batch_size'].iloc[-1])})")
+                    f"(S {float(s['S'].iloc[-1]):.2f} at B = {int(s['batch_size'].iloc[-1])}"
+                    f"{_unscored(every, 'batch_size', 'B')})")
     return "; ".join(bits) + "."
 
 
 def finding_sequential(c: pd.DataFrame) -> str:
     bits = []
     for m in _methods(c):
-        cur = summarize_cases(c[(c["method"] == m) & (c["eval"] == "current")], by=["batch_size"])
+        every = summarize_cases(c[(c["method"] == m) & (c["eval"] == "current")], by=["batch_size"])
+        cur = _scored(every)
+        if cur.empty:
+            bits.append(f"{m.upper()}: no scores at any batch size (every edit failed)")
+            continue
         top = cur.loc[cur["S"].idxmax()]
-        txt = f"{m.upper()}: B = {int(top['batch_size'])} scores best right after each batch (S {top['S']:.2f})"
+        txt = (f"{m.upper()}: B = {int(top['batch_size'])} scores best right after each batch (S {top['S']:.2f}"
+               f"{_unscored(every, 'batch_size', 'B')})")
         fin = c[(c["method"] == m) & (c["eval"] == "final")]
-        if len(fin):
-            f = summarize_cases(fin, by=["batch_size"])
+        f = _scored(summarize_cases(fin, by=["batch_size"])) if len(fin) else pd.DataFrame()
+        if len(f):
             ft = f.loc[f["S"].idxmax()]
             txt += f", B = {int(ft['batch_size'])} keeps the most on the final model (S {ft['S']:.2f})"
         bits.append(txt)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -580,19 +580,21 @@ def sweep_table(cases: pd.DataFrame, method: str) -> pd.DataFrame:
     return out
 
 
-def table2(params, batches: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Table 2: batch size, number of batches and total edits of the sequential-batch runs
-    (``params``: StudyParams). With ``batches`` (the diagnostics frame), also the batches actually
-    run per method."""
-    sq = params.sequential
-    out = pd.DataFrame({"Batch Size": list(sq.batch_sizes),
-                        "Num Batches": [math.ceil(sq.total / b) for b in sq.batch_sizes],
-                        "Total Edits": [sq.total] * len(sq.batch_sizes)})
+def table2(sizes, batches: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 2: batch size, number of batches and total edits of the sequential-batch runs.
+    ``sizes``: the stored experiment's spec (``StoredResult.spec``: what ran, as the report reads
+    it) or the StudyParams that are running it (their ``sequential`` section). With ``batches``
+    (the diagnostics frame), also the batches actually run per method."""
+    if not isinstance(sizes, Mapping):
+        sizes = {"total": sizes.sequential.total, "batch_sizes": sizes.sequential.batch_sizes}
+    total, sizes = int(sizes["total"]), [int(b) for b in sizes["batch_sizes"]]
+    out = pd.DataFrame({"Batch Size": sizes, "Num Batches": [math.ceil(total / b) for b in sizes],
+                        "Total Edits": [total] * len(sizes)})
     if batches is not None and not batches.empty:
         done = batches.groupby(["method", "batch_size"])["batch_index"].nunique().unstack(0)
         for m in done.columns:
             out[f"run ({m.upper()})"] = [int(done[m].get(b, 0)) if not pd.isna(done[m].get(b, 0)) else 0
-                                         for b in sq.batch_sizes]
+                                         for b in sizes]
     return out
 
 

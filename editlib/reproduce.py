@@ -62,6 +62,12 @@ class StoredResult:
     manifest: dict = field(default_factory=dict)
 
     @property
+    def spec(self) -> dict:
+        """What the experiment ran (sizes, methods, layer), as its manifest stored it: the report
+        reads this, not the params it is given, which may have changed since."""
+        return self.manifest.get("params", {}).get("spec", {})
+
+    @property
     def label(self) -> str:
         prov = self.manifest.get("provenance", {})
         return prov.get("model_label") or Path(str(prov.get("model", "model"))).name

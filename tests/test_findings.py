@@ -118,3 +118,55 @@ def test_claims_count_facts_per_ordering():
     sg3 = pd.concat([sg.assign(ordering=o, case_id=sg["case_id"] + 1000 * o) for o in (0, 1, 2)], ignore_index=True)
     assert findings.finding("singular", sg3).startswith("Singular edits of 20 facts in each of 3 orderings at layer 0")
     assert findings.finding("singular", sg).startswith("Singular edits of 20 facts at layer 0")
+
+
+def _fail(c: pd.DataFrame, where) -> pd.DataFrame:
+    """``c`` with the cases selected by ``where`` failed (no scores), as a diverged value leaves them."""
+    c = c.copy()
+    sel = where(c)
+    c.loc[sel, ["ES", "PS", "NS"]] = np.nan
+    c.loc[sel, "failed"] = True
+    return c
+
+
+def test_configurations_whose_edits_all_failed_are_named_not_compared():
+    """A configuration whose every edit failed has no S: the paragraphs say so and the claims read
+    n/a, instead of "stays within 5 points" or "largest drop: ES" computed from NaN."""
+    b = _fail(batch(ns_drop=0.2, es_drop=0.05), lambda d: d.batch_size == 64)
+    text = findings.finding("batch", b)
+    assert "no scores at B = 64 (every edit failed)" in text and "nan" not in text.lower()
+    assert "at B = 16, no scores at B = 64" in text  # the comparison runs over the scored batch sizes
+    t = findings.claims_table({"batch": b})
+    row = t.iloc[0]
+    assert row["holds here"] == "n/a" and "no scores: MEMIT at B = 64" in row["ours"] and "nan" not in row["ours"].lower()
+
+    everything = _fail(batch(ns_drop=0.2, es_drop=0.05), lambda d: d.method == "memit")
+    assert "MEMIT: no scores at any batch size" in findings.finding("batch", everything)
+    ls = _fail(layer_search(0), lambda d: d.layer == 3)
+    assert "no scores at layer = 3" in findings.finding("layer_search", ls)
+    assert findings.claims_table({"layer_search": ls})["holds here"].iloc[0] == "yes"
+    dead = _fail(layer_search(0), lambda d: d.method == "memit")
+    assert findings.claims_table({"layer_search": dead})["holds here"].iloc[0] == "n/a"
+    single = _fail(layer_search(0)[lambda d: d.layer == 0], lambda d: d.method == "rome")
+    assert "ROME no scores (all 20 edits failed)" in findings.finding("singular", single)
+    assert findings.claims_table({"singular": single})["holds here"].iloc[0] == "n/a"
+    seq = _fail(sequential(False), lambda d: d.batch_size == 20)
+    assert findings.claims_table({"sequential": seq})["holds here"].iloc[0] == "n/a"
+    assert "nan" not in findings.finding("sequential", seq).lower()
+
+
+def test_an_ordering_without_scores_is_left_out_of_the_spread():
+    b = batch(ns_drop=0.2, es_drop=0.05)
+    three = pd.concat([b.assign(ordering=o) for o in (0, 1, 2)], ignore_index=True)
+    spread = findings.claims_table({"batch": three})["spread"].iloc[0]
+    assert spread.endswith("over 3 orderings")
+    one_dead = _fail(three, lambda d: (d.ordering == 2) & (d.method == "memit") & (d.batch_size == 64))
+    assert findings.claims_table({"batch": one_dead})["spread"].iloc[0].endswith(
+        "over 2 of 3 (the others: no scores) orderings")
+
+
+def test_a_partial_layer_search_names_the_layers_it_searched():
+    ls = layer_search(0)[lambda d: d.layer.isin([0, 1, 5])]
+    assert findings.finding("layer_search", ls).startswith("Over the searched 0, 1, 5 layers, ")
+    assert "layer 0 of the searched 0, 1, 5" in findings.claims_table({"layer_search": ls})["ours"].iloc[0]
+    assert findings.finding("layer_search", layer_search(0)).startswith("Over 6 layers, ")

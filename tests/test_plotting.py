@@ -188,6 +188,18 @@ def test_table2_from_params():
     assert plotting.table2(p, b)["run (MEMIT)"].tolist() == [0, 3, 1]
 
 
+def test_table2_from_what_a_stored_run_ran(tmp_path):
+    """The report builds Table 2 from the stored manifest's spec: params changed since (tiny.yaml's
+    64 facts at B = 1, 4, 16, 64 here) must not list sizes that never ran."""
+    from editlib.reproduce import StoredResult
+    spec = {"total": 24, "batch_sizes": [1, 4, 24], "methods": ["memit"], "layer": 0}
+    b = pd.DataFrame({"method": ["memit"] * 7, "batch_size": [4] * 6 + [24], "batch_index": [0, 1, 2, 3, 4, 5, 0]})
+    r = StoredResult("sequential", tmp_path, pd.DataFrame(), b, {"params": {"spec": spec}})
+    t2 = plotting.table2(r.spec, r.batches)
+    assert t2.values.tolist() == [[1, 24, 24, 0], [4, 6, 24, 6], [24, 1, 24, 1]]
+    assert StoredResult("sequential", tmp_path, pd.DataFrame(), b).spec == {}
+
+
 def test_captions_name_model_data_sizes_and_flag_miniatures(rng, tmp_path):
     from editlib.reproduce import StoredResult, caption, result_title
 

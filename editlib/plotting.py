@@ -616,14 +616,24 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+FAILURE_COLUMNS = ("experiment", "configuration", "cases", "failed", "first reason", "jittered", "max τ (rel.)")
+
+
 def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
-                  failed_units: dict[str, dict[str, dict]] | None = None) -> pd.DataFrame:
+                  failed_units: dict[str, dict[str, dict]] | None = None,
+                  incomplete: dict[str, int] | None = None) -> pd.DataFrame:
     """Failed edits and regularised solves per experiment and configuration (method, layer, λ,
     batch size), counted on the rows scored right after their edit; one row per configuration
     with any failure or jitter, or one "none" row per experiment — so a report always says.
     ``failed_units`` (experiment -> unit -> {error, ...}, :func:`editlib.reproduce.stored_failed_units`):
-    units of work that failed on every try add one row each (their cases are missing, not failed)."""
+    units of work that failed on every try add one row each (their cases are missing, not failed).
+    ``incomplete`` (experiment -> units saved, :func:`editlib.reproduce.incomplete_experiments`):
+    one row each for experiments started but not finished. With nothing at all, one row says so."""
     rows = []
+    for exp, saved in (incomplete or {}).items():
+        rows.append({"experiment": exp, "configuration": f"incomplete: {saved} unit(s) saved, no results "
+                     "consolidated (rerun its notebook to resume)", "cases": 0, "failed": 0,
+                     "first reason": "not finished", "jittered": 0, "max τ (rel.)": ""})
     for exp, units in (failed_units or {}).items():
         for unit, info in sorted(units.items()):
             rows.append({"experiment": exp, "configuration": f"unit {unit} (not run: no cases stored)",
@@ -650,7 +660,10 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
         if not found:
             rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,
                          "first reason": "none", "jittered": 0, "max τ (rel.)": ""})
-    return pd.DataFrame(rows)
+    if not rows:
+        rows.append({"experiment": "(none)", "configuration": "no experiment stored", "cases": 0, "failed": 0,
+                     "first reason": "", "jittered": 0, "max τ (rel.)": ""})
+    return pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
 
 
 _PAPER_T1 = [("MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"),

@@ -427,6 +427,18 @@ def _check_alignment(p: StudyParams, tok, records: Sequence[Record]) -> None:
         raise ParamsError(str(e)) from None
 
 
+def check_layer_search_models(p: StudyParams) -> None:
+    """The layer search runs on ``model``, then on ``second_model`` (Figure 6): both are checked
+    before the first loads, so a layer past the second model's depth fails now, not after the main
+    model's whole search."""
+    check_before_loading(p, ["layer_search"])
+    if p.second_model is not None:
+        try:
+            check_before_loading(p, ["layer_search"], "second_model")
+        except ParamsError as e:
+            raise ParamsError(f"second_model (Figure 6's layer search): {e}") from None
+
+
 def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[str] = EXPERIMENTS,
                log=print) -> Study:
     """Validate, then load the model (``which``: "model" or "second_model") and its facts."""

@@ -86,6 +86,20 @@ def stored_experiments(p: StudyParams) -> list[str]:
     return sorted(found, key=lambda e: (rank.get(e.split("-", 1)[0], 99), e))
 
 
+def incomplete_experiments(p: StudyParams) -> dict[str, int]:
+    """Experiment folders a run started but did not finish (no consolidated ``cases.parquet``: a
+    crash, a kill, a notebook still running), with the units they saved; rerunning the
+    experiment's notebook resumes them."""
+    root = results_root(p)
+    if not root.is_dir():
+        return {}
+    rank = {e: i for i, e in enumerate(EXPERIMENT_ORDER)}
+    found = [d for d in root.iterdir() if d.is_dir() and not (d / "cases.parquet").is_file()
+             and ((d / "manifest.json").is_file() or (d / "parts").is_dir())]
+    return {d.name: len(list((d / "parts").glob("*.unit.json")))
+            for d in sorted(found, key=lambda d: (rank.get(d.name.split("-", 1)[0], 99), d.name))}
+
+
 def stored_failed_units(p: StudyParams) -> dict[str, dict[str, dict]]:
     """Experiment -> its ``failed_units.json`` (unit -> error, attempts, ...): the units that failed
     on every try and are missing from the stored results until a later run finishes them."""
@@ -245,6 +259,12 @@ def _failure(nb: Path, out: Path, e: Exception) -> ReproduceError:
         ename=getattr(e, "ename", None))
 
 
+#: the notebook kernels' own log at errors only: ipykernel warns on every start that its local
+#: TCP sockets are unencrypted (the kernel and this process share the machine), which read as an
+#: error before each notebook; the notebooks' own warnings go to their cells, not this log
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
     """Execute ``nb`` into ``out`` (cwd = the notebooks folder); wall seconds."""
     import papermill as pm
@@ -252,7 +272,7 @@ def run_notebook(nb: Path, out: Path, parameters: dict, kernel: str) -> float:
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(out), parameters=parameters, cwd=str(nb.parent),
-                            kernel_name=kernel, progress_bar=False)
+                            kernel_name=kernel, progress_bar=False, extra_arguments=KERNEL_ARGS)
     except pm.PapermillExecutionError as e:
         raise _failure(nb, out, e) from None
     except Exception as e:  # kernel died, timed out, could not start ...
@@ -276,13 +296,15 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     """Resolve the params and run the pre-load checks (model location, facts, then the
     protocols' own) for the selected notebooks."""
     from .preflight import check_study
-    from .protocols import check_before_loading
+    from .protocols import check_before_loading, check_layer_search_models
 
     p = anchor_params(resolve(params_file, overrides=overrides))
     exps = [e for nb in nbs for e in NOTEBOOK_EXPERIMENTS.get(nb.name[:2], [])]
     if exps:
         check_study(p, exps)
         check_before_loading(p, exps)
+    if "layer_search" in exps:  # notebook 01 also searches the second model's layers (Figure 6)
+        check_layer_search_models(p)
     if any(nb.name[:2] == BEYOND for nb in nbs):  # its own sizes and editors (layer: best is read later)
         from .beyond import study_params
 

@@ -189,6 +189,15 @@ def test_reproduce_params_errors(capsys, tmp_path, results, case) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_layer_past_the_second_models_depth_fails_before_the_main_search(capsys, tmp_path, results) -> None:
+    """Notebook 01 searches the main model's layers, then the second model's (Figure 6, 4 layers
+    in tiny.yaml): layer 5 is checked against both before either loads."""
+    argv = ["reproduce", "--params", "tiny", "--only", "01", "--runs-dir", str(tmp_path / "runs"), *results,
+            "--set", "layer_search.layers=[0, 5]"]
+    fails(capsys, argv, "second_model", "layer(s) [5]", "0..3")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_override_without_equals_and_missing_params_file(capsys, results) -> None:
     fails(capsys, run_args(results, "singular.n_facts"), "singular.n_facts", "key.sub=value")
     fails(capsys, ["run", "singular", "--params", "no-such-params", *results], "no-such-params")

@@ -86,3 +86,21 @@ def test_papermill_injections_reach_setup(tmp_path) -> None:
     smoke = __import__("yaml").safe_load((REPO_ROOT / "params" / "smoke.yaml").read_text())
     with pytest.raises(pm.PapermillExecutionError, match="params_file"):
         pm.execute_notebook(str(src), str(tmp_path / "b.ipynb"), parameters=smoke, **kw)
+
+
+@pytest.mark.slow
+def test_reproduce_kernels_do_not_print_their_transport_warning(tmp_path, capfd) -> None:
+    """ipykernel warns on every start that its local TCP sockets are unencrypted; `reproduce`
+    printed that before each notebook, where it read as an error."""
+    import nbformat
+
+    from editlib.reproduce import run_notebook
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import warnings\nwarnings.warn('the cell keeps its own warnings')")]
+    src = tmp_path / "w.ipynb"
+    nbformat.write(nb, src)
+    run_notebook(src, tmp_path / "out.ipynb", {}, "python3")
+    assert "without encryption" not in capfd.readouterr().err
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert "the cell keeps its own warnings" in out.cells[0].outputs[0]["text"]

@@ -158,6 +158,26 @@ def test_failures_and_jitter_are_shown(rng):
     assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 
 
+def test_failure_table_shows_unfinished_experiments_and_never_comes_out_empty(tmp_path):
+    """An experiment killed mid-way has part files but no consolidated cases: the report lists it
+    (with the units saved) instead of saying nothing, and an empty run still gets a table."""
+    from editlib.params import resolve
+    from editlib.reproduce import incomplete_experiments
+    p = resolve("smoke", overrides={"results_dir": str(tmp_path)})
+    (tmp_path / "smoke" / "sequential" / "parts").mkdir(parents=True)
+    (tmp_path / "smoke" / "sequential" / "manifest.json").write_text("{}")
+    for u in ("a", "b"):
+        (tmp_path / "smoke" / "sequential" / "parts" / f"{u}.unit.json").write_text("{}")
+    (tmp_path / "smoke" / "batch").mkdir()
+    (tmp_path / "smoke" / "batch" / "cases.parquet").write_bytes(b"")
+    assert incomplete_experiments(p) == {"sequential": 2}
+    ft = plotting.failure_table({}, None, incomplete_experiments(p))
+    assert ft.iloc[0]["experiment"] == "sequential" and "incomplete: 2 unit(s) saved" in ft.iloc[0]["configuration"]
+    empty = plotting.failure_table({})
+    assert list(empty.columns) == list(plotting.FAILURE_COLUMNS) and empty.iloc[0]["configuration"] == "no experiment stored"
+    assert plotting.to_markdown(empty).startswith("| experiment | configuration |")
+
+
 def test_sweep_table_and_comparison(rng):
     rows = [dict(method="emmet", layer=1, lam=l, batch_size=8, batch_index=0, eval="current", ordering=0)
             for l in (0.0, 1e-2)]

@@ -52,7 +52,8 @@ def _spread(c: pd.DataFrame, stat: Callable[[pd.DataFrame], float]) -> str:
     if len(ok) < 2:
         return f"n/a (scores in {len(ok)} of {len(o)} orderings)"
     some = "" if len(ok) == len(o) else f" of {len(o)} (the others: no scores)"
-    return f"{ok.mean():.2f} ± {ok.std():.2f} over {len(ok)}{some} orderings"
+    # the sample std (ddof 1), as the tables' "S over orderings" and the figures' bands
+    return f"{ok.mean():.2f} ± {ok.std(ddof=1):.2f} over {len(ok)}{some} orderings"
 
 
 def _or_nan(stat: Callable[[pd.DataFrame], float], c: pd.DataFrame) -> float:
@@ -268,12 +269,46 @@ def claim_lambda(stored: dict[str, pd.DataFrame]) -> dict | None:
 CLAIMS = (claim_early_layer, claim_rome_memit, claim_batch_hurts, claim_sequential, claim_lambda)
 
 
+def _holds_per_ordering(claim: Callable[[dict], dict | None], stored: dict[str, pd.DataFrame],
+                        orderings: list) -> list[bool | None]:
+    """Whether ``claim`` holds on each ordering's cases alone (None: it cannot be judged there)."""
+    out = []
+    for o in orderings:
+        part = {e: c[c["ordering"] == o] if "ordering" in c.columns else c for e, c in stored.items()}
+        try:
+            r = claim(part)
+        except (ValueError, KeyError, IndexError, _NoScores):
+            r = None
+        out.append(None if r is None else r["holds"])
+    return out
+
+
+def _holds_label(pooled: bool | None, per: list[bool | None]) -> str:
+    """"yes" / "no" over the pooled cases, qualified when the orderings disagree: "yes over all,
+    in 2 of 3 orderings" (one ordering reverses it), "no over all, yes in 1 of 3 orderings"."""
+    if pooled is None:
+        return "n/a"
+    word = "yes" if pooled else "no"
+    if len(per) < 2:
+        return word
+    k, n = sum(1 for h in per if h), len(per)
+    if pooled and k == n or not pooled and k == 0:
+        return word
+    return f"yes over all, in {k} of {n} orderings" if pooled else f"no over all, yes in {k} of {n} orderings"
+
+
 def claims_table(stored: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per claim whose experiment was run: claim, paper, ours, holds here (yes / no /
-    n/a), margin, spread over orderings."""
-    rows = [r for r in (f(stored) for f in CLAIMS) if r is not None]
+    n/a over the pooled cases, and in how many orderings when they disagree), margin, spread
+    over orderings."""
+    orderings = sorted(set().union(*(set(_orderings(c)) for c in stored.values()))) if stored else []
+    rows = []
+    for f in CLAIMS:
+        r = f(stored)
+        if r is not None:
+            per = _holds_per_ordering(f, stored, orderings) if len(orderings) > 1 and r["holds"] is not None else []
+            rows.append({**r, "holds": _holds_label(r["holds"], per)})
     t = pd.DataFrame(rows, columns=["claim", "paper", "ours", "holds", "margin", "spread"])
-    t["holds"] = [("n/a" if h is None else "yes" if h else "no") for h in t["holds"]]
     return t.rename(columns={"holds": "holds here"})
 
 

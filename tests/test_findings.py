@@ -170,3 +170,21 @@ def test_a_partial_layer_search_names_the_layers_it_searched():
     assert findings.finding("layer_search", ls).startswith("Over the searched 0, 1, 5 layers, ")
     assert "layer 0 of the searched 0, 1, 5" in findings.claims_table({"layer_search": ls})["ours"].iloc[0]
     assert findings.finding("layer_search", layer_search(0)).startswith("Over 6 layers, ")
+
+
+def test_the_claims_say_when_an_ordering_disagrees_and_spread_with_the_sample_std():
+    """"holds here" is judged on the pooled cases and, with several orderings, on each: a claim one
+    ordering reverses reads "yes over all, in 2 of 3 orderings", not a bare "yes". The spread is
+    the sample std over orderings, as the tables' "S over orderings" and the figures' bands."""
+    parts = [sequential(False).assign(ordering=0), sequential(False).assign(ordering=1),
+             sequential(True).assign(ordering=2)]  # ordering 2: one batch scores best
+    three = pd.concat(parts, ignore_index=True)
+    t = findings.claims_table({"sequential": three})
+    assert t["holds here"].iloc[0] == "yes over all, in 2 of 3 orderings"
+    margins = np.array([95.0 - 85.0, 95.0 - 85.0, 95.0 - 100.0])  # best sequential S − one batch's, per ordering
+    assert t["spread"].iloc[0] == f"MEMIT margin: {margins.mean():.2f} ± {margins.std(ddof=1):.2f} over 3 orderings"
+    assert findings.claims_table({"sequential": pd.concat([parts[2].assign(ordering=o) for o in (0, 1)] + [parts[0].assign(ordering=2)],
+                                                          ignore_index=True)})["holds here"].iloc[0] == \
+        "no over all, yes in 1 of 3 orderings"
+    agree = pd.concat([sequential(False).assign(ordering=o) for o in range(3)], ignore_index=True)
+    assert findings.claims_table({"sequential": agree})["holds here"].iloc[0] == "yes"

@@ -157,7 +157,7 @@ def _download(dest: Path, url: str | None = None, sha256: str | None = None) -> 
 
 def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
     """Find the CounterFact file (see module docstring); downloads only when allowed."""
-    given = _given_file("the CounterFact file", (path, "the given path"), (os.environ.get(ENV_VAR), ENV_VAR))
+    given = _given_file("the CounterFact file", (path, "data.counterfact_path (the path given)"), (os.environ.get(ENV_VAR), ENV_VAR))
     if given is not None:
         return given
     return _cached_or_download(

@@ -65,6 +65,27 @@ class ModelLoadError(RuntimeError):
     the file or directory)."""
 
 
+#: the files a saved tokenizer leaves (one is enough): without them transformers may build an
+#: empty tokenizer for some configs (Qwen2, GPT-2) without an error
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_tokenizer(tok, model, source: str) -> None:
+    """A tokenizer the model can run: it turns text into ids, and the ids editlib feeds the model
+    (text's, BOS, EOS, pad) index rows of its embedding. Either failure otherwise surfaces much
+    later as a reshape of 0 elements or an index out of range."""
+    probe = tok("The capital of France is Paris", add_special_tokens=False)["input_ids"]
+    if not probe:
+        raise ModelLoadError(f"{source}: its tokenizer turns text into no ids (an empty tokenizer: were the "
+                             "tokenizer files saved with the model?)")
+    rows = model.get_input_embeddings().num_embeddings
+    used = {"text": max(probe), "bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    past = {k: v for k, v in used.items() if v is not None and v >= rows}
+    if past:
+        raise ModelLoadError(f"{source}: tokenizer id(s) {past} are past the model's {rows} embedding rows "
+                             "(a tokenizer of another model, or tokens added without resizing the embedding)")
+
+
 def check_model_dir(path: str | os.PathLike) -> None:
     """Cheap checks of a local model directory before anything is loaded: ``config.json`` present
     and valid JSON, every ``*.safetensors`` file's header readable and covering the whole file (a
@@ -80,6 +101,9 @@ def check_model_dir(path: str | os.PathLike) -> None:
         raise ModelLoadError(f"model config {cfg} cannot be read: {e}") from None
     from safetensors import SafetensorError, safe_open
 
+    if not any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory {d!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer with the model (tokenizer.save_pretrained(dir))")
     for name in sorted(os.listdir(d)):
         if name.endswith(".safetensors"):
             try:
@@ -182,6 +206,7 @@ def load_model(
     model.requires_grad_(False)
     with _load_errors("tokenizer", source):
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **common))
+    check_tokenizer(tok, model, source)
     return model, tok
 
 

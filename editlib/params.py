@@ -664,7 +664,12 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         try:
             hparams[m] = EditHParams.from_dict({**common, **(hp_raw.get(m) or {}), "method": m})
         except (TypeError, ValueError) as e:
-            raise ParamsError(f"hparams.{m}: {e}") from e
+            try:  # name the section the bad value was written in: the method's own, else common
+                EditHParams.from_dict({**common, "method": m})
+                where = f"hparams.{m}"
+            except (TypeError, ValueError):
+                where = "hparams.common"
+            raise ParamsError(f"{where}: {e}") from e
     bad_hp = sorted(set(hp_raw) - set(METHODS) - {"common"})
     if bad_hp:
         raise ParamsError(f"unknown hparams section(s) {bad_hp}; known: common, {', '.join(METHODS)}")

@@ -81,6 +81,12 @@ def _records(p: StudyParams, mp: ModelParams) -> tuple[list[Record], str] | None
         return make_world(p.data.world_records, p.data.world_seed), f"the synthetic world ({p.data.world_records} records)"
     if mp.tiny or not mp.id or not Path(mp.id).expanduser().is_dir():
         return None
+    from .counterfact import DatasetNotFound
     from .tiny import load_tiny_records
 
-    return load_tiny_records(Path(mp.id).expanduser(), p.data.counterfact_path), f"model directory {mp.id}"
+    d = Path(mp.id).expanduser()
+    if not any((d / f).is_file() for f in ("records.json", "case_ids.json")):
+        raise DatasetNotFound(f"data.source is 'model' (the facts a miniature was trained on), but {mp.id} has "
+                              "neither records.json nor case_ids.json: not an editlib miniature; set data.source: "
+                              "counterfact (with data.counterfact_path) or world")
+    return load_tiny_records(d, p.data.counterfact_path), f"model directory {mp.id}"

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import counterfact
+from . import arch, counterfact
 from .arch import n_layers
 from .beyond import s_over_orderings
 from .context import ContextTemplates, make_templates
@@ -286,9 +286,11 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
         counterfact.resolve_counterfact(p.data.counterfact_path, download=None)
     fact_list_for(p, download=None)  # data.fact_list reference: found or fetched now, not mid-run
     depth = None
-    if mp.id and not mp.tiny and os.path.isdir(mp.id):
-        cfg = json.loads((Path(mp.id) / "config.json").read_text())
+    cfg = _model_config(mp)
+    if cfg is not None:
+        _check_config(p, cfg, which, mp)
         depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    if mp.id and not mp.tiny and os.path.isdir(mp.id):
         if p.data.source == "model":
             from .tiny import load_tiny_records
             n_avail = len(counterfact.unique_subject_case_ids(load_tiny_records(mp.id, p.data.counterfact_path)))
@@ -297,9 +299,6 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                         "sweep": p.sweep.total, "batch": p.batch.total, "sequential": p.sequential.total}.get(e, 0)
                 if need > n_avail:
                     raise ParamsError(f"{e} needs {need} facts but the model's records have only {n_avail}")
-    elif mp.id and not mp.tiny:
-        from .models import _offline, _resolve_source  # fail fast for missing hub ids offline
-        depth = _hub_depth(_resolve_source(mp.id, _offline(False), None), mp, _offline(False))
     elif mp.tiny:
         from .tiny import TinyConfig
         depth = int(mp.tiny.get("n_layers") or TinyConfig.n_layers)
@@ -315,7 +314,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     cp = p.covariance
     if cp.kind == "text_file" and not (cp.path and Path(cp.path).is_file()) and not _c0_cached(cp, p.model.device):
         raise ParamsError(f"covariance.path {cp.path!r} is not a file and no C0 computed from it is cached "
-                          "(covariance.kind text_file reads one text per line)")
+                          "(covariance.kind text_file reads texts separated by blank lines)")
     for i, e in enumerate(experiments):  # layer 'best' reads this run's layer search (best_layer)
         if getattr(getattr(p, e), "layer", None) == "best" and "layer_search" not in experiments[:i]:
             path = _layer_search_cases(p, which)
@@ -325,15 +324,43 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                                   f"--params <file> layer-search {e.replace('_', '-')}`), or give an integer layer")
 
 
-def _hub_depth(source: str, mp, offline: bool) -> int | None:
-    """Decoder layers of a hub model from its config alone (cached, or a small download online);
-    None when it cannot be read here (the loader then says why)."""
+def _model_config(mp) -> dict | None:
+    """A model's ``config.json`` as a dict, before its weights load: read from a local folder, or
+    from the Hugging Face cache (or a small download online) for a hub id, which fails fast when
+    the id is missing offline; None for a miniature's build spec or a config that cannot be read
+    here (the loader then says why)."""
+    if not mp.id or mp.tiny:
+        return None
+    if os.path.isdir(mp.id):
+        try:
+            return json.loads((Path(mp.id) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    from .models import _offline, _resolve_source
+    source = _resolve_source(mp.id, _offline(False), None)
     try:
         from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(source, local_files_only=offline, trust_remote_code=mp.trust_remote_code)
+        return AutoConfig.from_pretrained(source, local_files_only=_offline(False),
+                                          trust_remote_code=mp.trust_remote_code).to_dict()
     except Exception:
         return None
-    return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+
+
+def _check_config(p: StudyParams, cfg: dict, which: str, mp) -> None:
+    """What a model's config alone rules out: an architecture editlib has no module map for, and
+    a C0 truncation length past the positions the model has (GPT-2's learned positions fail
+    there; RoPE models would be read at positions they never saw)."""
+    import types
+
+    try:
+        arch.arch_for(types.SimpleNamespace(model_type=cfg.get("model_type")))
+    except arch.UnsupportedArchitecture as e:
+        raise ParamsError(f"{which}.id {mp.id!r}: {e}") from None
+    npos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    ml = p.covariance.max_length
+    if npos and ml and int(ml) > int(npos):
+        raise ParamsError(f"covariance.max_length {ml} exceeds {which}.id {mp.id!r}'s {int(npos)} positions "
+                          "(null: truncate at the model's max positions, as the reference)")
 
 
 def _c0_cached(cp, device: str = "cpu") -> bool:

@@ -178,8 +178,16 @@ def _subset(n_total: int, n_samples: int | None) -> list[int]:
 
 
 def _read_paragraphs(path: str) -> list[str]:
+    """A text file's texts: blocks separated by blank lines (a document may span many lines). A
+    file of many lines without a blank one is one text, cut at the truncation length: warned."""
     text = Path(path).read_text(encoding="utf-8")
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    out = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    lines = sum(1 for l in text.splitlines() if l.strip())
+    if len(out) == 1 and lines > 1:
+        warnings.warn(f"covariance text_file {path} is one text of {lines} lines: its texts are separated by "
+                      "blank lines (put an empty line between documents, or one per line for sentences)",
+                      RuntimeWarning, stacklevel=3)
+    return out
 
 
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
@@ -233,6 +241,9 @@ def iter_corpus(spec: CorpusSpec, records: Sequence | None = None) -> list[str]:
     if spec.group == "wikitext_articles":
         texts = group_wikitext_articles(texts)
     texts = [t for t in texts if t.strip()]
+    if spec.n_samples and spec.n_samples > len(texts):
+        warnings.warn(f"covariance.n_samples {spec.n_samples} but the {spec.kind} corpus holds {len(texts)} "
+                      "texts: C0 uses them all", RuntimeWarning, stacklevel=2)
     return [texts[i] for i in _subset(len(texts), spec.n_samples)]
 
 

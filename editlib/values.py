@@ -304,7 +304,11 @@ def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
     if hp.compile_blocks != "off":  # asked for, and it would silently not happen
         raise ValueError(f"compile_blocks {hp.compile_blocks!r} compiles the packed forward, which this "
                          f"model cannot run ({why})")
-    return _Forward(model, seq, layer, hp.prefix_cache)
+    # The prefix cache pads every row's prefix to the longest one, so a row's key slots are no
+    # longer its positions; a sliding window counts slots, and would cover the wrong tokens.
+    window = getattr(model.config, "sliding_window", None)
+    within = window is None or seq.ids.shape[1] < int(window)
+    return _Forward(model, seq, layer, hp.prefix_cache and within)
 
 
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,

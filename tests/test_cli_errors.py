@@ -446,17 +446,63 @@ def test_reproduce_checks_the_beyond_layer_before_any_notebook(capsys, tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_depth_of_a_hub_model_comes_from_its_config_alone() -> None:
-    """The depth check's config reader (for a hub model: its cached config.json, read through
-    AutoConfig; here a local folder): the number of decoder layers, or None when the config cannot
-    be read (the loader then says why)."""
+def test_the_depth_of_a_hub_model_comes_from_its_config_alone(tmp_path) -> None:
+    """The pre-load checks' config reader (for a hub model: its cached config.json, read through
+    AutoConfig; here a local folder): the config as a dict, or None when it cannot be read (the
+    loader then says why)."""
     from types import SimpleNamespace
 
     from editlib import protocols
 
-    mp = SimpleNamespace(trust_remote_code=False)
-    assert protocols._hub_depth(str(TINY), mp, True) == 6
-    assert protocols._hub_depth("acme/no-such-model", mp, True) is None
+    mp = SimpleNamespace(id=str(TINY), tiny=None, trust_remote_code=False)
+    assert protocols._model_config(mp)["num_hidden_layers"] == 6
+    assert protocols._model_config(SimpleNamespace(id=str(tmp_path), tiny=None, trust_remote_code=False)) is None
+
+
+def _copy_with_config(tmp_path: Path, name: str, **changes) -> Path:
+    """models/tiny-world linked file by file into ``tmp_path/name``, its config.json changed."""
+    out = tmp_path / name
+    out.mkdir()
+    for f in TINY.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    cfg = json.loads((TINY / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return out
+
+
+def test_an_unsupported_architecture_is_named_before_any_model_loads(capsys, tmp_path, results) -> None:
+    """editlib has module maps for llama, mistral, qwen2, gpt2 and gptj: another model_type fails
+    in the pre-load checks naming the section and folder, for the second model too (before the
+    main model's whole layer search)."""
+    gemma = _copy_with_config(tmp_path, "gemma", model_type="gemma")
+    fails(capsys, run_args(results, f"model.id={gemma}"), "model.id", str(gemma), "'gemma'", "supported: ")
+    argv = ["reproduce", "--params", "tiny", "--only", "01", "--runs-dir", str(tmp_path / "runs"), *results,
+            "--set", f"second_model.id={gemma}", "--set", "second_model.tiny=null"]
+    fails(capsys, argv, "second_model", "'gemma'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_messages_name_the_key_the_user_wrote(capsys, tmp_path, results) -> None:
+    """A bad value in hparams.common is named there (not under the first method it was merged
+    into); a missing data.counterfact_path is named by its key; a model folder that is no
+    miniature under the inherited data.source: model says which key to change."""
+    fails(capsys, run_args(results, "hparams.common.v_lr=fast"), "hparams.common:", "v_lr")
+    fails(capsys, run_args(results, "hparams.memit.v_lr=fast"), "hparams.memit:", "v_lr")
+    fails(capsys, run_args(results, "data.source=counterfact", f"data.counterfact_path={tmp_path / 'none.json'}"),
+          "data.counterfact_path", "none.json")
+    plain = _copy_with_config(tmp_path, "plain")
+    for f in ("records.json", "editlib_tiny.json"):
+        (plain / f).unlink()
+    fails(capsys, run_args(results, f"model.id={plain}"), "data.source is 'model'", str(plain), "data.source: counterfact")
+
+
+def test_a_c0_length_past_the_models_positions_is_refused(capsys, tmp_path, results) -> None:
+    """GPT-2's learned positions end at n_positions (an IndexError deep in C0 collection); a RoPE
+    model would be read at positions it never saw."""
+    npos = json.loads((TINY / "config.json").read_text())["max_position_embeddings"]
+    fails(capsys, run_args(results, f"covariance.max_length={npos + 1}"),
+          f"covariance.max_length {npos + 1}", f"{npos} positions")
 
 
 def test_a_bad_progress_mode_is_one_line_before_anything_runs(capsys, results, monkeypatch) -> None:

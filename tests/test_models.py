@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,7 @@ def test_unsupported_arch_fails_before_weights(tmp_path: Path) -> None:
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                   intermediate_size=64, vocab_size=100)
     cfg.save_pretrained(tmp_path)  # config only: no weights to load
+    tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="bert"):
         load_model(str(tmp_path))
 
@@ -209,3 +211,38 @@ def test_fingerprint_device_independent() -> None:
     fp = fingerprint(model)
     assert fingerprint(model.to("cuda")) == fp
     assert fingerprint(model.to("cpu")) == fp
+
+
+def test_a_model_saved_without_its_tokenizer_fails_before_loading(model_dir: Path, tmp_path: Path) -> None:
+    """transformers builds an empty tokenizer for some configs (Qwen2, GPT-2) when none was saved,
+    and the run died much later reshaping 0 elements: the folder is refused first, by name."""
+    from editlib.models import ModelLoadError, check_model_dir
+
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).symlink_to(model_dir / f)
+    with pytest.raises(ModelLoadError, match=f"{tmp_path}.*no tokenizer files.*tokenizer.save_pretrained"):
+        check_model_dir(tmp_path)
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_model(str(tmp_path))
+
+
+def test_a_tokenizer_the_model_cannot_run_is_named(model_dir: Path) -> None:
+    """An empty tokenizer, or one whose ids (text, BOS, EOS, pad) pass the embedding's rows, fails
+    at load with the folder named, not as an index error inside C0 or the value optimisation."""
+    from editlib.models import ModelLoadError, check_tokenizer
+
+    model, tok = load_model(str(model_dir))
+    check_tokenizer(tok, model, "m")
+    import tokenizers
+    empty = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({"</s>": 0}, unk_token="</s>")),
+        eos_token="</s>")
+    empty.backend_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    empty.backend_tokenizer.model = tokenizers.models.BPE({}, [])  # no vocabulary: any text -> no ids
+    with pytest.raises(ModelLoadError, match="m: its tokenizer turns text into no ids"):
+        check_tokenizer(empty, model, "m")
+    tok.add_special_tokens({"pad_token": "<extra_pad>"})  # a new id, past an embedding sized for the rest
+    rows = tok.pad_token_id
+    small = types.SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(rows, 2))
+    with pytest.raises(ModelLoadError, match=rf"\{{'pad': {rows}\}} are past the model's {rows} embedding rows"):
+        check_tokenizer(tok, small, "m")

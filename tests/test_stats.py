@@ -200,6 +200,23 @@ def test_corpus_spec_and_subset(tmp_path: Path) -> None:
         iter_corpus(CorpusSpec("records"))
 
 
+def test_a_text_file_without_blank_lines_and_too_few_texts_are_warned(tmp_path: Path) -> None:
+    """text_file texts are separated by blank lines: a file of one sentence per line is ONE text
+    (cut at the truncation length, C0 from a few hundred tokens), which is warned, as is an
+    n_samples past the texts the corpus holds."""
+    f = tmp_path / "lines.txt"
+    f.write_text("".join(f"sentence {i}\n" for i in range(30)), encoding="utf-8")
+    with pytest.warns(RuntimeWarning, match=r"one text of 30 lines: its texts are separated by blank lines"):
+        assert len(iter_corpus(CorpusSpec("text_file", path=str(f)))) == 1
+    g = tmp_path / "paras.txt"
+    g.write_text("one\n\ntwo\n", encoding="utf-8")
+    with pytest.warns(RuntimeWarning, match=r"n_samples 5 but the text_file corpus holds 2 texts"):
+        assert iter_corpus(CorpusSpec("text_file", path=str(g), n_samples=5)) == ["one", "two"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert iter_corpus(CorpusSpec("text_file", path=str(g), n_samples=2)) == ["one", "two"]
+
+
 def test_records_corpus_texts() -> None:
     records = make_world(6, seed=0)
     docs = records_corpus_texts(records)

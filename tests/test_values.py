@@ -199,6 +199,18 @@ def test_packed_refuses_what_it_cannot_run(tok) -> None:
         torch.testing.assert_close(a.z, b.z, rtol=0, atol=0)
 
 
+def test_a_sliding_window_the_sequences_reach_is_not_read_through_the_prefix_cache(tok) -> None:
+    """The prefix cache pads each row's prefix to the longest, so its key slots are not its
+    positions, and a sliding window (which counts slots) covered the wrong tokens: z moved by
+    O(1) for rows with short prefixes. Within reach of the window the full forward runs."""
+    mis = _family("mistral", len(tok), sliding_window=6)
+    hp = dict(v_num_grad_steps=3, z_batch_size=4, packed=False)
+    full = compute_values(mis, tok, FACTS, 1, CTX, ValueHParams(prefix_cache=False, **hp))
+    cached = compute_values(mis, tok, FACTS, 1, CTX, ValueHParams(prefix_cache=True, **hp))
+    torch.testing.assert_close(cached.z, full.z, rtol=0, atol=0)
+    torch.testing.assert_close(cached.h, full.h, rtol=0, atol=0)
+
+
 def _compiled_against_eager(lm, tok, mode: str) -> None:
     """compile_blocks ``mode`` against eager on one fact at a time (a B = 1 sequential edit's
     values): equal Adam steps, z to float32 rounding (δ and Adam are float32 whatever the model's

@@ -802,8 +802,10 @@ def _collect_into_cache(model, tok, texts: list[str], missing: dict[int, tuple[d
     per = layers_per_pass(max(arch.key_dim(model, l) for l in todo), device, DTYPES[dtype],
                           override=max_layers_per_pass)
     groups = pass_groups(todo, per)
-    log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {len(groups)} pass(es) "
-        f"of ≤ {per} layer(s) (one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
+    passes = ("one pass" if len(groups) == 1 else
+              f"{len(groups)} pass(es) of ≤ {per} layer(s) (as many accumulators as memory holds)")
+    log(f"C0: collecting {len(todo)} layer(s) from {len(texts)} texts in {passes} "
+        f"(one {DTYPES[dtype]} d_in×d_in accumulator per layer on {device})")
     # several passes read the same ids: tokenise the corpus once (the ids, and so every sum, are the
     # same either way)
     encoded = encode_corpus(tok, texts, max_length) if len(groups) > 1 else None

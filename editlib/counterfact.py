@@ -155,9 +155,11 @@ def _download(dest: Path, url: str | None = None, sha256: str | None = None) -> 
             os.remove(tmp)
 
 
-def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None) -> Path:
-    """Find the CounterFact file (see module docstring); downloads only when allowed."""
-    given = _given_file("the CounterFact file", (path, "data.counterfact_path (the path given)"), (os.environ.get(ENV_VAR), ENV_VAR))
+def resolve_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None,
+                        given_as: str = "the given path") -> Path:
+    """Find the CounterFact file (see module docstring); downloads only when allowed. ``given_as``
+    names ``path`` in an error (a params key, a command-line flag)."""
+    given = _given_file("the CounterFact file", (path, given_as), (os.environ.get(ENV_VAR), ENV_VAR))
     if given is not None:
         return given
     return _cached_or_download(
@@ -196,10 +198,11 @@ def _cached_or_download(name: str, url: str, sha256: str, download: bool | None,
 _LOADED: dict[tuple, tuple[Record, ...]] = {}  # the last file loaded (pre-load checks read it first)
 
 
-def load_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None) -> list[Record]:
+def load_counterfact(path: str | os.PathLike | None = None, *, download: bool | None = None,
+                     given_as: str = "the given path") -> list[Record]:
     """Resolve, load and validate CounterFact; records sorted by case_id. The last file read is
     remembered (by path, size and mtime), so checking it before a model loads costs nothing later."""
-    p = resolve_counterfact(path, download=download)
+    p = resolve_counterfact(path, download=download, given_as=given_as)
     st = p.stat()
     key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _LOADED:

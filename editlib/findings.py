@@ -271,10 +271,12 @@ CLAIMS = (claim_early_layer, claim_rome_memit, claim_batch_hurts, claim_sequenti
 
 def _holds_per_ordering(claim: Callable[[dict], dict | None], stored: dict[str, pd.DataFrame],
                         orderings: list) -> list[bool | None]:
-    """Whether ``claim`` holds on each ordering's cases alone (None: it cannot be judged there)."""
+    """Whether ``claim`` holds on each ordering's cases alone; None where it cannot be judged there
+    (the ordering is not in the claim's experiment, or its scores are missing)."""
     out = []
     for o in orderings:
         part = {e: c[c["ordering"] == o] if "ordering" in c.columns else c for e, c in stored.items()}
+        part = {e: c for e, c in part.items() if len(c)}  # an experiment without this ordering is absent
         try:
             r = claim(part)
         except (ValueError, KeyError, IndexError, _NoScores):
@@ -284,17 +286,19 @@ def _holds_per_ordering(claim: Callable[[dict], dict | None], stored: dict[str, 
 
 
 def _holds_label(pooled: bool | None, per: list[bool | None]) -> str:
-    """"yes" / "no" over the pooled cases, qualified when the orderings disagree: "yes over all,
-    in 2 of 3 orderings" (one ordering reverses it), "no over all, yes in 1 of 3 orderings"."""
+    """"yes" / "no" over the pooled cases, qualified when the orderings that could be judged
+    disagree: "yes over all, in 2 of 3 orderings" (one ordering reverses it), "no over all, yes in
+    1 of 3 orderings"; orderings that could not be judged are counted apart ("; n/a in 1")."""
     if pooled is None:
         return "n/a"
     word = "yes" if pooled else "no"
-    if len(per) < 2:
+    judged = [bool(h) for h in per if h is not None]
+    k, n = sum(judged), len(judged)
+    if n < 2 or (pooled and k == n) or (not pooled and k == 0):
         return word
-    k, n = sum(1 for h in per if h), len(per)
-    if pooled and k == n or not pooled and k == 0:
-        return word
-    return f"yes over all, in {k} of {n} orderings" if pooled else f"no over all, yes in {k} of {n} orderings"
+    na = f"; n/a in {len(per) - n}" if len(per) > n else ""
+    return (f"yes over all, in {k} of {n} orderings{na}" if pooled
+            else f"no over all, yes in {k} of {n} orderings{na}")
 
 
 def claims_table(stored: dict[str, pd.DataFrame]) -> pd.DataFrame:

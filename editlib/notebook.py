@@ -10,6 +10,7 @@ short header with repository-relative paths.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import types
 from pathlib import Path
@@ -23,6 +24,10 @@ from .paths import shown
 
 #: names papermill injects from a whole params file but that no notebook parameter takes
 _FILE_ONLY = ("extends",)
+#: the notebook parameters that are not params sections
+_OWN = ("params_file", "overrides")
+#: sections whose null means something (no second model); any other section is ... or a mapping
+_NULLABLE = ("second_model",)
 
 
 def _overrides(raw: Any) -> Mapping | list:
@@ -39,33 +44,54 @@ def _overrides(raw: Any) -> Mapping | list:
     return raw
 
 
-def _misspelt_sections(namespace: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Notebook variables that look like a misspelt params section (papermill injects any name it
-    is given, ``-y '{bacth: ...}'`` too), with the section each resembles."""
-    out = []
-    for k, v in namespace.items():
-        if k in SECTIONS or k.startswith("_") or not isinstance(v, (Mapping, str, int, float, list)):
-            continue
-        close = difflib.get_close_matches(k, SECTIONS, n=1, cutoff=0.8)
-        if close:
-            out.append((k, close[0]))
-    return out
+def _section(name: str, value: Any) -> Any:
+    """A section as given: papermill's ``-p batch '{total: 64}'`` passes text, read as YAML."""
+    if isinstance(value, str) and name not in ("name", "results_dir", "figures_dir"):
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, Mapping) or parsed is None:
+            return parsed
+    return value
+
+
+def injected_names(namespace: Mapping[str, Any]) -> list[str]:
+    """The names papermill assigned in its injected ``# Parameters`` cell (the kernel's input
+    history), [] outside papermill: only those are checked against the notebook's parameters,
+    so a user's own variables (``models = [...]``) are never mistaken for a misspelt section."""
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return []
+    for src in reversed(history):
+        if isinstance(src, str) and src.lstrip().startswith("# Parameters"):
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                return []
+            return [t.id for node in tree.body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+    return []
 
 
 def setup(namespace: Mapping[str, Any]) -> tuple[StudyParams, Path]:
     """``P, FIG_DIR = setup(globals())``: the resolved params and the figures folder of this run."""
     if "params_file" not in namespace:
         raise NameError("setup(globals()) needs the parameters cell's params_file (run that cell first)")
-    whole = [k for k in _FILE_ONLY if k in namespace]
+    injected = injected_names(namespace)
+    whole = [k for k in _FILE_ONLY if k in injected or k in namespace]
     if whole:  # papermill -f of a params file: its base would silently be params_file's instead
-        raise ParamsError(f"the notebook was given {whole[0]!r} (= {namespace[whole[0]]!r}), a key of a whole "
+        raise ParamsError(f"the notebook was given {whole[0]!r} (= {namespace.get(whole[0])!r}), a key of a whole "
                           "params file (papermill -f FILE.yaml?): choose a params file with "
                           "`-p params_file FILE.yaml`; -f, -y and -p give sections merged over it")
-    typos = _misspelt_sections(namespace)
-    if typos:
-        raise ParamsError("notebook variable(s) " + ", ".join(f"{k!r} (params section {s!r}?)" for k, s in typos)
-                          + f" are not params sections; the sections are: {', '.join(SECTIONS)}")
-    sections = {k: namespace[k] for k in SECTIONS if k in namespace and namespace[k] is not Ellipsis}
+    unknown = [k for k in injected if k not in SECTIONS and k not in _OWN]
+    if unknown:  # papermill injects any name it is given, -y '{bacth: ...}' too, and only warns
+        hints = {k: difflib.get_close_matches(k, SECTIONS, n=1, cutoff=0.6) for k in unknown}
+        raise ParamsError("papermill gave " + ", ".join(f"{k!r}" + (f" (params section {h[0]!r}?)" if h else "")
+                                                        for k, h in hints.items())
+                          + f", which this notebook does not take; its parameters: {', '.join(_OWN + SECTIONS)}")
+    nulls = [k for k in SECTIONS if k in namespace and namespace[k] is None and k not in _NULLABLE]
+    if nulls:  # null would give the built-in defaults, in no params file, under this run's name
+        raise ParamsError(f"section(s) {nulls} are None: a section is ... (as in the params file) or a mapping of "
+                          "keys merged over it; null only turns second_model off (-y 'second_model: null')")
+    sections = {k: _section(k, namespace[k]) for k in SECTIONS if k in namespace and namespace[k] is not Ellipsis}
     clash = [k for k, v in sections.items() if isinstance(v, types.ModuleType)]
     if clash:  # e.g. `from editlib import beyond` before setup: the name belongs to a params section
         raise NameError(f"notebook variable(s) {clash} are modules, but those names are params sections: "

@@ -73,7 +73,7 @@ def _records(p: StudyParams, mp: ModelParams) -> tuple[list[Record], str] | None
 
     src = p.data.source
     if src == "counterfact":
-        path = counterfact.resolve_counterfact(p.data.counterfact_path)
+        path = counterfact.resolve_counterfact(p.data.counterfact_path, given_as="data.counterfact_path")
         return counterfact.load_counterfact(path), f"the CounterFact file {path}"
     if src == "world":
         from .world import make_world

@@ -223,7 +223,7 @@ def _data_provenance(p: StudyParams, model_dir: str) -> dict:
     d = {"source": p.data.source}
     via_model = p.data.source == "model" and (Path(model_dir) / "case_ids.json").is_file()
     if p.data.source == "counterfact" or via_model:
-        path = counterfact.resolve_counterfact(p.data.counterfact_path, download=False)
+        path = counterfact.resolve_counterfact(p.data.counterfact_path, download=False, given_as="data.counterfact_path")
         d.update(path=str(path), sha256=counterfact.sha256_file(path, uncompressed=True))
     if via_model:
         ids = Path(model_dir) / "case_ids.json"
@@ -253,7 +253,7 @@ def load_records_for(p: StudyParams, model_dir: str) -> list[Record]:
         from .tiny import load_tiny_records
         return load_tiny_records(model_dir, p.data.counterfact_path)
     if src == "counterfact":
-        return counterfact.load_counterfact(p.data.counterfact_path)
+        return counterfact.load_counterfact(p.data.counterfact_path, given_as="data.counterfact_path")
     from .world import make_world
     return make_world(p.data.world_records, p.data.world_seed)
 
@@ -283,7 +283,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                           f"{mp.device!r}: use default (or off) on a CPU")
     _check_corpus_offline(p)
     if p.data.source == "counterfact":
-        counterfact.resolve_counterfact(p.data.counterfact_path, download=None)
+        counterfact.resolve_counterfact(p.data.counterfact_path, download=None, given_as="data.counterfact_path")
     fact_list_for(p, download=None)  # data.fact_list reference: found or fetched now, not mid-run
     depth = None
     cfg = _model_config(mp)

@@ -185,7 +185,7 @@ def _read_paragraphs(path: str) -> list[str]:
     lines = sum(1 for l in text.splitlines() if l.strip())
     if len(out) == 1 and lines > 1:
         warnings.warn(f"covariance text_file {path} is one text of {lines} lines: its texts are separated by "
-                      "blank lines (put an empty line between documents, or one per line for sentences)",
+                      "blank lines (put an empty line between texts)",
                       RuntimeWarning, stacklevel=3)
     return out
 

@@ -304,10 +304,13 @@ def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
     if hp.compile_blocks != "off":  # asked for, and it would silently not happen
         raise ValueError(f"compile_blocks {hp.compile_blocks!r} compiles the packed forward, which this "
                          f"model cannot run ({why})")
-    # The prefix cache pads every row's prefix to the longest one, so a row's key slots are no
-    # longer its positions; a sliding window counts slots, and would cover the wrong tokens.
+    # The prefix cache pads every row's prefix to the longest one and puts its suffix after it, so
+    # a row's key slots are no longer its positions: p_max + s_max slots in all. A sliding window
+    # counts slots, and would cover the wrong tokens once they pass it.
     window = getattr(model.config, "sliding_window", None)
-    within = window is None or seq.ids.shape[1] < int(window)
+    lengths = seq.mask.sum(1)
+    slots = int(seq.lookup.max()) + int((lengths - seq.lookup).max())
+    within = window is None or slots <= int(window)
     return _Forward(model, seq, layer, hp.prefix_cache and within)
 
 

@@ -231,7 +231,7 @@ def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isola
 def test_explicit_path_missing_does_not_fall_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   no_network) -> None:
     monkeypatch.setenv(ENV_VAR, str(write(tmp_path / "env.json", dicts(3))))
-    with pytest.raises(DatasetNotFound, match=r"data.counterfact_path \(the path given\)"):
+    with pytest.raises(DatasetNotFound, match="given path"):
         resolve_counterfact(tmp_path / "missing.json")
 
 

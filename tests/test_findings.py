@@ -188,3 +188,18 @@ def test_the_claims_say_when_an_ordering_disagrees_and_spread_with_the_sample_st
         "no over all, yes in 1 of 3 orderings"
     agree = pd.concat([sequential(False).assign(ordering=o) for o in range(3)], ignore_index=True)
     assert findings.claims_table({"sequential": agree})["holds here"].iloc[0] == "yes"
+
+
+def test_orderings_that_cannot_be_judged_are_not_counted_as_disagreeing():
+    """An ordering whose one-batch run failed, or an experiment run on one ordering next to a
+    three-ordering layer search, is no disagreement: the label counts judged orderings only."""
+    agree = pd.concat([sequential(False).assign(ordering=o) for o in range(3)], ignore_index=True)
+    dead = _fail(agree, lambda d: (d.ordering == 2) & (d.batch_size == 20))
+    assert findings.claims_table({"sequential": dead})["holds here"].iloc[0] == "yes"
+    flip = pd.concat([sequential(False).assign(ordering=0), sequential(True).assign(ordering=1),
+                      _fail(sequential(False).assign(ordering=2), lambda d: d.batch_size == 20)], ignore_index=True)
+    assert findings.claims_table({"sequential": flip})["holds here"].iloc[0] == "yes over all, in 1 of 2 orderings; n/a in 1"
+    ls = pd.concat([layer_search(0).assign(ordering=o) for o in range(3)], ignore_index=True)
+    t = findings.claims_table({"layer_search": ls, "singular": layer_search(0)[lambda d: d.layer == 0]})
+    assert t.set_index("claim").loc["MEMIT ≈ ROME for singular edits", "holds here"] == "yes"
+

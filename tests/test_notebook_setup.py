@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from editlib.notebook import setup
+from editlib.notebook import injected_names, setup
 from editlib.params import SECTIONS, ParamsError, resolve
 from editlib.paths import REPO_ROOT
 
@@ -40,10 +40,32 @@ def test_a_whole_params_file_given_with_f_is_refused() -> None:
         setup({**cell_defaults(), "extends": "tiny.yaml", "name": "smoke"})
 
 
-def test_a_misspelt_section_is_named() -> None:
-    with pytest.raises(ParamsError, match=r"'bacth' \(params section 'batch'\?\)"):
-        setup({**cell_defaults(), "bacth": {"total": 4}})
-    setup({**cell_defaults(), "P": None, "FIG_DIR": "x", "pd": 1})  # other variables are no sections
+def test_a_name_papermill_injected_that_the_notebook_does_not_take_is_named() -> None:
+    """papermill injects any name it is given (-y '{bacth: ...}') and only warns on its own stderr:
+    the names of its injected ``# Parameters`` cell are checked; the user's own variables, however
+    close to a section name, are not."""
+    injected = "# Parameters\nbacth = {'total': 4}\nname = 'x'\n"
+    with pytest.raises(ParamsError, match=r"papermill gave 'bacth' \(params section 'batch'\?\), which this notebook"):
+        setup({**cell_defaults(), "In": ["", "import x", injected], "bacth": {"total": 4}, "name": "x"})
+    mine = {"models": ["memit", "emmet"], "params": {"a": 1}, "names": ["a"], "result_dir": "r", "P": None}
+    setup({**cell_defaults(), "In": ["", "models = ['memit']"], **mine})  # no injection: nothing checked
+    assert injected_names({"In": ["", injected, "x = 1"]}) == ["bacth", "name"]
+
+
+def test_a_section_set_to_none_is_refused_but_second_model() -> None:
+    """None would replace the section with the built-in defaults, in no params file (batch: 256
+    facts at B = 16, 64, 256 under this run's name); only second_model's null means something."""
+    with pytest.raises(ParamsError, match=r"\['batch'\] are None: a section is \.\.\. \(as in the params file\)"):
+        setup({**cell_defaults(), "batch": None})
+    old_cell = {**cell_defaults(), **{k: None for k in SECTIONS}}  # a notebook saved before `...`
+    with pytest.raises(ParamsError, match="are None"):
+        setup(old_cell)
+
+
+def test_a_section_given_as_text_is_read_as_yaml() -> None:
+    """papermill -p batch '{total: 256}' passes the text."""
+    p, _ = setup({**cell_defaults(), "batch": "{total: 256}"})
+    assert p.batch.total == 256
 
 
 @pytest.mark.parametrize("text", ['{"batch.total": 256}', "batch.total=256", "[batch.total=256]"])
@@ -86,6 +108,8 @@ def test_papermill_injections_reach_setup(tmp_path) -> None:
     smoke = __import__("yaml").safe_load((REPO_ROOT / "params" / "smoke.yaml").read_text())
     with pytest.raises(pm.PapermillExecutionError, match="params_file"):
         pm.execute_notebook(str(src), str(tmp_path / "b.ipynb"), parameters=smoke, **kw)
+    with pytest.raises(pm.PapermillExecutionError, match="papermill gave 'bacth'"):
+        pm.execute_notebook(str(src), str(tmp_path / "c.ipynb"), parameters={"bacth": {"total": 4}}, **kw)
 
 
 @pytest.mark.slow

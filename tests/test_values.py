@@ -423,3 +423,33 @@ def test_last_layer_stalls_but_does_not_fail(lm32, tok) -> None:
     assert not res.failed.any() and res.stalled.any()
     ok = values(lm32, tok, v_lr=0.5, early_stop_loss=0.0, v_num_grad_steps=5)
     assert not ok.stalled.any()
+
+
+@pytest.mark.parametrize("window", [16, 29, 31, 40, 48, 49, 64])
+def test_the_prefix_cache_is_used_only_where_the_window_covers_its_slots(window: int) -> None:
+    """Rows of prefix 24 + 6 and 3 + 25 tokens (width 30): the cache lays them out in 24 + 25 = 49
+    key slots, so a window of 31-48 still cut row 2's first tokens when the check used the width.
+    Wherever the cache is chosen, its hidden states equal the full forward's."""
+    import transformers
+
+    from editlib.tokens import pad_right
+    from editlib.values import _Forward, _forward_for, _Seqs
+
+    g = torch.Generator().manual_seed(0)
+    ids, mask = pad_right([torch.randint(3, 100, (n,), generator=g).tolist() for n in (30, 28)], 0)
+    none = torch.zeros(0, dtype=torch.long)
+    seq = _Seqs(ids, mask, torch.tensor([0, 1]), torch.tensor([24, 3]), torch.tensor([False, False]),
+                none, none, none, torch.zeros(0))
+    torch.manual_seed(1)
+    cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=100, max_position_embeddings=128,
+                                     bos_token_id=1, eos_token_id=2, sliding_window=window)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False).double()
+    chosen = _forward_for(m, seq, 1, ValueHParams(packed=False, prefix_cache=True))
+    assert chosen.cached == (window >= 49)
+    rows, d = torch.arange(2), torch.zeros(2, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got, full = chosen(rows, d), _Forward(m, seq, 1, False)(rows, d)
+    for i, (p, n) in enumerate(((24, 30), (3, 28))):
+        at = slice(0, n - p) if chosen.cached else slice(p, n)
+        torch.testing.assert_close(got[i, at], full[i, p:n], rtol=0, atol=1e-10)

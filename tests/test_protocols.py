@@ -689,7 +689,7 @@ def test_bad_params_files(tmp_path, no_model_load):
     with pytest.raises(ParamsError, match=r"'batch'.*bogus_key"):
         resolve(_params_file(tmp_path, "batch: {bogus_key: 1}"))
     with pytest.raises(ParamsError, match="unknown params section 'bogus'"):
-        resolve(SMOKE, bogus={"a": 1})
+        resolve(SMOKE, sections={"bogus": {"a": 1}})
 
 
 def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):

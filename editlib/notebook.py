@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import pandas as pd
 import yaml
 
-from .params import SECTIONS, ParamsError, StudyParams, resolve
+from .params import SCALAR_SECTIONS, SECTIONS, ParamsError, StudyParams, resolve
 from .paths import shown
 
 #: names papermill injects from a whole params file but that no notebook parameter takes
@@ -46,7 +46,7 @@ def _overrides(raw: Any) -> Mapping | list:
 
 def _section(name: str, value: Any) -> Any:
     """A section as given: papermill's ``-p batch '{total: 64}'`` passes text, read as YAML."""
-    if isinstance(value, str) and name not in ("name", "results_dir", "figures_dir"):
+    if isinstance(value, str) and name not in SCALAR_SECTIONS:
         parsed = yaml.safe_load(value)
         if isinstance(parsed, Mapping) or parsed is None:
             return parsed

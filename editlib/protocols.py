@@ -459,6 +459,12 @@ def check_layer_search_models(p: StudyParams) -> None:
     before the first loads, so a layer past the second model's depth fails now, not after the main
     model's whole search."""
     check_before_loading(p, ["layer_search"])
+    check_second_model(p)
+
+
+def check_second_model(p: StudyParams) -> None:
+    """The second model's part of :func:`check_layer_search_models` (for callers that have checked
+    the main model already)."""
     if p.second_model is not None:
         try:
             check_before_loading(p, ["layer_search"], "second_model")

@@ -296,7 +296,7 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     """Resolve the params and run the pre-load checks (model location, facts, then the
     protocols' own) for the selected notebooks."""
     from .preflight import check_study
-    from .protocols import check_before_loading, check_layer_search_models
+    from .protocols import check_before_loading, check_second_model
 
     p = anchor_params(resolve(params_file, overrides=overrides))
     exps = [e for nb in nbs for e in NOTEBOOK_EXPERIMENTS.get(nb.name[:2], [])]
@@ -304,7 +304,7 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
         check_study(p, exps)
         check_before_loading(p, exps)
     if "layer_search" in exps:  # notebook 01 also searches the second model's layers (Figure 6)
-        check_layer_search_models(p)
+        check_second_model(p)
     if any(nb.name[:2] == BEYOND for nb in nbs):  # its own sizes and editors (layer: best is read later)
         from .beyond import study_params
 

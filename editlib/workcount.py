@@ -19,6 +19,8 @@ their preservation matrix again for every batch after the first (the earlier key
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import json
 from collections import Counter
@@ -117,17 +119,24 @@ class TokenStats:
     gen_case_min_len: float = 8.4  # mean over cases of their shortest generation prompt (tokens, BOS included)
     source: str = "defaults (Llama-3 tokenizer, CounterFact subset, 1,000 facts)"
 
-    def gen_lengths(self, n: int) -> list[int]:
-        """``n`` generation-prompt lengths following the histogram, sorted (as sample_texts sorts)."""
-        cum, out, acc = [], [], 0.0
-        total = sum(w for _, w in self.gen_len_hist)
-        for length, w in self.gen_len_hist:
-            acc += w / total
-            cum.append((acc, length))
-        for i in range(n):
-            q = (i + 0.5) / n
-            out.append(next(l for c, l in cum if q <= c + 1e-12))
-        return out
+    def gen_lengths(self, n: int) -> tuple[int, ...]:
+        """``n`` generation-prompt lengths following the histogram, sorted (as sample_texts sorts).
+        Remembered per histogram and ``n``: the cost model asks for the same lengths thousands of
+        times over a grid."""
+        return _gen_lengths(self.gen_len_hist, n)
+
+
+@functools.lru_cache(maxsize=256)
+def _gen_lengths(hist: tuple, n: int) -> tuple[int, ...]:
+    """Quantile i of ``n`` of the length histogram ``hist``, for i = 0 … n−1 (each the first length
+    whose cumulative weight reaches (i + 0.5) / n)."""
+    total = sum(w for _, w in hist)
+    edges, lengths, acc = [], [], 0.0
+    for length, w in hist:
+        acc += w / total
+        edges.append(acc + 1e-12)
+        lengths.append(length)
+    return tuple(lengths[bisect.bisect_left(edges, (i + 0.5) / n)] for i in range(n))
 
 
 def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int = 10) -> TokenStats:

@@ -56,16 +56,21 @@ def _spread(c: pd.DataFrame, stat: Callable[[pd.DataFrame], float]) -> str:
     return f"{ok.mean():.2f} ± {ok.std(ddof=1):.2f} over {len(ok)}{some} orderings"
 
 
+class _NoScores(Exception):
+    """A claim or finding needs S where every edit failed (no scores)."""
+
+
+#: what a statistic raises on a part of the cases it cannot judge (a method, batch size, layer or
+#: ordering absent from the part, or scores missing because every edit failed)
+_CANNOT_JUDGE = (ValueError, KeyError, IndexError, _NoScores)
+
+
 def _or_nan(stat: Callable[[pd.DataFrame], float], c: pd.DataFrame) -> float:
     """``stat(c)``, NaN where it has nothing to compute from (every edit of ``c`` failed)."""
     try:
         return float(stat(c))
-    except (ValueError, KeyError, IndexError, _NoScores):
+    except _CANNOT_JUDGE:
         return float("nan")
-
-
-class _NoScores(Exception):
-    """A claim or finding needs S where every edit failed (no scores)."""
 
 
 def _scored(s: pd.DataFrame) -> pd.DataFrame:
@@ -139,11 +144,11 @@ def claim_rome_memit(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("singular")
     if c is None or not {"rome", "memit"} <= set(c["method"]):
         return None
+    claim, paper = "MEMIT ≈ ROME for singular edits", "S 94.10 (MEMIT) vs 94.15 (ROME) at layer 1: ΔS −0.05"
     s = _s(c, ["method"]).set_index("method")["S"]
     d = float(s["memit"] - s["rome"])
     if not np.isfinite(d):
-        return _no_scores_row("MEMIT ≈ ROME for singular edits", "S 94.10 (MEMIT) vs 94.15 (ROME) at layer 1: ΔS −0.05",
-                              " and ".join(m.upper() for m in ("memit", "rome") if not np.isfinite(s[m])))
+        return _no_scores_row(claim, paper, " and ".join(m.upper() for m in ("memit", "rome") if not np.isfinite(s[m])))
 
     def delta(x):
         t = _s(x, ["method"]).set_index("method")["S"]
@@ -153,8 +158,7 @@ def claim_rome_memit(stored: dict[str, pd.DataFrame]) -> dict | None:
     if ls is not None and {"rome", "memit"} <= set(ls["method"]):
         t = _s(ls, ["method", "layer"]).pivot(index="layer", columns="method", values="S")
         extra = f"; at every layer of the layer search |ΔS| ≤ {float((t['memit'] - t['rome']).abs().max()):.2f}"
-    return {"claim": "MEMIT ≈ ROME for singular edits",
-            "paper": "S 94.10 (MEMIT) vs 94.15 (ROME) at layer 1: ΔS −0.05",
+    return {"claim": claim, "paper": paper,
             "ours": f"S {_fmt_s(s['memit'])} (MEMIT) vs {_fmt_s(s['rome'])} (ROME): ΔS {d:+.2f}{extra}",
             "holds": abs(d) <= SAME_S,
             "margin": f"|ΔS| {abs(d):.2f} (threshold {SAME_S:g})",
@@ -181,12 +185,13 @@ def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
     if c is None or c["batch_size"].nunique() < 2 or not _methods(c, PAPER_METHODS):
         return None
     c = c[c["method"].isin(PAPER_METHODS)]  # the claim is about the paper's methods
+    claim, paper = ("bigger batches hurt, NS most",
+                    "MEMIT and EMMET at B 16→4096 on layer 1: every score falls, NS the most")
     parts, holds, margins = [], True, []
     try:
         drops = {m: _batch_drops(c, m) for m in _methods(c)}
     except _NoScores as e:
-        return _no_scores_row("bigger batches hurt, NS most",
-                              "MEMIT and EMMET at B 16→4096 on layer 1: every score falls, NS the most", str(e))
+        return _no_scores_row(claim, paper, str(e))
     for m in _methods(c):
         lo, hi, d = drops[m]
         worst = max(("ES", "PS", "NS"), key=lambda k: d[k])
@@ -195,9 +200,7 @@ def claim_batch_hurts(stored: dict[str, pd.DataFrame]) -> dict | None:
         parts.append(f"{m.upper()} B {lo}→{hi}: S {_change(d['S'])}, NS {_change(d['NS'])}, ES {_change(d['ES'])}, "
                      f"PS {_change(d['PS'])} (largest drop: {worst})")
     m0 = _methods(c)[0]
-    return {"claim": "bigger batches hurt, NS most",
-            "paper": "MEMIT and EMMET at B 16→4096 on layer 1: every score falls, NS the most",
-            "ours": "; ".join(parts), "holds": bool(holds), "margin": ", ".join(margins),
+    return {"claim": claim, "paper": paper, "ours": "; ".join(parts), "holds": bool(holds), "margin": ", ".join(margins),
             "spread": f"{m0.upper()} S drop: " + _spread(c, lambda x: _batch_drops(x, m0)[2]["S"])}
 
 
@@ -220,15 +223,15 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
     n_facts = _facts_per_ordering(c[c["method"] == _methods(c)[0]])
     if int(c["batch_size"].max()) < n_facts:  # no run edits all facts in one batch: nothing to compare
         return None
+    claim, paper = ("sequential batches beat one big batch of the same facts",
+                    "one batch of 4096 scores worst; sequential batches of 1024 score best (MEMIT and EMMET)")
     parts, holds, margins, final = [], True, [], []
     has_final = "eval" in c.columns and (c["eval"] == "final").any()
     try:
         best = {m: _seq_best(c, m) for m in _methods(c)}
         best_final = {m: _seq_best(c, m, "final") for m in _methods(c)} if has_final else {}
     except _NoScores as e:
-        return _no_scores_row("sequential batches beat one big batch of the same facts",
-                              "one batch of 4096 scores worst; sequential batches of 1024 score best (MEMIT and EMMET)",
-                              str(e))
+        return _no_scores_row(claim, paper, str(e))
     for m in _methods(c):
         b, sb, one, so = best[m]
         holds &= sb > so
@@ -239,9 +242,7 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
             final.append(f"{m.upper()} best B = {fb} S {_fmt_s(fsb)} vs one batch {_fmt_s(fso)}")
     m0 = _methods(c)[0]
     ours = "; ".join(parts) + (f". Retention on the final model: {'; '.join(final)}" if final else "")
-    return {"claim": "sequential batches beat one big batch of the same facts",
-            "paper": "one batch of 4096 scores worst; sequential batches of 1024 score best (MEMIT and EMMET)",
-            "ours": ours, "holds": bool(holds), "margin": "S(best sequential) − S(one batch): " + ", ".join(margins),
+    return {"claim": claim, "paper": paper, "ours": ours, "holds": bool(holds), "margin": "S(best sequential) − S(one batch): " + ", ".join(margins),
             "spread": f"{m0.upper()} margin: " + _spread(c, lambda x: (lambda r: r[1] - r[3])(_seq_best(x, m0)))}
 
 
@@ -279,7 +280,7 @@ def _holds_per_ordering(claim: Callable[[dict], dict | None], stored: dict[str, 
         part = {e: c for e, c in part.items() if len(c)}  # an experiment without this ordering is absent
         try:
             r = claim(part)
-        except (ValueError, KeyError, IndexError, _NoScores):
+        except _CANNOT_JUDGE:
             r = None
         out.append(None if r is None else r["holds"])
     return out

@@ -149,6 +149,15 @@ def n_layers(model: Any) -> int:
     return int(getattr(config, arch_for(config).n_layers_attr))
 
 
+def max_positions(config: Any) -> int | None:
+    """The positions a model has, from its config (an object or its ``to_dict()``):
+    ``max_position_embeddings`` (Llama, Mistral, Qwen2), else ``n_positions`` (GPT-2, GPT-J);
+    None when it names neither."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    npos = get("max_position_embeddings") or get("n_positions")
+    return int(npos) if npos else None
+
+
 def kv_bytes_per_token(model: nn.Module) -> int:
     """Bytes one token adds to the KV cache (keys and values of every block, the model's dtype):
     2 · layers · kv_heads · head_dim · element size. Grouped-query models cache ``num_key_value_heads``

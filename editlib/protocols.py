@@ -356,10 +356,10 @@ def _check_config(p: StudyParams, cfg: dict, which: str, mp) -> None:
         arch.arch_for(types.SimpleNamespace(model_type=cfg.get("model_type")))
     except arch.UnsupportedArchitecture as e:
         raise ParamsError(f"{which}.id {mp.id!r}: {e}") from None
-    npos = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    npos = arch.max_positions(cfg)
     ml = p.covariance.max_length
-    if npos and ml and int(ml) > int(npos):
-        raise ParamsError(f"covariance.max_length {ml} exceeds {which}.id {mp.id!r}'s {int(npos)} positions "
+    if npos and ml and int(ml) > npos:
+        raise ParamsError(f"covariance.max_length {ml} exceeds {which}.id {mp.id!r}'s {npos} positions "
                           "(null: truncate at the model's max positions, as the reference)")
 
 

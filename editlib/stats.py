@@ -253,9 +253,7 @@ def iter_corpus(spec: CorpusSpec, records: Sequence | None = None) -> list[str]:
 def default_max_length(model) -> int:
     """The model's maximum positions (8192 for Llama-3, 4096 Llama-2, 1024 GPT-2): the reference
     truncates every article there (SPEC §4 "Tokenisation"); 1024 when the config names none."""
-    cfg = model.config
-    npos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(npos) if npos else MAX_LENGTH_CAP
+    return arch.max_positions(model.config) or MAX_LENGTH_CAP
 
 
 def encode_corpus(tok, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:

@@ -232,3 +232,14 @@ def test_spec_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         ARCHS["llama"].down = "x"  # type: ignore[misc]
     assert arch.ARCHS["llama"].down == "model.layers.{}.mlp.down_proj"
+
+
+def test_max_positions_from_a_config_or_its_dict() -> None:
+    """Llama names its positions max_position_embeddings, GPT-2 n_positions; the pre-load check
+    reads a config's dict, C0's default truncation the loaded config: both give the same count."""
+    llama = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=8192)
+    gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=1024)
+    for cfg, n in ((llama, 8192), (gpt2, 1024)):
+        assert arch.max_positions(cfg) == n and arch.max_positions(cfg.to_dict()) == n
+    assert arch.max_positions({"model_type": "x"}) is None and arch.max_positions(object()) is None

@@ -454,17 +454,11 @@ def _check_alignment(p: StudyParams, tok, records: Sequence[Record]) -> None:
         raise ParamsError(str(e)) from None
 
 
-def check_layer_search_models(p: StudyParams) -> None:
-    """The layer search runs on ``model``, then on ``second_model`` (Figure 6): both are checked
-    before the first loads, so a layer past the second model's depth fails now, not after the main
-    model's whole search."""
-    check_before_loading(p, ["layer_search"])
-    check_second_model(p)
-
-
 def check_second_model(p: StudyParams) -> None:
-    """The second model's part of :func:`check_layer_search_models` (for callers that have checked
-    the main model already)."""
+    """The layer search runs on ``model``, then on ``second_model`` (Figure 6): the second is
+    checked before anything loads (the main model is checked by :func:`open_study` or
+    :func:`check_before_loading`), so a layer past its depth fails now, not after the main
+    model's whole search."""
     if p.second_model is not None:
         try:
             check_before_loading(p, ["layer_search"], "second_model")

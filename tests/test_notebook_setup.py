@@ -128,3 +128,31 @@ def test_reproduce_kernels_do_not_print_their_transport_warning(tmp_path, capfd)
     assert "without encryption" not in capfd.readouterr().err
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert "the cell keeps its own warnings" in out.cells[0].outputs[0]["text"]
+
+
+def test_notebook_01_refuses_a_bad_second_model_before_the_main_one_loads(tmp_path) -> None:
+    """Figure 6's model is checked in the cell before open_study: an unsupported architecture
+    fails there, naming second_model, and the main model's layer search never starts."""
+    import papermill as pm
+
+    tiny = REPO_ROOT / "models" / "tiny-world"
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "config.json":
+            (gemma / f.name).symlink_to(f)
+    (gemma / "config.json").write_text(json.dumps({**json.loads((tiny / "config.json").read_text()),
+                                                   "model_type": "gemma"}))
+    out = tmp_path / "01.ipynb"
+    with pytest.raises(pm.PapermillExecutionError, match="second_model.*'gemma'"):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "01_layer_search.ipynb"), str(out),
+                            parameters={"second_model": {"id": str(gemma), "tiny": None},
+                                        "overrides": {"results_dir": str(tmp_path / "results"),
+                                                      "figures_dir": str(tmp_path / "figures")}},
+                            cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
+    status = [c["metadata"]["papermill"]["status"] for c in cells]
+    failed = "".join(cells[status.index("failed")]["source"])
+    assert failed.index("check_second_model(P)") < failed.index("study = open_study(")
+    assert set(status[status.index("failed") + 1:]) == {"pending"}  # no cell ran after it
+    assert not (tmp_path / "results").exists()

@@ -148,3 +148,24 @@ def test_study_notebooks_read_well():
             if cell["cell_type"] == "code" and cell is not cells[1]:
                 assert prev["cell_type"] == "markdown", (n, cell["id"])
         assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code"), n
+
+
+def test_the_report_describes_the_stored_runs_not_the_params_it_is_opened_with(smoke_run, tmp_path):
+    """The report re-rendered after the params file changed (other sequential sizes, fewer
+    editors) still describes what ran: Table 2 and notebook 07's editors come from each stored
+    run's manifest, so no batch size that never ran is listed with 0 runs."""
+    import shutil
+
+    import papermill as pm
+
+    tmp, _ = smoke_run
+    shutil.copytree(tmp / "figures", tmp_path / "figures")
+    over = {**_model_overrides(), "results_dir": str(tmp / "results"), "figures_dir": str(tmp_path / "figures")}
+    pm.execute_notebook(str(REPO_ROOT / "notebooks" / "06_report.ipynb"), str(tmp_path / "06.ipynb"),
+                        parameters={"params_file": str(REPO_ROOT / "params" / "smoke.yaml"), "overrides": over,
+                                    "sequential": {"total": 16, "batch_sizes": [1, 16]},
+                                    "beyond": {"methods": ["memit"]}},
+                        cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    for f in ("table2_batches.md", "beyond_answers.md", "table_claims.md"):
+        assert (tmp_path / "figures" / "smoke" / f).read_text() == (tmp / "figures" / "smoke" / f).read_text(), f
+    assert "| 16 |" not in (tmp_path / "figures" / "smoke" / "table2_batches.md").read_text()

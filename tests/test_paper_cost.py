@@ -531,3 +531,15 @@ def test_c0_passes_are_priced_with_the_remainder_first(monkeypatch):
     assert gram > 0
     monkeypatch.setattr(CostModel, "c0_per_pass", lambda self, shape: 32)
     assert m.c0_collect(s, 32, 31) == pytest.approx(32 * one_block + gram)  # one pass: the same Gram work
+
+
+def test_generation_lengths_are_the_histograms_quantiles():
+    """GE's prompt lengths for n rows: sorted, each the first length whose cumulative weight reaches
+    (i + 0.5) / n, so their counts follow the histogram; the same tuple on every call."""
+    ts = TokenStats(gen_len_hist=((5, 1.0), (7, 2.0), (9, 1.0)))
+    assert ts.gen_lengths(4) == (5, 7, 7, 9) and ts.gen_lengths(1) == (7,)
+    lens = TokenStats().gen_lengths(10_000)
+    assert list(lens) == sorted(lens) and lens is TokenStats().gen_lengths(10_000)
+    total = sum(w for _, w in TokenStats().gen_len_hist)
+    for length, w in TokenStats().gen_len_hist:
+        assert abs(lens.count(length) / len(lens) - w / total) <= 1 / len(lens)

@@ -363,16 +363,19 @@ TC_CHUNK_TOKENS = 2048
 
 
 def gram_chunk(feats: torch.Tensor) -> int:
-    """Tokens per float32 product of :func:`add_gram` for narrower ``feats``: :data:`TC_CHUNK_TOKENS`
-    on CUDA (tensor cores), the whole batch elsewhere."""
-    return TC_CHUNK_TOKENS if feats.device.type == "cuda" else max(feats.shape[0], 1)
+    """Tokens per product of :func:`add_gram`: :data:`TC_CHUNK_TOKENS` for float32 ``feats`` on CUDA
+    (fast_gram's tensor-core products, also when the accumulator is float32 as well), the whole
+    batch elsewhere (float64 products, the CPU)."""
+    cuda32 = feats.device.type == "cuda" and feats.dtype == torch.float32
+    return TC_CHUNK_TOKENS if cuda32 else max(feats.shape[0], 1)
 
 
 def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None = None) -> None:
     """``acc += featsᵀ feats`` on the block upper triangle only (the whole matrix when
     :func:`gram_blocks` is 1); :func:`symmetrize_upper` completes it once all batches are in.
-    ``feats`` in a narrower dtype than ``acc`` (:func:`fast_gram_applies`): each block's product is taken
-    in ``feats``' dtype, ``chunk_tokens`` tokens at a time (:func:`gram_chunk`), and added into ``acc``."""
+    Each block's product is taken in ``feats``' dtype, ``chunk_tokens`` tokens at a time
+    (:func:`gram_chunk`), and added into ``acc`` (straight into it when the batch is one product
+    of ``acc``'s dtype)."""
     d, n = feats.shape[1], feats.shape[0]
     chunk = gram_chunk(feats) if chunk_tokens is None else chunk_tokens
     if chunk < 1:
@@ -380,7 +383,7 @@ def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None
     edges = _gram_edges(d)
     for lo, hi in zip(edges[:-1], edges[1:]):
         blk, rows = acc[lo:hi, lo:], feats[:, lo:hi].T
-        if feats.dtype == acc.dtype:
+        if feats.dtype == acc.dtype and chunk >= n:
             blk.addmm_(rows, feats[:, lo:])
             continue
         part = rows[:, :chunk] @ feats[:chunk, lo:]
@@ -405,7 +408,8 @@ def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
     CUDA a batch is summed in products of :data:`TC_CHUNK_TOKENS` tokens; not yet measured on a GPU
     (``--device cuda --tokens 24576`` measures it). On an H200 this is
     495 against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
-    TF32 would round them."""
+    TF32 would round them (and outside fast_gram C0's products run with TF32 off whatever
+    ``model.tf32`` says, also those of a float32 ``covariance.dtype``)."""
     return bool(requested) and act_dtype in EXACT_IN_TF32
 
 
@@ -473,7 +477,9 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
         if gram32 and x.dtype not in EXACT_IN_TF32:
             raise ValueError(f"gram32 needs 16-bit activations, {name} gives {x.dtype}")
         feats = x[keep].to(torch.float32 if gram32 else dtype)  # [tokens, d_in], non-padding only
-        with tf32_matmuls(device) if gram32 else contextlib.nullcontext():
+        # TF32 only for fast_gram's exact 16-bit products: model.tf32 must not round C0's float32
+        # products (covariance.dtype: float32), which no cache key records
+        with tf32_matmuls(device, on=gram32):
             add_gram(sums[names[name]], feats)
 
     for batch in progress_bar(_batches(seqs, batch_size, max_batch_tokens), desc="C0 stats",

@@ -37,14 +37,15 @@ def set_tf32(on: bool) -> None:
 
 
 @contextlib.contextmanager
-def tf32_matmuls(device: torch.device) -> Iterator[None]:
-    """TF32 tensor cores for float32 matmuls on a CUDA ``device`` inside the block, the previous
-    state restored after; a no-op elsewhere."""
+def tf32_matmuls(device: torch.device, on: bool = True) -> Iterator[None]:
+    """TF32 tensor cores for float32 matmuls on a CUDA ``device`` inside the block (``on=False``:
+    IEEE float32 products, whatever ``model.tf32`` set), the previous state restored after; a
+    no-op elsewhere."""
     if device.type != "cuda":
         yield
         return
     before = matmul_tf32()
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
     try:
         yield
     finally:

@@ -704,6 +704,30 @@ def test_fast_gram_products_in_token_chunks() -> None:
         stats.add_gram(one, k16.float(), chunk_tokens=0)
 
 
+def test_a_float32_accumulator_is_chunked_too() -> None:
+    """fast_gram with ``covariance.dtype: float32``: the features and the sum are both float32, and
+    the batch is still taken in chunks of tokens (it used to be one product, the tensor cores'
+    truncation bias of a whole 24,576-token batch); float32 features on CUDA are chunked, float64
+    ones and the CPU's are one product."""
+    import types
+
+    k = torch.randn(1000, 40, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).float()
+    got = torch.zeros(40, 40)
+    stats.add_gram(got, k, chunk_tokens=64)
+    expect = k[:64].T @ k[:64]
+    for t in range(64, 1000, 64):
+        expect.addmm_(k[t:t + 64].T, k[t:t + 64])
+    assert torch.equal(got, torch.zeros(40, 40) + expect)
+    whole = torch.zeros(40, 40)
+    stats.add_gram(whole, k)  # the CPU: one product, straight into the sum
+    assert torch.equal(whole, torch.zeros(40, 40).addmm_(k.T, k)) and not torch.equal(whole, got)
+
+    def on_cuda(dtype):
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(24576, 4096))
+    assert stats.gram_chunk(on_cuda(torch.float32)) == stats.TC_CHUNK_TOKENS
+    assert stats.gram_chunk(on_cuda(torch.float64)) == 24576
+
+
 def test_fast_gram_applies_to_16bit_activations_only() -> None:
     assert stats.fast_gram_applies(True, torch.bfloat16) and stats.fast_gram_applies(True, torch.float16)
     assert not stats.fast_gram_applies(True, torch.float32)
@@ -773,6 +797,33 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     with tf32_matmuls(torch.device("cuda")):
         real(got, k16.float())
     assert rel(stats.symmetrize_upper(got), stats.symmetrize_upper(ref)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_c0_products_ignore_model_tf32(tok, monkeypatch) -> None:
+    """``model.tf32: true`` rounds the model's float32 products, never C0's: a float32 model's
+    Gram (float64 or float32 ``covariance.dtype``) is taken with TF32 off, the switch restored
+    after; only fast_gram's exact 16-bit products use tensor cores."""
+    from editlib.tf32 import set_tf32
+
+    model = tiny_llama(seed=0).eval().to("cuda")
+    texts = texts_of(20, seed=7)
+    seen, real = [], stats.add_gram
+
+    def spy(acc, feats):
+        seen.append(matmul_tf32())
+        real(acc, feats)
+
+    exact = collect_second_moments(model, tok, texts, [0], progress=False)
+    monkeypatch.setattr(stats, "add_gram", spy)
+    set_tf32(True)
+    try:
+        for dtype in (F64, torch.float32):
+            got = collect_second_moments(model, tok, texts, [0], progress=False, dtype=dtype)
+            assert rel(got[0][0].double(), exact[0][0]) < (1e-12 if dtype == F64 else 1e-5)
+        assert seen and not any(seen) and matmul_tf32()
+    finally:
+        set_tf32(False)
 
 
 def test_a_pass_brings_its_layers_to_the_host_one_at_a_time(llama, monkeypatch, tmp_path) -> None:

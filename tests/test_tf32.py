@@ -69,3 +69,6 @@ def test_scoped_switch_restores_the_previous_state() -> None:
         assert matmul_tf32() is start
         with tf32_matmuls(torch.device("cpu")):
             assert matmul_tf32() is start
+        with tf32_matmuls(torch.device("cuda"), on=False):  # C0's products under model.tf32
+            assert not matmul_tf32()
+        assert matmul_tf32() is start

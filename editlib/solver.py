@@ -150,19 +150,34 @@ def _symmetrise_(C: torch.Tensor) -> torch.Tensor:
     return C
 
 
+def _gpu_eig_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a GPU eigensolver giving up: no convergence (``LinAlgError``), out of
+    memory (the workspace of a 14,336² float64 ``eigh`` beside the model), or a cuSOLVER / MAGMA
+    error raised as a plain ``RuntimeError``."""
+    if isinstance(e, (torch.linalg.LinAlgError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("cusolver", "magma"))
+
+
 def eig_or_cpu(fn, M: torch.Tensor):
     """``fn(M)`` for a symmetric eigen-routine (``torch.linalg.eigvalsh`` or ``eigh``), retried in
-    float64 on the CPU when a GPU eigensolver does not converge: cuSOLVER can raise on exactly the
-    ill-conditioned systems this study produces (EMMET at λₑ = 0, near-duplicate keys; LAPACK on
-    the CPU rarely does), and a diagnostic such as cond(D) must not stop an experiment. Results
-    come back on ``M``'s device; a failure on the CPU is raised as it is."""
+    float64 on the CPU when a GPU eigensolver fails (:func:`_gpu_eig_failure`): cuSOLVER can raise
+    on exactly the ill-conditioned systems this study produces (EMMET at λₑ = 0, near-duplicate
+    keys; LAPACK on the CPU rarely does), or run out of memory at paper scale, and a diagnostic
+    such as cond(D) or AlphaEdit's null space must not stop an experiment. Results come back on
+    ``M``'s device; a failure on the CPU, or any other error, is raised as it is."""
     try:
         return fn(M)
-    except torch.linalg.LinAlgError as e:
-        if M.device.type == "cpu":
+    except RuntimeError as e:  # LinAlgError and OutOfMemoryError are RuntimeErrors
+        if M.device.type == "cpu" or not _gpu_eig_failure(e):
             raise
-        warnings.warn(f"{fn.__name__} did not converge on {M.device} ({e}); recomputed on the CPU",
+        what = ("ran out of memory" if isinstance(e, torch.OutOfMemoryError) else
+                "did not converge" if isinstance(e, torch.linalg.LinAlgError) else "failed")
+        warnings.warn(f"{fn.__name__} {what} on {M.device} ({e}); recomputed on the CPU",
                       RuntimeWarning, stacklevel=2)
+        del e
+        if M.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed call's workspace, before the result comes back
         out = fn(M.cpu())
         return tuple(t.to(M.device) for t in out) if isinstance(out, tuple) else out.to(M.device)
 

@@ -410,4 +410,18 @@ def test_eigensolver_failure_off_the_cpu_is_retried_on_the_cpu() -> None:
 
     with pytest.raises(torch.linalg.LinAlgError):
         eig_or_cpu(fails, M)
+    for err, said in ((torch.OutOfMemoryError("CUDA out of memory"), "ran out of memory"),
+                      (RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED"), "failed")):
+        def gives_up(x, err=err):  # paper scale: a 14,336² eigh beside the model, or cuSOLVER itself
+            if isinstance(x, OffCpu):
+                raise err
+            return torch.linalg.eigvalsh(x)
+        with pytest.warns(RuntimeWarning, match=f"gives_up {said} on meta.*recomputed on the CPU"):
+            assert eig_or_cpu(gives_up, OffCpu()).device.type == "meta"
+
+    def device_mismatch(x):  # any other error is a bug to see, not to retry
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    with pytest.raises(RuntimeError, match="same device"):
+        eig_or_cpu(device_mismatch, OffCpu())
     assert torch.equal(eig_or_cpu(torch.linalg.eigvalsh, M), torch.tensor([1.0, 2.0, 3.0], dtype=F64))

@@ -321,9 +321,11 @@ def outputs(methods: Sequence[str], batch_cases: pd.DataFrame | None, seq_cases:
         out.append(("beyond_sequential_all_methods",
                     plotting.plot_editors_sequential(seq_cases, methods, f"Sequential-batch editing, all editors, {title}")))
         if seq_batches is not None and plotting.has_degradation(seq_batches):
-            for m in [m for m in methods if (seq_batches["method"] == m).any()]:
+            ran = [m for m in methods if (seq_batches["method"] == m).any()]
+            ylims = plotting.degradation_ylims(seq_batches, ran)  # the editors' figures share their scales
+            for m in ran:
                 out.append((f"beyond_degradation_{m}", plotting.plot_degradation(
-                    seq_batches, [m], f"Degradation, sequential {display(m)}, {title}")))
+                    seq_batches, [m], f"Degradation, sequential {display(m)}, {title}", ylims=ylims)))
             best = best_sizes(seq_cases)
             out.append(("beyond_degradation_all_methods", plotting.plot_degradation_overlay(
                 seq_batches, {m: best[m] for m in methods if m in best},

@@ -246,6 +246,10 @@ def claim_sequential(stored: dict[str, pd.DataFrame]) -> dict | None:
             "spread": f"{m0.upper()} margin: " + _spread(c, lambda x: (lambda r: r[1] - r[3])(_seq_best(x, m0)))}
 
 
+#: S points within which a λ sweep is flat (the printed digit): no λ is named the best of a tie
+FLAT_S = 0.01
+
+
 def claim_lambda(stored: dict[str, pd.DataFrame]) -> dict | None:
     c = stored.get("sweep")
     if c is None or "lam" not in c.columns or not _methods(c, PAPER_METHODS):
@@ -258,6 +262,9 @@ def claim_lambda(stored: dict[str, pd.DataFrame]) -> dict | None:
             parts.append(f"{m.upper()}: no scores at any λ (every edit failed)")
             continue
         top = s.loc[s["S"].idxmax()]
+        if len(s) > 1 and float(s["S"].max() - s["S"].min()) < FLAT_S:  # no λ is "the best" of a tie
+            parts.append(f"{m.upper()}: S flat over λ ({_fmt_s(top['S'])}, every λ within {FLAT_S:g})")
+            continue
         parts.append(f"{m.upper()} λ = {top['lam']:g} (S {_fmt_s(top['S'])})")
     return {"claim": "the chosen λ",
             "paper": "MEMIT λ = 5×10^4 (S 86.49 at B = 1024), EMMET λ = 0 (S 74.23)",

@@ -14,14 +14,16 @@ Tables are DataFrames of the paper's ``"mean(std)"`` strings (:func:`editlib.met
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import matplotlib
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from .beyond import s_over_orderings
 from .metrics import failed_rows, format_summary, summarize_cases
@@ -110,39 +112,62 @@ def _band_title(fig: Figure, band: str) -> None:
     """Bands over orderings: say so under the title (lines are means over the orderings)."""
     if band != BAND:
         k = band.split(" over ")[1]
-        fig.suptitle(f"{fig.get_suptitle()}\nlines: mean over {k}; bands: {band}", fontsize="medium")
+        _suptitle(fig, f"{fig.get_suptitle()}\nlines: mean over {k}; bands: {band}")
+
+
+def _suptitle(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to its width (a long model and data description must not be
+    clipped at both sides), in the size every figure uses."""
+    chars = max(40, int(fig.get_figwidth() * 13))
+
+    def balanced(line: str) -> str:  # as many lines as needed, of even length (no one-word last line)
+        n = math.ceil(len(line) / chars)
+        return textwrap.fill(line, min(chars, math.ceil(len(line) / n) + 8)) if n > 1 else line
+    fig.suptitle("\n".join(balanced(line) for line in title.split("\n")), fontsize="medium")
 
 
 def _figure(n_panels: int, title: str, *, width: float = 3.6, height: float = 3.3) -> tuple[Figure, list]:
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(width * n_panels, height), layout="constrained")
         axes = list(fig.subplots(1, n_panels, squeeze=False)[0])
-    fig.suptitle(title)
+    _suptitle(fig, title)
     return fig, axes
 
 
 def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linestyle="-",
-          marker="o") -> None:
-    """One mean line with its band (S has one only over orderings, :func:`_stats`)."""
+          marker="o", hollow: bool = False, hatched: bool = False) -> None:
+    """One mean line with its band (S has one only over orderings, :func:`_stats`). ``hollow``:
+    open markers, for a line drawn over an identical one; ``hatched``: a hatched band, for a
+    second line of the same colour whose band may overlap the first's."""
     y = s["S"] if metric == "S" else s[f"{metric}_mean"]
-    (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4)
+    (ln,) = ax.plot(x, y, marker=marker, linestyle=linestyle, color=color, label=label, markersize=4,
+                    clip_on=False, **({"markerfacecolor": "none"} if hollow else {}))
     if f"{metric}_ci" in s:  # S has a band only over orderings (it is one number per ordering)
         ci = s[f"{metric}_ci"]
         lo, hi = y - ci, y + ci
-        if metric in _SHARES:
+        if metric in _SHARES or metric == "S":
             lo, hi = lo.clip(lower=0), hi.clip(upper=100)
-        ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=0.18, linewidth=0)
+        if hatched:
+            ax.fill_between(x, lo, hi, facecolor="none", edgecolor=ln.get_color(), hatch="////",
+                            alpha=0.35, linewidth=0)
+        else:
+            ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=0.18, linewidth=0)
 
 
 def _share_y(axes, metrics: Sequence[str]) -> None:
     """One y range for the ES, PS and NS panels (all shares ×100), so their drops compare at a
-    glance (the paper's point that NS falls most); S and GE keep their own."""
+    glance (the paper's point that NS falls most); S and GE keep their own. No score axis runs
+    past 100 or below 0 (the markers there are drawn whole)."""
     share = [ax for ax, m in zip(axes, metrics) if m in _SHARES]
     if len(share) > 1:
         lo = min(ax.get_ylim()[0] for ax in share)
         hi = max(ax.get_ylim()[1] for ax in share)
         for ax in share:
             ax.set_ylim(lo, hi)
+    for ax, m in zip(axes, metrics):
+        if m in _SHARES or m == "S":
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
 
 
 def _panel_titles(axes, metrics: Sequence[str], band: str = BAND) -> None:
@@ -176,8 +201,24 @@ def _lambda_axis(ax, lams: Sequence[float]) -> None:
     else:
         ax.set_xscale("log")
     ax.set_xticks(list(lams))
-    ax.set_xticklabels([lambda_label(l) for l in lams], rotation=45, ha="right")
+    ax.set_xticklabels(_spaced_labels(lams), rotation=45, ha="right")
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _spaced_labels(lams: Sequence[float], min_decades: float = 0.6) -> list[str]:
+    """λ tick labels that do not overlap: a λ closer than ``min_decades`` to an already labelled
+    one keeps its tick without a label (5×10^4 beside 10^5), zero and powers of ten first."""
+    def decade(v: float) -> bool:
+        return v == 0 or math.log10(abs(v)).is_integer()
+
+    labels = [""] * len(lams)
+    kept: list[float] = []
+    for i in sorted(range(len(lams)), key=lambda i: (not decade(lams[i]), i)):
+        v = lams[i]
+        if v == 0 or all(abs(math.log10(v) - math.log10(k)) >= min_decades for k in kept if k > 0):
+            labels[i] = lambda_label(v)
+            kept.append(v)
+    return labels
 
 
 def _methods(df: pd.DataFrame) -> list[str]:
@@ -255,6 +296,7 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
         ax.set_xlabel("edited layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_titles(axes, metrics, band_label(cases))
+    _share_y(axes, metrics)
     axes[0].legend(title="method")
     return _note(fig, cases)
 
@@ -315,7 +357,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _line(ax, s_cur["batch_size"], s_cur, m, label="right after its batch", color=color)
         if s_fin is not None:
             _line(ax, s_fin["batch_size"], s_fin, m, label="on the final model (retention)",
-                  color=color, linestyle="--", marker="s")
+                  color=color, linestyle="--", marker="s", hollow=True, hatched=True)
         _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())))
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics, band_label(c))
@@ -324,30 +366,64 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
     return _note(fig, c)
 
 
+def _size_colors(sizes: Sequence[int]) -> dict[int, tuple]:
+    """One colour per batch size from an ordered palette (small B light, large B dark), distinct
+    from the methods' colours."""
+    sizes = sorted(sizes)
+    return dict(zip(sizes, sns.color_palette("viridis_r", len(sizes) + 1)[1:]))
+
+
+def _plain_log2_x(ax, unedited: bool = False) -> None:
+    """A log2 x axis of facts edited with plain tick labels (8, 16, … not 2³, 2⁴; 0.5 reads "0":
+    the unedited model)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if unedited and v == 0.5 else f"{v:g}"))
+
+
+def _orderings_note(fig: Figure, frame: pd.DataFrame) -> None:
+    k = n_orderings(frame)
+    if k > 1:
+        _suptitle(fig, f"{fig.get_suptitle()}\nlines: mean over {k} orderings; bands: ±1 std over {k} orderings")
+
+
+def _mean_sd(g: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """Per batch index: the mean over orderings of ``cols`` and their sample std (``<col>_sd``;
+    NaN, no band, where fewer than two orderings measured it)."""
+    agg = g.groupby("batch_index")[list(cols)].agg(["mean", "std"]).sort_index()
+    out = pd.DataFrame({c: agg[(c, "mean")] for c in cols} | {f"{c}_sd": agg[(c, "std")] for c in cols})
+    return out.reset_index()
+
+
 def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, *,
-                                x: str = "batch_index") -> Figure:
-    """‖W − W0‖_F/‖W0‖_F and cond(D) after each sequential batch (log y), one line per batch size.
-    ``x``: "batch_index" (0-based) or "edits" (facts edited so far, log2 axis)."""
+                                x: str = "edits") -> Figure:
+    """‖W − W0‖_F/‖W0‖_F and cond(D) after each sequential batch (log y), one line per batch size,
+    mean over orderings with a ±1 std band. ``x``: "edits" (facts edited so far, log2 axis: runs of
+    every batch size compare at the same number of facts) or "batch_index" (0-based updates).
+    cond(D) of a one-fact batch is 1 (D is 1 × 1), so B = 1 is left out of that panel."""
     b = _of_method(batches, method)
-    b = b.groupby(["batch_size", "batch_index"], as_index=False)[["w_rel_dist", "cond_D"]].mean()
-    panels = (("w_rel_dist", r"$\|W - W_0\|_F \,/\, \|W_0\|_F$"), ("cond_D", "cond(D)"))
+    panels = (("w_rel_dist", r"$\|W - W_0\|_F \,/\, \|W_0\|_F$"), ("cond_D", "cond(D) (B = 1 has 1)"))
     fig, axes = _figure(len(panels), title, width=4.6)
-    colors = sns.color_palette("deep" if b["batch_size"].nunique() <= 10 else "husl", b["batch_size"].nunique())
+    colors = _size_colors(b["batch_size"].unique())
     for ax, (col, label) in zip(axes, panels):
-        for color, (B, g) in zip(colors, b.groupby("batch_size")):
+        for B, g in b.groupby("batch_size"):
+            if col == "cond_D" and B == 1:
+                continue
+            g = _mean_sd(g, [col])
             xs = g["batch_index"] if x == "batch_index" else (g["batch_index"] + 1) * B
-            ax.plot(xs, g[col], color=color, label=f"B={B}", marker="o" if len(g) <= 40 else None,
-                    markersize=3)
+            ax.plot(xs, g[col], color=colors[B], label=f"B={B}", marker="o" if len(g) <= 40 else None,
+                    markersize=3, clip_on=False)
+            lo = (g[col] - g[f"{col}_sd"]).where(lambda v: v > 0, g[col] / 10)  # log axis: no band below 0
+            ax.fill_between(xs, lo, g[col] + g[f"{col}_sd"], color=colors[B], alpha=0.15, linewidth=0)
         ax.set_yscale("log")
         ax.set_ylabel(label)
-        ax.set_title(label)
         if x == "batch_index":
-            ax.set_xlabel("batch index")
+            ax.set_xlabel("sequential update (batch index)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         else:
-            ax.set_xscale("log", base=2)
+            _plain_log2_x(ax)
             ax.set_xlabel("facts edited so far")
     axes[0].legend(title="batch size", fontsize="small")
+    _orderings_note(fig, b)
     return fig
 
 
@@ -362,35 +438,96 @@ def has_degradation(batches: pd.DataFrame) -> bool:
 
 
 def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
-    """A degradation panel's frame: the unedited model as a dotted line, facts edited on a log2 axis."""
+    """A degradation panel's frame: the unedited model as a dotted line and a grey point at "0"
+    (not joined to the measurements: nothing was measured between), facts edited on a log2 axis,
+    perplexity on a log axis (one collapsed run would flatten the others), the share of facts
+    still known within [0, 100]."""
     if len(b):
-        ax.axhline(float(b[f"{col}_0"].mean()), color="0.5", linestyle=":", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("facts edited so far (0.5: unedited)")
-    ax.set_title(label)
+        base = float(b[f"{col}_0"].mean())
+        ax.axhline(base, color="0.5", linestyle=":", linewidth=1)
+        ax.plot([0.5], [base], color="0.5", marker="o", markersize=4, linestyle="none", clip_on=False)
+    _plain_log2_x(ax, unedited=True)
+    ax.set_xlabel("facts edited so far")
     ax.set_ylabel(label)
+    if col == "heldout_ppl":
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if col == "heldout_known":
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
 
 
-def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
-    """Model degradation vs facts edited so far (log2 axis; 0 edits at the left edge: the unedited
-    model, also a dotted line): held-out known facts, their margin, and perplexity; one colour per
-    batch size, one line style per method (editlib.degradation)."""
+def _degradation_line(ax, g: pd.DataFrame, col: str, B: int, **style) -> np.ndarray:
+    """One run's measurements (mean over orderings, ±1 std band where two or more measured) at
+    the facts edited so far; returns the plotted means."""
+    m = _mean_sd(g, [col])
+    xs = ((m["batch_index"] + 1) * B).to_numpy(dtype=float)
+    ys, sd = m[col].to_numpy(dtype=float), m[f"{col}_sd"].to_numpy(dtype=float)
+    (ln,) = ax.plot(xs, ys, markersize=3, clip_on=False, **style)
+    lo, hi = ys - sd, ys + sd
+    if col == "heldout_known":
+        lo, hi = np.clip(lo, 0, 100), np.clip(hi, 0, 100)
+    ax.fill_between(xs, lo, hi, color=ln.get_color(), alpha=0.15, linewidth=0)
+    return ys
+
+
+def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str, *,
+                     ylims: Mapping[str, tuple[float, float]] | None = None) -> Figure:
+    """Model degradation vs facts edited so far (log2 axis; the unedited model a grey point at 0
+    and a dotted line): held-out known facts, their margin, and perplexity; one colour per batch
+    size, one line style per method (editlib.degradation); mean over orderings with a ±1 std band
+    when there are several. ``ylims``: column -> y range, so that sibling figures share scales."""
     b = batches[batches["method"].isin(methods) & batches["heldout_known"].notna()]
     fig, axes = _figure(len(DEGRADATION), title, width=4.4)
-    sizes = sorted(b["batch_size"].unique())
-    colors = dict(zip(sizes, sns.color_palette("deep" if len(sizes) <= 10 else "husl", len(sizes))))
+    colors = _size_colors(b["batch_size"].unique())
     for ax, (col, label) in zip(axes, DEGRADATION):
-        for method in [m for m in _methods(b)]:
+        for method in _methods(b):
             ls, mk = _STYLE.get(method, ("-", "o"))
+            drawn: list[np.ndarray] = []
             for B, g in b[b["method"] == method].groupby("batch_size"):
-                g = g.groupby("batch_index", as_index=False)[[col, f"{col}_0"]].mean().sort_values("batch_index")
-                xs = [0.5] + list((g["batch_index"] + 1) * B)  # 0 edits drawn at 0.5 on the log axis
-                ys = [float(g[f"{col}_0"].iloc[0])] + list(g[col])
-                ax.plot(xs, ys, color=colors[B], linestyle=ls, marker=mk, markersize=3,
-                        label=f"{method.upper()} B={B}")
+                ys = _degradation_line(ax, g, col, B, color=colors[B], linestyle=ls, marker=mk,
+                                       label=f"{_name(method)} B={B}",
+                                       markerfacecolor="none" if _covers(drawn, g, col) else colors[B])
+                drawn.append(ys)
         _degradation_axis(ax, b, col, label)
+        if ylims and col in ylims:
+            ax.set_ylim(*ylims[col])
     axes[0].legend(fontsize="x-small")
+    _orderings_note(fig, b)
     return fig
+
+
+def _covers(drawn: Sequence[np.ndarray], g: pd.DataFrame, col: str) -> bool:
+    """Whether a line about to be drawn lies on one already drawn (the same measurements within
+    :data:`COINCIDE`), so it gets open markers and both stay visible."""
+    ys = _mean_sd(g, [col])[col].to_numpy(dtype=float)
+    return any(len(d) == len(ys) and np.nanmax(np.abs(d - ys)) <= COINCIDE for d in drawn)
+
+
+def degradation_ylims(batches: pd.DataFrame, methods: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """One y range per degradation panel over ``methods`` (their means and bands, and the unedited
+    model), for sibling figures of one run to share: a dip of one held-out fact must not fill one
+    editor's panel while it is invisible in another's."""
+    b = batches[batches["method"].isin(methods) & batches["heldout_known"].notna()]
+    out = {}
+    for col, _ in DEGRADATION:
+        vals = [b[f"{col}_0"].to_numpy(dtype=float)]
+        for _, g in b.groupby(["method", "batch_size"]):
+            m = _mean_sd(g, [col])
+            sd = m[f"{col}_sd"].fillna(0).to_numpy(dtype=float)
+            vals += [m[col].to_numpy(dtype=float) - sd, m[col].to_numpy(dtype=float) + sd]
+        v = np.concatenate(vals) if vals else np.array([0.0, 1.0])
+        v = v[np.isfinite(v)]
+        if col == "heldout_ppl":
+            v = v[v > 0]
+            lo, hi = float(v.min()) / 1.1, float(v.max()) * 1.1
+        else:
+            pad = 0.05 * max(float(v.max() - v.min()), 1.0)
+            lo, hi = float(v.min()) - pad, float(v.max()) + pad
+            if col == "heldout_known":
+                lo, hi = max(lo, 0.0), min(hi, 100.0)
+        out[col] = (lo, hi)
+    return out
 
 
 # --------------------------------------------------------------------------- beyond the paper (notebook 07)
@@ -400,17 +537,50 @@ def _name(method: str) -> str:
     return display(method)
 
 
+def _editor_stats(c: pd.DataFrame, methods: Sequence[str], over: bool) -> dict[str, pd.DataFrame]:
+    """Per editor present in ``c`` (in ``methods``' order): its :func:`_stats` by batch size."""
+    return {m: _stats(c[c["method"] == m], ["batch_size"], over) for m in methods if (c["method"] == m).any()}
+
+
+def _covered_by(stats: Mapping[str, pd.DataFrame], metrics: Sequence[str]) -> dict[str, tuple[str, list]]:
+    """Editor -> (an editor drawn before it, the batch sizes they share) when its line lies on that
+    one's at every shared batch size on every panel (within :data:`COINCIDE`): ROME and EMMET
+    give the same edit at B = 1. Its markers are drawn open and its legend entry says so."""
+    cols = ["S" if m == "S" else f"{m}_mean" for m in metrics]
+    out: dict[str, tuple[str, list]] = {}
+    names = list(stats)
+    for i, b in enumerate(names):
+        gb = stats[b].set_index("batch_size")[cols]
+        for a in names[:i]:
+            ga = stats[a].set_index("batch_size")[cols]
+            shared = sorted(set(ga.index) & set(gb.index))
+            if shared and float((ga.loc[shared] - gb.loc[shared]).abs().to_numpy().max()) <= COINCIDE:
+                out[b] = (a, shared)
+                break
+    return out
+
+
+def _editor_label(method: str, covered: Mapping[str, tuple[str, list]]) -> str:
+    if method not in covered:
+        return _name(method)
+    a, shared = covered[method]
+    at = "" if len(shared) > 1 else f" at B = {shared[0]:g}"
+    return f"{_name(method)} (= {_name(a)}{at})"
+
+
 def plot_editors_batch(cases: pd.DataFrame, methods: Sequence[str], title: str) -> Figure:
     """Figures 2-3 for several editors at once: metrics after one batch edit vs batch size, one
     line per editor (ROME, which edits one fact, is a point at B = 1); bands per :func:`_stats`."""
     c = _current(cases[cases["method"].isin(methods)])
     metrics = _metrics(c)
     fig, axes = _figure(len(metrics), title)
+    stats = _editor_stats(c, methods, n_orderings(c) > 1)
+    covered = _covered_by(stats, metrics)
     for ax, m in zip(axes, metrics):
-        for method in [x for x in methods if (c["method"] == x).any()]:
-            s = _stats(c[c["method"] == method], ["batch_size"], n_orderings(c) > 1)
+        for method, s in stats.items():
             ls, mk = _STYLE.get(method, ("-", "o"))
-            _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls, marker=mk)
+            _line(ax, s["batch_size"], s, m, label=_editor_label(method, covered), color=_PALETTE.get(method),
+                  linestyle=ls, marker=mk, hollow=method in covered)
         _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics, band_label(c))
@@ -429,17 +599,18 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(3.6 * len(metrics), 3.1 * len(rows)), layout="constrained")
         grid = fig.subplots(len(rows), len(metrics), squeeze=False)
-    fig.suptitle(title)
+    _suptitle(fig, title)
     band = band_label(c)
     sizes = sorted(c["batch_size"].unique().tolist())
     for r, (ev, what) in enumerate(rows):
         ce = c[c["eval"] == ev]
+        stats = _editor_stats(ce, methods, n_orderings(c) > 1)
+        covered = _covered_by(stats, metrics)
         for ax, m in zip(grid[r], metrics):
-            for method in [x for x in methods if (ce["method"] == x).any()]:
-                s = _stats(ce[ce["method"] == method], ["batch_size"], n_orderings(c) > 1)
+            for method, s in stats.items():
                 ls, mk = _STYLE.get(method, ("-", "o"))
-                _line(ax, s["batch_size"], s, m, label=_name(method), color=_PALETTE.get(method), linestyle=ls,
-                      marker=mk)
+                _line(ax, s["batch_size"], s, m, label=_editor_label(method, covered), color=_PALETTE.get(method),
+                      linestyle=ls, marker=mk, hollow=method in covered)
             _categorical_log_x(ax, sizes)
             ax.set_xlabel("batch size (sequential batches)")
             ax.set_title(f"{NAMES[m]}, {what}", fontsize="medium")
@@ -457,20 +628,18 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
     b = batches[batches["heldout_known"].notna()] if "heldout_known" in batches.columns else batches.iloc[:0]
     k = n_orderings(b)
     for ax, (col, label) in zip(axes, DEGRADATION):
+        drawn: dict[str, np.ndarray] = {}
         for method, B in best.items():
             g = b[(b["method"] == method) & (b["batch_size"] == B)]
             if g.empty:
                 continue
-            agg = g.groupby("batch_index")[col].agg(["mean", "std"]).sort_index()
-            xs = np.array([0.5] + list((agg.index.to_numpy() + 1) * B), dtype=float)
-            ys = np.array([float(g[f"{col}_0"].mean())] + list(agg["mean"]))
-            # std over orderings: NaN (no band) where fewer than two orderings measured, as in _stats
-            sd = np.array([g.groupby("ordering")[f"{col}_0"].first().std()] + list(agg["std"]), dtype=float)
             ls, mk = _STYLE.get(method, ("-", "o"))
-            (ln,) = ax.plot(xs, ys, color=_PALETTE.get(method), linestyle=ls, marker=mk, markersize=3,
-                            label=f"{_name(method)} B={B}")
-            if k > 1:
-                ax.fill_between(xs, ys - sd, ys + sd, color=ln.get_color(), alpha=0.15, linewidth=0)
+            ys = _mean_sd(g, [col])[col].to_numpy(dtype=float)
+            same = next((a for a, d in drawn.items() if len(d) == len(ys)
+                         and np.nanmax(np.abs(d - ys)) <= COINCIDE), None)
+            name = f"{_name(method)} B={B}" + (f" (= {_name(same)})" if same else "")
+            drawn[method] = _degradation_line(ax, g, col, B, color=_PALETTE.get(method), linestyle=ls, marker=mk,
+                                              label=name, **({"markerfacecolor": "none"} if same else {}))
         _degradation_axis(ax, b, col, label)
     axes[0].legend(fontsize="x-small", title="editor at its best B", title_fontsize="x-small")
     if k > 1:
@@ -489,6 +658,7 @@ def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
         _lambda_axis(ax, s["lam"].tolist())
         ax.set_xlabel("λ")
     _panel_titles(axes, metrics, band_label(c))
+    _share_y(axes, metrics)
     return _note(fig, c)
 
 
@@ -500,7 +670,8 @@ def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     fig.savefig(paths[0], dpi=150, metadata={"Software": None})
-    fig.savefig(paths[1], metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    with matplotlib.rc_context({"pdf.fonttype": 42}):  # TrueType, not Type 3: what publishers accept
+        fig.savefig(paths[1], metadata={"CreationDate": None, "Creator": None, "Producer": None})
     return paths
 
 

@@ -63,7 +63,7 @@ def test_sequential_run_records_degradation(study, weights0, tmp_path):  # noqa:
     assert (measured.heldout_ppl != measured.heldout_ppl_0).all()  # the edits moved it
     assert_unedited(study.model, weights0)
     fig = plotting.plot_degradation(b, ["memit"], "t")
-    assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 1  # two batch sizes + the unedited line
+    assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 2  # two batch sizes + the unedited line and point
 
 
 def test_degradation_off_unless_asked_and_bad_values(tmp_path):

@@ -80,6 +80,9 @@ def test_spread_over_orderings_and_lambda_is_not_judged():
     assert "100.00 ± 0.00 over 3 orderings" in row["spread"]
     t = findings.claims_table({"sweep": c})
     assert t["holds here"].tolist() == ["n/a"]
+    flat = cases([({"method": "emmet", "lam": lam}, 0.9, 0.9, 0.9) for lam in (0.0, 1e-3, 1e-2)])
+    row = findings.claim_lambda({"sweep": flat})  # a tie names no λ as the best
+    assert "EMMET: S flat over λ (90.00, every λ within 0.01)" in row["ours"] and "λ = " not in row["ours"]
 
 
 def test_findings_paragraphs_state_the_numbers():

@@ -86,10 +86,16 @@ def test_sequential_diagnostics(rng):
                  w_rel_dist=1e-3 * (i + 1), cond_D=10.0 ** (i + 1))
             for b in (1, 4, 16) for i in range(16 // b)]
     fig = plotting.plot_sequential_diagnostics(pd.DataFrame(rows), "memit", "diagnostics")
-    assert _n_lines(fig) == [3, 3]
+    assert _n_lines(fig) == [3, 2]  # cond(D) of a one-fact batch is 1: no B = 1 line there
     assert all(ax.get_yscale() == "log" for ax in fig.axes)
-    fig = plotting.plot_sequential_diagnostics(pd.DataFrame(rows), "memit", "d", x="edits")
-    assert fig.axes[0].get_xscale() == "log"
+    # facts edited on the x axis by default: every batch size ends at the same 16 facts
+    assert fig.axes[0].get_xscale() == "log" and {ln.get_xdata()[-1] for ln in fig.axes[0].lines} == {16}
+    assert "orderings" not in fig.get_suptitle()
+    two = pd.DataFrame(rows + [{**r, "ordering": 1, "w_rel_dist": 2 * r["w_rel_dist"]} for r in rows])
+    fig = plotting.plot_sequential_diagnostics(two, "memit", "d")
+    assert "mean over 2 orderings" in fig.get_suptitle() and len(fig.axes[0].collections) == 3  # bands
+    fig = plotting.plot_sequential_diagnostics(pd.DataFrame(rows), "memit", "d", x="batch_index")
+    assert fig.axes[0].get_xscale() == "linear" and max(fig.axes[0].lines[0].get_xdata()) == 15
 
 
 def test_save_figure_and_table(rng, tmp_path):
@@ -274,3 +280,89 @@ def test_batch_and_sequential_share_the_y_range_of_es_ps_ns(rng):
     for fig in (plotting.plot_batch(c, "memit", "t"), plotting.plot_sequential(c, "memit", "t")):
         es, ps, ns, s = fig.axes[:4]
         assert es.get_ylim() == ps.get_ylim() == ns.get_ylim()
+
+
+def _degradation_rows(orderings=(0,), sizes=(1, 4), n=8, known=lambda o, B, i: 90.0 - i, ppl=lambda o, B, i: 3.0):
+    return pd.DataFrame([{"method": "memit", "batch_size": B, "ordering": o, "batch_index": i,
+                          "heldout_known": known(o, B, i), "heldout_known_0": 100.0,
+                          "heldout_margin": 50.0 - i, "heldout_margin_0": 60.0,
+                          "heldout_ppl": ppl(o, B, i), "heldout_ppl_0": 2.8}
+                         for o in orderings for B in sizes for i in range(n // B)])
+
+
+def test_degradation_draws_what_was_measured():
+    """No line joins the unedited model to the first measurement (nothing was measured between:
+    a single batch of all facts would be a diagonal across the axis); the unedited model is a
+    grey point at "0" and a dotted line. Perplexity on a log axis, the share known within
+    [0, 100], bands over orderings with the title saying what lines and bands are."""
+    b = _degradation_rows(ppl=lambda o, B, i: 1000.0 if B == 4 else 3.0 + i)
+    fig = plotting.plot_degradation(b, ["memit"], "t")
+    known, _, ppl = fig.axes
+    data = [ln for ln in known.lines if ln.get_label().startswith("MEMIT B=")]
+    assert [ln.get_xdata()[0] for ln in data] == [1, 4]  # first measured points, not 0.5
+    assert ppl.get_yscale() == "log" and known.get_ylim()[1] <= 100
+    assert [t.get_text() for t in known.get_legend().get_texts()] == ["MEMIT B=1", "MEMIT B=4"]
+    assert "orderings" not in fig.get_suptitle()
+    two = _degradation_rows(orderings=(0, 1), known=lambda o, B, i: 99.5 - i + o)
+    fig = plotting.plot_degradation(two, ["memit"], "t")
+    assert "mean over 2 orderings" in fig.get_suptitle()
+    band_tops = np.concatenate([p.vertices[:, 1] for c in fig.axes[0].collections for p in c.get_paths()])
+    assert band_tops.max() <= 100 and len(fig.axes[0].collections) == 2  # clipped at 100 %
+    fig = plotting.plot_degradation(two, ["memit"], "t", ylims={"heldout_known": (50.0, 100.0)})
+    assert fig.axes[0].get_ylim() == (50.0, 100.0)
+
+
+def test_sibling_degradation_figures_share_their_scales():
+    """Every editor's degradation figure of one run gets the same y ranges (a dip of one held-out
+    fact must not fill one panel while another editor's collapse fits in its own)."""
+    b = pd.concat([_degradation_rows(known=lambda o, B, i: 99.0),
+                   _degradation_rows(known=lambda o, B, i: 60.0 - i).assign(method="alphaedit")])
+    lims = plotting.degradation_ylims(b, ["memit", "alphaedit"])
+    assert lims["heldout_known"][0] < 53 and lims["heldout_known"][1] == 100.0
+    assert 0 < lims["heldout_ppl"][0] < 2.8 < 3.0 < lims["heldout_ppl"][1]
+    figs = [plotting.plot_degradation(b, [m], "t", ylims=lims) for m in ("memit", "alphaedit")]
+    assert figs[0].axes[0].get_ylim() == figs[1].axes[0].get_ylim() == lims["heldout_known"]
+
+
+def test_editors_drawn_on_each_other_say_so():
+    """ROME and EMMET make the same edit at B = 1: the later line gets open markers and a legend
+    entry naming the one it lies on, so neither hides the other silently."""
+    rng = np.random.default_rng(1)
+    emmet = _frame(rng, [dict(method="emmet", batch_size=b, batch_index=0, eval="current", ordering=0)
+                         for b in (1, 4)])
+    rome = emmet[emmet.batch_size == 1].assign(method="rome")
+    fig = plotting.plot_editors_batch(pd.concat([emmet, rome]), ["emmet", "rome"], "t")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["EMMET", "ROME (= EMMET at B = 1)"]
+    assert fig.axes[0].lines[1].get_markerfacecolor() == "none"
+    other = rome.assign(ES=1.0 - rome["ES"])
+    fig = plotting.plot_editors_batch(pd.concat([emmet, other]), ["emmet", "rome"], "t")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["EMMET", "ROME"]
+
+
+def test_score_axes_stay_within_0_and_100(rng):
+    """A share or S panel never runs past 100 (matplotlib's margin used to take it to ~101), in
+    the layer search and λ sweeps too, whose ES, PS, NS panels now share one range."""
+    rows = [dict(method="memit", layer=l, batch_size=1, batch_index=0, eval="current", ordering=0) for l in range(3)]
+    c = _frame(rng, rows)
+    c[["ES", "PS"]] = 1.0
+    c.loc[c.layer == 2, "NS"] = 0.0
+    fig = plotting.plot_layer_search(c, "t")
+    es, ps, ns, s = fig.axes
+    assert es.get_ylim() == ps.get_ylim() == ns.get_ylim() and es.get_ylim()[1] == 100 and es.get_ylim()[0] >= 0
+    assert s.get_ylim()[1] <= 100 and es.lines[0].get_clip_on() is False  # points at 100 drawn whole
+    rows = [dict(method="memit", lam=l, batch_size=8, batch_index=0, eval="current", ordering=0)
+            for l in (1.0, 10.0, 100.0, 1e3, 1e4, 5e4, 1e5, 5e5, 1e6)]
+    fig = plotting.plot_sweep(_frame(rng, rows), "memit", "t")
+    assert fig.axes[0].get_ylim() == fig.axes[2].get_ylim()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["1", "10", "100", "1e3", "1e4", "", "1e5", "", "1e6"]  # 5e4 and 5e5: ticks, no overlapping labels
+
+
+def test_long_titles_wrap_and_pdfs_embed_truetype(rng, tmp_path):
+    rows = [dict(method="memit", batch_size=b, batch_index=0, eval="current", ordering=0) for b in (4, 16)]
+    fig = plotting.plot_batch(_frame(rng, rows), "memit", "Figure 2: " + "a very long model and data description " * 4)
+    assert all(len(line) <= 13 * fig.get_figwidth() for line in fig.get_suptitle().split("\n"))
+    plotting.save_figure(fig, tmp_path, "f")
+    pdf = (tmp_path / "f.pdf").read_bytes()
+    assert b"/Type3" not in pdf and b"/CIDFontType2" in pdf  # TrueType outlines (fonttype 42)

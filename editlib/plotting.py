@@ -135,7 +135,7 @@ def _figure(n_panels: int, title: str, *, width: float = 3.6, height: float = 3.
 
 
 def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linestyle="-",
-          marker="o", hollow: bool = False, hatched: bool = False) -> None:
+          marker="o", hollow: bool = False, hatched: bool = False, alpha: float = 0.18) -> None:
     """One mean line with its band (S has one only over orderings, :func:`_stats`). ``hollow``:
     open markers, for a line drawn over an identical one; ``hatched``: a hatched band, for a
     second line of the same colour whose band may overlap the first's."""
@@ -151,7 +151,7 @@ def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linest
             ax.fill_between(x, lo, hi, facecolor="none", edgecolor=ln.get_color(), hatch="////",
                             alpha=0.35, linewidth=0)
         else:
-            ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=0.18, linewidth=0)
+            ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=alpha, linewidth=0)
 
 
 def _share_y(axes, metrics: Sequence[str]) -> None:
@@ -177,12 +177,22 @@ def _panel_titles(axes, metrics: Sequence[str], band: str = BAND) -> None:
     _band_title(axes[0].figure, band)
 
 
-def _categorical_log_x(ax, values: Sequence[float], base: float = 2) -> None:
-    """Log x axis with ticks (and only ticks) at ``values``."""
+def _categorical_log_x(ax, values: Sequence[float], base: float = 2, *, one_batch: float | None = None) -> None:
+    """Log x axis with ticks (and only ticks) at ``values``; ``one_batch``: the batch size that
+    edits every fact in one batch (sequential runs), labelled so."""
     ax.set_xscale("log", base=base)
     ax.set_xticks(list(values))
-    ax.set_xticklabels([f"{v:g}" for v in values])
+    ax.set_xticklabels([f"{v:g}" + ("\n(one batch)" if v == one_batch else "") for v in values])
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _one_batch_size(c: pd.DataFrame) -> float | None:
+    """The batch size of a sequential run whose single batch holds every fact (each ordering's
+    rows at that size all come from batch 0), or None."""
+    if "batch_index" not in c.columns or c.empty:
+        return None
+    top = c[c["batch_size"] == c["batch_size"].max()]
+    return float(top["batch_size"].iloc[0]) if (top["batch_index"] == 0).all() else None
 
 
 def lambda_label(v: float) -> str:
@@ -358,7 +368,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
         if s_fin is not None:
             _line(ax, s_fin["batch_size"], s_fin, m, label="on the final model (retention)",
                   color=color, linestyle="--", marker="s", hollow=True, hatched=True)
-        _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())))
+        _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())), one_batch=_one_batch_size(cur))
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
@@ -580,7 +590,7 @@ def plot_editors_batch(cases: pd.DataFrame, methods: Sequence[str], title: str) 
         for method, s in stats.items():
             ls, mk = _STYLE.get(method, ("-", "o"))
             _line(ax, s["batch_size"], s, m, label=_editor_label(method, covered), color=_PALETTE.get(method),
-                  linestyle=ls, marker=mk, hollow=method in covered)
+                  linestyle=ls, marker=mk, hollow=method in covered, alpha=0.1)
         _categorical_log_x(ax, sorted(c["batch_size"].unique().tolist()))
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics, band_label(c))
@@ -610,8 +620,8 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
             for method, s in stats.items():
                 ls, mk = _STYLE.get(method, ("-", "o"))
                 _line(ax, s["batch_size"], s, m, label=_editor_label(method, covered), color=_PALETTE.get(method),
-                      linestyle=ls, marker=mk, hollow=method in covered)
-            _categorical_log_x(ax, sizes)
+                      linestyle=ls, marker=mk, hollow=method in covered, alpha=0.1)
+            _categorical_log_x(ax, sizes, one_batch=_one_batch_size(c[c["eval"] == "current"]))
             ax.set_xlabel("batch size (sequential batches)")
             ax.set_title(f"{NAMES[m]}, {what}", fontsize="medium")
             ax.set_ylabel(_ylabel(m, band))

@@ -72,7 +72,13 @@ def test_sequential_current_and_final(rng):
     rows = [dict(method="memit", layer=1, batch_size=b, batch_index=i, eval="current", ordering=0)
             for b in (2, 8) for i in range(8 // b)]
     cur = _frame(rng, rows, n=4)
-    assert _n_lines(plotting.plot_sequential(cur, "memit", "Figure 4")) == [1] * 4
+    fig = plotting.plot_sequential(cur, "memit", "Figure 4")
+    assert _n_lines(fig) == [1] * 4
+    # the rightmost point is the single batch of every fact the sequential runs are compared with
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["2", "8\n(one batch)"]
+    part = cur[~((cur.batch_size == 2) & (cur.batch_index == 3))]
+    assert [t.get_text() for t in plotting.plot_sequential(part[part.batch_size == 2], "memit", "t")
+            .axes[0].get_xticklabels()] == ["2"]  # several batches at the largest size: no label
     fin = _frame(rng, [dict(method="memit", layer=1, batch_size=b, batch_index=8 // b - 1, eval="final",
                             ordering=0) for b in (2, 8)], n=8)
     both = pd.concat([cur, fin], ignore_index=True)

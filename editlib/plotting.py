@@ -339,7 +339,8 @@ def plot_windows(cases: pd.DataFrame, method: str, title: str) -> Figure:
     c = _current(cases[cases["method"].isin(labels)])
     metrics = _metrics(c)
     fig, axes = _figure(len(metrics), title)
-    colors = sns.color_palette("deep", len(labels))
+    # shades of the method's own colour (the other methods' colours would read as other methods)
+    colors = sns.dark_palette(_PALETTE.get(method, "C0"), len(labels) + 1, reverse=True)[:len(labels)]
     for ax, m in zip(axes, metrics):
         for color, (i, label) in zip(colors, enumerate(labels)):
             s = _stats(c[c["method"] == label], ["batch_size"], n_orderings(c) > 1)

@@ -372,3 +372,18 @@ def test_long_titles_wrap_and_pdfs_embed_truetype(rng, tmp_path):
     plotting.save_figure(fig, tmp_path, "f")
     pdf = (tmp_path / "f.pdf").read_bytes()
     assert b"/Type3" not in pdf and b"/CIDFontType2" in pdf  # TrueType outlines (fonttype 42)
+
+
+def test_windows_are_shades_of_their_method(rng):
+    """MEMIT over 1 and 2 layers: one line each, in shades of MEMIT's colour (another method's
+    colour would read as that method), the single layer solid."""
+    import matplotlib.colors as mc
+
+    rows = [dict(method=m, batch_size=b, batch_index=0, eval="current", ordering=0)
+            for m in ("memit", "memit-w2") for b in (4, 16)]
+    fig = plotting.plot_windows(_frame(rng, rows), "memit", "t")
+    one, two = fig.axes[0].lines
+    assert one.get_linestyle() == "-" and two.get_linestyle() == "--"
+    assert mc.to_hex(one.get_color()) == mc.to_hex(plotting._PALETTE["memit"])
+    assert all(mc.to_hex(two.get_color()) != mc.to_hex(c) for c in plotting._PALETTE.values())
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MEMIT, 1 layer", "MEMIT, 2 layers"]

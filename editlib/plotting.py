@@ -23,7 +23,7 @@ import pandas as pd
 import matplotlib
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullLocator
 
 from .beyond import s_over_orderings
 from .metrics import failed_rows, format_summary, summarize_cases
@@ -152,6 +152,16 @@ def _line(ax, x, s: pd.DataFrame, metric: str, *, label: str, color=None, linest
                             alpha=0.35, linewidth=0)
         else:
             ax.fill_between(x, lo, hi, color=ln.get_color(), alpha=alpha, linewidth=0)
+
+
+def _legend(ax, ncols: int = 5, **kw) -> None:
+    """The legend of ``ax``'s lines, under the figure's panels (inside a panel it covered data),
+    the figure made taller by its rows so that the panels keep their size."""
+    fig = ax.figure
+    handles, labels = ax.get_legend_handles_labels()
+    cols = max(1, min(len(labels), ncols))
+    fig.set_figheight(fig.get_figheight() + 0.22 * math.ceil(len(labels) / cols) + 0.15)
+    fig.legend(handles, labels, loc="outside lower center", ncols=cols, **kw)
 
 
 def _share_y(axes, metrics: Sequence[str]) -> None:
@@ -307,7 +317,7 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_titles(axes, metrics, band_label(cases))
     _share_y(axes, metrics)
-    axes[0].legend(title="method")
+    _legend(axes[0], title="method")
     return _note(fig, cases)
 
 
@@ -350,7 +360,7 @@ def plot_windows(cases: pd.DataFrame, method: str, title: str) -> Figure:
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
-    axes[0].legend(fontsize="small")
+    _legend(axes[0], fontsize="small")
     return _note(fig, c)
 
 
@@ -373,7 +383,7 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
-    axes[0].legend(fontsize="small")
+    _legend(axes[0], fontsize="small")
     return _note(fig, c)
 
 
@@ -433,7 +443,7 @@ def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, 
         else:
             _plain_log2_x(ax)
             ax.set_xlabel("facts edited so far")
-    axes[0].legend(title="batch size", fontsize="small")
+    _legend(axes[0], title="batch size", fontsize="small")
     _orderings_note(fig, b)
     return fig
 
@@ -462,7 +472,9 @@ def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
     ax.set_ylabel(label)
     if col == "heldout_ppl":
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        # plain numbers (3, 4, 10, 100; not 3×10⁰), minor ones only where the axis spans little
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     if col == "heldout_known":
         lo, hi = ax.get_ylim()
         ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
@@ -503,7 +515,7 @@ def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str, 
         _degradation_axis(ax, b, col, label)
         if ylims and col in ylims:
             ax.set_ylim(*ylims[col])
-    axes[0].legend(fontsize="x-small")
+    _legend(axes[0], ncols=4, fontsize="small")
     _orderings_note(fig, b)
     return fig
 
@@ -596,7 +608,7 @@ def plot_editors_batch(cases: pd.DataFrame, methods: Sequence[str], title: str) 
         ax.set_xlabel("batch size")
     _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
-    axes[0].legend(title="editor", fontsize="small")
+    _legend(axes[0], title="editor", fontsize="small")
     return _note(fig, c)
 
 
@@ -628,7 +640,7 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
             ax.set_ylabel(_ylabel(m, band))
         _share_y(list(grid[r]), metrics)
     _band_title(fig, band)
-    grid[0][0].legend(title="editor", fontsize="small")
+    _legend(grid[0][0], title="editor", fontsize="small")
     return _note(fig, c)
 
 
@@ -652,7 +664,7 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
             drawn[method] = _degradation_line(ax, g, col, B, color=_PALETTE.get(method), linestyle=ls, marker=mk,
                                               label=name, **({"markerfacecolor": "none"} if same else {}))
         _degradation_axis(ax, b, col, label)
-    axes[0].legend(fontsize="x-small", title="editor at its best B", title_fontsize="x-small")
+    _legend(axes[0], fontsize="small", title="editor at its best B", title_fontsize="small")
     if k > 1:
         _band_title(fig, f"±1 std over {k} orderings")
     return fig

@@ -272,11 +272,11 @@ def test_coinciding_methods_are_named_in_the_legend(rng):
     memit = _frame(rng, rows)
     same = pd.concat([memit, memit.assign(method="rome")], ignore_index=True)
     fig = plotting.plot_layer_search(same, "t")
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["MEMIT", "ROME (= MEMIT within 0.5)"]
     other = memit.assign(method="rome", ES=1.0 - memit["ES"])  # flipped efficacy: clearly different
     fig = plotting.plot_layer_search(pd.concat([memit, other], ignore_index=True), "t")
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MEMIT", "ROME"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MEMIT", "ROME"]
 
 
 def test_batch_and_sequential_share_the_y_range_of_es_ps_ns(rng):
@@ -307,7 +307,7 @@ def test_degradation_draws_what_was_measured():
     data = [ln for ln in known.lines if ln.get_label().startswith("MEMIT B=")]
     assert [ln.get_xdata()[0] for ln in data] == [1, 4]  # first measured points, not 0.5
     assert ppl.get_yscale() == "log" and known.get_ylim()[1] <= 100
-    assert [t.get_text() for t in known.get_legend().get_texts()] == ["MEMIT B=1", "MEMIT B=4"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MEMIT B=1", "MEMIT B=4"]
     assert "orderings" not in fig.get_suptitle()
     two = _degradation_rows(orderings=(0, 1), known=lambda o, B, i: 99.5 - i + o)
     fig = plotting.plot_degradation(two, ["memit"], "t")
@@ -338,12 +338,12 @@ def test_editors_drawn_on_each_other_say_so():
                          for b in (1, 4)])
     rome = emmet[emmet.batch_size == 1].assign(method="rome")
     fig = plotting.plot_editors_batch(pd.concat([emmet, rome]), ["emmet", "rome"], "t")
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["EMMET", "ROME (= EMMET at B = 1)"]
     assert fig.axes[0].lines[1].get_markerfacecolor() == "none"
     other = rome.assign(ES=1.0 - rome["ES"])
     fig = plotting.plot_editors_batch(pd.concat([emmet, other]), ["emmet", "rome"], "t")
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["EMMET", "ROME"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["EMMET", "ROME"]
 
 
 def test_score_axes_stay_within_0_and_100(rng):
@@ -386,4 +386,4 @@ def test_windows_are_shades_of_their_method(rng):
     assert one.get_linestyle() == "-" and two.get_linestyle() == "--"
     assert mc.to_hex(one.get_color()) == mc.to_hex(plotting._PALETTE["memit"])
     assert all(mc.to_hex(two.get_color()) != mc.to_hex(c) for c in plotting._PALETTE.values())
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MEMIT, 1 layer", "MEMIT, 2 layers"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MEMIT, 1 layer", "MEMIT, 2 layers"]

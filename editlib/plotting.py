@@ -468,6 +468,10 @@ def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
         ax.axhline(base, color="0.5", linestyle=":", linewidth=1)
         ax.plot([0.5], [base], color="0.5", marker="o", markersize=4, linestyle="none", clip_on=False)
     _plain_log2_x(ax, unedited=True)
+    if len(b):  # a tick at the unedited model's "0", and at powers of 2 up to the last measurement
+        last = float(((b["batch_index"] + 1) * b["batch_size"]).max())
+        step = max(1, math.ceil(math.log2(max(last, 1)) / 6))
+        ax.set_xticks([0.5] + [2.0 ** k for k in range(0, int(math.log2(max(last, 1))) + 1, step)])
     ax.set_xlabel("facts edited so far")
     ax.set_ylabel(label)
     if col == "heldout_ppl":

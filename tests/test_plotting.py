@@ -387,3 +387,9 @@ def test_windows_are_shades_of_their_method(rng):
     assert mc.to_hex(one.get_color()) == mc.to_hex(plotting._PALETTE["memit"])
     assert all(mc.to_hex(two.get_color()) != mc.to_hex(c) for c in plotting._PALETTE.values())
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MEMIT, 1 layer", "MEMIT, 2 layers"]
+
+
+def test_degradation_axis_labels_the_unedited_model_zero():
+    fig = plotting.plot_degradation(_degradation_rows(sizes=(1, 4), n=256), ["memit"], "t")
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0] == "0" and labels[-1] == "256" and len(labels) <= 8

@@ -286,15 +286,28 @@ COINCIDE = 0.5
 def coinciding(s: pd.DataFrame, key: str, metrics: Sequence[str]) -> dict[str, str]:
     """Method -> the earlier-drawn method it coincides with (every mean of every panel within
     :data:`COINCIDE` points at every ``key`` value), so a legend can say why one line hides another."""
-    out: dict[str, str] = {}
-    methods = _methods(s)
+    per = {m: s[s["method"] == m] for m in _methods(s)}
+    return {b: a for b, (a, _) in _covered_by(per, metrics, key=key, whole=True).items()}
+
+
+def _covered_by(stats: Mapping[str, pd.DataFrame], metrics: Sequence[str], *, key: str = "batch_size",
+                whole: bool = False) -> dict[str, tuple[str, list]]:
+    """Method -> (a method drawn before it, the ``key`` values they share) when its line lies on
+    that one's at every shared value on every panel (within :data:`COINCIDE`): ROME and EMMET give
+    the same edit at B = 1. ``whole``: only lines over the same ``key`` values. Its markers are
+    drawn open and its legend entry says so."""
     cols = ["S" if m == "S" else f"{m}_mean" for m in metrics]
-    for i, b in enumerate(methods):
-        gb = s[s["method"] == b].set_index(key)[cols]
-        for a in methods[:i]:
-            ga = s[s["method"] == a].set_index(key)[cols]
-            if ga.index.equals(gb.index) and float((ga - gb).abs().to_numpy().max()) <= COINCIDE:
-                out[b] = a
+    out: dict[str, tuple[str, list]] = {}
+    names = list(stats)
+    for i, b in enumerate(names):
+        gb = stats[b].set_index(key)[cols]
+        for a in names[:i]:
+            ga = stats[a].set_index(key)[cols]
+            if whole and not ga.index.equals(gb.index):
+                continue
+            shared = sorted(set(ga.index) & set(gb.index))
+            if shared and float((ga.loc[shared] - gb.loc[shared]).abs().to_numpy().max()) <= COINCIDE:
+                out[b] = (a, shared)
                 break
     return out
 
@@ -373,13 +386,14 @@ def plot_sequential(cases: pd.DataFrame, method: str, title: str) -> Figure:
     s_cur = _stats(cur, ["batch_size"])
     s_fin = _stats(fin, ["batch_size"]) if not fin.empty else None
     color = _PALETTE.get(method)
+    one = _one_batch_size(cur)
     fig, axes = _figure(len(metrics), title)
     for ax, m in zip(axes, metrics):
         _line(ax, s_cur["batch_size"], s_cur, m, label="right after its batch", color=color)
         if s_fin is not None:
             _line(ax, s_fin["batch_size"], s_fin, m, label="on the final model (retention)",
                   color=color, linestyle="--", marker="s", hollow=True, hatched=True)
-        _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())), one_batch=_one_batch_size(cur))
+        _categorical_log_x(ax, sorted(set(c["batch_size"].tolist())), one_batch=one)
         ax.set_xlabel("batch size (sequential batches)")
     _panel_titles(axes, metrics, band_label(c))
     _share_y(axes, metrics)
@@ -402,9 +416,10 @@ def _plain_log2_x(ax, unedited: bool = False) -> None:
 
 
 def _orderings_note(fig: Figure, frame: pd.DataFrame) -> None:
+    """Bands over the orderings of ``frame``, when it has several: said under the title."""
     k = n_orderings(frame)
     if k > 1:
-        _suptitle(fig, f"{fig.get_suptitle()}\nlines: mean over {k} orderings; bands: ±1 std over {k} orderings")
+        _band_title(fig, f"±1 std over {k} orderings")
 
 
 def _mean_sd(g: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
@@ -463,15 +478,14 @@ def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
     (not joined to the measurements: nothing was measured between), facts edited on a log2 axis,
     perplexity on a log axis (one collapsed run would flatten the others), the share of facts
     still known within [0, 100]."""
+    _plain_log2_x(ax, unedited=True)
     if len(b):
         base = float(b[f"{col}_0"].mean())
         ax.axhline(base, color="0.5", linestyle=":", linewidth=1)
         ax.plot([0.5], [base], color="0.5", marker="o", markersize=4, linestyle="none", clip_on=False)
-    _plain_log2_x(ax, unedited=True)
-    if len(b):  # a tick at the unedited model's "0", and at powers of 2 up to the last measurement
-        last = float(((b["batch_index"] + 1) * b["batch_size"]).max())
-        step = max(1, math.ceil(math.log2(max(last, 1)) / 6))
-        ax.set_xticks([0.5] + [2.0 ** k for k in range(0, int(math.log2(max(last, 1))) + 1, step)])
+        # ticks at the unedited model's "0" and at powers of 2 up to the last measurement
+        top = math.log2(max(float(((b["batch_index"] + 1) * b["batch_size"]).max()), 1.0))
+        ax.set_xticks([0.5] + [2.0 ** k for k in range(0, int(top) + 1, max(1, math.ceil(top / 6)))])
     ax.set_xlabel("facts edited so far")
     ax.set_ylabel(label)
     if col == "heldout_ppl":
@@ -484,10 +498,9 @@ def _degradation_axis(ax, b: pd.DataFrame, col: str, label: str) -> None:
         ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
 
 
-def _degradation_line(ax, g: pd.DataFrame, col: str, B: int, **style) -> np.ndarray:
-    """One run's measurements (mean over orderings, ±1 std band where two or more measured) at
-    the facts edited so far; returns the plotted means."""
-    m = _mean_sd(g, [col])
+def _degradation_line(ax, m: pd.DataFrame, col: str, B: int, **style) -> None:
+    """One run's measurements ``m`` (:func:`_mean_sd`: mean over orderings, a ±1 std band where
+    two or more measured) at the facts edited so far."""
     xs = ((m["batch_index"] + 1) * B).to_numpy(dtype=float)
     ys, sd = m[col].to_numpy(dtype=float), m[f"{col}_sd"].to_numpy(dtype=float)
     (ln,) = ax.plot(xs, ys, markersize=3, clip_on=False, **style)
@@ -495,7 +508,13 @@ def _degradation_line(ax, g: pd.DataFrame, col: str, B: int, **style) -> np.ndar
     if col == "heldout_known":
         lo, hi = np.clip(lo, 0, 100), np.clip(hi, 0, 100)
     ax.fill_between(xs, lo, hi, color=ln.get_color(), alpha=0.15, linewidth=0)
-    return ys
+
+
+def _lies_on(drawn: Mapping, ys: np.ndarray):
+    """The key of a line already drawn that ``ys`` lies on (the same measurements within
+    :data:`COINCIDE`), or None: the new line gets open markers so that both stay visible."""
+    return next((k for k, d in drawn.items() if len(d) == len(ys) and np.nanmax(np.abs(d - ys)) <= COINCIDE),
+                None)
 
 
 def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str, *,
@@ -510,25 +529,20 @@ def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str, 
     for ax, (col, label) in zip(axes, DEGRADATION):
         for method in _methods(b):
             ls, mk = _STYLE.get(method, ("-", "o"))
-            drawn: list[np.ndarray] = []
+            drawn: dict[int, np.ndarray] = {}
             for B, g in b[b["method"] == method].groupby("batch_size"):
-                ys = _degradation_line(ax, g, col, B, color=colors[B], linestyle=ls, marker=mk,
-                                       label=f"{_name(method)} B={B}",
-                                       markerfacecolor="none" if _covers(drawn, g, col) else colors[B])
-                drawn.append(ys)
+                m = _mean_sd(g, [col])
+                ys = m[col].to_numpy(dtype=float)
+                _degradation_line(ax, m, col, B, color=colors[B], linestyle=ls, marker=mk,
+                                  label=f"{_name(method)} B={B}",
+                                  markerfacecolor="none" if _lies_on(drawn, ys) is not None else colors[B])
+                drawn[B] = ys
         _degradation_axis(ax, b, col, label)
         if ylims and col in ylims:
             ax.set_ylim(*ylims[col])
     _legend(axes[0], ncols=4, fontsize="small")
     _orderings_note(fig, b)
     return fig
-
-
-def _covers(drawn: Sequence[np.ndarray], g: pd.DataFrame, col: str) -> bool:
-    """Whether a line about to be drawn lies on one already drawn (the same measurements within
-    :data:`COINCIDE`), so it gets open markers and both stay visible."""
-    ys = _mean_sd(g, [col])[col].to_numpy(dtype=float)
-    return any(len(d) == len(ys) and np.nanmax(np.abs(d - ys)) <= COINCIDE for d in drawn)
 
 
 def degradation_ylims(batches: pd.DataFrame, methods: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -543,7 +557,7 @@ def degradation_ylims(batches: pd.DataFrame, methods: Sequence[str]) -> dict[str
             m = _mean_sd(g, [col])
             sd = m[f"{col}_sd"].fillna(0).to_numpy(dtype=float)
             vals += [m[col].to_numpy(dtype=float) - sd, m[col].to_numpy(dtype=float) + sd]
-        v = np.concatenate(vals) if vals else np.array([0.0, 1.0])
+        v = np.concatenate(vals)
         v = v[np.isfinite(v)]
         if col == "heldout_ppl":
             v = v[v > 0]
@@ -567,24 +581,6 @@ def _name(method: str) -> str:
 def _editor_stats(c: pd.DataFrame, methods: Sequence[str], over: bool) -> dict[str, pd.DataFrame]:
     """Per editor present in ``c`` (in ``methods``' order): its :func:`_stats` by batch size."""
     return {m: _stats(c[c["method"] == m], ["batch_size"], over) for m in methods if (c["method"] == m).any()}
-
-
-def _covered_by(stats: Mapping[str, pd.DataFrame], metrics: Sequence[str]) -> dict[str, tuple[str, list]]:
-    """Editor -> (an editor drawn before it, the batch sizes they share) when its line lies on that
-    one's at every shared batch size on every panel (within :data:`COINCIDE`): ROME and EMMET
-    give the same edit at B = 1. Its markers are drawn open and its legend entry says so."""
-    cols = ["S" if m == "S" else f"{m}_mean" for m in metrics]
-    out: dict[str, tuple[str, list]] = {}
-    names = list(stats)
-    for i, b in enumerate(names):
-        gb = stats[b].set_index("batch_size")[cols]
-        for a in names[:i]:
-            ga = stats[a].set_index("batch_size")[cols]
-            shared = sorted(set(ga.index) & set(gb.index))
-            if shared and float((ga.loc[shared] - gb.loc[shared]).abs().to_numpy().max()) <= COINCIDE:
-                out[b] = (a, shared)
-                break
-    return out
 
 
 def _editor_label(method: str, covered: Mapping[str, tuple[str, list]]) -> str:
@@ -629,6 +625,7 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
     _suptitle(fig, title)
     band = band_label(c)
     sizes = sorted(c["batch_size"].unique().tolist())
+    one = _one_batch_size(c[c["eval"] == "current"])
     for r, (ev, what) in enumerate(rows):
         ce = c[c["eval"] == ev]
         stats = _editor_stats(ce, methods, n_orderings(c) > 1)
@@ -638,7 +635,7 @@ def plot_editors_sequential(cases: pd.DataFrame, methods: Sequence[str], title: 
                 ls, mk = _STYLE.get(method, ("-", "o"))
                 _line(ax, s["batch_size"], s, m, label=_editor_label(method, covered), color=_PALETTE.get(method),
                       linestyle=ls, marker=mk, hollow=method in covered, alpha=0.1)
-            _categorical_log_x(ax, sizes, one_batch=_one_batch_size(c[c["eval"] == "current"]))
+            _categorical_log_x(ax, sizes, one_batch=one)
             ax.set_xlabel("batch size (sequential batches)")
             ax.set_title(f"{NAMES[m]}, {what}", fontsize="medium")
             ax.set_ylabel(_ylabel(m, band))
@@ -661,16 +658,16 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
             if g.empty:
                 continue
             ls, mk = _STYLE.get(method, ("-", "o"))
-            ys = _mean_sd(g, [col])[col].to_numpy(dtype=float)
-            same = next((a for a, d in drawn.items() if len(d) == len(ys)
-                         and np.nanmax(np.abs(d - ys)) <= COINCIDE), None)
+            m = _mean_sd(g, [col])
+            ys = m[col].to_numpy(dtype=float)
+            same = _lies_on(drawn, ys)
             name = f"{_name(method)} B={B}" + (f" (= {_name(same)})" if same else "")
-            drawn[method] = _degradation_line(ax, g, col, B, color=_PALETTE.get(method), linestyle=ls, marker=mk,
-                                              label=name, **({"markerfacecolor": "none"} if same else {}))
+            _degradation_line(ax, m, col, B, color=_PALETTE.get(method), linestyle=ls, marker=mk,
+                              label=name, **({"markerfacecolor": "none"} if same else {}))
+            drawn[method] = ys
         _degradation_axis(ax, b, col, label)
     _legend(axes[0], fontsize="small", title="editor at its best B", title_fontsize="small")
-    if k > 1:
-        _band_title(fig, f"±1 std over {k} orderings")
+    _orderings_note(fig, b)
     return fig
 
 

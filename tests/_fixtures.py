@@ -147,6 +147,12 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def write_counts(model) -> dict[str, int]:
+    """Each parameter's in-place write counter (``Tensor._version``): unchanged across a call means
+    nothing wrote into the parameter, not even a write later undone by restoring it."""
+    return {name: p._version for name, p in model.named_parameters()}
+
+
 def assert_unedited(model, weights0: dict[str, torch.Tensor]) -> None:
     """Every parameter bit-identical to ``weights0`` (a :func:`snapshot`)."""
     now = model.state_dict()

@@ -422,10 +422,7 @@ def test_clean_removes_incomplete_only(capsys, tmp_path) -> None:
 
 def test_too_many_failures_is_one_line_and_exit_1(capsys, monkeypatch, results) -> None:
     import editlib.protocols as protocols
-
-    stop = getattr(protocols, "TooManyFailures", None)
-    if stop is None:
-        pytest.skip("protocols has no TooManyFailures")
+    from editlib.protocols import TooManyFailures as stop
 
     def runner(study):
         raise stop("singular memit: 5 of 16 edits failed (> evaluation.max_failed_fraction 0.25)")

@@ -33,10 +33,9 @@ from editlib.counterfact import (
 from editlib.records import Record, RecordError, record_to_dict
 from editlib.world import make_world
 
-#: EDITLIB_COUNTERFACT as set outside the tests (CI points it at the subset); read at import,
-#: before the autouse fixture below removes it for every test
-_OUTER_ENV = os.environ.get(ENV_VAR)
-SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact_subset.json.gz"
+# _fixtures reads EDITLIB_COUNTERFACT as set outside the tests (CI points it at the subset) at
+# import, before the autouse fixture below removes it for every test
+from _fixtures import counterfact_subset  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -195,15 +194,12 @@ def test_duplicate_case_id(tmp_path: Path) -> None:
 
 
 def test_nothing_half_loaded(tmp_path: Path, isolated_env: Path, no_network) -> None:
-    """One bad record (the last) fails the whole load: the call raises, nothing is returned or
-    cached, and the good records before it are not handed out."""
+    """One bad record (the last) fails the whole load: the call raises and nothing is cached."""
     raws = dicts()
     del raws[-1]["requested_rewrite"]["target_new"]
     path = write(tmp_path / "h.json", raws)
-    result = None
     with pytest.raises(RecordError):
-        result = load_counterfact(path)
-    assert result is None
+        load_counterfact(path)
     assert not isolated_env.exists() or not any(isolated_env.iterdir())
     assert len(read_record_dicts(path)) == 5  # the file itself is intact and unchanged
 
@@ -472,10 +468,7 @@ def test_fact_list_download_checks_its_sha256(monkeypatch: pytest.MonkeyPatch, i
 # --------------------------------------------------------------------------- the shared subset
 
 def test_shared_counterfact_subset(monkeypatch: pytest.MonkeyPatch, no_network) -> None:
-    candidates = [p for p in (_OUTER_ENV, SHARED_SUBSET) if p and Path(p).is_file()]
-    if not candidates:
-        pytest.skip("CounterFact subset not available (set EDITLIB_COUNTERFACT)")
-    monkeypatch.setenv(ENV_VAR, str(candidates[0]))
+    monkeypatch.setenv(ENV_VAR, str(counterfact_subset()))
     recs = load_counterfact()
     assert len(recs) == 10_459
     assert len({r.case_id for r in recs}) == 10_459

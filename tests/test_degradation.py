@@ -1,5 +1,6 @@
 """editlib.degradation: held-out known facts and perplexity of a sequentially edited model."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -21,16 +22,20 @@ def params_for(tmp_path, name="d", **over):
 
 
 def test_heldout_facts_are_disjoint_from_edited_and_neighbourhood_sets(study):
+    """Each exclusion rule leaves out a record that breaks only it; the rest keep their order."""
     edited = study.facts(8)
-    pool = study.facts(40)[8:]
-    held = degradation.heldout_facts(pool, edited, 10)
-    assert len(held) == 10
-    ids, subjects = {r.case_id for r in edited}, {r.subject for r in edited}
-    ns = {p.strip() for r in edited for p in r.neighborhood_prompts}
-    assert not any(r.case_id in ids or r.subject in subjects or r.rewrite_prompt.strip() in ns for r in held)
-    # a record whose prompt is an edited fact's neighbourhood prompt is left out
-    clash = [r for r in pool if r.rewrite_prompt.strip() in ns]
-    assert all(r not in held for r in clash)
+    clean = study.facts(40)[8:]
+    breaking = {
+        "an edited fact's case_id": replace(clean[2], case_id=edited[0].case_id),
+        "an edited fact's subject": replace(clean[0], case_id=10**6, subject=edited[1].subject),
+        "an edited fact's neighbourhood prompt": replace(clean[1], case_id=10**6 + 1, prompt=" {}",
+                                                         subject=edited[2].neighborhood_prompts[0]),
+    }
+    for why, r in breaking.items():
+        assert degradation.heldout_facts([r], edited, 1) == [], why
+    assert degradation.heldout_facts(clean[:1], edited, 1) == clean[:1]  # clean[0]'s own subject is fine
+    pool = [clean[0], *breaking.values(), *clean[1:]]
+    assert degradation.heldout_facts(pool, edited, 10) == clean[:10]
 
 
 def test_perplexity_equals_a_plain_computation(study):

@@ -266,11 +266,11 @@ def test_slice_and_cost_steps_need_what_they_read(tmp_path, monkeypatch):
 
 def test_stage_writes_the_tokenizer_and_counterfact(tmp_path, monkeypatch):
     llama3 = pytest.importorskip("editlib.llama3_tokenizer")
-    from editlib.counterfact import resolve_counterfact
+    from editlib.counterfact import DatasetNotFound, resolve_counterfact
     try:
         llama3.llama3_tokenizer_file()
         src = resolve_counterfact(None, download=False)
-    except Exception as e:  # no Llama-3 tokenizer file or no CounterFact here
+    except (llama3.TokenizerUnavailable, DatasetNotFound) as e:  # no Llama-3 tokenizer file or no CounterFact here
         pytest.skip(str(e))
     dc.stage(tmp_path / "stage")
     (staged,) = (tmp_path / "stage").glob("counterfact*")

@@ -1,6 +1,7 @@
 """editlib.metrics: ES/PS/NS against hand computations from the logits, BOS alignment, S, batching."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import hmean
 
+from editlib.arch import backbone_and_head
 from editlib.metrics import (PROB_METRICS, evaluate_records, format_summary, harmonic_score,
                              summarize_cases)
 from editlib.records import Record, Target
@@ -125,16 +127,43 @@ def test_correct_mode_never_scores_bos(word_lm) -> None:
     assert got_c != pytest.approx(got_r, rel=1e-3)
 
 
+@contextlib.contextmanager
+def argmax_at(model, tokens: dict[int, int]):
+    """The final hidden state at each position ``p`` of ``tokens`` set so that the output head's
+    logits there are 10 for ``tokens[p]`` and 0 for every other token (hidden 32 > the 18-word
+    vocabulary: an exact solve)."""
+    backbone, head = backbone_and_head(model)
+    w = head.weight.detach().double()
+
+    def hook(module, args, out):
+        for pos, t in tokens.items():
+            e = torch.zeros(w.shape[0], 1, dtype=torch.float64)
+            e[t] = 10.0
+            out.last_hidden_state[:, pos] = torch.linalg.lstsq(w, e).solution[:, 0].to(out.last_hidden_state.dtype)
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def test_reference_mode_accuracy_needs_bos_argmax(word_lm) -> None:
-    """SPEC §8.1: with the shift, `*_correct` requires BOS to be the argmax after the prompt."""
+    """SPEC §8.1: with the shift, `*_correct` requires BOS to be the argmax after the prompt (and
+    the target after BOS); without it, the target right after the prompt."""
     model, tok = word_lm
     prefix, target = "the cat sat on", "a"
-    p, t = encode(tok, prefix), target_ids(tok, target)
-    with torch.no_grad():
-        logits = model(torch.tensor([p + t])).logits[0]
-    want = logits[len(p) - 1].argmax().item() == tok.bos_token_id and logits[len(p)].argmax().item() == t[0]
-    got = score_targets(model, tok, [prefix], [target], alignment="reference").correct[0]
-    assert bool(got) == want
+    p, (t,), bos = len(encode(tok, prefix)), target_ids(tok, target), tok.bos_token_id
+    other = next(i for i in range(len(tok)) if i not in (t, bos))
+
+    def correct(tokens: dict[int, int], alignment: str) -> bool:
+        with argmax_at(model, tokens):
+            return bool(score_targets(model, tok, [prefix], [target], alignment=alignment).correct[0])
+
+    assert correct({p - 1: bos, p: t}, "reference")
+    assert not correct({p - 1: t, p: t}, "reference")  # the target right after the prompt: not BOS
+    assert not correct({p - 1: bos, p: other}, "reference")
+    assert correct({p - 1: t}, "correct")
+    assert not correct({p - 1: bos}, "correct")
 
 
 def test_batch_equals_one_at_a_time(world_lm, world_records) -> None:

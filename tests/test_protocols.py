@@ -21,7 +21,7 @@ import torch
 from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread)
-from _fixtures import SCORES, UNIT, assert_unedited, quiet, snapshot, sort_units, use
+from _fixtures import SCORES, UNIT, assert_unedited, quiet, snapshot, sort_units, use, write_counts
 from editlib import protocols
 from editlib.tf32 import matmul_tf32
 from editlib.__main__ import main
@@ -320,20 +320,18 @@ def test_sequential_batches_are_prepared_on_the_edited_model(study, weights0, tm
 # --------------------------------------------------------------------------- independent edits together
 
 @pytest.mark.parametrize("runner", ["layer_search", "singular", "batch", "sweep"])
-def test_batched_independent_edits_equal_the_reference_path(study, weights0, tmp_path, monkeypatch, runner):
+def test_batched_independent_edits_equal_the_reference_path(study, weights0, tmp_path, runner):
     """Singular and batch edits evaluated together through per-row low-rank hooks (default) give the
     same cases and diagnostics as editing, evaluating and restoring one edit at a time
     (``evaluation.batched_edits: false``), and never write a weight."""
     run = getattr(protocols, f"run_{runner}")
+    before = write_counts(study.model)
     ref = run(use(study, params_for(tmp_path / "ref", **{"evaluation.batched_edits": False})), log=quiet)
-    from editlib.weights import EditSession
-
-    def no_write(*a, **k):
-        raise AssertionError("the batched path wrote a weight")
-
-    monkeypatch.setattr(EditSession, "apply", no_write)
+    assert write_counts(study.model) != before  # the reference path writes (and restores) weights
+    before = write_counts(study.model)
     p = params_for(tmp_path / "bat")
     got = run(use(study, p), log=quiet)
+    assert write_counts(study.model) == before, "the batched path wrote a weight"
     assert_unedited(study.model, weights0)
     a, b = sort_units(got), sort_units(ref)
     assert len(a) == len(b) and (a["case_id"].to_numpy() == b["case_id"].to_numpy()).all()
@@ -846,6 +844,30 @@ def test_tf32_key(tmp_path):
     finally:
         protocols.set_tf32(False)
     assert not matmul_tf32()
+    try:  # open_study switches it before the model loads
+        assert _switches_at_load(tmp_path, {"model.tf32": True}, matmul_tf32)
+        assert not _switches_at_load(tmp_path, {}, matmul_tf32)
+    finally:
+        protocols.set_tf32(False)
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _switches_at_load(tmp_path, over: dict, switch) -> bool:
+    """``switch()`` as ``open_study`` leaves it when it reaches ``load_model`` (stopped there)."""
+    seen = []
+
+    def load_model(*a, **k):
+        seen.append(switch())
+        raise _Loaded
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "load_model", load_model)
+        with pytest.raises(_Loaded):
+            protocols.open_study(params_for(tmp_path, **over), log=quiet)
+    return seen[0]
 
 
 def test_deterministic_key(tmp_path, monkeypatch):
@@ -865,6 +887,9 @@ def test_deterministic_key(tmp_path, monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         protocols.set_deterministic(False)  # a later study without it does not switch it off
         assert torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
+        assert not _switches_at_load(tmp_path, {}, torch.are_deterministic_algorithms_enabled)
+        assert _switches_at_load(tmp_path, {"model.deterministic": True}, torch.are_deterministic_algorithms_enabled)
     finally:
         torch.use_deterministic_algorithms(False)
 

@@ -215,12 +215,12 @@ def test_factor_cov_jitter_on_singular() -> None:
     assert torch.isfinite(f.L).all()
 
 
-def test_factor_reused_matches_fresh() -> None:
+def test_edited_layers_c0_is_unchanged_by_its_edit() -> None:
     """SPEC §5: sequential editing keeps the C0 factor of its first batch. C0 is the statistic of
     the edited down-projection's *input*, which that projection's own weight does not touch, so
-    after a batch's edit at layer L a C0 recomputed on the edited model equals the reused one, and
-    so do the next batches' solves (single-layer editing). The layer above does change: the edit
-    was real."""
+    after a batch's edit at layer L a C0 recomputed on the edited model is bit-identical to the
+    reused one (single-layer editing), and so would be every later solve. The layer above does
+    change: the edit was real."""
     from _fixtures import collect_cov, tiny_llama, word_tokenizer
 
     from editlib.arch import weight_out_in
@@ -234,12 +234,7 @@ def test_factor_reused_matches_fresh() -> None:
     with torch.no_grad():
         weight_out_in(model, layer).add_(delta)  # the first sequential batch, written at `layer`
     assert rel(collect_cov(model, layer + 1), above_before) > 1e-6  # the model state changed
-    after = collect_cov(model, layer)
-    assert torch.equal(after, before)
-    fresh = factor_cov(after)
-    for seed, n in ((6, 1), (7, 8), (8, 3)):  # the next batches
-        _, K, R = data(n, seed=seed)
-        assert torch.equal(solve_delta(R, K, reused, mu=2.0)[0], solve_delta(R, K, fresh, mu=2.0)[0])
+    assert torch.equal(collect_cov(model, layer), before)
 
 
 def test_float32_inputs_are_promoted(cov: CovFactor) -> None:

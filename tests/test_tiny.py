@@ -255,16 +255,19 @@ def test_readme_command_rebuilds_the_same_config(which: str, smoke_build,
 
 
 def test_cli_accepts_every_tiny_config_field() -> None:
-    """build_tiny puts each override into the rebuild command as --field-name VALUE."""
+    """build_tiny puts each override into the rebuild command as --field-name VALUE: every field
+    parses back to the value given (not the default), with its type."""
     from editlib.__main__ import build_parser
 
     parser = build_parser()
     for f in fields(TinyConfig):
         if f.name in ("n_layers", "seed"):  # --layers / --seed
             continue
+        value = f.default * 2 + 1 if isinstance(f.default, int) else f.default * 3 + 0.25
         a = parser.parse_args(["tiny-train", "--world", "5", "--out", "x",
-                               f"--{f.name.replace('_', '-')}", str(f.default)])
-        assert getattr(a, f.name) == f.default, f.name
+                               f"--{f.name.replace('_', '-')}", str(value)])
+        got = getattr(a, f.name)
+        assert got == value and got != f.default and type(got) is type(f.default), f.name
 
 
 def test_ensure_tiny_passes_max_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -330,7 +330,7 @@ def _exit_code(e: BaseException) -> int:
 def _executor_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("local", "ray"), default=None,
                         help="where independent units run: local (this process, the default) or ray "
-                             "(params executor section: address, cpus/gpus per unit; pip install editlib[ray])")
+                             "(params executor section: address, cpus/gpus per unit; pip install -e '.[ray]')")
 
 
 def _store_flags(parser: argparse.ArgumentParser) -> None:
@@ -361,7 +361,7 @@ EXAMPLES = {
     "tiny-check": "python -m editlib tiny-check models/tiny-world",
     "evaluate": "python -m editlib evaluate --model models/tiny-world --records models/tiny-world/records.json "
                 "--n 500 --no-generation --out scores.parquet",
-    "run": "python -m editlib run layer-search batch --params params/tiny.yaml --set batch.total=64",
+    "run": "python -m editlib run layer-search batch --params params/tiny.yaml --set 'data.orderings=[0]'",
     "reproduce": "python -m editlib reproduce --params params/tiny.yaml --only 01,04",
     "show": "python -m editlib show results/tiny",
     "compare": "python -m editlib compare results/tiny results/tiny-counterfact",
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more of: " + ", ".join(sorted(_RUN_NAMES)))
     r.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a parameter, e.g. --set batch.total=64 (repeatable)")
+                   help="override a parameter, e.g. --set layer_search.n_facts=50 (repeatable)")
     r.add_argument("--second-model", action="store_true", help="run on the params' second_model")
     _executor_flag(r)
     _store_flags(r)
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = _command(sub, "reproduce", help="execute notebooks 01-07 (the report 06 last) with papermill into runs/<name>/, export HTML")
     rp.add_argument("--params", required=True, help="params YAML (path, or a name in params/)")
     rp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a parameter, e.g. --set batch.total=64 (repeatable)")
+                    help="override a parameter, e.g. --set layer_search.n_facts=50 (repeatable)")
     rp.add_argument("--only", action="append", metavar="NN[,NN...]",
                     help="run only these notebooks, e.g. --only 01,04 (repeatable)")
     rp.add_argument("--runs-dir", default=None, help="folder for <name>/ with the executed notebooks, HTML and timings.json "

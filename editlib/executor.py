@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .protocols import Study, UnitResult, UnitSpec
     from .store import Experiment
 
-RAY_MISSING = "executor.kind is 'ray' but Ray is not installed: pip install editlib[ray]"
+RAY_MISSING = "executor.kind is 'ray' but Ray is not installed: pip install -e '.[ray]'"
 #: test hook: a JSON file {unit: {"times": n, "mode": "raise" | "exit"}} (see inject_failure)
 ENV_INJECT = "EDITLIB_INJECT_UNIT_FAILURES"
 #: environment variables a driver passes on to its Ray workers (caches, offline switches, hooks)

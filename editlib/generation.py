@@ -278,7 +278,7 @@ _SENTENCE_END = re.compile(r"""[.?!]+["'”’)\]]*(?=\s)""")
 @functools.lru_cache(maxsize=1)
 def _punkt():
     """nltk's English punkt sentence splitter (``nltk.sent_tokenize``) when nltk and its punkt data
-    are installed (``pip install editlib[ge]``, then ``python -m nltk.downloader punkt``), else None."""
+    are installed (``pip install -e ".[ge]"``, then ``python -m nltk.downloader punkt``), else None."""
     try:
         from nltk.tokenize import sent_tokenize
         sent_tokenize("Data check. Done.")

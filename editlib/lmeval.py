@@ -8,7 +8,7 @@ edited (the unedited model first, then after every ``every`` edited facts and at
 sequential configuration), in process, on the edited weights, without writing a checkpoint. Each
 ``<task>_<metric>`` lands in the run's ``batches.parquet`` as ``lmeval_<task>_<metric>`` (and
 ``..._0`` for the unedited model), beside the degradation columns. Install with
-``pip install editlib[lmeval]``; the harness downloads its task datasets on first use.
+``pip install -e ".[lmeval]"``; the harness downloads its task datasets on first use.
 """
 from __future__ import annotations
 

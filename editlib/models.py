@@ -212,7 +212,7 @@ def load_model(
 
 def placement(device: str | torch.device) -> dict[str, Any]:
     """``from_pretrained`` arguments that put the weights straight on ``device`` as they are read
-    (``device_map``, which needs ``accelerate``: ``pip install editlib[gpu]``). Without it the
+    (``device_map``, which needs ``accelerate``: ``pip install -e ".[gpu]"``). Without it the
     whole model is first built in host memory (32 GB for Llama-3-8B in float32, per Ray worker
     on a node), then moved. The same weights either way (tested on the CPU)."""
     import importlib.util

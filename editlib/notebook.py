@@ -32,7 +32,7 @@ _NULLABLE = ("second_model",)
 
 def _overrides(raw: Any) -> Mapping | list:
     """The parameters cell's ``overrides``: a mapping of dotted keys or a list of ``key=value``
-    strings; papermill's ``-p overrides '{"batch.total": 64}'`` passes that text, read as YAML."""
+    strings; papermill's ``-p overrides '{"data.orderings": [0]}'`` passes that text, read as YAML."""
     if isinstance(raw, str):
         parsed = yaml.safe_load(raw) if raw.strip() else {}
         raw = [raw] if isinstance(parsed, str) else parsed
@@ -45,7 +45,7 @@ def _overrides(raw: Any) -> Mapping | list:
 
 
 def _section(name: str, value: Any) -> Any:
-    """A section as given: papermill's ``-p batch '{total: 64}'`` passes text, read as YAML."""
+    """A section as given: papermill's ``-p data '{orderings: [0]}'`` passes text, read as YAML."""
     if isinstance(value, str) and name not in SCALAR_SECTIONS:
         parsed = yaml.safe_load(value)
         if isinstance(parsed, Mapping) or parsed is None:

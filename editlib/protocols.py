@@ -480,7 +480,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     _check_alignment(p, tok, records)
     if p.evaluation.generation and sentence_splitter() != "nltk punkt":
         log(f"GE: nltk's punkt data not found, sentences are split by {sentence_splitter()}; for nltk.word_tokenize's "
-            f"words exactly: pip install editlib[ge] && python -m nltk.downloader punkt (docs/methods.md)")
+            f"words exactly: pip install -e '.[ge]' && python -m nltk.downloader punkt (docs/methods.md)")
     label = mp.label or Path(str(mdir)).name
     main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"

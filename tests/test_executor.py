@@ -71,7 +71,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(env):
-    ray = pytest.importorskip("ray", reason="Ray is an extra: pip install editlib[ray] (part of .[dev])")
+    ray = pytest.importorskip("ray", reason="Ray is an extra: pip install -e '.[ray]' (part of .[dev])")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 ** 2)
     try:
         yield ray
@@ -234,7 +234,7 @@ def test_ray_not_installed_fails_before_the_model_loads(tmp_path, monkeypatch, c
     monkeypatch.setattr(protocols, "load_model", boom)
     rc = main(["run", "layer-search", *CLI, "--set", f"results_dir={tmp_path}", "--executor", "ray"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "pip install editlib[ray]" in err[0], err
+    assert rc == 2 and len(err) == 1 and "pip install -e '.[ray]'" in err[0], err
 
 
 @pytest.mark.parametrize("over, named", [

@@ -312,6 +312,16 @@ def _covered_by(stats: Mapping[str, pd.DataFrame], metrics: Sequence[str], *, ke
     return out
 
 
+def facts_per_layer(cases: pd.DataFrame) -> str:
+    """How many facts were edited at each layer (per method and ordering), counted from the cases
+    (failed edits included): "100 facts per layer", "… per layer and ordering", a range if uneven."""
+    keys = [k for k in ("method", "layer", "ordering") if k in cases.columns]
+    n = cases.groupby(keys)["case_id"].nunique()
+    lo, hi = int(n.min()), int(n.max())
+    count = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    return f"{count} fact{'s' if hi != 1 else ''} per layer" + (" and ordering" if n_orderings(cases) > 1 else "")
+
+
 def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
     """Figures 1 / 6: ES, PS, NS, S (and GE) per edited layer, one line per method; a method whose
     line would hide another's says so in the legend."""
@@ -319,7 +329,7 @@ def plot_layer_search(cases: pd.DataFrame, title: str) -> Figure:
     metrics = _metrics(cases)
     s = _stats(cases, ["method", "layer"])
     same = coinciding(s, "layer", metrics)
-    fig, axes = _figure(len(metrics), title)
+    fig, axes = _figure(len(metrics), f"{title}, {facts_per_layer(cases)}")
     for ax, m in zip(axes, metrics):
         for method in _methods(s):
             g = s[s["method"] == method]

@@ -361,7 +361,7 @@ EXAMPLES = {
     "tiny-check": "python -m editlib tiny-check models/tiny-world",
     "evaluate": "python -m editlib evaluate --model models/tiny-world --records models/tiny-world/records.json "
                 "--n 500 --no-generation --out scores.parquet",
-    "run": "python -m editlib run layer-search batch --params params/tiny.yaml --set 'data.orderings=[0]'",
+    "run": "python -m editlib run layer-search batch --params params/tiny.yaml --set 'data.orderings=[0]' --set name=tiny-o0",
     "reproduce": "python -m editlib reproduce --params params/tiny.yaml --only 01,04",
     "show": "python -m editlib show results/tiny",
     "compare": "python -m editlib compare results/tiny results/tiny-counterfact",

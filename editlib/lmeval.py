@@ -67,7 +67,7 @@ def check_installed() -> None:
         import lm_eval  # noqa: F401
     except ImportError:
         raise ParamsError("sequential.lm_eval needs EleutherAI's lm-evaluation-harness: "
-                          "pip install 'editlib[lmeval]' (or pip install lm-eval), or set sequential.lm_eval: null") from None
+                          "pip install -e '.[lmeval]' in the editlib checkout (or pip install lm-eval), or set sequential.lm_eval: null") from None
 
 
 def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:

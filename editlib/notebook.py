@@ -39,7 +39,7 @@ def _overrides(raw: Any) -> Mapping | list:
     if raw is None:
         return {}
     if not isinstance(raw, (Mapping, list, tuple)):
-        raise ParamsError(f"overrides must be a mapping of dotted keys (e.g. {{'batch.total': 64}}) or a "
+        raise ParamsError(f"overrides must be a mapping of dotted keys (e.g. {{'data.orderings': [0]}}) or a "
                           f"list of 'key.sub=value' strings, got {type(raw).__name__} {raw!r}")
     return raw
 

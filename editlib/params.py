@@ -185,8 +185,8 @@ EXECUTOR_KINDS = ("local", "ray")
 @dataclass(frozen=True)
 class ExecutorParams:
     """Where an experiment's independent units run: ``local`` (this process, one after another: the
-    default) or ``ray`` (one Ray task per unit, on workers that load the model once; ``pip install
-    editlib[ray]``). Results do not depend on it (it is not part of an experiment's identity)."""
+    default) or ``ray`` (one Ray task per unit, on workers that load the model once; ``pip install -e
+    '.[ray]'`` in the checkout). Results do not depend on it (it is not part of an experiment's identity)."""
     kind: str = "local"
     address: str = "auto"  # ray: auto (the running cluster, else a new local one), local (always a new one), ray://host:port
     cpus_per_unit: int = 1  # CPU cores (and torch threads) per unit

@@ -76,6 +76,8 @@ class ValueHParams:
             raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
         if self.early_stop not in EARLY_STOPS:
             raise ValueError(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {self.early_stop!r}")
+        if self.compile_blocks is False:  # YAML 1.1 reads an unquoted `off` as False
+            object.__setattr__(self, "compile_blocks", "off")
         check_compile_mode(self.compile_blocks)
         if self.compile_blocks != "off" and not self.packed:
             raise ValueError("compile_blocks compiles the packed forward: it needs packed: true")

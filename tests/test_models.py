@@ -67,7 +67,7 @@ def test_load_from_local_dir(model_dir: Path) -> None:
 
 
 def test_weights_are_placed_as_they_are_read(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With accelerate (editlib[gpu], in .[dev]) from_pretrained gets device_map {"": device}, so a
+    """With accelerate (the .[gpu] extra, in .[dev]) from_pretrained gets device_map {"": device}, so a
     GPU model is never first built in host memory; the weights, buffers and logits equal those of
     loading on the host and moving (the path without accelerate)."""
     import importlib.util

@@ -703,6 +703,12 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
     with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs"):  # a section's own override too
         protocols.check_before_loading(section, ["sequential"])
     protocols.check_before_loading(section, ["batch"])
+    for off in ("off", False):  # `compile_blocks: off` unquoted in YAML is False
+        p = params_for(tmp_path, **{"hparams.common.compile_blocks": off})
+        assert p.method_hparams("memit", 1).values.compile_blocks == "off"
+    assert resolve(SMOKE, overrides=["hparams.common.compile_blocks=off"]).compile_modes()["batch.memit"] == "off"
+    with pytest.raises(ParamsError, match="compile_blocks must be one of"):
+        params_for(tmp_path, **{"hparams.common.compile_blocks": True})
 
 
 def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):

@@ -118,6 +118,19 @@ def test_block_triangular_gram_equals_the_full_product(d, block, monkeypatch) ->
         assert macs == pytest.approx((b + 1) / (2 * b) * d * d, rel=0.1) and macs < 0.8 * d * d
 
 
+@pytest.mark.parametrize("d, rows", [(50, 16), (50, 7), (48, 48), (33, 100)])
+def test_symmetrize_upper_is_the_sum_of_triangles_bit_for_bit(d, rows, monkeypatch) -> None:
+    """Row blocks of the in-place mirror give exactly triu(a) + triu(a, 1)ᵀ (the sign of a zero
+    included) whatever the block height, and return the same tensor."""
+    monkeypatch.setattr(stats, "GRAM_BLOCK", 8)
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=F64)
+    a[0, 5], a[3, 40 % d], a[7, 7] = -0.0, -0.0, -0.0
+    want = a.triu() + a.triu(1).T
+    got = stats.symmetrize_upper(a, rows=rows)
+    assert got.data_ptr() == a.data_ptr()
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
 def test_collection_with_column_blocks_matches_one_gemm(llama, tok, monkeypatch) -> None:
     texts = texts_of(20, seed=3)
     one = collect_second_moments(llama, tok, texts, [0, 1], batch_size=6, progress=False)

@@ -137,7 +137,7 @@ def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
             params_for(tmp_path, **{"sequential.lm_eval": bad})
     p = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_easy"]}})
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
-    with pytest.raises(ParamsError, match=r"pip install 'editlib\[lmeval\]'"):
+    with pytest.raises(ParamsError, match=r"pip install -e '\.\[lmeval\]'"):
         protocols.check_before_loading(p, ["sequential"])
     assert params_for(tmp_path).sequential.lm_eval is None  # off by default
 

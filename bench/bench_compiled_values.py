@@ -1,6 +1,7 @@
 """Benchmark (a script, not a test): the value optimisation with the blocks above the edited layer
-compiled (``hparams.common.compile_blocks``: ``torch.compile`` of :func:`editlib.packed.run_blocks`,
-the protocols' own path) against the eager default, on the same facts, alternating rounds. Prints ms per fact and per Adam iteration, the compile time, and how
+compiled (``hparams.common.compile_blocks``: ``torch.compile`` of each block,
+:func:`editlib.packed.compiled_block`, the protocols' own path) against the eager default, on the
+same facts, alternating rounds. Prints ms per fact and per Adam iteration, the compile time, and how
 far the compiled z are from the eager ones (compiled kernels sum in another order, so z moves at
 float32 rounding, amplified by the Adam steps; the default stays eager so that stored results do
 not move).
@@ -80,9 +81,11 @@ def count_kernels(study, facts, layer, ctx, hp) -> dict[str, float]:
     """Kernels per block of one value iteration's packed forward + backward (the blocks above
     ``layer``, :func:`editlib.packed.run_blocks`), eager against compiled, on this machine.
     Eager: the aten operations dispatched that run a kernel (bench_decode's count). Compiled: the
-    kernel and library calls in the code inductor generates for the forward and the backward (on
-    a CPU, inductor's C++ fusion: a proxy for its Triton one). The run_blocks call of the first
-    fact's optimisation is replayed in isolation, so the loss, Adam and the rest are not counted."""
+    kernel and library calls in the code inductor generates for one block's forward and backward
+    (:func:`editlib.packed.compiled_block`, which every block calls: the inner blocks' graph, and
+    the last block's, which runs only where a loss reads; on a CPU, inductor's C++ fusion: a
+    proxy for its Triton one). The run_blocks call of the first fact's optimisation is replayed
+    in isolation, so the loss, Adam and the rest are not counted."""
     import torch._dynamo
     from bench_decode import _Dispatched, _kernel_calls
     from torch._inductor.codecache import PyCodeCache
@@ -91,31 +94,35 @@ def count_kernels(study, facts, layer, ctx, hp) -> dict[str, float]:
     seen: list = []
     real = packed.run_blocks
 
-    def record(*args):
+    def record(*args, **kw):
         if not seen:
             seen.append(args)
-        return real(*args)
+        return real(*args, **kw)
 
     packed.run_blocks = record
     try:
         compute_values(study.model, study.tok, facts[:1], layer, ctx, replace(hp, compile_blocks="off"))
     finally:
         packed.run_blocks = real
-    blocks, x, *rest = seen[0]
-
-    def fwd_bwd(fn):
-        x_in = x.detach().clone().requires_grad_(True)
-        fn(blocks, x_in, *rest).float().sum().backward()
-
+    blocks, x, cos, sin, kvs, kv_rows, mask, flat, need, R, W = seen[0]
     with torch.enable_grad():
+        x_in = x.detach().clone().requires_grad_(True)
         with _Dispatched() as c:
-            fwd_bwd(real)
+            real(blocks, x_in, cos, sin, kvs, kv_rows, mask, flat, need, R, W).float().sum().backward()
         torch._dynamo.reset()
-        before = len(PyCodeCache.modules)
-        fwd_bwd(torch.compile(real, dynamic=True))
-        compiled = sum(_kernel_calls(m) for m in PyCodeCache.modules[before:])
+        packed._COMPILED.clear()
+        block = packed.compiled_block("default")
+
+        def kernels(need_arg) -> int:  # one block's forward and backward, compiled for this variant
+            before = len(PyCodeCache.modules)
+            x_in = x.detach().clone().requires_grad_(True)
+            block(blocks[0], x_in, cos, sin, *kvs[0], kv_rows, mask, flat, need_arg, R, W).float().sum().backward()
+            return sum(_kernel_calls(m) for m in PyCodeCache.modules[before:])
+
+        inner, last = kernels(None), kernels(need)
     k = len(blocks)
-    return {"blocks": k, "eager": c.n / k, "compiled": compiled / k}
+    return {"blocks": k, "eager": c.n / k, "compiled": ((k - 1) * inner + last) / k,
+            "inner": inner, "last": last}
 
 
 def main() -> None:
@@ -158,7 +165,8 @@ def main() -> None:
     if a.count_kernels:
         k = count_kernels(study, facts, a.layer, ctx, hp)
         print(f"kernels per block of the packed forward + backward ({k['blocks']} blocks): eager {k['eager']:.1f}, "
-              f"compiled {k['compiled']:.1f} (ratio {k['compiled'] / k['eager']:.3f})")
+              f"compiled {k['compiled']:.1f} (ratio {k['compiled'] / k['eager']:.3f}; an inner block {k['inner']}, "
+              f"the last {k['last']})")
         return
 
     def run(which, fs):  # the protocols' own path: hparams.common.compile_blocks

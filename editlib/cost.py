@@ -92,8 +92,9 @@ class CostModel:
     value_graphs: bool = False     # value steps' blocks, forward and backward, captured (compile_blocks: reduce-overhead)
     # ... which torch.compile also fuses: kernels per block of the compiled forward + backward, the
     # eager count scaled by the CPU's ratio (bench/bench_compiled_values.py --count-kernels on the
-    # bfloat16 miniature: 46.0 against 117.8 per block; 150 × 46.0 / 117.8 = 58.6, rounded up)
-    kernels_fused_value: int = 59
+    # bfloat16 miniature, every block a call of the one compiled block: 46.8 against 117.5 per
+    # block; 150 × 46.8 / 117.5 = 59.7, rounded up)
+    kernels_fused_value: int = 60
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels

@@ -43,9 +43,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .arch import arch_for, get_module, n_layers
+from .compiling import compile_guarded
 from .generation import _cache_name, _last_logits_kw
 from .packed import _rope
 from .packed import unsupported as packed_unsupported
@@ -367,36 +367,20 @@ def _tail(x, prev, wn, eps, wh, bh):
 
 
 _COMPILED_FNS: dict[str, object] = {}
-#: compilations of each function allowed in one process (torch's default is 8, past which it would
-#: run the function eagerly with a logged warning): every block and batch of a model shares one, a
-#: model of other sizes, dtype or bias layout, a one-row batch or deterministic mode adds one
-RECOMPILE_LIMIT = 64
 
 
 def _compiled(name: str):
     """:func:`_front` or :func:`_tail` compiled (once per process, as one graph: ``fullgraph``).
     The weights are arguments and the sizes dynamic, so the blocks, batches and row counts of a
-    model share the compiled code. Past :data:`RECOMPILE_LIMIT` compilations a call fails rather
-    than silently running eagerly. Under a ``TorchDispatchMode`` (bench/arithmetic_floor.py's
-    counters, a tensor watch), which a compiled graph cannot run under, the function runs as
-    written: the same operations, uncompiled."""
+    model share the compiled code; past :data:`editlib.compiling.RECOMPILE_LIMIT` compilations a
+    call fails rather than silently running eagerly, and under a ``TorchDispatchMode``
+    (bench/arithmetic_floor.py's counters, a tensor watch) the function runs as written."""
     if name not in _COMPILED_FNS:
-        import torch._dynamo
-
-        eager = {"front": _front, "tail": _tail}[name]
-        fn = torch.compile(eager, dynamic=True, fullgraph=True)
-
-        def run(*args):
-            if _get_current_dispatch_mode() is not None:  # a dispatch mode (a FLOP or operation counter)
-                return eager(*args)                        # would stop the compiled graph: run its source
-            try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-                    return fn(*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-                raise RuntimeError(f"evaluation.gen_decode: compiled has compiled its decode step "
-                                   f"{RECOMPILE_LIMIT} times in this process (other model sizes, dtypes or "
-                                   "bias layouts); use gen_decode: graph") from e
-        _COMPILED_FNS[name] = run
+        _COMPILED_FNS[name] = compile_guarded(
+            {"front": _front, "tail": _tail}[name],
+            "evaluation.gen_decode: compiled has compiled its decode step {limit} times in this process "
+            "(other model sizes, dtypes or bias layouts); use gen_decode: graph",
+            dynamic=True, fullgraph=True)
     return _COMPILED_FNS[name]
 
 

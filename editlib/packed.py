@@ -40,9 +40,22 @@ def unsupported(model, max_len: int) -> str | None:
 
 
 #: ``hparams.common.compile_blocks``: "off" (eager, the default: stored results are eager's) or a
-#: torch.compile mode for :func:`run_blocks`; "reduce-overhead" also captures CUDA graphs (CUDA only)
+#: torch.compile mode for :func:`_block`; "reduce-overhead" also captures CUDA graphs (CUDA only)
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+#: modes whose steps pad their sizes to :func:`bucket` sizes: CUDA graphs are recorded once for
+#: each distinct set of input sizes, and the packed tokens of nearly every fact (B = 1) or every
+#: set of facts still running (a chunk whose facts stop at different steps) have sizes of their own
+BUCKET_MODES = ("reduce-overhead",)
 _COMPILED: dict[str, object] = {}
+
+
+def bucket(n: int) -> int:
+    """The smallest size ≥ ``n`` of the form m·2^k with m in 4 … 7 (every size up to 8 is its
+    own): four sizes per octave, at most 25 % of padding."""
+    if n <= 8:
+        return n
+    k = n.bit_length() - 3
+    return -(-n // (1 << k)) << k
 
 
 def check_compile_mode(mode: str) -> None:
@@ -52,27 +65,44 @@ def check_compile_mode(mode: str) -> None:
         raise ValueError(f"compile_blocks must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
 
 
+def compiled_block(mode: str):
+    """:func:`_block` compiled for ``mode`` (once per process and mode). The block is an argument
+    and the sizes are dynamic, so one compilation serves every block of every edited layer (and a
+    second the last block, which runs only where a loss reads): a graph of the blocks above the
+    edited layer would be compiled anew for each layer, and past torch's limit of 8 the later
+    layers' steps would run eagerly with nothing but a logged warning. Past
+    :data:`editlib.compiling.RECOMPILE_LIMIT` compilations a call fails instead."""
+    check_compile_mode(mode)
+    if mode not in _COMPILED:
+        from .compiling import compile_guarded
+        _COMPILED[mode] = compile_guarded(
+            _block, f"hparams.common.compile_blocks: {mode} has compiled a value step's block {{limit}} times "
+            "in this process (other model sizes, dtypes or layouts); use compile_blocks: off",
+            dynamic=True, fullgraph=True, mode=None if mode == "default" else mode)
+    return _COMPILED[mode]
+
+
 def blocks_fn(mode: str, device: torch.device):
-    """:func:`run_blocks`, or its compiled form for ``mode`` (one per process and mode, so later
-    chunks and facts reuse the compiled graphs). A one-fact value step of a 32-layer model is
-    thousands of small kernels launched from Python: eager PyTorch issues them slower than a GPU
-    runs them, which CUDA graphs remove (docs/performance.md). Compiled kernels sum in another
-    order, so z moves at float rounding: opt-in, never the default."""
+    """:func:`run_blocks`, with each block compiled for ``mode`` unless it is "off". A one-fact
+    value step of a 32-layer model is thousands of small kernels launched from Python: eager
+    PyTorch issues them slower than a GPU runs them, which CUDA graphs remove
+    (docs/performance.md). Compiled kernels sum in another order, so z moves at float rounding:
+    opt-in, never the default."""
     check_compile_mode(mode)
     if mode == "off":
         return run_blocks
     if mode == "reduce-overhead" and device.type != "cuda":
         raise ValueError(f"compile_blocks: reduce-overhead captures CUDA graphs; the model is on {device}")
-    if mode not in _COMPILED:
-        compiled = torch.compile(run_blocks, dynamic=True, mode=None if mode == "default" else mode)
-        if mode == "reduce-overhead":
-            def fn(*args, **kw):
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may still be alive
-                return compiled(*args, **kw)
-        else:
-            fn = compiled
-        _COMPILED[mode] = fn
-    return _COMPILED[mode]
+    block = compiled_block(mode)
+    if mode != "reduce-overhead":
+        return lambda *args: run_blocks(*args, block=block)
+
+    def captured(*args):
+        # one CUDA-graph step per forward: the previous step's outputs may still be alive, and the
+        # blocks of this forward (and its backward) are the nodes of one step
+        torch.compiler.cudagraph_mark_step_begin()
+        return run_blocks(*args, block=block)
+    return captured
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,10 +122,20 @@ class PackedSuffix:
     ``need_seq``/``need_pos`` the (sequence, absolute position) pairs whose hidden state a loss
     reads (every one ≥ its sequence's lookup). ``h`` [S, d] is block ``layer``'s output at the
     subject token without δ (target_init).
+
+    ``buckets`` (default: on under :data:`BUCKET_MODES`) pads every size a step's blocks see
+    (sequences, rows, width, prefix, tokens, read positions) to a :func:`bucket` size, so that a
+    process records few CUDA graphs. The rows gain at least one row of their own, whose first
+    slot receives every padding token (no real row attends it: each row attends only its own
+    slots) and which attends only that slot (every softmax row stays finite); the padded prefix
+    positions and width slots are masked, and the padding tokens' outputs are never read (so
+    their gradients are zero). The real tokens' arithmetic is the same but for the sizes of the
+    products, so their outputs move at float rounding at most.
     """
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, lookup: torch.Tensor,
-                 need_seq: torch.Tensor, need_pos: torch.Tensor, layer: int, compile_blocks: str = "off"):
+                 need_seq: torch.Tensor, need_pos: torch.Tensor, layer: int, compile_blocks: str = "off",
+                 buckets: bool | None = None):
         spec = arch_for(model)
         reason = unsupported(model, ids.shape[1])
         if reason:
@@ -122,6 +162,7 @@ class PackedSuffix:
         need[need_seq.long(), rel_need] = True
         self.tok_need = need[self.tok_seq, self.tok_rel]
         self.p_max = int(lookup.max())
+        self.buckets = compile_blocks in BUCKET_MODES if buckets is None else buckets
 
         with torch.no_grad(), Trace(model, spec.layer_name(layer)) as tr:
             out = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
@@ -129,6 +170,10 @@ class PackedSuffix:
         self.h = h_all[torch.arange(S, device=dev), lookup.to(dev)]
         self.x0 = h_all[self.tok_seq.to(dev), tok_abs.to(dev)]
         self.kv = [(k[:, :, : self.p_max], v[:, :, : self.p_max]) for k, v in returned_kv(model, out)[layer + 1:]]
+        if self.buckets:  # zero sequences and prefix positions (masked) up to bucket sizes
+            self.p_max = bucket(self.p_max)
+            self.kv = [tuple(_zero_padded(t, (bucket(S), t.shape[1], self.p_max, t.shape[3])) for t in kv)
+                       for kv in self.kv]
         rotary = get_module(model, spec.rotary)
         with torch.no_grad():
             cos, sin = rotary(self.x0[None], tok_abs.to(dev)[None])
@@ -149,51 +194,96 @@ class PackedSuffix:
         first = (rel == 0).to(dev)[:, None]
         x = self.x0[sel.to(dev)]
         x = torch.where(first, x + delta_rows[r_tok.to(dev)], x).to(self.dtype)  # bf16 models: δ is fp32
-        all_rows = R == len(self.lookup) and bool((rows == torch.arange(R)).all())
-        if self.blocks:
+        if not self.blocks:
+            x = x[need]
+        elif self.buckets:
+            x = self._bucketed(rows, x, sel, r_tok, rel, need)
+        else:
+            all_rows = R == len(self.lookup) and bool((rows == torch.arange(R)).all())
             cos, sin = self.cos[sel.to(dev)], self.sin[sel.to(dev)]
             w_r, p_r = self.width[rows].to(dev), self.lookup[rows].to(dev)
-            pre = torch.arange(self.p_max, device=dev)[None] < p_r[:, None]                # [R, P]
-            ar = torch.arange(W, device=dev)
-            suf = (ar[None, None] <= ar[None, :, None]) & (ar[None, None] < w_r[:, None, None])  # [R, W, W]
-            attn_mask = torch.cat([pre[:, None].expand(R, W, self.p_max), suf], 2)[:, None]
             x = self.run_blocks(self.blocks, x, cos, sin, self.kv, None if all_rows else rows.to(dev),
-                           attn_mask, flat, need, R, W)
-        else:
-            x = x[need]
+                                _attn_mask(w_r, p_r, W, self.p_max), flat, need, R, W)
         x = self.norm(x)
         return x.new_zeros(R * W, x.shape[-1]).index_copy(0, flat[need], x).view(R, W, -1)
 
+    def _bucketed(self, rows, x, sel, r_tok, rel, need) -> torch.Tensor:
+        """The blocks on the real tokens ``x`` padded to bucket sizes (the class docstring);
+        returns the outputs at ``need`` only."""
+        dev, R, T, N = self.device, len(rows), len(sel), len(need)
+        Rb, Wb, Tb, Nb = bucket(R + 1), bucket(int(self.width[rows].max())), bucket(T), bucket(N)
+        src = torch.cat([sel, sel.new_zeros(Tb - T)]).to(dev)  # padding tokens: copies of token 0, no δ
+        x = torch.cat([x, x[:1].detach().expand(Tb - T, -1)])
+        flat = torch.cat([r_tok * Wb + rel, torch.full((Tb - T,), R * Wb)]).to(dev)
+        pad_rows = Rb - R  # a padding row: no prefix, one slot (the padding tokens' own)
+        w_r = torch.cat([self.width[rows], torch.ones(pad_rows, dtype=torch.long)]).to(dev)
+        p_r = torch.cat([self.lookup[rows], torch.zeros(pad_rows, dtype=torch.long)]).to(dev)
+        kv_rows = torch.cat([rows, rows.new_zeros(pad_rows)]).to(dev)
+        need = torch.cat([need, need.new_zeros(Nb - N)])
+        x = self.run_blocks(self.blocks, x, self.cos[src], self.sin[src], self.kv, kv_rows,
+                            _attn_mask(w_r, p_r, Wb, self.p_max), flat, need, Rb, Wb)
+        return x[:N]
+
+
+def _zero_padded(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``t`` in the leading corner of a zero tensor of ``shape``."""
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def _attn_mask(w_r: torch.Tensor, p_r: torch.Tensor, W: int, P: int) -> torch.Tensor:
+    """[R, 1, W, P + W]: row r's queries see its ``p_r`` prefix positions and, causally, its first
+    ``w_r`` slots."""
+    R, dev = len(w_r), w_r.device
+    pre = torch.arange(P, device=dev)[None] < p_r[:, None]                                # [R, P]
+    ar = torch.arange(W, device=dev)
+    suf = (ar[None, None] <= ar[None, :, None]) & (ar[None, None] < w_r[:, None, None])  # [R, W, W]
+    return torch.cat([pre[:, None].expand(R, W, P), suf], 2)[:, None]
+
 
 def run_blocks(blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs, kv_rows: torch.Tensor | None,
-               attn_mask: torch.Tensor, flat: torch.Tensor, need: torch.Tensor, R: int, W: int) -> torch.Tensor:
+               attn_mask: torch.Tensor, flat: torch.Tensor, need: torch.Tensor, R: int, W: int,
+               block=None) -> torch.Tensor:
     """Blocks ``blocks`` (Llama-style, in order) on packed tokens ``x`` [tokens, d]: ``kvs`` the
-    cached prefix keys/values per block ([S, kv_heads, P, head_dim]; rows ``kv_rows`` of them, taken
-    one block at a time, or all S = R when None), ``attn_mask`` [R, 1, W, P + W],
-    ``flat`` each token's slot in the padded [R·W] layout, ``need`` the tokens the last block must
-    produce (its attention output, projection and MLP run only there). Pure tensor code with no
-    data-dependent control flow, so it can be compiled as one graph (bench/bench_compiled_values.py)."""
+    cached prefix keys/values per block ([S, kv_heads, P, head_dim]; rows ``kv_rows`` of them, or
+    all S = R when None), ``attn_mask`` [R, 1, W, P + W], ``flat`` each token's slot in the padded
+    [R·W] layout, ``need`` the tokens the last block must produce (its attention output,
+    projection and MLP run only there). Each block is one call of ``block`` (:func:`_block`, or
+    its compiled form: :func:`compiled_block`)."""
+    block = block or _block
+    last = len(blocks) - 1
     for i, blk in enumerate(blocks):
-        att = blk.self_attn
-        hd = att.head_dim
-        y = blk.input_layernorm(x)
-        q = _rope(att.q_proj(y).view(x.shape[0], -1, hd), cos, sin)
-        k = _rope(att.k_proj(y).view(x.shape[0], -1, hd), cos, sin)
-        v = att.v_proj(y).view(x.shape[0], -1, hd)
-        pk, pv = kvs[i] if kv_rows is None else (kvs[i][0][kv_rows], kvs[i][1][kv_rows])
-
-        def pad(t):  # [tokens, h, hd] -> [R, h, W, hd]
-            z = t.new_zeros(R * W, *t.shape[1:]).index_copy(0, flat, t)
-            return z.view(R, W, *t.shape[1:]).transpose(1, 2)
-
-        keys, vals = torch.cat([pk, pad(k)], 2), torch.cat([pv, pad(v)], 2)
-        rep = q.shape[1] // keys.shape[1]  # grouped-query attention: as transformers' repeat_kv
-        if rep > 1:
-            keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(pad(q), keys, vals, attn_mask=attn_mask, scale=att.scaling)
-        o = o.transpose(1, 2).reshape(R * W, -1)[flat]
-        if i == len(blocks) - 1:  # nothing after the last block reads other positions
-            o, x = o[need], x[need]
-        x = x + att.o_proj(o)
-        x = x + blk.mlp(blk.post_attention_layernorm(x))
+        x = block(blk, x, cos, sin, kvs[i][0], kvs[i][1], kv_rows, attn_mask, flat, need if i == last else None, R, W)
     return x
+
+
+def _block(blk, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+           kv_rows: torch.Tensor | None, attn_mask: torch.Tensor, flat: torch.Tensor, need: torch.Tensor | None,
+           R: int, W: int) -> torch.Tensor:
+    """One block of :func:`run_blocks`; ``need`` (the last block only): the tokens whose output is
+    read. Pure tensor code with no data-dependent control flow, so it compiles as one graph, and
+    the block's modules are an argument, so one graph serves every block."""
+    att = blk.self_attn
+    hd = att.head_dim
+    y = blk.input_layernorm(x)
+    q = _rope(att.q_proj(y).view(x.shape[0], -1, hd), cos, sin)
+    k = _rope(att.k_proj(y).view(x.shape[0], -1, hd), cos, sin)
+    v = att.v_proj(y).view(x.shape[0], -1, hd)
+    if kv_rows is not None:
+        pk, pv = pk[kv_rows], pv[kv_rows]
+
+    def pad(t):  # [tokens, h, hd] -> [R, h, W, hd]
+        z = t.new_zeros(R * W, *t.shape[1:]).index_copy(0, flat, t)
+        return z.view(R, W, *t.shape[1:]).transpose(1, 2)
+
+    keys, vals = torch.cat([pk, pad(k)], 2), torch.cat([pv, pad(v)], 2)
+    rep = q.shape[1] // keys.shape[1]  # grouped-query attention: as transformers' repeat_kv
+    if rep > 1:
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+    o = F.scaled_dot_product_attention(pad(q), keys, vals, attn_mask=attn_mask, scale=att.scaling)
+    o = o.transpose(1, 2).reshape(R * W, -1)[flat]
+    if need is not None:  # nothing after the last block reads other positions
+        o, x = o[need], x[need]
+    x = x + att.o_proj(o)
+    return x + blk.mlp(blk.post_attention_layernorm(x))

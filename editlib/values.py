@@ -283,11 +283,11 @@ class _Packed:
     """:class:`_Forward`'s interface over :class:`editlib.packed.PackedSuffix` (positions are
     relative to the subject token; only label and KL positions are filled)."""
 
-    def __init__(self, model, seq: _Seqs, layer: int, compile_blocks: str = "off"):
+    def __init__(self, model, seq: _Seqs, layer: int, compile_blocks: str = "off", buckets: bool | None = None):
         kl = seq.is_kl.nonzero()[:, 0]
         self.seq = seq
         self.run = PackedSuffix(model, seq.ids, seq.mask, seq.lookup, torch.cat([seq.lab_seq, kl]),
-                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer, compile_blocks)
+                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer, compile_blocks, buckets)
 
     def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return positions - self.seq.lookup[rows].to(positions.device)

@@ -132,7 +132,7 @@ def test_one_compilation_serves_every_block_and_batch() -> None:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from editlib import decode
+    from editlib import compiling, decode
     torch._dynamo.reset()
     decode._COMPILED_FNS.clear()
     counters.clear()
@@ -165,7 +165,7 @@ def test_one_compilation_serves_every_block_and_batch() -> None:
         assert torch.equal(x, y)
     # past the limit a call fails, never running eagerly in silence
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decode, "RECOMPILE_LIMIT", 1)
+        mp.setattr(compiling, "RECOMPILE_LIMIT", 1)
         with pytest.raises(RuntimeError, match="compiled has compiled its decode step 1 times"):
             decoder_steps(family("llama", 40, torch.float64), ids, 5, "compiled")
 

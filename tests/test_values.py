@@ -142,12 +142,12 @@ def test_prefix_cache_equals_full_forward(tok, chunk: int) -> None:
     torch.testing.assert_close(cached.final_loss, full.final_loss, rtol=1e-8, atol=0)
 
 
-def _family(model_type: str, vocab: int, **kw) -> torch.nn.Module:
+def _family(model_type: str, vocab: int, layers: int = 3, **kw) -> torch.nn.Module:
     """Random float64 model of a Llama-style family with grouped-query attention (4 heads, 2 KV)."""
     import transformers
     torch.manual_seed(1)
     cfg = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[model_type])(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
         eos_token_id=2, **kw)
     m = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
@@ -240,6 +240,76 @@ def test_compiled_blocks_follow_eager(tok) -> None:
     """hparams.common.compile_blocks: default (inductor on the CPU) gives eager's steps and z up to
     the rounding of another summation order, and follows in-place weight changes."""
     _compiled_against_eager(_family("llama", len(tok)), tok, "default")
+
+
+def test_one_compiled_block_serves_every_edited_layer(tok) -> None:
+    """compile_blocks compiles one block, an argument, not the stack above the edited layer: the
+    edits at the first six layers of a 7-layer model share two graphs (the inner blocks and the
+    last, which runs only where a loss reads; at most two more for a chunk whose facts stopped at
+    different steps). A graph per edited layer passed torch's limit of 8 in a 32-layer layer
+    search, and the later layers' steps then ran eagerly with nothing but a logged warning; past
+    editlib's own limit a call fails instead."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from editlib import compiling, packed
+    lm = _family("llama", len(tok), layers=7)
+    hp = ValueHParams(z_batch_size=2, v_num_grad_steps=3, compile_blocks="default")
+    torch._dynamo.reset()
+    packed._COMPILED.clear()
+    counters.clear()
+    for layer in range(6):
+        compute_values(lm, tok, FACTS[:2], layer, CTX, hp)
+    assert 2 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch._dynamo.reset()
+    packed._COMPILED.clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(compiling, "RECOMPILE_LIMIT", 1)
+            with pytest.raises(RuntimeError, match="compile_blocks: default has compiled a value step's block 1 times"):
+                compute_values(lm, tok, FACTS[:2], 0, CTX, hp)
+    finally:
+        torch._dynamo.reset()
+        packed._COMPILED.clear()
+
+
+def test_bucket_sizes() -> None:
+    """Bucket sizes: every size up to 8 is its own, larger ones round up by at most 25 % to one of
+    four sizes per octave, and a bucket size is its own bucket."""
+    from editlib.packed import bucket
+    assert [bucket(n) for n in range(1, 9)] == list(range(1, 9))
+    assert [bucket(n) for n in (9, 10, 11, 13, 15, 17, 33, 100, 225)] == [10, 10, 12, 14, 16, 20, 40, 112, 256]
+    for n in range(1, 5000):
+        b = bucket(n)
+        assert n <= b <= max(n, 1.25 * n) and bucket(b) == b
+    assert len({bucket(n) for n in range(65, 129)}) == 4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_bucketed_sizes_give_the_same_values(tok, model_type, monkeypatch) -> None:
+    """Under CUDA graphs (compile_blocks: reduce-overhead) the blocks see bucket sizes only: the
+    padding tokens, rows, slots and prefix positions change no real token's arithmetic beyond the
+    sizes of the products, so in float64 the Adam steps and z equal the unpadded layout's (to
+    1e-12: here they are bitwise equal), through chunks whose facts stop at different steps; and
+    every size the blocks see is a bucket size."""
+    from editlib import packed
+    lm = _family(model_type, len(tok), layers=4)
+    hp = ValueHParams(z_batch_size=3, v_num_grad_steps=25, early_stop_loss=3.0)
+    plain = compute_values(lm, tok, FACTS, 0, CTX, hp)
+    seen = []
+    real = packed.run_blocks
+
+    def spy(blocks, x, cos, sin, kvs, kv_rows, mask, flat, need, R, W, **kw):
+        seen.append((x.shape[0], kvs[0][0].shape[0], kvs[0][0].shape[2], len(kv_rows), R, W, len(need)))
+        return real(blocks, x, cos, sin, kvs, kv_rows, mask, flat, need, R, W, **kw)
+
+    monkeypatch.setattr(packed, "BUCKET_MODES", ("off",))
+    monkeypatch.setattr(packed, "run_blocks", spy)
+    padded = compute_values(lm, tok, FACTS, 0, CTX, hp)
+    assert len(set(plain.steps.tolist())) > 1  # facts stopped at different steps: the rows shrank
+    assert torch.equal(padded.steps, plain.steps)
+    torch.testing.assert_close(padded.z, plain.z, rtol=1e-12, atol=1e-12)
+    assert seen and all(packed.bucket(n) == n for sizes in seen for n in sizes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,102 @@
+"""Benchmark (a script, not a test): how many distinct input sizes the value steps' blocks see
+over the CounterFact facts a paper-scale run edits, with the real Llama-3 tokenizer: the number
+of CUDA graphs ``compile_blocks: reduce-overhead`` would record (torch records one for each new
+set of input sizes, and keeps every one), with and without the bucketed sizes that mode uses
+(:func:`editlib.packed.bucket`).
+
+    EDITLIB_COUNTERFACT=... python bench/value_shapes.py [--n 4096] [--z-batch-size 1 32]
+        [--tokenizer .cache/device/tokenizer] [--layers 3]
+
+The sizes depend on the tokens only (the facts' prompts, subjects and targets, the context
+templates), not on the model's width, so a random 64-wide Llama with the tokenizer's vocabulary
+stands in for Llama-3-8B; its context templates are random text of the reference's 10 tokens.
+Each chunk of ``--z-batch-size`` facts is counted at its first iteration (every fact running);
+a chunk whose facts stop at different steps sees more sizes, one per set of facts still running,
+which ``--stops`` counts too, by stopping the chunk's facts one per iteration in a seeded order.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from editlib import packed  # noqa: E402
+from editlib.context import memit_templates  # noqa: E402
+from editlib.counterfact import load_counterfact  # noqa: E402
+from editlib.paths import repo_path  # noqa: E402
+from editlib.tokens import prepare_tokenizer  # noqa: E402
+from editlib.values import _build, _Packed  # noqa: E402
+
+
+def _model(vocab: int, layers: int):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                   max_position_embeddings=512, rope_theta=500000.0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+
+
+def signatures(model, tok, records, contexts, z_batch: int, buckets: bool, stops: bool) -> set[tuple]:
+    """The (tokens, sequences, prefix, rows, width, read positions) of every blocks call."""
+    seen: set[tuple] = set()
+    real = packed.run_blocks
+
+    def record(blocks, x, cos, sin, kvs, kv_rows, mask, flat, need, R, W, **kw):
+        seen.add((x.shape[0], kvs[0][0].shape[0], kvs[0][0].shape[2],
+                  None if kv_rows is None else len(kv_rows), W, len(need)))
+        return x[need]
+
+    packed.run_blocks = record
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for s in range(0, len(records), z_batch):
+            chunk = records[s:s + z_batch]
+            seq = _build(tok, chunk, contexts)
+            fwd = _Packed(model, seq, 0, "off", buckets=buckets)  # the layout only: nothing compiles
+            order = torch.randperm(len(chunk), generator=gen).tolist() if stops else []
+            running = list(range(len(chunk)))
+            for drop in [None, *order[:-1]]:
+                if drop is not None:
+                    running.remove(drop)
+                rows = torch.isin(seq.owner, torch.tensor(running)).nonzero()[:, 0]
+                fwd.run(rows, torch.zeros(len(rows), model.config.hidden_size))
+    finally:
+        packed.run_blocks = real
+    return seen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096, help="facts (the first n CounterFact records)")
+    ap.add_argument("--z-batch-size", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--tokenizer", default=".cache/device/tokenizer")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--stops", action="store_true", help="also count the sizes of every set of facts still running")
+    a = ap.parse_args()
+    import transformers
+    tok = prepare_tokenizer(transformers.AutoTokenizer.from_pretrained(str(repo_path(a.tokenizer))))
+    model = _model(len(tok), a.layers)
+    records = load_counterfact(os.environ.get("EDITLIB_COUNTERFACT"))[:a.n]
+    contexts = memit_templates(model, tok)
+    print(f"{len(records)} CounterFact facts, tokenizer {a.tokenizer} ({len(tok)} tokens), "
+          f"{len(contexts.flat)} context templates")
+    for zb in a.z_batch_size:
+        for stops in ([False, True] if a.stops and zb > 1 else [False]):
+            counts = {}
+            for buckets in (False, True):
+                t0 = time.time()
+                counts[buckets] = len(signatures(model, tok, records, contexts, zb, buckets, stops))
+            chunks = -(-len(records) // zb)
+            what = "every set of facts still running" if stops else "first iteration"
+            print(f"z_batch_size {zb} ({chunks} chunks, {what}): {counts[False]} distinct sizes, "
+                  f"{counts[True]} bucketed ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,8 +31,8 @@ comes back even if the run is stopped:
               units (--unit-costs: the slice's, then the calibration's over them), then modelled
               (both are arithmetic: rerun them here on the returned JSON if this step did not finish)
   compiled    bench/bench_compiled_values.py --set model.device=cuda --mode reduce-overhead (B = 1)
-  compiled_shape  the same on the 32-layer shape (built first if need be; compilation alone took
-              199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
+  compiled_shape  the same on the 32-layer shape (built first if need be; compiling the 30 blocks
+              as one graph took 199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
               4 facts, one round, torch at every CPU thread; then each path's CUDA kernels per
               Adam iteration of one fact (--profile 1: what refits editlib.cost's kernels_fused_value)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode

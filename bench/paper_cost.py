@@ -265,7 +265,8 @@ def main(argv=None) -> None:
     graphs = [what for flag, what in (("decode_graphs", f"GE's decode steps (evaluation.gen_decode: {decode_what})"),
                                       ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead, "
                                                        f"{model.kernels_fused_value} fused kernels per block forward "
-                                                       "and backward)"))
+                                                       f"and backward, {model.graph_call_s * 1e6:g} µs of host time per "
+                                                       "block call, forward and backward)"))
               if getattr(model, flag)]
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "

@@ -4,11 +4,14 @@ steps, :mod:`editlib.decode`; the value steps' blocks, :mod:`editlib.packed`).
 torch recompiles a function for each new guard failure (another dtype, a size of 0 or 1, another
 module layout) and, past ``recompile_limit`` (8 by default), runs it eagerly with nothing but a
 logged warning: a run that asked for compiled steps would then mix compiled and eager arithmetic
-(another rounding) and cost what the eager steps cost. :func:`compile_guarded` raises instead,
-past :data:`RECOMPILE_LIMIT` compilations of one function, naming the key that asked for it.
+(another rounding) and cost what the eager steps cost. Within :func:`recompile_limit` (each call
+of a :func:`compile_guarded` function, or a whole step of calls) torch raises instead, past
+:data:`RECOMPILE_LIMIT` compilations of one function, with a message naming the key that asked
+for it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -20,22 +23,40 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 RECOMPILE_LIMIT = 64
 
 
-def compile_guarded(fn: Callable, message: str, **compile_kw) -> Callable:
-    """``fn`` through ``torch.compile(fn, **compile_kw)``. A call that would compile it more than
-    :data:`RECOMPILE_LIMIT` times raises ``RuntimeError(message.format(limit=...))`` rather than
-    running it eagerly. Under a ``TorchDispatchMode`` (an operation or FLOP counter, which a
-    compiled graph cannot run under) ``fn`` runs as written: the same operations, uncompiled."""
+@contextmanager
+def recompile_limit(message: str):
+    """Within: past :data:`RECOMPILE_LIMIT` compilations of one function torch fails rather than
+    running it eagerly, and the failure is raised as ``RuntimeError(message.format(limit=...))``.
+    Entered once around many calls (a step's blocks), it costs one config patch, not one per call."""
     import torch._dynamo
 
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            yield
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(message.format(limit=RECOMPILE_LIMIT)) from e
+
+
+def compiled_or_eager(fn: Callable, **compile_kw) -> Callable:
+    """``fn`` through ``torch.compile(fn, **compile_kw)``, except under a ``TorchDispatchMode`` (an
+    operation or FLOP counter, which a compiled graph cannot run under), where ``fn`` runs as
+    written: the same operations, uncompiled. Call it within :func:`recompile_limit`."""
     compiled = torch.compile(fn, **compile_kw)
 
     def run(*args, **kw):
         if _get_current_dispatch_mode() is not None:
             return fn(*args, **kw)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-                return compiled(*args, **kw)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-            raise RuntimeError(message.format(limit=RECOMPILE_LIMIT)) from e
+        return compiled(*args, **kw)
 
     return run
+
+
+def compile_guarded(fn: Callable, message: str, **compile_kw) -> Callable:
+    """:func:`compiled_or_eager`, each call within :func:`recompile_limit` (``message``)."""
+    run = compiled_or_eager(fn, **compile_kw)
+
+    def guarded(*args, **kw):
+        with recompile_limit(message):
+            return run(*args, **kw)
+
+    return guarded

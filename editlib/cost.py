@@ -99,6 +99,11 @@ class CostModel:
     # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels
     graph_node_s: float = 6e-6
+    # host time of each call of the compiled block in a captured value step (each block's forward
+    # and its backward are one node of the step's CUDA-graph tree, a Python call with its guards):
+    # a compiled block's forward on tiny tensors took 127 µs on this 2-core VM (eager 174 µs), its
+    # forward and backward 388 µs; cudagraph trees' own bookkeeping is not measured
+    graph_call_s: float = 1e-4
     value_iters: int = 25          # forward passes per value chunk (v_num_grad_steps; an upper bound)
     gen_batch: int = 64            # prompts decoded together (params evaluation.gen_batch_size; paper_cost sets it)
     gen_kv_gb: float | None = None  # ... fewer where their KV cache would exceed this (params evaluation.gen_kv_gb)
@@ -165,7 +170,7 @@ class CostModel:
         decoded token through the model) binds any implementation."""
         inf = math.inf
         return replace(self, mm_eff=1.0, small_mm_eff=1.0, bw_eff=1.0, f64_eff=1.0, trsv_eff=inf,
-                       kernel_s=0.0, step_py_s=0.0, case_py_s=0.0, ckpt_fixed_s=0.0, gen_row_py_s=0.0, call_s=0.0,
+                       kernel_s=0.0, step_py_s=0.0, graph_call_s=0.0, case_py_s=0.0, ckpt_fixed_s=0.0, gen_row_py_s=0.0, call_s=0.0,
                        load_fixed_s=0.0, disk_bw=inf, pcie_bw=inf, flops_only=True, solve_on="device",
                        unit_s={})
 
@@ -188,7 +193,8 @@ class CostModel:
         flops = 4 * k * s.block_params * toks + 4 * s.d * s.vocab * labs
         nbytes = 2 * (k * s.block_params + s.head_params) * self.bpp
         eff = self.mm_eff if toks >= 256 else self.small_mm_eff
-        it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s,
+        calls = 2 * k * self.graph_call_s if self.value_graphs else 0.0  # a call per block, forward and backward
+        it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s + calls,
                         **self._launch(k * (self.kernels_fused_value if self.value_graphs
                                             else self.kernels_fwd + self.kernels_bwd), self.value_graphs))
         return setup + self.value_iters * it

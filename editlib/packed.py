@@ -70,15 +70,13 @@ def compiled_block(mode: str):
     and the sizes are dynamic, so one compilation serves every block of every edited layer (and a
     second the last block, which runs only where a loss reads): a graph of the blocks above the
     edited layer would be compiled anew for each layer, and past torch's limit of 8 the later
-    layers' steps would run eagerly with nothing but a logged warning. Past
-    :data:`editlib.compiling.RECOMPILE_LIMIT` compilations a call fails instead."""
+    layers' steps would run eagerly with nothing but a logged warning. :func:`blocks_fn` calls it
+    within :func:`editlib.compiling.recompile_limit`, past which a step fails instead."""
     check_compile_mode(mode)
     if mode not in _COMPILED:
-        from .compiling import compile_guarded
-        _COMPILED[mode] = compile_guarded(
-            _block, f"hparams.common.compile_blocks: {mode} has compiled a value step's block {{limit}} times "
-            "in this process (other model sizes, dtypes or layouts); use compile_blocks: off",
-            dynamic=True, fullgraph=True, mode=None if mode == "default" else mode)
+        from .compiling import compiled_or_eager
+        _COMPILED[mode] = compiled_or_eager(_block, dynamic=True, fullgraph=True,
+                                            mode=None if mode == "default" else mode)
     return _COMPILED[mode]
 
 
@@ -88,21 +86,24 @@ def blocks_fn(mode: str, device: torch.device):
     PyTorch issues them slower than a GPU runs them, which CUDA graphs remove
     (docs/performance.md). Compiled kernels sum in another order, so z moves at float rounding:
     opt-in, never the default."""
+    from .compiling import recompile_limit
     check_compile_mode(mode)
     if mode == "off":
         return run_blocks
     if mode == "reduce-overhead" and device.type != "cuda":
         raise ValueError(f"compile_blocks: reduce-overhead captures CUDA graphs; the model is on {device}")
     block = compiled_block(mode)
-    if mode != "reduce-overhead":
-        return lambda *args: run_blocks(*args, block=block)
+    message = (f"hparams.common.compile_blocks: {mode} has compiled a value step's block {{limit}} times in "
+               "this process (other model sizes, dtypes or layouts); use compile_blocks: off")
 
-    def captured(*args):
-        # one CUDA-graph step per forward: the previous step's outputs may still be alive, and the
-        # blocks of this forward (and its backward) are the nodes of one step
-        torch.compiler.cudagraph_mark_step_begin()
-        return run_blocks(*args, block=block)
-    return captured
+    def run(*args):
+        with recompile_limit(message):  # once per step, not per block
+            if mode == "reduce-overhead":
+                # one CUDA-graph step per forward: the previous step's outputs may still be alive,
+                # and this forward's blocks (and their backward) are the nodes of one step
+                torch.compiler.cudagraph_mark_step_begin()
+            return run_blocks(*args, block=block)
+    return run
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,8 @@ class PackedSuffix:
         returns the outputs at ``need`` only."""
         dev, R, T, N = self.device, len(rows), len(sel), len(need)
         Rb, Wb, Tb, Nb = bucket(R + 1), bucket(int(self.width[rows].max())), bucket(T), bucket(N)
-        src = torch.cat([sel, sel.new_zeros(Tb - T)]).to(dev)  # padding tokens: copies of token 0, no δ
+        # padding tokens: token 0's input and position, detached (no gradient reaches δ through them)
+        src = torch.cat([sel, sel.new_zeros(Tb - T)]).to(dev)
         x = torch.cat([x, x[:1].detach().expand(Tb - T, -1)])
         flat = torch.cat([r_tok * Wb + rel, torch.full((Tb - T,), R * Wb)]).to(dev)
         pad_rows = Rb - R  # a padding row: no prefix, one slot (the padding tokens' own)

@@ -435,9 +435,11 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
     assert val.values(s, ts, 1, 1) < 0.6 * eager.values(s, ts, 1, 1)
     assert val.ge(s, ts, 1, 100) == eager.ge(s, ts, 1, 100)
     assert dec.ge(s, ts, 1, 100)[1] == eager.ge(s, ts, 1, 100)[1]  # the same tokens decoded
-    for m in (dec, val):  # replayed kernels are not free: their GPU time adds to the roofline's
+    for m in (dec, replace(val, graph_call_s=0.0)):  # replayed kernels are not free: their GPU time
+        # adds to the roofline's (the value step's block calls left out: their host time would bind
+        # once the replay costs nothing)
         free, slow = replace(m, graph_node_s=0.0), replace(m, graph_node_s=2 * m.graph_node_s)
-        part = (lambda x: x.ge(s, ts, 1, 100)[0]) if m is dec else (lambda x: x.values(s, ts, 1, 1))
+        part = (lambda x: x.ge(s, ts, 1, 100)[0]) if m.decode_graphs else (lambda x: x.values(s, ts, 1, 1))
         assert part(free) < part(m) < part(slow)
         assert part(slow) - part(m) == pytest.approx(part(m) - part(free), rel=0.05)
         assert part(m.floor()) == pytest.approx(part(eager.floor()))
@@ -480,6 +482,11 @@ def test_fused_kernels_are_priced_as_fewer_replayed_kernels(tmp_path):
     val = replace(eager, value_graphs=True)
     more = replace(val, kernels_fused_value=2 * val.kernels_fused_value)
     assert val.values(s, ts, 1, 1) < more.values(s, ts, 1, 1) < eager.values(s, ts, 1, 1)
+    # each block is a call, forward and backward: host time that binds once it passes the GPU's
+    calls = replace(val, graph_call_s=1e-3)
+    assert calls.values(s, ts, 1, 1) > val.values(s, ts, 1, 1)
+    assert calls.values(s, ts, 1, 30) < calls.values(s, ts, 1, 1)  # fewer blocks above layer 30
+    assert calls.floor().values(s, ts, 1, 1) == pytest.approx(val.floor().values(s, ts, 1, 1))
     graph_file, fused_file = tmp_path / "graph.json", tmp_path / "fused.json"
     graph_file.write_text(json.dumps({"graphs": {"decode_graphs": True, "value_graphs": False},
                                       "units": {"ge_s_per_case": 0.02}}))

@@ -222,7 +222,8 @@ def _compiled_against_eager(lm, tok, mode: str) -> None:
     values): equal Adam steps, z to float32 rounding (δ and Adam are float32 whatever the model's
     dtype, and Adam amplifies another summation order's rounding); then a weight of a block above the layer is changed
     in place and both paths see it (a compiled graph or a captured CUDA graph never runs stale
-    weights), and the weight goes back."""
+    weights), and the weight goes back; then edits at layer 0 and back at ``LAYER`` (other blocks
+    at each position of a step: CUDA graphs whose weights differ from those recorded)."""
     hp = dict(z_batch_size=1, v_num_grad_steps=8, early_stop_loss=1e-9)
     eager = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
     comp = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(compile_blocks=mode, **hp))
@@ -240,6 +241,11 @@ def _compiled_against_eager(lm, tok, mode: str) -> None:
     finally:
         with torch.no_grad():
             w.copy_(saved)
+    for layer in (0, LAYER):
+        e = compute_values(lm, tok, FACTS[:2], layer, CTX, ValueHParams(**hp))
+        c = compute_values(lm, tok, FACTS[:2], layer, CTX, ValueHParams(compile_blocks=mode, **hp))
+        assert torch.equal(e.steps, c.steps)
+        torch.testing.assert_close(c.z, e.z, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("padded", [False, True])

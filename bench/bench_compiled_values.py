@@ -44,6 +44,20 @@ def _timed(study, facts, layer, ctx, hp) -> tuple[float, object]:
     return time.perf_counter() - t0, res
 
 
+def cuda_graphs_recorded(device) -> str:
+    """How many CUDA graphs the process's CUDA-graph tree recorded on ``device`` (a private torch
+    counter: "unknown" where it is missing) and the GPU memory reserved at the peak: what
+    compile_blocks: reduce-overhead's recordings (one per block call for each new set of sizes
+    and edited layer) cost, which the cost model leaves out."""
+    try:
+        from torch._inductor import cudagraph_trees
+        mgr = cudagraph_trees.get_manager(torch.device(device).index or 0, create_if_none_exists=False)
+        n = "0" if mgr is None else repr(mgr.graph_counter)[len("count("):-1]
+    except Exception as e:  # a private API: report, do not fail the benchmark
+        n = f"unknown ({_brief(e)})"
+    return f"CUDA graphs recorded: {n}, peak GPU memory reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB"
+
+
 def _brief(e: Exception) -> str:
     """An exception as one line: its type and the first line of its message."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -207,6 +221,8 @@ def main() -> None:
                 same = int((res.steps == ref.steps).sum())
                 print(f"         compiled vs eager: max |Δz| {dz:.2e}, max relative ‖Δz‖ {rel:.2e}, "
                       f"equal step counts {same}/{len(timed)}")
+    if a.mode == "reduce-overhead" and str(study.model.device).startswith("cuda"):
+        print(cuda_graphs_recorded(study.model.device))
     if a.profile and comp_ms and not error:
         profile_path(study, timed[:a.profile], a.layer, ctx, comp_hp, "compiled")
     if error or not comp_ms:

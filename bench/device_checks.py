@@ -445,6 +445,9 @@ def parse_compiled(out: str) -> dict:
     ``kernels_fused_value``)."""
     kernels = {f"{p}_kernels_per_iteration": int(k) for p, k in
                re.findall(r"profile \((eager|compiled)\): .*?, (\d+) device kernels/iteration", out)}
+    graphs = re.search(r"CUDA graphs recorded: (\d+), peak GPU memory reserved ([\d.]+) GiB", out)
+    if graphs:
+        kernels.update(cuda_graphs_recorded=int(graphs[1]), peak_reserved_gib=float(graphs[2]))
     failed = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled failed: (.*)", out)
     if failed:
         return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], "compiled_error": failed[3].strip(), **kernels}

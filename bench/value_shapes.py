@@ -1,8 +1,9 @@
-"""Benchmark (a script, not a test): how many distinct input sizes the value steps' blocks see
-over the CounterFact facts a paper-scale run edits, with the real Llama-3 tokenizer: the number
-of CUDA graphs ``compile_blocks: reduce-overhead`` would record (torch records one for each new
-set of input sizes, and keeps every one), with and without the bucketed sizes that mode uses
-(:func:`editlib.packed.bucket`).
+"""Benchmark (a script, not a test): how many distinct sets of input sizes the value steps' blocks
+see over the CounterFact facts a paper-scale run edits, with the real Llama-3 tokenizer, with and
+without the bucketed sizes of ``compile_blocks: reduce-overhead`` (:func:`editlib.packed.bucket`).
+That mode records a step's CUDA graphs for each new set of sizes (one graph per block call,
+forward and backward: 2k for k blocks above the edited layer, again for each edited layer, whose
+weights are the graphs' static inputs) and keeps every one.
 
     EDITLIB_COUNTERFACT=... python bench/value_shapes.py [--n 4096] [--z-batch-size 1 32]
         [--tokenizer .cache/device/tokenizer] [--layers 3]

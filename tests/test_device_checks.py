@@ -207,10 +207,12 @@ def test_the_summary_lines_of_the_benchmarks_parse():
             "         compiled vs eager: max |Δz| 1.10e-05, max relative ‖Δz‖ 5.00e-07, equal step counts 4/4\n"
             "profile (compiled): 1 facts, 26 iterations, wall 20.0 ms/iteration, device 15.2 ms/iteration (76 % of wall), "
             "1871 device kernels/iteration (wall includes the profiler's own overhead)\n"
+            "CUDA graphs recorded: 240, peak GPU memory reserved 17.25 GiB\n"
             "eager 255.4-260.0 ms/fact, compiled 199.7-201.0: 1.28x")
     assert dc.parse_compiled(comp) == {"eager_ms_per_fact": [255.4, 260.0], "compiled_ms_per_fact": [199.7, 201.0],
                                        "max_abs_dz": 2.29e-05, "max_rel_dz": 5.0e-07,
-                                       "eager_kernels_per_iteration": 4498, "compiled_kernels_per_iteration": 1871}
+                                       "eager_kernels_per_iteration": 4498, "compiled_kernels_per_iteration": 1871,
+                                       "cuda_graphs_recorded": 240, "peak_reserved_gib": 17.25}
     assert dc.parse_gram("nothing") == {} and dc.parse_compiled("nothing") == {}
     dec = ("models/tiny-world: 64 prompts, 94 decode steps of 64 rows\n"
            "  transformers: 0.90, 0.63 s  (9.52, 6.68 ms per step)  texts equal to transformers: 64/64\n"

@@ -54,6 +54,26 @@ def test_memit_templates_count_bos_in_the_length(model_tok, monkeypatch) -> None
     assert start and all(start not in x for x in t.groups[1])  # the start-of-text token is not text
 
 
+def test_templates_hold_no_start_of_text_token_of_any_name() -> None:
+    """Templates are decoded with special tokens skipped. The check above cannot see it for
+    ``<s>`` (GE's clean text also removes that string, as the reference did); with Llama-3's BOS
+    name, which no string rule removes, a template decoded with its special tokens would begin
+    with ``<|begin_of_text|>``."""
+    from tokenizers import processors
+    vocab = {"<unk>": 0, "<|begin_of_text|>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 1)])
+    tok = prepare_tokenizer(transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="</s>", unk_token="<unk>"))
+    model = tiny_llama(len(tok), layers=1)
+    memit = memit_templates(model, tok, length=6).flat
+    rome = rome_templates(model, tok, length_params=((5, 2),)).flat
+    assert len(memit) == 6 and len(rome) == 3
+    assert all("begin_of_text" not in t for t in memit + rome)
+
+
 def test_rome_templates_start_from_one_start_of_text_token(model_tok, monkeypatch) -> None:
     model, tok, kind = model_tok
     start = start_of_text(tok)

@@ -332,7 +332,7 @@ def test_bucketed_sizes_give_the_same_values(tok, model_type, sizes, monkeypatch
     torch.testing.assert_close(padded.z, plain.z, rtol=1e-12, atol=1e-12)
     assert seen
     if sizes == "bucket":
-        assert all(packed.bucket(n) == n for sizes in seen for n in sizes)
+        assert all(packed.bucket(n) == n for call in seen for n in call)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

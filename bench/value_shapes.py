@@ -95,7 +95,7 @@ def main() -> None:
                 counts[buckets] = len(signatures(model, tok, records, contexts, zb, buckets, stops))
             chunks = -(-len(records) // zb)
             what = "every set of facts still running" if stops else "first iteration"
-            print(f"z_batch_size {zb} ({chunks} chunks, {what}): {counts[False]} distinct sizes, "
+            print(f"z_batch_size {zb} ({chunks} chunks, {what}): {counts[False]} distinct sets of sizes, "
                   f"{counts[True]} bucketed ({time.time() - t0:.0f} s)")
 
 

@@ -52,7 +52,7 @@ from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved
 from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
 from .store import Experiment
-from .tf32 import set_tf32
+from .tf32 import set_tf32, tf32_applies
 from .weights import EditSession
 
 EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
@@ -581,6 +581,8 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
     del data["fact_list_path"]
     params = {"experiment": name, "spec": spec, "model_fingerprint": study.fingerprint,
               "evaluation": ev, "data": data, "covariance": cov}
+    if tf32_applies(study.model):  # float32 products on TF32 tensor cores move every number by ~1e-3
+        params["tf32"] = True      # (absent otherwise: the digest it had before the key existed)
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock,
                            free_keys=FREE_KEYS)

@@ -52,7 +52,7 @@ from . import arch
 from .nethook import TraceDict
 from .numerics import cache_tag
 from .solver import eig_or_cpu
-from .tf32 import tf32_matmuls
+from .tf32 import tf32_applies, tf32_matmuls
 from .tokens import encode, pad_right
 
 __all__ = [
@@ -486,7 +486,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
             raise ValueError(f"gram32 needs 16-bit activations, {name} gives {x.dtype}")
         feats = x[keep].to(torch.float32 if gram32 else dtype)  # [tokens, d_in], non-padding only
         # TF32 only for fast_gram's exact 16-bit products: model.tf32 must not round C0's float32
-        # products (covariance.dtype: float32), which no cache key records
+        # products (covariance.dtype: float32); the key records only a forward under TF32
         with tf32_matmuls(device, on=gram32):
             add_gram(sums[names[name]], feats)
 
@@ -539,13 +539,14 @@ def _batching_tag(batch_size: int, max_batch_tokens: int | None) -> str | None:
 
 def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
                dtype: str, texts_sha: str, gram32: bool = False, numerics: str | None = None,
-               batching: str | None = None) -> dict:
+               batching: str | None = None, tf32: bool = False) -> dict:
     """Everything C0 depends on; stored in (and compared against) the file metadata (``gram``
     only for :func:`fast_gram_applies` sums, ``numerics`` only under portable numerics
-    (:func:`editlib.numerics.cache_tag`) and ``batching`` only for another cut than the default
-    (:func:`_batching_tag`), so the entries of earlier versions keep their keys)."""
+    (:func:`editlib.numerics.cache_tag`), ``batching`` only for another cut than the default
+    (:func:`_batching_tag`) and ``forward`` only for keys from a forward on TF32 tensor cores
+    (:func:`editlib.tf32.tf32_applies`), so the entries of earlier versions keep their keys)."""
     return ({"gram": "float32"} if gram32 else {}) | ({"numerics": numerics} if numerics else {}) | (
-        {"batching": batching} if batching else {}) | {
+        {"batching": batching} if batching else {}) | ({"forward": "tf32"} if tf32 else {}) | {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
         "layer": str(layer),
@@ -570,9 +571,10 @@ def _numerics_suffix(numerics: str | None) -> str:
 
 def _cache_path(root: Path, key: dict) -> Path:
     gram = "_gram32" if key.get("gram") else ""
+    fwd = "_tf32" if key.get("forward") else ""
     num = _numerics_suffix(key.get("numerics"))
     cut = f"_{key['batching']}" if key.get("batching") else ""
-    name = f"{key['module']}_{key['dtype']}{gram}_{key['corpus']}_n{key['n_samples']}{cut}{num}.safetensors"
+    name = f"{key['module']}_{key['dtype']}{gram}{fwd}_{key['corpus']}_n{key['n_samples']}{cut}{num}.safetensors"
     return root / name
 
 
@@ -717,6 +719,9 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     device = _device(model)
     gram32 = bool(fast_gram and layers) and fast_gram_applies(fast_gram, arch.edit_weight(model, layers[0]).dtype)
     numerics_tag = c0_numerics(device)
+    # the products are IEEE whatever model.tf32 says (tf32_matmuls below), but the forward that
+    # produces the keys runs under it: a float32 model's keys then differ by ~1e-3
+    forward_tf32 = tf32_applies(model)
     if gram32:
         log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
 
@@ -751,7 +756,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
         key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32, numerics_tag,
-                         _batching_tag(batch_size, max_batch_tokens))
+                         _batching_tag(batch_size, max_batch_tokens), forward_tf32)
         path = _cache_path(root, key)
         seen[l] = _mtime(path)
         if not usable(l, key, path):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["matmul_tf32", "set_tf32", "tf32_matmuls"]
+__all__ = ["matmul_tf32", "set_tf32", "tf32_applies", "tf32_matmuls"]
 
 
 def matmul_tf32() -> bool:
@@ -26,6 +26,15 @@ def matmul_tf32() -> bool:
     if p == "none":
         p = getattr(torch.backends, "fp32_precision", "ieee")
     return p == "tf32"
+
+
+def tf32_applies(model) -> bool:
+    """Whether ``model``'s forward passes run float32 matmuls on TF32 tensor cores now: float32
+    weights on a CUDA device while TF32 is on (``model.tf32``, or whatever else set it). Its
+    outputs then move by ~1e-3 relative, so what they produce (C0 entries, results folders) is
+    keyed apart; nowhere else does TF32 change a number."""
+    p = next(model.parameters())
+    return p.device.type == "cuda" and p.dtype == torch.float32 and matmul_tf32()
 
 
 def set_tf32(on: bool) -> None:

@@ -1096,6 +1096,19 @@ def test_evaluation_digest_keys(study, tmp_path, monkeypatch):
     assert ge["ge_sentence_splitter"] == protocols.sentence_splitter()
 
 
+def test_tf32_enters_the_digest_only_where_it_applies(study, tmp_path, monkeypatch):
+    """A float32 model on CUDA under TF32 (model.tf32) moves every score by ~1e-3: its results are
+    another folder, so a run never reopens, or resumes into, a folder made with IEEE products or
+    the reverse; elsewhere (a CPU, a 16-bit model, TF32 off) the digest is what it always was."""
+    seen = []
+    monkeypatch.setattr(protocols.Experiment, "open", classmethod(lambda cls, *a, **k: seen.append(a[3])))
+    protocols._exp(use(study, params_for(tmp_path)), "batch", {})
+    monkeypatch.setattr(protocols, "tf32_applies", lambda model: True)
+    protocols._exp(use(study, params_for(tmp_path)), "batch", {})
+    ieee, tf32 = seen
+    assert "tf32" not in ieee and tf32 == {**ieee, "tf32": True}
+
+
 def test_reference_fact_list_gives_the_facts_and_the_digest(study, weights0, tmp_path):
     """data.fact_list reference: the facts are sample "i" of the index file in its order (not the
     seeded shuffle; Study.facts, which every protocol draws from, and a batch run), the digest

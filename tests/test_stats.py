@@ -285,6 +285,30 @@ def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypa
         assert second[layer].cond == pytest.approx(first[layer].cond)
 
 
+def test_c0_from_a_tf32_forward_is_cached_apart(llama, tok, world, tmp_path, monkeypatch) -> None:
+    """C0's products are IEEE whatever model.tf32 says, but a float32 model's forward on TF32
+    tensor cores gives other keys (~1e-3): such an entry is keyed and named apart, an IEEE run
+    never reads it nor the reverse, and IEEE keys are what they always were."""
+    from editlib import stats
+    spec = CorpusSpec("records", max_length=48)
+    run = lambda logs: layer_covariance(llama, tok, [0], spec, records=world, cache_dir=tmp_path,  # noqa: E731
+                                        progress=False, log=logs.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ieee = run([])
+        assert "forward" not in ieee[0].key
+        monkeypatch.setattr(stats, "tf32_applies", lambda model: True)  # a float32 model on CUDA under TF32
+        logs: list[str] = []
+        tf32 = run(logs)
+        assert tf32[0].key == {**ieee[0].key, "forward": "tf32"}
+        assert not any("cached" in m for m in logs)  # collected, not read from the IEEE entry
+        assert len(list(tmp_path.rglob("*_tf32_*.safetensors"))) == 1
+        assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+        monkeypatch.setattr(stats, "tf32_applies", lambda model: False)
+        logs = []
+        assert run(logs)[0].key == ieee[0].key and any("cached" in m for m in logs)
+
+
 def test_portable_and_native_c0_are_cached_apart(llama, tok, world, tmp_path, monkeypatch) -> None:
     """A C0 collected under other numerics differs in its last bits (a portable study on a native
     entry moved the sequential diagnostics by ~1e-6 relative): a portable run never reads a native

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlib.tf32 import matmul_tf32, set_tf32, tf32_matmuls
+from editlib.tf32 import matmul_tf32, set_tf32, tf32_applies, tf32_matmuls
 
 NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
@@ -72,3 +72,19 @@ def test_scoped_switch_restores_the_previous_state() -> None:
         with tf32_matmuls(torch.device("cuda"), on=False):  # C0's products under model.tf32
             assert not matmul_tf32()
         assert matmul_tf32() is start
+
+
+def test_tf32_applies_to_float32_weights_on_cuda_only() -> None:
+    """What C0 entries and results folders are keyed by: float32 weights on a CUDA device while
+    TF32 is on; a 16-bit model, a CPU model or TF32 off leave every number as it was."""
+    from types import SimpleNamespace
+
+    def model(device: str, dtype: torch.dtype):
+        p = SimpleNamespace(device=torch.device(device), dtype=dtype)
+        return SimpleNamespace(parameters=lambda: iter([p]))
+
+    set_tf32(True)
+    assert tf32_applies(model("cuda", torch.float32))
+    assert not tf32_applies(model("cuda", torch.bfloat16)) and not tf32_applies(model("cpu", torch.float32))
+    set_tf32(False)
+    assert not tf32_applies(model("cuda", torch.float32))

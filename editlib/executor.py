@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -170,8 +171,20 @@ _STATE = {"connected_here": False, "sessions": 0}
 
 def _connect(ray, address: str) -> None:
     """Join the cluster named by ``executor.address`` (once per process): ``auto`` = the running
-    one (RAY_ADDRESS, or the latest ``ray start`` on this machine), else a new local one."""
+    one (RAY_ADDRESS, or the latest ``ray start`` on this machine), else a new local one. A
+    process already connected (a notebook's own ``ray.init``) stays on its cluster: an address
+    other than ``auto`` that is not that cluster's is then not used, and a warning says so."""
     if ray.is_initialized():
+        if address != "auto":
+            try:
+                current = ray.get_runtime_context().gcs_address
+            except Exception:  # noqa: BLE001  (a client connection may not expose it)
+                current = None
+            if current is None or address != current:
+                warnings.warn(f"executor.address {address!r} is not used: this process is already connected to Ray"
+                              f" ({current or 'a cluster whose address it does not report'}), and the units run "
+                              "there; disconnect first (ray.shutdown()) to use the address",
+                              RuntimeWarning, stacklevel=3)
         return
     if address.startswith("ray://"):
         ray.init(address=address)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -214,10 +215,15 @@ def placement(device: str | torch.device) -> dict[str, Any]:
     """``from_pretrained`` arguments that put the weights straight on ``device`` as they are read
     (``device_map``, which needs ``accelerate``: ``pip install -e ".[gpu]"``). Without it the
     whole model is first built in host memory (32 GB for Llama-3-8B in float32, per Ray worker
-    on a node), then moved. The same weights either way (tested on the CPU)."""
+    on a node), then moved, which a warning says for a GPU. The same weights either way (tested
+    on the CPU)."""
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
+        if torch.device(device).type == "cuda":
+            warnings.warn("accelerate is not installed: the model is built in host memory, then moved to the GPU "
+                          "(32 GB for Llama-3-8B in float32, per Ray worker); pip install -e '.[gpu]' loads it "
+                          "straight onto the GPU", RuntimeWarning, stacklevel=2)
         return {}
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:  # accelerate wants an index: the current device

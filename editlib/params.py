@@ -591,6 +591,9 @@ def _check_covariance(cp: CovParams) -> None:
         v = getattr(cp, key)
         if v is not None and v < 1:
             raise ParamsError(f"covariance.{key} must be null or at least 1, got {v}")
+    if cp.max_batch_tokens is not None and cp.max_length is not None and cp.max_batch_tokens < cp.max_length:
+        raise ParamsError(f"covariance.max_batch_tokens ({cp.max_batch_tokens}) is below covariance.max_length "
+                          f"({cp.max_length}): a text of that length alone would pass it; raise it or lower max_length")
 
 
 def _check_executor(ep: ExecutorParams) -> None:

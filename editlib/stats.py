@@ -714,6 +714,10 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     fp = fingerprint or model_fingerprint(model)
     root = (Path(cache_dir) if cache_dir is not None else default_cache() / "stats") / fp
     max_length = corpus.max_length or default_max_length(model)
+    if max_batch_tokens is not None and max_batch_tokens < max_length:  # a batch holds at least one text
+        raise ValueError(f"covariance.max_batch_tokens ({max_batch_tokens}) is below the texts' max length "
+                         f"({max_length}, the model's positions unless covariance.max_length sets it): a text "
+                         "of that length alone would pass it; raise it or set covariance.max_length")
     texts = None if corpus.kind == "hf_dataset" else iter_corpus(corpus, records)
     texts_sha = _texts_digest(texts) if texts is not None else ""
     device = _device(model)

@@ -33,6 +33,7 @@ freezes a row's parameter *and* Adam state (rows leave the batch), the clamp use
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -183,8 +184,9 @@ def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: 
                    hp: ValueHParams, *, log=None) -> ValueResult:
     """Optimise z for every fact, ``hp.z_batch_size`` facts at a time. Model weights are untouched."""
     t0 = time.time()
-    parts = [_optimise_chunk(model, tok, records[s:s + hp.z_batch_size], layer, contexts, hp)
-             for s in range(0, len(records), hp.z_batch_size)]
+    with _deterministic_attention(model):
+        parts = [_optimise_chunk(model, tok, records[s:s + hp.z_batch_size], layer, contexts, hp)
+                 for s in range(0, len(records), hp.z_batch_size)]
     res = ValueResult(
         z=torch.cat([p.z for p in parts], 1), h=torch.cat([p.h for p in parts], 1),
         final_loss=torch.cat([p.final_loss for p in parts]), steps=torch.cat([p.steps for p in parts]),
@@ -195,6 +197,24 @@ def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: 
     if log:
         log(f"values: {len(records)} facts in {res.seconds:.1f}s ({res.info['facts_per_s']:.1f} facts/s)")
     return res
+
+
+def _deterministic_on_gpu(model) -> bool:
+    return torch.are_deterministic_algorithms_enabled() and next(model.parameters()).device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _deterministic_attention(model):
+    """Under ``model.deterministic`` on a GPU, the value optimisation's attention (the one backward
+    editlib runs) on SDPA's math kernels: the fused kernels' backward may add its blocks in a
+    varying order, which torch's warn-only deterministic mode (editlib.protocols.set_deterministic)
+    only warns about, once per process. Elsewhere nothing changes."""
+    if not _deterministic_on_gpu(model):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 class _Forward:

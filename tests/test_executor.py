@@ -402,3 +402,22 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
         assert state["timeout"] == executor.RELEASE_TIMEOUT_S
     if free_gb["end"] == 80:  # room came: the model moved back into it, not before
         assert events[-1][2] >= (32 + 2) << 30
+
+
+def test_an_address_the_connected_process_does_not_use_is_named() -> None:
+    """A process already connected to Ray stays on its cluster: executor.address auto or that
+    cluster's own address pass silently, any other address warns that it is not used."""
+    import warnings
+    from types import SimpleNamespace
+
+    from editlib import executor
+    ray = SimpleNamespace(is_initialized=lambda: True,
+                          get_runtime_context=lambda: SimpleNamespace(gcs_address="10.0.0.1:6379"),
+                          init=lambda **k: pytest.fail("a connected process connected again"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        executor._connect(ray, "auto")
+        executor._connect(ray, "10.0.0.1:6379")
+    for other in ("10.0.0.2:6379", "local", "ray://head:10001"):
+        with pytest.warns(RuntimeWarning, match=f"executor.address '{other}' is not used.*10.0.0.1:6379"):
+            executor._connect(ray, other)

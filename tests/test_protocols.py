@@ -626,6 +626,8 @@ def _params_file(tmp_path: Path, text: str) -> Path:
     ({"sequential.batch_sizes": [5]}, ParamsError, ["sequential.batch_sizes", "[5]"]),
     ({"sweep.batch_size": 8}, ParamsError, ["sweep.batch_size=8", "sweep.total=4"]),
     ({"singular.chunk_size": 0}, ParamsError, ["singular.chunk_size", "at least 1"]),
+    ({"covariance.max_batch_tokens": 32, "covariance.max_length": 48}, ParamsError,
+     ["covariance.max_batch_tokens (32)", "covariance.max_length (48)"]),
     ({"batch.total": 5000, "batch.batch_sizes": [4]}, ParamsError, ["batch needs 5000 facts"]),
     ({"data.source": "counterfact"}, DatasetNotFound, ["EDITLIB_COUNTERFACT", "missing-cf.json"]),
     ({"data.source": "counterfact", "data.counterfact_path": "nowhere/cf.json"}, DatasetNotFound,

@@ -285,6 +285,16 @@ def test_layer_covariance_cache_round_trip(llama, tok, world, tmp_path, monkeypa
         assert second[layer].cond == pytest.approx(first[layer].cond)
 
 
+def test_a_token_cap_below_one_text_fails(llama, tok, world, tmp_path) -> None:
+    """covariance.max_batch_tokens caps a forward's padded tokens, but a batch holds at least one
+    text: a cap below the texts' max length (here the corpus's 48) would be passed by every text
+    that long, so it fails before any forward, naming the key."""
+    with pytest.raises(ValueError, match=r"covariance\.max_batch_tokens \(40\) is below the texts' max length \(48"):
+        layer_covariance(llama, tok, [0], CorpusSpec("records", max_length=48), records=world, cache_dir=tmp_path,
+                         max_batch_tokens=40, progress=False, log=lambda m: None)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_c0_from_a_tf32_forward_is_cached_apart(llama, tok, world, tmp_path, monkeypatch) -> None:
     """C0's products are IEEE whatever model.tf32 says, but a float32 model's forward on TF32
     tensor cores gives other keys (~1e-3): such an entry is keyed and named apart, an IEEE run

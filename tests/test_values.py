@@ -546,3 +546,29 @@ def test_the_prefix_cache_is_used_only_where_the_window_covers_its_slots(window:
     for i, (p, n) in enumerate(((24, 30), (3, 28))):
         at = slice(0, n - p) if chosen.cached else slice(p, n)
         torch.testing.assert_close(got[i, at], full[i, p:n], rtol=0, atol=1e-10)
+
+
+def test_deterministic_runs_take_the_math_attention_on_a_gpu(tok, monkeypatch) -> None:
+    """model.deterministic on a GPU: the value steps' attention (whose fused backward may add its
+    blocks in a varying order, which warn-only deterministic mode only warns about) runs on SDPA's
+    math kernels; otherwise the fused kernels stay allowed."""
+    import torch.nn.functional as F
+
+    from editlib import values
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append(torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    lm = _family("llama", len(tok))
+    hp = ValueHParams(z_batch_size=2, v_num_grad_steps=2)
+    compute_values(lm, tok, FACTS[:2], 0, CTX, hp)
+    assert seen and all(seen)
+    seen.clear()
+    monkeypatch.setattr(values, "_deterministic_on_gpu", lambda model: True)
+    compute_values(lm, tok, FACTS[:2], 0, CTX, hp)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after

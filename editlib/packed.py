@@ -99,12 +99,31 @@ def blocks_fn(mode: str, device: torch.device):
 
     def run(*args):
         with recompile_limit(message):  # once per step, not per block
-            if mode == "reduce-overhead":
-                # one CUDA-graph step per forward: the previous step's outputs may still be alive,
-                # and this forward's blocks (and their backward) are the nodes of one step
-                torch.compiler.cudagraph_mark_step_begin()
-            return run_blocks(*args, block=block)
+            if mode != "reduce-overhead":
+                return run_blocks(*args, block=block)
+            _no_cudagraph_skips()  # one in the previous step's backward
+            # one CUDA-graph step per forward: the previous step's outputs may still be alive,
+            # and this forward's blocks (and their backward) are the nodes of one step
+            torch.compiler.cudagraph_mark_step_begin()
+            out = run_blocks(*args, block=block)
+            _no_cudagraph_skips()
+            return out
     return run
+
+
+def _no_cudagraph_skips() -> None:
+    """torch runs a graph it cannot capture (an input on the host, a mutated input, too many
+    re-recordings) without CUDA graphs, and only logs it; under compile_blocks: reduce-overhead
+    that would be a run priced and labelled as captured that is not: fail instead, naming the key."""
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"]["cudagraph_skips"]
+    if _SKIPS_AT_START.setdefault("n", skips) < skips:
+        raise RuntimeError("hparams.common.compile_blocks: reduce-overhead: torch ran a value step's blocks "
+                           "without CUDA graphs (it only logs why: TORCH_LOGS=cudagraphs shows it); use "
+                           "compile_blocks: default")
+
+
+_SKIPS_AT_START: dict[str, int] = {}  # torch's count of skipped CUDA graphs when the first captured step ran
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

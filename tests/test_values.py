@@ -572,3 +572,26 @@ def test_deterministic_runs_take_the_math_attention_on_a_gpu(tok, monkeypatch) -
     compute_values(lm, tok, FACTS[:2], 0, CTX, hp)
     assert seen and not any(seen)
     assert torch.backends.cuda.flash_sdp_enabled()  # restored after
+
+
+def test_a_step_torch_runs_without_cuda_graphs_fails(tok, monkeypatch) -> None:
+    """compile_blocks: reduce-overhead whose graphs torch does not capture (it skips them with a
+    log line only: here host tensors, standing in for whatever a GPU run could bring) fails,
+    naming the key, rather than running uncaptured under a label and a price that say captured."""
+    from editlib import packed
+    lm = _family("llama", len(tok))
+    seen = []
+    real = packed.run_blocks
+
+    def spy(*a, **k):
+        seen.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(packed, "run_blocks", spy)
+    compute_values(lm, tok, FACTS[:1], LAYER, CTX, ValueHParams(z_batch_size=1, v_num_grad_steps=1))
+    monkeypatch.setattr(packed, "run_blocks", real)
+    monkeypatch.setattr(packed, "_COMPILED", {})
+    monkeypatch.setattr(packed, "_SKIPS_AT_START", {})
+    run = packed.blocks_fn("reduce-overhead", torch.device("cuda"))  # passes the device check; the tensors stay on the host
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="reduce-overhead: torch ran a value step's blocks without CUDA graphs"):
+        run(*seen[0])

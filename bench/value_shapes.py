@@ -89,9 +89,8 @@ def main() -> None:
           f"{len(contexts.flat)} context templates")
     for zb in a.z_batch_size:
         for stops in ([False, True] if a.stops and zb > 1 else [False]):
-            counts = {}
+            counts, t0 = {}, time.time()
             for buckets in (False, True):
-                t0 = time.time()
                 counts[buckets] = len(signatures(model, tok, records, contexts, zb, buckets, stops))
             chunks = -(-len(records) // zb)
             what = "every set of facts still running" if stops else "first iteration"

@@ -4,8 +4,8 @@ steps, :mod:`editlib.decode`; the value steps' blocks, :mod:`editlib.packed`).
 torch recompiles a function for each new guard failure (another dtype, a size of 0 or 1, another
 module layout) and, past ``recompile_limit`` (8 by default), runs it eagerly with nothing but a
 logged warning: a run that asked for compiled steps would then mix compiled and eager arithmetic
-(another rounding) and cost what the eager steps cost. Within :func:`recompile_limit` (each call
-of a :func:`compile_guarded` function, or a whole step of calls) torch raises instead, past
+(another rounding) and cost what the eager steps cost. Within :func:`recompile_limit` (entered
+once around a step's calls of :func:`compiled_or_eager` functions) torch raises instead, past
 :data:`RECOMPILE_LIMIT` compilations of one function, with a message naming the key that asked
 for it.
 """
@@ -49,14 +49,3 @@ def compiled_or_eager(fn: Callable, **compile_kw) -> Callable:
         return compiled(*args, **kw)
 
     return run
-
-
-def compile_guarded(fn: Callable, message: str, **compile_kw) -> Callable:
-    """:func:`compiled_or_eager`, each call within :func:`recompile_limit` (``message``)."""
-    run = compiled_or_eager(fn, **compile_kw)
-
-    def guarded(*args, **kw):
-        with recompile_limit(message):
-            return run(*args, **kw)
-
-    return guarded

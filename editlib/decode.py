@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .arch import arch_for, get_module, n_layers
-from .compiling import compile_guarded
+from .compiling import compiled_or_eager, recompile_limit
 from .generation import _cache_name, _last_logits_kw
 from .packed import _rope
 from .packed import unsupported as packed_unsupported
@@ -300,18 +300,20 @@ class Decoder:
     def _fixed_step(self, x: torch.Tensor) -> torch.Tensor:
         """The fixed-shape step (position ``self.pos``, whole buffers under a mask): :func:`_front`
         per block, each followed by the block's down-projection module (its per-row hooks fire),
-        then :func:`_tail`; both as they are (graph) or compiled (compiled)."""
+        then :func:`_tail`; both as they are (graph) or compiled (compiled), the whole step within
+        :func:`editlib.compiling.recompile_limit`."""
         front, tail = (_compiled("front"), _compiled("tail")) if self.mode == "compiled" else (_front, _tail)
         act = self.model.config.hidden_act
         cos, sin = self.cos.index_select(0, self.pos)[None, None], self.sin.index_select(0, self.pos)[None, None]
         mask = (self.arange <= self.pos)[None, None, None]                    # [1, 1, 1, width]
         prev = self.zero
-        for i, blk in enumerate(self.blocks):
-            att = blk.self_attn
-            x, h = front(x, prev, self.k[i], self.v[i], self.pos, cos, sin, mask, *self.weights[i],
-                         self.kv_heads, self.head_dim, att.scaling, act)
-            prev = blk.mlp.down_proj(h)
-        return tail(x, prev, self.norm.weight, self.norm.variance_epsilon, self.head.weight, self.head.bias)
+        with recompile_limit(RECOMPILED):
+            for i, blk in enumerate(self.blocks):
+                att = blk.self_attn
+                x, h = front(x, prev, self.k[i], self.v[i], self.pos, cos, sin, mask, *self.weights[i],
+                             self.kv_heads, self.head_dim, att.scaling, act)
+                prev = blk.mlp.down_proj(h)
+            return tail(x, prev, self.norm.weight, self.norm.variance_epsilon, self.head.weight, self.head.bias)
 
 
 # ----------------------------------------------------------------- the fixed-shape step's pure functions
@@ -367,20 +369,20 @@ def _tail(x, prev, wn, eps, wh, bh):
 
 
 _COMPILED_FNS: dict[str, object] = {}
+#: the error past editlib.compiling.RECOMPILE_LIMIT compilations of a decode step's function
+RECOMPILED = ("evaluation.gen_decode: compiled has compiled its decode step {limit} times in this process "
+              "(other model sizes, dtypes or bias layouts); use gen_decode: graph")
 
 
 def _compiled(name: str):
     """:func:`_front` or :func:`_tail` compiled (once per process, as one graph: ``fullgraph``).
     The weights are arguments and the sizes dynamic, so the blocks, batches and row counts of a
-    model share the compiled code; past :data:`editlib.compiling.RECOMPILE_LIMIT` compilations a
-    call fails rather than silently running eagerly, and under a ``TorchDispatchMode``
-    (bench/arithmetic_floor.py's counters, a tensor watch) the function runs as written."""
+    model share the compiled code; :meth:`Decoder._fixed_step` calls them within
+    :func:`editlib.compiling.recompile_limit` (a call fails rather than silently running eagerly),
+    and under a ``TorchDispatchMode`` (bench/arithmetic_floor.py's counters, a tensor watch) they
+    run as written."""
     if name not in _COMPILED_FNS:
-        _COMPILED_FNS[name] = compile_guarded(
-            {"front": _front, "tail": _tail}[name],
-            "evaluation.gen_decode: compiled has compiled its decode step {limit} times in this process "
-            "(other model sizes, dtypes or bias layouts); use gen_decode: graph",
-            dynamic=True, fullgraph=True)
+        _COMPILED_FNS[name] = compiled_or_eager({"front": _front, "tail": _tail}[name], dynamic=True, fullgraph=True)
     return _COMPILED_FNS[name]
 
 

@@ -226,10 +226,12 @@ def _synced_time(device: torch.device) -> float:
 
 
 def prepare_targets(model, tok, records: Sequence[Record], hp: EditHParams, contexts: ContextTemplates,
-                    *, values: ValueResult | None = None, log=None) -> BatchTargets:
-    """Values at the last edited layer, keys at the first, residuals on the current model."""
+                    *, values: ValueResult | None = None, log=None, store=None) -> BatchTargets:
+    """Values at the last edited layer, keys at the first, residuals on the current model.
+    ``store``: an :class:`editlib.valuestore.ValueStore` the values are read from and kept in."""
     z_layer = max(hp.layers)
-    vals = values if values is not None else compute_values(model, tok, records, z_layer, contexts, hp.values, log=log)
+    vals = values if values is not None else compute_values(model, tok, records, z_layer, contexts, hp.values,
+                                                           log=log, store=store)
     t0 = time.time()
     layer = min(hp.layers)
     K = compute_keys(model, tok, records, layer, contexts)

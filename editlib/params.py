@@ -103,6 +103,7 @@ class EvalParams:
     gen_kv_gb: float | None = None  # GE: rows per decode batch capped so that their KV cache fits in this many GB (null: no cap)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
     share_below_gb: float = 2.0  # batched path: blocks below the edited layer run once per scoring batch for all methods / λ, keeping at most this many GB of their outputs (0: off; same numbers either way)
+    share_values_gb: float = 2.0  # values optimised on the unedited model kept in <results_dir>/_values (at most this many GB) and read back by every experiment that optimises the same chunk of facts (0: off; same numbers either way)
     gen_text: str = "clean"  # GE texts: clean (special tokens skipped) | reference (as the reference decodes them: Llama-3 keeps <|begin_of_text|>)
     gen_decode: str = "transformers"  # GE decode steps: transformers (the model's forward) | static (editlib.decode: same arithmetic, KV buffers written in place) | graph (CUDA graphs; texts move at rounding) | compiled (torch.compile'd step, captured on CUDA; texts move at rounding)
 
@@ -455,9 +456,10 @@ def _check_sizes(sp: StudyParams) -> None:
     kv = sp.evaluation.gen_kv_gb
     if kv is not None and not (isinstance(kv, (int, float)) and not isinstance(kv, bool) and 0 < kv < math.inf):
         raise ParamsError(f"evaluation.gen_kv_gb must be a positive number of GB or null, got {kv!r}")
-    sb = sp.evaluation.share_below_gb
-    if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0 <= sb < math.inf:
-        raise ParamsError(f"evaluation.share_below_gb must be a number of GB >= 0 (0: off), got {sb!r}")
+    for key in ("share_below_gb", "share_values_gb"):
+        sb = getattr(sp.evaluation, key)
+        if isinstance(sb, bool) or not isinstance(sb, (int, float)) or not 0 <= sb < math.inf:
+            raise ParamsError(f"evaluation.{key} must be a number of GB >= 0 (0: off), got {sb!r}")
     if any(o < 0 for o in sp.data.orderings) or len(set(sp.data.orderings)) != len(sp.data.orderings):
         raise ParamsError(f"data.orderings must be distinct integers >= 0, got {list(sp.data.orderings)}")
     mf = sp.evaluation.max_failed_fraction

@@ -53,6 +53,7 @@ from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covari
 from .executor import inject_failure, run_units
 from .store import Experiment
 from .tf32 import set_tf32, tf32_applies
+from .valuestore import FOLDER as VALUE_FOLDER, ValueStore
 from .weights import EditSession
 
 EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
@@ -113,6 +114,7 @@ class Study:
     _data: dict = field(default_factory=dict)  # data provenance per data params (hashes CounterFact once)
     _lm0: dict = field(default_factory=dict)  # the unedited model's lm-eval scores per spec (sequential.lm_eval)
     _fp: str | None = None
+    _values: ValueStore | None = None
 
     @property
     def n_layers(self) -> int:
@@ -173,6 +175,19 @@ class Study:
                 self.log(f"C0 layer {l}: factored on {device}, cond ≈ {f.cond:.3g}"
                          + (f", jitter {f.jitter:.3g}·I" if f.jitter else ""))
         return {l: self._covs[l] for l in layers}
+
+    @property
+    def value_store(self) -> ValueStore | None:
+        """Values optimised on the unedited model, kept in ``<results_dir>/_values`` and read back
+        by every experiment that optimises the same chunk (editlib.valuestore); None when
+        ``evaluation.share_values_gb`` is 0."""
+        gb = float(self.params.evaluation.share_values_gb)
+        if gb <= 0:
+            return None
+        root, limit = Path(self.params.results_dir) / VALUE_FOLDER, int(gb * 1e9)
+        if self._values is None or (self._values.root, self._values.limit_bytes) != (root, limit):
+            self._values = ValueStore(root, self.fingerprint, limit)
+        return self._values
 
     def contexts(self, style: str) -> ContextTemplates:
         """Context templates generated once per study with the unedited model (seeded)."""
@@ -558,7 +573,7 @@ def best_layer_of(cases: pd.DataFrame) -> int:
 
 #: evaluation keys that change how scores are computed, not what they are: left out of an
 #: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
-EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode")
+EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode", "share_values_gb")
 #: params keys that may differ from a folder's manifest when it reopens (Experiment.open's
 #: free_keys): the evaluation keys above (a manifest written before one was left out may still hold
 #: it), and C0's accumulators per pass, which change how many passes run, never a layer's sum
@@ -853,7 +868,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
         ctx = study.contexts(hp.context_templates)
         key = _value_key(hp)
         if key not in targets:
-            targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+            targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx, store=study.value_store)
         tg = targets[key]
         study.covs([layer])
         if _batched(study, hp):
@@ -1001,7 +1016,7 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
             if not exp.has_unit(f"{spec.name}-b{bi:05d}")]
     if todo and key not in targets:
-        targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx)
+        targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx, store=study.value_store)
     if todo and _batched(study, hp):  # all pending batches of this size in one pass
         pos = [i for _, idx in todo for i in idx]
         sub = _slice(targets[key], pos)
@@ -1050,7 +1065,7 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     ctx = study.contexts(hp.context_templates)
     key = _value_key(hp)
     if key not in targets:
-        targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+        targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx, store=study.value_store)
     if _batched(study, hp):  # the batch's update added by a hook at evaluation, no weight written
         [(cases, d)] = _independent_edits(study, chunk, hp, targets[key], [range(len(chunk))],
                                           _shared_below(study, layer, shared))
@@ -1176,7 +1191,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         pending: list[_Pending] = []  # edited, not yet evaluated (sequential.eval_group > 1)
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
-            tg = prepare_targets(study.model, study.tok, chunk, hp, ctx)
+            # the store serves the first batch of a fresh run only: later ones see edited weights
+            tg = prepare_targets(study.model, study.tok, chunk, hp, ctx, store=study.value_store)
             s.take_log()  # only this batch's updates go into its checkpoint file
             if prior is not None:
                 prior.take_log()

@@ -37,7 +37,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -48,6 +48,9 @@ from .nethook import Trace
 from .packed import PackedSuffix, check_compile_mode, unsupported
 from .records import Record
 from .tokens import filled_ids, in_context, pad_right, target_ids
+
+if TYPE_CHECKING:
+    from .valuestore import ValueStore
 
 KL_PROMPT = "{} is a"
 EARLY_STOPS = ("loss", "mpes")
@@ -181,21 +184,34 @@ def _build(tok, records: Sequence[Record], contexts: ContextTemplates) -> _Seqs:
 
 
 def compute_values(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
-                   hp: ValueHParams, *, log=None) -> ValueResult:
-    """Optimise z for every fact, ``hp.z_batch_size`` facts at a time. Model weights are untouched."""
+                   hp: ValueHParams, *, log=None, store: "ValueStore | None" = None) -> ValueResult:
+    """Optimise z for every fact, ``hp.z_batch_size`` facts at a time. Model weights are untouched.
+    ``store`` (:class:`editlib.valuestore.ValueStore`): a chunk it holds for the model as it is now
+    is read back instead of optimised, and a chunk optimised here is kept in it."""
     t0 = time.time()
+    parts, reused = [], 0
     with _deterministic_attention(model):
-        parts = [_optimise_chunk(model, tok, records[s:s + hp.z_batch_size], layer, contexts, hp)
-                 for s in range(0, len(records), hp.z_batch_size)]
+        for s in range(0, len(records), hp.z_batch_size):
+            chunk = records[s:s + hp.z_batch_size]
+            seq = _build(tok, chunk, contexts)
+            key = store.key(model, layer, hp, seq) if store is not None and store.serves(model) else None
+            part = store.load(key, len(chunk), model.config.hidden_size) if key else None
+            reused += part is not None
+            if part is None:
+                part = _optimise_chunk(model, tok, chunk, layer, contexts, hp, seq=seq)
+                if key:
+                    store.save(key, part)
+            parts.append(part)
     res = ValueResult(
         z=torch.cat([p.z for p in parts], 1), h=torch.cat([p.h for p in parts], 1),
         final_loss=torch.cat([p.final_loss for p in parts]), steps=torch.cat([p.steps for p in parts]),
         seconds=time.time() - t0, fail_reason=[r for p in parts for r in p.fail_reason],
         stalled=torch.cat([p.stalled for p in parts]))
     res.info = {"mean_steps": float(res.steps.float().mean()), "mean_final_loss": float(res.final_loss.mean()),
-                "facts_per_s": len(records) / max(res.seconds, 1e-9)}
+                "facts_per_s": len(records) / max(res.seconds, 1e-9), "chunks_read": reused, "chunks": len(parts)}
     if log:
-        log(f"values: {len(records)} facts in {res.seconds:.1f}s ({res.info['facts_per_s']:.1f} facts/s)")
+        log(f"values: {len(records)} facts in {res.seconds:.1f}s ({res.info['facts_per_s']:.1f} facts/s"
+            + (f"; {reused} of {len(parts)} chunks read from the value store)" if reused else ")"))
     return res
 
 
@@ -337,11 +353,11 @@ def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
 
 
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
-                    hp: ValueHParams) -> ValueResult:
+                    hp: ValueHParams, *, seq: _Seqs | None = None) -> ValueResult:
     if contexts.flat[0] != "{}":
         raise ValueError("the first context template must be the plain prompt '{}'")
     device = next(model.parameters()).device
-    seq = _build(tok, records, contexts)
+    seq = seq if seq is not None else _build(tok, records, contexts)
     n = len(records)
     _, lm_head = backbone_and_head(model)
     fwd = _forward_for(model, seq, layer, hp)

@@ -6,20 +6,37 @@ float64 weight, so the master never has fewer bits than the weight): updates are
 master and the master is written into the parameter, so the rounding of a bf16 weight does not
 accumulate over sequential edits (each forward still reads the bf16-rounded weight).
 ``restore()`` puts the originals back bit-identically; used as a context manager it restores on
-exit unless ``keep()`` was called.
+exit unless ``keep()`` was called. :func:`written` says whether a model carries weights that a
+session wrote and has not restored (what may be reused from the unedited model depends on it).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 
 import torch
 
 from .arch import arch_for, edit_weight, to_param_layout, weight_out_in
 
 
+#: model -> the (session number, layer) pairs of every session holding a master of one of its
+#: weights (a write is always through a master); a restore drops the session's pairs, a kept
+#: session's stay
+_SESSIONS = itertools.count()
+_HELD: "weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, int]]]" = weakref.WeakKeyDictionary()
+
+
+def written(model) -> bool:
+    """Whether an :class:`EditSession` has (or may have) written a weight of ``model`` that is not
+    restored: inside a session once it touched a layer, and forever after a kept one."""
+    return bool(_HELD.get(model))
+
+
 class EditSession(contextlib.AbstractContextManager):
     def __init__(self, model):
         self.model = model
+        self.number = next(_SESSIONS)
         self.spec = arch_for(model)
         self._orig: dict[int, torch.Tensor] = {}
         self._master: dict[int, torch.Tensor] = {}
@@ -43,6 +60,7 @@ class EditSession(contextlib.AbstractContextManager):
         """fp32 (float64 for a float64 weight) [d_out, d_in] master copy of the edited weight
         (created on first use)."""
         if layer not in self._master:
+            _HELD.setdefault(self.model, set()).add((self.number, layer))
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
             dtype = torch.promote_types(p.dtype, torch.float32)
@@ -126,6 +144,8 @@ class EditSession(contextlib.AbstractContextManager):
         """Put every original weight back (bit-identical) and forget the masters."""
         for layer, orig in self._orig.items():
             edit_weight(self.model, layer).copy_(orig)
+        held = _HELD.get(self.model, set())
+        held.difference_update({(self.number, layer) for layer in self._orig})
         self._orig.clear()
         self._master.clear()
 

@@ -144,6 +144,7 @@ PARAMS_CASES = {
     "infinite_kv_budget": ("evaluation.gen_kv_gb=.inf", ("evaluation.gen_kv_gb", "positive")),
     "negative_share_below": ("evaluation.share_below_gb=-1", ("evaluation.share_below_gb", ">= 0")),
     "text_share_below": ("evaluation.share_below_gb=lots", ("evaluation.share_below_gb",)),
+    "negative_share_values": ("evaluation.share_values_gb=-1", ("evaluation.share_values_gb", ">= 0")),
     "float_batch": ("batch.batch_sizes=[4, 2.5]", ("batch.batch_sizes", "list of integers")),
     "lambda_as_text": ("sweep.emmet_lambdas=[1e-3]", ("sweep.emmet_lambdas", "1.0e-3")),
     "bad_layer": ("singular.layer=-2", ("singular.layer", "[-2]")),

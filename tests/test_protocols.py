@@ -447,6 +447,56 @@ def test_shared_value_time_is_counted_once(study, tmp_path):
     assert (again["seconds_values"] == 0).all() and again["shared_targets"].all()
 
 
+
+def test_the_value_store_changes_no_stored_number(study, weights0, tmp_path):
+    """evaluation.share_values_gb (editlib.valuestore): the experiments read back the chunks of
+    values that earlier ones optimised on the unedited model, and store the same cases to the bit as
+    a study that optimises every chunk itself."""
+    runs = {}
+    for gb in (2.0, 0):
+        st = use(study, params_for(tmp_path / f"gb{gb:g}", **{"evaluation.share_values_gb": gb}))
+        runs[gb] = [protocols.run_layer_search(st, log=quiet), protocols.run_singular(st, log=quiet),
+                    protocols.run_sweep(st, log=quiet), protocols.run_batch(st, log=quiet),
+                    protocols.run_sequential(st, log=quiet)]
+        if gb:
+            # optimised: the layer search's chunks at layers 0 and 1, the sweep's two batches; read
+            # back: singular and batch (the layer search's chunk at layer 1), the first batch of
+            # each sequential run (B = 4: that chunk again; B = 2: the sweep's first batch)
+            assert (st.value_store.hits, st.value_store.misses) == (6, 4)
+        else:
+            assert st.value_store is None and not (tmp_path / f"gb{gb:g}" / "_values").exists()
+    for kept, alone in zip(runs[2.0], runs[0]):
+        assert_frame_equal(kept.reset_index(drop=True), alone.reset_index(drop=True), check_exact=True)
+    assert_unedited(study.model, weights0)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_the_value_store_serves_a_sequential_run_its_first_batch_only(study, weights0, tmp_path, batch):
+    """A stored chunk is keyed by the unedited model: a sequential run reads it for its first batch
+    and for no later one, whose values belong to the edited weights. A planted wrong entry for the
+    first batch's chunk moves that batch's scores; one for the second batch's chunk moves nothing."""
+    from editlib.values import _build, compute_values
+    over = {"sequential.methods": ["memit"], "sequential.batch_sizes": [2]}
+    alone = protocols.run_sequential(use(study, params_for(tmp_path / "alone", **over,
+                                                           **{"evaluation.share_values_gb": 0})), log=quiet)
+    st = use(study, params_for(tmp_path / "planted", **over))
+    hp = st.params.method_hparams("memit", 1, "sequential")
+    ctx = st.contexts(hp.context_templates)
+    chunk = st.facts(4, 0)[2 * batch:2 * batch + 2]
+    wrong = compute_values(st.model, st.tok, chunk, 1, ctx, hp.values)
+    wrong.z = wrong.z + 0.5 * wrong.z.norm(dim=0)  # a shifted value: another edit
+    store = st.value_store
+    store.save(store.key(st.model, 1, hp.values, _build(st.tok, chunk, ctx)), wrong)
+    planted = protocols.run_sequential(st, log=quiet)
+    cur = lambda c, b: c[(c["eval"] == "current") & (c.batch_index == b)].reset_index(drop=True)[SCORES]
+    if batch == 0:
+        assert store.hits == 1
+        assert not cur(planted, 0).equals(cur(alone, 0))
+    else:
+        assert store.hits == 0
+        assert_frame_equal(planted.reset_index(drop=True), alone.reset_index(drop=True), check_exact=True)
+    assert_unedited(study.model, weights0)
+
 # --------------------------------------------------------------------------- resume, re-run, conflicts
 
 @pytest.mark.parametrize("windows", [[1], [2]])  # [2]: MEMIT over layers 1-2 (two factor logs per batch)

@@ -595,3 +595,97 @@ def test_a_step_torch_runs_without_cuda_graphs_fails(tok, monkeypatch) -> None:
     run = packed.blocks_fn("reduce-overhead", torch.device("cuda"))  # passes the device check; the tensors stay on the host
     with torch.enable_grad(), pytest.raises(RuntimeError, match="reduce-overhead: torch ran a value step's blocks without CUDA graphs"):
         run(*seen[0])
+
+
+# --------------------------------------------------------------------------- the value store
+
+def _store(tmp_path, limit: int = 10**9):
+    from editlib.models import fingerprint
+    from editlib.valuestore import ValueStore
+    return lambda model: ValueStore(tmp_path / "_values", fingerprint(model), limit)
+
+
+def _same(a, b) -> None:
+    for name in ("z", "h", "final_loss", "steps", "stalled"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.fail_reason == b.fail_reason
+
+
+def test_the_value_store_gives_back_what_the_optimisation_computed(lm32, tok, tmp_path, monkeypatch) -> None:
+    """Chunks optimised once are kept; the same chunks asked for again are read back bit for bit,
+    without a step of the optimisation."""
+    import editlib.values as values_mod
+    store = _store(tmp_path)(lm32)
+    hp = ValueHParams(v_num_grad_steps=4, z_batch_size=3)  # chunks of 3 and 1 facts
+    fresh = compute_values(lm32, tok, FACTS, LAYER, CTX, hp)
+    first = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+    assert (store.hits, store.misses) == (0, 2) and len(list(store.root.glob("*.pt"))) == 2
+    _same(first, fresh)
+
+    def no_steps(*a, **k):
+        raise AssertionError("a stored chunk was optimised again")
+    monkeypatch.setattr(values_mod, "_optimise_chunk", no_steps)
+    again = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+    assert store.hits == 2 and again.info["chunks_read"] == 2
+    _same(again, fresh)
+
+
+def test_the_value_store_key_follows_every_input(lm32, tok, tmp_path) -> None:
+    """Another layer, hyperparameter, chunk, target, context template or model is another key."""
+    from editlib.values import _build
+    store = _store(tmp_path)(lm32)
+    hp = ValueHParams()
+    base = store.key(lm32, LAYER, hp, _build(tok, FACTS[:2], CTX))
+    assert base == store.key(lm32, LAYER, hp, _build(tok, FACTS[:2], CTX))
+    other_target = dataclasses.replace(FACTS[1], target_new=dataclasses.replace(FACTS[1].target_new, str="cat"))
+    other_model = tiny_llama(len(tok), lm_scale=10.0, seed=1).requires_grad_(False)
+    others = [store.key(lm32, LAYER + 1, hp, _build(tok, FACTS[:2], CTX)),
+              store.key(lm32, LAYER, dataclasses.replace(hp, v_lr=0.25), _build(tok, FACTS[:2], CTX)),
+              store.key(lm32, LAYER, hp, _build(tok, FACTS[:1], CTX)),
+              store.key(lm32, LAYER, hp, _build(tok, FACTS[1::-1], CTX)),
+              store.key(lm32, LAYER, hp, _build(tok, (FACTS[0], other_target), CTX)),
+              store.key(lm32, LAYER, hp, _build(tok, FACTS[:2], ContextTemplates(groups=(("{}",),)))),
+              _store(tmp_path)(other_model).key(other_model, LAYER, hp, _build(tok, FACTS[:2], CTX))]
+    assert base not in others and len(set(others)) == len(others)
+
+
+def test_the_value_store_serves_no_model_an_edit_session_holds_written(lm32, tok, tmp_path) -> None:
+    """Values of edited weights are neither read nor kept: inside a session that wrote a layer, and
+    after a kept one; a restored session gives the unedited model back to the store."""
+    from editlib.arch import weight_out_in
+    from editlib.weights import EditSession
+    store = _store(tmp_path)(lm32)
+    hp = ValueHParams(v_num_grad_steps=3)
+    d_out, d_in = weight_out_in(lm32, LAYER).shape
+    R, X = torch.full((d_out, 1), 1e-3), torch.full((1, d_in), 1e-3)
+    assert store.serves(lm32)
+    with EditSession(lm32) as s:
+        s.apply_factors(LAYER, R, X)
+        assert not store.serves(lm32)
+        compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+        assert store.misses == 0 and not store.root.exists()
+    assert store.serves(lm32)
+    try:
+        with EditSession(lm32) as s:
+            s.apply_factors(LAYER, R, X)
+            s.keep()
+        assert not store.serves(lm32)
+    finally:
+        s.restore()
+    assert store.serves(lm32)
+
+
+def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm32, tok, tmp_path) -> None:
+    hp = ValueHParams(v_num_grad_steps=3, z_batch_size=4)
+    store = _store(tmp_path)(lm32)
+    fresh = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+    [path] = store.root.glob("*.pt")
+    path.write_bytes(b"not a tensor file")
+    with pytest.warns(RuntimeWarning, match="cannot be used"):
+        again = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+    _same(again, fresh)
+    assert path.stat().st_size > 100  # rewritten
+    small = _store(tmp_path / "small", limit=10)(lm32)
+    with pytest.warns(RuntimeWarning, match="share_values_gb"):
+        compute_values(lm32, tok, FACTS, LAYER, CTX, dataclasses.replace(hp, z_batch_size=2), store=small)
+    assert not list(small.root.glob("*.pt"))

@@ -1,0 +1,148 @@
+"""Values optimised on the unedited model, kept on disk and read back instead of optimised again.
+
+Every protocol optimises its values chunk by chunk (``z_batch_size`` facts at a time,
+:func:`editlib.values.compute_values`). On the unedited model a chunk's result depends on nothing
+but its inputs, and the experiments of a study optimise the same chunks several times: the first
+facts of an ordering at the chosen layer are a chunk of the layer search, of Table 1, of the λ
+sweep, of batch editing and of every sequential run's first batch. A :class:`ValueStore` keeps
+each chunk's result under a digest of everything it depends on (:meth:`ValueStore.key`) and hands
+it back to the next experiment that asks for the same chunk; what it hands back is what that
+experiment would have computed, so no stored number moves (``evaluation.share_values_gb``; 0 turns
+it off).
+
+What the digest covers: the unedited model's fingerprint (config, weights, every down-projection
+in full), the layer, every value hyperparameter, the chunk's token ids, positions and loss weights
+(so its facts, their order, the context templates and the tokenizer), how this process computes
+(torch and transformers versions, numerics mode and threads, device, dtype, deterministic
+algorithms, TF32) and the source of editlib itself (a changed line of code is a new key). The store
+serves only a model that no :class:`editlib.weights.EditSession` holds written
+(:func:`editlib.weights.written`): inside a sequential run it serves the first batch and nothing
+after it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, fields
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import numerics
+from .store import atomic_write_bytes
+from .tf32 import tf32_applies
+from .weights import written
+
+#: the results folder's subfolder that holds the store (``<results_dir>/_values``)
+FOLDER = "_values"
+FORMAT = 1
+
+
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 of every Python source file of the editlib package (relative path and bytes)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _environment(model) -> dict:
+    import transformers
+    p = next(model.parameters())
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "numerics": numerics.current(), "threads": torch.get_num_threads(),
+            "device": str(p.device), "dtype": str(p.dtype),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "tf32": tf32_applies(model),
+            "editlib_source": source_digest()}
+
+
+def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+class ValueStore:
+    """One folder of chunk results (``root``) for the unedited model of ``fingerprint``. Saves stop
+    once the folder holds about ``limit_bytes`` (reads never do); ``hits`` and ``misses`` count
+    this object's lookups."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, limit_bytes: int):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.limit_bytes = int(limit_bytes)
+        self.hits = 0
+        self.misses = 0
+        self._used: int | None = None
+        self._full_warned = False
+
+    def serves(self, model) -> bool:
+        """Whether values of ``model`` as it is now may be read or kept: no edit session holds one
+        of its weights written."""
+        return not written(model)
+
+    def key(self, model, layer: int, hp, seq) -> str:
+        """The digest of one chunk's value optimisation (``seq``: the chunk's
+        :class:`editlib.values._Seqs`, ``hp``: its :class:`editlib.values.ValueHParams`)."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"format": FORMAT, "model": self.fingerprint, "layer": int(layer),
+                             "hparams": asdict(hp), "environment": _environment(model)},
+                            sort_keys=True, default=str).encode())
+        for f in fields(seq):
+            _tensor_digest(h, f.name, getattr(seq, f.name))
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def load(self, key: str, n: int, d: int):
+        """The stored :class:`editlib.values.ValueResult` of ``key`` (``n`` facts, width ``d``), or
+        None. A file that cannot be read or does not hold ``n`` facts of width ``d`` is left to be
+        overwritten, with a warning."""
+        from .values import ValueResult
+        path = self._path(key)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            doc = torch.load(path, map_location="cpu", weights_only=True)
+            res = ValueResult(z=doc["z"], h=doc["h"], final_loss=doc["final_loss"], steps=doc["steps"],
+                              fail_reason=list(doc["fail_reason"]), stalled=doc["stalled"])
+            ok = (tuple(res.z.shape) == (d, n) and tuple(res.h.shape) == (d, n) and len(res.fail_reason) == n
+                  and all(t.shape == (n,) for t in (res.final_loss, res.steps, res.stalled)))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is recomputed
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = f"it does not hold {n} facts of width {d}"
+        if not ok:
+            warnings.warn(f"value store: {path} cannot be used ({why}); the chunk is optimised again",
+                          RuntimeWarning, stacklevel=2)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return res
+
+    def save(self, key: str, res) -> None:
+        """Keep ``res`` (one chunk's :class:`editlib.values.ValueResult`) under ``key``, atomically,
+        unless the folder is full."""
+        buf = io.BytesIO()
+        torch.save({"z": res.z.detach().cpu(), "h": res.h.detach().cpu(), "final_loss": res.final_loss.cpu(),
+                    "steps": res.steps.cpu(), "stalled": res.stalled.cpu(), "fail_reason": list(res.fail_reason)},
+                   buf)
+        data = buf.getvalue()
+        if self._used is None:
+            self._used = sum(p.stat().st_size for p in self.root.glob("*.pt")) if self.root.is_dir() else 0
+        if self._used + len(data) > self.limit_bytes:
+            if not self._full_warned:
+                warnings.warn(f"value store: {self.root} holds {self._used / 1e9:.2f} GB, the limit of "
+                              f"evaluation.share_values_gb; later chunks are not kept", RuntimeWarning, stacklevel=2)
+                self._full_warned = True
+            return
+        atomic_write_bytes(self._path(key), data)
+        self._used += len(data)

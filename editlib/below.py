@@ -36,7 +36,7 @@ def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def _hooked(modules) -> nn.Module | str | None:
+def hooked_module(modules) -> nn.Module | str | None:
     """The first of ``modules`` carrying a forward (pre-)hook, "global" for a global one, else None."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global"
@@ -120,7 +120,7 @@ class SharedBelow:
         if not self._blocks or self.max_bytes <= 0:
             self.misses += 1
             return run()
-        hooked = _hooked(self._lower)
+        hooked = hooked_module(self._lower)
         if hooked is not None:
             self.misses += 1
             self.hooked += 1

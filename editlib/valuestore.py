@@ -13,11 +13,13 @@ it off).
 What the digest covers: the unedited model's fingerprint (config, weights, every down-projection
 in full), the layer, every value hyperparameter, the chunk's token ids, positions and loss weights
 (so its facts, their order, the context templates and the tokenizer), how this process computes
-(torch and transformers versions, numerics mode and threads, device, dtype, deterministic
-algorithms, TF32) and the source of editlib itself (a changed line of code is a new key). The store
-serves only a model that no :class:`editlib.weights.EditSession` holds written
-(:func:`editlib.weights.written`): inside a sequential run it serves the first batch and nothing
-after it.
+(torch and transformers versions, numerics mode and threads, the CPU type, device, GPU type and
+CUDA versions, dtype, deterministic algorithms, TF32) and the source of editlib itself as the
+process imported it (a changed line of code is a new key). The store serves only a model whose
+weights are its unedited ones (:func:`editlib.weights.unedited`: no edit session holds a write, no
+tensor written otherwise) and that carries no forward hook: inside a sequential run it serves the
+first batch and nothing after it. Saves stop at about ``share_values_gb`` per process (workers of a
+cluster count apart); nothing is ever removed (delete the folder to reclaim the space).
 """
 from __future__ import annotations
 
@@ -33,17 +35,17 @@ from pathlib import Path
 import torch
 
 from . import numerics
+from .below import hooked_module
 from .store import atomic_write_bytes
 from .tf32 import tf32_applies
-from .weights import written
+from .weights import unedited
 
 #: the results folder's subfolder that holds the store (``<results_dir>/_values``)
 FOLDER = "_values"
 FORMAT = 1
 
 
-@lru_cache(maxsize=1)
-def source_digest() -> str:
+def _source_digest() -> str:
     """sha256 of every Python source file of the editlib package (relative path and bytes)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
@@ -52,14 +54,45 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+#: editlib's source as this process imported it (read at import: a file edited later is not the
+#: code that runs here)
+SOURCE_DIGEST = _source_digest()
+
+
+@lru_cache(maxsize=1)
+def _cpu() -> dict:
+    """The CPU type: model name, family, model and stepping (two CPUs of one marketing name can
+    differ in vector width), and torch's kernels for it."""
+    out = {"capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "cpu family", "model", "stepping") and k not in out:
+                    out[k] = v.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        import platform
+        out["processor"] = platform.processor()
+    return out
+
+
 def _environment(model) -> dict:
+    """How this process computes: what decides the last bits of a value besides its inputs."""
     import transformers
     p = next(model.parameters())
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "numerics": numerics.current(), "threads": torch.get_num_threads(),
-            "device": str(p.device), "dtype": str(p.dtype),
-            "deterministic": torch.are_deterministic_algorithms_enabled(), "tf32": tf32_applies(model),
-            "editlib_source": source_digest()}
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "numerics": numerics.current(), "threads": torch.get_num_threads(), "cpu": _cpu(),
+           "device": str(p.device), "dtype": str(p.dtype),
+           "deterministic": torch.are_deterministic_algorithms_enabled(), "tf32": tf32_applies(model),
+           "editlib_source": SOURCE_DIGEST}
+    if p.device.type == "cuda":
+        env["gpu"] = {"name": torch.cuda.get_device_name(p.device),
+                      "capability": list(torch.cuda.get_device_capability(p.device)),
+                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    return env
 
 
 def _tensor_digest(h, name: str, t: torch.Tensor) -> None:
@@ -81,11 +114,22 @@ class ValueStore:
         self.misses = 0
         self._used: int | None = None
         self._full_warned = False
+        self._hook_warned = False
 
     def serves(self, model) -> bool:
-        """Whether values of ``model`` as it is now may be read or kept: no edit session holds one
-        of its weights written."""
-        return not written(model)
+        """Whether values of ``model`` as it is now may be read or kept: its weights are its
+        unedited ones (:func:`editlib.weights.unedited`) and no forward hook is on it (a hook can
+        change what a forward computes)."""
+        if not unedited(model):
+            return False
+        hook = hooked_module(model.modules())
+        if hook is not None and not self._hook_warned:
+            self._hook_warned = True
+            where = "a global forward hook" if hook == "global" else "a forward hook on " + next(
+                (n or "the model" for n, m in model.named_modules() if m is hook), type(hook).__name__)
+            warnings.warn(f"value store: {where}: values are optimised, not read back or kept, while it is "
+                          f"there", RuntimeWarning, stacklevel=2)
+        return hook is None
 
     def key(self, model, layer: int, hp, seq) -> str:
         """The digest of one chunk's value optimisation (``seq``: the chunk's

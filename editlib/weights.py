@@ -7,7 +7,8 @@ master and the master is written into the parameter, so the rounding of a bf16 w
 accumulate over sequential edits (each forward still reads the bf16-rounded weight).
 ``restore()`` puts the originals back bit-identically; used as a context manager it restores on
 exit unless ``keep()`` was called. :func:`written` says whether a model carries weights that a
-session wrote and has not restored (what may be reused from the unedited model depends on it).
+session wrote and has not restored, :func:`unedited` whether its weights are its unedited ones
+(what may be reused from the unedited model depends on it).
 """
 from __future__ import annotations
 
@@ -25,12 +26,32 @@ from .arch import arch_for, edit_weight, to_param_layout, weight_out_in
 #: session's stay
 _SESSIONS = itertools.count()
 _HELD: "weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, int]]]" = weakref.WeakKeyDictionary()
+#: model -> its tensors' state (:func:`_tensor_state`) when its weights were last known unedited
+_CLEAN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def written(model) -> bool:
     """Whether an :class:`EditSession` has (or may have) written a weight of ``model`` that is not
     restored: inside a session once it touched a layer, and forever after a kept one."""
     return bool(_HELD.get(model))
+
+
+def _tensor_state(model) -> tuple:
+    """Every parameter and buffer by identity, storage, dtype, device and in-place write counter:
+    any write through a tensor, a replaced, moved or cast tensor changes it (writes through
+    ``.data`` bypass the counter; editlib never writes that way)."""
+    return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version)
+                 for t in (*model.parameters(), *model.buffers()))
+
+
+def unedited(model) -> bool:
+    """Whether ``model``'s weights are those it had when first asked (its unedited ones): no session
+    holds a write, and no tensor was written or replaced since, other than by sessions that have
+    restored what they wrote, in order. The first call takes the model as it is."""
+    if written(model):
+        return False
+    now = _tensor_state(model)
+    return _CLEAN.setdefault(model, now) == now
 
 
 class EditSession(contextlib.AbstractContextManager):
@@ -41,6 +62,7 @@ class EditSession(contextlib.AbstractContextManager):
         self._orig: dict[int, torch.Tensor] = {}
         self._master: dict[int, torch.Tensor] = {}
         self._keep = False
+        self._from_unedited = False  # the weights were unedited when this session first wrote
         #: every low-rank update written since the last :meth:`take_log`, as (layer, R, X) in
         #: float64 on the CPU: replaying them with :meth:`apply_factors` rebuilds the masters
         #: bit for bit (the sequential protocol's append-only checkpoint)
@@ -60,6 +82,8 @@ class EditSession(contextlib.AbstractContextManager):
         """fp32 (float64 for a float64 weight) [d_out, d_in] master copy of the edited weight
         (created on first use)."""
         if layer not in self._master:
+            if not self._orig and not written(self.model):  # the first layer any session touches
+                self._from_unedited = unedited(self.model)
             _HELD.setdefault(self.model, set()).add((self.number, layer))
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
@@ -146,6 +170,8 @@ class EditSession(contextlib.AbstractContextManager):
             edit_weight(self.model, layer).copy_(orig)
         held = _HELD.get(self.model, set())
         held.difference_update({(self.number, layer) for layer in self._orig})
+        if self._orig and not held and self._from_unedited:  # back to the unedited weights
+            _CLEAN[self.model] = _tensor_state(self.model)
         self._orig.clear()
         self._master.clear()
 

@@ -649,11 +649,36 @@ def test_the_value_store_key_follows_every_input(lm32, tok, tmp_path) -> None:
     assert base not in others and len(set(others)) == len(others)
 
 
-def test_the_value_store_serves_no_model_an_edit_session_holds_written(lm32, tok, tmp_path) -> None:
+def test_the_value_store_key_follows_how_the_process_computes(lm32, tok, tmp_path, monkeypatch) -> None:
+    """Threads, numerics, the CPU type and editlib's source are part of the key: values computed
+    another way are not read back as this process's."""
+    from editlib import valuestore
+    from editlib.values import _build
+    store = _store(tmp_path)(lm32)
+    seq = _build(tok, FACTS[:2], CTX)
+    base = store.key(lm32, LAYER, ValueHParams(), seq)
+    keys = []
+    for name, value in [("SOURCE_DIGEST", "another source"),
+                        ("_cpu", lambda: {"capability": "AVX512", "model name": "another CPU"})]:
+        with monkeypatch.context() as m:
+            m.setattr(valuestore, name, value)
+            keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    with monkeypatch.context() as m:
+        m.setattr(torch, "get_num_threads", lambda: 7)
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    with monkeypatch.context() as m:
+        m.setenv("EDITLIB_NUMERICS", "native-elsewhere")
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    assert base not in keys and len(set(keys)) == len(keys)
+
+
+def test_the_value_store_serves_no_model_an_edit_session_holds_written(tok, tmp_path) -> None:
     """Values of edited weights are neither read nor kept: inside a session that wrote a layer, and
-    after a kept one; a restored session gives the unedited model back to the store."""
+    after a kept one; a restored session gives the unedited model back to the store, sessions
+    restored out of order do not."""
     from editlib.arch import weight_out_in
     from editlib.weights import EditSession
+    lm32 = tiny_llama(len(tok), lm_scale=10.0, seed=3).requires_grad_(False)  # left written at the end
     store = _store(tmp_path)(lm32)
     hp = ValueHParams(v_num_grad_steps=3)
     d_out, d_in = weight_out_in(lm32, LAYER).shape
@@ -673,6 +698,35 @@ def test_the_value_store_serves_no_model_an_edit_session_holds_written(lm32, tok
     finally:
         s.restore()
     assert store.serves(lm32)
+    # restored out of order, the first session's edit stays in the weights: not unedited
+    a, b = EditSession(lm32), EditSession(lm32)
+    a.apply_factors(LAYER, R, X)
+    b.apply_factors(LAYER, R, X)
+    a.restore()
+    b.restore()
+    assert not store.serves(lm32)
+    with torch.no_grad():  # put back by hand: the store still does not know these weights
+        weight_out_in(lm32, LAYER).sub_(R @ X)
+    assert not store.serves(lm32)
+
+
+def test_the_value_store_serves_no_model_written_by_hand_or_hooked(tok, tmp_path) -> None:
+    """A weight written outside an edit session, or a forward hook anywhere on the model, stops the
+    store (values are optimised as without it), with a warning for the hook."""
+    from editlib.arch import get_module
+    model = tiny_llama(len(tok), lm_scale=10.0, seed=2).requires_grad_(False)
+    store = _store(tmp_path)(model)
+    assert store.serves(model)
+    handle = get_module(model, "model.layers.0.self_attn").register_forward_hook(lambda *a: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="forward hook on model.layers.0.self_attn"):
+            assert not store.serves(model)
+    finally:
+        handle.remove()
+    assert store.serves(model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.0)  # same values, but written: the store cannot tell
+    assert not store.serves(model)
 
 
 def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm32, tok, tmp_path) -> None:

@@ -100,7 +100,8 @@ def nullspace(cov: CovFactor, threshold: float) -> NullSpace:
         if not total > 0:
             raise NullSpaceError("C0 has a zero trace: no preserved keys to define a null space")
         cum = torch.cumsum(e, 0) / total
-        r = int((cum <= threshold).sum())
+        # 1 keeps every direction: the running sum's last entry can round a hair above 1
+        r = e.shape[0] if threshold >= 1 else int((cum <= threshold).sum())
         if r == 0:
             raise NullSpaceError(f"hparams.alphaedit.nullspace_threshold={threshold:g} keeps no direction: "
                                  f"C0's smallest eigenvalue alone holds {float(e[0]) / total:.3g} of its "

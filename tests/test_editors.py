@@ -62,7 +62,7 @@ def np_nullspace(C0: np.ndarray, threshold: float) -> np.ndarray:
     """Û written out: ascending eigenvectors while their eigenvalues sum to ≤ threshold · trace."""
     e, V = np.linalg.eigh(C0)
     e = np.clip(e, 0, None)
-    r = int((np.cumsum(e) / e.sum() <= threshold).sum())
+    r = len(e) if threshold >= 1 else int((np.cumsum(e) / e.sum() <= threshold).sum())  # 1: all of the trace
     return V[:, :r]
 
 

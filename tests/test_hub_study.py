@@ -163,7 +163,7 @@ def test_batched_path_equals_the_reference_path_on_the_llama3_tokenizer(hub, stu
     assert_frame_equal(a[SCORES], b[SCORES], check_exact=False, rtol=1e-4, atol=1e-11)
     base = study.evaluate([r for r in study.records if r.case_id in set(a["case_id"])]).set_index("case_id")
     moved = (a["ES_mag"] - base.loc[a["case_id"], "ES_mag"].to_numpy()).abs()
-    assert moved.max() > 1e3 * (1e-11 + 1e-4 * a["ES_mag"].abs().max())
+    assert moved.max() > 1e2 * (1e-11 + 1e-4 * a["ES_mag"].abs().max())
     assert np.allclose(a["GE"], b["GE"], rtol=0, atol=1e-9)
 
 

@@ -378,7 +378,7 @@ def test_changed_key_recomputes(llama, tok, world, tmp_path, forwards) -> None:
 
 def test_another_batching_is_cached_apart(llama, tok, tmp_path, monkeypatch) -> None:
     """Each forward batch's Σkkᵀ is one product added to the sum, so another cut of the corpus
-    (covariance.batch_size, max_batch_tokens) moves C0's last bits: it is collected and cached apart,
+    (covariance.batch_size, max_batch_tokens) can move C0's last bits: it is collected and cached apart,
     never read from an entry cut another way; the default cut keeps its key and file name."""
     spec = CorpusSpec("records", max_length=48)
     facts = make_world(64, seed=0)
@@ -396,9 +396,8 @@ def test_another_batching_is_cached_apart(llama, tok, tmp_path, monkeypatch) -> 
     assert "batching" not in default.key
     assert cut[4, None].key == {**default.key, "batching": "b4"}
     assert cut[16, 64].key == {**default.key, "batching": "b16t64"}
-    for other in cut.values():  # the reason: the same statistic, summed in another order
-        assert not torch.equal(other.mom2, default.mom2)
-        assert rel(other.mom2, default.mom2) < 1e-14
+    for other in cut.values():  # the same statistic, summed in another order (whether its last bits
+        assert rel(other.mom2, default.mom2) < 1e-14  # move depends on the CPU's BLAS: on some they do not)
     assert sorted(p.name for p in tmp_path.rglob("*.safetensors")) == [
         "model.layers.0.mlp.down_proj_float64_records-len48_nall.safetensors",
         "model.layers.0.mlp.down_proj_float64_records-len48_nall_b16t64.safetensors",

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .arch import arch_for, get_module, n_layers
+from .weights import tensor_state
 
 __all__ = ["SharedBelow", "plain_forward"]
 
@@ -98,8 +99,7 @@ class SharedBelow:
         and in-place write counter. Any write through the tensor (an edit, its restore), a moved or
         cast model or a replaced parameter changes it, so nothing recorded before is replayed
         after. (Writes through ``.data`` bypass the counter; editlib never writes that way.)"""
-        return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version) for m in self._lower
-                     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+        return tensor_state(t for m in self._lower for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
 
     def _which(self, hooked: nn.Module | str) -> str:
         """The hook that stopped sharing, for the warning: global, or on the module it names."""

@@ -21,7 +21,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-__all__ = ["MODES", "PORTABLE_THREADS", "PINS", "ENV", "Numerics", "choose", "cpu_flags", "current", "cache_tag"]
+__all__ = ["MODES", "PORTABLE_THREADS", "PINS", "ENV", "Numerics", "choose", "cpu_flags", "cpu_info", "current", "cache_tag"]
 
 MODES = ("auto", "portable", "native")
 #: the thread count of the committed figures: portable bits also depend on it (work is split per thread)
@@ -41,16 +41,28 @@ class Numerics:
     note: str
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
-    """The CPU's feature flags (Linux), or None where they cannot be read."""
+def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, str] | None:
+    """The first processor's fields of ``/proc/cpuinfo`` (Linux: "model name", "cpu family",
+    "model", "stepping", "flags", ...), or None where they cannot be read."""
+    out: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    if out:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                out.setdefault(key.strip(), value.strip())
     except OSError:
         return None
-    return None
+    return out
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    flags = (cpu_info(path) or {}).get("flags")
+    return set(flags.split()) if flags is not None else None
 
 
 def choose(mode: str, *, devices: tuple[str, ...] = ("cpu",), threads: int | None = None) -> Numerics:

@@ -252,12 +252,8 @@ def machine() -> dict:
     the code and package versions."""
     import torch
 
-    cpu = platform.processor()
-    try:  # platform.processor() is empty on most Linux systems
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
+    # platform.processor() is empty on most Linux systems
+    cpu = (numerics.cpu_info() or {}).get("model name") or platform.processor()
     out = {"platform": platform.platform(), "processor": cpu, "cpus": os.cpu_count(),
            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "torch_threads": torch.get_num_threads(), "numerics": numerics.current()}

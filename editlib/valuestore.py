@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import warnings
 from dataclasses import asdict, fields
 from functools import lru_cache
@@ -38,6 +39,7 @@ from . import numerics
 from .below import hooked_module
 from .store import atomic_write_bytes
 from .tf32 import tf32_applies
+from .values import ValueResult
 from .weights import unedited
 
 #: the results folder's subfolder that holds the store (``<results_dir>/_values``)
@@ -63,20 +65,11 @@ SOURCE_DIGEST = _source_digest()
 def _cpu() -> dict:
     """The CPU type: model name, family, model and stepping (two CPUs of one marketing name can
     differ in vector width), and torch's kernels for it."""
-    out = {"capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k in ("model name", "cpu family", "model", "stepping") and k not in out:
-                    out[k] = v.strip()
-                if not line.strip():
-                    break
-    except OSError:
-        import platform
-        out["processor"] = platform.processor()
-    return out
+    info = numerics.cpu_info()
+    if info is None:
+        return {"capability": torch.backends.cpu.get_cpu_capability(), "processor": platform.processor()}
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: v for k, v in info.items() if k in ("model name", "cpu family", "model", "stepping")}}
 
 
 def _environment(model) -> dict:
@@ -149,7 +142,6 @@ class ValueStore:
         """The stored :class:`editlib.values.ValueResult` of ``key`` (``n`` facts, width ``d``), or
         None. A file that cannot be read or does not hold ``n`` facts of width ``d`` is left to be
         overwritten, with a warning."""
-        from .values import ValueResult
         path = self._path(key)
         if not path.exists():
             self.misses += 1

@@ -36,12 +36,16 @@ def written(model) -> bool:
     return bool(_HELD.get(model))
 
 
+def tensor_state(tensors) -> tuple:
+    """``tensors`` by identity, storage, dtype, device and in-place write counter: any write through
+    a tensor, a replaced, moved or cast tensor changes it (writes through ``.data`` bypass the
+    counter; editlib never writes that way)."""
+    return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version) for t in tensors)
+
+
 def _tensor_state(model) -> tuple:
-    """Every parameter and buffer by identity, storage, dtype, device and in-place write counter:
-    any write through a tensor, a replaced, moved or cast tensor changes it (writes through
-    ``.data`` bypass the counter; editlib never writes that way)."""
-    return tuple((id(t), t.data_ptr(), t.dtype, t.device, t._version)
-                 for t in (*model.parameters(), *model.buffers()))
+    """:func:`tensor_state` of every parameter and buffer of ``model``."""
+    return tensor_state((*model.parameters(), *model.buffers()))
 
 
 def unedited(model) -> bool:

@@ -447,7 +447,6 @@ def test_shared_value_time_is_counted_once(study, tmp_path):
     assert (again["seconds_values"] == 0).all() and again["shared_targets"].all()
 
 
-
 def test_the_value_store_changes_no_stored_number(study, weights0, tmp_path):
     """evaluation.share_values_gb (editlib.valuestore): the experiments read back the chunks of
     values that earlier ones optimised on the unedited model, and store the same cases to the bit as
@@ -496,6 +495,7 @@ def test_the_value_store_serves_a_sequential_run_its_first_batch_only(study, wei
         assert store.hits == 0
         assert_frame_equal(planted.reset_index(drop=True), alone.reset_index(drop=True), check_exact=True)
     assert_unedited(study.model, weights0)
+
 
 # --------------------------------------------------------------------------- resume, re-run, conflicts
 

@@ -83,7 +83,8 @@ def perplexity(model, tok, texts: Sequence[str], batch_size: int = 32) -> float:
 def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[Record]], pd.DataFrame],
             batch_size: int = 32) -> dict[str, float]:
     """``heldout_known`` (%), ``heldout_margin`` (×100) and ``heldout_ppl`` of the model as it is
-    now; ``evaluate`` scores records (the study's ES/PS/NS evaluation, no generation needed)."""
+    now; ``evaluate`` scores records: the study's evaluation, of which ES and ES_mag (the rewrite
+    prompt) are read, so it need score nothing else (the protocol scores the rewrite prompts alone)."""
     if not heldout:
         raise ValueError("no held-out facts to measure degradation on")
     c = evaluate(heldout)

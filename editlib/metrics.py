@@ -49,11 +49,13 @@ class _Prompts:
     family: np.ndarray  # index into FAMILIES
 
 
-def _flatten(records: Sequence[Record]) -> _Prompts:
+def _flatten(records: Sequence[Record], families: Sequence[str] = FAMILIES) -> _Prompts:
     prefixes, new, true, owner, family = [], [], [], [], []
     for i, r in enumerate(records):
         groups = ((r.rewrite_prompt,), r.paraphrase_prompts, r.neighborhood_prompts)
         for f, prompts in enumerate(groups):
+            if FAMILIES[f] not in families:
+                continue
             for p in prompts:
                 prefixes.append(p)
                 new.append(r.target_new.str)
@@ -72,9 +74,11 @@ def _case_mean(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
-                         batch_size: int, groups=None, deltas=None, below=None) -> dict[str, np.ndarray]:
-    """ES/PS/NS, magnitudes and accuracies per case; one scoring call for both targets (SPEC §6)."""
-    t = _flatten(records)
+                         batch_size: int, groups=None, deltas=None, below=None,
+                         families: Sequence[str] = FAMILIES) -> dict[str, np.ndarray]:
+    """ES/PS/NS (those of ``families``), magnitudes and accuracies per case; one scoring call for
+    both targets (SPEC §6)."""
+    t = _flatten(records, families)
     g = None if groups is None else np.asarray(groups, dtype=np.int64)[t.owner].tolist()
     s_new, s_true = score_pairs(model, tok, t.prefixes, t.new, t.true, alignment=alignment,
                                 batch_size=batch_size, groups=g, deltas=deltas, below=below)
@@ -84,6 +88,8 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
     p_diff = np.exp(-s_new.nll) - np.exp(-s_true.nll)  # geometric-mean token probabilities (SPEC §6)
     out: dict[str, np.ndarray] = {}
     for f, fam in enumerate(FAMILIES):  # filled per family, returned in PROB_METRICS order
+        if fam not in families:
+            continue
         m, key = t.family == f, SHORT[fam]
         neighbourhood = fam == "neighborhood"
         success = true_wins if neighbourhood else new_wins
@@ -92,7 +98,7 @@ def _probability_columns(model, tok, records: Sequence[Record], alignment: str,
         out[key] = _case_mean(success[m], t.owner[m], len(records))
         out[f"{key}_mag"] = _case_mean(mag[m], t.owner[m], len(records))
         out[f"{key}_acc"] = _case_mean(acc[m], t.owner[m], len(records))
-    out = {k: out[k] for k in PROB_METRICS}
+    out = {k: out[k] for k in PROB_METRICS if k in out}
     out[_NONFINITE] = np.bincount(t.owner[bad], minlength=len(records)) > 0
     return out
 
@@ -130,7 +136,7 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                      gen_max_len: int = 100, gen_batch_size: int = 64, gen_kv_gb: float | None = None,
                      rs_resources=None, groups: Sequence[int] | None = None,
                      deltas=None, gen_text: str = "clean", below=None,
-                     gen_decode: str = "transformers") -> pd.DataFrame:
+                     gen_decode: str = "transformers", families: Sequence[str] = FAMILIES) -> pd.DataFrame:
     """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
     ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
     :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``.
@@ -141,14 +147,21 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     this many GB of KV cache per generation batch (fewer rows than ``gen_batch_size`` if need be).
     ``gen_text``: how GE reads a generated text (:func:`editlib.generation.decode_text`);
     ``gen_decode``: how its decode steps run (:mod:`editlib.decode`). ``below``:
-    an :class:`editlib.below.SharedBelow` for the scoring forwards (generation runs every block)."""
+    an :class:`editlib.below.SharedBelow` for the scoring forwards (generation runs every block).
+    ``families``: the prompt families scored (columns of the others are left out), e.g.
+    ``("rewrite",)`` for ES alone; the prompts are batched among themselves, so a score may differ
+    from the all-families call's at float rounding (another batch, another padding)."""
+    bad_fam = [f for f in families if f not in FAMILIES]
+    if bad_fam or not families:
+        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(families)}")
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
     records = list(records)
     t0 = time.perf_counter()
     cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
     if records:
-        cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below))
+        cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below,
+                                         families))
         nonfinite = cols.pop(_NONFINITE)
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
@@ -162,7 +175,7 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                 if k != "case_id":
                     cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
     else:
-        names = [*PROB_METRICS, *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
+        names = [*(k for k in PROB_METRICS if k.split("_")[0] in {SHORT[f] for f in families}), *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(cols)

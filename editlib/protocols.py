@@ -54,7 +54,7 @@ from .executor import inject_failure, run_units
 from .store import Experiment
 from .tf32 import set_tf32, tf32_applies
 from .valuestore import FOLDER as VALUE_FOLDER, ValueStore
-from .weights import EditSession
+from .weights import EditSession, unedited
 
 EXPERIMENTS = ("layer_search", "singular", "sweep", "batch", "sequential")
 MIN_EDITS_FOR_FAILURE_CHECK = 16
@@ -112,7 +112,7 @@ class Study:
     _cov_info: dict = field(default_factory=dict)
     _contexts: dict = field(default_factory=dict)
     _data: dict = field(default_factory=dict)  # data provenance per data params (hashes CounterFact once)
-    _lm0: dict = field(default_factory=dict)  # the unedited model's lm-eval scores per spec (sequential.lm_eval)
+    _of_unedited: dict = field(default_factory=dict)  # see of_unedited
     _fp: str | None = None
     _values: ValueStore | None = None
 
@@ -188,6 +188,18 @@ class Study:
         if self._values is None or (self._values.root, self._values.limit_bytes) != (root, limit):
             self._values = ValueStore(root, self.fingerprint, limit)
         return self._values
+
+    def of_unedited(self, key: tuple, compute: Callable[[], dict]) -> dict:
+        """``compute()``, a measurement of the model, kept per ``key`` while the weights are the
+        unedited ones (:func:`editlib.weights.unedited`): every sequential configuration measures
+        the unedited model for reference (its held-out facts, its lm-eval scores), and the same
+        key measures the same thing on the same model, to the bit. Computed afresh, and not kept,
+        while the weights are not the unedited ones."""
+        if not unedited(self.model):
+            return compute()
+        if key not in self._of_unedited:
+            self._of_unedited[key] = compute()
+        return dict(self._of_unedited[key])
 
     def contexts(self, style: str) -> ContextTemplates:
         """Context templates generated once per study with the unedited model (seeded)."""
@@ -502,6 +514,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
                   log=log, suffix=suffix, which=which)
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
+    unedited(model)  # marks the weights as loaded as the unedited ones (editlib.weights.unedited)
     for m, hp in p.hparams.items():  # templates come from the unedited model
         study.contexts(hp.context_templates)
     return study
@@ -1166,12 +1179,13 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
-    deg0 = {f"{k}_0": v for k, v in _degradation(study, heldout).items()} if heldout else {}
+    # (one measurement per study and held-out set, not per configuration: Study.of_unedited)
+    deg0 = {f"{k}_0": v for k, v in study.of_unedited(
+        ("degradation", tuple(r.case_id for r in heldout)), lambda: _degradation(study, heldout)).items()} \
+        if heldout else {}
     if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
-        key = repr(lm_spec)
-        if key not in study._lm0:
-            study._lm0[key] = lm_evaluate(study.model, study.tok, lm_spec)
-        deg0.update({f"{k}_0": v for k, v in study._lm0[key].items()})
+        deg0.update({f"{k}_0": v for k, v in study.of_unedited(
+            ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
@@ -1348,10 +1362,11 @@ def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[R
 def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
     from .degradation import measure
 
-    ev = study.params.evaluation  # scores only: no generation for the held-out facts
+    ev = study.params.evaluation  # the rewrite prompts' scores only: no paraphrases, neighbours, generation
     return measure(study.model, study.tok, heldout,
                    lambda rs: evaluate_records(study.model, study.tok, rs, alignment=ev.alignment,
-                                               batch_size=ev.batch_size, generation=False),
+                                               batch_size=ev.batch_size, generation=False,
+                                               families=("rewrite",)),
                    batch_size=ev.batch_size)
 
 

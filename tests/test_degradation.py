@@ -52,23 +52,50 @@ def test_perplexity_equals_a_plain_computation(study):
     assert 1.0 < got < 50.0  # the miniature knows its own fact text
 
 
-def test_sequential_run_records_degradation(study, weights0, tmp_path):  # noqa: F811
+def test_sequential_run_records_degradation(study, weights0, tmp_path, monkeypatch):  # noqa: F811
     p = params_for(tmp_path)
+    calls = []
+    measure = protocols._degradation
+    monkeypatch.setattr(protocols, "_degradation", lambda *a: calls.append(1) or measure(*a))
     protocols.run_sequential(use(study, p), log=quiet)
     b = pd.read_parquet(tmp_path / "d" / "sequential" / "batches.parquet").sort_values(["batch_size", "batch_index"])
     # every 2 facts and at the end: B = 1 after batches 1, 3; B = 2 after batches 0, 1
     measured = b[b.heldout_known.notna()]
     assert [(int(r.batch_size), int(r.batch_index)) for r in measured.itertuples()] == [(1, 1), (1, 3), (2, 0), (2, 1)]
     assert measured.heldout_known_0.nunique() == 1 and measured.heldout_ppl_0.nunique() == 1
-    ref = degradation.measure(study.model, study.tok,  # the unedited model (the session restored it)
-                              protocols._heldout(study, p.sequential, study.facts(4), 0),
-                              lambda rs: protocols.evaluate_records(study.model, study.tok, rs, generation=False))
-    assert math.isclose(ref["heldout_ppl"], float(measured.heldout_ppl_0.iloc[0]), rel_tol=1e-6)
-    assert math.isclose(ref["heldout_known"], float(measured.heldout_known_0.iloc[0]), abs_tol=1e-9)
+    # the unedited model measured once for both configurations (same held-out facts), then 4 times edited
+    assert len(calls) == 1 + 4
+    heldout = protocols._heldout(study, p.sequential, study.facts(4), 0)
+    ref = degradation.measure(study.model, study.tok, heldout,  # the unedited model (the session restored it)
+                              lambda rs: protocols.evaluate_records(study.model, study.tok, rs, generation=False,
+                                                                    families=("rewrite",)))
+    for k in degradation.KEYS:  # the same call on the same model: the same bits
+        assert ref[k] == float(measured[f"{k}_0"].iloc[0]), k
+    full = degradation.measure(study.model, study.tok, heldout,  # every prompt family scored: rounding apart
+                               lambda rs: protocols.evaluate_records(study.model, study.tok, rs, generation=False))
+    assert full["heldout_known"] == ref["heldout_known"]
+    assert math.isclose(full["heldout_margin"], ref["heldout_margin"], rel_tol=1e-5, abs_tol=1e-6)
     assert (measured.heldout_ppl != measured.heldout_ppl_0).all()  # the edits moved it
     assert_unedited(study.model, weights0)
     fig = plotting.plot_degradation(b, ["memit"], "t")
     assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 2  # two batch sizes + the unedited line and point
+
+
+def test_unedited_measurements_are_kept_only_for_the_unedited_model(study, weights0):  # noqa: F811
+    """Study.of_unedited keeps a measurement per key while the weights are the unedited ones, and
+    measures afresh (keeping nothing) while an edit session holds a write."""
+    from editlib.weights import EditSession
+
+    calls = []
+    measure = lambda: calls.append(1) or {"x": float(len(calls))}  # noqa: E731
+    key = ("test", len(study._of_unedited))
+    assert study.of_unedited(key, measure) == {"x": 1.0} == study.of_unedited(key, measure) and len(calls) == 1
+    W = study.model.model.layers[1].mlp.down_proj.weight
+    with EditSession(study.model) as s:
+        s.apply(1, torch.full(W.shape, 1e-3, dtype=torch.float64))
+        assert study.of_unedited(key, measure) == {"x": 2.0} and study.of_unedited(key, measure) == {"x": 3.0}
+    assert study.of_unedited(key, measure) == {"x": 1.0} and len(calls) == 3  # restored: the kept one
+    assert_unedited(study.model, weights0)
 
 
 def test_degradation_off_unless_asked_and_bad_values(tmp_path):

@@ -107,6 +107,24 @@ def test_evaluate_records_matches_hand_computation(world_lm, world_records) -> N
     assert df.attrs["records_per_s"] > 0 and df.attrs["alignment"] == "reference"
 
 
+def test_families_score_only_their_prompts(world_lm, world_records) -> None:
+    """``families`` scores a subset of the prompt families: their columns equal the full call's (up
+    to float rounding: other batches), the other families' columns are absent, and a misspelt or
+    empty family list fails before any forward."""
+    model, tok = world_lm
+    recs = world_records[:6]
+    full = evaluate_records(model, tok, recs, batch_size=7)
+    for fams, short in ((("rewrite",), ["ES"]), (("paraphrase", "neighborhood"), ["PS", "NS"])):
+        part = evaluate_records(model, tok, recs, batch_size=7, families=fams)
+        cols = [k for k in PROB_METRICS if k.split("_")[0] in short]
+        assert list(part.columns) == ["case_id", *cols]
+        pd.testing.assert_frame_equal(part, full[["case_id", *cols]], check_exact=False, atol=1e-6, rtol=0)
+    assert list(evaluate_records(model, tok, [], families=("rewrite",)).columns) == ["case_id", "ES", "ES_mag", "ES_acc"]
+    for bad in (("rewrites",), ()):
+        with pytest.raises(ValueError, match="families must be a non-empty subset"):
+            evaluate_records(model, tok, recs, families=bad)
+
+
 def test_correct_mode_never_scores_bos(word_lm) -> None:
     model, tok = word_lm
     bos = tok.bos_token_id

@@ -259,9 +259,11 @@ class CostModel:
 
     def degradation(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int) -> float:
         """One degradation measurement of ``cases`` held-out facts (editlib.degradation.measure):
-        their ES/PS/NS scores and the perplexity of their sentences (about one more evaluation);
-        never generation, whatever the experiment's GE setting."""
-        return 2 * self.eval(s, ts, cases, eval_batch)
+        the rewrite prompt of each scored, one of the ``eval_prompts`` an evaluation scores per
+        case (so an evaluation of ``cases / eval_prompts`` cases, measured unit costs included),
+        and the perplexity of its sentence, counted as one more such evaluation; never generation,
+        whatever the experiment's GE setting."""
+        return 2 * self.eval(s, ts, cases / ts.eval_prompts, eval_batch)
 
     def gen_rows(self, s: ModelShape, max_len: int) -> int:
         """Prompts per generation batch: ``gen_batch``, or as many as ``gen_kv_gb`` of KV cache hold

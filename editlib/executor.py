@@ -422,6 +422,9 @@ def _offloaded(study: "Study", pool: _Pool, *, poll_s: float = 0.5):
         return
     import torch
 
+    from .weights import remark_unedited, unedited
+
+    was_unedited = unedited(study.model)  # the round trip replaces every tensor: re-marked below
     study.model.to("cpu")
     study._covs.clear()  # C0 factors on the device; reloaded from the disk cache when needed
     torch.cuda.empty_cache()
@@ -436,6 +439,8 @@ def _offloaded(study: "Study", pool: _Pool, *, poll_s: float = 0.5):
         with contextlib.nullcontext() if ok else contextlib.suppress(Exception):
             _make_room(pool, _model_bytes(study.model), device, poll_s=poll_s)
             study.model.to(device)
+            if was_unedited:  # the same values, moved there and back: still the unedited weights
+                remark_unedited(study.model)
 
 
 def _model_bytes(model) -> int:

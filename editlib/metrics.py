@@ -152,8 +152,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     ``("rewrite",)`` for ES alone; the prompts are batched among themselves, so a score may differ
     from the all-families call's at float rounding (another batch, another padding)."""
     bad_fam = [f for f in families if f not in FAMILIES]
-    if bad_fam or not families:
-        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(families)}")
+    if isinstance(families, str) or bad_fam or not families:
+        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families!r}")
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
     records = list(records)
@@ -175,7 +175,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                 if k != "case_id":
                     cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
     else:
-        names = [*(k for k in PROB_METRICS if k.split("_")[0] in {SHORT[f] for f in families}), *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
+        shorts = {SHORT[f] for f in families}
+        names = [*(k for k in PROB_METRICS if k.split("_")[0] in shorts), *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(cols)

@@ -47,7 +47,7 @@ from .arch import weight_out_in
 from .degradation import due as degradation_due
 from .lmeval import due as lm_due, evaluate as lm_evaluate, parse as parse_lm_eval
 from .lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
-from .below import SharedBelow
+from .below import SharedBelow, hooked_module
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved_keys
 from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
@@ -191,11 +191,14 @@ class Study:
 
     def of_unedited(self, key: tuple, compute: Callable[[], dict]) -> dict:
         """``compute()``, a measurement of the model, kept per ``key`` while the weights are the
-        unedited ones (:func:`editlib.weights.unedited`): every sequential configuration measures
-        the unedited model for reference (its held-out facts, its lm-eval scores), and the same
-        key measures the same thing on the same model, to the bit. Computed afresh, and not kept,
-        while the weights are not the unedited ones."""
-        if not unedited(self.model):
+        unedited ones (:func:`editlib.weights.unedited`) and no forward hook is on the model: every
+        sequential configuration measures the unedited model for reference (its held-out facts,
+        its lm-eval scores). ``key`` must name everything the measurement depends on besides the
+        model (the facts, the evaluation settings it reads): the same key then measures the same
+        thing, to the bit. Computed afresh, and not kept, otherwise. The cache belongs to this
+        study object and the copies made of it with ``dataclasses.replace`` (a Ray worker keeps
+        one per loaded study)."""
+        if not unedited(self.model) or hooked_module(self.model.modules()) is not None:
             return compute()
         if key not in self._of_unedited:
             self._of_unedited[key] = compute()
@@ -1180,9 +1183,10 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
     # (one measurement per study and held-out set, not per configuration: Study.of_unedited)
+    ev = study.params.evaluation  # what _degradation's scores depend on besides the model and facts
     deg0 = {f"{k}_0": v for k, v in study.of_unedited(
-        ("degradation", tuple(r.case_id for r in heldout)), lambda: _degradation(study, heldout)).items()} \
-        if heldout else {}
+        ("degradation", ev.alignment, ev.batch_size, tuple(r.case_id for r in heldout)),
+        lambda: _degradation(study, heldout)).items()} if heldout else {}
     if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
         deg0.update({f"{k}_0": v for k, v in study.of_unedited(
             ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})

@@ -58,6 +58,15 @@ def unedited(model) -> bool:
     return _CLEAN.setdefault(model, now) == now
 
 
+def remark_unedited(model) -> None:
+    """Takes ``model``'s tensors as they are now as its unedited ones. For a caller that moved an
+    unedited model to another device and back (which replaces every tensor) and knows nothing
+    else changed; refuses while an edit session holds a write."""
+    if written(model):
+        raise RuntimeError("remark_unedited: an edit session holds a write on this model")
+    _CLEAN[model] = _tensor_state(model)
+
+
 class EditSession(contextlib.AbstractContextManager):
     def __init__(self, model):
         self.model = model

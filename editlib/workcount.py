@@ -441,15 +441,15 @@ def count_sequential(p, layer: int) -> ExperimentCount:
     lm_spec = parse_lm_eval(getattr(sq, "lm_eval", None))  # a measurement that also ends an evaluation group
     exp = _one_layer_exp(p, "sequential", sq.methods, layer)
     configs = [(m, w) for m in sq.methods for w in getattr(sq, "windows", (1,)) if w == 1 or m in MULTI_LAYER]
+    every = getattr(sq, "degradation_every", None)
     for _ in p.data.orderings:
+        if every:  # the unedited model's degradation: once per ordering's held-out set (Study.of_unedited)
+            exp.add("degradation", 1, sq.heldout_facts, layer)
         for method, _win in configs:  # a window's values and solve cost as one layer's (counts, not time)
             hp = p.method_hparams(method, layer, "sequential")
-            every = getattr(sq, "degradation_every", None)
             for B in [B for B in sq.batch_sizes if runs_at(method, B)]:
                 sizes = _chunks(sq.total, B)
                 done = 0
-                if every:  # the unedited model's degradation (held-out scores; their perplexity ≈ one more eval)
-                    exp.add("degradation", 1, sq.heldout_facts, layer)
                 ends = list(itertools.accumulate(sizes))
                 ranges = [range(e - n, e) for e, n in zip(ends, sizes)]
                 pend_facts = 0  # edited, not yet evaluated (sequential.eval_group facts)

@@ -83,7 +83,8 @@ def test_sequential_run_records_degradation(study, weights0, tmp_path, monkeypat
 
 def test_unedited_measurements_are_kept_only_for_the_unedited_model(study, weights0):  # noqa: F811
     """Study.of_unedited keeps a measurement per key while the weights are the unedited ones, and
-    measures afresh (keeping nothing) while an edit session holds a write."""
+    measures afresh (keeping nothing) while an edit session holds a write or a forward hook is on
+    the model."""
     from editlib.weights import EditSession
 
     calls = []
@@ -95,6 +96,12 @@ def test_unedited_measurements_are_kept_only_for_the_unedited_model(study, weigh
         s.apply(1, torch.full(W.shape, 1e-3, dtype=torch.float64))
         assert study.of_unedited(key, measure) == {"x": 2.0} and study.of_unedited(key, measure) == {"x": 3.0}
     assert study.of_unedited(key, measure) == {"x": 1.0} and len(calls) == 3  # restored: the kept one
+    h = study.model.model.layers[0].register_forward_hook(lambda *a: None)  # a hook can change a forward
+    try:
+        assert study.of_unedited(key, measure) == {"x": 4.0} and study.of_unedited(("new",), measure) == {"x": 5.0}
+    finally:
+        h.remove()
+    assert study.of_unedited(key, measure) == {"x": 1.0} and study.of_unedited(("new",), measure) == {"x": 6.0}
     assert_unedited(study.model, weights0)
 
 

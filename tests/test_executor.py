@@ -27,7 +27,7 @@ from pandas.testing import assert_frame_equal
 
 from _fixtures import one_thread  # noqa: F401  (module-wide single thread: workers run one thread too)
 from _fixtures import sort_units, use
-from editlib import executor, protocols
+from editlib import executor, protocols, weights
 from editlib.__main__ import main
 from editlib.params import ParamsError, resolve
 from editlib.paths import REPO_ROOT
@@ -321,17 +321,29 @@ class _CudaStandIn:
 
         self.events, self.device, self.free = events, torch.device("cuda", 0), free
         self.p = torch.empty(nbytes, dtype=torch.uint8, device="meta")
+        self.ptr = 1000
+        me = self
+
+        class P:  # the meta tensor's size, reported on the GPU; its storage moves with the model
+            device, numel, element_size, dtype, _version = me.device, me.p.numel, me.p.element_size, torch.uint8, 0
+
+            @staticmethod
+            def data_ptr():
+                return me.ptr
+        self.param = P
 
     def parameters(self):
-        class P:  # the meta tensor's size, reported on the GPU
-            device, numel, element_size = self.device, self.p.numel, self.p.element_size
-        yield P()
+        yield self.param
 
     def buffers(self):
         return iter(())
 
-    def to(self, device):  # with the free device memory at that moment
+    def modules(self):
+        return iter(())
+
+    def to(self, device):  # with the free device memory at that moment; every tensor replaced
         self.events.append(("model to", str(device), self.free() if str(device) != "cpu" else 0))
+        self.ptr += 1
         return self
 
 
@@ -389,6 +401,7 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
     pool = executor._Pool(FakeRay, ("k",), {}, 1, actors=[Actor()])
     study = type("S", (), {})()
     study.model, study._covs = _CudaStandIn(events, 32 << 30, lambda: free(None)), {"x": 1}
+    assert weights.unedited(study.model)
     with pytest.raises(RuntimeError) if error else contextlib.nullcontext():
         with executor._offloaded(study, pool, poll_s=0.01):
             events.append(("workers run",))
@@ -402,6 +415,11 @@ def test_driver_model_moves_back_only_once_the_gpu_has_room(monkeypatch, free_gb
         assert state["timeout"] == executor.RELEASE_TIMEOUT_S
     if free_gb["end"] == 80:  # room came: the model moved back into it, not before
         assert events[-1][2] >= (32 + 2) << 30
+    # the round trip replaced every tensor, but the unedited model is still its unedited weights
+    # (its value store and kept unedited measurements still serve); one moved outside it is not
+    assert weights.unedited(study.model)
+    study.model.to("cpu")
+    assert not weights.unedited(study.model)
 
 
 def test_an_address_the_connected_process_does_not_use_is_named() -> None:

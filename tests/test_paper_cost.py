@@ -52,24 +52,27 @@ def test_smoke_counts_by_hand():
     assert sq.total("values") == 32                      # recomputed per batch on the edited model
     # current + final (2 methods × 2 B × 8)
     assert sq.total("eval") == 32 + 32
-    # degradation (smoke.yaml's degradation_every 32 > 8 facts): the unedited model and the end of
-    # each of the 4 runs, 64 held-out facts each (scored, and their sentences' perplexity)
-    assert sq.total("degradation", "count") == 4 * 2 and sq.total("degradation") == 4 * 2 * 64
+    # degradation (smoke.yaml's degradation_every 32 > 8 facts): the unedited model once (one
+    # ordering's held-out set) and the end of each of the 4 runs, 64 held-out facts each
+    assert sq.total("degradation", "count") == 1 + 4 and sq.total("degradation") == (1 + 4) * 64
     assert sq.total("ckpt", "count") == 10 and sq.total("ckpt") == 32
     assert all(e.total("load", "count") == 1 for e in g.values())
 
 
 def test_degradation_is_costed_without_generation():
-    """A degradation measurement scores its held-out facts and their perplexity (about two
-    evaluations) and never generates, even when the experiment's GE is on: turning it on adds
-    evaluation time, not GE tokens."""
+    """A degradation measurement scores its held-out facts' rewrite prompts and their sentences'
+    perplexity (a small share of an evaluation of the same facts) and never generates, even when
+    the experiment's GE is on: turning it on adds evaluation time, not GE tokens."""
     m, ts = CostModel(GPUS["h200"]), TokenStats()
     seq = {o: grid(**{"evaluation.generation": True, "sequential.degradation_every": o})["sequential"]
            for o in (None, 4)}
     on, off = m.seconds(seq[4], ts), m.seconds(seq[None], ts)
     assert on["ge_tokens"] == off["ge_tokens"] > 0 and on["ge"] == off["ge"]
     assert off["degradation"] == 0
-    assert on["degradation"] == pytest.approx(seq[4].total("degradation", "count") * 2 * m.eval(seq[4].shape, ts, 64, seq[4].eval_batch))
+    one = m.degradation(seq[4].shape, ts, 64, seq[4].eval_batch)
+    assert on["degradation"] == pytest.approx(seq[4].total("degradation", "count") * one)
+    assert one == pytest.approx(2 * m.eval(seq[4].shape, ts, 64 / 13, seq[4].eval_batch))  # 1 of 13 prompts, twice
+    assert 0 < one < 0.5 * m.eval(seq[4].shape, ts, 64, seq[4].eval_batch)
 
 
 def test_reference_path_counts():

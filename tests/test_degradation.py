@@ -81,6 +81,21 @@ def test_sequential_run_records_degradation(study, weights0, tmp_path, monkeypat
     assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 2  # two batch sizes + the unedited line and point
 
 
+def test_the_unedited_measurement_is_kept_per_evaluation_setting(study, weights0, tmp_path):  # noqa: F811
+    """Two sequential runs of one study (a notebook's, a Ray worker's) that differ only in
+    ``evaluation.alignment`` each store the unedited model's degradation under their own
+    alignment: the kept measurement of the first is not served to the second."""
+    for i, alignment in enumerate(("correct", "reference")):
+        p = params_for(tmp_path, name=f"a{i}", **{"sequential.batch_sizes": [2], "sequential.degradation_every": 4,
+                                                   "evaluation.alignment": alignment})
+        protocols.run_sequential(use(study, p), log=quiet)
+        b = pd.read_parquet(tmp_path / f"a{i}" / "sequential" / "batches.parquet")
+        ev = p.evaluation
+        ref = protocols._degradation(use(study, p), protocols._heldout(study, p.sequential, study.facts(4), 0))
+        assert ev.alignment == alignment and float(b.heldout_margin_0.dropna().iloc[0]) == ref["heldout_margin"]
+    assert_unedited(study.model, weights0)
+
+
 def test_unedited_measurements_are_kept_only_for_the_unedited_model(study, weights0):  # noqa: F811
     """Study.of_unedited keeps a measurement per key while the weights are the unedited ones, and
     measures afresh (keeping nothing) while an edit session holds a write or a forward hook is on

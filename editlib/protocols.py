@@ -1182,11 +1182,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
-    # (one measurement per study and held-out set, not per configuration: Study.of_unedited)
-    ev = study.params.evaluation  # what _degradation's scores depend on besides the model and facts
-    deg0 = {f"{k}_0": v for k, v in study.of_unedited(
-        ("degradation", ev.alignment, ev.batch_size, tuple(r.case_id for r in heldout)),
-        lambda: _degradation(study, heldout)).items()} if heldout else {}
+    deg0 = {f"{k}_0": v for k, v in _unedited_degradation(study, heldout).items()} if heldout else {}
     if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
         deg0.update({f"{k}_0": v for k, v in study.of_unedited(
             ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})
@@ -1372,6 +1368,14 @@ def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
                                                batch_size=ev.batch_size, generation=False,
                                                families=("rewrite",)),
                    batch_size=ev.batch_size)
+
+
+def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
+    """:func:`_degradation` of the unedited model, measured once per study for these held-out
+    facts and the evaluation settings it reads (:meth:`Study.of_unedited`), not per configuration."""
+    ev = study.params.evaluation
+    return study.of_unedited(("degradation", ev.alignment, ev.batch_size, tuple(r.case_id for r in heldout)),
+                             lambda: _degradation(study, heldout))
 
 
 def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str]) -> pd.DataFrame:

@@ -264,6 +264,8 @@ def main(argv=None) -> int:
     doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled") and dev.type == "cuda",
                      "decode_fused": grid.evaluation.gen_decode == "compiled",
                      "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead"}
+    # the scoring batch the eval units were timed at (editlib.cost.with_unit_costs compares it)
+    doc["evaluation"] = {"batch_size": int(grid.evaluation.batch_size)}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,
                     "d": value_dim(study.model, 0), "d_in": key_dim(study.model, 0)}
     doc["raw"]["load_s"] = time.perf_counter() - t0

@@ -82,16 +82,16 @@ def slice_host_costs(path: str) -> dict:
 UNITS_DIR = Path(__file__).resolve().parent / "units"
 
 
-def measured_elsewhere(model: CostModel, exps) -> list[tuple[Path, float, list[str]]]:
+def measured_elsewhere(model: CostModel, exps, eval_batch: int) -> list[tuple[Path, float, list[str]]]:
     """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
     modelled estimate is never shown without the measurement that contradicts it; with the units
-    left out because the file timed them otherwise than the params run them, each with how
-    (:func:`editlib.cost.timed_as`)."""
+    left out because the file timed them otherwise than the params run them (captured or not,
+    :func:`editlib.cost.timed_as`; scoring at another ``eval_batch``), each with how."""
     key = next(k for k, g in GPUS.items() if g is model.gpu)
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
         skipped: list[tuple[str, str, str]] = []
-        m = with_unit_costs(model, path, skipped=skipped)
+        m = with_unit_costs(model, path, skipped=skipped, eval_batch=eval_batch)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
         out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600,
                     [f"{unit} (timed {how})" for _, unit, how in skipped]))
@@ -287,13 +287,13 @@ def main(argv=None) -> None:
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
         skipped: list[tuple[str, str, str]] = []
-        model = with_unit_costs(model, *args.unit_costs, skipped=skipped)
+        model = with_unit_costs(model, *args.unit_costs, skipped=skipped, eval_batch=p.evaluation.batch_size)
         notes += [f"measured unit left out (these params run that part otherwise than it was timed): "
                   f"{path}: {unit} (timed {how})" for path, unit, how in skipped]
     exps = count_grid(p, layer=args.layer)
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:
-        measured = measured_elsewhere(model, exps)
+        measured = measured_elsewhere(model, exps, p.evaluation.batch_size)
         for path, hours, left in measured:
             also = f"; modelled, not measured: {', '.join(left)}, which these params run otherwise" if left else ""
             print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "

@@ -190,7 +190,8 @@ def main(argv=None) -> None:
         text = json.dumps({
             "params": str(args.params), "command": " ".join(sys.argv), "complete": complete,
             "wall_s": time.perf_counter() - t_all, "process_peak_rss_gib": meter.process_peak / GIB,
-            "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases)},
+            "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases),
+            "evaluation": {"batch_size": int(p.evaluation.batch_size)}},  # what the eval units scored at
             indent=1, default=str) + "\n"
         for dest in (out / "phases.json", *([Path(args.phases_copy)] if args.phases_copy else [])):
             tmp = dest.with_name(dest.name + ".tmp")

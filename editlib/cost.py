@@ -22,7 +22,7 @@ from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, Token
 
 __all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
            "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs",
-           "GRAPH_UNITS", "measured_with_graphs"]
+           "GRAPH_UNITS", "EVAL_BATCH_UNITS", "measured_with_graphs"]
 
 
 # --------------------------------------------------------------------------- GPUs and the model
@@ -57,9 +57,10 @@ KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "e
 class CostModel:
     """Seconds per work item on ``gpu`` (every field is an assumption printed by paper_cost).
 
-    Host-side units (a solve and the C0 factorisation when C0 is factored on the CPU) are CPU
-    seconds measured on this project's 2-core machine on the Llama-3-8B-shaped slice
-    (``bench/slice_phases.py``: sequential B = 1 solves and the "C0 load + factor" phases),
+    Host-side units (a solve and the C0 factorisation when C0 is factored on the CPU; the Python
+    of each evaluated case and of each GE text) are CPU seconds measured on this project's 2-core
+    machine, on the Llama-3-8B-shaped slice (``bench/slice_phases.py``: sequential B = 1 solves and
+    the "C0 load + factor" phases) and with the real Llama-3 tokenizer (``bench/host_units.py``),
     divided by ``host_speedup`` for the GPU machine's host.
     """
 
@@ -120,8 +121,12 @@ class CostModel:
     pcie_bw: float = 12e9          # bytes/s: host <-> device copies (pageable memory)
     ckpt_fixed_s: float = 0.01     # per checkpoint file (open, metadata, fsync)
     load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint
-    case_py_s: float = 5e-3        # Python per evaluated case (reading scores into rows)
-    gen_row_py_s: float = 2e-3     # Python per generated text (its n-gram entropy)
+    # host time per evaluated case outside the model's forwards (prompts, read plans, batches,
+    # results) and per GE text after its tokens are sampled (its random stream, its text, its
+    # n-gram entropy), on this VM: `python bench/host_units.py` 2.29-2.34 ms and 0.27-0.29 ms
+    # (CounterFact texts of 100 Llama-3 tokens), rounded up; divided by host_speedup
+    case_py_s: float = 2.5e-3
+    gen_row_py_s: float = 3e-4
     call_s: float = 5e-3           # small calls and syncs around a device solve
     flops_only: bool = False       # a pass costs its FLOPs alone (no memory traffic): see floor()
     unit_s: dict = field(default_factory=dict)  # measured overrides (see UNIT_KEYS)
@@ -246,7 +251,8 @@ class CostModel:
         n_fwd = max(1, math.ceil(seqs / eval_batch))
         flops = 2 * run * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
         nbytes = (run * s.block_params + s.head_params) * self.bpp
-        return n_fwd * self._pass(flops / n_fwd, nbytes, math.ceil(run) * self.kernels_fwd + 10) + self.case_py_s * cases
+        return (n_fwd * self._pass(flops / n_fwd, nbytes, math.ceil(run) * self.kernels_fwd + 10)
+                + self.case_py_s * cases / self.host_speedup)
 
     def replayed(self, s: ModelShape, ts: TokenStats, layer: int, held: int) -> float:
         """Blocks an evaluation replays (:class:`editlib.below.SharedBelow`): the ``layer`` blocks
@@ -293,7 +299,7 @@ class CostModel:
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
             t += steps * self.decode_step(s, r, kv)
-        return t + self.gen_row_py_s * rows, decoded  # + the n-gram entropy of each text (Python)
+        return t + self.gen_row_py_s * rows / self.host_speedup, decoded  # + each text's n-gram entropy (Python)
 
     def c0_per_pass(self, s: ModelShape) -> int:
         """C0 accumulators (float64 d_in², on the device) per pass over the corpus: at most half
@@ -453,13 +459,20 @@ def timed_as(flags: dict[str, bool], unit: str) -> str:
     return "eagerly"
 
 
+#: the units whose time depends on ``evaluation.batch_size`` (sequences per scoring forward: an
+#: eager forward's kernels cost host time whatever its size, so fewer, fuller forwards cost less)
+EVAL_BATCH_UNITS = ("eval_s_per_case", "eval_s_per_case_single")
+
+
 def with_unit_costs(model: CostModel, *paths: str | Path,
-                    skipped: list[tuple[str, str, str]] | None = None) -> CostModel:
+                    skipped: list[tuple[str, str, str]] | None = None,
+                    eval_batch: int | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
     a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
     timed otherwise than the model runs that part (eagerly, with CUDA graphs, compiled:
-    :data:`GRAPH_UNITS`) does not price it: it is left out, and ``skipped`` gets (file, unit, how
-    the file timed it: :func:`timed_as`)."""
+    :data:`GRAPH_UNITS`; scoring at another ``evaluation.batch_size`` than ``eval_batch``, where
+    the file records the one it scored at: :data:`EVAL_BATCH_UNITS`) does not price it: it is
+    left out, and ``skipped`` gets (file, unit, how the file timed it: :func:`timed_as`)."""
     unit_s = dict(model.unit_s)
     for path in paths:
         d = json.loads(Path(path).read_text())
@@ -473,5 +486,10 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
                 for key in GRAPH_UNITS[flag]:
                     if units.pop(key, None) is not None and skipped is not None:
                         skipped.append((str(path), key, timed_as(flags, key)))
+        scored = (d.get("evaluation") or {}).get("batch_size")
+        if eval_batch is not None and scored is not None and int(scored) != int(eval_batch):
+            for key in EVAL_BATCH_UNITS:
+                if units.pop(key, None) is not None and skipped is not None:
+                    skipped.append((str(path), key, f"with evaluation.batch_size {int(scored)}"))
         unit_s.update(units)
     return replace(model, unit_s=unit_s)

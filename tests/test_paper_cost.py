@@ -466,6 +466,38 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
     assert with_unit_costs(dec, recorded).unit_s == {}
 
 
+def test_scoring_units_timed_at_another_eval_batch_are_left_out(tmp_path):
+    """An eager forward costs its kernels' host time whatever its size, so a scoring unit timed at
+    one evaluation.batch_size does not price another: with ``eval_batch`` given, a file that
+    records another scoring batch has its scoring units left out and named (the model prices
+    them); the same batch, no ``eval_batch``, or no record keep them. GE and the rest stay."""
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    m = CostModel(GPUS["h200"], dtype="bfloat16")
+    units = {"eval_s_per_case": 0.03, "eval_s_per_case_single": 0.05, "ge_s_per_case": 0.07}
+    at64, unrecorded = tmp_path / "at64.json", tmp_path / "unrecorded.json"
+    at64.write_text(json.dumps({"evaluation": {"batch_size": 64}, "units": units}))
+    unrecorded.write_text(json.dumps({"units": units}))
+    skipped: list[tuple[str, str, str]] = []
+    assert with_unit_costs(m, at64, skipped=skipped, eval_batch=256).unit_s == {"ge_s_per_case": 0.07}
+    assert skipped == [(str(at64), k, "with evaluation.batch_size 64") for k in ("eval_s_per_case", "eval_s_per_case_single")]
+    for kw in ({"eval_batch": 64}, {}):
+        assert with_unit_costs(m, at64, **kw).unit_s == units
+    assert with_unit_costs(m, unrecorded, eval_batch=256).unit_s == units
+    left = with_unit_costs(m, at64, eval_batch=256)
+    assert left.eval(s, ts, 102, 256) == m.eval(s, ts, 102, 256) != 0.03 * 102
+    # the model prices fewer, fuller forwards lower: the host time of each eager forward's kernels
+    assert m.eval(s, ts, 102, 256) < 0.6 * m.eval(s, ts, 102, 64)
+    assert m.floor().eval(s, ts, 102, 256) == pytest.approx(m.floor().eval(s, ts, 102, 64))
+
+
+def test_committed_units_record_their_scoring_batch():
+    """The committed calibration scored at the grid's evaluation.batch_size of its time (64), and
+    says so; the grid now scores 256 sequences per forward, so its scoring units are modelled."""
+    doc = json.loads((REPO_ROOT / "bench/units/h200-bfloat16-llama3-8b-shape.json").read_text())
+    assert doc["evaluation"] == {"batch_size": 64}
+    assert resolve(str(REPO_ROOT / "params" / "llama3-8b.yaml")).evaluation.batch_size == 256
+
+
 def test_fused_kernels_are_priced_as_fewer_replayed_kernels(tmp_path):
     """gen_decode: compiled captures a step of kernels_fused_fwd kernels per block where graph
     replays the eager kernels_fwd; compile_blocks: reduce-overhead replays kernels_fused_value
@@ -553,3 +585,25 @@ def test_generation_lengths_are_the_histograms_quantiles():
     total = sum(w for _, w in TokenStats().gen_len_hist)
     for length, w in TokenStats().gen_len_hist:
         assert abs(lens.count(length) / len(lens) - w / total) <= 1 / len(lens)
+
+
+def test_host_units_benchmark_measures_each_priced_piece(world_records):
+    """bench/host_units.py (the source of case_py_s and gen_row_py_s): each piece of a GE text's
+    host work and a case's host time outside the model come out positive and finite, and the
+    time it takes off (the model's forwards, the vocabulary-wide ops) is measured, not zero."""
+    import math
+    import sys
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import host_units
+
+    from editlib.llama3_tokenizer import build_llama3_tokenizer
+    tok = build_llama3_tokenizer()
+    ids = host_units.texts_of(world_records, tok, 6, tokens=12)
+    assert len(ids) == 6 and all(0 < len(s) <= 12 and s[0] == tok.bos_token_id for s in ids)
+    row = host_units.gen_row(tok, ids, rounds=1)
+    assert {"row_rng", "decode_text", "ngram_entropy"} <= set(row)
+    assert all(0 < v < math.inf for v in row.values())
+    host, model = host_units.case_host(world_records, tok, 4, rounds=1)
+    assert 0 < host < math.inf and 0 < model < math.inf
+    import torch
+    assert torch.log_softmax.__name__ == "log_softmax" and torch.Tensor.argmax.__name__ == "argmax"  # restored

@@ -1,0 +1,154 @@
+"""Benchmark (a script, not a test): the cost model's per-row host constants, measured on this CPU.
+
+``editlib.cost.CostModel`` prices two pieces of Python that no GPU speeds up:
+
+* ``gen_row_py_s``: per generated GE text, after its tokens are sampled: its random stream
+  (``generation._row_rng``), its text (``generation.decode_text``, the real Llama-3 tokenizer) and
+  its n-gram entropy (``generation.ngram_entropy``). Measured on CounterFact's own sentences cut to
+  the paper's 100 tokens; with ``nltk`` importable, also with an untrained punkt splitter standing
+  in for the trained one (the same algorithm; the trained data cannot be fetched offline), whose
+  cost is what a machine with ``python -m nltk.downloader punkt`` pays.
+* ``case_py_s``: per evaluated case, everything ``metrics.evaluate_records`` does besides the
+  model's forward passes (prompts, tokenisation, read plans, batches, results), on a Llama model of
+  the real Llama-3 vocabulary and tokenizer but 16 wide. What a GPU runs is taken off: the time
+  inside the backbone and the head (forward hooks) and in the log-softmax and argmax over the
+  vocabulary at the rows read (which on 2 CPU cores cost more than all the rest).
+
+    EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz python bench/host_units.py [--texts 2000] [--cases 500]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from editlib.counterfact import load_counterfact
+from editlib.generation import _row_rng, decode_text, ngram_entropy, word_tokenize
+from editlib.llama3_tokenizer import build_llama3_tokenizer
+
+
+def _best(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def texts_of(records, tok, n: int, tokens: int = 100) -> list[list[int]]:
+    """Token ids of ``n`` natural English texts of at most ``tokens`` tokens: each record's
+    generation and attribute prompts joined, cut to ``tokens`` ids (BOS included, as a GE row)."""
+    out = []
+    for r in records:
+        ids = tok(" ".join([*r.generation_prompts, *r.attribute_prompts]))["input_ids"][:tokens]
+        out.append(ids)
+        if len(out) == n:
+            break
+    return out
+
+
+def gen_row(tok, ids: list[list[int]], rounds: int) -> dict[str, float]:
+    """Seconds per text of each piece of the per-row GE host work."""
+    n = len(ids)
+    texts = [decode_text(tok, s, "clean") for s in ids]
+    got = {
+        "row_rng": _best(lambda: [_row_rng(0, (i, 3)).random(100) for i in range(n)], rounds) / n,
+        "decode_text": _best(lambda: [decode_text(tok, s, "clean") for s in ids], rounds) / n,
+        "ngram_entropy": _best(lambda: [ngram_entropy(x) for x in texts], rounds) / n,
+    }
+    try:  # an untrained punkt: the trained splitter's algorithm, without its abbreviation lists
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+    except ImportError:
+        return got
+    import editlib.generation as gen
+    punkt = PunktSentenceTokenizer()
+    plain = gen._punkt
+    gen._punkt = lambda: punkt.tokenize
+    try:
+        assert word_tokenize("One. Two.") == ["One", ".", "Two", "."]
+        got["ngram_entropy_punkt"] = _best(lambda: [ngram_entropy(x) for x in texts], rounds) / n
+    finally:
+        gen._punkt = plain
+    return got
+
+
+def case_host(records, tok, n: int, rounds: int) -> tuple[float, float]:
+    """(host seconds per case, seconds per case of device work: the backbone, the head and the
+    vocabulary-wide log-softmax and argmax) of ``evaluate_records`` without GE on a 16-wide Llama
+    of the Llama-3 vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from editlib.metrics import evaluate_records
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    recs = list(records[:n])
+    spent = [0.0]
+    started: dict[int, float] = {}
+
+    def pre(module, args):
+        started[id(module)] = time.perf_counter()
+
+    def post(module, args, out):
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    def timed(fn):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return wrapper
+
+    handles = [m.register_forward_pre_hook(pre) for m in (model.model, model.lm_head)]
+    handles += [m.register_forward_hook(post) for m in (model.model, model.lm_head)]
+    # the vocabulary-wide work on the head's rows is the device's too (a GPU does it in microseconds)
+    log_softmax, argmax = torch.log_softmax, torch.Tensor.argmax
+    torch.log_softmax, torch.Tensor.argmax = timed(log_softmax), timed(argmax)
+    try:
+        evaluate_records(model, tok, recs, batch_size=64)  # warm: the tokenizer's memo, first kernels
+        runs = []
+        for _ in range(rounds):
+            spent[0] = 0.0
+            t = time.perf_counter()
+            evaluate_records(model, tok, recs, batch_size=64)
+            runs.append((time.perf_counter() - t, spent[0]))
+    finally:
+        torch.log_softmax, torch.Tensor.argmax = log_softmax, argmax
+        for h in handles:
+            h.remove()
+    total, inside = min(runs)
+    return (total - inside) / n, inside / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--texts", type=int, default=2000)
+    ap.add_argument("--cases", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    records = load_counterfact()
+    tok = build_llama3_tokenizer()
+    ids = texts_of(records, tok, a.texts)
+    row = gen_row(tok, ids, a.rounds)
+    print(f"GE host work per text ({len(ids)} CounterFact texts of {statistics.mean(map(len, ids)):.1f} "
+          f"Llama-3 tokens, best of {a.rounds}):")
+    for k, v in row.items():
+        print(f"  {k}: {v * 1e3:.3f} ms")
+    base = row["row_rng"] + row["decode_text"]
+    print(f"gen_row_py_s = {(base + row['ngram_entropy']) * 1e3:.3f} ms (editlib's sentence rule)"
+          + (f", {(base + row['ngram_entropy_punkt']) * 1e3:.3f} ms (punkt)" if "ngram_entropy_punkt" in row else ""))
+    host, model = case_host(records, tok, a.cases, a.rounds)
+    print(f"case_py_s = {host * 1e3:.3f} ms per case outside the model ({a.cases} cases, best of {a.rounds}; "
+          f"{model * 1e3:.3f} ms per case in the 16-wide model's forwards and vocabulary-wide ops)")
+
+
+if __name__ == "__main__":
+    main()

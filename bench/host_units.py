@@ -9,12 +9,14 @@
   in for the trained one (the same algorithm; the trained data cannot be fetched offline), whose
   cost is what a machine with ``python -m nltk.downloader punkt`` pays.
 * ``case_py_s``: per evaluated case, everything ``metrics.evaluate_records`` does besides the
-  model's forward passes (prompts, tokenisation, read plans, batches, results), on a Llama model of
-  the real Llama-3 vocabulary and tokenizer but 16 wide. What a GPU runs is taken off: the time
+  model's forward passes (prompts, the tokenizer's memo, read plans, batches, results: the steady
+  state of a grid that scores each fact many times), at the grid's ``evaluation.batch_size``
+  (``--params``), on a Llama model of the real Llama-3 vocabulary and tokenizer but 16 wide. What a GPU runs is taken off: the time
   inside the backbone and the head (forward hooks) and in the log-softmax and argmax over the
   vocabulary at the rows read (which on 2 CPU cores cost more than all the rest).
 
     EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz python bench/host_units.py [--texts 2000] [--cases 500]
+        [--params params/llama3-8b.yaml]
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import time
 import torch
 
 from editlib.counterfact import load_counterfact
-from editlib.generation import _row_rng, decode_text, ngram_entropy, word_tokenize
+from editlib.generation import _row_rng, decode_text, ngram_entropy, sentence_splitter, word_tokenize
 from editlib.llama3_tokenizer import build_llama3_tokenizer
+from editlib.params import resolve
 
 
 def _best(fn, rounds: int) -> float:
@@ -75,10 +78,10 @@ def gen_row(tok, ids: list[list[int]], rounds: int) -> dict[str, float]:
     return got
 
 
-def case_host(records, tok, n: int, rounds: int) -> tuple[float, float]:
+def case_host(records, tok, n: int, rounds: int, batch_size: int = 256) -> tuple[float, float]:
     """(host seconds per case, seconds per case of device work: the backbone, the head and the
     vocabulary-wide log-softmax and argmax) of ``evaluate_records`` without GE on a 16-wide Llama
-    of the Llama-3 vocabulary."""
+    of the Llama-3 vocabulary, ``batch_size`` sequences per scoring forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from editlib.metrics import evaluate_records
@@ -112,12 +115,12 @@ def case_host(records, tok, n: int, rounds: int) -> tuple[float, float]:
     log_softmax, argmax = torch.log_softmax, torch.Tensor.argmax
     torch.log_softmax, torch.Tensor.argmax = timed(log_softmax), timed(argmax)
     try:
-        evaluate_records(model, tok, recs, batch_size=64)  # warm: the tokenizer's memo, first kernels
+        evaluate_records(model, tok, recs, batch_size=batch_size)  # warm: the tokenizer's memo, first kernels
         runs = []
         for _ in range(rounds):
             spent[0] = 0.0
             t = time.perf_counter()
-            evaluate_records(model, tok, recs, batch_size=64)
+            evaluate_records(model, tok, recs, batch_size=batch_size)
             runs.append((time.perf_counter() - t, spent[0]))
     finally:
         torch.log_softmax, torch.Tensor.argmax = log_softmax, argmax
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=2000)
     ap.add_argument("--cases", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--params", default="params/llama3-8b.yaml", help="the scoring batch comes from here")
     a = ap.parse_args()
     torch.set_num_threads(1)
     records = load_counterfact()
@@ -143,10 +147,12 @@ def main() -> None:
     for k, v in row.items():
         print(f"  {k}: {v * 1e3:.3f} ms")
     base = row["row_rng"] + row["decode_text"]
-    print(f"gen_row_py_s = {(base + row['ngram_entropy']) * 1e3:.3f} ms (editlib's sentence rule)"
-          + (f", {(base + row['ngram_entropy_punkt']) * 1e3:.3f} ms (punkt)" if "ngram_entropy_punkt" in row else ""))
-    host, model = case_host(records, tok, a.cases, a.rounds)
-    print(f"case_py_s = {host * 1e3:.3f} ms per case outside the model ({a.cases} cases, best of {a.rounds}; "
+    print(f"gen_row_py_s = {(base + row['ngram_entropy']) * 1e3:.3f} ms ({sentence_splitter()})"
+          + (f", {(base + row['ngram_entropy_punkt']) * 1e3:.3f} ms (an untrained punkt)" if "ngram_entropy_punkt" in row else ""))
+    batch = resolve(a.params).evaluation.batch_size
+    host, model = case_host(records, tok, a.cases, a.rounds, batch)
+    print(f"case_py_s = {host * 1e3:.3f} ms per case outside the model ({a.cases} cases, {batch} sequences per "
+          f"forward, best of {a.rounds}; "
           f"{model * 1e3:.3f} ms per case in the 16-wide model's forwards and vocabulary-wide ops)")
 
 

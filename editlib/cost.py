@@ -22,7 +22,7 @@ from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, Token
 
 __all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
            "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs",
-           "GRAPH_UNITS", "EVAL_BATCH_UNITS", "measured_with_graphs"]
+           "GRAPH_UNITS", "EVAL_BATCH_UNITS", "measured_with_graphs", "scored_batch"]
 
 
 # --------------------------------------------------------------------------- GPUs and the model
@@ -123,8 +123,10 @@ class CostModel:
     load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint
     # host time per evaluated case outside the model's forwards (prompts, read plans, batches,
     # results) and per GE text after its tokens are sampled (its random stream, its text, its
-    # n-gram entropy), on this VM: `python bench/host_units.py` 2.29-2.34 ms and 0.27-0.29 ms
-    # (CounterFact texts of 100 Llama-3 tokens), rounded up; divided by host_speedup
+    # n-gram entropy), on this VM: `python bench/host_units.py` 2.04-2.07 ms (256 sequences per
+    # scoring forward) and 0.27-0.29 ms (CounterFact texts of 100 Llama-3 tokens), rounded up for
+    # what it does not run (per-row edits' and replayed blocks' bookkeeping, a GE prompt's
+    # encoding and its row of the sample); divided by host_speedup
     case_py_s: float = 2.5e-3
     gen_row_py_s: float = 3e-4
     call_s: float = 5e-3           # small calls and syncs around a device solve
@@ -459,9 +461,39 @@ def timed_as(flags: dict[str, bool], unit: str) -> str:
     return "eagerly"
 
 
-#: the units whose time depends on ``evaluation.batch_size`` (sequences per scoring forward: an
-#: eager forward's kernels cost host time whatever its size, so fewer, fuller forwards cost less)
-EVAL_BATCH_UNITS = ("eval_s_per_case", "eval_s_per_case_single")
+#: the unit whose time depends on ``evaluation.batch_size`` (sequences per scoring forward: an
+#: eager forward's kernels cost host time whatever its size, so fewer, fuller forwards cost less).
+#: One case alone (``eval_s_per_case_single``) is one forward at any batch that holds its
+#: sequences (at most two per prompt), so it depends on the batch only below that.
+EVAL_BATCH_UNITS = ("eval_s_per_case",)
+
+
+def scored_batch(doc: dict) -> int | None:
+    """The ``evaluation.batch_size`` a units file's scoring units were timed at: its ``evaluation``
+    record (bench/calibrate_units.py, bench/slice_phases.py), else an ``evaluation.batch_size=``
+    override among the params overrides it records (``sets``, ``grid_sets``); None: not recorded."""
+    rec = (doc.get("evaluation") or {}).get("batch_size")
+    if rec is not None:
+        return int(rec)
+    for x in [*doc.get("grid_sets", []), *doc.get("sets", [])]:
+        if str(x).startswith("evaluation.batch_size="):
+            return int(str(x).split("=", 1)[1])
+    return None
+
+
+def _scoring_left_out(doc: dict, eval_batch: int) -> list[tuple[str, str]]:
+    """(unit, how it was timed) of the scoring units that do not price scoring at ``eval_batch``."""
+    scored = scored_batch(doc)
+    if scored is None:
+        return [(k, "with its scoring batch not recorded") for k in (*EVAL_BATCH_UNITS, "eval_s_per_case_single")]
+    if scored == int(eval_batch):
+        return []
+    how = f"with evaluation.batch_size {scored}"
+    one_case = math.ceil(2 * TokenStats().eval_prompts)  # a case's sequences, at most
+    out = [(k, how) for k in EVAL_BATCH_UNITS]
+    if min(scored, one_case) != min(int(eval_batch), one_case):
+        out.append(("eval_s_per_case_single", how))
+    return out
 
 
 def with_unit_costs(model: CostModel, *paths: str | Path,
@@ -469,10 +501,11 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
                     eval_batch: int | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
     a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
-    timed otherwise than the model runs that part (eagerly, with CUDA graphs, compiled:
-    :data:`GRAPH_UNITS`; scoring at another ``evaluation.batch_size`` than ``eval_batch``, where
-    the file records the one it scored at: :data:`EVAL_BATCH_UNITS`) does not price it: it is
-    left out, and ``skipped`` gets (file, unit, how the file timed it: :func:`timed_as`)."""
+    timed otherwise than the model runs that part does not price it: eagerly, with CUDA graphs
+    or compiled (:data:`GRAPH_UNITS`), or, with ``eval_batch`` (the params' scoring batch), a
+    scoring unit timed at another batch or at one the file does not record
+    (:func:`scored_batch`). It is left out, and ``skipped`` gets (file, unit, how the file timed
+    it: :func:`timed_as`)."""
     unit_s = dict(model.unit_s)
     for path in paths:
         d = json.loads(Path(path).read_text())
@@ -486,10 +519,8 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
                 for key in GRAPH_UNITS[flag]:
                     if units.pop(key, None) is not None and skipped is not None:
                         skipped.append((str(path), key, timed_as(flags, key)))
-        scored = (d.get("evaluation") or {}).get("batch_size")
-        if eval_batch is not None and scored is not None and int(scored) != int(eval_batch):
-            for key in EVAL_BATCH_UNITS:
-                if units.pop(key, None) is not None and skipped is not None:
-                    skipped.append((str(path), key, f"with evaluation.batch_size {int(scored)}"))
+        for key, how in ([] if eval_batch is None else _scoring_left_out(d, eval_batch)):
+            if units.pop(key, None) is not None and skipped is not None:
+                skipped.append((str(path), key, how))
         unit_s.update(units)
     return replace(model, unit_s=unit_s)

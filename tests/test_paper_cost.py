@@ -468,22 +468,33 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
 
 def test_scoring_units_timed_at_another_eval_batch_are_left_out(tmp_path):
     """An eager forward costs its kernels' host time whatever its size, so a scoring unit timed at
-    one evaluation.batch_size does not price another: with ``eval_batch`` given, a file that
-    records another scoring batch has its scoring units left out and named (the model prices
-    them); the same batch, no ``eval_batch``, or no record keep them. GE and the rest stay."""
+    one evaluation.batch_size does not price another: with ``eval_batch`` given, a file recording
+    another scoring batch (or none) has its many-case scoring unit left out and named (the model
+    prices it). One case alone is one forward at any batch holding its sequences (at most 26), so
+    its unit goes only where a batch below that splits it, or where nothing is recorded. The same
+    batch (recorded, or as a params override) or no ``eval_batch`` keep them; GE stays."""
     s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
     m = CostModel(GPUS["h200"], dtype="bfloat16")
     units = {"eval_s_per_case": 0.03, "eval_s_per_case_single": 0.05, "ge_s_per_case": 0.07}
-    at64, unrecorded = tmp_path / "at64.json", tmp_path / "unrecorded.json"
-    at64.write_text(json.dumps({"evaluation": {"batch_size": 64}, "units": units}))
-    unrecorded.write_text(json.dumps({"units": units}))
+    files = {}
+    for name, doc in {"at64": {"evaluation": {"batch_size": 64}}, "at8": {"evaluation": {"batch_size": 8}},
+                      "unrecorded": {}, "override": {"grid_sets": ["evaluation.batch_size=256"]}}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({**doc, "units": units}))
     skipped: list[tuple[str, str, str]] = []
-    assert with_unit_costs(m, at64, skipped=skipped, eval_batch=256).unit_s == {"ge_s_per_case": 0.07}
-    assert skipped == [(str(at64), k, "with evaluation.batch_size 64") for k in ("eval_s_per_case", "eval_s_per_case_single")]
-    for kw in ({"eval_batch": 64}, {}):
-        assert with_unit_costs(m, at64, **kw).unit_s == units
-    assert with_unit_costs(m, unrecorded, eval_batch=256).unit_s == units
-    left = with_unit_costs(m, at64, eval_batch=256)
+    assert with_unit_costs(m, files["at64"], skipped=skipped, eval_batch=256).unit_s == {
+        "eval_s_per_case_single": 0.05, "ge_s_per_case": 0.07}
+    assert skipped == [(str(files["at64"]), "eval_s_per_case", "with evaluation.batch_size 64")]
+    skipped = []
+    assert with_unit_costs(m, files["at8"], skipped=skipped, eval_batch=256).unit_s == {"ge_s_per_case": 0.07}
+    assert [k for _, k, _ in skipped] == ["eval_s_per_case", "eval_s_per_case_single"]
+    skipped = []
+    assert with_unit_costs(m, files["unrecorded"], skipped=skipped, eval_batch=256).unit_s == {"ge_s_per_case": 0.07}
+    assert {how for *_, how in skipped} == {"with its scoring batch not recorded"}
+    for f, kw in ((files["at64"], {"eval_batch": 64}), (files["at64"], {}), (files["unrecorded"], {}),
+                  (files["override"], {"eval_batch": 256})):
+        assert with_unit_costs(m, f, **kw).unit_s == units
+    left = with_unit_costs(m, files["at64"], eval_batch=256)
     assert left.eval(s, ts, 102, 256) == m.eval(s, ts, 102, 256) != 0.03 * 102
     # the model prices fewer, fuller forwards lower: the host time of each eager forward's kernels
     assert m.eval(s, ts, 102, 256) < 0.6 * m.eval(s, ts, 102, 64)
@@ -587,13 +598,12 @@ def test_generation_lengths_are_the_histograms_quantiles():
         assert abs(lens.count(length) / len(lens) - w / total) <= 1 / len(lens)
 
 
-def test_host_units_benchmark_measures_each_priced_piece(world_records):
+def test_host_units_benchmark_measures_each_priced_piece(world_records, monkeypatch):
     """bench/host_units.py (the source of case_py_s and gen_row_py_s): each piece of a GE text's
     host work and a case's host time outside the model come out positive and finite, and the
     time it takes off (the model's forwards, the vocabulary-wide ops) is measured, not zero."""
     import math
-    import sys
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
     import host_units
 
     from editlib.llama3_tokenizer import build_llama3_tokenizer

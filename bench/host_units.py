@@ -15,8 +15,8 @@
   inside the backbone and the head (forward hooks) and in the log-softmax and argmax over the
   vocabulary at the rows read (which on 2 CPU cores cost more than all the rest).
 
-    EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz python bench/host_units.py [--texts 2000] [--cases 500]
-        [--params params/llama3-8b.yaml]
+    EDITLIB_COUNTERFACT=/path/to/counterfact.json.gz python bench/host_units.py [--texts 2000] [--cases 200]
+        [--params params/llama3-8b.yaml] [--miniature models/tiny-world]
 """
 from __future__ import annotations
 
@@ -78,33 +78,42 @@ def gen_row(tok, ids: list[list[int]], rounds: int) -> dict[str, float]:
     return got
 
 
-def case_host(records, tok, n: int, rounds: int, batch_size: int = 256) -> tuple[float, float]:
+def case_host(records, tok, n: int, rounds: int, batch_size: int = 256, model=None) -> tuple[float, float]:
     """(host seconds per case, seconds per case of device work: the backbone, the head and the
-    vocabulary-wide log-softmax and argmax) of ``evaluate_records`` without GE on a 16-wide Llama
-    of the Llama-3 vocabulary, ``batch_size`` sequences per scoring forward."""
+    vocabulary-wide log-softmax and argmax) of ``evaluate_records`` without GE, ``batch_size``
+    sequences per scoring forward, on ``model`` (default: a 16-wide Llama of ``tok``'s vocabulary).
+    The head's outputs and their log-softmax are kept until a round's timing ends: on a CPU,
+    releasing a vocabulary-wide tensor returns its memory to the system (about 16 ms per 300 MB
+    here), which a GPU's caching allocator does not."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from editlib.metrics import evaluate_records
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    if model is None:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
     recs = list(records[:n])
     spent = [0.0]
     started: dict[int, float] = {}
+    kept: list = []  # the head's outputs and their log-softmax, released after the timing (below)
 
     def pre(module, args):
         started[id(module)] = time.perf_counter()
 
     def post(module, args, out):
         spent[0] += time.perf_counter() - started.pop(id(module))
+        if module is model.lm_head:
+            kept.append(out)
 
     def timed(fn):
         def wrapper(*args, **kw):
             t = time.perf_counter()
             try:
-                return fn(*args, **kw)
+                out = fn(*args, **kw)
+                kept.append(out)
+                return out
             finally:
                 spent[0] += time.perf_counter() - t
         return wrapper
@@ -122,6 +131,7 @@ def case_host(records, tok, n: int, rounds: int, batch_size: int = 256) -> tuple
             t = time.perf_counter()
             evaluate_records(model, tok, recs, batch_size=batch_size)
             runs.append((time.perf_counter() - t, spent[0]))
+            kept.clear()
     finally:
         torch.log_softmax, torch.Tensor.argmax = log_softmax, argmax
         for h in handles:
@@ -133,9 +143,11 @@ def case_host(records, tok, n: int, rounds: int, batch_size: int = 256) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=2000)
-    ap.add_argument("--cases", type=int, default=500)
+    ap.add_argument("--cases", type=int, default=200, help="cases per round (their vocabulary-wide tensors are "
+                    "kept until the round ends: about 11 GB at 200)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--params", default="params/llama3-8b.yaml", help="the scoring batch comes from here")
+    ap.add_argument("--miniature", default=None, help="also time the cases on this miniature (e.g. models/tiny-world)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     records = load_counterfact()
@@ -154,6 +166,13 @@ def main() -> None:
     print(f"case_py_s = {host * 1e3:.3f} ms per case outside the model ({a.cases} cases, {batch} sequences per "
           f"forward, best of {a.rounds}; "
           f"{model * 1e3:.3f} ms per case in the 16-wide model's forwards and vocabulary-wide ops)")
+    if a.miniature:  # the same on the miniature: its own small vocabulary and tokenizer, its records
+        from editlib.models import load_model
+        from editlib.tiny import load_tiny_records
+        mini, mtok = load_model(a.miniature)
+        host, model = case_host(load_tiny_records(a.miniature), mtok, a.cases, a.rounds, batch, model=mini.eval())
+        print(f"case_py_s on {a.miniature} = {host * 1e3:.3f} ms per case outside the model ({model * 1e3:.3f} ms "
+              f"per case in its forwards and vocabulary-wide ops)")
 
 
 if __name__ == "__main__":

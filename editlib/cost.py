@@ -123,11 +123,11 @@ class CostModel:
     load_fixed_s: float = 10.0     # per study open: CounterFact, tokenizer, context templates, fingerprint
     # host time per evaluated case outside the model's forwards (prompts, read plans, batches,
     # results) and per GE text after its tokens are sampled (its random stream, its text, its
-    # n-gram entropy), on this VM: `python bench/host_units.py` 2.04-2.07 ms (256 sequences per
+    # n-gram entropy), on this VM: `python bench/host_units.py` 0.40-0.49 ms (256 sequences per
     # scoring forward) and 0.27-0.29 ms (CounterFact texts of 100 Llama-3 tokens), rounded up for
     # what it does not run (per-row edits' and replayed blocks' bookkeeping, a GE prompt's
     # encoding and its row of the sample); divided by host_speedup
-    case_py_s: float = 2.5e-3
+    case_py_s: float = 6e-4
     gen_row_py_s: float = 3e-4
     call_s: float = 5e-3           # small calls and syncs around a device solve
     flops_only: bool = False       # a pass costs its FLOPs alone (no memory traffic): see floor()

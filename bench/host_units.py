@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from editlib.arch import backbone_and_head
 from editlib.counterfact import load_counterfact
 from editlib.generation import _row_rng, decode_text, ngram_entropy, sentence_splitter, word_tokenize
 from editlib.llama3_tokenizer import build_llama3_tokenizer
@@ -95,6 +96,7 @@ def case_host(records, tok, n: int, rounds: int, batch_size: int = 256, model=No
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).eval()
     recs = list(records[:n])
+    backbone, head = backbone_and_head(model)  # the modules score_targets calls
     spent = [0.0]
     started: dict[int, float] = {}
     kept: list = []  # the head's outputs and their log-softmax, released after the timing (below)
@@ -104,7 +106,7 @@ def case_host(records, tok, n: int, rounds: int, batch_size: int = 256, model=No
 
     def post(module, args, out):
         spent[0] += time.perf_counter() - started.pop(id(module))
-        if module is model.lm_head:
+        if module is head:
             kept.append(out)
 
     def timed(fn):
@@ -118,8 +120,8 @@ def case_host(records, tok, n: int, rounds: int, batch_size: int = 256, model=No
                 spent[0] += time.perf_counter() - t
         return wrapper
 
-    handles = [m.register_forward_pre_hook(pre) for m in (model.model, model.lm_head)]
-    handles += [m.register_forward_hook(post) for m in (model.model, model.lm_head)]
+    handles = [m.register_forward_pre_hook(pre) for m in (backbone, head)]
+    handles += [m.register_forward_hook(post) for m in (backbone, head)]
     # the vocabulary-wide work on the head's rows is the device's too (a GPU does it in microseconds)
     log_softmax, argmax = torch.log_softmax, torch.Tensor.argmax
     torch.log_softmax, torch.Tensor.argmax = timed(log_softmax), timed(argmax)

@@ -63,6 +63,15 @@ def _brief(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def device_us(events) -> float:
+    """Microseconds the device ran the kernels of ``events`` (``prof.key_averages()``): the device
+    events' own time only. An operator's event carries the time of the kernels it launched as
+    well, so summing over every event would count each kernel twice (torch's own table footer
+    sums the device events alone, as here)."""
+    return sum(getattr(e, "self_device_time_total", 0.0) for e in events
+               if e.device_type.name != "CPU" and not getattr(e, "is_user_annotation", False))
+
+
 def profile_path(study, facts, layer, ctx, hp, label: str) -> None:
     """The value optimisation of ``facts`` (``hp``: eager or compiled) under torch.profiler: wall
     time per Adam iteration against the device's own (kernel) time, the device kernels per
@@ -78,7 +87,7 @@ def profile_path(study, facts, layer, ctx, hp, label: str) -> None:
         dt, res = _timed(study, facts, layer, ctx, hp)
     iters = float(res.steps.sum()) + len(facts)
     ev = prof.key_averages()
-    dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in ev)
+    dev_us = device_us(ev)
     kernels = sum(e.count for e in ev if getattr(e, "self_device_time_total", 0.0) > 0 and e.device_type.name != "CPU")
     print(f"profile ({label}): {len(facts)} facts, {iters:.0f} iterations, wall {1e3 * dt / iters:.1f} ms/iteration, device "
           f"{1e-3 * dev_us / iters:.1f} ms/iteration ({100 * 1e-6 * dev_us / dt:.0f} % of wall), "

@@ -93,6 +93,7 @@ CUDA_TESTS = (
     "tests/test_stats.py::test_cuda_c0_products_ignore_model_tf32",
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
     "tests/test_values.py::test_cuda_graph_blocks_follow_eager",
+    "tests/test_values.py::test_cuda_graph_blocks_under_model_deterministic",
     "tests/test_decode.py::test_cuda_graph_decode_follows_the_transformers_forward",
 )
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)

@@ -159,7 +159,7 @@ def report(p, exps, model: CostModel, ts: TokenStats, args, notes: list[str]) ->
     if model.unit_s:
         print(f"- measured unit costs replacing the model: {json.dumps(model.unit_s)}")
     print(f"- token counts per fact ({ts.source}): " + ", ".join(
-        f"{k} {v}" for k, v in asdict(ts).items() if k not in ("gen_len_hist", "source")))
+        f"{k} {v}" for k, v in asdict(ts).items() if k not in ("gen_len_hist", "eval_len_hist", "source")))
     return {"gpu": model.gpu.name, "total_gpu_hours": total / 3600, "floor_gpu_hours": floor / 3600,
             "floor_hours": {k: fcol[k] / 3600 for k in KINDS},
             "experiments": [{"name": e.name, "model": e.shape.name, "edits": e.edits,

@@ -52,6 +52,14 @@ def _batches(p, exp: str) -> pd.DataFrame:
     return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
 
 
+def warm_gen_len(tok, records, gen_max_len: int, steps: int = 2) -> int:
+    """A GE length for a warm-up that decodes ``steps`` tokens after ``records``' shortest
+    generation prompt (at most ``gen_max_len``). GE extends a prompt up to the length asked for,
+    so a length at or below every prompt's own decodes nothing, and would warm nothing up."""
+    from editlib.tokens import encode
+    return min(gen_max_len, min(len(encode(tok, g)) for r in records for g in r.generation_prompts) + steps)
+
+
 def _build(p, args) -> str:
     """Build the slice named by the params' model id when it is an editlib shape directory."""
     from editlib.shapes import BUILD_DTYPES, SHAPE_MARKER, build_llama3_shape_model
@@ -263,7 +271,8 @@ def main(argv=None) -> None:
     facts = study.facts(8, 0)
     _log("--- warm-up (untimed): one evaluation with GE, so that no unit pays first-call costs")
     evaluate_records(study.model, study.tok, facts[:1], alignment=ev.alignment, batch_size=ev.batch_size,
-                     generation=True, gen_seed=ev.gen_seed, gen_max_len=min(ev.gen_max_len, 4))
+                     generation=True, gen_seed=ev.gen_seed,
+                     gen_max_len=warm_gen_len(study.tok, facts[:1], ev.gen_max_len))
     cuda_peak()  # the warm-up's peak is no phase's
     for label, n, gen in (("evaluate 1 case, no GE", 1, False), ("evaluate 1 case, GE", 1, True),
                           ("evaluate 8 cases, no GE", 8, False), ("evaluate 8 cases, GE", 8, True)):

@@ -75,7 +75,7 @@ class CostModel:
     trsv_eff: float = 0.05         # triangular solves with few right-hand sides (latency-bound)
     # host time per kernel and kernels per block: fitted to one H200's measurements on the
     # Llama-3-8B shape (docs/paper-scale.md, "Calibrated on an H200"): a one-fact value step of 30
-    # blocks took 112 ms of host time for 4,498 kernels (torch.profiler: 35 ms on the GPU), a decode
+    # blocks took 112 ms of host time for 4,498 kernels (torch.profiler: 17.5 ms on the GPU), a decode
     # step of 32 blocks 82 ms whether it carried 10 rows or 1,020
     kernel_s: float = 25e-6        # host time per CUDA kernel: launch + eager PyTorch / module Python / autograd
     kernels_fwd: int = 90          # kernels per decoder block forward (transformers: norms, RoPE, cache, SDPA, MLP)
@@ -97,9 +97,11 @@ class CostModel:
     # block; 150 × 46.8 / 117.5 = 59.7, rounded up)
     kernels_fused_value: int = 60
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
-    # microseconds each, captured or not): fitted to the same H200 profile, (35 ms − the step's
-    # 7.4 ms of modelled weight traffic) / 4,498 kernels
-    graph_node_s: float = 6e-6
+    # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's
+    # 7.4 ms of modelled weight traffic) / 4,498 kernels. The profile printed 35 ms, each kernel's
+    # time summed twice (under the operator that launched it and as its own device event:
+    # bench_compiled_values.device_us); 17.5 ms holds if every kernel ran under a recorded operator
+    graph_node_s: float = 2.2e-6
     # host time of each call of the compiled block in a captured value step (each block's forward
     # and its backward are one node of the step's CUDA-graph tree, a Python call with its guards):
     # a compiled block's forward on tiny tensors took 127 µs on this 2-core VM (eager 174 µs), its
@@ -242,16 +244,18 @@ class CostModel:
         return t
 
     def eval(self, s: ModelShape, ts: TokenStats, cases: int, eval_batch: int, below: float = 0.0) -> float:
-        """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences);
-        ``below`` blocks replayed rather than run (editlib.below; a measured unit cost is scaled
-        by the share of blocks that run)."""
+        """Probability scoring of ``cases`` cases in one evaluate call (batches of sequences sorted
+        by length, each forward padded to its longest: :meth:`TokenStats.eval_padding`); ``below``
+        blocks replayed rather than run (editlib.below; a measured unit cost is scaled by the share
+        of blocks that run)."""
         run = s.n_layers - below
         key = "eval_s_per_case" if cases > 1 else "eval_s_per_case_single"
         if key in self.unit_s:
             return self.unit_s[key] * cases * run / s.n_layers
         seqs = cases * ts.eval_seqs
         n_fwd = max(1, math.ceil(seqs / eval_batch))
-        flops = 2 * run * s.block_params * cases * ts.eval_tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
+        tokens = cases * ts.eval_tokens * ts.eval_padding(cases, eval_batch)  # padded, as the forwards run them
+        flops = 2 * run * s.block_params * tokens + 2 * s.d * s.vocab * cases * ts.eval_reads
         nbytes = (run * s.block_params + s.head_params) * self.bpp
         return (n_fwd * self._pass(flops / n_fwd, nbytes, math.ceil(run) * self.kernels_fwd + 10)
                 + self.case_py_s * cases / self.host_speedup)

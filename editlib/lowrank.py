@@ -30,6 +30,7 @@ import torch
 
 from .arch import arch_for, get_module
 from .nethook import Hooked
+from .tf32 import tf32_matmuls
 
 __all__ = ["LayeredRowDeltas", "LowRankEdits", "RowDeltas", "TrailingDeltas", "rank_one"]
 
@@ -90,7 +91,17 @@ class _RowHook(Hooked):
         self.rows: torch.Tensor | None = None
         self._setup(model)
         module = get_module(model, arch_for(model).down_name(edits.layer))
-        self._handle = module.register_forward_hook(self._hook)
+        self._handle = module.register_forward_hook(self._run)
+
+    def _run(self, module, inputs, output):
+        """The subclass's :meth:`_hook`. Under a 16-bit model its float32 terms are IEEE float32 on
+        CUDA, TF32 off whatever ``model.tf32`` says: ``model.tf32`` rounds a float32 model's
+        products only, which is what a results folder's digest and the value store record
+        (:func:`editlib.tf32.tf32_applies`); a no-op on other devices."""
+        if inputs[0].dtype in (torch.float16, torch.bfloat16):
+            with tf32_matmuls(inputs[0].device, on=False):
+                return self._hook(module, inputs, output)
+        return self._hook(module, inputs, output)
 
     def _rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
         rows = self.rows

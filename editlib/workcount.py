@@ -112,6 +112,16 @@ class TokenStats:
     eval_seqs: float = 13.4        # distinct scored sequences per case (one per prompt when both targets are 1 token)
     eval_tokens: float = 143.6     # their tokens
     eval_reads: float = 26.4       # logit rows read per case
+    # (length, share) of the distinct scored sequences (BOS included): each forward is padded to its longest
+    eval_len_hist: tuple = ((3, 0.0004), (4, 0.0092), (5, 0.0332), (6, 0.0723), (7, 0.1166),
+                            (8, 0.1428), (9, 0.1433), (10, 0.1217), (11, 0.0953), (12, 0.0568),
+                            (13, 0.037), (14, 0.0211), (15, 0.015), (16, 0.0141), (17, 0.0127),
+                            (18, 0.0134), (19, 0.013), (20, 0.0124), (21, 0.0125), (22, 0.0128),
+                            (23, 0.0093), (24, 0.0082), (25, 0.0061), (26, 0.0054), (27, 0.004),
+                            (28, 0.0028), (29, 0.0019), (30, 0.0017), (31, 0.0013), (32, 0.0007),
+                            (33, 0.0008), (34, 0.0003), (35, 0.0002), (36, 0.0003), (37, 0.0004),
+                            (38, 0.0001), (39, 0.0001), (40, 0.0003), (42, 0.0001), (44, 0.0001),
+                            (47, 0.0001), (55, 0.0001), (64, 0.0001))
     gen_prompts: float = 10.0      # generation prompts per case (GE)
     gen_len_hist: tuple = ((5, 0.007), (6, 0.035), (7, 0.103), (8, 0.141), (9, 0.166), (10, 0.155),
                            (11, 0.125), (12, 0.09), (13, 0.068), (14, 0.049), (15, 0.028), (16, 0.017),
@@ -123,11 +133,28 @@ class TokenStats:
         """``n`` generation-prompt lengths following the histogram, sorted (as sample_texts sorts).
         Remembered per histogram and ``n``: the cost model asks for the same lengths thousands of
         times over a grid."""
-        return _gen_lengths(self.gen_len_hist, n)
+        return _quantile_lengths(self.gen_len_hist, n)
+
+    def eval_padding(self, cases: float, batch: int) -> float:
+        """Padded over real tokens of one scoring call of ``cases`` cases (``eval_seqs`` sequences
+        each) run ``batch`` sequences per forward: :func:`editlib.scoring.score_targets` sorts the
+        sequences by length and pads each forward to its longest. 1 without ``eval_len_hist``."""
+        if not self.eval_len_hist:
+            return 1.0
+        return _padding(self.eval_len_hist, max(1, int(round(cases * self.eval_seqs))), int(batch))
 
 
 @functools.lru_cache(maxsize=256)
-def _gen_lengths(hist: tuple, n: int) -> tuple[int, ...]:
+def _padding(hist: tuple, n: int, batch: int) -> float:
+    """Padded over real tokens of ``n`` sequences whose lengths follow ``hist``, sorted and cut into
+    forwards of ``batch`` (each padded to its last, longest, sequence)."""
+    lens = _quantile_lengths(hist, n)
+    padded = sum(lens[min(i + batch, n) - 1] * (min(i + batch, n) - i) for i in range(0, n, batch))
+    return padded / sum(lens)
+
+
+@functools.lru_cache(maxsize=256)
+def _quantile_lengths(hist: tuple, n: int) -> tuple[int, ...]:
     """Quantile i of ``n`` of the length histogram ``hist``, for i = 0 … n−1 (each the first length
     whose cumulative weight reaches (i + 0.5) / n)."""
     total = sum(w for _, w in hist)
@@ -169,6 +196,7 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
     fl = _flatten(recs)
     cache = _TokCache(tok, "correct")
     seqs, tokens, reads = 0, 0, 0
+    eval_lens: Counter = Counter()
     for i in range(len(recs)):
         plans = {}
         for j in (fl.owner == i).nonzero()[0]:
@@ -178,6 +206,7 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
                 reads += len(cols)
         seqs += len(plans)
         tokens += sum(len(s) for s in plans)
+        eval_lens.update(len(s) for s in plans)
     lens = [len(encode(tok, g)) for r in recs for g in r.generation_prompts]
     hist = Counter(lens)
     mins = [min(len(encode(tok, g)) for g in r.generation_prompts) for r in recs if r.generation_prompts]
@@ -187,6 +216,7 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
         value_packed=round(float(width.sum()) / k, 1), value_labels=round(float(len(need_seq)) / k, 1),
         key_tokens=round(key_tok / k, 1), eval_prompts=round(len(fl.prefixes) / k, 2),
         eval_seqs=round(seqs / k, 1), eval_tokens=round(tokens / k, 1), eval_reads=round(reads / k, 1),
+        eval_len_hist=tuple((l, round(c / seqs, 4)) for l, c in sorted(eval_lens.items())),
         gen_prompts=round(len(lens) / k, 2),
         gen_len_hist=tuple((l, round(c / len(lens), 3)) for l, c in sorted(hist.items())),
         gen_case_min_len=round(sum(mins) / max(len(mins), 1), 1),

@@ -182,7 +182,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 9 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 10 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)
@@ -386,3 +386,30 @@ def test_a_ge_unit_lost_in_timing_noise_is_not_passed_on_as_zero():
               "evaluate 8 cases, no GE": {"seconds": 24.0}, "evaluate 8 cases, GE": {"seconds": 32.0}}
     u = slice_phases.measured_units({}, phases)
     assert u == {"eval_s_per_case_single": 3.2, "eval_s_per_case": 3.0, "ge_s_per_case": 1.0}
+
+
+def test_the_ge_warm_up_decodes(world_lm, world_records):
+    """The untimed GE warm-up of slice_phases.py and calibrate_units.py decodes tokens: GE extends a
+    prompt up to the length asked for, so a length at or below every prompt's (the former 4)
+    runs no forward at all and warms nothing, and the first timed GE paid the first call's costs
+    (under gen_decode: compiled, the decode step's compilation)."""
+    import slice_phases
+
+    from editlib.generation import sample_texts
+    from editlib.tokens import encode
+
+    model, tok = world_lm
+    rec = world_records[:1]
+    prompts = rec[0].generation_prompts
+    shortest = min(len(encode(tok, g)) for g in prompts)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sample_texts(model, tok, prompts, max_len=min(shortest, 4))
+        assert calls == []  # the old warm-up length: nothing decoded
+        n = slice_phases.warm_gen_len(tok, rec, 100)
+        assert n == shortest + 2 and slice_phases.warm_gen_len(tok, rec, shortest + 1) == shortest + 1
+        sample_texts(model, tok, prompts, max_len=n)
+        assert len(calls) == 2  # the prefill and one decode step
+    finally:
+        handle.remove()

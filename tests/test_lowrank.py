@@ -239,3 +239,33 @@ def test_bad_factors_and_rows_fail_clearly() -> None:
     # removed on exit: a forward after the block is the plain model
     out = model(input_ids=torch.tensor([[1, 3, 4]])).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype,ieee", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)])
+def test_sixteen_bit_terms_ignore_model_tf32(monkeypatch, dtype, ieee) -> None:
+    """model.tf32 rounds a float32 model's products only (what a results digest records:
+    editlib.tf32.tf32_applies). A 16-bit model's per-row terms are float32 matmuls, which TF32
+    would round unrecorded, so every hook forms them with TF32 off (on CUDA; the switch is a no-op
+    elsewhere, recorded here); a float32 model's terms follow the model's setting."""
+    import contextlib
+
+    import editlib.lowrank as lowrank
+    asked: list[bool] = []
+
+    @contextlib.contextmanager
+    def recorded(device, on=True):
+        asked.append(on)
+        yield
+
+    monkeypatch.setattr(lowrank, "tf32_matmuls", recorded)
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=dtype)
+    prefixes, targets = pairs(4, seed=3)
+    e = random_edits(model, 2, 2, scale=0.1, seed=4)
+    groups = [0, 1, -1, 0]
+    for hook in (RowDeltas(model, e), TrailingDeltas(model, e), RowDeltas(model, rank_one(LAYER, e.R[0], e.X[0]))):
+        with hook:
+            asked.clear()
+            score_targets(model, tok, prefixes, targets, groups=[min(g, len(hook.edits) - 1) for g in groups],
+                          deltas=hook)
+            assert asked == ([False] * len(asked) if ieee else []) and (len(asked) > 0) == ieee

@@ -498,7 +498,10 @@ def test_scoring_units_timed_at_another_eval_batch_are_left_out(tmp_path):
     assert left.eval(s, ts, 102, 256) == m.eval(s, ts, 102, 256) != 0.03 * 102
     # the model prices fewer, fuller forwards lower: the host time of each eager forward's kernels
     assert m.eval(s, ts, 102, 256) < 0.6 * m.eval(s, ts, 102, 64)
-    assert m.floor().eval(s, ts, 102, 256) == pytest.approx(m.floor().eval(s, ts, 102, 64))
+    # ... though their arithmetic is the same but for padding (wider forwards pad more)
+    flat = replace(ts, eval_len_hist=())
+    assert m.floor().eval(s, flat, 102, 256) == pytest.approx(m.floor().eval(s, flat, 102, 64))
+    assert m.floor().eval(s, ts, 102, 256) > m.floor().eval(s, ts, 102, 64)
 
 
 def test_committed_units_record_their_scoring_batch():
@@ -617,3 +620,50 @@ def test_host_units_benchmark_measures_each_priced_piece(world_records, monkeypa
     assert 0 < host < math.inf and 0 < model < math.inf
     import torch
     assert torch.log_softmax.__name__ == "log_softmax" and torch.Tensor.argmax.__name__ == "argmax"  # restored
+
+
+def test_profile_device_time_counts_each_kernel_once(monkeypatch):
+    """bench/bench_compiled_values.py --profile: a kernel's time is carried both by the operator
+    that launched it and by the kernel's own device event; the device time per iteration (what
+    graph_node_s is fitted to) counts it once, as torch's own table footer does."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    import bench_compiled_values
+
+    op = FunctionEvent(id=1, name="aten::mm", thread=0, start_us=0, end_us=20, use_device="cuda",
+                       device_type=DeviceType.CPU, stack=[])
+    op.append_kernel("gemm", 0, 5.0)
+    other = FunctionEvent(id=3, name="aten::add", thread=0, start_us=30, end_us=40, use_device="cuda",
+                          device_type=DeviceType.CPU, stack=[])
+    other.append_kernel("add_kernel", 0, 2.0)
+    kernels = [FunctionEvent(id=i, name=n, thread=0, start_us=s, end_us=s + d, use_device="cuda",
+                             device_type=DeviceType.CUDA, device_index=0, stack=[])
+               for i, n, s, d in ((2, "gemm", 2, 5), (4, "add_kernel", 32, 2))]
+    events = EventList([op, other, *kernels], use_device="cuda")
+    events._build_tree()
+    ev = events.key_averages()
+    assert sum(e.self_device_time_total for e in ev) == 14.0  # every event: each kernel twice
+    assert bench_compiled_values.device_us(ev) == 7.0
+
+
+def test_scoring_forwards_are_priced_padded():
+    """Scoring sorts a call's sequences by length and pads each forward to its longest
+    (editlib.scoring.score_targets), so the cost model prices padded tokens: none for equal
+    lengths, the batch's longest for every row of a forward, more padding in fewer, wider forwards,
+    and (for a big call, whose forwards are each nearly one length) almost none."""
+    flat = TokenStats(eval_len_hist=((10, 1.0),))
+    assert flat.eval_padding(64, 256) == 1.0
+    two = TokenStats(eval_seqs=4.0, eval_len_hist=((10, 0.5), (30, 0.5)))
+    assert two.eval_padding(1, 256) == pytest.approx(4 * 30 / (2 * 10 + 2 * 30))  # one forward of 4
+    assert two.eval_padding(1, 2) == 1.0                                         # [10, 10], [30, 30]
+    assert two.eval_padding(1, 3) == pytest.approx((3 * 30 + 30) / 80)           # [10, 10, 30], [30]
+    assert TokenStats(eval_len_hist=()).eval_padding(8, 256) == 1.0
+    ts = TokenStats()
+    assert ts.eval_padding(1, 256) > ts.eval_padding(64, 256) > ts.eval_padding(1000, 256) > 1.0
+    assert ts.eval_padding(64, 256) > ts.eval_padding(64, 64) > 1.0
+    assert ts.eval_padding(4096, 256) < 1.02
+    model, shape = CostModel(gpu=GPUS["h200"]), KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    padded = model.eval(shape, ts, 64, 256)
+    assert padded > model.eval(shape, replace(ts, eval_len_hist=()), 64, 256)
+    assert model.eval(shape, two, 1, 2) == pytest.approx(model.eval(shape, replace(two, eval_len_hist=()), 1, 2))

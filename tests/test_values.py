@@ -342,6 +342,21 @@ def test_cuda_graph_blocks_follow_eager(tok) -> None:
     _compiled_against_eager(lm, tok, "reduce-overhead")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_blocks_under_model_deterministic(tok) -> None:
+    """The same with ``model.deterministic`` on (torch's warn-only deterministic algorithms, as
+    protocols.set_deterministic sets them): deterministic index kernels must not synchronise with
+    the host while the blocks' CUDA graphs are recorded (editlib.decode switches determinism off
+    around its own capture for that reason; the value steps' blocks are recorded by torch.compile)."""
+    lm = tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False).cuda()
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _compiled_against_eager(lm, tok, "reduce-overhead")
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def test_compile_blocks_fails_fast() -> None:
     """An unknown mode, compile without the packed forward, CUDA graphs on a CPU model and a model
     the packed forward cannot run all stop with a message naming the key; off is not in a method's

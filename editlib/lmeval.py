@@ -72,7 +72,7 @@ def check_installed() -> None:
 
 def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:
     """Run the harness on ``model`` as it is now (the edited weights) and flatten its numeric
-    results to ``lmeval_<task>_<metric>`` (filters after the comma dropped, stderr kept)."""
+    results (:func:`flatten`)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -96,13 +96,22 @@ def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:
         torch.set_rng_state(rng[2])
         if rng[3] is not None:
             torch.cuda.set_rng_state_all(rng[3])
+    return flatten(out)
+
+
+def flatten(out: Mapping | None) -> dict[str, float]:
+    """The harness's numeric results as ``lmeval_<task>_<metric>`` for its default filter
+    (``acc,none``) and ``lmeval_<task>_<metric>_<filter>`` for any other, so that a task scored
+    under two filters (gsm8k's ``exact_match,strict-match`` and ``exact_match,flexible-extract``)
+    keeps both numbers instead of one overwriting the other; stderr kept, aliases and "N/A"
+    dropped."""
     flat: dict[str, float] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         for key, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue  # aliases, "N/A"
-            metric = key.split(",")[0]
-            flat[f"lmeval_{task}_{metric}"] = float(v)
+            metric, _, filt = key.partition(",")
+            flat[f"lmeval_{task}_{metric}" + (f"_{filt}" if filt and filt != "none" else "")] = float(v)
     return flat
 
 

@@ -313,10 +313,12 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                           f"{mp.device!r}: use default (or off) on a CPU")
     _check_corpus_offline(p)
     if p.data.source == "counterfact":
-        counterfact.resolve_counterfact(p.data.counterfact_path, download=None, given_as="data.counterfact_path")
+        cf = counterfact.resolve_counterfact(p.data.counterfact_path, download=None, given_as="data.counterfact_path")
+        if p.data.fact_list == "reference":
+            _warn_unless_canonical(cf)
     fact_list_for(p, download=None)  # data.fact_list reference: found or fetched now, not mid-run
     depth = None
-    cfg = _model_config(mp)
+    cfg = _model_config(mp, which)
     if cfg is not None:
         _check_config(p, cfg, which, mp)
         depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
@@ -354,11 +356,25 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
                                   f"--params <file> layer-search {e.replace('_', '-')}`), or give an integer layer")
 
 
-def _model_config(mp) -> dict | None:
+def _warn_unless_canonical(path: Path) -> None:
+    """``data.fact_list: reference`` names facts of the canonical counterfact.json by case_id: a
+    CounterFact file with other bytes (a subset, a re-serialised or re-numbered copy) is said so,
+    since its case_ids may not be the canonical ones (a fact it lacks fails in the preflight)."""
+    sha = counterfact.sha256_file(path, uncompressed=True)
+    if sha != counterfact.CANONICAL_SHA256:
+        warnings.warn(f"data.fact_list: reference names facts of the canonical counterfact.json by case_id (sha256 "
+                      f"{counterfact.CANONICAL_SHA256[:12]}…), but data.counterfact_path {str(path)!r} has sha256 "
+                      f"{sha[:12]}…: the facts are those of this file's case_ids", RuntimeWarning, stacklevel=3)
+
+
+def _model_config(mp, which: str = "model") -> dict | None:
     """A model's ``config.json`` as a dict, before its weights load: read from a local folder, or
     from the Hugging Face cache (or a small download online) for a hub id, which fails fast when
-    the id is missing offline; None for a miniature's build spec or a config that cannot be read
-    here (the loader then says why)."""
+    the id is missing offline, and online when the hub refuses it (a gated model whose licence the
+    token has not accepted, an unknown id, no access or no connection: the weights could not load
+    either, and Figure 6's second model would otherwise fail after the main model's whole layer
+    search); None for a miniature's build spec or a config that cannot be read here (the loader
+    then says why)."""
     if not mp.id or mp.tiny:
         return None
     if os.path.isdir(mp.id):
@@ -372,6 +388,10 @@ def _model_config(mp) -> dict | None:
         from transformers import AutoConfig
         return AutoConfig.from_pretrained(source, local_files_only=_offline(False),
                                           trust_remote_code=mp.trust_remote_code).to_dict()
+    except OSError as e:  # transformers' form of the hub's gated / not-found / connection errors
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ParamsError(f"{which}.id {mp.id!r} cannot be read from the Hugging Face hub: "
+                          + " ".join(lines[:2])) from None
     except Exception:
         return None
 

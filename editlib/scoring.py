@@ -7,7 +7,8 @@ and we return the mean per-token NLL of the target and whether every target toke
 reproduces the reference evaluation on BOS-adding tokenizers (SPEC §8.1): the scored ids are
 ``tok(" " + target).input_ids`` *with* BOS and position j is read from logit ``prefix_len + j - 1``,
 so every position is shifted by one (it scores BOS after the prefix, then the probability of
-repeating the target). On tokenizers without BOS both alignments coincide.
+repeating the target). On tokenizers without BOS, and on sentencepiece tokenizers (Llama-2), both
+alignments coincide.
 """
 from __future__ import annotations
 
@@ -68,10 +69,14 @@ class _TokCache:
 def reference_scored(tok, target: str, ids: list[int]) -> list[int]:
     """The reference evaluation's scored ids of ``target`` (SPEC §8.1), given its correct ids:
     ``tok(" " + target)`` with special tokens, i.e. one leading BOS (Llama-3: every position read
-    one early) or none; when they are BOS + a lone "▁" + the target (Llama-2's legacy sentencepiece
-    tokenizer) the reference strips both (its ``[2:]``), which is the correct alignment. Anything
+    one early) or none. On Llama-2 the reference strips BOS and the lone "▁" that its legacy
+    sentencepiece tokenizer puts before the target (its ``[2:]``), which is the correct alignment:
+    so a tokenizer that marks word starts with sentencepiece's "▁" is read correctly, whether it
+    gives that lone "▁" or (transformers 5's Llama-2 tokenizer: no legacy normalizer) not. Anything
     else has no reference reading: a ValueError naming the target."""
     full = list(tok(with_space(target))["input_ids"])
+    if full[1:] == ids and _sentencepiece_words(tok, ids):  # BOS + the target: Llama-2 without the lone "▁"
+        return list(ids)
     if full == ids or full[1:] == ids:
         return full
     if full[2:] == ids:
@@ -79,6 +84,14 @@ def reference_scored(tok, target: str, ids: list[int]) -> list[int]:
     raise ValueError(f"evaluation.alignment 'reference': the tokenizer encodes {with_space(target)!r} as {full}, "
                      f"which is neither the target's ids {ids} nor them after one BOS (or BOS and a lone '▁'); "
                      f"the reference's scoring is undefined here: use alignment 'correct'")
+
+
+def _sentencepiece_words(tok, ids: list[int]) -> bool:
+    """Whether the target's first piece starts with sentencepiece's word marker "▁" (Llama-2), not
+    byte-level BPE's "Ġ" (Llama-3, GPT-2): the reference's Llama-2 branch, which it chose by the
+    model's name and which editlib tells by the tokenizer's own pieces."""
+    pieces = tok.convert_ids_to_tokens(list(ids[:1]))
+    return bool(pieces) and isinstance(pieces[0], str) and pieces[0].startswith("\u2581")
 
 
 #: per tokenizer (weakly held), per alignment and vocabulary size: the caches that score_targets

@@ -457,6 +457,31 @@ def test_the_depth_of_a_hub_model_comes_from_its_config_alone(tmp_path) -> None:
     assert protocols._model_config(SimpleNamespace(id=str(tmp_path), tiny=None, trust_remote_code=False)) is None
 
 
+def test_a_hub_model_the_hub_refuses_fails_before_loading(monkeypatch) -> None:
+    """Online, a hub id whose config the hub refuses (a gated model whose licence the token has not
+    accepted, as Llama-2's and Llama-3's are gated apart; an unknown id) fails in the pre-load
+    checks naming the section, not when its weights load: for Figure 6's second model that is
+    after the main model's whole layer search."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from editlib import models, protocols
+    from editlib.params import ParamsError
+
+    def refused(*a, **k):
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Llama-2-7b-hf.\n401 Client Error.")
+
+    monkeypatch.setattr(models, "_offline", lambda *a: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refused)
+    mp = SimpleNamespace(id="meta-llama/Llama-2-7b-hf", tiny=None, trust_remote_code=False)
+    with pytest.raises(ParamsError, match=r"second_model.id 'meta-llama/Llama-2-7b-hf' cannot be read .*gated repo"):
+        protocols._model_config(mp, "second_model")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: 1 / 0)
+    assert protocols._model_config(mp, "second_model") is None  # unreadable otherwise: the loader says why
+
+
 def _copy_with_config(tmp_path: Path, name: str, **changes) -> Path:
     """models/tiny-world linked file by file into ``tmp_path/name``, its config.json changed."""
     out = tmp_path / name

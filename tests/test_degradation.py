@@ -169,12 +169,29 @@ def test_lm_eval_hook_runs_per_checkpoint_on_the_edited_model(study, weights0, t
     # the unedited model once per study, then after each batch of 2 facts (every 2 facts) and after B = 4's one batch
     assert fake.calls == [(("arc_easy", "piqa"), 0, 5, 8)] * 4
     b = b[b.batch_size == 2].sort_values("batch_index")
-    assert set(b.columns[b.columns.str.startswith("lmeval_")]) == {  # aliases dropped, filters cut at the comma
+    assert set(b.columns[b.columns.str.startswith("lmeval_")]) == {  # aliases dropped, the default filter "none" left out of the name
         f"lmeval_{t}_{m}{s}" for t in ("arc_easy", "piqa") for m in ("acc", "acc_stderr") for s in ("", "_0")}
     assert b.lmeval_piqa_acc_0.nunique() == 1
     assert (b.lmeval_piqa_acc != b.lmeval_piqa_acc_0).all()  # scored on the edited weights
     assert b.lmeval_piqa_acc.iloc[0] != b.lmeval_piqa_acc.iloc[1]
     assert_unedited(study.model, weights0)
+
+
+def test_lm_eval_results_keep_every_filter():
+    """A task the harness scores under two filters (gsm8k: strict-match and flexible-extract) keeps
+    both numbers; the default filter "none" is left out of the name (stored results keep theirs)."""
+    from editlib.lmeval import flatten
+
+    out = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
+                                 "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.75,
+                                 "exact_match_stderr,flexible-extract": 0.02},
+                       "arc_easy": {"acc,none": 0.5, "acc_stderr,none": "N/A", "flag": True}}}
+    assert flatten(out) == {"lmeval_gsm8k_exact_match_strict-match": 0.25,
+                            "lmeval_gsm8k_exact_match_stderr_strict-match": 0.01,
+                            "lmeval_gsm8k_exact_match_flexible-extract": 0.75,
+                            "lmeval_gsm8k_exact_match_stderr_flexible-extract": 0.02,
+                            "lmeval_arc_easy_acc": 0.5}
+    assert flatten(None) == {}
 
 
 def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):

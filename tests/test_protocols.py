@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1195,6 +1196,12 @@ def test_reference_fact_list_gives_the_facts_and_the_digest(study, weights0, tmp
     assert not any(k.startswith("fact_list") for k in plain)
     assert_unedited(study.model, weights0)
     check_study(p, ["batch"])
+    with pytest.warns(RuntimeWarning, match=r"canonical counterfact.json .* has sha256 "):
+        protocols.check_before_loading(p, ["batch"])  # not the canonical file: its case_ids are used, and said so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        protocols.check_before_loading(params_for(tmp_path, "seeded", **{k: v for k, v in over.items()
+                                                                          if k != "data.fact_list"}), ["batch"])
     fl.write_text(json.dumps({"0": [ids[0], 10 ** 7]}))
     with pytest.raises(RecordError, match=r"batch \(batch.total 2\) on the CounterFact file .*1 of the first 2"):
         check_study(params_for(tmp_path, "ref", **{**over, "batch.total": 2}), ["batch"])

@@ -69,15 +69,21 @@ def _gpt2_style() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
 
 
-def _sentencepiece_style() -> PreTrainedTokenizerFast:
+def _sentencepiece_style(legacy: bool = True) -> PreTrainedTokenizerFast:
     """Llama-2 ("legacy" sentencepiece) behaviour: the normalizer prepends "▁" and turns every
     space into "▁", pieces split before each "▁". (The ``Metaspace`` pre-tokenizer with
     ``prepend_scheme="always"`` alone does not give the lone "▁" in tokenizers 0.23: it does not
-    prepend to a text that already starts with a space.)"""
+    prepend to a text that already starts with a space.) ``legacy=False``: Llama-2's tokenizer as
+    transformers 5 builds it (``LlamaTokenizer``: no legacy normalizer, a ``Metaspace``
+    pre-tokenizer that prepends "▁" to the first word only), so ``" Paris"`` is BOS then
+    "▁Paris", without the lone "▁"."""
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
-    tk.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always")
+    if legacy:
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+    tk.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always" if legacy else "first")
     tk.train_from_iterator(SENTENCES * 3 + SUBJECTS, trainers.BpeTrainer(
         vocab_size=260, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
     tk.post_processor = processors.TemplateProcessing(
@@ -342,6 +348,23 @@ def test_reference_alignment_on_a_sentencepiece_tokenizer_strips_bos_and_the_lon
     assert np.array_equal(ref.nll, cor.nll) and np.array_equal(ref.correct, cor.correct)
     mini = toks["mini"]  # BOS-adding byte-level BPE (Llama-3 style): BOS kept, every position one early
     assert reference_scored(mini, "Paris", target_ids(mini, "Paris")) == list(mini(" Paris")["input_ids"])
+
+
+def test_reference_alignment_on_transformers_5s_llama2_tokenizer_is_the_correct_one() -> None:
+    """transformers 5 builds Llama-2's tokenizer without the legacy normalizer, so ``" Paris"`` is
+    BOS then "▁Paris", with no lone "▁": the same shape as Llama-3's BOS + target. The reference
+    (which the paper ran under transformers 4) strips Llama-2's leading ids by the model's name and
+    reads its targets correctly, so ``reference`` must score Llama-2 as ``correct`` here too, not
+    with Llama-3's one-position shift; editlib tells the two apart by the pieces' word marker."""
+    from editlib.scoring import reference_scored
+
+    tok = prepare_tokenizer(_sentencepiece_style(legacy=False))
+    assert tok.convert_ids_to_tokens(tok(" Paris")["input_ids"]) == ["<s>", "\u2581Paris"]
+    for target in ("Paris", "France", "the city of Paris"):
+        ids = target_ids(tok, target)
+        full = list(tok(" " + target)["input_ids"])
+        assert full[1:] == ids and full[0] == tok.bos_token_id
+        assert reference_scored(tok, target, ids) == ids
 
 
 def test_reference_alignment_without_a_reading_fails_as_the_study_opens() -> None:

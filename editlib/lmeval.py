@@ -6,8 +6,8 @@ Off by default and never needed offline: ``sequential.lm_eval`` in a params file
 ``{tasks: [arc_easy, hellaswag], every: 1024, limit: 500}``, runs the harness on the model being
 edited (the unedited model first, then after every ``every`` edited facts and at the end of each
 sequential configuration), in process, on the edited weights, without writing a checkpoint. Each
-``<task>_<metric>`` lands in the run's ``batches.parquet`` as ``lmeval_<task>_<metric>`` (and
-``..._0`` for the unedited model), beside the degradation columns. Install with
+``<task>_<metric>`` lands in the run's ``batches.parquet`` as ``lmeval_<task>_<metric>`` (with
+``_<filter>`` for a filter other than ``none``; ``..._0`` for the unedited model), beside the degradation columns. Install with
 ``pip install -e ".[lmeval]"``; the harness downloads its task datasets on first use.
 """
 from __future__ import annotations
@@ -59,8 +59,12 @@ def parse(raw: Mapping[str, Any] | None, where: str = "sequential.lm_eval") -> L
     return spec
 
 
-def check_installed() -> None:
-    """Fail fast, before any model loads, when the harness is not installed (ParamsError)."""
+def check_installed(spec: LmEvalSpec | None = None) -> None:
+    """Fail fast, before any model loads, when the harness is not installed, or (given ``spec``)
+    when a task it names is none of the harness's tasks, groups or tags, nor a pattern matching
+    one, nor a task file (ParamsError): a misspelt task would otherwise stop the sequential
+    notebook after the notebooks before it. A harness whose task registry cannot be read here is
+    left to say so itself."""
     from .params import ParamsError
 
     try:
@@ -68,6 +72,21 @@ def check_installed() -> None:
     except ImportError:
         raise ParamsError("sequential.lm_eval needs EleutherAI's lm-evaluation-harness: "
                           "pip install -e '.[lmeval]' in the editlib checkout (or pip install lm-eval), or set sequential.lm_eval: null") from None
+    if spec is None:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+        known = set(TaskManager().all_tasks)  # lm-eval >= 0.4.2: every task, group and tag name
+    except Exception:
+        return
+    import fnmatch
+    import os
+
+    unknown = [t for t in spec.tasks if t not in known and not os.path.exists(t) and not fnmatch.filter(known, t)]
+    if unknown:
+        near = {t: fnmatch.filter(known, f"*{t.replace('-', '_')}*")[:3] for t in unknown}
+        raise ParamsError(f"sequential.lm_eval.tasks: {unknown} are not tasks, groups or tags of the installed "
+                          "lm-evaluation-harness" + "".join(f"; {t!r}: did you mean {n}?" for t, n in near.items() if n))
 
 
 def evaluate(model, tok, spec: LmEvalSpec) -> dict[str, float]:

@@ -295,7 +295,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     check_executor(p)  # kind: ray without Ray installed
     if "sequential" in experiments and p.sequential.lm_eval:
         from .lmeval import check_installed
-        check_installed()
+        check_installed(parse_lm_eval(p.sequential.lm_eval))
     check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:

@@ -208,6 +208,38 @@ def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
     assert params_for(tmp_path).sequential.lm_eval is None  # off by default
 
 
+def test_lm_eval_task_names_are_checked_before_loading(tmp_path, monkeypatch):
+    """A task name the installed harness does not know (a typo) fails in the pre-load checks,
+    naming it and its near names, not in the sequential notebook after the notebooks before it;
+    names, glob patterns and task files the harness accepts pass, and a harness without a readable
+    task registry is left to say so itself."""
+    import sys
+    import types
+
+    FakeHarnessTasks = types.ModuleType("lm_eval.tasks")
+
+    class TaskManager:
+        all_tasks = ["arc_challenge", "arc_easy", "hellaswag", "mmlu"]
+
+    FakeHarnessTasks.TaskManager = TaskManager
+    monkeypatch.setitem(sys.modules, "lm_eval", types.ModuleType("lm_eval"))
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", FakeHarnessTasks)
+    task_file = tmp_path / "my_task.yaml"
+    task_file.write_text("task: mine\n")
+    ok = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_easy", "arc_*", str(task_file)]}})
+    protocols.check_before_loading(ok, ["sequential"])
+    bad = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc-easy", "hellaswag"]}})
+    with pytest.raises(ParamsError, match=r"\['arc-easy'\] are not tasks.*did you mean \['arc_easy'\]"):
+        protocols.check_before_loading(bad, ["sequential"])
+    protocols.check_before_loading(bad, ["layer_search"])  # no sequential experiment: not needed
+
+    def unreadable():
+        raise RuntimeError("no task index here")
+
+    TaskManager.__init__ = lambda self: unreadable()
+    protocols.check_before_loading(bad, ["sequential"])
+
+
 def test_unscored_heldout_facts_count_as_not_known(study, monkeypatch):
     """A held-out fact whose outputs are NaN/inf (blanked by evaluate_records) is not known: it counts
     against heldout_known instead of leaving the mean, and heldout_unscored says how many."""

@@ -75,7 +75,7 @@ class CostModel:
     trsv_eff: float = 0.05         # triangular solves with few right-hand sides (latency-bound)
     # host time per kernel and kernels per block: fitted to one H200's measurements on the
     # Llama-3-8B shape (docs/paper-scale.md, "Calibrated on an H200"): a one-fact value step of 30
-    # blocks took 112 ms of host time for 4,498 kernels (torch.profiler: 17.5 ms on the GPU), a decode
+    # blocks took 112 ms of host time for 4,498 kernels (torch.profiler: 17.5-35 ms on the GPU), a decode
     # step of 32 blocks 82 ms whether it carried 10 rows or 1,020
     kernel_s: float = 25e-6        # host time per CUDA kernel: launch + eager PyTorch / module Python / autograd
     kernels_fwd: int = 90          # kernels per decoder block forward (transformers: norms, RoPE, cache, SDPA, MLP)
@@ -98,9 +98,10 @@ class CostModel:
     kernels_fused_value: int = 60
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's
-    # 7.4 ms of modelled weight traffic) / 4,498 kernels. The profile printed 35 ms, each kernel's
-    # time summed twice (under the operator that launched it and as its own device event:
-    # bench_compiled_values.device_us); 17.5 ms holds if every kernel ran under a recorded operator
+    # 7.4 ms of modelled weight traffic) / 4,498 kernels. 17.5 ms is half the 35 ms its sum over all
+    # events printed, which counts a kernel launched under a recorded operator twice
+    # (bench_compiled_values.device_us counts it once): a lower bound of the GPU time, so this is
+    # the optimistic end (35 ms: 6 µs; paper_cost.py --graph-node-us)
     graph_node_s: float = 2.2e-6
     # host time of each call of the compiled block in a captured value step (each block's forward
     # and its backward are one node of the step's CUDA-graph tree, a Python call with its guards):

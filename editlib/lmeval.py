@@ -61,10 +61,11 @@ def parse(raw: Mapping[str, Any] | None, where: str = "sequential.lm_eval") -> L
 
 def check_installed(spec: LmEvalSpec | None = None) -> None:
     """Fail fast, before any model loads, when the harness is not installed, or (given ``spec``)
-    when a task it names is none of the harness's tasks, groups or tags, nor a pattern matching
-    one, nor a task file (ParamsError): a misspelt task would otherwise stop the sequential
-    notebook after the notebooks before it. A harness whose task registry cannot be read here is
-    left to say so itself."""
+    when a task it names is none of the harness's tasks, groups or tags, nor a task file
+    (ParamsError): a misspelt task would otherwise stop the sequential notebook after the notebooks
+    before it. ``simple_evaluate`` takes names as they are (only the harness's command line expands
+    glob patterns), so a pattern is refused too, with the names it matches. A harness whose task
+    registry cannot be read here is left to say so itself."""
     from .params import ParamsError
 
     try:
@@ -82,9 +83,10 @@ def check_installed(spec: LmEvalSpec | None = None) -> None:
     import fnmatch
     import os
 
-    unknown = [t for t in spec.tasks if t not in known and not os.path.exists(t) and not fnmatch.filter(known, t)]
+    unknown = [t for t in spec.tasks if t not in known and not os.path.isfile(t)]
     if unknown:
-        near = {t: fnmatch.filter(known, f"*{t.replace('-', '_')}*")[:3] for t in unknown}
+        near = {t: sorted(fnmatch.filter(known, t if any(c in t for c in "*?[") else f"*{t.replace('-', '_')}*"))[:3]
+                for t in unknown}
         raise ParamsError(f"sequential.lm_eval.tasks: {unknown} are not tasks, groups or tags of the installed "
                           "lm-evaluation-harness" + "".join(f"; {t!r}: did you mean {n}?" for t, n in near.items() if n))
 

@@ -377,9 +377,10 @@ def _model_config(mp, which: str = "model") -> dict | None:
     then says why)."""
     if not mp.id or mp.tiny:
         return None
-    if os.path.isdir(mp.id):
+    local = os.path.expanduser(mp.id)
+    if os.path.isdir(local):
         try:
-            return json.loads((Path(mp.id) / "config.json").read_text())
+            return json.loads((Path(local) / "config.json").read_text())
         except (OSError, ValueError):
             return None
     from .models import _offline, _resolve_source

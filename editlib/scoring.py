@@ -88,8 +88,10 @@ def reference_scored(tok, target: str, ids: list[int]) -> list[int]:
 
 def _sentencepiece_words(tok, ids: list[int]) -> bool:
     """Whether the target's first piece starts with sentencepiece's word marker "▁" (Llama-2), not
-    byte-level BPE's "Ġ" (Llama-3, GPT-2): the reference's Llama-2 branch, which it chose by the
-    model's name and which editlib tells by the tokenizer's own pieces."""
+    byte-level BPE's "Ġ" (Llama-3, GPT-2). It stands in for the reference's test of the model's
+    name ("llama-2" in its path), which editlib does not read: so every sentencepiece tokenizer
+    (Mistral's, Gemma's too) is read as the reference reads Llama-2, where the reference itself
+    would shift the other models as it shifts Llama-3; the paper's models are Llama-3 and Llama-2."""
     pieces = tok.convert_ids_to_tokens(list(ids[:1]))
     return bool(pieces) and isinstance(pieces[0], str) and pieces[0].startswith("\u2581")
 

@@ -211,8 +211,9 @@ def test_lm_eval_params_fail_fast(tmp_path, monkeypatch):
 def test_lm_eval_task_names_are_checked_before_loading(tmp_path, monkeypatch):
     """A task name the installed harness does not know (a typo) fails in the pre-load checks,
     naming it and its near names, not in the sequential notebook after the notebooks before it;
-    names, glob patterns and task files the harness accepts pass, and a harness without a readable
-    task registry is left to say so itself."""
+    names and task files pass, a glob pattern fails (simple_evaluate does not expand it, only the
+    harness's command line does), and a harness without a readable task registry is left to say so
+    itself."""
     import sys
     import types
 
@@ -226,8 +227,14 @@ def test_lm_eval_task_names_are_checked_before_loading(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", FakeHarnessTasks)
     task_file = tmp_path / "my_task.yaml"
     task_file.write_text("task: mine\n")
-    ok = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_easy", "arc_*", str(task_file)]}})
+    ok = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_easy", str(task_file)]}})
     protocols.check_before_loading(ok, ["sequential"])
+    glob = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc_*", "mmlu"]}})
+    with pytest.raises(ParamsError, match=r"\['arc_\*'\] are not tasks.*did you mean \['arc_challenge', 'arc_easy'\]"):
+        protocols.check_before_loading(glob, ["sequential"])
+    with pytest.raises(ParamsError, match="are not tasks"):  # a folder is no task file
+        protocols.check_before_loading(params_for(tmp_path, **{"sequential.lm_eval": {"tasks": [str(tmp_path)]}}),
+                                       ["sequential"])
     bad = params_for(tmp_path, **{"sequential.lm_eval": {"tasks": ["arc-easy", "hellaswag"]}})
     with pytest.raises(ParamsError, match=r"\['arc-easy'\] are not tasks.*did you mean \['arc_easy'\]"):
         protocols.check_before_loading(bad, ["sequential"])

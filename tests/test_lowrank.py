@@ -269,3 +269,26 @@ def test_sixteen_bit_terms_ignore_model_tf32(monkeypatch, dtype, ieee) -> None:
             score_targets(model, tok, prefixes, targets, groups=[min(g, len(hook.edits) - 1) for g in groups],
                           deltas=hook)
             assert asked == ([False] * len(asked) if ieee else []) and (len(asked) > 0) == ieee
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_terms_are_ieee_under_model_tf32() -> None:
+    """On a GPU, a bfloat16 model's per-row scores are the same bits with model.tf32 on as off: the
+    hooks' float32 terms stay IEEE, and the model's own bfloat16 products ignore the switch (what the
+    results digest assumes: editlib.tf32.tf32_applies is false for a 16-bit model)."""
+    from editlib.tf32 import matmul_tf32, set_tf32
+
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.bfloat16).cuda()
+    prefixes, targets = pairs(8, seed=5)
+    e = random_edits(model, 3, 2, scale=0.5, seed=6)
+    groups = [i % 4 - 1 for i in range(8)]
+    before, out = matmul_tf32(), []
+    try:
+        for on in (False, True):
+            set_tf32(on)
+            with RowDeltas(model, e) as hook:
+                out.append(score_targets(model, tok, prefixes, targets, groups=groups, deltas=hook).nll)
+    finally:
+        set_tf32(before)
+    assert np.array_equal(out[0], out[1])

@@ -519,12 +519,10 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
         if unknown:
             raise ValueError(f"{path}: unknown unit(s) {unknown}; known: {', '.join(UNIT_KEYS)}")
         flags = measured_with_graphs(d)
-        for flag, captured in flags.items():
-            if captured != getattr(model, flag):
-                for key in GRAPH_UNITS[flag]:
-                    if units.pop(key, None) is not None and skipped is not None:
-                        skipped.append((str(path), key, timed_as(flags, key)))
-        for key, how in ([] if eval_batch is None else _scoring_left_out(d, eval_batch)):
+        left_out = [(key, timed_as(flags, key)) for flag, captured in flags.items()
+                    if captured != getattr(model, flag) for key in GRAPH_UNITS[flag]]
+        left_out += [] if eval_batch is None else _scoring_left_out(d, eval_batch)
+        for key, how in left_out:
             if units.pop(key, None) is not None and skipped is not None:
                 skipped.append((str(path), key, how))
         unit_s.update(units)

@@ -7,8 +7,9 @@ Off by default and never needed offline: ``sequential.lm_eval`` in a params file
 edited (the unedited model first, then after every ``every`` edited facts and at the end of each
 sequential configuration), in process, on the edited weights, without writing a checkpoint. Each
 ``<task>_<metric>`` lands in the run's ``batches.parquet`` as ``lmeval_<task>_<metric>`` (with
-``_<filter>`` for a filter other than ``none``; ``..._0`` for the unedited model), beside the degradation columns. Install with
-``pip install -e ".[lmeval]"``; the harness downloads its task datasets on first use.
+``_<filter>`` for a filter other than ``none``; ``..._0`` for the unedited model), beside the
+degradation columns. Install with ``pip install -e ".[lmeval]"``; the harness downloads its task
+datasets on first use.
 """
 from __future__ import annotations
 

@@ -98,8 +98,9 @@ class _RowHook(Hooked):
         CUDA, TF32 off whatever ``model.tf32`` says: ``model.tf32`` rounds a float32 model's
         products only, which is what a results folder's digest and the value store record
         (:func:`editlib.tf32.tf32_applies`); a no-op on other devices."""
-        if inputs[0].dtype in (torch.float16, torch.bfloat16):
-            with tf32_matmuls(inputs[0].device, on=False):
+        x = inputs[0]
+        if term_dtype(x.dtype) != x.dtype:  # float32 terms beside 16-bit activations
+            with tf32_matmuls(x.device, on=False):
                 return self._hook(module, inputs, output)
         return self._hook(module, inputs, output)
 

@@ -195,8 +195,8 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
     key_tok += sum(len(filled_ids(tok, r.prompt, r.subject)[0]) for r in recs)
     fl = _flatten(recs)
     cache = _TokCache(tok, "correct")
-    seqs, tokens, reads = 0, 0, 0
-    eval_lens: Counter = Counter()
+    reads = 0
+    eval_lens: Counter = Counter()  # lengths of each case's distinct scored sequences
     for i in range(len(recs)):
         plans = {}
         for j in (fl.owner == i).nonzero()[0]:
@@ -204,13 +204,12 @@ def measure_token_stats(records: Sequence, tok, n: int = 1000, context_len: int 
                 ids, cols, _ = _read_plan(cache, fl.prefixes[j], tgt)
                 plans.setdefault(ids, 0)
                 reads += len(cols)
-        seqs += len(plans)
-        tokens += sum(len(s) for s in plans)
         eval_lens.update(len(s) for s in plans)
     lens = [len(encode(tok, g)) for r in recs for g in r.generation_prompts]
     hist = Counter(lens)
     mins = [min(len(encode(tok, g)) for g in r.generation_prompts) for r in recs if r.generation_prompts]
     k = len(recs)
+    seqs, tokens = sum(eval_lens.values()), sum(l * c for l, c in eval_lens.items())
     return TokenStats(
         value_seqs=round(len(seq.lookup) / k, 2), value_tokens=round(float(seq.mask.sum()) / k, 1),
         value_packed=round(float(width.sum()) / k, 1), value_labels=round(float(len(need_seq)) / k, 1),

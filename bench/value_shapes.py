@@ -66,7 +66,7 @@ def signatures(model, tok, records, contexts, z_batch: int, buckets: bool, stops
                 if drop is not None:
                     running.remove(drop)
                 rows = torch.isin(seq.owner, torch.tensor(running)).nonzero()[:, 0]
-                fwd.run(rows, torch.zeros(len(rows), model.config.hidden_size))
+                fwd.packed(rows, torch.zeros(len(rows), model.config.hidden_size))
     finally:
         packed.run_blocks = real
     return seen

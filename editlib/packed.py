@@ -20,6 +20,8 @@ mistral and qwen2 (grouped-query attention, biases, scaled RoPE).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -203,6 +205,12 @@ class PackedSuffix:
     def __call__(self, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
         """[len(rows), width, d]: final-normed hidden states of sequences ``rows`` at the needed
         positions (relative to the subject token; zero elsewhere); ``delta_rows`` [len(rows), d]."""
+        return self.run(self.plan(rows), delta_rows)
+
+    def plan(self, rows: torch.Tensor) -> "_Plan":
+        """Everything a step over sequences ``rows`` reads that does not depend on δ: its index
+        tensors on the model's device, the attention mask, RoPE's cos/sin. Made on the host once
+        per set of rows, so that :meth:`run` issues device work only (what a CUDA graph captures)."""
         dev, R = self.device, len(rows)
         row_of_seq = torch.full((len(self.lookup),), -1, dtype=torch.long)
         row_of_seq[rows] = torch.arange(R)
@@ -212,39 +220,75 @@ class PackedSuffix:
         W = int(self.width[rows].max())
         flat = (r_tok * W + rel).to(dev)
         need = self.tok_need[sel].nonzero()[:, 0].to(dev)
-        first = (rel == 0).to(dev)[:, None]
-        x = self.x0[sel.to(dev)]
-        x = torch.where(first, x + delta_rows[r_tok.to(dev)], x).to(self.dtype)  # bf16 models: δ is fp32
+        pl = _Plan(R=R, W=W, sel=sel.to(dev), r_tok=r_tok.to(dev), first=(rel == 0).to(dev)[:, None],
+                   flat=flat, need=need)
         if not self.blocks:
-            x = x[need]
-        elif self.buckets:
-            x = self._bucketed(rows, x, sel, r_tok, rel, need)
-        else:
-            all_rows = R == len(self.lookup) and bool((rows == torch.arange(R)).all())
-            cos, sin = self.cos[sel.to(dev)], self.sin[sel.to(dev)]
-            w_r, p_r = self.width[rows].to(dev), self.lookup[rows].to(dev)
-            x = self.run_blocks(self.blocks, x, cos, sin, self.kv, None if all_rows else rows.to(dev),
-                                _attn_mask(w_r, p_r, W, self.p_max), flat, need, R, W)
-        x = self.norm(x)
-        return x.new_zeros(R * W, x.shape[-1]).index_copy(0, flat[need], x).view(R, W, -1)
+            return pl
+        if self.buckets:
+            return self._bucketed_plan(rows, pl, sel, r_tok, rel)
+        all_rows = R == len(self.lookup) and bool((rows == torch.arange(R)).all())
+        pl.cos, pl.sin = self.cos[pl.sel], self.sin[pl.sel]
+        w_r, p_r = self.width[rows].to(dev), self.lookup[rows].to(dev)
+        pl.kv_rows = None if all_rows else rows.to(dev)
+        pl.mask = _attn_mask(w_r, p_r, W, self.p_max)
+        pl.b_flat, pl.b_need, pl.b_R, pl.b_W = flat, need, R, W
+        return pl
 
-    def _bucketed(self, rows, x, sel, r_tok, rel, need) -> torch.Tensor:
-        """The blocks on the real tokens ``x`` padded to bucket sizes (the class docstring);
-        returns the outputs at ``need`` only."""
-        dev, R, T, N = self.device, len(rows), len(sel), len(need)
+    def run(self, pl: "_Plan", delta_rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` for the rows of ``pl`` (:meth:`plan`): device work only."""
+        x = self.x0[pl.sel]
+        x = torch.where(pl.first, x + delta_rows[pl.r_tok], x).to(self.dtype)  # bf16 models: δ is fp32
+        if not self.blocks:
+            x = x[pl.need]
+        else:
+            if pl.pad_tokens:  # bucketed: token 0's input, detached (no gradient reaches δ through it)
+                x = torch.cat([x, x[:1].detach().expand(pl.pad_tokens, -1)])
+            x = self.run_blocks(self.blocks, x, pl.cos, pl.sin, self.kv, pl.kv_rows, pl.mask, pl.b_flat,
+                                pl.b_need, pl.b_R, pl.b_W)
+            if pl.pad_tokens is not None:
+                x = x[:len(pl.need)]
+        x = self.norm(x)
+        return x.new_zeros(pl.R * pl.W, x.shape[-1]).index_copy(0, pl.flat[pl.need], x).view(pl.R, pl.W, -1)
+
+    def _bucketed_plan(self, rows, pl: "_Plan", sel, r_tok, rel) -> "_Plan":
+        """:meth:`plan` with the blocks' inputs padded to bucket sizes (the class docstring)."""
+        dev, R, T, N = self.device, len(rows), len(sel), len(pl.need)
         Rb, Wb, Tb, Nb = bucket(R + 1), bucket(int(self.width[rows].max())), bucket(T), bucket(N)
-        # padding tokens: token 0's input and position, detached (no gradient reaches δ through them)
+        # padding tokens: token 0's input and position
         src = torch.cat([sel, sel.new_zeros(Tb - T)]).to(dev)
-        x = torch.cat([x, x[:1].detach().expand(Tb - T, -1)])
-        flat = torch.cat([r_tok * Wb + rel, torch.full((Tb - T,), R * Wb)]).to(dev)
+        pl.pad_tokens = Tb - T
+        pl.b_flat = torch.cat([r_tok * Wb + rel, torch.full((Tb - T,), R * Wb)]).to(dev)
         pad_rows = Rb - R  # a padding row: no prefix, one slot (the padding tokens' own)
         w_r = torch.cat([self.width[rows], torch.ones(pad_rows, dtype=torch.long)]).to(dev)
         p_r = torch.cat([self.lookup[rows], torch.zeros(pad_rows, dtype=torch.long)]).to(dev)
-        kv_rows = torch.cat([rows, rows.new_zeros(pad_rows)]).to(dev)
-        need = torch.cat([need, need.new_zeros(Nb - N)])
-        x = self.run_blocks(self.blocks, x, self.cos[src], self.sin[src], self.kv, kv_rows,
-                            _attn_mask(w_r, p_r, Wb, self.p_max), flat, need, Rb, Wb)
-        return x[:N]
+        pl.kv_rows = torch.cat([rows, rows.new_zeros(pad_rows)]).to(dev)
+        pl.b_need = torch.cat([pl.need, pl.need.new_zeros(Nb - N)])
+        pl.cos, pl.sin = self.cos[src], self.sin[src]
+        pl.mask = _attn_mask(w_r, p_r, Wb, self.p_max)
+        pl.b_R, pl.b_W = Rb, Wb
+        return pl
+
+
+@dataclass
+class _Plan:
+    """:meth:`PackedSuffix.plan`: a step's δ-independent inputs (tensors on the model's device)."""
+
+    R: int                      # rows (sequences) of the step
+    W: int                      # their widest suffix
+    sel: torch.Tensor           # packed tokens of those rows
+    r_tok: torch.Tensor         # each selected token's row
+    first: torch.Tensor         # [tokens, 1] the subject token (δ is added there)
+    flat: torch.Tensor          # each token's slot in the [R·W] output layout
+    need: torch.Tensor          # the tokens a loss reads
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    b_flat: torch.Tensor | None = None   # the blocks' layout (bucketed: padded sizes)
+    b_need: torch.Tensor | None = None
+    b_R: int = 0
+    b_W: int = 0
+    pad_tokens: int | None = None        # bucketed: padding tokens appended (None: not bucketed)
 
 
 def _zero_padded(t: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -277,6 +277,12 @@ class _Forward:
         """Map absolute positions of sequences ``rows`` to positions in the hidden states."""
         return positions - self.seq.lookup[rows].to(positions.device) if self.cached else positions
 
+    def plan(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def run(self, rows: torch.Tensor, delta_rows: torch.Tensor, record_h=None, plain=None):
+        return self(rows, delta_rows, record_h, plain)
+
     def __call__(self, rows: torch.Tensor, delta_rows: torch.Tensor, record_h=None, plain=None):
         """Hidden states [len(rows), T, d]; ``delta_rows`` [len(rows), d] is added at the subject
         token; when ``record_h`` is given, the block output at the plain rows' subject tokens is
@@ -317,21 +323,25 @@ class _Forward:
 
 class _Packed:
     """:class:`_Forward`'s interface over :class:`editlib.packed.PackedSuffix` (positions are
-    relative to the subject token; only label and KL positions are filled)."""
+    relative to the subject token; only label and KL positions are filled). :meth:`plan` does a
+    step's host work once per set of rows, :meth:`run` its device work."""
 
     def __init__(self, model, seq: _Seqs, layer: int, compile_blocks: str = "off", buckets: bool | None = None):
         kl = seq.is_kl.nonzero()[:, 0]
         self.seq = seq
-        self.run = PackedSuffix(model, seq.ids, seq.mask, seq.lookup, torch.cat([seq.lab_seq, kl]),
-                                torch.cat([seq.lab_pos, seq.lookup[kl]]), layer, compile_blocks, buckets)
+        self.packed = PackedSuffix(model, seq.ids, seq.mask, seq.lookup, torch.cat([seq.lab_seq, kl]),
+                                   torch.cat([seq.lab_pos, seq.lookup[kl]]), layer, compile_blocks, buckets)
 
     def pos(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return positions - self.seq.lookup[rows].to(positions.device)
 
-    def __call__(self, rows: torch.Tensor, delta_rows: torch.Tensor, record_h=None, plain=None):
-        if record_h is not None:
-            record_h[...] = self.run.h[rows.to(plain.device)[plain]]
-        return self.run(rows, delta_rows)
+    def plan(self, rows: torch.Tensor):
+        return self.packed.plan(rows)
+
+    def run(self, pl, delta_rows: torch.Tensor, record_h=None, plain=None):
+        if record_h is not None:  # the plain rows' block output without δ: computed once per chunk
+            record_h[...] = self.packed.h[plain]
+        return self.packed.run(pl, delta_rows)
 
 
 def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
@@ -350,6 +360,75 @@ def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
     slots = int(seq.lookup.max()) + int((lengths - seq.lookup).max())
     within = window is None or slots <= int(window)
     return _Forward(model, seq, layer, hp.prefix_cache and within)
+
+
+@dataclass
+class _StepPlan:
+    """A value step's δ-independent indices for the facts still running (on the model's device but
+    ``facts``): made on the host once per set of running facts (:func:`_plan_step`), so that
+    :func:`_step_loss` issues device work only."""
+
+    facts: torch.Tensor     # running facts (host)
+    rows: torch.Tensor      # their sequences (host)
+    fwd: object             # the forward's own plan (_Packed.plan / _Forward.plan)
+    facts_dev: torch.Tensor
+    seq_slot: torch.Tensor  # each row's fact, as a row of the running facts' δ
+    lab_rows: torch.Tensor  # label positions: row, position in the hidden states, token, weight, fact
+    lab_pos: torch.Tensor
+    lab_tok: torch.Tensor   # [labels, 1]
+    lab_w: torch.Tensor
+    lab_slot: torch.Tensor
+    kl_rows: torch.Tensor   # the KL prompts: row, position, fact
+    kl_pos: torch.Tensor
+    kl_slot: torch.Tensor
+
+
+def _plan_step(fwd, seq: _Seqs, facts: torch.Tensor, n: int, device) -> _StepPlan:
+    rows = torch.isin(seq.owner, facts).nonzero()[:, 0]
+    slot = torch.full((n,), -1, dtype=torch.long)  # fact index (within chunk) -> row of d_act
+    slot[facts] = torch.arange(len(facts))
+    seq_slot = slot[seq.owner[rows]].to(device)
+    row_of_seq = torch.full((seq.ids.shape[0],), -1, dtype=torch.long)
+    row_of_seq[rows] = torch.arange(len(rows))
+    keep_lab = row_of_seq[seq.lab_seq] >= 0
+    lab_rows = row_of_seq[seq.lab_seq[keep_lab]].to(device)
+    kl_rows = seq.is_kl[rows].nonzero()[:, 0]
+    kl_pos = fwd.pos(seq.lookup[rows[kl_rows]], rows[kl_rows])
+    kl_rows = kl_rows.to(device)
+    return _StepPlan(
+        facts=facts, rows=rows, fwd=fwd.plan(rows), facts_dev=facts.to(device), seq_slot=seq_slot,
+        lab_rows=lab_rows, lab_pos=fwd.pos(seq.lab_pos[keep_lab], seq.lab_seq[keep_lab]).to(device),
+        lab_tok=seq.lab_tok[keep_lab, None].to(device), lab_w=seq.lab_w[keep_lab].to(device),
+        lab_slot=seq_slot[lab_rows], kl_rows=kl_rows, kl_pos=kl_pos.to(device), kl_slot=seq_slot[kl_rows])
+
+
+def _step_loss(fwd, pl: _StepPlan, lm_head, d_act: torch.Tensor, h: torch.Tensor, log_p_init, hp: ValueHParams,
+               record_h=None, plain=None):
+    """Per running fact: the loss (the module docstring's L_f) and, under ``early_stop: mpes``, how
+    many of its label positions do not hold the target as the argmax (else None); and the KL
+    reference, made here from this forward when ``log_p_init`` is None (the first iteration).
+    Device work only: no host synchronisation, nothing moved from the host."""
+    device = d_act.device
+    hid = fwd.run(pl.fwd, d_act[pl.seq_slot], record_h, plain)
+    # rewriting NLL at label positions only (SPEC §9: logits only where a loss needs them)
+    logits = lm_head(hid[pl.lab_rows, pl.lab_pos]).float()
+    tok_nll = -torch.log_softmax(logits, -1).gather(1, pl.lab_tok)[:, 0]
+    nll = torch.zeros(len(pl.facts), device=device).index_add(0, pl.lab_slot, tok_nll * pl.lab_w)
+    miss = None
+    if hp.early_stop == "mpes":
+        miss = torch.zeros(len(pl.facts), device=device).index_add(
+            0, pl.lab_slot, (logits.argmax(-1) != pl.lab_tok[:, 0]).float())
+    # KL at the subject's last token of the KL prompt (SPEC §1A step 6)
+    kl_logp = torch.log_softmax(lm_head(hid[pl.kl_rows, pl.kl_pos]).float(), -1)
+    if log_p_init is None:
+        log_p_init = torch.zeros(h.shape[0], kl_logp.shape[-1], device=device)
+        log_p_init[pl.facts_dev[pl.kl_slot]] = kl_logp.detach()
+    ref = log_p_init[pl.facts_dev][pl.kl_slot]
+    kl = torch.zeros(len(pl.facts), device=device).index_add(
+        0, pl.kl_slot, (kl_logp.exp() * (kl_logp - ref)).sum(-1))
+    h_act = h[pl.facts_dev]
+    wd = hp.v_weight_decay * d_act.norm(dim=1) / h_act.norm(dim=1).pow(2)
+    return nll + hp.kl_factor * kl + wd, miss, log_p_init
 
 
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
@@ -378,43 +457,18 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     log_p_init = None  # [n, V] at the KL position, recorded at the first forward
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
     plain = torch.arange(n, device=device) * (len(contexts.flat) + 1)
-    n_seq = seq.ids.shape[0]
+    pl = None
     for it in range(hp.v_num_grad_steps):
         facts = active.nonzero()[:, 0]
-        rows = torch.isin(seq.owner, facts).nonzero()[:, 0]
-        slot = torch.full((n,), -1, dtype=torch.long)  # fact index (within chunk) -> row of d_act
-        slot[facts] = torch.arange(len(facts))
-        seq_slot = slot[seq.owner[rows]].to(device)
+        if pl is None or not torch.equal(facts, pl.facts):
+            pl = _plan_step(fwd, seq, facts, n, device)
         d_act = delta[facts].clone().requires_grad_(True)
-        hid = fwd(rows, d_act[seq_slot], h if it == 0 else None, plain)
-        # rewriting NLL at label positions only (SPEC §9: logits only where a loss needs them)
-        row_of_seq = torch.full((n_seq,), -1, dtype=torch.long)
-        row_of_seq[rows] = torch.arange(len(rows))
-        keep_lab = row_of_seq[seq.lab_seq] >= 0
-        lab_rows = row_of_seq[seq.lab_seq[keep_lab]]
-        pos = fwd.pos(seq.lab_pos[keep_lab], seq.lab_seq[keep_lab])
-        logits = lm_head(hid[lab_rows.to(device), pos.to(device)]).float()
-        tok_nll = -torch.log_softmax(logits, -1).gather(1, seq.lab_tok[keep_lab, None].to(device))[:, 0]
-        nll = torch.zeros(len(facts), device=device).index_add(
-            0, seq_slot[lab_rows.to(device)], tok_nll * seq.lab_w[keep_lab].to(device))
-        if hp.early_stop == "mpes":  # label positions whose target is not the argmax, per fact
-            miss = (logits.argmax(-1) != seq.lab_tok[keep_lab].to(device)).float()
-            most_probable = torch.zeros(len(facts), device=device).index_add(
-                0, seq_slot[lab_rows.to(device)], miss).cpu() == 0
-        # KL at the subject's last token of the KL prompt (SPEC §1A step 6)
-        kl_rows = seq.is_kl[rows].nonzero()[:, 0]
-        kl_pos = fwd.pos(seq.lookup[rows[kl_rows]], rows[kl_rows])
-        kl_logp = torch.log_softmax(lm_head(hid[kl_rows.to(device), kl_pos.to(device)]).float(), -1)
-        kl_slot = seq_slot[kl_rows.to(device)]
-        if log_p_init is None:
-            log_p_init = torch.zeros(n, kl_logp.shape[-1], device=device)
-            log_p_init[facts.to(device)[kl_slot]] = kl_logp.detach()
-        ref = log_p_init[facts.to(device)][kl_slot]
-        kl = torch.zeros(len(facts), device=device).index_add(
-            0, kl_slot, (kl_logp.exp() * (kl_logp - ref)).sum(-1))
-        h_act = h[facts.to(device)]
-        wd = hp.v_weight_decay * d_act.norm(dim=1) / h_act.norm(dim=1).pow(2)
-        loss = nll + hp.kl_factor * kl + wd
+        if log_p_init is None:  # the first forward: records target_init h and the KL reference
+            loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
+        else:
+            loss, miss, _ = _step_loss(fwd, pl, lm_head, d_act, h, log_p_init, hp)
+        if hp.early_stop == "mpes":  # facts all of whose label positions hold the target as the argmax
+            most_probable = miss.cpu() == 0
         lc = loss.detach().float().cpu()
         bad = ~torch.isfinite(lc)
         nonfinite[facts[bad]] = True

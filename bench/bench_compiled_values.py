@@ -10,7 +10,9 @@ not move).
         [--z-batch-size 1] [--rounds 2] [--mode default] [--threads 2] [--profile N] [--set KEY=VALUE ...]
 
 ``--z-batch-size 1`` is a one-fact sequential edit's value optimisation (B = 1); on a GPU
-(``--set model.device=cuda``) ``--mode reduce-overhead`` also captures CUDA graphs (each call then
+(``--set model.device=cuda``) ``--mode capture`` times ``hparams.common.capture_steps`` instead (the
+eager steps recorded whole as CUDA graphs, :mod:`editlib.cudagraphs`: z should equal eager's, and
+the line says for how many facts it does to the bit), and ``--mode reduce-overhead`` captures CUDA graphs (each call then
 starts a new CUDA-graph step, as ``torch.compiler.cudagraph_mark_step_begin`` asks when a call's
 outputs are still alive at the next). A compiled path that fails (to compile or to run) is reported
 with its error, and the eager numbers are still printed.
@@ -158,7 +160,8 @@ def main() -> None:
     ap.add_argument("--z-batch-size", type=int, default=1, help="facts optimised together (1: a B = 1 sequential edit)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--mode", default="default", help="hparams.common.compile_blocks to time against eager "
-                    "(default | reduce-overhead | max-autotune-no-cudagraphs)")
+                    "(default | reduce-overhead | max-autotune-no-cudagraphs), or capture: hparams.common.capture_steps "
+                    "(the eager steps recorded as CUDA graphs; CUDA only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a shape build (params naming one)")
@@ -181,7 +184,10 @@ def main() -> None:
     ctx = study.contexts(ehp.context_templates)
     facts = study.facts(a.warmup + a.n)
     warm, timed = facts[:a.warmup], facts[a.warmup:]
-    eager_hp, comp_hp = replace(hp, compile_blocks="off"), replace(hp, compile_blocks=a.mode)
+    eager_hp = replace(hp, compile_blocks="off", capture_steps=False)
+    # --mode capture: hparams capture_steps (the eager steps recorded whole as CUDA graphs), else compile_blocks
+    comp_hp = replace(eager_hp, capture_steps=True) if a.mode == "capture" else replace(eager_hp, compile_blocks=a.mode)
+    other = "captured" if a.mode == "capture" else "compiled"
     print(f"model {study.label} ({study.n_layers} layers) on {study.model.device}, layer {a.layer}, "
           f"{a.n} facts, z_batch_size {a.z_batch_size}, threads {torch.get_num_threads()}, mode {a.mode}")
 
@@ -200,15 +206,15 @@ def main() -> None:
         profile_path(study, timed[:a.profile], a.layer, ctx, eager_hp, "eager")
     error = ""
     try:
-        dt, _ = run("compiled", warm)
-        print(f"compiled warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
+        dt, _ = run(other, warm)
+        print(f"{other} warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
     except Exception as e:  # the eager numbers are still worth having
         error = _brief(e)
-        print(f"compiled warm-up failed: {error}")
+        print(f"{other} warm-up failed: {error}")
     eager_ms, comp_ms = [], []
     for r in range(a.rounds):
-        for name, acc in (("eager", eager_ms), ("compiled", comp_ms)):
-            if name == "compiled" and error:
+        for name, acc in (("eager", eager_ms), (other, comp_ms)):
+            if name == other and error:
                 continue
             try:
                 dt, res = run(name, timed)
@@ -216,7 +222,7 @@ def main() -> None:
                 if name == "eager":
                     raise
                 error = _brief(e)
-                print(f"round {r + 1} compiled failed: {error}")
+                print(f"round {r + 1} {other} failed: {error}")
                 continue
             iters = float(res.steps.sum()) + len(timed)  # the last forward of each fact takes no step
             acc.append(dt / len(timed) * 1000)
@@ -228,16 +234,17 @@ def main() -> None:
                 dz = (res.z - ref.z).abs().max().item()
                 rel = ((res.z - ref.z).norm(dim=0) / ref.z.norm(dim=0)).max().item()
                 same = int((res.steps == ref.steps).sum())
-                print(f"         compiled vs eager: max |Δz| {dz:.2e}, max relative ‖Δz‖ {rel:.2e}, "
-                      f"equal step counts {same}/{len(timed)}")
+                bits = int(sum(torch.equal(res.z[:, i], ref.z[:, i]) for i in range(len(timed))))
+                print(f"         {other} vs eager: max |Δz| {dz:.2e}, max relative ‖Δz‖ {rel:.2e}, "
+                      f"equal step counts {same}/{len(timed)}, z equal to the bit {bits}/{len(timed)}")
     if a.mode == "reduce-overhead" and str(study.model.device).startswith("cuda"):
         print(cuda_graphs_recorded(study.model.device))
     if a.profile and comp_ms and not error:
-        profile_path(study, timed[:a.profile], a.layer, ctx, comp_hp, "compiled")
+        profile_path(study, timed[:a.profile], a.layer, ctx, comp_hp, other)
     if error or not comp_ms:
-        print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, compiled failed: {error}")
+        print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, {other} failed: {error}")
         raise SystemExit(1)
-    print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, compiled {min(comp_ms):.1f}-{max(comp_ms):.1f}: "
+    print(f"eager {min(eager_ms):.1f}-{max(eager_ms):.1f} ms/fact, {other} {min(comp_ms):.1f}-{max(comp_ms):.1f}: "
           f"{sum(eager_ms) / sum(comp_ms):.2f}x")
 
 

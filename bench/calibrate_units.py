@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     # what the GE and values units were timed with (editlib.cost.measured_with_graphs reads it)
     doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled") and dev.type == "cuda",
                      "decode_fused": grid.evaluation.gen_decode == "compiled",
-                     "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead"}
+                     "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead",
+                     "step_graphs": grid.method_hparams("memit", 1, "sequential").values.capture_steps}
     # the scoring batch the eval units were timed at (editlib.cost.with_unit_costs compares it)
     doc["evaluation"] = {"batch_size": int(grid.evaluation.batch_size)}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,

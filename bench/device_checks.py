@@ -35,6 +35,10 @@ comes back even if the run is stopped:
               as one graph took 199 s there): hparams.common.compile_blocks reduce-overhead against eager at B = 1,
               4 facts, one round, torch at every CPU thread; then each path's CUDA kernels per
               Adam iteration of one fact (--profile 1: what refits editlib.cost's kernels_fused_value)
+  captured_shape  the same script on the 32-layer shape with --mode capture: hparams.common.capture_steps
+              (the eager value steps recorded whole as CUDA graphs, no compilation) against eager at
+              B = 1, 6 facts, two rounds, with how many facts' z equal eager's to the bit, and each
+              path's GPU time per Adam iteration (--profile 1)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -44,7 +48,8 @@ comes back even if the run is stopped:
               bench/units/h200-bfloat16-llama3-8b-shape.json calibration-compiled.json)
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
-most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape).
+most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape;
+captured_shape about half of one: --only env cuda_tests captured_shape).
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
 fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
@@ -77,10 +82,11 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
     sys.path.insert(0, str(ROOT))
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
-STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "decode_shape")
+STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "captured_shape",
+         "decode_shape")
 #: what a run without --only checks (sized for a 9-minute lease); calibrate, compiled_shape and
 #: decode_shape each want most of a lease of their own: --only env calibrate cost, --only env
-#: compiled_shape, --only env cuda_tests decode_shape
+#: compiled_shape, --only env cuda_tests decode_shape; captured_shape about half of one
 DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
@@ -95,6 +101,7 @@ CUDA_TESTS = (
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
     "tests/test_values.py::test_cuda_graph_blocks_follow_eager",
     "tests/test_values.py::test_cuda_graph_blocks_under_model_deterministic",
+    "tests/test_values.py::test_cuda_captured_value_steps_are_the_eager_steps",
     "tests/test_decode.py::test_cuda_graph_decode_follows_the_transformers_forward",
 )
 #: what the steps import besides torch and transformers (editlib's core and the bench scripts)
@@ -102,6 +109,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
+        "captured_shape": (300, 150),
         "decode_shape": (480, 180)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
@@ -424,17 +432,29 @@ def step_compiled(run: Run, step: Step) -> None:
 
 
 def step_compiled_shape(run: Run, step: Step) -> None:
+    _shape_values(run, step, "compiled_shape", ["--n", "4", "--rounds", "1", "--mode", "reduce-overhead"])
+
+
+def step_captured_shape(run: Run, step: Step) -> None:
+    """hparams.common.capture_steps (the eager value steps recorded whole as CUDA graphs) against
+    eager at B = 1 on the 32-layer shape: no compilation, so a short step; z equal to the bit is
+    what its docstring claims (the eager path's own index sums may vary in order on a GPU)."""
+    _shape_values(run, step, "captured_shape", ["--n", "6", "--rounds", "2", "--mode", "capture"])
+
+
+def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:
+    """bench_compiled_values.py at B = 1 on the 32-layer shape (one fact's warm-up, ``--profile 1``)."""
     if run.smoke:
         step.status, step.reason = "skipped", "the shape step has no smoke size (the compiled step is its miniature)"
         return
     if unstaged(run, step):
         return
     out = run_command(run, step, [PY, "bench/bench_compiled_values.py", "--params", "params/llama3-shape-slice.yaml",
-                                  "--z-batch-size", "1", "--n", "4", "--warmup", "1", "--rounds", "1", "--profile", "1",
-                                  "--mode", "reduce-overhead", "--threads", str(os.cpu_count() or 2),
+                                  "--z-batch-size", "1", "--warmup", "1", "--profile", "1", *args,
+                                  "--threads", str(os.cpu_count() or 2),
                                   "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
                                   *set_args(shape_sets(run))],
-                      run.caps["compiled_shape"][0],
+                      run.caps[name][0],
                       env={"HF_HUB_OFFLINE": "1", "EDITLIB_COUNTERFACT": str(staged_counterfact()),
                            "EDITLIB_CACHE": str(run.work / "compiled-cache")})
     step.numbers = parse_compiled(out)
@@ -442,24 +462,28 @@ def step_compiled_shape(run: Run, step: Step) -> None:
 
 def parse_compiled(out: str) -> dict:
     """The numbers of bench_compiled_values.py's summary, z-agreement and ``--profile`` lines (the
-    eager numbers and the error when the compiled path failed; device kernels per Adam iteration
-    of each path: with the blocks above the edited layer, what refits editlib.cost's
-    ``kernels_fused_value``)."""
+    eager numbers and the error when the compiled or captured path failed; device kernels per Adam
+    iteration of each path: with the blocks above the edited layer, what refits editlib.cost's
+    ``kernels_fused_value``; --mode capture: for how many facts z equals eager's to the bit)."""
     kernels = {f"{p}_kernels_per_iteration": int(k) for p, k in
-               re.findall(r"profile \((eager|compiled)\): .*?, (\d+) device kernels/iteration", out)}
+               re.findall(r"profile \((eager|compiled|captured)\): .*?, (\d+) device kernels/iteration", out)}
     graphs = re.search(r"CUDA graphs recorded: (\d+), peak GPU memory reserved ([\d.]+) GiB", out)
     if graphs:
         kernels.update(cuda_graphs_recorded=int(graphs[1]), peak_reserved_gib=float(graphs[2]))
-    failed = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled failed: (.*)", out)
+    failed = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, (compiled|captured) failed: (.*)", out)
     if failed:
-        return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], "compiled_error": failed[3].strip(), **kernels}
-    m = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, compiled ([\d.]+)-([\d.]+)", out)
+        return {"eager_ms_per_fact": [float(failed[1]), float(failed[2])], f"{failed[3]}_error": failed[4].strip(),
+                **kernels}
+    m = re.search(r"eager ([\d.]+)-([\d.]+) ms/fact, (compiled|captured) ([\d.]+)-([\d.]+)", out)
     if not m:
         return {}
-    got = {"eager_ms_per_fact": [float(m[1]), float(m[2])], "compiled_ms_per_fact": [float(m[3]), float(m[4])], **kernels}
+    got = {"eager_ms_per_fact": [float(m[1]), float(m[2])], f"{m[3]}_ms_per_fact": [float(m[4]), float(m[5])], **kernels}
     dz = re.findall(r"max \|Δz\| ([\d.e+-]+), max relative ‖Δz‖ ([\d.e+-]+)", out)
     if dz:
         got["max_abs_dz"], got["max_rel_dz"] = max(float(a) for a, _ in dz), max(float(b) for _, b in dz)
+    bits = re.findall(r"z equal to the bit (\d+)/(\d+)", out)
+    if bits:
+        got["z_bit_equal"] = f"{sum(int(a) for a, _ in bits)}/{sum(int(b) for _, b in bits)}"
     return got
 
 
@@ -521,7 +545,7 @@ def parse_decode(out: str) -> dict:
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
     "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape,
-    "decode_shape": step_decode_shape}
+    "captured_shape": step_captured_shape, "decode_shape": step_decode_shape}
 
 
 def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:

@@ -99,13 +99,24 @@ def measured_elsewhere(model: CostModel, exps, eval_batch: int) -> list[tuple[Pa
 
 
 def value_graphs(p) -> bool:
-    """Whether the grid's value steps are captured (compile_blocks: reduce-overhead), as each
-    experiment section resolves it; the cost model captures all of them or none."""
-    modes = p.compile_modes()
-    captured = sorted(k for k, v in modes.items() if v == "reduce-overhead")
-    if captured and len(captured) != len(modes):
-        raise SystemExit(f"compile_blocks: reduce-overhead for {', '.join(captured)} only: the cost model prices "
-                         "every value step captured or none; set it in hparams.common")
+    """Whether the grid's value steps' blocks are compiled and captured (compile_blocks:
+    reduce-overhead), as each experiment section resolves it; the cost model captures all of them
+    or none."""
+    return _all_or_none(p, "compile_blocks: reduce-overhead", lambda v: v.compile_blocks == "reduce-overhead")
+
+
+def step_graphs(p) -> bool:
+    """Whether the grid's value steps are recorded whole as CUDA graphs of their eager kernels
+    (capture_steps), likewise all or none."""
+    return _all_or_none(p, "capture_steps: true", lambda v: v.capture_steps)
+
+
+def _all_or_none(p, what: str, on) -> bool:
+    vals = p.value_hparams()
+    captured = sorted(k for k, v in vals.items() if on(v))
+    if captured and len(captured) != len(vals):
+        raise SystemExit(f"{what} for {', '.join(captured)} only: the cost model prices every value step "
+                         "captured or none; set it in hparams.common")
     return bool(captured)
 
 
@@ -235,7 +246,7 @@ def main(argv=None) -> None:
                       host_speedup=args.host_speedup,
                       decode_graphs=bool(p.evaluation.generation) and p.evaluation.gen_decode in ("graph", "compiled"),
                       decode_fused=bool(p.evaluation.generation) and p.evaluation.gen_decode == "compiled",
-                      value_graphs=value_graphs(p),
+                      value_graphs=value_graphs(p), step_graphs=step_graphs(p),
                       value_iters=args.value_iters or p.hparams["memit"].values.v_num_grad_steps)
     notes = [f"C0 corpus: {how}; every layer search collects C0 of all its layers",
              f"solves and C0 factors on the {where} ({why})",
@@ -266,7 +277,11 @@ def main(argv=None) -> None:
                                       ("value_graphs", "the value steps' blocks (compile_blocks: reduce-overhead, "
                                                        f"{model.kernels_fused_value} fused kernels per block forward "
                                                        f"and backward, {model.graph_call_s * 1e6:g} µs of host time per "
-                                                       "block call, forward and backward)"))
+                                                       "block call, forward and backward)"),
+                                      ("step_graphs", "the value steps whole, their eager kernels "
+                                                      f"({model.kernels_fwd + model.kernels_bwd} per block, forward and "
+                                                      "backward, and the loss's; capture_steps: each set of running facts "
+                                                      "runs its first steps eagerly and is recorded once)"))
               if getattr(model, flag)]
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
@@ -278,7 +293,7 @@ def main(argv=None) -> None:
                      "batch are not priced")
     elif args.graph_node_us is not None:
         notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph or compiled "
-                     "with GE on, or compile_blocks: reduce-overhead)")
+                     "with GE on, compile_blocks: reduce-overhead, or capture_steps: true)")
     if p.evaluation.generation and p.evaluation.gen_decode == "static":
         notes.append("evaluation.gen_decode: static is priced as the transformers forward (the same kernels)")
     if args.slice_costs:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .cudagraphs import WARMUPS
 from .generation import rows_within
 from .stats import TC_CHUNK_TOKENS, gram_macs, pass_groups
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
@@ -96,6 +97,11 @@ class CostModel:
     # bfloat16 miniature, every block a call of the one compiled block: 46.8 against 117.5 per
     # block; 150 × 46.8 / 117.5 = 59.7, rounded up)
     kernels_fused_value: int = 60
+    # value steps recorded whole (forward, loss, backward) as CUDA graphs of their eager kernels
+    # (hparams capture_steps): per set of running facts (a chunk: the model runs every fact to the
+    # last iteration) the first forward and the warm-ups run eagerly, the recording costs one
+    # step's host time, every later step replays the step's kernels at graph_node_s each
+    step_graphs: bool = False
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels. 17.5 ms is half the 35 ms its sum over all
@@ -207,7 +213,15 @@ class CostModel:
         it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s + calls,
                         **self._launch(k * (self.kernels_fused_value if self.value_graphs
                                             else self.kernels_fwd + self.kernels_bwd), self.value_graphs))
-        return setup + self.value_iters * it
+        if not self.step_graphs:
+            return setup + self.value_iters * it
+        # the first forward and editlib.cudagraphs.WARMUPS steps eager, one recording (host time
+        # only: nothing runs), then replays of the whole step (the blocks and the loss; Adam eager)
+        step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10
+        eager = min(self.value_iters, 1 + WARMUPS)
+        record = step_kernels * self.kernel_s + self.step_py_s
+        replay = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s, kernels=11, captured=step_kernels)
+        return setup + eager * it + (record + (self.value_iters - eager) * replay if self.value_iters > eager else 0.0)
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
         """compute_keys + current_values: forwards stopped after block ``layer``."""
@@ -442,7 +456,8 @@ UNIT_KEYS = ("values_s_per_fact", "values_s_per_fact_single", "solve_s_by_n", "e
 #: the units a captured CUDA graph changes, by the CostModel flag that captures them
 GRAPH_UNITS = {"decode_graphs": ("ge_s_per_case", "ge_s_per_case_single"),
                "decode_fused": ("ge_s_per_case", "ge_s_per_case_single"),
-               "value_graphs": ("values_s_per_fact", "values_s_per_fact_single")}
+               "value_graphs": ("values_s_per_fact", "values_s_per_fact_single"),
+               "step_graphs": ("values_s_per_fact", "values_s_per_fact_single")}
 
 
 def measured_with_graphs(doc: dict) -> dict[str, bool]:
@@ -454,13 +469,15 @@ def measured_with_graphs(doc: dict) -> dict[str, bool]:
     sets = [*doc.get("sets", []), *doc.get("grid_sets", [])]
     return {"decode_graphs": any(f"evaluation.gen_decode={m}" in sets for m in ("graph", "compiled")),
             "decode_fused": "evaluation.gen_decode=compiled" in sets,
-            "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets)}
+            "value_graphs": any(x.endswith("compile_blocks=reduce-overhead") for x in sets),
+            "step_graphs": any(x.endswith("capture_steps=true") for x in sets)}
 
 
 def timed_as(flags: dict[str, bool], unit: str) -> str:
     """How a units file with :func:`measured_with_graphs` ``flags`` timed ``unit``, in words."""
     if unit in GRAPH_UNITS["value_graphs"]:
-        return "with CUDA graphs" if flags["value_graphs"] else "eagerly"
+        return ("compiled, with CUDA graphs" if flags["value_graphs"] else
+                "with the eager steps recorded as CUDA graphs" if flags["step_graphs"] else "eagerly")
     if unit in GRAPH_UNITS["decode_graphs"] and flags["decode_graphs"]:
         return "compiled, with CUDA graphs" if flags["decode_fused"] else "with CUDA graphs"
     return "eagerly"

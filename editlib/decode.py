@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 
 from .arch import arch_for, get_module, n_layers
 from .compiling import compiled_or_eager, recompile_limit
+from .cudagraphs import WARMUPS, CapturedStep
 from .generation import _cache_name, _last_logits_kw
 from .packed import _rope
 from .packed import unsupported as packed_unsupported
@@ -388,24 +389,14 @@ def _compiled(name: str):
 
 def _capture(fn, device: torch.device):
     """``fn`` (a step without host synchronisation) captured as a CUDA graph on a side stream of
-    ``device``, after two warm-up calls there, the second under ``set_sync_debug_mode("error")``
-    so that a host synchronisation names its operation instead of failing the capture. Returns
-    the graph and its output tensor (rewritten by every replay)."""
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fn()
-    return graph, out
+    ``device`` after :data:`editlib.cudagraphs.WARMUPS` warm-up calls there (the last one strict
+    about host synchronisation, :class:`editlib.cudagraphs.CapturedStep`). Returns the graph and
+    its output tensor (rewritten by every replay)."""
+    step = CapturedStep(fn, device, "evaluation.gen_decode")
+    for _ in range(WARMUPS):
+        step.warm()
+    out = step.record()
+    return step.graph, out
 
 
 def _rows_on(hooks, device: torch.device) -> None:

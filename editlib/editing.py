@@ -96,7 +96,7 @@ class EditHParams:
     def to_dict(self) -> dict:
         """All fields, less those of other methods only (:data:`METHOD_ONLY`), the value
         optimisation's MPES knobs when a method other than ENCORE stops on the loss (its
-        default) and ``compile_blocks`` when off, so a method's parameter digest depends only on
+        default) and ``compile_blocks`` / ``capture_steps`` when off, so a method's parameter digest depends only on
         what it uses."""
         d = asdict(self)
         d["layers"] = list(self.layers)
@@ -106,8 +106,9 @@ class EditHParams:
         if self.values.early_stop == "loss" and self.method != "encore":
             for k in ("early_stop", "mpes_hits"):
                 d["values"].pop(k)
-        if self.values.compile_blocks == "off":  # eager, as every stored result: its digest is unchanged
-            d["values"].pop("compile_blocks")
+        for k, off in (("compile_blocks", "off"), ("capture_steps", False)):  # eager steps, as every stored
+            if d["values"][k] == off:                                          # result: its digest is unchanged
+                d["values"].pop(k)
         return d
 
     @classmethod

@@ -222,17 +222,22 @@ class StudyParams:
         d.pop("source", None)
         return d
 
-    def compile_modes(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
-                      ) -> dict[str, str]:
-        """``hparams.common.compile_blocks`` as each experiment's value steps resolve it
-        (``"section.method" -> mode``; the sweep runs MEMIT's and EMMET's λ), section overrides
-        included."""
+    def value_hparams(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
+                      ) -> dict:
+        """Each experiment's value hyperparameters as its methods resolve them (``"section.method"
+        -> ValueHParams``; the sweep runs MEMIT's and EMMET's λ), section overrides included."""
         out = {}
         for sec in experiments:
             for m in getattr(getattr(self, sec), "methods", ("memit", "emmet")):
                 if m in self.hparams:
-                    out[f"{sec}.{m}"] = self.method_hparams(m, 0, sec).values.compile_blocks
+                    out[f"{sec}.{m}"] = self.method_hparams(m, 0, sec).values
         return out
+
+    def compile_modes(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
+                      ) -> dict[str, str]:
+        """``hparams.common.compile_blocks`` as each experiment's value steps resolve it
+        (``"section.method" -> mode``), section overrides included."""
+        return {k: v.compile_blocks for k, v in self.value_hparams(experiments).items()}
 
     def method_hparams(self, method: str, layer: int, section: str | None = None, **over) -> EditHParams:
         """The method's hyperparameters at ``layer``: ``hparams`` (common + method), then the

@@ -311,6 +311,10 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if graphs and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams compile_blocks: reduce-overhead captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use default (or off) on a CPU")
+    captured = [k for k, v in p.value_hparams([e for e in experiments if e in EXPERIMENTS]).items() if v.capture_steps]
+    if (captured or any(hp.values.capture_steps for hp in p.hparams.values())) and not str(mp.device).startswith("cuda"):
+        raise ParamsError(f"hparams capture_steps records CUDA graphs ({', '.join(captured) or 'hparams'}), but "
+                          f"{which}.device is {mp.device!r}: use capture_steps: false on a CPU")
     _check_corpus_offline(p)
     if p.data.source == "counterfact":
         cf = counterfact.resolve_counterfact(p.data.counterfact_path, download=None, given_as="data.counterfact_path")

@@ -43,6 +43,7 @@ import torch
 
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
+from .cudagraphs import CapturedStep
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
 from .packed import PackedSuffix, check_compile_mode, unsupported
@@ -72,6 +73,7 @@ class ValueHParams:
     prefix_cache: bool = True  # reuse the KV of tokens before the subject (they do not depend on δ)
     packed: bool = True  # run only the blocks above `layer`, on packed tokens (editlib.packed; Llama family)
     compile_blocks: str = "off"  # opt-in torch.compile of the packed blocks (editlib.packed.COMPILE_MODES; z moves at float rounding)
+    capture_steps: bool = False  # opt-in, CUDA: each step's eager kernels recorded as a CUDA graph and replayed (_GraphStep)
 
     def __post_init__(self):
         if self.v_num_grad_steps < 1:
@@ -85,6 +87,11 @@ class ValueHParams:
         check_compile_mode(self.compile_blocks)
         if self.compile_blocks != "off" and not self.packed:
             raise ValueError("compile_blocks compiles the packed forward: it needs packed: true")
+        if self.capture_steps and not self.packed:
+            raise ValueError("capture_steps records the packed forward's steps: it needs packed: true")
+        if self.capture_steps and self.compile_blocks != "off":
+            raise ValueError(f"capture_steps records the eager steps; compile_blocks {self.compile_blocks!r} "
+                             "compiles them (reduce-overhead captures its own graphs): use one of the two")
         if self.mpes_hits < 1:
             raise ValueError(f"mpes_hits must be >= 1, got {self.mpes_hits}")
         for name in ("v_lr", "clamp_norm_factor"):
@@ -352,6 +359,8 @@ def _forward_for(model, seq: _Seqs, layer: int, hp: ValueHParams):
     if hp.compile_blocks != "off":  # asked for, and it would silently not happen
         raise ValueError(f"compile_blocks {hp.compile_blocks!r} compiles the packed forward, which this "
                          f"model cannot run ({why})")
+    if hp.capture_steps:
+        raise ValueError(f"capture_steps records the packed forward's steps, which this model cannot run ({why})")
     # The prefix cache pads every row's prefix to the longest one and puts its suffix after it, so
     # a row's key slots are no longer its positions: p_max + s_max slots in all. A sliding window
     # counts slots, and would cover the wrong tokens once they pass it.
@@ -431,11 +440,46 @@ def _step_loss(fwd, pl: _StepPlan, lm_head, d_act: torch.Tensor, h: torch.Tensor
     return nll + hp.kl_factor * kl + wd, miss, log_p_init
 
 
+def check_capture_device(hp: ValueHParams, device) -> None:
+    """``capture_steps`` records CUDA graphs: refused for a model elsewhere."""
+    if hp.capture_steps and torch.device(device).type != "cuda":
+        raise ValueError(f"hparams capture_steps records CUDA graphs, but the model is on {device}: "
+                         "use capture_steps: false")
+
+
+class _GraphStep:
+    """``hparams.common.capture_steps``: the value step of the running facts of ``pl`` (forward,
+    losses and backward) recorded once as a CUDA graph and replayed
+    (:class:`editlib.cudagraphs.CapturedStep`; its warm-ups are real steps), reading δ from a
+    tensor that each call copies the facts' δ into. A one-fact step of a 32-layer model is
+    thousands of small kernels, each costing eager PyTorch more host time than the GPU spends on
+    it (docs/performance.md); a replay costs their GPU time. The kernels are the eager step's, so
+    z is what the eager step gives on that device. The gradient is that of the sum of every
+    running fact's loss, where the eager step differentiates the sum over the facts that go on: a
+    fact's δ reaches its own loss alone, so the rows that are used are the same."""
+
+    def __init__(self, fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams):
+        self.d = torch.zeros(len(pl.facts), h.shape[1], device=h.device, requires_grad=True)
+
+        def step():
+            loss, miss, _ = _step_loss(fwd, pl, lm_head, self.d, h, log_p_init, hp)
+            grad, = torch.autograd.grad(loss.sum(), self.d)
+            return loss.detach(), miss, grad
+
+        self.step = CapturedStep(step, h.device, "hparams.common.capture_steps")
+
+    def __call__(self, d_act: torch.Tensor):
+        with torch.no_grad():
+            self.d.copy_(d_act)
+        return self.step()
+
+
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
                     hp: ValueHParams, *, seq: _Seqs | None = None) -> ValueResult:
     if contexts.flat[0] != "{}":
         raise ValueError("the first context template must be the plain prompt '{}'")
     device = next(model.parameters()).device
+    check_capture_device(hp, device)
     seq = seq if seq is not None else _build(tok, records, contexts)
     n = len(records)
     _, lm_head = backbone_and_head(model)
@@ -457,15 +501,20 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     log_p_init = None  # [n, V] at the KL position, recorded at the first forward
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
     plain = torch.arange(n, device=device) * (len(contexts.flat) + 1)
-    pl = None
+    pl = graph = None
     for it in range(hp.v_num_grad_steps):
         facts = active.nonzero()[:, 0]
         if pl is None or not torch.equal(facts, pl.facts):
-            pl = _plan_step(fwd, seq, facts, n, device)
-        d_act = delta[facts].clone().requires_grad_(True)
+            pl, graph = _plan_step(fwd, seq, facts, n, device), None
+        grad = None
         if log_p_init is None:  # the first forward: records target_init h and the KL reference
+            d_act = delta[facts].clone().requires_grad_(True)
             loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
+        elif hp.capture_steps:
+            graph = graph or _GraphStep(fwd, pl, lm_head, h, log_p_init, hp)
+            loss, miss, grad = graph(delta[facts])
         else:
+            d_act = delta[facts].clone().requires_grad_(True)
             loss, miss, _ = _step_loss(fwd, pl, lm_head, d_act, h, log_p_init, hp)
         if hp.early_stop == "mpes":  # facts all of whose label positions hold the target as the argmax
             most_probable = miss.cpu() == 0
@@ -488,7 +537,8 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         keep = ~done
         if not keep.any():
             break
-        grad, = torch.autograd.grad(loss[keep.to(device)].sum(), d_act)
+        if grad is None:
+            grad, = torch.autograd.grad(loss[keep.to(device)].sum(), d_act)
         upd = facts[keep].to(device)
         g = grad[keep.to(device)]
         t = it + 1  # every active row has taken exactly `it` steps before this one

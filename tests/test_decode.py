@@ -12,7 +12,7 @@ import transformers
 
 from _fixtures import WORDS, tiny_gpt2, word_tokenizer
 from editlib.decode import Decoder, unsupported
-from editlib.generation import _cache_name, sample_texts
+from editlib.generation import _cache_name, _last_logits_kw, sample_texts
 from editlib.lowrank import LayeredRowDeltas, LowRankEdits, RowDeltas, TrailingDeltas
 
 FAMILIES = [
@@ -39,9 +39,10 @@ def family(model_type: str, vocab: int, dtype: torch.dtype, **kw) -> torch.nn.Mo
 
 @torch.no_grad()
 def transformers_steps(model, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
-    """Last logits of the prefill and of each one-column step after it (the transformers forward)."""
+    """Last logits of the prefill and of each one-column step after it (the transformers forward,
+    as GE's transformers path runs it: the prefill projects its last position alone)."""
     name = _cache_name(model)
-    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    out = model(input_ids=ids[:, :prefill], use_cache=True, **_last_logits_kw(model))
     past, got = getattr(out, name), [out.logits[:, -1]]
     for t in range(prefill, ids.shape[1] - 1):
         out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: past})

@@ -182,7 +182,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 11 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 12 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)
@@ -227,6 +227,18 @@ def test_the_summary_lines_of_the_benchmarks_parse():
         "rows_10": {"graph": {"ms_per_step": [5.78]}}}
     failed = "compiled warm-up failed: BackendCompilerFailed: x\neager 250.0-260.5 ms/fact, compiled failed: BackendCompilerFailed: x"
     assert dc.parse_compiled(failed) == {"eager_ms_per_fact": [250.0, 260.5], "compiled_error": "BackendCompilerFailed: x"}
+    cap = ("profile (captured): 1 facts, 26 iterations, wall 30.0 ms/iteration, device 17.6 ms/iteration (59 % of wall), "
+           "4498 device kernels/iteration (wall includes the profiler's own overhead)\n"
+           "         captured vs eager: max |Δz| 0.00e+00, max relative ‖Δz‖ 0.00e+00, equal step counts 6/6, "
+           "z equal to the bit 6/6\n"
+           "         captured vs eager: max |Δz| 1.20e-07, max relative ‖Δz‖ 2.00e-09, equal step counts 6/6, "
+           "z equal to the bit 5/6\n"
+           "eager 2680.0-2710.0 ms/fact, captured 900.0-950.0: 2.90x")
+    assert dc.parse_compiled(cap) == {"eager_ms_per_fact": [2680.0, 2710.0], "captured_ms_per_fact": [900.0, 950.0],
+                                      "max_abs_dz": 1.2e-07, "max_rel_dz": 2.0e-09, "z_bit_equal": "11/12",
+                                      "captured_kernels_per_iteration": 4498}
+    assert dc.parse_compiled("eager 1.0-2.0 ms/fact, captured failed: RuntimeError: y") == {
+        "eager_ms_per_fact": [1.0, 2.0], "captured_error": "RuntimeError: y"}
 
 
 def test_gram_step_on_the_cpu(tmp_path):
@@ -337,20 +349,21 @@ def test_the_calibration_wins_over_the_slice(tmp_path):
 def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
     """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
     want a lease of their own, and the shape step names what is missing instead of starting."""
-    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "decode_shape"}
+    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "captured_shape", "decode_shape"}
     seen: list[str] = []
     monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
     assert dc.main(["--out", str(tmp_path / "o")]) == 0 and tuple(seen) == dc.DEFAULT_STEPS
     monkeypatch.undo()
     monkeypatch.setattr(dc, "STAGE", tmp_path / "nothing")
-    run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
-    (step,) = dc.run_checks(run, ["compiled_shape"])
-    assert step.status == "skipped" and "--stage" in step.reason
+    for name in ("compiled_shape", "captured_shape"):
+        run = dc.Run(tmp_path / name, 600.0, "cuda", smoke=False, work=tmp_path / "work")
+        (step,) = dc.run_checks(run, [name])
+        assert step.status == "skipped" and "--stage" in step.reason
+        (step,) = dc.run_checks(run_of(tmp_path / f"smoke-{name}", budget=900.0), [name])
+        assert step.status == "skipped" and "no smoke size" in step.reason
     run = dc.Run(tmp_path / "out2", 600.0, "cuda", smoke=False, work=tmp_path / "work")
     (step,) = dc.run_checks(run, ["decode_shape"])
     assert step.status == "skipped" and "--stage" in step.reason
-    (step,) = dc.run_checks(run_of(tmp_path / "smoke", budget=900.0), ["compiled_shape"])
-    assert step.status == "skipped" and "no smoke size" in step.reason
 
 
 def test_one_failed_protocol_does_not_stop_the_others():

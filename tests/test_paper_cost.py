@@ -575,6 +575,52 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
                          "--set", "sequential.hparams.common.compile_blocks=reduce-overhead"])
 
 
+def test_value_steps_recorded_whole_are_priced_as_replays_after_their_eager_steps(tmp_path):
+    """hparams capture_steps (editlib.cudagraphs): a chunk's first forward and the warm-ups cost
+    eager steps, the recording one step's host time, every later step the replay of the step's
+    eager kernels at graph_node_s each (no host time for them), so a host-bound one-fact chunk gets
+    much cheaper and a chunk no longer than its eager steps costs what it did; the floor does not
+    move; units timed eagerly (or compiled) do not price it; paper_cost reads it from the params,
+    all sections or none."""
+    import sys
+    from editlib.cudagraphs import WARMUPS
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    eager = CostModel(GPUS["h200"], dtype="bfloat16")
+    cap = replace(eager, step_graphs=True)
+    assert cap.values(s, ts, 1, 1) < 0.5 * eager.values(s, ts, 1, 1)
+    assert cap.decode_step(s, 10) == eager.decode_step(s, 10)
+    short = {"value_iters": 1 + WARMUPS}
+    assert replace(cap, **short).values(s, ts, 1, 1) == replace(eager, **short).values(s, ts, 1, 1)
+    free, slow = replace(cap, graph_node_s=0.0), replace(cap, graph_node_s=2 * cap.graph_node_s)
+    assert free.values(s, ts, 1, 1) < cap.values(s, ts, 1, 1) < slow.values(s, ts, 1, 1)
+    assert cap.floor().values(s, ts, 1, 1) == pytest.approx(eager.floor().values(s, ts, 1, 1))
+    units = tmp_path / "eager.json"
+    units.write_text(json.dumps({"graphs": {"decode_graphs": False, "value_graphs": False},
+                                 "units": {"values_s_per_fact_single": 2.7, "ge_s_per_case": 0.07}}))
+    skipped: list = []
+    assert with_unit_costs(cap, units, skipped=skipped).unit_s == {"ge_s_per_case": 0.07}
+    assert skipped == [(str(units), "values_s_per_fact_single", "eagerly")]
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"grid_sets": ["hparams.common.capture_steps=true"],
+                                    "units": {"values_s_per_fact_single": 0.9}}))
+    assert with_unit_costs(cap, recorded).unit_s == {"values_s_per_fact_single": 0.9}
+    skipped = []
+    assert with_unit_costs(eager, recorded, skipped=skipped).unit_s == {}
+    assert skipped == [(str(recorded), "values_s_per_fact_single", "with the eager steps recorded as CUDA graphs")]
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import paper_cost
+    grid = str(REPO_ROOT / "params" / "llama3-8b.yaml")
+    hours = {}
+    for name, sets in (("eager", []), ("captured", ["--set", "hparams.common.capture_steps=true"])):
+        out = tmp_path / f"{name}.json"
+        paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16", "--json", str(out), *sets])
+        hours[name] = json.loads(out.read_text())["total_gpu_hours"]
+    assert hours["captured"] < 0.8 * hours["eager"]
+    with pytest.raises(SystemExit, match="capture_steps: true for sequential.emmet, sequential.memit only"):
+        paper_cost.main(["--params", grid, "--gpu", "h200", "--dtype", "bfloat16",
+                         "--set", "sequential.hparams.common.capture_steps=true"])
+
+
 def test_c0_passes_are_priced_with_the_remainder_first(monkeypatch):
     """C0 in several passes: each runs the corpus up to its deepest layer, the few leftover layers in
     the first, shallowest pass (editlib.stats.pass_groups): 32 layers at 15 per pass cost 2 + 17 + 32

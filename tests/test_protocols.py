@@ -764,6 +764,23 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
         params_for(tmp_path, **{"hparams.common.compile_blocks": True})
 
 
+def test_captured_value_steps_on_a_cpu_model_fail_before_loading(tmp_path):
+    """hparams capture_steps records CUDA graphs: a CPU model is refused before anything loads,
+    for the common hparams and for one section's own override (named), not for the sections that
+    do not capture."""
+    p = params_for(tmp_path, **{"hparams.common.capture_steps": True})
+    assert p.method_hparams("memit", 1).values.capture_steps
+    with pytest.raises(ParamsError, match="capture_steps records CUDA graphs .*but model.device is 'cpu'"):
+        protocols.check_before_loading(p, ["batch"])
+    section = params_for(tmp_path, **{"sequential.hparams": {"common": {"capture_steps": True}}})
+    assert [k for k, v in section.value_hparams().items() if v.capture_steps] == ["sequential.memit", "sequential.emmet"]
+    with pytest.raises(ParamsError, match=r"capture_steps records CUDA graphs \(sequential.memit, sequential.emmet\)"):
+        protocols.check_before_loading(section, ["sequential"])
+    protocols.check_before_loading(section, ["batch"])
+    with pytest.raises(ParamsError, match="use one of the two"):
+        params_for(tmp_path, **{"hparams.common.capture_steps": True, "hparams.common.compile_blocks": "default"})
+
+
 def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):
     """evaluation.gen_decode: static (editlib.decode) reaches GE's generation and gives the same
     texts as the transformers forward, under batch mode's per-row edits and a sequential run's

@@ -758,3 +758,104 @@ def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm
     with pytest.warns(RuntimeWarning, match="share_values_gb"):
         compute_values(lm32, tok, FACTS, LAYER, CTX, dataclasses.replace(hp, z_batch_size=2), store=small)
     assert not list(small.root.glob("*.pt"))
+
+
+class _StandInGraph:
+    """editlib.cudagraphs.CapturedStep with the CUDA calls stood in for: warm-ups return the step's
+    results, the recording keeps its outputs, and every replay rewrites those same tensors."""
+
+    seen: dict = {}
+
+    def __init__(self, fn, device, what):
+        from editlib.cudagraphs import WARMUPS
+        self.fn, self.warmups, self.calls, self.out = fn, WARMUPS, 0, None
+        self.seen["graphs"] = self.seen.get("graphs", 0) + 1
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.warmups:
+            return self.fn()
+        if self.out is None:
+            self.out = self.fn()
+            self.seen["records"] = self.seen.get("records", 0) + 1
+        else:
+            for o, r in zip(self.out, self.fn()):
+                if o is not None:
+                    o.copy_(r)
+            self.seen["replays"] = self.seen.get("replays", 0) + 1
+        return self.out
+
+
+@pytest.mark.parametrize("kw", [dict(z_batch_size=1), dict(z_batch_size=4),
+                                dict(z_batch_size=4, early_stop="mpes", mpes_hits=2)])
+def test_capture_steps_path_is_the_eager_path(monkeypatch, tok, lm32, kw) -> None:
+    """hparams capture_steps' branch on a CPU, the CUDA graph stood in for: each set of running
+    facts warms up on real steps, is recorded once and replayed; it differentiates every running
+    fact's loss where the eager step takes the facts that go on, and z, h, steps, losses and
+    failures are the eager path's to the bit (a fact's δ reaches only its own loss)."""
+    from editlib import values as v
+    _StandInGraph.seen = {}
+    monkeypatch.setattr(v, "CapturedStep", _StandInGraph)
+    monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)
+    hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, **kw)
+    want = values(lm32, tok, **hp)
+    got = values(lm32, tok, capture_steps=True, **hp)
+    for f in ("z", "h", "steps", "final_loss", "stalled"):
+        assert torch.equal(getattr(want, f), getattr(got, f)), f
+    assert want.fail_reason == got.fail_reason
+    seen = _StandInGraph.seen
+    assert seen["replays"] > 0 and seen["records"] <= seen["graphs"]
+    if kw["z_batch_size"] == 4 and "early_stop" not in kw:
+        assert len(set(want.steps.tolist())) > 1 and seen["graphs"] > 1  # facts stopped apart: a graph per set
+
+
+def test_capture_steps_fails_fast(monkeypatch, tok, lm32) -> None:
+    """capture_steps on a CPU model, without the packed forward, with compiled blocks, or for a model
+    the packed forward cannot run stops with a message naming the key; off is not in a method's
+    digest (stored results keep theirs)."""
+    from _fixtures import tiny_gpt2
+    from editlib.editing import EditHParams
+    with pytest.raises(ValueError, match="capture_steps records CUDA graphs, but the model is on cpu"):
+        values(lm32, tok, capture_steps=True, v_num_grad_steps=2)
+    with pytest.raises(ValueError, match="needs packed: true"):
+        ValueHParams(capture_steps=True, packed=False)
+    with pytest.raises(ValueError, match="use one of the two"):
+        ValueHParams(capture_steps=True, compile_blocks="default")
+    from editlib import values as v
+    monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)  # as on a GPU
+    with pytest.raises(ValueError, match="capture_steps records the packed forward's steps, which this model"):
+        compute_values(tiny_gpt2(len(tok)).requires_grad_(False), tok, FACTS, 1, CTX,
+                       ValueHParams(capture_steps=True, v_num_grad_steps=2))
+    assert "capture_steps" not in EditHParams(method="memit").to_dict()["values"]
+    assert EditHParams.from_dict({"method": "memit", "capture_steps": True}).to_dict()["values"]["capture_steps"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
+    """hparams capture_steps on a GPU copy of a small float32 Llama, under torch's warn-only
+    deterministic algorithms (model.deterministic; without them the eager step's own index sums
+    vary in order from run to run): the recorded steps replay, and z, steps and losses equal the
+    eager steps' to the bit, for one fact at a time and for a chunk whose facts stop apart."""
+    from editlib import cudagraphs
+    lm = tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False).cuda()
+    replays = []
+    real = cudagraphs.CapturedStep.__call__
+
+    def counted(self):
+        replays.append(self.graph is not None)
+        return real(self)
+
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudagraphs.CapturedStep.__call__ = counted
+    try:
+        for zb in (1, 4):
+            hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=zb)
+            want = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
+            got = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
+            for f in ("z", "h", "steps", "final_loss"):
+                assert torch.equal(getattr(want, f), getattr(got, f)), (zb, f)
+    finally:
+        cudagraphs.CapturedStep.__call__ = real
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    assert any(replays)

@@ -37,8 +37,8 @@ comes back even if the run is stopped:
               Adam iteration of one fact (--profile 1: what refits editlib.cost's kernels_fused_value)
   captured_shape  the same script on the 32-layer shape with --mode capture: hparams.common.capture_steps
               (the eager value steps recorded whole as CUDA graphs, no compilation) against eager at
-              B = 1, 6 facts, two rounds, with how many facts' z equal eager's to the bit, and each
-              path's GPU time per Adam iteration (--profile 1)
+              B = 1, 6 facts, two rounds, both under model.deterministic, with how many facts' z equal
+              eager's to the bit, and each path's GPU time per Adam iteration (--profile 1)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -437,9 +437,11 @@ def step_compiled_shape(run: Run, step: Step) -> None:
 
 def step_captured_shape(run: Run, step: Step) -> None:
     """hparams.common.capture_steps (the eager value steps recorded whole as CUDA graphs) against
-    eager at B = 1 on the 32-layer shape: no compilation, so a short step; z equal to the bit is
-    what its docstring claims (the eager path's own index sums may vary in order on a GPU)."""
-    _shape_values(run, step, "captured_shape", ["--n", "6", "--rounds", "2", "--mode", "capture"])
+    eager at B = 1 on the 32-layer shape: no compilation, so a short step. Under model.deterministic
+    (both paths), so that z equal to eager's to the bit means something: without it the eager
+    step's own index sums vary in order from run to run."""
+    _shape_values(run, step, "captured_shape", ["--n", "6", "--rounds", "2", "--mode", "capture",
+                                                 "--set", "model.deterministic=true"])
 
 
 def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:

@@ -278,17 +278,18 @@ def main(argv=None) -> None:
                                                        f"{model.kernels_fused_value} fused kernels per block forward "
                                                        f"and backward, {model.graph_call_s * 1e6:g} µs of host time per "
                                                        "block call, forward and backward)"),
-                                      ("step_graphs", "the value steps whole, their eager kernels "
+                                      ("step_graphs", "one-fact value steps whole but Adam, their eager kernels "
                                                       f"({model.kernels_fwd + model.kernels_bwd} per block, forward and "
-                                                      "backward, and the loss's; capture_steps: each set of running facts "
-                                                      "runs its first steps eagerly and is recorded once)"))
+                                                      "backward, and the loss's; capture_steps: the first and last forwards "
+                                                      "and a warm-up eager, one recording; chunks of several facts, whose "
+                                                      "every stop is a new set to record, priced eagerly)"))
               if getattr(model, flag)]
     if graphs:
         notes.append("captured as CUDA graphs, modelled and not measured: " + "; ".join(graphs) + f": a step's "
                      f"block kernels replay without host time, {model.graph_node_s * 1e6:g} µs each on the GPU "
                      + ("(--graph-node-us)" if args.graph_node_us is not None else
                         "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
-                     + ", the rest of the step stays eager; fused counts are the H200's eager counts scaled by the "
+                     + ", the rest of the step stays eager (sampling; the loss and Adam, or Adam alone under capture_steps); fused counts are the H200's eager counts scaled by the "
                      "compiled/eager ratio counted on the CPU (editlib.cost); compilation and a capture per decode "
                      "batch are not priced")
     elif args.graph_node_us is not None:

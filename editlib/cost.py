@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .cudagraphs import WARMUPS
 from .generation import rows_within
+from .values import GRAPH_WARMUPS
 from .stats import TC_CHUNK_TOKENS, gram_macs, pass_groups
 from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, TokenStats, Work, count_grid,
                         measure_token_stats, shape_for)
@@ -98,9 +98,12 @@ class CostModel:
     # block; 150 × 46.8 / 117.5 = 59.7, rounded up)
     kernels_fused_value: int = 60
     # value steps recorded whole (forward, loss, backward) as CUDA graphs of their eager kernels
-    # (hparams capture_steps): per set of running facts (a chunk: the model runs every fact to the
-    # last iteration) the first forward and the warm-ups run eagerly, the recording costs one
-    # step's host time, every later step replays the step's kernels at graph_node_s each
+    # (hparams capture_steps), priced for one-fact chunks only: the first forward, the warm-up and
+    # the last forward (no step) run eagerly, the recording costs one step's host time, the other
+    # steps replay the step's kernels at graph_node_s each and then run Adam's Python (the loss is
+    # read on the host every step, so the two add). A chunk's facts stop at different iterations,
+    # each stop a new set of running facts to record anew (bench/value_shapes.py --stops: 3,485
+    # sets over 128 chunks of 32), so chunks are priced eagerly, an upper bound
     step_graphs: bool = False
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's
@@ -213,15 +216,13 @@ class CostModel:
         it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s + calls,
                         **self._launch(k * (self.kernels_fused_value if self.value_graphs
                                             else self.kernels_fwd + self.kernels_bwd), self.value_graphs))
-        if not self.step_graphs:
+        eager = min(self.value_iters, 2 + GRAPH_WARMUPS)  # the first and last forwards, the warm-ups
+        if not self.step_graphs or facts > 1 or self.value_iters <= eager:
             return setup + self.value_iters * it
-        # the first forward and editlib.cudagraphs.WARMUPS steps eager, one recording (host time
-        # only: nothing runs), then replays of the whole step (the blocks and the loss; Adam eager)
-        step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10
-        eager = min(self.value_iters, 1 + WARMUPS)
-        record = step_kernels * self.kernel_s + self.step_py_s
-        replay = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s, kernels=11, captured=step_kernels)
-        return setup + eager * it + (record + (self.value_iters - eager) * replay if self.value_iters > eager else 0.0)
+        step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10  # the blocks and the loss
+        record = step_kernels * self.kernel_s + self.step_py_s  # host time only: nothing runs
+        replay = self._pass(flops, nbytes, kernels=0, eff=eff, captured=step_kernels) + 11 * self.kernel_s + self.step_py_s
+        return setup + eager * it + record + (self.value_iters - eager) * replay
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
         """compute_keys + current_values: forwards stopped after block ``layer``."""

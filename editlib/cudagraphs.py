@@ -9,34 +9,58 @@ into them), and its outputs are tensors that every replay rewrites.
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
 
-#: eager calls on the capture stream before the recording (lazy initialisation: cuBLAS handles and
-#: workspaces, the autograd engine's device thread); the last one under the strict sync-debug mode
+#: eager calls on the capture stream before a step is recorded (lazy initialisation: cuBLAS
+#: handles and workspaces, the autograd engine's device thread), the last one under the strict
+#: sync-debug mode; a step may ask for fewer once its stream has recorded a graph
 WARMUPS = 2
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_RECORDED: set[torch.device] = set()  # devices whose capture stream has recorded a graph
+
+
+def capture_stream(device) -> torch.cuda.Stream:
+    """The process's one capture stream on ``device``. cuBLAS keeps a workspace for each (handle,
+    stream) it has run on and never frees it, so a stream of torch's pool per recording would
+    end up holding one for each of the pool's streams."""
+    d = _indexed(device)
+    if d not in _STREAMS:
+        _STREAMS[d] = torch.cuda.Stream(device=d)
+    return _STREAMS[d]
+
+
+def _indexed(device) -> torch.device:
+    d = torch.device(device)
+    return torch.device(d.type, torch.cuda.current_device()) if d.index is None else d
 
 
 class CapturedStep:
-    """``fn`` (device work only) called through :meth:`__call__`: the first :data:`WARMUPS` calls
-    run it eagerly on a side stream of ``device`` and return its results (they are real steps),
-    the last of them with ``torch.cuda.set_sync_debug_mode("error")``, so that a host
-    synchronisation fails naming its operation (``what`` says which setting asked for the capture)
-    rather than breaking the recording; the next call records it on that stream and replays it, and
-    every later call replays it. Returns ``fn``'s outputs (after the recording: the graph's, which
-    every replay rewrites)."""
+    """``fn`` (device work only) called through :meth:`__call__`: the first ``warmups`` calls
+    (:data:`WARMUPS` at least until the stream has recorded a graph) run it eagerly on the
+    capture stream of ``device`` and return its results (they are real steps), the
+    last of them with ``torch.cuda.set_sync_debug_mode("error")``, so that a host synchronisation
+    fails naming its operation (``what`` says which setting asked for the capture) rather than
+    breaking the recording; the next call records it on that stream and replays it, and every
+    later call replays it. Returns ``fn``'s outputs (after the recording: the graph's, which every
+    replay rewrites). :meth:`close` releases the graph and its memory pool."""
 
-    def __init__(self, fn: Callable, device: torch.device, what: str):
-        self.fn, self.device, self.what = fn, torch.device(device), what
-        self.stream = torch.cuda.Stream(device=self.device)
+    def __init__(self, fn: Callable, device: torch.device, what: str, warmups: int = WARMUPS):
+        if warmups < 1:
+            raise ValueError(f"a capture needs at least one warm-up call, got {warmups}")
+        self.fn, self.device, self.what = fn, _indexed(device), what
+        self.warmups = warmups if self.device in _RECORDED else max(warmups, WARMUPS)
+        self.stream = capture_stream(self.device)
         self.calls = 0
         self.graph = None
         self.out = None
 
     def warm(self):
         """One eager call on the capture stream (the strict one when it is the last warm-up)."""
-        strict = self.calls == WARMUPS - 1
+        strict = self.calls == self.warmups - 1
         self.calls += 1
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -56,16 +80,35 @@ class CapturedStep:
         return out
 
     def record(self):
-        """Record ``fn`` on the capture stream (nothing runs); returns the graph's outputs."""
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.out = self.fn()
-        return self.out
+        """Record ``fn`` on the capture stream (nothing runs); returns the graph's outputs. The
+        garbage collector is off meanwhile: a collection that destroyed some other, unreachable
+        graph inside the recording would invalidate it (torch no longer collects before one)."""
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = self.fn()
+        except Exception as e:
+            raise RuntimeError(f"{self.what}: recording the step as a CUDA graph failed "
+                               f"({type(e).__name__}: {e})") from e
+        finally:
+            if collecting:
+                gc.enable()
+        self.graph, self.out = graph, out
+        _RECORDED.add(self.device)
+        return out
 
     def __call__(self):
-        if self.graph is None and self.calls < WARMUPS:
+        if self.graph is None and self.calls < self.warmups:
             return self.warm()
         if self.graph is None:
             self.record()
         self.graph.replay()
         return self.out
+
+    def close(self) -> None:
+        """Release the graph and its memory pool now, not whenever its last reference goes."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.out = None

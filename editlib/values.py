@@ -87,6 +87,8 @@ class ValueHParams:
         check_compile_mode(self.compile_blocks)
         if self.compile_blocks != "off" and not self.packed:
             raise ValueError("compile_blocks compiles the packed forward: it needs packed: true")
+        if not isinstance(self.capture_steps, bool):
+            raise ValueError(f"capture_steps must be true or false, got {self.capture_steps!r}")
         if self.capture_steps and not self.packed:
             raise ValueError("capture_steps records the packed forward's steps: it needs packed: true")
         if self.capture_steps and self.compile_blocks != "off":
@@ -447,31 +449,42 @@ def check_capture_device(hp: ValueHParams, device) -> None:
                          "use capture_steps: false")
 
 
+#: eager steps of a set of running facts before its step is recorded: the capture stream is the
+#: process's one (editlib.cudagraphs.capture_stream), initialised by the first set's warm-up
+GRAPH_WARMUPS = 1
+
+
 class _GraphStep:
     """``hparams.common.capture_steps``: the value step of the running facts of ``pl`` (forward,
     losses and backward) recorded once as a CUDA graph and replayed
-    (:class:`editlib.cudagraphs.CapturedStep`; its warm-ups are real steps), reading δ from a
-    tensor that each call copies the facts' δ into. A one-fact step of a 32-layer model is
-    thousands of small kernels, each costing eager PyTorch more host time than the GPU spends on
-    it (docs/performance.md); a replay costs their GPU time. The kernels are the eager step's, so
-    z is what the eager step gives on that device. The gradient is that of the sum of every
-    running fact's loss, where the eager step differentiates the sum over the facts that go on: a
-    fact's δ reaches its own loss alone, so the rows that are used are the same."""
+    (:class:`editlib.cudagraphs.CapturedStep`: its :data:`GRAPH_WARMUPS` warm-ups are real steps),
+    reading δ from a tensor that each call copies the facts' δ into. A one-fact step of a 32-layer
+    model is thousands of small kernels, each costing eager PyTorch more host time than the GPU
+    spends on it (docs/performance.md); a replay costs their GPU time. The kernels are the eager
+    step's, so z is what the eager step gives on that device. The gradient is that of the sum of
+    every running fact's loss, where the eager step differentiates the sum over the facts that go
+    on: a fact's δ reaches its own loss alone, so the rows that are used are the same. The step
+    closes over its input tensor, not over this object, so dropping the object frees the graph
+    at once (:meth:`close` does so explicitly)."""
 
     def __init__(self, fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams):
-        self.d = torch.zeros(len(pl.facts), h.shape[1], device=h.device, requires_grad=True)
+        d = torch.zeros(len(pl.facts), h.shape[1], device=h.device, requires_grad=True)
 
         def step():
-            loss, miss, _ = _step_loss(fwd, pl, lm_head, self.d, h, log_p_init, hp)
-            grad, = torch.autograd.grad(loss.sum(), self.d)
+            loss, miss, _ = _step_loss(fwd, pl, lm_head, d, h, log_p_init, hp)
+            grad, = torch.autograd.grad(loss.sum(), d)
             return loss.detach(), miss, grad
 
-        self.step = CapturedStep(step, h.device, "hparams.common.capture_steps")
+        self.d = d
+        self.step = CapturedStep(step, h.device, "hparams.common.capture_steps", warmups=GRAPH_WARMUPS)
 
     def __call__(self, d_act: torch.Tensor):
         with torch.no_grad():
             self.d.copy_(d_act)
         return self.step()
+
+    def close(self) -> None:
+        self.step.close()
 
 
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
@@ -505,12 +518,15 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     for it in range(hp.v_num_grad_steps):
         facts = active.nonzero()[:, 0]
         if pl is None or not torch.equal(facts, pl.facts):
+            if graph is not None:
+                graph.close()
             pl, graph = _plan_step(fwd, seq, facts, n, device), None
         grad = None
-        if log_p_init is None:  # the first forward: records target_init h and the KL reference
+        if log_p_init is None:  # the first forward (every fact runs): records target_init h and the KL reference
+            assert len(facts) == n
             d_act = delta[facts].clone().requires_grad_(True)
             loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
-        elif hp.capture_steps:
+        elif hp.capture_steps and it < hp.v_num_grad_steps - 1:  # the last forward takes no step: eager
             graph = graph or _GraphStep(fwd, pl, lm_head, h, log_p_init, hp)
             loss, miss, grad = graph(delta[facts])
         else:
@@ -554,6 +570,8 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
         delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
         steps[facts[keep]] += 1
         active[facts[done]] = False
+    if graph is not None:
+        graph.close()
     z = (h + delta).T.contiguous().float().cpu()
     reasons = value_failures(delta.cpu(), steps, first_loss, nonfinite, overflow, had_grad)
     stalled = (steps > 0) & ~(best_loss < first_loss)

@@ -12,6 +12,17 @@ from editlib.records import Record
 from _fixtures import WORDS, word_tokenizer  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_threaded_suite():
+    """The whole suite runs torch on one thread: its tiny models gain nothing from more, and a
+    test's bitwise claims must not depend on which module ran before it (a product split over two
+    threads may sum in another order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tiny_llama(vocab_size: int, seed: int = 0, bos: int = 1, eos: int = 2,
                     layers: int = 2) -> transformers.PreTrainedModel:
     """A random 2-layer Llama (hidden 32) in eval mode."""

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.skipif(not COMMITTED_MINIATURE.is_dir(), reason="commit
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    torch.set_num_threads(1)
     p = resolve("params/tiny.yaml", overrides={"results_dir": str(tmp_path_factory.mktemp("res")),
                                                "second_model": None})
     return open_study(p, experiments=())

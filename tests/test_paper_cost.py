@@ -576,20 +576,22 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
 
 
 def test_value_steps_recorded_whole_are_priced_as_replays_after_their_eager_steps(tmp_path):
-    """hparams capture_steps (editlib.cudagraphs): a chunk's first forward and the warm-ups cost
-    eager steps, the recording one step's host time, every later step the replay of the step's
-    eager kernels at graph_node_s each (no host time for them), so a host-bound one-fact chunk gets
-    much cheaper and a chunk no longer than its eager steps costs what it did; the floor does not
-    move; units timed eagerly (or compiled) do not price it; paper_cost reads it from the params,
-    all sections or none."""
+    """hparams capture_steps (editlib.cudagraphs): a one-fact chunk's first and last forwards and
+    its warm-up cost eager steps, the recording one step's host time, every other step the replay
+    of the step's eager kernels at graph_node_s each (no host time for them) plus Adam's Python, so
+    a host-bound one-fact chunk gets much cheaper; a chunk of several facts (each stop a new set to
+    record) and one no longer than its eager steps cost what they did; the floor does not move;
+    units timed eagerly (or compiled) do not price it; paper_cost reads it from the params, all
+    sections or none."""
     import sys
-    from editlib.cudagraphs import WARMUPS
+    from editlib.values import GRAPH_WARMUPS
     s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
     eager = CostModel(GPUS["h200"], dtype="bfloat16")
     cap = replace(eager, step_graphs=True)
     assert cap.values(s, ts, 1, 1) < 0.5 * eager.values(s, ts, 1, 1)
     assert cap.decode_step(s, 10) == eager.decode_step(s, 10)
-    short = {"value_iters": 1 + WARMUPS}
+    assert cap.values(s, ts, 32, 1) == eager.values(s, ts, 32, 1)
+    short = {"value_iters": 2 + GRAPH_WARMUPS}
     assert replace(cap, **short).values(s, ts, 1, 1) == replace(eager, **short).values(s, ts, 1, 1)
     free, slow = replace(cap, graph_node_s=0.0), replace(cap, graph_node_s=2 * cap.graph_node_s)
     assert free.values(s, ts, 1, 1) < cap.values(s, ts, 1, 1) < slow.values(s, ts, 1, 1)

@@ -762,14 +762,18 @@ def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm
 
 class _StandInGraph:
     """editlib.cudagraphs.CapturedStep with the CUDA calls stood in for: warm-ups return the step's
-    results, the recording keeps its outputs, and every replay rewrites those same tensors."""
+    results, the recording keeps its outputs, and every replay rewrites those same tensors (by
+    running the step again: a step that read a tensor other than its recorded inputs would still
+    pass here; the CUDA-only test covers that)."""
 
     seen: dict = {}
 
-    def __init__(self, fn, device, what):
-        from editlib.cudagraphs import WARMUPS
-        self.fn, self.warmups, self.calls, self.out = fn, WARMUPS, 0, None
+    def __init__(self, fn, device, what, warmups):
+        self.fn, self.warmups, self.calls, self.out = fn, warmups, 0, None
         self.seen["graphs"] = self.seen.get("graphs", 0) + 1
+
+    def close(self):
+        self.out = None
 
     def __call__(self):
         self.calls += 1
@@ -804,9 +808,44 @@ def test_capture_steps_path_is_the_eager_path(monkeypatch, tok, lm32, kw) -> Non
         assert torch.equal(getattr(want, f), getattr(got, f)), f
     assert want.fail_reason == got.fail_reason
     seen = _StandInGraph.seen
-    assert seen["replays"] > 0 and seen["records"] <= seen["graphs"]
+    assert seen["replays"] > 0
+    if kw["z_batch_size"] == 1:  # a fact runs steps + 1 forwards; the first and the last are eager
+        calls = [min(int(s), hp["v_num_grad_steps"] - 2) for s in want.steps]
+        assert seen["graphs"] == sum(c > 0 for c in calls)
+        assert seen["records"] == sum(c > v.GRAPH_WARMUPS for c in calls)
+        assert seen["replays"] == sum(max(c - v.GRAPH_WARMUPS - 1, 0) for c in calls)
     if kw["z_batch_size"] == 4 and "early_stop" not in kw:
         assert len(set(want.steps.tolist())) > 1 and seen["graphs"] > 1  # facts stopped apart: a graph per set
+
+
+def test_a_replaced_value_graph_is_freed_at_once(monkeypatch, tok, lm32) -> None:
+    """capture_steps: when the running facts change, the previous set's graph (its memory pool on a
+    GPU) is released before the next set's, and none outlives the chunk, with the garbage collector
+    off: the step closes over its input tensor, not over the object that holds the graph."""
+    import gc
+    import weakref
+
+    from editlib import values as v
+    made: list = []
+
+    class Watched(v._GraphStep):
+        def __init__(self, *a, **k):
+            assert all(r() is None for r in made), "an earlier set's graph is still alive"
+            super().__init__(*a, **k)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(v, "CapturedStep", _StandInGraph)
+    monkeypatch.setattr(v, "_GraphStep", Watched)
+    monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        res = values(lm32, tok, capture_steps=True, v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=4)
+        assert len(made) > 1 and len(set(res.steps.tolist())) > 1
+        assert all(r() is None for r in made)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def test_capture_steps_fails_fast(monkeypatch, tok, lm32) -> None:
@@ -832,12 +871,12 @@ def test_capture_steps_fails_fast(monkeypatch, tok, lm32) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
-    """hparams capture_steps on a GPU copy of a small float32 Llama, under torch's warn-only
-    deterministic algorithms (model.deterministic; without them the eager step's own index sums
-    vary in order from run to run): the recorded steps replay, and z, steps and losses equal the
-    eager steps' to the bit, for one fact at a time and for a chunk whose facts stop apart."""
+    """hparams capture_steps on a GPU copy of a small Llama (float32, and bfloat16 with MPES
+    stops), under torch's warn-only deterministic algorithms (model.deterministic; without them
+    the eager step's index_add sums vary in order from run to run): the recorded steps replay, and
+    z, steps and losses equal the eager steps' to the bit, for one fact at a time and for a chunk
+    whose facts stop apart."""
     from editlib import cudagraphs
-    lm = tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False).cuda()
     replays = []
     real = cudagraphs.CapturedStep.__call__
 
@@ -849,12 +888,14 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     cudagraphs.CapturedStep.__call__ = counted
     try:
-        for zb in (1, 4):
-            hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=zb)
-            want = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
-            got = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
-            for f in ("z", "h", "steps", "final_loss"):
-                assert torch.equal(getattr(want, f), getattr(got, f)), (zb, f)
+        for dtype, stop in ((torch.float32, {"early_stop_loss": 0.3}), (torch.bfloat16, {"early_stop": "mpes"})):
+            lm = tiny_llama(len(tok), lm_scale=10.0, dtype=dtype).requires_grad_(False).cuda()
+            for zb in (1, 4):
+                hp = dict(v_num_grad_steps=12, z_batch_size=zb, **stop)
+                want = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
+                got = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
+                for f in ("z", "h", "steps", "final_loss"):
+                    assert torch.equal(getattr(want, f), getattr(got, f)), (dtype, zb, f)
     finally:
         cudagraphs.CapturedStep.__call__ = real
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])

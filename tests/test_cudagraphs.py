@@ -1,0 +1,112 @@
+"""editlib.cudagraphs.CapturedStep on a CPU, with the CUDA calls it makes stood in for: warm-ups on
+the capture stream (the last strict about host synchronisation), one recording with the garbage
+collector off, replays, the stream shared per device, fewer warm-ups once it has recorded, a
+failed recording named, and close() releasing the graph."""
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import pytest
+import torch
+
+from editlib import cudagraphs
+
+
+class _Stream:
+    def __init__(self, device=None):
+        self.device = device
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture()
+def cuda(monkeypatch):
+    """torch.cuda's calls stood in for; returns what they saw."""
+    seen = {"strict": [], "gc_in_capture": [], "graphs": []}
+
+    class Graph:
+        def __init__(self):
+            self.replays, self.was_reset = 0, False
+            seen["graphs"].append(self)
+
+        def replay(self):
+            self.replays += 1
+
+        def reset(self):
+            self.was_reset = True
+
+    @contextlib.contextmanager
+    def graph(g, stream=None):
+        seen["gc_in_capture"].append(gc.isenabled())
+        yield
+
+    mode = {"now": 0}
+
+    def set_mode(m):
+        mode["now"] = m
+
+    monkeypatch.setattr(cudagraphs, "_STREAMS", {})
+    monkeypatch.setattr(cudagraphs, "_RECORDED", set())
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    seen["mode"] = mode
+    return seen
+
+
+def test_warm_ups_then_one_recording_then_replays(cuda) -> None:
+    calls = []
+
+    def fn():
+        calls.append(cuda["mode"]["now"])
+        return torch.tensor([float(len(calls))])
+
+    step = cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=1)
+    assert step.warmups == cudagraphs.WARMUPS  # the stream has not recorded yet
+    outs = [step() for _ in range(5)]
+    assert calls == [0, "error", 0]  # two warm-ups (the last strict), then the recording's own call
+    assert [float(o) for o in outs[:2]] == [1.0, 2.0]  # the warm-ups' results are returned
+    assert outs[2] is outs[3] is outs[4] is step.out  # then the graph's outputs, rewritten by each replay
+    (g,) = cuda["graphs"]
+    assert g.replays == 3 and cuda["gc_in_capture"] == [False] and gc.isenabled()
+    later = cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=1)
+    assert later.warmups == 1 and later.stream is step.stream  # one capture stream per device
+    other = cudagraphs.CapturedStep(fn, "cuda:1", "some.key", warmups=1)
+    assert other.warmups == cudagraphs.WARMUPS and other.stream is not step.stream
+    step.close()
+    assert g.was_reset and step.graph is None and step.out is None
+    with pytest.raises(ValueError, match="at least one warm-up"):
+        cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=0)
+
+
+def test_a_synchronising_step_and_a_failed_recording_are_named(cuda) -> None:
+    def sync():
+        if cuda["mode"]["now"] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return torch.zeros(1)
+
+    step = cudagraphs.CapturedStep(sync, "cuda:0", "hparams.common.capture_steps", warmups=2)
+    step()
+    with pytest.raises(RuntimeError, match="hparams.common.capture_steps: the step synchronises with the host"):
+        step()
+    assert cuda["mode"]["now"] == 0  # the debug mode is restored
+
+    state = {"n": 0}
+
+    def fails_in_capture():
+        state["n"] += 1
+        if state["n"] > 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return torch.zeros(1)
+
+    step = cudagraphs.CapturedStep(fails_in_capture, "cuda:0", "evaluation.gen_decode", warmups=2)
+    step(), step()
+    with pytest.raises(RuntimeError, match="evaluation.gen_decode: recording the step as a CUDA graph failed"):
+        step()
+    assert step.graph is None and gc.isenabled()

@@ -207,7 +207,8 @@ def main() -> None:
     error = ""
     try:
         dt, _ = run(other, warm)
-        print(f"{other} warm-up (compilation included): {dt:.1f} s for {len(warm)} facts")
+        print(f"{other} warm-up ({'recordings' if a.mode == 'capture' else 'compilation'} included): "
+              f"{dt:.1f} s for {len(warm)} facts")
     except Exception as e:  # the eager numbers are still worth having
         error = _brief(e)
         print(f"{other} warm-up failed: {error}")

@@ -461,7 +461,8 @@ class _GraphStep:
     reading δ from a tensor that each call copies the facts' δ into. A one-fact step of a 32-layer
     model is thousands of small kernels, each costing eager PyTorch more host time than the GPU
     spends on it (docs/performance.md); a replay costs their GPU time. The kernels are the eager
-    step's, so z is what the eager step gives on that device. The gradient is that of the sum of
+    step's, so z is what the eager step gives on that device (to the bit where the eager step is
+    itself reproducible: on CUDA under deterministic algorithms). The gradient is that of the sum of
     every running fact's loss, where the eager step differentiates the sum over the facts that go
     on: a fact's δ reaches its own loss alone, so the rows that are used are the same. The step
     closes over its input tensor, not over this object, so dropping the object frees the graph

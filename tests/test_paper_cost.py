@@ -580,7 +580,7 @@ def test_value_steps_recorded_whole_are_priced_as_replays_after_their_eager_step
     its warm-up cost eager steps, the recording one step's host time, every other step the replay
     of the step's eager kernels at graph_node_s each (no host time for them) plus Adam's Python, so
     a host-bound one-fact chunk gets much cheaper; a chunk of several facts (each stop a new set to
-    record) and one no longer than its eager steps cost what they did; the floor does not move;
+    record) and one no longer than its eager steps are priced as eager ones; the floor does not move;
     units timed eagerly (or compiled) do not price it; paper_cost reads it from the params, all
     sections or none."""
     import sys

@@ -760,11 +760,35 @@ def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm
     assert not list(small.root.glob("*.pt"))
 
 
+def _external_reads(fn):
+    """``fn()``'s outputs and the storages its operations read that no operation of the call made
+    (what a CUDA graph recorded from it would read at every replay: its static inputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made, self.read = set(), set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs or {})):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.made:
+                    self.read.add(t.untyped_storage().data_ptr())
+            out = func(*args, **(kwargs or {}))
+            self.made.update(t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Reads() as mode:
+        out = fn()
+    return out, mode.read - {0}
+
+
 class _StandInGraph:
     """editlib.cudagraphs.CapturedStep with the CUDA calls stood in for: warm-ups return the step's
-    results, the recording keeps its outputs, and every replay rewrites those same tensors (by
-    running the step again: a step that read a tensor other than its recorded inputs would still
-    pass here; the CUDA-only test covers that)."""
+    results, the recording keeps its outputs, and every replay rewrites those same tensors by
+    running the step again, which must read the very storages the recording read (a CUDA graph
+    reads its recorded addresses: an input rebound to a new tensor would not be seen)."""
 
     seen: dict = {}
 
@@ -780,10 +804,12 @@ class _StandInGraph:
         if self.calls <= self.warmups:
             return self.fn()
         if self.out is None:
-            self.out = self.fn()
+            self.out, self.inputs = _external_reads(self.fn)
             self.seen["records"] = self.seen.get("records", 0) + 1
         else:
-            for o, r in zip(self.out, self.fn()):
+            out, inputs = _external_reads(self.fn)
+            assert inputs == self.inputs, "a replay would read other tensors than the recording did"
+            for o, r in zip(self.out, out):
                 if o is not None:
                     o.copy_(r)
             self.seen["replays"] = self.seen.get("replays", 0) + 1

@@ -240,6 +240,11 @@ def main() -> None:
                       f"equal step counts {same}/{len(timed)}, z equal to the bit {bits}/{len(timed)}")
     if a.mode == "reduce-overhead" and str(study.model.device).startswith("cuda"):
         print(cuda_graphs_recorded(study.model.device))
+    if a.mode == "capture" and str(study.model.device).startswith("cuda"):  # one graph per set of running facts
+        from editlib import cudagraphs
+        dev = torch.device(study.model.device)
+        print(f"CUDA graphs recorded: {sum(cudagraphs.RECORDINGS.values())}, peak GPU memory reserved "
+              f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB")
     if a.profile and comp_ms and not error:
         profile_path(study, timed[:a.profile], a.layer, ctx, comp_hp, other)
     if error or not comp_ms:

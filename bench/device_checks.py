@@ -38,7 +38,8 @@ comes back even if the run is stopped:
   captured_shape  the same script on the 32-layer shape with --mode capture: hparams.common.capture_steps
               (the eager value steps recorded whole as CUDA graphs, no compilation) against eager at
               B = 1, 6 facts, two rounds, both under model.deterministic, with how many facts' z equal
-              eager's to the bit, and each path's GPU time per Adam iteration (--profile 1)
+              eager's to the bit, the graphs recorded and the peak GPU memory reserved (a graph
+              released per set keeps it flat), and each path's GPU time per Adam iteration (--profile 1)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the

@@ -102,8 +102,9 @@ class CostModel:
     # the last forward (no step) run eagerly, the recording costs one step's host time, the other
     # steps replay the step's kernels at graph_node_s each and then run Adam's Python (the loss is
     # read on the host every step, so the two add). A chunk's facts stop at different iterations,
-    # each stop a new set of running facts to record anew (bench/value_shapes.py --stops: 3,485
-    # sets over 128 chunks of 32), so chunks are priced eagerly, an upper bound
+    # each stop a new set of running facts to record anew (up to one per fact), so whether a
+    # chunk gains depends on how long its sets live: chunks are priced eagerly (a set that lives
+    # two steps costs more recorded than eager)
     step_graphs: bool = False
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's

@@ -21,6 +21,8 @@ WARMUPS = 2
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 _RECORDED: set[torch.device] = set()  # devices whose capture stream has recorded a graph
+#: graphs recorded in this process, per device (bench/bench_compiled_values.py prints them)
+RECORDINGS: dict[torch.device, int] = {}
 
 
 def capture_stream(device) -> torch.cuda.Stream:
@@ -82,7 +84,8 @@ class CapturedStep:
     def record(self):
         """Record ``fn`` on the capture stream (nothing runs); returns the graph's outputs. The
         garbage collector is off meanwhile: a collection that destroyed some other, unreachable
-        graph inside the recording would invalidate it (torch no longer collects before one)."""
+        graph inside the recording would invalidate it (torch 2.13's ``torch.cuda.graph`` does not
+        collect before it records)."""
         graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
         gc.disable()
@@ -97,15 +100,17 @@ class CapturedStep:
                 gc.enable()
         self.graph, self.out = graph, out
         _RECORDED.add(self.device)
+        RECORDINGS[self.device] = RECORDINGS.get(self.device, 0) + 1
         return out
 
     def __call__(self):
-        if self.graph is None and self.calls < self.warmups:
-            return self.warm()
-        if self.graph is None:
-            self.record()
-        self.graph.replay()
-        return self.out
+        with torch.cuda.device(self.device):  # a model on cuda:1: its graph, stream and pool there
+            if self.graph is None and self.calls < self.warmups:
+                return self.warm()
+            if self.graph is None:
+                self.record()
+            self.graph.replay()
+            return self.out
 
     def close(self) -> None:
         """Release the graph and its memory pool now, not whenever its last reference goes."""

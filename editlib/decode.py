@@ -388,7 +388,7 @@ def _compiled(name: str):
 
 
 def _capture(fn, device: torch.device):
-    """``fn`` (a step without host synchronisation) captured as a CUDA graph on a side stream of
+    """``fn`` (a step without host synchronisation) captured as a CUDA graph on the capture stream of
     ``device`` after :data:`editlib.cudagraphs.WARMUPS` warm-up calls there (the last one strict
     about host synchronisation, :class:`editlib.cudagraphs.CapturedStep`). Returns the graph and
     its output tensor (rewritten by every replay)."""

@@ -516,63 +516,65 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
     plain = torch.arange(n, device=device) * (len(contexts.flat) + 1)
     pl = graph = None
-    for it in range(hp.v_num_grad_steps):
-        facts = active.nonzero()[:, 0]
-        if pl is None or not torch.equal(facts, pl.facts):
-            if graph is not None:
-                graph.close()
-            pl, graph = _plan_step(fwd, seq, facts, n, device), None
-        grad = None
-        if log_p_init is None:  # the first forward (every fact runs): records target_init h and the KL reference
-            assert len(facts) == n
-            d_act = delta[facts].clone().requires_grad_(True)
-            loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
-        elif hp.capture_steps and it < hp.v_num_grad_steps - 1:  # the last forward takes no step: eager
-            graph = graph or _GraphStep(fwd, pl, lm_head, h, log_p_init, hp)
-            loss, miss, grad = graph(delta[facts])
-        else:
-            d_act = delta[facts].clone().requires_grad_(True)
-            loss, miss, _ = _step_loss(fwd, pl, lm_head, d_act, h, log_p_init, hp)
-        if hp.early_stop == "mpes":  # facts all of whose label positions hold the target as the argmax
-            most_probable = miss.cpu() == 0
-        lc = loss.detach().float().cpu()
-        bad = ~torch.isfinite(lc)
-        nonfinite[facts[bad]] = True
-        if hp.early_stop == "mpes":
-            hits[facts[most_probable]] += 1
-            reached = hits[facts] >= hp.mpes_hits
-        else:
-            reached = lc < hp.early_stop_loss
-        done = reached | bad  # a diverged fact stops (and is reported failed)
-        final_loss[facts] = lc
-        if it == 0:
-            first_loss[facts] = lc
-        else:
-            best_loss[facts] = torch.minimum(best_loss[facts], torch.where(bad, best_loss[facts], lc))
-        if it == hp.v_num_grad_steps - 1:
-            break
-        keep = ~done
-        if not keep.any():
-            break
-        if grad is None:
-            grad, = torch.autograd.grad(loss[keep.to(device)].sum(), d_act)
-        upd = facts[keep].to(device)
-        g = grad[keep.to(device)]
-        t = it + 1  # every active row has taken exactly `it` steps before this one
-        m_adam[upd] = beta1 * m_adam[upd] + (1 - beta1) * g
-        v_adam[upd] = beta2 * v_adam[upd] + (1 - beta2) * g * g
-        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        denom = v_adam[upd].sqrt() / math.sqrt(bc2) + eps
-        new = delta[upd] - (hp.v_lr / bc1) * m_adam[upd] / denom
-        max_norm = hp.clamp_norm_factor * h[upd].norm(dim=1, keepdim=True)
-        norm = new.norm(dim=1, keepdim=True)
-        overflow[facts[keep]] |= ~torch.isfinite(norm[:, 0]).cpu()
-        had_grad[facts[keep]] |= (g.abs().sum(1) > 0).cpu()
-        delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
-        steps[facts[keep]] += 1
-        active[facts[done]] = False
-    if graph is not None:
-        graph.close()
+    try:
+        for it in range(hp.v_num_grad_steps):
+            facts = active.nonzero()[:, 0]
+            if pl is None or not torch.equal(facts, pl.facts):
+                if graph is not None:
+                    graph.close()
+                pl, graph = _plan_step(fwd, seq, facts, n, device), None
+            grad = None
+            if log_p_init is None:  # the first forward (every fact runs): records target_init h and the KL reference
+                assert len(facts) == n
+                d_act = delta[facts].clone().requires_grad_(True)
+                loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
+            elif hp.capture_steps and it < hp.v_num_grad_steps - 1:  # the last forward takes no step: eager
+                graph = graph or _GraphStep(fwd, pl, lm_head, h, log_p_init, hp)
+                loss, miss, grad = graph(delta[facts])
+            else:
+                d_act = delta[facts].clone().requires_grad_(True)
+                loss, miss, _ = _step_loss(fwd, pl, lm_head, d_act, h, log_p_init, hp)
+            if hp.early_stop == "mpes":  # facts all of whose label positions hold the target as the argmax
+                most_probable = miss.cpu() == 0
+            lc = loss.detach().float().cpu()
+            bad = ~torch.isfinite(lc)
+            nonfinite[facts[bad]] = True
+            if hp.early_stop == "mpes":
+                hits[facts[most_probable]] += 1
+                reached = hits[facts] >= hp.mpes_hits
+            else:
+                reached = lc < hp.early_stop_loss
+            done = reached | bad  # a diverged fact stops (and is reported failed)
+            final_loss[facts] = lc
+            if it == 0:
+                first_loss[facts] = lc
+            else:
+                best_loss[facts] = torch.minimum(best_loss[facts], torch.where(bad, best_loss[facts], lc))
+            if it == hp.v_num_grad_steps - 1:
+                break
+            keep = ~done
+            if not keep.any():
+                break
+            if grad is None:
+                grad, = torch.autograd.grad(loss[keep.to(device)].sum(), d_act)
+            upd = facts[keep].to(device)
+            g = grad[keep.to(device)]
+            t = it + 1  # every active row has taken exactly `it` steps before this one
+            m_adam[upd] = beta1 * m_adam[upd] + (1 - beta1) * g
+            v_adam[upd] = beta2 * v_adam[upd] + (1 - beta2) * g * g
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            denom = v_adam[upd].sqrt() / math.sqrt(bc2) + eps
+            new = delta[upd] - (hp.v_lr / bc1) * m_adam[upd] / denom
+            max_norm = hp.clamp_norm_factor * h[upd].norm(dim=1, keepdim=True)
+            norm = new.norm(dim=1, keepdim=True)
+            overflow[facts[keep]] |= ~torch.isfinite(norm[:, 0]).cpu()
+            had_grad[facts[keep]] |= (g.abs().sum(1) > 0).cpu()
+            delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
+            steps[facts[keep]] += 1
+            active[facts[done]] = False
+    finally:  # the graph and its memory pool go now, also when a step raised
+        if graph is not None:
+            graph.close()
     z = (h + delta).T.contiguous().float().cpu()
     reasons = value_failures(delta.cpu(), steps, first_loss, nonfinite, overflow, had_grad)
     stalled = (steps > 0) & ~(best_loss < first_loss)

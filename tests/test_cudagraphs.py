@@ -49,9 +49,11 @@ def cuda(monkeypatch):
 
     monkeypatch.setattr(cudagraphs, "_STREAMS", {})
     monkeypatch.setattr(cudagraphs, "_RECORDED", set())
+    monkeypatch.setattr(cudagraphs, "RECORDINGS", {})
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
@@ -75,6 +77,7 @@ def test_warm_ups_then_one_recording_then_replays(cuda) -> None:
     assert outs[2] is outs[3] is outs[4] is step.out  # then the graph's outputs, rewritten by each replay
     (g,) = cuda["graphs"]
     assert g.replays == 3 and cuda["gc_in_capture"] == [False] and gc.isenabled()
+    assert cudagraphs.RECORDINGS == {torch.device("cuda:0"): 1}
     later = cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=1)
     assert later.warmups == 1 and later.stream is step.stream  # one capture stream per device
     other = cudagraphs.CapturedStep(fn, "cuda:1", "some.key", warmups=1)

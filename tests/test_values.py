@@ -886,6 +886,9 @@ def test_capture_steps_fails_fast(monkeypatch, tok, lm32) -> None:
         ValueHParams(capture_steps=True, packed=False)
     with pytest.raises(ValueError, match="use one of the two"):
         ValueHParams(capture_steps=True, compile_blocks="default")
+    for not_bool in ("false", 1):
+        with pytest.raises(ValueError, match="capture_steps must be true or false"):
+            ValueHParams(capture_steps=not_bool)
     from editlib import values as v
     monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)  # as on a GPU
     with pytest.raises(ValueError, match="capture_steps records the packed forward's steps, which this model"):

@@ -324,7 +324,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     depth = None
     cfg = _model_config(mp, which)
     if cfg is not None:
-        _check_config(p, cfg, which, mp)
+        _check_config(p, cfg, which, mp, experiments)
         depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     if mp.id and not mp.tiny and os.path.isdir(mp.id):
         if p.data.source == "model":
@@ -401,16 +401,24 @@ def _model_config(mp, which: str = "model") -> dict | None:
         return None
 
 
-def _check_config(p: StudyParams, cfg: dict, which: str, mp) -> None:
-    """What a model's config alone rules out: an architecture editlib has no module map for, and
-    a C0 truncation length past the positions the model has (GPT-2's learned positions fail
-    there; RoPE models would be read at positions they never saw)."""
+def _check_config(p: StudyParams, cfg: dict, which: str, mp, experiments: Sequence[str] = ()) -> None:
+    """What a model's config alone rules out: an architecture editlib has no module map for, a
+    C0 truncation length past the positions the model has (GPT-2's learned positions fail there;
+    RoPE models would be read at positions they never saw), and compiled or recorded value steps
+    (``compile_blocks``, ``capture_steps``: the packed forward of Llama-style blocks) for a model
+    without such blocks, which would otherwise fail at its first value step, after C0."""
     import types
 
     try:
-        arch.arch_for(types.SimpleNamespace(model_type=cfg.get("model_type")))
+        spec = arch.arch_for(types.SimpleNamespace(model_type=cfg.get("model_type")))
     except arch.UnsupportedArchitecture as e:
         raise ParamsError(f"{which}.id {mp.id!r}: {e}") from None
+    asks = sorted({f"compile_blocks: {v.compile_blocks}" if v.compile_blocks != "off" else "capture_steps: true"
+                   for v in p.value_hparams([e for e in experiments if e in EXPERIMENTS]).values()
+                   if v.compile_blocks != "off" or v.capture_steps})
+    if asks and spec.rotary is None:
+        raise ParamsError(f"hparams {' and '.join(asks)} runs the packed forward of Llama-style blocks, which "
+                          f"{which}.id {mp.id!r} ({spec.model_type}) does not have: set it off")
     npos = arch.max_positions(cfg)
     ml = p.covariance.max_length
     if npos and ml and int(ml) > npos:

@@ -506,6 +506,15 @@ def test_an_unsupported_architecture_is_named_before_any_model_loads(capsys, tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_compiled_value_steps_on_a_model_without_llama_blocks_fail_before_loading(capsys, tmp_path, results) -> None:
+    """compile_blocks (and capture_steps) run the packed forward of Llama-style blocks: a model
+    whose config names other blocks (here GPT-2's) is refused before it loads, not at its first
+    value step after C0."""
+    gpt2 = _copy_with_config(tmp_path, "gpt2", model_type="gpt2")
+    fails(capsys, run_args(results, f"model.id={gpt2}", "hparams.common.compile_blocks=default"),
+          "hparams compile_blocks: default runs the packed forward", str(gpt2), "(gpt2)")
+
+
 def test_messages_name_the_key_the_user_wrote(capsys, tmp_path, results) -> None:
     """A bad value in hparams.common is named there (not under the first method it was merged
     into); a missing data.counterfact_path is named by its key; a model folder that is no

@@ -812,6 +812,31 @@ def test_gen_decode_static_changes_no_score(study, weights0, tmp_path):
     assert_unedited(study.model, weights0)
 
 
+def test_capture_steps_reaches_the_value_steps_and_changes_no_score(study, weights0, tmp_path):
+    """hparams capture_steps set in the params reaches every value step a protocol runs (batch
+    mode's chunks, a sequential run's batches after each edit), with the CUDA graph stood in for
+    (tests/test_values.py's stand-in), and the stored cases equal the eager run's."""
+    from test_values import _StandInGraph
+
+    from editlib import values
+    common = {"hparams.common.v_num_grad_steps": 6, "batch.methods": ["memit"], "batch.batch_sizes": [2],
+              "sequential.methods": ["memit"], "sequential.batch_sizes": [1]}
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(values, "CapturedStep", _StandInGraph)
+        mp.setattr(values, "check_capture_device", lambda hp, device: None)
+        for on in (False, True):
+            _StandInGraph.seen = {}
+            p = params_for(tmp_path / str(on), **common, **{"hparams.common.capture_steps": on})
+            out[on] = (protocols.run_batch(use(study, p), log=quiet), protocols.run_sequential(use(study, p), log=quiet))
+            assert bool(_StandInGraph.seen.get("replays")) == on
+    for a, b in zip(out[True], out[False]):
+        assert_frame_equal(sort_units(a).drop(columns=[c for c in a if c.startswith("seconds")], errors="ignore"),
+                           sort_units(b).drop(columns=[c for c in b if c.startswith("seconds")], errors="ignore"),
+                           check_exact=True)
+    assert_unedited(study.model, weights0)
+
+
 def test_gen_decode_it_cannot_run_fails_before_editing(tmp_path):
     """gen_decode: graph on a CPU model fails before loading (compiled runs uncaptured there); a model the decode step cannot run
     (GPT-2 blocks) fails when the study opens, naming the key; without GE neither is read."""

@@ -264,10 +264,10 @@ def main(argv=None) -> int:
     dev = next(study.model.parameters()).device
     doc["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     # what the GE and values units were timed with (editlib.cost.measured_with_graphs reads it)
+    vhp = grid.method_hparams("memit", 1, "sequential").values
     doc["graphs"] = {"decode_graphs": grid.evaluation.gen_decode in ("graph", "compiled") and dev.type == "cuda",
                      "decode_fused": grid.evaluation.gen_decode == "compiled",
-                     "value_graphs": grid.method_hparams("memit", 1, "sequential").values.compile_blocks == "reduce-overhead",
-                     "step_graphs": grid.method_hparams("memit", 1, "sequential").values.capture_steps}
+                     "value_graphs": vhp.compile_blocks == "reduce-overhead", "step_graphs": vhp.capture_steps}
     # the scoring batch the eval units were timed at (editlib.cost.with_unit_costs compares it)
     doc["evaluation"] = {"batch_size": int(grid.evaluation.batch_size)}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,

@@ -20,8 +20,8 @@ import torch
 WARMUPS = 2
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_RECORDED: set[torch.device] = set()  # devices whose capture stream has recorded a graph
-#: graphs recorded in this process, per device (bench/bench_compiled_values.py prints them)
+#: graphs recorded in this process, per device (bench/bench_compiled_values.py prints them; a
+#: device here has a capture stream that has recorded)
 RECORDINGS: dict[torch.device, int] = {}
 
 
@@ -54,7 +54,7 @@ class CapturedStep:
         if warmups < 1:
             raise ValueError(f"a capture needs at least one warm-up call, got {warmups}")
         self.fn, self.device, self.what = fn, _indexed(device), what
-        self.warmups = warmups if self.device in _RECORDED else max(warmups, WARMUPS)
+        self.warmups = warmups if self.device in RECORDINGS else max(warmups, WARMUPS)
         self.stream = capture_stream(self.device)
         self.calls = 0
         self.graph = None
@@ -99,7 +99,6 @@ class CapturedStep:
             if collecting:
                 gc.enable()
         self.graph, self.out = graph, out
-        _RECORDED.add(self.device)
         RECORDINGS[self.device] = RECORDINGS.get(self.device, 0) + 1
         return out
 

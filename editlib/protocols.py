@@ -306,12 +306,12 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if p.evaluation.generation and p.evaluation.gen_decode == "graph" and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"evaluation.gen_decode: graph captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use static (or transformers) on a CPU")
-    graphs = any(hp.values.compile_blocks == "reduce-overhead" for hp in p.hparams.values()) or \
-        "reduce-overhead" in p.compile_modes([e for e in experiments if e in EXPERIMENTS]).values()  # section overrides too
+    vals = p.value_hparams([e for e in experiments if e in EXPERIMENTS])  # section overrides too
+    graphs = any(v.compile_blocks == "reduce-overhead" for v in [*vals.values(), *(hp.values for hp in p.hparams.values())])
     if graphs and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams compile_blocks: reduce-overhead captures CUDA graphs, but {which}.device is "
                           f"{mp.device!r}: use default (or off) on a CPU")
-    captured = [k for k, v in p.value_hparams([e for e in experiments if e in EXPERIMENTS]).items() if v.capture_steps]
+    captured = [k for k, v in vals.items() if v.capture_steps]
     if (captured or any(hp.values.capture_steps for hp in p.hparams.values())) and not str(mp.device).startswith("cuda"):
         raise ParamsError(f"hparams capture_steps records CUDA graphs ({', '.join(captured) or 'hparams'}), but "
                           f"{which}.device is {mp.device!r}: use capture_steps: false on a CPU")
@@ -324,7 +324,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     depth = None
     cfg = _model_config(mp, which)
     if cfg is not None:
-        _check_config(p, cfg, which, mp, experiments)
+        _check_config(p, cfg, which, mp, vals)
         depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     if mp.id and not mp.tiny and os.path.isdir(mp.id):
         if p.data.source == "model":
@@ -401,12 +401,13 @@ def _model_config(mp, which: str = "model") -> dict | None:
         return None
 
 
-def _check_config(p: StudyParams, cfg: dict, which: str, mp, experiments: Sequence[str] = ()) -> None:
+def _check_config(p: StudyParams, cfg: dict, which: str, mp, vals: dict | None = None) -> None:
     """What a model's config alone rules out: an architecture editlib has no module map for, a
     C0 truncation length past the positions the model has (GPT-2's learned positions fail there;
     RoPE models would be read at positions they never saw), and compiled or recorded value steps
     (``compile_blocks``, ``capture_steps``: the packed forward of Llama-style blocks) for a model
-    without such blocks, which would otherwise fail at its first value step, after C0."""
+    without such blocks, which would otherwise fail at its first value step, after C0 (``vals``:
+    :meth:`editlib.params.StudyParams.value_hparams` of the experiments that run)."""
     import types
 
     try:
@@ -414,8 +415,7 @@ def _check_config(p: StudyParams, cfg: dict, which: str, mp, experiments: Sequen
     except arch.UnsupportedArchitecture as e:
         raise ParamsError(f"{which}.id {mp.id!r}: {e}") from None
     asks = sorted({f"compile_blocks: {v.compile_blocks}" if v.compile_blocks != "off" else "capture_steps: true"
-                   for v in p.value_hparams([e for e in experiments if e in EXPERIMENTS]).values()
-                   if v.compile_blocks != "off" or v.capture_steps})
+                   for v in (vals or {}).values() if v.compile_blocks != "off" or v.capture_steps})
     if asks and spec.rotary is None:
         raise ParamsError(f"hparams {' and '.join(asks)} runs the packed forward of Llama-style blocks, which "
                           f"{which}.id {mp.id!r} ({spec.model_type}) does not have: set it off")

@@ -48,7 +48,6 @@ def cuda(monkeypatch):
         mode["now"] = m
 
     monkeypatch.setattr(cudagraphs, "_STREAMS", {})
-    monkeypatch.setattr(cudagraphs, "_RECORDED", set())
     monkeypatch.setattr(cudagraphs, "RECORDINGS", {})
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))

@@ -233,12 +233,6 @@ class StudyParams:
                     out[f"{sec}.{m}"] = self.method_hparams(m, 0, sec).values
         return out
 
-    def compile_modes(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
-                      ) -> dict[str, str]:
-        """``hparams.common.compile_blocks`` as each experiment's value steps resolve it
-        (``"section.method" -> mode``), section overrides included."""
-        return {k: v.compile_blocks for k, v in self.value_hparams(experiments).items()}
-
     def method_hparams(self, method: str, layer: int, section: str | None = None, **over) -> EditHParams:
         """The method's hyperparameters at ``layer``: ``hparams`` (common + method), then the
         experiment section's own ``hparams`` overrides (e.g. the paper's MEMIT λ = 1 for singular

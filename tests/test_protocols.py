@@ -752,14 +752,15 @@ def test_cuda_graphs_on_a_cpu_model_fail_before_loading(tmp_path):
         protocols.check_before_loading(p, ["sequential"])
     protocols.check_before_loading(params_for(tmp_path, **{"hparams.common.compile_blocks": "default"}), ["sequential"])
     section = params_for(tmp_path, **{"sequential.hparams": {"common": {"compile_blocks": "reduce-overhead"}}})
-    assert section.compile_modes()["sequential.memit"] == "reduce-overhead" and section.compile_modes()["batch.memit"] == "off"
+    vals = section.value_hparams()
+    assert vals["sequential.memit"].compile_blocks == "reduce-overhead" and vals["batch.memit"].compile_blocks == "off"
     with pytest.raises(ParamsError, match="reduce-overhead captures CUDA graphs"):  # a section's own override too
         protocols.check_before_loading(section, ["sequential"])
     protocols.check_before_loading(section, ["batch"])
     for off in ("off", False):  # `compile_blocks: off` unquoted in YAML is False
         p = params_for(tmp_path, **{"hparams.common.compile_blocks": off})
         assert p.method_hparams("memit", 1).values.compile_blocks == "off"
-    assert resolve(SMOKE, overrides=["hparams.common.compile_blocks=off"]).compile_modes()["batch.memit"] == "off"
+    assert resolve(SMOKE, overrides=["hparams.common.compile_blocks=off"]).value_hparams()["batch.memit"].compile_blocks == "off"
     with pytest.raises(ParamsError, match="compile_blocks must be one of"):
         params_for(tmp_path, **{"hparams.common.compile_blocks": True})
 

@@ -12,7 +12,9 @@ not move).
 ``--z-batch-size 1`` is a one-fact sequential edit's value optimisation (B = 1); on a GPU
 (``--set model.device=cuda``) ``--mode capture`` times ``hparams.common.capture_steps`` instead (the
 eager steps recorded whole as CUDA graphs, :mod:`editlib.cudagraphs`: z should equal eager's, and
-the line says for how many facts it does to the bit), and ``--mode reduce-overhead`` captures CUDA graphs (each call then
+the line says for how many facts it does to the bit; with ``--z-batch-size 1`` a fact whose step
+has the sizes of an earlier one's replays that fact's kept graph, so each captured round says how
+many it recorded and reused, and later rounds reuse the first's), and ``--mode reduce-overhead`` captures CUDA graphs (each call then
 starts a new CUDA-graph step, as ``torch.compiler.cudagraph_mark_step_begin`` asks when a call's
 outputs are still alive at the next). A compiled path that fails (to compile or to run) is reported
 with its error, and the eager numbers are still printed.
@@ -33,7 +35,7 @@ from slice_phases import _build  # noqa: E402  (a Llama-3-8B shape named by the 
 
 from editlib import protocols  # noqa: E402
 from editlib.params import resolve  # noqa: E402
-from editlib.values import compute_values  # noqa: E402
+from editlib.values import KEPT_COUNTS, compute_values  # noqa: E402
 
 
 def _timed(study, facts, layer, ctx, hp) -> tuple[float, object]:
@@ -217,6 +219,7 @@ def main() -> None:
         for name, acc in (("eager", eager_ms), (other, comp_ms)):
             if name == other and error:
                 continue
+            before = dict(KEPT_COUNTS)
             try:
                 dt, res = run(name, timed)
             except Exception as e:
@@ -227,8 +230,11 @@ def main() -> None:
                 continue
             iters = float(res.steps.sum()) + len(timed)  # the last forward of each fact takes no step
             acc.append(dt / len(timed) * 1000)
+            kept = "" if name == "eager" or a.mode != "capture" else (
+                f"  one-fact graphs kept: {KEPT_COUNTS['made'] - before['made']} recorded, "
+                f"{KEPT_COUNTS['reused'] - before['reused']} reused")
             print(f"round {r + 1} {name:8s}: {acc[-1]:7.1f} ms/fact  {dt / iters * 1000:6.2f} ms/iteration  "
-                  f"mean steps {res.steps.float().mean():.1f}")
+                  f"mean steps {res.steps.float().mean():.1f}{kept}")
             if name == "eager":
                 ref = res
             else:

@@ -467,7 +467,8 @@ def parse_compiled(out: str) -> dict:
     """The numbers of bench_compiled_values.py's summary, z-agreement and ``--profile`` lines (the
     eager numbers and the error when the compiled or captured path failed; device kernels per Adam
     iteration of each path: with the blocks above the edited layer, what refits editlib.cost's
-    ``kernels_fused_value``; --mode capture: for how many facts z equals eager's to the bit)."""
+    ``kernels_fused_value``; --mode capture: for how many facts z equals eager's to the bit, and per
+    round the one-fact graphs recorded and reused)."""
     kernels = {f"{p}_kernels_per_iteration": int(k) for p, k in
                re.findall(r"profile \((eager|compiled|captured)\): .*?, (\d+) device kernels/iteration", out)}
     graphs = re.search(r"CUDA graphs recorded: (\d+), peak GPU memory reserved ([\d.]+) GiB", out)
@@ -487,6 +488,9 @@ def parse_compiled(out: str) -> dict:
     bits = re.findall(r"z equal to the bit (\d+)/(\d+)", out)
     if bits:
         got["z_bit_equal"] = f"{sum(int(a) for a, _ in bits)}/{sum(int(b) for _, b in bits)}"
+    kept = re.findall(r"one-fact graphs kept: (\d+) recorded, (\d+) reused", out)
+    if kept:  # per captured round (capture_steps at B = 1: later rounds replay the first's kept graphs)
+        got["kept_graphs_recorded"], got["kept_graphs_reused"] = [int(a) for a, _ in kept], [int(b) for _, b in kept]
     return got
 
 

@@ -281,7 +281,10 @@ def main(argv=None) -> None:
                                       ("step_graphs", "one-fact value steps whole but Adam, their eager kernels "
                                                       f"({model.kernels_fwd + model.kernels_bwd} per block, forward and "
                                                       "backward, and the loss's; capture_steps: the first and last forwards "
-                                                      "and a warm-up eager, one recording; chunks of several facts, whose "
+                                                      "and a warm-up eager, one recording, except for the "
+                                                      f"{model.kept_reuse:.1%} of facts whose step has the sizes of an "
+                                                      "earlier fact's in the run and replays its kept graph from the "
+                                                      "first step on; chunks of several facts, whose "
                                                       "every stop is a new set to record, priced eagerly)"))
               if getattr(model, flag)]
     if graphs:

@@ -14,6 +14,11 @@ stands in for Llama-3-8B; its context templates are random text of the reference
 Each chunk of ``--z-batch-size`` facts is counted at its first iteration (every fact running);
 a chunk whose facts stop at different steps sees more sizes, one per set of facts still running,
 which ``--stops`` counts too, by stopping the chunk's facts one per iteration in a seeded order.
+
+``--kept`` counts, for one fact at a time, the distinct keys under which ``capture_steps`` keeps
+a one-fact step's CUDA graph for later facts of the same sizes (:func:`editlib.values._reuse_key`:
+every input's size, not only the blocks'): the graphs a B = 1 sequential run records, and the share
+of its facts that replay an earlier fact's graph instead (the cost model's ``kept_sets``).
 """
 from __future__ import annotations
 
@@ -72,6 +77,22 @@ def signatures(model, tok, records, contexts, z_batch: int, buckets: bool, stops
     return seen
 
 
+def kept_keys(model, tok, records, contexts, layer: int = 1) -> list[tuple]:
+    """Each fact's :func:`editlib.values._reuse_key` (sizes and plan integers: the weights are the
+    same for every fact of a run), in order."""
+    from editlib.values import _plan_step, _reuse_key, _step_inputs
+    out = []
+    for r in records:
+        seq = _build(tok, [r], contexts)
+        fwd = _Packed(model, seq, layer, "off")
+        pl = _plan_step(fwd, seq, torch.tensor([0]), 1, torch.device("cpu"))
+        h, ref = torch.zeros(1, model.config.hidden_size), torch.zeros(1, model.config.vocab_size)
+        key = _reuse_key(fwd, pl, model.lm_head, h, ref, None)
+        assert len(key[2]) == len(_step_inputs(fwd, pl, h, ref))
+        out.append(key[2:4])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096, help="facts (the first n CounterFact records)")
@@ -79,6 +100,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".cache/device/tokenizer")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--stops", action="store_true", help="also count the sizes of every set of facts still running")
+    ap.add_argument("--kept", action="store_true", help="count capture_steps' kept one-fact graphs instead")
     a = ap.parse_args()
     import transformers
     tok = prepare_tokenizer(transformers.AutoTokenizer.from_pretrained(str(repo_path(a.tokenizer))))
@@ -87,6 +109,17 @@ def main() -> None:
     contexts = memit_templates(model, tok)
     print(f"{len(records)} CounterFact facts, tokenizer {a.tokenizer} ({len(tok)} tokens), "
           f"{len(contexts.flat)} context templates")
+    if a.kept:
+        t0 = time.time()
+        keys = kept_keys(model, tok, records, contexts)
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        reuse = [i for i, k in enumerate(keys) if first[k] < i]
+        for n in sorted({256, 1024, len(keys)} & set(range(len(keys) + 1))):
+            kept = len({k for k in keys[:n]})
+            print(f"first {n} facts one at a time: {kept} kept graphs, {n - kept} facts ({(n - kept) / n:.1%}) "
+                  f"replay an earlier fact's graph")
+        print(f"({time.time() - t0:.0f} s; {len(reuse)} of {len(keys)} reuse)")
+        return
     for zb in a.z_batch_size:
         for stops in ([False, True] if a.stops and zb > 1 else [False]):
             counts, t0 = {}, time.time()

@@ -106,6 +106,11 @@ class CostModel:
     # chunk gains depends on how long its sets live: chunks are priced eagerly (a set that lives
     # two steps costs more recorded than eager)
     step_graphs: bool = False
+    # ... of those one-fact chunks, the share whose step has the sizes of an earlier fact's in its
+    # run, whose kept graph it replays from its first step (no warm-up, no recording: values._graph_for):
+    # bench/value_shapes.py --kept, the first 4,096 CounterFact facts with the Llama-3 tokenizer:
+    # 100 sets of sizes, so 3,996 of 4,096 facts (a B = 1 sequential run; 200 of the first 256)
+    kept_reuse: float = 3996 / 4096
     # GPU time per kernel beyond the roofline's matmuls and weight traffic (small kernels run for
     # microseconds each, captured or not): fitted to the same H200 profile, (17.5 ms − the step's
     # 7.4 ms of modelled weight traffic) / 4,498 kernels. 17.5 ms is half the 35 ms its sum over all
@@ -223,7 +228,9 @@ class CostModel:
         step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10  # the blocks and the loss
         record = step_kernels * self.kernel_s + self.step_py_s  # host time only: nothing runs
         replay = self._pass(flops, nbytes, kernels=0, eff=eff, captured=step_kernels) + 11 * self.kernel_s + self.step_py_s
-        return setup + eager * it + record + (self.value_iters - eager) * replay
+        own = setup + eager * it + record + (self.value_iters - eager) * replay
+        kept = setup + 2 * it + (self.value_iters - 2) * replay  # an earlier fact's graph: only the first and last forwards eager
+        return (1 - self.kept_reuse) * own + self.kept_reuse * kept
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
         """compute_keys + current_values: forwards stopped after block ``layer``."""

@@ -20,6 +20,7 @@ import torch
 WARMUPS = 2
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_POOLS: dict[torch.device, tuple] = {}
 #: graphs recorded in this process, per device (bench/bench_compiled_values.py prints them; a
 #: device here has a capture stream that has recorded)
 RECORDINGS: dict[torch.device, int] = {}
@@ -35,6 +36,18 @@ def capture_stream(device) -> torch.cuda.Stream:
     return _STREAMS[d]
 
 
+def shared_pool(device) -> tuple:
+    """The process's one memory pool on ``device`` for graphs that share theirs (the value steps kept
+    for reuse, :mod:`editlib.values`): a graph's intermediates are scratch that every replay writes
+    before it reads, so graphs replayed one at a time can share it, at the footprint of the largest.
+    The price: a graph's outputs may lie in another graph's scratch, so they hold until the next
+    replay of *any* graph of the pool (read them before)."""
+    d = _indexed(device)
+    if d not in _POOLS:
+        _POOLS[d] = torch.cuda.graph_pool_handle()
+    return _POOLS[d]
+
+
 def _indexed(device) -> torch.device:
     d = torch.device(device)
     return torch.device(d.type, torch.cuda.current_device()) if d.index is None else d
@@ -48,14 +61,16 @@ class CapturedStep:
     fails naming its operation (``what`` says which setting asked for the capture) rather than
     breaking the recording; the next call records it on that stream and replays it, and every
     later call replays it. Returns ``fn``'s outputs (after the recording: the graph's, which every
-    replay rewrites). :meth:`close` releases the graph and its memory pool."""
+    replay rewrites). :meth:`close` releases the graph and its memory pool. ``pool``: a pool
+    shared with other graphs (:func:`shared_pool`; default: the graph's own)."""
 
-    def __init__(self, fn: Callable, device: torch.device, what: str, warmups: int = WARMUPS):
+    def __init__(self, fn: Callable, device: torch.device, what: str, warmups: int = WARMUPS, pool=None):
         if warmups < 1:
             raise ValueError(f"a capture needs at least one warm-up call, got {warmups}")
         self.fn, self.device, self.what = fn, _indexed(device), what
         self.warmups = warmups if self.device in RECORDINGS else max(warmups, WARMUPS)
         self.stream = capture_stream(self.device)
+        self.pool = pool
         self.calls = 0
         self.graph = None
         self.out = None
@@ -90,7 +105,7 @@ class CapturedStep:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 out = self.fn()
         except Exception as e:
             raise RuntimeError(f"{self.what}: recording the step as a CUDA graph failed "

@@ -34,8 +34,10 @@ freezes a row's parameter *and* Adam state (rows leave the batch), the clamp use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -43,7 +45,7 @@ import torch
 
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
-from .cudagraphs import CapturedStep
+from .cudagraphs import CapturedStep, shared_pool
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
 from .packed import PackedSuffix, check_compile_mode, unsupported
@@ -466,9 +468,13 @@ class _GraphStep:
     every running fact's loss, where the eager step differentiates the sum over the facts that go
     on: a fact's δ reaches its own loss alone, so the rows that are used are the same. The step
     closes over its input tensor, not over this object, so dropping the object frees the graph
-    at once (:meth:`close` does so explicitly)."""
+    at once (:meth:`close` does so explicitly).
 
-    def __init__(self, fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams):
+    ``pool`` (a kept one-fact graph, :func:`_graph_for`): recorded into the shared pool, and
+    :meth:`load` copies another fact's inputs of the same sizes into the ones it reads."""
+
+    def __init__(self, fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams,
+                 pool=None):
         d = torch.zeros(len(pl.facts), h.shape[1], device=h.device, requires_grad=True)
 
         def step():
@@ -477,15 +483,104 @@ class _GraphStep:
             return loss.detach(), miss, grad
 
         self.d = d
-        self.step = CapturedStep(step, h.device, "hparams.common.capture_steps", warmups=GRAPH_WARMUPS)
+        self.inputs = _step_inputs(fwd, pl, h, log_p_init) if pool is not None else None
+        self.step = CapturedStep(step, h.device, "hparams.common.capture_steps", warmups=GRAPH_WARMUPS, pool=pool)
 
     def __call__(self, d_act: torch.Tensor):
         with torch.no_grad():
             self.d.copy_(d_act)
         return self.step()
 
+    def load(self, fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) -> None:
+        """Another fact's step inputs (:func:`_step_inputs`, the same sizes) copied into this
+        graph's, which every later call reads."""
+        with torch.no_grad():
+            for mine, new in zip(self.inputs, _step_inputs(fwd, pl, h, log_p_init), strict=True):
+                mine.copy_(new)
+
     def close(self) -> None:
         self.step.close()
+
+
+def _field_values(obj) -> list:
+    """The values of the dataclass ``obj``'s fields, in order (tensors among them)."""
+    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+
+
+def _step_inputs(fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a value step reads but the model's weights and δ, in a fixed order: the packed
+    forward's block inputs and prefix keys/values, the step plans' index tensors, mask and RoPE
+    tables on the device, h and the KL reference (the host tensors of the plans only give sizes)."""
+    dev = h.device
+    pk = fwd.packed
+    out = [pk.x0, *(t for kv in pk.kv for t in kv)]
+    out += [t for t in _field_values(pl.fwd) if isinstance(t, torch.Tensor)]
+    out += [t for t in _field_values(pl) if isinstance(t, torch.Tensor) and t.device == dev]
+    return out + [h, log_p_init]
+
+
+def _reuse_key(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams) -> tuple:
+    """What a kept one-fact graph's kernels depend on besides the values of its inputs: the sizes
+    of every input (:func:`_step_inputs`), the plans' integers and which of their tensors are
+    absent, the hyperparameters, and the weights it reads: the modules, and the address, shape and
+    dtype of each parameter (a graph reads the addresses it recorded)."""
+    modules = (*fwd.packed.blocks, fwd.packed.norm, lm_head)
+    weights = tuple((p.data_ptr(), tuple(p.shape), p.dtype) for m in modules for p in m.parameters())
+    sizes = tuple((tuple(t.shape), t.dtype) for t in _step_inputs(fwd, pl, h, log_p_init))
+    scalars = tuple("tensor" if isinstance(v, torch.Tensor) else v for v in _field_values(pl.fwd))
+    return (tuple(id(m) for m in modules), weights, sizes, scalars, str(h.device), repr(hp))
+
+
+#: one-fact value graphs kept for reuse (:func:`_graph_for`), oldest use first, and their number's
+#: bound: 4,096 CounterFact facts bring about a hundred sets of step sizes (bench/value_shapes.py)
+_KEPT: "OrderedDict[tuple, _GraphStep]" = OrderedDict()
+KEPT_GRAPHS = 256
+#: counts of kept graphs made and reused in this process (bench/bench_compiled_values.py prints them)
+KEPT_COUNTS = {"made": 0, "reused": 0}
+
+
+def release_value_graphs() -> None:
+    """Release every kept one-fact value graph (their memory goes once none is left in the pool)."""
+    while _KEPT:
+        _, g = _KEPT.popitem(last=False)
+        g.close()
+
+
+def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams,
+               n: int) -> tuple[_GraphStep, bool]:
+    """The captured step of the running facts of ``pl``, and whether it is kept beyond the chunk.
+
+    A chunk of several facts records a graph of its own for each set of running facts (its facts
+    stop apart, and such sets rarely recur). A one-fact chunk (a B = 1 sequential edit) keeps its
+    graph, in the device's shared pool (:func:`editlib.cudagraphs.shared_pool`), for later facts
+    whose step has the same sizes (:func:`_reuse_key`): those copy their inputs into it and replay
+    it from their first step, without a warm-up or a recording. The same kernels run on the same
+    sizes, so z is what the fact's own graph, or its eager steps, would give. At most
+    :data:`KEPT_GRAPHS` are kept (the least recently used goes), all of one model: a graph of
+    another model's weights is released when a step of this one is recorded."""
+    if n != 1:
+        return _GraphStep(fwd, pl, lm_head, h, log_p_init, hp), False
+    key = _reuse_key(fwd, pl, lm_head, h, log_p_init, hp)
+    g = _KEPT.get(key)
+    if g is not None:
+        _KEPT.move_to_end(key)
+        g.load(fwd, pl, h, log_p_init)
+        KEPT_COUNTS["reused"] += 1
+        return g, True
+    for other in [k for k in _KEPT if k[0] != key[0] or k[1] != key[1]]:  # another model's (or weights')
+        _KEPT.pop(other).close()
+    g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=shared_pool(h.device))
+    KEPT_COUNTS["made"] += 1
+    while len(_KEPT) > KEPT_GRAPHS:
+        _KEPT.popitem(last=False)[1].close()
+    return g, True
+
+
+def _forget(g: _GraphStep) -> None:
+    """Drop a kept graph (a step of it raised: it may hold a half-made recording)."""
+    for k in [k for k, v in _KEPT.items() if v is g]:
+        _KEPT.pop(k)
+    g.close()
 
 
 def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts: ContextTemplates,
@@ -516,11 +611,12 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     # sequences are laid out fact by fact: the plain template first, the KL prompt last
     plain = torch.arange(n, device=device) * (len(contexts.flat) + 1)
     pl = graph = None
+    kept = False
     try:
         for it in range(hp.v_num_grad_steps):
             facts = active.nonzero()[:, 0]
             if pl is None or not torch.equal(facts, pl.facts):
-                if graph is not None:
+                if graph is not None and not kept:
                     graph.close()
                 pl, graph = _plan_step(fwd, seq, facts, n, device), None
             grad = None
@@ -529,8 +625,15 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
                 d_act = delta[facts].clone().requires_grad_(True)
                 loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
             elif hp.capture_steps and it < hp.v_num_grad_steps - 1:  # the last forward takes no step: eager
-                graph = graph or _GraphStep(fwd, pl, lm_head, h, log_p_init, hp)
-                loss, miss, grad = graph(delta[facts])
+                if graph is None:
+                    graph, kept = _graph_for(fwd, pl, lm_head, h, log_p_init, hp, n)
+                try:
+                    loss, miss, grad = graph(delta[facts])
+                except BaseException:
+                    if kept:
+                        _forget(graph)
+                        graph = None
+                    raise
             else:
                 d_act = delta[facts].clone().requires_grad_(True)
                 loss, miss, _ = _step_loss(fwd, pl, lm_head, d_act, h, log_p_init, hp)
@@ -572,8 +675,8 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
             delta[upd] = torch.where(norm > max_norm, new * (max_norm / norm), new)
             steps[facts[keep]] += 1
             active[facts[done]] = False
-    finally:  # the graph and its memory pool go now, also when a step raised
-        if graph is not None:
+    finally:  # the chunk's own graph and its memory pool go now, also when a step raised
+        if graph is not None and not kept:
             graph.close()
     z = (h + delta).T.contiguous().float().cpu()
     reasons = value_failures(delta.cpu(), steps, first_loss, nonfinite, overflow, had_grad)

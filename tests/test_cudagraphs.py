@@ -24,7 +24,7 @@ class _Stream:
 @pytest.fixture()
 def cuda(monkeypatch):
     """torch.cuda's calls stood in for; returns what they saw."""
-    seen = {"strict": [], "gc_in_capture": [], "graphs": []}
+    seen = {"strict": [], "gc_in_capture": [], "graphs": [], "pools": []}
 
     class Graph:
         def __init__(self):
@@ -38,8 +38,9 @@ def cuda(monkeypatch):
             self.was_reset = True
 
     @contextlib.contextmanager
-    def graph(g, stream=None):
+    def graph(g, pool=None, stream=None):
         seen["gc_in_capture"].append(gc.isenabled())
+        seen["pools"].append(pool)
         yield
 
     mode = {"now": 0}
@@ -49,6 +50,8 @@ def cuda(monkeypatch):
 
     monkeypatch.setattr(cudagraphs, "_STREAMS", {})
     monkeypatch.setattr(cudagraphs, "RECORDINGS", {})
+    monkeypatch.setattr(cudagraphs, "_POOLS", {})
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -83,6 +86,7 @@ def test_warm_ups_then_one_recording_then_replays(cuda) -> None:
     assert other.warmups == cudagraphs.WARMUPS and other.stream is not step.stream
     step.close()
     assert g.was_reset and step.graph is None and step.out is None
+    assert cuda["pools"] == [None]  # a graph of its own pool by default
     with pytest.raises(ValueError, match="at least one warm-up"):
         cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=0)
 
@@ -112,3 +116,14 @@ def test_a_synchronising_step_and_a_failed_recording_are_named(cuda) -> None:
     with pytest.raises(RuntimeError, match="evaluation.gen_decode: recording the step as a CUDA graph failed"):
         step()
     assert step.graph is None and gc.isenabled()
+
+
+def test_graphs_of_the_shared_pool_record_into_one_pool_per_device(cuda) -> None:
+    """shared_pool: one pool per device, which the graphs given it are recorded into."""
+    pool = cudagraphs.shared_pool("cuda:0")
+    assert cudagraphs.shared_pool(torch.device("cuda", 0)) is pool and cudagraphs.shared_pool("cuda:1") is not pool
+    steps = [cudagraphs.CapturedStep(lambda: torch.zeros(1), "cuda:0", "some.key", pool=pool) for _ in range(2)]
+    for s in steps:
+        for _ in range(s.warmups + 2):
+            s()
+    assert cuda["pools"] == [pool, pool] and [g.replays for g in cuda["graphs"]] == [2, 2]

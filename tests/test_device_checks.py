@@ -229,14 +229,17 @@ def test_the_summary_lines_of_the_benchmarks_parse():
     assert dc.parse_compiled(failed) == {"eager_ms_per_fact": [250.0, 260.5], "compiled_error": "BackendCompilerFailed: x"}
     cap = ("profile (captured): 1 facts, 26 iterations, wall 30.0 ms/iteration, device 17.6 ms/iteration (59 % of wall), "
            "4498 device kernels/iteration (wall includes the profiler's own overhead)\n"
+           "round 1 captured:   950.0 ms/fact   36.00 ms/iteration  mean steps 24.0  one-fact graphs kept: 5 recorded, 1 reused\n"
            "         captured vs eager: max |Δz| 0.00e+00, max relative ‖Δz‖ 0.00e+00, equal step counts 6/6, "
            "z equal to the bit 6/6\n"
+           "round 2 captured:   900.0 ms/fact   34.00 ms/iteration  mean steps 24.0  one-fact graphs kept: 0 recorded, 6 reused\n"
            "         captured vs eager: max |Δz| 1.20e-07, max relative ‖Δz‖ 2.00e-09, equal step counts 6/6, "
            "z equal to the bit 5/6\n"
            "eager 2680.0-2710.0 ms/fact, captured 900.0-950.0: 2.90x")
     assert dc.parse_compiled(cap) == {"eager_ms_per_fact": [2680.0, 2710.0], "captured_ms_per_fact": [900.0, 950.0],
                                       "max_abs_dz": 1.2e-07, "max_rel_dz": 2.0e-09, "z_bit_equal": "11/12",
-                                      "captured_kernels_per_iteration": 4498}
+                                      "captured_kernels_per_iteration": 4498, "kept_graphs_recorded": [5, 0],
+                                      "kept_graphs_reused": [1, 6]}
     assert dc.parse_compiled("eager 1.0-2.0 ms/fact, captured failed: RuntimeError: y") == {
         "eager_ms_per_fact": [1.0, 2.0], "captured_error": "RuntimeError: y"}
 

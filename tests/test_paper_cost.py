@@ -596,6 +596,11 @@ def test_value_steps_recorded_whole_are_priced_as_replays_after_their_eager_step
     free, slow = replace(cap, graph_node_s=0.0), replace(cap, graph_node_s=2 * cap.graph_node_s)
     assert free.values(s, ts, 1, 1) < cap.values(s, ts, 1, 1) < slow.values(s, ts, 1, 1)
     assert cap.floor().values(s, ts, 1, 1) == pytest.approx(eager.floor().values(s, ts, 1, 1))
+    own, kept = replace(cap, kept_reuse=0.0), replace(cap, kept_reuse=1.0)  # each fact records, or none does
+    assert kept.values(s, ts, 1, 1) < cap.values(s, ts, 1, 1) < own.values(s, ts, 1, 1)
+    r = cap.kept_reuse
+    assert cap.values(s, ts, 1, 1) == pytest.approx((1 - r) * own.values(s, ts, 1, 1) + r * kept.values(s, ts, 1, 1))
+    assert kept.values(s, ts, 32, 1) == eager.values(s, ts, 32, 1)  # chunks keep no graph
     units = tmp_path / "eager.json"
     units.write_text(json.dumps({"graphs": {"decode_graphs": False, "value_graphs": False},
                                  "units": {"values_s_per_fact_single": 2.7, "ge_s_per_case": 0.07}}))

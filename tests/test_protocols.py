@@ -825,12 +825,14 @@ def test_capture_steps_reaches_the_value_steps_and_changes_no_score(study, weigh
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(values, "CapturedStep", _StandInGraph)
+        mp.setattr(values, "shared_pool", lambda device: "the shared pool")
         mp.setattr(values, "check_capture_device", lambda hp, device: None)
         for on in (False, True):
             _StandInGraph.seen = {}
             p = params_for(tmp_path / str(on), **common, **{"hparams.common.capture_steps": on})
             out[on] = (protocols.run_batch(use(study, p), log=quiet), protocols.run_sequential(use(study, p), log=quiet))
             assert bool(_StandInGraph.seen.get("replays")) == on
+            assert not values._KEPT  # the B = 1 run's kept graphs went with its unit
     for a, b in zip(out[True], out[False]):
         assert_frame_equal(sort_units(a).drop(columns=[c for c in a if c.startswith("seconds")], errors="ignore"),
                            sort_units(b).drop(columns=[c for c in b if c.startswith("seconds")], errors="ignore"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _fixtures import one_thread  # noqa: F401  (autouse: single-threaded module)
-from _fixtures import CTX, FACTS, tiny_llama, word_tokenizer
+from _fixtures import CTX, FACTS, fact, tiny_llama, word_tokenizer
 from editlib.arch import arch_for, block_output
 from editlib.context import ContextTemplates
 from editlib.nethook import Trace
@@ -792,8 +792,8 @@ class _StandInGraph:
 
     seen: dict = {}
 
-    def __init__(self, fn, device, what, warmups):
-        self.fn, self.warmups, self.calls, self.out = fn, warmups, 0, None
+    def __init__(self, fn, device, what, warmups, pool=None):
+        self.fn, self.warmups, self.calls, self.out, self.pool = fn, warmups, 0, None, pool
         self.seen["graphs"] = self.seen.get("graphs", 0) + 1
 
     def close(self):
@@ -816,17 +816,29 @@ class _StandInGraph:
         return self.out
 
 
+@pytest.fixture()
+def stand_in_graphs(monkeypatch):
+    """editlib.values' CUDA graphs stood in for (:class:`_StandInGraph`, the shared pool a name),
+    the device check passed as on a GPU; kept one-fact graphs released afterwards."""
+    from editlib import values as v
+    _StandInGraph.seen = {}
+    monkeypatch.setattr(v, "CapturedStep", _StandInGraph)
+    monkeypatch.setattr(v, "shared_pool", lambda device: "the shared pool")
+    monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)
+    monkeypatch.setattr(v, "KEPT_COUNTS", {"made": 0, "reused": 0})
+    v.release_value_graphs()
+    yield _StandInGraph.seen
+    v.release_value_graphs()
+
+
 @pytest.mark.parametrize("kw", [dict(z_batch_size=1), dict(z_batch_size=4),
                                 dict(z_batch_size=4, early_stop="mpes", mpes_hits=2)])
-def test_capture_steps_path_is_the_eager_path(monkeypatch, tok, lm32, kw) -> None:
+def test_capture_steps_path_is_the_eager_path(stand_in_graphs, tok, lm32, kw) -> None:
     """hparams capture_steps' branch on a CPU, the CUDA graph stood in for: each set of running
     facts warms up on real steps, is recorded once and replayed; it differentiates every running
     fact's loss where the eager step takes the facts that go on, and z, h, steps, losses and
     failures are the eager path's to the bit (a fact's δ reaches only its own loss)."""
     from editlib import values as v
-    _StandInGraph.seen = {}
-    monkeypatch.setattr(v, "CapturedStep", _StandInGraph)
-    monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)
     hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, **kw)
     want = values(lm32, tok, **hp)
     got = values(lm32, tok, capture_steps=True, **hp)
@@ -837,11 +849,78 @@ def test_capture_steps_path_is_the_eager_path(monkeypatch, tok, lm32, kw) -> Non
     assert seen["replays"] > 0
     if kw["z_batch_size"] == 1:  # a fact runs steps + 1 forwards; the first and the last are eager
         calls = [min(int(s), hp["v_num_grad_steps"] - 2) for s in want.steps]
-        assert seen["graphs"] == sum(c > 0 for c in calls)
+        assert v.KEPT_COUNTS["reused"] == 0  # these facts' steps have sizes of their own
+        assert seen["graphs"] == sum(c > 0 for c in calls) == v.KEPT_COUNTS["made"]
         assert seen["records"] == sum(c > v.GRAPH_WARMUPS for c in calls)
         assert seen["replays"] == sum(max(c - v.GRAPH_WARMUPS - 1, 0) for c in calls)
     if kw["z_batch_size"] == 4 and "early_stop" not in kw:
         assert len(set(want.steps.tolist())) > 1 and seen["graphs"] > 1  # facts stopped apart: a graph per set
+
+
+#: FACTS' twins: other words, the same token counts (a step of the same sizes)
+TWINS = tuple(fact(10 + r.case_id, r.prompt.replace("sat on", "ran to").replace("capital", "cat"),
+                   {"the cat": "a dog", "France": "Paris", "Paris": "France", "the mat": "a cat"}[r.subject],
+                   {"mat": "dog", "Paris": "France", "France": "Paris", "cat and dog": "dog and cat"}[r.target_new.str])
+              for r in FACTS)
+
+
+def test_a_one_fact_graph_is_reused_by_facts_of_its_sizes(stand_in_graphs, tok, lm32) -> None:
+    """capture_steps, one fact per chunk (a B = 1 sequential edit): a fact whose step has the sizes
+    of an earlier fact's replays that fact's graph, its own inputs copied in, from its first step
+    (no warm-up, no recording), also in a later call; z, h, steps, losses and failures are the
+    eager path's to the bit. A fact's other tokens must change z (else the copies go unchecked)."""
+    from editlib import values as v
+    facts = FACTS + TWINS
+    assert [len(tok(f.prompt.format(f.subject)).input_ids) for f in TWINS] == \
+        [len(tok(f.prompt.format(f.subject)).input_ids) for f in FACTS]
+    hp = ValueHParams(v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=1)
+    want = compute_values(lm32, tok, facts, LAYER, CTX, hp)
+    assert not torch.equal(want.z[:, :4], want.z[:, 4:])
+    on = dataclasses.replace(hp, capture_steps=True)
+    got = [compute_values(lm32, tok, facts[:4], LAYER, CTX, on), compute_values(lm32, tok, facts[4:], LAYER, CTX, on)]
+    for f in ("z", "h", "final_loss", "stalled"):
+        assert torch.equal(getattr(want, f), torch.cat([getattr(g, f) for g in got], -1)), f
+    assert torch.equal(want.steps, torch.cat([g.steps for g in got]))
+    assert want.fail_reason == got[0].fail_reason + got[1].fail_reason
+    calls = [min(int(s), hp.v_num_grad_steps - 2) for s in want.steps]  # captured calls per fact
+    assert all(c > v.GRAPH_WARMUPS for c in calls[:4]) and all(c > 0 for c in calls[4:])
+    assert v.KEPT_COUNTS == {"made": 4, "reused": 4} and len(v._KEPT) == 4
+    seen = stand_in_graphs
+    assert seen["graphs"] == seen["records"] == 4
+    assert seen["replays"] == sum(c - v.GRAPH_WARMUPS - 1 for c in calls[:4]) + sum(calls[4:])
+    v.release_value_graphs()
+    assert not v._KEPT
+
+
+def test_kept_graphs_are_of_one_model_and_bounded(stand_in_graphs, monkeypatch, tok, lm32) -> None:
+    """A step of another model (other weights) releases the kept graphs of the first; at most
+    KEPT_GRAPHS are kept, the least recently used going first; a step that raises drops its
+    graph; protocols release them after every unit."""
+    from editlib import protocols
+    from editlib import values as v
+    hp = ValueHParams(v_num_grad_steps=6, early_stop_loss=0.0, z_batch_size=1, capture_steps=True)
+    compute_values(lm32, tok, FACTS, LAYER, CTX, hp)
+    first = dict(v._KEPT)
+    assert len(first) == 4
+    other = tiny_llama(len(tok), lm_scale=10.0, seed=1).requires_grad_(False)
+    compute_values(other, tok, FACTS[:1], LAYER, CTX, hp)
+    assert len(v._KEPT) == 1 and not set(v._KEPT) & set(first) and all(g.step.out is None for g in first.values())
+    monkeypatch.setattr(v, "KEPT_GRAPHS", 2)
+    compute_values(other, tok, FACTS, LAYER, CTX, hp)
+    assert len(v._KEPT) == 2
+    last = list(v._KEPT)
+    compute_values(other, tok, FACTS[2:3], LAYER, CTX, hp)  # FACTS[2]'s graph is in use again: now the newest
+    assert list(v._KEPT) == last[::-1]
+
+    def fails(self, d_act):
+        raise RuntimeError("a failing step")
+    monkeypatch.setattr(v._GraphStep, "__call__", fails)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        compute_values(other, tok, FACTS[3:4], LAYER, CTX, hp)
+    assert list(v._KEPT) == last[:1]  # FACTS[3]'s graph went with its failure
+    monkeypatch.setattr(protocols, "_UNIT_RUNNERS", {"batch": lambda *a: "done"})
+    assert protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, None) == "done"
+    assert not v._KEPT
 
 
 def test_a_replaced_value_graph_is_freed_at_once(monkeypatch, tok, lm32) -> None:
@@ -904,8 +983,10 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
     stops), under torch's warn-only deterministic algorithms (model.deterministic; without them
     the eager step's index_add sums vary in order from run to run): the recorded steps replay, and
     z, steps and losses equal the eager steps' to the bit, for one fact at a time and for a chunk
-    whose facts stop apart."""
+    whose facts stop apart; one-fact steps of the same sizes replay one kept graph (in the shared
+    pool), each fact's inputs copied in."""
     from editlib import cudagraphs
+    from editlib import values as v
     replays = []
     real = cudagraphs.CapturedStep.__call__
 
@@ -921,11 +1002,15 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
             lm = tiny_llama(len(tok), lm_scale=10.0, dtype=dtype).requires_grad_(False).cuda()
             for zb in (1, 4):
                 hp = dict(v_num_grad_steps=12, z_batch_size=zb, **stop)
-                want = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(**hp))
-                got = compute_values(lm, tok, FACTS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
+                want = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(**hp))
+                reused = v.KEPT_COUNTS["reused"]
+                got = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
                 for f in ("z", "h", "steps", "final_loss"):
                     assert torch.equal(getattr(want, f), getattr(got, f)), (dtype, zb, f)
+                assert (v.KEPT_COUNTS["reused"] > reused) == (zb == 1)  # the twins replay their FACTS' graphs
+                v.release_value_graphs()
     finally:
         cudagraphs.CapturedStep.__call__ = real
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        v.release_value_graphs()
     assert any(replays)

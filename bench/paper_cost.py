@@ -280,8 +280,8 @@ def main(argv=None) -> None:
                                                        "block call, forward and backward)"),
                                       ("step_graphs", "one-fact value steps whole but Adam, their eager kernels "
                                                       f"({model.kernels_fwd + model.kernels_bwd} per block, forward and "
-                                                      "backward, and the loss's; capture_steps: the first and last forwards "
-                                                      "and a warm-up eager, one recording, except for the "
+                                                      "backward, and the loss's; capture_steps: the first forward and a "
+                                                      "warm-up eager, one recording (the last forward replays), except for the "
                                                       f"{model.kept_reuse:.1%} of facts whose step has the sizes of an "
                                                       "earlier fact's in the run and replays its kept graph from the "
                                                       "first step on; chunks of several facts, whose "

@@ -98,9 +98,9 @@ class CostModel:
     # block; 150 × 46.8 / 117.5 = 59.7, rounded up)
     kernels_fused_value: int = 60
     # value steps recorded whole (forward, loss, backward) as CUDA graphs of their eager kernels
-    # (hparams capture_steps), priced for one-fact chunks only: the first forward, the warm-up and
-    # the last forward (no step) run eagerly, the recording costs one step's host time, the other
-    # steps replay the step's kernels at graph_node_s each and then run Adam's Python (the loss is
+    # (hparams capture_steps), priced for one-fact chunks only: the first forward and the warm-up
+    # run eagerly, the recording costs one step's host time, the other steps (the last forward
+    # too) replay the step's kernels at graph_node_s each and then run Adam's Python (the loss is
     # read on the host every step, so the two add). A chunk's facts stop at different iterations,
     # each stop a new set of running facts to record anew (up to one per fact), so whether a
     # chunk gains depends on how long its sets live: chunks are priced eagerly (a set that lives
@@ -222,14 +222,16 @@ class CostModel:
         it = self._pass(flops, nbytes, eff=eff, py_s=self.step_py_s + calls,
                         **self._launch(k * (self.kernels_fused_value if self.value_graphs
                                             else self.kernels_fwd + self.kernels_bwd), self.value_graphs))
-        eager = min(self.value_iters, 2 + GRAPH_WARMUPS)  # the first and last forwards, the warm-ups
-        if not self.step_graphs or facts > 1 or self.value_iters <= eager:
+        # the first forward and the warm-ups run eagerly, and the last forward too when the graph is
+        # not recorded by then (values._optimise_chunk), so a run this short gains nothing
+        eager = 1 + GRAPH_WARMUPS
+        if not self.step_graphs or facts > 1 or self.value_iters <= eager + 1:
             return setup + self.value_iters * it
         step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10  # the blocks and the loss
         record = step_kernels * self.kernel_s + self.step_py_s  # host time only: nothing runs
         replay = self._pass(flops, nbytes, kernels=0, eff=eff, captured=step_kernels) + 11 * self.kernel_s + self.step_py_s
-        own = setup + eager * it + record + (self.value_iters - eager) * replay
-        kept = setup + 2 * it + (self.value_iters - 2) * replay  # an earlier fact's graph: only the first and last forwards eager
+        own = setup + eager * it + record + (self.value_iters - eager) * replay  # the recording's call replays too
+        kept = setup + it + (self.value_iters - 1) * replay  # an earlier fact's graph: only the first forward eager
         return (1 - self.kept_reuse) * own + self.kept_reuse * kept
 
     def keys(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:

@@ -38,10 +38,17 @@ def capture_stream(device) -> torch.cuda.Stream:
 
 def shared_pool(device) -> tuple:
     """The process's one memory pool on ``device`` for graphs that share theirs (the value steps kept
-    for reuse, :mod:`editlib.values`): a graph's intermediates are scratch that every replay writes
-    before it reads, so graphs replayed one at a time can share it, at the footprint of the largest.
-    The price: a graph's outputs may lie in another graph's scratch, so they hold until the next
-    replay of *any* graph of the pool (read them before)."""
+    for reuse, :mod:`editlib.values`), at about the footprint of the largest instead of their sum.
+
+    torch's notes ("Sharing memory across captures") call sharing safe for graphs always replayed
+    in the order they were captured and never concurrently: a memory block that one capture freed
+    (its intermediates, or a tensor it made and the caller later dropped) may hold another
+    capture's tensors. Kept value graphs replay in any order, and sharing stays safe under stricter
+    rules, which their caller keeps: a graph's inputs live outside the pool; every tensor a capture
+    makes is either scratch, written before it is read within each replay, or one of its outputs,
+    which stay referenced as long as the graph (so no later capture takes their blocks); and since
+    an output may lie in another graph's scratch, it holds only until the next replay of *any*
+    graph of the pool: read it before. Replays are one at a time (one stream, one thread)."""
     d = _indexed(device)
     if d not in _POOLS:
         _POOLS[d] = torch.cuda.graph_pool_handle()

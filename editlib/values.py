@@ -498,6 +498,11 @@ class _GraphStep:
             for mine, new in zip(self.inputs, _step_inputs(fwd, pl, h, log_p_init), strict=True):
                 mine.copy_(new)
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a call now replays the graph (no warm-up or recording left)."""
+        return self.step.graph is not None
+
     def close(self) -> None:
         self.step.close()
 
@@ -624,9 +629,13 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
                 assert len(facts) == n
                 d_act = delta[facts].clone().requires_grad_(True)
                 loss, miss, log_p_init = _step_loss(fwd, pl, lm_head, d_act, h, None, hp, record_h=h, plain=plain)
-            elif hp.capture_steps and it < hp.v_num_grad_steps - 1:  # the last forward takes no step: eager
+            elif hp.capture_steps and (it < hp.v_num_grad_steps - 1 or (graph is not None and graph.recorded)):
+                # the last forward takes no step: a replay of a recorded graph (its gradient unused)
+                # costs the GPU less than the eager forward costs the host; else it runs eagerly
                 if graph is None:
                     graph, kept = _graph_for(fwd, pl, lm_head, h, log_p_init, hp, n)
+                # the outputs hold until the next replay (a kept graph's may lie in another's
+                # scratch, cudagraphs.shared_pool): this iteration reads loss, miss and grad first
                 try:
                     loss, miss, grad = graph(delta[facts])
                 except BaseException:

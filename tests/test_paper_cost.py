@@ -576,11 +576,12 @@ def test_paper_cost_prices_the_graph_options_from_the_params(tmp_path, capsys):
 
 
 def test_value_steps_recorded_whole_are_priced_as_replays_after_their_eager_steps(tmp_path):
-    """hparams capture_steps (editlib.cudagraphs): a one-fact chunk's first and last forwards and
-    its warm-up cost eager steps, the recording one step's host time, every other step the replay
-    of the step's eager kernels at graph_node_s each (no host time for them) plus Adam's Python, so
-    a host-bound one-fact chunk gets much cheaper; a chunk of several facts (each stop a new set to
-    record) and one no longer than its eager steps are priced as eager ones; the floor does not move;
+    """hparams capture_steps (editlib.cudagraphs): a one-fact chunk's first forward and its warm-up
+    cost eager steps, the recording one step's host time, every other step (the last forward too)
+    the replay of the step's eager kernels at graph_node_s each (no host time for them) plus Adam's
+    Python, so a host-bound one-fact chunk gets much cheaper, and cheaper still for the share
+    (kept_reuse) that replays a kept graph from its first step; a chunk of several facts (each stop
+    a new set to record) and one too short to replay are priced as eager ones; the floor does not move;
     units timed eagerly (or compiled) do not price it; paper_cost reads it from the params, all
     sections or none."""
     import sys

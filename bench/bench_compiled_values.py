@@ -35,7 +35,7 @@ from slice_phases import _build  # noqa: E402  (a Llama-3-8B shape named by the 
 
 from editlib import protocols  # noqa: E402
 from editlib.params import resolve  # noqa: E402
-from editlib.values import KEPT_COUNTS, compute_values  # noqa: E402
+from editlib.values import KEPT_COUNTS, compute_values, keeping_graphs  # noqa: E402
 
 
 def _timed(study, facts, layer, ctx, hp) -> tuple[float, object]:
@@ -261,4 +261,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with keeping_graphs():  # capture_steps at B = 1 keeps one-fact graphs for later facts, as a protocol unit does
+        main()

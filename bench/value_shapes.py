@@ -18,7 +18,7 @@ which ``--stops`` counts too, by stopping the chunk's facts one per iteration in
 ``--kept`` counts, for one fact at a time, the distinct keys under which ``capture_steps`` keeps
 a one-fact step's CUDA graph for later facts of the same sizes (:func:`editlib.values._reuse_key`:
 every input's size, not only the blocks'): the graphs a B = 1 sequential run records, and the share
-of its facts that replay an earlier fact's graph instead (the cost model's ``kept_sets``).
+of its facts that replay an earlier fact's graph instead (the cost model's ``kept_reuse``).
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def kept_keys(model, tok, records, contexts, layer: int = 1) -> list[tuple]:
         pl = _plan_step(fwd, seq, torch.tensor([0]), 1, torch.device("cpu"))
         h, ref = torch.zeros(1, model.config.hidden_size), torch.zeros(1, model.config.vocab_size)
         key = _reuse_key(fwd, pl, model.lm_head, h, ref, None)
-        assert len(key[2]) == len(_step_inputs(fwd, pl, h, ref))
-        out.append(key[2:4])
+        assert len(key[3]) == len(_step_inputs(fwd, pl, h, ref))
+        out.append(key[3:5])
     return out
 
 

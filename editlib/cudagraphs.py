@@ -29,14 +29,16 @@ RECORDINGS: dict[torch.device, int] = {}
 def capture_stream(device) -> torch.cuda.Stream:
     """The process's one capture stream on ``device``. cuBLAS keeps a workspace for each (handle,
     stream) it has run on and never frees it, so a stream of torch's pool per recording would
-    end up holding one for each of the pool's streams."""
+    end up holding one for each of the pool's streams. (Some torch versions free the capture
+    stream's workspace when a graph recorded on it is reset; the CUDA test that evicts kept value
+    graphs checks that the others still replay eager's z.)"""
     d = _indexed(device)
     if d not in _STREAMS:
         _STREAMS[d] = torch.cuda.Stream(device=d)
     return _STREAMS[d]
 
 
-def shared_pool(device) -> tuple:
+def shared_pool(device, fresh: bool = False) -> tuple:
     """The process's one memory pool on ``device`` for graphs that share theirs (the value steps kept
     for reuse, :mod:`editlib.values`), at about the footprint of the largest instead of their sum.
 
@@ -48,9 +50,13 @@ def shared_pool(device) -> tuple:
     makes is either scratch, written before it is read within each replay, or one of its outputs,
     which stay referenced as long as the graph (so no later capture takes their blocks); and since
     an output may lie in another graph's scratch, it holds only until the next replay of *any*
-    graph of the pool: read it before. Replays are one at a time (one stream, one thread)."""
+    graph of the pool: read it before. Replays are one at a time (one stream, one thread).
+
+    ``fresh``: a new pool, for a caller none of whose graphs is left in the current one. A pool
+    whose graphs are all released may still hold a tensor (an output that a stored traceback keeps
+    alive), and torch refuses to record into a pool id it has released (an internal assert)."""
     d = _indexed(device)
-    if d not in _POOLS:
+    if fresh or d not in _POOLS:
         _POOLS[d] = torch.cuda.graph_pool_handle()
     return _POOLS[d]
 
@@ -68,8 +74,9 @@ class CapturedStep:
     fails naming its operation (``what`` says which setting asked for the capture) rather than
     breaking the recording; the next call records it on that stream and replays it, and every
     later call replays it. Returns ``fn``'s outputs (after the recording: the graph's, which every
-    replay rewrites). :meth:`close` releases the graph and its memory pool. ``pool``: a pool
-    shared with other graphs (:func:`shared_pool`; default: the graph's own)."""
+    replay rewrites). :meth:`close` releases the graph and its memory pool (a shared pool's memory
+    goes with its last graph). ``pool``: a pool shared with other graphs (:func:`shared_pool`;
+    default: the graph's own)."""
 
     def __init__(self, fn: Callable, device: torch.device, what: str, warmups: int = WARMUPS, pool=None):
         if warmups < 1:

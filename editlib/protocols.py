@@ -53,7 +53,7 @@ from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covari
 from .executor import inject_failure, run_units
 from .store import Experiment
 from .tf32 import set_tf32, tf32_applies
-from .values import release_value_graphs
+from .values import keeping_graphs
 from .valuestore import FOLDER as VALUE_FOLDER, ValueStore
 from .weights import EditSession, unedited
 
@@ -1498,14 +1498,13 @@ _UNIT_RUNNERS = {"layer_search": _layer_search_unit, "singular": _singular_edits
 
 
 def run_unit(spec: UnitSpec, study: Study, exp: Experiment, uc: UnitContext) -> UnitResult:
-    """Run one unit on ``study`` into ``exp`` (the same function for every executor). The one-fact
-    value graphs a unit kept for reuse (``capture_steps``) go with it: the next unit may edit
-    another layer, and GE's KV cache wants their memory."""
+    """Run one unit on ``study`` into ``exp`` (the same function for every executor). Its one-fact
+    value graphs (``capture_steps``) are kept for its later facts of the same sizes and go with
+    it, also when it fails: the next unit may edit another layer, and the next experiment's GE
+    wants their memory (:func:`editlib.values.keeping_graphs`)."""
     inject_failure(spec.name)
-    try:
+    with keeping_graphs():
         return _UNIT_RUNNERS[spec.experiment](spec, study, exp, uc)
-    finally:
-        release_value_graphs()
 
 
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:

@@ -46,6 +46,7 @@ import torch
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .cudagraphs import CapturedStep, shared_pool
+from .tf32 import matmul_tf32
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
 from .packed import PackedSuffix, check_compile_mode, unsupported
@@ -525,27 +526,53 @@ def _step_inputs(fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) 
 
 
 def _reuse_key(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams) -> tuple:
-    """What a kept one-fact graph's kernels depend on besides the values of its inputs: the sizes
-    of every input (:func:`_step_inputs`), the plans' integers and which of their tensors are
-    absent, the hyperparameters, and the weights it reads: the modules, and the address, shape and
-    dtype of each parameter (a graph reads the addresses it recorded)."""
+    """What a kept one-fact graph's kernels depend on besides the values of its inputs: the modules
+    it runs and their hooks; the address, shape and dtype of each parameter (a graph reads the
+    addresses it recorded); the sizes of every input (:func:`_step_inputs`); the plans' integers
+    and which of their tensors are absent; the device, the hyperparameters, and the global
+    settings that choose kernels (TF32, deterministic algorithms, the attention backends,
+    autocast). Keys [0] and [1] name the modules and weights."""
     modules = (*fwd.packed.blocks, fwd.packed.norm, lm_head)
     weights = tuple((p.data_ptr(), tuple(p.shape), p.dtype) for m in modules for p in m.parameters())
+    glob = torch.nn.modules.module
+    hooks = tuple(id(f) for f in (*glob._global_forward_pre_hooks.values(), *glob._global_forward_hooks.values())) + tuple(
+        id(f) for m in modules for sub in m.modules() for f in (*sub._forward_pre_hooks.values(),
+                                                                 *sub._forward_hooks.values()))
     sizes = tuple((tuple(t.shape), t.dtype) for t in _step_inputs(fwd, pl, h, log_p_init))
     scalars = tuple("tensor" if isinstance(v, torch.Tensor) else v for v in _field_values(pl.fwd))
-    return (tuple(id(m) for m in modules), weights, sizes, scalars, str(h.device), repr(hp))
+    b = torch.backends
+    settings = (matmul_tf32(), torch.are_deterministic_algorithms_enabled(), b.cuda.flash_sdp_enabled(),
+                b.cuda.mem_efficient_sdp_enabled(), b.cuda.math_sdp_enabled(), torch.is_autocast_enabled())
+    return (tuple(id(m) for m in modules), weights, hooks, sizes, scalars, str(h.device), repr(hp), settings)
 
 
 #: one-fact value graphs kept for reuse (:func:`_graph_for`), oldest use first, and their number's
-#: bound: 4,096 CounterFact facts bring about a hundred sets of step sizes (bench/value_shapes.py)
+#: bound: 4,096 CounterFact facts bring 100 sets of step sizes (bench/value_shapes.py --kept). Each
+#: holds its first fact's packed inputs, mostly the prefix keys/values of the blocks above the
+#: edited layer: about 17 MB on Llama-3-8B at layer 1, 1.7 GB for a B = 1 run's 100
 _KEPT: "OrderedDict[tuple, _GraphStep]" = OrderedDict()
-KEPT_GRAPHS = 256
+KEPT_GRAPHS = 128
 #: counts of kept graphs made and reused in this process (bench/bench_compiled_values.py prints them)
 KEPT_COUNTS = {"made": 0, "reused": 0}
+_KEEPING = {"depth": 0}
+
+
+@contextlib.contextmanager
+def keeping_graphs():
+    """Within it, one-fact value graphs are kept for later facts of their sizes (:func:`_graph_for`);
+    at its exit they are released. :func:`editlib.protocols.run_unit` runs every unit within it;
+    elsewhere (editlib.quick, a notebook's own calls) a one-fact graph lives as long as its chunk."""
+    _KEEPING["depth"] += 1
+    try:
+        yield
+    finally:
+        _KEEPING["depth"] -= 1
+        if not _KEEPING["depth"]:
+            release_value_graphs()
 
 
 def release_value_graphs() -> None:
-    """Release every kept one-fact value graph (their memory goes once none is left in the pool)."""
+    """Release every kept one-fact value graph (their memory goes with the last of the pool's)."""
     while _KEPT:
         _, g = _KEPT.popitem(last=False)
         g.close()
@@ -556,14 +583,16 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
     """The captured step of the running facts of ``pl``, and whether it is kept beyond the chunk.
 
     A chunk of several facts records a graph of its own for each set of running facts (its facts
-    stop apart, and such sets rarely recur). A one-fact chunk (a B = 1 sequential edit) keeps its
-    graph, in the device's shared pool (:func:`editlib.cudagraphs.shared_pool`), for later facts
-    whose step has the same sizes (:func:`_reuse_key`): those copy their inputs into it and replay
-    it from their first step, without a warm-up or a recording. The same kernels run on the same
-    sizes, so z is what the fact's own graph, or its eager steps, would give. At most
-    :data:`KEPT_GRAPHS` are kept (the least recently used goes), all of one model: a graph of
-    another model's weights is released when a step of this one is recorded."""
-    if n != 1:
+    stop apart, and such sets rarely recur). Within :func:`keeping_graphs`, a one-fact chunk (a
+    B = 1 sequential edit) keeps its graph, in the device's shared pool
+    (:func:`editlib.cudagraphs.shared_pool`), for later facts whose step has the same sizes
+    (:func:`_reuse_key`): those copy their inputs into it and replay it from their first step, with
+    no warm-up or recording once the first fact of those sizes recorded it. The same kernels run on
+    the same sizes, so z is what the fact's own graph, or its eager steps, would give. At most
+    :data:`KEPT_GRAPHS` are kept (the least recently used goes), all of one set of modules and
+    weights (another model's, or another edited layer's, are released when a step of these is
+    recorded); a graph made with none kept gets a fresh pool."""
+    if n != 1 or not _KEEPING["depth"]:
         return _GraphStep(fwd, pl, lm_head, h, log_p_init, hp), False
     key = _reuse_key(fwd, pl, lm_head, h, log_p_init, hp)
     g = _KEPT.get(key)
@@ -572,9 +601,10 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
         g.load(fwd, pl, h, log_p_init)
         KEPT_COUNTS["reused"] += 1
         return g, True
-    for other in [k for k in _KEPT if k[0] != key[0] or k[1] != key[1]]:  # another model's (or weights')
+    for other in [k for k in _KEPT if k[0] != key[0] or k[1] != key[1]]:  # other modules' or weights'
         _KEPT.pop(other).close()
-    g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=shared_pool(h.device))
+    pool = shared_pool(h.device, fresh=not _KEPT)
+    g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=pool)
     KEPT_COUNTS["made"] += 1
     while len(_KEPT) > KEPT_GRAPHS:
         _KEPT.popitem(last=False)[1].close()

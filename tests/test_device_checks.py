@@ -182,7 +182,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 12 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 13 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)

@@ -825,7 +825,7 @@ def test_capture_steps_reaches_the_value_steps_and_changes_no_score(study, weigh
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(values, "CapturedStep", _StandInGraph)
-        mp.setattr(values, "shared_pool", lambda device: "the shared pool")
+        mp.setattr(values, "shared_pool", lambda device, fresh=False: "the shared pool")
         mp.setattr(values, "check_capture_device", lambda hp, device: None)
         for on in (False, True):
             _StandInGraph.seen = {}

@@ -820,12 +820,19 @@ class _StandInGraph:
 
 @pytest.fixture()
 def stand_in_graphs(monkeypatch):
-    """editlib.values' CUDA graphs stood in for (:class:`_StandInGraph`, the shared pool a name),
-    the device check passed as on a GPU; kept one-fact graphs released afterwards."""
+    """editlib.values' CUDA graphs stood in for (:class:`_StandInGraph`; the shared pools are
+    objects, a new one when asked for a fresh pool, listed in ``seen["pools"]``), the device check
+    passed as on a GPU; kept one-fact graphs released afterwards."""
     from editlib import values as v
-    _StandInGraph.seen = {}
+    _StandInGraph.seen = {"pools": []}
+    pools = _StandInGraph.seen["pools"]
+
+    def shared_pool(device, fresh=False):
+        if fresh or not pools:
+            pools.append(object())
+        return pools[-1]
     monkeypatch.setattr(v, "CapturedStep", _StandInGraph)
-    monkeypatch.setattr(v, "shared_pool", lambda device: "the shared pool")
+    monkeypatch.setattr(v, "shared_pool", shared_pool)
     monkeypatch.setattr(v, "check_capture_device", lambda hp, device: None)
     monkeypatch.setattr(v, "KEPT_COUNTS", {"made": 0, "reused": 0})
     v.release_value_graphs()
@@ -843,7 +850,8 @@ def test_capture_steps_path_is_the_eager_path(stand_in_graphs, tok, lm32, kw) ->
     from editlib import values as v
     hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, **kw)
     want = values(lm32, tok, **hp)
-    got = values(lm32, tok, capture_steps=True, **hp)
+    with v.keeping_graphs():
+        got = values(lm32, tok, capture_steps=True, **hp)
     for f in ("z", "h", "steps", "final_loss", "stalled"):
         assert torch.equal(getattr(want, f), getattr(got, f)), f
     assert want.fail_reason == got.fail_reason
@@ -859,69 +867,97 @@ def test_capture_steps_path_is_the_eager_path(stand_in_graphs, tok, lm32, kw) ->
         assert len(set(want.steps.tolist())) > 1 and seen["graphs"] > 1  # facts stopped apart: a graph per set
 
 
-#: FACTS' twins: other words, the same token counts (a step of the same sizes)
+#: FACTS' twins: other words, the same token counts (a step of the same sizes), in reverse order
+#: (their graphs replay in another order than recorded), and a fact whose subject splits FACTS[0]'s
+#: words otherwise: the same sizes, but another subject position (its mask and RoPE tables differ)
 TWINS = tuple(fact(10 + r.case_id, r.prompt.replace("sat on", "ran to").replace("capital", "cat"),
                    {"the cat": "a dog", "France": "Paris", "Paris": "France", "the mat": "a cat"}[r.subject],
                    {"mat": "dog", "Paris": "France", "France": "Paris", "cat and dog": "dog and cat"}[r.target_new.str])
-              for r in FACTS)
+              for r in reversed(FACTS)) + (fact(20, "the {} sat on", "cat", "dog"),)
+
+
+def _poison(kept) -> None:
+    """Every input of the kept graphs overwritten (NaN, an index out of every range, flipped): what
+    a fact does not copy in shows."""
+    for g in kept.values():
+        for t in g.inputs:
+            t.logical_not_() if t.dtype == torch.bool else t.fill_(math.nan if t.is_floating_point() else 1 << 40)
 
 
 def test_a_one_fact_graph_is_reused_by_facts_of_its_sizes(stand_in_graphs, tok, lm32) -> None:
-    """capture_steps, one fact per chunk (a B = 1 sequential edit): a fact whose step has the sizes
-    of an earlier fact's replays that fact's graph, its own inputs copied in, from its first step
-    (no warm-up, no recording), also in a later call; z, h, steps, losses and failures are the
-    eager path's to the bit. A fact's other tokens must change z (else the copies go unchecked)."""
+    """capture_steps, one fact per chunk (a B = 1 sequential edit), within keeping_graphs: a fact
+    whose step has the sizes of an earlier fact's replays that fact's graph, its own inputs copied
+    in (the graph's inputs are poisoned before), from its first step (no warm-up, no recording),
+    also in a later call and in another order; z, h, steps, losses and failures are the eager
+    path's to the bit. Outside keeping_graphs nothing is kept."""
     from editlib import values as v
     facts = FACTS + TWINS
-    assert [len(tok(f.prompt.format(f.subject)).input_ids) for f in TWINS] == \
-        [len(tok(f.prompt.format(f.subject)).input_ids) for f in FACTS]
+    assert [len(tok(f.prompt.format(f.subject)).input_ids) for f in TWINS[:4]] == \
+        [len(tok(f.prompt.format(f.subject)).input_ids) for f in reversed(FACTS)]
     hp = ValueHParams(v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=1)
     want = compute_values(lm32, tok, facts, LAYER, CTX, hp)
-    assert not torch.equal(want.z[:, :4], want.z[:, 4:])
+    assert not torch.equal(want.z[:, :4], want.z[:, 4:8].flip(1))
     on = dataclasses.replace(hp, capture_steps=True)
-    got = [compute_values(lm32, tok, facts[:4], LAYER, CTX, on), compute_values(lm32, tok, facts[4:], LAYER, CTX, on)]
+    with v.keeping_graphs():
+        got = [compute_values(lm32, tok, FACTS, LAYER, CTX, on)]
+        _poison(v._KEPT)
+        got.append(compute_values(lm32, tok, TWINS, LAYER, CTX, on))
+        assert len(v._KEPT) == 4
+    assert not v._KEPT  # released at the scope's exit
     for f in ("z", "h", "final_loss", "stalled"):
         assert torch.equal(getattr(want, f), torch.cat([getattr(g, f) for g in got], -1)), f
     assert torch.equal(want.steps, torch.cat([g.steps for g in got]))
     assert want.fail_reason == got[0].fail_reason + got[1].fail_reason
     calls = [int(s) for s in want.steps]  # graph calls per fact: every forward but the first
     assert all(c > v.GRAPH_WARMUPS for c in calls[:4]) and all(c > 0 for c in calls[4:])
-    assert v.KEPT_COUNTS == {"made": 4, "reused": 4} and len(v._KEPT) == 4
+    assert v.KEPT_COUNTS == {"made": 4, "reused": 5}
     seen = stand_in_graphs
-    assert seen["graphs"] == seen["records"] == 4
+    assert seen["graphs"] == seen["records"] == 4 and len(seen["pools"]) == 1
     assert seen["replays"] == sum(c - v.GRAPH_WARMUPS - 1 for c in calls[:4]) + sum(calls[4:])
-    v.release_value_graphs()
-    assert not v._KEPT
+    compute_values(lm32, tok, TWINS, LAYER, CTX, on)  # outside keeping_graphs: a graph per chunk
+    assert not v._KEPT and v.KEPT_COUNTS["made"] == 4 and seen["graphs"] == 9
 
 
 def test_kept_graphs_are_of_one_model_and_bounded(stand_in_graphs, monkeypatch, tok, lm32) -> None:
     """A step of another model (other weights) releases the kept graphs of the first; at most
     KEPT_GRAPHS are kept, the least recently used going first; a step that raises drops its
-    graph; protocols release them after every unit."""
+    graph; a graph made with none kept gets a fresh pool; protocols.run_unit keeps graphs for its
+    unit and releases them after it, also when it fails."""
     from editlib import protocols
     from editlib import values as v
     hp = ValueHParams(v_num_grad_steps=6, early_stop_loss=0.0, z_batch_size=1, capture_steps=True)
-    compute_values(lm32, tok, FACTS, LAYER, CTX, hp)
-    first = dict(v._KEPT)
-    assert len(first) == 4
-    other = tiny_llama(len(tok), lm_scale=10.0, seed=1).requires_grad_(False)
-    compute_values(other, tok, FACTS[:1], LAYER, CTX, hp)
-    assert len(v._KEPT) == 1 and not set(v._KEPT) & set(first) and all(g.step.out is None for g in first.values())
-    monkeypatch.setattr(v, "KEPT_GRAPHS", 2)
-    compute_values(other, tok, FACTS, LAYER, CTX, hp)
-    assert len(v._KEPT) == 2
-    last = list(v._KEPT)
-    compute_values(other, tok, FACTS[2:3], LAYER, CTX, hp)  # FACTS[2]'s graph is in use again: now the newest
-    assert list(v._KEPT) == last[::-1]
+    pools = stand_in_graphs["pools"]
+    with v.keeping_graphs():
+        compute_values(lm32, tok, FACTS, LAYER, CTX, hp)
+        first = dict(v._KEPT)
+        assert len(first) == 4 and len(pools) == 1
+        other = tiny_llama(len(tok), lm_scale=10.0, seed=1).requires_grad_(False)
+        compute_values(other, tok, FACTS[:1], LAYER, CTX, hp)
+        assert len(v._KEPT) == 1 and not set(v._KEPT) & set(first) and all(g.step.out is None for g in first.values())
+        assert len(pools) == 2 and next(iter(v._KEPT.values())).step.pool is pools[1]  # none kept: a fresh pool
+        monkeypatch.setattr(v, "KEPT_GRAPHS", 2)
+        compute_values(other, tok, FACTS, LAYER, CTX, hp)
+        assert len(v._KEPT) == 2 and len(pools) == 2
+        last = list(v._KEPT)
+        compute_values(other, tok, FACTS[2:3], LAYER, CTX, hp)  # FACTS[2]'s graph is in use again: now the newest
+        assert list(v._KEPT) == last[::-1]
+        real = v._GraphStep.__call__
 
-    def fails(self, d_act):
-        raise RuntimeError("a failing step")
-    monkeypatch.setattr(v._GraphStep, "__call__", fails)
-    with pytest.raises(RuntimeError, match="a failing step"):
-        compute_values(other, tok, FACTS[3:4], LAYER, CTX, hp)
-    assert list(v._KEPT) == last[:1]  # FACTS[3]'s graph went with its failure
-    monkeypatch.setattr(protocols, "_UNIT_RUNNERS", {"batch": lambda *a: "done"})
-    assert protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, None) == "done"
+        def fails(self, d_act):
+            raise RuntimeError("a failing step")
+        monkeypatch.setattr(v._GraphStep, "__call__", fails)
+        with pytest.raises(RuntimeError, match="a failing step"):
+            compute_values(other, tok, FACTS[3:4], LAYER, CTX, hp)
+        assert list(v._KEPT) == last[:1]  # FACTS[3]'s graph went with its failure
+        monkeypatch.setattr(v._GraphStep, "__call__", real)
+
+    def unit(*a):  # a unit that keeps a graph, then fails
+        compute_values(lm32, tok, FACTS[:1], LAYER, CTX, hp)
+        assert len(v._KEPT) == 1
+        raise RuntimeError("the unit failed")
+    monkeypatch.setattr(protocols, "_UNIT_RUNNERS", {"batch": unit})
+    with pytest.raises(RuntimeError, match="the unit failed"):
+        protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, None)
     assert not v._KEPT
 
 
@@ -985,8 +1021,9 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
     stops), under torch's warn-only deterministic algorithms (model.deterministic; without them
     the eager step's index_add sums vary in order from run to run): the recorded steps replay, and
     z, steps and losses equal the eager steps' to the bit, for one fact at a time and for a chunk
-    whose facts stop apart; one-fact steps of the same sizes replay one kept graph (in the shared
-    pool), each fact's inputs copied in."""
+    whose facts stop apart; within keeping_graphs, one-fact steps of the same sizes replay one kept
+    graph (in the shared pool, in another order than recorded, and with two graphs kept at most:
+    evicted and recorded again), each fact's inputs copied in."""
     from editlib import cudagraphs
     from editlib import values as v
     replays = []
@@ -997,22 +1034,42 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
         return real(self)
 
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    bound = v.KEPT_GRAPHS
     torch.use_deterministic_algorithms(True, warn_only=True)
     cudagraphs.CapturedStep.__call__ = counted
     try:
         for dtype, stop in ((torch.float32, {"early_stop_loss": 0.3}), (torch.bfloat16, {"early_stop": "mpes"})):
             lm = tiny_llama(len(tok), lm_scale=10.0, dtype=dtype).requires_grad_(False).cuda()
-            for zb in (1, 4):
+            for zb, kept in ((1, 128), (1, 2), (4, 128)):  # KEPT_GRAPHS 2: graphs evicted and recorded again
                 hp = dict(v_num_grad_steps=12, z_batch_size=zb, **stop)
                 want = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(**hp))
-                reused = v.KEPT_COUNTS["reused"]
-                got = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
+                reused, v.KEPT_GRAPHS = v.KEPT_COUNTS["reused"], kept
+                with v.keeping_graphs():
+                    got = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
                 for f in ("z", "h", "steps", "final_loss"):
-                    assert torch.equal(getattr(want, f), getattr(got, f)), (dtype, zb, f)
+                    assert torch.equal(getattr(want, f), getattr(got, f)), (dtype, zb, kept, f)
                 assert (v.KEPT_COUNTS["reused"] > reused) == (zb == 1)  # the twins replay their FACTS' graphs
-                v.release_value_graphs()
     finally:
         cudagraphs.CapturedStep.__call__ = real
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-        v.release_value_graphs()
+        v.KEPT_GRAPHS = bound
     assert any(replays)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kept_graphs_record_again_after_a_release_that_left_an_output_alive(tok) -> None:
+    """Kept graphs released while one of their outputs is still referenced (a traceback stored by
+    a notebook keeps a step's loss and gradient): the next kept graph records into a fresh pool
+    (torch asserts on a pool id it has released) and gives the eager z."""
+    from editlib import values as v
+    lm = tiny_llama(len(tok), lm_scale=10.0).requires_grad_(False).cuda()
+    hp = ValueHParams(v_num_grad_steps=8, early_stop_loss=0.0, z_batch_size=1)
+    on = dataclasses.replace(hp, capture_steps=True)
+    with v.keeping_graphs():
+        compute_values(lm, tok, FACTS[:1], LAYER, CTX, on)
+        alive = next(iter(v._KEPT.values())).step.out
+    assert alive is not None and not v._KEPT
+    with v.keeping_graphs():
+        got = compute_values(lm, tok, FACTS[1:2], LAYER, CTX, on)
+    want = compute_values(lm, tok, FACTS[1:2], LAYER, CTX, hp)
+    assert torch.allclose(want.z, got.z, rtol=1e-6, atol=1e-6) and torch.equal(want.steps, got.steps)

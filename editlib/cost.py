@@ -107,7 +107,8 @@ class CostModel:
     # two steps costs more recorded than eager)
     step_graphs: bool = False
     # ... of those one-fact chunks, the share whose step has the sizes of an earlier fact's in its
-    # run, whose kept graph it replays from its first step (no warm-up, no recording: values._graph_for):
+    # run, whose kept graph it replays from its first step (no warm-up and no recording once the first
+    # fact of those sizes recorded it: values._graph_for):
     # bench/value_shapes.py --kept, the first 4,096 CounterFact facts with the Llama-3 tokenizer:
     # 100 sets of sizes, so 3,996 of 4,096 facts (a B = 1 sequential run; 200 of the first 256)
     kept_reuse: float = 3996 / 4096

@@ -52,9 +52,9 @@ def shared_pool(device, fresh: bool = False) -> tuple:
     an output may lie in another graph's scratch, it holds only until the next replay of *any*
     graph of the pool: read it before. Replays are one at a time (one stream, one thread).
 
-    ``fresh``: a new pool, for a caller none of whose graphs is left in the current one. A pool
-    whose graphs are all released may still hold a tensor (an output that a stored traceback keeps
-    alive), and torch refuses to record into a pool id it has released (an internal assert)."""
+    ``fresh``: a new pool, for a caller none of whose graphs holds the current one. A pool whose
+    graphs are all released may still hold a tensor (an output that a stored traceback keeps
+    alive), and while it does torch refuses to record into that pool id (an internal assert)."""
     d = _indexed(device)
     if fresh or d not in _POOLS:
         _POOLS[d] = torch.cuda.graph_pool_handle()

@@ -527,23 +527,43 @@ def _step_inputs(fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) 
 
 def _reuse_key(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams) -> tuple:
     """What a kept one-fact graph's kernels depend on besides the values of its inputs: the modules
-    it runs and their hooks; the address, shape and dtype of each parameter (a graph reads the
-    addresses it recorded); the sizes of every input (:func:`_step_inputs`); the plans' integers
-    and which of their tensors are absent; the device, the hyperparameters, and the global
-    settings that choose kernels (TF32, deterministic algorithms, the attention backends,
-    autocast). Keys [0] and [1] name the modules and weights."""
+    it runs and their hooks (:func:`_hook_ids`); the address, shape and dtype of each parameter (a
+    graph reads the addresses it recorded); the sizes of every input (:func:`_step_inputs`); the
+    plans' integers and which of their tensors are absent; the device, the hyperparameters, and
+    the global settings that choose kernels (:func:`_kernel_settings`). Keys [0] and [1] name the
+    modules and weights."""
     modules = (*fwd.packed.blocks, fwd.packed.norm, lm_head)
     weights = tuple((p.data_ptr(), tuple(p.shape), p.dtype) for m in modules for p in m.parameters())
-    glob = torch.nn.modules.module
-    hooks = tuple(id(f) for f in (*glob._global_forward_pre_hooks.values(), *glob._global_forward_hooks.values())) + tuple(
-        id(f) for m in modules for sub in m.modules() for f in (*sub._forward_pre_hooks.values(),
-                                                                 *sub._forward_hooks.values()))
     sizes = tuple((tuple(t.shape), t.dtype) for t in _step_inputs(fwd, pl, h, log_p_init))
     scalars = tuple("tensor" if isinstance(v, torch.Tensor) else v for v in _field_values(pl.fwd))
-    b = torch.backends
-    settings = (matmul_tf32(), torch.are_deterministic_algorithms_enabled(), b.cuda.flash_sdp_enabled(),
-                b.cuda.mem_efficient_sdp_enabled(), b.cuda.math_sdp_enabled(), torch.is_autocast_enabled())
-    return (tuple(id(m) for m in modules), weights, hooks, sizes, scalars, str(h.device), repr(hp), settings)
+    return (tuple(id(m) for m in modules), weights, _hook_ids(modules), sizes, scalars, str(h.device), repr(hp),
+            _kernel_settings())
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hook_ids(modules) -> tuple:
+    """The handles of every module hook (global, and on ``modules`` and their submodules), forward
+    and backward: a graph runs what its recording ran. Handle ids, unlike function ids, are never
+    reused in a process."""
+    glob = torch.nn.modules.module
+    out = [tuple(getattr(glob, f"_global{name}", {})) for name in _HOOK_DICTS]
+    return tuple(out) + tuple(tuple(getattr(sub, name)) for m in modules for sub in m.modules() for name in _HOOK_DICTS)
+
+
+def _kernel_settings() -> tuple:
+    """The process-wide settings that choose a value step's kernels: TF32 and 16-bit reduced
+    precision reductions of matmuls, the BLAS library, deterministic algorithms, autocast, and the
+    attention backends (each switch, their priority order, the math backend's 16-bit reduction)."""
+    b, c = torch.backends.cuda, torch._C
+    optional = [getattr(c, name)() if hasattr(c, name) else None
+                for name in ("_get_fa3_sdp_enabled", "_get_sdp_priority_order")]
+    return (matmul_tf32(), b.matmul.allow_bf16_reduced_precision_reduction, b.matmul.allow_fp16_reduced_precision_reduction,
+            str(b.preferred_blas_library()), torch.are_deterministic_algorithms_enabled(),
+            torch.is_autocast_enabled(), torch.get_autocast_dtype("cuda"), b.flash_sdp_enabled(),
+            b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled(),
+            b.fp16_bf16_reduction_math_sdp_allowed(), *(tuple(v) if isinstance(v, list) else v for v in optional))
 
 
 #: one-fact value graphs kept for reuse (:func:`_graph_for`), oldest use first, and their number's
@@ -591,7 +611,8 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
     the same sizes, so z is what the fact's own graph, or its eager steps, would give. At most
     :data:`KEPT_GRAPHS` are kept (the least recently used goes), all of one set of modules and
     weights (another model's, or another edited layer's, are released when a step of these is
-    recorded); a graph made with none kept gets a fresh pool."""
+    recorded); a graph made while no kept graph has recorded into the current pool gets a fresh
+    one (a graph whose recording failed may also have left the old one held)."""
     if n != 1 or not _KEEPING["depth"]:
         return _GraphStep(fwd, pl, lm_head, h, log_p_init, hp), False
     key = _reuse_key(fwd, pl, lm_head, h, log_p_init, hp)
@@ -603,7 +624,9 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
         return g, True
     for other in [k for k in _KEPT if k[0] != key[0] or k[1] != key[1]]:  # other modules' or weights'
         _KEPT.pop(other).close()
-    pool = shared_pool(h.device, fresh=not _KEPT)
+    pool = shared_pool(h.device)
+    if not any(g.recorded and g.step.pool is pool for g in _KEPT.values()):  # no kept graph holds it
+        pool = shared_pool(h.device, fresh=True)
     g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=pool)
     KEPT_COUNTS["made"] += 1
     while len(_KEPT) > KEPT_GRAPHS:

@@ -877,11 +877,15 @@ TWINS = tuple(fact(10 + r.case_id, r.prompt.replace("sat on", "ran to").replace(
 
 
 def _poison(kept) -> None:
-    """Every input of the kept graphs overwritten (NaN, an index out of every range, flipped): what
-    a fact does not copy in shows."""
+    """Every input of the kept graphs overwritten (NaN, an index out of every range, flipped), each
+    tensor once: what a fact does not copy in shows."""
     for g in kept.values():
-        for t in g.inputs:
+        for t in {id(t): t for t in g.inputs}.values():
             t.logical_not_() if t.dtype == torch.bool else t.fill_(math.nan if t.is_floating_point() else 1 << 40)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def test_a_one_fact_graph_is_reused_by_facts_of_its_sizes(stand_in_graphs, tok, lm32) -> None:
@@ -903,6 +907,10 @@ def test_a_one_fact_graph_is_reused_by_facts_of_its_sizes(stand_in_graphs, tok, 
         _poison(v._KEPT)
         got.append(compute_values(lm32, tok, TWINS, LAYER, CTX, on))
         assert len(v._KEPT) == 4
+        for g in v._KEPT.values():  # what each recording read: its listed inputs, the weights and δ only
+            listed = {_storage(t) for t in g.inputs} | {_storage(p) for p in lm32.parameters()} | {_storage(g.d)}
+            assert g.step.inputs <= listed
+        assert len({g.step.pool for g in v._KEPT.values()}) == 1
     assert not v._KEPT  # released at the scope's exit
     for f in ("z", "h", "final_loss", "stalled"):
         assert torch.equal(getattr(want, f), torch.cat([getattr(g, f) for g in got], -1)), f
@@ -912,7 +920,7 @@ def test_a_one_fact_graph_is_reused_by_facts_of_its_sizes(stand_in_graphs, tok, 
     assert all(c > v.GRAPH_WARMUPS for c in calls[:4]) and all(c > 0 for c in calls[4:])
     assert v.KEPT_COUNTS == {"made": 4, "reused": 5}
     seen = stand_in_graphs
-    assert seen["graphs"] == seen["records"] == 4 and len(seen["pools"]) == 1
+    assert seen["graphs"] == seen["records"] == 4
     assert seen["replays"] == sum(c - v.GRAPH_WARMUPS - 1 for c in calls[:4]) + sum(calls[4:])
     compute_values(lm32, tok, TWINS, LAYER, CTX, on)  # outside keeping_graphs: a graph per chunk
     assert not v._KEPT and v.KEPT_COUNTS["made"] == 4 and seen["graphs"] == 9
@@ -930,14 +938,15 @@ def test_kept_graphs_are_of_one_model_and_bounded(stand_in_graphs, monkeypatch, 
     with v.keeping_graphs():
         compute_values(lm32, tok, FACTS, LAYER, CTX, hp)
         first = dict(v._KEPT)
-        assert len(first) == 4 and len(pools) == 1
+        assert len(first) == 4 and {g.step.pool for g in first.values()} == {pools[-1]}
+        made = len(pools)
         other = tiny_llama(len(tok), lm_scale=10.0, seed=1).requires_grad_(False)
         compute_values(other, tok, FACTS[:1], LAYER, CTX, hp)
         assert len(v._KEPT) == 1 and not set(v._KEPT) & set(first) and all(g.step.out is None for g in first.values())
-        assert len(pools) == 2 and next(iter(v._KEPT.values())).step.pool is pools[1]  # none kept: a fresh pool
+        assert len(pools) == made + 1 and next(iter(v._KEPT.values())).step.pool is pools[-1]  # none kept: a fresh pool
         monkeypatch.setattr(v, "KEPT_GRAPHS", 2)
         compute_values(other, tok, FACTS, LAYER, CTX, hp)
-        assert len(v._KEPT) == 2 and len(pools) == 2
+        assert len(v._KEPT) == 2 and len(pools) == made + 1
         last = list(v._KEPT)
         compute_values(other, tok, FACTS[2:3], LAYER, CTX, hp)  # FACTS[2]'s graph is in use again: now the newest
         assert list(v._KEPT) == last[::-1]
@@ -959,6 +968,50 @@ def test_kept_graphs_are_of_one_model_and_bounded(stand_in_graphs, monkeypatch, 
     with pytest.raises(RuntimeError, match="the unit failed"):
         protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, None)
     assert not v._KEPT
+
+
+def test_the_kept_graphs_key_and_scope(stand_in_graphs, tok, lm32) -> None:
+    """A kept graph serves only steps under the settings and hooks it was recorded under: another
+    TF32 or reduced-precision-reduction setting, or a hook on a module the step runs, makes another
+    graph (z still eager's); nested keeping_graphs keep them until the outermost exits, and each
+    outermost scope records into a fresh pool; a last forward whose graph is not yet recorded runs
+    eagerly (it does not record for one use)."""
+    from editlib import values as v
+    hp = ValueHParams(v_num_grad_steps=6, early_stop_loss=0.0, z_batch_size=1)
+    on = dataclasses.replace(hp, capture_steps=True)
+    want = compute_values(lm32, tok, FACTS[:1], LAYER, CTX, hp)
+    pools = stand_in_graphs["pools"]
+    matmul = torch.backends.cuda.matmul
+    with v.keeping_graphs():
+        with v.keeping_graphs():
+            compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on)
+        assert len(v._KEPT) == 1  # the inner exit keeps them
+        first_pool = next(iter(v._KEPT.values())).step.pool
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(v, "matmul_tf32", lambda: True)
+            compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on)
+        was = matmul.allow_bf16_reduced_precision_reduction
+        matmul.allow_bf16_reduced_precision_reduction = not was
+        try:
+            compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on)
+        finally:
+            matmul.allow_bf16_reduced_precision_reduction = was
+        handle = lm32.model.norm.register_forward_hook(lambda m, i, o: None)
+        try:
+            got = compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on)
+        finally:
+            handle.remove()
+        assert torch.equal(got.z, want.z)
+        assert v.KEPT_COUNTS == {"made": 4, "reused": 0} and len(v._KEPT) == 4
+        assert compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on) and v.KEPT_COUNTS["reused"] == 1
+    assert not v._KEPT
+    with v.keeping_graphs():
+        compute_values(lm32, tok, FACTS[:1], LAYER, CTX, on)
+        assert next(iter(v._KEPT.values())).step.pool is pools[-1] is not first_pool
+    records = stand_in_graphs["records"]
+    with v.keeping_graphs():  # 3 forwards: the first eager, the second warms the graph up, the last eager
+        compute_values(lm32, tok, FACTS[:1], LAYER, CTX, dataclasses.replace(on, v_num_grad_steps=3))
+    assert stand_in_graphs["records"] == records
 
 
 def test_a_replaced_value_graph_is_freed_at_once(monkeypatch, tok, lm32) -> None:
@@ -1067,9 +1120,10 @@ def test_cuda_kept_graphs_record_again_after_a_release_that_left_an_output_alive
     on = dataclasses.replace(hp, capture_steps=True)
     with v.keeping_graphs():
         compute_values(lm, tok, FACTS[:1], LAYER, CTX, on)
-        alive = next(iter(v._KEPT.values())).step.out
+        alive, pool = next(iter(v._KEPT.values())).step.out, next(iter(v._KEPT.values())).step.pool
     assert alive is not None and not v._KEPT
     with v.keeping_graphs():
         got = compute_values(lm, tok, FACTS[1:2], LAYER, CTX, on)
+        assert next(iter(v._KEPT.values())).step.pool != pool
     want = compute_values(lm, tok, FACTS[1:2], LAYER, CTX, hp)
     assert torch.allclose(want.z, got.z, rtol=1e-6, atol=1e-6) and torch.equal(want.steps, got.steps)

@@ -4,7 +4,9 @@ block upper triangle that ``editlib.stats.add_gram`` computes (mirrored once at 
 Prints seconds per update for a d_in-wide batch of T tokens (Llama-3-8B's down-projection input by
 default) and the agreement of the two results. ``--fast-gram``: bfloat16 keys instead, and the
 update with float64 products (the default) against ``covariance.fast_gram``'s float32 products
-(TF32 tensor cores on CUDA), both into a float64 sum.
+(TF32 tensor cores on CUDA), both into a float64 sum; on CUDA with 16-bit products
+(``editlib.stats.products_16bit``) a second line times fast_gram's products of the bfloat16 keys
+themselves on 16-bit tensor cores, what a run uses there.
 
     python bench/bench_gram.py [--d 14336] [--tokens 2048] [--reps 3] [--device cpu|cuda] [--threads 2]
         [--fast-gram]
@@ -80,6 +82,13 @@ def fast_gram(a) -> None:
           f"block upper triangle into float64: float64 products {t_exact:.3f} s, float32 products "
           f"(covariance.fast_gram{', TF32' if dev.type == 'cuda' else ''}) {t_fast:.3f} s: x{t_exact / t_fast:.2f}; "
           f"after {a.reps + 1} updates each, relative difference {err:.1e}")
+    if stats.products_16bit(dev):
+        half = torch.zeros(a.d, a.d, dtype=torch.float64, device=dev)
+        t_half = _time(lambda: stats.add_gram(half, k16), a.reps, a.device)
+        err16 = float((stats.symmetrize_upper(half) - ref).norm() / ref.norm())
+        print(f"16-bit products (covariance.fast_gram on 16-bit tensor cores) {t_half:.3f} s: "
+              f"x{t_exact / t_half:.2f} over float64 products, x{t_fast / t_half:.2f} over TF32; "
+              f"relative difference {err16:.1e}")
 
 
 if __name__ == "__main__":

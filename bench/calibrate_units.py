@@ -51,7 +51,7 @@ from editlib.metrics import evaluate_records  # noqa: E402
 from editlib.params import resolve  # noqa: E402
 from editlib.paths import repo_path  # noqa: E402
 from editlib.solver import factor_cov  # noqa: E402
-from editlib.stats import (_read_cache, _write_cache, collect_second_moments, fast_gram_applies,  # noqa: E402
+from editlib.stats import (_read_cache, _write_cache, collect_second_moments, fast_gram_applies, products_16bit,  # noqa: E402
                            layers_per_pass, symmetrize_upper)
 from editlib.values import compute_values  # noqa: E402
 
@@ -109,7 +109,7 @@ def c0_units(study, grid, *, batches: tuple[int, int], text_tokens: int, save) -
                      progress=False, gram32=gram32, on_device=True, encoded=enc)
 
     out = {"layers_per_pass": len(layers), "tokens_per_batch": texts_per_batch * text_tokens,
-           "gram32": gram32, "batches": list(batches)}
+           "gram32": gram32, "gram16": gram32 and products_16bit(device), "batches": list(batches)}
     _log(f"C0: warm-up pass of {len(layers)} layer(s), 1 batch of {texts_per_batch} × {text_tokens} tokens")
     _, sums = collect(1, 0)
     del sums

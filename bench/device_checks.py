@@ -97,6 +97,7 @@ CUDA_TESTS = (
     "tests/test_solver.py::test_cuda_factor_with_cpu_inputs",
     "tests/test_stats.py::test_cuda_matches_cpu",
     "tests/test_stats.py::test_cuda_fast_gram_on_tf32_matches_float64_products",
+    "tests/test_stats.py::test_cuda_fast_gram_on_16bit_tensor_cores_matches_float64_products",
     "tests/test_stats.py::test_cuda_c0_products_ignore_model_tf32",
     "tests/test_lowrank.py::test_cuda_bf16_terms_are_ieee_under_model_tf32",
     "tests/test_protocols.py::test_every_protocol_runs_on_cuda_as_on_the_cpu",
@@ -420,9 +421,15 @@ def step_gram(run: Run, step: Step) -> None:
 
 
 def parse_gram(out: str) -> dict:
-    """The numbers of bench_gram.py --fast-gram's summary line."""
+    """The numbers of bench_gram.py --fast-gram's summary lines (the second: 16-bit products, CUDA)."""
     m = re.search(r"float64 products ([\d.]+) s, float32 products .*? ([\d.]+) s: x([\d.]+);.*relative difference ([\d.e+-]+)", out)
-    return {"float64_s": float(m[1]), "float32_s": float(m[2]), "speedup": float(m[3]), "rel_diff": float(m[4])} if m else {}
+    got = {"float64_s": float(m[1]), "float32_s": float(m[2]), "speedup": float(m[3]), "rel_diff": float(m[4])} if m else {}
+    h = re.search(r"16-bit products .*? ([\d.]+) s: x([\d.]+) over float64 products, x([\d.]+) over TF32; "
+                  r"relative difference ([\d.e+-]+)", out)
+    if m and h:
+        got.update(bit16_s=float(h[1]), speedup_16bit=float(h[2]), speedup_16bit_over_tf32=float(h[3]),
+                   rel_diff_16bit=float(h[4]))
+    return got
 
 
 def step_compiled(run: Run, step: Step) -> None:

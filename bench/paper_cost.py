@@ -262,8 +262,12 @@ def main(argv=None) -> None:
               getattr(p.evaluation, "batched_edits", False) else "every evaluation runs every block"),
              f"float32 matmuls {'on TF32 tensor cores' if model.tf32 else 'in full float32 (model.tf32 off)'}; "
              "local executor (one process: targets shared as protocols' UnitContext groups share them)",
-             "C0 Gram " + ("per batch in float32 on TF32 tensor cores, summed in float64 (covariance.fast_gram, "
-                           "16-bit model)" if model.gram32 else "in float64"),
+             "C0 Gram " + ((f"per batch: float32 products of the 16-bit keys on "
+                            f"{'16-bit' if model.gram16 else 'TF32'} tensor cores, summed in float64 "
+                            "(covariance.fast_gram, 16-bit model)"
+                            + ("; the measured C0 unit, timed on TF32 tensor cores, bounds it"
+                               if model.gram16 and "c0_s_per_token_layer" in model.unit_s else ""))
+                           if model.gram32 else "in float64"),
              "GE rows per decode batch: " + ", ".join(
                  f"{s.name} {model.gen_rows(s, p.evaluation.gen_max_len)}" for s in shapes)
              + (f" (evaluation.gen_batch_size {model.gen_batch}, gen_kv_gb {model.gen_kv_gb})")]

@@ -131,7 +131,9 @@ class CostModel:
     key_batch: int = 256           # reprs batch size (sequences per forward)
     c0_tokens: float = 7.0e6       # C0 corpus tokens (n_samples × tokens per text; set by the CLI)
     c0_batch_tokens: float = 24576  # tokens per C0 forward (params covariance.max_batch_tokens)
-    fast_gram: bool = False        # 16-bit models: C0's per-batch Gram on TF32 tensor cores (params covariance.fast_gram)
+    fast_gram: bool = False        # 16-bit models: C0's per-batch Gram in float32 (params covariance.fast_gram) ...
+    gram16: bool = True            # ... its products on 16-bit tensor cores (editlib.stats.products_16bit: torch's CUDA
+                                   # torch.mm with a float32 result), else the keys made float32 on TF32 ones
     host_speedup: float = 1.0      # GPU machine's CPU vs this 2-core VM for the host-side units
     host_solve_s: float = 0.95     # one N = 1 solve written into the weights at d_in = 14336 on this VM (slice)
     host_f64: float = 100e9        # float64 GEMM FLOP/s of this VM (torch addmm, 2 threads)
@@ -342,13 +344,14 @@ class CostModel:
 
     @property
     def gram32(self) -> bool:
-        """C0's per-batch Gram in float32 on TF32 tensor cores (editlib.stats.fast_gram_applies)."""
+        """C0's per-batch Gram in float32 on tensor cores (editlib.stats.fast_gram_applies)."""
         return self.fast_gram and self.bpp == 2
 
     def c0_collect(self, s: ModelShape, layers: int, deepest: int) -> float:
         """Forward of the corpus up to the deepest layer of each pass (layers deepest-layers+1 …
         deepest in groups of :meth:`c0_per_pass`, the remainder first: editlib.stats.pass_groups) + a rank-T update of each layer's Σkkᵀ (its block
-        upper triangle: editlib.stats.add_gram): float64 GEMMs, or with :attr:`gram32` TF32 GEMMs
+        upper triangle: editlib.stats.add_gram): float64 GEMMs, or with :attr:`gram32` 16-bit
+        (:attr:`gram16`) or TF32 GEMMs with float32 results
         whose float32 blocks are added into the float64 sum once per batch (memory-bound), each
         batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
         the float32 block per further chunk)."""
@@ -361,7 +364,7 @@ class CostModel:
         macs = gram_macs(s.d_in) * self.c0_tokens * layers
         if not self.gram32:
             return fwd + 2 * macs / (self.gpu.fp64 * self.f64_eff)
-        gemm = 2 * macs / (self.gpu.tf32 * self.mm_eff)
+        gemm = 2 * macs / ((self.gpu.bf16 if self.gram16 else self.gpu.tf32) * self.mm_eff)
         # per batch: read the float32 block, read + write the float64 sum; per further token
         # chunk, read + write the float32 block in the GEMM's epilogue
         per_batch = 20 + 8 * (math.ceil(self.c0_batch_tokens / TC_CHUNK_TOKENS) - 1)

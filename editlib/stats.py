@@ -64,6 +64,7 @@ __all__ = [
     "TC_CHUNK_TOKENS",
     "add_gram",
     "fast_gram_applies",
+    "products_16bit",
     "c0_numerics",
     "collect_second_moments",
     "corpus_c0_cached",
@@ -360,29 +361,78 @@ def gram_macs(d: int) -> int:
 #: together by the GEMMs' rounded float32 epilogues (about 5e-6 at most). On the CPU (rounded
 #: float32 FMAs) a batch is one product.
 TC_CHUNK_TOKENS = 2048
+#: activation dtypes whose products are exact in float32 (and on TF32 tensor cores: 10-bit mantissas)
+EXACT_IN_TF32 = (torch.bfloat16, torch.float16)
 
 
 def gram_chunk(feats: torch.Tensor) -> int:
-    """Tokens per product of :func:`add_gram`: :data:`TC_CHUNK_TOKENS` for float32 ``feats`` on CUDA
-    (fast_gram's tensor-core products, also when the accumulator is float32 as well), the whole
-    batch elsewhere (float64 products, the CPU)."""
-    cuda32 = feats.device.type == "cuda" and feats.dtype == torch.float32
-    return TC_CHUNK_TOKENS if cuda32 else max(feats.shape[0], 1)
+    """Tokens per product of :func:`add_gram`: :data:`TC_CHUNK_TOKENS` for float32 or 16-bit
+    ``feats`` on CUDA (fast_gram's tensor-core products, also when the accumulator is float32 as
+    well), the whole batch elsewhere (float64 products, the CPU)."""
+    tensor_cores = feats.device.type == "cuda" and feats.dtype in (torch.float32, *EXACT_IN_TF32)
+    return TC_CHUNK_TOKENS if tensor_cores else max(feats.shape[0], 1)
+
+
+def _mm16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of 16-bit matrices with a float32 result (16-bit tensor cores, float32 sums)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _full_reductions():
+    """cuBLAS may sum a 16-bit GEMM's split-K partials in 16 bits (torch's default allows it, the
+    ``allow_*_reduced_precision_reduction`` switches): off while fast_gram takes its products."""
+    m = torch.backends.cuda.matmul
+    was = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = was
+
+
+_MM16: dict[torch.device, bool] = {}
+
+
+def products_16bit(device) -> bool:
+    """Whether fast_gram takes its products of 16-bit keys on 16-bit tensor cores on ``device``:
+    CUDA with a torch whose ``torch.mm`` gives a float32 result of 16-bit matrices (``out_dtype``,
+    CUDA only). The products are exact either way and summed in float32; a 16-bit tensor core
+    multiplies at twice the TF32 rate (an H200: 989 against 495 TFLOP/s) and reads half the bytes.
+    Elsewhere the keys are made float32 and multiplied on TF32 tensor cores (CUDA) or the CPU."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return False
+    if d not in _MM16:
+        try:
+            x = torch.ones(2, 2, device=d, dtype=torch.bfloat16)
+            _MM16[d] = _mm16(x, x).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM16[d] = False
+    return _MM16[d]
 
 
 def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None = None) -> None:
     """``acc += featsᵀ feats`` on the block upper triangle only (the whole matrix when
     :func:`gram_blocks` is 1); :func:`symmetrize_upper` completes it once all batches are in.
-    Each block's product is taken in ``feats``' dtype, ``chunk_tokens`` tokens at a time
-    (:func:`gram_chunk`), and added into ``acc`` (straight into it when the batch is one product
-    of ``acc``'s dtype)."""
+    Each block's product is taken in ``feats``' dtype (16-bit ``feats``: float32 products of them,
+    :func:`products_16bit`), ``chunk_tokens`` tokens at a time (:func:`gram_chunk`), and added into
+    ``acc`` (straight into it when the batch is one product of ``acc``'s dtype)."""
     d, n = feats.shape[1], feats.shape[0]
     chunk = gram_chunk(feats) if chunk_tokens is None else chunk_tokens
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk}")
     edges = _gram_edges(d)
+    half = feats.dtype in EXACT_IN_TF32
     for lo, hi in zip(edges[:-1], edges[1:]):
         blk, rows = acc[lo:hi, lo:], feats[:, lo:hi].T
+        if half:  # float32 products of 16-bit keys, a float32 sum per chunk (fast_gram on 16-bit tensor cores)
+            with _full_reductions():
+                part = _mm16(rows[:, :chunk], feats[:chunk, lo:])
+                for t in range(chunk, n, chunk):
+                    part.add_(_mm16(rows[:, t:t + chunk], feats[t:t + chunk, lo:]))
+            blk.add_(part)
+            continue
         if feats.dtype == acc.dtype and chunk >= n:
             blk.addmm_(rows, feats[:, lo:])
             continue
@@ -391,9 +441,6 @@ def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None
             part.addmm_(rows[:, t:t + chunk], feats[t:t + chunk, lo:])
         blk.add_(part)
 
-
-#: activation dtypes whose products are exact in float32 (and on TF32 tensor cores: 10-bit mantissas)
-EXACT_IN_TF32 = (torch.bfloat16, torch.float16)
 
 
 def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
@@ -461,8 +508,9 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     encoded with BOS and truncated to ``max_length``, right-padded. Sums are returned on CPU in
     ``dtype``, or with ``on_device`` left on the model's device, so that a caller can bring them to
     the host one at a time (a pass of 32 Llama-3-8B layers is 53 GB of float64). ``gram32``
-    (16-bit activations only, :func:`fast_gram_applies`): each batch's product in float32, TF32
-    tensor cores on CUDA. ``encoded``: the texts' ids from :func:`encode_corpus` (with the same
+    (16-bit activations only, :func:`fast_gram_applies`): each batch's product in float32, on
+    16-bit tensor cores on CUDA where torch has them (:func:`products_16bit`), else TF32 ones.
+    ``encoded``: the texts' ids from :func:`encode_corpus` (with the same
     ``max_length``), so that a corpus read in several passes is tokenised once.
     """
     layers = sorted(set(int(l) for l in layers))
@@ -481,10 +529,13 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     count = 0
     keep: torch.Tensor | None = None
 
+    half = gram32 and products_16bit(device)  # fast_gram's products on 16-bit tensor cores
+
     def accumulate(x: torch.Tensor, name: str) -> None:
         if gram32 and x.dtype not in EXACT_IN_TF32:
             raise ValueError(f"gram32 needs 16-bit activations, {name} gives {x.dtype}")
-        feats = x[keep].to(torch.float32 if gram32 else dtype)  # [tokens, d_in], non-padding only
+        feats = x[keep]  # [tokens, d_in], non-padding only
+        feats = feats if half else feats.to(torch.float32 if gram32 else dtype)
         # TF32 only for fast_gram's exact 16-bit products: model.tf32 must not round C0's float32
         # products (covariance.dtype: float32); the key records only a forward under TF32
         with tf32_matmuls(device, on=gram32):
@@ -538,14 +589,16 @@ def _batching_tag(batch_size: int, max_batch_tokens: int | None) -> str | None:
 
 
 def _cache_key(fp: str, layer: int, module: str, corpus: CorpusSpec, max_length: int,
-               dtype: str, texts_sha: str, gram32: bool = False, numerics: str | None = None,
+               dtype: str, texts_sha: str, gram: str | None = None, numerics: str | None = None,
                batching: str | None = None, tf32: bool = False) -> dict:
     """Everything C0 depends on; stored in (and compared against) the file metadata (``gram``
-    only for :func:`fast_gram_applies` sums, ``numerics`` only under portable numerics
+    only for :func:`fast_gram_applies` sums: "float32" for float32 products of the 16-bit keys
+    (the CPU, TF32 tensor cores), "16bit" for products on 16-bit tensor cores (:func:`products_16bit`;
+    the same exact products, summed in float32 by other hardware), ``numerics`` only under portable numerics
     (:func:`editlib.numerics.cache_tag`), ``batching`` only for another cut than the default
     (:func:`_batching_tag`) and ``forward`` only for keys from a forward on TF32 tensor cores
     (:func:`editlib.tf32.tf32_applies`), so the entries of earlier versions keep their keys)."""
-    return ({"gram": "float32"} if gram32 else {}) | ({"numerics": numerics} if numerics else {}) | (
+    return ({"gram": gram} if gram else {}) | ({"numerics": numerics} if numerics else {}) | (
         {"batching": batching} if batching else {}) | ({"forward": "tf32"} if tf32 else {}) | {
         "format": CACHE_FORMAT,
         "fingerprint": fp,
@@ -570,7 +623,7 @@ def _numerics_suffix(numerics: str | None) -> str:
 
 
 def _cache_path(root: Path, key: dict) -> Path:
-    gram = "_gram32" if key.get("gram") else ""
+    gram = {None: "", "float32": "_gram32", "16bit": "_gram16"}[key.get("gram")]
     fwd = "_tf32" if key.get("forward") else ""
     num = _numerics_suffix(key.get("numerics"))
     cut = f"_{key['batching']}" if key.get("batching") else ""
@@ -726,8 +779,10 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     # the products are IEEE whatever model.tf32 says (tf32_matmuls below), but the forward that
     # produces the keys runs under it: a float32 model's keys then differ by ~1e-3
     forward_tf32 = tf32_applies(model)
+    gram = ("16bit" if products_16bit(device) else "float32") if gram32 else None
     if gram32:
-        log("C0: float32 products per batch (16-bit activations; covariance.fast_gram)")
+        log("C0: float32 products per batch (16-bit activations; covariance.fast_gram"
+            + (", on 16-bit tensor cores)" if gram == "16bit" else ")"))
 
     def stats_of(l: int, key: dict, total: torch.Tensor, count: int, stored_cond: float, source: str) -> CovStats:
         mom2 = total.to(torch.float64) / count
@@ -759,7 +814,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     missing: dict[int, tuple[dict, Path]] = {}
     seen: dict[int, int | None] = {}  # the entry's mtime when it was checked (None: absent)
     for l in layers:
-        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram32, numerics_tag,
+        key = _cache_key(fp, l, spec.down_name(l), corpus, max_length, dtype, texts_sha, gram, numerics_tag,
                          _batching_tag(batch_size, max_batch_tokens), forward_tf32)
         path = _cache_path(root, key)
         seen[l] = _mtime(path)

@@ -182,7 +182,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 13 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 14 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)
@@ -201,6 +201,11 @@ def test_the_summary_lines_of_the_benchmarks_parse():
             "products 0.412 s, float32 products (covariance.fast_gram, TF32) 0.021 s: x19.62; after 4 updates "
             "each, relative difference 3.1e-06")
     assert dc.parse_gram(gram) == {"float64_s": 0.412, "float32_s": 0.021, "speedup": 19.62, "rel_diff": 3.1e-06}
+    gram16 = gram + ("\n16-bit products (covariance.fast_gram on 16-bit tensor cores) 0.011 s: x37.45 over float64 "
+                     "products, x1.91 over TF32; relative difference 2.9e-06")
+    assert dc.parse_gram(gram16) == {"float64_s": 0.412, "float32_s": 0.021, "speedup": 19.62, "rel_diff": 3.1e-06,
+                                     "bit16_s": 0.011, "speedup_16bit": 37.45, "speedup_16bit_over_tf32": 1.91,
+                                     "rel_diff_16bit": 2.9e-06}
     comp = ("profile (eager): 1 facts, 26 iterations, wall 112.0 ms/iteration, device 35.1 ms/iteration (31 % of wall), "
             "4498 device kernels/iteration (wall includes the profiler's own overhead)\n"
             "         compiled vs eager: max |Δz| 2.29e-05, max relative ‖Δz‖ 3.40e-07, equal step counts 4/4\n"

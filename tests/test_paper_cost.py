@@ -293,10 +293,10 @@ def test_arithmetic_floor():
     assert bf.ge(s, ts, 1, 100)[0] == pytest.approx(t * GPUS["h200"].fp32 / GPUS["h200"].bf16)
 
 
-def test_fast_gram_moves_c0_onto_tf32_for_16bit_models_only():
-    """covariance.fast_gram: a bfloat16 model's C0 Gram at the TF32 rate plus a float64 add per
-    batch and a float32 read + write per further token chunk (memory-bound), far cheaper than
-    float64 GEMMs; float32 models are unaffected."""
+def test_fast_gram_moves_c0_onto_tensor_cores_for_16bit_models_only():
+    """covariance.fast_gram: a bfloat16 model's C0 Gram at the 16-bit tensor cores' rate (gram16;
+    the TF32 rate without) plus a float64 add per batch and a float32 read + write per further
+    token chunk (memory-bound), far cheaper than float64 GEMMs; float32 models are unaffected."""
     s = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"]
     base = dict(c0_tokens=6.5e7, c0_batch_tokens=24576)
     bf, bf_fast = (CostModel(GPUS["h200"], dtype="bfloat16", fast_gram=f, **base) for f in (False, True))
@@ -304,12 +304,14 @@ def test_fast_gram_moves_c0_onto_tf32_for_16bit_models_only():
     assert bf_fast.gram32 and not f32_fast.gram32
     assert f32_fast.c0_collect(s, 32, 31) == f32.c0_collect(s, 32, 31)
     fwd = bf.c0_collect(s, 32, 31) - 2 * gram_macs(s.d_in) * 6.5e7 * 32 / (GPUS["h200"].fp64 * bf.f64_eff)
-    gemm = 2 * gram_macs(s.d_in) * 6.5e7 * 32 / (GPUS["h200"].tf32 * bf.mm_eff)
+    gemm = 2 * gram_macs(s.d_in) * 6.5e7 * 32 / (GPUS["h200"].bf16 * bf.mm_eff)
     per_batch = 20 + 8 * (24576 // 2048 - 1)  # 12 token chunks of editlib.stats.TC_CHUNK_TOKENS
     adds = per_batch * gram_macs(s.d_in) * 32 * -(-6.5e7 // 24576) / (GPUS["h200"].bw * bf.bw_eff)
     assert bf_fast.c0_collect(s, 32, 31) == pytest.approx(fwd + gemm + adds)
     assert bf_fast.c0_collect(s, 32, 31) < 0.25 * bf.c0_collect(s, 32, 31)
     assert bf_fast.floor().c0_collect(s, 32, 31) == pytest.approx(fwd * bf.mm_eff + gemm * bf.mm_eff)
+    tf32 = replace(bf_fast, gram16=False)  # a torch without 16-bit products: the keys made float32, on TF32
+    assert tf32.c0_collect(s, 32, 31) == pytest.approx(fwd + gemm * GPUS["h200"].bf16 / GPUS["h200"].tf32 + adds)
 
 
 def test_ge_rows_per_batch_follow_the_kv_budget():

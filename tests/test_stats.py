@@ -774,6 +774,75 @@ def test_a_float32_accumulator_is_chunked_too() -> None:
     assert stats.gram_chunk(on_cuda(torch.float64)) == 24576
 
 
+def _mm16_on_the_cpu(monkeypatch) -> list:
+    """stats._mm16 (``torch.mm(..., out_dtype=float32)``, CUDA only) stood in for by the float32
+    product of the 16-bit matrices: the same exact products, float32 sums. Returns, per product,
+    whether cuBLAS's 16-bit reduced-precision reductions were allowed."""
+    allowed: list = []
+    m = torch.backends.cuda.matmul
+
+    def mm16(a, b):
+        allowed.append(m.allow_bf16_reduced_precision_reduction or m.allow_fp16_reduced_precision_reduction)
+        return a.float() @ b.float()
+    monkeypatch.setattr(stats, "_mm16", mm16)
+    return allowed
+
+
+@pytest.mark.parametrize("d, block", [(40, 64), (50, 16)])
+def test_16bit_products_are_the_float32_products_of_16bit_keys(d, block, monkeypatch) -> None:
+    """add_gram of 16-bit features takes their float32 products (16-bit tensor cores on CUDA,
+    stood in for here): one product per block and batch, bit for bit the float32 features' update;
+    in chunks of tokens, each chunk's product added in float32; with one column block or several."""
+    allowed = _mm16_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(stats, "GRAM_BLOCK", block)
+    k16 = (torch.randn(300, d, generator=torch.Generator().manual_seed(d)) * 3).to(torch.bfloat16)
+    exact, half, f32 = (torch.zeros(d, d, dtype=F64) for _ in range(3))
+    stats.add_gram(exact, k16.double())
+    stats.add_gram(half, k16)
+    stats.add_gram(f32, k16.float())
+    assert torch.equal(half, f32) and 0 < rel(half, exact) < 1e-6
+    chunked = torch.zeros(d, d, dtype=F64)
+    stats.add_gram(chunked, k16, chunk_tokens=64)
+    want = torch.zeros(d, d, dtype=F64)
+    for lo, hi in zip(stats._gram_edges(d)[:-1], stats._gram_edges(d)[1:]):
+        part = k16[:64, lo:hi].float().T @ k16[:64, lo:].float()
+        for t in range(64, 300, 64):
+            part += k16[t:t + 64, lo:hi].float().T @ k16[t:t + 64, lo:].float()
+        want[lo:hi, lo:] += part
+    assert torch.equal(chunked, want) and rel(chunked, exact) < 1e-6
+    m = torch.backends.cuda.matmul  # reduced-precision reductions off during the products, restored after
+    assert allowed and not any(allowed) and m.allow_bf16_reduced_precision_reduction
+
+
+def test_layer_covariance_on_16bit_tensor_cores(tok, world, tmp_path, monkeypatch) -> None:
+    """Where torch takes 16-bit products with a float32 result (stats.products_16bit, stood in
+    for), fast_gram's C0 keeps the 16-bit keys and is cached as such (key gram "16bit", its own
+    file); its C0 is the float32 products' to the bit here (the same products and sums)."""
+    spec = CorpusSpec("records", max_length=48)
+    model16 = tiny_llama(seed=0).to(torch.bfloat16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf32 = layer_covariance(model16, tok, [1], spec, records=world, cache_dir=tmp_path,
+                                progress=False, log=lambda m: None, fast_gram=True)
+        _mm16_on_the_cpu(monkeypatch)
+        monkeypatch.setattr(stats, "products_16bit", lambda device: True)
+        seen, real = [], stats.add_gram
+        monkeypatch.setattr(stats, "add_gram", lambda acc, feats: (seen.append(feats.dtype), real(acc, feats)))
+        logs: list[str] = []
+        half = layer_covariance(model16, tok, [1], spec, records=world, cache_dir=tmp_path,
+                                progress=False, log=logs.append, fast_gram=True)
+    assert set(seen) == {torch.bfloat16} and any("16-bit tensor cores" in m for m in logs)
+    assert half[1].key["gram"] == "16bit" and tf32[1].key["gram"] == "float32"
+    assert torch.equal(half[1].mom2, tf32[1].mom2) and half[1].count == tf32[1].count
+    names = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert len(names) == 2 and sum("_gram16_" in n for n in names) == 1
+
+
+def test_16bit_products_only_on_cuda() -> None:
+    """products_16bit: never on the CPU (torch.mm has no float32 result of 16-bit matrices there)."""
+    assert stats.products_16bit("cpu") is False
+
+
 def test_fast_gram_applies_to_16bit_activations_only() -> None:
     assert stats.fast_gram_applies(True, torch.bfloat16) and stats.fast_gram_applies(True, torch.float16)
     assert not stats.fast_gram_applies(True, torch.float32)
@@ -814,11 +883,11 @@ def test_layer_covariance_fast_gram(tok, world, tmp_path) -> None:
         collect_second_moments(model32, tok, texts_of(2), [0], progress=False, gram32=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> None:
-    """On CUDA, fast_gram's float32 products run on TF32 tensor cores (the switch is on inside the
-    Gram, restored after): exact for bfloat16 inputs, so the sum agrees with the float64 products
-    to the tensor cores' float32 accumulation, also over a paper-size batch of 24,576 tokens."""
+def _fast_gram_on_cuda(tok, monkeypatch, half: bool) -> None:
+    """fast_gram's C0 of a bfloat16 model on CUDA against float64 products (1e-6), its products
+    taken on 16-bit tensor cores (``half``: the bfloat16 keys reach add_gram) or on TF32 ones (float32
+    keys, the switch on inside the Gram and restored after); and one paper-size batch of 24,576
+    tokens the same way (1e-5: the tensor cores' float32 sums in chunks of TC_CHUNK_TOKENS)."""
     model = tiny_llama(seed=0).to(torch.bfloat16).eval().to("cuda")
     texts = texts_of(40, seed=6)
     before = matmul_tf32()
@@ -831,7 +900,8 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     exact = collect_second_moments(model, tok, texts, [0, 1], progress=False)
     monkeypatch.setattr(stats, "add_gram", spy)
     fast = collect_second_moments(model, tok, texts, [0, 1], progress=False, gram32=True)
-    assert seen and set(seen) == {(torch.float32, True)}
+    assert seen and {d for d, _ in seen} == {torch.bfloat16 if half else torch.float32}
+    assert half or {t for _, t in seen} == {True}
     assert matmul_tf32() == before
     for layer in (0, 1):
         assert fast[layer][1] == exact[layer][1] and fast[layer][0].dtype == F64
@@ -840,9 +910,30 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     k16 = torch.randn(24576, 3000, generator=g, device="cuda").to(torch.bfloat16)
     ref, got = (torch.zeros(3000, 3000, dtype=F64, device="cuda") for _ in range(2))
     real(ref, k16.double())
-    with tf32_matmuls(torch.device("cuda")):
-        real(got, k16.float())
+    if half:
+        real(got, k16)
+    else:
+        with tf32_matmuls(torch.device("cuda")):
+            real(got, k16.float())
     assert rel(stats.symmetrize_upper(got), stats.symmetrize_upper(ref)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> None:
+    """On CUDA without 16-bit products (a torch whose torch.mm has no out_dtype: stood in for),
+    fast_gram's float32 products run on TF32 tensor cores: exact for bfloat16 inputs, so the sum
+    agrees with the float64 products to the tensor cores' float32 accumulation."""
+    monkeypatch.setattr(stats, "products_16bit", lambda device: False)
+    _fast_gram_on_cuda(tok, monkeypatch, half=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_gram_on_16bit_tensor_cores_matches_float64_products(tok, monkeypatch) -> None:
+    """On CUDA (torch.mm with a float32 result of 16-bit matrices), fast_gram keeps the bfloat16
+    keys and takes their products on 16-bit tensor cores: exact products, summed in float32, so the
+    sum agrees with the float64 products as the TF32 path's does."""
+    assert stats.products_16bit("cuda")
+    _fast_gram_on_cuda(tok, monkeypatch, half=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -366,8 +366,10 @@ class CostModel:
             return fwd + 2 * macs / (self.gpu.fp64 * self.f64_eff)
         gemm = 2 * macs / ((self.gpu.bf16 if self.gram16 else self.gpu.tf32) * self.mm_eff)
         # per batch: read the float32 block, read + write the float64 sum; per further token
-        # chunk, read + write the float32 block in the GEMM's epilogue
-        per_batch = 20 + 8 * (math.ceil(self.c0_batch_tokens / TC_CHUNK_TOKENS) - 1)
+        # chunk, read + write the float32 block in a TF32 GEMM's epilogue, or (16-bit products,
+        # added after) write and read the chunk's product and read + write the block
+        per_chunk = 16 if self.gram16 else 8
+        per_batch = 20 + per_chunk * (math.ceil(self.c0_batch_tokens / TC_CHUNK_TOKENS) - 1)
         adds = 0.0 if self.flops_only else (
             per_batch * gram_macs(s.d_in) * layers * math.ceil(self.c0_tokens / self.c0_batch_tokens)
             / (self.gpu.bw * self.bw_eff))

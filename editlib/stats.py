@@ -358,8 +358,8 @@ def gram_macs(d: int) -> int:
 #: a bias that grows with the number of tokens summed: simulated on bfloat16 keys, a relative
 #: 2.5e-6 at 1,024 tokens, 1.0e-5 at 4,096 and 6.8e-5 over a 24,576-token batch, against 2e-7
 #: to 8e-7 when rounding. The batch is therefore taken in products of this many tokens, added
-#: together by the GEMMs' rounded float32 epilogues (about 5e-6 at most). On the CPU (rounded
-#: float32 FMAs) a batch is one product.
+#: together in rounded float32 (the TF32 GEMMs' epilogues, or adds after the 16-bit products; about
+#: 5e-6 at most). On the CPU (rounded float32 FMAs) a batch is one product.
 TC_CHUNK_TOKENS = 2048
 #: activation dtypes whose products are exact in float32 (and on TF32 tensor cores: 10-bit mantissas)
 EXACT_IN_TF32 = (torch.bfloat16, torch.float16)
@@ -378,38 +378,33 @@ def _mm16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-@contextlib.contextmanager
-def _full_reductions():
-    """cuBLAS may sum a 16-bit GEMM's split-K partials in 16 bits (torch's default allows it, the
-    ``allow_*_reduced_precision_reduction`` switches): off while fast_gram takes its products."""
-    m = torch.backends.cuda.matmul
-    was = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
-    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+_MM16: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _takes_16bit_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`_mm16` multiplies ``dtype`` keys on ``device`` as :func:`add_gram` lays them
+    out (a transposed column block times a column slice, neither contiguous), giving float32."""
     try:
-        yield
-    finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = was
-
-
-_MM16: dict[torch.device, bool] = {}
-
-
-def products_16bit(device) -> bool:
-    """Whether fast_gram takes its products of 16-bit keys on 16-bit tensor cores on ``device``:
-    CUDA with a torch whose ``torch.mm`` gives a float32 result of 16-bit matrices (``out_dtype``,
-    CUDA only). The products are exact either way and summed in float32; a 16-bit tensor core
-    multiplies at twice the TF32 rate (an H200: 989 against 495 TFLOP/s) and reads half the bytes.
-    Elsewhere the keys are made float32 and multiplied on TF32 tensor cores (CUDA) or the CPU."""
-    d = torch.device(device)
-    if d.type != "cuda":
+        k = torch.ones(6, 4, device=device, dtype=dtype)
+        return _mm16(k[:, 1:3].T, k[:, 1:]).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError, AssertionError):
         return False
-    if d not in _MM16:
-        try:
-            x = torch.ones(2, 2, device=d, dtype=torch.bfloat16)
-            _MM16[d] = _mm16(x, x).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM16[d] = False
-    return _MM16[d]
+
+
+def products_16bit(device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether fast_gram takes its products of ``dtype`` keys on 16-bit tensor cores on ``device``:
+    CUDA with a torch whose ``torch.mm`` gives a float32 result of 16-bit matrices (``out_dtype``,
+    CUDA only), checked once per device and dtype on :func:`add_gram`'s layouts. The products are
+    exact either way and summed in float32 (the GEMM's own sums are float32 for a float32 result);
+    a 16-bit tensor core multiplies at twice the TF32 rate (an H200: 989 against 495 TFLOP/s) and
+    reads half the bytes. Elsewhere the keys are made float32 and multiplied on TF32 tensor cores
+    (CUDA) or the CPU."""
+    d = torch.device(device)
+    if d.type != "cuda" or dtype not in EXACT_IN_TF32:
+        return False
+    if (d, dtype) not in _MM16:
+        _MM16[d, dtype] = _takes_16bit_products(d, dtype)
+    return _MM16[d, dtype]
 
 
 def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None = None) -> None:
@@ -427,10 +422,9 @@ def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None
     for lo, hi in zip(edges[:-1], edges[1:]):
         blk, rows = acc[lo:hi, lo:], feats[:, lo:hi].T
         if half:  # float32 products of 16-bit keys, a float32 sum per chunk (fast_gram on 16-bit tensor cores)
-            with _full_reductions():
-                part = _mm16(rows[:, :chunk], feats[:chunk, lo:])
-                for t in range(chunk, n, chunk):
-                    part.add_(_mm16(rows[:, t:t + chunk], feats[t:t + chunk, lo:]))
+            part = _mm16(rows[:, :chunk], feats[:chunk, lo:])
+            for t in range(chunk, n, chunk):
+                part.add_(_mm16(rows[:, t:t + chunk], feats[t:t + chunk, lo:]))
             blk.add_(part)
             continue
         if feats.dtype == acc.dtype and chunk >= n:
@@ -446,15 +440,15 @@ def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None
 def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
     """Whether ``covariance.fast_gram`` applies: requested, and the model's activations are 16-bit.
 
-    Then each batch's Σkkᵀ is taken in float32 (on CUDA with TF32 tensor cores) and added into the
-    float64 (``covariance.dtype``) accumulator. The products of bfloat16/float16 numbers are exact in
+    Then each batch's Σkkᵀ is taken in float32 (on CUDA on 16-bit tensor cores, :func:`products_16bit`,
+    else TF32 ones) and added into the float64 (``covariance.dtype``) accumulator. The products of bfloat16/float16 numbers are exact in
     float32 and in TF32's multipliers, so the only difference from the float64 product is that the
     sum over one batch's tokens (≤ ``max_batch_tokens``) is accumulated in float32 (the reference
     accumulates the whole corpus in float32): on the CPU 1.1e-7 relative at 1,024 tokens, 1.5e-7 at
     4,096 (``bench/bench_gram.py --fast-gram``). Tensor cores truncate their float32 sums, so on
     CUDA a batch is summed in products of :data:`TC_CHUNK_TOKENS` tokens; not yet measured on a GPU
     (``--device cuda --tokens 24576`` measures it). On an H200 this is
-    495 against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
+    989 (16-bit tensor cores) or 495 (TF32) against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
     TF32 would round them (and outside fast_gram C0's products run with TF32 off whatever
     ``model.tf32`` says, also those of a float32 ``covariance.dtype``)."""
     return bool(requested) and act_dtype in EXACT_IN_TF32
@@ -529,7 +523,7 @@ def collect_second_moments(model, tok, texts: Sequence[str], layers: Sequence[in
     count = 0
     keep: torch.Tensor | None = None
 
-    half = gram32 and products_16bit(device)  # fast_gram's products on 16-bit tensor cores
+    half = gram32 and products_16bit(device, arch.edit_weight(model, layers[0]).dtype)  # on 16-bit tensor cores
 
     def accumulate(x: torch.Tensor, name: str) -> None:
         if gram32 and x.dtype not in EXACT_IN_TF32:
@@ -779,7 +773,7 @@ def layer_covariance(model, tok, layers: Sequence[int], corpus: CorpusSpec, *,
     # the products are IEEE whatever model.tf32 says (tf32_matmuls below), but the forward that
     # produces the keys runs under it: a float32 model's keys then differ by ~1e-3
     forward_tf32 = tf32_applies(model)
-    gram = ("16bit" if products_16bit(device) else "float32") if gram32 else None
+    gram = ("16bit" if products_16bit(device, arch.edit_weight(model, layers[0]).dtype) else "float32") if gram32 else None
     if gram32:
         log("C0: float32 products per batch (16-bit activations; covariance.fast_gram"
             + (", on 16-bit tensor cores)" if gram == "16bit" else ")"))

@@ -774,18 +774,10 @@ def test_a_float32_accumulator_is_chunked_too() -> None:
     assert stats.gram_chunk(on_cuda(torch.float64)) == 24576
 
 
-def _mm16_on_the_cpu(monkeypatch) -> list:
+def _mm16_on_the_cpu(monkeypatch) -> None:
     """stats._mm16 (``torch.mm(..., out_dtype=float32)``, CUDA only) stood in for by the float32
-    product of the 16-bit matrices: the same exact products, float32 sums. Returns, per product,
-    whether cuBLAS's 16-bit reduced-precision reductions were allowed."""
-    allowed: list = []
-    m = torch.backends.cuda.matmul
-
-    def mm16(a, b):
-        allowed.append(m.allow_bf16_reduced_precision_reduction or m.allow_fp16_reduced_precision_reduction)
-        return a.float() @ b.float()
-    monkeypatch.setattr(stats, "_mm16", mm16)
-    return allowed
+    product of the 16-bit matrices: the same exact products, float32 sums."""
+    monkeypatch.setattr(stats, "_mm16", lambda a, b: a.float() @ b.float())
 
 
 @pytest.mark.parametrize("d, block", [(40, 64), (50, 16)])
@@ -793,7 +785,7 @@ def test_16bit_products_are_the_float32_products_of_16bit_keys(d, block, monkeyp
     """add_gram of 16-bit features takes their float32 products (16-bit tensor cores on CUDA,
     stood in for here): one product per block and batch, bit for bit the float32 features' update;
     in chunks of tokens, each chunk's product added in float32; with one column block or several."""
-    allowed = _mm16_on_the_cpu(monkeypatch)
+    _mm16_on_the_cpu(monkeypatch)
     monkeypatch.setattr(stats, "GRAM_BLOCK", block)
     k16 = (torch.randn(300, d, generator=torch.Generator().manual_seed(d)) * 3).to(torch.bfloat16)
     exact, half, f32 = (torch.zeros(d, d, dtype=F64) for _ in range(3))
@@ -810,8 +802,6 @@ def test_16bit_products_are_the_float32_products_of_16bit_keys(d, block, monkeyp
             part += k16[t:t + 64, lo:hi].float().T @ k16[t:t + 64, lo:].float()
         want[lo:hi, lo:] += part
     assert torch.equal(chunked, want) and rel(chunked, exact) < 1e-6
-    m = torch.backends.cuda.matmul  # reduced-precision reductions off during the products, restored after
-    assert allowed and not any(allowed) and m.allow_bf16_reduced_precision_reduction
 
 
 def test_layer_covariance_on_16bit_tensor_cores(tok, world, tmp_path, monkeypatch) -> None:
@@ -825,7 +815,7 @@ def test_layer_covariance_on_16bit_tensor_cores(tok, world, tmp_path, monkeypatc
         tf32 = layer_covariance(model16, tok, [1], spec, records=world, cache_dir=tmp_path,
                                 progress=False, log=lambda m: None, fast_gram=True)
         _mm16_on_the_cpu(monkeypatch)
-        monkeypatch.setattr(stats, "products_16bit", lambda device: True)
+        monkeypatch.setattr(stats, "products_16bit", lambda device, dtype: dtype == torch.bfloat16)
         seen, real = [], stats.add_gram
         monkeypatch.setattr(stats, "add_gram", lambda acc, feats: (seen.append(feats.dtype), real(acc, feats)))
         logs: list[str] = []
@@ -838,9 +828,28 @@ def test_layer_covariance_on_16bit_tensor_cores(tok, world, tmp_path, monkeypatc
     assert len(names) == 2 and sum("_gram16_" in n for n in names) == 1
 
 
-def test_16bit_products_only_on_cuda() -> None:
-    """products_16bit: never on the CPU (torch.mm has no float32 result of 16-bit matrices there)."""
-    assert stats.products_16bit("cpu") is False
+def test_16bit_products_are_probed_on_add_grams_layouts(monkeypatch) -> None:
+    """stats._mm16 itself takes add_gram's layouts (a transposed column block times a column slice)
+    of bfloat16 and float16 keys to a float32 result (checked on meta tensors: the CPU has no such
+    kernel); products_16bit probes each device and dtype once on those layouts, never on the CPU or
+    for float32 keys, and says no where the product fails (a torch without it, a dtype it refuses)."""
+    for dtype in stats.EXACT_IN_TF32:
+        assert stats._takes_16bit_products(torch.device("meta"), dtype)
+    assert not stats.products_16bit("cpu") and not stats.products_16bit("cpu", torch.float16)
+    assert not stats._takes_16bit_products(torch.device("cpu"), torch.bfloat16)  # no CPU kernel
+    monkeypatch.setattr(stats, "_MM16", {})
+    probes = []
+
+    def probe(device, dtype):
+        probes.append((device, dtype))
+        return dtype == torch.bfloat16
+    monkeypatch.setattr(stats, "_takes_16bit_products", probe)
+    got = [stats.products_16bit("cuda:0", d) for d in (torch.bfloat16, torch.float16, torch.bfloat16, torch.float32)]
+    assert got == [True, False, True, False]
+    assert probes == [(torch.device("cuda:0"), torch.bfloat16), (torch.device("cuda:0"), torch.float16)]
+    import types
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(24576, 4096))
+    assert stats.gram_chunk(on_cuda) == stats.TC_CHUNK_TOKENS
 
 
 def test_fast_gram_applies_to_16bit_activations_only() -> None:
@@ -923,7 +932,7 @@ def test_cuda_fast_gram_on_tf32_matches_float64_products(tok, monkeypatch) -> No
     """On CUDA without 16-bit products (a torch whose torch.mm has no out_dtype: stood in for),
     fast_gram's float32 products run on TF32 tensor cores: exact for bfloat16 inputs, so the sum
     agrees with the float64 products to the tensor cores' float32 accumulation."""
-    monkeypatch.setattr(stats, "products_16bit", lambda device: False)
+    monkeypatch.setattr(stats, "products_16bit", lambda device, dtype: False)
     _fast_gram_on_cuda(tok, monkeypatch, half=False)
 
 

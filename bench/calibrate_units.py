@@ -109,7 +109,8 @@ def c0_units(study, grid, *, batches: tuple[int, int], text_tokens: int, save) -
                      progress=False, gram32=gram32, on_device=True, encoded=enc)
 
     out = {"layers_per_pass": len(layers), "tokens_per_batch": texts_per_batch * text_tokens,
-           "gram32": gram32, "gram16": gram32 and products_16bit(device), "batches": list(batches)}
+           "gram32": gram32, "gram16": gram32 and products_16bit(device, next(model.parameters()).dtype),
+           "batches": list(batches)}
     _log(f"C0: warm-up pass of {len(layers)} layer(s), 1 batch of {texts_per_batch} × {text_tokens} tokens")
     _, sums = collect(1, 0)
     del sums

@@ -436,20 +436,20 @@ def add_gram(acc: torch.Tensor, feats: torch.Tensor, *, chunk_tokens: int | None
         blk.add_(part)
 
 
-
 def fast_gram_applies(requested: bool, act_dtype: torch.dtype) -> bool:
     """Whether ``covariance.fast_gram`` applies: requested, and the model's activations are 16-bit.
 
-    Then each batch's Σkkᵀ is taken in float32 (on CUDA on 16-bit tensor cores, :func:`products_16bit`,
-    else TF32 ones) and added into the float64 (``covariance.dtype``) accumulator. The products of bfloat16/float16 numbers are exact in
-    float32 and in TF32's multipliers, so the only difference from the float64 product is that the
+    Then each batch's Σkkᵀ is taken in float32 (on CUDA on 16-bit tensor cores,
+    :func:`products_16bit`, else TF32 ones) and added into the float64 (``covariance.dtype``)
+    accumulator. The products of bfloat16/float16 numbers are exact in float32 and in TF32's
+    multipliers, so the only difference from the float64 product is that the
     sum over one batch's tokens (≤ ``max_batch_tokens``) is accumulated in float32 (the reference
     accumulates the whole corpus in float32): on the CPU 1.1e-7 relative at 1,024 tokens, 1.5e-7 at
     4,096 (``bench/bench_gram.py --fast-gram``). Tensor cores truncate their float32 sums, so on
     CUDA a batch is summed in products of :data:`TC_CHUNK_TOKENS` tokens; not yet measured on a GPU
-    (``--device cuda --tokens 24576`` measures it). On an H200 this is
-    989 (16-bit tensor cores) or 495 (TF32) against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64 product:
-    TF32 would round them (and outside fast_gram C0's products run with TF32 off whatever
+    (``--device cuda --tokens 24576`` measures it). On an H200 this is 989 (16-bit tensor cores)
+    or 495 (TF32) against 67 TFLOP/s (docs/paper-scale.md). float32 activations keep the float64
+    product: TF32 would round them (and outside fast_gram C0's products run with TF32 off whatever
     ``model.tf32`` says, also those of a float32 ``covariance.dtype``)."""
     return bool(requested) and act_dtype in EXACT_IN_TF32
 

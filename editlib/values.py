@@ -46,11 +46,11 @@ import torch
 from .arch import arch_for, backbone_and_head, block_output
 from .context import ContextTemplates
 from .cudagraphs import CapturedStep, shared_pool
-from .tf32 import matmul_tf32
 from .generation import _cache_name, returned_kv
 from .nethook import Trace
 from .packed import PackedSuffix, check_compile_mode, unsupported
 from .records import Record
+from .tf32 import matmul_tf32
 from .tokens import filled_ids, in_context, pad_right, target_ids
 
 if TYPE_CHECKING:

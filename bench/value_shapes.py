@@ -87,8 +87,7 @@ def kept_keys(model, tok, records, contexts, layer: int = 1) -> list[tuple]:
         fwd = _Packed(model, seq, layer, "off")
         pl = _plan_step(fwd, seq, torch.tensor([0]), 1, torch.device("cpu"))
         h, ref = torch.zeros(1, model.config.hidden_size), torch.zeros(1, model.config.vocab_size)
-        key = _reuse_key(fwd, pl, model.lm_head, h, ref, None)
-        assert len(key[3]) == len(_step_inputs(fwd, pl, h, ref))
+        key = _reuse_key(fwd, pl, model.lm_head, _step_inputs(fwd, pl, h, ref), None)
         out.append(key[3:5])
     return out
 

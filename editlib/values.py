@@ -471,11 +471,12 @@ class _GraphStep:
     closes over its input tensor, not over this object, so dropping the object frees the graph
     at once (:meth:`close` does so explicitly).
 
-    ``pool`` (a kept one-fact graph, :func:`_graph_for`): recorded into the shared pool, and
-    :meth:`load` copies another fact's inputs of the same sizes into the ones it reads."""
+    ``pool`` and ``inputs`` (a kept one-fact graph, :func:`_graph_for`): recorded into the shared
+    pool, and :meth:`load` copies another fact's inputs of the same sizes into ``inputs``, the
+    step's (:func:`_step_inputs`)."""
 
     def __init__(self, fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams,
-                 pool=None):
+                 pool=None, inputs: list[torch.Tensor] | None = None):
         d = torch.zeros(len(pl.facts), h.shape[1], device=h.device, requires_grad=True)
 
         def step():
@@ -484,7 +485,7 @@ class _GraphStep:
             return loss.detach(), miss, grad
 
         self.d = d
-        self.inputs = _step_inputs(fwd, pl, h, log_p_init) if pool is not None else None
+        self.inputs = inputs
         self.step = CapturedStep(step, h.device, "hparams.common.capture_steps", warmups=GRAPH_WARMUPS, pool=pool)
 
     def __call__(self, d_act: torch.Tensor):
@@ -492,11 +493,11 @@ class _GraphStep:
             self.d.copy_(d_act)
         return self.step()
 
-    def load(self, fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) -> None:
+    def load(self, inputs: list[torch.Tensor]) -> None:
         """Another fact's step inputs (:func:`_step_inputs`, the same sizes) copied into this
         graph's, which every later call reads."""
         with torch.no_grad():
-            for mine, new in zip(self.inputs, _step_inputs(fwd, pl, h, log_p_init), strict=True):
+            for mine, new in zip(self.inputs, inputs, strict=True):
                 mine.copy_(new)
 
     @property
@@ -525,19 +526,19 @@ def _step_inputs(fwd, pl: _StepPlan, h: torch.Tensor, log_p_init: torch.Tensor) 
     return out + [h, log_p_init]
 
 
-def _reuse_key(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.Tensor, hp: ValueHParams) -> tuple:
+def _reuse_key(fwd, pl: _StepPlan, lm_head, inputs: list[torch.Tensor], hp: ValueHParams) -> tuple:
     """What a kept one-fact graph's kernels depend on besides the values of its inputs: the modules
     it runs and their hooks (:func:`_hook_ids`); the address, shape and dtype of each parameter (a
-    graph reads the addresses it recorded); the sizes of every input (:func:`_step_inputs`); the
-    plans' integers and which of their tensors are absent; the device, the hyperparameters, and
-    the global settings that choose kernels (:func:`_kernel_settings`). Keys [0] and [1] name the
-    modules and weights."""
+    graph reads the addresses it recorded); the sizes of every input (``inputs``, the step's
+    :func:`_step_inputs`); the plans' integers and which of their tensors are absent; the device,
+    the hyperparameters, and the global settings that choose kernels (:func:`_kernel_settings`).
+    Keys [0] and [1] name the modules and weights."""
     modules = (*fwd.packed.blocks, fwd.packed.norm, lm_head)
     weights = tuple((p.data_ptr(), tuple(p.shape), p.dtype) for m in modules for p in m.parameters())
-    sizes = tuple((tuple(t.shape), t.dtype) for t in _step_inputs(fwd, pl, h, log_p_init))
+    sizes = tuple((tuple(t.shape), t.dtype) for t in inputs)
     scalars = tuple("tensor" if isinstance(v, torch.Tensor) else v for v in _field_values(pl.fwd))
-    return (tuple(id(m) for m in modules), weights, _hook_ids(modules), sizes, scalars, str(h.device), repr(hp),
-            _kernel_settings())
+    return (tuple(id(m) for m in modules), weights, _hook_ids(modules), sizes, scalars, str(inputs[0].device),
+            repr(hp), _kernel_settings())
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -615,11 +616,12 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
     one (a graph whose recording failed may also have left the old one held)."""
     if n != 1 or not _KEEPING["depth"]:
         return _GraphStep(fwd, pl, lm_head, h, log_p_init, hp), False
-    key = _reuse_key(fwd, pl, lm_head, h, log_p_init, hp)
+    inputs = _step_inputs(fwd, pl, h, log_p_init)
+    key = _reuse_key(fwd, pl, lm_head, inputs, hp)
     g = _KEPT.get(key)
     if g is not None:
         _KEPT.move_to_end(key)
-        g.load(fwd, pl, h, log_p_init)
+        g.load(inputs)
         KEPT_COUNTS["reused"] += 1
         return g, True
     for other in [k for k in _KEPT if k[0] != key[0] or k[1] != key[1]]:  # other modules' or weights'
@@ -627,7 +629,7 @@ def _graph_for(fwd, pl: _StepPlan, lm_head, h: torch.Tensor, log_p_init: torch.T
     pool = shared_pool(h.device)
     if not any(g.recorded and g.step.pool is pool for g in _KEPT.values()):  # no kept graph holds it
         pool = shared_pool(h.device, fresh=True)
-    g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=pool)
+    g = _KEPT[key] = _GraphStep(fwd, pl, lm_head, h, log_p_init, hp, pool=pool, inputs=inputs)
     KEPT_COUNTS["made"] += 1
     while len(_KEPT) > KEPT_GRAPHS:
         _KEPT.popitem(last=False)[1].close()

@@ -35,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from editlib.solver import factor_cov  # noqa: E402
 from editlib.stats import (_read_cache, _write_cache, collect_second_moments, fast_gram_applies, products_16bit,  # noqa: E402
                            layers_per_pass, symmetrize_upper)
 from editlib.values import compute_values  # noqa: E402
+from editlib.workcount import shape_of  # noqa: E402
 
 #: tokens per C0 text (the cost model's Wikipedia article, bench/paper_cost.py TOKENS_PER_TEXT)
 C0_TEXT_TOKENS = 650
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
     doc["evaluation"] = {"batch_size": int(grid.evaluation.batch_size)}
     doc["model"] = {"id": p.model.id, "dtype": p.model.dtype, "n_layers": study.n_layers,
                     "d": value_dim(study.model, 0), "d_in": key_dim(study.model, 0)}
+    # the shape the units were timed on (editlib.cost.timed_shape: another model's work is scaled from it)
+    doc["shape"] = asdict(shape_of(study.model, p.model.label or str(p.model.id)))
     doc["raw"]["load_s"] = time.perf_counter() - t0
     save()
     gen_len = a.gen_max_len or grid.evaluation.gen_max_len

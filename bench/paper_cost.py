@@ -82,7 +82,8 @@ def slice_host_costs(path: str) -> dict:
 UNITS_DIR = Path(__file__).resolve().parent / "units"
 
 
-def measured_elsewhere(model: CostModel, exps, eval_batch: int) -> list[tuple[Path, float, list[str]]]:
+def measured_elsewhere(model: CostModel, exps, eval_batch: int,
+                       shape=None) -> list[tuple[Path, float, list[str]]]:
     """The grid's hours with each committed measured-units file of this GPU and dtype, so that a
     modelled estimate is never shown without the measurement that contradicts it; with the units
     left out because the file timed them otherwise than the params run them (captured or not,
@@ -91,10 +92,32 @@ def measured_elsewhere(model: CostModel, exps, eval_batch: int) -> list[tuple[Pa
     out = []
     for path in sorted(UNITS_DIR.glob(f"{key}-{model.dtype}-*.json")):
         skipped: list[tuple[str, str, str]] = []
-        m = with_unit_costs(model, path, skipped=skipped, eval_batch=eval_batch)
+        m = with_unit_costs(model, path, skipped=skipped, eval_batch=eval_batch, shape=shape)
         secs = sum(sum(m.seconds(e, TokenStats())[k] for k in KINDS) for e in exps)
         out.append((path.relative_to(UNITS_DIR.parent.parent), secs / 3600,
                     [f"{unit} (timed {how})" for _, unit, how in skipped]))
+    return out
+
+
+def unit_scaling_notes(model: CostModel, shapes, max_len: int) -> list[str]:
+    """Where measured units price work other than what they were timed on (another model's shape,
+    other GE rows per decode batch or length), and so are scaled by the model's ratio
+    (:meth:`editlib.cost.CostModel.unit_ratio`)."""
+    from editlib.cost import GE_UNITS, same_sizes
+    out = []
+    for s in shapes:
+        keys = sorted(k for k, t in model.unit_timed.items() if t.shape is not None and not same_sizes(t.shape, s))
+        if keys:
+            names = sorted({model.unit_timed[k].shape.name for k in keys})
+            out.append(f"measured units timed on {', '.join(names)} price {s.name} scaled by the model's ratio of "
+                       f"the same work on the two: {', '.join(keys)}")
+        ge = [(k, model.unit_timed[k]) for k in GE_UNITS if k in model.unit_timed and k not in keys]
+        for k, t in ge:
+            rows = model.gen_rows(s, max_len)
+            other_rows = t.gen_rows is not None and t.gen_rows != rows and k != "ge_s_per_case_single"  # 10 rows: one batch
+            if other_rows or (t.gen_max_len is not None and t.gen_max_len != max_len):
+                out.append(f"{k} timed at {t.gen_rows} rows per decode batch and {t.gen_max_len} tokens prices "
+                           f"{s.name}'s {rows} rows and {max_len} tokens scaled by the model's ratio")
     return out
 
 
@@ -310,13 +333,15 @@ def main(argv=None) -> None:
         notes.append(f"host units from {args.slice_costs}: {host}")
     if args.unit_costs:
         skipped: list[tuple[str, str, str]] = []
-        model = with_unit_costs(model, *args.unit_costs, skipped=skipped, eval_batch=p.evaluation.batch_size)
+        model = with_unit_costs(model, *args.unit_costs, skipped=skipped, eval_batch=p.evaluation.batch_size,
+                                shape=shape)
         notes += [f"measured unit left out (these params run that part otherwise than it was timed): "
                   f"{path}: {unit} (timed {how})" for path, unit, how in skipped]
+        notes += unit_scaling_notes(model, shapes, p.evaluation.gen_max_len)
     exps = count_grid(p, layer=args.layer)
     out = report(p, exps, model, TokenStats(), args, notes)
     if not args.unit_costs:
-        measured = measured_elsewhere(model, exps, p.evaluation.batch_size)
+        measured = measured_elsewhere(model, exps, p.evaluation.batch_size, shape)
         for path, hours, left in measured:
             also = f"; modelled, not measured: {', '.join(left)}, which these params run otherwise" if left else ""
             print(f"\n**Measured units exist for this GPU and dtype**: with `--unit-costs {path}` the same grid is "

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,7 @@ from editlib.arch import backbone_and_head, key_dim, value_dim  # noqa: E402
 from editlib.metrics import evaluate_records  # noqa: E402
 from editlib.params import resolve  # noqa: E402
 from editlib.paths import repo_path  # noqa: E402
+from editlib.workcount import shape_of  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -199,7 +201,9 @@ def main(argv=None) -> None:
             "params": str(args.params), "command": " ".join(sys.argv), "complete": complete,
             "wall_s": time.perf_counter() - t_all, "process_peak_rss_gib": meter.process_peak / GIB,
             "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases),
-            "evaluation": {"batch_size": int(p.evaluation.batch_size)}},  # what the eval units scored at
+            "evaluation": {"batch_size": int(p.evaluation.batch_size)},  # what the eval units scored at
+            "shape": None if st["study"] is None else asdict(  # ... and on which shape (editlib.cost.timed_shape)
+                shape_of(st["study"].model, p.model.label or str(p.model.id)))},
             indent=1, default=str) + "\n"
         for dest in (out / "phases.json", *([Path(args.phases_copy)] if args.phases_copy else [])):
             tmp = dest.with_name(dest.name + ".tmp")

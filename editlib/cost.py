@@ -6,7 +6,9 @@ kernel-launch and Python time when that is longer (eager PyTorch launches asynch
 the model's shapes and the token counts of :class:`~editlib.workcount.TokenStats`. Solves run on
 the host (CPU seconds measured on the Llama-3-8B-shaped slice, scaled) or on the device (float64
 FLOPs), wherever ``Study.covs`` puts the C0 factor. A JSON of per-unit seconds measured on a real
-GPU (``--unit-costs``, keys :data:`UNIT_KEYS`) replaces the model unit by unit.
+GPU (``--unit-costs``, keys :data:`UNIT_KEYS`) replaces the model unit by unit where the work is
+what it was timed on (:class:`Timed`), and is scaled by the model's ratio where it is not (another
+model's shape, other GE batches: :meth:`CostModel.unit_ratio`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .workcount import (KNOWN_SHAPES, SOLVES, ExperimentCount, ModelShape, Token
 
 __all__ = ["GPUS", "KINDS", "KNOWN_SHAPES", "UNIT_KEYS", "CostModel", "ExperimentCount", "GPU", "ModelShape",
            "TokenStats", "Work", "count_grid", "measure_token_stats", "shape_for", "with_unit_costs",
-           "GRAPH_UNITS", "EVAL_BATCH_UNITS", "measured_with_graphs", "scored_batch"]
+           "GRAPH_UNITS", "EVAL_BATCH_UNITS", "GE_UNITS", "Timed", "measured_with_graphs", "same_sizes", "scored_batch",
+           "timed", "timed_shape"]
 
 
 # --------------------------------------------------------------------------- GPUs and the model
@@ -52,6 +55,23 @@ GPUS = {
 KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "eval ES/PS/NS",
          "ge": "GE", "degradation": "degradation", "c0_collect": "C0 collect", "c0_factor": "C0 factor", "c0_eigh": "C0 eigh",
          "pres_factor": "pres. factor", "ckpt": "ckpt", "load": "load"}
+
+
+@dataclass(frozen=True)
+class Timed:
+    """What a measured unit (``--unit-costs``) was timed on: the model's ``shape`` and, for GE's
+    units, the rows per decode batch and the generation length (None: not recorded, taken as the
+    priced work's). Priced elsewhere (another model, such as Figure 6's Llama-2-7B, or other GE
+    batches), a unit is scaled by the model's own ratio between the two (:meth:`CostModel.unit_ratio`)."""
+
+    shape: ModelShape | None = None
+    gen_rows: int | None = None
+    gen_max_len: int | None = None
+
+
+def same_sizes(a: ModelShape, b: ModelShape) -> bool:
+    """Two shapes of the same sizes, whatever their names."""
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in fields(a) if f.name != "name")
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,7 @@ class CostModel:
     call_s: float = 5e-3           # small calls and syncs around a device solve
     flops_only: bool = False       # a pass costs its FLOPs alone (no memory traffic): see floor()
     unit_s: dict = field(default_factory=dict)  # measured overrides (see UNIT_KEYS)
+    unit_timed: dict = field(default_factory=dict)  # unit key -> Timed: what it was measured on
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -200,9 +221,29 @@ class CostModel:
         return replace(self, mm_eff=1.0, small_mm_eff=1.0, bw_eff=1.0, f64_eff=1.0, trsv_eff=inf,
                        kernel_s=0.0, step_py_s=0.0, graph_call_s=0.0, case_py_s=0.0, ckpt_fixed_s=0.0, gen_row_py_s=0.0, call_s=0.0,
                        load_fixed_s=0.0, disk_bw=inf, pcie_bw=inf, flops_only=True, solve_on="device",
-                       unit_s={})
+                       unit_s={}, unit_timed={})
 
     # ----------------------------------------------------------------- units
+    def unit_ratio(self, key: str, s: ModelShape, price, max_len: int | None = None) -> float:
+        """The factor measured unit ``key`` takes where it prices shape ``s`` (GE: generating
+        ``max_len`` tokens): 1 where it was timed so (:class:`Timed`: the same sizes, and for GE
+        the same rows per decode batch and length), else the model's own ratio between the two,
+        ``price(m, s, max_len) / price(m_timed, timed shape, timed length)``, both priced without
+        measured units, ``m_timed`` at the timed rows per decode batch. So a unit timed on
+        Llama-3-8B's shape prices Llama-2-7B's C0 at its smaller d_in and its GE at the 610 rows a
+        batch its KV cache allows, not at Llama-3-8B's cost per case."""
+        t = self.unit_timed.get(key)
+        if t is None:
+            return 1.0
+        shape = s if t.shape is None else t.shape
+        length = max_len if t.gen_max_len is None else t.gen_max_len
+        bare = replace(self, unit_s={}, unit_timed={})
+        at = bare if t.gen_rows is None else replace(bare, gen_batch=t.gen_rows, gen_kv_gb=None)
+        if same_sizes(shape, s) and (max_len is None or (
+                length == max_len and at.gen_rows(s, max_len) == bare.gen_rows(s, max_len))):
+            return 1.0
+        return price(bare, s, max_len) / price(at, shape, length)
+
     def values(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
         """One chunk of ``facts`` optimised together at ``layer``: a full forward of all its
         sequences (prefix cache), then ``value_iters`` forward+backward passes of the blocks
@@ -211,9 +252,10 @@ class CostModel:
         # are launch-bound, a chunk's are not, so neither extrapolates to the other
         key = "values_s_per_fact_single" if facts == 1 and "values_s_per_fact_single" in self.unit_s \
             else "values_s_per_fact"
-        if key in self.unit_s:
+        if key in self.unit_s:  # timed at layer 1, scaled by the blocks above ``layer``
             k_ref = s.n_layers - 2
-            return self.unit_s[key] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1)
+            ratio = self.unit_ratio(key, s, lambda m, sh, _: m.values(sh, ts, facts, 1))
+            return self.unit_s[key] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1) * ratio
         k = s.n_layers - layer - 1
         setup = self._pass(2 * s.n_layers * s.block_params * facts * ts.value_tokens,
                            s.n_layers * s.block_params * self.bpp, s.n_layers * self.kernels_fwd)
@@ -260,7 +302,8 @@ class CostModel:
         also pays the EditSession: clones of the weight, the block-wise apply, the restore."""
         over = self.unit_s.get("solve_s_by_n", {}) if kind == "solve" else {}
         if str(n) in over or n in over:
-            return float(over.get(str(n), over.get(n)))
+            ratio = self.unit_ratio("solve_s_by_n", s, lambda m, sh, _: m.solve(sh, n, kind))
+            return float(over.get(str(n), over.get(n))) * ratio
         weight = s.d * s.d_in
         if self.solve_on == "host":
             extra = max(self._solve_flops(s, n, kind) - self._solve_flops(s, 1, kind), 0.0)
@@ -280,7 +323,8 @@ class CostModel:
         run = s.n_layers - below
         key = "eval_s_per_case" if cases > 1 else "eval_s_per_case_single"
         if key in self.unit_s:
-            return self.unit_s[key] * cases * run / s.n_layers
+            ratio = self.unit_ratio(key, s, lambda m, sh, _: m.eval(sh, ts, cases, eval_batch))
+            return self.unit_s[key] * cases * run / s.n_layers * ratio
         seqs = cases * ts.eval_seqs
         n_fwd = max(1, math.ceil(seqs / eval_batch))
         tokens = cases * ts.eval_tokens * ts.eval_padding(cases, eval_batch)  # padded, as the forwards run them
@@ -325,7 +369,8 @@ class CostModel:
         key = "ge_s_per_case" if cases > 1 else "ge_s_per_case_single"
         decoded = sum(r * max(max_len - m, 0) for r, m in batches)
         if key in self.unit_s:
-            return self.unit_s[key] * cases, decoded
+            ratio = self.unit_ratio(key, s, lambda m, sh, n: m.ge(sh, ts, cases, n)[0], max_len)
+            return self.unit_s[key] * cases * ratio, decoded
         t = 0.0
         wbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
         for r, m in batches:
@@ -356,7 +401,9 @@ class CostModel:
         batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
         the float32 block per further chunk)."""
         if "c0_s_per_token_layer" in self.unit_s:  # + each layer's tail: its sum to the host and the disk
-            return (self.unit_s["c0_s_per_token_layer"] * self.c0_tokens + self.unit_s.get("c0_layer_fixed_s", 0.0)) * layers
+            ratio = self.unit_ratio("c0_s_per_token_layer", s, lambda m, sh, _: m.c0_collect(sh, layers, deepest))
+            return (self.unit_s["c0_s_per_token_layer"] * self.c0_tokens
+                    + self.unit_s.get("c0_layer_fixed_s", 0.0)) * layers * ratio
         per = self.c0_per_pass(s)
         first = deepest - layers + 1
         depths = [g[-1] + 1 for g in pass_groups(range(first, deepest + 1), per)]
@@ -378,7 +425,7 @@ class CostModel:
     def c0_factor(self, s: ModelShape) -> float:
         """Per layer and study open: read the cached sum, factor C0 (+ the condition number)."""
         if "c0_factor_s" in self.unit_s:
-            return self.unit_s["c0_factor_s"]
+            return self.unit_s["c0_factor_s"] * self.unit_ratio("c0_factor_s", s, lambda m, sh, _: m.c0_factor(sh))
         read = 8 * s.d_in ** 2 / self.disk_bw
         if self.solve_on == "host":
             return read + self.host_factor_s * (s.d_in / 14336) ** 3 / self.host_speedup
@@ -407,12 +454,12 @@ class CostModel:
         """A sequential batch's checkpoint: its low-rank factors R [d, N] and X [N, d_in] in
         float64, one small safetensors file per batch (protocols._save_ckpt)."""
         if "ckpt_s" in self.unit_s:
-            return self.unit_s["ckpt_s"]
+            return self.unit_s["ckpt_s"] * self.unit_ratio("ckpt_s", s, lambda m, sh, _: m.ckpt(sh, n))
         return (s.d + s.d_in) * n * 8 / self.disk_bw + self.ckpt_fixed_s
 
     def load(self, s: ModelShape) -> float:
         if "load_s" in self.unit_s:
-            return self.unit_s["load_s"]
+            return self.unit_s["load_s"] * self.unit_ratio("load_s", s, lambda m, sh, _: m.load(sh))
         return s.params * self.bpp / self.disk_bw + self.load_fixed_s
 
     # ----------------------------------------------------------------- experiments
@@ -535,17 +582,46 @@ def _scoring_left_out(doc: dict, eval_batch: int) -> list[tuple[str, str]]:
     return out
 
 
+#: GE's units: timed at a number of rows per decode batch and a generation length
+GE_UNITS = ("ge_s_per_case", "ge_s_per_case_single")
+
+
+def timed_shape(doc: dict, default: ModelShape | None = None) -> ModelShape | None:
+    """The shape a units file was measured on: its ``shape`` record (the model's sizes:
+    bench/calibrate_units.py, bench/slice_phases.py), else the one of :data:`KNOWN_SHAPES` whose
+    layers, width and MLP width its ``model`` record gives, else ``default``."""
+    rec = doc.get("shape")
+    if isinstance(rec, dict):
+        return ModelShape(**{f.name: (str if f.name == "name" else int)(rec[f.name]) for f in fields(ModelShape)})
+    m = doc.get("model")
+    if isinstance(m, dict) and {"n_layers", "d", "d_in"} <= set(m):
+        known = [k for k in KNOWN_SHAPES.values() if (k.n_layers, k.d, k.d_in) == (m["n_layers"], m["d"], m["d_in"])]
+        if len(known) == 1:
+            return known[0]
+    return default
+
+
+def timed(doc: dict, key: str, default: ModelShape | None = None) -> Timed:
+    """What a units file timed ``key`` on (:class:`Timed`); GE's units with the rows per decode
+    batch and the length of its ``raw.eval`` record (bench/calibrate_units.py) where it has one."""
+    ev = ((doc.get("raw") or {}).get("eval") or {}) if key in GE_UNITS else {}
+    rows, length = ev.get("rows_per_batch"), ev.get("gen_max_len")
+    return Timed(timed_shape(doc, default), None if rows is None else int(rows), None if length is None else int(length))
+
+
 def with_unit_costs(model: CostModel, *paths: str | Path,
                     skipped: list[tuple[str, str, str]] | None = None,
-                    eval_batch: int | None = None) -> CostModel:
+                    eval_batch: int | None = None, shape: ModelShape | None = None) -> CostModel:
     """A copy of ``model`` whose units are replaced by measured JSONs ({"units": {...}} or flat),
     a later file's unit over an earlier one's (the slice's phases, then a calibration). A unit
     timed otherwise than the model runs that part does not price it: eagerly, with CUDA graphs
     or compiled (:data:`GRAPH_UNITS`), or, with ``eval_batch`` (the params' scoring batch), a
     scoring unit timed at another batch or at one the file does not record
     (:func:`scored_batch`). It is left out, and ``skipped`` gets (file, unit, how the file timed
-    it: :func:`timed_as`)."""
-    unit_s = dict(model.unit_s)
+    it: :func:`timed_as`). Each unit keeps what it was timed on (:func:`timed`: a file that records
+    no shape, on ``shape``, the priced model's), so that it prices another model or other GE
+    batches scaled (:meth:`CostModel.unit_ratio`)."""
+    unit_s, unit_timed = dict(model.unit_s), dict(model.unit_timed)
     for path in paths:
         d = json.loads(Path(path).read_text())
         units = dict(d.get("units", d))
@@ -560,4 +636,5 @@ def with_unit_costs(model: CostModel, *paths: str | Path,
             if units.pop(key, None) is not None and skipped is not None:
                 skipped.append((str(path), key, how))
         unit_s.update(units)
-    return replace(model, unit_s=unit_s)
+        unit_timed.update({key: timed(d, key, shape) for key in units})
+    return replace(model, unit_s=unit_s, unit_timed=unit_timed)

@@ -75,6 +75,11 @@ class ModelShape:
                    int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
 
 
+def shape_of(model, name: str) -> ModelShape:
+    """A loaded model's shape (its config's sizes): what a units file records it was timed on."""
+    return ModelShape.from_config(model.config.to_dict(), name)
+
+
 #: shapes of the paper's models (their hub config.json), so counting needs no download
 KNOWN_SHAPES = {
     "meta-llama/Meta-Llama-3-8B": ModelShape("Llama-3-8B", 32, 4096, 14336, 128256, 32, 8, 128),

@@ -316,6 +316,8 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     assert doc["complete"] and names.index("evaluate 8 cases, GE") < names.index("layer search")
     assert {"values_s_per_fact", "eval_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])
     assert doc["evaluation"] == {"batch_size": 128}  # the scoring batch its eval units were timed at (smoke.yaml's)
+    from editlib.cost import timed_shape  # ... and the shape they were timed on (the miniature's)
+    assert (timed_shape(doc).n_layers, timed_shape(doc).d) == (6, doc["unit_costs"]["d"])
     # GE of 8 tokens on the miniature can be lost in the noise of its timing: then no unit, never a zero
     assert all(doc["units"][k] > 0 for k in ("ge_s_per_case", "ge_s_per_case_single") if k in doc["units"])
     cost = steps[1].numbers
@@ -337,6 +339,8 @@ def test_smoke_calibration_and_cost_on_the_miniature(tmp_path):
     assert all(v > 0 for v in doc["units"].values())
     assert doc["raw"]["c0"]["layers_per_pass"] == 6 and doc["raw"]["eval"]["cases"] == 4
     assert doc["evaluation"] == {"batch_size": 128}  # the grid's scoring batch, which the eval units were timed at
+    from editlib.cost import timed_shape  # ... and the shape they were timed on (the miniature's)
+    assert (timed_shape(doc).n_layers, timed_shape(doc).d_in) == (6, doc["model"]["d_in"])
     assert steps[0].numbers["units"] == doc["units"]
     (priced,) = [ln for ln in log.splitlines() if ln.startswith("=== cost: ") and "--unit-costs" in ln]
     assert "calibration.json" in priced and "phases.json" not in priced

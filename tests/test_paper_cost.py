@@ -228,6 +228,55 @@ def test_calibrated_units_b1_values_c0_tail_and_file_order(tmp_path):
     assert only_chunk.c0_collect(s, 2, 1) == pytest.approx(2 * 1e-3 * 1e6)
 
 
+def test_units_timed_on_one_model_price_another_scaled_by_the_model(tmp_path):
+    """A unit keeps what it was timed on: on that shape (and, for GE, at those rows per decode
+    batch and that length) it prices as measured; on another shape, or other GE batches, it takes
+    the model's own ratio of the same work on the two (Llama-2-7B: 610 rows a batch under 32 GB of
+    KV cache against Llama-3-8B's 1,024, a smaller d_in for C0)."""
+    from editlib.cost import timed_shape
+    l3, l2, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"], TokenStats()
+    m = CostModel(GPUS["h200"], dtype="bfloat16", c0_tokens=6.5e7, gen_batch=1024, gen_kv_gb=32)
+    assert (m.gen_rows(l3, 100), m.gen_rows(l2, 100)) == (1024, 610)
+    units = {"ge_s_per_case": 0.07, "ge_s_per_case_single": 7.0, "c0_s_per_token_layer": 2e-6, "c0_factor_s": 6.0,
+             "values_s_per_fact": 0.09, "values_s_per_fact_single": 2.7, "eval_s_per_case": 0.03}
+    f = tmp_path / "calibration.json"
+    f.write_text(json.dumps({"units": units, "model": {"n_layers": 32, "d": 4096, "d_in": 14336},
+                             "raw": {"eval": {"rows_per_batch": 1024, "gen_max_len": 100}}}))
+    mm = with_unit_costs(m, f)
+    assert timed_shape(json.loads(f.read_text())) == l3
+    # on the shape, rows and length it was timed at: the measured unit itself
+    assert mm.ge(l3, ts, 1000, 100)[0] == 0.07 * 1000 and mm.ge(l3, ts, 1, 100)[0] == 7.0
+    assert mm.c0_collect(l3, 32, 31) == 2e-6 * 6.5e7 * 32 and mm.c0_factor(l3) == 6.0
+    assert mm.values(l3, ts, 32, 1) == pytest.approx(0.09 * 32) and mm.eval(l3, ts, 1000, 256) == pytest.approx(30.0)
+    # another shape: the model's ratio
+    for got, work in ((mm.ge(l2, ts, 1000, 100)[0], lambda mod, s: mod.ge(s, ts, 1000, 100)[0]),
+                      (mm.c0_collect(l2, 32, 31), lambda mod, s: mod.c0_collect(s, 32, 31)),
+                      (mm.c0_factor(l2), lambda mod, s: mod.c0_factor(s)),
+                      (mm.values(l2, ts, 32, 1), lambda mod, s: mod.values(s, ts, 32, 1)),
+                      (mm.values(l2, ts, 1, 1), lambda mod, s: mod.values(s, ts, 1, 1)),
+                      (mm.eval(l2, ts, 1000, 256), lambda mod, s: mod.eval(s, ts, 1000, 256))):
+        assert got == pytest.approx(work(mm, l3) * work(m, l2) / work(m, l3))
+    assert mm.ge(l2, ts, 1000, 100)[0] > 1.5 * mm.ge(l3, ts, 1000, 100)[0]  # 17 decode batches, not 10
+    assert mm.c0_collect(l2, 32, 31) < mm.c0_collect(l3, 32, 31)
+    # the same shape at other GE batches or another length: scaled too; the single case is one batch either way
+    half = with_unit_costs(replace(m, gen_batch=512), f)
+    assert half.ge(l3, ts, 1000, 100)[0] == pytest.approx(
+        70.0 * replace(m, gen_batch=512).ge(l3, ts, 1000, 100)[0] / m.ge(l3, ts, 1000, 100)[0])
+    assert half.ge(l3, ts, 1000, 100)[0] > 1.5 * 70.0
+    assert half.ge(l3, ts, 1, 100)[0] == 7.0
+    assert mm.ge(l3, ts, 1000, 50)[0] == pytest.approx(70.0 * m.ge(l3, ts, 1000, 50)[0] / m.ge(l3, ts, 1000, 100)[0])
+    # a file that records no shape: taken as timed on the priced model's (``shape``), or, without one, on any
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"units": units}))
+    assert with_unit_costs(m, bare).ge(l2, ts, 1000, 100)[0] == 0.07 * 1000
+    assert with_unit_costs(m, bare, shape=l3).ge(l2, ts, 1000, 100)[0] == pytest.approx(mm.ge(l2, ts, 1000, 100)[0])
+    # a full shape record wins over the model record
+    rec = tmp_path / "shaped.json"
+    rec.write_text(json.dumps({"units": units, "shape": {**vars(l2), "name": "built"},
+                               "model": {"n_layers": 32, "d": 4096, "d_in": 14336}}))
+    assert with_unit_costs(m, rec).c0_factor(l2) == 6.0 and with_unit_costs(m, rec).c0_factor(l3) != 6.0
+
+
 def test_committed_gpu_units_price_the_grid():
     """Every measured-units file under bench/units holds known keys only and positive seconds, and
     prices the paper grid (bench/paper_cost.py --unit-costs FILE)."""
@@ -262,6 +311,8 @@ def test_a_modelled_estimate_names_the_measured_one(tmp_path, capsys):
                      "--unit-costs", str(REPO_ROOT / "bench/units/h200-bfloat16-llama3-8b-shape.json")])
     doc = json.loads(priced.read_text())
     assert doc["total_gpu_hours"] == pytest.approx(measured["bench/units/h200-bfloat16-llama3-8b-shape.json"])
+    # the units were timed on Llama-3-8B's shape: Figure 6's Llama-2-7B takes them scaled, and says so
+    assert any("timed on Llama-3-8B price Llama-2-7B scaled" in a and "ge_s_per_case" in a for a in doc["assumptions"])
     assert "with_measured_units" not in doc and f"**{doc['total_gpu_hours']:.1f} GPU-hours** (the model" in printed
     paper_cost.main(["--params", grid, "--gpu", "h100", "--dtype", "bfloat16", "--json", str(out)])
     assert json.loads(out.read_text())["with_measured_units"] == {}

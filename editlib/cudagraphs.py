@@ -9,6 +9,7 @@ into them), and its outputs are tensors that every replay rewrites.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Callable
 
@@ -28,10 +29,9 @@ RECORDINGS: dict[torch.device, int] = {}
 
 def capture_stream(device) -> torch.cuda.Stream:
     """The process's one capture stream on ``device``. cuBLAS keeps a workspace for each (handle,
-    stream) it has run on and never frees it, so a stream of torch's pool per recording would
-    end up holding one for each of the pool's streams. (Some torch versions free the capture
-    stream's workspace when a graph recorded on it is reset; the CUDA test that evicts kept value
-    graphs checks that the others still replay eager's z.)"""
+    stream) it has run on, so a stream of torch's pool per recording would end up holding one for
+    each of the pool's streams. No graph uses the stream's own workspace: each recording gets one
+    in its graph's pool (:func:`workspace_in_pool`)."""
     d = _indexed(device)
     if d not in _STREAMS:
         _STREAMS[d] = torch.cuda.Stream(device=d)
@@ -59,6 +59,30 @@ def shared_pool(device, fresh: bool = False) -> tuple:
     if fresh or d not in _POOLS:
         _POOLS[d] = torch.cuda.graph_pool_handle()
     return _POOLS[d]
+
+
+def clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (every handle and stream of this thread): the next matrix
+    product allocates its workspace anew, inside a graph's pool when it is being recorded."""
+    torch._C._cuda_clearCublasWorkspaces()
+
+
+@contextlib.contextmanager
+def workspace_in_pool():
+    """cuBLAS's workspaces dropped before a recording and again after it (also when it fails), as
+    torch.compile's CUDA-graph trees do. The recorded products then use a workspace allocated in
+    the graph's own pool (scratch within each product's kernels, kept as long as the pool), not
+    the capture stream's cached one. That one a recorded graph must not use: torch frees a stream's
+    workspace when a graph recorded on that stream is reset (pytorch#175276), and every other
+    graph recorded on it would then replay into freed memory (pytorch#193402) — here, a kept
+    value graph after a GE decode graph or an evicted kept graph was released, all of them
+    recorded on the one capture stream. In a shared pool the workspace is scratch like the
+    captures' others (:func:`shared_pool`'s rules), so the graphs may share it."""
+    clear_cublas_workspaces()
+    try:
+        yield
+    finally:
+        clear_cublas_workspaces()
 
 
 def _indexed(device) -> torch.device:
@@ -111,15 +135,16 @@ class CapturedStep:
         return out
 
     def record(self):
-        """Record ``fn`` on the capture stream (nothing runs); returns the graph's outputs. The
-        garbage collector is off meanwhile: a collection that destroyed some other, unreachable
+        """Record ``fn`` on the capture stream (nothing runs); returns the graph's outputs. Its
+        products get a cuBLAS workspace of their own in the graph's pool (:func:`workspace_in_pool`).
+        The garbage collector is off meanwhile: a collection that destroyed some other, unreachable
         graph inside the recording would invalidate it (torch 2.13's ``torch.cuda.graph`` does not
         collect before it records)."""
         graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            with workspace_in_pool(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 out = self.fn()
         except Exception as e:
             raise RuntimeError(f"{self.what}: recording the step as a CUDA graph failed "

@@ -1,6 +1,6 @@
 """editlib.cudagraphs.CapturedStep on a CPU, with the CUDA calls it makes stood in for: warm-ups on
 the capture stream (the last strict about host synchronisation), one recording with the garbage
-collector off, replays, the stream shared per device, fewer warm-ups once it has recorded, a
+collector off and cuBLAS's workspaces dropped around it, replays, the stream shared per device, fewer warm-ups once it has recorded, a
 failed recording named, and close() releasing the graph."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class _Stream:
 @pytest.fixture()
 def cuda(monkeypatch):
     """torch.cuda's calls stood in for; returns what they saw."""
-    seen = {"strict": [], "gc_in_capture": [], "graphs": [], "pools": []}
+    seen = {"strict": [], "gc_in_capture": [], "graphs": [], "pools": [], "events": []}
 
     class Graph:
         def __init__(self):
@@ -41,7 +41,11 @@ def cuda(monkeypatch):
     def graph(g, pool=None, stream=None):
         seen["gc_in_capture"].append(gc.isenabled())
         seen["pools"].append(pool)
-        yield
+        seen["events"].append("capture")
+        try:
+            yield
+        finally:
+            seen["events"].append("end")
 
     mode = {"now": 0}
 
@@ -58,6 +62,7 @@ def cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(cudagraphs, "clear_cublas_workspaces", lambda: seen["events"].append("clear"))
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
     seen["mode"] = mode
@@ -79,6 +84,8 @@ def test_warm_ups_then_one_recording_then_replays(cuda) -> None:
     assert outs[2] is outs[3] is outs[4] is step.out  # then the graph's outputs, rewritten by each replay
     (g,) = cuda["graphs"]
     assert g.replays == 3 and cuda["gc_in_capture"] == [False] and gc.isenabled()
+    # cuBLAS's cached workspaces dropped around the recording: its products get one in its own pool
+    assert cuda["events"] == ["clear", "capture", "end", "clear"]
     assert cudagraphs.RECORDINGS == {torch.device("cuda:0"): 1}
     later = cudagraphs.CapturedStep(fn, "cuda:0", "some.key", warmups=1)
     assert later.warmups == 1 and later.stream is step.stream  # one capture stream per device
@@ -116,6 +123,7 @@ def test_a_synchronising_step_and_a_failed_recording_are_named(cuda) -> None:
     with pytest.raises(RuntimeError, match="evaluation.gen_decode: recording the step as a CUDA graph failed"):
         step()
     assert step.graph is None and gc.isenabled()
+    assert cuda["events"] == ["clear", "capture", "end", "clear"]  # dropped again after a failed recording too
 
 
 def test_graphs_of_the_shared_pool_record_into_one_pool_per_device(cuda) -> None:
@@ -127,3 +135,33 @@ def test_graphs_of_the_shared_pool_record_into_one_pool_per_device(cuda) -> None
         for _ in range(s.warmups + 2):
             s()
     assert cuda["pools"] == [pool, pool] and [g.replays for g in cuda["graphs"]] == [2, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_a_graph_replays_after_another_recorded_on_its_stream_is_released() -> None:
+    """Every graph is recorded on the one capture stream. Releasing one (a GE decode batch's graph,
+    an evicted kept value graph) must leave the others replaying what they recorded, also once its
+    memory went back to the driver and was taken by other work: each recording's products use a
+    cuBLAS workspace of their own pool, not the stream's (a skinny bfloat16 product of Llama-3-8B's
+    MLP width, the shape cuBLAS splits over a workspace), in a pool of its own and in the shared one."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = torch.randn(14336, 4096, device=dev, dtype=torch.bfloat16, generator=gen) / 64
+    for m in (8, 50):
+        for pool in (None, cudagraphs.shared_pool(dev, fresh=True)):
+            x = torch.randn(m, 14336, device=dev, dtype=torch.bfloat16, generator=gen)
+            a = cudagraphs.CapturedStep(lambda: x @ w, dev, "test", pool=pool)
+            want = [a().clone() for _ in range(a.warmups)][-1]  # the eager warm-ups on the capture stream
+            a()  # recorded and replayed
+            b = cudagraphs.CapturedStep(lambda: (2 * x) @ w, dev, "test", pool=pool)
+            for _ in range(b.warmups + 2):
+                b()
+            b.close()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            taken = torch.full((1 << 26,), float("nan"), device=dev)  # 256 MB of NaN where freed memory was
+            got = a().clone()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), (m, pool is None)
+            del taken
+            a.close()

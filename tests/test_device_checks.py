@@ -166,6 +166,28 @@ def test_the_cost_step_runs_the_measured_units_first(tmp_path, monkeypatch):
     assert len(calls) == 1 and "--unit-costs" in calls[0] and step.status == "failed"
 
 
+def test_cuda_tests_stopped_before_their_junit_file_keep_what_they_decided(tmp_path, monkeypatch):
+    """A cuda_tests run stopped by its time limit writes no junit.xml: the step keeps the outcomes
+    its -v lines had printed, and stays a timeout."""
+    out = ("tests/test_models.py::test_fingerprint_device_independent PASSED                 [  7%]\n"
+           "tests/test_stats.py::test_cuda_matches_cpu FAILED                                  [ 14%]\n"
+           "tests/test_values.py::test_cuda_graph_blocks_follow_eager[True] SKIPPED (needs a CUDA device) [ 21%]\n"
+           "tests/test_values.py::test_cuda_graph_blocks_under_model_deterministic \n")
+
+    def fake(run, step, argv, cap, env=None):
+        step.status, step.reason = "timeout", "stopped after 180 s"
+        return out
+    monkeypatch.setattr(dc, "run_command", fake)
+    run = run_of(tmp_path)
+    run.out.mkdir(parents=True)
+    step = dc.Step("cuda_tests")
+    dc.step_cuda_tests(run, step)
+    assert step.status == "timeout" and "3 tests decided before it stopped" in step.reason
+    assert {k: step.numbers[k] for k in ("tests", "failures", "errors", "skipped")} == \
+        {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
+    assert step.numbers["decided"][1] == "tests/test_stats.py::test_cuda_matches_cpu FAILED"
+
+
 def test_skipped_cuda_tests_fail_a_gpu_run():
     counts = {"tests": 6, "failures": 0, "errors": 0, "skipped": 6}
     assert dc.tests_verdict("passed", counts, "cpu")[0] == "skipped"
@@ -182,7 +204,7 @@ def test_the_cuda_tests_it_names_exist_and_are_the_cuda_only_ones(tmp_path):
                           f"--junitxml={tmp_path / 'j.xml'}", *dc.CUDA_TESTS], cwd=REPO_ROOT,
                          capture_output=True, text=True)
     counts = dc.junit_counts(tmp_path / "j.xml")
-    assert counts["tests"] == 14 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
+    assert counts["tests"] == 15 and counts["failures"] == counts["errors"] == 0, out.stdout[-2000:]
     if counts["skipped"]:  # -rs groups equal reasons: "SKIPPED [2] file:line: reason"
         import re
         why = re.findall(r"SKIPPED \[(\d+)\] \S+ needs a CUDA device", out.stdout)

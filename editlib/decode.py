@@ -219,6 +219,8 @@ class Decoder:
         P = ids.shape[1]
         if ids.shape[0] != self.rows or not 0 < P < self.width:
             raise ValueError(f"prefill of {tuple(ids.shape)} for {self.rows} rows of width {self.width}")
+        if self._graph is not None:  # its recorded step reads the buffers this prefill would replace
+            raise ValueError("a Decoder whose step is captured decodes one batch: prefill again with a new Decoder")
         out = self.model(input_ids=ids, use_cache=True, **_last_logits_kw(self.model))
         cache = getattr(out, _cache_name(self.model), None) or out.past_key_values
         shape = (self.rows, self.kv_heads, self.width, self.head_dim)
@@ -260,8 +262,9 @@ class Decoder:
         """Capture the fixed-shape step as a CUDA graph (:func:`_capture`) with the per-row hooks in
         their capture-safe form and their labels on the device. The step is idempotent (it
         rewrites the same column), so warm-up and capture leave the buffers as one step would.
-        Deterministic mode is off while capturing: its ``index_copy_`` checks the index on the host
-        (a one-position copy is deterministic either way)."""
+        Deterministic mode is off while capturing, as torch before 2.4 needed (its deterministic
+        ``index_copy_`` checked the index on the host); a one-position copy is deterministic
+        either way."""
         _rows_on(self.row_hooks, self.device)
         det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(False)

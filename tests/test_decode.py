@@ -339,6 +339,8 @@ def test_capture_path_records_once_and_replays_every_step(monkeypatch, mode) -> 
         assert seen == {"captures": 1, "replays": 7}
         for a, b in zip(want, got):
             assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="decodes one batch"):  # its graph reads the buffers it holds
+            dec.prefill(ids[:, :4])
         hook.rows = torch.tensor([0, 1])
         dec = Decoder(model, 2, 10, mode, capture=False)
         dec.capture = True

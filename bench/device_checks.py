@@ -273,8 +273,8 @@ def step_cuda_tests(run: Run, step: Step) -> None:
                       run.caps["cuda_tests"][0], env={"HF_HUB_OFFLINE": "1"})
     if not xml.is_file():  # stopped (a time limit) before pytest wrote it: what its -v lines decided
         step.numbers = verbose_counts(out)
-        step.status, step.reason = "failed" if step.status == "passed" else step.status, \
-            f"no junit.xml; {step.numbers['tests']} tests decided before it stopped"
+        step.status, step.reason = "failed" if step.status == "passed" else step.status, "; ".join(
+            x for x in (step.reason, f"no junit.xml; {step.numbers['tests']} tests decided before it stopped") if x)
         return
     step.numbers = junit_counts(xml)
     step.status, step.reason = tests_verdict(step.status, step.numbers, run.device, step.reason)

@@ -100,8 +100,8 @@ def measured_elsewhere(model: CostModel, exps, eval_batch: int,
 
 
 def unit_scaling_notes(model: CostModel, shapes, max_len: int) -> list[str]:
-    """Where measured units price work other than what they were timed on (another model's shape,
-    other GE rows per decode batch or length), and so are scaled by the model's ratio
+    """Where measured units price work other than what they were timed on (another model's shape;
+    for GE, a call of other cases, rows per decode batch or length), and so are scaled by the model's ratio
     (:meth:`editlib.cost.CostModel.unit_ratio`)."""
     from editlib.cost import GE_UNITS, same_sizes
     out = []
@@ -111,13 +111,20 @@ def unit_scaling_notes(model: CostModel, shapes, max_len: int) -> list[str]:
             names = sorted({model.unit_timed[k].shape.name for k in keys})
             out.append(f"measured units timed on {', '.join(names)} price {s.name} scaled by the model's ratio of "
                        f"the same work on the two: {', '.join(keys)}")
-        ge = [(k, model.unit_timed[k]) for k in GE_UNITS if k in model.unit_timed and k not in keys]
-        for k, t in ge:
-            rows = model.gen_rows(s, max_len)
-            other_rows = t.gen_rows is not None and t.gen_rows != rows and k != "ge_s_per_case_single"  # 10 rows: one batch
-            if other_rows or (t.gen_max_len is not None and t.gen_max_len != max_len):
-                out.append(f"{k} timed at {t.gen_rows} rows per decode batch and {t.gen_max_len} tokens prices "
-                           f"{s.name}'s {rows} rows and {max_len} tokens scaled by the model's ratio")
+    for k in GE_UNITS:
+        t = model.unit_timed.get(k)
+        if t is None:
+            continue
+        if t.gen_rows is None and t.gen_max_len is None:
+            out.append(f"{k}: its file records no decode batch it was timed on: taken as these params' "
+                       "rows per decode batch and length, in proportion to a call's cases")
+            continue
+        what = ", ".join(x for x in (None if t.cases is None else f"one call of {t.cases} case{'s' * (t.cases > 1)}",
+                                     None if t.gen_rows is None else f"{t.gen_rows} rows per decode batch",
+                                     None if t.gen_max_len is None else f"{t.gen_max_len} tokens") if x)
+        out.append(f"{k} timed on {what}: calls of other cases, rows per batch ("
+                   + ", ".join(f"{s.name} {model.gen_rows(s, max_len)}" for s in shapes)
+                   + f") or length ({max_len}) priced scaled by the model's ratio")
     return out
 
 

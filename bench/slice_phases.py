@@ -39,6 +39,7 @@ from phase_meter import GIB, BigTensorWatch, HeadRows, PhaseMeter, rss  # noqa: 
 
 from editlib import protocols  # noqa: E402
 from editlib.arch import backbone_and_head, key_dim, value_dim  # noqa: E402
+from editlib.generation import rows_per_batch  # noqa: E402
 from editlib.metrics import evaluate_records  # noqa: E402
 from editlib.params import resolve  # noqa: E402
 from editlib.paths import repo_path  # noqa: E402
@@ -203,7 +204,8 @@ def main(argv=None) -> None:
             "phases": phases, "unit_costs": costs, "units": measured_units(costs, phases),
             "evaluation": {"batch_size": int(p.evaluation.batch_size)},  # what the eval units scored at
             "shape": None if st["study"] is None else asdict(  # ... and on which shape (editlib.cost.timed_shape)
-                shape_of(st["study"].model, p.model.label or str(p.model.id)))},
+                shape_of(st["study"].model, p.model.label or str(p.model.id))),
+            "raw": {"eval": st.get("eval")}},
             indent=1, default=str) + "\n"
         for dest in (out / "phases.json", *([Path(args.phases_copy)] if args.phases_copy else [])):
             tmp = dest.with_name(dest.name + ".tmp")
@@ -278,12 +280,18 @@ def main(argv=None) -> None:
                      generation=True, gen_seed=ev.gen_seed,
                      gen_max_len=warm_gen_len(study.tok, facts[:1], ev.gen_max_len))
     cuda_peak()  # the warm-up's peak is no phase's
+    # what GE's units are timed on (editlib.cost.timed: a call of 8 cases, its rows per decode batch
+    # and length; the single-case unit one case): the paper grid's decode batches, as it sizes them
+    kv = None if ev.gen_kv_gb is None else ev.gen_kv_gb * 1e9
+    st["eval"] = {"cases": len(facts), "gen_rows": sum(len(r.generation_prompts) for r in facts),
+                  "rows_per_batch": rows_per_batch(study.model, ev.gen_batch_size, ev.gen_max_len, kv),
+                  "gen_max_len": ev.gen_max_len}
     for label, n, gen in (("evaluate 1 case, no GE", 1, False), ("evaluate 1 case, GE", 1, True),
                           ("evaluate 8 cases, no GE", 8, False), ("evaluate 8 cases, GE", 8, True)):
         with phase(label):
             evaluate_records(study.model, study.tok, facts[:n], alignment=ev.alignment,
                              batch_size=ev.batch_size, generation=gen, gen_seed=ev.gen_seed,
-                             gen_max_len=ev.gen_max_len)
+                             gen_max_len=ev.gen_max_len, gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb)
     runs = [("layer search", protocols.run_layer_search), ("singular", protocols.run_singular),
             ("sweep", protocols.run_sweep), ("batch MEMIT + EMMET", protocols.run_batch),
             ("sequential", protocols.run_sequential)]

@@ -60,13 +60,15 @@ KINDS = {"values": "values", "keys": "keys+resid", "solve": "solves", "eval": "e
 @dataclass(frozen=True)
 class Timed:
     """What a measured unit (``--unit-costs``) was timed on: the model's ``shape`` and, for GE's
-    units, the rows per decode batch and the generation length (None: not recorded, taken as the
-    priced work's). Priced elsewhere (another model, such as Figure 6's Llama-2-7B, or other GE
-    batches), a unit is scaled by the model's own ratio between the two (:meth:`CostModel.unit_ratio`)."""
+    units, the rows per decode batch, the generation length and the cases of the timed call
+    (None: not recorded, taken as the priced work's). Priced elsewhere (another model, such as
+    Figure 6's Llama-2-7B, other GE batches, a call of other size), a unit is scaled by the model's
+    own ratio between the two (:meth:`CostModel.unit_ratio`)."""
 
     shape: ModelShape | None = None
     gen_rows: int | None = None
     gen_max_len: int | None = None
+    cases: int | None = None
 
 
 def same_sizes(a: ModelShape, b: ModelShape) -> bool:
@@ -224,25 +226,33 @@ class CostModel:
                        unit_s={}, unit_timed={})
 
     # ----------------------------------------------------------------- units
-    def unit_ratio(self, key: str, s: ModelShape, price, max_len: int | None = None) -> float:
-        """The factor measured unit ``key`` takes where it prices shape ``s`` (GE: generating
-        ``max_len`` tokens): 1 where it was timed so (:class:`Timed`: the same sizes, and for GE
-        the same rows per decode batch and length), else the model's own ratio between the two,
-        ``price(m, s, max_len) / price(m_timed, timed shape, timed length)``, both priced without
-        measured units, ``m_timed`` at the timed rows per decode batch. So a unit timed on
-        Llama-3-8B's shape prices Llama-2-7B's C0 at its smaller d_in and its GE at the 610 rows a
-        batch its KV cache allows, not at Llama-3-8B's cost per case."""
+    def unit_ratio(self, key: str, s: ModelShape, price, max_len: int | None = None,
+                   cases: int | None = None) -> float:
+        """The factor measured unit ``key`` takes where it prices shape ``s`` (GE: a call of
+        ``cases`` cases generating ``max_len`` tokens): 1 where it was timed so (:class:`Timed`: the
+        same sizes, and for GE the same rows per decode batch, length and cases), else the model's
+        own ratio between the two, ``price(m, s, max_len, cases) / price(m_timed, timed shape,
+        timed length, timed cases)``, both priced without measured units, ``m_timed`` at the timed
+        rows per decode batch. So a unit timed on Llama-3-8B's shape prices Llama-2-7B's C0 at its
+        smaller d_in and its GE at the 610 rows a batch its KV cache allows, and a GE unit timed on
+        one full decode batch prices a call of 64 cases, a part of one batch, as about a batch."""
         t = self.unit_timed.get(key)
         if t is None:
             return 1.0
         shape = s if t.shape is None else t.shape
         length = max_len if t.gen_max_len is None else t.gen_max_len
+        n = cases if t.cases is None else t.cases
         bare = replace(self, unit_s={}, unit_timed={})
         at = bare if t.gen_rows is None else replace(bare, gen_batch=t.gen_rows, gen_kv_gb=None)
         if same_sizes(shape, s) and (max_len is None or (
-                length == max_len and at.gen_rows(s, max_len) == bare.gen_rows(s, max_len))):
+                length == max_len and n == cases and at.gen_rows(s, max_len) == bare.gen_rows(s, max_len))):
             return 1.0
-        return price(bare, s, max_len) / price(at, shape, length)
+        return price(bare, s, max_len, cases) / price(at, shape, length, n)
+
+    def timed_cases(self, key: str, cases: int) -> int:
+        """The cases a measured per-case unit was timed on (:class:`Timed`), else ``cases``."""
+        t = self.unit_timed.get(key)
+        return cases if t is None or t.cases is None else t.cases
 
     def values(self, s: ModelShape, ts: TokenStats, facts: int, layer: int) -> float:
         """One chunk of ``facts`` optimised together at ``layer``: a full forward of all its
@@ -254,7 +264,7 @@ class CostModel:
             else "values_s_per_fact"
         if key in self.unit_s:  # timed at layer 1, scaled by the blocks above ``layer``
             k_ref = s.n_layers - 2
-            ratio = self.unit_ratio(key, s, lambda m, sh, _: m.values(sh, ts, facts, 1))
+            ratio = self.unit_ratio(key, s, lambda m, sh, *_: m.values(sh, ts, facts, 1))
             return self.unit_s[key] * facts * max(s.n_layers - layer - 1, 1) / max(k_ref, 1) * ratio
         k = s.n_layers - layer - 1
         setup = self._pass(2 * s.n_layers * s.block_params * facts * ts.value_tokens,
@@ -302,7 +312,7 @@ class CostModel:
         also pays the EditSession: clones of the weight, the block-wise apply, the restore."""
         over = self.unit_s.get("solve_s_by_n", {}) if kind == "solve" else {}
         if str(n) in over or n in over:
-            ratio = self.unit_ratio("solve_s_by_n", s, lambda m, sh, _: m.solve(sh, n, kind))
+            ratio = self.unit_ratio("solve_s_by_n", s, lambda m, sh, *_: m.solve(sh, n, kind))
             return float(over.get(str(n), over.get(n))) * ratio
         weight = s.d * s.d_in
         if self.solve_on == "host":
@@ -323,7 +333,7 @@ class CostModel:
         run = s.n_layers - below
         key = "eval_s_per_case" if cases > 1 else "eval_s_per_case_single"
         if key in self.unit_s:
-            ratio = self.unit_ratio(key, s, lambda m, sh, _: m.eval(sh, ts, cases, eval_batch))
+            ratio = self.unit_ratio(key, s, lambda m, sh, *_: m.eval(sh, ts, cases, eval_batch))
             return self.unit_s[key] * cases * run / s.n_layers * ratio
         seqs = cases * ts.eval_seqs
         n_fwd = max(1, math.ceil(seqs / eval_batch))
@@ -368,9 +378,9 @@ class CostModel:
             batches = [(len(lens[i:i + per]), lens[i]) for i in range(0, rows, per)]
         key = "ge_s_per_case" if cases > 1 else "ge_s_per_case_single"
         decoded = sum(r * max(max_len - m, 0) for r, m in batches)
-        if key in self.unit_s:
-            ratio = self.unit_ratio(key, s, lambda m, sh, n: m.ge(sh, ts, cases, n)[0], max_len)
-            return self.unit_s[key] * cases * ratio, decoded
+        if key in self.unit_s:  # a unit per case of the call it was timed on, scaled to this call
+            ratio = self.unit_ratio(key, s, lambda m, sh, n, c: m.ge(sh, ts, c, n)[0], max_len, cases)
+            return self.unit_s[key] * self.timed_cases(key, cases) * ratio, decoded
         t = 0.0
         wbytes = (s.n_layers * s.block_params + s.head_params) * self.bpp
         for r, m in batches:
@@ -401,7 +411,7 @@ class CostModel:
         batch in products of ``TC_CHUNK_TOKENS`` tokens summed in float32 (a read and a write of
         the float32 block per further chunk)."""
         if "c0_s_per_token_layer" in self.unit_s:  # + each layer's tail: its sum to the host and the disk
-            ratio = self.unit_ratio("c0_s_per_token_layer", s, lambda m, sh, _: m.c0_collect(sh, layers, deepest))
+            ratio = self.unit_ratio("c0_s_per_token_layer", s, lambda m, sh, *_: m.c0_collect(sh, layers, deepest))
             return (self.unit_s["c0_s_per_token_layer"] * self.c0_tokens
                     + self.unit_s.get("c0_layer_fixed_s", 0.0)) * layers * ratio
         per = self.c0_per_pass(s)
@@ -425,7 +435,7 @@ class CostModel:
     def c0_factor(self, s: ModelShape) -> float:
         """Per layer and study open: read the cached sum, factor C0 (+ the condition number)."""
         if "c0_factor_s" in self.unit_s:
-            return self.unit_s["c0_factor_s"] * self.unit_ratio("c0_factor_s", s, lambda m, sh, _: m.c0_factor(sh))
+            return self.unit_s["c0_factor_s"] * self.unit_ratio("c0_factor_s", s, lambda m, sh, *_: m.c0_factor(sh))
         read = 8 * s.d_in ** 2 / self.disk_bw
         if self.solve_on == "host":
             return read + self.host_factor_s * (s.d_in / 14336) ** 3 / self.host_speedup
@@ -454,12 +464,12 @@ class CostModel:
         """A sequential batch's checkpoint: its low-rank factors R [d, N] and X [N, d_in] in
         float64, one small safetensors file per batch (protocols._save_ckpt)."""
         if "ckpt_s" in self.unit_s:
-            return self.unit_s["ckpt_s"] * self.unit_ratio("ckpt_s", s, lambda m, sh, _: m.ckpt(sh, n))
+            return self.unit_s["ckpt_s"] * self.unit_ratio("ckpt_s", s, lambda m, sh, *_: m.ckpt(sh, n))
         return (s.d + s.d_in) * n * 8 / self.disk_bw + self.ckpt_fixed_s
 
     def load(self, s: ModelShape) -> float:
         if "load_s" in self.unit_s:
-            return self.unit_s["load_s"] * self.unit_ratio("load_s", s, lambda m, sh, _: m.load(sh))
+            return self.unit_s["load_s"] * self.unit_ratio("load_s", s, lambda m, sh, *_: m.load(sh))
         return s.params * self.bpp / self.disk_bw + self.load_fixed_s
 
     # ----------------------------------------------------------------- experiments
@@ -507,7 +517,7 @@ class CostModel:
                 f"{self.solve(s, 1):.3f} s, N = 4096 {self.solve(s, 4096):.1f} s ({self.solve_on})"]
 
     def assumptions(self) -> list[str]:
-        skip = {"gpu", "unit_s", "flops_only"}
+        skip = {"gpu", "unit_s", "unit_timed", "flops_only"}
         return [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self) if f.name not in skip]
 
 
@@ -603,10 +613,13 @@ def timed_shape(doc: dict, default: ModelShape | None = None) -> ModelShape | No
 
 def timed(doc: dict, key: str, default: ModelShape | None = None) -> Timed:
     """What a units file timed ``key`` on (:class:`Timed`); GE's units with the rows per decode
-    batch and the length of its ``raw.eval`` record (bench/calibrate_units.py) where it has one."""
+    batch, the length and the cases (one, for the single-case unit) of its ``raw.eval`` record
+    (bench/calibrate_units.py, bench/slice_phases.py) where it has one."""
     ev = ((doc.get("raw") or {}).get("eval") or {}) if key in GE_UNITS else {}
-    rows, length = ev.get("rows_per_batch"), ev.get("gen_max_len")
-    return Timed(timed_shape(doc, default), None if rows is None else int(rows), None if length is None else int(length))
+    rows, length, cases = ev.get("rows_per_batch"), ev.get("gen_max_len"), ev.get("cases")
+    if key == "ge_s_per_case_single" and ev:
+        cases = 1
+    return Timed(timed_shape(doc, default), *(None if v is None else int(v) for v in (rows, length, cases)))
 
 
 def with_unit_costs(model: CostModel, *paths: str | Path,

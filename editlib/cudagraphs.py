@@ -62,8 +62,12 @@ def shared_pool(device, fresh: bool = False) -> tuple:
 
 
 def clear_cublas_workspaces() -> None:
-    """Drop cuBLAS's cached workspaces (every handle and stream of this thread): the next matrix
-    product allocates its workspace anew, inside a graph's pool when it is being recorded."""
+    """Drop cuBLAS's cached workspaces: the next matrix product allocates its workspace anew, inside
+    a graph's pool when it is being recorded. In torch 2.13 the workspace map is process-wide
+    (keyed by handle and stream), so this also reaches the handle of the autograd engine's device
+    thread, which runs a recorded value step's backward products (torch.compile's graph trees clear
+    it around each compiled backward in that thread instead; were the map made per thread,
+    pytorch#180283, the backward's products would use the stream's cached workspace again)."""
     torch._C._cuda_clearCublasWorkspaces()
 
 

@@ -140,10 +140,13 @@ def test_graphs_of_the_shared_pool_record_into_one_pool_per_device(cuda) -> None
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_a_graph_replays_after_another_recorded_on_its_stream_is_released() -> None:
     """Every graph is recorded on the one capture stream. Releasing one (a GE decode batch's graph,
-    an evicted kept value graph) must leave the others replaying what they recorded, also once its
-    memory went back to the driver and was taken by other work: each recording's products use a
-    cuBLAS workspace of their own pool, not the stream's (a skinny bfloat16 product of Llama-3-8B's
-    MLP width, the shape cuBLAS splits over a workspace), in a pool of its own and in the shared one."""
+    an evicted kept value graph) frees that stream's cached cuBLAS workspace in torch versions that
+    clear it on a graph's reset; a graph whose products used it would then write their partial sums
+    into whatever takes that memory next. Each recording's products use a workspace of their own
+    pool, so after B's release a tensor allocated on the capture stream (where the freed workspace
+    would be handed out first) keeps its values through A's replays, and A replays what it did at
+    its recording: a skinny bfloat16 product of Llama-3-8B's MLP width (the shape cuBLAS splits over
+    a workspace), in a pool of its own and in the shared one."""
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(14336, 4096, device=dev, dtype=torch.bfloat16, generator=gen) / 64
@@ -151,17 +154,20 @@ def test_cuda_a_graph_replays_after_another_recorded_on_its_stream_is_released()
         for pool in (None, cudagraphs.shared_pool(dev, fresh=True)):
             x = torch.randn(m, 14336, device=dev, dtype=torch.bfloat16, generator=gen)
             a = cudagraphs.CapturedStep(lambda: x @ w, dev, "test", pool=pool)
-            want = [a().clone() for _ in range(a.warmups)][-1]  # the eager warm-ups on the capture stream
-            a()  # recorded and replayed
+            for _ in range(a.warmups):
+                a()
+            first = a().clone()  # recorded, then its first replay
             b = cudagraphs.CapturedStep(lambda: (2 * x) @ w, dev, "test", pool=pool)
             for _ in range(b.warmups + 2):
                 b()
             b.close()
+            with torch.cuda.stream(a.stream):  # where a freed workspace of that stream goes first
+                taken = torch.full((1 << 20,), float("nan"), device=dev)
+            a.stream.synchronize()
+            for _ in range(2):
+                got = a().clone()
             torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            taken = torch.full((1 << 26,), float("nan"), device=dev)  # 256 MB of NaN where freed memory was
-            got = a().clone()
-            torch.cuda.synchronize()
-            assert torch.equal(got, want), (m, pool is None)
+            assert torch.equal(got, first), (m, pool is None)
+            assert torch.isnan(taken).all(), (m, pool is None)  # nothing wrote into it
             del taken
             a.close()

@@ -338,8 +338,10 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
     assert doc["complete"] and names.index("evaluate 8 cases, GE") < names.index("layer search")
     assert {"values_s_per_fact", "eval_s_per_case", "c0_factor_s", "solve_s_by_n"} <= set(doc["units"])
     assert doc["evaluation"] == {"batch_size": 128}  # the scoring batch its eval units were timed at (smoke.yaml's)
-    from editlib.cost import timed_shape  # ... and the shape they were timed on (the miniature's)
+    from editlib.cost import timed, timed_shape  # ... the shape they were timed on (the miniature's), GE's call
     assert (timed_shape(doc).n_layers, timed_shape(doc).d) == (6, doc["unit_costs"]["d"])
+    t = timed(doc, "ge_s_per_case")
+    assert (t.cases, t.gen_max_len) == (8, 8) and t.gen_rows > 0 and timed(doc, "ge_s_per_case_single").cases == 1
     # GE of 8 tokens on the miniature can be lost in the noise of its timing: then no unit, never a zero
     assert all(doc["units"][k] > 0 for k in ("ge_s_per_case", "ge_s_per_case_single") if k in doc["units"])
     cost = steps[1].numbers

@@ -265,6 +265,16 @@ def test_units_timed_on_one_model_price_another_scaled_by_the_model(tmp_path):
     assert half.ge(l3, ts, 1000, 100)[0] > 1.5 * 70.0
     assert half.ge(l3, ts, 1, 100)[0] == 7.0
     assert mm.ge(l3, ts, 1000, 50)[0] == pytest.approx(70.0 * m.ge(l3, ts, 1000, 50)[0] / m.ge(l3, ts, 1000, 100)[0])
+    # GE timed on one call of 102 cases (one decode batch of 1,020 rows): a call of other size is priced
+    # by the model's ratio, so 64 cases (part of one host-bound batch) cost about the 102 cases' batch
+    called = tmp_path / "called.json"
+    called.write_text(json.dumps({"units": units, "model": {"n_layers": 32, "d": 4096, "d_in": 14336},
+                                  "raw": {"eval": {"cases": 102, "rows_per_batch": 1024, "gen_max_len": 100}}}))
+    mc = with_unit_costs(m, called)
+    assert mc.ge(l3, ts, 102, 100)[0] == 0.07 * 102 and mc.ge(l3, ts, 1, 100)[0] == 7.0
+    assert mc.ge(l3, ts, 1000, 100)[0] == pytest.approx(0.07 * 102 * m.ge(l3, ts, 1000, 100)[0] / m.ge(l3, ts, 102, 100)[0])
+    assert 0.9 * 0.07 * 102 < mc.ge(l3, ts, 64, 100)[0] < 0.07 * 102 and mm.ge(l3, ts, 64, 100)[0] == 0.07 * 64
+    assert mc.ge(l2, ts, 1000, 100)[0] == pytest.approx(0.07 * 102 * m.ge(l2, ts, 1000, 100)[0] / m.ge(l3, ts, 102, 100)[0])
     # a file that records no shape: taken as timed on the priced model's (``shape``), or, without one, on any
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"units": units}))

@@ -327,8 +327,9 @@ def main(argv=None) -> None:
                      + ("(--graph-node-us)" if args.graph_node_us is not None else
                         "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
                      + ", the rest of the step stays eager (sampling; the loss and Adam, or Adam alone under capture_steps); fused counts are the H200's eager counts scaled by the "
-                     "compiled/eager ratio counted on the CPU (editlib.cost); compilation and a capture per decode "
-                     "batch are not priced")
+                     "compiled/eager ratio counted on the CPU (editlib.cost); each decode batch's capture is priced "
+                     "as its eager warm-up and its recording, each an eager step's time (decode.DECODE_WARMUPS); "
+                     "compilation is not priced")
     elif args.graph_node_us is not None:
         notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph or compiled "
                      "with GE on, compile_blocks: reduce-overhead, or capture_steps: true)")

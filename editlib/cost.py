@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .decode import DECODE_WARMUPS
 from .generation import rows_within
 from .values import GRAPH_WARMUPS
 from .stats import TC_CHUNK_TOKENS, gram_macs, pass_groups
@@ -389,6 +390,10 @@ class CostModel:
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
             t += steps * self.decode_step(s, r, kv)
+            if self.decode_graphs and steps:  # the batch's capture: its eager warm-ups and the recording (host time only)
+                blocks = s.n_layers * (self.kernels_fused_fwd if self.decode_fused else self.kernels_fwd)
+                t += (DECODE_WARMUPS * replace(self, decode_graphs=False).decode_step(s, r, kv)
+                      + (blocks + 10) * self.kernel_s + self.step_py_s)
         return t + self.gen_row_py_s * rows / self.host_speedup, decoded  # + each text's n-gram entropy (Python)
 
     def c0_per_pass(self, s: ModelShape) -> int:

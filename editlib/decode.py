@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from .arch import arch_for, get_module, n_layers
 from .compiling import compiled_or_eager, recompile_limit
-from .cudagraphs import WARMUPS, CapturedStep
+from .cudagraphs import CapturedStep
 from .generation import _cache_name, _last_logits_kw
 from .packed import _rope
 from .packed import unsupported as packed_unsupported
@@ -390,13 +390,19 @@ def _compiled(name: str):
     return _COMPILED_FNS[name]
 
 
+#: eager warm-up calls before a decode batch's step is recorded, once the capture stream has
+#: recorded a graph (the process's first recording on a device warms up
+#: :data:`editlib.cudagraphs.WARMUPS` times): each is a whole eager step, every decode batch pays them
+DECODE_WARMUPS = 1
+
+
 def _capture(fn, device: torch.device):
     """``fn`` (a step without host synchronisation) captured as a CUDA graph on the capture stream of
-    ``device`` after :data:`editlib.cudagraphs.WARMUPS` warm-up calls there (the last one strict
-    about host synchronisation, :class:`editlib.cudagraphs.CapturedStep`). Returns the graph and
-    its output tensor (rewritten by every replay)."""
-    step = CapturedStep(fn, device, "evaluation.gen_decode")
-    for _ in range(WARMUPS):
+    ``device`` after its warm-up calls there (:data:`DECODE_WARMUPS`, the last strict about host
+    synchronisation: :class:`editlib.cudagraphs.CapturedStep`). Returns the graph and its output
+    tensor (rewritten by every replay)."""
+    step = CapturedStep(fn, device, "evaluation.gen_decode", warmups=DECODE_WARMUPS)
+    for _ in range(step.warmups):
         step.warm()
     out = step.record()
     return step.graph, out

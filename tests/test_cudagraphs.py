@@ -171,3 +171,21 @@ def test_cuda_a_graph_replays_after_another_recorded_on_its_stream_is_released()
             assert torch.isnan(taken).all(), (m, pool is None)  # nothing wrote into it
             del taken
             a.close()
+
+
+def test_a_decode_batch_warms_up_once_after_the_streams_first_recording(cuda) -> None:
+    """editlib.decode._capture: the process's first recording on a device warms up WARMUPS times,
+    every later decode batch DECODE_WARMUPS times (each a whole eager step), then records; it returns
+    the graph and its outputs."""
+    from editlib import decode
+    calls = []
+
+    def fn():
+        calls.append(cuda["mode"]["now"])
+        return torch.zeros(1)
+
+    graph, out = decode._capture(fn, "cuda:0")
+    assert calls == [0, "error", 0] and graph is cuda["graphs"][0] and out is not None
+    calls.clear()
+    decode._capture(fn, "cuda:0")
+    assert calls == ["error"] * decode.DECODE_WARMUPS + [0] and decode.DECODE_WARMUPS == 1

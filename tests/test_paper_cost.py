@@ -3,12 +3,14 @@ checked against hand counts on params/smoke.yaml, scaling with batch sizes, and 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 
 from editlib.cost import GPUS, KNOWN_SHAPES, CostModel, TokenStats, count_grid, shape_for, with_unit_costs
+from editlib.decode import DECODE_WARMUPS
 from editlib.params import resolve
 from editlib.paths import REPO_ROOT
 from editlib.stats import gram_macs
@@ -491,7 +493,7 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
     """evaluation.gen_decode: graph and compile_blocks: reduce-overhead (modelled, not measured): a
     step's block kernels cost graph_node_s each on the GPU and no host time, so host-bound steps
     (one case's 10 decode rows, a one-fact value step) get cheaper, each flag its own part only;
-    the floor does not move. A unit timed eagerly never prices a captured part (nor a captured
+    the floor does not move but for a decode batch's eager warm-up step. A unit timed eagerly never prices a captured part (nor a captured
     unit an eager model): it is left out and named; a file's own ``graphs`` record decides."""
     s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
     eager = CostModel(GPUS["h200"], dtype="bfloat16")
@@ -509,7 +511,8 @@ def test_captured_graphs_are_priced_without_host_time_and_never_with_eager_units
         part = (lambda x: x.ge(s, ts, 1, 100)[0]) if m.decode_graphs else (lambda x: x.values(s, ts, 1, 1))
         assert part(free) < part(m) < part(slow)
         assert part(slow) - part(m) == pytest.approx(part(m) - part(free), rel=0.05)
-        assert part(m.floor()) == pytest.approx(part(eager.floor()))
+        warm = DECODE_WARMUPS * eager.floor().decode_step(s, 10) if m.decode_graphs else 0.0  # a batch's eager warm-up
+        assert part(m.floor()) == pytest.approx(part(eager.floor()) + warm)
     units = {"ge_s_per_case": 0.07, "ge_s_per_case_single": 7.0, "values_s_per_fact_single": 2.7, "eval_s_per_case": 0.03}
     plain, graph_ge, recorded = tmp_path / "eager.json", tmp_path / "graph.json", tmp_path / "recorded.json"
     plain.write_text(json.dumps({"sets": [], "grid_sets": [], "units": units}))
@@ -576,6 +579,35 @@ def test_committed_units_record_their_scoring_batch():
     assert resolve(str(REPO_ROOT / "params" / "llama3-8b.yaml")).evaluation.batch_size == 256
 
 
+def test_each_captured_decode_batch_pays_its_warm_up_and_recording(monkeypatch):
+    """gen_decode: graph or compiled records each decode batch's step: DECODE_WARMUPS eager steps
+    (real arithmetic on the GPU) and the recording (a step's host time, nothing run) on top of the
+    replayed steps, once per batch: 10 batches for 1,000 cases at 1,024 rows."""
+    from editlib import cost
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    kv = s.kv_bytes_per_token(2) * 10 * (round(ts.gen_case_min_len) + 100) / 2
+    for fused in (False, True):
+        graph = CostModel(GPUS["h200"], dtype="bfloat16", gen_batch=1024, decode_graphs=True, decode_fused=fused)
+        one = graph.ge(s, ts, 1, 100)[0]
+        monkeypatch.setattr(cost, "DECODE_WARMUPS", 0)
+        none = graph.ge(s, ts, 1, 100)[0]
+        monkeypatch.setattr(cost, "DECODE_WARMUPS", 1)
+        assert one - none == pytest.approx(replace(graph, decode_graphs=False).decode_step(s, 10, kv))
+        # on a GPU of no time at all, the host's: the prefill's launches, each replay's eager kernels, the
+        # warm-up's and the recording's launches and Python (a recording runs nothing: no floor of its own)
+        fast = replace(graph, gpu=replace(graph.gpu, fp32=math.inf, tf32=math.inf, bf16=math.inf, fp64=math.inf,
+                                          bw=math.inf), graph_node_s=0.0)
+        blocks = s.n_layers * (graph.kernels_fused_fwd if fused else graph.kernels_fwd)
+        step = (blocks + 10) * graph.kernel_s + graph.step_py_s
+        assert fast.ge(s, ts, 1, 100)[0] == pytest.approx(
+            s.n_layers * graph.kernels_fwd * graph.kernel_s + (100 - round(ts.gen_case_min_len)) * (
+                11 * graph.kernel_s + graph.step_py_s) + (DECODE_WARMUPS + 1) * step + 10 * graph.gen_row_py_s)
+        eager = replace(graph, decode_graphs=False, decode_fused=False)
+        assert graph.floor().ge(s, ts, 1, 100)[0] == pytest.approx(
+            eager.floor().ge(s, ts, 1, 100)[0] + DECODE_WARMUPS * eager.floor().decode_step(s, 10, kv))
+        assert eager.ge(s, ts, 1000, 100)[0] > graph.ge(s, ts, 1000, 100)[0]
+
+
 def test_fused_kernels_are_priced_as_fewer_replayed_kernels(tmp_path):
     """gen_decode: compiled captures a step of kernels_fused_fwd kernels per block where graph
     replays the eager kernels_fwd; compile_blocks: reduce-overhead replays kernels_fused_value
@@ -588,7 +620,12 @@ def test_fused_kernels_are_priced_as_fewer_replayed_kernels(tmp_path):
     assert fused.kernels_fused_fwd < fused.kernels_fwd
     assert fused.ge(s, ts, 1, 100)[0] < graph.ge(s, ts, 1, 100)[0] < eager.ge(s, ts, 1, 100)[0]
     assert fused.ge(s, ts, 1, 100)[1] == eager.ge(s, ts, 1, 100)[1]
-    assert fused.floor().ge(s, ts, 1, 100)[0] == pytest.approx(eager.floor().ge(s, ts, 1, 100)[0])
+    # the same floor for both captured forms: the eager one's and each batch's eager warm-up step (its
+    # recording runs nothing)
+    kv = s.kv_bytes_per_token(2) * 10 * (round(ts.gen_case_min_len) + 100) / 2
+    assert fused.floor().ge(s, ts, 1, 100)[0] == pytest.approx(graph.floor().ge(s, ts, 1, 100)[0])
+    assert fused.floor().ge(s, ts, 1, 100)[0] == pytest.approx(
+        eager.floor().ge(s, ts, 1, 100)[0] + DECODE_WARMUPS * eager.floor().decode_step(s, 10, kv))
     step = lambda m: m.decode_step(s, 10)
     assert step(graph) - step(fused) == pytest.approx(
         s.n_layers * (graph.kernels_fwd - graph.kernels_fused_fwd) * graph.graph_node_s)

@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from .arch import arch_for, get_module, n_layers
 from .compiling import compiled_or_eager, recompile_limit
-from .cudagraphs import CapturedStep
+from .cudagraphs import WARMUPS, CapturedStep
 from .generation import _cache_name, _last_logits_kw
 from .packed import _rope
 from .packed import unsupported as packed_unsupported
@@ -390,10 +390,11 @@ def _compiled(name: str):
     return _COMPILED_FNS[name]
 
 
-#: eager warm-up calls before a decode batch's step is recorded, once the capture stream has
-#: recorded a graph (the process's first recording on a device warms up
-#: :data:`editlib.cudagraphs.WARMUPS` times): each is a whole eager step, every decode batch pays them
-DECODE_WARMUPS = 1
+#: eager warm-up calls before each decode batch's step is recorded (each a whole eager step of the
+#: batch). Not fewer once the stream has recorded, as the value steps take: a batch of another row
+#: count may compile ``compiled``'s step anew, and inductor's first launches autotune, which
+#: synchronises; that must happen in the first warm-up, not in the last, strict one
+DECODE_WARMUPS = WARMUPS
 
 
 def _capture(fn, device: torch.device):

@@ -591,8 +591,8 @@ def test_each_captured_decode_batch_pays_its_warm_up_and_recording(monkeypatch):
         one = graph.ge(s, ts, 1, 100)[0]
         monkeypatch.setattr(cost, "DECODE_WARMUPS", 0)
         none = graph.ge(s, ts, 1, 100)[0]
-        monkeypatch.setattr(cost, "DECODE_WARMUPS", 1)
-        assert one - none == pytest.approx(replace(graph, decode_graphs=False).decode_step(s, 10, kv))
+        monkeypatch.setattr(cost, "DECODE_WARMUPS", DECODE_WARMUPS)
+        assert one - none == pytest.approx(DECODE_WARMUPS * replace(graph, decode_graphs=False).decode_step(s, 10, kv))
         # on a GPU of no time at all, the host's: the prefill's launches, each replay's eager kernels, the
         # warm-up's and the recording's launches and Python (a recording runs nothing: no floor of its own)
         fast = replace(graph, gpu=replace(graph.gpu, fp32=math.inf, tf32=math.inf, bf16=math.inf, fp64=math.inf,

@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from editlib.cost import GPUS, KINDS, CostModel, TokenStats, count_grid, with_unit_costs
+from editlib.decode import DECODE_WARMUPS
 from editlib.params import resolve
 
 #: model dtypes the cost model has rates for (a GPU's float32/TF32 and bfloat16 peaks)
@@ -328,8 +329,8 @@ def main(argv=None) -> None:
                         "(fitted to an eager H200 profile's GPU time; --graph-node-us sets it)")
                      + ", the rest of the step stays eager (sampling; the loss and Adam, or Adam alone under capture_steps); fused counts are the H200's eager counts scaled by the "
                      "compiled/eager ratio counted on the CPU (editlib.cost); each decode batch's capture is priced "
-                     "as its eager warm-up and its recording, each an eager step's time (decode.DECODE_WARMUPS); "
-                     "compilation is not priced")
+                     f"as its {DECODE_WARMUPS} eager warm-up steps (decode.DECODE_WARMUPS) and its recording (an eager "
+                     "step's host time); compilation is not priced")
     elif args.graph_node_us is not None:
         notes.append("--graph-node-us has no effect: these params capture no step (evaluation.gen_decode: graph or compiled "
                      "with GE on, compile_blocks: reduce-overhead, or capture_steps: true)")

@@ -745,5 +745,8 @@ def _optimise_chunk(model, tok, records: Sequence[Record], layer: int, contexts:
     z = (h + delta).T.contiguous().float().cpu()
     reasons = value_failures(delta.cpu(), steps, first_loss, nonfinite, overflow, had_grad)
     stalled = (steps > 0) & ~(best_loss < first_loss)
-    return ValueResult(z=z, h=h.T.contiguous().float().cpu(), final_loss=final_loss, steps=steps,
-                       fail_reason=reasons, stalled=stalled)
+    # h copied out: a kept one-fact graph holds this chunk's h among its inputs and the next fact of
+    # its sizes loads its own into it, while for one fact h.T.contiguous() is a view (and .cpu() of
+    # a CPU tensor the tensor itself)
+    return ValueResult(z=z, h=h.T.contiguous().to("cpu", torch.float32, copy=True), final_loss=final_loss,
+                       steps=steps, fail_reason=reasons, stalled=stalled)

@@ -64,12 +64,13 @@ def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int, *, layers: int = 3, seed: int = 0, lm_scale: float = 10.0,
-               dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
-    """Random Llama (hidden 32, intermediate 64). ``lm_scale`` multiplies the LM head so that the
-    value optimisation can move the loss a lot (the init's logits are ≈ 0.1 otherwise)."""
+               dtype: torch.dtype = torch.float32, kv_heads: int = 4) -> transformers.PreTrainedModel:
+    """Random Llama (hidden 32, intermediate 64, 4 query heads; ``kv_heads`` below 4: grouped-query
+    attention, as Llama-3's 32 query and 8 key/value heads). ``lm_scale`` multiplies the LM head so
+    that the value optimisation can move the loss a lot (the init's logits are ≈ 0.1 otherwise)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=vocab_size,
                                    bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():

@@ -867,6 +867,26 @@ def test_capture_steps_path_is_the_eager_path(stand_in_graphs, tok, lm32, kw) ->
         assert len(set(want.steps.tolist())) > 1 and seen["graphs"] > 1  # facts stopped apart: a graph per set
 
 
+@pytest.mark.parametrize("zb, kv", [(1, 4), (1, 2), (4, 2)])
+def test_capture_steps_in_one_call_and_under_grouped_query_attention(stand_in_graphs, tok, zb, kv) -> None:
+    """capture_steps over FACTS and their twins in one call: a twin loads its inputs into the kept
+    graph of a fact of the same sizes, whose h the call still holds in that fact's result (it must
+    hold a copy, not the graph's input); also on a Llama whose 4 query heads share 2 key/value heads
+    (Llama-3's grouped-query attention: the packed step repeats each key/value head for its
+    queries). z, h, steps and losses are the eager path's to the bit, one fact at a time (kept
+    graphs) and in a chunk."""
+    from editlib import values as v
+    lm = tiny_llama(len(tok), lm_scale=10.0, kv_heads=kv).requires_grad_(False)
+    assert lm.config.num_key_value_heads == kv
+    hp = dict(v_num_grad_steps=12, early_stop_loss=0.3, z_batch_size=zb)
+    want = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(**hp))
+    with v.keeping_graphs():
+        got = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(capture_steps=True, **hp))
+    for f in ("z", "h", "steps", "final_loss", "stalled"):
+        assert torch.equal(getattr(want, f), getattr(got, f)), f
+    assert stand_in_graphs["replays"] > 0 and (v.KEPT_COUNTS["reused"] > 0) == (zb == 1)
+
+
 #: FACTS' twins: other words, the same token counts (a step of the same sizes), in reverse order
 #: (their graphs replay in another order than recorded), and a fact whose subject splits FACTS[0]'s
 #: words otherwise: the same sizes, but another subject position (its mask and RoPE tables differ)
@@ -1074,7 +1094,7 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
     stops), under torch's warn-only deterministic algorithms (model.deterministic; without them
     the eager step's index_add sums vary in order from run to run): the recorded steps replay, and
     z, steps and losses equal the eager steps' to the bit, for one fact at a time and for a chunk
-    whose facts stop apart; within keeping_graphs, one-fact steps of the same sizes replay one kept
+    whose facts stop apart, also under grouped-query attention (2 key/value heads for 4 queries); within keeping_graphs, one-fact steps of the same sizes replay one kept
     graph (in the shared pool, in another order than recorded, and with two graphs kept at most:
     evicted and recorded again), each fact's inputs copied in."""
     from editlib import cudagraphs
@@ -1091,8 +1111,9 @@ def test_cuda_captured_value_steps_are_the_eager_steps(tok) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     cudagraphs.CapturedStep.__call__ = counted
     try:
-        for dtype, stop in ((torch.float32, {"early_stop_loss": 0.3}), (torch.bfloat16, {"early_stop": "mpes"})):
-            lm = tiny_llama(len(tok), lm_scale=10.0, dtype=dtype).requires_grad_(False).cuda()
+        for dtype, stop, kv in ((torch.float32, {"early_stop_loss": 0.3}, 4), (torch.bfloat16, {"early_stop": "mpes"}, 4),
+                                (torch.bfloat16, {"early_stop_loss": 0.3}, 2)):  # kv 2: grouped-query attention
+            lm = tiny_llama(len(tok), lm_scale=10.0, dtype=dtype, kv_heads=kv).requires_grad_(False).cuda()
             for zb, kept in ((1, 128), (1, 2), (4, 128)):  # KEPT_GRAPHS 2: graphs evicted and recorded again
                 hp = dict(v_num_grad_steps=12, z_batch_size=zb, **stop)
                 want = compute_values(lm, tok, FACTS + TWINS, LAYER, CTX, ValueHParams(**hp))

@@ -206,13 +206,21 @@ class CostModel:
         plus the replay when captured."""
         return {"kernels": 11, "captured": blocks} if captured else {"kernels": blocks + 10}
 
+    def _recording(self, kernels: int) -> float:
+        """Recording a step of ``kernels`` kernels as a CUDA graph: their launches' and the step's
+        Python host time; nothing runs on the GPU."""
+        return kernels * self.kernel_s + self.step_py_s
+
+    def _decode_kernels(self, s: ModelShape) -> int:
+        """The blocks' kernels of one GE decode step (fused under gen_decode: compiled)."""
+        return s.n_layers * (self.kernels_fused_fwd if self.decode_fused else self.kernels_fwd)
+
     def decode_step(self, s: ModelShape, rows: int, kv_bytes: float = 0.0) -> float:
         """One GE decode step of ``rows`` rows reading ``kv_bytes`` of KV cache."""
         return self._pass(2 * (s.n_layers * s.block_params + s.head_params) * rows,
                           (s.n_layers * s.block_params + s.head_params) * self.bpp + kv_bytes,
                           eff=self.mm_eff if rows >= 64 else self.small_mm_eff, py_s=self.step_py_s,
-                          **self._launch(s.n_layers * (self.kernels_fused_fwd if self.decode_fused else self.kernels_fwd),
-                                         self.decode_graphs))
+                          **self._launch(self._decode_kernels(s), self.decode_graphs))
 
     def floor(self) -> "CostModel":
         """The arithmetic floor of the same work: every matmul at 100 % of the peak of its dtype
@@ -284,7 +292,7 @@ class CostModel:
         if not self.step_graphs or facts > 1 or self.value_iters <= eager + 1:
             return setup + self.value_iters * it
         step_kernels = k * (self.kernels_fwd + self.kernels_bwd) + 10  # the blocks and the loss
-        record = step_kernels * self.kernel_s + self.step_py_s  # host time only: nothing runs
+        record = self._recording(step_kernels)
         replay = self._pass(flops, nbytes, kernels=0, eff=eff, captured=step_kernels) + 11 * self.kernel_s + self.step_py_s
         own = setup + eager * it + record + (self.value_iters - eager) * replay  # the recording's call replays too
         kept = setup + it + (self.value_iters - 1) * replay  # an earlier fact's graph: only the first forward eager
@@ -390,10 +398,9 @@ class CostModel:
                             s.n_layers * self.kernels_fwd)  # prefill
             kv = s.kv_bytes_per_token(self.bpp) * r * (m + max_len) / 2
             t += steps * self.decode_step(s, r, kv)
-            if self.decode_graphs and steps:  # the batch's capture: its eager warm-ups and the recording (host time only)
-                blocks = s.n_layers * (self.kernels_fused_fwd if self.decode_fused else self.kernels_fwd)
+            if self.decode_graphs and steps:  # the batch's capture: its eager warm-ups and the recording
                 t += (DECODE_WARMUPS * replace(self, decode_graphs=False).decode_step(s, r, kv)
-                      + (blocks + 10) * self.kernel_s + self.step_py_s)
+                      + self._recording(self._decode_kernels(s) + 10))
         return t + self.gen_row_py_s * rows / self.host_speedup, decoded  # + each text's n-gram entropy (Python)
 
     def c0_per_pass(self, s: ModelShape) -> int:

@@ -231,9 +231,3 @@ class LayeredRowDeltas(contextlib.ExitStack):
     def rows(self, value: torch.Tensor | None) -> None:
         for h in self.hooks:
             h.rows = value
-
-
-def rows_for(groups: Sequence[int] | torch.Tensor, index: Sequence[int]) -> torch.Tensor:
-    """The edit label of each batch row: ``groups`` per item, ``index`` the items in row order."""
-    g = torch.as_tensor(groups, dtype=torch.long)
-    return g[torch.as_tensor(list(index), dtype=torch.long)]

@@ -216,12 +216,6 @@ class StudyParams:
     figures_dir: str = "figures"
     source: str | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hparams"] = {m: hp.to_dict() for m, hp in self.hparams.items()}
-        d.pop("source", None)
-        return d
-
     def value_hparams(self, experiments: Sequence[str] = ("layer_search", "singular", "sweep", "batch", "sequential")
                       ) -> dict:
         """Each experiment's value hyperparameters as its methods resolve them (``"section.method"

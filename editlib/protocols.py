@@ -270,11 +270,14 @@ def _data_provenance(p: StudyParams, model_dir: str) -> dict:
     return d
 
 
-def model_dir_for(mp: ModelParams, log=print) -> str:
+def model_dir_for(mp: ModelParams, log=print, counterfact_path: str | None = None) -> str:
+    """The model's directory: ``model.id``, or a ``model.tiny`` miniature (built on first use, a
+    CounterFact one from ``counterfact_path``: the file its facts are read from, ``data.counterfact_path``)."""
     if mp.tiny:
         from .tiny import ensure_tiny
         t = dict(mp.tiny)
-        return str(ensure_tiny(t.pop("source", "world"), int(t.pop("n_records", 1000)), log=log, **t))
+        return str(ensure_tiny(t.pop("source", "world"), int(t.pop("n_records", 1000)), log=log,
+                               counterfact_path=counterfact_path, **t))
     return mp.id
 
 
@@ -298,9 +301,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
         from .lmeval import check_installed
         check_installed(parse_lm_eval(p.sequential.lm_eval))
     check_study(p, experiments, which)  # model files and facts (also for notebooks run by hand)
-    mp = p.second_model if which == "second_model" else p.model
-    if mp is None:
-        raise ParamsError(f"params have no {which!r} section")
+    mp = p.second_model if which == "second_model" else p.model  # present: check_study said so
     if str(mp.device).startswith("cuda") and not torch.cuda.is_available():
         raise ParamsError(f"{which}.device is {mp.device!r} but this torch ({torch.__version__}) sees no "
                           "CUDA device: install a CUDA build of torch or set device: cpu")
@@ -327,16 +328,7 @@ def check_before_loading(p: StudyParams, experiments: Sequence[str], which: str 
     if cfg is not None:
         _check_config(p, cfg, which, mp, vals)
         depth = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    if mp.id and not mp.tiny and os.path.isdir(mp.id):
-        if p.data.source == "model":
-            from .tiny import load_tiny_records
-            n_avail = len(counterfact.unique_subject_case_ids(load_tiny_records(mp.id, p.data.counterfact_path)))
-            for e in experiments:
-                need = {"layer_search": p.layer_search.n_facts, "singular": p.singular.n_facts,
-                        "sweep": p.sweep.total, "batch": p.batch.total, "sequential": p.sequential.total}.get(e, 0)
-                if need > n_avail:
-                    raise ParamsError(f"{e} needs {need} facts but the model's records have only {n_avail}")
-    elif mp.tiny:
+    if mp.tiny:  # (the facts each experiment needs: check_study, above)
         from .tiny import TinyConfig
         depth = int(mp.tiny.get("n_layers") or TinyConfig.n_layers)
     if depth is not None:
@@ -535,7 +527,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     """Validate, then load the model (``which``: "model" or "second_model") and its facts."""
     check_before_loading(p, experiments, which)
     mp = p.second_model if which == "second_model" else p.model
-    mdir = model_dir_for(mp, log)
+    mdir = model_dir_for(mp, log, p.data.counterfact_path)
     set_tf32(mp.tf32)
     set_deterministic(mp.deterministic)
     model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
@@ -546,7 +538,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
         log(f"GE: nltk's punkt data not found, sentences are split by {sentence_splitter()}; for nltk.word_tokenize's "
             f"words exactly: pip install -e '.[ge]' && python -m nltk.downloader punkt (docs/methods.md)")
     label = mp.label or Path(str(mdir)).name
-    main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None))
+    main_dir = mdir if which == "model" else str(model_dir_for(p.model, lambda *_: None, p.data.counterfact_path))
     suffix = "" if str(mdir) == str(main_dir) else f"-{label}"
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
                   log=log, suffix=suffix, which=which)

@@ -48,15 +48,6 @@ class Record:
         """The filled rewrite prompt, e.g. "Danielle Darrieux's mother tongue is"."""
         return self.prompt.format(self.subject)
 
-    def request(self) -> dict:
-        """The editing request in the reference's shape (prompt template + subject + target_new)."""
-        return {
-            "case_id": self.case_id,
-            "prompt": self.prompt,
-            "subject": self.subject,
-            "target_new": {"str": self.target_new.str},
-        }
-
 
 _REQUIRED_PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts")
 _OPTIONAL_PROMPT_LISTS = ("attribute_prompts", "generation_prompts")

@@ -459,10 +459,6 @@ class Experiment:
     def cases(self) -> pd.DataFrame:
         return pd.read_parquet(self.root / "cases.parquet")
 
-    def batches(self) -> pd.DataFrame:
-        p = self.root / "batches.parquet"
-        return pd.read_parquet(p) if p.is_file() else pd.DataFrame()
-
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self, key: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)

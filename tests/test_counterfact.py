@@ -152,6 +152,18 @@ def test_missing_field_names_case_id_and_field(tmp_path: Path, path: tuple, fiel
     assert f"'{fieldname}'" in msg
 
 
+@pytest.mark.parametrize("fieldname, value, why", [
+    ("paraphrase_prompts", "a paraphrase", "must be a list of strings"),  # not one prompt per character
+    ("neighborhood_prompts", [], "is empty"),
+    ("generation_prompts", ["ok", 3], "must be a list of strings"),
+])
+def test_prompt_lists_must_be_lists_of_strings(tmp_path: Path, fieldname: str, value, why: str) -> None:
+    raws = dicts()
+    raws[1][fieldname] = value
+    with pytest.raises(RecordError, match=f"case_id={raws[1]['case_id']!r}: field '{fieldname}' {why}"):
+        load_records(write(tmp_path / "m.json", raws))
+
+
 def test_missing_case_id(tmp_path: Path) -> None:
     raws = dicts()
     del raws[2]["case_id"]

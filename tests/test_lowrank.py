@@ -230,6 +230,8 @@ def test_bad_factors_and_rows_fail_clearly() -> None:
         LowRankEdits(0, [torch.zeros(4, 2)], [torch.zeros(3, 8)])
     with pytest.raises(ValueError, match="NaN"):
         LowRankEdits(0, [torch.full((4, 1), float("nan"))], [torch.zeros(1, 8)])
+    with pytest.raises(ValueError, match="2 left factors but 1 right"):  # zip would drop an edit
+        LowRankEdits(0, [torch.zeros(4, 1), torch.zeros(4, 1)], [torch.zeros(1, 8)])
     tok = word_tokenizer()
     model = tiny_llama(len(tok))
     with RowDeltas(model, random_edits(model, 2, 1, 0.1)) as hook:

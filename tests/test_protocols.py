@@ -379,6 +379,48 @@ def test_batched_cases_with_failures_and_uneven_batches_equal_the_reference_path
     assert_unedited(study.model, weights0)
 
 
+def test_a_failed_solve_fails_its_batch_alone_as_on_the_reference_path(study, weights0, tmp_path, monkeypatch):
+    """The closed-form update of one batch fails (the second of three, 5 facts at B = 2): on the
+    batched path as on the reference path, its facts are failed rows with the solver's reason and
+    no scores, batches.parquet counts them with NaN diagnostics, and the other batches are edited
+    and scored as without the failure."""
+    from editlib import editing
+    real = protocols.solve_factors
+    seen = {"n": 0}
+
+    def second_fails(R, K, *a, **k):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise ValueError("injected")
+        return real(R, K, *a, **k)
+
+    monkeypatch.setattr(protocols, "solve_factors", second_fails)
+    monkeypatch.setattr(editing, "solve_factors", second_fails)
+    over = {"batch.total": 5, "batch.batch_sizes": [2], "batch.methods": ["memit"]}
+    runs = {}
+    for name, batched in (("ref", False), ("bat", True)):
+        seen["n"] = 0
+        p = params_for(tmp_path / name, **{**over, "evaluation.batched_edits": batched})
+        runs[name] = (sort_units(protocols.run_batch(use(study, p), log=quiet)),
+                      pd.read_parquet(exp_dir(p, "batch") / "batches.parquet").sort_values("batch_index"))
+        assert seen["n"] == 3
+    victims = {f.case_id for f in study.facts(5)[2:4]}
+    for cases, b in runs.values():
+        bad = cases[cases.case_id.isin(victims)]
+        assert len(bad) == 2 and bad["failed"].all()
+        assert (bad["fail_reason"] == "the closed-form update failed: injected").all()
+        assert bad[SCORES].isna().all().all()
+        good = cases[~cases.case_id.isin(victims)]
+        assert not good["failed"].any() and good[SCORES].notna().all().all()
+        assert list(b["n_failed"]) == [0, 2, 0]
+        assert b["delta_norm"].isna().tolist() == [False, True, False]
+    (ref, rb), (got, gb) = runs["ref"], runs["bat"]
+    assert_frame_equal(got[["case_id", "failed", "fail_reason"]], ref[["case_id", "failed", "fail_reason"]])
+    assert_frame_equal(got[SCORES], ref[SCORES], check_exact=False, rtol=0, atol=1e-5)
+    assert np.allclose(gb["delta_norm"], rb["delta_norm"], rtol=1e-6, equal_nan=True)
+    assert_unedited(study.model, weights0)
+
+
 def test_diverged_values_are_failed_cases_not_zeros(study, weights0, tmp_path):
     """v_lr = 1e30 (the value optimisation overflows): every case is a failed row with its reason
     and no scores, the summary counts them, nothing is written into the model, and the
@@ -686,6 +728,13 @@ def _params_file(tmp_path: Path, text: str) -> Path:
     ({"batch.layer": "best"}, ParamsError, ["batch", "best", "layer search"]),
     ({"model.tiny": {"source": "world", "n_records": 10, "max_step": 9}}, ParamsError,
      ["model.tiny", "max_step", "max_steps"]),
+    # typos that would otherwise run silently on other facts or another scoring alignment
+    ({"data.source": "counterfacts"}, ParamsError, ["data.source", "'counterfacts'"]),
+    ({"data.fact_list": "Reference"}, ParamsError, ["data.fact_list", "'Reference'"]),
+    ({"evaluation.alignment": "corect"}, ParamsError, ["evaluation.alignment", "'corect'"]),
+    ({"batch.batch_sizes": []}, ParamsError, ["batch.batch_sizes must not be empty"]),
+    ({"batch.windows": []}, ParamsError, ["batch.windows", "non-empty"]),
+    ({"beyond.methods": []}, ParamsError, ["beyond.methods", "must not be empty"]),
 ])
 def test_bad_parameters_fail_before_loading(over, exc, names, tmp_path, monkeypatch, no_model_load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -695,6 +744,54 @@ def test_bad_parameters_fail_before_loading(over, exc, names, tmp_path, monkeypa
                              if over.get("batch.layer") != "best" else ["batch"], log=quiet)
     for n in names:
         assert n in str(e.value), (n, str(e.value))
+
+
+def test_a_counterfact_miniature_is_built_from_the_file_its_facts_are_read_from(tmp_path, monkeypatch):
+    """``model.tiny`` with ``source: counterfact`` trains the miniature on ``data.counterfact_path``,
+    the file whose records the study then reads by case id (not the default CounterFact), with
+    every key of the build spec passed on; the manifest's provenance hashes both files."""
+    mdir = tmp_path / "mini"
+    mdir.mkdir()
+    (mdir / "case_ids.json").write_text("[0]")
+    calls = []
+
+    def spy(source, n_records, **kw):
+        calls.append((source, n_records, kw))
+        return mdir
+
+    monkeypatch.setattr("editlib.tiny.ensure_tiny", spy)
+    cf = tmp_path / "my-counterfact.json"
+    spec = {"source": "counterfact", "n_records": 2000, "n_layers": 6, "seed": 3, "max_steps": 50}
+    p = params_for(tmp_path, **{"model.tiny": spec, "data.counterfact_path": str(cf)})
+    assert protocols.model_dir_for(p.model, quiet, p.data.counterfact_path) == str(mdir)
+    (source, n, kw), = calls
+    assert (source, n) == ("counterfact", 2000)
+    assert kw.pop("log") is quiet
+    assert kw == {"n_layers": 6, "seed": 3, "max_steps": 50, "counterfact_path": str(cf)}
+    # and open_study passes the data's file on (stopped right after, before any model is loaded)
+    calls.clear()
+    monkeypatch.setattr(protocols, "check_before_loading", lambda *a, **k: None)
+
+    def stop(*a, **k):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(protocols, "load_model", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        protocols.open_study(p, log=quiet)
+    assert calls[0][2]["counterfact_path"] == str(cf)
+
+
+def test_world_facts_and_their_provenance(tmp_path):
+    """``data.source: world`` reads the facts the world miniature was trained on (make_world of the
+    same size and seed equals its records.json) and records that size and seed as provenance."""
+    from editlib.tiny import load_tiny_records
+    mdir = str(REPO_ROOT / "models" / "tiny-world")
+    p = params_for(tmp_path, **{"data.source": "world", "data.world_records": 1000, "data.world_seed": 0})
+    assert protocols.load_records_for(p, mdir) == load_tiny_records(mdir)
+    prov = protocols._data_provenance(p, mdir)
+    assert prov == {"source": "world", "world_records": 1000, "world_seed": 0}
+    other = params_for(tmp_path, **{"data.source": "world", "data.world_records": 1000, "data.world_seed": 1})
+    assert protocols.load_records_for(other, mdir) != load_tiny_records(mdir)
 
 
 def test_gen_budget_without_a_row_fails_when_the_study_opens(tmp_path):

@@ -205,6 +205,17 @@ def test_corpus_spec_and_subset(tmp_path: Path) -> None:
     assert CorpusSpec("hf_dataset", name="wikitext", config="wikitext-103-raw-v1").key() == \
         "hf-wikitext-wikitext-103-raw-v1-train"
     assert CorpusSpec("records", max_length=32).key() == "records-len32"
+    # for a Hugging Face corpus the key is its only identity in the C0 cache: every field that
+    # changes the texts changes it, and a long key stays unique when cut
+    wiki = dict(kind="hf_dataset", name="wikitext", config="wikitext-103-raw-v1")
+    variants = [CorpusSpec(**wiki), CorpusSpec(**wiki, group="wikitext_articles"),
+                CorpusSpec(**wiki, text_field="content"), CorpusSpec(**wiki, split="validation"),
+                CorpusSpec(**wiki, data_files="a.parquet"), CorpusSpec(**wiki, data_files="b.parquet"),
+                CorpusSpec(**wiki, max_length=512)]
+    assert len({v.key() for v in variants}) == len(variants)
+    long = [CorpusSpec("hf_dataset", name="x" * 90 + c).key() for c in "ab"]
+    assert long[0] != long[1] and all(len(k) <= 80 for k in long)
+    assert CorpusSpec(**wiki, n_samples=10).key() == CorpusSpec(**wiki).key()  # the budget is keyed apart
     with pytest.raises(ValueError, match="kind"):
         CorpusSpec("wiki")
     with pytest.raises(ValueError, match="name"):

@@ -87,6 +87,19 @@ def test_save_records_round_trip(tmp_path: Path) -> None:
     assert not list(p.parent.glob("*.tmp"))
 
 
+def test_real_counterfact_fields_round_trip(tmp_path: Path) -> None:
+    """CounterFact's own fields beyond the world's (pararel_idx, keys editlib does not read) are
+    written back as they were read."""
+    raws = dicts()
+    raws[0]["pararel_idx"] = 7
+    raws[0]["extra_field"] = [1, {"a": "b"}]
+    recs = load_records(write(tmp_path / "m.json", raws))
+    assert recs[0].pararel_idx == 7
+    back = record_to_dict(recs[0])
+    assert back["pararel_idx"] == 7 and back["extra_field"] == [1, {"a": "b"}]
+    assert load_records(save_records(recs, tmp_path / "out.json")) == recs
+
+
 def test_load_counterfact_sorts_by_case_id(tmp_path: Path) -> None:
     raws = dicts(5)[::-1]
     recs = load_counterfact(write(tmp_path / "r.json", raws))

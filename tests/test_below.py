@@ -9,7 +9,7 @@ import torch
 
 from _fixtures import one_thread, word_tokenizer  # noqa: F401
 from editlib.arch import arch_for, get_module
-from editlib.below import SharedBelow
+from editlib.below import SharedBelow, _copied, _nbytes
 from editlib.lowrank import RowDeltas
 from editlib.scoring import score_targets
 from test_lowrank import model_for, pairs, random_edits
@@ -121,6 +121,64 @@ def test_nothing_is_shared_under_a_hook_below_or_past_the_cap() -> None:
     score(model, tok, edits, below)
     assert 0 < below.bytes <= 2.5 * one * 1.5
     assert np.array_equal(score(model, tok, edits, below), want) and 0 < below.hits < N_BATCHES
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_a_global_forward_hook_turns_sharing_off(pre: bool, monkeypatch) -> None:
+    """A global forward (pre-)hook (a profiler, a debugger) sees every module's call: a replay
+    would hand it the kept tensor instead of running the blocks below, so while one is registered
+    every batch runs every block, with one warning naming it, and the scores are the unshared ones."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    tok = word_tokenizer()
+    model = model_for("llama", tok, torch.float32)
+    up = random_edits(model, 5, 1, scale=0.5)
+    up.layer = 2
+    want_up = score(model, tok, up)
+    below = SharedBelow(model, 2, 1e9)
+    score(model, tok, up, below)
+    assert below.bytes > 0 and below.hits == 0
+    count = Counting(model, monkeypatch)
+    seen = []
+    register = register_module_forward_pre_hook if pre else register_module_forward_hook
+    h = register(lambda *_a: seen.append(1))
+    try:
+        with pytest.warns(RuntimeWarning, match=r"share_below_gb.*because of a global forward hook") as caught:
+            first = score(model, tok, up, below)
+            n_first = len(seen)
+            second = score(model, tok, up, below)
+    finally:
+        h.remove()
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "share_below_gb" in str(w.message)]
+    assert len(ours) == 1  # said once
+    assert 0 < n_first < len(seen)  # the hook saw the second pass too
+    assert below.hits == 0 and below.hooked == 2 * N_BATCHES
+    assert count.calls == {0: 2 * N_BATCHES, 1: 2 * N_BATCHES, 2: 2 * N_BATCHES}  # blocks below computed
+    assert np.array_equal(first, want_up) and np.array_equal(second, want_up)
+    assert np.array_equal(score(model, tok, up, below), want_up) and below.hits == N_BATCHES  # hook gone
+
+
+def test_tuple_outputs_are_copied_and_counted() -> None:
+    """Block outputs that are tuples (transformers 4.x): the kept copy has the same structure and
+    values in fresh storage (detached), so a later in-place write on the original does not reach
+    it, and its size is the bytes of every tensor in it."""
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3).requires_grad_()
+    u = torch.ones(4, dtype=torch.float64)
+    y = t * 2
+    x = (y, None, (u, 7))
+    c = _copied(x)
+    assert type(c) is tuple and len(c) == 3 and c[1] is None and type(c[2]) is tuple and c[2][1] == 7
+    assert torch.equal(c[0], y) and torch.equal(c[2][0], u)
+    assert c[0].data_ptr() != y.data_ptr() and c[2][0].data_ptr() != u.data_ptr()
+    assert not c[0].requires_grad and c[0].dtype == y.dtype and c[2][0].dtype == u.dtype
+    with torch.no_grad():
+        y.add_(1.0)
+    u.add_(1.0)
+    assert torch.equal(c[0], 2 * torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(c[2][0], torch.ones(4, dtype=torch.float64))
+    assert type(_copied([u])) is list and _copied([u])[0].data_ptr() != u.data_ptr()
+    assert _nbytes(x) == y.nbytes + u.nbytes == 6 * 4 + 4 * 8
+    assert _nbytes([u, (u,)]) == 2 * u.nbytes and _nbytes(None) == 0
 
 
 def test_a_block_above_working_in_place_changes_nothing_kept() -> None:

@@ -298,6 +298,123 @@ def test_nan_update_is_refused(lm, tok, covs, targets) -> None:
     _assert_same(lm, snap)
 
 
+def _facts_subset(tg, keep: list[int]):
+    """``tg`` restricted to the facts ``keep`` (as if prepared for them alone)."""
+    v = tg.values
+    return dataclasses.replace(tg, K=tg.K[:, keep], R=tg.R[:, keep],
+                               values=dataclasses.replace(v, z=v.z[:, keep], h=v.h[:, keep],
+                                                          final_loss=v.final_loss[keep], steps=v.steps[keep],
+                                                          fail_reason=[v.fail_reason[i] for i in keep],
+                                                          stalled=v.stalled[keep]))
+
+
+def test_a_fact_with_a_non_finite_key_fails_alone(lm, tok, covs, targets) -> None:
+    """A fact whose key is NaN (a bf16 / fp16 overflow at scale) while its value succeeded is left
+    out of the solve as a failed edit; the others are edited exactly as a batch without it, instead
+    of the NaN key failing the whole batch in the solver."""
+    snap = _snapshot(lm)
+    tg = targets[4, "ctx"]
+    K = tg.K.clone()
+    K[0, 2] = float("nan")
+    nan_tg = dataclasses.replace(tg, K=K)
+    assert nan_tg.values.fail_reason == [""] * 4 and torch.isfinite(nan_tg.R).all()
+    assert nan_tg.fail_reason == ["", "", "key is not finite", ""]
+    with EditSession(lm) as s:
+        stats = apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=nan_tg)
+        got = s.master(1).clone()
+    assert stats.n == 4 and stats.n_failed == 1
+    keep = [0, 1, 3]
+    with EditSession(lm) as s:
+        apply_edit(lm, tok, [FACTS[i] for i in keep], hp_for("emmet"), covs, CTX, s,
+                   targets=_facts_subset(tg, keep))
+        assert torch.equal(s.master(1), got)
+    assert not torch.equal(got, weight_out_in(lm, 1))  # the three were written
+    _assert_same(lm, snap)
+
+
+def test_targets_of_another_layer_are_refused(lm, tok, covs, targets) -> None:
+    """Targets prepared for layer 1 (keys and residuals there) given to an edit of layer 2 would
+    write the wrong update without an error: refused, naming the layers, before anything is written.
+    The same for targets of another number of facts."""
+    snap = _snapshot(lm)
+    tg = targets[4, "ctx"]
+    assert tg.layer == 1 and covs[2].dim == tg.K.shape[0]  # shapes alone would not catch it
+    with EditSession(lm) as s:
+        with pytest.raises(ValueError, match=r"targets were prepared for layer 1 and 4 facts, not layer 2 and 4"):
+            apply_edit(lm, tok, FACTS, hp_for("emmet", layers=(2,)), covs, CTX, s, targets=tg)
+        with pytest.raises(ValueError, match=r"targets were prepared for layer 1 and 4 facts, not layer 1 and 3"):
+            apply_edit(lm, tok, FACTS[:3], hp_for("emmet"), covs, CTX, s, targets=tg)
+        assert s.layers == [] and s.factor_log == []
+        _assert_same(lm, snap)
+
+
+def test_multilayer_failure_rolls_back_every_layer(lm, tok, covs, monkeypatch) -> None:
+    """Multi-layer MEMIT whose 2nd layer's solve fails after the 1st layer was written: EditFailed,
+    both layers bit-identical to before, the factor log empty and the run's prior keys unchanged
+    (no half edit stays in a sequential run); a retry in the same session then equals a fresh
+    session's edit bit for bit."""
+    import editlib.editing as ed
+    from editlib.editors import PriorKeys
+
+    snap = _snapshot(lm)
+    hp = hp_for("memit", layers=(1, 2), mom2_update_weight=1.0)
+    tg = prepare_targets(lm, tok, FACTS, hp, CTX)
+    w0 = {l: weight_out_in(lm, l).clone() for l in (1, 2)}
+
+    def prior_keys() -> PriorKeys:  # a run that already holds the keys of an earlier batch
+        p = PriorKeys(basis={1: None, 2: None})
+        p.add(1, tg.K[:, :1])
+        return p
+
+    def state(p: PriorKeys) -> tuple:
+        return ({l: g.clone() for l, g in p.gram.items()}, dict(p.count), [(l, k.clone()) for l, k in p.log])
+
+    def same_state(a: tuple, b: tuple) -> bool:
+        return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][l], b[0][l]) for l in a[0])
+                and a[1] == b[1] and len(a[2]) == len(b[2])
+                and all(la == lb and torch.equal(ka, kb) for (la, ka), (lb, kb) in zip(a[2], b[2])))
+
+    real, calls = ed.solve_factors, []
+
+    def failing_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            assert not torch.equal(weight_out_in(lm, 1), w0[1])  # layer 1 is written by now
+            raise ValueError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ed, "solve_factors", failing_second)
+    prior = prior_keys()
+    before = state(prior)
+    with EditSession(lm) as s:
+        with pytest.raises(EditFailed, match="closed-form update failed: injected"):
+            apply_edit(lm, tok, FACTS, hp, covs, CTX, s, targets=tg, prior=prior)
+        assert len(calls) == 2
+        for l in (1, 2):
+            assert torch.equal(weight_out_in(lm, l), w0[l]), l
+            assert torch.equal(s.master(l), w0[l]), l
+        _assert_same(lm, snap)
+        assert s.factor_log == []
+        assert same_state(state(prior), before)
+        # the same batch again in the same session (the solver now succeeds)
+        retry = apply_edit(lm, tok, FACTS, hp, covs, CTX, s, targets=tg, prior=prior)
+        got = {l: s.master(l).clone() for l in (1, 2)}
+        got_log = [(l, R.clone(), X.clone()) for l, R, X in s.factor_log]
+    _assert_same(lm, snap)
+    fresh_prior = prior_keys()
+    with EditSession(lm) as s:
+        fresh = apply_edit(lm, tok, FACTS, hp, covs, CTX, s, targets=tg, prior=fresh_prior)
+        for l in (1, 2):
+            assert torch.equal(got[l], s.master(l)), l
+            assert not torch.equal(got[l], w0[l]), l
+        assert len(got_log) == len(s.factor_log) == 2
+        for (la, Ra, Xa), (lb, Rb, Xb) in zip(got_log, s.factor_log):
+            assert la == lb and torch.equal(Ra, Rb) and torch.equal(Xa, Xb)
+    assert same_state(state(prior), state(fresh_prior)) and prior.count == {1: 5, 2: 4}
+    assert retry.delta_norm == fresh.delta_norm and retry.w_dist == fresh.w_dist
+    _assert_same(lm, snap)
+
+
 def test_set_master_round_trip(lm, tok, covs, targets) -> None:
     """A checkpointed master restores the edited weight exactly in a fresh session (resume)."""
     snap = _snapshot(lm)

@@ -174,6 +174,41 @@ def test_word_tokenize_equals_nltk_treebank_rules() -> None:
         assert generation._tokenize_sentence(s) == nltk_tok.tokenize(s), s
 
 
+def test_word_tokenize_with_punkt_equals_nltk_word_tokenize(monkeypatch) -> None:
+    """Where nltk's punkt is installed (a paper-scale GE run), word_tokenize splits sentences with
+    it and then applies the Treebank rules per sentence, as nltk.word_tokenize does. An untrained
+    PunktSentenceTokenizer (no download) stands in for the English model: texts with
+    abbreviations, initials, quotes and ellipses tokenize exactly as nltk.word_tokenize, and
+    differently from the built-in rule where punkt keeps an initial inside a sentence."""
+    nltk = pytest.importorskip("nltk")
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    pk = PunktSentenceTokenizer()
+    texts = [
+        "Dr. Smith met Mr. Jones at 5 p.m. on Jan. 3. They talked.",
+        "The team, led by J. R. Smith, won... Then 'they' left. \"Really?\" she asked.",
+        "He said \"go.\" Then U.S. troops came... and stayed! Why? Because.",
+        "A...B.. C. D.E. e.g. this one i.e. that. St. Louis is big.",
+        "",
+    ]
+    with monkeypatch.context() as m:  # the built-in rule, whatever is installed
+        m.setattr(generation, "_punkt", lambda: None)
+        rule = [word_tokenize(t) for t in texts]
+    generation._punkt.cache_clear()
+    try:
+        monkeypatch.setattr(nltk.tokenize, "sent_tokenize", lambda t, language="english": pk.tokenize(t))
+        generation._punkt.cache_clear()
+        assert generation.sentence_splitter() == "nltk punkt"
+        for t in texts:
+            assert word_tokenize(t) == nltk.word_tokenize(t), t
+        assert word_tokenize(texts[1])[5:7] == ["J.", "R."]  # punkt: initials inside the sentence
+        assert sum(word_tokenize(t) != r for t, r in zip(texts, rule)) >= 2  # the splitter mattered
+    finally:
+        monkeypatch.undo()
+        generation._punkt.cache_clear()
+    assert generation._punkt() in (None, nltk.tokenize.sent_tokenize)  # nothing of the stand-in is left
+
+
 def test_gen_text_modes_decode_as_clean_or_as_the_reference() -> None:
     """``clean`` skips special tokens; ``reference`` keeps them as the reference's generate_fast
     does (only the strings <|endoftext|> and <s> removed), so a Llama-3 text keeps its leading

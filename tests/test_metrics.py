@@ -212,6 +212,38 @@ def test_rs_requires_generation(word_lm) -> None:
         evaluate_records(model, tok, [], rs_resources=object())
 
 
+def test_rs_scores_each_case_on_its_own_generations(word_lm) -> None:
+    """RS inside evaluate_records: the texts of one batched generation over every case's prompts
+    are grouped back to their own case (in prompt order) before scoring, and the RS column holds
+    each case's score. A spy stands in for the TF-IDF resources."""
+    from editlib.generation import sample_texts
+
+    model, tok = word_lm
+    prompts = {11: ("the cat",), 5: ("a dog ran", "Paris is"), 8: ("the mat", "France is", "a cat sat on")}
+    recs = [dataclasses.replace(word_record(c, "{} is capital of", "Paris", "France", "a mat"),
+                                generation_prompts=g) for c, g in prompts.items()]
+
+    class SpyRS:
+        def __init__(self):
+            self.calls: list[tuple[int, list[str]]] = []
+
+        def score(self, r: Record, texts) -> float:
+            self.calls.append((r.case_id, list(texts)))
+            return len(texts) + r.case_id
+
+    spy = SpyRS()
+    kw = dict(max_len=12, seed=4)
+    df = evaluate_records(model, tok, recs, generation=True, gen_max_len=kw["max_len"], gen_seed=kw["seed"],
+                          gen_batch_size=4, rs_resources=spy)
+    assert [c for c, _ in spy.calls] == [11, 5, 8]
+    for (case_id, texts), r in zip(spy.calls, recs):
+        keys = [(r.case_id, j) for j in range(len(r.generation_prompts))]
+        own = sample_texts(model, tok, list(r.generation_prompts), keys=keys, batch_size=64, **kw)
+        assert texts == own, case_id
+        assert all(t.startswith(p) for t, p in zip(texts, r.generation_prompts)), case_id
+    assert df.case_id.tolist() == [11, 5, 8] and df.RS.tolist() == [12.0, 7.0, 11.0]
+
+
 # --------------------------------------------------------------------------- summaries
 
 def toy_cases() -> pd.DataFrame:

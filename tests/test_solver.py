@@ -374,6 +374,55 @@ def test_factor_cov_jitter_is_c0_plus_jitter_identity_and_leaves_c0_alone() -> N
     assert torch.equal(f.L, expect)
 
 
+def _indefinite(d: int, rel_min: float, seed: int = 5) -> torch.Tensor:
+    """Symmetric Q diag(λ) Qᵀ (float64) whose eigenvalues are rand + 0.5, but one equals
+    −rel_min · mean(diag)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    lam = torch.rand(d, generator=g, dtype=F64) + 0.5
+    others = lam[1:].sum()
+    lam[0] = -rel_min * others / (d + rel_min)  # mean(diag) = trace / d = (others + λ₀) / d
+    C = Q @ torch.diag(lam) @ Q.T
+    return (C + C.T) / 2
+
+
+def test_factor_cov_retries_from_the_saved_diagonal() -> None:
+    """A C0 the first jitters (1e-10, 1e-9, ... of mean(diag)) cannot factor: every retry starts
+    from the saved diagonal, so the factor is of C0 + jitter·I for the recorded jitter alone (not
+    of C0 plus every jitter tried), and the jitter is the first sufficient ε = 1e-10·10^k."""
+    d = 64
+    C = _indefinite(d, 3e-5)
+    mean_diag = C.diagonal().mean().item()
+    lam_min = torch.linalg.eigvalsh(C).min().item()
+    assert lam_min == pytest.approx(-3e-5 * mean_diag, rel=1e-6)  # 1e-5 of mean(diag) is short of it
+    before = C.clone()
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        f = factor_cov(C)
+    assert torch.equal(C, before)
+    assert f.jitter / mean_diag == pytest.approx(1e-4, rel=1e-9)
+    eye = torch.eye(d, dtype=F64)
+    assert (f.L @ f.L.T - (C + f.jitter * eye)).abs().max().item() < 1e-12
+    # the same in place (overwrite=True: the retries write on the caller's C0)
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        g = factor_cov(C.clone(), overwrite=True)
+    assert g.jitter == f.jitter and torch.equal(g.L, f.L)
+    # beyond the last jitter (1e-10·10^11 = 10 mean(diag)): refused
+    bad = _indefinite(d, 100.0)
+    assert bad.diagonal().mean() > 0
+    with pytest.raises(ValueError, match="could not be Cholesky-factored even with jitter"):
+        factor_cov(bad)
+
+
+@pytest.mark.parametrize("mu", [-1.0, -1e-12, math.nan, math.inf])
+def test_mu_must_be_finite_and_non_negative(cov: CovFactor, mu: float) -> None:
+    """μ < 0 makes D + μI indefinite (a jittered, meaningless ΔW) and NaN poisons it: refused by
+    both public solves before any work."""
+    _, K, R = data(3)
+    for solve in (solve_delta, solve_factors):
+        with pytest.raises(ValueError, match="mu must be finite and >= 0"):
+            solve(R, K, cov, mu)
+
+
 def test_eigensolver_failure_off_the_cpu_is_retried_on_the_cpu() -> None:
     """A GPU eigensolver that does not converge (cuSOLVER can, on ill-conditioned systems) is
     retried on the CPU with a warning, the result returned on the input's device; on the CPU

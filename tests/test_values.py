@@ -142,6 +142,41 @@ def test_prefix_cache_equals_full_forward(tok, chunk: int) -> None:
     torch.testing.assert_close(cached.final_loss, full.final_loss, rtol=1e-8, atol=0)
 
 
+def test_prefix_cache_without_a_prefix_equals_full_forward(monkeypatch) -> None:
+    """A tokenizer that adds no BOS (GPT-2's), plain templates and a one-token subject at the start:
+    no row of the chunk has a token before its subject, so the prefix cache holds no KV and the
+    suffix is the whole sequence (its own mask and positions). The trajectories are the full
+    forward's."""
+    import editlib.values as V
+    from editlib.context import PLAIN
+    from _fixtures import tiny_gpt2
+    from test_context import bosless_tokenizer
+
+    tok = bosless_tokenizer()
+    model = tiny_gpt2(len(tok), lm_scale=30.0).requires_grad_(False)  # float64
+    recs = [FACTS[2]]  # "{} is capital of", subject "Paris" (one token), KL prompt "{} is a"
+    assert tok("Paris is a")["input_ids"] == tok("Paris")["input_ids"] + tok("is a")["input_ids"]
+    calls: list[tuple[bool, bool]] = []
+    real = V._Forward.__call__
+
+    def spy(self, *a, **k):
+        calls.append((self.cached, self.cached and self.p_max == 0 and self.kv is None))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(V._Forward, "__call__", spy)
+    kw = dict(early_stop_loss=1.0, packed=False, v_num_grad_steps=8)
+    full = compute_values(model, tok, recs, 1, PLAIN, ValueHParams(prefix_cache=False, **kw))
+    n_full = len(calls)
+    cached = compute_values(model, tok, recs, 1, PLAIN, ValueHParams(prefix_cache=True, **kw))
+    assert n_full > 1 and set(calls[:n_full]) == {(False, False)}
+    assert len(calls) == 2 * n_full and set(calls[n_full:]) == {(True, True)}  # every step: no prefix
+    assert torch.equal(full.steps, cached.steps) and int(full.steps[0]) > 1
+    torch.testing.assert_close(cached.h, full.h, rtol=0, atol=1e-9)
+    torch.testing.assert_close(cached.z, full.z, rtol=0, atol=1e-9)
+    torch.testing.assert_close(cached.final_loss, full.final_loss, rtol=1e-9, atol=0)
+    assert (full.z - full.h).norm() > 1e-3  # the optimisation moved
+
+
 def _family(model_type: str, vocab: int, layers: int = 3, **kw) -> torch.nn.Module:
     """Random float64 model of a Llama-style family with grouped-query attention (4 heads, 2 KV)."""
     import transformers

@@ -12,6 +12,8 @@ every other module sees one type: :class:`Record`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -146,6 +148,14 @@ def record_to_dict(r: Record) -> dict:
     for k, v in r.extra:
         d[k] = v
     return d
+
+
+def records_sha256(records: Sequence[Record]) -> str:
+    """sha256 of the records' content (their CounterFact dicts as canonical JSON, in order): what a
+    CounterFact miniature was trained on, checked when its case_ids are read from a file again."""
+    text = json.dumps([record_to_dict(r) for r in records], sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def records_from_dicts(raws: Sequence[Mapping]) -> list[Record]:

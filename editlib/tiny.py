@@ -200,6 +200,7 @@ def save_tiny(model, tok, out_dir: str | os.PathLike, *, records: Sequence[Recor
     ``case_ids.json`` (CounterFact builds: the data itself is never copied).
     """
     from .counterfact import save_records
+    from .records import records_sha256
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +216,7 @@ def save_tiny(model, tok, out_dir: str | os.PathLike, *, records: Sequence[Recor
         info = {**info, "quality": full_q, "passes_bar": passes_bar(full_q)}
         meta = {"config": asdict(cfg), "command": command, "n_records": len(records),
                 "records": "records.json" if records_mode == "full" else "case_ids.json",
+                **({} if records_mode == "full" else {"records_sha256": records_sha256(records)}),
                 "python": sys.version.split()[0], "torch": torch.__version__, **info}
         (tmp / "editlib_tiny.json").write_text(json.dumps(meta, indent=1))
         (tmp / "README.md").write_text(_model_card(meta))
@@ -325,6 +327,21 @@ def ensure_tiny(source: str, n_records: int, *, seed: int = 0, n_layers: int = 6
     return out
 
 
+def _check_trained_on(d: Path, records: Sequence[Record]) -> None:
+    """A CounterFact miniature's case_ids, read from the CounterFact file in use, must be the records
+    it was trained on (``records_sha256`` of its model card; miniatures saved before it was recorded
+    are not checked): a file whose records of those ids differ would edit facts the model never
+    learnt, silently."""
+    from .records import RecordError, records_sha256
+
+    meta_file = d / "editlib_tiny.json"
+    want = json.loads(meta_file.read_text()).get("records_sha256") if meta_file.is_file() else None
+    if want is not None and records_sha256(records) != want:
+        raise RecordError(f"the miniature {d} was trained on other records for its case_ids than the CounterFact "
+                          "file in use holds (data.counterfact_path, else EDITLIB_COUNTERFACT, else the user cache): "
+                          "point it at the file the miniature was built from, or remove the miniature to rebuild it")
+
+
 def load_tiny_records(model_dir: str | os.PathLike, counterfact_path: str | None = None) -> list[Record]:
     """The records a saved miniature was trained on (records.json, or case_ids.json + CounterFact)."""
     d = Path(model_dir)
@@ -339,5 +356,7 @@ def load_tiny_records(model_dir: str | os.PathLike, counterfact_path: str | None
         if missing:
             raise RecordError(f"{len(missing)} case_ids of {d / 'case_ids.json'} are not in the CounterFact file "
                               f"(e.g. {missing[:3]})")
-        return [by_id[i] for i in ids]
+        records = [by_id[i] for i in ids]
+        _check_trained_on(d, records)
+        return records
     raise DatasetNotFound(f"{d} has neither records.json nor case_ids.json: not an editlib miniature")

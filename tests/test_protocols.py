@@ -760,7 +760,9 @@ def test_a_counterfact_miniature_is_built_from_the_file_its_facts_are_read_from(
         return mdir
 
     monkeypatch.setattr("editlib.tiny.ensure_tiny", spy)
-    cf = tmp_path / "my-counterfact.json"
+    from editlib.counterfact import save_records, sha256_file
+    from editlib.world import make_world
+    cf = save_records(make_world(3, 0), tmp_path / "my-counterfact.json")  # CounterFact's schema
     spec = {"source": "counterfact", "n_records": 2000, "n_layers": 6, "seed": 3, "max_steps": 50}
     p = params_for(tmp_path, **{"model.tiny": spec, "data.counterfact_path": str(cf)})
     assert protocols.model_dir_for(p.model, quiet, p.data.counterfact_path) == str(mdir)
@@ -779,6 +781,9 @@ def test_a_counterfact_miniature_is_built_from_the_file_its_facts_are_read_from(
     with pytest.raises(RuntimeError, match="stop"):
         protocols.open_study(p, log=quiet)
     assert calls[0][2]["counterfact_path"] == str(cf)
+    prov = protocols._data_provenance(p, str(mdir))
+    assert prov == {"source": "model", "path": str(cf), "sha256": sha256_file(cf, uncompressed=True),
+                    "case_ids": str(mdir / "case_ids.json"), "case_ids_sha256": sha256_file(mdir / "case_ids.json")}
 
 
 def test_world_facts_and_their_provenance(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from _fixtures import one_thread  # noqa: F401  (autouse, module scope)
 
 import editlib.tiny as tiny
 from editlib.counterfact import sample
+from editlib.records import records_sha256
 from editlib.models import load_model
 from editlib.tiny import (
     COMMITTED_MINIATURE,
@@ -219,6 +220,34 @@ def test_build_tiny_smoke(smoke_build, monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([encode(tok, "The capital of France is")])).logits
     assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+
+
+def test_a_counterfact_miniature_reads_only_the_records_it_learnt(tmp_path: Path) -> None:
+    """A CounterFact miniature keeps only its case_ids, and the digest of the records it was trained
+    on: read back from its own file they are those records; from a file whose records of those ids
+    differ (another version, an edited copy) it is refused, naming the remedy."""
+    from editlib.counterfact import save_records
+    from editlib.records import RecordError
+
+    world = make_world(60, 1)  # CounterFact's schema
+    cf = save_records(world, tmp_path / "cf.json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "set_num_threads", lambda n: None)
+        path = tiny.build_tiny("counterfact", 40, tmp_path / "m", n_layers=SMOKE_LAYERS, counterfact_path=str(cf),
+                               log=lambda *a: None, **SMOKE)
+    assert (path / "case_ids.json").is_file() and not (path / "records.json").exists()
+    want = sample(world, 40)
+    assert load_tiny_records(path, str(cf)) == want
+    meta = json.loads((path / "editlib_tiny.json").read_text())
+    assert meta["records_sha256"] == records_sha256(want)
+    i = [r.case_id for r in world].index(want[3].case_id)
+    other = [*world]
+    other[i] = replace(other[i], target_true=replace(other[i].target_true, str=other[i].target_true.str + "s"))
+    cf2 = save_records(other, tmp_path / "cf2.json")
+    with pytest.raises(RecordError, match="trained on other records for its case_ids"):
+        load_tiny_records(path, str(cf2))
+    unrelated = [r for j, r in enumerate(other) if j != i]  # the edited record's id only in cf2
+    assert load_tiny_records(path, str(save_records([*unrelated, world[i]], tmp_path / "cf3.json"))) == want
 
 
 def test_build_tiny_readme_command(smoke_build) -> None:

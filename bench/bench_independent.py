@@ -13,7 +13,6 @@ and GE with ``--ge``). Both paths get the very same targets; it also checks that
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             facts = study.facts(n)
             study.evaluate(facts[: min(8, n)])  # warm-up
             t0 = time.perf_counter()
-            df = study.evaluate(facts)
+            study.evaluate(facts)
             dt = time.perf_counter() - t0
             out["evaluation"] = {"records": n, "seconds": round(dt, 3), "records_per_s": round(n / dt, 1)}
             print(f"evaluation     {n} records (ES/PS/NS, batch {p0.evaluation.batch_size}, no generation): "

@@ -302,7 +302,7 @@ def main(argv=None) -> None:
 
     save(complete=not failed)
     print()
-    print(f"| phase | seconds | peak RSS (GiB) | LM-head rows (max/call) | weight-sized live | C0 f64 live | vocab-wide max rows |")
+    print("| phase | seconds | peak RSS (GiB) | LM-head rows (max/call) | weight-sized live | C0 f64 live | vocab-wide max rows |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, ph in phases.items():
         if ph.get("error"):

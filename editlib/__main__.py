@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import traceback
 from typing import TYPE_CHECKING
@@ -111,10 +110,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     import torch
 
     from .metrics import evaluate_records, format_summary, summarize_cases
-    from .models import load_model
-    from .rs import RSResources
-
-    from .models import locate_model
+    from .models import load_model, locate_model
 
     for flag in ("batch_size", "gen_batch_size", "gen_max_len"):
         if getattr(a, flag) < 1:
@@ -226,14 +222,12 @@ def _report_failures(experiment: str, cases: "pd.DataFrame") -> int:
 
 def _run(a: argparse.Namespace) -> int:
     from .params import resolve
-    from .preflight import check_study
     from .protocols import RUNNERS, check_before_loading, open_study, summarize
 
     exps = [_RUN_NAMES[e] for e in a.experiments]
     which = "second_model" if a.second_model else "model"
     p = resolve(a.params, overrides=_with_executor(a))
-    check_study(p, exps, which)  # model files and facts, before any model loads
-    check_before_loading(p, exps, which)
+    check_before_loading(p, exps, which)  # model files and facts (preflight.check_study) and more, before any model loads
     failed: dict[str, int] = {}
     from .executor import session
 

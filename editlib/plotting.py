@@ -660,7 +660,6 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
     (``best``: method -> B), mean over orderings with a ±1 std band when there are several."""
     fig, axes = _figure(len(DEGRADATION), title, width=4.4)
     b = batches[batches["heldout_known"].notna()] if "heldout_known" in batches.columns else batches.iloc[:0]
-    k = n_orderings(b)
     for ax, (col, label) in zip(axes, DEGRADATION):
         drawn: dict[str, np.ndarray] = {}
         for method, B in best.items():

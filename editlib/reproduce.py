@@ -301,8 +301,7 @@ def validate(params_file: str | Path, overrides: dict, nbs: Sequence[Path]) -> S
     p = anchor_params(resolve(params_file, overrides=overrides))
     exps = [e for nb in nbs for e in NOTEBOOK_EXPERIMENTS.get(nb.name[:2], [])]
     if exps:
-        check_study(p, exps)
-        check_before_loading(p, exps)
+        check_before_loading(p, exps)  # preflight.check_study's model and facts, then the rest
     if "layer_search" in exps:  # notebook 01 also searches the second model's layers (Figure 6)
         check_second_model(p)
     if any(nb.name[:2] == BEYOND for nb in nbs):  # its own sizes and editors (layer: best is read later)

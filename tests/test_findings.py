@@ -123,6 +123,25 @@ def test_claims_count_facts_per_ordering():
     assert findings.finding("singular", sg).startswith("Singular edits of 20 facts at layer 0")
 
 
+def test_rome_memit_spread_is_the_per_ordering_delta_s():
+    """The claim's spread is ΔS = S(MEMIT) − S(ROME) of each ordering alone: here 0 and +10 points
+    (every score equal, so S = 100 × the rate), i.e. 5.00 ± 7.07 (sample std) over 2 orderings."""
+    c = pd.concat([cases([({"method": "memit", "layer": 0}, .9, .9, .9), ({"method": "rome", "layer": 0}, .9, .9, .9)],
+                         orderings=(0,)),
+                   cases([({"method": "memit", "layer": 0}, .9, .9, .9), ({"method": "rome", "layer": 0}, .8, .8, .8)],
+                         orderings=(1,))], ignore_index=True)
+    row = findings.claim_rome_memit({"singular": c})
+    assert row["spread"] == "ΔS: 5.00 ± 7.07 over 2 orderings"
+    assert "ΔS +5.00" in row["ours"] and row["holds"] is False
+
+
+def test_singular_paragraph_counts_facts_without_an_ordering_column():
+    """Cases stored without an ordering column (one ordering): facts are the distinct case ids,
+    not the rows of every method."""
+    sg = layer_search(0)[lambda d: d.layer == 0].drop(columns="ordering")
+    assert findings.finding("singular", sg).startswith("Singular edits of 20 facts at layer 0")
+
+
 def _fail(c: pd.DataFrame, where) -> pd.DataFrame:
     """``c`` with the cases selected by ``where`` failed (no scores), as a diverged value leaves them."""
     c = c.copy()

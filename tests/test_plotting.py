@@ -133,6 +133,14 @@ def test_markdown_escapes_pipes():
     assert md.splitlines()[3] == "|  |"
 
 
+def test_markdown_with_index_keeps_the_row_labels():
+    """index=True: the index (e.g. the configuration a table is keyed by) is the first column."""
+    df = pd.DataFrame({"S": [90.5, 80.25]}, index=pd.Index(["memit", "rome"], name="method"))
+    assert plotting.to_markdown(df, index=True).splitlines() == [
+        "| method | S |", "|---|---|", "| memit | 90.5 |", "| rome | 80.25 |"]
+    assert plotting.to_markdown(df).splitlines()[0] == "| S |"
+
+
 def test_table1_strings(rng):
     rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0)
             for m in ("rome", "memit")]

@@ -227,3 +227,25 @@ def test_an_edit_kept_inside_a_restored_block_stays_and_is_remembered(tmp_path, 
     assert not [s for s in logs if "unedited" in s], logs
     base = getattr(model, "_editlib_unedited")
     assert torch.equal(base.weights[2], w0["model.layers.2.mlp.down_proj.weight"]) and not base.frames
+
+
+def test_layer_defaults_and_a_layer_window(loaded, tmp_path, monkeypatch) -> None:
+    """Without layer=, the tiny params' singular layer ("best": none fixed) falls back to layer 1;
+    layer=[0, 1] spreads one MEMIT edit over both layers (both weights change), not just the first;
+    targets given as {"str": ...} are the strings themselves."""
+    from editlib.arch import edit_weight
+    from editlib.quick import request_record
+
+    model, tok = loaded
+    monkeypatch.setenv("EDITLIB_CACHE", str(tmp_path))
+    w0 = {l: edit_weight(model, l).detach().clone() for l in range(3)}
+    with editlib.edit(model, tok, [request(19)], method="memit") as e:
+        assert [l for l in range(3) if not torch.equal(edit_weight(model, l), w0[l])] == [1]
+    assert e.stats["layers"] == [1]
+    with editlib.edit(model, tok, [request(20)], method="memit", layer=[0, 1]) as e:
+        assert [l for l in range(3) if not torch.equal(edit_weight(model, l), w0[l])] == [0, 1]
+    assert e.stats["layers"] == [0, 1] and e.stats["n_failed"] == 0
+    assert all(torch.equal(edit_weight(model, l), w0[l]) for l in range(3))
+    r = request_record({"prompt": "{} is in", "subject": "Oslo", "target_new": {"str": "Peru"},
+                        "target_true": {"str": "Norway"}})
+    assert (r.target_new.str, r.target_true.str) == ("Peru", "Norway")

@@ -67,6 +67,21 @@ def test_compare_puts_two_runs_side_by_side(runs):
     assert all(l.split()[-1] == "0.00" for l in ls.strip().splitlines()[2:])  # the same cases: ΔS = 0
 
 
+def test_compare_names_runs_of_the_same_name_by_path_and_lists_unshared_experiments(runs, tmp_path):
+    """Two runs both called "r" (in different results folders) are told apart by their paths, and an
+    experiment only one run finished is named, never silently dropped."""
+    import shutil
+
+    for side, run in (("x", "a"), ("y", "b")):
+        shutil.copytree(runs / run, tmp_path / side / "r")
+    shutil.copytree(runs / "b" / "batch", tmp_path / "y" / "r" / "sequential")
+    text = compare(tmp_path / "x" / "r", tmp_path / "y" / "r")
+    assert f"a = {tmp_path / 'x' / 'r'}, b = {tmp_path / 'y' / 'r'}" in text
+    assert text.strip().splitlines()[-1] == "only in one run: sequential"
+    assert "== sequential" not in text
+    assert "only in one run" not in compare(runs / "a", runs / "b")
+
+
 def test_errors_are_one_line(runs, tmp_path, capsys):
     with pytest.raises(SummaryError, match="no such run folder"):
         show(tmp_path / "nope")

@@ -308,3 +308,22 @@ def test_ensure_tiny_passes_max_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     tiny.ensure_tiny("counterfact", 5000, max_steps=8000, log=lambda *a: None)
     tiny.ensure_tiny("counterfact", 5000, log=lambda *a: None)
     assert calls[0]["max_steps"] == 8000 and "max_steps" not in calls[1]
+
+
+def test_find_committed_picks_only_the_miniature_built_with_these_settings(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed miniature is reused only when its source, record count, depth and seed all match."""
+    def card(name: str, cmd: str, n: int, layers: int, seed: int) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "editlib_tiny.json").write_text(json.dumps(
+            {"command": cmd, "n_records": n, "config": {"n_layers": layers, "seed": seed}}))
+        return tmp_path / name
+
+    card("a-cf", "python -m editlib tiny-train --counterfact 1000", 1000, 4, 0)
+    card("b-seed1", "python -m editlib tiny-train --world 1000", 1000, 4, 1)
+    card("c-6l", "python -m editlib tiny-train --world 1000", 1000, 6, 0)
+    want = card("d-world", "python -m editlib tiny-train --world 1000", 1000, 4, 0)
+    monkeypatch.setattr(tiny, "REPO_MODELS", tmp_path)
+    assert tiny.find_committed("world", 1000, 4, 0) == want
+    assert tiny.find_committed("counterfact", 1000, 4, 0) == tmp_path / "a-cf"
+    assert tiny.find_committed("world", 1000, 4, 2) is None and tiny.find_committed("world", 999, 4, 0) is None

@@ -71,6 +71,15 @@ def test_replay_equals_full_forward_bit_for_bit(kind, dtype, layer, monkeypatch)
     assert not any("forward" in block(model, l).__dict__ for l in range(3))  # the blocks are restored
 
 
+def edited_above(tok):
+    """The float32 Llama miniature and 5 seeded rank-one edits of its layer 2, above the blocks
+    SharedBelow(model, 2, ...) keeps."""
+    model = model_for("llama", tok, torch.float32)
+    edits = random_edits(model, 5, 1, scale=0.5)
+    edits.layer = 2
+    return model, edits
+
+
 def test_other_prompts_are_computed() -> None:
     tok = word_tokenizer()
     model = model_for("llama", tok, torch.float32)
@@ -131,9 +140,7 @@ def test_a_global_forward_hook_turns_sharing_off(pre: bool, monkeypatch) -> None
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     tok = word_tokenizer()
-    model = model_for("llama", tok, torch.float32)
-    up = random_edits(model, 5, 1, scale=0.5)
-    up.layer = 2
+    model, up = edited_above(tok)
     want_up = score(model, tok, up)
     below = SharedBelow(model, 2, 1e9)
     score(model, tok, up, below)
@@ -185,9 +192,7 @@ def test_a_block_above_working_in_place_changes_nothing_kept() -> None:
     """Block L may change its input in place (here a pre-hook adds 1 to it): neither the kept
     output nor a replayed one is the tensor it receives."""
     tok = word_tokenizer()
-    model = model_for("llama", tok, torch.float32)
-    edits = random_edits(model, 5, 1, scale=0.5)
-    edits.layer = 2
+    model, edits = edited_above(tok)
     def bump(mod, args, kwargs):
         (args[0] if args else kwargs["hidden_states"]).add_(1.0)
 
@@ -208,9 +213,7 @@ def test_a_weight_written_below_drops_what_was_recorded() -> None:
     from editlib.weights import EditSession
 
     tok = word_tokenizer()
-    model = model_for("llama", tok, torch.float32)
-    edits = random_edits(model, 5, 1, scale=0.5)
-    edits.layer = 2
+    model, edits = edited_above(tok)
     below = SharedBelow(model, 2, 1e9)
     want = score(model, tok, edits)
     score(model, tok, edits, below)
@@ -226,9 +229,7 @@ def test_the_embeddings_count_as_below() -> None:
     """What block 0 receives counts too: a hook on the token embedding stops sharing, and a
     replaced embedding weight (a new parameter, equal values) drops what was recorded."""
     tok = word_tokenizer()
-    model = model_for("llama", tok, torch.float32)
-    edits = random_edits(model, 5, 1, scale=0.5)
-    edits.layer = 2
+    model, edits = edited_above(tok)
     want = score(model, tok, edits)
     below = SharedBelow(model, 2, 1e9)
     score(model, tok, edits, below)
@@ -248,9 +249,7 @@ def test_a_blocks_own_forward_attribute_is_put_back() -> None:
     """A block whose ``forward`` is an instance attribute (accelerate's device hooks) gets it back
     after a replay, also when the forward fails."""
     tok = word_tokenizer()
-    model = model_for("llama", tok, torch.float32)
-    edits = random_edits(model, 5, 1, scale=0.5)
-    edits.layer = 2  # the edit's own hook sits above the shared blocks
+    model, edits = edited_above(tok)  # the edit's own hook sits above the shared blocks
     b0 = block(model, 0)
     own = b0.forward  # a bound method, stored on the instance as a wrapper would be
     b0.forward = own

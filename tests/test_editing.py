@@ -12,6 +12,7 @@ from _fixtures import CTX, FACTS, collect_cov, tiny_gpt2, tiny_llama, word_token
 from editlib.arch import arch_for, edit_weight, to_param_layout, weight_out_in
 from editlib.context import PLAIN
 from editlib.editing import EditFailed, EditHParams, apply_edit, paper_llama3, prepare_targets
+from editlib.protocols import _slice
 from editlib.reprs import compute_keys, current_values
 from editlib.solver import factor_cov, memit_normal_equations_residual, solve_delta
 from editlib.values import ValueHParams
@@ -281,11 +282,8 @@ def test_nan_update_is_refused(lm, tok, covs, targets) -> None:
         got = s.master(1).clone()
     assert stats.n_failed == 1
     keep = [0, 1, 3]
-    three = dataclasses.replace(tg, K=tg.K[:, keep], R=tg.R[:, keep],
-                                values=dataclasses.replace(tg.values, z=tg.values.z[:, keep], h=tg.values.h[:, keep],
-                                                           final_loss=tg.values.final_loss[keep],
-                                                           steps=tg.values.steps[keep], fail_reason=[""] * 3,
-                                                           stalled=tg.values.stalled[keep]))
+    three = _slice(tg, keep)  # the batch mode's own slicing of prepared targets
+    assert three.values.fail_reason == [""] * 3
     with EditSession(lm) as s:
         apply_edit(lm, tok, [FACTS[i] for i in keep], hp_for("emmet"), covs, CTX, s, targets=three)
         assert torch.equal(s.master(1), got)
@@ -296,16 +294,6 @@ def test_nan_update_is_refused(lm, tok, covs, targets) -> None:
             apply_edit(lm, tok, FACTS, hp_for("emmet"), covs, CTX, s, targets=all_nan)
         _assert_same(lm, snap)
     _assert_same(lm, snap)
-
-
-def _facts_subset(tg, keep: list[int]):
-    """``tg`` restricted to the facts ``keep`` (as if prepared for them alone)."""
-    v = tg.values
-    return dataclasses.replace(tg, K=tg.K[:, keep], R=tg.R[:, keep],
-                               values=dataclasses.replace(v, z=v.z[:, keep], h=v.h[:, keep],
-                                                          final_loss=v.final_loss[keep], steps=v.steps[keep],
-                                                          fail_reason=[v.fail_reason[i] for i in keep],
-                                                          stalled=v.stalled[keep]))
 
 
 def test_a_fact_with_a_non_finite_key_fails_alone(lm, tok, covs, targets) -> None:
@@ -326,7 +314,7 @@ def test_a_fact_with_a_non_finite_key_fails_alone(lm, tok, covs, targets) -> Non
     keep = [0, 1, 3]
     with EditSession(lm) as s:
         apply_edit(lm, tok, [FACTS[i] for i in keep], hp_for("emmet"), covs, CTX, s,
-                   targets=_facts_subset(tg, keep))
+                   targets=_slice(tg, keep))  # the batch mode's own slicing of prepared targets
         assert torch.equal(s.master(1), got)
     assert not torch.equal(got, weight_out_in(lm, 1))  # the three were written
     _assert_same(lm, snap)

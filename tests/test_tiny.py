@@ -183,17 +183,21 @@ def test_source_records_and_errors(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- a small training run
 
+def build_smoke(source: str, n_records: int, out: Path, **kw) -> Path:
+    """A miniature at the smoke sizes, trained single-threaded."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "set_num_threads", lambda n: None)  # keep the test single-threaded
+        return tiny.build_tiny(source, n_records, out, n_layers=SMOKE_LAYERS, log=lambda *a: None, **SMOKE, **kw)
+
+
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     import time
 
     out = tmp_path_factory.mktemp("tiny") / "m"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "set_num_threads", lambda n: None)  # keep the test single-threaded
-        t0 = time.perf_counter()
-        path = tiny.build_tiny("world", 40, out, n_layers=SMOKE_LAYERS, log=lambda *a: None, **SMOKE)
-        seconds = time.perf_counter() - t0
-    return path, seconds
+    t0 = time.perf_counter()
+    path = build_smoke("world", 40, out)
+    return path, time.perf_counter() - t0
 
 
 def test_build_tiny_smoke(smoke_build, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,10 +235,7 @@ def test_a_counterfact_miniature_reads_only_the_records_it_learnt(tmp_path: Path
 
     world = make_world(60, 1)  # CounterFact's schema
     cf = save_records(world, tmp_path / "cf.json")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "set_num_threads", lambda n: None)
-        path = tiny.build_tiny("counterfact", 40, tmp_path / "m", n_layers=SMOKE_LAYERS, counterfact_path=str(cf),
-                               log=lambda *a: None, **SMOKE)
+    path = build_smoke("counterfact", 40, tmp_path / "m", counterfact_path=str(cf))
     assert (path / "case_ids.json").is_file() and not (path / "records.json").exists()
     want = sample(world, 40)
     assert load_tiny_records(path, str(cf)) == want

@@ -1208,7 +1208,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
-    deg0 = {f"{k}_0": v for k, v in _unedited_degradation(study, heldout).items()} if heldout else {}
+    deg0 = {f"{k}_0": v for k, v in _unedited_degradation(study, heldout).items()
+            if k != "heldout_n"} if heldout else {}  # the same facts: heldout_n once
     if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
         deg0.update({f"{k}_0": v for k, v in study.of_unedited(
             ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})

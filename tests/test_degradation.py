@@ -1,4 +1,5 @@
 """editlib.degradation: held-out known facts and perplexity of a sequentially edited model."""
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -71,6 +72,7 @@ def test_sequential_run_records_degradation(study, weights0, tmp_path, monkeypat
                                                                     families=("rewrite",)))
     for k in degradation.KEYS:  # the same call on the same model: the same bits
         assert ref[k] == float(measured[f"{k}_0"].iloc[0]), k
+    assert len(heldout) == 6 and (measured.heldout_n == 6).all() and "heldout_n_0" not in b  # stored once per row
     full = degradation.measure(study.model, study.tok, heldout,  # every prompt family scored: rounding apart
                                lambda rs: protocols.evaluate_records(study.model, study.tok, rs, generation=False))
     assert full["heldout_known"] == ref["heldout_known"]
@@ -79,6 +81,24 @@ def test_sequential_run_records_degradation(study, weights0, tmp_path, monkeypat
     assert_unedited(study.model, weights0)
     fig = plotting.plot_degradation(b, ["memit"], "t")
     assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2 + 2  # two batch sizes + the unedited line and point
+
+
+def test_fewer_heldout_facts_than_asked_are_stored_and_logged(study, weights0, tmp_path):  # noqa: F811
+    """When the records after the edited facts hold fewer held-out facts than
+    ``sequential.heldout_facts`` asks for, degradation is measured on those there are, and every
+    measurement says how many (``heldout_n``) in batches.parquet as well as in the log."""
+    n = len(study.records)
+    p = params_for(tmp_path, **{"sequential.batch_sizes": [2], "sequential.heldout_facts": 10 * n})
+    lines = []
+    s = dataclasses.replace(use(study, p), log=lines.append)
+    held = protocols._heldout(s, p.sequential, study.facts(4), 0)
+    assert 0 < len(held) < n and any(f"{len(held)} held-out facts, not sequential.heldout_facts={10 * n}" in x
+                                      for x in lines)
+    protocols.run_sequential(s, log=quiet)
+    b = pd.read_parquet(tmp_path / "d" / "sequential" / "batches.parquet")
+    measured = b[b.heldout_known.notna()]
+    assert len(measured) == 2 and (measured.heldout_n == len(held)).all()
+    assert_unedited(study.model, weights0)
 
 
 def test_the_unedited_measurement_is_kept_per_evaluation_setting(study, weights0, tmp_path):  # noqa: F811

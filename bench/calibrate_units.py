@@ -22,7 +22,9 @@ decoded 80 rows at a time. Here each unit is measured the way the grid of ``--gr
   case alone (``*_single``).
 * **Values** at layer 1: a chunk of ``z_batch_size`` facts (``values_s_per_fact``) and facts one at a
   time as a B = 1 sequential edit does (``values_s_per_fact_single``), with the mean Adam steps
-  taken (random weights rarely stop early: about the cost model's bound of 25).
+  taken (random weights rarely stop early: about the cost model's bound of 25). Under ``--grid-set
+  hparams.common.capture_steps=true`` the one-fact unit is the grid's mix of facts that record their
+  own graph and facts that replay a kept one (:func:`single_fact_unit`).
 
 Random weights make the scores meaningless; only the seconds count. The JSON is rewritten after
 every part, so a stopped run keeps what it measured (``complete`` says whether all ran).
@@ -203,8 +205,32 @@ def eval_units(study, grid, *, gen_max_len: int, max_cases: int | None) -> dict:
     return {"raw": raw, "units": units}
 
 
+def single_fact_unit(own_s: float, kept_s: float, reuse: float) -> float:
+    """Seconds per one-fact value optimisation under ``capture_steps`` in a run where a share
+    ``reuse`` of the facts replays a kept graph of an earlier fact's sizes (``kept_s`` per fact) and
+    the rest record their own (``own_s`` per fact): editlib.cost's ``kept_reuse`` mix, measured."""
+    if not 0.0 <= reuse <= 1.0:
+        raise ValueError(f"reuse must lie in [0, 1], got {reuse}")
+    return (1.0 - reuse) * own_s + reuse * kept_s
+
+
+def kept_reuse() -> float:
+    """editlib.cost's share of a B = 1 run's facts that replay a kept one-fact graph."""
+    from dataclasses import fields
+
+    from editlib.cost import CostModel
+    return next(f.default for f in fields(CostModel) if f.name == "kept_reuse")
+
+
 def values_units(study, grid, *, n_single: int, layer: int = 1) -> dict:
-    """Values at ``layer``: one chunk of the grid's z_batch_size, and facts one at a time (B = 1)."""
+    """Values at ``layer``: one chunk of the grid's z_batch_size, and facts one at a time (B = 1).
+
+    Under ``capture_steps`` the one-fact steps run as a protocol's unit runs them
+    (``values.keeping_graphs``): the facts are timed twice, first recording their graphs (``own``),
+    then replaying the kept ones (``kept``), and the unit is the grid's mix of the two
+    (editlib.cost's ``kept_reuse``: a B = 1 run of 4,096 CounterFact facts replays 3,996)."""
+    from editlib.values import KEPT_COUNTS, keeping_graphs
+
     model, tok = study.model, study.tok
     device = next(model.parameters()).device
     ehp = grid.method_hparams("memit", layer, "sequential")
@@ -214,13 +240,29 @@ def values_units(study, grid, *, n_single: int, layer: int = 1) -> dict:
     one = replace(ehp.values, z_batch_size=1)
     compute_values(model, tok, facts[:1], layer, ctx, one)  # warm-up: first calls pay their set-up
     t_chunk, r_chunk = timed(device, compute_values, model, tok, facts[1:1 + chunk], layer, ctx, ehp.values)
-    t_one, r_one = timed(device, compute_values, model, tok, facts[1:1 + n_single], layer, ctx, one)
     raw = {"layer": layer, "chunk": chunk, "chunk_s": t_chunk, "chunk_mean_steps": float(r_chunk.steps.float().mean()),
-           "single_facts": n_single, "single_s": t_one, "single_mean_steps": float(r_one.steps.float().mean())}
+           "single_facts": n_single}
+    singles = facts[1:1 + n_single]
+    if one.capture_steps:
+        with keeping_graphs():
+            made0, reused0 = KEPT_COUNTS["made"], KEPT_COUNTS["reused"]
+            t_own, r_one = timed(device, compute_values, model, tok, singles, layer, ctx, one)
+            made1, reused1 = KEPT_COUNTS["made"], KEPT_COUNTS["reused"]
+            t_kept, _ = timed(device, compute_values, model, tok, singles, layer, ctx, one)
+            reuse = kept_reuse()
+            raw |= {"single_own_s": t_own, "single_kept_s": t_kept, "kept_reuse": reuse,
+                    "own_graphs_made": made1 - made0, "own_graphs_reused": reused1 - reused0,
+                    "kept_graphs_reused": KEPT_COUNTS["reused"] - reused1}
+            t_one = n_single * single_fact_unit(t_own / n_single, t_kept / n_single, reuse)
+    else:
+        t_one, r_one = timed(device, compute_values, model, tok, singles, layer, ctx, one)
+    raw |= {"single_s": t_one, "single_mean_steps": float(r_one.steps.float().mean())}
     units = {"values_s_per_fact": t_chunk / chunk, "values_s_per_fact_single": t_one / n_single}
+    kept = (f"; recording its own graph {1e3 * raw['single_own_s'] / n_single:.0f} ms, replaying a kept one "
+            f"{1e3 * raw['single_kept_s'] / n_single:.0f} ms" if one.capture_steps else "")
     _log(f"values at layer {layer}: {1e3 * units['values_s_per_fact']:.0f} ms/fact in a chunk of {chunk} "
          f"({raw['chunk_mean_steps']:.1f} steps), {1e3 * units['values_s_per_fact_single']:.0f} ms/fact alone "
-         f"({raw['single_mean_steps']:.1f} steps)")
+         f"({raw['single_mean_steps']:.1f} steps{kept})")
     return {"raw": raw, "units": units}
 
 

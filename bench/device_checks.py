@@ -40,6 +40,12 @@ comes back even if the run is stopped:
               B = 1, 6 facts, two rounds, both under model.deterministic, with how many facts' z equal
               eager's to the bit, the graphs recorded and the peak GPU memory reserved (a graph
               released per set keeps it flat), and each path's GPU time per Adam iteration (--profile 1)
+  captured_units  bench/calibrate_units.py --parts eval values on the 32-layer shape under the settings
+              the ≤ 10 GPU-hour estimate credits (hparams.common.capture_steps, evaluation.gen_decode
+              graph): scoring, GE of one full decode batch and values (a chunk, and one fact at a time
+              as a B = 1 run's mix of facts recording their graph and facts replaying a kept one) into
+              calibration-captured.json; then the grid priced with them over the committed H200 units,
+              and modelled, under the same settings (both totals in checks.json)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -50,14 +56,17 @@ comes back even if the run is stopped:
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
 most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape;
-captured_shape about half of one: --only env cuda_tests captured_shape).
+captured_shape about half of one: --only env cuda_tests captured_shape; captured_units about a third:
+--only env captured_units, or beside the shape it builds: --only env captured_shape captured_units).
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
 fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
-calibration.json, cost.json, cost-model.json, calibration-compiled.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+calibration.json, cost.json, calibration-compiled.json, calibration-captured.json. The modelled
+estimates (arithmetic of the repository alone) stay under the run's work folder; their totals are
+in checks.json. ``--device cpu`` runs the same steps on a CPU at small sizes
 (``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
 """
 from __future__ import annotations
@@ -85,10 +94,11 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "captured_shape",
-         "decode_shape")
+         "captured_units", "decode_shape")
 #: what a run without --only checks (sized for a 9-minute lease); calibrate, compiled_shape and
 #: decode_shape each want most of a lease of their own: --only env calibrate cost, --only env
-#: compiled_shape, --only env cuda_tests decode_shape; captured_shape about half of one
+#: compiled_shape, --only env cuda_tests decode_shape; captured_shape about half of one,
+#: captured_units about a third
 DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
@@ -114,7 +124,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
-        "captured_shape": (300, 150),
+        "captured_shape": (300, 150), "captured_units": (300, 120),
         "decode_shape": (480, 180)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
@@ -415,11 +425,18 @@ def step_cost(run: Run, step: Step) -> None:
     run_command(run, step, [*base, "--unit-costs", *map(str, sources), "--json", str(run.out / "cost.json")],
                 run.caps["cost"][0] / 2)
     if step.status == "passed":
-        run_command(run, step, [*base, "--json", str(run.out / "cost-model.json")], run.caps["cost"][0] / 2)
-    for key, name in (("modelled", "cost-model.json"), ("measured_units", "cost.json")):
-        path = run.out / name
+        # arithmetic of the repository alone (rerun it anywhere): kept beside the run, not returned
+        run_command(run, step, [*base, "--json", str(_work_file(run, "cost-model.json"))], run.caps["cost"][0] / 2)
+    for key, path in (("modelled", _work_file(run, "cost-model.json")), ("measured_units", run.out / "cost.json")):
         if path.is_file():
             step.numbers[key] = _cost_totals(json.loads(path.read_text()))
+
+
+def _work_file(run: Run, name: str) -> Path:
+    """A file of this run kept under ``run.work`` (not returned: the device tool returns 8 files)."""
+    d = run.work / f"out-{run.out.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / name
 
 
 def _cost_totals(doc: dict) -> dict:
@@ -465,6 +482,55 @@ def step_captured_shape(run: Run, step: Step) -> None:
     step's own index sums vary in order from run to run."""
     _shape_values(run, step, "captured_shape", ["--n", "6", "--rounds", "2", "--mode", "capture",
                                                  "--set", "model.deterministic=true"])
+
+
+#: the settings under which the grid is estimated at 9.5 GPU-hours with the committed H200 units
+#: (docs/paper-scale.md): the eager value steps recorded whole, GE's decode steps captured
+CAPTURED_GRID = ("hparams.common.capture_steps=true", "evaluation.gen_decode=graph")
+#: the units measured eagerly on an H200 that the captured calibration's units go over
+H200_UNITS = "bench/units/h200-bfloat16-llama3-8b-shape.json"
+
+
+def step_captured_units(run: Run, step: Step) -> None:
+    """The cost model's scoring, GE and values units measured under :data:`CAPTURED_GRID` on the
+    32-layer shape (calibration-captured.json), then the grid priced with them over the committed
+    H200 units, and modelled under the same settings: the estimate those settings are credited
+    with, measured. ``--smoke``: the same calls on the miniature, eagerly (a CPU records no graphs)."""
+    if not run.smoke and shape_unready(run, step, "the captured calibration"):
+        return
+    out = run.out / "calibration-captured.json"
+    out.unlink(missing_ok=True)  # only this run's units come back
+    grid = [] if run.smoke else [a for x in CAPTURED_GRID for a in ("--grid-set", x)]
+    cap = run.caps["captured_units"][0]
+    t0 = time.perf_counter()
+    run_command(run, step, [*calibrate_command(run, out.name), "--parts", "eval", "values", *grid], cap - 30,
+                env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
+    if not out.is_file():
+        if step.status == "passed":
+            step.status, step.reason = "failed", "no calibration-captured.json"
+        return
+    doc = json.loads(out.read_text())
+    step.numbers |= {"complete": doc.get("complete", False), "graphs": doc.get("graphs", {}),
+                     "units": doc.get("units", {}), "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
+    if step.status == "passed" and not doc.get("complete"):
+        step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
+    verdict = (step.status, step.reason, step.command, step.rc)  # the calibration's
+    base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16",
+            *set_args(CAPTURED_GRID)]
+    priced = _work_file(run, "cost-captured.json")
+    modelled = _work_file(run, "cost-captured-model.json")
+    for path, extra in ((priced, ["--unit-costs", H200_UNITS, str(out)]), (modelled, [])):
+        path.unlink(missing_ok=True)
+        left = cap - (time.perf_counter() - t0)
+        if left > 5:
+            run_command(run, step, [*base, *extra, "--json", str(path)], left)
+        if path.is_file():
+            step.numbers["measured_units" if extra else "modelled"] = _cost_totals(json.loads(path.read_text()))
+    priced_ok = step.status == "passed"
+    step.status, step.reason, step.command, step.rc = verdict
+    step.seconds = round(time.perf_counter() - t0, 1)
+    if step.status == "passed" and not priced_ok:  # pricing is arithmetic: rerun it here on the returned file
+        step.status, step.reason = "failed", "paper_cost.py failed on calibration-captured.json"
 
 
 def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:
@@ -574,7 +640,7 @@ def parse_decode(out: str) -> dict:
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
     "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape,
-    "captured_shape": step_captured_shape, "decode_shape": step_decode_shape}
+    "captured_shape": step_captured_shape, "captured_units": step_captured_units, "decode_shape": step_decode_shape}
 
 
 def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:

@@ -270,9 +270,6 @@ def test_lm_eval_task_names_are_checked_before_loading(tmp_path, monkeypatch):
 def test_unscored_heldout_facts_count_as_not_known(study, monkeypatch):
     """A held-out fact whose outputs are NaN/inf (blanked by evaluate_records) is not known: it counts
     against heldout_known instead of leaving the mean, and heldout_unscored says how many."""
-    import numpy as np
-    import pandas as pd
-
     held = study.facts(4)
     monkeypatch.setattr(degradation, "perplexity", lambda *a, **k: 1.0)
 

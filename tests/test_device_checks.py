@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -385,7 +385,8 @@ def test_the_calibration_wins_over_the_slice(tmp_path):
 def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
     """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
     want a lease of their own, and the shape step names what is missing instead of starting."""
-    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "captured_shape", "decode_shape"}
+    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "captured_shape", "captured_units",
+                                                     "decode_shape"}
     seen: list[str] = []
     monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
     assert dc.main(["--out", str(tmp_path / "o")]) == 0 and tuple(seen) == dc.DEFAULT_STEPS
@@ -397,9 +398,10 @@ def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
         assert step.status == "skipped" and "--stage" in step.reason
         (step,) = dc.run_checks(run_of(tmp_path / f"smoke-{name}", budget=900.0), [name])
         assert step.status == "skipped" and "no smoke size" in step.reason
-    run = dc.Run(tmp_path / "out2", 600.0, "cuda", smoke=False, work=tmp_path / "work")
-    (step,) = dc.run_checks(run, ["decode_shape"])
-    assert step.status == "skipped" and "--stage" in step.reason
+    for name in ("decode_shape", "captured_units"):
+        run = dc.Run(tmp_path / f"out-{name}", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+        (step,) = dc.run_checks(run, [name])
+        assert step.status == "skipped" and "--stage" in step.reason
 
 
 def test_one_failed_protocol_does_not_stop_the_others():
@@ -462,3 +464,147 @@ def test_the_ge_warm_up_decodes(world_lm, world_records):
         assert len(calls) == 2  # the prefill and one decode step
     finally:
         handle.remove()
+
+
+def _fake_captured(calls, calibration: dict | None, priced_rc: int = 0, real_pricing=None):
+    """A run_command for the captured_units step: the calibration writes ``calibration`` (None:
+    nothing); paper_cost runs for real through ``real_pricing``, else writes its --json file with a
+    total (or fails with ``priced_rc``)."""
+    def fake(run, step, argv, cap, env=None):
+        calls.append(argv)
+        step.command, step.seconds = " ".join(argv), 1.0
+        if "bench/calibrate_units.py" in argv:
+            out = argv[argv.index("--out") + 1]
+            if calibration is not None:
+                Path(out).write_text(json.dumps(calibration))
+            step.status, step.rc = "passed", 0
+            return ""
+        if real_pricing is not None:
+            return real_pricing(run, step, argv, cap, env)
+        if priced_rc:
+            step.status, step.rc = "failed", priced_rc
+            return ""
+        hours = 9.0 if "--unit-costs" in argv else 8.5
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"total_gpu_hours": hours, "floor_gpu_hours": 2.6}))
+        step.status, step.rc = "passed", 0
+        return ""
+    return fake
+
+
+def _staged_shape_run(tmp_path, monkeypatch) -> dc.Run:
+    """A GPU run (not smoke) whose stage and disk are in place, so that the shape steps start."""
+    import collections
+    (tmp_path / "stage" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "stage" / "counterfact.json").write_text("[]")
+    monkeypatch.setattr(dc, "STAGE", tmp_path / "stage")
+    monkeypatch.setattr(dc.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(0, 0, 100 * 2**30))
+    return dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+
+
+def test_captured_units_measure_and_price_the_captured_grid(tmp_path, monkeypatch):
+    """The captured_units step calibrates scoring, GE and values on the 32-layer shape under the
+    settings the 9.5-hour estimate credits (capture_steps, graph decode), into
+    calibration-captured.json, then prices the grid under the same settings with those units over
+    the committed H200 units, and modelled; the priced files stay out of the returned folder."""
+    from editlib.params import resolve
+
+    calls: list[list[str]] = []
+    # a calibration as the GPU writes one: the committed H200 file's scoring, GE and values units,
+    # marked as timed under the captured settings (the real pricing then takes them)
+    doc = json.loads((REPO_ROOT / dc.H200_UNITS).read_text())
+    units = {k: v for k, v in doc["units"].items() if k.startswith(("eval", "ge", "values"))}
+    graphs = {"decode_graphs": True, "decode_fused": False, "value_graphs": False, "step_graphs": True}
+    cal = {**doc, "complete": True, "units": units, "graphs": graphs, "errors": {}}
+    monkeypatch.setattr(dc, "run_command", _fake_captured(calls, cal, real_pricing=dc.run_command))
+    run = _staged_shape_run(tmp_path, monkeypatch)
+    (step,) = dc.run_checks(run, ["captured_units"])
+    assert step.status == "passed", step.reason
+    cal, priced, modelled = calls
+    assert cal[cal.index("--out") + 1] == str(run.out / "calibration-captured.json")
+    assert cal[cal.index("--parts") + 1: cal.index("--parts") + 3] == ["eval", "values"]
+    grid_sets = [cal[i + 1] for i, a in enumerate(cal) if a == "--grid-set"]
+    assert grid_sets == ["hparams.common.capture_steps=true", "evaluation.gen_decode=graph"]
+    for x in grid_sets:  # the settings are real params keys, and the pricing uses the same
+        resolve(REPO_ROOT / "params" / "llama3-8b.yaml", overrides=[x])
+        assert [priced[i + 1] for i, a in enumerate(priced) if a == "--set"] == grid_sets
+        assert [modelled[i + 1] for i, a in enumerate(modelled) if a == "--set"] == grid_sets
+    assert priced[priced.index("--unit-costs") + 1:][:2] == [dc.H200_UNITS, str(run.out / "calibration-captured.json")]
+    assert (REPO_ROOT / dc.H200_UNITS).is_file() and "--unit-costs" not in modelled
+    assert step.numbers["units"] == units and step.numbers["graphs"] == graphs
+    measured, modelled_h = step.numbers["measured_units"]["total_gpu_hours"], step.numbers["modelled"]["total_gpu_hours"]
+    assert 0 < modelled_h < measured  # the eager units, relabelled, cost more than the captured model
+    log = (run.out / "checks.log").read_text()
+    assert "/calibration-captured.json: ge_s_per_case" not in log  # the captured file's units are taken...
+    assert "h200-bfloat16-llama3-8b-shape.json: values_s_per_fact_single (timed eagerly)" in log  # ...over these
+    assert "calibrate_units.py" in step.command  # the step's command is the measurement, not the pricing
+    assert {p.name for p in run.out.iterdir()} <= {"calibration-captured.json", "checks.json", "checks.log"}
+    assert {p.name for p in run.work.rglob("cost-captured*.json")} == {"cost-captured.json", "cost-captured-model.json"}
+    assert json.loads((run.out / "checks.json").read_text())["steps"][0]["numbers"]["modelled"]["total_gpu_hours"] == modelled_h
+
+
+def test_captured_units_fail_when_the_calibration_or_its_pricing_does(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(dc, "run_command", _fake_captured(calls, None))
+    (step,) = dc.run_checks(_staged_shape_run(tmp_path / "a", monkeypatch), ["captured_units"])
+    assert step.status == "failed" and step.reason == "no calibration-captured.json" and len(calls) == 1
+    part = {"complete": False, "units": {"eval_s_per_case": 0.02}, "errors": {"values": "OutOfMemoryError: x"}}
+    monkeypatch.setattr(dc, "run_command", _fake_captured(calls, part))
+    (step,) = dc.run_checks(_staged_shape_run(tmp_path / "b", monkeypatch), ["captured_units"])
+    assert step.status == "failed" and "OutOfMemoryError" in step.reason  # what came back is still priced
+    assert step.numbers["measured_units"]["total_gpu_hours"] == 9.0
+    monkeypatch.setattr(dc, "run_command", _fake_captured(calls, {"complete": True, "units": {"x": 1.0}}, priced_rc=1))
+    (step,) = dc.run_checks(_staged_shape_run(tmp_path / "c", monkeypatch), ["captured_units"])
+    assert step.status == "failed" and "paper_cost.py failed" in step.reason and "measured_units" not in step.numbers
+
+
+def test_the_captured_single_fact_unit_is_the_grids_mix():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from calibrate_units import kept_reuse, single_fact_unit
+    from editlib.cost import GPUS, CostModel
+
+    r = kept_reuse()
+    assert r == CostModel(GPUS["h200"]).kept_reuse == 3996 / 4096
+    assert single_fact_unit(2.0, 0.5, r) == pytest.approx((100 * 2.0 + 3996 * 0.5) / 4096)
+    assert single_fact_unit(2.0, 0.5, 0.0) == 2.0 and single_fact_unit(2.0, 0.5, 1.0) == 0.5
+    with pytest.raises(ValueError, match="reuse"):
+        single_fact_unit(2.0, 0.5, 1.5)
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkeypatch, captured):
+    """Under capture_steps the one-fact values are timed as a B = 1 run spends them: within
+    values.keeping_graphs, once recording their graphs and once replaying the kept ones, the unit
+    being the grid's mix of the two; eagerly they are timed once (a CPU records no graphs, so
+    compute_values is stood in for)."""
+    import types
+
+    import torch
+
+    import calibrate_units as cu
+    from editlib import values
+    from editlib.params import resolve
+
+    calls = []
+
+    def fake_values(model, tok, facts, layer, ctx, hp):
+        calls.append((len(facts), hp.z_batch_size, hp.capture_steps, values._KEEPING["depth"]))
+        time.sleep(0.02 if len(calls) == 3 else 0.005)  # recording costs more than replaying
+        return types.SimpleNamespace(steps=torch.full((len(facts),), 24.0))
+
+    monkeypatch.setattr(cu, "compute_values", fake_values)
+    grid = resolve(REPO_ROOT / "params" / "tiny.yaml",
+                   overrides=[f"hparams.common.capture_steps={str(captured).lower()}", "hparams.common.z_batch_size=8"])
+    model = torch.nn.Linear(2, 2)
+    study = types.SimpleNamespace(model=model, tok=None, contexts=lambda style: None,
+                                  facts=lambda n, o=0: list(range(n)))
+    got = cu.values_units(study, grid, n_single=3)
+    chunk = [(1, 1, captured, 0), (8, 8, captured, 0)]  # the warm-up and the chunk, outside keeping_graphs
+    raw, units = got["raw"], got["units"]
+    if not captured:
+        assert calls == [*chunk, (3, 1, False, 0)] and "single_own_s" not in raw
+        assert units["values_s_per_fact_single"] == pytest.approx(raw["single_s"] / 3)
+        return
+    assert calls == [*chunk, (3, 1, True, 1), (3, 1, True, 1)] and values._KEEPING["depth"] == 0
+    assert raw["single_own_s"] > raw["single_kept_s"] and raw["kept_reuse"] == cu.kept_reuse()
+    assert units["values_s_per_fact_single"] == pytest.approx(
+        cu.single_fact_unit(raw["single_own_s"] / 3, raw["single_kept_s"] / 3, cu.kept_reuse()))

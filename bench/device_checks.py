@@ -42,9 +42,9 @@ comes back even if the run is stopped:
               released per set keeps it flat), and each path's GPU time per Adam iteration (--profile 1)
   captured_units  bench/calibrate_units.py --parts eval values on the 32-layer shape under the settings
               the ≤ 10 GPU-hour estimate credits (hparams.common.capture_steps, evaluation.gen_decode
-              graph): scoring, GE of one full decode batch and values (a chunk, and one fact at a time
-              as a B = 1 run's mix of facts recording their graph and facts replaying a kept one) into
-              calibration-captured.json; then the grid priced with them over the committed H200 units,
+              graph): scoring, GE of one full decode batch and values of one fact at a time (a B = 1
+              run's mix of facts recording their graph and facts replaying a kept one; a chunk is
+              timed, but priced eagerly as the cost model does) into calibration-captured.json; then the grid priced with them over the committed H200 units,
               and modelled, under the same settings (both totals in checks.json)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both

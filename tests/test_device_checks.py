@@ -512,7 +512,7 @@ def test_captured_units_measure_and_price_the_captured_grid(tmp_path, monkeypatc
     # a calibration as the GPU writes one: the committed H200 file's scoring, GE and values units,
     # marked as timed under the captured settings (the real pricing then takes them)
     doc = json.loads((REPO_ROOT / dc.H200_UNITS).read_text())
-    units = {k: v for k, v in doc["units"].items() if k.startswith(("eval", "ge", "values"))}
+    units = {k: v for k, v in doc["units"].items() if k.startswith(("eval", "ge", "values_s_per_fact_single"))}
     graphs = {"decode_graphs": True, "decode_fused": False, "value_graphs": False, "step_graphs": True}
     cal = {**doc, "complete": True, "units": units, "graphs": graphs, "errors": {}}
     monkeypatch.setattr(dc, "run_command", _fake_captured(calls, cal, real_pricing=dc.run_command))
@@ -603,8 +603,10 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
     if not captured:
         assert calls == [*chunk, (3, 1, False, 0)] and "single_own_s" not in raw
         assert units["values_s_per_fact_single"] == pytest.approx(raw["single_s"] / 3)
+        assert units["values_s_per_fact"] == pytest.approx(raw["chunk_s"] / 8)
         return
     assert calls == [*chunk, (3, 1, True, 1), (3, 1, True, 1)] and values._KEEPING["depth"] == 0
+    assert "values_s_per_fact" not in units and raw["chunk_s"] > 0  # a chunk's recordings: not what real facts do
     assert raw["single_own_s"] > raw["single_kept_s"] and raw["kept_reuse"] == cu.kept_reuse()
     assert units["values_s_per_fact_single"] == pytest.approx(
         cu.single_fact_unit(raw["single_own_s"] / 3, raw["single_kept_s"] / 3, cu.kept_reuse()))

@@ -44,8 +44,9 @@ comes back even if the run is stopped:
               the ≤ 10 GPU-hour estimate credits (hparams.common.capture_steps, evaluation.gen_decode
               graph): scoring, GE of one full decode batch and values of one fact at a time (a B = 1
               run's mix of facts recording their graph and facts replaying a kept one; a chunk is
-              timed, but priced eagerly as the cost model does) into calibration-captured.json; then the grid priced with them over the committed H200 units,
-              and modelled, under the same settings (both totals in checks.json)
+              timed, but priced eagerly as the cost model does) into calibration-captured.json;
+              then the grid priced with them over the committed H200 units, and modelled, under
+              the same settings (both totals in checks.json)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -484,8 +485,8 @@ def step_captured_shape(run: Run, step: Step) -> None:
                                                  "--set", "model.deterministic=true"])
 
 
-#: the settings under which the grid is estimated at 9.5 GPU-hours with the committed H200 units
-#: (docs/paper-scale.md): the eager value steps recorded whole, GE's decode steps captured
+#: the settings under which docs/paper-scale.md estimates the grid within 10 GPU-hours with the
+#: committed H200 units: the eager value steps recorded whole, GE's decode steps captured
 CAPTURED_GRID = ("hparams.common.capture_steps=true", "evaluation.gen_decode=graph")
 #: the units measured eagerly on an H200 that the captured calibration's units go over
 H200_UNITS = "bench/units/h200-bfloat16-llama3-8b-shape.json"

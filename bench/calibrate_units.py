@@ -265,7 +265,7 @@ def values_units(study, grid, *, n_single: int, layer: int = 1) -> dict:
         units["values_s_per_fact"] = t_chunk / chunk
     # else the chunk's time stays in raw: a chunk records a graph per set of running facts, and random
     # weights run every fact to the bound, so its one set is recorded once; real facts stop apart and
-    # record more. The cost model prices chunks eagerly (editlib.cost.step_graphs), and so does the grid
+    # record more. The cost model prices chunks eagerly under capture_steps (editlib.cost.step_graphs)
     kept = (f"; recording its own graph {1e3 * raw['single_own_s'] / n_single:.0f} ms, replaying a kept one "
             f"{1e3 * raw['single_kept_s'] / n_single:.0f} ms" if one.capture_steps else "")
     _log(f"values at layer {layer}: {1e3 * t_chunk / chunk:.0f} ms/fact in a chunk of {chunk} "

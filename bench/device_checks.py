@@ -65,9 +65,9 @@ fits the budget is "not run" and makes the run's exit status 1: the run did not 
 
 Files under ``--out`` (at most 8, as the device tool returns them): checks.json (per step: status,
 seconds, the numbers it printed), checks.log (every step's output), junit.xml, phases.json,
-calibration.json, cost.json, calibration-compiled.json, calibration-captured.json. The modelled
-estimates (arithmetic of the repository alone) stay under the run's work folder; their totals are
-in checks.json. ``--device cpu`` runs the same steps on a CPU at small sizes
+calibration.json, cost.json, calibration-compiled.json, calibration-captured.json. The other
+estimates (arithmetic on the repository and those files) stay under the run's work folder; their
+totals are in checks.json. ``--device cpu`` runs the same steps on a CPU at small sizes
 (``--smoke``: the miniature instead of the 32-layer shape) to check the script itself.
 """
 from __future__ import annotations
@@ -404,10 +404,16 @@ def step_calibrate(run: Run, step: Step) -> None:
         doc = json.loads(out.read_text())
         step.numbers |= {"complete": doc.get("complete", False), "units": doc.get("units", {}),
                         "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
-        if step.status == "passed" and not doc.get("complete"):
-            step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
-    elif step.status == "passed":
-        step.status, step.reason = "failed", "no calibration.json"
+        _parts_verdict(step, doc)
+    elif step.status != "timeout":
+        step.status, step.reason = "failed", step.reason or "no calibration.json"
+
+
+def _parts_verdict(step: Step, doc: dict) -> None:
+    """A calibration whose parts did not all run failed, and says which (calibrate_units.py exits
+    with status 1 then; a step stopped by its limit keeps its timeout)."""
+    if not doc.get("complete") and step.status != "timeout":
+        step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
 
 
 def measured_unit_files(run: Run) -> list[Path]:
@@ -417,6 +423,8 @@ def measured_unit_files(run: Run) -> list[Path]:
 
 
 def step_cost(run: Run, step: Step) -> None:
+    for stale in (run.out / "cost.json", _work_file(run, "cost-model.json")):  # only this run's totals
+        stale.unlink(missing_ok=True)
     sources = measured_unit_files(run)
     if not sources:
         step.status, step.reason = "skipped", "no measured units (neither the slice nor the calibration finished)"
@@ -426,7 +434,7 @@ def step_cost(run: Run, step: Step) -> None:
     run_command(run, step, [*base, "--unit-costs", *map(str, sources), "--json", str(run.out / "cost.json")],
                 run.caps["cost"][0] / 2)
     if step.status == "passed":
-        # arithmetic of the repository alone (rerun it anywhere): kept beside the run, not returned
+        # arithmetic of the repository alone (rerun it anywhere): kept in the work folder, not returned
         run_command(run, step, [*base, "--json", str(_work_file(run, "cost-model.json"))], run.caps["cost"][0] / 2)
     for key, path in (("modelled", _work_file(run, "cost-model.json")), ("measured_units", run.out / "cost.json")):
         if path.is_file():
@@ -490,6 +498,8 @@ def step_captured_shape(run: Run, step: Step) -> None:
 CAPTURED_GRID = ("hparams.common.capture_steps=true", "evaluation.gen_decode=graph")
 #: the units measured eagerly on an H200 that the captured calibration's units go over
 H200_UNITS = "bench/units/h200-bfloat16-llama3-8b-shape.json"
+#: seconds the captured_units step keeps for its two pricings (paper_cost.py: about 5 s each)
+PRICING_S = 30.0
 
 
 def step_captured_units(run: Run, step: Step) -> None:
@@ -504,34 +514,35 @@ def step_captured_units(run: Run, step: Step) -> None:
     grid = [] if run.smoke else [a for x in CAPTURED_GRID for a in ("--grid-set", x)]
     cap = run.caps["captured_units"][0]
     t0 = time.perf_counter()
-    run_command(run, step, [*calibrate_command(run, out.name), "--parts", "eval", "values", *grid], cap - 30,
+    # the two pricings (a few seconds each) keep PRICING_S of the step's time and of the run's
+    run_command(run, step, [*calibrate_command(run, out.name), "--parts", "eval", "values", *grid],
+                min(cap, run.left() - run.reserve) - PRICING_S,
                 env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
     if not out.is_file():
-        if step.status == "passed":
-            step.status, step.reason = "failed", "no calibration-captured.json"
+        if step.status != "timeout":
+            step.status, step.reason = "failed", step.reason or "no calibration-captured.json"
         return
     doc = json.loads(out.read_text())
     step.numbers |= {"complete": doc.get("complete", False), "graphs": doc.get("graphs", {}),
                      "units": doc.get("units", {}), "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
-    if step.status == "passed" and not doc.get("complete"):
-        step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
+    _parts_verdict(step, doc)
     verdict = (step.status, step.reason, step.command, step.rc)  # the calibration's
     base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16",
             *set_args(CAPTURED_GRID)]
-    priced = _work_file(run, "cost-captured.json")
-    modelled = _work_file(run, "cost-captured-model.json")
-    for path, extra in ((priced, ["--unit-costs", H200_UNITS, str(out)]), (modelled, [])):
+    unpriced = []
+    for key, name, extra in (("measured_units", "cost-captured.json", ["--unit-costs", H200_UNITS, str(out)]),
+                             ("modelled", "cost-captured-model.json", [])):
+        path = _work_file(run, name)
         path.unlink(missing_ok=True)
-        left = cap - (time.perf_counter() - t0)
-        if left > 5:
-            run_command(run, step, [*base, *extra, "--json", str(path)], left)
-        if path.is_file():
-            step.numbers["measured_units" if extra else "modelled"] = _cost_totals(json.loads(path.read_text()))
-    priced_ok = step.status == "passed"
+        run_command(run, step, [*base, *extra, "--json", str(path)], max(cap - (time.perf_counter() - t0), 1.0))
+        if step.status == "passed" and path.is_file():
+            step.numbers[key] = _cost_totals(json.loads(path.read_text()))
+        else:
+            unpriced.append(f"{key} ({step.status})")
     step.status, step.reason, step.command, step.rc = verdict
     step.seconds = round(time.perf_counter() - t0, 1)
-    if step.status == "passed" and not priced_ok:  # pricing is arithmetic: rerun it here on the returned file
-        step.status, step.reason = "failed", "paper_cost.py failed on calibration-captured.json"
+    if step.status == "passed" and unpriced:  # pricing is arithmetic: rerun it here on the returned file
+        step.status, step.reason = "failed", f"paper_cost.py did not price: {', '.join(unpriced)}"
 
 
 def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:
@@ -666,6 +677,8 @@ def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Ste
                 step.status, step.reason = "failed", f"{type(e).__name__}: {e}"
         if name == "env" and step.status == "failed":  # no GPU or packages missing: every later step would fail
             stop = f"env failed: {step.reason}"
+        for tmp in run.out.glob("*.tmp"):  # a step stopped mid-write: its half file would be returned too
+            tmp.unlink(missing_ok=True)
         run.save()
     return run.steps
 

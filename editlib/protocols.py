@@ -1386,7 +1386,7 @@ def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[R
     return held
 
 
-def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
+def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float | int]:
     from .degradation import measure
 
     ev = study.params.evaluation  # the rewrite prompts' scores only: no paraphrases, neighbours, generation
@@ -1397,7 +1397,7 @@ def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
                    batch_size=ev.batch_size)
 
 
-def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
+def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float | int]:
     """:func:`_degradation` of the unedited model, measured once per study for these held-out
     facts and the evaluation settings it reads (:meth:`Study.of_unedited`), not per configuration."""
     ev = study.params.evaluation

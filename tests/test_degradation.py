@@ -1,5 +1,4 @@
 """editlib.degradation: held-out known facts and perplexity of a sequentially edited model."""
-import dataclasses
 import math
 from dataclasses import replace
 
@@ -90,7 +89,7 @@ def test_fewer_heldout_facts_than_asked_are_stored_and_logged(study, weights0, t
     n = len(study.records)
     p = params_for(tmp_path, **{"sequential.batch_sizes": [2], "sequential.heldout_facts": 10 * n})
     lines = []
-    s = dataclasses.replace(use(study, p), log=lines.append)
+    s = replace(use(study, p), log=lines.append)
     held = protocols._heldout(s, p.sequential, study.facts(4), 0)
     assert 0 < len(held) < n and any(f"{len(held)} held-out facts, not sequential.heldout_facts={10 * n}" in x
                                       for x in lines)

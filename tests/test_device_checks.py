@@ -352,10 +352,16 @@ def test_smoke_slice_and_cost_on_the_miniature(tmp_path):
 def test_smoke_calibration_and_cost_on_the_miniature(tmp_path):
     """bench/calibrate_units.py at small sizes on the miniature: calibration.json carries the units
     (a GE difference lost in noise is left out, never a zero), and the cost step prices with them."""
-    run = run_of(tmp_path, budget=300.0)
-    steps = dc.run_checks(run, ["calibrate", "cost"])
+    run = run_of(tmp_path, budget=400.0)
+    steps = dc.run_checks(run, ["calibrate", "cost", "captured_units"])
     log = (run.out / "checks.log").read_text()
-    assert [s.status for s in steps] == ["passed", "passed"], log[-3000:]
+    assert [s.status for s in steps] == ["passed", "passed", "passed"], log[-3000:]
+    # captured_units' own calls, eagerly on the CPU: its parts, both pricings, nothing else returned
+    cap = json.loads((run.out / "calibration-captured.json").read_text())
+    assert cap["complete"] and set(cap["raw"]) == {"load_s", "eval", "values"} and "values_s_per_fact_single" in cap["units"]
+    assert all(steps[2].numbers[k]["total_gpu_hours"] > 0 for k in ("measured_units", "modelled"))
+    assert {p.name for p in run.out.iterdir()} == {"checks.json", "checks.log", "calibration.json", "cost.json",
+                                                   "calibration-captured.json"}
     doc = json.loads((run.out / "calibration.json").read_text())
     assert doc["complete"] and not doc["errors"]
     assert {"c0_layer_fixed_s", "c0_factor_s", "eval_s_per_case", "eval_s_per_case_single", "values_s_per_fact",
@@ -466,10 +472,11 @@ def test_the_ge_warm_up_decodes(world_lm, world_records):
         handle.remove()
 
 
-def _fake_captured(calls, calibration: dict | None, priced_rc: int = 0, real_pricing=None):
+def _fake_captured(calls, calibration: dict | None, fail: tuple[str, ...] = (), real_pricing=None):
     """A run_command for the captured_units step: the calibration writes ``calibration`` (None:
-    nothing); paper_cost runs for real through ``real_pricing``, else writes its --json file with a
-    total (or fails with ``priced_rc``)."""
+    nothing) and exits as calibrate_units.py does (1 when a part failed); paper_cost runs for real
+    through ``real_pricing``, else writes its --json file with a total, or fails for the pricings
+    named in ``fail`` ("measured", "modelled")."""
     def fake(run, step, argv, cap, env=None):
         calls.append(argv)
         step.command, step.seconds = " ".join(argv), 1.0
@@ -477,12 +484,13 @@ def _fake_captured(calls, calibration: dict | None, priced_rc: int = 0, real_pri
             out = argv[argv.index("--out") + 1]
             if calibration is not None:
                 Path(out).write_text(json.dumps(calibration))
-            step.status, step.rc = "passed", 0
+            ok = calibration is not None and calibration.get("complete")
+            step.status, step.rc = ("passed", 0) if ok else ("failed", 1)
             return ""
         if real_pricing is not None:
             return real_pricing(run, step, argv, cap, env)
-        if priced_rc:
-            step.status, step.rc = "failed", priced_rc
+        if ("measured" if "--unit-costs" in argv else "modelled") in fail:
+            step.status, step.rc = "failed", 1
             return ""
         hours = 9.0 if "--unit-costs" in argv else 8.5
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"total_gpu_hours": hours, "floor_gpu_hours": 2.6}))
@@ -547,14 +555,48 @@ def test_captured_units_fail_when_the_calibration_or_its_pricing_does(tmp_path, 
     monkeypatch.setattr(dc, "run_command", _fake_captured(calls, None))
     (step,) = dc.run_checks(_staged_shape_run(tmp_path / "a", monkeypatch), ["captured_units"])
     assert step.status == "failed" and step.reason == "no calibration-captured.json" and len(calls) == 1
+    # a part failed (calibrate_units.py exits 1): the step says which, and what came back is still priced
     part = {"complete": False, "units": {"eval_s_per_case": 0.02}, "errors": {"values": "OutOfMemoryError: x"}}
     monkeypatch.setattr(dc, "run_command", _fake_captured(calls, part))
     (step,) = dc.run_checks(_staged_shape_run(tmp_path / "b", monkeypatch), ["captured_units"])
-    assert step.status == "failed" and "OutOfMemoryError" in step.reason  # what came back is still priced
+    assert step.status == "failed" and "parts failed" in step.reason and "OutOfMemoryError" in step.reason
     assert step.numbers["measured_units"]["total_gpu_hours"] == 9.0
-    monkeypatch.setattr(dc, "run_command", _fake_captured(calls, {"complete": True, "units": {"x": 1.0}}, priced_rc=1))
-    (step,) = dc.run_checks(_staged_shape_run(tmp_path / "c", monkeypatch), ["captured_units"])
-    assert step.status == "failed" and "paper_cost.py failed" in step.reason and "measured_units" not in step.numbers
+    for failing in (("measured",), ("modelled",), ("measured", "modelled")):  # either pricing alone fails the step
+        monkeypatch.setattr(dc, "run_command", _fake_captured(calls, {"complete": True, "units": {"x": 1.0}}, fail=failing))
+        (step,) = dc.run_checks(_staged_shape_run(tmp_path / "-".join(failing), monkeypatch), ["captured_units"])
+        assert step.status == "failed" and step.reason.startswith("paper_cost.py did not price"), failing
+        for key, name in (("measured_units", "measured"), ("modelled", "modelled")):
+            assert (key in step.reason) == (name in failing) and (key in step.numbers) == (name not in failing)
+
+
+def test_the_cost_steps_totals_are_this_runs(tmp_path, monkeypatch):
+    """The modelled estimate is written to the work folder (not returned) and read back from there:
+    a file left by an earlier run on the same machine is never reported as this run's."""
+    calls: list[list[str]] = []
+
+    def fake(run, step, argv, cap, env=None):
+        calls.append(argv)
+        step.status = "failed" if "--unit-costs" in argv else "passed"
+        return ""
+
+    monkeypatch.setattr(dc, "run_command", fake)
+    run = run_of(tmp_path)
+    run.out.mkdir(parents=True)
+    (run.out / "calibration.json").write_text(json.dumps({"units": {"values_s_per_fact": 1.0}}))
+    for stale in (run.out / "cost.json", dc._work_file(run, "cost-model.json")):
+        stale.write_text(json.dumps({"total_gpu_hours": 123.0, "floor_gpu_hours": 1.0}))
+    (step,) = dc.run_checks(run, ["cost"])
+    assert step.status == "failed" and step.numbers == {} and len(calls) == 1
+    def passing(run, step, argv, cap, env=None):
+        calls.append(argv)
+        step.status = "passed"
+        return ""
+
+    monkeypatch.setattr(dc, "run_command", passing)
+    dc.run_checks(run, ["cost"])
+    where = calls[-1][calls[-1].index("--json") + 1]
+    assert "--unit-costs" not in calls[-1] and where == str(dc._work_file(run, "cost-model.json"))
+    assert not where.startswith(str(run.out))
 
 
 def test_the_captured_single_fact_unit_is_the_grids_mix():
@@ -588,10 +630,11 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
 
     def fake_values(model, tok, facts, layer, ctx, hp):
         calls.append((len(facts), hp.z_batch_size, hp.capture_steps, values._KEEPING["depth"]))
-        time.sleep(0.02 if len(calls) == 3 else 0.005)  # recording costs more than replaying
         return types.SimpleNamespace(steps=torch.full((len(facts),), 24.0))
 
+    seconds = iter([0.5, 2.0, 0.6])  # the chunk, then (captured) recording and replaying, or (eager) the facts
     monkeypatch.setattr(cu, "compute_values", fake_values)
+    monkeypatch.setattr(cu, "timed", lambda device, fn, *a, **k: (next(seconds), fn(*a, **k)))
     grid = resolve(REPO_ROOT / "params" / "tiny.yaml",
                    overrides=[f"hparams.common.capture_steps={str(captured).lower()}", "hparams.common.z_batch_size=8"])
     model = torch.nn.Linear(2, 2)
@@ -602,11 +645,10 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
     raw, units = got["raw"], got["units"]
     if not captured:
         assert calls == [*chunk, (3, 1, False, 0)] and "single_own_s" not in raw
-        assert units["values_s_per_fact_single"] == pytest.approx(raw["single_s"] / 3)
-        assert units["values_s_per_fact"] == pytest.approx(raw["chunk_s"] / 8)
+        assert units == {"values_s_per_fact": 0.5 / 8, "values_s_per_fact_single": 2.0 / 3}
         return
     assert calls == [*chunk, (3, 1, True, 1), (3, 1, True, 1)] and values._KEEPING["depth"] == 0
-    assert "values_s_per_fact" not in units and raw["chunk_s"] > 0  # a chunk's recordings: not what real facts do
-    assert raw["single_own_s"] > raw["single_kept_s"] and raw["kept_reuse"] == cu.kept_reuse()
-    assert units["values_s_per_fact_single"] == pytest.approx(
-        cu.single_fact_unit(raw["single_own_s"] / 3, raw["single_kept_s"] / 3, cu.kept_reuse()))
+    assert (raw["chunk_s"], raw["single_own_s"], raw["single_kept_s"]) == (0.5, 2.0, 0.6)
+    assert raw["kept_reuse"] == cu.kept_reuse()
+    # a chunk's recordings are not what real facts' chunks do: no unit
+    assert units == {"values_s_per_fact_single": pytest.approx(cu.single_fact_unit(2.0 / 3, 0.6 / 3, cu.kept_reuse()))}

@@ -47,6 +47,11 @@ comes back even if the run is stopped:
               timed, but priced eagerly as the cost model does) into calibration-captured.json;
               then the grid priced with them over the committed H200 units, and modelled, under
               the same settings (both totals in checks.json)
+  shared_gpu  bench/bench_shared_gpu.py on the 32-layer shape: eager one-fact value optimisations
+              (a B = 1 run's values, host-bound on a GPU), one process alone, then two sharing the
+              GPU, each opening the study itself as a Ray worker would: ms per fact and the
+              throughput of the two over one (what executor.gpus_per_unit: 0.5 would gain; about a
+              third of a lease: --only env shared_gpu)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -95,7 +100,7 @@ if str(ROOT) not in sys.path:  # the steps import editlib here too; on the devic
 PY = sys.executable  # every step runs under the interpreter that runs this script
 STAGE = ROOT / ".cache" / "device"
 STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", "compiled_shape", "captured_shape",
-         "captured_units", "decode_shape")
+         "captured_units", "shared_gpu", "decode_shape")
 #: what a run without --only checks (sized for a 9-minute lease); calibrate, compiled_shape and
 #: decode_shape each want most of a lease of their own: --only env calibrate cost, --only env
 #: compiled_shape, --only env cuda_tests decode_shape; captured_shape about half of one,
@@ -125,7 +130,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
-        "captured_shape": (300, 150), "captured_units": (300, 120),
+        "captured_shape": (300, 150), "captured_units": (300, 120), "shared_gpu": (300, 150),
         "decode_shape": (480, 180)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
@@ -545,6 +550,30 @@ def step_captured_units(run: Run, step: Step) -> None:
         step.status, step.reason = "failed", f"paper_cost.py did not price: {', '.join(unpriced)}"
 
 
+def step_shared_gpu(run: Run, step: Step) -> None:
+    """bench/bench_shared_gpu.py: eager one-fact value optimisations on the 32-layer shape, one
+    process alone, then two sharing the GPU (what ``executor.gpus_per_unit: 0.5`` would run), and
+    their throughput over one alone. ``--smoke``: the miniature on the CPU, to check the script."""
+    if run.smoke:
+        argv = [PY, "bench/bench_shared_gpu.py", "--params", "params/tiny.yaml", "--n", "1", "--procs", "2",
+                "--threads", "1"]
+        env = {"HF_HUB_OFFLINE": "1"}
+    else:
+        if shape_unready(run, step, "the shared-GPU check"):
+            return
+        argv = [PY, "bench/bench_shared_gpu.py", "--params", "params/llama3-shape-slice.yaml", "--n", "6",
+                "--procs", "2", "--draw-device", run.device, "--tokenizer", str(STAGE / "tokenizer"),
+                *set_args(shape_sets(run))]
+        env = {"HF_HUB_OFFLINE": "1", "EDITLIB_COUNTERFACT": str(staged_counterfact()),
+               "EDITLIB_CACHE": str(run.work / "shared-cache")}
+    out = run_command(run, step, argv, run.caps["shared_gpu"][0], env=env)
+    try:
+        step.numbers |= last_json(out)
+    except ValueError:  # stopped or failed before its summary: the log holds what it printed
+        if step.status == "passed":
+            step.status, step.reason = "failed", "no summary line"
+
+
 def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:
     """bench_compiled_values.py at B = 1 on the 32-layer shape (one fact's warm-up, ``--profile 1``)."""
     if run.smoke:
@@ -652,7 +681,8 @@ def parse_decode(out: str) -> dict:
 RUNNERS: dict[str, Callable[[Run, Step], None]] = {
     "env": step_env, "cuda_tests": step_cuda_tests, "slice": step_slice, "calibrate": step_calibrate, "cost": step_cost,
     "gram": step_gram, "compiled": step_compiled, "compiled_shape": step_compiled_shape,
-    "captured_shape": step_captured_shape, "captured_units": step_captured_units, "decode_shape": step_decode_shape}
+    "captured_shape": step_captured_shape, "captured_units": step_captured_units, "shared_gpu": step_shared_gpu,
+    "decode_shape": step_decode_shape}
 
 
 def run_checks(run: Run, names: list[str], runners: dict[str, Callable[[Run, Step], None]] = RUNNERS) -> list[Step]:

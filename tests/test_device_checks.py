@@ -392,7 +392,7 @@ def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
     """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
     want a lease of their own, and the shape step names what is missing instead of starting."""
     assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "captured_shape", "captured_units",
-                                                     "decode_shape"}
+                                                     "shared_gpu", "decode_shape"}
     seen: list[str] = []
     monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
     assert dc.main(["--out", str(tmp_path / "o")]) == 0 and tuple(seen) == dc.DEFAULT_STEPS
@@ -404,7 +404,7 @@ def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
         assert step.status == "skipped" and "--stage" in step.reason
         (step,) = dc.run_checks(run_of(tmp_path / f"smoke-{name}", budget=900.0), [name])
         assert step.status == "skipped" and "no smoke size" in step.reason
-    for name in ("decode_shape", "captured_units"):
+    for name in ("decode_shape", "captured_units", "shared_gpu"):
         run = dc.Run(tmp_path / f"out-{name}", 600.0, "cuda", smoke=False, work=tmp_path / "work")
         (step,) = dc.run_checks(run, [name])
         assert step.status == "skipped" and "--stage" in step.reason
@@ -652,3 +652,27 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
     assert raw["kept_reuse"] == cu.kept_reuse()
     # a chunk's recordings are not what real facts' chunks do: no unit
     assert units == {"values_s_per_fact_single": pytest.approx(cu.single_fact_unit(2.0 / 3, 0.6 / 3, cu.kept_reuse()))}
+
+
+def test_shared_gpu_throughput_is_the_groups_span_over_one_alone():
+    import bench_shared_gpu as sg
+
+    alone = {"facts": 6, "start": 0.0, "end": 12.0, "mean_steps": 24.0, "device": "cuda:0"}  # 2 s a fact
+    together = [{"facts": 6, "start": 100.0, "end": 115.0}, {"facts": 6, "start": 100.2, "end": 114.0}]
+    s = sg.summary(alone, together)
+    # 12 facts from the first start to the last end (15 s) against 0.5 facts/s alone
+    assert s["throughput"] == pytest.approx(12 / 15 / 0.5) and s["procs"] == 2
+    assert s["alone_ms_per_fact"] == 2000.0 and s["together_ms_per_fact"] == [2500.0, pytest.approx(2300.0)]
+    with pytest.raises(SystemExit):
+        sg.main(["--procs", "1"])
+
+
+def test_smoke_shared_gpu_on_the_cpu(tmp_path):
+    """The shared-device benchmark's own processes on the miniature (the CPU's cores stand in for
+    the GPU: only that it runs and reports is checked here)."""
+    run = run_of(tmp_path, budget=300.0)
+    (step,) = dc.run_checks(run, ["shared_gpu"])
+    assert step.status == "passed", (run.out / "checks.log").read_text()[-3000:]
+    n = step.numbers
+    assert n["procs"] == 2 and n["alone_ms_per_fact"] > 0 and len(n["together_ms_per_fact"]) == 2 and n["throughput"] > 0
+    assert n["device"] == "cpu"

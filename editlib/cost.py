@@ -268,9 +268,9 @@ class CostModel:
         sequences (prefix cache), then ``value_iters`` forward+backward passes of the blocks
         above ``layer`` on the packed tokens, the LM head at the label positions."""
         # measured at layer 1; one fact alone (a B = 1 sequential edit) has its own unit: its steps
-        # are launch-bound, a chunk's are not, so neither extrapolates to the other
-        key = "values_s_per_fact_single" if facts == 1 and "values_s_per_fact_single" in self.unit_s \
-            else "values_s_per_fact"
+        # are launch-bound, a chunk's are not, so neither extrapolates to the other (a units file
+        # with a chunk's unit alone, as the slice's, leaves one fact alone to the model)
+        key = "values_s_per_fact_single" if facts == 1 else "values_s_per_fact"
         if key in self.unit_s:  # timed at layer 1, scaled by the blocks above ``layer``
             k_ref = s.n_layers - 2
             ratio = self.unit_ratio(key, s, lambda m, sh, *_: m.values(sh, ts, facts, 1))

@@ -225,8 +225,8 @@ def test_calibrated_units_b1_values_c0_tail_and_file_order(tmp_path):
     assert mm.values(s, ts, 32, 1) == pytest.approx(32 * 0.1)  # a chunk: the chunked unit
     assert mm.values(s, ts, 1, 16) == pytest.approx(2.0 * 15 / 30)  # fewer blocks above the layer
     assert mm.c0_collect(s, 32, 31) == pytest.approx(32 * (2e-6 * 1e6 + 3.0))
-    only_chunk = with_unit_costs(m, slice_)  # no single unit measured: the chunked one, as before
-    assert only_chunk.values(s, ts, 1, 1) == pytest.approx(0.5)
+    only_chunk = with_unit_costs(m, slice_)  # no single unit measured: one fact alone is modelled
+    assert only_chunk.values(s, ts, 1, 1) == m.values(s, ts, 1, 1) and only_chunk.values(s, ts, 32, 1) == pytest.approx(16)
     assert only_chunk.c0_collect(s, 2, 1) == pytest.approx(2 * 1e-3 * 1e6)
 
 
@@ -304,6 +304,20 @@ def test_committed_gpu_units_price_the_grid():
         assert m.values(s, TokenStats(), 1, 1) == doc["units"]["values_s_per_fact_single"]
         total = sum(v for e in exps for k, v in m.seconds(e, TokenStats()).items() if k != "ge_tokens")
         assert 0 < total < float("inf")
+
+
+def test_a_chunks_values_unit_never_prices_one_fact_alone():
+    """A one-fact value optimisation is bound by its steps' launches, a chunk's by arithmetic: a
+    units file holding only the chunk's unit (the slice's phases.json) leaves one fact to the model,
+    and one holding only the single fact's leaves chunks to it."""
+    s, ts = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B"], TokenStats()
+    m = CostModel(GPUS["h200"], dtype="bfloat16")
+    chunk_only = replace(m, unit_s={"values_s_per_fact": 0.09})
+    single_only = replace(m, unit_s={"values_s_per_fact_single": 2.7})
+    assert chunk_only.values(s, ts, 1, 1) == m.values(s, ts, 1, 1)
+    assert chunk_only.values(s, ts, 32, 1) == pytest.approx(0.09 * 32)
+    assert single_only.values(s, ts, 1, 1) == pytest.approx(2.7)
+    assert single_only.values(s, ts, 32, 1) == m.values(s, ts, 32, 1)
 
 
 def test_a_modelled_estimate_names_the_measured_one(tmp_path, capsys):

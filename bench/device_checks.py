@@ -48,10 +48,10 @@ comes back even if the run is stopped:
               then the grid priced with them over the committed H200 units, and modelled, under
               the same settings (both totals in checks.json)
   shared_gpu  bench/bench_shared_gpu.py on the 32-layer shape: eager one-fact value optimisations
-              (a B = 1 run's values, host-bound on a GPU), one process alone, then two sharing the
-              GPU, each opening the study itself as a Ray worker would: ms per fact and the
-              throughput of the two over one (what executor.gpus_per_unit: 0.5 would gain; about a
-              third of a lease: --only env shared_gpu)
+              (a B = 1 run's values, host-bound on a GPU) in two processes sharing the GPU, each
+              opening the study itself as a Ray worker would, then each alone at every core: ms per
+              fact and the throughput of the two over one (what executor.gpus_per_unit: 0.5 would
+              gain for one-fact values; about a third of a lease: --only env shared_gpu)
   decode_shape  bench/bench_decode.py on the 32-layer shape (built first if need be): GE's decode
               steps under evaluation.gen_decode transformers, static, graph and compiled (both
               captured), 1,020 rows and 10, two rounds each, with whether the texts equal the
@@ -62,8 +62,9 @@ comes back even if the run is stopped:
 
 Without --only, the steps are DEFAULT_STEPS (calibrate, compiled_shape and decode_shape each need
 most of a lease: --only env calibrate cost, --only env compiled_shape, --only env cuda_tests decode_shape;
-captured_shape about half of one: --only env cuda_tests captured_shape; captured_units about a third:
---only env captured_units, or beside the shape it builds: --only env captured_shape captured_units).
+captured_shape about half of one: --only env cuda_tests captured_shape; captured_units and shared_gpu
+about a third each: --only env captured_units, --only env shared_gpu, or beside the shape that
+captured_shape builds: --only env captured_shape captured_units).
 
 Each later step in RESERVED keeps its least time free while the slice runs. A step that no longer
 fits the budget is "not run" and makes the run's exit status 1: the run did not check it.
@@ -104,7 +105,7 @@ STEPS = ("env", "cuda_tests", "gram", "slice", "calibrate", "cost", "compiled", 
 #: what a run without --only checks (sized for a 9-minute lease); calibrate, compiled_shape and
 #: decode_shape each want most of a lease of their own: --only env calibrate cost, --only env
 #: compiled_shape, --only env cuda_tests decode_shape; captured_shape about half of one,
-#: captured_units about a third
+#: captured_units and shared_gpu about a third each
 DEFAULT_STEPS = ("env", "cuda_tests", "gram", "slice", "cost", "compiled")
 #: later steps whose least time a running step leaves free (the cost step turns the slice into hours)
 RESERVED = ("cost", "compiled")
@@ -130,7 +131,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (60, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
-        "captured_shape": (300, 150), "captured_units": (300, 120), "shared_gpu": (300, 150),
+        "captured_shape": (300, 150), "captured_units": (300, 120), "shared_gpu": (300, 240),
         "decode_shape": (480, 180)}
 #: free disk the slice needs beyond the model (its C0 cache, results, pip's and torch's caches)
 SLICE_DISK_MARGIN_GIB = 4.0
@@ -551,12 +552,13 @@ def step_captured_units(run: Run, step: Step) -> None:
 
 
 def step_shared_gpu(run: Run, step: Step) -> None:
-    """bench/bench_shared_gpu.py: eager one-fact value optimisations on the 32-layer shape, one
-    process alone, then two sharing the GPU (what ``executor.gpus_per_unit: 0.5`` would run), and
-    their throughput over one alone. ``--smoke``: the miniature on the CPU, to check the script."""
+    """bench/bench_shared_gpu.py: eager one-fact value optimisations on the 32-layer shape in two
+    processes sharing the GPU (what ``executor.gpus_per_unit: 0.5`` would run for one-fact values),
+    then each alone at every core, and their throughput over one alone. ``--smoke``: the miniature
+    on the CPU, to check the script."""
     if run.smoke:
         argv = [PY, "bench/bench_shared_gpu.py", "--params", "params/tiny.yaml", "--n", "1", "--procs", "2",
-                "--threads", "1"]
+                "--threads", "1", "--solo-threads", "1"]
         env = {"HF_HUB_OFFLINE": "1"}
     else:
         if shape_unready(run, step, "the shared-GPU check"):
@@ -567,11 +569,15 @@ def step_shared_gpu(run: Run, step: Step) -> None:
         env = {"HF_HUB_OFFLINE": "1", "EDITLIB_COUNTERFACT": str(staged_counterfact()),
                "EDITLIB_CACHE": str(run.work / "shared-cache")}
     out = run_command(run, step, argv, run.caps["shared_gpu"][0], env=env)
+    mode = re.search(r"GPU compute mode: (.*)", out)
+    if mode:
+        step.numbers["compute_mode"] = mode[1].strip()
     try:
         step.numbers |= last_json(out)
     except ValueError:  # stopped or failed before its summary: the log holds what it printed
-        if step.status == "passed":
-            step.status, step.reason = "failed", "no summary line"
+        if step.status != "timeout":
+            fail = re.search(r"^.*exit statuses.*$", out, re.M)  # the benchmark's own line when a process failed
+            step.status, step.reason = "failed", step.reason or (fail[0] if fail else "no summary line")
 
 
 def _shape_values(run: Run, step: Step, name: str, args: list[str]) -> None:

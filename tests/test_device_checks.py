@@ -654,17 +654,66 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
     assert units == {"values_s_per_fact_single": pytest.approx(cu.single_fact_unit(2.0 / 3, 0.6 / 3, cu.kept_reuse()))}
 
 
-def test_shared_gpu_throughput_is_the_groups_span_over_one_alone():
+def test_shared_gpu_throughput_is_over_the_lone_rates_of_the_same_processes():
     import bench_shared_gpu as sg
 
-    alone = {"facts": 6, "start": 0.0, "end": 12.0, "mean_steps": 24.0, "device": "cuda:0"}  # 2 s a fact
-    together = [{"facts": 6, "start": 100.0, "end": 115.0}, {"facts": 6, "start": 100.2, "end": 114.0}]
-    s = sg.summary(alone, together)
-    # 12 facts from the first start to the last end (15 s) against 0.5 facts/s alone
-    assert s["throughput"] == pytest.approx(12 / 15 / 0.5) and s["procs"] == 2
-    assert s["alone_ms_per_fact"] == 2000.0 and s["together_ms_per_fact"] == [2500.0, pytest.approx(2300.0)]
+    rows = [{"facts": 6, "start": 100.0, "end": 115.0, "solo_start": 200.0, "solo_end": 212.0, "mean_steps": 24.0,
+             "solo_mean_steps": 24.0, "threads": 8, "solo_threads": 16, "device": "cuda:0"},
+            {"facts": 6, "start": 100.2, "end": 112.2, "solo_start": 212.0, "solo_end": 224.0, "mean_steps": 24.0,
+             "solo_mean_steps": 24.0, "threads": 8, "solo_threads": 16, "device": "cuda:0"}]
+    s = sg.summary(rows)
+    # alone 0.5 facts/s; together 12 facts from the first start to the last end (15 s), and at their
+    # own rates 6/15 + 6/12 facts/s
+    assert s["throughput"] == pytest.approx(12 / 15 / 0.5) and s["throughput_window"] == pytest.approx((6 / 15 + 6 / 12) / 0.5)
+    assert s["alone_ms_per_fact"] == [2000.0, 2000.0] and s["together_ms_per_fact"] == [2500.0, pytest.approx(2000.0)]
+    assert s["start_skew_s"] == pytest.approx(0.2) and s["end_spread_s"] == pytest.approx(2.8)
+    assert (s["procs"], s["threads"], s["solo_threads"]) == (2, 8, 16)
     with pytest.raises(SystemExit):
         sg.main(["--procs", "1"])
+
+
+def test_a_failed_shared_gpu_process_ends_the_others(monkeypatch):
+    """One process that fails (a GPU that refuses a second process, say) ends the one waiting at the
+    barrier at once, instead of both running into the step's time limit."""
+    import subprocess as sp
+
+    import bench_shared_gpu as sg
+
+    started = []
+    real = sp.Popen
+
+    def popen(argv, **kw):
+        i = argv[argv.index("--index") + 1]
+        code = "import time; time.sleep(120)" if i == "0" else "import sys; sys.exit(3)"
+        started.append(real([sys.executable, "-c", code], **kw))
+        return started[-1]
+
+    monkeypatch.setattr(sg.subprocess, "Popen", popen)
+    a = sg.argparse.Namespace(procs=2, params="params/tiny.yaml", n=1, layer=1, warmup=1, threads=1, solo_threads=1,
+                              barrier_timeout=120.0, set=[])
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"exit statuses \[-9, 3\]"):
+        sg.run_group(a)
+    assert time.time() - t0 < 30 and all(p.poll() is not None for p in started)
+
+
+def test_the_shared_gpu_step_runs_the_shape_on_the_gpu(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(run, step, argv, cap, env=None):
+        calls.append((argv, env))
+        step.status = "failed"
+        return "GPU compute mode: Exclusive_Process\n2 processes: exit statuses [1, -9] (a process that failed ...)\n"
+
+    monkeypatch.setattr(dc, "run_command", fake)
+    run = _staged_shape_run(tmp_path, monkeypatch)
+    (step,) = dc.run_checks(run, ["shared_gpu"])
+    ((argv, env),) = calls
+    assert argv[argv.index("--params") + 1] == "params/llama3-shape-slice.yaml" and "--draw-device" in argv
+    assert "model.id=.cache/llama3-8b-shape-32L" in argv and "model.device=cuda" in argv
+    assert env["EDITLIB_COUNTERFACT"] == str(dc.staged_counterfact()) and env["HF_HUB_OFFLINE"] == "1"
+    assert step.status == "failed" and "exit statuses [1, -9]" in step.reason
+    assert step.numbers["compute_mode"] == "Exclusive_Process"
 
 
 def test_smoke_shared_gpu_on_the_cpu(tmp_path):
@@ -674,5 +723,6 @@ def test_smoke_shared_gpu_on_the_cpu(tmp_path):
     (step,) = dc.run_checks(run, ["shared_gpu"])
     assert step.status == "passed", (run.out / "checks.log").read_text()[-3000:]
     n = step.numbers
-    assert n["procs"] == 2 and n["alone_ms_per_fact"] > 0 and len(n["together_ms_per_fact"]) == 2 and n["throughput"] > 0
-    assert n["device"] == "cpu"
+    assert n["procs"] == 2 and len(n["alone_ms_per_fact"]) == len(n["together_ms_per_fact"]) == 2
+    assert min(n["alone_ms_per_fact"]) > 0 and n["throughput"] > 0 and n["throughput_window"] > 0
+    assert n["device"] == "cpu" and n["start_skew_s"] < 1.0  # the barrier held the starts together

@@ -84,8 +84,9 @@ def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[
             batch_size: int = 32) -> dict[str, float | int]:
     """``heldout_known`` (%), ``heldout_margin`` (×100) and ``heldout_ppl`` of the model as it is
     now, with ``heldout_n``, the number of held-out facts they are over (fewer than
-    ``heldout_facts`` when the records run out: stored, not only logged); ``evaluate`` scores records: the study's evaluation, of which ES and ES_mag (the rewrite
-    prompt) are read, so it need score nothing else (the protocol scores the rewrite prompts alone)."""
+    ``heldout_facts`` when the records run out: stored, not only logged). ``evaluate`` scores
+    records: the study's evaluation, of which ES and ES_mag (the rewrite prompt) are read, so it
+    need score nothing else (the protocol scores the rewrite prompts alone)."""
     if not heldout:
         raise ValueError("no held-out facts to measure degradation on")
     c = evaluate(heldout)

@@ -81,12 +81,10 @@ def perplexity(model, tok, texts: Sequence[str], batch_size: int = 32) -> float:
 
 
 def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[Record]], pd.DataFrame],
-            batch_size: int = 32) -> dict[str, float | int]:
+            batch_size: int = 32) -> dict[str, float]:
     """``heldout_known`` (%), ``heldout_margin`` (×100) and ``heldout_ppl`` of the model as it is
-    now, with ``heldout_n``, the number of held-out facts they are over (fewer than
-    ``heldout_facts`` when the records run out: stored, not only logged). ``evaluate`` scores
-    records: the study's evaluation, of which ES and ES_mag (the rewrite prompt) are read, so it
-    need score nothing else (the protocol scores the rewrite prompts alone)."""
+    now; ``evaluate`` scores records: the study's evaluation, of which ES and ES_mag (the rewrite
+    prompt) are read, so it need score nothing else (the protocol scores the rewrite prompts alone)."""
     if not heldout:
         raise ValueError("no held-out facts to measure degradation on")
     c = evaluate(heldout)
@@ -95,8 +93,7 @@ def measure(model, tok, heldout: Sequence[Record], evaluate: Callable[[Sequence[
     unscored = np.isnan(es)  # NaN/inf outputs (metrics.evaluate_records): such a fact is not known
     out = {"heldout_known": float(100 * np.nanmean(np.where(unscored, 0.0, 1 - es))),
            "heldout_margin": float(-100 * np.nanmean(mag)),
-           "heldout_ppl": perplexity(model, tok, sentences(heldout), batch_size),
-           "heldout_n": len(heldout)}
+           "heldout_ppl": perplexity(model, tok, sentences(heldout), batch_size)}
     if unscored.any():  # the margin is over the scored facts only: say how many were not
         out["heldout_unscored"] = int(unscored.sum())
     return out

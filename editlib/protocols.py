@@ -1208,8 +1208,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
     heldout = _heldout(study, sq, facts, o) if sq.degradation_every else []
     lm_spec = parse_lm_eval(sq.lm_eval)
     # degradation of the unedited model, the reference for every later measurement
-    deg0 = {f"{k}_0": v for k, v in _unedited_degradation(study, heldout).items()
-            if k != "heldout_n"} if heldout else {}  # the same facts: heldout_n once
+    deg0 = {f"{k}_0": v for k, v in _unedited_degradation(study, heldout).items()} if heldout else {}
     if lm_spec is not None:  # the unedited model's scores: one harness pass per study, not per configuration
         deg0.update({f"{k}_0": v for k, v in study.of_unedited(
             ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})
@@ -1259,8 +1258,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                         so_far = facts[: chunks[bi].stop]
                         frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
                                              batch_index=bi, eval=f"after_{chunks[bi].stop}"))
-                    if degrade:  # a multiple of `every` facts crossed, or the end
-                        d = {**d, **_degradation(study, heldout), **deg0}
+                    if degrade:  # a multiple of `every` facts crossed, or the end; heldout_n: over how many
+                        d = {**d, **_degradation(study, heldout), "heldout_n": len(heldout), **deg0}
                     if lm:
                         d = {**d, **lm_evaluate(study.model, study.tok, lm_spec), **deg0}
                 exp.save_unit(f"{cfg}-b{p_.bi:05d}", pd.concat(frames, ignore_index=True),
@@ -1386,7 +1385,7 @@ def _heldout(study: Study, sq, facts: Sequence[Record], ordering: int) -> list[R
     return held
 
 
-def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float | int]:
+def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
     from .degradation import measure
 
     ev = study.params.evaluation  # the rewrite prompts' scores only: no paraphrases, neighbours, generation
@@ -1397,7 +1396,7 @@ def _degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float | i
                    batch_size=ev.batch_size)
 
 
-def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float | int]:
+def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, float]:
     """:func:`_degradation` of the unedited model, measured once per study for these held-out
     facts and the evaluation settings it reads (:meth:`Study.of_unedited`), not per configuration."""
     ev = study.params.evaluation

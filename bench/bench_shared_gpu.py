@@ -35,6 +35,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from device_checks import last_json  # noqa: E402  (a process's summary line, library output after it)
 
 
 def _wait_for(paths: list[Path], timeout: float, who: str) -> None:
@@ -92,14 +94,6 @@ def child(a: argparse.Namespace) -> None:
           flush=True)
 
 
-def _last_json(text: str) -> dict:
-    """The last line of ``text`` that is a JSON object (a library may print after it)."""
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise ValueError("no JSON line")
-
-
 def run_group(a: argparse.Namespace) -> list[dict]:
     """The ``a.procs`` processes; their JSON lines, in index order. The first that fails ends the others."""
     with tempfile.TemporaryDirectory(prefix="shared-gpu-") as barrier:
@@ -130,7 +124,7 @@ def run_group(a: argparse.Namespace) -> list[dict]:
     if any(pr.returncode for pr in procs):
         raise SystemExit(f"{a.procs} processes: exit statuses {[pr.returncode for pr in procs]} "
                          "(a process that failed ended the others; its traceback is above)")
-    return [_last_json(o) for o in outs]
+    return [last_json(o) for o in outs]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -187,7 +181,6 @@ def main(argv=None) -> int:
     if a.child:
         child(a)
         return 0
-    sys.path.insert(0, str(BENCH))
     from slice_phases import _build  # a Llama-3-8B shape named by the params is built once, here
 
     from editlib.params import resolve

@@ -402,24 +402,28 @@ def calibrate_command(run: Run, out: str = "calibration.json") -> list[str]:
 def step_calibrate(run: Run, step: Step) -> None:
     if shape_unready(run, step, "the calibration"):
         return
-    out = run.out / "calibration.json"
-    out.unlink(missing_ok=True)  # only this run's units come back
-    run_command(run, step, calibrate_command(run), run.caps["calibrate"][0],
+    _calibrate(run, step, "calibration.json", [], run.caps["calibrate"][0])
+
+
+def _calibrate(run: Run, step: Step, name: str, args: list[str], limit: float) -> dict | None:
+    """bench/calibrate_units.py (with ``args``) into ``run.out / name``, only this run's: its file,
+    with ``complete``, ``units``, ``raw`` and ``errors`` in the step's numbers, or None when it wrote
+    none. A calibration without its file, or whose parts did not all run, failed and says why
+    (calibrate_units.py exits with status 1 then); a step stopped by its limit keeps its timeout."""
+    out = run.out / name
+    out.unlink(missing_ok=True)
+    run_command(run, step, [*calibrate_command(run, name), *args], limit,
                 env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
-    if out.is_file():
-        doc = json.loads(out.read_text())
-        step.numbers |= {"complete": doc.get("complete", False), "units": doc.get("units", {}),
-                        "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
-        _parts_verdict(step, doc)
-    elif step.status != "timeout":
-        step.status, step.reason = "failed", step.reason or "no calibration.json"
-
-
-def _parts_verdict(step: Step, doc: dict) -> None:
-    """A calibration whose parts did not all run failed, and says which (calibrate_units.py exits
-    with status 1 then; a step stopped by its limit keeps its timeout)."""
+    if not out.is_file():
+        if step.status != "timeout":
+            step.status, step.reason = "failed", step.reason or f"no {name}"
+        return None
+    doc = json.loads(out.read_text())
+    step.numbers |= {"complete": doc.get("complete", False), "units": doc.get("units", {}),
+                     "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
     if not doc.get("complete") and step.status != "timeout":
         step.status, step.reason = "failed", f"parts failed: {doc.get('errors')}"
+    return doc
 
 
 def measured_unit_files(run: Run) -> list[Path]:
@@ -429,7 +433,8 @@ def measured_unit_files(run: Run) -> list[Path]:
 
 
 def step_cost(run: Run, step: Step) -> None:
-    for stale in (run.out / "cost.json", _work_file(run, "cost-model.json")):  # only this run's totals
+    modelled = _work_file(run, "cost-model.json")
+    for stale in (run.out / "cost.json", modelled):  # only this run's totals
         stale.unlink(missing_ok=True)
     sources = measured_unit_files(run)
     if not sources:
@@ -441,8 +446,8 @@ def step_cost(run: Run, step: Step) -> None:
                 run.caps["cost"][0] / 2)
     if step.status == "passed":
         # arithmetic of the repository alone (rerun it anywhere): kept in the work folder, not returned
-        run_command(run, step, [*base, "--json", str(_work_file(run, "cost-model.json"))], run.caps["cost"][0] / 2)
-    for key, path in (("modelled", _work_file(run, "cost-model.json")), ("measured_units", run.out / "cost.json")):
+        run_command(run, step, [*base, "--json", str(modelled)], run.caps["cost"][0] / 2)
+    for key, path in (("modelled", modelled), ("measured_units", run.out / "cost.json")):
         if path.is_file():
             step.numbers[key] = _cost_totals(json.loads(path.read_text()))
 
@@ -516,22 +521,15 @@ def step_captured_units(run: Run, step: Step) -> None:
     if not run.smoke and shape_unready(run, step, "the captured calibration"):
         return
     out = run.out / "calibration-captured.json"
-    out.unlink(missing_ok=True)  # only this run's units come back
     grid = [] if run.smoke else [a for x in CAPTURED_GRID for a in ("--grid-set", x)]
     cap = run.caps["captured_units"][0]
     t0 = time.perf_counter()
     # the two pricings (a few seconds each) keep PRICING_S of the step's time and of the run's
-    run_command(run, step, [*calibrate_command(run, out.name), "--parts", "eval", "values", *grid],
-                min(cap, run.left() - run.reserve) - PRICING_S,
-                env={"HF_HUB_OFFLINE": "1", "EDITLIB_CACHE": str(run.work / "calibrate-cache")})
-    if not out.is_file():
-        if step.status != "timeout":
-            step.status, step.reason = "failed", step.reason or "no calibration-captured.json"
+    doc = _calibrate(run, step, out.name, ["--parts", "eval", "values", *grid],
+                     min(cap, run.left() - run.reserve) - PRICING_S)
+    if doc is None:
         return
-    doc = json.loads(out.read_text())
-    step.numbers |= {"complete": doc.get("complete", False), "graphs": doc.get("graphs", {}),
-                     "units": doc.get("units", {}), "raw": doc.get("raw", {}), "errors": doc.get("errors", {})}
-    _parts_verdict(step, doc)
+    step.numbers["graphs"] = doc.get("graphs", {})
     verdict = (step.status, step.reason, step.command, step.rc)  # the calibration's
     base = [PY, "bench/paper_cost.py", "--params", "params/llama3-8b.yaml", "--gpu", "h200", "--dtype", "bfloat16",
             *set_args(CAPTURED_GRID)]

@@ -135,14 +135,9 @@ def test_shape_model_size_is_the_built_models():
 
 def test_the_slice_fails_fast_without_the_disk_for_its_model(tmp_path, monkeypatch):
     """A fresh GPU machine's disk too small for the 32-layer model: the slice is not started."""
-    import collections
-    monkeypatch.setattr(dc, "STAGE", tmp_path / "stage")
-    (tmp_path / "stage" / "tokenizer").mkdir(parents=True)
-    (tmp_path / "stage" / "counterfact.json").write_text("[]")
     monkeypatch.setattr(dc, "ROOT", tmp_path / "repo")  # no built shape model there
-    monkeypatch.setattr(dc.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(0, 0, 10 * 2**30))
     monkeypatch.setattr(dc, "run_command", lambda *a, **k: pytest.fail("the slice must not start"))
-    run = dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
+    run = _staged_shape_run(tmp_path, monkeypatch, free_gib=10)
     (step,) = dc.run_checks(run, ["slice"])
     assert step.status == "failed" and "10.0 GiB of disk free, the slice needs 19.0 GiB" in step.reason
     assert step.numbers == {"disk_need_gib": 19.0, "disk_free_gib": 10.0}
@@ -499,13 +494,15 @@ def _fake_captured(calls, calibration: dict | None, fail: tuple[str, ...] = (), 
     return fake
 
 
-def _staged_shape_run(tmp_path, monkeypatch) -> dc.Run:
-    """A GPU run (not smoke) whose stage and disk are in place, so that the shape steps start."""
+def _staged_shape_run(tmp_path, monkeypatch, free_gib: float = 100) -> dc.Run:
+    """A GPU run (not smoke) whose tokenizer and CounterFact are staged, on a disk with ``free_gib``
+    free (by default enough for the shape model, so that the shape steps start)."""
     import collections
     (tmp_path / "stage" / "tokenizer").mkdir(parents=True)
     (tmp_path / "stage" / "counterfact.json").write_text("[]")
     monkeypatch.setattr(dc, "STAGE", tmp_path / "stage")
-    monkeypatch.setattr(dc.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(0, 0, 100 * 2**30))
+    monkeypatch.setattr(dc.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("u", "total used free")(0, 0, free_gib * 2**30))
     return dc.Run(tmp_path / "out", 600.0, "cuda", smoke=False, work=tmp_path / "work")
 
 

@@ -59,11 +59,12 @@ def test_a_failed_env_stops_the_run_and_later_steps_keep_their_time(tmp_path):
     def slice_(run, step):
         limits["slice"] = run.left() - run.reserve
 
-    run = run_of(tmp_path, budget=100.0)
+    run = run_of(tmp_path, budget=110.0)
     run.caps = {"slice": (400, 10), "cost": (90, 20), "compiled": (200, 60)}
     dc.run_checks(run, ["slice", "cost", "compiled"],
                   runners={"slice": slice_, "cost": lambda r, s: None, "compiled": lambda r, s: None})
-    assert 15 < limits["slice"] <= 20  # 100 s less the cost step's 20 and the compiled step's 60
+    assert 15 < limits["slice"] <= 20  # 110 s less the cost step's 20 and the compiled step's 60, each with
+    # RESERVE_MARGIN_S (5 s)
 
 
 def test_a_step_that_no_longer_fits_the_budget_is_skipped(tmp_path):
@@ -384,9 +385,10 @@ def test_the_calibration_wins_over_the_slice(tmp_path):
 
 
 def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
-    """A plain run checks DEFAULT_STEPS (its 9 minutes); the calibration and the compiled shape each
-    want a lease of their own, and the shape step names what is missing instead of starting."""
-    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"calibrate", "compiled_shape", "captured_shape", "captured_units",
+    """A plain run checks DEFAULT_STEPS (its 9 minutes: what has never run on a GPU); the others run
+    with --only, and the shape step names what is missing instead of starting."""
+    assert dc.DEFAULT_STEPS == ("env", "cuda_tests", "captured_shape", "captured_units")
+    assert set(dc.STEPS) - set(dc.DEFAULT_STEPS) == {"gram", "slice", "calibrate", "cost", "compiled", "compiled_shape",
                                                      "shared_gpu", "decode_shape"}
     seen: list[str] = []
     monkeypatch.setattr(dc, "run_checks", lambda run, names: seen.extend(names) or [])
@@ -403,6 +405,24 @@ def test_lease_sized_steps_run_only_when_asked(tmp_path, monkeypatch):
         run = dc.Run(tmp_path / f"out-{name}", 600.0, "cuda", smoke=False, work=tmp_path / "work")
         (step,) = dc.run_checks(run, [name])
         assert step.status == "skipped" and "--stage" in step.reason
+
+
+def test_a_plain_run_reaches_every_default_step_when_each_runs_to_its_limit(tmp_path):
+    """The default budget holds DEFAULT_STEPS: each step, run to the limit run_command would give it
+    (its cap, less what later RESERVED steps keep), still leaves every later step its least time."""
+    limits: dict[str, float] = {}
+
+    def to_limit(run, step):
+        limit = max(1.0, min(run.caps[step.name][0], run.left() - run.reserve))
+        limits[step.name] = limit
+        run.t0 -= limit  # the step took all of it
+        step.status = "passed"
+
+    run = dc.Run(tmp_path / "out", 540.0, "cuda", smoke=False, work=tmp_path / "work")  # main's default budget
+    steps = dc.run_checks(run, list(dc.DEFAULT_STEPS), runners={n: to_limit for n in dc.DEFAULT_STEPS})
+    assert [s.status for s in steps] == ["passed"] * len(dc.DEFAULT_STEPS)
+    assert all(limits[n] >= dc.CAPS[n][1] for n in dc.DEFAULT_STEPS), limits
+    assert limits["captured_units"] >= dc.CAPS["captured_units"][1]  # kept free while the shape step ran
 
 
 def test_one_failed_protocol_does_not_stop_the_others():

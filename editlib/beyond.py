@@ -285,17 +285,11 @@ def answers(methods: Sequence[str], batch_cases: pd.DataFrame | None, seq_cases:
 
 def save_answers(text: Mapping[str, str], out_dir: str | Path, stem: str = "beyond_answers") -> Path:
     """The paragraphs as Markdown (written atomically)."""
-    import os
-    import tempfile
+    from .store import atomic_write_bytes
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stem}.md"
+    path = Path(out_dir) / f"{stem}.md"
     body = "# Is bigger edit batch size better? One answer per editor\n\n" + "\n\n".join(text.values()) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(body)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, body.encode("utf-8"))
     return path
 
 

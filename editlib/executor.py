@@ -97,12 +97,12 @@ def inject_failure(unit: str) -> None:
 def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *, log: Callable,
               fail_after: int | None = None) -> None:
     """Run the ``units`` not saved yet on the params' executor (the caller then finishes ``exp``)."""
-    from .protocols import unit_done
-
-    from .protocols import unit_edits
+    from .protocols import stored_checks, unit_done, unit_edits
 
     pending = [u for u in units if not unit_done(u, exp, study.params)]
     book = _FailureBook(study.params.evaluation.max_failed_fraction, log)
+    for u in units:  # a resumed run's limit counts what earlier sessions stored
+        book.add(stored_checks(u, exp, study.params), stored=True)
     sizes = {u.name: unit_edits(u, study.params) for u in units}
     with progress(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[u.name] for u in pending),
                   desc=exp.root.name, unit=" edits", unit_scale=False, disable=not pending) as bar:
@@ -124,11 +124,11 @@ class _FailureBook:
     log: Callable
     scopes: dict = field(default_factory=dict)
 
-    def add(self, checks: Sequence[tuple[str, str, Any]]) -> None:
+    def add(self, checks: Sequence[tuple[str, str, Any]], *, stored: bool = False) -> None:
         from .protocols import _Failures
 
         for scope, config, cases in checks:
-            self.scopes.setdefault(scope, _Failures(self.limit, self.log)).add(config, cases)
+            self.scopes.setdefault(scope, _Failures(self.limit, self.log)).add(config, cases, stored=stored)
 
 
 def _record(study: "Study", res: "UnitResult", book: _FailureBook, done: Callable, log: Callable) -> None:

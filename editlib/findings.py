@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .beyond import MAX_FAILED
 from .metrics import summarize_cases
 
 #: |S(MEMIT) − S(ROME)| (points) below which the two "coincide" (the paper: 0.05)
@@ -84,6 +85,16 @@ def _unscored(s: pd.DataFrame, key: str, label: str) -> str:
     if bad.empty:
         return ""
     return f", no scores at {label} = {', '.join(f'{v:g}' for v in bad[key])} (every edit failed)"
+
+
+def _some_failed(s: pd.DataFrame, key: str, label: str) -> str:
+    """"; 3/100 edits failed at B = 64, left out of its mean" for the configurations of ``s`` where
+    some but not all edits failed (those where all did: :func:`_unscored`)."""
+    part = s[(s["n_failed"] > 0) & np.isfinite(s["S"].to_numpy(dtype=float))]
+    if part.empty:
+        return ""
+    bits = ", ".join(f"{int(r['n_failed'])}/{int(r['n'])} at {label} = {r[key]:g}" for _, r in part.iterrows())
+    return f"; failed edits, left out of the means: {bits}"
 
 
 def _no_scores_row(claim: str, paper: str, why: str) -> dict:
@@ -309,17 +320,75 @@ def _holds_label(pooled: bool | None, per: list[bool | None]) -> str:
             else f"no over all, yes in {k} of {n} orderings{na}")
 
 
+#: what each claim compares: its experiment, the keys of a configuration, the methods (None: all)
+_SCOPE: dict[Callable, tuple[str, list[str], tuple[str, ...] | None]] = {
+    claim_early_layer: ("layer_search", ["method", "layer"], None),
+    claim_rome_memit: ("singular", ["method"], ("rome", "memit")),
+    claim_batch_hurts: ("batch", ["method", "batch_size"], PAPER_METHODS),
+    claim_sequential: ("sequential", ["method", "batch_size"], PAPER_METHODS),
+    claim_lambda: ("sweep", ["method", "lam"], PAPER_METHODS)}
+#: how a configuration key is named in a note
+_KEY_LABEL = {"layer": "layer", "batch_size": "B", "lam": "λ"}
+#: failures listed by name in a claim's note; the rest are counted
+_LISTED = 4
+
+
+def _config(r: pd.Series, keys: list[str]) -> str:
+    """"MEMIT B = 64", "ROME layer 3", "EMMET λ = 10" (a summary row's configuration)."""
+    bits = [str(r["method"]).upper()] if "method" in keys else []
+    for k in keys:
+        if k != "method":
+            bits.append(f"{_KEY_LABEL.get(k, k)} {r[k]:g}" if k == "layer" else f"{_KEY_LABEL.get(k, k)} = {r[k]:g}")
+    return " ".join(bits)
+
+
+def _claim_failures(stored: dict[str, pd.DataFrame], claim: Callable) -> tuple[str, str | None]:
+    """The failed edits of the configurations ``claim`` compares: a note for its "ours" text
+    ("" when none failed; failed edits are left out of the means, so the means are over fewer
+    facts) and why it gets no verdict (more than :data:`MAX_FAILED` of one configuration failed,
+    as notebook 07's answers), else None."""
+    exp, keys, methods = _SCOPE[claim]
+    c = stored.get(exp)
+    if c is None:
+        return "", None
+    c = _current(c)
+    if methods is not None:
+        c = c[c["method"].isin(methods)]
+    keys = [k for k in keys if k in c.columns]
+    if c.empty or not keys:
+        return "", None
+    s = summarize_cases(c, by=keys)
+    bad = s[s["n_failed"] > 0]
+    if bad.empty:
+        return "", None
+    listed = [f"{int(r['n_failed'])}/{int(r['n'])} at {_config(r, keys)}" for _, r in bad.head(_LISTED).iterrows()]
+    if len(bad) > _LISTED:
+        listed.append(f"and at {len(bad) - _LISTED} more configurations")
+    share = bad["n_failed"] / bad["n"]
+    worst = bad.loc[share.idxmax()]
+    why = (f"{int(worst['n_failed'])} of {int(worst['n'])} edits at {_config(worst, keys)} failed"
+           if float(share.max()) > MAX_FAILED else None)
+    return f" (failed edits, left out of the means: {', '.join(listed)})", why
+
+
 def claims_table(stored: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per claim whose experiment was run: claim, paper, ours, holds here (yes / no /
     n/a over the pooled cases, and in how many orderings when they disagree), margin, spread
-    over orderings."""
+    over orderings. Failed edits of the compared configurations are named in "ours" (they are
+    left out of its means); where more than :data:`MAX_FAILED` of one configuration failed, the
+    claim gets no verdict ("n/a: ..."), as notebook 07's answers."""
     orderings = sorted(set().union(*(set(_orderings(c)) for c in stored.values()))) if stored else []
     rows = []
     for f in CLAIMS:
         r = f(stored)
-        if r is not None:
-            per = _holds_per_ordering(f, stored, orderings) if len(orderings) > 1 and r["holds"] is not None else []
-            rows.append({**r, "holds": _holds_label(r["holds"], per)})
+        if r is None:
+            continue
+        note, why = ("", None) if r["ours"].startswith("no scores:") else _claim_failures(stored, f)
+        if why is not None and r["holds"] is not None:  # too many failed edits: no verdict, said why
+            rows.append({**r, "ours": r["ours"] + note, "holds": f"n/a: {why} (over {MAX_FAILED:.0%})"})
+            continue
+        per = _holds_per_ordering(f, stored, orderings) if len(orderings) > 1 and r["holds"] is not None else []
+        rows.append({**r, "ours": r["ours"] + note, "holds": _holds_label(r["holds"], per)})
     t = pd.DataFrame(rows, columns=["claim", "paper", "ours", "holds", "margin", "spread"])
     return t.rename(columns={"holds": "holds here"})
 
@@ -344,14 +413,16 @@ def finding_layer_search(c: pd.DataFrame) -> str:
             continue
         worst = s.loc[s["S"].idxmin()]
         parts.append(f"{m.upper()} edits best at layer {best} (S {top:.2f}) and worst at layer "
-                     f"{int(worst['layer'])} (S {worst['S']:.2f}){_unscored(s, 'layer', 'layer')}")
+                     f"{int(worst['layer'])} (S {worst['S']:.2f}){_unscored(s, 'layer', 'layer')}"
+                     f"{_some_failed(s, 'layer', 'layer')}")
     return f"Over {_searched(c)[2]} layers, " + "; ".join(parts) + "."
 
 
 def finding_singular(c: pd.DataFrame) -> str:
     s = _s(c, ["method"]).set_index("method")
     layer = int(c["layer"].iloc[0]) if "layer" in c.columns else None
-    bits = [f"{m.upper()} S {r['S']:.2f} (ES {r['ES_mean']:.2f}, PS {r['PS_mean']:.2f}, NS {r['NS_mean']:.2f})"
+    bits = [f"{m.upper()} S {r['S']:.2f} (ES {r['ES_mean']:.2f}, PS {r['PS_mean']:.2f}, NS {r['NS_mean']:.2f}"
+            + (f"; {int(r['n_failed'])} of {int(r['n'])} edits failed, left out" if r["n_failed"] else "") + ")"
             if np.isfinite(r["S"]) else f"{m.upper()} no scores (all {int(r['n'])} edits failed)"
             for m, r in s.iterrows()]
     k = len(_orderings(c))
@@ -369,7 +440,7 @@ def finding_sweep(c: pd.DataFrame) -> str:
             continue
         top = s.loc[s["S"].idxmax()]
         bits.append(f"{m.upper()} scores best at λ = {top['lam']:g} (S {top['S']:.2f}; range over the grid "
-                    f"{s['S'].min():.2f}–{s['S'].max():.2f}{_unscored(every, 'lam', 'λ')})")
+                    f"{s['S'].min():.2f}–{s['S'].max():.2f}{_unscored(every, 'lam', 'λ')}{_some_failed(every, 'lam', 'λ')})")
     return "; ".join(bits) + "."
 
 
@@ -387,7 +458,7 @@ def finding_batch(c: pd.DataFrame) -> str:
                  if len(below) else f"stays within {DROP:g} points of it up to B = {int(s['batch_size'].iloc[-1])}")
         bits.append(f"{m.upper()}: S {first:.2f} at B = {int(s['batch_size'].iloc[0])}, {where} "
                     f"(S {float(s['S'].iloc[-1]):.2f} at B = {int(s['batch_size'].iloc[-1])}"
-                    f"{_unscored(every, 'batch_size', 'B')})")
+                    f"{_unscored(every, 'batch_size', 'B')}{_some_failed(every, 'batch_size', 'B')})")
     return "; ".join(bits) + "."
 
 
@@ -401,7 +472,7 @@ def finding_sequential(c: pd.DataFrame) -> str:
             continue
         top = cur.loc[cur["S"].idxmax()]
         txt = (f"{m.upper()}: B = {int(top['batch_size'])} scores best right after each batch (S {top['S']:.2f}"
-               f"{_unscored(every, 'batch_size', 'B')})")
+               f"{_unscored(every, 'batch_size', 'B')}{_some_failed(every, 'batch_size', 'B')})")
         fin = c[(c["method"] == m) & (c["eval"] == "final")]
         f = _scored(summarize_cases(fin, by=["batch_size"])) if len(fin) else pd.DataFrame()
         if len(f):

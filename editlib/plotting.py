@@ -13,6 +13,8 @@ Tables are DataFrames of the paper's ``"mean(std)"`` strings (:func:`editlib.met
 """
 from __future__ import annotations
 
+import io
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -27,6 +29,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullLoca
 
 from .beyond import s_over_orderings
 from .metrics import failed_rows, format_summary, summarize_cases
+from .store import atomic_write_bytes
 
 PANELS = ("ES", "PS", "NS", "S")
 NAMES = {"ES": "Efficacy ES", "PS": "Paraphrase PS", "NS": "Neighbourhood NS", "S": "Score S",
@@ -76,7 +79,7 @@ def band_label(cases: pd.DataFrame) -> str:
 
 def _stats(cases: pd.DataFrame, keys: Sequence[str], over_orderings: bool | None = None) -> pd.DataFrame:
     """Unrounded per-group summary with ``<m>_ci``: the band's half-width. One ordering: the 95%
-    CI of the case mean. Several (``data.orderings``; ``over_orderings``, default: this frame has
+    CI of the case mean, over the cases that produced the metric (none, NaN, where fewer than 2 did). Several (``data.orderings``; ``over_orderings``, default: this frame has
     more than one): each metric and S are computed per ordering, the line is their mean and the
     band ±1 sample std over orderings (S gets one too; a group with fewer than 2 orderings that
     produced scores gets none, NaN, never a zero band)."""
@@ -91,12 +94,17 @@ def _stats(cases: pd.DataFrame, keys: Sequence[str], over_orderings: bool | None
                 o[f"{m}_ci"] = o[f"{m}_sd"]
         return o.sort_values(list(keys)).reset_index(drop=True)
     s = summarize_cases(cases, by=list(keys), decimals=None)
-    n = s["n"].to_numpy(dtype=float)
+    # each metric's CI over the values its mean was taken over: failed rows (and a metric's missing
+    # values) are left out of the mean, so they must be left out of n too, or the band would narrow
+    scored = cases[~failed_rows(cases)]
     for col in [c for c in s.columns if c.endswith("_std")]:
+        m = col[:-4]
+        n = s[list(keys)].merge(scored.groupby(list(keys))[m].count().rename("_n").reset_index(), on=list(keys),
+                                how="left")["_n"].fillna(0).to_numpy(dtype=float)
         # summarize_cases gives the population std; the CI uses the sample std
         with np.errstate(divide="ignore", invalid="ignore"):
             half = 1.96 * s[col].to_numpy(dtype=float) / np.sqrt(n - 1)
-        s[col[:-4] + "_ci"] = np.where(n > 1, half, 0.0)
+        s[m + "_ci"] = np.where(n > 1, half, np.nan)  # one value: no band (NaN), never a zero-width one
     return s.sort_values(list(keys)).reset_index(drop=True)
 
 
@@ -698,14 +706,26 @@ def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:
 # --------------------------------------------------------------------------- saving
 
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write ``<stem>.png`` (dpi 150) and ``<stem>.pdf`` into ``out_dir``; return the paths."""
+    """Write ``<stem>.png`` (dpi 150) and ``<stem>.pdf`` into ``out_dir``, each atomically (drawn in
+    memory, then renamed into place: a run stopped mid-write leaves the old file, never half a new
+    one); return the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, metadata={"Software": None})
+    png, pdf = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=150, metadata={"Software": None})
     with matplotlib.rc_context({"pdf.fonttype": 42}):  # TrueType, not Type 3: what publishers accept
-        fig.savefig(paths[1], metadata={"CreationDate": None, "Creator": None, "Producer": None})
+        fig.savefig(pdf, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    atomic_write_bytes(paths[0], png.getvalue())
+    atomic_write_bytes(paths[1], pdf.getvalue())
     return paths
+
+
+def save_json(obj, out_dir: str | Path, name: str) -> Path:
+    """``obj`` as indented JSON in ``out_dir/name``, written atomically (a record beside the figures,
+    such as notebook 01's ``best_layer.json``); returns the path."""
+    path = Path(out_dir) / name
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    return path
 
 
 def _md_cell(v) -> str:
@@ -725,12 +745,11 @@ def to_markdown(df: pd.DataFrame, *, index: bool = False) -> str:
 
 
 def save_table(df: pd.DataFrame, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``; return the paths."""
+    """Write ``<stem>.csv`` and ``<stem>.md`` into ``out_dir``, each atomically; return the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.csv", out / f"{stem}.md"]
-    df.to_csv(paths[0], index=False)
-    paths[1].write_text(to_markdown(df), encoding="utf-8")
+    atomic_write_bytes(paths[0], df.to_csv(index=False).encode("utf-8"))
+    atomic_write_bytes(paths[1], to_markdown(df).encode("utf-8"))
     return paths
 
 
@@ -828,7 +847,9 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                   incomplete: dict[str, int] | None = None) -> pd.DataFrame:
     """Failed edits and regularised solves per experiment and configuration (method, layer, λ,
     batch size), counted on the rows scored right after their edit; one row per configuration
-    with any failure or jitter, or one "none" row per experiment — so a report always says.
+    with any failure or jitter, or one "none" row per experiment — so a report always says. A
+    later evaluation of a sequential run (``eval`` final, after_N) with more failed facts than
+    right after their edits (the later model's logits overflowed) adds a row of its own.
     ``failed_units`` (experiment -> unit -> {error, ...}, :func:`editlib.reproduce.stored_failed_units`):
     units of work that failed on every try add one row each (their cases are missing, not failed).
     ``incomplete`` (experiment -> units saved, :func:`editlib.reproduce.incomplete_experiments`):
@@ -848,9 +869,11 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
         c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
         by = [k for k in keys if k in c.columns]
         found = False
+        now: dict[tuple, int] = {}  # failed right after the edits, per configuration
         for key, g in (c.groupby(by, sort=True, dropna=False) if by else [((), c)]):
             key = key if isinstance(key, tuple) else (key,)
             bad = failed_rows(g)
+            now[key] = int(bad.sum())
             jit = g["solve_jitter"].to_numpy(dtype=float) if "solve_jitter" in g.columns else np.zeros(len(g))
             if not bad.any() and not (jit > 0).any():
                 continue
@@ -861,6 +884,20 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                          "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
                          "jittered": int((jit > 0).sum()),
                          "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else ""})
+        later = sorted(set(cases["eval"]) - {"current"}, key=str) if "eval" in cases.columns else []
+        for ev in later:
+            e = cases[cases["eval"] == ev]
+            for key, g in (e.groupby(by, sort=True, dropna=False) if by else [((), e)]):
+                key = key if isinstance(key, tuple) else (key,)
+                bad = failed_rows(g)
+                if int(bad.sum()) <= now.get(key, 0):
+                    continue
+                found = True
+                reason = g["fail_reason"][bad].iloc[0] if "fail_reason" in g.columns else ""
+                rows.append({"experiment": exp,
+                             "configuration": ", ".join([f"{k}={v}" for k, v in zip(by, key)] + [f"eval={ev}"]),
+                             "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
+                             "jittered": 0, "max τ (rel.)": ""})
         if not found:
             rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,
                          "first reason": "none", "jittered": 0, "max τ (rel.)": ""})
@@ -905,7 +942,8 @@ def paper_reference_tables() -> dict[str, pd.DataFrame]:
 
 def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.DataFrame:
     """Side by side: ``<metric> (ours)`` and ``<metric> (paper)`` for every metric of either table,
-    rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty."""
+    rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty. Our ``failed``
+    count comes along as ``failed (ours)`` (our means leave those edits out; "0": none failed)."""
     metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
     a = ours[[on] + [m for m in metrics if m in ours.columns]].rename(columns={m: f"{m} (ours)" for m in metrics})
     b = paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics})
@@ -918,4 +956,10 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.D
     cols = [c for c in out.columns if c in ("Lambda", on)]
     for m in metrics:
         cols += [c for c in (f"{m} (ours)", f"{m} (paper)") if c in out.columns]
+    if "failed" in ours.columns:
+        failed = ours[[on, "failed"]].rename(columns={"failed": "failed (ours)"})
+        if on == "lam":
+            failed = failed.assign(lam=failed["lam"].astype(float))
+        out = out.merge(failed, on=on, how="left")
+        cols.append("failed (ours)")
     return out[cols].fillna("").reset_index(drop=True)

@@ -74,7 +74,10 @@ class _Failures:
     log: Callable
     counts: dict = field(default_factory=dict)
 
-    def add(self, config: str, cases: pd.DataFrame) -> None:
+    def add(self, config: str, cases: pd.DataFrame, *, stored: bool = False) -> None:
+        """Count ``cases``' failed edits under ``config`` (per method) and stop past the limit.
+        ``stored``: cases saved by an earlier session, counted on resume (the limit covers the
+        whole configuration, not the edits since the resume) and logged only if they stop it."""
         if "failed" not in cases.columns:
             return
         cur = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
@@ -85,13 +88,14 @@ class _Failures:
             k, n = self.counts.get(name, (0, 0))
             k, n = k + int(f.sum()), n + len(f)
             self.counts[name] = (k, n)
-            if f.any():
+            if f.any() and not stored:
                 self.log(f"{name}: {int(f.sum())} of {len(f)} edits failed ({g['fail_reason'][f].iloc[0]})")
             if n >= MIN_EDITS_FOR_FAILURE_CHECK and k / n > self.limit:
                 raise TooManyFailures(
                     f"{name}: {k} of {n} edits failed ({k / n:.0%} > evaluation.max_failed_fraction = "
                     f"{self.limit:g}); first reason: {g['fail_reason'][f].iloc[0] if f.any() else '?'}. "
-                    "Fix the cause (e.g. hparams.common.v_lr) or raise the limit; finished units are kept")
+                    + ("(counting the units stored by earlier sessions) " if stored else "")
+                    + "Fix the cause (e.g. hparams.common.v_lr) or raise the limit; finished units are kept")
 
 
 # --------------------------------------------------------------------------- the study context
@@ -613,9 +617,11 @@ def best_layer_of(cases: pd.DataFrame) -> int:
     return int(pick.sort_values(["S", "layer"], ascending=[False, True]).iloc[0]["layer"])
 
 
-#: evaluation keys that change how scores are computed, not what they are: left out of an
-#: experiment's params digest, so changing one (e.g. to fit GE in memory) still reopens the folder
-EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode", "share_values_gb")
+#: evaluation keys that change how scores are computed, not what they are, or (max_failed_fraction)
+#: only when a run stops: left out of an experiment's params digest, so changing one (e.g. to fit GE
+#: in memory, or raising the failed-edit limit after a run stopped on it) still reopens the folder
+EVAL_NOT_IN_DIGEST = ("gen_batch_size", "gen_kv_gb", "share_below_gb", "gen_decode", "share_values_gb",
+                      "max_failed_fraction")
 #: params keys that may differ from a folder's manifest when it reopens (Experiment.open's
 #: free_keys): the evaluation keys above (a manifest written before one was left out may still hold
 #: it), and C0's accumulators per pass, which change how many passes run, never a layer's sum
@@ -1224,6 +1230,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 done = exp.load_unit(f"{cfg}-b{bi:05d}")
                 done = done[done["eval"] == "current"]
                 current.append(done)
+                fails.add(f"sequential B={B}:", done, stored=True)
                 own_jitter[list(chunks[bi])] = done["solve_jitter"].iloc[0]
                 for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
                     own_reason[i] = r
@@ -1448,9 +1455,16 @@ class UnitSpec:
         if self.experiment == "singular":
             return f"o{o}" if self.chunk is None else f"o{o}-c{self.chunk:05d}"
         if self.experiment == "sweep":
-            return f"{self.method}-lam{self.lam:g}-o{o}-b{self.chunk:05d}"
+            return f"{self.method}-lam{_lam_name(self.lam)}-o{o}-b{self.chunk:05d}"
         w = f"-w{self.window}" if self.window > 1 else ""
         return f"{self.method}{w}-B{self.batch_size:05d}-o{o}"
+
+
+def _lam_name(lam: float) -> str:
+    """λ in a unit's name: ``{:g}`` (1e+04, 0.001) where that names it exactly, else every digit
+    (``repr``), so that two λ of a grid never share a part file (``{:g}`` keeps six digits)."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(float(lam))
 
 
 @dataclass
@@ -1465,10 +1479,18 @@ class UnitContext:
     shared: dict = field(default_factory=dict)
 
     def group(self, key: tuple) -> dict:
+        """The group ``key`` (its experiment first), made empty if new; any other group goes."""
         if key not in self.shared:
             self.shared.clear()
             self.shared[key] = {"targets": {}, "charged": {}}
         return self.shared[key]
+
+    def keep_only(self, experiment: str) -> None:
+        """Drop groups of other experiments (a Ray worker's context outlives an experiment: a batch
+        group's targets and shared block outputs, GBs on a GPU, would stay through the sequential
+        units, which make no group)."""
+        for key in [k for k in self.shared if k[0] != experiment]:
+            del self.shared[key]
 
 
 @dataclass
@@ -1495,8 +1517,26 @@ def run_unit(spec: UnitSpec, study: Study, exp: Experiment, uc: UnitContext) -> 
     it, also when it fails: the next unit may edit another layer, and the next experiment's GE
     wants their memory (:func:`editlib.values.keeping_graphs`)."""
     inject_failure(spec.name)
+    uc.keep_only(spec.experiment)
     with keeping_graphs():
         return _UNIT_RUNNERS[spec.experiment](spec, study, exp, uc)
+
+
+def stored_checks(spec: UnitSpec, exp: Experiment, p: StudyParams) -> list[tuple[str, str, pd.DataFrame]]:
+    """The failed-edit checks (:class:`UnitResult`'s) of ``spec``'s parts saved by earlier sessions,
+    as the unit made them: a resumed run's limit counts them too. A sequential unit counts its own
+    stored batches when it resumes (``_sequential_config``): none here."""
+    e, o = spec.experiment, spec.ordering
+    if e == "batch":
+        parts = [f"{spec.name}-b{bi:05d}" for bi in range(len(_chunks(p.batch.total, spec.batch_size)))]
+        return [(f"o{o}", f"batch B={spec.batch_size}:", exp.load_unit(u)) for u in parts if exp.has_unit(u)]
+    if e == "sequential" or not exp.has_unit(spec.name):
+        return []
+    if e == "sweep":
+        scope, config = "", f"sweep λ={spec.lam:g}:"
+    else:
+        scope, config = ("", f"layer search, layer {spec.layer}:") if e == "layer_search" else (f"o{o}", "singular edits:")
+    return [(scope, config, exp.load_unit(spec.name))]
 
 
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:

@@ -20,6 +20,7 @@ import pandas as pd
 from .numerics import Numerics, choose
 from .params import ParamsError, StudyParams, find_params_file, resolve
 from .paths import REPO_ROOT, anchor_params, repo_path, shown
+from .store import atomic_write_bytes
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 REPORT = "06"
@@ -244,7 +245,7 @@ def export_html(nb_path: Path, html_path: Path, *, exclude_input: bool = False) 
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(exclude_input=exclude_input).from_filename(str(nb_path))
-    html_path.write_text(body, encoding="utf-8")
+    atomic_write_bytes(html_path, body.encode("utf-8"))
     return html_path
 
 
@@ -430,9 +431,9 @@ def _write_timings(path: Path, p: StudyParams, params_path: Path, over: dict, ru
     ran = {e["notebook"] for e in mine}
     kept = [{**e, "earlier_run": True} for e in before
             if isinstance(e, dict) and e.get("notebook") and e["notebook"] not in ran]
-    path.write_text(json.dumps({
+    atomic_write_bytes(path, (json.dumps({
         "name": p.name, "params_file": str(params_path), "overrides": over,
         "threads_per_kernel": threads, "numerics": numerics,
         "notebooks": sorted(kept + mine, key=lambda e: str(e["notebook"])),
         "total_seconds": round(sum(r.seconds for r in runs), 2),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n", encoding="utf-8")
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n").encode("utf-8"))

@@ -66,8 +66,9 @@ def show(run_dir: str | Path) -> str:
 
 
 def compare(run_a: str | Path, run_b: str | Path) -> str:
-    """The experiments both runs finished, configuration by configuration: each run's n, ES, PS,
-    NS and S (means ×100) and S(b) − S(a). Configurations only one run has are shown with blanks."""
+    """The experiments both runs finished, configuration by configuration: each run's n, failed (its
+    edits without scores, left out of its means), ES, PS, NS and S (means ×100) and S(b) − S(a).
+    Configurations only one run has are shown with blanks."""
     a, b = run_experiments(run_a), run_experiments(run_b)
     common = [e for e in a if e in b]
     if not common:
@@ -81,13 +82,14 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
         sa = experiment_summary(pd.read_parquet(a[exp] / "cases.parquet"), exp)
         sb = experiment_summary(pd.read_parquet(b[exp] / "cases.parquet"), exp)
         keys = [k for k in KEYS.get(exp.split("-", 1)[0], ["method"]) if k in sa.columns and k in sb.columns]
-        cols = ["n"] + [f"{m}_mean" for m in SCORES[:3]] + ["S"]
+        cols = ["n", "n_failed"] + [f"{m}_mean" for m in SCORES[:3]] + ["S"]
         m = pd.merge(sa[keys + cols], sb[keys + cols], on=keys, how="outer", suffixes=(" a", " b"))
         m["ΔS"] = m["S b"] - m["S a"]
-        for c in ("n a", "n b"):  # counts stay integers; blank where the run lacks the configuration
+        for c in ("n a", "n b", "n_failed a", "n_failed b"):  # counts stay integers; blank where the run lacks the configuration
             m[c] = m[c].map(lambda v: "" if pd.isna(v) else str(int(v)))
         m = m.rename(columns={f"{s}_mean{x}": f"{s}{x}" for s in SCORES[:3] for x in (" a", " b")})
-        order = keys + [f"{c}{x}" for x in (" a", " b") for c in ("n", "ES", "PS", "NS", "S")] + ["ΔS"]
+        m = m.rename(columns={f"n_failed{x}": f"failed{x}" for x in (" a", " b")})
+        order = keys + [f"{c}{x}" for x in (" a", " b") for c in ("n", "failed", "ES", "PS", "NS", "S")] + ["ΔS"]
         parts.append(f"== {exp}   a = {la}, b = {lb}\n"
                      + m[order].to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep=""))
     only = sorted(set(a) ^ set(b))

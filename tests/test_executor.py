@@ -285,6 +285,30 @@ def test_units_of_the_paper_grid():
                       "sequential": o * len(p.sequential.methods) * len(p.sequential.batch_sizes)}
 
 
+def test_sweep_units_of_close_lambdas_have_their_own_parts():
+    """A λ is named as {:g} (the paper grid's names: lam50000, lam0.001) where that is exact, else
+    with every digit: {:g} keeps six, and two λ of one grid would write one part file."""
+    def name(lam):
+        return protocols.UnitSpec("sweep", 0, 1, "memit", 8, lam=lam, chunk=0).name
+    assert [name(l) for l in (5e4, 1e-3, 0.0, 15000.0)] == ["memit-lam50000-o0-b00000", "memit-lam0.001-o0-b00000",
+                                                          "memit-lam0-o0-b00000", "memit-lam15000-o0-b00000"]
+    assert name(1234567.0) != name(1234568.0) and name(1234567.0) == "memit-lam1234567.0-o0-b00000"
+
+
+def test_a_worker_drops_another_experiments_shared_targets(monkeypatch):
+    """A Ray worker's UnitContext outlives an experiment: the batch group (targets, shared block
+    outputs: GBs on a GPU) goes when a unit of another experiment starts, not at the end of the run."""
+    seen = []
+    monkeypatch.setitem(protocols._UNIT_RUNNERS, "sequential", lambda spec, st, exp, uc: seen.append(dict(uc.shared)))
+    monkeypatch.setitem(protocols._UNIT_RUNNERS, "batch", lambda spec, st, exp, uc: seen.append(dict(uc.shared)))
+    uc = protocols.UnitContext(log=lambda *_: None)
+    uc.group(("batch", 0))["targets"]["k"] = "235 MB"
+    protocols.run_unit(protocols.UnitSpec("batch", 0, 1, "memit", 4), None, None, uc)
+    assert list(seen[-1]) == [("batch", 0)]  # the same experiment keeps its group
+    protocols.run_unit(protocols.UnitSpec("sequential", 0, 1, "memit", 4), None, None, uc)
+    assert seen[-1] == {} and uc.shared == {}
+
+
 def _with_depth(study, n: int):
     """A study stand-in whose model has ``n`` decoder layers (no weights are needed to list units)."""
     class Deep(type(study)):

@@ -166,7 +166,9 @@ def test_configurations_whose_edits_all_failed_are_named_not_compared():
     assert "MEMIT: no scores at any batch size" in findings.finding("batch", everything)
     ls = _fail(layer_search(0), lambda d: d.layer == 3)
     assert "no scores at layer = 3" in findings.finding("layer_search", ls)
-    assert findings.claims_table({"layer_search": ls})["holds here"].iloc[0] == "yes"
+    row = findings.claims_table({"layer_search": ls}).iloc[0]  # layer 3 might have been the best: no verdict
+    assert row["holds here"] == "n/a: 20 of 20 edits at MEMIT layer 3 failed (over 25%)"
+    assert "(failed edits, left out of the means: 20/20 at MEMIT layer 3, 20/20 at ROME layer 3)" in row["ours"]
     dead = _fail(layer_search(0), lambda d: d.method == "memit")
     assert findings.claims_table({"layer_search": dead})["holds here"].iloc[0] == "n/a"
     single = _fail(layer_search(0)[lambda d: d.layer == 0], lambda d: d.method == "rome")
@@ -175,6 +177,32 @@ def test_configurations_whose_edits_all_failed_are_named_not_compared():
     seq = _fail(sequential(False), lambda d: d.batch_size == 20)
     assert findings.claims_table({"sequential": seq})["holds here"].iloc[0] == "n/a"
     assert "nan" not in findings.finding("sequential", seq).lower()
+
+
+def test_partly_failed_configurations_are_named_and_too_many_take_the_verdict():
+    """Failed edits are left out of the means, so every claim and paragraph that averages over a
+    configuration where some failed names them (k/n); more than MAX_FAILED (25 %) of one compared
+    configuration failed leaves the claim without a verdict, as notebook 07's answers."""
+    few = _fail(batch(ns_drop=0.2, es_drop=0.05), lambda d: (d.batch_size == 64) & (d.method == "memit") & (d.case_id < 2))
+    row = findings.claims_table({"batch": few}).iloc[0]
+    assert row["holds here"] == "yes" and row["ours"].endswith("(failed edits, left out of the means: 2/20 at MEMIT B = 64)")
+    assert "failed edits, left out of the means: 2/20 at B = 64" in findings.finding("batch", few)
+    many = _fail(batch(ns_drop=0.2, es_drop=0.05), lambda d: (d.batch_size == 64) & (d.method == "memit") & (d.case_id < 6))
+    row = findings.claims_table({"batch": many}).iloc[0]
+    assert row["holds here"] == "n/a: 6 of 20 edits at MEMIT B = 64 failed (over 25%)" and "6/20 at MEMIT B = 64" in row["ours"]
+    clean = findings.claims_table({"batch": batch(ns_drop=0.2, es_drop=0.05)}).iloc[0]
+    assert clean["holds here"] == "yes" and "failed" not in clean["ours"]  # nothing failed: nothing added
+    seq = _fail(sequential(False), lambda d: (d.batch_size == 4) & (d.case_id < 1))
+    assert "(failed edits, left out of the means: 1/20 at MEMIT B = 4)" in findings.claims_table({"sequential": seq})["ours"].iloc[0]
+    assert "failed edits, left out of the means: 1/20 at B = 4" in findings.finding("sequential", seq)
+    single = _fail(layer_search(0)[lambda d: d.layer == 0], lambda d: (d.method == "rome") & (d.case_id < 3))
+    assert "ROME S" in findings.finding("singular", single) and "3 of 20 edits failed, left out" in findings.finding("singular", single)
+    lam = cases([({"method": "memit", "lam": l}, 0.9, 0.9, 0.9 - l / 100) for l in (1.0, 10.0)])
+    lam = _fail(lam, lambda d: (d.lam == 10.0) & (d.case_id < 1))
+    assert "1/20 at MEMIT λ = 10" in findings.claims_table({"sweep": lam})["ours"].iloc[0]
+    assert "failed edits, left out of the means: 1/20 at λ = 10" in findings.finding("sweep", lam)
+    ls = _fail(layer_search(0), lambda d: (d.layer == 2) & (d.case_id < 1))
+    assert "1/20 at layer = 2" in findings.finding("layer_search", ls)
 
 
 def test_an_ordering_without_scores_is_left_out_of_the_spread():
@@ -213,14 +241,18 @@ def test_the_claims_say_when_an_ordering_disagrees_and_spread_with_the_sample_st
 
 
 def test_orderings_that_cannot_be_judged_are_not_counted_as_disagreeing():
-    """An ordering whose one-batch run failed, or an experiment run on one ordering next to a
-    three-ordering layer search, is no disagreement: the label counts judged orderings only."""
+    """An ordering that cannot be judged, or an experiment run on one ordering next to a
+    three-ordering layer search, is no disagreement: the label counts judged orderings only. (An
+    ordering whose whole one-batch run failed is a third of that configuration's edits: the claim
+    then has no verdict at all, test_partly_failed_configurations_are_named_and_too_many_take_the_verdict.)"""
     agree = pd.concat([sequential(False).assign(ordering=o) for o in range(3)], ignore_index=True)
     dead = _fail(agree, lambda d: (d.ordering == 2) & (d.batch_size == 20))
-    assert findings.claims_table({"sequential": dead})["holds here"].iloc[0] == "yes"
+    assert findings.claims_table({"sequential": dead})["holds here"].iloc[0] == "n/a: 20 of 60 edits at MEMIT B = 20 failed (over 25%)"
     flip = pd.concat([sequential(False).assign(ordering=0), sequential(True).assign(ordering=1),
-                      _fail(sequential(False).assign(ordering=2), lambda d: d.batch_size == 20)], ignore_index=True)
-    assert findings.claims_table({"sequential": flip})["holds here"].iloc[0] == "yes over all, in 1 of 2 orderings; n/a in 1"
+                      sequential(False).assign(ordering=2)], ignore_index=True)
+    per = findings._holds_per_ordering(findings.claim_sequential, {"sequential": flip}, [0, 1, 2, 3])  # 3: not run
+    assert per == [True, False, True, None]
+    assert findings._holds_label(True, per) == "yes over all, in 2 of 3 orderings; n/a in 1"
     ls = pd.concat([layer_search(0).assign(ordering=o) for o in range(3)], ignore_index=True)
     t = findings.claims_table({"layer_search": ls, "singular": layer_search(0)[lambda d: d.layer == 0]})
     assert t.set_index("claim").loc["MEMIT ≈ ROME for singular edits", "holds here"] == "yes"

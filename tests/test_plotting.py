@@ -109,6 +109,22 @@ def test_sequential_diagnostics(rng):
     assert fig.axes[0].get_xscale() == "linear" and max(fig.axes[0].lines[0].get_xdata()) == 15
 
 
+def test_bands_count_only_the_cases_that_produced_scores(rng):
+    """One ordering: a metric's 95% CI is over the cases its mean was taken over. Failed edits are
+    left out of the mean, so they are left out of n too (with 18 of 20 failed, the band is that of 2
+    cases, not of 20); a group with one scored case has no band (NaN), never a zero-width one."""
+    rows = [dict(method="memit", batch_size=b, batch_index=0, eval="current", ordering=0) for b in (4, 16, 64)]
+    c = _frame(rng, rows, n=20)
+    c["failed"] = False
+    c.loc[(c["batch_size"] == 16) & (c["case_id"] >= 2), "failed"] = True   # 2 of 20 scored
+    c.loc[(c["batch_size"] == 64) & (c["case_id"] >= 1), "failed"] = True   # 1 of 20 scored
+    s = plotting._stats(c, ["method", "batch_size"]).set_index("batch_size")
+    for b, n in ((4, 20), (16, 2)):
+        v = c[(c["batch_size"] == b) & ~c["failed"]]["ES"].to_numpy() * 100
+        assert s.loc[b, "ES_ci"] == pytest.approx(1.96 * v.std(ddof=1) / np.sqrt(n))
+    assert np.isnan(s.loc[64, "ES_ci"]) and np.isfinite(s.loc[64, "ES_mean"])
+
+
 def test_save_figure_and_table(rng, tmp_path):
     rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0)
             for m in ("rome", "memit")]
@@ -125,6 +141,46 @@ def test_save_figure_and_table(rng, tmp_path):
     assert lines[0] == "| Algorithm | ES | PS | NS | GE | S | failed |"
     assert lines[1] == "|---|---|---|---|---|---|---|"
     assert len(lines) == 2 + len(t1)
+
+
+def test_figures_tables_and_records_are_written_atomically(rng, tmp_path, monkeypatch):
+    """Every file a notebook saves beside the figures goes through one atomic write (a temporary file
+    renamed into place): a write that fails leaves the file that was there, whole, and no temporary."""
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0) for m in ("rome", "memit")]
+    fig = plotting.plot_layer_search(_frame(rng, rows), "one layer")
+    t1 = plotting.table1(_frame(rng, rows, ge=True))
+    plotting.save_figure(fig, tmp_path, "f")
+    plotting.save_table(t1, tmp_path, "t")
+    plotting.save_json({"best_layer": 1}, tmp_path, "best_layer.json")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"f.png", "f.pdf", "t.csv", "t.md", "best_layer.json"}
+    assert before["best_layer.json"] == b'{\n "best_layer": 1\n}\n'
+
+    import os
+
+    real = os.fdopen
+
+    class Full:  # the disk fills mid-write
+        def __init__(self, fd, *a, **k):
+            self.f = real(fd, *a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    for save in (lambda: plotting.save_figure(fig, tmp_path, "f"), lambda: plotting.save_table(t1.head(1), tmp_path, "t"),
+                 lambda: plotting.save_json({"best_layer": 2}, tmp_path, "best_layer.json")):
+        with pytest.raises(OSError):
+            save()
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files whole, no temporaries
 
 
 def test_markdown_escapes_pipes():
@@ -183,6 +239,22 @@ def test_failures_and_jitter_are_shown(rng):
     assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 
 
+def test_failure_table_counts_facts_that_fail_only_on_a_later_model(rng):
+    """A sequential run whose later batches made the model's logits overflow fails facts that were
+    scored right after their own edit: the final evaluation's failures get a row of their own
+    (a fact whose own edit failed is failed on every later model too, and adds none)."""
+    rows = [dict(method="memit", batch_size=b, batch_index=0, eval=e, ordering=0) for b in (4, 16) for e in ("current", "final")]
+    c = _frame(rng, rows, n=8).assign(failed=False, fail_reason="")
+    own = (c["batch_size"] == 4) & (c["case_id"] == 0)  # its own edit failed: failed now and on the final model
+    c.loc[own, ["failed", "fail_reason"]] = True, "value optimisation diverged"
+    assert list(plotting.failure_table({"sequential": c})["configuration"]) == ["method=memit, batch_size=4"]
+    later = (c["batch_size"] == 16) & (c["eval"] == "final") & (c["case_id"] < 3)
+    c.loc[later, ["failed", "fail_reason"]] = True, "non-finite logits on a later model"
+    ft = plotting.failure_table({"sequential": c})
+    assert list(ft["configuration"]) == ["method=memit, batch_size=4", "method=memit, batch_size=16, eval=final"]
+    assert ft.iloc[1]["failed"] == 3 and ft.iloc[1]["first reason"] == "non-finite logits on a later model"
+
+
 def test_failure_table_shows_unfinished_experiments_and_never_comes_out_empty(tmp_path):
     """An experiment killed mid-way has part files but no consolidated cases: the report lists it
     (with the units saved) instead of saying nothing, and an empty run still gets a table."""
@@ -214,6 +286,18 @@ def test_sweep_table_and_comparison(rng):
     assert cmp.loc[cmp.lam == 0, "S (paper)"].item() == "74.23"
     assert cmp.loc[cmp.lam == 1e-3, "S (ours)"].item() == ""
     assert "GE (paper)" in cmp.columns and "GE (ours)" not in cmp.columns
+    # our failed edits come along (our means leave them out): a count where we ran, blank where only the paper did
+    assert cmp.columns[-1] == "failed (ours)" and cmp.loc[cmp.lam == 0, "failed (ours)"].item() == "0"
+    assert cmp.loc[cmp.lam == 1e-3, "failed (ours)"].item() == ""
+    c = _frame(rng, rows).assign(failed=False)
+    c.loc[(c["lam"] == 0.0) & (c["case_id"] < 3), "failed"] = True
+    cmp = plotting.compare_with_paper(plotting.sweep_table(c, "emmet"), ref["table4"], on="lam")
+    assert cmp.loc[cmp.lam == 0, "failed (ours)"].item() == "3"
+    t1 = plotting.compare_with_paper(plotting.table1(_frame(rng, [dict(method=m, layer=1, batch_size=1, batch_index=0,
+                                                                         eval="current", ordering=0)
+                                                                    for m in ("rome", "memit")])),
+                                     ref["table1"], on="Algorithm")
+    assert t1["failed (ours)"].tolist() == ["0", "0"] and t1.columns[-1] == "failed (ours)"
 
 
 def test_paper_reference_tables():

@@ -443,6 +443,13 @@ def test_too_many_failures_stop_the_configuration(study, weights0, tmp_path, mon
         protocols.run_singular(use(study, p), log=quiet)
     assert (exp_dir(p, "singular") / "parts" / "o0.cases.parquet").is_file()  # the unit is kept
     assert_unedited(study.model, weights0)
+    # a resume counts the stored unit: the limit covers the configuration, not the edits since
+    with pytest.raises(protocols.TooManyFailures, match="counting the units stored by earlier sessions"):
+        protocols.run_singular(use(study, p), log=quiet)
+    # and the limit is free on reopen (no RunConflict): raised, the run finishes on the kept unit
+    cases = protocols.run_singular(use(study, params_for(tmp_path, **{"hparams.common.v_lr": 1e30,
+                                                                      "evaluation.max_failed_fraction": 1.0})), log=quiet)
+    assert cases["failed"].all() and len(cases) == 8
 
 
 def test_one_failed_fact_leaves_the_rest_of_its_batch_edited(study, weights0, tmp_path, monkeypatch):

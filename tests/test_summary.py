@@ -61,8 +61,9 @@ def test_compare_puts_two_runs_side_by_side(runs):
     assert "S a" in batch and "S b" in batch and "ΔS" in batch
     lines = [l.split() for l in batch.strip().splitlines()[2:]]
     assert sorted(int(l[1]) for l in lines) == [4, 16, 64]  # the union of configurations
-    assert {len(l) for l in lines} == {7, 13}  # a configuration only one run has: its other columns blank
-    assert all(v.isdigit() for l in lines for v in (l[2], l[7] if len(l) == 13 else l[2]))  # n: integers
+    assert {len(l) for l in lines} == {8, 15}  # a configuration only one run has: its other columns blank
+    assert all(v.isdigit() for l in lines for v in (l[2], l[3], l[8] if len(l) == 15 else l[2], l[9] if len(l) == 15 else l[3]))  # n, failed: integers
+    assert batch.strip().splitlines()[1].split()[:8] == ["method", "batch_size", "n", "a", "failed", "a", "ES", "a"]
     ls = text.split("== layer_search")[1].split("== batch")[0]
     assert all(l.split()[-1] == "0.00" for l in ls.strip().splitlines()[2:])  # the same cases: ΔS = 0
 

@@ -214,6 +214,20 @@ def failed_rows(df: pd.DataFrame) -> np.ndarray:
     return bad
 
 
+def singular_rows(df: pd.DataFrame) -> np.ndarray:
+    """Rows edited by an exact (unjittered) solve whose update misses the method's equations by more
+    than :data:`editlib.solver.SOLVE_RESID_WARN` of ‖R‖: D + μI factored but was numerically
+    singular (docs/correctness.md). Scored as written, as the reference writes them, and counted."""
+    from .solver import SOLVE_RESID_WARN
+
+    if "solve_resid" not in df.columns:
+        return np.zeros(len(df), dtype=bool)
+    resid = df["solve_resid"].to_numpy(dtype=np.float64)
+    exact = df["solve_jitter"].to_numpy(dtype=np.float64) == 0 if "solve_jitter" in df.columns else np.ones(len(df), bool)
+    with np.errstate(invalid="ignore"):
+        return (resid > SOLVE_RESID_WARN) & exact
+
+
 def _summary_row(g: pd.DataFrame, metrics: Sequence[str], decimals: int | None) -> dict:
     bad = failed_rows(g)
     row: dict = {"n": len(g), "n_failed": int(bad.sum())}

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullLocator
 
 from .beyond import s_over_orderings
-from .metrics import failed_rows, format_summary, summarize_cases
+from .metrics import failed_rows, format_summary, singular_rows, summarize_cases
 from .store import atomic_write_bytes
 
 PANELS = ("ES", "PS", "NS", "S")
@@ -278,8 +278,22 @@ def failure_note(cases: pd.DataFrame) -> str | None:
     return f"{int(bad.sum())} of {len(bad)} cases failed and are left out of the means ({first})"
 
 
+def singular_note(cases: pd.DataFrame) -> str | None:
+    """One line when any plotted edit came from a numerically singular solve (an exact factorisation
+    whose update misses the method's equations: :func:`editlib.metrics.singular_rows`); failed rows,
+    named by :func:`failure_note`, are not counted again."""
+    bad = singular_rows(cases)
+    if bad.any() and {"ES", "PS", "NS"} <= set(cases.columns):
+        bad &= ~failed_rows(cases)
+    if not bad.any():
+        return None
+    worst = float(cases["solve_resid"].to_numpy(dtype=float)[bad].max())
+    return (f"{int(bad.sum())} of {len(bad)} edited-fact rows come from numerically singular solves "
+            f"(the update misses the method's equations by up to {worst:.2g} of ‖R‖)")
+
+
 def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
-    notes = [n for n in (failure_note(cases), jitter_note(cases)) if n]
+    notes = [n for n in (failure_note(cases), jitter_note(cases), singular_note(cases)) if n]
     if notes:
         fig.supxlabel("\n".join("⚠ " + n for n in notes), fontsize="small", color="firebrick")
     return fig
@@ -839,15 +853,18 @@ def retention_table(cases: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-FAILURE_COLUMNS = ("experiment", "configuration", "cases", "failed", "first reason", "jittered", "max τ (rel.)")
+FAILURE_COLUMNS = ("experiment", "configuration", "cases", "failed", "first reason", "jittered", "max τ (rel.)",
+                   "singular solves")
 
 
 def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                   failed_units: dict[str, dict[str, dict]] | None = None,
                   incomplete: dict[str, int] | None = None) -> pd.DataFrame:
-    """Failed edits and regularised solves per experiment and configuration (method, layer, λ,
-    batch size), counted on the rows scored right after their edit; one row per configuration
-    with any failure or jitter, or one "none" row per experiment — so a report always says. A
+    """Failed edits, regularised solves and numerically singular ones (edited rows whose solve
+    missed the method's equations, :func:`editlib.metrics.singular_rows`) per experiment and
+    configuration (method, layer, λ, batch size), counted on the rows scored right after their
+    edit; one row per configuration with any of them, or one "none" row per experiment — so a
+    report always says. A
     later evaluation of a sequential run (``eval`` final, after_N) with more failed facts than
     right after their edits (the later model's logits overflowed) adds a row of its own.
     ``failed_units`` (experiment -> unit -> {error, ...}, :func:`editlib.reproduce.stored_failed_units`):
@@ -858,12 +875,12 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
     for exp, saved in (incomplete or {}).items():
         rows.append({"experiment": exp, "configuration": f"incomplete: {saved} unit(s) saved, no results "
                      "consolidated (rerun its notebook to resume)", "cases": 0, "failed": 0,
-                     "first reason": "not finished", "jittered": 0, "max τ (rel.)": ""})
+                     "first reason": "not finished", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
     for exp, units in (failed_units or {}).items():
         for unit, info in sorted(units.items()):
             rows.append({"experiment": exp, "configuration": f"unit {unit} (not run: no cases stored)",
                          "cases": 0, "failed": 0, "first reason": str(info.get("error", "")).splitlines()[0][:200]
-                         if info.get("error") else "failed", "jittered": 0, "max τ (rel.)": ""})
+                         if info.get("error") else "failed", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
     keys = ("method", "layer", "lam", "batch_size")
     for exp, cases in cases_by_experiment.items():
         c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
@@ -875,7 +892,8 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
             bad = failed_rows(g)
             now[key] = int(bad.sum())
             jit = g["solve_jitter"].to_numpy(dtype=float) if "solve_jitter" in g.columns else np.zeros(len(g))
-            if not bad.any() and not (jit > 0).any():
+            singular = singular_rows(g) & ~bad
+            if not bad.any() and not (jit > 0).any() and not singular.any():
                 continue
             found = True
             reason = g["fail_reason"][bad].iloc[0] if bad.any() and "fail_reason" in g.columns else ""
@@ -883,7 +901,8 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                          "configuration": ", ".join(f"{k}={v}" for k, v in zip(by, key)),
                          "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
                          "jittered": int((jit > 0).sum()),
-                         "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else ""})
+                         "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else "",
+                         "singular solves": int(singular.sum())})
         later = sorted(set(cases["eval"]) - {"current"}, key=str) if "eval" in cases.columns else []
         for ev in later:
             e = cases[cases["eval"] == ev]
@@ -897,13 +916,13 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                 rows.append({"experiment": exp,
                              "configuration": ", ".join([f"{k}={v}" for k, v in zip(by, key)] + [f"eval={ev}"]),
                              "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
-                             "jittered": 0, "max τ (rel.)": ""})
+                             "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
         if not found:
             rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,
-                         "first reason": "none", "jittered": 0, "max τ (rel.)": ""})
+                         "first reason": "none", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
     if not rows:
         rows.append({"experiment": "(none)", "configuration": "no experiment stored", "cases": 0, "failed": 0,
-                     "first reason": "", "jittered": 0, "max τ (rel.)": ""})
+                     "first reason": "", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
     return pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
 
 

@@ -753,7 +753,8 @@ def _edit_and_eval(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: 
     shown, never averaged in as a valid zero. ``prior``: the sequential run's earlier keys."""
     stats, reasons = _edit(study, facts, hp, ctx, tg, session, prior)
     t0 = time.time()
-    cases = _mark(study.evaluate(facts), reasons, tg.values.stalled.numpy(), stats["jitter_rel"])
+    cases = _mark(study.evaluate(facts), reasons, tg.values.stalled.numpy(), stats["jitter_rel"],
+                  stats.get("solve_resid", np.nan))
     return cases, {**stats, "seconds_eval": time.time() - t0}
 
 
@@ -774,12 +775,14 @@ def _edit(study: Study, facts: Sequence[Record], hp: EditHParams, ctx: ContextTe
 
 
 def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray,
-          jitter_rel: float | np.ndarray) -> pd.DataFrame:
+          jitter_rel: float | np.ndarray, resid: float | np.ndarray = np.nan) -> pd.DataFrame:
     """A batch's evaluated cases with its failures blanked (NaN scores, ``failed``, ``fail_reason``),
     value stalls (loss never below its start: not a failure) and ``jitter_rel``, τ of the solve that
     wrote these edits relative to D + μI's mean eigenvalue (0: exact, SPEC §8.5): one number, or
-    one per row when the rows come from several batches. A case left without scores by NaN/inf
-    model outputs is a failed edit too (:func:`editlib.metrics.with_unscored`)."""
+    one per row when the rows come from several batches; ``resid``, the solve's ``solve_resid``
+    (NaN: no solve), likewise, so that an edit from a numerically singular solve is counted and
+    shown (:func:`editlib.metrics.singular_rows`). A case left without scores by NaN/inf model
+    outputs is a failed edit too (:func:`editlib.metrics.with_unscored`)."""
     reasons = with_unscored(cases, reasons)
     failed = np.array([bool(r) for r in reasons], dtype=bool)
     cases.loc[failed, [c for c in cases.columns if c != "case_id"]] = np.nan
@@ -787,6 +790,7 @@ def _mark(cases: pd.DataFrame, reasons: Sequence[str], stalled: np.ndarray,
     cases["fail_reason"] = list(reasons)
     cases["value_stalled"] = stalled
     cases["solve_jitter"] = np.broadcast_to(np.asarray(jitter_rel, dtype=np.float64), len(cases)).copy()
+    cases["solve_resid"] = np.broadcast_to(np.asarray(resid, dtype=np.float64), len(cases)).copy()
     return cases
 
 
@@ -893,9 +897,11 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
     # every chunk's rows marked in one pass, then cut per chunk (a layer search has 1,200 chunks)
     order = [i for idx in chunks for i in idx]
     ends = np.cumsum([len(idx) for idx in chunks])
-    jitter = np.repeat([d["jitter_rel"] for d in diags], [len(idx) for idx in chunks])
+    sizes = [len(idx) for idx in chunks]
+    jitter = np.repeat([d["jitter_rel"] for d in diags], sizes)
+    resid = np.repeat([d.get("solve_resid", np.nan) for d in diags], sizes)
     marked = _mark(cases.iloc[order].reset_index(drop=True), [reasons[i] for i in order],
-                   tg.values.stalled.numpy()[order], jitter)
+                   tg.values.stalled.numpy()[order], jitter, resid)
     return [(marked.iloc[e - len(idx):e].reset_index(drop=True), {**d, "seconds_eval": t_eval * len(idx) / max(len(facts), 1)})
             for idx, d, e in zip(chunks, diags, ends)]
 
@@ -1219,6 +1225,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         deg0.update({f"{k}_0": v for k, v in study.of_unedited(
             ("lm_eval", repr(lm_spec)), lambda: lm_evaluate(study.model, study.tok, lm_spec)).items()})
     own_jitter = np.zeros(len(facts))  # each fact's own batch's solve jitter, for re-evaluations
+    own_resid = np.full(len(facts), np.nan)  # ... and its solve_resid
     own_reason = [""] * len(facts)  # ... and why its own edit failed ("" = edited)
     fails = _Failures(study.params.evaluation.max_failed_fraction, log)
     current: list[pd.DataFrame] = []  # every batch's cases right after it (resumed ones too), for the closing line
@@ -1232,6 +1239,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 current.append(done)
                 fails.add(f"sequential B={B}:", done, stored=True)
                 own_jitter[list(chunks[bi])] = done["solve_jitter"].iloc[0]
+                own_resid[list(chunks[bi])] = done["solve_resid"].iloc[0] if "solve_resid" in done else np.nan
                 for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
                     own_reason[i] = r
         tl = time.time()
@@ -1255,6 +1263,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             evaluated = _evaluate_pending(study, pending, s)
             for p_, (cases, d) in zip(pending, evaluated):
                 own_jitter[list(chunks[p_.bi])] = d["jitter_rel"]
+                own_resid[list(chunks[p_.bi])] = d.get("solve_resid", np.nan)
                 for i, r in zip(chunks[p_.bi], cases["fail_reason"]):
                     own_reason[i] = r
             for p_, (cases, d) in zip(pending, evaluated):
@@ -1263,7 +1272,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 if p_.bi == bi:  # the group's last batch: the model is as it is now
                     if forget:
                         so_far = facts[: chunks[bi].stop]
-                        frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason), **base,
+                        frames.append(_label(_with_own(study.evaluate(so_far), own_jitter, own_reason, own_resid), **base,
                                              batch_index=bi, eval=f"after_{chunks[bi].stop}"))
                     if degrade:  # a multiple of `every` facts crossed, or the end; heldout_n: over how many
                         d = {**d, **_degradation(study, heldout), "heldout_n": len(heldout), **deg0}
@@ -1277,7 +1286,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
             if fail_after is not None and bi + 1 - start >= fail_after:
                 raise RuntimeError(f"injected failure after batch {bi} of {cfg}")
         if sq.eval_final:
-            exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason), **base,
+            exp.save_unit(final_unit, _label(_with_own(study.evaluate(facts), own_jitter, own_reason, own_resid), **base,
                                              batch_index=len(chunks) - 1, eval="final"))
         log(f"sequential {cfg}: {len(chunks)} batches ({time.time() - tl:.1f}s); right after each batch "
             + _one_line(pd.concat(current, ignore_index=True)) if current else
@@ -1370,7 +1379,8 @@ def _evaluate_pending(study: Study, pending: Sequence[_Pending], session: EditSe
     for p in pending:
         c = cases.iloc[at:at + len(p.facts)].reset_index(drop=True).copy()
         at += len(p.facts)
-        out.append((_mark(c, p.reasons, p.tg.values.stalled.numpy(), p.stats["jitter_rel"]),
+        out.append((_mark(c, p.reasons, p.tg.values.stalled.numpy(), p.stats["jitter_rel"],
+                          p.stats.get("solve_resid", np.nan)),
                     {**p.stats, "seconds_eval": seconds * len(p.facts)}))
     return out
 
@@ -1411,9 +1421,11 @@ def _unedited_degradation(study: Study, heldout: Sequence[Record]) -> dict[str, 
                              lambda: _degradation(study, heldout))
 
 
-def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str]) -> pd.DataFrame:
-    """Re-evaluated facts (in fact order) carry the solve jitter of the batch that edited them, and
-    a fact whose own edit failed stays a failed row (no scores) in every later evaluation."""
+def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[str],
+              own_resid: np.ndarray | None = None) -> pd.DataFrame:
+    """Re-evaluated facts (in fact order) carry the solve jitter and residual of the batch that
+    edited them, and a fact whose own edit failed stays a failed row (no scores) in every later
+    evaluation."""
     cases = cases.copy()
     n = len(cases)
     reasons = with_unscored(cases, own_reason[:n])
@@ -1422,6 +1434,7 @@ def _with_own(cases: pd.DataFrame, own_jitter: np.ndarray, own_reason: Sequence[
     cases["failed"] = failed
     cases["fail_reason"] = reasons
     cases["solve_jitter"] = own_jitter[:n]
+    cases["solve_resid"] = np.full(n, np.nan) if own_resid is None else own_resid[:n]
     return cases
 
 

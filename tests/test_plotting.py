@@ -239,6 +239,22 @@ def test_failures_and_jitter_are_shown(rng):
     assert "⚠" in fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
 
 
+def test_singular_solves_are_the_exact_ones_that_missed(rng):
+    """A row counts as a numerically singular solve when its solve was exact (no jitter) and missed
+    the method's equations by more than SOLVE_RESID_WARN; a regularised solve is counted as jittered
+    instead, a failed row as failed, and a row without a solve (NaN) as neither."""
+    rows = [dict(method="memit", batch_size=4, batch_index=0, eval="current", ordering=0)]
+    c = _frame(rng, rows, n=8).assign(failed=False, fail_reason="", solve_jitter=0.0, solve_resid=1e-9)
+    c.loc[c.index[:3], "solve_resid"] = 0.2                      # exact and missed: singular
+    c.loc[c.index[3], ["solve_resid", "solve_jitter"]] = 0.2, 1e-6  # regularised: jittered, not singular
+    c.loc[c.index[4], "solve_resid"] = np.nan                    # no solve
+    c.loc[c.index[2], ["failed", "fail_reason", "ES"]] = True, "x", np.nan
+    ft = plotting.failure_table({"batch": c})
+    assert ft[["failed", "jittered", "singular solves"]].values.tolist() == [[1, 1, 2]]
+    assert plotting.singular_note(c).startswith("2 of 8 edited-fact rows come from numerically singular solves")
+    assert plotting.singular_note(c.assign(solve_resid=1e-9)) is None
+
+
 def test_failure_table_counts_facts_that_fail_only_on_a_later_model(rng):
     """A sequential run whose later batches made the model's logits overflow fails facts that were
     scored right after their own edit: the final evaluation's failures get a row of their own

@@ -421,6 +421,36 @@ def test_a_failed_solve_fails_its_batch_alone_as_on_the_reference_path(study, we
     assert_unedited(study.model, weights0)
 
 
+def test_numerically_singular_solves_are_counted_on_the_rows_they_edited(study, weights0, tmp_path, monkeypatch):
+    """Every edited row carries its solve's solve_resid (batches.parquet's), on the batched and the
+    reference path and on a sequential run's later evaluations, so that a solve that missed the
+    method's equations (resid above solver.SOLVE_RESID_WARN, unjittered) is counted in the failure
+    table and named under the figures. Here the threshold is lowered to below every real residual."""
+    from editlib import plotting, solver
+
+    over = {"batch.total": 6, "batch.batch_sizes": [1, 3], "batch.methods": ["memit"]}
+    for name, batched in (("ref", False), ("bat", True)):
+        p = params_for(tmp_path / name, **{**over, "evaluation.batched_edits": batched})
+        cases = protocols.run_batch(use(study, p), log=quiet)
+        b = pd.read_parquet(exp_dir(p, "batch") / "batches.parquet")
+        per_batch = cases.groupby(["batch_size", "batch_index"])["solve_resid"].agg(["min", "max"])
+        want = b.set_index(["batch_size", "batch_index"])["solve_resid"]
+        assert np.array_equal(per_batch["min"], per_batch["max"]) and np.allclose(per_batch.loc[want.index, "max"], want)
+        assert (cases["solve_resid"] > 0).all() and (cases["solve_resid"] < solver.SOLVE_RESID_WARN).all()
+        assert plotting.failure_table({"batch": cases})["singular solves"].tolist() == [0]
+        monkeypatch.setattr(solver, "SOLVE_RESID_WARN", float(cases["solve_resid"].min()) / 2)
+        ft = plotting.failure_table({"batch": cases})
+        assert ft["singular solves"].tolist() == [6, 6] and ft["failed"].tolist() == [0, 0]
+        assert "12 of 12 edited-fact rows come from numerically singular solves" in plotting.singular_note(cases)
+        monkeypatch.undo()
+    p = params_for(tmp_path / "seq", **{"sequential.methods": ["memit"], "sequential.batch_sizes": [2]})
+    seq = protocols.run_sequential(use(study, p), log=quiet)
+    cur = seq[seq["eval"] == "current"].set_index("case_id")["solve_resid"]
+    fin = seq[seq["eval"] == "final"].set_index("case_id")["solve_resid"]
+    assert cur.notna().all() and np.array_equal(fin.loc[cur.index], cur)  # each fact: its own batch's solve
+    assert_unedited(study.model, weights0)
+
+
 def test_diverged_values_are_failed_cases_not_zeros(study, weights0, tmp_path):
     """v_lr = 1e30 (the value optimisation overflows): every case is a failed row with its reason
     and no scores, the summary counts them, nothing is written into the model, and the

@@ -292,6 +292,38 @@ def singular_note(cases: pd.DataFrame) -> str | None:
             f"(the update misses the method's equations by up to {worst:.2g} of ‖R‖)")
 
 
+def batch_notes(batches: pd.DataFrame, cols: Sequence[str]) -> list[str]:
+    """What a figure drawn from per-batch diagnostics (``cols`` of ``batches.parquet``) must say:
+    batches with failed facts (left out of their update), batches that wrote no update (their
+    ``cols`` are NaN: left out of the lines, which then average over fewer orderings), and
+    held-out facts without scores (NaN/inf outputs: counted as not known, their margin left out)."""
+    notes = []
+    every_batch = any(not c.startswith("heldout_") for c in cols)  # degradation rows are every k facts only
+    if every_batch and "n_failed" in batches.columns:
+        k = batches["n_failed"].fillna(0).to_numpy(dtype=float)
+        if (k > 0).any():
+            notes.append(f"{int((k > 0).sum())} of {len(k)} batches had failed facts ({int(k.sum())} facts, "
+                         "left out of their batch's update)")
+    gone = [c for c in cols if c in batches.columns and batches[c].isna().any()]
+    if every_batch and gone and "n" in batches.columns and "n_failed" in batches.columns:
+        dead = batches[(batches["n_failed"] >= batches["n"]) & (batches["n"] > 0)]
+        if len(dead):
+            notes.append(f"{len(dead)} batches wrote no update (every fact failed): left out of the lines")
+    if "heldout_unscored" in batches.columns and any(c.startswith("heldout_") for c in cols):
+        u = batches["heldout_unscored"].fillna(0).to_numpy(dtype=float)
+        if (u > 0).any():
+            notes.append(f"{int((u > 0).sum())} measurements had held-out facts without scores (up to {int(u.max())}; "
+                         "NaN/inf outputs): counted as not known, left out of the margin")
+    return notes
+
+
+def _batch_note(fig: Figure, batches: pd.DataFrame, cols: Sequence[str]) -> Figure:
+    notes = batch_notes(batches, cols)
+    if notes:
+        fig.supxlabel("\n".join("⚠ " + n for n in notes), fontsize="small", color="firebrick")
+    return fig
+
+
 def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
     notes = [n for n in (failure_note(cases), jitter_note(cases), singular_note(cases)) if n]
     if notes:
@@ -492,7 +524,7 @@ def plot_sequential_diagnostics(batches: pd.DataFrame, method: str, title: str, 
             ax.set_xlabel("facts edited so far")
     _legend(axes[0], title="batch size", fontsize="small")
     _orderings_note(fig, b)
-    return fig
+    return _batch_note(fig, b, [c for c, _ in panels])
 
 
 DEGRADATION = (("heldout_known", "held-out facts still known (%)"),
@@ -574,7 +606,7 @@ def plot_degradation(batches: pd.DataFrame, methods: Sequence[str], title: str, 
             ax.set_ylim(*ylims[col])
     _legend(axes[0], ncols=4, fontsize="small")
     _orderings_note(fig, b)
-    return fig
+    return _batch_note(fig, b, [c for c, _ in DEGRADATION])
 
 
 def degradation_ylims(batches: pd.DataFrame, methods: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -699,7 +731,8 @@ def plot_degradation_overlay(batches: pd.DataFrame, best: dict[str, int], title:
         _degradation_axis(ax, b, col, label)
     _legend(axes[0], fontsize="small", title="editor at its best B", title_fontsize="small")
     _orderings_note(fig, b)
-    return fig
+    shown = b[b[["method", "batch_size"]].apply(tuple, axis=1).isin(list(best.items()))] if len(b) else b
+    return _batch_note(fig, shown, [c for c, _ in DEGRADATION])
 
 
 def plot_sweep(cases: pd.DataFrame, method: str, title: str) -> Figure:

@@ -51,7 +51,7 @@ from .below import SharedBelow, hooked_module
 from .solver import CovFactor, factor_cov, solve_factors, solve_rank_one, solved_keys
 from .stats import CorpusSpec, corpus_c0_cached, fast_gram_applies, layer_covariance
 from .executor import inject_failure, run_units
-from .store import Experiment
+from .store import Experiment, RunConflict
 from .tf32 import set_tf32, tf32_applies
 from .values import keeping_graphs
 from .valuestore import FOLDER as VALUE_FOLDER, ValueStore
@@ -648,7 +648,45 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
         params["tf32"] = True      # (absent otherwise: the digest it had before the key existed)
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock,
-                           free_keys=FREE_KEYS)
+                           free_keys=FREE_KEYS, settings=_settings(study))
+
+
+#: evaluation keys outside the digest that move GE's texts at float rounding (the rows of a decode
+#: batch, its decode form): recorded in every unit saved, so that a resumed run says when it changed them
+GE_SETTINGS = ("gen_batch_size", "gen_kv_gb", "gen_decode")
+
+
+def _settings(study: Study) -> dict:
+    """How this session computes what the digest defines (:attr:`editlib.store.Experiment.settings`)."""
+    ev = study.params.evaluation
+    return {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
+
+
+def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
+    """A resumed experiment's saved units came from the same context templates (sampled from the
+    model: another GPU type, TF32 or package version can round a logit differently and sample other
+    ones, which change every key and value): else RunConflict. Saved units that ran with other
+    GE settings (:data:`GE_SETTINGS`) are said in the log (texts move at float rounding; the
+    manifest's ``unit_settings`` counts each)."""
+    man = exp.manifest
+    stored = man.get("provenance", {}).get("context_templates", {})
+    mine = study.provenance()["context_templates"]
+    parts = exp.root / "parts"
+    if not (parts.is_dir() and any(parts.glob("*.cases.parquet"))):
+        return
+    differ = sorted(k for k in stored if k in mine and stored[k] != mine[k])
+    if differ:
+        raise RunConflict(
+            f"{exp.root}: its saved units used other context templates ({', '.join(differ)}) than this session "
+            "sampled from the model (another GPU type, TF32 or package version rounds a logit differently); "
+            "finish the run where it started, or remove its units with `python -m editlib clean "
+            f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+    for other in exp.stored_settings():
+        changed = {k: v for k, v in other.items() if exp.settings.get(k) != v}
+        if changed:
+            log(f"{exp.root.name}: saved units ran with " + ", ".join(f"{k} = {v}" for k, v in changed.items())
+                + "; this session with " + ", ".join(f"{k} = {exp.settings.get(k)}" for k in changed)
+                + " (GE texts of the new units move at float rounding; manifest.json: unit_settings)")
 
 
 WHAT = {"layer_search": "layer search", "singular": "singular edits", "sweep": "λ sweep",
@@ -712,6 +750,12 @@ def _open(study: Study, name: str, layer: int | None, log: Callable) -> Experime
     exp = _exp(study, name, _exp_spec(study, name, layer))
     if exp.complete:
         log(f"{WHAT[name]} already complete in {exp.root}: nothing to do")
+        return exp
+    try:
+        _check_resume(study, exp, log)
+    except RunConflict:
+        exp.close()
+        raise
     return exp
 
 

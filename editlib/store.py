@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -272,11 +272,16 @@ class Experiment:
     lock: bool = True  # False: an executor worker of a run whose driver holds the folder's lock
     #: dotted params keys that may differ from the stored ones on reopen (how, not what, was computed)
     free_keys: tuple[str, ...] = ()
+    #: how this session computes what ``params`` define (settings outside the digest that move
+    #: numbers at float rounding, e.g. GE's decode batch): recorded in every unit it saves, so a run
+    #: resumed with other settings says so (:meth:`stored_settings`, the manifest's ``unit_settings``)
+    settings: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, results_dir: str | os.PathLike, run: str, experiment: str, params: dict,
              provenance: dict | None = None, *, allow_mixed_versions: bool | None = None,
-             wait: bool | None = None, lock: bool = True, free_keys: Sequence[str] = ()) -> "Experiment":
+             wait: bool | None = None, lock: bool = True, free_keys: Sequence[str] = (),
+             settings: dict | None = None) -> "Experiment":
         """Lock the folder (see the module docstring), check that it holds results of the same
         parameters and code version, and create its manifest. ``allow_mixed_versions`` and
         ``wait`` default to the environment (``EDITLIB_ALLOW_MIXED_VERSIONS``, ``EDITLIB_LOCK_WAIT``),
@@ -285,14 +290,14 @@ class Experiment:
         ``lock=False`` is for executor workers only: the driver of the run has opened the folder
         (it holds the lock and wrote the manifest); the worker checks the same parameters and
         saves units without taking the lock. ``free_keys``: dotted params keys whose stored value
-        may differ (:attr:`free_keys`)."""
+        may differ (:attr:`free_keys`); ``settings``: :attr:`settings`."""
         root = Path(results_dir) / run / experiment
         if not lock:
             return cls._open_unlocked(root, results_dir, run, params, provenance, allow_mixed_versions,
-                                      tuple(free_keys))
+                                      tuple(free_keys), dict(settings or {}))
         lock_folder(root, wait=env_flag(ENV_LOCK_WAIT) if wait is None else wait)
         try:
-            exp = cls(root, params, provenance or {}, free_keys=tuple(free_keys))
+            exp = cls(root, params, provenance or {}, free_keys=tuple(free_keys), settings=dict(settings or {}))
             exp._check_reopen(results_dir, run, env_flag(ENV_ALLOW_MIXED) if allow_mixed_versions is None
                               else allow_mixed_versions)
         except BaseException:
@@ -306,13 +311,14 @@ class Experiment:
 
     @classmethod
     def _open_unlocked(cls, root: Path, results_dir, run: str, params: dict, provenance: dict | None,
-                       allow_mixed_versions: bool | None, free_keys: tuple[str, ...] = ()) -> "Experiment":
+                       allow_mixed_versions: bool | None, free_keys: tuple[str, ...] = (),
+                       settings: dict | None = None) -> "Experiment":
         """A worker's handle: the folder must be open (locked, manifest written, not complete)
         by the run's driver."""
         if not held_elsewhere(root) or not (root / "manifest.json").is_file():
             raise StoreError(f"{root}: Experiment.open(lock=False) is for executor workers of a run whose "
                              "driver has opened the folder and holds its lock; none does")
-        exp = cls(root, params, provenance or {}, lock=False, free_keys=free_keys)
+        exp = cls(root, params, provenance or {}, lock=False, free_keys=free_keys, settings=dict(settings or {}))
         exp._check_reopen(results_dir, run, env_flag(ENV_ALLOW_MIXED) if allow_mixed_versions is None
                           else allow_mixed_versions)
         if exp.complete:
@@ -390,6 +396,9 @@ class Experiment:
             "timings": {**old.get("timings", {}), **(timings or {})},
             "unit_versions": self.unit_versions(),
         }
+        settings = self.unit_settings()
+        if settings:  # units saved with settings (the current code records them)
+            man["unit_settings"] = settings
         atomic_write_json(self.root / "manifest.json", man)
 
     # ---------------------------------------------------------------- parts
@@ -407,7 +416,8 @@ class Experiment:
             lock_folder(self.root, wait=env_flag(ENV_LOCK_WAIT))
         side = self._part("cases", unit)
         atomic_write_json(side.with_name(side.name[: -len(".cases.parquet")] + ".unit.json"),
-                          {"unit": unit, **code_version(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                          {"unit": unit, **code_version(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           **({"settings": self.settings} if self.settings else {})})
         if batches is not None:
             atomic_write_parquet(self._part("batches", unit), batches)
         atomic_write_parquet(self._part("cases", unit), cases)
@@ -455,6 +465,23 @@ class Experiment:
             k = f"{v.get('editlib_version') or 'unknown'}@{(v.get('git_commit') or 'unknown')[:12]}"
             counts[k] = counts.get(k, 0) + 1
         return counts
+
+    def unit_settings(self) -> dict[str, int]:
+        """How many saved units ran with each :attr:`settings` (its JSON: n); units saved without
+        settings are not counted."""
+        counts: dict[str, int] = {}
+        parts = self.root / "parts"
+        for f in sorted(parts.glob("*.cases.parquet")) if parts.is_dir() else []:
+            st = self._unit_version(f).get("settings")
+            if st:
+                k = json.dumps(st, sort_keys=True)
+                counts[k] = counts.get(k, 0) + 1
+        return counts
+
+    def stored_settings(self) -> list[dict]:
+        """The distinct :attr:`settings` of the saved units other than this session's."""
+        mine = json.dumps(self.settings, sort_keys=True)
+        return [json.loads(k) for k in self.unit_settings() if k != mine]
 
     def cases(self) -> pd.DataFrame:
         return pd.read_parquet(self.root / "cases.parquet")

@@ -255,6 +255,32 @@ def test_singular_solves_are_the_exact_ones_that_missed(rng):
     assert plotting.singular_note(c.assign(solve_resid=1e-9)) is None
 
 
+def test_diagnostics_and_degradation_figures_name_failures(rng):
+    """Figures drawn from batches.parquet say what their lines leave out: batches with failed facts,
+    batches that wrote no update (NaN drift: the mean runs over fewer orderings), and held-out facts
+    without scores (counted as not known). Nothing is said when nothing failed."""
+    rows = []
+    for o in (0, 1):
+        for bi in range(4):
+            rows.append(dict(method="memit", batch_size=2, batch_index=bi, ordering=o, n=2, n_failed=0,
+                             w_rel_dist=0.01 * (bi + 1), cond_D=10.0 + bi, heldout_known=90.0 - bi,
+                             heldout_margin=50.0, heldout_ppl=20.0, heldout_known_0=95.0, heldout_margin_0=55.0,
+                             heldout_ppl_0=19.0))
+    b = pd.DataFrame(rows)
+    clean = plotting.plot_sequential_diagnostics(b, "memit", "d")
+    assert not clean.get_supxlabel() and not plotting.plot_degradation(b, ["memit"], "g").get_supxlabel()
+    b.loc[(b.ordering == 1) & (b.batch_index == 1), "n_failed"] = 1
+    b.loc[(b.ordering == 1) & (b.batch_index == 2), ["n_failed", "w_rel_dist", "cond_D"]] = 2, np.nan, np.nan
+    b["heldout_unscored"] = 0
+    b.loc[(b.ordering == 0) & (b.batch_index == 3), "heldout_unscored"] = 3
+    note = plotting.plot_sequential_diagnostics(b, "memit", "d").get_supxlabel()
+    assert "2 of 8 batches had failed facts (3 facts" in note and "1 batches wrote no update" in note
+    assert "held-out" not in note
+    deg = plotting.plot_degradation(b, ["memit"], "g").get_supxlabel()
+    assert "1 measurements had held-out facts without scores (up to 3" in deg and "batches had failed" not in deg
+    assert "held-out facts without scores" in plotting.plot_degradation_overlay(b, {"memit": 2}, "o").get_supxlabel()
+
+
 def test_failure_table_counts_facts_that_fail_only_on_a_later_model(rng):
     """A sequential run whose later batches made the model's logits overflow fails facts that were
     scored right after their own edit: the final evaluation's failures get a row of their own

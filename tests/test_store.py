@@ -233,6 +233,63 @@ def test_free_keys_may_differ_from_the_stored_ones(tmp_path) -> None:
         Experiment.open(tmp_path, "run", "batch", worse, free_keys=free)
 
 
+def test_units_record_the_settings_they_ran_with_and_a_resume_says_when_they_changed(tmp_path) -> None:
+    """Settings outside the digest that move numbers at rounding (GE's decode batch and form) go
+    into every unit saved; the manifest counts the units per setting, and a session with other
+    settings lists the stored ones (its caller logs them). Units of the old code record none."""
+    import types
+
+    from editlib import protocols
+
+    a = {"evaluation.gen_batch_size": 64, "evaluation.gen_decode": "transformers"}
+    b = {**a, "evaluation.gen_batch_size": 1024}
+    first = Experiment.open(tmp_path, "run", "batch", PARAMS, settings=a)
+    first.save_unit("u0", pd.DataFrame({"case_id": [0]}))
+    first.save_unit("u1", pd.DataFrame({"case_id": [1]}))
+    first.close()
+    again = Experiment.open(tmp_path, "run", "batch", PARAMS, settings=a)
+    assert again.stored_settings() == []  # the same settings: nothing to say
+    again.close()
+    later = Experiment.open(tmp_path, "run", "batch", PARAMS, settings=b)
+    assert later.stored_settings() == [a]
+    said: list[str] = []
+    study = types.SimpleNamespace(provenance=lambda: {"context_templates": {}},
+                                  params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
+    protocols._check_resume(study, later, said.append)
+    assert said == ["batch: saved units ran with evaluation.gen_batch_size = 64; this session with "
+                    "evaluation.gen_batch_size = 1024 (GE texts of the new units move at float rounding; "
+                    "manifest.json: unit_settings)"]
+    later.save_unit("u2", pd.DataFrame({"case_id": [2]}))
+    later.finish()
+    man = json.loads((tmp_path / "run" / "batch" / "manifest.json").read_text())
+    assert man["unit_settings"] == {json.dumps(a, sort_keys=True): 2, json.dumps(b, sort_keys=True): 1}
+    unit = json.loads((tmp_path / "run" / "batch" / "parts" / "u2.unit.json").read_text())
+    assert unit["settings"] == b
+
+
+def test_a_resume_with_other_context_templates_is_refused(tmp_path) -> None:
+    """The context templates are sampled from the model; another GPU type can sample others, which
+    change every key and value: a session whose templates differ from those the saved units used
+    refuses to add units to them, naming the way out."""
+    import types
+
+    from editlib import protocols
+
+    stored = {"context_templates": {"memit": [["{}"], ["The cat. {}"]]}}
+    first = Experiment.open(tmp_path, "run", "batch", PARAMS, stored)
+    first.save_unit("u0", pd.DataFrame({"case_id": [0]}))
+    first.close()
+    exp = Experiment.open(tmp_path, "run", "batch", PARAMS, stored)
+
+    def study(ctx):
+        return types.SimpleNamespace(provenance=lambda: {"context_templates": ctx},
+                                     params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
+    protocols._check_resume(study(stored["context_templates"]), exp, print)  # the same: resumes
+    with pytest.raises(RunConflict, match=r"other context templates \(memit\).*editlib clean run"):
+        protocols._check_resume(study({"memit": [["{}"], ["A dog. {}"]]}), exp, print)
+    exp.close()
+
+
 def test_clean_keeps_complete_unless_asked(tmp_path) -> None:
     done = Experiment.open(tmp_path, "run", "singular", PARAMS)
     done.finish()

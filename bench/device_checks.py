@@ -133,7 +133,7 @@ NEEDED = ("numpy", "scipy", "pandas", "pyarrow", "yaml", "tqdm", "safetensors", 
 #: seconds a step may take at most (on the GPU machine), and the least it needs to be worth starting
 CAPS = {"env": (45, 5), "cuda_tests": (180, 60), "slice": (420, 150), "calibrate": (420, 150),
         "cost": (90, 40), "gram": (120, 20), "compiled": (150, 60), "compiled_shape": (480, 300),
-        "captured_shape": (300, 150), "captured_units": (300, 120), "shared_gpu": (300, 240),
+        "captured_shape": (300, 150), "captured_units": (300, 150), "shared_gpu": (300, 240),
         "decode_shape": (480, 180)}
 #: seconds kept beside a RESERVED step's least time: a step run to its limit ends a little past it
 #: (its own bookkeeping), which would leave the reserved step just short of its least time

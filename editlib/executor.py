@@ -101,8 +101,9 @@ def run_units(study: "Study", exp: "Experiment", units: Sequence["UnitSpec"], *,
 
     pending = [u for u in units if not unit_done(u, exp, study.params)]
     book = _FailureBook(study.params.evaluation.max_failed_fraction, log)
-    for u in units:  # a resumed run's limit counts what earlier sessions stored
+    for u in units:  # a resumed run's limit counts what earlier sessions stored (their totals, once)
         book.add(stored_checks(u, exp, study.params), stored=True)
+    book.check()
     sizes = {u.name: unit_edits(u, study.params) for u in units}
     with progress(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[u.name] for u in pending),
                   desc=exp.root.name, unit=" edits", unit_scale=False, disable=not pending) as bar:
@@ -129,6 +130,10 @@ class _FailureBook:
 
         for scope, config, cases in checks:
             self.scopes.setdefault(scope, _Failures(self.limit, self.log)).add(config, cases, stored=stored)
+
+    def check(self) -> None:
+        for f in self.scopes.values():
+            f.check()
 
 
 def _record(study: "Study", res: "UnitResult", book: _FailureBook, done: Callable, log: Callable) -> None:

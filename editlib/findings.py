@@ -320,13 +320,25 @@ def _holds_label(pooled: bool | None, per: list[bool | None]) -> str:
             else f"no over all, yes in {k} of {n} orderings{na}")
 
 
-#: what each claim compares: its experiment, the keys of a configuration, the methods (None: all)
-_SCOPE: dict[Callable, tuple[str, list[str], tuple[str, ...] | None]] = {
-    claim_early_layer: ("layer_search", ["method", "layer"], None),
-    claim_rome_memit: ("singular", ["method"], ("rome", "memit")),
-    claim_batch_hurts: ("batch", ["method", "batch_size"], PAPER_METHODS),
-    claim_sequential: ("sequential", ["method", "batch_size"], PAPER_METHODS),
-    claim_lambda: ("sweep", ["method", "lam"], PAPER_METHODS)}
+def _layer_scope(c: pd.DataFrame) -> pd.DataFrame:
+    """The early-layer claim judges one method's layers (MEMIT's when present)."""
+    return c[c["method"] == ("memit" if "memit" in set(c["method"]) else _methods(c)[0])]
+
+
+def _ends_scope(c: pd.DataFrame) -> pd.DataFrame:
+    """The batch claim compares each method's smallest and largest batch size."""
+    ends = c.groupby("method")["batch_size"].transform(lambda b: b.isin([b.min(), b.max()]))
+    return c[ends.astype(bool)]
+
+
+#: what each claim compares: its experiment, the keys of a configuration, and which of the cases
+#: (its methods, its configurations): failures elsewhere are not its concern
+_SCOPE: dict[Callable, tuple[str, list[str], Callable[[pd.DataFrame], pd.DataFrame]]] = {
+    claim_early_layer: ("layer_search", ["method", "layer"], _layer_scope),
+    claim_rome_memit: ("singular", ["method"], lambda c: c[c["method"].isin(("rome", "memit"))]),
+    claim_batch_hurts: ("batch", ["method", "batch_size"], lambda c: _ends_scope(c[c["method"].isin(PAPER_METHODS)])),
+    claim_sequential: ("sequential", ["method", "batch_size"], lambda c: c[c["method"].isin(PAPER_METHODS)]),
+    claim_lambda: ("sweep", ["method", "lam"], lambda c: c[c["method"].isin(PAPER_METHODS)])}
 #: how a configuration key is named in a note
 _KEY_LABEL = {"layer": "layer", "batch_size": "B", "lam": "λ"}
 #: failures listed by name in a claim's note; the rest are counted
@@ -347,13 +359,11 @@ def _claim_failures(stored: dict[str, pd.DataFrame], claim: Callable) -> tuple[s
     ("" when none failed; failed edits are left out of the means, so the means are over fewer
     facts) and why it gets no verdict (more than :data:`MAX_FAILED` of one configuration failed,
     as notebook 07's answers), else None."""
-    exp, keys, methods = _SCOPE[claim]
+    exp, keys, scope = _SCOPE[claim]
     c = stored.get(exp)
-    if c is None:
+    if c is None or c.empty:
         return "", None
-    c = _current(c)
-    if methods is not None:
-        c = c[c["method"].isin(methods)]
+    c = scope(_current(c))
     keys = [k for k in keys if k in c.columns]
     if c.empty or not keys:
         return "", None

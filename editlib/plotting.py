@@ -899,7 +899,8 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
     edit; one row per configuration with any of them, or one "none" row per experiment — so a
     report always says. A
     later evaluation of a sequential run (``eval`` final, after_N) with more failed facts than
-    right after their edits (the later model's logits overflowed) adds a row of its own.
+    right after their edits adds a row of its own, counting those facts (the later model's doing,
+    e.g. its logits overflowed) and giving their first reason.
     ``failed_units`` (experiment -> unit -> {error, ...}, :func:`editlib.reproduce.stored_failed_units`):
     units of work that failed on every try add one row each (their cases are missing, not failed).
     ``incomplete`` (experiment -> units saved, :func:`editlib.reproduce.incomplete_experiments`):
@@ -919,11 +920,9 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
         c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
         by = [k for k in keys if k in c.columns]
         found = False
-        now: dict[tuple, int] = {}  # failed right after the edits, per configuration
         for key, g in (c.groupby(by, sort=True, dropna=False) if by else [((), c)]):
             key = key if isinstance(key, tuple) else (key,)
             bad = failed_rows(g)
-            now[key] = int(bad.sum())
             jit = g["solve_jitter"].to_numpy(dtype=float) if "solve_jitter" in g.columns else np.zeros(len(g))
             singular = singular_rows(g) & ~bad
             if not bad.any() and not (jit > 0).any() and not singular.any():
@@ -937,18 +936,22 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                          "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else "",
                          "singular solves": int(singular.sum())})
         later = sorted(set(cases["eval"]) - {"current"}, key=str) if "eval" in cases.columns else []
+        fact = [k for k in (*by, "ordering", "case_id") if k in cases.columns]
+        failed_now = set(map(tuple, c.loc[failed_rows(c), fact].itertuples(index=False))) if later else set()
         for ev in later:
             e = cases[cases["eval"] == ev]
             for key, g in (e.groupby(by, sort=True, dropna=False) if by else [((), e)]):
                 key = key if isinstance(key, tuple) else (key,)
-                bad = failed_rows(g)
-                if int(bad.sum()) <= now.get(key, 0):
+                # facts that fail here but did not right after their own edit (the later model's doing)
+                new = failed_rows(g) & ~np.array([t in failed_now for t in map(tuple, g[fact].itertuples(index=False))],
+                                                 dtype=bool)
+                if not new.any():
                     continue
                 found = True
-                reason = g["fail_reason"][bad].iloc[0] if "fail_reason" in g.columns else ""
+                reason = g["fail_reason"][new].iloc[0] if "fail_reason" in g.columns else ""
                 rows.append({"experiment": exp,
                              "configuration": ", ".join([f"{k}={v}" for k, v in zip(by, key)] + [f"eval={ev}"]),
-                             "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
+                             "cases": len(g), "failed": int(new.sum()), "first reason": reason,
                              "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
         if not found:
             rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,

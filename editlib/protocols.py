@@ -73,11 +73,14 @@ class _Failures:
     limit: float
     log: Callable
     counts: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)  # configuration -> its first failure's reason
 
     def add(self, config: str, cases: pd.DataFrame, *, stored: bool = False) -> None:
         """Count ``cases``' failed edits under ``config`` (per method) and stop past the limit.
         ``stored``: cases saved by an earlier session, counted on resume (the limit covers the
-        whole configuration, not the edits since the resume) and logged only if they stop it."""
+        whole configuration, not the edits since the resume), neither logged nor checked part by
+        part: :meth:`check` judges the stored totals once (parts replayed in another order than
+        they ran could cross the limit midway)."""
         if "failed" not in cases.columns:
             return
         cur = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
@@ -86,16 +89,28 @@ class _Failures:
             name = f"{config} {method}".strip()
             f = g["failed"].to_numpy(dtype=bool)
             k, n = self.counts.get(name, (0, 0))
-            k, n = k + int(f.sum()), n + len(f)
-            self.counts[name] = (k, n)
-            if f.any() and not stored:
+            self.counts[name] = (k + int(f.sum()), n + len(f))
+            if f.any():
+                self.reasons.setdefault(name, str(g["fail_reason"][f].iloc[0]))
+            if stored:
+                continue
+            if f.any():
                 self.log(f"{name}: {int(f.sum())} of {len(f)} edits failed ({g['fail_reason'][f].iloc[0]})")
-            if n >= MIN_EDITS_FOR_FAILURE_CHECK and k / n > self.limit:
-                raise TooManyFailures(
-                    f"{name}: {k} of {n} edits failed ({k / n:.0%} > evaluation.max_failed_fraction = "
-                    f"{self.limit:g}); first reason: {g['fail_reason'][f].iloc[0] if f.any() else '?'}. "
-                    + ("(counting the units stored by earlier sessions) " if stored else "")
-                    + "Fix the cause (e.g. hparams.common.v_lr) or raise the limit; finished units are kept")
+            self._check(name)
+
+    def check(self) -> None:
+        """Every configuration's totals against the limit (after counting stored cases)."""
+        for name in self.counts:
+            self._check(name, stored=True)
+
+    def _check(self, name: str, stored: bool = False) -> None:
+        k, n = self.counts[name]
+        if n >= MIN_EDITS_FOR_FAILURE_CHECK and k / n > self.limit:
+            raise TooManyFailures(
+                f"{name}: {k} of {n} edits failed ({k / n:.0%} > evaluation.max_failed_fraction = "
+                f"{self.limit:g}){' counting the units stored by earlier sessions' if stored else ''}; "
+                f"first reason: {self.reasons.get(name, '?')}. "
+                "Fix the cause (e.g. hparams.common.v_lr) or raise the limit; finished units are kept")
 
 
 # --------------------------------------------------------------------------- the study context
@@ -657,17 +672,20 @@ GE_SETTINGS = ("gen_batch_size", "gen_kv_gb", "gen_decode")
 
 
 def _settings(study: Study) -> dict:
-    """How this session computes what the digest defines (:attr:`editlib.store.Experiment.settings`)."""
+    """How this session computes and checks what the digest defines
+    (:attr:`editlib.store.Experiment.settings`): the failed-edit limit its units passed, and with
+    GE on, :data:`GE_SETTINGS`."""
     ev = study.params.evaluation
-    return {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
+    ge = {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
+    return {"evaluation.max_failed_fraction": ev.max_failed_fraction, **ge}
 
 
 def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
     """A resumed experiment's saved units came from the same context templates (sampled from the
     model: another GPU type, TF32 or package version can round a logit differently and sample other
     ones, which change every key and value): else RunConflict. Saved units that ran with other
-    GE settings (:data:`GE_SETTINGS`) are said in the log (texts move at float rounding; the
-    manifest's ``unit_settings`` counts each)."""
+    settings (:func:`_settings`: GE's, which move texts at float rounding, and the failed-edit
+    limit) are said in the log; the manifest's ``unit_settings`` counts the units per setting."""
     man = exp.manifest
     stored = man.get("provenance", {}).get("context_templates", {})
     mine = study.provenance()["context_templates"]
@@ -682,11 +700,14 @@ def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
             "finish the run where it started, or remove its units with `python -m editlib clean "
             f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
     for other in exp.stored_settings():
-        changed = {k: v for k, v in other.items() if exp.settings.get(k) != v}
+        changed = {k: other.get(k) for k in sorted(set(other) | set(exp.settings)) if exp.settings.get(k) != other.get(k)}
         if changed:
+            what = ["GE texts of the new units move at float rounding"] if set(changed) - {"evaluation.max_failed_fraction"} else []
+            if "evaluation.max_failed_fraction" in changed:
+                what.append("the saved units passed another failed-edit limit")
             log(f"{exp.root.name}: saved units ran with " + ", ".join(f"{k} = {v}" for k, v in changed.items())
                 + "; this session with " + ", ".join(f"{k} = {exp.settings.get(k)}" for k in changed)
-                + " (GE texts of the new units move at float rounding; manifest.json: unit_settings)")
+                + f" ({'; '.join(what)}; manifest.json: unit_settings)")
 
 
 WHAT = {"layer_search": "layer search", "singular": "singular edits", "sweep": "λ sweep",
@@ -1286,6 +1307,7 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
                 own_resid[list(chunks[bi])] = done["solve_resid"].iloc[0] if "solve_resid" in done else np.nan
                 for i, r in zip(chunks[bi], done["fail_reason"] if "fail_reason" in done else [""] * len(done)):
                     own_reason[i] = r
+        fails.check()  # the stored batches' totals, once
         tl = time.time()
         pending: list[_Pending] = []  # edited, not yet evaluated (sequential.eval_group > 1)
         for bi in range(start, len(chunks)):
@@ -1587,13 +1609,24 @@ def stored_checks(spec: UnitSpec, exp: Experiment, p: StudyParams) -> list[tuple
     if e == "batch":
         parts = [f"{spec.name}-b{bi:05d}" for bi in range(len(_chunks(p.batch.total, spec.batch_size)))]
         return [(f"o{o}", f"batch B={spec.batch_size}:", exp.load_unit(u)) for u in parts if exp.has_unit(u)]
-    if e == "sequential" or not exp.has_unit(spec.name):
+    saved = [u for u in _part_names(spec) if exp.has_unit(u)]
+    if e == "sequential" or not saved:
         return []
     if e == "sweep":
         scope, config = "", f"sweep λ={spec.lam:g}:"
     else:
         scope, config = ("", f"layer search, layer {spec.layer}:") if e == "layer_search" else (f"o{o}", "singular edits:")
-    return [(scope, config, exp.load_unit(spec.name))]
+    return [(scope, config, exp.load_unit(saved[0]))]
+
+
+def _part_names(spec: UnitSpec) -> list[str]:
+    """The part names ``spec``'s rows may be saved under: its name, and for a sweep λ that
+    ``{:g}`` does not name exactly, the name earlier code gave it (a folder it started is resumed,
+    not run again beside its old part)."""
+    if spec.experiment != "sweep":
+        return [spec.name]
+    legacy = f"{spec.method}-lam{spec.lam:g}-o{spec.ordering}-b{spec.chunk:05d}"
+    return [spec.name] if legacy == spec.name else [spec.name, legacy]
 
 
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
@@ -1605,7 +1638,7 @@ def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
         last = len(_chunks(p.sequential.total, spec.batch_size)) - 1
         return exp.has_unit(f"{spec.name}-final") or (
             not p.sequential.eval_final and exp.has_unit(f"{spec.name}-b{last:05d}"))
-    return exp.has_unit(spec.name)
+    return any(exp.has_unit(u) for u in _part_names(spec))
 
 
 def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpec]:

@@ -415,10 +415,14 @@ def test_a_plain_run_reaches_every_default_step_when_each_runs_to_its_limit(tmp_
     def to_limit(run, step):
         limit = max(1.0, min(run.caps[step.name][0], run.left() - run.reserve))
         limits[step.name] = limit
-        run.t0 -= limit  # the step took all of it
+        run.t0 -= limit + 4.0  # the step took all of it, and seconds of its own beyond (env's nvidia-smi, a reader's join)
         step.status = "passed"
 
-    run = dc.Run(tmp_path / "out", 540.0, "cuda", smoke=False, work=tmp_path / "work")  # main's default budget
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:  # main's default budget, as a plain run gets it
+        mp.setattr(dc, "run_checks", lambda run, names: seen.append(run.budget) or [])
+        dc.main(["--out", str(tmp_path / "o")])
+    run = dc.Run(tmp_path / "out", seen[0], "cuda", smoke=False, work=tmp_path / "work")
     steps = dc.run_checks(run, list(dc.DEFAULT_STEPS), runners={n: to_limit for n in dc.DEFAULT_STEPS})
     assert [s.status for s in steps] == ["passed"] * len(dc.DEFAULT_STEPS)
     assert all(limits[n] >= dc.CAPS[n][1] for n in dc.DEFAULT_STEPS), limits

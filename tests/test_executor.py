@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -293,6 +294,11 @@ def test_sweep_units_of_close_lambdas_have_their_own_parts():
     assert [name(l) for l in (5e4, 1e-3, 0.0, 15000.0)] == ["memit-lam50000-o0-b00000", "memit-lam0.001-o0-b00000",
                                                           "memit-lam0-o0-b00000", "memit-lam15000-o0-b00000"]
     assert name(1234567.0) != name(1234568.0) and name(1234567.0) == "memit-lam1234567.0-o0-b00000"
+    # a part saved under the name earlier code gave such a λ counts as this unit's (resumed, not run twice)
+    spec = protocols.UnitSpec("sweep", 0, 1, "memit", 8, lam=1234567.0, chunk=0)
+    old = types.SimpleNamespace(has_unit=lambda u: u == "memit-lam1.23457e+06-o0-b00000")
+    assert protocols.unit_done(spec, old, None)
+    assert not protocols.unit_done(spec, types.SimpleNamespace(has_unit=lambda u: False), None)
 
 
 def test_a_worker_drops_another_experiments_shared_targets(monkeypatch):

@@ -295,6 +295,15 @@ def test_failure_table_counts_facts_that_fail_only_on_a_later_model(rng):
     ft = plotting.failure_table({"sequential": c})
     assert list(ft["configuration"]) == ["method=memit, batch_size=4", "method=memit, batch_size=16, eval=final"]
     assert ft.iloc[1]["failed"] == 3 and ft.iloc[1]["first reason"] == "non-finite logits on a later model"
+    # counted by fact, not by count: own failures (5 right after their edits) cannot hide 2 new ones
+    own = (c["batch_size"] == 4) & (c["case_id"].isin([1, 2, 3, 4]))
+    c.loc[own, ["failed", "fail_reason"]] = True, "value optimisation diverged"
+    new = (c["batch_size"] == 4) & (c["eval"] == "final") & (c["case_id"].isin([6, 7]))
+    c.loc[new, ["failed", "fail_reason"]] = True, "non-finite logits on a later model"
+    ft = plotting.failure_table({"sequential": c}).set_index("configuration")
+    row = ft.loc["method=memit, batch_size=4, eval=final"]
+    assert row["failed"] == 2 and row["first reason"] == "non-finite logits on a later model"
+    assert ft.loc["method=memit, batch_size=4", "failed"] == 5
 
 
 def test_failure_table_shows_unfinished_experiments_and_never_comes_out_empty(tmp_path):

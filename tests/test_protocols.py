@@ -482,6 +482,26 @@ def test_too_many_failures_stop_the_configuration(study, weights0, tmp_path, mon
     assert cases["failed"].all() and len(cases) == 8
 
 
+def test_stored_failures_are_judged_on_their_totals_once(monkeypatch):
+    """On resume the stored parts are counted in the units' order, not the order they ran in: a
+    running total that crosses the limit midway must not stop a configuration whose total is under
+    it; a total over it stops the run with the configuration's first failure reason."""
+    monkeypatch.setattr(protocols, "MIN_EDITS_FOR_FAILURE_CHECK", 16)
+
+    def part(n, failed, reason="diverged"):
+        return pd.DataFrame({"method": "memit", "failed": [i < failed for i in range(n)],
+                             "fail_reason": [reason if i < failed else "" for i in range(n)]})
+    f = protocols._Failures(0.25, log=lambda *_: None)
+    for c in (part(16, 5), part(24, 0)):  # 31 % after the first part, 5 of 40 (12.5 %) in all
+        f.add("sweep λ=1:", c, stored=True)
+    f.check()
+    f.add("sweep λ=2:", part(16, 0), stored=True)
+    f.add("sweep λ=2:", part(16, 9, "non-finite key"), stored=True)  # 9 of 32
+    with pytest.raises(protocols.TooManyFailures, match=r"9 of 32 edits failed .* counting the units stored by "
+                                                        r"earlier sessions; first reason: non-finite key"):
+        f.check()
+
+
 def test_one_failed_fact_leaves_the_rest_of_its_batch_edited(study, weights0, tmp_path, monkeypatch):
     """A fact whose value failed is left out of its batch's solve: its row is failed, the other
     facts are edited exactly as a batch without it, and batches.parquet counts it."""

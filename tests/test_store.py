@@ -259,6 +259,11 @@ def test_units_record_the_settings_they_ran_with_and_a_resume_says_when_they_cha
     assert said == ["batch: saved units ran with evaluation.gen_batch_size = 64; this session with "
                     "evaluation.gen_batch_size = 1024 (GE texts of the new units move at float rounding; "
                     "manifest.json: unit_settings)"]
+    said.clear()
+    limit = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={**a, "evaluation.max_failed_fraction": 0.5})
+    protocols._check_resume(study, limit, said.append)
+    assert len(said) == 1 and "the saved units passed another failed-edit limit" in said[0]
+    limit.close()
     later.save_unit("u2", pd.DataFrame({"case_id": [2]}))
     later.finish()
     man = json.loads((tmp_path / "run" / "batch" / "manifest.json").read_text())

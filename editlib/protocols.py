@@ -18,6 +18,7 @@ part files, and the experiment is consolidated once, after all of them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -673,41 +674,41 @@ GE_SETTINGS = ("gen_batch_size", "gen_kv_gb", "gen_decode")
 
 def _settings(study: Study) -> dict:
     """How this session computes and checks what the digest defines
-    (:attr:`editlib.store.Experiment.settings`): the failed-edit limit its units passed, and with
-    GE on, :data:`GE_SETTINGS`."""
+    (:attr:`editlib.store.Experiment.settings`): the digest of its context templates (sampled from
+    the model), the failed-edit limit its units passed, and with GE on, :data:`GE_SETTINGS`."""
     ev = study.params.evaluation
     ge = {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
-    return {"evaluation.max_failed_fraction": ev.max_failed_fraction, **ge}
+    ctx = {style: hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]  # per style: one sampled later
+           for style, groups in study.provenance()["context_templates"].items()}  # compares where both have it
+    return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge}
 
 
 def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
-    """A resumed experiment's saved units came from the same context templates (sampled from the
-    model: another GPU type, TF32 or package version can round a logit differently and sample other
-    ones, which change every key and value): else RunConflict. Saved units that ran with other
-    settings (:func:`_settings`: GE's, which move texts at float rounding, and the failed-edit
-    limit) are said in the log; the manifest's ``unit_settings`` counts the units per setting."""
-    man = exp.manifest
-    stored = man.get("provenance", {}).get("context_templates", {})
-    mine = study.provenance()["context_templates"]
-    parts = exp.root / "parts"
-    if not (parts.is_dir() and any(parts.glob("*.cases.parquet"))):
-        return
-    differ = sorted(k for k in stored if k in mine and stored[k] != mine[k])
-    if differ:
-        raise RunConflict(
-            f"{exp.root}: its saved units used other context templates ({', '.join(differ)}) than this session "
-            "sampled from the model (another GPU type, TF32 or package version rounds a logit differently); "
-            "finish the run where it started, or remove its units with `python -m editlib clean "
-            f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+    """A resumed experiment's saved units came from the same context templates as this session's
+    (sampled from the model: another GPU type, TF32 or package version can round a logit
+    differently and sample other ones, which change every key and value): else RunConflict. Saved
+    units that ran with other settings (:func:`_settings`: GE's, which move texts at float
+    rounding, and the failed-edit limit) are said in the log. Each unit's ``unit.json`` records
+    its settings; units of code that recorded none are not compared."""
+    mine = exp.settings.get("context_templates", {})
     for other in exp.stored_settings():
-        changed = {k: other.get(k) for k in sorted(set(other) | set(exp.settings)) if exp.settings.get(k) != other.get(k)}
+        theirs = other.get("context_templates", {})
+        differ = sorted(k for k in theirs if k in mine and theirs[k] != mine[k])
+        if differ:
+            raise RunConflict(
+                f"{exp.root}: its saved units used other context templates ({', '.join(differ)}) than this session sampled from "
+                "the model (another GPU type, TF32 or package version rounds a logit differently); finish "
+                "the run where it started, or remove its units with `python -m editlib clean "
+                f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+    for other in exp.stored_settings():
+        changed = {k: v for k, v in sorted(other.items()) if k != "context_templates" and exp.settings.get(k) != v}
         if changed:
             what = ["GE texts of the new units move at float rounding"] if set(changed) - {"evaluation.max_failed_fraction"} else []
             if "evaluation.max_failed_fraction" in changed:
                 what.append("the saved units passed another failed-edit limit")
             log(f"{exp.root.name}: saved units ran with " + ", ".join(f"{k} = {v}" for k, v in changed.items())
                 + "; this session with " + ", ".join(f"{k} = {exp.settings.get(k)}" for k in changed)
-                + f" ({'; '.join(what)}; manifest.json: unit_settings)")
+                + f" ({'; '.join(what)}; each unit's unit.json records its settings)")
 
 
 WHAT = {"layer_search": "layer search", "singular": "singular edits", "sweep": "λ sweep",
@@ -794,9 +795,17 @@ def _run_experiment(study: Study, name: str, layer: int | None, log: Callable, *
     if exp.complete:
         return exp.cases()
     t0 = time.time()
+    units = experiment_units(study, name, layer)
+    stray = foreign_parts(exp, units)
+    if stray:
+        exp.close()
+        raise RunConflict(f"{exp.root}: {len(stray)} saved part(s) belong to no unit of these params "
+                          f"({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}; written by other code?): "
+                          f"consolidating would count them too. Remove them with `python -m editlib clean "
+                          f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
     if before is not None:
         before()
-    run_units(study, exp, experiment_units(study, name, layer), log=log, fail_after=fail_after)
+    run_units(study, exp, units, log=log, fail_after=fail_after)
     return _finish(study, exp, t0)
 
 
@@ -1609,24 +1618,25 @@ def stored_checks(spec: UnitSpec, exp: Experiment, p: StudyParams) -> list[tuple
     if e == "batch":
         parts = [f"{spec.name}-b{bi:05d}" for bi in range(len(_chunks(p.batch.total, spec.batch_size)))]
         return [(f"o{o}", f"batch B={spec.batch_size}:", exp.load_unit(u)) for u in parts if exp.has_unit(u)]
-    saved = [u for u in _part_names(spec) if exp.has_unit(u)]
-    if e == "sequential" or not saved:
+    if e == "sequential" or not exp.has_unit(spec.name):
         return []
     if e == "sweep":
         scope, config = "", f"sweep λ={spec.lam:g}:"
     else:
         scope, config = ("", f"layer search, layer {spec.layer}:") if e == "layer_search" else (f"o{o}", "singular edits:")
-    return [(scope, config, exp.load_unit(saved[0]))]
+    return [(scope, config, exp.load_unit(spec.name))]
 
 
-def _part_names(spec: UnitSpec) -> list[str]:
-    """The part names ``spec``'s rows may be saved under: its name, and for a sweep λ that
-    ``{:g}`` does not name exactly, the name earlier code gave it (a folder it started is resumed,
-    not run again beside its old part)."""
-    if spec.experiment != "sweep":
-        return [spec.name]
-    legacy = f"{spec.method}-lam{spec.lam:g}-o{spec.ordering}-b{spec.chunk:05d}"
-    return [spec.name] if legacy == spec.name else [spec.name, legacy]
+def foreign_parts(exp: Experiment, units: Sequence[UnitSpec]) -> list[str]:
+    """Saved parts that no unit of ``units`` writes (a unit's part is its name, or its name and
+    "-..." for the batches of a batch or sequential unit): consolidation would count them beside
+    the units' own, e.g. a sweep λ's part under the name earlier code gave it."""
+    parts = exp.root / "parts"
+    if not parts.is_dir():
+        return []
+    names = [exp.part_stem(u.name) for u in units]
+    return sorted(stem for stem in (f.name[: -len(".cases.parquet")] for f in parts.glob("*.cases.parquet"))
+                  if not any(stem == n or stem.startswith(n + "-") for n in names))
 
 
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
@@ -1638,7 +1648,7 @@ def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
         last = len(_chunks(p.sequential.total, spec.batch_size)) - 1
         return exp.has_unit(f"{spec.name}-final") or (
             not p.sequential.eval_final and exp.has_unit(f"{spec.name}-b{last:05d}"))
-    return any(exp.has_unit(u) for u in _part_names(spec))
+    return exp.has_unit(spec.name)
 
 
 def experiment_units(study: Study, name: str, layer: int | None) -> list[UnitSpec]:

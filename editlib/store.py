@@ -402,9 +402,13 @@ class Experiment:
         atomic_write_json(self.root / "manifest.json", man)
 
     # ---------------------------------------------------------------- parts
+    @staticmethod
+    def part_stem(unit: str) -> str:
+        """The file name stem of ``unit``'s parts (characters a file name should not hold: "_")."""
+        return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in unit)
+
     def _part(self, kind: str, unit: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in unit)
-        return self.root / "parts" / f"{safe}.{kind}.parquet"
+        return self.root / "parts" / f"{self.part_stem(unit)}.{kind}.parquet"
 
     def has_unit(self, unit: str) -> bool:
         return self._part("cases", unit).is_file()

@@ -286,7 +286,7 @@ def test_units_of_the_paper_grid():
                       "sequential": o * len(p.sequential.methods) * len(p.sequential.batch_sizes)}
 
 
-def test_sweep_units_of_close_lambdas_have_their_own_parts():
+def test_sweep_units_of_close_lambdas_have_their_own_parts(tmp_path):
     """A λ is named as {:g} (the paper grid's names: lam50000, lam0.001) where that is exact, else
     with every digit: {:g} keeps six, and two λ of one grid would write one part file."""
     def name(lam):
@@ -294,11 +294,19 @@ def test_sweep_units_of_close_lambdas_have_their_own_parts():
     assert [name(l) for l in (5e4, 1e-3, 0.0, 15000.0)] == ["memit-lam50000-o0-b00000", "memit-lam0.001-o0-b00000",
                                                           "memit-lam0-o0-b00000", "memit-lam15000-o0-b00000"]
     assert name(1234567.0) != name(1234568.0) and name(1234567.0) == "memit-lam1234567.0-o0-b00000"
-    # a part saved under the name earlier code gave such a λ counts as this unit's (resumed, not run twice)
-    spec = protocols.UnitSpec("sweep", 0, 1, "memit", 8, lam=1234567.0, chunk=0)
-    old = types.SimpleNamespace(has_unit=lambda u: u == "memit-lam1.23457e+06-o0-b00000")
-    assert protocols.unit_done(spec, old, None)
-    assert not protocols.unit_done(spec, types.SimpleNamespace(has_unit=lambda u: False), None)
+    # a part saved under another name (earlier code's, for such a λ) is no unit's: consolidation would
+    # count it beside the unit's own, so the run refuses to go on and names it
+    from editlib.store import Experiment
+
+    specs = [protocols.UnitSpec("sweep", 0, 1, "memit", 8, lam=l, chunk=0) for l in (1234567.0, 1e-3)]
+    exp = types.SimpleNamespace(root=tmp_path, part_stem=Experiment.part_stem)
+    (tmp_path / "parts").mkdir()
+    for stem in ("memit-lam0.001-o0-b00000", "memit-lam1.23457e_06-o0-b00000"):
+        (tmp_path / "parts" / f"{stem}.cases.parquet").write_bytes(b"")
+    assert protocols.foreign_parts(exp, specs) == ["memit-lam1.23457e_06-o0-b00000"]
+    batch = [protocols.UnitSpec("batch", 0, 1, "memit", 4)]
+    (tmp_path / "parts" / "memit-B00004-o0-b00001.cases.parquet").write_bytes(b"")
+    assert "memit-B00004-o0-b00001" not in protocols.foreign_parts(exp, batch + specs)  # a batch unit's batch
 
 
 def test_a_worker_drops_another_experiments_shared_targets(monkeypatch):

@@ -667,6 +667,43 @@ def test_rerun_does_nothing_and_changes_conflict(study, weights0, tmp_path, monk
     assert_unedited(study.model, weights0)
 
 
+def test_a_resume_checks_the_saved_units_templates_and_settings(study, weights0, tmp_path):
+    """The protocols' own resume: every saved unit records the session's settings (its context
+    templates' digests, the failed-edit limit), and a resume whose templates differ from a saved
+    unit's is refused before any edit; parts no unit of the params writes are refused too."""
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4]}
+    p = params_for(tmp_path, **over)
+    protocols.run_batch(use(study, p), log=quiet)
+    root = exp_dir(p, "batch")
+    unit = json.loads(next((root / "parts").glob("*.unit.json")).read_text())
+    assert set(unit["settings"]["context_templates"]) == {"memit"} and unit["settings"]["evaluation.max_failed_fraction"] == 0.25
+    man = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**man, "complete": False}))  # as a run that died before finishing
+    side = next((root / "parts").glob("*.unit.json"))
+    side.write_text(json.dumps({**unit, "settings": {**unit["settings"], "context_templates": {"memit": "another-gpu"}}}))
+    with pytest.raises(RunConflict, match=r"other context templates \(memit\)"):
+        protocols.run_batch(use(study, p), log=quiet)
+    side.write_text(json.dumps(unit))
+    (root / "parts" / "memit-B00004-o9.cases.parquet").write_bytes(b"")  # a unit these params do not have
+    (root / "parts" / "memit-B00004-o9.unit.json").write_text(json.dumps({**unit, "unit": "memit-B00004-o9"}))
+    with pytest.raises(RunConflict, match=r"1 saved part\(s\) belong to no unit of these params \(memit-B00004-o9"):
+        protocols.run_batch(use(study, p), log=quiet)
+    assert_unedited(study.model, weights0)
+
+
+def test_a_resumed_sequential_run_counts_its_stored_batches_toward_the_limit(study, weights0, tmp_path, monkeypatch):
+    """A sequential configuration resumed after its failed batches were stored (under a higher
+    limit) judges the stored and new edits together: the stored totals alone stop it."""
+    monkeypatch.setattr(protocols, "MIN_EDITS_FOR_FAILURE_CHECK", 2)
+    over = {"sequential.methods": ["memit"], "sequential.batch_sizes": [2], "hparams.common.v_lr": 1e30}
+    p = params_for(tmp_path, **over, **{"evaluation.max_failed_fraction": 1.0})
+    with pytest.raises(RuntimeError, match="injected failure after batch 0"):
+        protocols.run_sequential(use(study, p), log=quiet, fail_after=1)
+    with pytest.raises(protocols.TooManyFailures, match=r"2 of 2 edits failed .* counting the units stored by earlier"):
+        protocols.run_sequential(use(study, params_for(tmp_path, **over)), log=quiet)
+    assert_unedited(study.model, weights0)
+
+
 def test_section_hparams_override_reaches_the_edit(study, weights0, tmp_path):
     """``batch: {hparams: {memit: {mom2_update_weight: 7}}}`` sets MEMIT's μ in batch mode only
     (not EMMET's, not another experiment's) and is part of the run's identity."""

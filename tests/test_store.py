@@ -241,7 +241,7 @@ def test_units_record_the_settings_they_ran_with_and_a_resume_says_when_they_cha
 
     from editlib import protocols
 
-    a = {"evaluation.gen_batch_size": 64, "evaluation.gen_decode": "transformers"}
+    a = {"evaluation.gen_batch_size": 64, "evaluation.gen_decode": "transformers", "evaluation.max_failed_fraction": 0.25}
     b = {**a, "evaluation.gen_batch_size": 1024}
     first = Experiment.open(tmp_path, "run", "batch", PARAMS, settings=a)
     first.save_unit("u0", pd.DataFrame({"case_id": [0]}))
@@ -253,17 +253,21 @@ def test_units_record_the_settings_they_ran_with_and_a_resume_says_when_they_cha
     later = Experiment.open(tmp_path, "run", "batch", PARAMS, settings=b)
     assert later.stored_settings() == [a]
     said: list[str] = []
-    study = types.SimpleNamespace(provenance=lambda: {"context_templates": {}},
-                                  params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
+    study = types.SimpleNamespace(params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
     protocols._check_resume(study, later, said.append)
     assert said == ["batch: saved units ran with evaluation.gen_batch_size = 64; this session with "
                     "evaluation.gen_batch_size = 1024 (GE texts of the new units move at float rounding; "
-                    "manifest.json: unit_settings)"]
+                    "each unit's unit.json records its settings)"]
     said.clear()
     limit = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={**a, "evaluation.max_failed_fraction": 0.5})
     protocols._check_resume(study, limit, said.append)
     assert len(said) == 1 and "the saved units passed another failed-edit limit" in said[0]
     limit.close()
+    said.clear()  # units of code that recorded no setting are not compared on it
+    more = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={**a, "evaluation.gen_kv_gb": 32})
+    protocols._check_resume(study, more, said.append)
+    assert said == []
+    more.close()
     later.save_unit("u2", pd.DataFrame({"case_id": [2]}))
     later.finish()
     man = json.loads((tmp_path / "run" / "batch" / "manifest.json").read_text())
@@ -274,25 +278,24 @@ def test_units_record_the_settings_they_ran_with_and_a_resume_says_when_they_cha
 
 def test_a_resume_with_other_context_templates_is_refused(tmp_path) -> None:
     """The context templates are sampled from the model; another GPU type can sample others, which
-    change every key and value: a session whose templates differ from those the saved units used
-    refuses to add units to them, naming the way out."""
+    change every key and value: a session whose templates (digests per style, in each unit's
+    settings) differ from those the saved units used refuses to add units to them, naming the way
+    out. A style one session sampled and the other did not is not compared."""
     import types
 
     from editlib import protocols
 
-    stored = {"context_templates": {"memit": [["{}"], ["The cat. {}"]]}}
-    first = Experiment.open(tmp_path, "run", "batch", PARAMS, stored)
+    study = types.SimpleNamespace(params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
+    first = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={"context_templates": {"memit": "aaa"}})
     first.save_unit("u0", pd.DataFrame({"case_id": [0]}))
     first.close()
-    exp = Experiment.open(tmp_path, "run", "batch", PARAMS, stored)
-
-    def study(ctx):
-        return types.SimpleNamespace(provenance=lambda: {"context_templates": ctx},
-                                     params=types.SimpleNamespace(name="run", results_dir=str(tmp_path)))
-    protocols._check_resume(study(stored["context_templates"]), exp, print)  # the same: resumes
+    same = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={"context_templates": {"memit": "aaa", "rome": "c"}})
+    protocols._check_resume(study, same, print)  # the same memit templates, and one more style: resumes
+    same.close()
+    other = Experiment.open(tmp_path, "run", "batch", PARAMS, settings={"context_templates": {"memit": "bbb"}})
     with pytest.raises(RunConflict, match=r"other context templates \(memit\).*editlib clean run"):
-        protocols._check_resume(study({"memit": [["{}"], ["A dog. {}"]]}), exp, print)
-    exp.close()
+        protocols._check_resume(study, other, print)
+    other.close()
 
 
 def test_clean_keeps_complete_unless_asked(tmp_path) -> None:

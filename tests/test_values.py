@@ -1021,7 +1021,7 @@ def test_kept_graphs_are_of_one_model_and_bounded(stand_in_graphs, monkeypatch, 
         raise RuntimeError("the unit failed")
     monkeypatch.setattr(protocols, "_UNIT_RUNNERS", {"batch": unit})
     with pytest.raises(RuntimeError, match="the unit failed"):
-        protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, None)
+        protocols.run_unit(protocols.UnitSpec("batch", 0, LAYER, "memit", 2), None, None, protocols.UnitContext())
     assert not v._KEPT
 
 

@@ -564,9 +564,25 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
                   log=log, suffix=suffix, which=which)
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
     unedited(model)  # marks the weights as loaded as the unedited ones (editlib.weights.unedited)
-    for m, hp in p.hparams.items():  # templates come from the unedited model
-        study.contexts(hp.context_templates)
+    for style in template_styles(p):  # templates come from the unedited model, every style a section asks for
+        study.contexts(style)
     return study
+
+
+#: the experiment sections whose ``hparams`` may override a method's (params.method_hparams)
+SECTIONS = ("layer_search", "singular", "sweep", "batch", "sequential")
+
+
+def template_styles(p: StudyParams) -> list[str]:
+    """Every context-template style the params' methods use, in ``hparams`` or an experiment
+    section's overrides: sampled when the study opens, so that every unit's settings record their
+    digests, a resume compares them and Ray workers receive them with the driver's others."""
+    styles = {hp.context_templates for hp in p.hparams.values()}
+    for name in SECTIONS:
+        over = getattr(p, name).hparams or {}
+        styles |= {part["context_templates"] for part in over.values()
+                   if isinstance(part, dict) and "context_templates" in part}
+    return sorted(styles)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -691,6 +691,17 @@ def test_a_resume_checks_the_saved_units_templates_and_settings(study, weights0,
     assert_unedited(study.model, weights0)
 
 
+def test_every_template_style_a_section_asks_for_is_sampled_when_the_study_opens(tmp_path):
+    """A section's hparams may choose other context templates (batch.hparams.memit.context_templates):
+    their style is sampled with the others when the study opens, so every unit's settings carry its
+    digest and Ray workers receive it from the driver, instead of sampling it inside a unit."""
+    p = params_for(tmp_path)
+    assert protocols.template_styles(p) == sorted({hp.context_templates for hp in p.hparams.values()})
+    q = params_for(tmp_path, **{"batch.hparams": {"memit": {"context_templates": "rome"}},
+                                "sweep.hparams": {"common": {"context_templates": "plain"}}})
+    assert set(protocols.template_styles(q)) == set(protocols.template_styles(p)) | {"rome", "plain"}
+
+
 def test_a_resumed_sequential_run_counts_its_stored_batches_toward_the_limit(study, weights0, tmp_path, monkeypatch):
     """A sequential configuration resumed after its failed batches were stored (under a higher
     limit) judges the stored and new edits together: the stored totals alone stop it."""

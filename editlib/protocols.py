@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -581,7 +581,7 @@ def template_styles(p: StudyParams) -> list[str]:
     for name in SECTIONS:
         over = getattr(p, name).hparams or {}
         styles |= {part["context_templates"] for part in over.values()
-                   if isinstance(part, dict) and "context_templates" in part}
+                   if isinstance(part, Mapping) and "context_templates" in part}
     return sorted(styles)
 
 
@@ -680,7 +680,8 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
         params["tf32"] = True      # (absent otherwise: the digest it had before the key existed)
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock,
-                           free_keys=FREE_KEYS, settings=_settings(study))
+                           free_keys=FREE_KEYS,
+                           settings=_settings(study, {h.get("context_templates") for h in spec.get("hparams", {}).values()}))
 
 
 #: evaluation keys outside the digest that move GE's texts at float rounding (the rows of a decode
@@ -688,14 +689,15 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
 GE_SETTINGS = ("gen_batch_size", "gen_kv_gb", "gen_decode")
 
 
-def _settings(study: Study) -> dict:
+def _settings(study: Study, styles: set | None = None) -> dict:
     """How this session computes and checks what the digest defines
-    (:attr:`editlib.store.Experiment.settings`): the digest of its context templates (sampled from
-    the model), the failed-edit limit its units passed, and with GE on, :data:`GE_SETTINGS`."""
+    (:attr:`editlib.store.Experiment.settings`): the digests of the context templates (sampled
+    from the model) of ``styles`` (the experiment's; None: every style sampled), the failed-edit
+    limit its units passed, and with GE on, :data:`GE_SETTINGS`."""
     ev = study.params.evaluation
     ge = {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
-    ctx = {style: hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]  # per style: one sampled later
-           for style, groups in study.provenance()["context_templates"].items()}  # compares where both have it
+    ctx = {style: hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]
+           for style, groups in study.provenance()["context_templates"].items() if styles is None or style in styles}
     return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge}
 
 
@@ -812,12 +814,13 @@ def _run_experiment(study: Study, name: str, layer: int | None, log: Callable, *
         return exp.cases()
     t0 = time.time()
     units = experiment_units(study, name, layer)
-    stray = foreign_parts(exp, units)
+    stray = foreign_parts(exp, units, study.params)
     if stray:
         exp.close()
-        raise RunConflict(f"{exp.root}: {len(stray)} saved part(s) belong to no unit of these params "
-                          f"({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}; written by other code?): "
-                          f"consolidating would count them too. Remove them with `python -m editlib clean "
+        raise RunConflict(f"{exp.root / 'parts'}: {len(stray)} file(s) belong to no unit of these params "
+                          f"({', '.join(stray[:4])}{' ...' if len(stray) > 4 else ''}; saved by other code?): "
+                          "consolidating would count them beside the units' own. Delete those files (the units "
+                          "they stood for run again), or the whole experiment with `python -m editlib clean "
                           f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
     if before is not None:
         before()
@@ -1643,16 +1646,30 @@ def stored_checks(spec: UnitSpec, exp: Experiment, p: StudyParams) -> list[tuple
     return [(scope, config, exp.load_unit(spec.name))]
 
 
-def foreign_parts(exp: Experiment, units: Sequence[UnitSpec]) -> list[str]:
-    """Saved parts that no unit of ``units`` writes (a unit's part is its name, or its name and
-    "-..." for the batches of a batch or sequential unit): consolidation would count them beside
-    the units' own, e.g. a sweep λ's part under the name earlier code gave it."""
+def unit_parts(spec: UnitSpec, p: StudyParams) -> list[str]:
+    """The names of the parts ``spec`` saves: its name, or a batch unit's batches, or a sequential
+    unit's batches and its final evaluation."""
+    if spec.experiment == "batch":
+        return [f"{spec.name}-b{bi:05d}" for bi in range(len(_chunks(p.batch.total, spec.batch_size)))]
+    if spec.experiment == "sequential":
+        n = len(_chunks(p.sequential.total, spec.batch_size))
+        return [f"{spec.name}-b{bi:05d}" for bi in range(n)] + [f"{spec.name}-final"]
+    return [spec.name]
+
+
+#: the files a saved part consists of (editlib.store.Experiment.save_unit), each consolidated or read
+PART_SUFFIXES = (".cases.parquet", ".batches.parquet", ".unit.json")
+
+
+def foreign_parts(exp: Experiment, units: Sequence[UnitSpec], p: StudyParams) -> list[str]:
+    """Files under ``parts/`` that no unit of ``units`` saves (:func:`unit_parts`): consolidation
+    would count them beside the units' own, e.g. a sweep λ's part under the name earlier code gave
+    it, or the chunks of a singular run chunked otherwise."""
     parts = exp.root / "parts"
     if not parts.is_dir():
         return []
-    names = [exp.part_stem(u.name) for u in units]
-    return sorted(stem for stem in (f.name[: -len(".cases.parquet")] for f in parts.glob("*.cases.parquet"))
-                  if not any(stem == n or stem.startswith(n + "-") for n in names))
+    mine = {exp.part_stem(u) + suffix for spec in units for u in unit_parts(spec, p) for suffix in PART_SUFFIXES}
+    return sorted(f.name for f in parts.iterdir() if f.name.endswith(PART_SUFFIXES) and f.name not in mine)
 
 
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:

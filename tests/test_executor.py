@@ -300,13 +300,24 @@ def test_sweep_units_of_close_lambdas_have_their_own_parts(tmp_path):
 
     specs = [protocols.UnitSpec("sweep", 0, 1, "memit", 8, lam=l, chunk=0) for l in (1234567.0, 1e-3)]
     exp = types.SimpleNamespace(root=tmp_path, part_stem=Experiment.part_stem)
+    p = types.SimpleNamespace(batch=types.SimpleNamespace(total=8), sequential=types.SimpleNamespace(total=4))
     (tmp_path / "parts").mkdir()
     for stem in ("memit-lam0.001-o0-b00000", "memit-lam1.23457e_06-o0-b00000"):
-        (tmp_path / "parts" / f"{stem}.cases.parquet").write_bytes(b"")
-    assert protocols.foreign_parts(exp, specs) == ["memit-lam1.23457e_06-o0-b00000"]
-    batch = [protocols.UnitSpec("batch", 0, 1, "memit", 4)]
-    (tmp_path / "parts" / "memit-B00004-o0-b00001.cases.parquet").write_bytes(b"")
-    assert "memit-B00004-o0-b00001" not in protocols.foreign_parts(exp, batch + specs)  # a batch unit's batch
+        for suffix in (".cases.parquet", ".unit.json"):
+            (tmp_path / "parts" / f"{stem}{suffix}").write_bytes(b"")
+    (tmp_path / "parts" / ".memit-lam0.001-o0-b00000.cases.parquet.x1.tmp").write_bytes(b"")  # a write in flight
+    assert protocols.foreign_parts(exp, specs, p) == ["memit-lam1.23457e_06-o0-b00000.cases.parquet",
+                                                      "memit-lam1.23457e_06-o0-b00000.unit.json"]
+    # exact names: a batch unit's batches and a sequential unit's batches and final evaluation are its
+    # own; a batch beyond its size, or a singular chunk beside an unchunked unit, is not
+    units = [protocols.UnitSpec("batch", 0, 1, "memit", 4), protocols.UnitSpec("sequential", 0, 1, "memit", 2),
+             protocols.UnitSpec("singular", 0, 1)]
+    for stem in ("memit-B00004-o0-b00001", "memit-B00002-o0-b00001", "memit-B00002-o0-final", "o0",
+                 "memit-B00004-o0-b00002", "o0-c00003"):
+        (tmp_path / "parts" / f"{stem}.batches.parquet").write_bytes(b"")
+    assert protocols.foreign_parts(exp, units + specs[1:], p) == [
+        "memit-B00004-o0-b00002.batches.parquet", "memit-lam1.23457e_06-o0-b00000.cases.parquet",
+        "memit-lam1.23457e_06-o0-b00000.unit.json", "o0-c00003.batches.parquet"]
 
 
 def test_a_worker_drops_another_experiments_shared_targets(monkeypatch):

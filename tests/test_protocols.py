@@ -686,7 +686,7 @@ def test_a_resume_checks_the_saved_units_templates_and_settings(study, weights0,
     side.write_text(json.dumps(unit))
     (root / "parts" / "memit-B00004-o9.cases.parquet").write_bytes(b"")  # a unit these params do not have
     (root / "parts" / "memit-B00004-o9.unit.json").write_text(json.dumps({**unit, "unit": "memit-B00004-o9"}))
-    with pytest.raises(RunConflict, match=r"1 saved part\(s\) belong to no unit of these params \(memit-B00004-o9"):
+    with pytest.raises(RunConflict, match=r"2 file\(s\) belong to no unit of these params \(memit-B00004-o9.cases.parquet"):
         protocols.run_batch(use(study, p), log=quiet)
     assert_unedited(study.model, weights0)
 

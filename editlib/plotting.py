@@ -96,11 +96,11 @@ def _stats(cases: pd.DataFrame, keys: Sequence[str], over_orderings: bool | None
     s = summarize_cases(cases, by=list(keys), decimals=None)
     # each metric's CI over the values its mean was taken over: failed rows (and a metric's missing
     # values) are left out of the mean, so they must be left out of n too, or the band would narrow
-    scored = cases[~failed_rows(cases)]
+    counts = s[list(keys)].merge(cases[~failed_rows(cases)].groupby(list(keys)).count().reset_index(),
+                                 on=list(keys), how="left")  # per group, each metric's values
     for col in [c for c in s.columns if c.endswith("_std")]:
         m = col[:-4]
-        n = s[list(keys)].merge(scored.groupby(list(keys))[m].count().rename("_n").reset_index(), on=list(keys),
-                                how="left")["_n"].fillna(0).to_numpy(dtype=float)
+        n = counts[m].fillna(0).to_numpy(dtype=float)
         # summarize_cases gives the population std; the CI uses the sample std
         with np.errstate(divide="ignore", invalid="ignore"):
             half = 1.96 * s[col].to_numpy(dtype=float) / np.sqrt(n - 1)
@@ -317,18 +317,20 @@ def batch_notes(batches: pd.DataFrame, cols: Sequence[str]) -> list[str]:
     return notes
 
 
-def _batch_note(fig: Figure, batches: pd.DataFrame, cols: Sequence[str]) -> Figure:
-    notes = batch_notes(batches, cols)
+def _warn(fig: Figure, notes: Sequence[str | None]) -> Figure:
+    """``notes`` (None: nothing to say) under the figure's panels, one warning line each."""
+    notes = [n for n in notes if n]
     if notes:
         fig.supxlabel("\n".join("⚠ " + n for n in notes), fontsize="small", color="firebrick")
     return fig
+
+
+def _batch_note(fig: Figure, batches: pd.DataFrame, cols: Sequence[str]) -> Figure:
+    return _warn(fig, batch_notes(batches, cols))
 
 
 def _note(fig: Figure, cases: pd.DataFrame) -> Figure:
-    notes = [n for n in (failure_note(cases), jitter_note(cases), singular_note(cases)) if n]
-    if notes:
-        fig.supxlabel("\n".join("⚠ " + n for n in notes), fontsize="small", color="firebrick")
-    return fig
+    return _warn(fig, [failure_note(cases), jitter_note(cases), singular_note(cases)])
 
 
 # --------------------------------------------------------------------------- figures
@@ -906,15 +908,18 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
     ``incomplete`` (experiment -> units saved, :func:`editlib.reproduce.incomplete_experiments`):
     one row each for experiments started but not finished. With nothing at all, one row says so."""
     rows = []
+
+    def row(exp: str, configuration: str, cases: int = 0, failed: int = 0, reason: str = "", jittered: int = 0,
+            tau: str = "", singular: int = 0) -> None:
+        rows.append(dict(zip(FAILURE_COLUMNS, (exp, configuration, cases, failed, reason, jittered, tau, singular))))
+
     for exp, saved in (incomplete or {}).items():
-        rows.append({"experiment": exp, "configuration": f"incomplete: {saved} unit(s) saved, no results "
-                     "consolidated (rerun its notebook to resume)", "cases": 0, "failed": 0,
-                     "first reason": "not finished", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
+        row(exp, f"incomplete: {saved} unit(s) saved, no results consolidated (rerun its notebook to resume)",
+            reason="not finished")
     for exp, units in (failed_units or {}).items():
         for unit, info in sorted(units.items()):
-            rows.append({"experiment": exp, "configuration": f"unit {unit} (not run: no cases stored)",
-                         "cases": 0, "failed": 0, "first reason": str(info.get("error", "")).splitlines()[0][:200]
-                         if info.get("error") else "failed", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
+            row(exp, f"unit {unit} (not run: no cases stored)",
+                reason=str(info.get("error", "")).splitlines()[0][:200] if info.get("error") else "failed")
     keys = ("method", "layer", "lam", "batch_size")
     for exp, cases in cases_by_experiment.items():
         c = cases[cases["eval"] == "current"] if "eval" in cases.columns else cases
@@ -928,13 +933,9 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
             if not bad.any() and not (jit > 0).any() and not singular.any():
                 continue
             found = True
-            reason = g["fail_reason"][bad].iloc[0] if bad.any() and "fail_reason" in g.columns else ""
-            rows.append({"experiment": exp,
-                         "configuration": ", ".join(f"{k}={v}" for k, v in zip(by, key)),
-                         "cases": len(g), "failed": int(bad.sum()), "first reason": reason,
-                         "jittered": int((jit > 0).sum()),
-                         "max τ (rel.)": f"{jit.max():.1g}" if (jit > 0).any() else "",
-                         "singular solves": int(singular.sum())})
+            row(exp, ", ".join(f"{k}={v}" for k, v in zip(by, key)), len(g), int(bad.sum()),
+                g["fail_reason"][bad].iloc[0] if bad.any() and "fail_reason" in g.columns else "",
+                int((jit > 0).sum()), f"{jit.max():.1g}" if (jit > 0).any() else "", int(singular.sum()))
         later = sorted(set(cases["eval"]) - {"current"}, key=str) if "eval" in cases.columns else []
         fact = [k for k in (*by, "ordering", "case_id") if k in cases.columns]
         failed_now = set(map(tuple, c.loc[failed_rows(c), fact].itertuples(index=False))) if later else set()
@@ -948,17 +949,12 @@ def failure_table(cases_by_experiment: dict[str, pd.DataFrame],
                 if not new.any():
                     continue
                 found = True
-                reason = g["fail_reason"][new].iloc[0] if "fail_reason" in g.columns else ""
-                rows.append({"experiment": exp,
-                             "configuration": ", ".join([f"{k}={v}" for k, v in zip(by, key)] + [f"eval={ev}"]),
-                             "cases": len(g), "failed": int(new.sum()), "first reason": reason,
-                             "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
+                row(exp, ", ".join([f"{k}={v}" for k, v in zip(by, key)] + [f"eval={ev}"]), len(g), int(new.sum()),
+                    g["fail_reason"][new].iloc[0] if "fail_reason" in g.columns else "")
         if not found:
-            rows.append({"experiment": exp, "configuration": "all", "cases": len(c), "failed": 0,
-                         "first reason": "none", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
+            row(exp, "all", len(c), reason="none")
     if not rows:
-        rows.append({"experiment": "(none)", "configuration": "no experiment stored", "cases": 0, "failed": 0,
-                     "first reason": "", "jittered": 0, "max τ (rel.)": "", "singular solves": 0})
+        row("(none)", "no experiment stored")
     return pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
 
 
@@ -1000,7 +996,9 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.D
     rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty. Our ``failed``
     count comes along as ``failed (ours)`` (our means leave those edits out; "0": none failed)."""
     metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
-    a = ours[[on] + [m for m in metrics if m in ours.columns]].rename(columns={m: f"{m} (ours)" for m in metrics})
+    failed = ["failed"] if "failed" in ours.columns else []
+    a = ours[[on] + [m for m in metrics if m in ours.columns] + failed].rename(
+        columns={**{m: f"{m} (ours)" for m in metrics}, "failed": "failed (ours)"})
     b = paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics})
     if on == "lam":
         a = a.assign(lam=a["lam"].astype(float))
@@ -1011,10 +1009,5 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.D
     cols = [c for c in out.columns if c in ("Lambda", on)]
     for m in metrics:
         cols += [c for c in (f"{m} (ours)", f"{m} (paper)") if c in out.columns]
-    if "failed" in ours.columns:
-        failed = ours[[on, "failed"]].rename(columns={"failed": "failed (ours)"})
-        if on == "lam":
-            failed = failed.assign(lam=failed["lam"].astype(float))
-        out = out.merge(failed, on=on, how="left")
-        cols.append("failed (ours)")
+    cols += [f"{c} (ours)" for c in failed]
     return out[cols].fillna("").reset_index(drop=True)

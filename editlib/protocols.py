@@ -91,12 +91,13 @@ class _Failures:
             f = g["failed"].to_numpy(dtype=bool)
             k, n = self.counts.get(name, (0, 0))
             self.counts[name] = (k + int(f.sum()), n + len(f))
+            first = str(g["fail_reason"][f].iloc[0]) if f.any() else ""
             if f.any():
-                self.reasons.setdefault(name, str(g["fail_reason"][f].iloc[0]))
+                self.reasons.setdefault(name, first)
             if stored:
                 continue
             if f.any():
-                self.log(f"{name}: {int(f.sum())} of {len(f)} edits failed ({g['fail_reason'][f].iloc[0]})")
+                self.log(f"{name}: {int(f.sum())} of {len(f)} edits failed ({first})")
             self._check(name)
 
     def check(self) -> None:
@@ -709,7 +710,8 @@ def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
     rounding, and the failed-edit limit) are said in the log. Each unit's ``unit.json`` records
     its settings; units of code that recorded none are not compared."""
     mine = exp.settings.get("context_templates", {})
-    for other in exp.stored_settings():
+    stored = exp.stored_settings()  # read once: every saved unit's unit.json
+    for other in stored:
         theirs = other.get("context_templates", {})
         differ = sorted(k for k in theirs if k in mine and theirs[k] != mine[k])
         if differ:
@@ -718,7 +720,7 @@ def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
                 "the model (another GPU type, TF32 or package version rounds a logit differently); finish "
                 "the run where it started, or remove its units with `python -m editlib clean "
                 f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
-    for other in exp.stored_settings():
+    for other in stored:
         changed = {k: v for k, v in sorted(other.items()) if k != "context_templates" and exp.settings.get(k) != v}
         if changed:
             what = ["GE texts of the new units move at float rounding"] if set(changed) - {"evaluation.max_failed_fraction"} else []
@@ -1635,8 +1637,7 @@ def stored_checks(spec: UnitSpec, exp: Experiment, p: StudyParams) -> list[tuple
     stored batches when it resumes (``_sequential_config``): none here."""
     e, o = spec.experiment, spec.ordering
     if e == "batch":
-        parts = [f"{spec.name}-b{bi:05d}" for bi in range(len(_chunks(p.batch.total, spec.batch_size)))]
-        return [(f"o{o}", f"batch B={spec.batch_size}:", exp.load_unit(u)) for u in parts if exp.has_unit(u)]
+        return [(f"o{o}", f"batch B={spec.batch_size}:", exp.load_unit(u)) for u in unit_parts(spec, p) if exp.has_unit(u)]
     if e == "sequential" or not exp.has_unit(spec.name):
         return []
     if e == "sweep":
@@ -1675,8 +1676,7 @@ def foreign_parts(exp: Experiment, units: Sequence[UnitSpec], p: StudyParams) ->
 def unit_done(spec: UnitSpec, exp: Experiment, p: StudyParams) -> bool:
     """Whether every part ``spec`` writes is saved (a partly saved unit runs again for the rest)."""
     if spec.experiment == "batch":
-        n = len(_chunks(p.batch.total, spec.batch_size))
-        return all(exp.has_unit(f"{spec.name}-b{bi:05d}") for bi in range(n))
+        return all(exp.has_unit(u) for u in unit_parts(spec, p))
     if spec.experiment == "sequential":
         last = len(_chunks(p.sequential.total, spec.batch_size)) - 1
         return exp.has_unit(f"{spec.name}-final") or (

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -352,12 +353,13 @@ class Experiment:
     def foreign_units(self) -> list[tuple[str, dict]]:
         """Saved units whose recorded version or commit is not this code's (unrecorded: unknown)."""
         here = code_version()
-        out = []
-        for f in sorted((self.root / "parts").glob("*.cases.parquet")) if (self.root / "parts").is_dir() else []:
-            v = self._unit_version(f)
-            if {k: v.get(k) for k in here} != here:
-                out.append((f.name[: -len(".cases.parquet")], v))
-        return out
+        return [(stem, v) for stem, v in self._unit_records() if {k: v.get(k) for k in here} != here]
+
+    def _unit_records(self) -> list[tuple[str, dict]]:
+        """(part stem, its ``unit.json``) of every saved unit, in file order ({} where unreadable)."""
+        parts = self.root / "parts"
+        return [(f.name[: -len(".cases.parquet")], self._unit_version(f))
+                for f in sorted(parts.glob("*.cases.parquet"))] if parts.is_dir() else []
 
     @staticmethod
     def _unit_version(cases_file: Path) -> dict:
@@ -394,9 +396,10 @@ class Experiment:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "complete": complete,
             "timings": {**old.get("timings", {}), **(timings or {})},
-            "unit_versions": self.unit_versions(),
         }
-        settings = self.unit_settings()
+        records = self._unit_records()  # one pass over the units for both counts
+        man["unit_versions"] = self.unit_versions(records)
+        settings = self.unit_settings(records)
         if settings:  # units saved with settings (the current code records them)
             man["unit_settings"] = settings
         atomic_write_json(self.root / "manifest.json", man)
@@ -460,27 +463,17 @@ class Experiment:
         path = self.root / FAILED_UNITS
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def unit_versions(self) -> dict[str, int]:
-        """How many saved units each code version wrote ("<version>@<commit>": n)."""
-        counts: dict[str, int] = {}
-        parts = self.root / "parts"
-        for f in sorted(parts.glob("*.cases.parquet")) if parts.is_dir() else []:
-            v = self._unit_version(f)
-            k = f"{v.get('editlib_version') or 'unknown'}@{(v.get('git_commit') or 'unknown')[:12]}"
-            counts[k] = counts.get(k, 0) + 1
-        return counts
+    def unit_versions(self, records: list[tuple[str, dict]] | None = None) -> dict[str, int]:
+        """How many saved units each code version wrote ("<version>@<commit>": n); ``records``:
+        :meth:`_unit_records`, when the caller has read them."""
+        return dict(Counter(f"{v.get('editlib_version') or 'unknown'}@{(v.get('git_commit') or 'unknown')[:12]}"
+                            for _, v in (self._unit_records() if records is None else records)))
 
-    def unit_settings(self) -> dict[str, int]:
+    def unit_settings(self, records: list[tuple[str, dict]] | None = None) -> dict[str, int]:
         """How many saved units ran with each :attr:`settings` (its JSON: n); units saved without
         settings are not counted."""
-        counts: dict[str, int] = {}
-        parts = self.root / "parts"
-        for f in sorted(parts.glob("*.cases.parquet")) if parts.is_dir() else []:
-            st = self._unit_version(f).get("settings")
-            if st:
-                k = json.dumps(st, sort_keys=True)
-                counts[k] = counts.get(k, 0) + 1
-        return counts
+        return dict(Counter(json.dumps(v["settings"], sort_keys=True)
+                            for _, v in (self._unit_records() if records is None else records) if v.get("settings")))
 
     def stored_settings(self) -> list[dict]:
         """The distinct :attr:`settings` of the saved units other than this session's."""

@@ -690,15 +690,15 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
 GE_SETTINGS = ("gen_batch_size", "gen_kv_gb", "gen_decode")
 
 
-def _settings(study: Study, styles: set | None = None) -> dict:
+def _settings(study: Study, styles: set) -> dict:
     """How this session computes and checks what the digest defines
     (:attr:`editlib.store.Experiment.settings`): the digests of the context templates (sampled
-    from the model) of ``styles`` (the experiment's; None: every style sampled), the failed-edit
-    limit its units passed, and with GE on, :data:`GE_SETTINGS`."""
+    from the model) of ``styles`` (the experiment's), the failed-edit limit its units passed, and
+    with GE on, :data:`GE_SETTINGS`."""
     ev = study.params.evaluation
     ge = {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
     ctx = {style: hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]
-           for style, groups in study.provenance()["context_templates"].items() if styles is None or style in styles}
+           for style, groups in study.provenance()["context_templates"].items() if style in styles}
     return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge}
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 from scipy.stats import hmean
 
 from .generation import ngram_entropy, sample_texts
-from .records import Record
+from .records import Record, RecordError
 from .scoring import score_pairs
 
 FAMILIES = ("rewrite", "paraphrase", "neighborhood")
@@ -131,6 +131,17 @@ def _generation_columns(model, tok, records: Sequence[Record], *, seed: int, max
     return out
 
 
+def check_generation_prompts(records: Sequence[Record], where: str = "") -> None:
+    """GE is the mean over a case's generation prompts (SPEC §6): a record without any would have
+    no GE, which a mean over cases would silently leave out. Fail, naming the records."""
+    bare = [r.case_id for r in records if not r.generation_prompts]
+    if bare:
+        shown = ", ".join(map(str, bare[:5])) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+        raise RecordError(f"evaluation.generation is on, but {len(bare)} record(s){where} have no generation_prompts "
+                          f"(case_id {shown}): GE cannot be scored for them; turn generation off or use records "
+                          "that have generation prompts")
+
+
 def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = "correct",
                      batch_size: int = 128, generation: bool = False, gen_seed: int = 0,
                      gen_max_len: int = 100, gen_batch_size: int = 64, gen_kv_gb: float | None = None,
@@ -157,6 +168,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
     records = list(records)
+    if generation:
+        check_generation_prompts(records)
     t0 = time.perf_counter()
     cols: dict[str, np.ndarray] = {"case_id": np.asarray([r.case_id for r in records], dtype=np.int64)}
     if records:

@@ -40,7 +40,7 @@ from .context import ContextTemplates, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .generation import sentence_splitter
-from .metrics import evaluate_records, format_summary, summarize_cases, with_unscored
+from .metrics import check_generation_prompts, evaluate_records, format_summary, summarize_cases, with_unscored
 from .models import fingerprint, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
@@ -531,6 +531,20 @@ def _check_alignment(p: StudyParams, tok, records: Sequence[Record]) -> None:
         raise ParamsError(str(e)) from None
 
 
+def _check_generation_prompts(p: StudyParams, records: Sequence[Record], experiments: Sequence[str]) -> None:
+    """With GE on, every fact an experiment will edit has generation prompts: checked here, not at
+    its first evaluation after its edits (held-out facts are scored without generation)."""
+    if not p.evaluation.generation:
+        return
+    from .preflight import facts_needed
+    fl = fact_list_for(p)
+    for e in experiments:
+        n = facts_needed(p, e)
+        for o in p.data.orderings if n else ():
+            facts = counterfact.sample(records, n, o, p.data.ordering_seed, fact_list=fl)
+            check_generation_prompts(facts, f" among {e}'s {n} facts of ordering {o}")
+
+
 def check_second_model(p: StudyParams) -> None:
     """The layer search runs on ``model``, then on ``second_model`` (Figure 6): the second is
     checked before anything loads (the main model is checked by :func:`open_study` or
@@ -555,6 +569,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     _check_gen_budget(p, model)
     records = load_records_for(p, mdir)
     _check_alignment(p, tok, records)
+    _check_generation_prompts(p, records, experiments)
     if p.evaluation.generation and sentence_splitter() != "nltk punkt":
         log(f"GE: nltk's punkt data not found, sentences are split by {sentence_splitter()}; for nltk.word_tokenize's "
             f"words exactly: pip install -e '.[ge]' && python -m nltk.downloader punkt (docs/methods.md)")

@@ -14,7 +14,8 @@ What the digest covers: the unedited model's fingerprint (config, weights, every
 in full), the layer, every value hyperparameter, the chunk's token ids, positions and loss weights
 (so its facts, their order, the context templates and the tokenizer), how this process computes
 (torch and transformers versions, numerics mode and threads, the CPU type, device, GPU type and
-CUDA versions, dtype, deterministic algorithms, TF32) and the source of editlib itself as the
+CUDA versions, dtype, deterministic algorithms, TF32, and the process-wide switches that choose
+kernels: attention backends, 16-bit reductions, autocast) and the source of editlib itself as the
 process imported it (a changed line of code is a new key). The store serves only a model whose
 weights are its unedited ones (:func:`editlib.weights.unedited`: no edit session holds a write, no
 tensor written otherwise) and that carries no forward hook: inside a sequential run it serves the
@@ -39,7 +40,7 @@ from . import numerics
 from .below import hooked_module
 from .store import atomic_write_bytes
 from .tf32 import tf32_applies
-from .values import ValueResult
+from .values import ValueResult, _kernel_settings
 from .weights import unedited
 
 #: the results folder's subfolder that holds the store (``<results_dir>/_values``)
@@ -80,6 +81,7 @@ def _environment(model) -> dict:
            "numerics": numerics.current(), "threads": torch.get_num_threads(), "cpu": _cpu(),
            "device": str(p.device), "dtype": str(p.dtype),
            "deterministic": torch.are_deterministic_algorithms_enabled(), "tf32": tf32_applies(model),
+           "kernels": [str(v) for v in _kernel_settings()],  # SDPA backends, 16-bit reductions, autocast
            "editlib_source": SOURCE_DIGEST}
     if p.device.type == "cuda":
         env["gpu"] = {"name": torch.cuda.get_device_name(p.device),

@@ -443,3 +443,17 @@ def test_nonfinite_outputs_blank_the_case_and_mark_it_failed(world_lm, world_rec
     assert marked["fail_reason"].iloc[1] == NONFINITE_REASON
     assert failed_rows(marked).tolist() == [False, True, False]
     assert summarize_cases(marked)["n_failed"].iloc[0] == 1
+
+
+def test_generation_without_prompts_fails_naming_the_record(world_lm, world_records) -> None:
+    """GE of a record without generation prompts would be NaN, silently left out of GE's mean: with
+    generation on the call fails before any scoring, naming the record; without it, it scores."""
+    import dataclasses
+
+    from editlib.records import RecordError
+
+    model, tok = world_lm
+    recs = [world_records[0], dataclasses.replace(world_records[1], generation_prompts=())]
+    with pytest.raises(RecordError, match=rf"1 record\(s\) have no generation_prompts \(case_id {recs[1].case_id}\)"):
+        evaluate_records(model, tok, recs, generation=True, gen_max_len=8)
+    assert len(evaluate_records(model, tok, recs)) == 2

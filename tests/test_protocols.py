@@ -1491,3 +1491,33 @@ def test_every_protocol_runs_on_cuda_as_on_the_cpu(study, tmp_path) -> None:
         assert (g.fail_reason == c.fail_reason).all(), run.__name__
         for col in ("ES_mag", "PS_mag", "NS_mag"):
             np.testing.assert_allclose(g[col], c[col], rtol=1e-3, atol=1e-4, err_msg=f"{run.__name__} {col}")
+
+
+def test_records_without_generation_prompts_fail_when_the_study_opens(tmp_path, monkeypatch):
+    """With GE on, a fact an experiment will edit that has no generation prompts would have no GE,
+    which the means over cases would leave out unnoticed: the study refuses to open, naming it;
+    with GE off, or when only facts no experiment draws lack them, it opens."""
+    from editlib import counterfact
+    from editlib.records import RecordError
+
+    base = params_for(tmp_path)
+    recs = protocols.load_records_for(base, protocols.model_dir_for(base.model, quiet))
+    drawn = {r.case_id for o in base.data.orderings for r in
+             counterfact.sample(recs, base.layer_search.n_facts, o, base.data.ordering_seed)}
+    victim = next(r.case_id for r in counterfact.sample(recs, base.layer_search.n_facts, 0, base.data.ordering_seed))
+    spare = next(r.case_id for r in recs if r.case_id not in drawn)
+    real = protocols.load_records_for
+
+    def strip(ids):
+        def load(p, mdir):
+            return [dataclasses.replace(r, generation_prompts=()) if r.case_id in ids else r for r in real(p, mdir)]
+        return load
+
+    ge = {"evaluation.generation": True, "evaluation.gen_max_len": 12}
+    monkeypatch.setattr(protocols, "load_records_for", strip({victim}))
+    with pytest.raises(RecordError, match=rf"layer_search's {base.layer_search.n_facts} facts of ordering 0 have no "
+                                          rf"generation_prompts \(case_id {victim}\)"):
+        protocols.open_study(params_for(tmp_path, **ge), experiments=["layer_search"], log=quiet)
+    protocols.open_study(params_for(tmp_path), experiments=["layer_search"], log=quiet)
+    monkeypatch.setattr(protocols, "load_records_for", strip({spare}))
+    protocols.open_study(params_for(tmp_path, **ge), experiments=["layer_search"], log=quiet)

@@ -700,8 +700,9 @@ def test_the_value_store_key_follows_every_input(lm32, tok, tmp_path) -> None:
 
 
 def test_the_value_store_key_follows_how_the_process_computes(lm32, tok, tmp_path, monkeypatch) -> None:
-    """Threads, numerics, the CPU type and editlib's source are part of the key: values computed
-    another way are not read back as this process's."""
+    """Threads, numerics, the CPU type, editlib's source and the process-wide kernel switches
+    (attention backends, 16-bit reductions) are part of the key: values computed another way are
+    not read back as this process's."""
     from editlib import valuestore
     from editlib.values import _build
     store = _store(tmp_path)(lm32)
@@ -719,7 +720,17 @@ def test_the_value_store_key_follows_how_the_process_computes(lm32, tok, tmp_pat
     with monkeypatch.context() as m:
         m.setenv("EDITLIB_NUMERICS", "native-elsewhere")
         keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.MATH]):  # a user's own attention backend choice
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    try:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not flag
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
     assert base not in keys and len(set(keys)) == len(keys)
+    assert store.key(lm32, LAYER, ValueHParams(), seq) == base  # the switches restored: the same key
 
 
 def test_the_value_store_serves_no_model_an_edit_session_holds_written(tok, tmp_path) -> None:

@@ -1357,7 +1357,8 @@ def _sequential_config(study, exp, facts, hp, ctx, method, B, o, sq, log, fail_a
         pending: list[_Pending] = []  # edited, not yet evaluated (sequential.eval_group > 1)
         for bi in range(start, len(chunks)):
             chunk = [facts[i] for i in chunks[bi]]
-            # the store serves the first batch of a fresh run only: later ones see edited weights
+            # the store keys later batches by the session's updates so far (weights.edit_history):
+            # a run that edits the same facts the same way before this batch reads it back
             tg = prepare_targets(study.model, study.tok, chunk, hp, ctx, store=study.value_store)
             s.take_log()  # only this batch's updates go into its checkpoint file
             if prior is not None:

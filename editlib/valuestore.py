@@ -1,26 +1,30 @@
-"""Values optimised on the unedited model, kept on disk and read back instead of optimised again.
+"""Values optimised once, kept on disk and read back instead of optimised again.
 
 Every protocol optimises its values chunk by chunk (``z_batch_size`` facts at a time,
-:func:`editlib.values.compute_values`). On the unedited model a chunk's result depends on nothing
-but its inputs, and the experiments of a study optimise the same chunks several times: the first
-facts of an ordering at the chosen layer are a chunk of the layer search, of Table 1, of the λ
-sweep, of batch editing and of every sequential run's first batch. A :class:`ValueStore` keeps
-each chunk's result under a digest of everything it depends on (:meth:`ValueStore.key`) and hands
-it back to the next experiment that asks for the same chunk; what it hands back is what that
-experiment would have computed, so no stored number moves (``evaluation.share_values_gb``; 0 turns
-it off).
+:func:`editlib.values.compute_values`). A chunk's result depends on nothing but its inputs and the
+weights it runs on, and a study optimises the same chunks several times: on the unedited model the
+first facts of an ordering at the chosen layer are a chunk of the layer search, of Table 1, of the
+λ sweep, of batch editing and of every sequential run's first batch; on edited weights, a sequential
+run shares its batches with any run that edits the same facts the same way before them (notebook
+07's one-fact MEMIT and EMMET runs are the first 32 batches of notebook 05's, and a rerun with other
+evaluation settings repeats every batch). A :class:`ValueStore` keeps each chunk's result under a
+digest of everything it depends on (:meth:`ValueStore.key`) and hands it back to the next
+experiment that asks for the same chunk; what it hands back is what that experiment would have
+computed, so no stored number moves (``evaluation.share_values_gb``; 0 turns it off).
 
 What the digest covers: the unedited model's fingerprint (config, weights, every down-projection
-in full), the layer, every value hyperparameter, the chunk's token ids, positions and loss weights
-(so its facts, their order, the context templates and the tokenizer), how this process computes
-(torch and transformers versions, numerics mode and threads, the CPU type, device, GPU type and
-CUDA versions, dtype, deterministic algorithms, TF32, and the process-wide switches that choose
-kernels: attention backends, 16-bit reductions, autocast) and the source of editlib itself as the
-process imported it (a changed line of code is a new key). The store serves only a model whose
-weights are its unedited ones (:func:`editlib.weights.unedited`: no edit session holds a write, no
-tensor written otherwise) and that carries no forward hook: inside a sequential run it serves the
-first batch and nothing after it. Saves stop at about ``share_values_gb`` per process (workers of a
-cluster count apart); nothing is ever removed (delete the folder to reclaim the space).
+in full), the edits on it (:func:`editlib.weights.edit_history`: every low-rank update one edit
+session wrote, in order, to the bit), the layer, every value hyperparameter, the chunk's token ids,
+positions and loss weights (so its facts, their order, the context templates and the tokenizer),
+how this process computes (torch and transformers versions, numerics mode and threads, the CPU
+type, device, GPU type and CUDA versions, dtype, deterministic algorithms, TF32, and the
+process-wide switches that choose kernels: attention backends, 16-bit reductions, autocast) and the
+source of editlib itself as the process imported it (a changed line of code is a new key). The
+store serves only a model whose weights it can name that way (the unedited ones, or one session's
+low-rank updates on them; not a dense update, a second session's write or a tensor written
+otherwise) and that carries no forward hook. Saves stop at about ``share_values_gb`` per process
+(workers of a cluster count apart); nothing is ever removed (delete the folder to reclaim the
+space).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from .below import hooked_module
 from .store import atomic_write_bytes
 from .tf32 import tf32_applies
 from .values import ValueResult, _kernel_settings
-from .weights import unedited
+from .weights import edit_history
 
 #: the results folder's subfolder that holds the store (``<results_dir>/_values``)
 FOLDER = "_values"
@@ -112,10 +116,11 @@ class ValueStore:
         self._hook_warned = False
 
     def serves(self, model) -> bool:
-        """Whether values of ``model`` as it is now may be read or kept: its weights are its
-        unedited ones (:func:`editlib.weights.unedited`) and no forward hook is on it (a hook can
-        change what a forward computes)."""
-        if not unedited(model):
+        """Whether values of ``model`` as it is now may be read or kept: its weights are known
+        (:func:`editlib.weights.edit_history`: the unedited ones, or those one edit session wrote
+        on them by low-rank updates, which the key then covers) and no forward hook is on it (a hook
+        can change what a forward computes)."""
+        if edit_history(model) is None:
             return False
         hook = hooked_module(model.modules())
         if hook is not None and not self._hook_warned:
@@ -130,8 +135,8 @@ class ValueStore:
         """The digest of one chunk's value optimisation (``seq``: the chunk's
         :class:`editlib.values._Seqs`, ``hp``: its :class:`editlib.values.ValueHParams`)."""
         h = hashlib.sha256()
-        h.update(json.dumps({"format": FORMAT, "model": self.fingerprint, "layer": int(layer),
-                             "hparams": asdict(hp), "environment": _environment(model)},
+        h.update(json.dumps({"format": FORMAT, "model": self.fingerprint, "edits": edit_history(model),
+                             "layer": int(layer), "hparams": asdict(hp), "environment": _environment(model)},
                             sort_keys=True, default=str).encode())
         for f in fields(seq):
             _tensor_digest(h, f.name, getattr(seq, f.name))

@@ -13,6 +13,7 @@ session wrote and has not restored, :func:`unedited` whether its weights are its
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import weakref
 
@@ -28,6 +29,9 @@ _SESSIONS = itertools.count()
 _HELD: "weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[int, int]]]" = weakref.WeakKeyDictionary()
 #: model -> its tensors' state (:func:`_tensor_state`) when its weights were last known unedited
 _CLEAN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: model -> (session number, digest, tensor state) after the last write of the one session whose
+#: low-rank updates on the unedited weights made them what they are (:func:`edit_history`)
+_HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, str, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def written(model) -> bool:
@@ -58,6 +62,26 @@ def unedited(model) -> bool:
     return _CLEAN.setdefault(model, now) == now
 
 
+def edit_history(model) -> str | None:
+    """What ``model``'s weights are, for results that depend on nothing else (the value store): ""
+    for its unedited ones (:func:`unedited`); for weights that one :class:`EditSession` wrote on the
+    unedited ones by low-rank updates alone (:meth:`EditSession.apply_factors`, or their replay from
+    a checkpoint), a digest of those updates in order (layer, block size, the float64 factors' bits),
+    which determine the weights bit for bit; None for anything else (a dense update, a master set
+    by hand, a second session's write, any write outside a session). Identical digests mean
+    identical weights."""
+    if unedited(model):
+        return ""
+    rec = _HISTORY.get(model)
+    if rec is None:
+        return None
+    number, digest, state = rec
+    held = _HELD.get(model, set())
+    if not held or any(n != number for n, _ in held) or _tensor_state(model) != state:
+        return None
+    return digest
+
+
 def remark_unedited(model) -> None:
     """Takes ``model``'s tensors as they are now as its unedited ones. For a caller that moved an
     unedited model to another device and back (which replaces every tensor) and knows nothing
@@ -81,6 +105,7 @@ class EditSession(contextlib.AbstractContextManager):
         #: bit for bit (the sequential protocol's append-only checkpoint)
         self.factor_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.log_complete = True  # False once a dense update was written (not replayable)
+        self._history = None  # the digest of the updates written on the unedited weights (edit_history)
 
     @property
     def layers(self) -> list[int]:
@@ -97,6 +122,7 @@ class EditSession(contextlib.AbstractContextManager):
         if layer not in self._master:
             if not self._orig and not written(self.model):  # the first layer any session touches
                 self._from_unedited = unedited(self.model)
+                self._history = hashlib.sha256(b"editlib edit history 1") if self._from_unedited else None
             _HELD.setdefault(self.model, set()).add((self.number, layer))
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
@@ -117,6 +143,7 @@ class EditSession(contextlib.AbstractContextManager):
         m.add_(delta_out_in.to(device=m.device, dtype=m.dtype))
         self._write(layer, m, backup)
         self.log_complete = False
+        self._forget_history()
 
     @torch.no_grad()
     def apply_factors(self, layer: int, R: torch.Tensor, X: torch.Tensor, *, block_rows: int = 1024) -> None:
@@ -140,6 +167,24 @@ class EditSession(contextlib.AbstractContextManager):
             m[s:s + block_rows].add_((R[s:s + block_rows] @ X).to(m.dtype))
         self._write(layer, m, backup)
         self.factor_log.append((layer, R.cpu(), X.cpu()))
+        self._extend_history(layer, block_rows, *self.factor_log[-1][1:])
+
+    def _extend_history(self, layer: int, block_rows: int, R: torch.Tensor, X: torch.Tensor) -> None:
+        """Add one written update to this session's :func:`edit_history` digest (float64, contiguous,
+        on the CPU: what the checkpoint log keeps, so a replay gives the same digest)."""
+        if self._history is None:
+            _HISTORY.pop(self.model, None)  # a second session's write: no history describes the weights
+            return
+        h = self._history
+        h.update(f"{layer}:{block_rows}:{self._master[layer].dtype}:{tuple(R.shape)}:{tuple(X.shape)}:".encode())
+        for t in (R, X):
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        _HISTORY[self.model] = (self.number, h.hexdigest(), _tensor_state(self.model))
+
+    def _forget_history(self) -> None:
+        """A write that no digest describes (dense, or a master set by hand)."""
+        self._history = None
+        _HISTORY.pop(self.model, None)
 
     def _write(self, layer: int, m: torch.Tensor, backup: torch.Tensor) -> None:
         """Write the updated master ``m`` into the parameter, unless the result is not finite in the
@@ -168,6 +213,7 @@ class EditSession(contextlib.AbstractContextManager):
         m.copy_(master_out_in.to(device=m.device, dtype=m.dtype))
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+        self._forget_history()
 
     def distance(self, layer: int) -> tuple[float, float]:
         """(‖W − W0‖_F, ‖W − W0‖_F / ‖W0‖_F) from the master."""
@@ -185,6 +231,9 @@ class EditSession(contextlib.AbstractContextManager):
         held.difference_update({(self.number, layer) for layer in self._orig})
         if self._orig and not held and self._from_unedited:  # back to the unedited weights
             _CLEAN[self.model] = _tensor_state(self.model)
+        if _HISTORY.get(self.model, (None,))[0] == self.number:
+            del _HISTORY[self.model]
+        self._history = None
         self._orig.clear()
         self._master.clear()
 

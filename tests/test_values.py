@@ -733,33 +733,76 @@ def test_the_value_store_key_follows_how_the_process_computes(lm32, tok, tmp_pat
     assert store.key(lm32, LAYER, ValueHParams(), seq) == base  # the switches restored: the same key
 
 
-def test_the_value_store_serves_no_model_an_edit_session_holds_written(tok, tmp_path) -> None:
-    """Values of edited weights are neither read nor kept: inside a session that wrote a layer, and
-    after a kept one; a restored session gives the unedited model back to the store, sessions
-    restored out of order do not."""
+def test_the_value_store_keys_edited_weights_by_their_updates(tok, tmp_path) -> None:
+    """Values of edited weights are kept and read back under the updates that made them
+    (weights.edit_history): the same low-rank updates written again on the unedited weights (by
+    another session, or replayed from its factor log as a checkpoint is) read back what the first
+    session's optimisation computed, to the bit; other updates, a dense update, a master set by
+    hand, a second session's write or a write outside a session are not served at all."""
     from editlib.arch import weight_out_in
-    from editlib.weights import EditSession
+    from editlib.values import _build
+    from editlib.weights import EditSession, edit_history
     lm32 = tiny_llama(len(tok), lm_scale=10.0, seed=3).requires_grad_(False)  # left written at the end
     store = _store(tmp_path)(lm32)
     hp = ValueHParams(v_num_grad_steps=3)
+    seq = _build(tok, FACTS, CTX)
     d_out, d_in = weight_out_in(lm32, LAYER).shape
-    R, X = torch.full((d_out, 1), 1e-3), torch.full((1, d_in), 1e-3)
-    assert store.serves(lm32)
+    g = torch.Generator().manual_seed(5)
+    R, X = torch.randn(d_out, 1, generator=g) * 0.3, torch.randn(1, d_in, generator=g) * 0.3
+    assert store.serves(lm32) and edit_history(lm32) == ""
+    base = store.key(lm32, LAYER, hp, seq)
     with EditSession(lm32) as s:
         s.apply_factors(LAYER, R, X)
+        assert store.serves(lm32)
+        key = store.key(lm32, LAYER, hp, seq)
+        alone = compute_values(lm32, tok, FACTS, LAYER, CTX, hp)  # without the store
+        kept = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+        assert (store.hits, store.misses) == (0, 1) and key != base
+        log = s.take_log()
+    unedited_z = compute_values(lm32, tok, FACTS, LAYER, CTX, hp).z
+    assert store.serves(lm32) and store.key(lm32, LAYER, hp, seq) == base  # restored: the unedited key
+    for replay in ([(LAYER, R, X)], log):  # another session, then the factor log replayed
+        with EditSession(lm32) as s:
+            for layer, r, x in replay:
+                s.apply_factors(layer, r, x)
+            assert store.key(lm32, LAYER, hp, seq) == key
+            again = compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
+            assert again.info["chunks_read"] == 1
+            assert torch.equal(again.z, alone.z) and torch.equal(again.h, alone.h) and torch.equal(kept.z, alone.z)
+    assert not torch.equal(alone.z, unedited_z)  # the edit moved the values: the key had to change
+    with EditSession(lm32) as s:  # another update, or the same one twice: other weights, other keys
+        s.apply_factors(LAYER, 2 * R, X)
+        other = store.key(lm32, LAYER, hp, seq)
+        s.apply_factors(LAYER, -R, X)
+        assert len({base, key, other, store.key(lm32, LAYER, hp, seq)}) == 4
+    with EditSession(lm32) as s:
+        s.apply(LAYER, (R.double() @ X.double()))  # dense: no digest describes it
         assert not store.serves(lm32)
-        compute_values(lm32, tok, FACTS, LAYER, CTX, hp, store=store)
-        assert store.misses == 0 and not store.root.exists()
-    assert store.serves(lm32)
+    with EditSession(lm32) as s:
+        s.apply_factors(LAYER, R, X)
+        s.set_master(LAYER, s.master(LAYER).clone())  # a master set by hand (an old checkpoint)
+        assert not store.serves(lm32)
+    with EditSession(lm32) as s:
+        s.apply_factors(LAYER, R, X)
+        with torch.no_grad():
+            lm32.model.norm.weight.mul_(1.0)  # written outside the session: the store cannot tell
+        assert not store.serves(lm32)
+    assert store.serves(lm32)  # the session put back what it wrote; the norm's values are the same
+    with EditSession(lm32) as a, EditSession(lm32) as b:  # a second session's write
+        a.apply_factors(LAYER, R, X)
+        b.apply_factors(LAYER, R, X)
+        assert not store.serves(lm32)
+        b.restore()
+        assert not store.serves(lm32)  # a's digest no longer describes the weights' state
     try:
         with EditSession(lm32) as s:
             s.apply_factors(LAYER, R, X)
             s.keep()
-        assert not store.serves(lm32)
+        assert store.serves(lm32) and store.key(lm32, LAYER, hp, seq) == key  # kept: still its updates
     finally:
         s.restore()
     assert store.serves(lm32)
-    # restored out of order, the first session's edit stays in the weights: not unedited
+    # restored out of order, the first session's edit stays in the weights: unknown
     a, b = EditSession(lm32), EditSession(lm32)
     a.apply_factors(LAYER, R, X)
     b.apply_factors(LAYER, R, X)

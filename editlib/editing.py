@@ -24,7 +24,7 @@ from .context import ContextTemplates
 from .editors import NullSpaceError, PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
-from .solver import CovFactor, mu_for, solve_factors
+from .solver import SOLVES, CovFactor, mu_for, solve_factors
 from .values import ValueHParams, ValueResult, compute_values
 from .weights import EditSession
 
@@ -47,6 +47,10 @@ class EditHParams:
     emmet_lambda: float = 0.0         # EMMET's λ (paper Table 4); μ = mom2_update_weight · emmet_lambda
     context_templates: str = "memit"  # "memit" (6 in 2 types), "rome" (21) or "plain"
     max_cond: float | None = None     # opt-in: regularise D + μI above this cond (default: exact, SPEC §3, §8.5)
+    # how D + μI is solved (editlib.solver.SOLVES): "exact" (Cholesky, jitter only where it fails:
+    # SPEC §8.5) or "reference" (LU, a pseudo-inverse only where LU fails: the reference's
+    # torch.inverse, which a singular D from duplicated keys blows up instead of failing)
+    solve: str = "exact"
     # AlphaEdit (editlib.editors): α of (P(KKᵀ + K_pK_pᵀ) + αI)Δᵀ = PKRᵀ, and the share of C0's
     # trace (E‖k‖²) in its null space P (relative, where the official code uses an absolute 2e-2)
     L2: float = 10.0
@@ -65,6 +69,10 @@ class EditHParams:
             raise ValueError("layers must name at least one layer")
         if self.method in ("rome", "emmet") and len(self.layers) != 1:
             raise ValueError(f"{self.method} edits a single layer, got layers={list(self.layers)}")
+        if self.solve not in SOLVES:
+            raise ValueError(f"solve must be one of {SOLVES}, got {self.solve!r}")
+        if self.solve == "reference" and self.max_cond is not None:
+            raise ValueError("max_cond regularises the exact solve: it cannot be set with solve: reference")
         if self.mom2_update_weight < 0 or self.emmet_lambda < 0:
             raise ValueError("mom2_update_weight and emmet_lambda must be >= 0")
         if not (isinstance(self.L2, (int, float)) and math.isfinite(self.L2) and self.L2 > 0):
@@ -106,6 +114,8 @@ class EditHParams:
         if self.values.early_stop == "loss" and self.method != "encore":
             for k in ("early_stop", "mpes_hits"):
                 d["values"].pop(k)
+        if d["solve"] == "exact":  # the solve of every stored result: its digest is unchanged
+            d.pop("solve")
         for k, off in (("compile_blocks", "off"), ("capture_steps", False)):  # eager steps, as every stored
             if d["values"][k] == off:                                          # result: its digest is unchanged
                 d["values"].pop(k)
@@ -287,7 +297,7 @@ def apply_edit(model, tok, records: Sequence[Record], hp: EditHParams, covs: dic
             t0 = time.time()
             Ri = R / (len(layers) - i)
             op, mu, extra = preservation(hp, covs[layer], prior, layer)
-            X, info = solve_factors(Ri, K, op, mu, max_cond=hp.max_cond)
+            X, info = solve_factors(Ri, K, op, mu, max_cond=hp.max_cond, solve=hp.solve)
             session.apply_factors(layer, Ri, X)  # ΔW = R X, never a dense float64 d_out × d_in
             t_solve += _synced_time(X.device) - t0
             total_delta_sq += info.delta_norm ** 2

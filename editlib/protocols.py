@@ -974,7 +974,8 @@ def _independent_edits(study: Study, facts: Sequence[Record], hp: EditHParams, t
         elif ok_idx:
             A = solved_keys(tg.solved, cov, tg.K, ok_idx)  # outside the try: a bad A is a bug, not a failed edit
             try:
-                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond, A=A)
+                X, info = solve_factors(tg.R[:, ok_idx], tg.K[:, ok_idx], cov, mu, max_cond=hp.max_cond, A=A,
+                                         solve=hp.solve)
                 R = tg.R[:, ok_idx].to(device=X.device, dtype=torch.float64)
                 d.update(cond_D=info.cond_D, jitter=info.jitter, jitter_rel=info.jitter_rel, solve_resid=info.solve_resid)
             except (ValueError, FloatingPointError) as e:

@@ -14,13 +14,20 @@ Everything runs in float64 and never forms an explicit inverse (SPEC §8.4): C0 
 once per layer (:func:`factor_cov`, reused for every batch of a sequential run, SPEC §9), and the
 N×N system is solved by Cholesky too.
 
-Conditioning follows the reference (SPEC §3 step 5): D + μI is solved *exactly*, however large its
-condition number, as long as it can be factored in float64. Only when the factorisation fails is a
-jitter τ·I added (loudly, and recorded in :class:`SolveInfo`), where the reference would fall back
-to a pseudo-inverse. ``max_cond`` is an opt-in deviation: regularise whenever cond(D + μI) exceeds
-it. The difference matters exactly where the paper's EMMET λ = 0 large batches collapse (SPEC §8.5):
-near-duplicate keys make cond(D) ~1e10–1e13, still solvable in float64, and a regularised solve then
-misses the equality constraints W'K = WK + R that the reference enforces.
+Conditioning (``solve``, :data:`SOLVES`). ``exact`` (the default): D + μI is solved *exactly*,
+however large its condition number, as long as it can be factored in float64, as the reference's
+``torch.inverse`` does. Near-duplicate keys make cond(D) ~1e10–1e13 where the paper's EMMET λ = 0
+large batches collapse (SPEC §8.5), still solvable in float64, and a regularised solve would miss the
+equality constraints W'K = WK + R that the reference enforces. Only when the Cholesky factorisation
+fails (a numerically singular D + μI: keys repeated bit for bit, facts sharing a subject and the
+prompt before it) is a jitter τ·I added, loudly and recorded in :class:`SolveInfo`, as SPEC §8.5
+recommends. The reference differs there: its LU inverse rarely fails on a singular matrix (a pivot
+must be exactly zero) and returns an inverse of norm ~1e16 and more, so it writes an update that
+wrecks the model; its pseudo-inverse runs only when ``torch.inverse`` raises. ``reference`` does
+what it does (an LU solve, a pseudo-inverse only where LU finds an exactly zero pivot), so that a
+run can show that collapse; what it writes there is rounding, not arithmetic, and differs between
+machines. ``max_cond`` is an opt-in deviation of ``exact``: regularise whenever cond(D + μI)
+exceeds it.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ __all__ = [
     "Preservation",
     "cond_estimate",
     "eig_or_cpu",
+    "SOLVES",
     "SolveInfo",
     "factor_cov",
     "memit_normal_equations_residual",
@@ -49,6 +57,9 @@ __all__ = [
 ]
 
 F64 = torch.float64
+#: how the N×N system D + μI is solved (module docstring): exact Cholesky with jitter where it cannot
+#: be factored, or the reference's LU with a pseudo-inverse where LU fails
+SOLVES = ("exact", "reference")
 _COV_EPS0 = 1e-10  # first C0 jitter, relative to mean(diag C0)
 _D_TAU0 = 1e-12  # first D jitter (only after a failed factorisation), relative to trace(D + μI)/N
 _MAX_ATTEMPTS = 12  # jitter retries (×10 each) before giving up
@@ -269,7 +280,7 @@ class SolveInfo:
     delta_norm: float  # ‖ΔW‖_F
     cond_solved: float = math.nan  # condition number of the matrix actually factored
     jitter_rel: float = 0.0  # τ / (trace(D + μI)/N)
-    jitter_reason: str = ""  # "" | "factorisation failed" | "cond > max_cond"
+    jitter_reason: str = ""  # "" | "factorisation failed" | "cond > max_cond" | "LU failed: pseudo-inverse" (solve: reference)
     solve_resid: float = math.nan  # ‖R E‖_F / ‖R‖_F, E = μ(D + μI)⁻¹ + X K − I: how far ΔW is from the method's equations
 
 #: an exact (unjittered) solve whose ``solve_resid`` exceeds this is reported (a warning; batches.parquet):
@@ -337,12 +348,34 @@ def solved_keys(memo: dict, cov: Preservation, K: torch.Tensor, cols: Sequence[i
 
 @dataclass
 class _Factored:
-    L: torch.Tensor
+    L: torch.Tensor  # the Cholesky factor (exact), or LU's factors (reference), or the pseudo-inverse
     cond: float
     tau: float = 0.0
     cond_after: float = math.nan
     scale: float = 1.0
     reason: str = ""
+    how: str = "cholesky"  # "cholesky" | "lu" | "pinv"
+    pivots: torch.Tensor | None = None
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """(the factored matrix)⁻¹ B."""
+        if self.how == "cholesky":
+            return torch.cholesky_solve(B, self.L)
+        if self.how == "lu":
+            return torch.linalg.lu_solve(self.L, self.pivots, B)
+        return self.L @ B
+
+
+def _factor_reference(M: torch.Tensor) -> _Factored:
+    """The reference's solve of D + μI (SPEC §3 step 5): LU with partial pivoting (the factorisation
+    ``torch.inverse`` takes), and its pseudo-inverse only where LU fails (an exactly zero pivot)."""
+    eigs = eig_or_cpu(torch.linalg.eigvalsh, M)
+    cond = _cond_from_eigs(eigs)
+    LU, piv, info = torch.linalg.lu_factor_ex(M)
+    scale = M.diagonal().sum().item() / M.shape[0]
+    if int(info) == 0:
+        return _Factored(LU, cond, 0.0, cond, scale, how="lu", pivots=piv)
+    return _Factored(torch.linalg.pinv(M), cond, 0.0, cond, scale, "LU failed: pseudo-inverse", how="pinv")
 
 
 def _factor_small(M: torch.Tensor, max_cond: float | None) -> _Factored:
@@ -375,7 +408,7 @@ def _factor_small(M: torch.Tensor, max_cond: float | None) -> _Factored:
 
 
 def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
-                  max_cond: float | None = None, A: torch.Tensor | None = None
+                  max_cond: float | None = None, A: torch.Tensor | None = None, solve: str = "exact"
                   ) -> tuple[torch.Tensor, SolveInfo]:
     """The right factor X = (D + μI)⁻¹ (C0⁻¹K)ᵀ ([N, d_in], float64) of ΔW = R X, without forming
     the d_out × d_in update (SPEC §2–3). ``info.delta_norm`` is ‖R X‖_F from N×N products.
@@ -383,25 +416,34 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     ``cov`` is C0's factor or another editor's preservation operator (:class:`Preservation`).
     The N×N system is solved exactly unless it cannot be factored (then jitter, with a warning
     and ``info.used_jitter``); ``max_cond`` opts into regularising every system whose condition
-    number exceeds it. ``A``: ``cov.solve(K)`` when the caller already has it (:func:`solved_keys`:
-    the methods, λ of a sweep and batches that solve the same keys share it). Raises ValueError on
-    bad shapes / non-finite inputs and FloatingPointError if the result is not finite."""
+    number exceeds it; ``solve="reference"`` solves it as the reference does (LU; its pseudo-inverse
+    where LU fails), module docstring. ``A``: ``cov.solve(K)`` when the caller already has it
+    (:func:`solved_keys`: the methods, λ of a sweep and batches that solve the same keys share it).
+    Raises ValueError on bad shapes / non-finite inputs and FloatingPointError if the result is not
+    finite."""
     mu = float(mu)
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if solve == "reference" and max_cond is not None:
+        raise ValueError("max_cond regularises the exact solve: it cannot be set with solve='reference'")
     _check_inputs(R, K, cov, mu)
     A = _given_or_solved(A, K, cov)  # C0⁻¹K, d_in×N
     K = K.to(device=cov.device, dtype=F64)
     n = K.shape[1]
     M = K.T @ A + mu * torch.eye(n, dtype=F64, device=cov.device)
     M = (M + M.T) / 2
-    f = _factor_small(M, max_cond)
+    f = _factor_small(M, max_cond) if solve == "exact" else _factor_reference(M)
+    if f.how == "pinv":
+        warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) has an exactly zero LU pivot: solved with "
+                      f"its pseudo-inverse, as the reference does ({_repeated_keys(K)})", RuntimeWarning, stacklevel=3)
     if f.tau > 0:
         warnings.warn(f"D + μI could not be solved exactly ({f.reason}; N={n}, μ={mu:g}, "
                       f"cond={f.cond:.3g}): REGULARISED with jitter {f.tau:.3g}·I "
                       f"({f.tau / f.scale:.2g} of its mean eigenvalue; cond now {f.cond_after:.3g}). "
-                      "Likely keys sharing a subject's last token (docs/correctness.md). The edit does not "
-                      "satisfy the method's equations exactly; the case rows record it.",
+                      f"Likely keys sharing a subject's last token ({_repeated_keys(K)}; docs/correctness.md). "
+                      "The edit does not satisfy the method's equations exactly; the case rows record it.",
                       RuntimeWarning, stacklevel=3)
-    X = torch.cholesky_solve(A.T.contiguous(), f.L)  # (D + μI)⁻¹ (C0⁻¹K)ᵀ, N×d_in
+    X = f.solve(A.T.contiguous())  # (D + μI)⁻¹ (C0⁻¹K)ᵀ, N×d_in
     Rd = R.to(device=cov.device, dtype=F64)
     if not (torch.isfinite(X).all() and torch.isfinite(Rd).all()):
         raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
@@ -412,12 +454,12 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     eye = torch.eye(n, dtype=F64, device=M.device)
     E = X @ K - eye
     if mu:
-        E = E + mu * torch.cholesky_solve(eye, f.L)
+        E = E + mu * f.solve(eye)
     resid = float(torch.linalg.matrix_norm(Rd @ E) / torch.linalg.matrix_norm(Rd).clamp(min=1e-300))
     if not resid <= SOLVE_RESID_WARN and f.tau == 0:
         warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) factored, but ΔW misses the method's "
-                      f"equations by {resid:.2g} of ‖R‖: numerically singular, so the written update is "
-                      "inexact (batches.parquet: solve_resid)", RuntimeWarning, stacklevel=3)
+                      f"equations by {resid:.2g} of ‖R‖: numerically singular ({_repeated_keys(K)}), so the "
+                      "written update is inexact (batches.parquet: solve_resid)", RuntimeWarning, stacklevel=3)
     norm_sq = float(((Rd.T @ Rd) * (X @ X.T)).sum().clamp(min=0))
     if not math.isfinite(norm_sq):
         raise FloatingPointError(f"ΔW is not finite (N={n}, μ={mu:g}, cond(D+μI)={f.cond:.3g})")
@@ -426,6 +468,13 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
                      jitter_rel=f.tau / f.scale if f.tau > 0 else 0.0, jitter_reason=f.reason,
                      solve_resid=resid)
     return X, info
+
+
+def _repeated_keys(K: torch.Tensor) -> str:
+    """How many of the batch's keys repeat an earlier one bit for bit (facts that share their
+    subject and the prompt before it: D + μI is then singular at μ = 0), for the warnings."""
+    n = K.shape[1] - torch.unique(K.T, dim=0).shape[0]
+    return f"{n} of the {K.shape[1]} keys repeat an earlier key bit for bit" if n else "no key repeats another bit for bit"
 
 
 def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
@@ -453,13 +502,13 @@ def solve_rank_one(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: floa
 
 
 def solve_delta(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float, *,
-                max_cond: float | None = None) -> tuple[torch.Tensor, SolveInfo]:
+                max_cond: float | None = None, solve: str = "exact") -> tuple[torch.Tensor, SolveInfo]:
     """ΔW = R (D + μI)⁻¹ (C0⁻¹K)ᵀ in float64 (SPEC §2–3); returns ``(ΔW [d_out, d_in], info)``.
 
     ROME: N = 1, μ = 0. MEMIT: μ = mom2_update_weight. EMMET: μ = mom2_update_weight·emmet_lambda.
     Computed on ``cov``'s device (see :func:`solve_factors` for conditioning and errors).
     """
-    X, info = solve_factors(R, K, cov, mu, max_cond=max_cond)
+    X, info = solve_factors(R, K, cov, mu, max_cond=max_cond, solve=solve)
     delta = R.to(device=cov.device, dtype=F64) @ X
     if not torch.isfinite(delta).all():
         raise FloatingPointError(f"ΔW is not finite (N={info.n}, μ={info.mu:g}, cond(D+μI)={info.cond_D:.3g})")

@@ -1532,3 +1532,26 @@ def test_records_without_generation_prompts_fail_when_the_study_opens(tmp_path, 
     protocols.open_study(params_for(tmp_path), experiments=["layer_search"], log=quiet)
     monkeypatch.setattr(protocols, "load_records_for", strip({spare}))
     protocols.open_study(params_for(tmp_path, **ge), experiments=["layer_search"], log=quiet)
+
+
+def test_the_reference_solve_reaches_every_update(study, weights0, tmp_path, monkeypatch):
+    """hparams.<method>.solve: reference solves every batch's D + μI as the reference does (LU), on
+    the batched path and in sequential editing; on these well-conditioned batches the stored
+    scores are the exact solve's (float64 round-off), and the parameter digest names it."""
+    from editlib import solver
+    calls, real = [], solver._factor_reference
+    monkeypatch.setattr(solver, "_factor_reference", lambda M: calls.append(M.shape[0]) or real(M))
+    over = {"batch.methods": ["emmet"], "batch.batch_sizes": [2], "sequential.methods": ["emmet"],
+            "sequential.batch_sizes": [2]}
+    runs = {}
+    for how in ("exact", "reference"):
+        st = use(study, params_for(tmp_path / how, **over, **{"hparams.emmet.solve": how}))
+        runs[how] = [protocols.run_batch(st, log=quiet), protocols.run_sequential(st, log=quiet)]
+        assert (how == "reference") == ("solve" in st.params.method_hparams("emmet", 1, "batch").to_dict())
+    assert calls == [2] * 4  # two batches of each experiment
+    for ref, exact in zip(runs["reference"], runs["exact"]):
+        assert_frame_equal(ref[SCORES].reset_index(drop=True), exact[SCORES].reset_index(drop=True),
+                           check_exact=False, rtol=1e-6)
+    with pytest.raises(ParamsError, match="solve must be one of"):
+        params_for(tmp_path / "bad", **{"hparams.emmet.solve": "lu"}).method_hparams("emmet", 1, "batch")
+    assert_unedited(study.model, weights0)

@@ -159,8 +159,9 @@ def test_ill_conditioned_memit_is_solved_exactly(C0: torch.Tensor, cov: CovFacto
 
 
 def test_unfactorable_system_is_jittered_loudly() -> None:
-    """Exactly duplicated keys make D singular (pivot exactly 0): the factorisation fails, a jitter
-    is added with a warning and recorded, as the reference falls back to a pseudo-inverse."""
+    """Exactly duplicated keys make D singular (here a pivot exactly 0): the factorisation fails, a
+    jitter is added with a warning and recorded (the reference's LU fails on this D too and takes
+    its pseudo-inverse: test_reference_solve_*)."""
     eye = factor_cov(torch.eye(D_IN, dtype=F64))
     K = torch.zeros(D_IN, 2, dtype=F64)
     K[0, :] = 1.0  # D = [[1, 1], [1, 1]] exactly
@@ -172,6 +173,52 @@ def test_unfactorable_system_is_jittered_loudly() -> None:
     assert torch.isfinite(delta).all()
     f = _factor_small(torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64), None)
     assert f.tau > 0 and f.reason == "factorisation failed"
+
+
+def test_reference_solve_equals_exact_where_the_system_is_sound(cov: CovFactor) -> None:
+    """solve='reference' (LU, as the reference's torch.inverse) and the exact Cholesky give the same
+    update on a well-conditioned system (float64 round-off), with no warning."""
+    _, K, R = data(8)
+    for mu in (0.0, 3.0):
+        exact, _ = solve_delta(R, K, cov, mu=mu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ref, info = solve_delta(R, K, cov, mu=mu, solve="reference")
+        assert rel(ref, exact) < 1e-10 and info.jitter == 0 and info.jitter_reason == ""
+
+
+def test_reference_solve_blows_up_where_the_exact_solve_does_not() -> None:
+    """A key repeated bit for bit at μ = 0 (EMMET λₑ = 0, two facts sharing a subject and its prompt
+    prefix) makes D singular. The exact Cholesky path writes a bounded, averaged update (about the
+    pseudo-inverse's), loudly; solve='reference' solves it as the reference's LU inverse does, with
+    no jitter: about 1e17 in norm, as the explicit inverse, an update that wrecks a model. An exactly zero pivot takes the pseudo-inverse, as the reference's fallback, with a
+    warning that counts the repeated keys."""
+    g = torch.Generator().manual_seed(1)
+    d, n = 512, 64
+    eye = factor_cov(torch.eye(d, dtype=F64))
+    K = torch.randn(d, n, generator=g, dtype=F64)
+    K[:, 40] = K[:, 3]
+    R = torch.randn(D_OUT, n, generator=g, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="1 of the 64 keys repeat an earlier key bit for bit"):
+        X_exact, info_exact = solve_factors(R, K, eye, 0.0)
+    with pytest.warns(RuntimeWarning, match="numerically singular"):
+        X_ref, info_ref = solve_factors(R, K, eye, 0.0, solve="reference")
+    M = K.T @ K
+    assert info_ref.jitter == 0 and info_ref.jitter_reason == ""
+    # what the reference's inverse writes here is rounding: its size, not its bits, is the behaviour
+    assert torch.linalg.norm(X_ref) > 1e10 and torch.linalg.norm(torch.inverse(M) @ K.T) > 1e10
+    assert rel(X_exact, torch.linalg.pinv(M) @ K.T) < 0.2  # bounded: near the minimum-norm solution
+    K0 = torch.zeros(D_IN, 2, dtype=F64)
+    K0[0, :] = 1.0  # D = [[1, 1], [1, 1]] exactly: LU's second pivot is 0
+    eye0 = factor_cov(torch.eye(D_IN, dtype=F64))
+    with pytest.warns(RuntimeWarning, match="exactly zero LU pivot.*pseudo-inverse.*1 of the 2 keys"):
+        X0, info0 = solve_factors(torch.ones(D_OUT, 2, dtype=F64), K0, eye0, 0.0, solve="reference")
+    assert info0.jitter_reason == "LU failed: pseudo-inverse" and info0.jitter == 0
+    assert torch.allclose(X0, torch.linalg.pinv(K0.T @ K0) @ K0.T, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="max_cond regularises the exact solve"):
+        solve_factors(R, K, eye, 0.0, solve="reference", max_cond=1e10)
+    with pytest.raises(ValueError, match=r"solve must be one of \('exact', 'reference'\)"):
+        solve_factors(R, K, eye, 0.0, solve="lu")
 
 
 def test_no_warning_when_well_conditioned(cov: CovFactor) -> None:

@@ -991,14 +991,32 @@ def paper_reference_tables() -> dict[str, pd.DataFrame]:
             "table4": pd.DataFrame(_PAPER_T4, columns=["Lambda", "lam", *cols])}
 
 
-def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.DataFrame:
+def ours_labels(alignment: str, gen_text: str) -> dict[str, str]:
+    """How the tables next to the paper's name our columns: "ours", and where our reading of a
+    metric is not the one behind the paper's numbers, which it is (SPEC §6, §8.1: the paper's
+    ES/PS/NS read the reference's BOS-shifted positions on Llama-3, its GE texts that keep the
+    BOS string): ``evaluation.alignment`` and ``evaluation.gen_text`` other than ``reference``."""
+    labels = {}
+    if alignment != "reference":
+        labels.update({m: "ours, correct alignment" for m in ("ES", "PS", "NS", "S")})
+    if gen_text != "reference":
+        labels["GE"] = "ours, clean text"
+    return labels
+
+
+def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str,
+                       labels: dict[str, str] | None = None) -> pd.DataFrame:
     """Side by side: ``<metric> (ours)`` and ``<metric> (paper)`` for every metric of either table,
-    rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty. Our ``failed``
-    count comes along as ``failed (ours)`` (our means leave those edits out; "0": none failed)."""
+    rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty. ``labels``
+    (:func:`ours_labels`): a metric's own name for "ours", e.g. "ours, correct alignment". Our
+    ``failed`` count comes along as ``failed (ours)`` (our means leave those edits out; "0": none
+    failed)."""
+    labels = labels or {}
     metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
     failed = ["failed"] if "failed" in ours.columns else []
+    mine = {m: f"{m} ({labels.get(m, 'ours')})" for m in metrics}
     a = ours[[on] + [m for m in metrics if m in ours.columns] + failed].rename(
-        columns={**{m: f"{m} (ours)" for m in metrics}, "failed": "failed (ours)"})
+        columns={**mine, "failed": "failed (ours)"})
     b = paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics})
     if on == "lam":
         a = a.assign(lam=a["lam"].astype(float))
@@ -1008,6 +1026,6 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str) -> pd.D
         out.insert(0, "Lambda", [format_lambda(l) for l in out["lam"]])
     cols = [c for c in out.columns if c in ("Lambda", on)]
     for m in metrics:
-        cols += [c for c in (f"{m} (ours)", f"{m} (paper)") if c in out.columns]
+        cols += [c for c in (mine[m], f"{m} (paper)") if c in out.columns]
     cols += [f"{c} (ours)" for c in failed]
     return out[cols].fillna("").reset_index(drop=True)

@@ -351,6 +351,25 @@ def test_sweep_table_and_comparison(rng):
     assert t1["failed (ours)"].tolist() == ["0", "0"] and t1.columns[-1] == "failed (ours)"
 
 
+def test_the_tables_next_to_the_papers_name_our_reading(rng):
+    """Our columns say where our reading of a metric is not the one behind the paper's numbers (the
+    reference's BOS-shifted alignment, GE texts keeping the BOS string): the params' alignment and
+    gen_text; under the reference's readings they are plain "ours"."""
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0) for m in ("rome", "memit")]
+    t = plotting.table1(_frame(rng, rows)).assign(GE=["600.00", "601.00"])
+    ref = plotting.paper_reference_tables()["table1"]
+    cols = list(plotting.compare_with_paper(t, ref, on="Algorithm",
+                                            labels=plotting.ours_labels("correct", "clean")).columns)
+    assert cols[1:3] == ["ES (ours, correct alignment)", "ES (paper)"]
+    assert "S (ours, correct alignment)" in cols and "GE (ours, clean text)" in cols and "failed (ours)" in cols
+    same = list(plotting.compare_with_paper(t, ref, on="Algorithm",
+                                            labels=plotting.ours_labels("reference", "reference")).columns)
+    assert same == list(plotting.compare_with_paper(t, ref, on="Algorithm").columns)
+    assert "ES (ours)" in same and "GE (ours)" in same
+    half = plotting.ours_labels("reference", "clean")
+    assert half == {"GE": "ours, clean text"}
+
+
 def test_paper_reference_tables():
     ref = plotting.paper_reference_tables()
     assert ref["table1"].loc[0].tolist() == ["MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"]

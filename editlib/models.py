@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ from torch import nn
 from editlib.arch import arch_for, edit_weight, n_layers
 from editlib.tokens import prepare_tokenizer
 
-__all__ = ["DTYPES", "ModelLoadError", "ModelNotFound", "check_model_dir", "fingerprint", "load_model",
-           "locate_model"]
+__all__ = ["DTYPES", "ModelLoadError", "ModelNotFound", "check_model_dir", "fingerprint", "hub_commit",
+           "load_model", "locate_model"]
 
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -136,7 +137,7 @@ def _looks_like_path(name: str) -> bool:
     return False
 
 
-def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> str:
+def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None, revision: str | None = None) -> str:
     """Return what to hand to ``from_pretrained``, or raise :class:`ModelNotFound` at once."""
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
@@ -152,10 +153,11 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> 
     if offline:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir)
+        cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
         if not isinstance(cached, str):
             raise ModelNotFound(
-                f"model {name_or_path!r} is not in the local Hugging Face cache and hub access is "
+                f"model {name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+                + " is not in the local Hugging Face cache and hub access is "
                 "off (HF_HUB_OFFLINE / local_files_only). Make it available by downloading it once "
                 f"with internet access (e.g. `hf download {name_or_path}`), or pass a local "
                 "directory containing config.json, the weights and the tokenizer."
@@ -163,11 +165,12 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None) -> 
     return name_or_path
 
 
-def locate_model(name_or_path: str, *, local_files_only: bool = False, cache_dir: str | None = None) -> str:
+def locate_model(name_or_path: str, *, local_files_only: bool = False, cache_dir: str | None = None,
+                 revision: str | None = None) -> str:
     """Where :func:`load_model` would load from, checked without reading any weights: a local
-    directory (config and weight files intact) or, offline, a hub id in the local cache.
-    Raises :class:`ModelNotFound` / :class:`ModelLoadError` naming the culprit."""
-    return _resolve_source(name_or_path, _offline(local_files_only), cache_dir)
+    directory (config and weight files intact) or, offline, a hub id in the local cache (at
+    ``revision`` when given). Raises :class:`ModelNotFound` / :class:`ModelLoadError` naming the culprit."""
+    return _resolve_source(name_or_path, _offline(local_files_only), cache_dir, revision)
 
 
 def load_model(
@@ -178,23 +181,27 @@ def load_model(
     *,
     local_files_only: bool = False,
     cache_dir: str | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``: model in eval mode with all parameters frozen.
 
     ``dtype`` is one of :data:`DTYPES`. The architecture is validated on the config before
     any weights are read. Offline (``HF_HUB_OFFLINE`` or ``local_files_only``), a hub id
-    missing from the local cache raises :class:`ModelNotFound` immediately.
+    missing from the local cache raises :class:`ModelNotFound` immediately. ``revision``: a hub
+    id's commit, branch or tag (config, weights and tokenizer alike; the commit loaded is
+    :func:`hub_commit`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     offline = _offline(local_files_only)
-    source = _resolve_source(name_or_path, offline, cache_dir)
+    source = _resolve_source(name_or_path, offline, cache_dir, revision)
     common: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
         "local_files_only": offline,
         "cache_dir": cache_dir,
+        **({"revision": revision} if revision else {}),
     }
     with _load_errors("config", source):
         config = AutoConfig.from_pretrained(source, **common)
@@ -209,6 +216,18 @@ def load_model(
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **common))
     check_tokenizer(tok, model, source)
     return model, tok
+
+
+def hub_commit(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """The hub commit :func:`load_model` reads ``name_or_path`` from (at ``revision``, else
+    ``main``): the snapshot of its cached config, for the provenance (a hub repository's tokenizer
+    files can change under a floating ``main``). None for a local directory or nothing cached."""
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def placement(device: str | torch.device) -> dict[str, Any]:

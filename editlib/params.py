@@ -49,6 +49,7 @@ class ModelParams:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    revision: str | None = None  # a hub id's commit, branch or tag (null: main); the commit loaded is in the provenance
     tiny: dict | None = None
     tf32: bool = False  # CUDA only: TF32 matmuls (faster, ~1e-3 relative); off as in the reference
     deterministic: bool = False  # CUDA: deterministic kernels where torch has them (bit-exact reruns and resumes; slower)
@@ -103,7 +104,7 @@ class EvalParams:
     gen_kv_gb: float | None = None  # GE: rows per decode batch capped so that their KV cache fits in this many GB (null: no cap)
     batched_edits: bool = True  # independent edits evaluated together through per-row low-rank hooks (false: edit, evaluate, restore one at a time)
     share_below_gb: float = 2.0  # batched path: blocks below the edited layer run once per scoring batch for all methods / λ, keeping at most this many GB of their outputs (0: off; same numbers either way)
-    share_values_gb: float = 2.0  # values optimised on the unedited model kept in <results_dir>/_values (at most this many GB) and read back by every experiment that optimises the same chunk of facts (0: off; same numbers either way)
+    share_values_gb: float = 2.0  # values kept in <results_dir>/_values (at most this many GB) and read back by every experiment that optimises the same chunk of facts on the same weights (unedited, or the same edits before it; 0: off; same numbers either way)
     gen_text: str = "clean"  # GE texts: clean (special tokens skipped) | reference (as the reference decodes them: Llama-3 keeps <|begin_of_text|>)
     gen_decode: str = "transformers"  # GE decode steps: transformers (the model's forward) | static (editlib.decode: same arithmetic, KV buffers written in place) | graph (CUDA graphs; texts move at rounding) | compiled (torch.compile'd step, captured on CUDA; texts move at rounding)
 

@@ -30,7 +30,7 @@ def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model"
         from .models import ModelLoadError, ModelNotFound, locate_model
 
         try:
-            locate_model(mp.id)
+            locate_model(mp.id, revision=mp.revision)
         except (ModelNotFound, ModelLoadError) as e:
             raise type(e)(f"{which}.id: {e}") from None
     found = _records(p, mp)

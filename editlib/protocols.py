@@ -41,7 +41,7 @@ from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .generation import sentence_splitter
 from .metrics import check_generation_prompts, evaluate_records, format_summary, summarize_cases, with_unscored
-from .models import fingerprint, load_model
+from .models import fingerprint, hub_commit, load_model
 from .params import ModelParams, ParamsError, StudyParams
 from .records import Record
 from .arch import weight_out_in
@@ -136,6 +136,7 @@ class Study:
     _data: dict = field(default_factory=dict)  # data provenance per data params (hashes CounterFact once)
     _of_unedited: dict = field(default_factory=dict)  # see of_unedited
     _fp: str | None = None
+    _commit: str | None = None  # the hub commit the model came from (models.hub_commit), None for a directory
     _values: ValueStore | None = None
 
     @property
@@ -200,9 +201,9 @@ class Study:
 
     @property
     def value_store(self) -> ValueStore | None:
-        """Values optimised on the unedited model, kept in ``<results_dir>/_values`` and read back
-        by every experiment that optimises the same chunk (editlib.valuestore); None when
-        ``evaluation.share_values_gb`` is 0."""
+        """Values kept in ``<results_dir>/_values`` and read back by every experiment that optimises
+        the same chunk on the same weights (the unedited ones, or the same edits before it:
+        editlib.valuestore); None when ``evaluation.share_values_gb`` is 0."""
         gb = float(self.params.evaluation.share_values_gb)
         if gb <= 0:
             return None
@@ -249,6 +250,7 @@ class Study:
 
     def provenance(self) -> dict:
         return {"model": self.model_dir, "model_label": self.label, "model_fingerprint": self.fingerprint,
+                **({"model_commit": self._commit} if self._commit else {}),
                 "n_layers": self.n_layers, "n_records_available": len(self.records),
                 "data": self.data_provenance(), "covariance": self._cov_info,
                 "context_templates": {k: [list(g) for g in v.groups] for k, v in self._contexts.items()}}
@@ -565,7 +567,8 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     mdir = model_dir_for(mp, log, p.data.counterfact_path)
     set_tf32(mp.tf32)
     set_deterministic(mp.deterministic)
-    model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code)
+    model, tok = load_model(mdir, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code,
+                            revision=mp.revision)
     _check_gen_budget(p, model)
     records = load_records_for(p, mdir)
     _check_alignment(p, tok, records)
@@ -579,6 +582,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
                   log=log, suffix=suffix, which=which)
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
+    study._commit = hub_commit(mdir, mp.revision)  # a hub id's snapshot: its tokenizer files can change
     unedited(model)  # marks the weights as loaded as the unedited ones (editlib.weights.unedited)
     for style in template_styles(p):  # templates come from the unedited model, every style a section asks for
         study.contexts(style)

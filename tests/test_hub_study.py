@@ -32,7 +32,7 @@ from pandas.testing import assert_frame_equal
 
 from editlib import protocols
 from editlib.counterfact import load_counterfact, sha256_file
-from editlib.hubcache import cache_paper_stand_ins, corpus_documents
+from editlib.hubcache import STAND_IN_REVISION, cache_paper_stand_ins, corpus_documents
 from editlib.models import ModelNotFound
 from editlib.params import ParamsError, resolve
 from editlib.paths import repo_path
@@ -107,6 +107,21 @@ def test_preflight_names_what_is_missing_offline(hub) -> None:
     other = paper_params(tmp, cf, "other", **{"model.id": "meta-llama/Meta-Llama-3-70B"})
     with pytest.raises(ModelNotFound, match="'meta-llama/Meta-Llama-3-70B' is not in the local Hugging Face cache"):
         protocols.check_before_loading(other, ["batch"])
+    pinned = paper_params(tmp, cf, "pinned", **{"model.revision": "0" * 40})  # model.revision: a commit not cached
+    with pytest.raises(ModelNotFound, match=f"at revision '{'0' * 40}' is not in the local Hugging Face cache"):
+        protocols.check_before_loading(pinned, ["batch"])
+    protocols.check_before_loading(paper_params(tmp, cf, "cached", **{"model.revision": STAND_IN_REVISION}), ["batch"])
+
+
+def test_model_revision_pins_what_loads(hub) -> None:
+    """model.revision reaches from_pretrained: the cached commit loads (and is what the provenance
+    records), another is refused before anything is read."""
+    from editlib.models import hub_commit, load_model
+    model, _ = load_model(HUB_ID, revision=STAND_IN_REVISION)
+    assert hub_commit(HUB_ID, STAND_IN_REVISION) == hub_commit(HUB_ID) == STAND_IN_REVISION  # main is that commit
+    assert hub_commit(HUB_ID, "0" * 40) is None and hub_commit(str(repo_path("models/tiny-world"))) is None
+    with pytest.raises(ModelNotFound, match="at revision 'v0.0-not-cached'"):
+        load_model(HUB_ID, revision="v0.0-not-cached")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +139,7 @@ def test_study_loads_by_hub_id_with_counterfact_provenance(hub, study) -> None:
     assert study.tok.bos_token_id == 128_000 and study.tok("Paris")["input_ids"][0] == 128_000
     assert study.n_layers == 2 and len(study.records) == len(load_counterfact(cf))
     prov = study.provenance()
-    assert prov["model"] == HUB_ID
+    assert prov["model"] == HUB_ID and prov["model_commit"] == STAND_IN_REVISION  # what refs/main resolved to
     assert prov["data"]["source"] == "counterfact"
     assert prov["data"]["sha256"] == sha256_file(Path(cf), uncompressed=True)
     lens = [len(encode(study.tok, t, remember=False)) for t in corpus_texts(cf)]  # BOS included

@@ -26,6 +26,10 @@ def check_study(p: StudyParams, experiments: Sequence[str], which: str = "model"
     mp = p.second_model if which == "second_model" else p.model
     if mp is None:
         raise ParamsError(f"params have no {which!r} section")
+    if mp.revision and (mp.tiny or not mp.id or Path(mp.id).expanduser().is_dir()):
+        raise ParamsError(f"{which}.revision pins a hub id's commit, but {which} is "
+                          + ("a miniature built here" if mp.tiny or not mp.id else f"the local directory {mp.id!r}")
+                          + ": remove revision (a directory's files are what it loads)")
     if mp.id and not mp.tiny:
         from .models import ModelLoadError, ModelNotFound, locate_model
 

@@ -582,7 +582,7 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     study = Study(params=p, model=model, tok=tok, model_dir=str(mdir), label=label, records=records,
                   log=log, suffix=suffix, which=which)
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
-    study._commit = hub_commit(mdir, mp.revision)  # a hub id's snapshot: its tokenizer files can change
+    study._commit = getattr(model.config, "_commit_hash", None) or hub_commit(mdir, mp.revision)  # a hub id's snapshot
     unedited(model)  # marks the weights as loaded as the unedited ones (editlib.weights.unedited)
     for style in template_styles(p):  # templates come from the unedited model, every style a section asks for
         study.contexts(style)
@@ -718,13 +718,15 @@ def _settings(study: Study, styles: set) -> dict:
     ge = {f"evaluation.{k}": getattr(ev, k) for k in GE_SETTINGS} if ev.generation else {}
     ctx = {style: hashlib.sha256(json.dumps(groups).encode()).hexdigest()[:16]
            for style, groups in study.provenance()["context_templates"].items() if style in styles}
-    return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge}
+    commit = {"model_commit": study._commit} if study._commit else {}  # a hub id's snapshot: its tokenizer
+    return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge, **commit}
 
 
 def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
     """A resumed experiment's saved units came from the same context templates as this session's
     (sampled from the model: another GPU type, TF32 or package version can round a logit
-    differently and sample other ones, which change every key and value): else RunConflict. Saved
+    differently and sample other ones, which change every key and value) and, for a hub id, the
+    same hub commit (its tokenizer files can change with the same weights): else RunConflict. Saved
     units that ran with other settings (:func:`_settings`: GE's, which move texts at float
     rounding, and the failed-edit limit) are said in the log. Each unit's ``unit.json`` records
     its settings; units of code that recorded none are not compared."""
@@ -739,8 +741,16 @@ def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
                 "the model (another GPU type, TF32 or package version rounds a logit differently); finish "
                 "the run where it started, or remove its units with `python -m editlib clean "
                 f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+    commits = sorted({o["model_commit"] for o in stored if "model_commit" in o} - {exp.settings.get("model_commit")})
+    if commits:  # the same weights can come with other tokenizer files under a moved `main`
+        raise RunConflict(
+            f"{exp.root}: its saved units were computed from the hub commit(s) {', '.join(commits)} of "
+            f"{study.model_dir}, this session loaded {exp.settings.get('model_commit') or 'a local directory'}; "
+            f"resume with model.revision: {commits[0]} (or remove its units with `python -m editlib clean "
+            f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`)")
     for other in stored:
-        changed = {k: v for k, v in sorted(other.items()) if k != "context_templates" and exp.settings.get(k) != v}
+        changed = {k: v for k, v in sorted(other.items())
+                   if k not in ("context_templates", "model_commit") and exp.settings.get(k) != v}
         if changed:
             what = ["GE texts of the new units move at float rounding"] if set(changed) - {"evaluation.max_failed_fraction"} else []
             if "evaluation.max_failed_fraction" in changed:

@@ -23,10 +23,10 @@ fails (a numerically singular D + μI: keys repeated bit for bit, facts sharing 
 prompt before it) is a jitter τ·I added, loudly and recorded in :class:`SolveInfo`, as SPEC §8.5
 recommends. The reference differs there: its LU inverse rarely fails on a singular matrix (a pivot
 must be exactly zero) and returns an inverse of norm ~1e16 and more, so it writes an update that
-wrecks the model; its pseudo-inverse runs only when ``torch.inverse`` raises. ``reference`` does
-what it does (an LU solve, a pseudo-inverse only where LU finds an exactly zero pivot), so that a
-run can show that collapse; what it writes there is rounding, not arithmetic, and differs between
-machines. ``max_cond`` is an opt-in deviation of ``exact``: regularise whenever cond(D + μI)
+wrecks the model; its pseudo-inverse runs only when ``torch.inverse`` raises. ``reference`` solves
+as it does (LU of D as computed, a pseudo-inverse only where LU finds an exactly zero pivot), so
+that a run can show that collapse (EMMET's N×N system is where it matters); what it writes there
+is rounding, not arithmetic, and differs between machines. ``max_cond`` is an opt-in deviation of ``exact``: regularise whenever cond(D + μI)
 exceeds it.
 """
 from __future__ import annotations
@@ -367,9 +367,12 @@ class _Factored:
 
 
 def _factor_reference(M: torch.Tensor) -> _Factored:
-    """The reference's solve of D + μI (SPEC §3 step 5): LU with partial pivoting (the factorisation
-    ``torch.inverse`` takes), and its pseudo-inverse only where LU fails (an exactly zero pivot)."""
-    eigs = eig_or_cpu(torch.linalg.eigvalsh, M)
+    """EMMET's solve of D + μI as the reference code does it (SPEC §3 step 5): LU with partial
+    pivoting, the factorisation ``torch.inverse`` takes, of D as computed (not symmetrised), and its
+    pseudo-inverse only where LU fails (an exactly zero pivot). Not bit for bit: the reference
+    multiplies by the explicit inverse, and its C0⁻¹K comes from ``torch.inverse(C)``; on a singular
+    D both are rounding, which is the behaviour this shows, not its bits."""
+    eigs = eig_or_cpu(torch.linalg.eigvalsh, (M + M.T) / 2)  # cond(D): of its symmetric part
     cond = _cond_from_eigs(eigs)
     LU, piv, info = torch.linalg.lu_factor_ex(M)
     scale = M.diagonal().sum().item() / M.shape[0]
@@ -431,7 +434,8 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     K = K.to(device=cov.device, dtype=F64)
     n = K.shape[1]
     M = K.T @ A + mu * torch.eye(n, dtype=F64, device=cov.device)
-    M = (M + M.T) / 2
+    if solve == "exact":  # (the reference's D is not symmetrised: its LU reads it as it comes)
+        M = (M + M.T) / 2
     f = _factor_small(M, max_cond) if solve == "exact" else _factor_reference(M)
     if f.how == "pinv":
         warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) has an exactly zero LU pivot: solved with "
@@ -456,7 +460,7 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     if mu:
         E = E + mu * f.solve(eye)
     resid = float(torch.linalg.matrix_norm(Rd @ E) / torch.linalg.matrix_norm(Rd).clamp(min=1e-300))
-    if not resid <= SOLVE_RESID_WARN and f.tau == 0:
+    if not resid <= SOLVE_RESID_WARN and f.tau == 0 and f.how != "pinv":  # (the pseudo-inverse has warned)
         warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) factored, but ΔW misses the method's "
                       f"equations by {resid:.2g} of ‖R‖: numerically singular ({_repeated_keys(K)}), so the "
                       "written update is inexact (batches.parquet: solve_resid)", RuntimeWarning, stacklevel=3)

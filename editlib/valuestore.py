@@ -17,8 +17,9 @@ in full), the edits on it (:func:`editlib.weights.edit_history`: every low-rank 
 session wrote, in order, to the bit), the layer, every value hyperparameter, the chunk's token ids,
 positions and loss weights (so its facts, their order, the context templates and the tokenizer),
 how this process computes (torch and transformers versions, numerics mode and threads, the CPU
-type, device, GPU type and CUDA versions, dtype, deterministic algorithms, TF32, and the
-process-wide switches that choose kernels: attention backends, 16-bit reductions, autocast) and the
+type, device, GPU type and CUDA versions, dtype, deterministic algorithms, TF32, the model's
+attention implementation, and the process-wide switches that choose kernels: attention backends,
+16-bit reductions, autocast on the CPU and the model's device) and the
 source of editlib itself as the process imported it (a changed line of code is a new key). The
 store serves only a model whose weights it can name that way (the unedited ones, or one session's
 low-rank updates on them; not a dense update, a second session's write or a tensor written
@@ -85,7 +86,10 @@ def _environment(model) -> dict:
            "numerics": numerics.current(), "threads": torch.get_num_threads(), "cpu": _cpu(),
            "device": str(p.device), "dtype": str(p.dtype),
            "deterministic": torch.are_deterministic_algorithms_enabled(), "tf32": tf32_applies(model),
-           "kernels": [str(v) for v in _kernel_settings()],  # SDPA backends, 16-bit reductions, autocast
+           "kernels": [str(v) for v in _kernel_settings()],  # SDPA backends, 16-bit reductions, CUDA autocast
+           "autocast": [str(v) for d in dict.fromkeys(("cpu", p.device.type))
+                        for v in (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))],
+           "attention": str(getattr(model.config, "_attn_implementation", None)),  # eager / sdpa / flash
            "editlib_source": SOURCE_DIGEST}
     if p.device.type == "cuda":
         env["gpu"] = {"name": torch.cuda.get_device_name(p.device),

@@ -8,7 +8,10 @@ accumulate over sequential edits (each forward still reads the bf16-rounded weig
 ``restore()`` puts the originals back bit-identically; used as a context manager it restores on
 exit unless ``keep()`` was called. :func:`written` says whether a model carries weights that a
 session wrote and has not restored, :func:`unedited` whether its weights are its unedited ones
-(what may be reused from the unedited model depends on it).
+(what may be reused from the unedited model depends on it), and :func:`edit_history` names edited
+weights by the low-rank updates one session wrote on the unedited ones (what may be reused from a
+run that edited them the same way). Anything else that writes a weight (outside a session, or a
+second session beside the first) makes both say "unknown", never a wrong name.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ _CLEAN: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDic
 #: model -> (session number, digest, tensor state) after the last write of the one session whose
 #: low-rank updates on the unedited weights made them what they are (:func:`edit_history`)
 _HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, str, tuple]]" = weakref.WeakKeyDictionary()
+#: model -> its tensors' state after the last write or restore of any session: a tensor written any
+#: other way (outside a session, moved, cast) differs from it
+_EXPECT: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: model -> the numbers of sessions that held a write while another one did (cleared once none holds)
+_MIXED: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyDictionary()
 
 
 def written(model) -> bool:
@@ -106,6 +114,7 @@ class EditSession(contextlib.AbstractContextManager):
         self.factor_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.log_complete = True  # False once a dense update was written (not replayable)
         self._history = None  # the digest of the updates written on the unedited weights (edit_history)
+        self._tainted = False  # the weights were changed by something but this session while it held them
 
     @property
     def layers(self) -> list[int]:
@@ -120,9 +129,15 @@ class EditSession(contextlib.AbstractContextManager):
         """fp32 (float64 for a float64 weight) [d_out, d_in] master copy of the edited weight
         (created on first use)."""
         if layer not in self._master:
+            others = {n for n, _ in _HELD.get(self.model, ()) if n != self.number}
+            if others:  # sessions interleaved: none of them can name the weights any more
+                _MIXED.setdefault(self.model, set()).update(others | {self.number})
             if not self._orig and not written(self.model):  # the first layer any session touches
                 self._from_unedited = unedited(self.model)
                 self._history = hashlib.sha256(b"editlib edit history 1") if self._from_unedited else None
+                _EXPECT[self.model] = _tensor_state(self.model)
+            else:
+                self._check_own()
             _HELD.setdefault(self.model, set()).add((self.number, layer))
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
@@ -136,6 +151,7 @@ class EditSession(contextlib.AbstractContextManager):
         if not torch.isfinite(delta_out_in).all():
             raise ValueError(f"refusing to write a non-finite update into layer {layer}")
         m = self.master(layer)
+        self._check_own()
         if tuple(delta_out_in.shape) != tuple(m.shape):
             raise ValueError(f"update shape {tuple(delta_out_in.shape)} does not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
@@ -154,6 +170,7 @@ class EditSession(contextlib.AbstractContextManager):
         The factors are made contiguous first, so a live update and its replay from the
         checkpoint log (stored contiguous) multiply the same layouts: the same float64 sums."""
         m = self.master(layer)
+        self._check_own()
         if R.dim() != 2 or X.dim() != 2 or R.shape[1] != X.shape[0] or (R.shape[0], X.shape[1]) != tuple(m.shape):
             raise ValueError(f"update factors R {tuple(R.shape)} @ X {tuple(X.shape)} do not match the "
                              f"[d_out, d_in] weight {tuple(m.shape)} of layer {layer}")
@@ -163,8 +180,12 @@ class EditSession(contextlib.AbstractContextManager):
         if not (torch.isfinite(R).all() and torch.isfinite(X).all() and bound < 1e300):
             raise ValueError(f"refusing to write a non-finite update into layer {layer}")
         backup = m.clone()
-        for s in range(0, m.shape[0], block_rows):
-            m[s:s + block_rows].add_((R[s:s + block_rows] @ X).to(m.dtype))
+        try:
+            for s in range(0, m.shape[0], block_rows):
+                m[s:s + block_rows].add_((R[s:s + block_rows] @ X).to(m.dtype))
+        except BaseException:  # (out of memory mid-loop): no half-added update stays in the master
+            m.copy_(backup)
+            raise
         self._write(layer, m, backup)
         self.factor_log.append((layer, R.cpu(), X.cpu()))
         self._extend_history(layer, block_rows, *self.factor_log[-1][1:])
@@ -173,16 +194,25 @@ class EditSession(contextlib.AbstractContextManager):
         """Add one written update to this session's :func:`edit_history` digest (float64, contiguous,
         on the CPU: what the checkpoint log keeps, so a replay gives the same digest)."""
         if self._history is None:
-            _HISTORY.pop(self.model, None)  # a second session's write: no history describes the weights
+            _HISTORY.pop(self.model, None)  # no history describes the weights now
             return
         h = self._history
         h.update(f"{layer}:{block_rows}:{self._master[layer].dtype}:{tuple(R.shape)}:{tuple(X.shape)}:".encode())
         for t in (R, X):
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))  # hashed in place, not copied
         _HISTORY[self.model] = (self.number, h.hexdigest(), _tensor_state(self.model))
 
+    def _check_own(self) -> None:
+        """Before this session writes (or takes another layer): have the weights changed since its
+        own last write by anything else (a write outside any session, a moved or cast tensor, another
+        session holding a write beside it)? Then no digest of its updates describes them, for the
+        rest of the session, and its restore does not give the unedited weights back."""
+        if self.number in _MIXED.get(self.model, ()) or _tensor_state(self.model) != _EXPECT.get(self.model):
+            self._tainted = True
+            self._forget_history()
+
     def _forget_history(self) -> None:
-        """A write that no digest describes (dense, or a master set by hand)."""
+        """A write that no digest describes (dense, a master set by hand, or another's write)."""
         self._history = None
         _HISTORY.pop(self.model, None)
 
@@ -198,6 +228,7 @@ class EditSession(contextlib.AbstractContextManager):
             raise ValueError(f"refusing to write layer {layer}: the updated weight is not finite in "
                              f"{str(p.dtype).replace('torch.', '')}")
         p.copy_(new)
+        _EXPECT[self.model] = _tensor_state(self.model)
 
     def take_log(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """The updates written since the last call (and forget them)."""
@@ -208,11 +239,13 @@ class EditSession(contextlib.AbstractContextManager):
     def set_master(self, layer: int, master_out_in: torch.Tensor) -> None:
         """Replace the master of ``layer`` (resuming a checkpointed sequential run)."""
         m = self.master(layer)
+        self._check_own()
         if tuple(master_out_in.shape) != tuple(m.shape) or not torch.isfinite(master_out_in).all():
             raise ValueError(f"checkpointed weight for layer {layer} has the wrong shape or non-finite values")
         m.copy_(master_out_in.to(device=m.device, dtype=m.dtype))
         p = edit_weight(self.model, layer)
         p.copy_(to_param_layout(self.spec, m).to(p.dtype))
+        _EXPECT[self.model] = _tensor_state(self.model)
         self._forget_history()
 
     def distance(self, layer: int) -> tuple[float, float]:
@@ -224,16 +257,25 @@ class EditSession(contextlib.AbstractContextManager):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put every original weight back (bit-identical) and forget the masters."""
+        """Put every original weight back (bit-identical) and forget the masters. The model counts
+        as unedited again (:func:`unedited`) only if this session found it unedited, wrote it alone
+        and nothing else wrote it meanwhile: a tensor written outside it stays as written."""
+        if self._orig:
+            self._check_own()
         for layer, orig in self._orig.items():
             edit_weight(self.model, layer).copy_(orig)
         held = _HELD.get(self.model, set())
         held.difference_update({(self.number, layer) for layer in self._orig})
-        if self._orig and not held and self._from_unedited:  # back to the unedited weights
-            _CLEAN[self.model] = _tensor_state(self.model)
+        if self._orig:
+            _EXPECT[self.model] = _tensor_state(self.model)
+            if not held and self._from_unedited and not self._tainted:  # back to the unedited weights
+                _CLEAN[self.model] = _EXPECT[self.model]
+        if not held:
+            _MIXED.pop(self.model, None)
         if _HISTORY.get(self.model, (None,))[0] == self.number:
             del _HISTORY[self.model]
         self._history = None
+        self._tainted = False
         self._orig.clear()
         self._master.clear()
 

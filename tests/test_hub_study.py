@@ -111,6 +111,9 @@ def test_preflight_names_what_is_missing_offline(hub) -> None:
     with pytest.raises(ModelNotFound, match=f"at revision '{'0' * 40}' is not in the local Hugging Face cache"):
         protocols.check_before_loading(pinned, ["batch"])
     protocols.check_before_loading(paper_params(tmp, cf, "cached", **{"model.revision": STAND_IN_REVISION}), ["batch"])
+    local = paper_params(tmp, cf, "local", **{"model.id": str(repo_path("models/tiny-world")), "model.revision": "v1"})
+    with pytest.raises(ParamsError, match="model.revision pins a hub id's commit, but model is the local directory"):
+        protocols.check_before_loading(local, ["batch"])
 
 
 def test_model_revision_pins_what_loads(hub) -> None:

@@ -632,7 +632,7 @@ def test_sequential_resumes_after_a_failure(study, weights0, tmp_path, windows):
     assert not list((root / "checkpoints").glob("**/*.safetensors"))
     assert_unedited(study.model, weights0)
 
-    q = params_for(tmp_path, "uninterrupted", **over)
+    q = params_for(tmp_path, "uninterrupted", **over, **{"evaluation.share_values_gb": 0})  # optimises every batch itself
     straight: list[str] = []
     whole = protocols.run_sequential(use(study, q), log=straight.append)
     assert len(whole) == 6 + 6 + 6 + 6  # B=2: current + final, B=6: current + final
@@ -1554,4 +1554,21 @@ def test_the_reference_solve_reaches_every_update(study, weights0, tmp_path, mon
                            check_exact=False, rtol=1e-6)
     with pytest.raises(ParamsError, match="solve must be one of"):
         params_for(tmp_path / "bad", **{"hparams.emmet.solve": "lu"}).method_hparams("emmet", 1, "batch")
+    assert_unedited(study.model, weights0)
+
+
+def test_a_resume_refuses_units_of_another_hub_commit(study, weights0, tmp_path):
+    """A hub id's saved units record the commit they were read from (a moved `main` can bring other
+    tokenizer files with the same weights): a resume from another commit is refused, naming the
+    model.revision that resumes it; from the same commit it resumes."""
+    over = {"sequential.methods": ["memit"], "sequential.batch_sizes": [2]}
+    st = use(study, params_for(tmp_path, "hub", **over))
+    st._commit = "a" * 40
+    with pytest.raises(RuntimeError, match="injected failure after batch 0"):
+        protocols.run_sequential(st, log=quiet, fail_after=1)
+    moved = dataclasses.replace(st, _commit="b" * 40)
+    with pytest.raises(RunConflict, match=f"hub commit\\(s\\) {'a' * 40} .*this session loaded {'b' * 40}; "
+                                          f"resume with model.revision: {'a' * 40}"):
+        protocols.run_sequential(moved, log=quiet)
+    assert len(protocols.run_sequential(st, log=quiet)) > 0
     assert_unedited(study.model, weights0)

@@ -723,6 +723,14 @@ def test_the_value_store_key_follows_how_the_process_computes(lm32, tok, tmp_pat
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):  # a user's own attention backend choice
         keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast (torch.is_autocast_enabled() reads CUDA's)
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    attn = lm32.config._attn_implementation
+    try:
+        lm32.config._attn_implementation = "eager" if attn != "eager" else "sdpa"
+        keys.append(store.key(lm32, LAYER, ValueHParams(), seq))
+    finally:
+        lm32.config._attn_implementation = attn
     flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     try:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not flag
@@ -782,18 +790,18 @@ def test_the_value_store_keys_edited_weights_by_their_updates(tok, tmp_path) -> 
         s.apply_factors(LAYER, R, X)
         s.set_master(LAYER, s.master(LAYER).clone())  # a master set by hand (an old checkpoint)
         assert not store.serves(lm32)
-    with EditSession(lm32) as s:
-        s.apply_factors(LAYER, R, X)
-        with torch.no_grad():
-            lm32.model.norm.weight.mul_(1.0)  # written outside the session: the store cannot tell
-        assert not store.serves(lm32)
-    assert store.serves(lm32)  # the session put back what it wrote; the norm's values are the same
     with EditSession(lm32) as a, EditSession(lm32) as b:  # a second session's write
         a.apply_factors(LAYER, R, X)
         b.apply_factors(LAYER, R, X)
         assert not store.serves(lm32)
         b.restore()
         assert not store.serves(lm32)  # a's digest no longer describes the weights' state
+        a.apply_factors(LAYER, R, X)  # nor after a's next write, which would hash as [R, R]
+        assert not store.serves(lm32)
+    assert not store.serves(lm32)  # interleaved sessions: the weights are not known unedited either
+    lm32 = tiny_llama(len(tok), lm_scale=10.0, seed=3).requires_grad_(False)  # the same weights, known again
+    store = _store(tmp_path / "again")(lm32)
+    assert store.key(lm32, LAYER, hp, seq) == base
     try:
         with EditSession(lm32) as s:
             s.apply_factors(LAYER, R, X)
@@ -812,6 +820,39 @@ def test_the_value_store_keys_edited_weights_by_their_updates(tok, tmp_path) -> 
     with torch.no_grad():  # put back by hand: the store still does not know these weights
         weight_out_in(lm32, LAYER).sub_(R @ X)
     assert not store.serves(lm32)
+
+
+@pytest.mark.parametrize("meddle", ["outside", "cast", "kept_and_nested"])
+def test_edit_history_never_names_weights_written_beside_the_session(tok, meddle) -> None:
+    """A write the session did not make, between two of its own (a tensor written outside any
+    session, a dtype round trip, a session opened beside a kept one): the next write of the session
+    does not take it into its digest; the weights stay unknown, and once it restores they are not
+    unedited either (the meddling write stays)."""
+    from editlib.arch import weight_out_in
+    from editlib.weights import EditSession, edit_history
+    model = tiny_llama(len(tok), lm_scale=10.0, seed=4).requires_grad_(False)
+    d_out, d_in = weight_out_in(model, LAYER).shape
+    g = torch.Generator().manual_seed(6)
+    R, X = torch.randn(d_out, 1, generator=g) * 0.1, torch.randn(1, d_in, generator=g) * 0.1
+    assert edit_history(model) == ""
+    a = EditSession(model)
+    a.apply_factors(LAYER, R, X)
+    assert edit_history(model) not in (None, "")
+    if meddle == "outside":
+        with torch.no_grad():
+            model.model.norm.weight.mul_(2.0)
+    elif meddle == "cast":
+        model.half().float()
+    else:  # a kept, a second session writes another layer and restores
+        a.keep()
+        with EditSession(model) as b:
+            b.apply_factors(LAYER - 1, R, X)
+    assert edit_history(model) is None
+    a.apply_factors(LAYER, R, X)
+    a.apply_factors(LAYER - 1, R, X)
+    assert edit_history(model) is None
+    a.restore()
+    assert edit_history(model) is None  # not unedited: the norm doubled, the tensors replaced, or mixed
 
 
 def test_the_value_store_serves_no_model_written_by_hand_or_hooked(tok, tmp_path) -> None:

@@ -24,7 +24,7 @@ from .context import ContextTemplates
 from .editors import NullSpaceError, PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
-from .solver import SOLVES, CovFactor, mu_for, solve_factors
+from .solver import CovFactor, check_solve, mu_for, solve_factors
 from .values import ValueHParams, ValueResult, compute_values
 from .weights import EditSession
 
@@ -69,10 +69,7 @@ class EditHParams:
             raise ValueError("layers must name at least one layer")
         if self.method in ("rome", "emmet") and len(self.layers) != 1:
             raise ValueError(f"{self.method} edits a single layer, got layers={list(self.layers)}")
-        if self.solve not in SOLVES:
-            raise ValueError(f"solve must be one of {SOLVES}, got {self.solve!r}")
-        if self.solve == "reference" and self.max_cond is not None:
-            raise ValueError("max_cond regularises the exact solve: it cannot be set with solve: reference")
+        check_solve(self.solve, self.max_cond)
         if self.mom2_update_weight < 0 or self.emmet_lambda < 0:
             raise ValueError("mom2_update_weight and emmet_lambda must be >= 0")
         if not (isinstance(self.L2, (int, float)) and math.isfinite(self.L2) and self.L2 > 0):

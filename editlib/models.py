@@ -151,10 +151,7 @@ def _resolve_source(name_or_path: str, offline: bool, cache_dir: str | None, rev
         raise ModelNotFound(f"model path {name_or_path!r} {what}; "
                             + (hint or "pass a directory written by save_pretrained()"))
     if offline:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
-        if not isinstance(cached, str):
+        if _cached_config(name_or_path, cache_dir, revision) is None:
             raise ModelNotFound(
                 f"model {name_or_path!r}" + (f" at revision {revision!r}" if revision else "")
                 + " is not in the local Hugging Face cache and hub access is "
@@ -224,10 +221,17 @@ def hub_commit(name_or_path: str, revision: str | None = None, cache_dir: str | 
     files can change under a floating ``main``). None for a local directory or nothing cached."""
     if os.path.isdir(os.path.expanduser(name_or_path)):
         return None
+    cached = _cached_config(name_or_path, cache_dir, revision)
+    return None if cached is None else Path(cached).parent.name
+
+
+def _cached_config(hub_id: str, cache_dir: str | None, revision: str | None) -> str | None:
+    """The path of ``hub_id``'s config.json in the local Hugging Face cache (at ``revision``, else
+    ``main``), or None when it is not there."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
-    return Path(cached).parent.name if isinstance(cached, str) else None
+    cached = try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir, revision=revision)
+    return cached if isinstance(cached, str) else None
 
 
 def placement(device: str | torch.device) -> dict[str, Any]:

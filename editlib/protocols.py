@@ -722,6 +722,12 @@ def _settings(study: Study, styles: set) -> dict:
     return {"context_templates": ctx, "evaluation.max_failed_fraction": float(ev.max_failed_fraction), **ge, **commit}
 
 
+def _clean_command(study: Study, exp: Experiment) -> str:
+    """The command that removes ``exp``'s saved units, quoted for a message."""
+    p = study.params
+    return f"`python -m editlib clean {p.name} --results-dir {p.results_dir} --experiment {exp.root.name}`"
+
+
 def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
     """A resumed experiment's saved units came from the same context templates as this session's
     (sampled from the model: another GPU type, TF32 or package version can round a logit
@@ -739,15 +745,13 @@ def _check_resume(study: Study, exp: Experiment, log: Callable) -> None:
             raise RunConflict(
                 f"{exp.root}: its saved units used other context templates ({', '.join(differ)}) than this session sampled from "
                 "the model (another GPU type, TF32 or package version rounds a logit differently); finish "
-                "the run where it started, or remove its units with `python -m editlib clean "
-                f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+                f"the run where it started, or remove its units with {_clean_command(study, exp)}")
     commits = sorted({o["model_commit"] for o in stored if "model_commit" in o} - {exp.settings.get("model_commit")})
     if commits:  # the same weights can come with other tokenizer files under a moved `main`
         raise RunConflict(
             f"{exp.root}: its saved units were computed from the hub commit(s) {', '.join(commits)} of "
             f"{study.model_dir}, this session loaded {exp.settings.get('model_commit') or 'a local directory'}; "
-            f"resume with model.revision: {commits[0]} (or remove its units with `python -m editlib clean "
-            f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`)")
+            f"resume with model.revision: {commits[0]} (or remove its units with {_clean_command(study, exp)})")
     for other in stored:
         changed = {k: v for k, v in sorted(other.items())
                    if k not in ("context_templates", "model_commit") and exp.settings.get(k) != v}
@@ -851,8 +855,7 @@ def _run_experiment(study: Study, name: str, layer: int | None, log: Callable, *
         raise RunConflict(f"{exp.root / 'parts'}: {len(stray)} file(s) belong to no unit of these params "
                           f"({', '.join(stray[:4])}{' ...' if len(stray) > 4 else ''}; saved by other code?): "
                           "consolidating would count them beside the units' own. Delete those files (the units "
-                          "they stood for run again), or the whole experiment with `python -m editlib clean "
-                          f"{study.params.name} --results-dir {study.params.results_dir} --experiment {exp.root.name}`")
+                          f"they stood for run again), or the whole experiment with {_clean_command(study, exp)}")
     if before is not None:
         before()
     run_units(study, exp, units, log=log, fail_after=fail_after)

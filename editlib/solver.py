@@ -47,6 +47,7 @@ __all__ = [
     "eig_or_cpu",
     "SOLVES",
     "SolveInfo",
+    "check_solve",
     "factor_cov",
     "memit_normal_equations_residual",
     "mu_for",
@@ -304,6 +305,15 @@ def mu_for(alg: str, mom2_update_weight: float, emmet_lambda: float = 0.0) -> fl
     raise ValueError(f"unknown algorithm {alg!r}; expected 'rome', 'memit', 'emmet', 'alphaedit' or 'encore'")
 
 
+def check_solve(solve: str, max_cond: float | None) -> None:
+    """``solve`` is one of :data:`SOLVES`, and ``max_cond`` (which regularises the exact solve) is
+    not set beside ``reference``: ValueError otherwise."""
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if solve == "reference" and max_cond is not None:
+        raise ValueError("max_cond regularises the exact solve: it cannot be set with solve: reference")
+
+
 def _check_inputs(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float) -> None:
     if R.dim() != 2 or K.dim() != 2:
         raise ValueError(f"residual R and keys K must be 2-D, got R {tuple(R.shape)}, K {tuple(K.shape)}")
@@ -425,18 +435,14 @@ def solve_factors(R: torch.Tensor, K: torch.Tensor, cov: Preservation, mu: float
     Raises ValueError on bad shapes / non-finite inputs and FloatingPointError if the result is not
     finite."""
     mu = float(mu)
-    if solve not in SOLVES:
-        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
-    if solve == "reference" and max_cond is not None:
-        raise ValueError("max_cond regularises the exact solve: it cannot be set with solve='reference'")
+    check_solve(solve, max_cond)
     _check_inputs(R, K, cov, mu)
     A = _given_or_solved(A, K, cov)  # C0⁻¹K, d_in×N
     K = K.to(device=cov.device, dtype=F64)
     n = K.shape[1]
     M = K.T @ A + mu * torch.eye(n, dtype=F64, device=cov.device)
-    if solve == "exact":  # (the reference's D is not symmetrised: its LU reads it as it comes)
-        M = (M + M.T) / 2
-    f = _factor_small(M, max_cond) if solve == "exact" else _factor_reference(M)
+    # (the reference's D is not symmetrised: its LU reads it as it comes)
+    f = _factor_small((M + M.T) / 2, max_cond) if solve == "exact" else _factor_reference(M)
     if f.how == "pinv":
         warnings.warn(f"D + μI (N={n}, μ={mu:g}, cond={f.cond:.3g}) has an exactly zero LU pivot: solved with "
                       f"its pseudo-inverse, as the reference does ({_repeated_keys(K)})", RuntimeWarning, stacklevel=3)

@@ -136,8 +136,6 @@ class EditSession(contextlib.AbstractContextManager):
                 self._from_unedited = unedited(self.model)
                 self._history = hashlib.sha256(b"editlib edit history 1") if self._from_unedited else None
                 _EXPECT[self.model] = _tensor_state(self.model)
-            else:
-                self._check_own()
             _HELD.setdefault(self.model, set()).add((self.number, layer))
             p = edit_weight(self.model, layer)
             self._orig[layer] = p.detach().clone()
@@ -203,7 +201,7 @@ class EditSession(contextlib.AbstractContextManager):
         _HISTORY[self.model] = (self.number, h.hexdigest(), _tensor_state(self.model))
 
     def _check_own(self) -> None:
-        """Before this session writes (or takes another layer): have the weights changed since its
+        """Before this session writes (or restores): have the weights changed since its
         own last write by anything else (a write outside any session, a moved or cast tensor, another
         session holding a write beside it)? Then no digest of its updates describes them, for the
         rest of the session, and its restore does not give the unedited weights back."""

@@ -183,7 +183,7 @@ def main() -> None:
     hp = replace(ehp.values, z_batch_size=a.z_batch_size)
     if not hp.packed:
         raise SystemExit("the compiled path is the packed forward's: hparams.common.packed must be true")
-    ctx = study.contexts(ehp.context_templates)
+    ctx = study.contexts(ehp.context_templates, ehp.context_text)
     facts = study.facts(a.warmup + a.n)
     warm, timed = facts[:a.warmup], facts[a.warmup:]
     eager_hp = replace(hp, compile_blocks="off", capture_steps=False)

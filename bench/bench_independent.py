@@ -55,7 +55,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for method in a.methods:
         hp = p.method_hparams(method, a.layer, "batch")
-        ctx = study.contexts(hp.context_templates)
+        ctx = study.contexts(hp.context_templates, hp.context_text)
         tg = prepare_targets(study.model, study.tok, facts, hp, ctx)
         for label, size in [("singular", 1), *((f"batch B={b}", b) for b in a.batch_sizes)]:
             chunks = [list(range(s, min(s + size, len(facts)))) for s in range(0, len(facts), size)]

@@ -61,7 +61,7 @@ def child(a: argparse.Namespace) -> None:
     study = protocols.open_study(p, experiments=["layer_search"], log=lambda *x: None)
     ehp = p.method_hparams("memit", a.layer, "sequential")
     one = replace(ehp.values, z_batch_size=1, compile_blocks="off", capture_steps=False)
-    ctx = study.contexts(ehp.context_templates)
+    ctx = study.contexts(ehp.context_templates, ehp.context_text)
     facts = study.facts(a.warmup + a.n)
     timed_facts = facts[a.warmup:]
     cuda = str(study.model.device).startswith("cuda")

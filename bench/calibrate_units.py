@@ -237,7 +237,7 @@ def values_units(study, grid, *, n_single: int, layer: int = 1) -> dict:
     model, tok = study.model, study.tok
     device = next(model.parameters()).device
     ehp = grid.method_hparams("memit", layer, "sequential")
-    ctx = study.contexts(ehp.context_templates)
+    ctx = study.contexts(ehp.context_templates, ehp.context_text)
     chunk = ehp.values.z_batch_size
     facts = study.facts(1 + max(chunk, n_single), 0)
     one = replace(ehp.values, z_batch_size=1)

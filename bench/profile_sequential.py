@@ -37,7 +37,7 @@ def main() -> None:
     st = protocols.open_study(p, experiments=["layer_search"], log=lambda *x: None)
     facts = st.facts(a.warmup + a.n)
     hp = p.method_hparams(a.method, a.layer, "sequential")
-    ctx = st.contexts(hp.context_templates)
+    ctx = st.contexts(hp.context_templates, hp.context_text)
     st.covs([a.layer])
 
     def edits(fs) -> None:

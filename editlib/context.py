@@ -10,15 +10,28 @@ reference's literal prompt string is there), never an empty prompt.
 Differences from the reference, on purpose: sampling is seeded (the reference is unseeded, §8.9),
 texts are decoded with special tokens skipped (§8.3) and braces are replaced by spaces so
 ``str.format``-style substitution can never break.
+
+``text="reference"`` (``hparams.*.context_text``) decodes them as the reference's ``generate_fast``
+does instead (special tokens kept, only the strings ``<|endoftext|>`` and ``<s>`` removed), and
+starts ROME-style samples from the literal string ``"<|endoftext|>"``: on Llama-3 a template then
+reads ``"<|begin_of_text|>The … . {}"``, which tokenises as two BOS tokens (SPEC §1A, §8.3), as the
+paper's keys and values were computed. On tokenizers whose BOS string is ``<s>`` or whose
+start-of-text token is ``<|endoftext|>`` (Llama-2, GPT-2, the miniatures) the texts are the same
+but where a sample holds another special token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .generation import sample_texts
+from .generation import GEN_TEXTS, sample_texts
 from .tokens import encode
 
 MEMIT_SEEDS = ("The", "Therefore", "Because", "I", "You")
+#: how sampled template texts are decoded (``hparams.*.context_text``): as GE's texts can be
+#: (:func:`editlib.generation.decode_text`)
+CONTEXT_TEXTS = GEN_TEXTS
+#: the reference's ROME-style start prompt, a literal string (one token on GPT-2 only)
+REFERENCE_ROME_START = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -46,22 +59,40 @@ def _template(text: str) -> str:
     return text.strip().replace("{", " ").replace("}", " ") + ". {}"
 
 
-def memit_templates(model, tok, *, length: int = 10, n_per_seed: int = 1, seed: int = 0) -> ContextTemplates:
+def context_key(style: str, text: str = "clean") -> str:
+    """How a study names one set of templates (its provenance, every unit's settings, the
+    driver's templates sent to Ray workers): the style, with ``/reference`` when decoded as the
+    reference does (clean sets keep the bare style name they always had)."""
+    return style if text == "clean" else f"{style}/{text}"
+
+
+def _check_text(text: str) -> None:
+    if text not in CONTEXT_TEXTS:
+        raise ValueError(f"context_text must be one of {', '.join(CONTEXT_TEXTS)}, got {text!r}")
+
+
+def memit_templates(model, tok, *, length: int = 10, n_per_seed: int = 1, seed: int = 0,
+                    text: str = "clean") -> ContextTemplates:
     """``[["{}"], [5 texts + ". {}"]]``: one seeded top-k=5 sample of ``length`` tokens (prompt and
     BOS included, as the reference counts them) from each of "The", "Therefore", "Because", "I",
-    "You" (SPEC §2)."""
+    "You" (SPEC §2), decoded as ``text`` says (module docstring)."""
+    _check_text(text)
     prompts = [p for p in MEMIT_SEEDS for _ in range(n_per_seed)]
-    texts = sample_texts(model, tok, prompts, max_len=length, top_k=5, seed=seed)
+    texts = sample_texts(model, tok, prompts, max_len=length, top_k=5, seed=seed, text=text)
     return ContextTemplates(groups=(("{}",), tuple(_template(t) for t in texts)))
 
 
-def rome_templates(model, tok, *, length_params=((5, 10), (10, 10)), seed: int = 0) -> ContextTemplates:
+def rome_templates(model, tok, *, length_params=((5, 10), (10, 10)), seed: int = 0,
+                   text: str = "clean") -> ContextTemplates:
     """``["{}"]`` + for each (length, n) n samples of ``length`` tokens in total, started from the
-    start-of-text token (SPEC §1A; the reference starts from the string "<|endoftext|>")."""
+    start-of-text token (SPEC §1A), or with ``text="reference"`` from the reference's literal
+    string ``"<|endoftext|>"`` (several tokens on Llama: a sample no longer than its prompt is the
+    prompt itself, as ``generate_fast`` returns it, which the decoding then removes)."""
+    _check_text(text)
     groups: list[tuple[str, ...]] = [("{}",)]
-    start = start_of_text(tok)
+    start = start_of_text(tok) if text == "clean" else REFERENCE_ROME_START
     for i, (length, n) in enumerate(length_params):
-        texts = sample_texts(model, tok, [start] * n, max_len=length, top_k=5, seed=seed + i)
+        texts = sample_texts(model, tok, [start] * n, max_len=length, top_k=5, seed=seed + i, text=text)
         groups.append(tuple(_template(t) for t in texts))
     return ContextTemplates(groups=(tuple(t for g in groups for t in g),))
 
@@ -78,12 +109,14 @@ def start_of_text(tok) -> str:
     return eos
 
 
-def make_templates(model, tok, style: str, seed: int = 0) -> ContextTemplates:
-    """``style``: "memit" (6 templates in 2 types), "rome" (21 templates, one type) or "plain"."""
+def make_templates(model, tok, style: str, seed: int = 0, text: str = "clean") -> ContextTemplates:
+    """``style``: "memit" (6 templates in 2 types), "rome" (21 templates, one type) or "plain";
+    ``text``: how the sampled texts are decoded, "clean" or "reference" (module docstring)."""
+    _check_text(text)
     if style == "memit":
-        return memit_templates(model, tok, seed=seed)
+        return memit_templates(model, tok, seed=seed, text=text)
     if style == "rome":
-        return rome_templates(model, tok, seed=seed)
+        return rome_templates(model, tok, seed=seed, text=text)
     if style == "plain":
         return PLAIN
     raise ValueError(f"context template style must be 'memit', 'rome' or 'plain', got {style!r}")

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .arch import n_layers
-from .context import ContextTemplates
+from .context import CONTEXT_TEXTS, ContextTemplates
 from .editors import NullSpaceError, PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
@@ -46,6 +46,10 @@ class EditHParams:
     mom2_update_weight: float = 1.0   # MEMIT's λ (paper eq. 4-5)
     emmet_lambda: float = 0.0         # EMMET's λ (paper Table 4); μ = mom2_update_weight · emmet_lambda
     context_templates: str = "memit"  # "memit" (6 in 2 types), "rome" (21) or "plain"
+    # how their sampled texts are decoded (editlib.context): "clean" (special tokens skipped, SPEC
+    # §8.3) or "reference" (as the reference's generate_fast: Llama-3 templates keep a literal
+    # <|begin_of_text|>, so keys and values read two BOS tokens, as the paper's did)
+    context_text: str = "clean"
     max_cond: float | None = None     # opt-in: regularise D + μI above this cond (default: exact, SPEC §3, §8.5)
     # how D + μI is solved (editlib.solver.SOLVES): "exact" (Cholesky, jitter only where it fails:
     # SPEC §8.5) or "reference" (LU, a pseudo-inverse only where LU fails: the reference's
@@ -63,6 +67,8 @@ class EditHParams:
     def __post_init__(self):
         if self.context_templates not in ("memit", "rome", "plain"):
             raise ValueError(f"context_templates must be 'memit', 'rome' or 'plain', got {self.context_templates!r}")
+        if self.context_text not in CONTEXT_TEXTS:
+            raise ValueError(f"context_text must be one of {', '.join(CONTEXT_TEXTS)}, got {self.context_text!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.layers:
@@ -101,8 +107,9 @@ class EditHParams:
     def to_dict(self) -> dict:
         """All fields, less those of other methods only (:data:`METHOD_ONLY`), the value
         optimisation's MPES knobs when a method other than ENCORE stops on the loss (its
-        default) and ``compile_blocks`` / ``capture_steps`` when off, so a method's parameter digest depends only on
-        what it uses."""
+        default), ``solve`` and ``context_text`` at their defaults and ``compile_blocks`` /
+        ``capture_steps`` when off, so a method's parameter digest depends only on what it uses
+        and the digests of results stored before a key existed stay valid."""
         d = asdict(self)
         d["layers"] = list(self.layers)
         for k, m in METHOD_ONLY.items():
@@ -111,8 +118,9 @@ class EditHParams:
         if self.values.early_stop == "loss" and self.method != "encore":
             for k in ("early_stop", "mpes_hits"):
                 d["values"].pop(k)
-        if d["solve"] == "exact":  # the solve of every stored result: its digest is unchanged
-            d.pop("solve")
+        for k, default in (("solve", "exact"), ("context_text", "clean")):  # as every stored result
+            if d[k] == default:                                                  # ran: its digest is unchanged
+                d.pop(k)
         for k, off in (("compile_blocks", "off"), ("capture_steps", False)):  # eager steps, as every stored
             if d["values"][k] == off:                                          # result: its digest is unchanged
                 d["values"].pop(k)

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from . import arch, counterfact
 from .arch import n_layers
 from .beyond import s_over_orderings
-from .context import ContextTemplates, make_templates
+from .context import ContextTemplates, context_key, make_templates
 from .editing import BatchTargets, EditFailed, EditHParams, apply_edit, prepare_targets
 from .editors import PriorKeys, encore_delta_bound, preservation, run_state
 from .generation import sentence_splitter
@@ -227,11 +227,13 @@ class Study:
             self._of_unedited[key] = compute()
         return dict(self._of_unedited[key])
 
-    def contexts(self, style: str) -> ContextTemplates:
-        """Context templates generated once per study with the unedited model (seeded)."""
-        if style not in self._contexts:
-            self._contexts[style] = make_templates(self.model, self.tok, style, seed=0)
-        return self._contexts[style]
+    def contexts(self, style: str, text: str = "clean") -> ContextTemplates:
+        """Context templates generated once per study with the unedited model (seeded), keyed by
+        :func:`editlib.context.context_key` (``text``: ``hparams.*.context_text``)."""
+        key = context_key(style, text)
+        if key not in self._contexts:
+            self._contexts[key] = make_templates(self.model, self.tok, style, seed=0, text=text)
+        return self._contexts[key]
 
     def evaluate(self, records: Sequence[Record], **kw) -> pd.DataFrame:
         """Scores of ``records`` (``groups``/``deltas``: under independent per-row edits)."""
@@ -584,8 +586,8 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
     study._fp = fingerprint(model)  # the unedited model: keys results and C0, whatever is edited later
     study._commit = getattr(model.config, "_commit_hash", None) or hub_commit(mdir, mp.revision)  # a hub id's snapshot
     unedited(model)  # marks the weights as loaded as the unedited ones (editlib.weights.unedited)
-    for style in template_styles(p):  # templates come from the unedited model, every style a section asks for
-        study.contexts(style)
+    for style, text in template_styles(p):  # templates come from the unedited model, every set a section asks for
+        study.contexts(style, text)
     return study
 
 
@@ -593,16 +595,16 @@ def open_study(p: StudyParams, *, which: str = "model", experiments: Sequence[st
 SECTIONS = ("layer_search", "singular", "sweep", "batch", "sequential")
 
 
-def template_styles(p: StudyParams) -> list[str]:
-    """Every context-template style the params' methods use, in ``hparams`` or an experiment
-    section's overrides: sampled when the study opens, so that every unit's settings record their
-    digests, a resume compares them and Ray workers receive them with the driver's others."""
-    styles = {hp.context_templates for hp in p.hparams.values()}
+def template_styles(p: StudyParams) -> list[tuple[str, str]]:
+    """Every context-template set, (style, text), the params' methods use, in ``hparams`` or as an
+    experiment section's overrides make them: sampled when the study opens, so that every unit's
+    settings record their digests, a resume compares them and Ray workers receive them with the
+    driver's others."""
+    hps = list(p.hparams.values())
     for name in SECTIONS:
-        over = getattr(p, name).hparams or {}
-        styles |= {part["context_templates"] for part in over.values()
-                   if isinstance(part, Mapping) and "context_templates" in part}
-    return sorted(styles)
+        if getattr(p, name).hparams:
+            hps += [p.method_hparams(m, hp.layers[0], name) for m, hp in p.hparams.items()]
+    return sorted({(hp.context_templates, hp.context_text) for hp in hps})
 
 
 # --------------------------------------------------------------------------- helpers
@@ -631,7 +633,7 @@ def _charge(charged: dict, key: str, idx: Sequence[int], d: dict) -> dict:
 
 def _value_key(hp: EditHParams) -> str:
     """What a fact's key, value and residual on a given model depend on (not μ, not the batch)."""
-    return json.dumps([asdict(hp.values), hp.context_templates, list(hp.layers)])
+    return json.dumps([asdict(hp.values), context_key(hp.context_templates, hp.context_text), list(hp.layers)])
 
 
 def _label(cases: pd.DataFrame, **cols) -> pd.DataFrame:
@@ -698,10 +700,12 @@ def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experimen
               "evaluation": ev, "data": data, "covariance": cov}
     if tf32_applies(study.model):  # float32 products on TF32 tensor cores move every number by ~1e-3
         params["tf32"] = True      # (absent otherwise: the digest it had before the key existed)
+    sets = {(h["context_templates"], h.get("context_text", "clean")) for h in spec.get("hparams", {}).values()}
+    for style, text in sorted(sets):  # sampled when the study opened (template_styles); a study given
+        study.contexts(style, text)   # other params since samples them here, before the provenance is read
     return Experiment.open(study.params.results_dir, study.params.name, name + study.suffix,
                            json.loads(json.dumps(params, default=str)), study.provenance(), lock=lock,
-                           free_keys=FREE_KEYS,
-                           settings=_settings(study, {h.get("context_templates") for h in spec.get("hparams", {}).values()}))
+                           free_keys=FREE_KEYS, settings=_settings(study, {context_key(*s) for s in sets}))
 
 
 #: evaluation keys outside the digest that move GE's texts at float rounding (the rows of a decode
@@ -1047,7 +1051,7 @@ def _singular_unit(study: Study, facts, methods, layer, *, unit_cols: dict, sect
     below = _shared_below(study, layer)  # one per unit: every method scores the same prompts
     for method in methods:
         hp = study.params.method_hparams(method, layer, section)
-        ctx = study.contexts(hp.context_templates)
+        ctx = study.contexts(hp.context_templates, hp.context_text)
         key = _value_key(hp)
         if key not in targets:
             targets[key] = prepare_targets(study.model, study.tok, facts, hp, ctx, store=study.value_store)
@@ -1193,7 +1197,7 @@ def _batch_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     targets, charged = shared["targets"], shared["charged"]
     hp = windowed_hparams(study.params.method_hparams(method, layer, "batch"), layer, spec.window)  # w > 1: reference path
     label = window_label(method, spec.window)
-    ctx = study.contexts(hp.context_templates)
+    ctx = study.contexts(hp.context_templates, hp.context_text)
     key = _value_key(hp)
     todo = [(bi, idx) for bi, idx in enumerate(_chunks(len(facts), B))
             if not exp.has_unit(f"{spec.name}-b{bi:05d}")]
@@ -1244,7 +1248,7 @@ def _sweep_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitContex
     targets, charged = shared["targets"], shared["charged"]
     over = {"mom2_update_weight": float(lam)} if method == "memit" else {"emmet_lambda": float(lam)}
     hp = study.params.method_hparams(method, layer, "sweep", **over)
-    ctx = study.contexts(hp.context_templates)
+    ctx = study.contexts(hp.context_templates, hp.context_text)
     key = _value_key(hp)
     if key not in targets:
         targets[key] = prepare_targets(study.model, study.tok, chunk, hp, ctx, store=study.value_store)
@@ -1329,7 +1333,7 @@ def _sequential_unit(spec: "UnitSpec", study: Study, exp: Experiment, uc: "UnitC
     """One method × batch size × ordering: its batches one after another (checkpoint log inside)."""
     sq = study.params.sequential
     hp = windowed_hparams(study.params.method_hparams(spec.method, spec.layer, "sequential"), spec.layer, spec.window)
-    ctx = study.contexts(hp.context_templates)
+    ctx = study.contexts(hp.context_templates, hp.context_text)
     _sequential_config(study, exp, study.facts(sq.total, spec.ordering), hp, ctx, window_label(spec.method, spec.window),
                        spec.batch_size, spec.ordering, sq, uc.log, uc.fail_after)
     return UnitResult(spec.name)

@@ -236,7 +236,7 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     weights count as unedited again, and the log says so. With ``keep``, an edit that
     raises before the block is restored.
     """
-    from .context import make_templates
+    from .context import context_key, make_templates
     from .editing import apply_edit
     from .params import resolve
     from .protocols import corpus_spec
@@ -261,14 +261,15 @@ def edit(model, tok, requests: Sequence[Mapping[str, Any]], *, method: str = "me
     base = _unedited_state(model, log)
     cp = p.covariance
     with _as_unedited(model, base):
-        made = base.templates.get(hp.context_templates)
+        tkey = context_key(hp.context_templates, hp.context_text)
+        made = base.templates.get(tkey)
         if made is None or made[0] is not tok:  # templates are text: another tokenizer decodes its own
-            base.templates[hp.context_templates] = (tok, make_templates(model, tok, hp.context_templates, seed=0))
+            base.templates[tkey] = (tok, make_templates(model, tok, hp.context_templates, seed=0, text=hp.context_text))
         stats = layer_covariance(model, tok, hp.layers, corpus_spec(cp), records=_corpus_records(model, cp.kind),
                                  dtype=cp.dtype, batch_size=cp.batch_size, max_batch_tokens=cp.max_batch_tokens,
                                  fingerprint=base.fingerprint, max_layers_per_pass=cp.layers_per_pass,
                                  progress=False, log=log, fast_gram=cp.fast_gram)
-    ctx = base.templates[hp.context_templates][1]
+    ctx = base.templates[tkey][1]
     device = next(model.parameters()).device
     covs = {l: factor_cov(st.mom2, device=device) for l, st in stats.items()}
     session = EditSession(model)

@@ -576,6 +576,16 @@ def test_hparams_validation() -> None:
         EditHParams(mom2_update_weight=-1.0)
     assert EditHParams(method="rome", mom2_update_weight=5.0).mu == 0.0
     assert EditHParams(method="emmet", mom2_update_weight=5.0, emmet_lambda=0.1).mu == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="context_text must be one of clean, reference, got 'raw'"):
+        EditHParams(context_text="raw")
+
+
+def test_context_text_enters_the_digest_only_when_not_clean() -> None:
+    """``context_text: clean`` is what every stored result ran: left out of ``to_dict`` (their
+    parameter digests stay valid); ``reference`` is kept (other templates, other units)."""
+    assert "context_text" not in EditHParams().to_dict()
+    ref = EditHParams(context_text="reference")
+    assert ref.to_dict()["context_text"] == "reference" and EditHParams.from_dict(ref.to_dict()) == ref
 
 
 def test_check_model(lm) -> None:

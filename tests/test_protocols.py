@@ -707,10 +707,33 @@ def test_every_template_style_a_section_asks_for_is_sampled_when_the_study_opens
     their style is sampled with the others when the study opens, so every unit's settings carry its
     digest and Ray workers receive it from the driver, instead of sampling it inside a unit."""
     p = params_for(tmp_path)
-    assert protocols.template_styles(p) == sorted({hp.context_templates for hp in p.hparams.values()})
+    assert protocols.template_styles(p) == sorted({(hp.context_templates, "clean") for hp in p.hparams.values()})
     q = params_for(tmp_path, **{"batch.hparams": {"memit": {"context_templates": "rome"}},
-                                "sweep.hparams": {"common": {"context_templates": "plain"}}})
-    assert set(protocols.template_styles(q)) == set(protocols.template_styles(p)) | {"rome", "plain"}
+                                "sweep.hparams": {"common": {"context_templates": "plain"}},
+                                "singular.hparams": {"common": {"context_text": "reference"}}})
+    assert set(protocols.template_styles(q)) == set(protocols.template_styles(p)) | {
+        ("rome", "clean"), ("plain", "clean"), ("memit", "reference")}
+
+
+def test_reference_context_text_runs_under_its_own_templates_and_digest(study, weights0, tmp_path):
+    """``hparams.*.context_text: reference`` samples its own template set (provenance and unit
+    settings name it ``memit/reference``) and its units have their own digest. The miniature's BOS
+    string is ``<s>``, which the reference's decoding removes too: the same templates, hence the
+    same scores, to the bit."""
+    over = {"batch.methods": ["memit"], "batch.batch_sizes": [4]}
+    clean = protocols.run_batch(use(study, params_for(tmp_path, **over)), log=quiet)
+    with pytest.raises(RunConflict, match="context_text"):  # the same run's folder holds the clean units
+        protocols.run_batch(use(study, params_for(tmp_path, **over, **{"batch.hparams.common.context_text": "reference"})), log=quiet)
+    p = params_for(tmp_path, name="r", **over, **{"batch.hparams.common.context_text": "reference"})
+    ref = protocols.run_batch(use(study, p), log=quiet)
+    assert study.contexts("memit", "reference") == study.contexts("memit")
+    assert study.contexts("memit", "reference") is study._contexts["memit/reference"]
+    assert "memit/reference" in study.provenance()["context_templates"]
+    units = [json.loads(u.read_text()) for u in (exp_dir(p, "batch") / "parts").glob("*.unit.json")]
+    assert units and all(set(u["settings"]["context_templates"]) == {"memit/reference"} for u in units)
+    cols = [c for c in clean.columns if not c.startswith("seconds")]
+    pd.testing.assert_frame_equal(clean[cols].reset_index(drop=True), ref[cols].reset_index(drop=True))
+    assert_unedited(study.model, weights0)
 
 
 def test_a_resumed_sequential_run_counts_its_stored_batches_toward_the_limit(study, weights0, tmp_path, monkeypatch):

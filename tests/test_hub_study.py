@@ -19,6 +19,7 @@ sequential run resumes from its factor log to the uninterrupted run's cases.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -203,6 +204,29 @@ def test_sequential_runs_and_resumes_from_its_factor_log(hub, study) -> None:
     assert any("resuming at batch 2/4" in line for line in lines), lines
     keys = [c for c in UNIT if c in whole.columns]
     assert_frame_equal(sort_units(whole)[keys + SCORES], sort_units(resumed)[keys + SCORES], check_exact=True)
+
+
+def test_reference_context_text_puts_a_second_bos_before_the_llama3_templates(hub, study) -> None:
+    """``hparams.common.context_text: reference``, as the paper's code decoded its templates: 5 of
+    the 6 MEMIT templates start with a literal <|begin_of_text|>, tokenised as a second BOS, which
+    moves every fact's key far beyond float rounding; a batch run edits with them and records them."""
+    import dataclasses
+
+    from editlib.reprs import compute_keys
+    tmp, cf = hub
+    bos = study.tok.bos_token_id
+    clean, ref = study.contexts("memit"), study.contexts("memit", "reference")
+    assert sum(encode(study.tok, t.format("Paris is"))[:2] == [bos, bos] for t in ref.flat) == 5
+    assert all(encode(study.tok, t.format("Paris is"))[1] != bos for t in clean.flat)
+    facts = study.records[:8]
+    k_clean, k_ref = (compute_keys(study.model, study.tok, facts, 1, c) for c in (clean, ref))
+    assert ((k_ref - k_clean).norm(dim=0) > 1e-3 * k_clean.norm(dim=0)).all()  # float32 rounding: ~1e-7
+    p = paper_params(tmp, cf, "ctx-ref", **{"batch.methods": ["memit"], "evaluation.generation": False,
+                                           "hparams.common.context_text": "reference"})
+    cases = protocols.run_batch(dataclasses.replace(study, params=p), log=quiet)
+    assert len(cases) == 8 and not cases["failed"].any() and cases[SCORES].notna().all().all()
+    unit = json.loads(next((Path(p.results_dir) / "ctx-ref" / "batch" / "parts").glob("*.unit.json")).read_text())
+    assert set(unit["settings"]["context_templates"]) == {"memit/reference"}
 
 
 def test_figure_6_second_model_by_hub_id(hub) -> None:

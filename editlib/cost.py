@@ -498,7 +498,8 @@ class CostModel:
             elif w.kind in SOLVES:
                 out["solve"] += w.count * self.solve(s, w.size, w.kind)
             elif w.kind == "eval":
-                out["eval"] += w.count * self.eval(s, ts, w.size, exp.eval_batch, self.replayed(s, ts, w.layer, w.held))
+                out["eval"] += w.count * exp.scorings * self.eval(s, ts, w.size, exp.eval_batch,
+                                                                  self.replayed(s, ts, w.layer, w.held))
                 if exp.generation:
                     t, tok = self.ge(s, ts, w.size, exp.gen_max_len)
                     out["ge"] += w.count * t

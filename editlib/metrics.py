@@ -14,6 +14,11 @@ and ``" " + target_true`` after every prompt (:func:`editlib.scoring.score_targe
 
 :func:`summarize_cases` aggregates like the reference ``summarize.py``: mean and population std
 over cases, x100, rounded to 2 decimals, and S = harmonic mean of the ES, PS, NS means.
+
+``also_alignment`` (``evaluation.also_alignment``) scores the probability tests a second time under
+the other BOS alignment (SPEC §8.1) in the same evaluation, into columns ``ES@reference`` and so on
+(:func:`alignment_column`): the paper's reading and the correct one from one run, the edits, values
+and GE computed once. :func:`with_alignment` reads a frame as if it had been scored that way.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from scipy.stats import hmean
 
 from .generation import ngram_entropy, sample_texts
 from .records import Record, RecordError
-from .scoring import score_pairs
+from .scoring import ALIGNMENTS, score_pairs
 
 FAMILIES = ("rewrite", "paraphrase", "neighborhood")
 SHORT = {"rewrite": "ES", "paraphrase": "PS", "neighborhood": "NS"}
@@ -36,6 +41,29 @@ METRICS = (*PROB_METRICS, "GE", "RS")
 #: why a case evaluated without an edit failure has no scores (see :func:`evaluate_records`)
 NONFINITE_REASON = "the model's outputs are not finite (NaN/inf logits) on this case's prompts"
 _NONFINITE = "_nonfinite"  # internal: per case, some scored or sampled logit was NaN/inf
+
+
+def alignment_column(metric: str, alignment: str) -> str:
+    """The column of ``metric`` (one of :data:`PROB_METRICS`) scored under the second alignment."""
+    return f"{metric}@{alignment}"
+
+
+def alignments_in(cases: pd.DataFrame) -> list[str]:
+    """The second alignments whose columns ``cases`` holds (``evaluation.also_alignment``)."""
+    return [a for a in ALIGNMENTS if alignment_column("ES", a) in cases.columns]
+
+
+def with_alignment(cases: pd.DataFrame, alignment: str) -> pd.DataFrame:
+    """``cases`` with its ``<metric>@<alignment>`` columns in place of ES, PS, NS and their
+    magnitudes and accuracies (every other column, ``failed`` included, as it is), so that every
+    summary and table reads the second alignment's scores."""
+    cols = {alignment_column(m, alignment): m for m in PROB_METRICS if m in cases.columns}
+    missing = [c for c in cols if c not in cases.columns]
+    if missing or not cols:
+        raise ValueError(f"the cases hold no {alignment!r} alignment scores (no column {(missing or ['ES@' + alignment])[0]}; "
+                         f"evaluation.also_alignment: {alignment} writes them)")
+    out = cases.drop(columns=list(cols.values())).rename(columns=cols)
+    return out[[c for c in cases.columns if "@" not in c]]
 
 
 @dataclass
@@ -147,10 +175,16 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                      gen_max_len: int = 100, gen_batch_size: int = 64, gen_kv_gb: float | None = None,
                      rs_resources=None, groups: Sequence[int] | None = None,
                      deltas=None, gen_text: str = "clean", below=None,
-                     gen_decode: str = "transformers", families: Sequence[str] = FAMILIES) -> pd.DataFrame:
+                     gen_decode: str = "transformers", families: Sequence[str] = FAMILIES,
+                     also_alignment: str | None = None) -> pd.DataFrame:
     """One row per record: case_id, ES, PS, NS, ``*_mag``, ``*_acc`` (shares in [0, 1]) and, when
     ``generation``, GE (bits, not x100) and RS (only with ``rs_resources``, an
     :class:`editlib.rs.RSResources`). ``df.attrs`` holds ``records_per_s`` and ``seconds``.
+
+    ``also_alignment``: the other alignment, whose ES, PS, NS, magnitudes and accuracies follow as
+    ``ES@<alignment>`` ... (:func:`alignment_column`): a second scoring call, the same calls as an
+    evaluation with ``alignment=also_alignment`` makes, so the same scores; a case whose logits are
+    not finite under either is blank in both.
 
     ``groups[i]`` / ``deltas``: record i is evaluated under independent edit ``groups[i]`` of an
     active :class:`editlib.lowrank.RowDeltas` hook, so the records of many edits (each made on the
@@ -167,6 +201,9 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families!r}")
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
+    if also_alignment is not None and (also_alignment not in ALIGNMENTS or also_alignment == alignment):
+        raise ValueError(f"also_alignment must be the alignment other than {alignment!r} "
+                         f"({', '.join(ALIGNMENTS)}), got {also_alignment!r}")
     records = list(records)
     if generation:
         check_generation_prompts(records)
@@ -176,6 +213,11 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
         cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below,
                                          families))
         nonfinite = cols.pop(_NONFINITE)
+        if also_alignment is not None:
+            alt = _probability_columns(model, tok, records, also_alignment, batch_size, groups, deltas, below,
+                                       families)
+            nonfinite = nonfinite | alt.pop(_NONFINITE)
+            cols.update({alignment_column(k, also_alignment): v for k, v in alt.items()})
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
                                             batch_size=gen_batch_size, rs_resources=rs_resources,
@@ -189,7 +231,9 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                     cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
     else:
         shorts = {SHORT[f] for f in families}
-        names = [*(k for k in PROB_METRICS if k.split("_")[0] in shorts), *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
+        prob = [k for k in PROB_METRICS if k.split("_")[0] in shorts]
+        names = [*prob, *(alignment_column(k, also_alignment) for k in prob if also_alignment is not None),
+                 *(("GE",) if generation else ()), *(("RS",) if rs_resources is not None else ())]
         cols.update({k: np.zeros(0) for k in names})
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(cols)

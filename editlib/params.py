@@ -95,6 +95,7 @@ class CovParams:
 @dataclass(frozen=True)
 class EvalParams:
     alignment: str = "correct"
+    also_alignment: str | None = None  # the other alignment scored too, into ES@<it> ... (the paper's reading beside the correct one, from one run)
     generation: bool = False
     gen_max_len: int = 100
     gen_seed: int = 0
@@ -700,6 +701,10 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         _check_section_hparams(sp, sec, sec)
     if sp.evaluation.alignment not in ALIGNMENTS:
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
+    if sp.evaluation.also_alignment is not None and (sp.evaluation.also_alignment not in ALIGNMENTS
+                                                     or sp.evaluation.also_alignment == sp.evaluation.alignment):
+        raise ParamsError(f"evaluation.also_alignment must be null or the alignment other than evaluation.alignment "
+                          f"({sp.evaluation.alignment!r}), got {_show(sp.evaluation.also_alignment)}")
     if sp.evaluation.gen_decode not in DECODE_MODES:
         raise ParamsError(f"evaluation.gen_decode must be one of {', '.join(DECODE_MODES)}, "
                           f"got {_show(sp.evaluation.gen_decode)}")

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator, NullLocator
 
 from .beyond import s_over_orderings
-from .metrics import failed_rows, format_summary, singular_rows, summarize_cases
+from .metrics import alignments_in, failed_rows, format_summary, singular_rows, summarize_cases, with_alignment
 from .store import atomic_write_bytes
 
 PANELS = ("ES", "PS", "NS", "S")
@@ -1004,13 +1004,25 @@ def ours_labels(alignment: str, gen_text: str) -> dict[str, str]:
     return labels
 
 
+def table_vs_paper(cases: pd.DataFrame, make, paper: pd.DataFrame, on: str, alignment: str,
+                   gen_text: str) -> pd.DataFrame:
+    """Our table of ``cases`` (``make``: :func:`table1`, or a sweep table) next to the paper's
+    (:func:`compare_with_paper`, labelled by :func:`ours_labels`), and, where the cases hold a
+    second alignment's scores (``evaluation.also_alignment``), that alignment's ES, PS, NS and S
+    beside ours: the paper's reading and the correct one from the same edits."""
+    also = {a: make(with_alignment(cases, a)) for a in alignments_in(cases)}
+    return compare_with_paper(make(cases), paper, on, ours_labels(alignment, gen_text), also=also)
+
+
 def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str,
-                       labels: dict[str, str] | None = None) -> pd.DataFrame:
+                       labels: dict[str, str] | None = None,
+                       also: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Side by side: ``<metric> (ours)`` and ``<metric> (paper)`` for every metric of either table,
     rows matched on ``on`` ("Algorithm" or "lam"); a missing value is left empty. ``labels``
     (:func:`ours_labels`): a metric's own name for "ours", e.g. "ours, correct alignment". Our
     ``failed`` count comes along as ``failed (ours)`` (our means leave those edits out; "0": none
-    failed)."""
+    failed). ``also``: per second alignment, our table scored that way, whose ES, PS, NS and S
+    follow ours as ``<metric> (ours, <alignment> alignment)``."""
     labels = labels or {}
     metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
     failed = ["failed"] if "failed" in ours.columns else []
@@ -1022,10 +1034,19 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str,
         a = a.assign(lam=a["lam"].astype(float))
         b = b.assign(lam=b["lam"].astype(float))
     out = a.merge(b, on=on, how="outer").sort_values(on, kind="stable") if on == "lam" else a.merge(b, on=on, how="outer")
+    theirs: dict[str, list[str]] = {m: [] for m in metrics}
+    for alignment, t in (also or {}).items():
+        names = {m: f"{m} (ours, {alignment} alignment)" for m in ("ES", "PS", "NS", "S") if m in t.columns and m in metrics}
+        extra = t[[on, *names]].rename(columns=names)
+        if on == "lam":
+            extra = extra.assign(lam=extra["lam"].astype(float))
+        out = out.merge(extra, on=on, how="left")
+        for m, name in names.items():
+            theirs[m].append(name)
     if on == "lam":
         out.insert(0, "Lambda", [format_lambda(l) for l in out["lam"]])
     cols = [c for c in out.columns if c in ("Lambda", on)]
     for m in metrics:
-        cols += [c for c in (mine[m], f"{m} (paper)") if c in out.columns]
+        cols += [c for c in (mine[m], *theirs[m], f"{m} (paper)") if c in out.columns]
     cols += [f"{c} (ours)" for c in failed]
     return out[cols].fillna("").reset_index(drop=True)

@@ -239,7 +239,7 @@ class Study:
         """Scores of ``records`` (``groups``/``deltas``: under independent per-row edits)."""
         ev = self.params.evaluation
         return evaluate_records(self.model, self.tok, records, alignment=ev.alignment,
-                                batch_size=ev.batch_size, generation=ev.generation,
+                                also_alignment=ev.also_alignment, batch_size=ev.batch_size, generation=ev.generation,
                                 gen_seed=ev.gen_seed, gen_max_len=ev.gen_max_len,
                                 gen_batch_size=ev.gen_batch_size, gen_kv_gb=ev.gen_kv_gb, gen_text=ev.gen_text,
                                 gen_decode=ev.gen_decode, **kw)
@@ -522,9 +522,10 @@ def _check_gen_budget(p: StudyParams, model) -> None:
 
 
 def _check_alignment(p: StudyParams, tok, records: Sequence[Record]) -> None:
-    """``evaluation.alignment: reference`` on a tokenizer where the reference's reading is undefined
-    for some target fails here, naming it, not at the first evaluation after hours of edits."""
-    if p.evaluation.alignment != "reference":
+    """``evaluation.alignment`` (or ``also_alignment``) ``reference`` on a tokenizer where the
+    reference's reading is undefined for some target fails here, naming it, not at the first
+    evaluation after hours of edits."""
+    if "reference" not in (p.evaluation.alignment, p.evaluation.also_alignment):
         return
     from .scoring import _tok_cache
     cache = _tok_cache(tok, "reference")  # kept: the evaluations reuse these tokenisations
@@ -600,11 +601,13 @@ def template_styles(p: StudyParams) -> list[tuple[str, str]]:
     experiment section's overrides make them: sampled when the study opens, so that every unit's
     settings record their digests, a resume compares them and Ray workers receive them with the
     driver's others."""
-    hps = list(p.hparams.values())
+    sets = {(hp.context_templates, hp.context_text) for hp in p.hparams.values()}
     for name in SECTIONS:
-        if getattr(p, name).hparams:
-            hps += [p.method_hparams(m, hp.layers[0], name) for m, hp in p.hparams.items()]
-    return sorted({(hp.context_templates, hp.context_text) for hp in hps})
+        over = getattr(p, name).hparams or {}
+        for m, hp in p.hparams.items():  # a section's overrides: its common part, then the method's
+            part = {**(over.get("common") or {}), **(over.get(m) or {})}
+            sets.add((part.get("context_templates", hp.context_templates), part.get("context_text", hp.context_text)))
+    return sorted(sets)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -685,8 +688,9 @@ FREE_KEYS = (*(f"evaluation.{k}" for k in EVAL_NOT_IN_DIGEST), "covariance.layer
 
 def _exp(study: Study, name: str, spec: dict, *, lock: bool = True) -> Experiment:
     ev = {k: v for k, v in asdict(study.params.evaluation).items() if k not in EVAL_NOT_IN_DIGEST}
-    if ev["gen_text"] == "clean":
-        del ev["gen_text"]  # the default: the digest it had before the key existed
+    for k, default in (("gen_text", "clean"), ("also_alignment", None)):
+        if ev[k] == default:
+            del ev[k]  # the default: the digest it had before the key existed
     if ev["generation"]:  # GE's words depend on whether punkt is installed: a folder never mixes the two
         ev["ge_sentence_splitter"] = sentence_splitter()
     cov = asdict(study.params.covariance)

@@ -262,6 +262,8 @@ class ExperimentCount:
     gen_max_len: int
     eval_batch: int
     items: list[Work] = field(default_factory=list)
+    #: scoring calls per evaluation: 2 with ``evaluation.also_alignment`` (the second alignment's)
+    scorings: int = 1
 
     def add(self, kind: str, count: int = 1, size: int = 1, layer: int = 0, held: int = 0) -> None:
         if count > 0:
@@ -301,7 +303,8 @@ def _chunks(n: int, b: int) -> list[int]:
 
 def _new_exp(p, name: str, shape: ModelShape) -> ExperimentCount:
     ev = p.evaluation
-    return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size))
+    return ExperimentCount(name, shape, bool(ev.generation), int(ev.gen_max_len), int(ev.batch_size),
+                           scorings=1 if ev.also_alignment is None else 2)
 
 
 def _one_layer_exp(p, name: str, methods, layer: int) -> ExperimentCount:

@@ -160,6 +160,7 @@ PARAMS_CASES = {
     "bad_second_dtype": ("second_model.dtype=half", ("second_model.dtype", "half")),
     "bad_device": ("model.device=cpux", ("model.device", "cpux")),
     "bad_templates": ("hparams.common.context_templates=foo", ("context_templates", "foo")),
+    "same_alignment_twice": ("evaluation.also_alignment=correct", ("evaluation.also_alignment", "correct")),
     "bad_context_text": ("batch.hparams.memit.context_text=raw", ("batch.hparams.memit", "context_text", "raw")),
     "repeated_ordering": ("data.orderings=[0, 0]", ("data.orderings", "distinct")),
     "failed_fraction": ("evaluation.max_failed_fraction=-1", ("evaluation.max_failed_fraction", "-1")),

@@ -457,3 +457,45 @@ def test_generation_without_prompts_fails_naming_the_record(world_lm, world_reco
     with pytest.raises(RecordError, match=rf"1 record\(s\) have no generation_prompts \(case_id {recs[1].case_id}\)"):
         evaluate_records(model, tok, recs, generation=True, gen_max_len=8)
     assert len(evaluate_records(model, tok, recs)) == 2
+
+
+def test_also_alignment_scores_both_readings_in_one_evaluation(world_lm, world_records) -> None:
+    """``also_alignment``: the second alignment's ES, PS, NS, magnitudes and accuracies beside the
+    first's, each equal to an evaluation under that alignment alone (the same scoring calls), GE
+    once; :func:`with_alignment` reads the frame as if it had been scored the other way. On the
+    miniature (BOS added, Llama-3's shape) the two readings differ."""
+    from editlib.metrics import alignment_column, alignments_in, with_alignment
+
+    model, tok = world_lm
+    recs = world_records[:6]
+    kw = dict(batch_size=7, generation=True, gen_max_len=10)
+    both = evaluate_records(model, tok, recs, also_alignment="reference", **kw)
+    correct = evaluate_records(model, tok, recs, **kw)
+    reference = evaluate_records(model, tok, recs, alignment="reference", **kw)
+    assert list(both.columns) == ["case_id", *PROB_METRICS, *(alignment_column(m, "reference") for m in PROB_METRICS), "GE"]
+    pd.testing.assert_frame_equal(both[list(correct.columns)], correct)
+    pd.testing.assert_frame_equal(with_alignment(both, "reference"), reference)
+    assert alignments_in(both) == ["reference"] and alignments_in(correct) == []
+    assert not np.allclose(correct["ES_mag"], reference["ES_mag"])  # the readings differ here
+    flipped = evaluate_records(model, tok, recs, alignment="reference", also_alignment="correct", batch_size=7)
+    pd.testing.assert_frame_equal(with_alignment(flipped, "correct"), correct.drop(columns="GE"))
+    for bad in ("correct", "raw"):
+        with pytest.raises(ValueError, match="also_alignment must be the alignment other than 'correct'"):
+            evaluate_records(model, tok, recs, also_alignment=bad)
+    with pytest.raises(ValueError, match=r"no 'reference' alignment scores \(no column ES@reference"):
+        with_alignment(correct, "reference")
+    empty = evaluate_records(model, tok, [], also_alignment="reference")
+    assert list(empty.columns) == list(both.columns[:-1])
+
+
+def test_with_alignment_keeps_the_failed_marks(world_lm, world_records) -> None:
+    """A failed case is blank under both alignments and stays counted, never averaged in."""
+    from editlib.metrics import with_alignment
+    from editlib.protocols import _mark
+
+    model, tok = world_lm
+    both = evaluate_records(model, tok, world_records[:3], also_alignment="reference")
+    marked = _mark(both, ["", "diverged", ""], np.zeros(3, dtype=bool), 0.0)
+    ref = with_alignment(marked, "reference")
+    assert ref["failed"].tolist() == [False, True, False] and ref.iloc[1][list(PROB_METRICS)].isna().all()
+    assert summarize_cases(ref)["n_failed"].iloc[0] == 1

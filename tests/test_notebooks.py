@@ -169,3 +169,22 @@ def test_the_report_describes_the_stored_runs_not_the_params_it_is_opened_with(s
     for f in ("table2_batches.md", "beyond_answers.md", "table_claims.md"):
         assert (tmp_path / "figures" / "smoke" / f).read_text() == (tmp / "figures" / "smoke" / f).read_text(), f
     assert "| 16 |" not in (tmp_path / "figures" / "smoke" / "table2_batches.md").read_text()
+
+
+def test_a_second_alignment_reaches_the_tables_next_to_the_papers(tmp_path):
+    """``evaluation.also_alignment: reference``: notebook 02's and the report's Table 1 next to the
+    paper's carry the reference alignment's ES, PS, NS and S beside ours, from the same cases."""
+    import papermill as pm
+
+    over = {**_model_overrides(), "results_dir": str(tmp_path / "results"), "figures_dir": str(tmp_path / "figures"),
+            "evaluation": {"also_alignment": "reference"}, "singular": {"layer": 1}}
+    for nb in ("02_singular_edits", "06_report"):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{nb}.ipynb"), str(tmp_path / f"{nb}.ipynb"),
+                            parameters={"params_file": str(REPO_ROOT / "params" / "smoke.yaml"), "overrides": over},
+                            cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
+    table = (tmp_path / "figures" / "smoke" / "table1_vs_paper.md").read_text()
+    header = table.splitlines()[0]
+    for m in ("ES", "PS", "NS", "S"):
+        assert f"{m} (ours, correct alignment) | {m} (ours, reference alignment) | {m} (paper)" in header, m
+    html = (tmp_path / "02_singular_edits.ipynb").read_text()
+    assert "ES (ours, reference alignment)" in html

@@ -61,6 +61,18 @@ def test_smoke_counts_by_hand():
     assert all(e.total("load", "count") == 1 for e in g.values())
 
 
+def test_a_second_alignment_doubles_the_scoring_only():
+    """``evaluation.also_alignment`` scores every evaluation twice: the scoring time doubles, GE,
+    values, keys and solves stay as they are."""
+    m, ts = CostModel(GPUS["h200"]), TokenStats()
+    one = grid(**{"evaluation.generation": True})
+    two = grid(**{"evaluation.generation": True, "evaluation.also_alignment": "reference"})
+    for name in one:
+        a, b = m.seconds(one[name], ts), m.seconds(two[name], ts)
+        assert b["eval"] == pytest.approx(2 * a["eval"]) and a["eval"] > 0, name
+        assert {k: v for k, v in a.items() if k != "eval"} == {k: v for k, v in b.items() if k != "eval"}, name
+
+
 def test_degradation_is_costed_without_generation():
     """A degradation measurement scores its held-out facts' rewrite prompts and their sentences'
     perplexity (a small share of an evaluation of the same facts) and never generates, even when

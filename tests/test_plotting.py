@@ -370,6 +370,33 @@ def test_the_tables_next_to_the_papers_name_our_reading(rng):
     assert half == {"GE": "ours, clean text"}
 
 
+def test_a_second_alignment_sits_beside_ours_next_to_the_papers(rng):
+    """With ``evaluation.also_alignment`` the cases hold a second reading: its ES, PS, NS and S
+    follow ours, labelled with their alignment, computed from the same cases (failed rows as
+    ours); without it the table is :func:`compare_with_paper`'s, byte for byte."""
+    from editlib.metrics import PROB_METRICS, alignment_column
+    rows = [dict(method=m, layer=1, batch_size=1, batch_index=0, eval="current", ordering=0) for m in ("rome", "memit")]
+    c = _frame(rng, rows).assign(failed=False)
+    ref = plotting.paper_reference_tables()["table1"]
+    plain = plotting.table_vs_paper(c, plotting.table1, ref, "Algorithm", "correct", "clean")
+    pd.testing.assert_frame_equal(plain, plotting.compare_with_paper(plotting.table1(c), ref, "Algorithm",
+                                                                     plotting.ours_labels("correct", "clean")))
+    alt = c.assign(**{alignment_column(m, "reference"): c[m] * 0 + (0.0 if m == "ES" else 0.5) for m in PROB_METRICS})
+    both = plotting.table_vs_paper(alt, plotting.table1, ref, "Algorithm", "correct", "clean")
+    cols = list(both.columns)
+    assert cols[1:4] == ["ES (ours, correct alignment)", "ES (ours, reference alignment)", "ES (paper)"]
+    assert "S (ours, reference alignment)" in cols and "GE (ours, reference alignment)" not in cols
+    assert both["ES (ours, reference alignment)"].tolist() == ["0.00(0.00)"] * 2 and both["S (ours, reference alignment)"].tolist() == ["0.00"] * 2
+    pd.testing.assert_frame_equal(both[list(plain.columns)], plain)
+    sweep_rows = [dict(method="emmet", layer=1, lam=l, batch_size=8, batch_index=0, eval="current", ordering=0) for l in (0.0, 1e-2)]
+    s = _frame(rng, sweep_rows)
+    s = s.assign(**{alignment_column(m, "correct"): s[m] for m in PROB_METRICS})
+    sw = plotting.table_vs_paper(s, lambda x: plotting.sweep_table(x, "emmet"), plotting.paper_reference_tables()["table4"],
+                                 "lam", "reference", "reference")
+    assert len(sw) == 7 and sw.loc[sw.lam == 0, "ES (ours)"].item() == sw.loc[sw.lam == 0, "ES (ours, correct alignment)"].item()
+    assert sw.loc[sw.lam == 1e-3, "ES (ours, correct alignment)"].item() == ""
+
+
 def test_paper_reference_tables():
     ref = plotting.paper_reference_tables()
     assert ref["table1"].loc[0].tolist() == ["MEMIT", "100.0", "98.05", "85.61", "615.09", "94.10"]

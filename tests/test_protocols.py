@@ -736,6 +736,26 @@ def test_reference_context_text_runs_under_its_own_templates_and_digest(study, w
     assert_unedited(study.model, weights0)
 
 
+@pytest.mark.parametrize("runner", ["batch", "sequential"])
+def test_also_alignment_stores_the_second_reading_of_the_same_edits(study, weights0, tmp_path, runner):
+    """``evaluation.also_alignment: reference`` stores the reference's BOS-shifted scores of the
+    same edits beside the correct ones: each equal to a run under that alignment alone, to the
+    bit (the same edits, the same scoring calls); its units have their own digest."""
+    from editlib.metrics import alignments_in, with_alignment
+    over = {f"{runner}.methods": ["memit"], f"{runner}.batch_sizes": [2]}
+    run = getattr(protocols, f"run_{runner}")
+    cols = lambda df: [c for c in df.columns if not c.startswith("seconds")]  # noqa: E731
+    both = run(use(study, params_for(tmp_path, name="both", **over, **{"evaluation.also_alignment": "reference"})), log=quiet)
+    correct = run(use(study, params_for(tmp_path, name="correct", **over)), log=quiet)
+    reference = run(use(study, params_for(tmp_path, name="ref", **over, **{"evaluation.alignment": "reference"})), log=quiet)
+    assert alignments_in(both) == ["reference"] and alignments_in(correct) == []
+    pd.testing.assert_frame_equal(both[cols(correct)], correct[cols(correct)])
+    ref = with_alignment(both, "reference")
+    pd.testing.assert_frame_equal(ref[cols(reference)], reference[cols(reference)])
+    assert not np.allclose(correct["ES_mag"], reference["ES_mag"])
+    assert_unedited(study.model, weights0)
+
+
 def test_a_resumed_sequential_run_counts_its_stored_batches_toward_the_limit(study, weights0, tmp_path, monkeypatch):
     """A sequential configuration resumed after its failed batches were stored (under a higher
     limit) judges the stored and new edits together: the stored totals alone stop it."""

@@ -142,7 +142,9 @@ def _evaluate(a: argparse.Namespace) -> int:
             rows_per_batch(model, a.gen_batch_size, a.gen_max_len, a.gen_kv_gb * 1e9)
         except ValueError as e:
             raise UsageError(str(e).replace("evaluation.gen_kv_gb", "--gen-kv-gb")) from None
-    df = evaluate_records(model, tok, records, alignment=a.alignment, batch_size=a.batch_size,
+    if a.also_alignment == a.alignment:
+        raise UsageError(f"--also-alignment must be the alignment other than --alignment {a.alignment}")
+    df = evaluate_records(model, tok, records, alignment=a.alignment, also_alignment=a.also_alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs,
                           gen_text=a.gen_text, gen_decode=a.gen_decode)
@@ -158,6 +160,10 @@ def _evaluate(a: argparse.Namespace) -> int:
             print(f"... {len(df) - len(shown)} more cases in {a.out}")
         print()
         print(format_summary(summarize_cases(df)).to_string(index=False))
+        if a.also_alignment:
+            from .metrics import with_alignment
+            print(f"\n{a.also_alignment} alignment:")
+            print(format_summary(summarize_cases(with_alignment(df, a.also_alignment))).to_string(index=False))
     print(f"\n{len(df)} records in {df.attrs['seconds']:.1f} s: {df.attrs['records_per_s']:.2f} records/s "
           f"(alignment={a.alignment}, generation={'off' if a.no_generation else 'on'}) -> {a.out}")
     return 0
@@ -424,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=None, help="first N records of the seeded ordering")
     e.add_argument("--alignment", choices=("correct", "reference"), default="correct",
                    help="reference = the reference code's Llama-3 BOS shift (docs/correctness.md)")
+    e.add_argument("--also-alignment", choices=("correct", "reference"), default=None,
+                   help="the other alignment scored too, into ES@<it> ... columns, with its own summary line")
     e.add_argument("--no-generation", action="store_true", help="skip GE (sampling dominates the cost)")
     e.add_argument("--gen-text", choices=("clean", "reference"), default="clean",
                    help="reference = GE texts decoded as the reference code does (Llama-3 keeps <|begin_of_text|>)")

@@ -15,9 +15,10 @@ texts are decoded with special tokens skipped (§8.3) and braces are replaced by
 does instead (special tokens kept, only the strings ``<|endoftext|>`` and ``<s>`` removed), and
 starts ROME-style samples from the literal string ``"<|endoftext|>"``: on Llama-3 a template then
 reads ``"<|begin_of_text|>The … . {}"``, which tokenises as two BOS tokens (SPEC §1A, §8.3), as the
-paper's keys and values were computed. On tokenizers whose BOS string is ``<s>`` or whose
-start-of-text token is ``<|endoftext|>`` (Llama-2, GPT-2, the miniatures) the texts are the same
-but where a sample holds another special token.
+paper's keys and values were computed. MEMIT-style templates are the same as the clean ones on
+tokenizers whose BOS string is ``<s>`` (Llama-2, the miniatures) or that add none (GPT-2), but
+where a sample holds another special token; ROME-style ones only on GPT-2, whose one
+start-of-text token is ``<|endoftext|>`` (elsewhere the literal string is several ordinary tokens).
 """
 from __future__ import annotations
 

@@ -56,14 +56,17 @@ def alignments_in(cases: pd.DataFrame) -> list[str]:
 def with_alignment(cases: pd.DataFrame, alignment: str) -> pd.DataFrame:
     """``cases`` with its ``<metric>@<alignment>`` columns in place of ES, PS, NS and their
     magnitudes and accuracies (every other column, ``failed`` included, as it is), so that every
-    summary and table reads the second alignment's scores."""
+    summary and table reads the second alignment's scores. A row without them (its logits were
+    not finite under that alignment alone) has no scores there: summaries count it as failed."""
     cols = {alignment_column(m, alignment): m for m in PROB_METRICS if m in cases.columns}
     missing = [c for c in cols if c not in cases.columns]
     if missing or not cols:
         raise ValueError(f"the cases hold no {alignment!r} alignment scores (no column {(missing or ['ES@' + alignment])[0]}; "
                          f"evaluation.also_alignment: {alignment} writes them)")
     out = cases.drop(columns=list(cols.values())).rename(columns=cols)
-    return out[[c for c in cases.columns if "@" not in c]]
+    out = out[[c for c in cases.columns if "@" not in c]]
+    out.attrs = {**cases.attrs, "alignment": alignment}
+    return out
 
 
 @dataclass
@@ -183,8 +186,10 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
 
     ``also_alignment``: the other alignment, whose ES, PS, NS, magnitudes and accuracies follow as
     ``ES@<alignment>`` ... (:func:`alignment_column`): a second scoring call, the same calls as an
-    evaluation with ``alignment=also_alignment`` makes, so the same scores; a case whose logits are
-    not finite under either is blank in both.
+    evaluation with ``alignment=also_alignment`` makes, so the same scores. Non-finite logits under
+    the first alignment (or in GE) blank the whole case, as without it; under the second alone,
+    only the second's columns (the case's own scores, and whether it counts as failed, stay as
+    they would be without the option).
 
     ``groups[i]`` / ``deltas``: record i is evaluated under independent edit ``groups[i]`` of an
     active :class:`editlib.lowrank.RowDeltas` hook, so the records of many edits (each made on the
@@ -213,10 +218,11 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
         cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below,
                                          families))
         nonfinite = cols.pop(_NONFINITE)
+        alt_bad = None
         if also_alignment is not None:
             alt = _probability_columns(model, tok, records, also_alignment, batch_size, groups, deltas, below,
                                        families)
-            nonfinite = nonfinite | alt.pop(_NONFINITE)
+            alt_bad = alt.pop(_NONFINITE)
             cols.update({alignment_column(k, also_alignment): v for k, v in alt.items()})
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
@@ -229,6 +235,10 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
             for k in cols:
                 if k != "case_id":
                     cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
+        if alt_bad is not None and alt_bad.any():  # ... but the second reading's alone blanks only its own columns
+            for k in cols:
+                if k.endswith("@" + also_alignment):
+                    cols[k] = np.where(alt_bad, np.nan, cols[k].astype(np.float64))
     else:
         shorts = {SHORT[f] for f in families}
         prob = [k for k in PROB_METRICS if k.split("_")[0] in shorts]

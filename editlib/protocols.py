@@ -232,6 +232,9 @@ class Study:
         :func:`editlib.context.context_key` (``text``: ``hparams.*.context_text``)."""
         key = context_key(style, text)
         if key not in self._contexts:
+            if not unedited(self.model):  # a set first asked for mid-run would be sampled from edited weights
+                raise RuntimeError(f"context templates {key!r} are sampled from the unedited model, and its "
+                                   "weights are edited now: open the study with every set it uses (template_styles)")
             self._contexts[key] = make_templates(self.model, self.tok, style, seed=0, text=text)
         return self._contexts[key]
 

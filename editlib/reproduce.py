@@ -68,6 +68,14 @@ class StoredResult:
         reads this, not the params it is given, which may have changed since."""
         return self.manifest.get("params", {}).get("spec", {})
 
+    def reading(self, p: StudyParams) -> dict[str, str]:
+        """``alignment`` and ``gen_text``: how these results were scored (the manifest's evaluation
+        settings; ``p``'s for a folder without them), which the tables next to the paper's name."""
+        ev = self.manifest.get("params", {}).get("evaluation")
+        if not ev:
+            return {"alignment": p.evaluation.alignment, "gen_text": p.evaluation.gen_text}
+        return {"alignment": ev.get("alignment", "correct"), "gen_text": ev.get("gen_text", "clean")}  # clean: left out of the digest
+
     @property
     def label(self) -> str:
         prov = self.manifest.get("provenance", {})

@@ -209,7 +209,8 @@ def test_sequential_runs_and_resumes_from_its_factor_log(hub, study) -> None:
 def test_reference_context_text_puts_a_second_bos_before_the_llama3_templates(hub, study) -> None:
     """``hparams.common.context_text: reference``, as the paper's code decoded its templates: 5 of
     the 6 MEMIT templates start with a literal <|begin_of_text|>, tokenised as a second BOS, which
-    moves every fact's key far beyond float rounding; a batch run edits with them and records them."""
+    moves every fact's key far beyond float rounding; a batch run computes its edits from them and
+    records them."""
     import dataclasses
 
     from editlib.reprs import compute_keys
@@ -223,7 +224,12 @@ def test_reference_context_text_puts_a_second_bos_before_the_llama3_templates(hu
     assert ((k_ref - k_clean).norm(dim=0) > 1e-3 * k_clean.norm(dim=0)).all()  # float32 rounding: ~1e-7
     p = paper_params(tmp, cf, "ctx-ref", **{"batch.methods": ["memit"], "evaluation.generation": False,
                                            "hparams.common.context_text": "reference"})
-    cases = protocols.run_batch(dataclasses.replace(study, params=p), log=quiet)
+    used: list = []
+    real = protocols.prepare_targets
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "prepare_targets", lambda m, t, f, hp, ctx, **k: used.append(ctx) or real(m, t, f, hp, ctx, **k))
+        cases = protocols.run_batch(dataclasses.replace(study, params=p), log=quiet)
+    assert used and all(c is ref for c in used)  # the edits' keys and values read the second BOS
     assert len(cases) == 8 and not cases["failed"].any() and cases[SCORES].notna().all().all()
     unit = json.loads(next((Path(p.results_dir) / "ctx-ref" / "batch" / "parts").glob("*.unit.json")).read_text())
     assert set(unit["settings"]["context_templates"]) == {"memit/reference"}

@@ -370,6 +370,14 @@ def test_cli_evaluate(world_model_dir: Path, world_records, tmp_path: Path, caps
     rc = main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path),
                "--no-generation", "--alignment", "reference", "--device", "cpu", "--out", str(out)])
     assert rc == 0 and "GE" not in pd.read_parquet(out).columns
+    capsys.readouterr()
+    rc = main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path), "--n", "4",
+               "--no-generation", "--also-alignment", "reference", "--device", "cpu", "--out", str(out)])
+    assert rc == 0 and "ES@reference" in pd.read_parquet(out).columns
+    assert "\nreference alignment:\n" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(world_model_dir), "--records", str(rec_path), "--also-alignment",
+                 "correct", "--device", "cpu", "--out", str(out)]) != 0
+    assert "--also-alignment must be the alignment other than --alignment correct" in capsys.readouterr().err
 
 
 def test_shared_inputs_run_once_and_score_the_same(word_lm) -> None:
@@ -499,3 +507,31 @@ def test_with_alignment_keeps_the_failed_marks(world_lm, world_records) -> None:
     ref = with_alignment(marked, "reference")
     assert ref["failed"].tolist() == [False, True, False] and ref.iloc[1][list(PROB_METRICS)].isna().all()
     assert summarize_cases(ref)["n_failed"].iloc[0] == 1
+    assert ref.attrs["alignment"] == "reference"
+
+
+def test_a_second_reading_that_is_not_finite_blanks_only_its_own_columns(world_lm, world_records) -> None:
+    """NaN logits under the second alignment alone leave the case's own scores (and whether it
+    failed) as they are without the option; the second reading has none there, which its
+    summaries count as a failure."""
+    from editlib import metrics
+    from editlib.metrics import with_alignment
+
+    model, tok = world_lm
+    recs = world_records[:3]
+    real = metrics._probability_columns
+
+    def poisoned(model, tok, records, alignment, *a, **k):
+        out = real(model, tok, records, alignment, *a, **k)
+        if alignment == "reference":
+            out[metrics._NONFINITE] = np.array([False, True, False])
+        return out
+
+    plain = evaluate_records(model, tok, recs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "_probability_columns", poisoned)
+        both = evaluate_records(model, tok, recs, also_alignment="reference")
+    pd.testing.assert_frame_equal(both[list(plain.columns)], plain)
+    ref = with_alignment(both, "reference")
+    assert ref.iloc[1][list(PROB_METRICS)].isna().all() and ref.iloc[[0, 2]][list(PROB_METRICS)].notna().all().all()
+    assert summarize_cases(ref)["n_failed"].iloc[0] == 1 and summarize_cases(both)["n_failed"].iloc[0] == 0

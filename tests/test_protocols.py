@@ -715,17 +715,23 @@ def test_every_template_style_a_section_asks_for_is_sampled_when_the_study_opens
         ("rome", "clean"), ("plain", "clean"), ("memit", "reference")}
 
 
-def test_reference_context_text_runs_under_its_own_templates_and_digest(study, weights0, tmp_path):
+def test_reference_context_text_runs_under_its_own_templates_and_digest(study, weights0, tmp_path, monkeypatch):
     """``hparams.*.context_text: reference`` samples its own template set (provenance and unit
-    settings name it ``memit/reference``) and its units have their own digest. The miniature's BOS
-    string is ``<s>``, which the reference's decoding removes too: the same templates, hence the
-    same scores, to the bit."""
+    settings name it ``memit/reference``), the edits are computed from that set, and its units
+    have their own digest. The miniature's BOS string is ``<s>``, which the reference's decoding
+    removes too: the same templates, hence the same scores, to the bit."""
+    used: list = []
+    real = protocols.prepare_targets
+    monkeypatch.setattr(protocols, "prepare_targets", lambda m, t, f, hp, ctx, **k: used.append(ctx) or real(m, t, f, hp, ctx, **k))
     over = {"batch.methods": ["memit"], "batch.batch_sizes": [4]}
     clean = protocols.run_batch(use(study, params_for(tmp_path, **over)), log=quiet)
+    assert used and all(c is study._contexts["memit"] for c in used)
+    used.clear()
     with pytest.raises(RunConflict, match="context_text"):  # the same run's folder holds the clean units
         protocols.run_batch(use(study, params_for(tmp_path, **over, **{"batch.hparams.common.context_text": "reference"})), log=quiet)
     p = params_for(tmp_path, name="r", **over, **{"batch.hparams.common.context_text": "reference"})
     ref = protocols.run_batch(use(study, p), log=quiet)
+    assert used and all(c is study._contexts["memit/reference"] for c in used)  # the edits read the reference set
     assert study.contexts("memit", "reference") == study.contexts("memit")
     assert study.contexts("memit", "reference") is study._contexts["memit/reference"]
     assert "memit/reference" in study.provenance()["context_templates"]
@@ -736,13 +742,15 @@ def test_reference_context_text_runs_under_its_own_templates_and_digest(study, w
     assert_unedited(study.model, weights0)
 
 
-@pytest.mark.parametrize("runner", ["batch", "sequential"])
-def test_also_alignment_stores_the_second_reading_of_the_same_edits(study, weights0, tmp_path, runner):
+@pytest.mark.parametrize("runner,extra", [("batch", {}), ("sequential", {}),
+                                          ("sequential", {"sequential.batch_sizes": [1], "sequential.eval_group": 2})])
+def test_also_alignment_stores_the_second_reading_of_the_same_edits(study, weights0, tmp_path, runner, extra):
     """``evaluation.also_alignment: reference`` stores the reference's BOS-shifted scores of the
     same edits beside the correct ones: each equal to a run under that alignment alone, to the
-    bit (the same edits, the same scoring calls); its units have their own digest."""
+    bit (the same edits, the same scoring calls; sequential batches evaluated in groups too); its
+    units have their own digest."""
     from editlib.metrics import alignments_in, with_alignment
-    over = {f"{runner}.methods": ["memit"], f"{runner}.batch_sizes": [2]}
+    over = {f"{runner}.methods": ["memit"], f"{runner}.batch_sizes": [2], **extra}
     run = getattr(protocols, f"run_{runner}")
     cols = lambda df: [c for c in df.columns if not c.startswith("seconds")]  # noqa: E731
     both = run(use(study, params_for(tmp_path, name="both", **over, **{"evaluation.also_alignment": "reference"})), log=quiet)

@@ -63,8 +63,9 @@ def _template(text: str) -> str:
 def context_key(style: str, text: str = "clean") -> str:
     """How a study names one set of templates (its provenance, every unit's settings, the
     driver's templates sent to Ray workers): the style, with ``/reference`` when decoded as the
-    reference does (clean sets keep the bare style name they always had)."""
-    return style if text == "clean" else f"{style}/{text}"
+    reference does (clean sets keep the bare style name they always had; ``plain`` samples no text,
+    so it is one set however texts would be decoded)."""
+    return style if text == "clean" or style == "plain" else f"{style}/{text}"
 
 
 def _check_text(text: str) -> None:

@@ -121,6 +121,8 @@ class EditHParams:
         for k, default in (("solve", "exact"), ("context_text", "clean")):  # as every stored result
             if d[k] == default:                                                  # ran: its digest is unchanged
                 d.pop(k)
+        if self.context_templates == "plain":  # no sampled text to decode: the same edits either way
+            d.pop("context_text", None)
         for k, off in (("compile_blocks", "off"), ("capture_steps", False)):  # eager steps, as every stored
             if d["values"][k] == off:                                          # result: its digest is unchanged
                 d["values"].pop(k)

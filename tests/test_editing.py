@@ -586,6 +586,11 @@ def test_context_text_enters_the_digest_only_when_not_clean() -> None:
     assert "context_text" not in EditHParams().to_dict()
     ref = EditHParams(context_text="reference")
     assert ref.to_dict()["context_text"] == "reference" and EditHParams.from_dict(ref.to_dict()) == ref
+    # plain templates sample no text: one set, one digest, however texts would be decoded
+    from editlib.context import context_key
+    plain = EditHParams(context_templates="plain")
+    assert EditHParams(context_templates="plain", context_text="reference").to_dict() == plain.to_dict()
+    assert context_key("plain", "reference") == "plain" and context_key("memit", "reference") == "memit/reference"
 
 
 def test_check_model(lm) -> None:

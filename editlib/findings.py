@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .beyond import MAX_FAILED
-from .metrics import summarize_cases
+from .metrics import alignments_in, summarize_cases, with_alignment
 
 #: |S(MEMIT) − S(ROME)| (points) below which the two "coincide" (the paper: 0.05)
 SAME_S = 1.0
@@ -401,6 +401,15 @@ def claims_table(stored: dict[str, pd.DataFrame]) -> pd.DataFrame:
         rows.append({**r, "ours": r["ours"] + note, "holds": _holds_label(r["holds"], per)})
     t = pd.DataFrame(rows, columns=["claim", "paper", "ours", "holds", "margin", "spread"])
     return t.rename(columns={"holds": "holds here"})
+
+
+def second_reading_claims(stored: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Per second alignment the stored cases hold (``evaluation.also_alignment``), :func:`claims_table`
+    under that reading, over the experiments scored that way (the reference's BOS-shifted reading,
+    SPEC §8.1, beside correct results, or the reverse). Empty when no experiment holds one."""
+    found = sorted({a for c in stored.values() for a in alignments_in(c)})
+    return {a: claims_table({e: with_alignment(c, a) for e, c in stored.items() if a in alignments_in(c)})
+            for a in found}
 
 
 # --------------------------------------------------------------------------- the paragraphs

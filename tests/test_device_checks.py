@@ -659,7 +659,7 @@ def test_calibrated_values_time_kept_graphs_as_a_protocol_unit_keeps_them(monkey
     grid = resolve(REPO_ROOT / "params" / "tiny.yaml",
                    overrides=[f"hparams.common.capture_steps={str(captured).lower()}", "hparams.common.z_batch_size=8"])
     model = torch.nn.Linear(2, 2)
-    study = types.SimpleNamespace(model=model, tok=None, contexts=lambda style: None,
+    study = types.SimpleNamespace(model=model, tok=None, contexts=lambda style, text="clean": None,
                                   facts=lambda n, o=0: list(range(n)))
     got = cu.values_units(study, grid, n_single=3)
     chunk = [(1, 1, captured, 0), (8, 8, captured, 0)]  # the warm-up and the chunk, outside keeping_graphs

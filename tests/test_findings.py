@@ -265,3 +265,17 @@ def test_orderings_that_cannot_be_judged_are_not_counted_as_disagreeing():
     t = findings.claims_table({"layer_search": ls, "singular": layer_search(0)[lambda d: d.layer == 0]})
     assert t.set_index("claim").loc["MEMIT ≈ ROME for singular edits", "holds here"] == "yes"
 
+
+
+def test_the_claims_are_judged_under_a_second_reading_too():
+    """With ``evaluation.also_alignment`` the cases hold a second reading: the claims are judged
+    under it as well, over the experiments that hold it; without one there is no second table."""
+    correct, shifted = layer_search(0), layer_search(5)
+    both = correct.assign(**{f"{m}@reference": shifted[m] for m in ("ES", "PS", "NS")})
+    stored = {"layer_search": both, "batch": batch(ns_drop=0.2, es_drop=0.05)}  # batch: no second reading
+    assert findings.second_reading_claims({"layer_search": correct}) == {}
+    other = findings.second_reading_claims(stored)
+    assert list(other) == ["reference"]
+    main = dict(zip(*findings.claims_table(stored)[["claim", "holds here"]].T.values))
+    second = dict(zip(*other["reference"][["claim", "holds here"]].T.values))
+    assert main["an early layer is the best place to edit"] == "yes" and second == {"an early layer is the best place to edit": "no"}

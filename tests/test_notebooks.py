@@ -190,3 +190,5 @@ def test_a_second_alignment_reaches_the_tables_next_to_the_papers(tmp_path):
         assert f"{m} (ours, correct alignment) | {m} (ours, reference alignment) | {m} (paper)" in header, m
     html = (tmp_path / "02_singular_edits.ipynb").read_text()
     assert "ES (ours, reference alignment)" in html
+    claims = (tmp_path / "figures" / "smoke" / "table_claims_reference.md").read_text()  # the claims under it
+    assert "MEMIT ≈ ROME for singular edits" in claims

@@ -291,6 +291,9 @@ def main(argv=None) -> None:
              (f"blocks below the edited layer replayed for the later methods / λ of the same prompts, up to "
               f"{model.share_below_gb:g} GB kept (evaluation.share_below_gb)" if model.share_below_gb > 0 and
               getattr(p.evaluation, "batched_edits", False) else "every evaluation runs every block"),
+             (f"ES/PS/NS scored twice per evaluation: under evaluation.alignment {p.evaluation.alignment} and "
+              f"also_alignment {p.evaluation.also_alignment}" if getattr(p.evaluation, "also_alignment", None)
+              else f"ES/PS/NS scored once per evaluation (evaluation.alignment {p.evaluation.alignment})"),
              f"float32 matmuls {'on TF32 tensor cores' if model.tf32 else 'in full float32 (model.tf32 off)'}; "
              "local executor (one process: targets shared as protocols' UnitContext groups share them)",
              "C0 Gram " + ((f"per batch: float32 products of the 16-bit keys on "

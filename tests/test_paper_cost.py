@@ -73,6 +73,18 @@ def test_a_second_alignment_doubles_the_scoring_only():
         assert {k: v for k, v in a.items() if k != "eval"} == {k: v for k, v in b.items() if k != "eval"}, name
 
 
+def test_the_printed_grid_says_how_often_it_scores(tmp_path, capsys):
+    """bench/paper_cost.py's notes say whether ES/PS/NS are scored under one alignment or two."""
+    import sys
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import paper_cost
+    for sets, line in (([], "ES/PS/NS scored once per evaluation (evaluation.alignment correct)"),
+                       (["--set", "evaluation.also_alignment=reference"],
+                        "ES/PS/NS scored twice per evaluation: under evaluation.alignment correct and also_alignment reference")):
+        paper_cost.main(["--params", str(SMOKE), "--gpu", "h200", "--dtype", "bfloat16", *sets])
+        assert line in capsys.readouterr().out
+
+
 def test_degradation_is_costed_without_generation():
     """A degradation measurement scores its held-out facts' rewrite prompts and their sentences'
     perplexity (a small share of an evaluation of the same facts) and never generates, even when

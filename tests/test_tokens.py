@@ -389,4 +389,7 @@ def test_reference_alignment_without_a_reading_fails_as_the_study_opens() -> Non
     p = resolve(REPO_ROOT / "params" / "smoke.yaml", overrides={"evaluation.alignment": "reference"})
     with pytest.raises(ParamsError, match="alignment 'reference'"):
         _check_alignment(p, Odd(), [rec])
+    also = resolve(REPO_ROOT / "params" / "smoke.yaml", overrides={"evaluation.also_alignment": "reference"})
+    with pytest.raises(ParamsError, match="alignment 'reference'"):  # scored as the second reading: checked too
+        _check_alignment(also, Odd(), [rec])
     _check_alignment(resolve(REPO_ROOT / "params" / "smoke.yaml"), Odd(), [rec])  # correct: nothing to check

@@ -109,7 +109,7 @@ def _evaluate(a: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from .metrics import evaluate_records, format_summary, summarize_cases
+    from .metrics import check_also_alignment, evaluate_records, format_summary, summarize_cases, with_alignment
     from .models import load_model, locate_model
 
     for flag in ("batch_size", "gen_batch_size", "gen_max_len"):
@@ -117,6 +117,10 @@ def _evaluate(a: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
     if a.gen_kv_gb is not None and not 0 < a.gen_kv_gb < float("inf"):
         raise UsageError(f"--gen-kv-gb must be a positive number of GB, got {a.gen_kv_gb}")
+    try:
+        check_also_alignment(a.alignment, a.also_alignment)
+    except ValueError:
+        raise UsageError(f"--also-alignment must be the alignment other than --alignment {a.alignment}") from None
     from .models import DTYPES
 
     if a.dtype not in DTYPES:
@@ -142,8 +146,6 @@ def _evaluate(a: argparse.Namespace) -> int:
             rows_per_batch(model, a.gen_batch_size, a.gen_max_len, a.gen_kv_gb * 1e9)
         except ValueError as e:
             raise UsageError(str(e).replace("evaluation.gen_kv_gb", "--gen-kv-gb")) from None
-    if a.also_alignment == a.alignment:
-        raise UsageError(f"--also-alignment must be the alignment other than --alignment {a.alignment}")
     df = evaluate_records(model, tok, records, alignment=a.alignment, also_alignment=a.also_alignment, batch_size=a.batch_size,
                           generation=not a.no_generation, gen_seed=a.seed, gen_max_len=a.gen_max_len,
                           gen_batch_size=a.gen_batch_size, gen_kv_gb=a.gen_kv_gb, rs_resources=rs,
@@ -161,7 +163,6 @@ def _evaluate(a: argparse.Namespace) -> int:
         print()
         print(format_summary(summarize_cases(df)).to_string(index=False))
         if a.also_alignment:
-            from .metrics import with_alignment
             print(f"\n{a.also_alignment} alignment:")
             print(format_summary(summarize_cases(with_alignment(df, a.also_alignment))).to_string(index=False))
     print(f"\n{len(df)} records in {df.attrs['seconds']:.1f} s: {df.attrs['records_per_s']:.2f} records/s "

@@ -68,7 +68,8 @@ def context_key(style: str, text: str = "clean") -> str:
     return style if text == "clean" or style == "plain" else f"{style}/{text}"
 
 
-def _check_text(text: str) -> None:
+def check_context_text(text: str) -> None:
+    """``text`` is one of :data:`CONTEXT_TEXTS` (``hparams.*.context_text``): ValueError otherwise."""
     if text not in CONTEXT_TEXTS:
         raise ValueError(f"context_text must be one of {', '.join(CONTEXT_TEXTS)}, got {text!r}")
 
@@ -78,7 +79,7 @@ def memit_templates(model, tok, *, length: int = 10, n_per_seed: int = 1, seed: 
     """``[["{}"], [5 texts + ". {}"]]``: one seeded top-k=5 sample of ``length`` tokens (prompt and
     BOS included, as the reference counts them) from each of "The", "Therefore", "Because", "I",
     "You" (SPEC §2), decoded as ``text`` says (module docstring)."""
-    _check_text(text)
+    check_context_text(text)
     prompts = [p for p in MEMIT_SEEDS for _ in range(n_per_seed)]
     texts = sample_texts(model, tok, prompts, max_len=length, top_k=5, seed=seed, text=text)
     return ContextTemplates(groups=(("{}",), tuple(_template(t) for t in texts)))
@@ -90,7 +91,7 @@ def rome_templates(model, tok, *, length_params=((5, 10), (10, 10)), seed: int =
     start-of-text token (SPEC §1A), or with ``text="reference"`` from the reference's literal
     string ``"<|endoftext|>"`` (several tokens on Llama: a sample no longer than its prompt is the
     prompt itself, as ``generate_fast`` returns it, which the decoding then removes)."""
-    _check_text(text)
+    check_context_text(text)
     groups: list[tuple[str, ...]] = [("{}",)]
     start = start_of_text(tok) if text == "clean" else REFERENCE_ROME_START
     for i, (length, n) in enumerate(length_params):
@@ -114,7 +115,7 @@ def start_of_text(tok) -> str:
 def make_templates(model, tok, style: str, seed: int = 0, text: str = "clean") -> ContextTemplates:
     """``style``: "memit" (6 templates in 2 types), "rome" (21 templates, one type) or "plain";
     ``text``: how the sampled texts are decoded, "clean" or "reference" (module docstring)."""
-    _check_text(text)
+    check_context_text(text)
     if style == "memit":
         return memit_templates(model, tok, seed=seed, text=text)
     if style == "rome":

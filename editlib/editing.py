@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .arch import n_layers
-from .context import CONTEXT_TEXTS, ContextTemplates
+from .context import ContextTemplates, check_context_text
 from .editors import NullSpaceError, PriorKeys, encore_delta_bound, preservation
 from .records import Record
 from .reprs import compute_keys, current_values
@@ -67,8 +67,7 @@ class EditHParams:
     def __post_init__(self):
         if self.context_templates not in ("memit", "rome", "plain"):
             raise ValueError(f"context_templates must be 'memit', 'rome' or 'plain', got {self.context_templates!r}")
-        if self.context_text not in CONTEXT_TEXTS:
-            raise ValueError(f"context_text must be one of {', '.join(CONTEXT_TEXTS)}, got {self.context_text!r}")
+        check_context_text(self.context_text)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not self.layers:

@@ -43,6 +43,14 @@ NONFINITE_REASON = "the model's outputs are not finite (NaN/inf logits) on this 
 _NONFINITE = "_nonfinite"  # internal: per case, some scored or sampled logit was NaN/inf
 
 
+def check_also_alignment(alignment: str, also: str | None) -> None:
+    """``also`` (``evaluation.also_alignment``) is None or the alignment other than ``alignment``:
+    ValueError otherwise."""
+    if also is not None and (also not in ALIGNMENTS or also == alignment):
+        raise ValueError(f"also_alignment must be the alignment other than {alignment!r} "
+                         f"({', '.join(ALIGNMENTS)}), got {also!r}")
+
+
 def alignment_column(metric: str, alignment: str) -> str:
     """The column of ``metric`` (one of :data:`PROB_METRICS`) scored under the second alignment."""
     return f"{metric}@{alignment}"
@@ -61,7 +69,8 @@ def with_alignment(cases: pd.DataFrame, alignment: str) -> pd.DataFrame:
     cols = {alignment_column(m, alignment): m for m in PROB_METRICS if m in cases.columns}
     missing = [c for c in cols if c not in cases.columns]
     if missing or not cols:
-        raise ValueError(f"the cases hold no {alignment!r} alignment scores (no column {(missing or ['ES@' + alignment])[0]}; "
+        raise ValueError(f"the cases hold no {alignment!r} alignment scores (no column "
+                         f"{missing[0] if missing else alignment_column('ES', alignment)}; "
                          f"evaluation.also_alignment: {alignment} writes them)")
     out = cases.drop(columns=list(cols.values())).rename(columns=cols)
     out = out[[c for c in cases.columns if "@" not in c]]
@@ -206,9 +215,7 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families!r}")
     if rs_resources is not None and not generation:
         raise ValueError("RS is computed on the generations: pass generation=True with rs_resources")
-    if also_alignment is not None and (also_alignment not in ALIGNMENTS or also_alignment == alignment):
-        raise ValueError(f"also_alignment must be the alignment other than {alignment!r} "
-                         f"({', '.join(ALIGNMENTS)}), got {also_alignment!r}")
+    check_also_alignment(alignment, also_alignment)
     records = list(records)
     if generation:
         check_generation_prompts(records)
@@ -218,12 +225,13 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
         cols.update(_probability_columns(model, tok, records, alignment, batch_size, groups, deltas, below,
                                          families))
         nonfinite = cols.pop(_NONFINITE)
-        alt_bad = None
+        alt_bad, alt_cols = None, []
         if also_alignment is not None:
             alt = _probability_columns(model, tok, records, also_alignment, batch_size, groups, deltas, below,
                                        families)
             alt_bad = alt.pop(_NONFINITE)
-            cols.update({alignment_column(k, also_alignment): v for k, v in alt.items()})
+            alt_cols = [alignment_column(k, also_alignment) for k in alt]
+            cols.update(zip(alt_cols, alt.values()))
         if generation:
             cols.update(_generation_columns(model, tok, records, seed=gen_seed, max_len=gen_max_len,
                                             batch_size=gen_batch_size, rs_resources=rs_resources,
@@ -236,9 +244,8 @@ def evaluate_records(model, tok, records: Sequence[Record], *, alignment: str = 
                 if k != "case_id":
                     cols[k] = np.where(nonfinite, np.nan, cols[k].astype(np.float64))
         if alt_bad is not None and alt_bad.any():  # ... but the second reading's alone blanks only its own columns
-            for k in cols:
-                if k.endswith("@" + also_alignment):
-                    cols[k] = np.where(alt_bad, np.nan, cols[k].astype(np.float64))
+            for k in alt_cols:
+                cols[k] = np.where(alt_bad, np.nan, cols[k].astype(np.float64))
     else:
         shorts = {SHORT[f] for f in families}
         prob = [k for k in PROB_METRICS if k.split("_")[0] in shorts]

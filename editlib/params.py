@@ -23,6 +23,7 @@ from .counterfact import FACT_LISTS
 from .editing import METHODS, EditHParams
 from .decode import DECODE_MODES
 from .generation import GEN_TEXTS
+from .metrics import check_also_alignment
 from .scoring import ALIGNMENTS
 
 SECTIONS = ("name", "model", "second_model", "data", "covariance", "evaluation", "hparams",
@@ -701,10 +702,10 @@ def from_dict(d: Mapping, source: str | None = None) -> StudyParams:
         _check_section_hparams(sp, sec, sec)
     if sp.evaluation.alignment not in ALIGNMENTS:
         raise ParamsError(f"evaluation.alignment must be 'correct' or 'reference', got {sp.evaluation.alignment!r}")
-    if sp.evaluation.also_alignment is not None and (sp.evaluation.also_alignment not in ALIGNMENTS
-                                                     or sp.evaluation.also_alignment == sp.evaluation.alignment):
-        raise ParamsError(f"evaluation.also_alignment must be null or the alignment other than evaluation.alignment "
-                          f"({sp.evaluation.alignment!r}), got {_show(sp.evaluation.also_alignment)}")
+    try:
+        check_also_alignment(sp.evaluation.alignment, sp.evaluation.also_alignment)
+    except ValueError as e:
+        raise ParamsError(f"evaluation.{e} (or null)") from None
     if sp.evaluation.gen_decode not in DECODE_MODES:
         raise ParamsError(f"evaluation.gen_decode must be one of {', '.join(DECODE_MODES)}, "
                           f"got {_show(sp.evaluation.gen_decode)}")

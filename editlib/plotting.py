@@ -1027,20 +1027,17 @@ def compare_with_paper(ours: pd.DataFrame, paper: pd.DataFrame, on: str,
     metrics = [m for m in ("ES", "PS", "NS", "GE", "S") if m in ours.columns or m in paper.columns]
     failed = ["failed"] if "failed" in ours.columns else []
     mine = {m: f"{m} ({labels.get(m, 'ours')})" for m in metrics}
-    a = ours[[on] + [m for m in metrics if m in ours.columns] + failed].rename(
-        columns={**mine, "failed": "failed (ours)"})
-    b = paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics})
-    if on == "lam":
-        a = a.assign(lam=a["lam"].astype(float))
-        b = b.assign(lam=b["lam"].astype(float))
+    def keyed(t: pd.DataFrame) -> pd.DataFrame:  # λ matched as a number, whatever each table stores
+        return t.assign(lam=t["lam"].astype(float)) if on == "lam" else t
+
+    a = keyed(ours[[on] + [m for m in metrics if m in ours.columns] + failed].rename(
+        columns={**mine, "failed": "failed (ours)"}))
+    b = keyed(paper[[on] + [m for m in metrics if m in paper.columns]].rename(columns={m: f"{m} (paper)" for m in metrics}))
     out = a.merge(b, on=on, how="outer").sort_values(on, kind="stable") if on == "lam" else a.merge(b, on=on, how="outer")
     theirs: dict[str, list[str]] = {m: [] for m in metrics}
     for alignment, t in (also or {}).items():
         names = {m: f"{m} (ours, {alignment} alignment)" for m in ("ES", "PS", "NS", "S") if m in t.columns and m in metrics}
-        extra = t[[on, *names]].rename(columns=names)
-        if on == "lam":
-            extra = extra.assign(lam=extra["lam"].astype(float))
-        out = out.merge(extra, on=on, how="left")
+        out = out.merge(keyed(t[[on, *names]].rename(columns=names)), on=on, how="left")
         for m, name in names.items():
             theirs[m].append(name)
     if on == "lam":

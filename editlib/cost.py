@@ -498,8 +498,9 @@ class CostModel:
             elif w.kind in SOLVES:
                 out["solve"] += w.count * self.solve(s, w.size, w.kind)
             elif w.kind == "eval":
-                out["eval"] += w.count * exp.scorings * self.eval(s, ts, w.size, exp.eval_batch,
-                                                                  self.replayed(s, ts, w.layer, w.held))
+                # a second alignment's sequences are held beside the first's, in the same budget
+                out["eval"] += w.count * exp.scorings * self.eval(
+                    s, ts, w.size, exp.eval_batch, self.replayed(s, ts, w.layer, w.held * exp.scorings))
                 if exp.generation:
                     t, tok = self.ge(s, ts, w.size, exp.gen_max_len)
                     out["ge"] += w.count * t

@@ -73,6 +73,23 @@ def test_a_second_alignment_doubles_the_scoring_only():
         assert {k: v for k, v in a.items() if k != "eval"} == {k: v for k, v in b.items() if k != "eval"}, name
 
 
+def test_a_second_alignment_holds_its_shared_blocks_in_the_same_budget():
+    """The second reading's sequences are held beside the first's in ``share_below_gb``: where one
+    reading's block outputs just fit, two readings replay half as many blocks below the edited
+    layer, so scoring costs more than twice the one reading's; where both fit, exactly twice."""
+    ts = TokenStats()
+    one = grid(**{"evaluation.also_alignment": None})
+    two = grid(**{"evaluation.also_alignment": "reference"})
+    name, w = next((n, w) for n, e in one.items() for w in e.items if w.kind == "eval" and w.held and w.layer)
+    base = CostModel(GPUS["h200"])
+    fits_one = w.held * ts.eval_tokens * one[name].shape.d * base.bpp / 1e9  # one reading's outputs, GB
+    for gb, more in ((fits_one, True), (1e6, False)):
+        m = replace(base, share_below_gb=gb)
+        assert m.replayed(one[name].shape, ts, w.layer, w.held) == w.layer  # one reading: every block replayed
+        a, b = m.seconds(one[name], ts)["eval"], m.seconds(two[name], ts)["eval"]
+        assert (b > 2 * a * (1 + 1e-9)) if more else b == pytest.approx(2 * a), (gb, a, b)
+
+
 def test_the_printed_grid_says_how_often_it_scores(tmp_path, capsys):
     """bench/paper_cost.py's notes say whether ES/PS/NS are scored under one alignment or two."""
     import sys

@@ -34,8 +34,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     facts = sample(load_tiny_records(a.model), a.n)
-    hp = resolve(a.params, overrides=a.set or None).hparams["memit"].values
-    ctx = make_templates(model, tok, "memit", seed=0)
+    ehp = resolve(a.params, overrides=a.set or None).hparams["memit"]
+    hp = ehp.values
+    ctx = make_templates(model, tok, ehp.context_templates, seed=0, text=ehp.context_text)
     print(f"model {a.model}  facts {a.n}  layer {a.layer}  threads {torch.get_num_threads()}  "
           f"steps {hp.v_num_grad_steps}  lr {hp.v_lr}")
     base = None

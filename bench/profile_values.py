@@ -46,8 +46,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     facts = sample(load_tiny_records(a.model), a.n)
-    hp = replace(resolve(a.params).hparams["memit"].values, z_batch_size=a.z_batch_size or a.n, packed=True)
-    ctx = make_templates(model, tok, "memit", seed=0)
+    ehp = resolve(a.params).hparams["memit"]
+    hp = replace(ehp.values, z_batch_size=a.z_batch_size or a.n, packed=True)
+    ctx = make_templates(model, tok, ehp.context_templates, seed=0, text=ehp.context_text)
 
     seq = _build(tok, facts, ctx)
     p = seq.lookup

@@ -100,14 +100,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--stops", action="store_true", help="also count the sizes of every set of facts still running")
     ap.add_argument("--kept", action="store_true", help="count capture_steps' kept one-fact graphs instead")
+    ap.add_argument("--context-text", default="clean", choices=("clean", "reference"),
+                    help="hparams.<method>.context_text of the templates (reference: a second BOS in most)")
     a = ap.parse_args()
     import transformers
     tok = prepare_tokenizer(transformers.AutoTokenizer.from_pretrained(str(repo_path(a.tokenizer))))
     model = _model(len(tok), a.layers)
     records = load_counterfact(os.environ.get("EDITLIB_COUNTERFACT"))[:a.n]
-    contexts = memit_templates(model, tok)
+    contexts = memit_templates(model, tok, text=a.context_text)
     print(f"{len(records)} CounterFact facts, tokenizer {a.tokenizer} ({len(tok)} tokens), "
-          f"{len(contexts.flat)} context templates")
+          f"{len(contexts.flat)} context templates ({a.context_text} text)")
     if a.kept:
         t0 = time.time()
         keys = kept_keys(model, tok, records, contexts)

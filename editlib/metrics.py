@@ -23,6 +23,7 @@ and GE computed once. :func:`with_alignment` reads a frame as if it had been sco
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,13 +66,22 @@ def with_alignment(cases: pd.DataFrame, alignment: str) -> pd.DataFrame:
     """``cases`` with its ``<metric>@<alignment>`` columns in place of ES, PS, NS and their
     magnitudes and accuracies (every other column, ``failed`` included, as it is), so that every
     summary and table reads the second alignment's scores. A row without them (its logits were
-    not finite under that alignment alone) has no scores there: summaries count it as failed."""
+    not finite under that alignment alone, or it comes from a run without that option, concatenated
+    with one) has no scores there: summaries count it as failed, and a ``RuntimeWarning`` says how
+    many scored rows that makes."""
     cols = {alignment_column(m, alignment): m for m in PROB_METRICS if m in cases.columns}
     missing = [c for c in cols if c not in cases.columns]
     if missing or not cols:
         raise ValueError(f"the cases hold no {alignment!r} alignment scores (no column "
                          f"{missing[0] if missing else alignment_column('ES', alignment)}; "
                          f"evaluation.also_alignment: {alignment} writes them)")
+    es = alignment_column("ES", alignment)
+    lost = int((cases["ES"].notna() & cases[es].isna()).sum()) if "ES" in cases.columns else 0
+    if lost:
+        warnings.warn(f"{lost} of {len(cases)} rows have an ES but none under the {alignment!r} alignment "
+                      f"(their logits were not finite under it, or they come from a run without "
+                      f"evaluation.also_alignment: {alignment}): read under it they count as failed",
+                      RuntimeWarning, stacklevel=2)
     out = cases.drop(columns=list(cols.values())).rename(columns=cols)
     out = out[[c for c in cases.columns if "@" not in c]]
     out.attrs = {**cases.attrs, "alignment": alignment}

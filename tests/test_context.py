@@ -129,6 +129,8 @@ def test_reference_templates_on_the_llama3_tokenizer() -> None:
               for text in ("clean", "reference")}
     assert sum(s == [bos, bos] for s in starts["reference"]) == 5 and starts["reference"][0] != [bos, bos]
     assert all(s[0] == bos and s[1] != bos for s in starts["clean"])
+    start = tok(context.REFERENCE_ROME_START)["input_ids"]
+    assert start[0] == bos and len(start) == 1 + 7 and bos not in start[1:]  # ordinary text: 7 tokens after BOS
     rome = context.make_templates(model, tok, "rome", text="reference").flat
     assert rome[1:11] == ("<|begin_of_text|>. {}",) * 10
     assert all(t.startswith("<|begin_of_text|>") and len(t) > len("<|begin_of_text|>. {}") for t in rome[11:])

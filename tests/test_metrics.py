@@ -532,6 +532,26 @@ def test_a_second_reading_that_is_not_finite_blanks_only_its_own_columns(world_l
         mp.setattr(metrics, "_probability_columns", poisoned)
         both = evaluate_records(model, tok, recs, also_alignment="reference")
     pd.testing.assert_frame_equal(both[list(plain.columns)], plain)
-    ref = with_alignment(both, "reference")
+    with pytest.warns(RuntimeWarning, match="1 of 3 rows have an ES but none under the 'reference' alignment"):
+        ref = with_alignment(both, "reference")
     assert ref.iloc[1][list(PROB_METRICS)].isna().all() and ref.iloc[[0, 2]][list(PROB_METRICS)].notna().all().all()
     assert summarize_cases(ref)["n_failed"].iloc[0] == 1 and summarize_cases(both)["n_failed"].iloc[0] == 0
+
+
+def test_rows_of_a_run_without_the_second_reading_are_not_lost_silently(world_lm, world_records) -> None:
+    """Cases of a run with ``also_alignment`` concatenated with those of a run without it: read
+    under the second alignment, the second run's rows have no scores, which counts them as failed;
+    ``with_alignment`` says how many (a frame where every scored row has both readings stays quiet)."""
+    import warnings
+    from editlib.metrics import with_alignment
+
+    model, tok = world_lm
+    both = evaluate_records(model, tok, world_records[:2], also_alignment="reference")
+    plain = evaluate_records(model, tok, world_records[2:5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_alignment(both, "reference")
+    mixed = pd.concat([both, plain], ignore_index=True)
+    with pytest.warns(RuntimeWarning, match="3 of 5 rows have an ES but none"):
+        ref = with_alignment(mixed, "reference")
+    assert summarize_cases(ref)["n_failed"].iloc[0] == 3

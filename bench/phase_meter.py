@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from editlib.nethook import observer
+
 GIB = 1024 ** 3
 
 
@@ -181,7 +183,8 @@ class HeadRows:
 
     def __init__(self, head: torch.nn.Module):
         self.reset()
-        self._h = head.register_forward_hook(self._hook)
+        # an observer: the value store and the shared blocks below stay on, as in a run without it
+        self._h = head.register_forward_hook(observer(self._hook))
 
     def reset(self) -> None:
         self.calls, self.rows, self.max_rows = 0, 0, 0

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .arch import arch_for, get_module, n_layers
+from .nethook import is_observer
 from .weights import tensor_state
 
 __all__ = ["SharedBelow", "plain_forward"]
@@ -38,10 +39,17 @@ def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
 
 
 def hooked_module(modules) -> nn.Module | str | None:
-    """The first of ``modules`` carrying a forward (pre-)hook, "global" for a global one, else None."""
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+    """The first of ``modules`` carrying a forward (pre-)hook, "global" for a global one, else None.
+    Hooks made by :func:`editlib.nethook.observer` (they only read) are not counted."""
+    glob = torch.nn.modules.module
+    if _acting(glob._global_forward_hooks) or _acting(glob._global_forward_pre_hooks):
         return "global"
-    return next((m for m in modules if m._forward_hooks or m._forward_pre_hooks), None)
+    return next((m for m in modules if _acting(m._forward_hooks) or _acting(m._forward_pre_hooks)), None)
+
+
+def _acting(hooks: dict) -> bool:
+    """Whether ``hooks`` (a module's hook dict) holds a hook that is not an observer."""
+    return any(not is_observer(h) for h in hooks.values())
 
 
 def _lower_modules(backbone: nn.Module, upper: list[nn.Module]) -> list[nn.Module]:

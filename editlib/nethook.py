@@ -17,6 +17,26 @@ import torch
 from .arch import get_module
 
 
+def observer(fn: Callable[..., Any]) -> Callable[..., None]:
+    """``fn`` as a forward (pre-)hook that only reads: it is called with the hook's arguments and
+    its result is dropped, so the module's inputs and output are what they would be without it
+    (``fn`` must not change them in place). Where a hook would make editlib recompute what it
+    otherwise reuses because a hook can change a forward (the value store, the blocks shared below
+    the edited layer, the unedited model's kept measurements: :func:`editlib.below.hooked_module`),
+    an observer does not: instrumentation such as counting the LM head's rows
+    (``bench/phase_meter.py``) measures the run as it runs without it."""
+    def hook(*args: Any, **kw: Any) -> None:
+        fn(*args, **kw)
+
+    hook.editlib_observer = True
+    return hook
+
+
+def is_observer(hook: Any) -> bool:
+    """Whether ``hook`` was made by :func:`observer`."""
+    return getattr(hook, "editlib_observer", False) is True
+
+
 class StopForward(Exception):
     """Raised by a hook with ``stop=True`` to end a forward pass after the traced module."""
 

@@ -132,6 +132,30 @@ def test_nothing_is_shared_under_a_hook_below_or_past_the_cap() -> None:
     assert np.array_equal(score(model, tok, edits, below), want) and 0 < below.hits < N_BATCHES
 
 
+def test_an_observer_below_leaves_the_sharing_on() -> None:
+    """A hook made by ``nethook.observer`` only reads: the blocks below are still replayed (no
+    warning, the same scores), and the observer sees the batches that ran, not the replayed ones."""
+    import warnings
+
+    from editlib.nethook import observer
+    tok = word_tokenizer()
+    model = model_for("llama", tok, torch.float32)
+    up = random_edits(model, 5, 1, scale=0.5)
+    up.layer = 2
+    want_up = score(model, tok, up)
+    below = SharedBelow(model, 2, 1e9)
+    seen = []
+    h = get_module(model, arch_for(model).mlp_name(0)).register_forward_hook(observer(lambda *a: seen.append(1)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.array_equal(score(model, tok, up, below), want_up) and len(seen) == N_BATCHES
+            assert np.array_equal(score(model, tok, up, below), want_up)
+    finally:
+        h.remove()
+    assert below.hits == N_BATCHES and below.hooked == 0 and len(seen) == N_BATCHES
+
+
 @pytest.mark.parametrize("pre", [False, True])
 def test_a_global_forward_hook_turns_sharing_off(pre: bool, monkeypatch) -> None:
     """A global forward (pre-)hook (a profiler, a debugger) sees every module's call: a replay

@@ -874,6 +874,43 @@ def test_the_value_store_serves_no_model_written_by_hand_or_hooked(tok, tmp_path
     assert not store.serves(model)
 
 
+def test_the_value_store_serves_a_model_that_only_observers_watch(lm32, tok, tmp_path, monkeypatch) -> None:
+    """A hook made by ``nethook.observer`` only reads (bench/phase_meter.py counts the LM head's
+    rows with one): the store reads back and keeps values under it, with no warning, and the
+    observer sees the forwards that ran; a plain hook in its place stops the store."""
+    import warnings
+
+    import editlib.values as values_mod
+    from editlib.nethook import observer
+    store = _store(tmp_path)(lm32)
+    hp = ValueHParams(v_num_grad_steps=3, z_batch_size=4)
+    fresh = compute_values(lm32, tok, FACTS[:4], LAYER, CTX, hp)
+    rows = []
+    handle = lm32.lm_head.register_forward_hook(observer(lambda m, i, o: rows.append(o.shape[0])))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert store.serves(lm32)
+            first = compute_values(lm32, tok, FACTS[:4], LAYER, CTX, hp, store=store)
+            assert (store.hits, store.misses) == (0, 1) and rows  # optimised under the observer, and kept
+            _same(first, fresh)
+            seen = len(rows)
+            real = values_mod._optimise_chunk
+            monkeypatch.setattr(values_mod, "_optimise_chunk", lambda *a, **k: pytest.fail("optimised again"))
+            again = compute_values(lm32, tok, FACTS[:4], LAYER, CTX, hp, store=store)
+            assert store.hits == 1 and len(rows) == seen  # read back: no forward ran
+            _same(again, fresh)
+            monkeypatch.setattr(values_mod, "_optimise_chunk", real)
+    finally:
+        handle.remove()
+    handle = lm32.lm_head.register_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="forward hook on lm_head"):
+            assert not store.serves(lm32)
+    finally:
+        handle.remove()
+
+
 def test_the_value_store_recomputes_an_unreadable_file_and_keeps_to_its_limit(lm32, tok, tmp_path) -> None:
     hp = ValueHParams(v_num_grad_steps=3, z_batch_size=4)
     store = _store(tmp_path)(lm32)

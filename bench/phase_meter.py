@@ -183,7 +183,7 @@ class HeadRows:
 
     def __init__(self, head: torch.nn.Module):
         self.reset()
-        # an observer: the value store and the shared blocks below stay on, as in a run without it
+        # an observer: the value store stays on under it, as in a run without it
         self._h = head.register_forward_hook(observer(self._hook))
 
     def reset(self) -> None:

@@ -10,7 +10,9 @@ those blocks computed, and everything from block L on runs as before.
 
 Only teacher-forced scoring (:func:`editlib.scoring.score_targets`, no KV cache) goes through it;
 generation runs every block. Nothing is shared while any hook sits on a module of blocks
-0 … L−1 or the embeddings (its computation would be skipped or baked in; a ``RuntimeWarning`` names the
+0 … L−1 (an :func:`editlib.nethook.observer` too: a replay skips those modules, or calls the block's
+hooks on the kept tensor), a global hook does, or a hook that is not an observer sits on the
+embeddings (its computation would be skipped or baked in; a ``RuntimeWarning`` names the
 hooked module once), what was recorded is dropped when a weight of those
 blocks is written in place (an edit, or its restore), and what is kept is capped at ``max_bytes``:
 past it, further batches are computed as usual. A replay swaps the lower blocks' ``forward`` for
@@ -38,18 +40,19 @@ def plain_forward(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
     return backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def hooked_module(modules) -> nn.Module | str | None:
+def hooked_module(modules, observers: bool = False) -> nn.Module | str | None:
     """The first of ``modules`` carrying a forward (pre-)hook, "global" for a global one, else None.
-    Hooks made by :func:`editlib.nethook.observer` (they only read) are not counted."""
+    Hooks made by :func:`editlib.nethook.observer` (they only read) count only with ``observers``:
+    where a computation is skipped whole (the value store) they see no wrong tensor, while a module
+    whose call is faked (a replayed block) would hand them one."""
     glob = torch.nn.modules.module
-    if _acting(glob._global_forward_hooks) or _acting(glob._global_forward_pre_hooks):
+
+    def acting(hooks: dict) -> bool:
+        return any(observers or not is_observer(h) for h in hooks.values())
+
+    if acting(glob._global_forward_hooks) or acting(glob._global_forward_pre_hooks):
         return "global"
-    return next((m for m in modules if _acting(m._forward_hooks) or _acting(m._forward_pre_hooks)), None)
-
-
-def _acting(hooks: dict) -> bool:
-    """Whether ``hooks`` (a module's hook dict) holds a hook that is not an observer."""
-    return any(not is_observer(h) for h in hooks.values())
+    return next((m for m in modules if acting(m._forward_hooks) or acting(m._forward_pre_hooks)), None)
 
 
 def _lower_modules(backbone: nn.Module, upper: list[nn.Module]) -> list[nn.Module]:
@@ -93,6 +96,12 @@ class SharedBelow:
         self._blocks = [get_module(model, arch.layer_name(l)) for l in range(self.layer)]
         upper = [get_module(model, arch.layer_name(l)) for l in range(self.layer, n_layers(model))]
         self._lower = _lower_modules(model.base_model, upper)
+        # a replay fakes the lower blocks' calls (their hooks would see the kept tensor as input
+        # and output) and skips their submodules: any hook there stops sharing, an observer too;
+        # the modules outside them (embeddings, tables) still run, so an observer there may stay
+        inside = {id(m) for b in self._blocks for m in b.modules()}
+        self._faked = [m for m in self._lower if id(m) in inside]
+        self._run = [m for m in self._lower if id(m) not in inside]
         self._model = model  # only to name a hooked module in the warning
         self.hooked = 0  # scoring forwards that ran every block because of a hook below
         self._store: dict[tuple, Any] = {}
@@ -128,7 +137,7 @@ class SharedBelow:
         if not self._blocks or self.max_bytes <= 0:
             self.misses += 1
             return run()
-        hooked = hooked_module(self._lower)
+        hooked = hooked_module(self._faked, observers=True) or hooked_module(self._run)
         if hooked is not None:
             self.misses += 1
             self.hooked += 1

@@ -21,10 +21,14 @@ def observer(fn: Callable[..., Any]) -> Callable[..., None]:
     """``fn`` as a forward (pre-)hook that only reads: it is called with the hook's arguments and
     its result is dropped, so the module's inputs and output are what they would be without it
     (``fn`` must not change them in place). Where a hook would make editlib recompute what it
-    otherwise reuses because a hook can change a forward (the value store, the blocks shared below
-    the edited layer, the unedited model's kept measurements: :func:`editlib.below.hooked_module`),
-    an observer does not: instrumentation such as counting the LM head's rows
-    (``bench/phase_meter.py``) measures the run as it runs without it."""
+    otherwise reuses because a hook can change a forward (the value store, the unedited model's
+    kept measurements: :func:`editlib.below.hooked_module`), an observer does not: instrumentation
+    such as counting the LM head's rows (``bench/phase_meter.py``) measures the run as it runs
+    without it, and sees the module calls that run (none for a chunk of values read back). Two
+    exceptions: on blocks below the edited layer an observer still stops their replay
+    (:class:`editlib.below.SharedBelow`, which skips those modules' calls), and a step replayed
+    from a CUDA graph (``capture_steps``, ``gen_decode: graph``) runs no Python, so an observer
+    there sees only the calls that warmed up and recorded it."""
     def hook(*args: Any, **kw: Any) -> None:
         fn(*args, **kw)
 

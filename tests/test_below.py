@@ -132,10 +132,15 @@ def test_nothing_is_shared_under_a_hook_below_or_past_the_cap() -> None:
     assert np.array_equal(score(model, tok, edits, below), want) and 0 < below.hits < N_BATCHES
 
 
-def test_an_observer_below_leaves_the_sharing_on() -> None:
-    """A hook made by ``nethook.observer`` only reads: the blocks below are still replayed (no
-    warning, the same scores), and the observer sees the batches that ran, not the replayed ones."""
+@pytest.mark.parametrize("where", ["embeddings", "block", "submodule", "global"])
+def test_an_observer_stops_sharing_only_where_a_replay_would_fake_its_calls(where: str) -> None:
+    """A hook made by ``nethook.observer`` only reads. On the embeddings, which run in a replay too,
+    it leaves the sharing on (no warning, the same scores) and sees every batch. On a block below
+    the edited layer a replay would call its hooks with the kept tensor as input and output, and
+    on a submodule of one skip it; a global one sees both: each stops sharing, as a plain hook does."""
     import warnings
+
+    from torch.nn.modules.module import register_module_forward_hook
 
     from editlib.nethook import observer
     tok = word_tokenizer()
@@ -145,15 +150,25 @@ def test_an_observer_below_leaves_the_sharing_on() -> None:
     want_up = score(model, tok, up)
     below = SharedBelow(model, 2, 1e9)
     seen = []
-    h = get_module(model, arch_for(model).mlp_name(0)).register_forward_hook(observer(lambda *a: seen.append(1)))
+    hook = observer(lambda *a: seen.append(1))
+    arch = arch_for(model)
+    h = (register_module_forward_hook(hook) if where == "global" else
+         get_module(model, {"embeddings": "model.embed_tokens", "block": arch.layer_name(0),
+                            "submodule": arch.mlp_name(0)}[where]).register_forward_hook(hook))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert np.array_equal(score(model, tok, up, below), want_up) and len(seen) == N_BATCHES
-            assert np.array_equal(score(model, tok, up, below), want_up)
+        if where == "embeddings":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for _ in range(2):
+                    assert np.array_equal(score(model, tok, up, below), want_up)
+            assert below.hits == N_BATCHES and below.hooked == 0 and len(seen) == 2 * N_BATCHES
+        else:
+            with pytest.warns(RuntimeWarning, match="share_below_gb"):
+                for _ in range(2):
+                    assert np.array_equal(score(model, tok, up, below), want_up)
+            assert below.hits == 0 and below.hooked == 2 * N_BATCHES
     finally:
         h.remove()
-    assert below.hits == N_BATCHES and below.hooked == 0 and len(seen) == N_BATCHES
 
 
 @pytest.mark.parametrize("pre", [False, True])

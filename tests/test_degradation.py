@@ -136,6 +136,13 @@ def test_unedited_measurements_are_kept_only_for_the_unedited_model(study, weigh
     finally:
         h.remove()
     assert study.of_unedited(key, measure) == {"x": 1.0} and study.of_unedited(("new",), measure) == {"x": 6.0}
+    from editlib.nethook import observer
+    h = study.model.model.layers[0].register_forward_hook(observer(lambda *a: None))  # only reads: kept ones stay
+    try:
+        assert study.of_unedited(key, measure) == {"x": 1.0} and study.of_unedited(("new",), measure) == {"x": 6.0}
+    finally:
+        h.remove()
+    assert len(calls) == 6
     assert_unedited(study.model, weights0)
 
 

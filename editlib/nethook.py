@@ -26,9 +26,10 @@ def observer(fn: Callable[..., Any]) -> Callable[..., None]:
     such as counting the LM head's rows (``bench/phase_meter.py``) measures the run as it runs
     without it, and sees the module calls that run (none for a chunk of values read back). Two
     exceptions: on blocks below the edited layer an observer still stops their replay
-    (:class:`editlib.below.SharedBelow`, which skips those modules' calls), and a step replayed
-    from a CUDA graph (``capture_steps``, ``gen_decode: graph``) runs no Python, so an observer
-    there sees only the calls that warmed up and recorded it."""
+    (:class:`editlib.below.SharedBelow`, which skips those modules' calls), and a value step
+    replayed from a CUDA graph (``capture_steps``) runs no Python, so an observer there sees only
+    the calls that warmed up and recorded it. GE's fixed-shape decode steps (``gen_decode`` other
+    than ``transformers``) refuse it, as any hook on a module they do not call."""
     def hook(*args: Any, **kw: Any) -> None:
         fn(*args, **kw)
 

@@ -895,12 +895,10 @@ def test_the_value_store_serves_a_model_that_only_observers_watch(lm32, tok, tmp
             assert (store.hits, store.misses) == (0, 1) and rows  # optimised under the observer, and kept
             _same(first, fresh)
             seen = len(rows)
-            real = values_mod._optimise_chunk
             monkeypatch.setattr(values_mod, "_optimise_chunk", lambda *a, **k: pytest.fail("optimised again"))
             again = compute_values(lm32, tok, FACTS[:4], LAYER, CTX, hp, store=store)
             assert store.hits == 1 and len(rows) == seen  # read back: no forward ran
             _same(again, fresh)
-            monkeypatch.setattr(values_mod, "_optimise_chunk", real)
     finally:
         handle.remove()
     handle = lm32.lm_head.register_forward_hook(lambda m, i, o: None)
